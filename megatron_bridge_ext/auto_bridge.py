@@ -1,0 +1,214 @@
+"""AutoBridge: the public entry point from an HF checkpoint directory to Megatron models and back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from megatron_bridge_ext.bridge import DEFAULT_BUCKET_BYTES, HFWeightTuple, MegatronModelBridge
+from megatron_bridge_ext.state import SafeTensorsSource, SafeTensorsWriter
+
+__all__ = ["AutoBridge", "HFCheckpoint"]
+
+# Files of an HF checkpoint directory that are weights (written by the exporter) rather than side files to copy.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class HFCheckpoint:
+    """A local HF checkpoint: its ``config`` (transformers PretrainedConfig) and lazy ``state`` (safetensors)."""
+
+    path: str
+    config: Any
+    state: SafeTensorsSource
+
+    @property
+    def model_name_or_path(self) -> str:
+        return self.path
+
+    @classmethod
+    def open(cls, path: Union[str, os.PathLike]) -> "HFCheckpoint":
+        """Open a checkpoint directory (config.json + safetensors); nothing is read until a tensor is used.
+
+        Raises:
+            FileNotFoundError: naming the missing directory or config.json.
+        """
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"HF checkpoint directory {path!r} does not exist")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"HF checkpoint {path!r} has no config.json")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return cls(path=path, config=config, state=SafeTensorsSource(path))
+
+
+def _ensure_models_registered() -> None:
+    import megatron_bridge_ext.models  # noqa: F401  (registers every model bridge)
+
+
+class AutoBridge:
+    """Convert between an HF checkpoint and Megatron-Core models for any registered architecture.
+
+    Example::
+
+        bridge = AutoBridge.from_hf_pretrained("/ckpt/llama")
+        chunks = bridge.to_megatron_model()              # under the current megatron parallel_state
+        ...
+        bridge.save_hf_pretrained(chunks, "/out/llama")  # every rank calls it; rank 0 writes
+    """
+
+    def __init__(self, hf_pretrained: HFCheckpoint, model_bridge: MegatronModelBridge) -> None:
+        self.hf_pretrained = hf_pretrained
+        self.model_bridge = model_bridge
+
+    @classmethod
+    def from_hf_pretrained(cls, path: Union[str, os.PathLike]) -> "AutoBridge":
+        """Open a local HF checkpoint and pick the bridge of its architecture (``config.architectures[0]``).
+
+        Raises:
+            ValueError: the architecture is not supported (the message lists the supported ones).
+        """
+        _ensure_models_registered()
+        from megatron_bridge_ext.dispatch import get_model_bridge
+
+        ckpt = HFCheckpoint.open(path)
+        archs = list(getattr(ckpt.config, "architectures", None) or [])
+        if not archs:
+            raise ValueError(f"{path}: config.json has no 'architectures' entry; cannot choose a bridge")
+        return cls(ckpt, get_model_bridge(archs[0]))
+
+    @classmethod
+    def list_supported_models(cls) -> List[str]:
+        """Names of the HF architectures with a registered bridge."""
+        _ensure_models_registered()
+        from megatron_bridge_ext.dispatch import supported_architectures
+
+        return supported_architectures()
+
+    @property
+    def hf_config(self) -> Any:
+        return self.hf_pretrained.config
+
+    def transformer_config(self, **overrides: Any):
+        """Megatron TransformerConfig for this checkpoint; parallel sizes default to the current parallel_state."""
+        for key, value in _current_parallel_sizes().items():
+            overrides.setdefault(key, value)
+        return self.model_bridge.transformer_config(self.hf_config, **overrides)
+
+    def to_megatron_model(
+        self,
+        load_weights: bool = True,
+        allowed_mismatched_params: Optional[Sequence[str]] = None,
+        **overrides: Any,
+    ) -> List[torch.nn.Module]:
+        """This rank's GPTModel chunk(s) under the current megatron parallel_state (one per virtual stage).
+
+        Args:
+            load_weights: fill them from the checkpoint.
+            allowed_mismatched_params: globs of Megatron names whose shape mismatch is tolerated (with a warning).
+            **overrides: TransformerConfig fields (e.g. ``params_dtype=torch.float32``).
+        """
+        from megatron_bridge_ext.model_builder import build_model_chunks
+
+        config = self.transformer_config(**overrides)
+        chunks = build_model_chunks(config, self.hf_config.vocab_size, _max_seq_len(self.hf_config))
+        if load_weights:
+            self.load_hf_weights(chunks, allowed_mismatched_params=allowed_mismatched_params)
+        return chunks
+
+    def load_hf_weights(
+        self,
+        model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+        allowed_mismatched_params: Optional[Sequence[str]] = None,
+        show_progress: Optional[bool] = None,
+    ) -> List[torch.nn.Module]:
+        """Load the checkpoint into existing Megatron chunk(s); each rank reads only what it keeps."""
+        return self.model_bridge.load_weights_hf_to_megatron(
+            self.hf_pretrained, model, allowed_mismatched_params=allowed_mismatched_params, show_progress=show_progress
+        )
+
+    def export_hf_weights(
+        self,
+        model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        dst: Union[int, str] = 0,
+        show_progress: Optional[bool] = None,
+    ) -> Iterator[HFWeightTuple]:
+        """Generator of ``(hf_name, tensor)``; every rank must iterate it, tensors arrive on ``dst`` (or ``"all"``)."""
+        return self.model_bridge.stream_weights_megatron_to_hf(
+            model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=dst, show_progress=show_progress
+        )
+
+    def save_hf_pretrained(
+        self,
+        model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+        out_dir: Union[str, os.PathLike],
+        *,
+        max_shard_bytes: int = 5 * 1024**3,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        strict: bool = True,
+        show_progress: Optional[bool] = None,
+    ) -> Optional[Dict[str, Any]]:
+        """Write the model as an HF checkpoint (config.json and other small files, sharded safetensors).
+
+        Every rank must call it; global rank 0 writes. Shards are written as soon as they are complete; the index is
+        written last, and only when every expected tensor arrived (strict).
+
+        Returns:
+            On rank 0, a summary dict (``tensors``, ``bytes``, ``files``); None elsewhere.
+        """
+        out_dir = os.fspath(out_dir)
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        stream = self.export_hf_weights(model, bucket_bytes=bucket_bytes, dst=0, show_progress=show_progress)
+        if not rank0:
+            for _ in stream:
+                pass
+            return None
+        os.makedirs(out_dir, exist_ok=True)
+        src = self.hf_pretrained.state
+        expected = {k: (src.shape(k), src.dtype(k)) for k in src.keys()}
+        with SafeTensorsWriter(out_dir, expected, max_shard_bytes=max_shard_bytes, strict=strict) as writer:
+            for name, tensor in stream:
+                writer.add(name, tensor)
+        self._copy_side_files(out_dir)
+        return {"tensors": len(writer.written), "bytes": writer.total_bytes, "files": list(writer.files)}
+
+    def _copy_side_files(self, out_dir: str) -> None:
+        """config.json, generation config, tokenizer files, ...: everything that is not a weight file."""
+        src_dir = self.hf_pretrained.path
+        for name in sorted(os.listdir(src_dir)):
+            src = os.path.join(src_dir, name)
+            if not os.path.isfile(src) or name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_INDEXES:
+                continue
+            shutil.copyfile(src, os.path.join(out_dir, name))
+
+
+def _current_parallel_sizes() -> Dict[str, Any]:
+    if not dist.is_available() or not dist.is_initialized():
+        return {}
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {}
+    sizes: Dict[str, Any] = {
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+    }
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp:
+        sizes["virtual_pipeline_model_parallel_size"] = vpp
+    return sizes
+
+
+def _max_seq_len(hf_config: Any) -> int:
+    return int(getattr(hf_config, "max_position_embeddings", 0) or 4096)

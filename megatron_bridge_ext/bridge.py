@@ -1,0 +1,667 @@
+"""The conversion engine: HF checkpoint <-> live Megatron-Core model chunks (TP, PP, virtual PP).
+
+Import (HF -> Megatron): every rank walks its own parameters in the global order, reads from the lazy, memory-mapped
+HF source only the rows it keeps, and packs them straight into the parameter with the fused ops. No collective is
+needed except the tied-embedding broadcast to the last pipeline stage.
+
+Export (Megatron -> HF): parameters are taken in the global order (identical on every rank), cut into buckets of at
+most ``bucket_bytes`` that belong to one pipeline stage; per bucket the owning stage runs ONE flat all-gather over its
+tensor-parallel group, its TP-rank-0 sends the flat buffer to the destination rank only (no broadcast to every
+stage), and the destination unpacks it into HF tensors in one pass. Buffers are reused across buckets, so memory stays
+bounded by the bucket budget plus the largest tensor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from megatron_bridge_ext import ops
+from megatron_bridge_ext.mappings import COLUMN, REPLICATED, ROW, ConversionContext, MegatronParamMapping, detect_layout
+from megatron_bridge_ext.registry import MegatronMappingRegistry
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MegatronModelBridge",
+    "WeightConversionTask",
+    "MegatronWeightTuple",
+    "HFWeightTuple",
+    "DEFAULT_BUCKET_BYTES",
+]
+
+DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class MegatronWeightTuple(NamedTuple):
+    """A converted Megatron tensor of this rank."""
+
+    param_name: str
+    weight: torch.Tensor
+    vp_stage: int
+
+
+class HFWeightTuple(NamedTuple):
+    """An HF tensor produced by export."""
+
+    param_name: str
+    weight: torch.Tensor
+
+
+@dataclass(frozen=True)
+class WeightConversionTask:
+    """One Megatron parameter to convert.
+
+    Attributes:
+        param_name: unwrapped local name on the owning rank (the global name where not owned).
+        global_param_name: unwrapped global name (layer / expert indices global).
+        mapping: the resolved mapping.
+        pp_rank: pipeline rank that owns the parameter.
+        vp_stage: virtual-pipeline chunk index on the owner (None where not owned).
+        megatron_module: owning module (None where not owned).
+        param_weight: the parameter or persistent buffer (None where not owned).
+    """
+
+    param_name: str
+    global_param_name: str
+    mapping: MegatronParamMapping
+    pp_rank: int
+    vp_stage: Optional[int] = None
+    megatron_module: Optional[torch.nn.Module] = None
+    param_weight: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class _ParamMeta:
+    """What every rank knows about a global parameter (exchanged once per model structure)."""
+
+    pp_rank: int
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    layout: str
+
+
+@dataclass
+class _Topology:
+    tp_size: int = 1
+    tp_rank: int = 0
+    tp_group: Any = None
+    pp_size: int = 1
+    pp_rank: int = 0
+    pp_group: Any = None
+    pp_ranks: Tuple[int, ...] = (0,)
+    replica_zero: bool = True  # data-parallel (and context-parallel) rank 0: takes part in export
+    ep_size: int = 1
+    ep_rank: int = 0
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> "_Topology":
+        if not dist.is_available() or not dist.is_initialized():
+            return cls()
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            if dist.get_world_size() > 1:
+                raise RuntimeError(
+                    "megatron parallel_state is not initialised in a multi-rank job: call "
+                    "megatron.core.parallel_state.initialize_model_parallel(...) before converting"
+                )
+            return cls(rank=dist.get_rank(), world=1)
+        pp_group = ps.get_pipeline_model_parallel_group()
+        return cls(
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_group=ps.get_tensor_model_parallel_group(),
+            pp_size=ps.get_pipeline_model_parallel_world_size(),
+            pp_rank=ps.get_pipeline_model_parallel_rank(),
+            pp_group=pp_group,
+            pp_ranks=tuple(dist.get_process_group_ranks(pp_group)),
+            replica_zero=ps.get_data_parallel_rank(with_context_parallel=True) == 0,
+            ep_size=ps.get_expert_model_parallel_world_size(),
+            ep_rank=ps.get_expert_model_parallel_rank(),
+            rank=dist.get_rank(),
+            world=dist.get_world_size(),
+        )
+
+
+def _unwrap_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"parameter name must be a string, got {type(name).__name__}")
+    name = name.replace("._checkpoint_wrapped_module.", ".")
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def _unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _local_tensors(chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of a chunk by unwrapped local name (``_extra_state`` skipped)."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, value in chunk.state_dict(keep_vars=True).items():
+        if "_extra_state" in name or not isinstance(value, torch.Tensor):
+            continue
+        out[_unwrap_name(name)] = value
+    return out
+
+
+def _module_of(chunk: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
+    path = _unwrap_name(name).rsplit(".", 1)[0] if "." in name else ""
+    module = _unwrap_model(chunk)
+    for part in path.split(".") if path else []:
+        if not hasattr(module, part):
+            return None
+        module = getattr(module, part)
+    return module
+
+
+def _layer_index_map(chunk: torch.nn.Module) -> Dict[int, int]:
+    """Local layer index -> global layer index (``layer_number - 1``) of a chunk's decoder layers."""
+    model = _unwrap_model(chunk)
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    if layers is None:
+        return {}
+    return {i: int(getattr(layer, "layer_number", i + 1)) - 1 for i, layer in enumerate(layers)}
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(-1).view(torch.uint8)
+
+
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, inp, group=group)
+
+
+class MegatronModelBridge:
+    """Orchestrates HF <-> Megatron conversion for one architecture.
+
+    Subclasses (one per model family, see :mod:`megatron_bridge_ext.models`) provide
+    :meth:`transformer_config` and :meth:`mapping_registry`, and are registered with :meth:`register_bridge`.
+    """
+
+    #: HF tensor names that exist only in some checkpoints and are produced on export only when the source has them.
+    tied_output_hf_name: str = "lm_head.weight"
+
+    def __init__(self) -> None:
+        self._registry: Optional[MegatronMappingRegistry] = None
+        self._names_cache: Optional[Tuple[Any, List[str], Dict[str, _ParamMeta]]] = None
+        self.show_progress = True
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # What a model family provides
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def transformer_config(self, hf_config: Any, **overrides: Any):
+        """Megatron TransformerConfig for an HF config."""
+        raise NotImplementedError(f"{type(self).__name__} must implement transformer_config")
+
+    def mapping_registry(self) -> MegatronMappingRegistry:
+        """The parameter mappings of this architecture."""
+        raise NotImplementedError(f"{type(self).__name__} must implement mapping_registry")
+
+    def maybe_modify_loaded_hf_weight(
+        self, hf_param: Union[str, Dict[str, str]], hf_state: Mapping[str, torch.Tensor]
+    ) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Read the HF tensor(s) of a mapping; override to rename, dequantise, ... (tensors are lazy views)."""
+        if isinstance(hf_param, str):
+            return hf_state[hf_param]
+        return {role: hf_state[name] for role, name in hf_param.items()}
+
+    def maybe_modify_converted_hf_weight(
+        self, task: WeightConversionTask, converted: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """Post-process the HF tensors of one exported parameter; by default unchanged."""
+        return converted
+
+    @classmethod
+    def register_bridge(cls, *, source: Union[type, str], target: type):
+        """Class decorator registering a bridge for an HF architecture (class or class name) and a Megatron class."""
+        from megatron_bridge_ext.dispatch import register_bridge
+
+        return register_bridge(source=source, target=target)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Names and tasks
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @property
+    def registry(self) -> MegatronMappingRegistry:
+        if self._registry is None:
+            self._registry = self.mapping_registry()
+        return self._registry
+
+    @staticmethod
+    def _chunks(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[torch.nn.Module]:
+        return list(model) if isinstance(model, (list, tuple)) else [model]
+
+    @staticmethod
+    def _tied(chunks: Sequence[torch.nn.Module]) -> bool:
+        m = _unwrap_model(chunks[0])
+        cfg = getattr(m, "config", None)
+        return bool(getattr(m, "share_embeddings_and_output_weights", getattr(cfg, "share_embeddings_and_output_weights", False)))
+
+    def _local_entries(self, chunks: Sequence[torch.nn.Module], topo: _Topology):
+        """(vp_stage, local_name, global_name, tensor, chunk) for every local parameter / persistent buffer."""
+        cfg = getattr(_unwrap_model(chunks[0]), "config", None)
+        num_experts = getattr(cfg, "num_moe_experts", None) or 0
+        expert_offset = (num_experts // topo.ep_size) * topo.ep_rank if topo.ep_size > 1 and num_experts else 0
+        tied = self._tied(chunks)
+        for vp, chunk in enumerate(chunks):
+            index_map = _layer_index_map(chunk)
+            for local, tensor in _local_tensors(chunk).items():
+                layer_offset = 0
+                m = _LAYER_RE.search(local)
+                if m is not None and topo.pp_size > 1:
+                    li = int(m.group(1))
+                    layer_offset = index_map.get(li, li) - li
+                global_name = ops.local_to_global_name(local, layer_offset, expert_offset) if (
+                    layer_offset or expert_offset) else local
+                if tied and "output_layer" in global_name:
+                    continue
+                yield vp, local, global_name, tensor, chunk
+
+    def _global_order(self, chunks: Sequence[torch.nn.Module], topo: _Topology) -> Tuple[List[str], Dict[str, _ParamMeta]]:
+        """Every rank's identical ordered list of global names and their metadata (cached per model structure)."""
+        entries = list(self._local_entries(chunks, topo))
+        fingerprint = (topo.tp_size, topo.pp_size, topo.pp_rank, topo.ep_size, tuple(
+            (g, tuple(t.shape), t.dtype) for _, _, g, t, _ in entries))
+        if self._names_cache is not None and self._names_cache[0] == fingerprint:
+            return self._names_cache[1], self._names_cache[2]
+        local_meta = {}
+        for _, local, global_name, tensor, chunk in entries:
+            layout = self._layout_of(global_name, _module_of(chunk, local), tensor)
+            local_meta[global_name] = (topo.pp_rank, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""), layout)
+        if topo.pp_size > 1:
+            names = ops.gather_param_names(list(local_meta), topo.pp_group)
+            gathered: List[Any] = [None] * topo.pp_size
+            dist.all_gather_object(gathered, local_meta, group=topo.pp_group)
+            meta_all: Dict[str, Any] = {}
+            for part in gathered:
+                for k, v in part.items():
+                    meta_all.setdefault(k, v)
+        else:
+            names = sorted(local_meta, key=lambda n: (ops.param_sort_key(n), n))
+            meta_all = local_meta
+        meta = {k: _ParamMeta(v[0], tuple(v[1]), getattr(torch, v[2]), v[3]) for k, v in meta_all.items()}
+        self._names_cache = (fingerprint, names, meta)
+        return names, meta
+
+    def _layout_of(self, global_name: str, module: Optional[torch.nn.Module], tensor: torch.Tensor) -> str:
+        mapping = self.registry.megatron_to_hf_lookup(global_name)
+        if mapping is None:
+            return REPLICATED
+        return mapping.layout or detect_layout(module, tensor, global_name)
+
+    def build_conversion_tasks(
+        self, hf_keys: Optional[Iterable[str]], megatron_model: Union[torch.nn.Module, Sequence[torch.nn.Module]]
+    ) -> List[WeightConversionTask]:
+        """Tasks for every global parameter in the global order; owned ones carry the local module and tensor.
+
+        Args:
+            hf_keys: the HF checkpoint's keys (checked for every mapping's HF names), or None to skip the check.
+            megatron_model: this rank's model chunk or list of virtual-pipeline chunks.
+
+        Raises:
+            ValueError: naming every Megatron parameter without a mapping, or every HF key a mapping needs that the
+                checkpoint lacks.
+        """
+        chunks = self._chunks(megatron_model)
+        topo = _Topology.current()
+        names, meta = self._global_order(chunks, topo)
+        owned = {g: (vp, local, tensor, chunk) for vp, local, g, tensor, chunk in self._local_entries(chunks, topo)}
+        keys = None if hf_keys is None else (hf_keys if isinstance(hf_keys, (set, frozenset, dict)) else set(hf_keys))
+        tasks, unmapped, missing = [], [], []
+        for name in names:
+            mapping = self.registry.megatron_to_hf_lookup(name)
+            if mapping is None:
+                unmapped.append(name)
+                continue
+            if keys is not None:
+                missing.extend(f"{k} (for {name})" for k in mapping.hf_names if k not in keys)
+            if name in owned:
+                vp, local, tensor, chunk = owned[name]
+                tasks.append(WeightConversionTask(local, name, mapping, meta[name].pp_rank, vp, _module_of(chunk, local),
+                                                  tensor))
+            else:
+                tasks.append(WeightConversionTask(name, name, mapping, meta[name].pp_rank))
+        if unmapped:
+            raise ValueError(
+                f"{type(self).__name__}: no mapping for {len(unmapped)} Megatron parameter(s): {unmapped[:20]}"
+                f"{' ...' if len(unmapped) > 20 else ''}"
+            )
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}: the HF checkpoint lacks {len(missing)} tensor(s) the model needs: "
+                f"{missing[:20]}{' ...' if len(missing) > 20 else ''}"
+            )
+        return tasks
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Import: HF -> Megatron
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _context(self, task: WeightConversionTask, topo: _Topology, hf_config: Any, chunks) -> ConversionContext:
+        model = _unwrap_model(chunks[0])
+        layout = None
+        if task.mapping.layout is None:
+            layout = detect_layout(task.megatron_module, task.param_weight, task.global_param_name)
+        return ConversionContext(
+            tp_size=topo.tp_size,
+            tp_rank=topo.tp_rank,
+            config=getattr(model, "config", None),
+            module=task.megatron_module,
+            param=task.param_weight,
+            hf_vocab_size=getattr(hf_config, "vocab_size", None),
+            padded_vocab_size=getattr(model, "vocab_size", None),
+            layout=layout,
+        )
+
+    def _progress(self, items: Sequence[Any], description: str, show: Optional[bool]):
+        show = self.show_progress if show is None else show
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if not show or not rank0 or not items:
+            yield from items
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      transient=True) as progress:
+            tid = progress.add_task(description, total=len(items))
+            for item in items:
+                yield item
+                progress.advance(tid)
+
+    def _convert_one(self, task: WeightConversionTask, hf_state, ctx: ConversionContext, allowed: Sequence[str]):
+        """(tensor or None when skipped, target) for one owned task; writes into the parameter when possible."""
+        hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, hf_state)
+        target = task.param_weight
+        is_dtensor = type(target.data).__name__ == "DTensor"
+        want_shape = tuple(target.shape)
+        meta_in = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in hf.items()} if isinstance(
+            hf, dict) else torch.empty(hf.shape, dtype=hf.dtype, device="meta")
+        got_shape = tuple(task.mapping.hf_to_megatron(meta_in, ctx).shape)
+        if got_shape != want_shape:
+            if any(fnmatch.fnmatch(task.mapping.megatron_param, p) or fnmatch.fnmatch(task.param_name, p)
+                   for p in allowed):
+                warnings.warn(f"shape mismatch for {task.global_param_name} allowed by allowed_mismatched_params: "
+                              f"Megatron {want_shape}, converted {got_shape}; parameter left unchanged")
+                return None
+            raise ValueError(
+                f"shape mismatch for Megatron parameter {task.global_param_name}: expected {want_shape}, converted "
+                f"HF tensor(s) {task.mapping.hf_param} give {got_shape} ({type(task.mapping).__name__}, "
+                f"tp={ctx.tp_size})"
+            )
+        in_dtype = next(iter(hf.values())).dtype if isinstance(hf, dict) else hf.dtype
+        data = target.data
+        if is_dtensor:
+            full = task.mapping.hf_to_megatron(hf, ctx)
+            ops.copy_into_dtensor(full.to(data.dtype), data)
+            return data
+        if in_dtype == data.dtype and data.is_contiguous():
+            return task.mapping.hf_to_megatron(hf, ctx, out=data)
+        data.copy_(task.mapping.hf_to_megatron(hf, ctx))
+        return data
+
+    def load_weights_hf_to_megatron(
+        self,
+        hf_pretrained: Any,
+        megatron_model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+        allowed_mismatched_params: Optional[Sequence[str]] = None,
+        show_progress: Optional[bool] = None,
+    ) -> List[torch.nn.Module]:
+        """Load HF weights into this rank's Megatron chunk(s), each rank reading only what it keeps.
+
+        Args:
+            hf_pretrained: an object with ``.state`` (lazy HF tensors: ``keys()``, ``[name]``) and ``.config``.
+            megatron_model: model chunk or list of virtual-pipeline chunks.
+            allowed_mismatched_params: fnmatch globs of Megatron names whose shape mismatch is skipped with a warning.
+            show_progress: rich progress bar on rank 0 (default: ``self.show_progress``).
+
+        Returns:
+            The list of chunks.
+
+        Raises:
+            ValueError: missing HF tensors, unmapped parameters, shape mismatches (both shapes named).
+        """
+        chunks = self._chunks(megatron_model)
+        state = hf_pretrained.state
+        tasks = self.build_conversion_tasks(state.keys(), chunks)
+        topo = _Topology.current()
+        allowed = list(allowed_mismatched_params or [])
+        owned = [t for t in tasks if t.param_weight is not None]
+        release = getattr(state, "release", None)
+        with torch.no_grad():
+            for task in self._progress(owned, "Loading HF weights", show_progress):
+                ctx = self._context(task, topo, hf_pretrained.config, chunks)
+                self._convert_one(task, state, ctx, allowed)
+                if release is not None:
+                    release(task.mapping.hf_names)
+            self._broadcast_tied_embeddings(chunks)
+        return chunks
+
+    def stream_weights_hf_to_megatron(
+        self,
+        hf_pretrained: Any,
+        megatron_model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+        conversion_tasks: Optional[List[WeightConversionTask]] = None,
+    ) -> Iterator[MegatronWeightTuple]:
+        """Generator variant: yields this rank's converted tensors (fresh tensors; the model is not modified)."""
+        chunks = self._chunks(megatron_model)
+        state = hf_pretrained.state
+        tasks = conversion_tasks if conversion_tasks is not None else self.build_conversion_tasks(state.keys(), chunks)
+        topo = _Topology.current()
+        with torch.no_grad():
+            for task in tasks:
+                if task.param_weight is None:
+                    continue
+                ctx = self._context(task, topo, hf_pretrained.config, chunks)
+                hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, state)
+                yield MegatronWeightTuple(task.param_name, task.mapping.hf_to_megatron(hf, ctx), task.vp_stage)
+
+    def _broadcast_tied_embeddings(self, chunks: Sequence[torch.nn.Module]) -> None:
+        """With tied embeddings and PP > 1, fill the last stage's output layer from the first stage's embedding."""
+        if not self._tied(chunks) or not dist.is_initialized():
+            return
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+            return
+        first = ps.is_pipeline_first_stage(ignore_virtual=True)
+        last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        if not (first or last):
+            return
+        group = ps.get_embedding_group()
+        ranks = dist.get_process_group_ranks(group)
+        if dist.get_rank() not in ranks:
+            return
+        emb = out = None
+        for chunk in chunks:
+            m = _unwrap_model(chunk)
+            if getattr(m, "pre_process", False) and hasattr(m, "embedding"):
+                emb = m.embedding.word_embeddings.weight
+            if getattr(m, "post_process", False) and getattr(m, "output_layer", None) is not None:
+                out = m.output_layer.weight
+        buf = emb.data if first else torch.empty_like(out.data)
+        dist.broadcast(buf, src=ranks[0], group=group)
+        if last and out is not None and (emb is None or out.data_ptr() != emb.data_ptr()):
+            out.data.copy_(buf)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Export: Megatron -> HF
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def stream_weights_megatron_to_hf(
+        self,
+        megatron_model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+        hf_pretrained: Any = None,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        dst: Union[int, str] = 0,
+        show_progress: Optional[bool] = None,
+        hf_config: Any = None,
+        conversion_tasks: Optional[List[WeightConversionTask]] = None,
+    ) -> Iterator[HFWeightTuple]:
+        """Stream the model as HF tensors, in the global order.
+
+        Every rank must iterate the generator (it drives the collectives); tensors are yielded on ``dst`` (a global
+        rank, default 0) or on every rank when ``dst == "all"``.
+
+        Args:
+            megatron_model: this rank's chunk(s).
+            hf_pretrained: the HF source (``.config``, ``.state``): its dtypes are restored and its optional keys
+                (a tied ``lm_head.weight``) reproduced. May be None when ``hf_config`` is given.
+            bucket_bytes: byte budget of one flat collective.
+            dst: destination global rank, or ``"all"``.
+            show_progress: rich progress on rank 0.
+            conversion_tasks: pre-built tasks (from :meth:`build_conversion_tasks`).
+        """
+        chunks = self._chunks(megatron_model)
+        topo = _Topology.current()
+        config = hf_config if hf_config is not None else getattr(hf_pretrained, "config", None)
+        state = getattr(hf_pretrained, "state", None)
+        hf_keys = set(state.keys()) if state is not None else None
+        tasks = conversion_tasks if conversion_tasks is not None else self.build_conversion_tasks(None, chunks)
+        _, meta = self._global_order(chunks, topo)
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        everyone = dst == "all"
+        if not everyone and not (0 <= int(dst) < topo.world):
+            raise ValueError(f"dst must be a global rank in [0, {topo.world}) or 'all', got {dst!r}")
+        dst_rank = 0 if everyone else int(dst)
+        receiving = everyone or topo.rank == dst_rank
+        model_cfg = getattr(_unwrap_model(chunks[0]), "config", None)
+        tied = self._tied(chunks)
+
+        buckets = self._buckets(tasks, meta, topo.tp_size, bucket_bytes)
+        leaders = self._stage_leaders(topo)
+        buffers: Dict[str, torch.Tensor] = {}
+
+        def buffer(kind: str, nbytes: int) -> torch.Tensor:
+            buf = buffers.get(kind)
+            if buf is None or buf.numel() < nbytes:
+                buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+                buffers[kind] = buf
+            return buf[:nbytes]
+
+        for bucket in self._progress(buckets, "Exporting HF weights", show_progress):
+            owner = bucket[0].pp_rank
+            layout = [(t, meta[t.global_param_name]) for t in bucket]
+            nbytes = [int(torch.Size(m.shape).numel()) * m.dtype.itemsize for _, m in layout]
+            sharded = [m.layout in (COLUMN, ROW) and topo.tp_size > 1 for _, m in layout]
+            local_total = sum(n for n, s in zip(nbytes, sharded) if s)
+            repl_total = sum(n for n, s in zip(nbytes, sharded) if not s)
+            msg_total = local_total * topo.tp_size + repl_total
+            msg = None
+            # 1. the owning stage gathers its TP shards in one flat collective; TP rank 0 holds the message
+            if topo.pp_rank == owner and topo.replica_zero:  # (owners of a bucket all sit on its stage)
+                msg = buffer("msg", msg_total)
+                if local_total:
+                    send = buffer("send", local_total)
+                    at = 0
+                    for (task, _), n, s in zip(layout, nbytes, sharded):
+                        if s:
+                            send[at:at + n].copy_(_byte_view(task.param_weight))
+                            at += n
+                    _all_gather_flat(msg[: local_total * topo.tp_size], send, topo.tp_group)
+                at = local_total * topo.tp_size
+                for (task, _), n, s in zip(layout, nbytes, sharded):
+                    if not s:
+                        msg[at:at + n].copy_(_byte_view(task.param_weight))
+                        at += n
+            # 2. the stage's TP rank 0 sends it to the destination only
+            if topo.world > 1:
+                sender_rank = leaders[owner]
+                if sender_rank != dst_rank:
+                    if topo.rank == sender_rank:
+                        dist.send(msg, dst=dst_rank)
+                    elif topo.rank == dst_rank:
+                        msg = buffer("msg", msg_total)
+                        dist.recv(msg, src=sender_rank)
+                if everyone:
+                    if msg is None or topo.rank != dst_rank:
+                        msg = buffer("msg", msg_total)
+                    dist.broadcast(msg, src=dst_rank)
+            if not receiving:
+                continue
+            # 3. unpack into HF tensors
+            views = self._split_message(msg, layout, nbytes, sharded, local_total, topo.tp_size)
+            for (task, m), shards in zip(layout, views):
+                ctx = ConversionContext(tp_size=len(shards), tp_rank=0, config=model_cfg,
+                                        hf_vocab_size=getattr(config, "vocab_size", None), layout=m.layout)
+                converted = task.mapping.megatron_to_hf(shards, ctx)
+                converted = self.maybe_modify_converted_hf_weight(task, converted)
+                for name, tensor in converted.items():
+                    tensor = self._to_hf_dtype(name, tensor, state)
+                    if any(s.data_ptr() == tensor.data_ptr() for s in shards):
+                        tensor = tensor.clone()  # never hand out views of the reused message buffer
+                    yield HFWeightTuple(name, tensor)
+                    if tied and task.global_param_name.endswith("embedding.word_embeddings.weight") and \
+                            hf_keys is not None and self.tied_output_hf_name in hf_keys:
+                        yield HFWeightTuple(self.tied_output_hf_name, tensor.clone())
+
+    @staticmethod
+    def _to_hf_dtype(name: str, tensor: torch.Tensor, state: Any) -> torch.Tensor:
+        if state is None or name not in state:
+            return tensor
+        want = state.dtype(name) if hasattr(state, "dtype") else state[name].dtype
+        return tensor if tensor.dtype == want else tensor.to(want)
+
+    @staticmethod
+    def _stage_leaders(topo: _Topology) -> List[int]:
+        """Global rank of every stage's TP-rank-0, data-parallel-rank-0 process: the ranks of rank 0's PP group."""
+        if topo.world == 1:
+            return [0]
+        leaders = torch.tensor(list(topo.pp_ranks), dtype=torch.int64)
+        dist.broadcast(leaders, src=0)
+        return [int(r) for r in leaders.tolist()]
+
+    @staticmethod
+    def _split_message(msg, layout, nbytes, sharded, local_total, tp):
+        """Per task, the list of per-TP-rank tensors (views into the message)."""
+        out = []
+        at_sharded = 0
+        at_repl = local_total * tp
+        for (task, m), n, s in zip(layout, nbytes, sharded):
+            if s:
+                shards = [msg[r * local_total + at_sharded: r * local_total + at_sharded + n].view(m.dtype).view(m.shape)
+                          for r in range(tp)]
+                at_sharded += n
+            else:
+                shards = [msg[at_repl: at_repl + n].view(m.dtype).view(m.shape)]
+                at_repl += n
+            out.append(shards)
+        return out
+
+    @staticmethod
+    def _buckets(tasks, meta, tp: int, budget: int) -> List[List[WeightConversionTask]]:
+        """Consecutive tasks of one pipeline stage whose gathered bytes stay within ``budget``."""
+        buckets: List[List[WeightConversionTask]] = []
+        current: List[WeightConversionTask] = []
+        used = 0
+        for task in tasks:
+            m = meta[task.global_param_name]
+            size = int(torch.Size(m.shape).numel()) * m.dtype.itemsize * (tp if m.layout in (COLUMN, ROW) else 1)
+            if current and (current[0].pp_rank != task.pp_rank or used + size > budget):
+                buckets.append(current)
+                current, used = [], 0
+            current.append(task)
+            used += size
+        if current:
+            buckets.append(current)
+        return buckets
