@@ -1,0 +1,142 @@
+"""Build megatron-core GPTModel chunks for this rank and set up / tear down megatron's parallel state.
+
+Uses the local (non-Transformer-Engine) layer spec, which runs on CPU and GPU alike. On CPU-only processes call
+``cpu_compat.apply_cpu_patches()`` first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+from megatron_bridge_ext.config import GPTConfig, padded_vocab_size
+from megatron_bridge_ext.cpu_compat import cuda_moves_disabled, seed_model_parallel_rng
+
+__all__ = ["build_gpt_model", "build_model_chunks", "init_parallel", "destroy_parallel"]
+
+
+def init_parallel(tp: int, pp: int, vpp: Optional[int] = None, ep: int = 1, etp: Optional[int] = None,
+                  seed: int = 1234) -> None:
+    """Initialise megatron's model-parallel groups over the whole default process group and seed its rng tracker.
+
+    Destroys any previous megatron parallel state first, so several layouts can be set up in one process.
+
+    Args:
+        tp, pp, vpp, ep, etp: tensor, pipeline, virtual-pipeline, expert and expert-tensor parallel sizes.
+        seed: rng seed (CPU processes use megatron's inference rng tracker).
+
+    Raises:
+        ValueError: when torch.distributed is not initialised or the world size is not a multiple of tp * pp.
+    """
+    if not torch.distributed.is_initialized():
+        raise ValueError("init_parallel: torch.distributed is not initialised (init_process_group first)")
+    world = torch.distributed.get_world_size()
+    if tp < 1 or pp < 1 or world % (tp * pp):
+        raise ValueError(f"init_parallel: world size {world} is not a multiple of tp={tp} * pp={pp}")
+    if vpp is not None and vpp > 1 and pp < 2:
+        raise ValueError(f"init_parallel: virtual pipeline size {vpp} needs pp > 1, got pp={pp}")
+    destroy_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    seed_model_parallel_rng(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's parallel state (a no-op when none is set up)."""
+    parallel_state.destroy_model_parallel()
+
+
+def build_gpt_model(
+    config: GPTConfig,
+    vocab_size: Optional[int] = None,
+    max_seq_len: Optional[int] = None,
+    *,
+    vp_stage: Optional[int] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+) -> GPTModel:
+    """Build one GPTModel chunk of this rank under the current megatron parallel state.
+
+    Args:
+        config: a ``GPTConfig`` (see ``config.hf_to_transformer_config``).
+        vocab_size: unpadded vocabulary size (default ``config.vocab_size``); padded here to a multiple of
+            ``divisor * tp`` (``config.padded_vocab_size``).
+        max_seq_len: maximum sequence length (default ``config.seq_length``).
+        vp_stage: virtual pipeline stage of this chunk (required when vpp > 1).
+        pre_process, post_process: override the first/last-stage flags derived from the parallel state.
+
+    Returns:
+        The GPTModel in eval mode; ``model.unpadded_vocab_size`` records the unpadded vocabulary size.
+    """
+    vocab_size = config.vocab_size if vocab_size is None else vocab_size
+    if vocab_size is None:
+        raise ValueError("build_gpt_model: no vocab_size given and config.vocab_size is None")
+    max_seq_len = config.seq_length if max_seq_len is None else max_seq_len
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is not None and vp_stage is None:
+        raise ValueError(f"build_gpt_model: virtual pipeline size is {vpp}; pass vp_stage")
+    if (config.virtual_pipeline_model_parallel_size or None) != vpp:
+        raise ValueError(
+            f"build_gpt_model: config.virtual_pipeline_model_parallel_size="
+            f"{config.virtual_pipeline_model_parallel_size} but the parallel state has vpp={vpp}"
+        )
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if config.tensor_model_parallel_size != tp or config.pipeline_model_parallel_size != pp:
+        raise ValueError(
+            f"build_gpt_model: config has tp={config.tensor_model_parallel_size}, "
+            f"pp={config.pipeline_model_parallel_size}; the parallel state has tp={tp}, pp={pp}"
+        )
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=config.moe_grouped_gemm,
+        qk_layernorm=config.qk_layernorm,
+        normalization=config.normalization,
+    )
+    moves = cuda_moves_disabled() if not torch.cuda.is_available() else contextlib.nullcontext()
+    with moves:
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(vocab_size, tp, config.make_vocab_size_divisible_by),
+            max_sequence_length=max_seq_len,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+            position_embedding_type=config.position_embedding_type,
+            rotary_percent=config.rotary_percent,
+            rotary_base=config.rotary_base,
+            rope_scaling=config.rope_scaling,
+            rope_scaling_factor=config.rope_scaling_factor,
+            seq_len_interpolation_factor=config.seq_len_interpolation_factor,
+            vp_stage=vp_stage,
+        )
+    model.unpadded_vocab_size = vocab_size
+    return model.eval()
+
+
+def build_model_chunks(config: GPTConfig, vocab_size: Optional[int] = None,
+                       max_seq_len: Optional[int] = None) -> List[GPTModel]:
+    """Build this rank's GPTModel chunk(s): one per virtual pipeline stage (vp_stage 0..vpp-1), else one.
+
+    Virtual stage ``s`` of the whole model lives on pp rank ``s % pp`` as chunk ``s // pp``.
+    """
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None:
+        return [build_gpt_model(config, vocab_size, max_seq_len)]
+    return [build_gpt_model(config, vocab_size, max_seq_len, vp_stage=v) for v in range(vpp)]
