@@ -153,7 +153,7 @@ class AutoBridge:
         model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
         out_dir: Union[str, os.PathLike],
         *,
-        max_shard_bytes: int = 5 * 1024**3,
+        max_shard_bytes: int = 2 * 1024**3,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         strict: bool = True,
         show_progress: Optional[bool] = None,
@@ -168,19 +168,29 @@ class AutoBridge:
         """
         out_dir = os.fspath(out_dir)
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        stream = self.export_hf_weights(model, bucket_bytes=bucket_bytes, dst=0, show_progress=show_progress)
+        tasks = self.model_bridge.build_conversion_tasks(None, model)  # collective: every rank builds them
+        stream = self.model_bridge.stream_weights_megatron_to_hf(
+            model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=0, show_progress=show_progress,
+            conversion_tasks=tasks,
+        )
         if not rank0:
             for _ in stream:
                 pass
             return None
-        os.makedirs(out_dir, exist_ok=True)
         src = self.hf_pretrained.state
-        expected = {k: (src.shape(k), src.dtype(k)) for k in src.keys()}
+        # Plan shards in the order tensors will arrive, so each shard is written as soon as possible.
+        order = [name for task in tasks for name in task.mapping.hf_names]
+        tied_name = self.model_bridge.tied_output_hf_name
+        if tied_name in src and tied_name not in order:
+            order.append(tied_name)
+        order += [k for k in src.keys() if k not in set(order)]
+        expected = {k: (src.shape(k), src.dtype(k)) for k in order if k in src}
         with SafeTensorsWriter(out_dir, expected, max_shard_bytes=max_shard_bytes, strict=strict) as writer:
             for name, tensor in stream:
                 writer.add(name, tensor)
+            summary = writer.close()
         self._copy_side_files(out_dir)
-        return {"tensors": len(writer.written), "bytes": writer.total_bytes, "files": list(writer.files)}
+        return summary
 
     def _copy_side_files(self, out_dir: str) -> None:
         """config.json, generation config, tokenizer files, ...: everything that is not a weight file."""

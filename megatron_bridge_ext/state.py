@@ -396,6 +396,25 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
             self._mmaps[shard] = mm
         return mm
 
+    def release(self, keys: Union[str, Sequence[str]]) -> None:
+        """Drop the resident pages of tensors ``keys`` (read again from the file if used later).
+
+        A memory-mapped read keeps its pages in this process's RSS; the importer calls this after each parameter so
+        that peak memory stays near the model's own size. Only pages wholly inside a tensor are dropped, and a page
+        holding data written through a view is never touched by the importer (it only reads).
+        """
+        if self._closed or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        for key in [keys] if isinstance(keys, str) else keys:
+            e = self._entries.get(key)
+            if e is None or self._mmaps[e.shard] is None:
+                continue
+            start = -(-e.start // page) * page
+            end = (e.end // page) * page
+            if end > start:
+                self._mmaps[e.shard].madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         """Releases the maps. Views already handed out stay valid: they keep their map alive until they die."""
         for i, mm in enumerate(self._mmaps):

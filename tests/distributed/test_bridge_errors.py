@@ -1,0 +1,169 @@
+"""Bad inputs to the conversion engine raise errors that name the tensor, the file or the setting; a failed export
+leaves no index that looks complete. Real megatron-core and transformers, one spawned 1-rank gloo world."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+transformers = pytest.importorskip("transformers")
+
+from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+
+BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def _make(path: str, **overrides) -> str:
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**BASE, **overrides})).save_pretrained(path)
+    return path
+
+
+def _rewrite_config(path: str, **changes) -> None:
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg.update(changes)
+    json.dump(cfg, open(cfg_path, "w"))
+
+
+def _drop_tensor(path: str, key: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = os.path.join(path, "model.safetensors")
+    tensors = load_file(f)
+    del tensors[key]
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def _capture(fn):
+    try:
+        fn()
+    except Exception as e:  # the parent asserts on type and message
+        return type(e).__name__, str(e)
+    return None, None
+
+
+def _worker(rank: int, world: int, paths: dict, out_root: str) -> dict:
+    from megatron_bridge_ext.cpu_compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.model_builder import destroy_parallel, init_parallel
+
+    init_parallel(tp=1, pp=1)
+    res = {}
+    res["missing_key"] = _capture(lambda: AutoBridge.from_hf_pretrained(paths["missing"]).to_megatron_model(
+        params_dtype=torch.float32))
+    res["unsupported"] = _capture(lambda: AutoBridge.from_hf_pretrained(paths["unsupported"]))
+    res["truncated"] = _capture(lambda: AutoBridge.from_hf_pretrained(paths["truncated"]).to_megatron_model(
+        params_dtype=torch.float32))
+    res["corrupt_header"] = _capture(lambda: AutoBridge.from_hf_pretrained(paths["corrupt"]).to_megatron_model(
+        params_dtype=torch.float32))
+
+    # shape mismatch: the model is built for a larger MLP than the checkpoint holds
+    good = AutoBridge.from_hf_pretrained(paths["good"])
+    res["shape"] = _capture(lambda: good.to_megatron_model(params_dtype=torch.float32, ffn_hidden_size=96))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chunks = good.to_megatron_model(params_dtype=torch.float32, ffn_hidden_size=96,
+                                        allowed_mismatched_params=["decoder.layers.*.mlp.linear_fc*.weight"])
+    res["allowed_warnings"] = [str(w.message) for w in caught if "allowed_mismatched_params" in str(w.message)]
+    del chunks
+
+    # heads not divisible by TP (setting named)
+    res["heads_tp"] = _capture(lambda: good.transformer_config(tensor_model_parallel_size=4, num_query_groups=2,
+                                                               num_attention_heads=6))
+
+    # a failed export: a hook raises in the middle; no index / complete checkpoint may remain
+    chunks = good.to_megatron_model(params_dtype=torch.float32)
+    calls = {"n": 0}
+    original = good.model_bridge.maybe_modify_converted_hf_weight
+
+    def failing(task, converted):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("simulated failure while exporting " + task.global_param_name)
+        return original(task, converted)
+
+    good.model_bridge.maybe_modify_converted_hf_weight = failing
+    out = os.path.join(out_root, "failed_export")
+    res["failed_export"] = _capture(lambda: good.save_hf_pretrained(chunks, out, max_shard_bytes=16 * 1024))
+    res["failed_export_files"] = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    good.model_bridge.maybe_modify_converted_hf_weight = original
+    destroy_parallel()
+    return res
+
+
+@pytest.fixture(scope="module")
+def errors(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bridge_errors")
+    good = _make(str(root / "good"))
+    paths = {"good": good}
+    paths["missing"] = str(root / "missing")
+    shutil.copytree(good, paths["missing"])
+    _drop_tensor(paths["missing"], "model.layers.1.mlp.up_proj.weight")
+    paths["unsupported"] = str(root / "unsupported")
+    shutil.copytree(good, paths["unsupported"])
+    _rewrite_config(paths["unsupported"], architectures=["FooForCausalLM"])
+    paths["truncated"] = str(root / "truncated")
+    shutil.copytree(good, paths["truncated"])
+    f = os.path.join(paths["truncated"], "model.safetensors")
+    os.truncate(f, os.path.getsize(f) - 1000)
+    paths["corrupt"] = str(root / "corrupt")
+    shutil.copytree(good, paths["corrupt"])
+    with open(os.path.join(paths["corrupt"], "model.safetensors"), "r+b") as fh:
+        fh.seek(8)
+        fh.write(b"#not json#")
+    return spawn_local(_worker, 1, (paths, str(root / "out")), timeout=300)[0]
+
+
+def test_missing_hf_tensor_is_named(errors):
+    kind, msg = errors["missing_key"]
+    assert kind == "ValueError" and "model.layers.1.mlp.up_proj.weight" in msg
+
+
+def test_unsupported_architecture_lists_supported(errors):
+    kind, msg = errors["unsupported"]
+    assert kind == "ValueError" and "FooForCausalLM" in msg and "LlamaForCausalLM" in msg
+
+
+def test_truncated_file_is_named(errors):
+    kind, msg = errors["truncated"]
+    assert kind is not None and "model.safetensors" in msg
+
+
+def test_corrupt_header_is_named(errors):
+    kind, msg = errors["corrupt_header"]
+    assert kind is not None and "model.safetensors" in msg
+
+
+def test_shape_mismatch_names_both_shapes(errors):
+    kind, msg = errors["shape"]
+    assert kind == "ValueError"
+    assert "linear_fc1.weight" in msg and "(192, 32)" in msg and "(128, 32)" in msg
+
+
+def test_allowed_mismatch_warns_and_skips(errors):
+    assert len(errors["allowed_warnings"]) == 4  # fc1 and fc2 of two layers
+    assert all("allowed" in w for w in errors["allowed_warnings"])
+
+
+def test_heads_not_divisible_by_tp(errors):
+    kind, msg = errors["heads_tp"]
+    assert kind == "ValueError" and "2" in msg and "4" in msg
+
+
+def test_failed_export_leaves_no_complete_looking_checkpoint(errors):
+    kind, msg = errors["failed_export"]
+    assert kind == "RuntimeError" and "simulated failure" in msg
+    files = errors["failed_export_files"]
+    assert "model.safetensors.index.json" not in files
+    assert "model.safetensors" not in files
+    assert not any(f.endswith(".tmp") or ".tmp-" in f for f in files), files
