@@ -421,7 +421,6 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
             if mm is not None:
                 # Unmap now only when nothing else references the map (views hold a reference to it).
                 if sys.getrefcount(mm) <= 3:  # the list slot, the local name, the call argument
-                    self._mmaps[i] = None
                     mm.close()
                 self._mmaps[i] = None
         self._closed = True
