@@ -221,4 +221,10 @@ def hf_to_transformer_config(hf_config: Any, **overrides: Any) -> GPTConfig:
     kw.update(overrides)
     if kw.get("pipeline_model_parallel_size", 1) > 1 and kw.get("pipeline_dtype") is None:
         kw["pipeline_dtype"] = kw["params_dtype"]
+    tp = int(kw.get("tensor_model_parallel_size", 1) or 1)
+    if kw["num_query_groups"] % tp:
+        raise ValueError(
+            f"num_query_groups ({kw['num_query_groups']}, HF num_key_value_heads) must be a multiple of "
+            f"tensor_model_parallel_size ({tp}): each TP rank holds whole query groups"
+        )
     return GPTConfig(**kw)

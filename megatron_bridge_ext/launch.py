@@ -7,7 +7,7 @@ deadline, failing fast (and naming the rank and its traceback) as soon as one ra
 from __future__ import annotations
 
 import os
-import queue as queue_mod
+import pickle
 import tempfile
 import time
 import traceback
@@ -47,7 +47,8 @@ def _worker(
             out = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, True, out))
+        # plain pickle: tensors travel by value (torch's shared-memory handles die with the child process)
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # report every failure, including KeyboardInterrupt/SystemExit, to the parent
         results.put((rank, False, traceback.format_exc()))
         raise SystemExit(1)
@@ -104,7 +105,7 @@ def spawn_local(
                 while not results.empty():
                     rank, ok, payload = results.get()
                     if ok:
-                        out[rank] = payload
+                        out[rank] = pickle.loads(payload)
                     else:
                         failure = f"rank {rank} of {world_size} failed:\n{payload}"
                         break
