@@ -69,17 +69,17 @@ def _pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, gro
     return torch.cat(blocks, dim=0)
 
 
-def naive_load(chunks: List[torch.nn.Module], hf_sd: Dict[str, torch.Tensor], hf_config, *, tp: int, tp_rank: int,
-               pp: int, pp_rank: int, padded_vocab: int) -> List[str]:
+def naive_load(chunks: List[torch.nn.Module], hf_sd: Dict[str, torch.Tensor], hf_config: Dict, *, tp: int,
+               tp_rank: int, pp: int, pp_rank: int, padded_vocab: int) -> List[str]:
     """Copy HF weights into this rank's Megatron chunks (virtual stage s = chunk * pp + pp_rank). Returns filled names.
 
-    Raises KeyError for any Megatron parameter it does not know how to fill.
+    ``hf_config`` is the HF config's ``to_dict()``. Raises KeyError for any Megatron parameter it cannot fill.
     """
-    L = hf_config.num_hidden_layers
-    H, G, d = hf_config.num_attention_heads, hf_config.num_key_value_heads, hf_config.head_dim
+    L = hf_config["num_hidden_layers"]
+    H, G, d = hf_config["num_attention_heads"], hf_config["num_key_value_heads"], hf_config["head_dim"]
     vpp = len(chunks)
     per_stage = L // (pp * vpp)
-    tied = hf_config.tie_word_embeddings
+    tied = hf_config["tie_word_embeddings"]
     filled: List[str] = []
 
     def col(t: torch.Tensor) -> torch.Tensor:

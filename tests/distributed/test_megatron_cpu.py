@@ -33,7 +33,11 @@ LAYOUTS = {
 BATCHES = [(2, 8), (1, 64)]  # 64 = max_position_embeddings
 
 
-def _rank_main(rank: int, world: int) -> dict:
+def _rank_main(rank: int, world: int, cases: dict, batches: list) -> dict:
+    """One rank: every layout in turn. ``cases[(vocab, tied, llama3)] = (hf config dict, hf state dict, hf logits)``.
+
+    transformers is not imported here (the parent computes the HF side), which keeps each rank's start-up short.
+    """
     from megatron_bridge_ext import cpu_compat
 
     cpu_compat.apply_cpu_patches()
@@ -45,18 +49,10 @@ def _rank_main(rank: int, world: int) -> dict:
     from megatron_bridge_ext.model_builder import build_model_chunks, destroy_parallel, init_parallel
     from megatron_bridge_ext.parity import megatron_logits
 
-    gen = torch.Generator().manual_seed(7)
-    batches = [torch.randint(0, mu.VOCAB_ODD, shape, generator=gen) for shape in BATCHES]
-    hf_models = {}
     out: dict = {"diffs": {}, "keys": {}, "logits_sum": {}, "times": {}}
     for name, (tp, pp, vpp, vocab, tied, llama3) in LAYOUTS.items():
         t0 = time.perf_counter()
-        key = (vocab, tied, llama3)
-        if key not in hf_models:
-            hf_cfg = mu.tiny_llama_config(vocab, tied, llama3)
-            model = mu.tiny_llama(hf_cfg, seed=1000 + len(hf_models))
-            hf_models[key] = (hf_cfg, model, [mu.hf_logits(model, b) for b in batches])
-        hf_cfg, model, ref = hf_models[key]
+        hf_cfg, hf_sd, ref = cases[(vocab, tied, llama3)]
         init_parallel(tp, pp, vpp)
         cfg = hf_to_transformer_config(
             hf_cfg, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -64,7 +60,7 @@ def _rank_main(rank: int, world: int) -> dict:
         )
         chunks = build_model_chunks(cfg)
         mu.naive_load(
-            chunks, model.state_dict(), hf_cfg, tp=tp, tp_rank=ps.get_tensor_model_parallel_rank(), pp=pp,
+            chunks, hf_sd, hf_cfg, tp=tp, tp_rank=ps.get_tensor_model_parallel_rank(), pp=pp,
             pp_rank=ps.get_pipeline_model_parallel_rank(), padded_vocab=padded_vocab_size(vocab, tp),
         )
         diffs = []
@@ -80,15 +76,26 @@ def _rank_main(rank: int, world: int) -> dict:
         }
         destroy_parallel()
         out["times"][name] = time.perf_counter() - t0
+    out["cpu_s"] = time.process_time()
     return out
 
 
 @pytest.fixture(scope="module")
 def world_results():
+    gen = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, mu.VOCAB_ODD, shape, generator=gen) for shape in BATCHES]
+    cases = {}
+    for _, _, _, vocab, tied, llama3 in LAYOUTS.values():
+        key = (vocab, tied, llama3)
+        if key not in cases:
+            hf_cfg = mu.tiny_llama_config(vocab, tied, llama3)
+            model = mu.tiny_llama(hf_cfg, seed=1000 + len(cases))
+            cases[key] = (hf_cfg.to_dict(), model.state_dict(), [mu.hf_logits(model, b) for b in batches])
     t0 = time.perf_counter()
-    res = spawn_local(_rank_main, WORLD, timeout=300)
+    res = spawn_local(_rank_main, WORLD, (cases, batches), timeout=300)
     print(f"\nmegatron CPU world of {WORLD} ranks: {time.perf_counter() - t0:.1f} s; per layout (rank 0): "
           + ", ".join(f"{k} {v:.2f}s" for k, v in res[0]["times"].items())
+          + f"; CPU seconds per rank {[round(r['cpu_s'], 1) for r in res]}"
           + "\nmax |megatron - hf|: "
           + ", ".join(f"{k} {max(max(r['diffs'][k]) for r in res):.1e}" for k in LAYOUTS))
     return res
