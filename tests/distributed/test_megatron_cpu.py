@@ -14,7 +14,10 @@ import torch
 
 from megatron_bridge_ext.launch import spawn_local
 
-import _megatron_utils as mu  # noqa: E402  (tests/distributed is on sys.path under pytest's rootdir-less import)
+try:  # tests/distributed as a package, or (no __init__.py) on sys.path via pytest's default import mode
+    from . import _megatron_utils as mu
+except ImportError:
+    import _megatron_utils as mu
 
 WORLD = 4
 TOL = 1e-4
@@ -147,7 +150,7 @@ def test_padded_vocab_size():
                                  (128256, 8, None, 129024), (32000, 4, None, 32256), (151936, 8, 128, 152576),
                                  (50257, 1, 128, 50304), (50257, 2, 64, 50304)]:
         assert padded_vocab_size(vocab, tp, div) == want, (vocab, tp, div)
-    # independent definition: smallest multiple of divisor*tp >= vocab, divisor the largest power of 2 <= 128 dividing it
+    # independent definition: smallest multiple of divisor*tp >= vocab (divisor: largest power of 2 <= 128 dividing it)
     for vocab in range(1, 300):
         for tp in (1, 2, 4):
             d = max(p for p in (1, 2, 4, 8, 16, 32, 64, 128) if vocab % p == 0)
@@ -232,3 +235,20 @@ def test_cpu_patches_refuse_cuda(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA is available"):
         cpu_compat.apply_cpu_patches()
     assert torch.cuda.current_device is before and not cpu_compat.cpu_patches_applied()
+
+
+def test_cpu_masks_and_cuda_moves():
+    """The CPU mask replacements against their definitions; Tensor.cuda is restored after model construction."""
+    from megatron_bridge_ext import cpu_compat
+
+    s = 7
+    i, j = torch.arange(s).unsqueeze(1), torch.arange(s).unsqueeze(0)
+    assert torch.equal(cpu_compat._cpu_causal_mask(s), j > i)
+    for left, right in [(0, 0), (2, 0), (3, 1), (10, 0)]:
+        keep = (j >= i - left) & (j <= i + right)
+        assert torch.equal(cpu_compat._cpu_sliding_window_causal_mask(s, s, (left, right)), ~keep), (left, right)
+    original = torch.Tensor.cuda
+    t = torch.ones(2)
+    with cpu_compat.cuda_moves_disabled():
+        assert t.cuda() is t
+    assert torch.Tensor.cuda is original
