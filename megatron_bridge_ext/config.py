@@ -74,7 +74,9 @@ def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: Op
     """
     if vocab_size < 1 or tp < 1:
         raise ValueError(f"padded_vocab_size: vocab_size={vocab_size} and tp={tp} must be >= 1")
-    divisor = default_vocab_divisor(vocab_size) if make_vocab_size_divisible_by is None else make_vocab_size_divisible_by
+    divisor = make_vocab_size_divisible_by
+    if divisor is None:
+        divisor = default_vocab_divisor(vocab_size)
     if divisor < 1:
         raise ValueError(f"padded_vocab_size: make_vocab_size_divisible_by must be >= 1, got {divisor}")
     multiple = divisor * tp
@@ -88,7 +90,7 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 
 
 def _rope_settings(hf_config: Any) -> Dict[str, Any]:
-    """Rotary fields of ``GPTConfig`` from HF ``rope_parameters`` (transformers 5.x) or ``rope_theta``/``rope_scaling``."""
+    """Rotary fields of ``GPTConfig`` from HF ``rope_parameters`` (5.x) or ``rope_theta`` + ``rope_scaling`` (4.x)."""
     params = _get(hf_config, "rope_parameters")
     if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
         # per-layer-type rope parameters (e.g. {"full_attention": {...}, "sliding_attention": {...}})

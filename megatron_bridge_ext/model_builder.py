@@ -85,7 +85,8 @@ def build_gpt_model(
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     if vpp is not None and vp_stage is None:
         raise ValueError(f"build_gpt_model: virtual pipeline size is {vpp}; pass vp_stage")
-    if (config.virtual_pipeline_model_parallel_size or None) != vpp:
+    cfg_vpp = config.virtual_pipeline_model_parallel_size
+    if (cfg_vpp if cfg_vpp and cfg_vpp > 1 else None) != vpp:
         raise ValueError(
             f"build_gpt_model: config.virtual_pipeline_model_parallel_size="
             f"{config.virtual_pipeline_model_parallel_size} but the parallel state has vpp={vpp}"
