@@ -224,6 +224,10 @@ def hf_to_transformer_config(hf_config: Any, **overrides: Any) -> GPTConfig:
     if kw.get("pipeline_model_parallel_size", 1) > 1 and kw.get("pipeline_dtype") is None:
         kw["pipeline_dtype"] = kw["params_dtype"]
     tp = int(kw.get("tensor_model_parallel_size", 1) or 1)
+    if kw["num_attention_heads"] % tp:
+        raise ValueError(
+            f"num_attention_heads ({kw['num_attention_heads']}) must be a multiple of tensor_model_parallel_size ({tp})"
+        )
     if kw["num_query_groups"] % tp:
         raise ValueError(
             f"num_query_groups ({kw['num_query_groups']}, HF num_key_value_heads) must be a multiple of "
