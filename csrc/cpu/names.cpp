@@ -125,15 +125,17 @@ std::string local_to_global_name_cpu(c10::string_view name_in, int64_t layer_off
 namespace {
 
 // One rank's names as a byte buffer: for each name a uint32 length (host byte order) then its UTF-8 bytes.
-at::Tensor serialise_names(const std::vector<std::string>& names) {
+at::Tensor serialise_names(const c10::List<std::string>& names) {
   int64_t total = 0;
-  for (const auto& n : names) {
+  for (size_t i = 0; i < names.size(); ++i) {
+    const std::string& n = names.get(i);
     TORCH_CHECK(n.size() <= UINT32_MAX, "gather_param_names: a parameter name of ", n.size(), " bytes is too long");
     total += static_cast<int64_t>(sizeof(uint32_t) + n.size());
   }
   at::Tensor buf = at::empty({total}, at::kByte);
   auto* p = reinterpret_cast<char*>(buf.data_ptr<uint8_t>());
-  for (const auto& n : names) {
+  for (size_t i = 0; i < names.size(); ++i) {
+    const std::string& n = names.get(i);
     const auto len = static_cast<uint32_t>(n.size());
     std::memcpy(p, &len, sizeof(len));
     std::memcpy(p + sizeof(len), n.data(), n.size());
@@ -172,7 +174,8 @@ void run_collective(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std:
 
 }  // namespace
 
-std::vector<std::string> gather_param_names_cpu(const std::vector<std::string>& names, c10::string_view group_name_in,
+// c10::List (not std::vector) in and out: the strings are not copied again at the boxed call boundary.
+c10::List<std::string> gather_param_names_cpu(const c10::List<std::string>& names, c10::string_view group_name_in,
                                                 std::optional<at::Device> device_in) {
   const std::string group_name(group_name_in.data(), group_name_in.size());
   c10::intrusive_ptr<c10d::ProcessGroup> pg;
@@ -245,11 +248,11 @@ std::vector<std::string> gather_param_names_cpu(const std::vector<std::string>& 
   std::sort(keyed.begin(), keyed.end(), [](const Keyed& a, const Keyed& b) {
     return std::tie(a.layer, a.expert, a.name) < std::tie(b.layer, b.expert, b.name);
   });
-  std::vector<std::string> result;
+  c10::List<std::string> result;
   result.reserve(keyed.size());
   for (size_t i = 0; i < keyed.size(); ++i) {
     if (i > 0 && keyed[i].name == keyed[i - 1].name) continue;  // equal names have equal keys: adjacent
-    result.emplace_back(keyed[i].name);
+    result.push_back(std::string(keyed[i].name));
   }
   return result;
 }
