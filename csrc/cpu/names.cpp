@@ -124,16 +124,18 @@ std::string local_to_global_name_cpu(c10::string_view name_in, int64_t layer_off
 
 namespace {
 
-// One rank's names as a byte buffer: for each name a uint32 length (host byte order) then its UTF-8 bytes.
-at::Tensor serialise_names(const c10::List<std::string>& names) {
+// One rank's names as bytes: for each name a uint32 length (host byte order) then its UTF-8 bytes.
+int64_t serialised_size(const c10::List<std::string>& names) {
   int64_t total = 0;
   for (size_t i = 0; i < names.size(); ++i) {
     const std::string& n = names.get(i);
     TORCH_CHECK(n.size() <= UINT32_MAX, "gather_param_names: a parameter name of ", n.size(), " bytes is too long");
     total += static_cast<int64_t>(sizeof(uint32_t) + n.size());
   }
-  at::Tensor buf = at::empty({total}, at::kByte);
-  auto* p = reinterpret_cast<char*>(buf.data_ptr<uint8_t>());
+  return total;
+}
+
+void serialise_into(const c10::List<std::string>& names, char* p) {
   for (size_t i = 0; i < names.size(); ++i) {
     const std::string& n = names.get(i);
     const auto len = static_cast<uint32_t>(n.size());
@@ -141,7 +143,6 @@ at::Tensor serialise_names(const c10::List<std::string>& names) {
     std::memcpy(p + sizeof(len), n.data(), n.size());
     p += sizeof(len) + n.size();
   }
-  return buf;
 }
 
 // Appends the names held in buf[0, size) to `out` (views into buf).
@@ -189,14 +190,16 @@ c10::List<std::string> gather_param_names_cpu(const c10::List<std::string>& name
   TORCH_CHECK(device.is_cpu() || device.is_cuda(), "gather_param_names: staging device must be CPU (gloo) or CUDA ",
               "(nccl), got ", device, " for process group '", group_name, "'");
   const int world = pg->getSize();
-  const int rank = pg->getRank();
 
-  at::Tensor local = serialise_names(names);
-  at::Tensor gathered;  // CPU [world, max_size] bytes
-  std::vector<int64_t> sizes(world, local.numel());
-  if (world > 1) {
+  std::vector<std::string_view> all;
+  at::Tensor gathered;  // CPU [world, max_size] bytes that `all` points into
+  if (world == 1) {
+    all.reserve(names.size());
+    for (size_t i = 0; i < names.size(); ++i) all.emplace_back(names.get(i));
+  } else {
+    const int64_t local_size = serialised_size(names);
     // 1) every rank's byte count (one int64 each).
-    at::Tensor my_size = at::full({1}, local.numel(), at::kLong).to(device);
+    at::Tensor my_size = at::full({1}, local_size, at::kLong).to(device);
     at::Tensor all_sizes = at::empty({world}, my_size.options());
     {
       std::vector<at::Tensor> in{my_size};
@@ -205,12 +208,11 @@ c10::List<std::string> gather_param_names_cpu(const c10::List<std::string>& name
       run_collective(pg, group_name, device, "all-gather of buffer sizes", [&] { return pg->allgather(out, in); });
     }
     all_sizes = all_sizes.to(at::kCPU);
-    const int64_t* s = all_sizes.data_ptr<int64_t>();
-    std::copy(s, s + world, sizes.begin());
+    const int64_t* sizes = all_sizes.data_ptr<int64_t>();
     // 2) the buffers, padded to the largest (at least one byte: no zero-size collective).
-    const int64_t max_size = std::max<int64_t>(1, *std::max_element(sizes.begin(), sizes.end()));
-    at::Tensor padded = at::zeros({max_size}, at::kByte);
-    padded.narrow(0, 0, local.numel()).copy_(local);
+    const int64_t max_size = std::max<int64_t>(1, *std::max_element(sizes, sizes + world));
+    at::Tensor padded = at::empty({max_size}, at::kByte);
+    serialise_into(names, reinterpret_cast<char*>(padded.data_ptr<uint8_t>()));
     padded = padded.to(device);
     gathered = at::empty({world, max_size}, padded.options());
     {
@@ -220,17 +222,13 @@ c10::List<std::string> gather_param_names_cpu(const c10::List<std::string>& name
       run_collective(pg, group_name, device, "all-gather of name buffers", [&] { return pg->allgather(out, in); });
     }
     gathered = gathered.to(at::kCPU);
-  } else {
-    gathered = local.view({1, local.numel()});
-  }
-
-  std::vector<std::string_view> all;
-  all.reserve(names.size() * static_cast<size_t>(world));
-  const auto* base = reinterpret_cast<const char*>(gathered.data_ptr<uint8_t>());
-  for (int r = 0; r < world; ++r) {
-    TORCH_CHECK(sizes[r] >= 0 && sizes[r] <= gathered.size(1), "gather_param_names: rank ", r, " of group '",
-                group_name, "' reported ", sizes[r], " bytes (this is rank ", rank, ")");
-    parse_names(base + r * gathered.size(1), sizes[r], r, all);
+    all.reserve(names.size() * static_cast<size_t>(world));
+    const auto* base = reinterpret_cast<const char*>(gathered.data_ptr<uint8_t>());
+    for (int r = 0; r < world; ++r) {
+      TORCH_CHECK(sizes[r] >= 0 && sizes[r] <= max_size, "gather_param_names: rank ", r, " of group '", group_name,
+                  "' reported ", sizes[r], " bytes (this is rank ", pg->getRank(), ")");
+      parse_names(base + r * max_size, sizes[r], r, all);
+    }
   }
 
   // Sort by ((layer, expert), name), then drop duplicates. Keys are computed once per name.
