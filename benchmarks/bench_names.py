@@ -77,7 +77,8 @@ def _worker(rank: int, world: int, total: int, experts: int, repeat: int, check:
             raise AssertionError(f"rank {rank}: op gives {len(got)} names, reference {len(ref)}")
     times = {"op": [], "ref": []}
     for _ in range(repeat):
-        for label, fn in (("op", lambda: ops.gather_param_names(names, group)), ("ref", lambda: _reference(names, group))):
+        paths = (("op", lambda: ops.gather_param_names(names, group)), ("ref", lambda: _reference(names, group)))
+        for label, fn in paths:
             dist.barrier()
             t0 = time.perf_counter()
             out = fn()

@@ -23,7 +23,7 @@ _LOCAL_EXPERT = re.compile(r"local_experts\.(\d+)", re.ASCII)
 
 
 def ref_sort_key(name: str):
-    """layer = int of the first `layers\\.(\\d+)`; expert = int of `(?:bias|weight)(\\d+)` else `local_experts\\.(\\d+)`."""
+    """layer: first `layers\\.(\\d+)`; expert: first `(?:bias|weight)(\\d+)` else `local_experts\\.(\\d+)`; else -1."""
     m = _LAYER.search(name)
     layer = int(m.group(1)) if m else -1
     m = _EXPERT.search(name) or _LOCAL_EXPERT.search(name)
@@ -108,8 +108,8 @@ def megatron_names(draw):
 _number = st.one_of(st.none(), st.integers(0, 10**5).map(str), st.sampled_from(["007", "٣", ""]))
 _segment = st.tuples(
     st.sampled_from([
-        "layers.", "layers", "weight", "bias", "local_experts.", ".mlp.experts.linear_fc", ".mlp.experts.local_experts.",
-        ".adapter.", "decoder.", "x", "é", "日本", "\n", "\x00",
+        "layers.", "layers", "weight", "bias", "local_experts.", ".mlp.experts.linear_fc",
+        ".mlp.experts.local_experts.", ".adapter.", "decoder.", "x", "é", "日本", "\n", "\x00",
     ]),
     _number,
     st.sampled_from([".", "", "_", "\n"]),
@@ -198,7 +198,8 @@ def test_local_to_global_matches_seed_bridge(name, layer_offset, expert_offset):
 @pytest.mark.parametrize(
     "name, lo, eo, out",
     [
-        ("decoder.layers.3.mlp.experts.linear_fc1.weight7", 10, 16, "decoder.layers.13.mlp.experts.linear_fc1.weight23"),
+        ("decoder.layers.3.mlp.experts.linear_fc1.weight7", 10, 16,
+         "decoder.layers.13.mlp.experts.linear_fc1.weight23"),
         ("decoder.layers.3.mlp.experts.linear_fc2.bias0", 0, 4, "decoder.layers.3.mlp.experts.linear_fc2.bias4"),
         ("decoder.layers.3.mlp.experts.local_experts.5.linear_fc1.weight", 2, 8,
          "decoder.layers.5.mlp.experts.local_experts.13.linear_fc1.weight"),
@@ -210,12 +211,14 @@ def test_local_to_global_matches_seed_bridge(name, layer_offset, expert_offset):
         ("decoder.layers.9.mlp.experts.linear_fc1.weight", 1, 3, "decoder.layers.10.mlp.experts.linear_fc1.weight"),
         ("decoder.layers.9.mlp.shared_experts.linear_fc1.weight", 1, 3,
          "decoder.layers.10.mlp.shared_experts.linear_fc1.weight"),
-        ("decoder.layers.1.self_attention.layers.1.w", 5, 0, "decoder.layers.6.self_attention.layers.1.w"),  # first only
+        # only the first `layers.{i}.` is a layer index
+        ("decoder.layers.1.self_attention.layers.1.w", 5, 0, "decoder.layers.6.self_attention.layers.1.w"),
         ("embedding.word_embeddings.weight", 7, 7, "embedding.word_embeddings.weight"),
         ("decoder.final_layernorm.weight", 7, 7, "decoder.final_layernorm.weight"),
         ("decoder.layers.3", 1, 0, "decoder.layers.3"),  # no `layers.{i}.`
         ("decoder.layers.07.w", 1, 0, "decoder.layers.8.w"),
-        ("décodeur.layers.2.mlp.experts.linear_fc1.weight1", 1, 1, "décodeur.layers.3.mlp.experts.linear_fc1.weight2"),
+        ("décodeur.layers.2.mlp.experts.linear_fc1.weight1", 1, 1,
+         "décodeur.layers.3.mlp.experts.linear_fc1.weight2"),
         ("decoder.layers.3.mlp.experts.linear_fc1.weight7", -3, -7, "decoder.layers.0.mlp.experts.linear_fc1.weight0"),
     ],
 )

@@ -53,7 +53,8 @@ int64_t parse_index(std::string_view s, Digits d, const char* op) {
   return v;
 }
 
-// layer = first `layers\.(\d+)`; expert = first `(?:bias|weight)(\d+)`, else first `local_experts\.(\d+)`; -1 if absent.
+// layer = first `layers\.(\d+)`; expert = first `(?:bias|weight)(\d+)`, else first `local_experts\.(\d+)`;
+// -1 where absent.
 std::pair<int64_t, int64_t> sort_key(std::string_view name) {
   static constexpr const char* op = "param_sort_key";
   const Digits layer = find_number_after(name, "layers.");
@@ -161,16 +162,52 @@ void parse_names(const char* buf, int64_t size, int rank, std::vector<std::strin
   }
 }
 
-// Runs a collective and waits for it, naming the group and its backend if c10d refuses.
-template <typename F>
-void run_collective(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::string& group_name,
-                    const at::Device& device, const char* what, F&& launch) {
+// All-gathers every rank's serialised names over `pg` (two collectives: sizes, then padded buffers) and appends views
+// of them to `all`; returns the CPU [world, max_size] byte tensor the views point into.
+at::Tensor all_gather_names(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const std::string& group_name,
+                            const at::Device& device, const c10::List<std::string>& names,
+                            std::vector<std::string_view>& all) {
+  const int world = pg->getSize();
+  at::Tensor gathered;
   try {
-    launch()->wait();
+    const int64_t local_size = serialised_size(names);
+    // 1) every rank's byte count (one int64 each).
+    at::Tensor my_size = at::full({1}, local_size, at::kLong).to(device);
+    at::Tensor all_sizes = at::empty({world}, my_size.options());
+    {
+      std::vector<at::Tensor> in{my_size};
+      std::vector<std::vector<at::Tensor>> out(1);
+      for (int r = 0; r < world; ++r) out[0].push_back(all_sizes.narrow(0, r, 1));
+      pg->allgather(out, in)->wait();
+    }
+    all_sizes = all_sizes.to(at::kCPU);
+    const int64_t* sizes = all_sizes.data_ptr<int64_t>();
+    // 2) the buffers, padded to the largest (at least one byte: no zero-size collective).
+    const int64_t max_size = std::max<int64_t>(1, *std::max_element(sizes, sizes + world));
+    at::Tensor padded = at::empty({max_size}, at::kByte);
+    serialise_into(names, reinterpret_cast<char*>(padded.data_ptr<uint8_t>()));
+    padded = padded.to(device);
+    gathered = at::empty({world, max_size}, padded.options());
+    {
+      std::vector<at::Tensor> in{padded};
+      std::vector<std::vector<at::Tensor>> out(1);
+      for (int r = 0; r < world; ++r) out[0].push_back(gathered[r]);
+      pg->allgather(out, in)->wait();
+    }
+    gathered = gathered.to(at::kCPU);
+    all.reserve(names.size() * static_cast<size_t>(world));
+    const auto* base = reinterpret_cast<const char*>(gathered.data_ptr<uint8_t>());
+    for (int r = 0; r < world; ++r) {
+      TORCH_CHECK(sizes[r] >= 0 && sizes[r] <= max_size, "gather_param_names: rank ", r, " of group '", group_name,
+                  "' reported ", sizes[r], " bytes (this is rank ", pg->getRank(), ")");
+      parse_names(base + r * max_size, sizes[r], r, all);
+    }
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, "gather_param_names: ", what, " failed on process group '", group_name, "' (backend ",
-                pg->getBackendName(), ", staging device ", device, "): ", e.what());
+    // Staging or collective failures (no backend for the device, a timeout, ...) name the group and its backend.
+    TORCH_CHECK(false, "gather_param_names: all-gather over process group '", group_name, "' (backend ",
+                pg->getBackendName(), ", staging device ", device, ") failed: ", e.what());
   }
+  return gathered;
 }
 
 }  // namespace
@@ -197,38 +234,7 @@ c10::List<std::string> gather_param_names_cpu(const c10::List<std::string>& name
     all.reserve(names.size());
     for (size_t i = 0; i < names.size(); ++i) all.emplace_back(names.get(i));
   } else {
-    const int64_t local_size = serialised_size(names);
-    // 1) every rank's byte count (one int64 each).
-    at::Tensor my_size = at::full({1}, local_size, at::kLong).to(device);
-    at::Tensor all_sizes = at::empty({world}, my_size.options());
-    {
-      std::vector<at::Tensor> in{my_size};
-      std::vector<std::vector<at::Tensor>> out(1);
-      for (int r = 0; r < world; ++r) out[0].push_back(all_sizes.narrow(0, r, 1));
-      run_collective(pg, group_name, device, "all-gather of buffer sizes", [&] { return pg->allgather(out, in); });
-    }
-    all_sizes = all_sizes.to(at::kCPU);
-    const int64_t* sizes = all_sizes.data_ptr<int64_t>();
-    // 2) the buffers, padded to the largest (at least one byte: no zero-size collective).
-    const int64_t max_size = std::max<int64_t>(1, *std::max_element(sizes, sizes + world));
-    at::Tensor padded = at::empty({max_size}, at::kByte);
-    serialise_into(names, reinterpret_cast<char*>(padded.data_ptr<uint8_t>()));
-    padded = padded.to(device);
-    gathered = at::empty({world, max_size}, padded.options());
-    {
-      std::vector<at::Tensor> in{padded};
-      std::vector<std::vector<at::Tensor>> out(1);
-      for (int r = 0; r < world; ++r) out[0].push_back(gathered[r]);
-      run_collective(pg, group_name, device, "all-gather of name buffers", [&] { return pg->allgather(out, in); });
-    }
-    gathered = gathered.to(at::kCPU);
-    all.reserve(names.size() * static_cast<size_t>(world));
-    const auto* base = reinterpret_cast<const char*>(gathered.data_ptr<uint8_t>());
-    for (int r = 0; r < world; ++r) {
-      TORCH_CHECK(sizes[r] >= 0 && sizes[r] <= max_size, "gather_param_names: rank ", r, " of group '", group_name,
-                  "' reported ", sizes[r], " bytes (this is rank ", pg->getRank(), ")");
-      parse_names(base + r * max_size, sizes[r], r, all);
-    }
+    gathered = all_gather_names(pg, group_name, device, names, all);
   }
 
   // Sort by ((layer, expert), name), then drop duplicates. Keys are computed once per name.

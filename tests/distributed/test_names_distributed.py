@@ -101,6 +101,13 @@ def _worker(rank, world):
         assert f"'{name}'" in str(e) and "meta" in str(e), str(e)
     else:
         raise AssertionError("gather_param_names accepted a meta staging device")
+    if not torch.cuda.is_available():  # staging on a device this torch lacks fails on every rank, naming the group
+        try:
+            torch.ops.bridge.gather_param_names(["x"], name, torch.device("cuda", 0))
+        except RuntimeError as e:
+            assert f"process group '{name}' (backend gloo" in str(e), str(e)
+        else:
+            raise AssertionError("gather_param_names staged on CUDA without CUDA")
     return checked
 
 
