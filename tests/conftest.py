@@ -46,7 +46,9 @@ def rand(shape: Sequence[int], dtype: torch.dtype = torch.bfloat16, device="cpu"
     if dtype == torch.bool:
         return torch.randint(0, 2, shape, generator=gen, dtype=torch.uint8).bool().to(device)
     es = torch.empty((), dtype=dtype).element_size()
-    if len(shape) == 0:
+    if len(shape) == 0 or 0 in shape:
+        if 0 in shape:
+            return torch.empty(shape, dtype=dtype, device=device)
         raw = torch.randint(0, 256, (es,), generator=gen, dtype=torch.uint8)
         return raw.view(dtype).reshape(()).to(device)
     raw = torch.randint(0, 256, (*shape[:-1], shape[-1] * es), generator=gen, dtype=torch.uint8)
