@@ -2,7 +2,10 @@
 
 (a) csrc/cuda/kernels.cuh on its own, without torch, with every kernel template instantiated for every unit size;
 (b) every csrc/cuda/*.cu against the installed torch's headers, as setup.py's CUDAExtension would compile it.
-The compiles run once, two at a time, and each test reads its own result. Skipped when nvcc is absent.
+Parsing torch's headers dominates the cost, so the .cu files are compiled as JOBS unity translation units (each
+includes several .cu files; the sources keep their helpers uniquely named for this) next to (a), all at once.
+Each test reads the result of the unit that holds its file; nvcc's messages name the failing file.
+Skipped when nvcc is absent.
 """
 
 from __future__ import annotations
@@ -99,12 +102,19 @@ def _results() -> Dict[str, Tuple[int, str, List[str]]]:
     jobs["kernels_only"] = common + ["-std=c++17", f"-I{CUDA_DIR}", str(tmp / "kernels_only.cu"), "-o",
                                      str(tmp / "kernels_only.o")]
     torch_flags = _torch_flags(tmp / "shim")
-    for name in CU_SOURCES:
-        jobs[name] = common + torch_flags + [str(CUDA_DIR / name), "-o", str(tmp / (name + ".o"))]
-    with concurrent.futures.ThreadPoolExecutor(JOBS) as pool:
+    unit_of: Dict[str, str] = {}
+    for i in range(min(JOBS, len(CU_SOURCES))):
+        members = CU_SOURCES[i::JOBS]
+        unit = tmp / f"unity_{i}.cu"
+        unit.write_text("".join(f'#include "{CUDA_DIR / m}"\n' for m in members))
+        jobs[unit.name] = common + torch_flags + [f"-I{CUDA_DIR}", str(unit), "-o", str(tmp / f"unity_{i}.o")]
+        unit_of.update({m: unit.name for m in members})
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(_compile, cmd) for name, cmd in jobs.items()}
-        out = {name: (*f.result(), jobs[name]) for name, f in futures.items()}
+        done = {name: (*f.result(), jobs[name]) for name, f in futures.items()}
     shutil.rmtree(tmp, ignore_errors=True)
+    out = {"kernels_only": done["kernels_only"]}
+    out.update({m: done[u] for m, u in unit_of.items()})
     return out
 
 

@@ -183,7 +183,7 @@ class CopyPlan {
         ranges.emplace_back(off, blocks);
         off += table->size();
       }
-      at::Tensor dev = at::empty_like(host, at::TensorOptions().device(device).pinned_memory(false));
+      at::Tensor dev = at::empty({host.numel()}, at::TensorOptions().dtype(at::kByte).device(device));
       dev.copy_(host, /*non_blocking=*/true);
       const auto* d = reinterpret_cast<const kernels::CopySeg*>(dev.data_ptr());
       for (int w = 0; w < kWidths; ++w) {

@@ -63,7 +63,7 @@ constexpr int kTileRows = 8;
 // Number of CUDA blocks copy_rows_kernel spends on a segment of rows x cols units.
 __host__ __device__ inline int64_t row_blocks(int64_t rows, int64_t cols) {
   if (rows <= 0 || cols <= 0) return 0;
-  if (cols >= kRowChunk) return rows * ((cols + kRowChunk - 1) / kRowChunk);
+  if (cols > kRowThreads) return rows * ((cols + kRowChunk - 1) / kRowChunk);
   const int64_t rows_per_block = (kRowThreads / cols) * kRowIlp;
   return (rows + rows_per_block - 1) / rows_per_block;
 }
@@ -89,8 +89,9 @@ __device__ inline int find_segment(const CopySeg* segs, int num_segs, int64_t b)
 }
 
 // Copies segments whose rows are contiguous runs of units (column stride 1 on both sides, or one column).
-// Wide rows: a block moves kRowChunk units of one row. Narrow rows: a block moves several whole rows, one
-// thread per unit. Loads are issued before stores so that each thread has kRowIlp loads in flight.
+// Wide rows (more units than threads): a block moves up to kRowChunk units of one row. Narrow rows: a block moves
+// kRowIlp passes of kRowThreads / cols whole rows, one thread per unit. Loads are issued before stores so that each
+// thread has kRowIlp loads in flight.
 template <int kBytes>
 __global__ void __launch_bounds__(kRowThreads) copy_rows_kernel(const CopySeg* __restrict__ segs, int num_segs) {
   using T = typename Unit<kBytes>::type;
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(kRowThreads) copy_rows_kernel(const CopySeg* _
   const T* __restrict__ src = reinterpret_cast<const T*>(s.src);
   T* __restrict__ dst = reinterpret_cast<T*>(s.dst);
   T v[kRowIlp];
-  if (s.cols >= kRowChunk) {
+  if (s.cols > kRowThreads) {
     const int64_t chunks = (s.cols + kRowChunk - 1) / kRowChunk;
     const int64_t row = lb / chunks;
     const int64_t c0 = (lb - row * chunks) * kRowChunk + threadIdx.x;
