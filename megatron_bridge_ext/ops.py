@@ -286,8 +286,11 @@ def expert_fc2_views(down: torch.Tensor, *, transposed: bool = False) -> List[to
     return [down[e].transpose(0, 1) if transposed and down.dim() == 3 else down[e] for e in range(down.shape[0])]
 
 
-def _as_list(x: TensorOrList) -> List[torch.Tensor]:
-    return list(x.unbind(0)) if isinstance(x, torch.Tensor) else list(x)
+def _as_list(x: TensorOrList, op: str = "", name: str = "") -> List[torch.Tensor]:
+    xs = list(x.unbind(0)) if isinstance(x, torch.Tensor) else list(x)
+    if not xs and op:  # the dispatcher cannot route an op whose only tensors are empty lists: say what is wrong
+        raise ValueError(f"{op}: {name} is an empty list (expected one tensor per expert or shard)")
+    return xs
 
 
 def expert_pack_fc1(
@@ -306,7 +309,7 @@ def expert_pack_fc1(
     ``gate``/``up`` are sequences of E tensors (or stacked ``[E, F, ...]`` tensors); for a fused HF tensor use
     :func:`expert_fc1_views`.
     """
-    gate, up = _as_list(gate), _as_list(up)
+    gate, up = _as_list(gate, "expert_pack_fc1", "gate"), _as_list(up, "expert_pack_fc1", "up")
     if out is None:
         return _ops.expert_pack_fc1.default(gate, up, ep_size, ep_rank, etp_size, etp_rank)
     _ops.expert_pack_fc1_out.default(gate, up, ep_size, ep_rank, etp_size, etp_rank, out)
@@ -326,7 +329,7 @@ def expert_pack_fc2(
 
     1-D inputs (row-parallel biases ``[D]``) are replicated across ETP ranks: the result is ``[E/ep, D]``.
     """
-    down = _as_list(down)
+    down = _as_list(down, "expert_pack_fc2", "down")
     if out is None:
         return _ops.expert_pack_fc2.default(down, ep_size, ep_rank, etp_size, etp_rank)
     _ops.expert_pack_fc2_out.default(down, ep_size, ep_rank, etp_size, etp_rank, out)
@@ -347,10 +350,11 @@ def expert_unpack_fc1(
             one gathered buffer are fine).
         out: optional E-long sequences of per-expert destinations (e.g. :func:`expert_fc1_views` of a fused tensor).
     """
+    shards = _as_list(shards, "expert_unpack_fc1", "shards")
     if out is None:
-        return _ops.expert_unpack_fc1.default(list(shards), ep_size, etp_size)
+        return _ops.expert_unpack_fc1.default(shards, ep_size, etp_size)
     gate, up = out
-    _ops.expert_unpack_fc1_out.default(list(shards), ep_size, etp_size, list(gate), list(up))
+    _ops.expert_unpack_fc1_out.default(shards, ep_size, etp_size, list(gate), list(up))
     return gate, up
 
 
@@ -365,9 +369,10 @@ def expert_unpack_fc2(
 
     With ``out`` (E per-expert destinations, e.g. :func:`expert_fc2_views` of a fused tensor) returns ``out``.
     """
+    shards = _as_list(shards, "expert_unpack_fc2", "shards")
     if out is None:
-        return _ops.expert_unpack_fc2.default(list(shards), ep_size, etp_size)
-    _ops.expert_unpack_fc2_out.default(list(shards), ep_size, etp_size, list(out))
+        return _ops.expert_unpack_fc2.default(shards, ep_size, etp_size)
+    _ops.expert_unpack_fc2_out.default(shards, ep_size, etp_size, list(out))
     return out
 
 

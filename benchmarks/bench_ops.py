@@ -1,0 +1,310 @@
+"""Benchmark the byte-moving ops against `copy_` of the same bytes and against the eager reference path.
+
+Sizes: a 70B-class layer (H=64, G=8, d=128, D=8192, F=28672) and a 64-expert MoE layer (E=64, F=1408, D=2048),
+bf16. Bytes are counted as read + written by the op: every output byte is read once from the input and written
+once, so bytes = 2 * output bytes. The `copy_` baseline copies a buffer of the same size into an existing one in the
+same run (same byte count). The eager path is the reference's way: per-group slices and `torch.cat` to merge
+everything, then `torch.chunk(...)[rank].contiguous()` and a copy into the parameter; unpack with index lists
+(`index_select`) or chunk + cat. Ops write into preallocated outputs (`out=`), as an import into an existing Megatron
+parameter does.
+
+Usage: python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--check] [--ops qkv,gate_up,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+import megatron_bridge_ext  # noqa: F401  (registers torch.ops.bridge)
+from megatron_bridge_ext import ops
+
+
+@dataclass
+class Case:
+    op: str
+    setting: str
+    run: Callable[[], object]  # the op, writing into preallocated outputs; returns them
+    eager: Callable[[], object]  # the reference path; returns the same tensors
+    out_bytes: int
+
+
+def _bytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _rand(shape, dtype, device) -> torch.Tensor:
+    return torch.randn(shape, dtype=torch.float32, device=device).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------- cases
+
+
+def qkv_cases(H, G, d, D, dtype, dev) -> List[Case]:
+    n = H // G
+    q, k, v = _rand((H * d, D), dtype, dev), _rand((G * d, D), dtype, dev), _rand((G * d, D), dtype, dev)
+    cases = []
+    for tp, t in ((1, 0), (8, 3)):
+        out = torch.empty(((H + 2 * G) * d // tp, D), dtype=dtype, device=dev)
+
+        def run(out=out, tp=tp, t=t):
+            return ops.qkv_pack(q, k, v, num_heads=H, num_query_groups=G, head_dim=d, tp_size=tp, tp_rank=t, out=out)
+
+        def eager(out=out, tp=tp, t=t):
+            blocks = []
+            for g in range(G):
+                blocks += [q[g * n * d:(g + 1) * n * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+            return out.copy_(torch.chunk(torch.cat(blocks, 0), tp, 0)[t].contiguous())
+
+        cases.append(Case("qkv_pack", f"tp={tp} rank={t}", run, eager, _bytes(out)))
+    packed = _rand(((H + 2 * G) * d, D), dtype, dev)
+    P = (n + 2) * d
+    rows = torch.arange(G * P, device=dev).view(G, P)
+    qi, ki, vi = rows[:, :n * d].reshape(-1), rows[:, n * d:n * d + d].reshape(-1), rows[:, n * d + d:].reshape(-1)
+    uq, uk, uv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def run_u():
+        return ops.qkv_unpack(packed, num_heads=H, num_query_groups=G, head_dim=d, out=(uq, uk, uv))
+
+    def eager_u():
+        return packed.index_select(0, qi), packed.index_select(0, ki), packed.index_select(0, vi)
+
+    cases.append(Case("qkv_unpack", "full", run_u, eager_u, _bytes(uq, uk, uv)))
+    return cases
+
+
+def gate_up_cases(F, D, dtype, dev) -> List[Case]:
+    gate, up = _rand((F, D), dtype, dev), _rand((F, D), dtype, dev)
+    cases = []
+    for tp, t in ((1, 0), (8, 3)):
+        out = torch.empty((2 * F // tp, D), dtype=dtype, device=dev)
+
+        def run(out=out, tp=tp, t=t):
+            return ops.gate_up_pack(gate, up, tp_size=tp, tp_rank=t, out=out)
+
+        def eager(out=out, tp=tp, t=t):
+            gs, us = torch.chunk(gate, tp, 0), torch.chunk(up, tp, 0)
+            merged = torch.cat([torch.cat([gs[i], us[i]], 0) for i in range(tp)], 0)
+            return out.copy_(torch.chunk(merged, tp, 0)[t].contiguous())
+
+        cases.append(Case("gate_up_pack", f"tp={tp} rank={t}", run, eager, _bytes(out)))
+    for tp in (1, 8):
+        packed = _rand((2 * F, D), dtype, dev)
+        g_out, u_out = torch.empty_like(gate), torch.empty_like(up)
+
+        def run_u(packed=packed, tp=tp, g_out=g_out, u_out=u_out):
+            return ops.gate_up_unpack(packed, tp_size=tp, out=(g_out, u_out))
+
+        def eager_u(packed=packed, tp=tp):
+            shards = [torch.chunk(s, 2, 0) for s in torch.chunk(packed, tp, 0)]
+            return torch.cat([s[0] for s in shards], 0), torch.cat([s[1] for s in shards], 0)
+
+        cases.append(Case("gate_up_unpack", f"tp={tp}", run_u, eager_u, _bytes(g_out, u_out)))
+    return cases
+
+
+def expert_cases(E, F, D, dtype, dev) -> List[Case]:
+    gate = [_rand((F, D), dtype, dev) for _ in range(E)]
+    up = [_rand((F, D), dtype, dev) for _ in range(E)]
+    down = [_rand((D, F), dtype, dev) for _ in range(E)]
+    cases = []
+    for ep, r, etp, t in ((1, 0, 1, 0), (8, 3, 1, 0), (4, 1, 2, 1)):
+        El, f, c = E // ep, F // etp, F // etp
+        out1 = torch.empty((El, 2 * f, D), dtype=dtype, device=dev)
+        out2 = torch.empty((El, D, c), dtype=dtype, device=dev)
+        local = range(r * El, (r + 1) * El)
+
+        def run1(out1=out1, ep=ep, r=r, etp=etp, t=t):
+            return ops.expert_pack_fc1(gate, up, ep_size=ep, ep_rank=r, etp_size=etp, etp_rank=t, out=out1)
+
+        def eager1(out1=out1, etp=etp, t=t, local=local):
+            per = []
+            for e in local:
+                gs, us = torch.chunk(gate[e], etp, 0), torch.chunk(up[e], etp, 0)
+                merged = torch.cat([torch.cat([gs[i], us[i]], 0) for i in range(etp)], 0)
+                per.append(torch.chunk(merged, etp, 0)[t].contiguous())
+            return out1.copy_(torch.stack(per, 0))
+
+        def run2(out2=out2, ep=ep, r=r, etp=etp, t=t):
+            return ops.expert_pack_fc2(down, ep_size=ep, ep_rank=r, etp_size=etp, etp_rank=t, out=out2)
+
+        def eager2(out2=out2, etp=etp, t=t, local=local):
+            return out2.copy_(torch.stack([torch.chunk(down[e], etp, 1)[t].contiguous() for e in local], 0))
+
+        s = f"ep={ep}/{r} etp={etp}/{t}"
+        cases += [Case("expert_pack_fc1", s, run1, eager1, _bytes(out1)),
+                  Case("expert_pack_fc2", s, run2, eager2, _bytes(out2))]
+    for ep, etp in ((8, 1), (4, 2)):
+        El, f = E // ep, F // etp
+        shards1 = [_rand((El, 2 * f, D), dtype, dev) for _ in range(ep * etp)]
+        shards2 = [_rand((El, D, f), dtype, dev) for _ in range(ep * etp)]
+        g_out = torch.empty((E, F, D), dtype=dtype, device=dev)
+        u_out = torch.empty_like(g_out)
+        d_out = torch.empty((E, D, F), dtype=dtype, device=dev)
+
+        def run_u1(shards1=shards1, ep=ep, etp=etp, g_out=g_out, u_out=u_out):
+            ops.expert_unpack_fc1(shards1, ep_size=ep, etp_size=etp, out=(list(g_out), list(u_out)))
+            return g_out, u_out
+
+        def eager_u1(shards1=shards1, ep=ep, etp=etp, El=El, f=f):
+            gs, us = [], []
+            for rr in range(ep):
+                for e in range(El):
+                    parts = [shards1[rr * etp + tt][e] for tt in range(etp)]
+                    gs.append(torch.cat([p[:f] for p in parts], 0))
+                    us.append(torch.cat([p[f:] for p in parts], 0))
+            return torch.stack(gs, 0), torch.stack(us, 0)
+
+        def run_u2(shards2=shards2, ep=ep, etp=etp, d_out=d_out):
+            ops.expert_unpack_fc2(shards2, ep_size=ep, etp_size=etp, out=list(d_out))
+            return d_out
+
+        def eager_u2(shards2=shards2, ep=ep, etp=etp, El=El):
+            return torch.stack([torch.cat([shards2[rr * etp + tt][e] for tt in range(etp)], 1)
+                                for rr in range(ep) for e in range(El)], 0)
+
+        s = f"ep={ep} etp={etp}"
+        cases += [Case("expert_unpack_fc1", s, run_u1, eager_u1, _bytes(g_out, u_out)),
+                  Case("expert_unpack_fc2", s, run_u2, eager_u2, _bytes(d_out))]
+    return cases
+
+
+def dtensor_cases(F, D, dtype, dev) -> List[Case]:
+    src = _rand((F, D), dtype, dev)
+    cases = []
+    for mesh, coord, dims in (((8,), (3,), (0,)), ((2, 4), (1, 2), (0, 1))):
+        view = src
+        for m, c, dd in zip(mesh, coord, dims):
+            view = torch.chunk(view, m, dd)[c]
+        dst = torch.empty(view.shape, dtype=dtype, device=dev)
+
+        def run(dst=dst, mesh=mesh, coord=coord, dims=dims):
+            return ops.shard_copy(src, dst, mesh_shape=mesh, mesh_coord=coord, shard_dims=dims)
+
+        def eager(dst=dst, mesh=mesh, coord=coord, dims=dims):
+            v = src
+            for m, c, dd in zip(mesh, coord, dims):
+                v = torch.chunk(v, m, dd)[c].contiguous()
+            return dst.copy_(v)
+
+        cases.append(Case("shard_copy", f"mesh={mesh} dims={dims}", run, eager, _bytes(dst)))
+    n = src.numel() // 8
+    flat_dst = torch.empty(n, dtype=dtype, device=dev)
+    start = 3 * n + 5
+
+    def run_f():
+        return ops.flat_range_copy(src, flat_dst, start)
+
+    def eager_f():
+        return flat_dst.copy_(src.flatten()[start:start + n])
+
+    cases.append(Case("flat_range_copy", "1/8 of [F, D]", run_f, eager_f, _bytes(flat_dst)))
+    return cases
+
+
+# --------------------------------------------------------------------------------------------------------- timing
+
+
+def _sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], dev: str, quick: bool) -> float:
+    """Median wall time of fn: torch.utils.benchmark on CPU, CUDA events after warm-up on GPU."""
+    if dev == "cuda":
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10 if quick else 30):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        return statistics.median(times)
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up (first touch of lazily allocated pages)
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2 if quick else 1.0).median
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="smaller layers (1/4 of D) and shorter timing")
+    p.add_argument("--check", action="store_true", help="verify equality with the eager path before timing")
+    p.add_argument("--ops", default="", help="comma-separated filter on op names (substring match)")
+    a = p.parse_args(argv)
+    dev = a.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("bench_ops: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16
+    s = 4 if a.quick else 1
+    H, G, d, D, F = 64, 8, 128, 8192 // s, 28672 // s
+    E, Fe, De = 64, 1408, 2048 // s
+    torch.manual_seed(0)
+    builders = [
+        ("qkv", lambda: qkv_cases(H, G, d, D, dtype, dev)),
+        ("gate_up", lambda: gate_up_cases(F, D, dtype, dev)),
+        ("expert", lambda: expert_cases(E, Fe, De, dtype, dev)),
+        ("shard_copy flat_range_copy", lambda: dtensor_cases(F, D, dtype, dev)),
+    ]
+    wanted = [w for w in a.ops.split(",") if w]
+    print(f"bench_ops: device={dev} dtype={dtype} threads={torch.get_num_threads()} "
+          f"70B layer H={H} G={G} d={d} D={D} F={F}; MoE E={E} F={Fe} D={De}; bytes = read + written")
+    header = ("op", "setting", "MiB", "op ms", "GB/s", "vs copy_", "eager ms", "speedup", "check")
+    rows = []
+    failed = False
+    for names, build in builders:
+        if wanted and not any(w in n for w in wanted for n in names.split()):
+            continue
+        for c in build():
+            if wanted and not any(w in c.op for w in wanted):
+                continue
+            moved = 2 * c.out_bytes
+            check = "-"
+            if a.check:
+                ok = _equal(c.run(), c.eager())
+                check = "ok" if ok else "MISMATCH"
+                failed |= not ok
+            t_op = median_seconds(c.run, dev, a.quick)
+            n_el = c.out_bytes // 2
+            src_buf, dst_buf = torch.empty(n_el, dtype=dtype, device=dev), torch.empty(n_el, dtype=dtype, device=dev)
+            t_copy = median_seconds(lambda: dst_buf.copy_(src_buf), dev, a.quick)
+            del src_buf, dst_buf
+            t_eager = median_seconds(c.eager, dev, a.quick)
+            rows.append((c.op, c.setting, f"{c.out_bytes / 2**20:.0f}", f"{t_op * 1e3:.3f}",
+                         f"{moved / t_op / 1e9:.1f}", f"{t_copy / t_op:.2f}", f"{t_eager * 1e3:.3f}",
+                         f"{t_eager / t_op:.1f}x", check))
+            _sync(dev)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+    print(fmt.format(*header))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print(fmt.format(*r))
+    print("vs copy_ = time of dst.copy_(src) of the same bytes / op time (1.00 = as fast as a plain copy); "
+          "speedup = eager reference time / op time")
+    if failed:
+        print("bench_ops: some ops differ from the eager reference", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

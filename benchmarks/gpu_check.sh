@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU check: build megatron_bridge_ext with its CUDA kernels, run the CUDA test cases and the GPU benchmark.
+# Needs a torch with CUDA, a CUDA toolkit (nvcc) and a visible GPU; no network. Run from anywhere:
+#   bash benchmarks/gpu_check.sh            (PYTHON=/path/to/python to pick the interpreter)
+# Exits non-zero on the first failing step; prints everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
+if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
+
+step() { echo; echo "== $* =="; }
+
+step "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+"$PYTHON" - <<'PY'
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: torch.cuda.is_available() is False")
+print("device:", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+PY
+command -v nvcc && nvcc --version | tail -1
+
+step "build (CUDAExtension, MAX_JOBS=$MAX_JOBS)"
+BRIDGE_USE_CUDA=1 "$PYTHON" setup.py build_ext --inplace
+
+step "CUDA kernels registered"
+"$PYTHON" - <<'PY'
+import sys, torch
+import megatron_bridge_ext  # noqa: F401
+ops = ["qkv_pack", "qkv_pack_out", "qkv_unpack", "qkv_unpack_out", "gate_up_pack", "gate_up_pack_out",
+       "gate_up_unpack", "gate_up_unpack_out", "expert_pack_fc1", "expert_pack_fc1_out", "expert_pack_fc2",
+       "expert_pack_fc2_out", "expert_unpack_fc1", "expert_unpack_fc1_out", "expert_unpack_fc2",
+       "expert_unpack_fc2_out", "shard_copy", "flat_range_copy"]
+missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"bridge::{o}", "CUDA")]
+print("CUDA kernels:", len(ops) - len(missing), "of", len(ops), "registered")
+sys.exit(f"missing CUDA kernels: {missing}" if missing else 0)
+PY
+
+step "tests (CUDA cases)"
+set +e
+"$PYTHON" -m pytest -q -rs tests -k "cuda"
+rc=$?
+set -e
+if [[ $rc -ne 0 && $rc -ne 5 ]]; then echo "gpu_check: CUDA tests failed (pytest exit $rc)"; exit $rc; fi
+if [[ $rc -eq 5 ]]; then echo "gpu_check: no test matched -k cuda"; exit 1; fi
+
+step "benchmark (--device cuda --check)"
+"$PYTHON" benchmarks/bench_ops.py --device cuda --check
+
+echo; echo "gpu_check: all steps passed"

@@ -1,0 +1,249 @@
+// Byte-moving building blocks of the CPU kernels.
+//
+// A kernel describes its work as strided views (View: pointer, sizes, strides; no tensor objects, so slicing costs
+// nothing), turns each (source view, destination view) of equal shape into 2-D copy pairs (add_pairs), and hands
+// the list to one parallel executor (run_pairs). The executor copies contiguous runs with memcpy (whole blocks when
+// both sides are contiguous, else per row) and strided / transposed pairs with cache-blocked tiles, splitting the
+// work into tasks of about kTaskBytes so that at::parallel_for balances large tensors; small jobs run inline.
+// Everything dispatches on the element size, never on the dtype.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace bridge {
+namespace cpu {
+
+// Target bytes per parallel task, and the size below which a job runs inline on the calling thread.
+constexpr int64_t kTaskBytes = int64_t(1) << 20;
+constexpr int64_t kInlineBytes = int64_t(1) << 18;
+
+// A strided view of raw memory. Strides are in elements of `elem` bytes.
+struct View {
+  char* ptr = nullptr;
+  int64_t elem = 1;
+  c10::SmallVector<int64_t, 6> sizes;
+  c10::SmallVector<int64_t, 6> strides;
+
+  int64_t dim() const { return static_cast<int64_t>(sizes.size()); }
+
+  View narrow(int64_t d, int64_t start, int64_t len) const {
+    View v = *this;
+    v.ptr += start * strides[d] * elem;
+    v.sizes[d] = len;
+    return v;
+  }
+
+  // The view at index i of dim 0, without dim 0.
+  View select(int64_t i) const {
+    View v;
+    v.ptr = ptr + i * strides[0] * elem;
+    v.elem = elem;
+    v.sizes.assign(sizes.begin() + 1, sizes.end());
+    v.strides.assign(strides.begin() + 1, strides.end());
+    return v;
+  }
+};
+
+inline View make_view(char* ptr, const at::Tensor& t) {
+  View v;
+  v.ptr = ptr;
+  v.elem = static_cast<int64_t>(t.element_size());
+  v.sizes.assign(t.sizes().begin(), t.sizes().end());
+  v.strides.assign(t.strides().begin(), t.strides().end());
+  return v;
+}
+
+// A read-only source view of t.
+inline View src_view(const at::Tensor& t) {
+  return make_view(const_cast<char*>(static_cast<const char*>(t.const_data_ptr())), t);
+}
+
+// A writable destination view of t.
+inline View dst_view(const at::Tensor& t) { return make_view(static_cast<char*>(t.mutable_data_ptr()), t); }
+
+// One 2-D copy: rows x cols elements; strides in elements.
+struct Pair {
+  const char* src;
+  char* dst;
+  int64_t rows, cols;
+  int64_t srs, scs;  // source row / column strides
+  int64_t drs, dcs;  // destination row / column strides
+};
+
+// Appends the copy of view s into view d (equal sizes) as 2-D pairs. Size-1 dims are dropped, dims that are
+// contiguous with their inner neighbour in both views are merged; the last two remaining dims form each pair and
+// the leading ones are enumerated.
+inline void add_pairs(std::vector<Pair>& out, const View& s, const View& d) {
+  TORCH_INTERNAL_ASSERT(s.sizes == d.sizes, "add_pairs: views of different shapes");
+  c10::SmallVector<int64_t, 6> sz, ss, ds;
+  for (int64_t k = 0; k < s.dim(); ++k) {
+    const int64_t n = s.sizes[k];
+    if (n == 0) return;
+    if (n == 1) continue;
+    if (!sz.empty() && ss.back() == s.strides[k] * n && ds.back() == d.strides[k] * n) {
+      sz.back() *= n;
+      ss.back() = s.strides[k];
+      ds.back() = d.strides[k];
+    } else {
+      sz.push_back(n);
+      ss.push_back(s.strides[k]);
+      ds.push_back(d.strides[k]);
+    }
+  }
+  const int64_t m = static_cast<int64_t>(sz.size());
+  if (m == 0) {
+    out.push_back(Pair{s.ptr, d.ptr, 1, 1, 1, 1, 1, 1});
+    return;
+  }
+  if (m == 1) {
+    out.push_back(Pair{s.ptr, d.ptr, 1, sz[0], sz[0] * ss[0], ss[0], sz[0] * ds[0], ds[0]});
+    return;
+  }
+  const int64_t rows = sz[m - 2], cols = sz[m - 1];
+  const int64_t lead = m - 2;
+  c10::SmallVector<int64_t, 6> idx(lead, 0);
+  int64_t so = 0, dof = 0;
+  while (true) {
+    out.push_back(Pair{s.ptr + so * s.elem, d.ptr + dof * d.elem, rows, cols, ss[m - 2], ss[m - 1], ds[m - 2], ds[m - 1]});
+    int64_t k = lead - 1;
+    for (; k >= 0; --k) {
+      ++idx[k];
+      so += ss[k];
+      dof += ds[k];
+      if (idx[k] < sz[k]) break;
+      so -= ss[k] * sz[k];
+      dof -= ds[k] * sz[k];
+      idx[k] = 0;
+    }
+    if (k < 0) break;
+  }
+}
+
+namespace detail {
+
+template <int64_t N>
+struct Bytes {
+  unsigned char b[N];
+};
+
+// Cache-blocked strided copy of a rows x cols block of N-byte elements. The inner loop follows the destination's
+// unit-stride direction so writes stream; the tile keeps the strided reads in cache.
+template <int64_t N>
+void tiled_copy(const char* s, int64_t srs, int64_t scs, char* d, int64_t drs, int64_t dcs, int64_t rows,
+                int64_t cols) {
+  using T = Bytes<N>;
+  constexpr int64_t B = N <= 2 ? 64 : 32;
+  const bool down_rows = (drs == 1 && dcs != 1) || (dcs != 1 && srs == 1 && scs != 1);
+  for (int64_t i0 = 0; i0 < rows; i0 += B) {
+    const int64_t i1 = std::min(rows, i0 + B);
+    for (int64_t j0 = 0; j0 < cols; j0 += B) {
+      const int64_t j1 = std::min(cols, j0 + B);
+      if (down_rows) {
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t i = i0; i < i1; ++i)
+            std::memcpy(d + (i * drs + j * dcs) * N, s + (i * srs + j * scs) * N, sizeof(T));
+      } else {
+        for (int64_t i = i0; i < i1; ++i) {
+          const char* sr = s + i * srs * N;
+          char* dr = d + i * drs * N;
+          for (int64_t j = j0; j < j1; ++j) std::memcpy(dr + j * dcs * N, sr + j * scs * N, sizeof(T));
+        }
+      }
+    }
+  }
+}
+
+inline void tiled_copy_any(int64_t elem, const char* s, int64_t srs, int64_t scs, char* d, int64_t drs, int64_t dcs,
+                           int64_t rows, int64_t cols) {
+  switch (elem) {
+    case 1: return tiled_copy<1>(s, srs, scs, d, drs, dcs, rows, cols);
+    case 2: return tiled_copy<2>(s, srs, scs, d, drs, dcs, rows, cols);
+    case 4: return tiled_copy<4>(s, srs, scs, d, drs, dcs, rows, cols);
+    case 8: return tiled_copy<8>(s, srs, scs, d, drs, dcs, rows, cols);
+    case 16: return tiled_copy<16>(s, srs, scs, d, drs, dcs, rows, cols);
+    default:
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j)
+          std::memcpy(d + (i * drs + j * dcs) * elem, s + (i * srs + j * scs) * elem, static_cast<size_t>(elem));
+  }
+}
+
+// One task: rows [r0, r0+nr) and cols [c0, c0+nc) of pair p.
+struct Task {
+  int64_t pair, r0, nr, c0, nc;
+};
+
+inline void run_task(const Pair& p, const Task& t, int64_t elem) {
+  const char* s = p.src + (t.r0 * p.srs + t.c0 * p.scs) * elem;
+  char* d = p.dst + (t.r0 * p.drs + t.c0 * p.dcs) * elem;
+  if (p.scs == 1 && p.dcs == 1) {
+    const size_t bytes = static_cast<size_t>(t.nc * elem);
+    for (int64_t i = 0; i < t.nr; ++i) std::memcpy(d + i * p.drs * elem, s + i * p.srs * elem, bytes);
+  } else {
+    tiled_copy_any(elem, s, p.srs, p.scs, d, p.drs, p.dcs, t.nr, t.nc);
+  }
+}
+
+}  // namespace detail
+
+// Copies every pair (elements of `elem` bytes), in parallel when the job is large.
+inline void run_pairs(std::vector<Pair>& pairs, int64_t elem) {
+  using detail::Task;
+  std::vector<Task> tasks;
+  int64_t total = 0;
+  for (size_t k = 0; k < pairs.size(); ++k) {
+    Pair& p = pairs[k];
+    if (p.rows == 0 || p.cols == 0) continue;
+    // Column-major on both sides: swap so the unit-stride direction is the columns.
+    if ((p.scs != 1 || p.dcs != 1) && p.rows > 1 && p.srs == 1 && p.drs == 1) {
+      std::swap(p.rows, p.cols);
+      std::swap(p.srs, p.scs);
+      std::swap(p.drs, p.dcs);
+    }
+    const int64_t row_bytes = p.cols * elem;
+    const int64_t bytes = p.rows * row_bytes;
+    total += bytes;
+    const bool contiguous_rows = p.scs == 1 && p.dcs == 1;
+    if (bytes <= kTaskBytes) {
+      tasks.push_back(Task{static_cast<int64_t>(k), 0, p.rows, 0, p.cols});
+    } else if (row_bytes >= kTaskBytes || (!contiguous_rows && row_bytes * 32 >= kTaskBytes)) {
+      // Long rows: split the columns too (tiled pairs keep bands of up to 32 rows).
+      const int64_t band = contiguous_rows ? 1 : std::min<int64_t>(p.rows, 32);
+      const int64_t cstep = std::max<int64_t>(64, kTaskBytes / (elem * band));
+      for (int64_t r = 0; r < p.rows; r += band)
+        for (int64_t c = 0; c < p.cols; c += cstep)
+          tasks.push_back(Task{static_cast<int64_t>(k), r, std::min(band, p.rows - r), c, std::min(cstep, p.cols - c)});
+    } else {
+      int64_t rstep = std::max<int64_t>(1, kTaskBytes / row_bytes);
+      if (!contiguous_rows && rstep > 64) rstep = rstep / 64 * 64;
+      for (int64_t r = 0; r < p.rows; r += rstep)
+        tasks.push_back(Task{static_cast<int64_t>(k), r, std::min(rstep, p.rows - r), 0, p.cols});
+    }
+  }
+  if (tasks.empty()) return;
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) detail::run_task(pairs[tasks[i].pair], tasks[i], elem);
+  };
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  if (total <= kInlineBytes || n == 1) {
+    body(0, n);
+  } else {
+    at::parallel_for(0, n, 1, body);
+  }
+}
+
+// Copies view s into view d (equal sizes).
+inline void copy_view(const View& s, const View& d) {
+  std::vector<Pair> pairs;
+  add_pairs(pairs, s, d);
+  run_pairs(pairs, s.elem);
+}
+
+}  // namespace cpu
+}  // namespace bridge
