@@ -112,7 +112,10 @@ def roundtrip(ckpt: str, out_dir: str, *, tp: int = 2, pp: int = 1, vpp: Optiona
         from transformers import AutoModelForCausalLM
 
         t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32)
+        import transformers
+
+        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        model = AutoModelForCausalLM.from_pretrained(ckpt, **{dtype_kw: torch.float32})
         model.eval()
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)
@@ -138,7 +141,7 @@ def _print_table(rows: Sequence[Sequence[str]], title: str) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=title)
+        table = Table(title=title, min_width=max(60, len(title) + 4))
         table.add_column("check")
         table.add_column("result", justify="right")
         for k, v in rows:
