@@ -229,20 +229,30 @@ inline void run_pairs(std::vector<Pair>& pairs, int64_t elem) {
     const int64_t bytes = p.rows * row_bytes;
     total += bytes;
     const bool contiguous_rows = p.scs == 1 && p.dcs == 1;
+    const int64_t k64 = static_cast<int64_t>(k);
     if (bytes <= kTaskBytes) {
-      tasks.push_back(Task{static_cast<int64_t>(k), 0, p.rows, 0, p.cols});
-    } else if (row_bytes >= kTaskBytes || (!contiguous_rows && row_bytes * 32 >= kTaskBytes)) {
-      // Long rows: split the columns too (tiled pairs keep bands of up to 32 rows).
-      const int64_t band = contiguous_rows ? 1 : std::min<int64_t>(p.rows, 32);
-      const int64_t cstep = std::max<int64_t>(64, kTaskBytes / (elem * band));
-      for (int64_t r = 0; r < p.rows; r += band)
-        for (int64_t c = 0; c < p.cols; c += cstep)
-          tasks.push_back(Task{static_cast<int64_t>(k), r, std::min(band, p.rows - r), c, std::min(cstep, p.cols - c)});
+      tasks.push_back(Task{k64, 0, p.rows, 0, p.cols});
+    } else if (contiguous_rows) {
+      if (row_bytes >= kTaskBytes) {  // long rows: split each row
+        const int64_t cstep = kTaskBytes / elem;
+        for (int64_t r = 0; r < p.rows; ++r)
+          for (int64_t c = 0; c < p.cols; c += cstep)
+            tasks.push_back(Task{k64, r, 1, c, std::min(cstep, p.cols - c)});
+      } else {
+        const int64_t rstep = kTaskBytes / row_bytes;
+        for (int64_t r = 0; r < p.rows; r += rstep) tasks.push_back(Task{k64, r, std::min(rstep, p.rows - r), 0, p.cols});
+      }
     } else {
-      int64_t rstep = std::max<int64_t>(1, kTaskBytes / row_bytes);
-      if (!contiguous_rows && rstep > 64) rstep = rstep / 64 * 64;
+      // Strided / transposed: square-ish blocks, so that each task touches a bounded number of pages on both
+      // sides (a task spanning a whole transposed row walks thousands of pages and misses the TLB on every tile).
+      const int64_t side = elem <= 2 ? 512 : (elem <= 8 ? 256 : 128);
+      const int64_t elems = kTaskBytes / elem;
+      int64_t rstep = std::min(p.rows, side), cstep = std::min(p.cols, side);
+      if (p.cols <= side) rstep = std::max<int64_t>(side, elems / p.cols / 64 * 64);
+      if (p.rows <= side) cstep = std::max<int64_t>(side, elems / p.rows / 64 * 64);
       for (int64_t r = 0; r < p.rows; r += rstep)
-        tasks.push_back(Task{static_cast<int64_t>(k), r, std::min(rstep, p.rows - r), 0, p.cols});
+        for (int64_t c = 0; c < p.cols; c += cstep)
+          tasks.push_back(Task{k64, r, std::min(rstep, p.rows - r), c, std::min(cstep, p.cols - c)});
     }
   }
   if (tasks.empty()) return;
