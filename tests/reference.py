@@ -166,7 +166,9 @@ def flat_range(src: torch.Tensor, start: int, shape: Sequence[int]) -> torch.Ten
 
 def bits(x: torch.Tensor) -> torch.Tensor:
     """Same bytes as an integer tensor, so that NaN payloads and fp8 compare with torch.equal."""
-    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    if x.dim() == 0:
+        x = x.reshape(1)
+    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.int64}[x.element_size()])
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

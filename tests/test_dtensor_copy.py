@@ -119,7 +119,7 @@ def test_flat_range_copy_large_parallel(device):
 
 
 def test_opcheck(device):
-    src = rand((6, 4), torch.float32).to(device)
+    src = torch.randn(6, 4).to(device)
     lib = torch.ops.bridge
     torch.library.opcheck(lib.shard_copy.default, (src, torch.empty(3, 2, device=device), [2, 2], [1, 0], [0, 1]))
     torch.library.opcheck(lib.shard_copy.default, (src, torch.empty(6, 4, device=device), [2], [1], [-1]))
@@ -166,3 +166,21 @@ def test_torch_compile_fullgraph(device):
 def test_errors_name_the_values(call, match):
     with pytest.raises(RuntimeError, match=match):
         call(rand((6, 4), torch.float32))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16, torch.float32, torch.complex128], ids=str)
+def test_copy_engine_task_splitting(device, layout, dtype):
+    # Copies well above one task (1 MiB) in every pair shape the engine splits differently: whole contiguous blocks,
+    # row runs, square blocks of transposed tiles with ragged edges, and a long strided 1-D run.
+    es = torch.empty((), dtype=dtype).element_size()
+    rows, cols = 1100, (3 << 20) // (1100 * es) + 7
+    src = as_layout(rand((rows, cols), dtype), layout).to(device)
+    for dst_layout in ("contiguous", "transposed"):
+        dst = empty_layout((rows, cols), dtype, device, dst_layout)
+        ops.shard_copy(src, dst, mesh_shape=[1], mesh_coord=[0], shard_dims=[0])
+        assert same(dst, src), dst_layout
+    flat = as_layout(rand(((3 << 20) // es,), dtype), layout).to(device)
+    out = torch.empty_like(flat)
+    ops.shard_copy(flat, out, mesh_shape=[2], mesh_coord=[0], shard_dims=[-1])
+    assert same(out, flat)

@@ -131,16 +131,16 @@ def test_fc2_bias_replicated_over_etp(device):
 
 def test_opcheck(device):
     E, F, D = 4, 4, 3
-    gate = [rand((F, D), torch.float32).to(device) for _ in range(E)]
-    up = [rand((F, D), torch.float32).to(device) for _ in range(E)]
-    down = [rand((D, F), torch.float32).to(device) for _ in range(E)]
+    gate = [torch.randn(F, D).to(device) for _ in range(E)]
+    up = [torch.randn(F, D).to(device) for _ in range(E)]
+    down = [torch.randn(D, F).to(device) for _ in range(E)]
     lib = torch.ops.bridge
     torch.library.opcheck(lib.expert_pack_fc1.default, (gate, up, 2, 1, 2, 1))
     torch.library.opcheck(lib.expert_pack_fc1_out.default, (gate, up, 2, 0, 2, 1, torch.empty(2, 4, D, device=device)))
     torch.library.opcheck(lib.expert_pack_fc2.default, (down, 2, 1, 2, 0))
     torch.library.opcheck(lib.expert_pack_fc2_out.default, (down, 1, 0, 2, 1, torch.empty(4, D, 2, device=device)))
-    fc1 = [rand((2, 4, D), torch.float32).to(device) for _ in range(4)]
-    fc2 = [rand((2, D, 2), torch.float32).to(device) for _ in range(4)]
+    fc1 = [torch.randn(2, 4, D).to(device) for _ in range(4)]
+    fc2 = [torch.randn(2, D, 2).to(device) for _ in range(4)]
     torch.library.opcheck(lib.expert_unpack_fc1.default, (fc1, 2, 2))
     outs_g = [torch.empty(F, D, device=device) for _ in range(E)]
     outs_u = [torch.empty(F, D, device=device) for _ in range(E)]

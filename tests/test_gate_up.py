@@ -97,7 +97,7 @@ def test_large_transposed_tiles(device):
 
 
 def test_opcheck(device):
-    gate, up = rand((8, 3), torch.float32).to(device), rand((8, 3), torch.float32).to(device)
+    gate, up = torch.randn(8, 3).to(device), torch.randn(8, 3).to(device)
     lib = torch.ops.bridge
     torch.library.opcheck(lib.gate_up_pack.default, (gate, up, 2, 1))
     torch.library.opcheck(lib.gate_up_pack_out.default, (gate, up, 4, 3, torch.empty(4, 3, device=device)))

@@ -14,11 +14,13 @@ from megatron_bridge_ext import ops
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _inputs(H, G, d, D, dtype, device, output_gate=False, layout="contiguous", gen=None):
+def _inputs(H, G, d, D, dtype, device, output_gate=False, layout="contiguous", gen=None, finite=False):
+    """Random q, k, v; ``finite`` draws normal values (opcheck compares numerically, where NaN != NaN)."""
     trail = (D,) if D else ()
-    q = rand((H * d * (2 if output_gate else 1), *trail), dtype, gen=gen) if H else None
-    k = rand((G * d, *trail), dtype, gen=gen)
-    v = rand((G * d, *trail), dtype, gen=gen)
+    make = (lambda shape, dtype, gen: torch.randn(shape, generator=gen).to(dtype)) if finite else rand
+    q = make((H * d * (2 if output_gate else 1), *trail), dtype, gen=gen) if H else None
+    k = make((G * d, *trail), dtype, gen=gen)
+    v = make((G * d, *trail), dtype, gen=gen)
     lay = (lambda x: as_layout(x, layout).to(device)) if layout != "contiguous" else (lambda x: x.to(device))
     return (lay(q) if q is not None else None), lay(k), lay(v)
 
@@ -147,7 +149,7 @@ def test_unpack_reference_inverse(device):
 
 def test_opcheck(device):
     H, G, d, D = 4, 2, 2, 3
-    q, k, v = _inputs(H, G, d, D, torch.float32, device)
+    q, k, v = _inputs(H, G, d, D, torch.float32, device, finite=True)
     packed = qkv_full(q, k, v, H, G, d)
     lib = torch.ops.bridge
     torch.library.opcheck(lib.qkv_pack.default, (q, k, v, H, G, d, 2, 1, False))

@@ -132,27 +132,46 @@ struct Bytes {
   unsigned char b[N];
 };
 
-// Cache-blocked strided copy of a rows x cols block of N-byte elements. The inner loop follows the destination's
-// unit-stride direction so writes stream; the tile keeps the strided reads in cache.
+// Cache-blocked strided copy of a rows x cols block of N-byte elements. Each tile is first gathered into a small
+// contiguous buffer following the source's unit-stride direction, then scattered following the destination's, so
+// both sides are read and written in whole cache lines. (Reading a transposed tile directly thrashes L1: the
+// column stride of a transposed weight is usually a multiple of 4 KiB, which maps every line to the same sets.)
 template <int64_t N>
 void tiled_copy(const char* s, int64_t srs, int64_t scs, char* d, int64_t drs, int64_t dcs, int64_t rows,
                 int64_t cols) {
-  using T = Bytes<N>;
-  constexpr int64_t B = N <= 2 ? 64 : 32;
-  const bool down_rows = (drs == 1 && dcs != 1) || (dcs != 1 && srs == 1 && scs != 1);
+  constexpr int64_t B = N <= 2 ? 64 : (N <= 8 ? 32 : 16);
+  if (rows == 1) {  // one strided run
+    for (int64_t j = 0; j < cols; ++j) std::memcpy(d + j * dcs * N, s + j * scs * N, N);
+    return;
+  }
+  alignas(64) unsigned char buf[B * B * N];
+  const bool src_down = srs == 1 && scs != 1;  // source unit stride runs down the rows
+  const bool dst_down = drs == 1 && dcs != 1;
   for (int64_t i0 = 0; i0 < rows; i0 += B) {
-    const int64_t i1 = std::min(rows, i0 + B);
+    const int64_t ni = std::min(B, rows - i0);
     for (int64_t j0 = 0; j0 < cols; j0 += B) {
-      const int64_t j1 = std::min(cols, j0 + B);
-      if (down_rows) {
-        for (int64_t j = j0; j < j1; ++j)
-          for (int64_t i = i0; i < i1; ++i)
-            std::memcpy(d + (i * drs + j * dcs) * N, s + (i * srs + j * scs) * N, sizeof(T));
-      } else {
-        for (int64_t i = i0; i < i1; ++i) {
-          const char* sr = s + i * srs * N;
-          char* dr = d + i * drs * N;
-          for (int64_t j = j0; j < j1; ++j) std::memcpy(dr + j * dcs * N, sr + j * scs * N, sizeof(T));
+      const int64_t nj = std::min(B, cols - j0);
+      const char* st = s + (i0 * srs + j0 * scs) * N;
+      char* dt = d + (i0 * drs + j0 * dcs) * N;
+      if (src_down) {  // buf is [j][i]
+        for (int64_t j = 0; j < nj; ++j)
+          for (int64_t i = 0; i < ni; ++i) std::memcpy(buf + (j * B + i) * N, st + (i + j * scs) * N, N);
+        if (dst_down) {
+          for (int64_t j = 0; j < nj; ++j)
+            for (int64_t i = 0; i < ni; ++i) std::memcpy(dt + (i + j * dcs) * N, buf + (j * B + i) * N, N);
+        } else {
+          for (int64_t i = 0; i < ni; ++i)
+            for (int64_t j = 0; j < nj; ++j) std::memcpy(dt + (i * drs + j * dcs) * N, buf + (j * B + i) * N, N);
+        }
+      } else {  // buf is [i][j]
+        for (int64_t i = 0; i < ni; ++i)
+          for (int64_t j = 0; j < nj; ++j) std::memcpy(buf + (i * B + j) * N, st + (i * srs + j * scs) * N, N);
+        if (dst_down) {
+          for (int64_t j = 0; j < nj; ++j)
+            for (int64_t i = 0; i < ni; ++i) std::memcpy(dt + (i + j * dcs) * N, buf + (i * B + j) * N, N);
+        } else {
+          for (int64_t i = 0; i < ni; ++i)
+            for (int64_t j = 0; j < nj; ++j) std::memcpy(dt + (i * drs + j * dcs) * N, buf + (i * B + j) * N, N);
         }
       }
     }
@@ -210,20 +229,30 @@ inline void run_pairs(std::vector<Pair>& pairs, int64_t elem) {
     const int64_t bytes = p.rows * row_bytes;
     total += bytes;
     const bool contiguous_rows = p.scs == 1 && p.dcs == 1;
+    const int64_t k64 = static_cast<int64_t>(k);
     if (bytes <= kTaskBytes) {
-      tasks.push_back(Task{static_cast<int64_t>(k), 0, p.rows, 0, p.cols});
-    } else if (row_bytes >= kTaskBytes || (!contiguous_rows && row_bytes * 32 >= kTaskBytes)) {
-      // Long rows: split the columns too (tiled pairs keep bands of up to 32 rows).
-      const int64_t band = contiguous_rows ? 1 : std::min<int64_t>(p.rows, 32);
-      const int64_t cstep = std::max<int64_t>(64, kTaskBytes / (elem * band));
-      for (int64_t r = 0; r < p.rows; r += band)
-        for (int64_t c = 0; c < p.cols; c += cstep)
-          tasks.push_back(Task{static_cast<int64_t>(k), r, std::min(band, p.rows - r), c, std::min(cstep, p.cols - c)});
+      tasks.push_back(Task{k64, 0, p.rows, 0, p.cols});
+    } else if (contiguous_rows) {
+      if (row_bytes >= kTaskBytes) {  // long rows: split each row
+        const int64_t cstep = kTaskBytes / elem;
+        for (int64_t r = 0; r < p.rows; ++r)
+          for (int64_t c = 0; c < p.cols; c += cstep)
+            tasks.push_back(Task{k64, r, 1, c, std::min(cstep, p.cols - c)});
+      } else {
+        const int64_t rstep = kTaskBytes / row_bytes;
+        for (int64_t r = 0; r < p.rows; r += rstep) tasks.push_back(Task{k64, r, std::min(rstep, p.rows - r), 0, p.cols});
+      }
     } else {
-      int64_t rstep = std::max<int64_t>(1, kTaskBytes / row_bytes);
-      if (!contiguous_rows && rstep > 64) rstep = rstep / 64 * 64;
+      // Strided / transposed: square-ish blocks, so that each task touches a bounded number of pages on both
+      // sides (a task spanning a whole transposed row walks thousands of pages and misses the TLB on every tile).
+      const int64_t side = elem <= 2 ? 512 : (elem <= 8 ? 256 : 128);
+      const int64_t elems = kTaskBytes / elem;
+      int64_t rstep = std::min(p.rows, side), cstep = std::min(p.cols, side);
+      if (p.cols <= side) rstep = std::max<int64_t>(side, elems / p.cols / 64 * 64);
+      if (p.rows <= side) cstep = std::max<int64_t>(side, elems / p.rows / 64 * 64);
       for (int64_t r = 0; r < p.rows; r += rstep)
-        tasks.push_back(Task{static_cast<int64_t>(k), r, std::min(rstep, p.rows - r), 0, p.cols});
+        for (int64_t c = 0; c < p.cols; c += cstep)
+          tasks.push_back(Task{k64, r, std::min(rstep, p.rows - r), c, std::min(cstep, p.cols - c)});
     }
   }
   if (tasks.empty()) return;
