@@ -1,5 +1,5 @@
-"""End to end on real parts: transformers LlamaForCausalLM checkpoints -> AutoBridge -> megatron-core GPTModel chunks
-(CPU, gloo) -> HF, for TP1, TP2, PP2, TP2xPP2, PP2+VPP2, odd vocabularies and tied embeddings.
+"""End to end on real parts: transformers LlamaForCausalLM (and Qwen2ForCausalLM) checkpoints -> AutoBridge ->
+megatron-core GPTModel chunks (CPU, gloo) -> HF, for TP1, TP2, PP2, TP2xPP2, PP2+VPP2, odd vocabularies, tied embeddings, and Qwen2's q/k/v biases.
 
 All layouts run in ONE spawned world of 4 ranks (each process that imports megatron-core costs seconds). For each
 layout the Megatron logits are compared with the HF model's own logits, and the exported checkpoint with the source
@@ -32,7 +32,9 @@ CHECKPOINTS = {
     "llama3_rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     "bf16": dict(),
+    "qwen2": dict(),
 }
+ARCH = {"qwen2": "Qwen2"}  # checkpoints of another architecture (default: Llama)
 # name, tp, pp, vpp, checkpoint, world ranks needed
 LAYOUTS = [
     ("tp1", 1, 1, None, "untied"),
@@ -45,17 +47,20 @@ LAYOUTS = [
     ("tp2pp2_tied", 2, 2, None, "tied"),
     ("tp2_llama3_rope", 2, 1, None, "llama3_rope"),
     ("tp2_bf16", 2, 1, None, "bf16"),
+    ("tp2pp2_qwen2", 2, 2, None, "qwen2"),
 ]
 
 
-def _make_checkpoint(path: str, overrides: dict, dtype: torch.dtype, seed: int) -> None:
+def _make_checkpoint(path: str, overrides: dict, dtype: torch.dtype, seed: int, arch: str = "Llama") -> None:
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**{**BASE, **overrides})
-    model = transformers.LlamaForCausalLM(config)
+    config = getattr(transformers, f"{arch}Config")(**{**BASE, **overrides})
+    model = getattr(transformers, f"{arch}ForCausalLM")(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(1.0, 0.1)
+            elif name.endswith(".bias"):  # HF initialises biases to zero: make them visible
+                p.normal_(0.0, 0.1)
     model.to(dtype).save_pretrained(path, safe_serialization=True)
 
 
@@ -97,7 +102,8 @@ def world_results(tmp_path_factory):
     ckpts = {}
     for i, (key, overrides) in enumerate(CHECKPOINTS.items()):
         ckpts[key] = str(root / f"hf_{key}")
-        _make_checkpoint(ckpts[key], overrides, torch.bfloat16 if key == "bf16" else torch.float32, seed=i)
+        _make_checkpoint(ckpts[key], overrides, torch.bfloat16 if key == "bf16" else torch.float32, seed=i,
+                         arch=ARCH.get(key, "Llama"))
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
     results = spawn_local(_worker, 4, (ckpts, tokens, out_root, LAYOUTS), timeout=600)[0]
