@@ -3,10 +3,13 @@ megatron-core GPTModel chunks and exporting it back, in a local gloo world on a 
 
 Measured like ``benchmarks/bench_convert.py`` (our converter): the model is built first without weights (not timed),
 then ``import`` = ``AutoBridge.load_hf_weights(model)``, ``export (no write)`` = draining
-``AutoBridge.export_hf_weights(model)``, ``export`` = ``AutoBridge.save_hf_weights(model, out)`` plus the config written by rank 0 (what
-``save_hf_pretrained`` does, less the tokenizer it insists on loading; benchmark checkpoints have none); each ends with
-a barrier and the maximum over ranks is printed. The exported safetensors are compared with the input
-(``torch.equal`` per tensor, dtype included) unless ``--no-verify``.
+``AutoBridge.export_hf_weights(model)``, ``export`` = ``AutoBridge.save_hf_weights(model, out)`` plus the config
+written by rank 0 (what ``save_hf_pretrained`` does, less the tokenizer it insists on loading; benchmark checkpoints
+have none); each ends with a barrier and the maximum over ranks is printed. The exported safetensors are compared
+with the input (``torch.equal`` per tensor in the source dtype; dtype changes are listed separately) unless
+``--no-verify``; ``--check-forward`` also compares the imported model's logits with transformers' fp32 forward.
+Megatron-core's local-spec torch norms keep fp32 weights whatever ``params_dtype`` is, so a bf16 checkpoint's norm
+weights come back as fp32 (same values): Megatron Bridge exports the model's dtype.
 
 This runs in its OWN environment, never the project's: Megatron Bridge 0.3.1 pins ``transformers<5`` and cannot be
 installed with its declared dependencies on a CPU-only machine (``transformer-engine[pytorch]``, ``mamba-ssm``,
@@ -22,9 +25,10 @@ What is NOT the real stack, stated so the numbers are not misread:
 
 * Transformer Engine is absent. ``megatron.bridge`` imports ``transformer_engine.pytorch`` unconditionally (its LoRA
   modules, through ``megatron.bridge.models.conversion``), so this script registers an inert placeholder module
-  ``transformer_engine`` (``_install_te_placeholder``) AFTER megatron-core's modules that probe for TE were imported
-  (they keep ``HAVE_TE = False``). Every placeholder class raises if instantiated; the script checks that no module of
-  the built model comes from it.
+  ``transformer_engine`` (``_install_te_placeholder``) AFTER megatron-core's GPT modules that probe for TE were
+  imported (they keep ``HAVE_TE = False``); modules imported later that saw it (other models' bridges, heterogeneous
+  specs, PEFT utils) get ``HAVE_TE = False`` set back. Every placeholder class raises if instantiated; the script
+  checks that no module of the built model comes from it.
 * The model uses megatron-core's local layer spec (``get_gpt_layer_local_spec``: torch norms and linears), not the TE
   spec Megatron Bridge picks by default, and all fusions are off. The weight names then differ only in the layer
   norms (``input_layernorm`` instead of ``linear_qkv.layer_norm_weight``), which Megatron Bridge's Llama mapping
@@ -153,6 +157,11 @@ def _import_megatron_bridge() -> Any:
     _install_te_placeholder()
     from megatron.bridge import AutoBridge
 
+    # modules that probed for TE after the placeholder existed (other models' bridges, heterogeneous specs, PEFT)
+    # saw it: tell them the truth
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("megatron.") and getattr(mod, "HAVE_TE", None) is True:
+            mod.HAVE_TE = False  # type: ignore[attr-defined]
     _contiguous_scatter_patch()
     return AutoBridge
 
