@@ -201,7 +201,12 @@ class MegatronModelBridge:
     def __init__(self) -> None:
         self._registry: Optional[MegatronMappingRegistry] = None
         self._names_cache: Optional[Tuple[Any, List[str], Dict[str, _ParamMeta]]] = None
+        self._export_buffers: Dict[str, torch.Tensor] = {}
         self.show_progress = True
+
+    def release_buffers(self) -> None:
+        """Free the flat export buffers kept between exports (at most ``bucket_bytes`` times (tp + 1))."""
+        self._export_buffers.clear()
 
     # ----------------------------------------------------------------------------------------------------------------
     # What a model family provides
@@ -549,71 +554,89 @@ class MegatronModelBridge:
         tied = self._tied(chunks)
 
         buckets = self._buckets(tasks, meta, topo.tp_size, bucket_bytes)
-        leaders = self._stage_leaders(topo)
-        buffers: Dict[str, torch.Tensor] = {}
+        senders_of = self._stage_tp_ranks(topo)  # pp stage -> global ranks of its TP ranks (data-parallel rank 0)
+        buffers = self._export_buffers  # kept across buckets and exports (repeated weight syncs): touched once
 
         def buffer(kind: str, nbytes: int) -> torch.Tensor:
             buf = buffers.get(kind)
             if buf is None or buf.numel() < nbytes:
+                buffers.pop(kind, None)
                 buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
                 buffers[kind] = buf
             return buf[:nbytes]
 
+        tp = topo.tp_size
         for bucket in self._progress(buckets, "Exporting HF weights", show_progress):
             owner = bucket[0].pp_rank
             layout = [(t, meta[t.global_param_name]) for t in bucket]
             nbytes = [int(torch.Size(m.shape).numel()) * m.dtype.itemsize for _, m in layout]
-            sharded = [m.layout in (COLUMN, ROW) and topo.tp_size > 1 for _, m in layout]
+            sharded = [m.layout in (COLUMN, ROW) and tp > 1 for _, m in layout]
             local_total = sum(n for n, s in zip(nbytes, sharded) if s)
             repl_total = sum(n for n, s in zip(nbytes, sharded) if not s)
-            msg_total = local_total * topo.tp_size + repl_total
-            msg = None
-            # 1. the owning stage gathers its TP shards in one flat collective; TP rank 0 holds the message
-            if topo.pp_rank == owner and topo.replica_zero:  # (owners of a bucket all sit on its stage)
-                msg = buffer("msg", msg_total)
-                if local_total:
-                    send = buffer("send", local_total)
-                    at = 0
-                    for (task, _), n, s in zip(layout, nbytes, sharded):
-                        if s:
-                            send[at:at + n].copy_(_byte_view(task.param_weight))
-                            at += n
-                    _all_gather_flat(msg[: local_total * topo.tp_size], send, topo.tp_group)
-                at = local_total * topo.tp_size
-                for (task, _), n, s in zip(layout, nbytes, sharded):
-                    if not s:
-                        msg[at:at + n].copy_(_byte_view(task.param_weight))
-                        at += n
-            # 2. the stage's TP rank 0 sends it to the destination only
-            if topo.world > 1:
-                sender_rank = leaders[owner]
-                if sender_rank != dst_rank:
-                    if topo.rank == sender_rank:
-                        dist.send(msg, dst=dst_rank)
-                    elif topo.rank == dst_rank:
-                        msg = buffer("msg", msg_total)
-                        dist.recv(msg, src=sender_rank)
-                if everyone:
-                    if msg is None or topo.rank != dst_rank:
-                        msg = buffer("msg", msg_total)
+            senders = senders_of[owner]
+            mine = topo.pp_rank == owner and topo.replica_zero
+            if mine and tp == 1 and senders[0] == dst_rank == topo.rank and not everyone:
+                # the destination owns the whole bucket: convert straight from the parameters
+                views = [[task.param_weight.detach()] for task, _ in layout]
+            else:
+                # message layout on the destination: [replicated | TP rank 0's shards | TP rank 1's | ...];
+                # each TP rank of the owning stage sends its part straight to the destination (no hop, no broadcast)
+                msg = None
+                if mine:
+                    part = self._pack_part(buffer, layout, nbytes, sharded, repl_total, local_total, topo.tp_rank)
+                    if topo.rank != dst_rank and part.numel():
+                        dist.send(part, dst=dst_rank)
+                if topo.rank == dst_rank:
+                    msg = buffer("msg", repl_total + local_total * tp)
+                    requests = []
+                    for t, src in enumerate(senders):
+                        lo = 0 if t == 0 else repl_total + t * local_total
+                        hi = repl_total + (t + 1) * local_total
+                        if src == topo.rank:
+                            msg[lo:hi].copy_(part)
+                        elif hi > lo:
+                            requests.append(dist.irecv(msg[lo:hi], src=src))
+                    for req in requests:
+                        req.wait()
+                if everyone and topo.world > 1:
+                    if msg is None:
+                        msg = buffer("msg", repl_total + local_total * tp)
                     dist.broadcast(msg, src=dst_rank)
-            if not receiving:
-                continue
-            # 3. unpack into HF tensors
-            views = self._split_message(msg, layout, nbytes, sharded, local_total, topo.tp_size)
+                if not receiving:
+                    continue
+                views = self._split_message(msg, layout, nbytes, sharded, repl_total, local_total, tp)
+            # unpack into HF tensors (fresh tensors: the message buffer and the parameters are never handed out)
             for (task, m), shards in zip(layout, views):
                 ctx = ConversionContext(tp_size=len(shards), tp_rank=0, config=model_cfg,
                                         hf_vocab_size=getattr(config, "vocab_size", None), layout=m.layout)
                 converted = task.mapping.megatron_to_hf(shards, ctx)
                 converted = self.maybe_modify_converted_hf_weight(task, converted)
+                storages = {s.untyped_storage().data_ptr() for s in shards}
                 for name, tensor in converted.items():
                     tensor = self._to_hf_dtype(name, tensor, state)
-                    if any(s.data_ptr() == tensor.data_ptr() for s in shards):
-                        tensor = tensor.clone()  # never hand out views of the reused message buffer
+                    if tensor.untyped_storage().data_ptr() in storages:
+                        tensor = tensor.clone()
                     yield HFWeightTuple(name, tensor)
                     if tied and task.global_param_name.endswith("embedding.word_embeddings.weight") and \
                             hf_keys is not None and self.tied_output_hf_name in hf_keys:
                         yield HFWeightTuple(self.tied_output_hf_name, tensor.clone())
+
+    @staticmethod
+    def _pack_part(buffer, layout, nbytes, sharded, repl_total, local_total, tp_rank) -> torch.Tensor:
+        """This TP rank's part of a bucket's message: (TP rank 0 only) the replicated tensors, then its shards."""
+        n = local_total + (repl_total if tp_rank == 0 else 0)
+        part = buffer("send", n)
+        at = 0
+        if tp_rank == 0:
+            for (task, _), size, s in zip(layout, nbytes, sharded):
+                if not s:
+                    part[at:at + size].copy_(_byte_view(task.param_weight))
+                    at += size
+        for (task, _), size, s in zip(layout, nbytes, sharded):
+            if s:
+                part[at:at + size].copy_(_byte_view(task.param_weight))
+                at += size
+        return part
 
     @staticmethod
     def _to_hf_dtype(name: str, tensor: torch.Tensor, state: Any) -> torch.Tensor:
@@ -623,29 +646,33 @@ class MegatronModelBridge:
         return tensor if tensor.dtype == want else tensor.to(want)
 
     @staticmethod
-    def _stage_leaders(topo: _Topology) -> List[int]:
-        """Global rank of every stage's TP-rank-0, data-parallel-rank-0 process: the ranks of rank 0's PP group."""
+    def _stage_tp_ranks(topo: _Topology) -> List[List[int]]:
+        """For every pipeline stage, the global ranks of its TP ranks 0..tp-1 in data-parallel replica 0."""
         if topo.world == 1:
-            return [0]
-        leaders = torch.tensor(list(topo.pp_ranks), dtype=torch.int64)
-        dist.broadcast(leaders, src=0)
-        return [int(r) for r in leaders.tolist()]
+            return [[0]]
+        mine = torch.tensor([topo.pp_rank, topo.tp_rank, int(topo.replica_zero)], dtype=torch.int64)
+        table = torch.empty(topo.world * 3, dtype=torch.int64)
+        _all_gather_flat(table, mine, None)
+        out = [[-1] * topo.tp_size for _ in range(topo.pp_size)]
+        for rank, (pp, tp, zero) in enumerate(table.view(-1, 3).tolist()):
+            if zero and out[pp][tp] == -1:
+                out[pp][tp] = rank
+        return out
 
     @staticmethod
-    def _split_message(msg, layout, nbytes, sharded, local_total, tp):
+    def _split_message(msg, layout, nbytes, sharded, repl_total, local_total, tp):
         """Per task, the list of per-TP-rank tensors (views into the message)."""
         out = []
-        at_sharded = 0
-        at_repl = local_total * tp
+        at_sharded, at_repl = 0, 0
         for (task, m), n, s in zip(layout, nbytes, sharded):
             if s:
-                shards = [msg[r * local_total + at_sharded: r * local_total + at_sharded + n].view(m.dtype).view(m.shape)
-                          for r in range(tp)]
+                base = repl_total + at_sharded
+                out.append([msg[base + r * local_total: base + r * local_total + n].view(m.dtype).view(m.shape)
+                            for r in range(tp)])
                 at_sharded += n
             else:
-                shards = [msg[at_repl: at_repl + n].view(m.dtype).view(m.shape)]
+                out.append([msg[at_repl: at_repl + n].view(m.dtype).view(m.shape)])
                 at_repl += n
-            out.append(shards)
         return out
 
     @staticmethod
