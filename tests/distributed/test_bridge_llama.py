@@ -91,6 +91,15 @@ def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: 
                                   bucket_bytes=64 * 1024, show_progress=False)
         if rank == 0:
             results[name] = logits
+        if name == "tp2pp2":  # weight sync to every rank (RL): each rank checks what it received
+            from megatron_bridge_ext.state import SafeTensorsSource
+
+            got = dict(bridge.export_hf_weights(chunks, dst="all", bucket_bytes=32 * 1024, show_progress=False))
+            with SafeTensorsSource(ckpts[ckpt]) as src:
+                ok = set(got) == set(src.keys()) and all(torch.equal(got[k], src[k]) for k in src.keys())
+            results[f"dst_all_rank{rank}"] = ok
+            got = list(bridge.export_hf_weights(chunks, dst=3, show_progress=False))
+            results[f"dst3_rank{rank}"] = len(got)
         destroy_parallel()
         dist.barrier()
     return results
@@ -106,7 +115,10 @@ def world_results(tmp_path_factory):
                          arch=ARCH.get(key, "Llama"))
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
-    results = spawn_local(_worker, 4, (ckpts, tokens, out_root, LAYOUTS), timeout=600)[0]
+    per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root, LAYOUTS), timeout=600)
+    results = per_rank[0]
+    for r in per_rank[1:]:
+        results.update({k: v for k, v in r.items() if k.startswith("dst")})
     hf = {key: _hf_logits(path, tokens) for key, path in ckpts.items() if key != "bf16"}
     return ckpts, out_root, results, hf
 
@@ -146,3 +158,10 @@ def test_tied_checkpoint_has_no_lm_head(world_results):
     ckpts, out_root, _, _ = world_results
     with SafeTensorsSource(ckpts["tied"]) as src, SafeTensorsSource(os.path.join(out_root, "pp2_tied")) as dst:
         assert ("lm_head.weight" in src) == ("lm_head.weight" in dst)
+
+
+def test_export_to_every_rank_and_to_one_rank(world_results):
+    _, _, results, _ = world_results
+    assert all(results[f"dst_all_rank{r}"] for r in range(4)), results
+    n_keys = len(SafeTensorsSource(world_results[0]["untied"]).keys())
+    assert [results[f"dst3_rank{r}"] for r in range(4)] == [0, 0, 0, n_keys]
