@@ -3,9 +3,14 @@
 import glob
 import os
 
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+# torch locates the CUDA toolkit with `which nvcc`; a wrapper script on PATH (e.g. /usr/local/bin/nvcc) makes that
+# resolve to a prefix without the CUDA libraries (link fails with "cannot find -lcudart"). Prefer the real toolkit.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
