@@ -16,6 +16,11 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define BRIDGE_HAVE_STREAM_COPY 1
+#endif
+
 namespace bridge {
 namespace cpu {
 
@@ -127,6 +132,54 @@ inline void add_pairs(std::vector<Pair>& out, const View& s, const View& d) {
 
 namespace detail {
 
+// Jobs at least this large are far bigger than the caches: their contiguous runs are copied with non-temporal
+// stores, which skip the read-for-ownership of every destination line (a plain copy moves 3 bytes of memory traffic
+// per byte; this moves 2). Smaller jobs use memcpy, whose stores leave the data in cache for whoever reads it next.
+constexpr int64_t kStreamJobBytes = int64_t(16) << 20;
+
+#if defined(BRIDGE_HAVE_STREAM_COPY)
+__attribute__((target("avx2"))) inline void stream_copy_avx2(char* d, const char* s, size_t n) {
+  size_t head = (32 - (reinterpret_cast<uintptr_t>(d) & 31)) & 31;
+  if (head > n) head = n;
+  std::memcpy(d, s, head);
+  d += head;
+  s += head;
+  n -= head;
+  size_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 32));
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 64));
+    const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i + 96));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), a);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 32), b);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 64), c);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i + 96), e);
+  }
+  std::memcpy(d + i, s + i, n - i);
+}
+
+inline bool stream_copy_supported() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+}
+#endif
+
+// Copies n contiguous bytes; `stream` selects non-temporal stores for runs of at least 512 bytes.
+inline void copy_run(char* d, const char* s, size_t n, bool stream) {
+#if defined(BRIDGE_HAVE_STREAM_COPY)
+  if (stream && n >= 512 && stream_copy_supported()) return stream_copy_avx2(d, s, n);
+#endif
+  std::memcpy(d, s, n);
+}
+
+// Orders a task's non-temporal stores before the job is seen as done.
+inline void stream_fence(bool stream) {
+#if defined(BRIDGE_HAVE_STREAM_COPY)
+  if (stream) _mm_sfence();
+#endif
+}
+
 template <int64_t N>
 struct Bytes {
   unsigned char b[N];
@@ -198,12 +251,13 @@ struct Task {
   int64_t pair, r0, nr, c0, nc;
 };
 
-inline void run_task(const Pair& p, const Task& t, int64_t elem) {
+inline void run_task(const Pair& p, const Task& t, int64_t elem, bool stream) {
   const char* s = p.src + (t.r0 * p.srs + t.c0 * p.scs) * elem;
   char* d = p.dst + (t.r0 * p.drs + t.c0 * p.dcs) * elem;
   if (p.scs == 1 && p.dcs == 1) {
     const size_t bytes = static_cast<size_t>(t.nc * elem);
-    for (int64_t i = 0; i < t.nr; ++i) std::memcpy(d + i * p.drs * elem, s + i * p.srs * elem, bytes);
+    if (t.nr > 1 && p.srs == t.nc && p.drs == t.nc) return copy_run(d, s, bytes * t.nr, stream);  // one block
+    for (int64_t i = 0; i < t.nr; ++i) copy_run(d + i * p.drs * elem, s + i * p.srs * elem, bytes, stream);
   } else {
     tiled_copy_any(elem, s, p.srs, p.scs, d, p.drs, p.dcs, t.nr, t.nc);
   }
@@ -256,8 +310,10 @@ inline void run_pairs(std::vector<Pair>& pairs, int64_t elem) {
     }
   }
   if (tasks.empty()) return;
+  const bool stream = total >= detail::kStreamJobBytes;
   auto body = [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) detail::run_task(pairs[tasks[i].pair], tasks[i], elem);
+    for (int64_t i = b; i < e; ++i) detail::run_task(pairs[tasks[i].pair], tasks[i], elem, stream);
+    detail::stream_fence(stream);
   };
   const int64_t n = static_cast<int64_t>(tasks.size());
   if (total <= kInlineBytes || n == 1) {
