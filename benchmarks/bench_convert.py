@@ -3,8 +3,8 @@ megatron-core GPTModel chunks and exported back, at several local world sizes (C
 
 Prints, per layout: import seconds (into resident parameters, as in a live job; the first touch of megatron's
 untouched fresh allocation is reported apart) and export seconds and GB/s (checkpoint bytes / time), export without the final write,
-peak RSS per rank (absolute, and above the rank's RSS just before the import), next to model bytes / world and the
-largest tensor, and the time to simply read the checkpoint files once (page cache warm for both).
+peak RSS per rank (absolute, and above the rank's RSS before its model existed: parameters plus everything the
+import adds), next to model bytes / world plus the largest tensor, and the time to simply read the checkpoint files once (page cache warm for both).
 
     python benchmarks/bench_convert.py                 # ~1.1B parameters, worlds 1, 2, 4
     python benchmarks/bench_convert.py --layers 4      # smaller, quicker
@@ -115,6 +115,8 @@ def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bu
 
     init_parallel(tp=tp, pp=pp)
     bridge = AutoBridge.from_hf_pretrained(ckpt)
+    dist.barrier()
+    pre_model = _rss()["VmRSS"]  # interpreter, torch, megatron-core, process groups: before any parameter exists
     chunks = bridge.to_megatron_model(load_weights=False, params_dtype=torch.bfloat16, bf16=True)
     model_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     # megatron allocates parameters without touching them (perform_initialization=False); a live job's parameters
@@ -151,7 +153,7 @@ def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bu
     t_export = time.perf_counter() - t0
     peak_export = _rss()["VmHWM"] if reset_ok else None
     destroy_parallel()
-    return {"rank": rank, "import_s": t_import, "touch_s": t_touch, "export_nowrite_s": t_export_nowrite, "export_s": t_export,
+    return {"rank": rank, "import_s": t_import, "touch_s": t_touch, "rss_pre_model": pre_model, "export_nowrite_s": t_export_nowrite, "export_s": t_export,
             "rss_before_import": before, "peak_import": peak_import, "rss_before_export": before_export,
             "peak_export": peak_export, "model_bytes_rank": model_bytes, "exported_bytes": n}
 
@@ -185,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     gb = info["bytes"] / 1e9
     print(f"read the checkpoint files once (page cache warm): {t_read:.2f} s, {gb / t_read:.2f} GB/s")
     header = (f"{'layout':>8} {'import s':>9} {'GB/s':>6} {'x read':>7} {'export s':>9} {'no-write s':>10} "
-              f"{'peak RSS/rank':>14} {'above base':>11} {'model/world+largest':>20} {'exact':>6}")
+              f"{'peak RSS/rank':>14} {'- pre-model':>11} {'model/world+largest':>20} {'exact':>6}")
     print(header)
     print("-" * len(header))
     for layout in args.layouts.split(","):
@@ -197,7 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         t_exp = max(r["export_s"] for r in res)
         t_nw = max(r["export_nowrite_s"] for r in res)
         peak = max((r["peak_import"] or 0) for r in res)
-        above = max((r["peak_import"] or 0) - r["rss_before_import"] for r in res)
+        above = max((r["peak_import"] or 0) - r["rss_pre_model"] for r in res)
         bound = info["bytes"] / (tp * pp) + info["largest_bytes"]
         ok = "-" if args.no_verify else ("yes" if verify(ckpt, out) else "NO")
         print(f"{layout:>8} {t_imp:9.2f} {gb / t_imp:6.2f} {t_imp / t_read:7.2f} {t_exp:9.2f} {t_nw:10.2f} "

@@ -458,42 +458,84 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
-def _write_safetensors(path: str, tensors: Sequence[Tuple[str, torch.Tensor]], metadata: Mapping[str, str]) -> int:
-    """Writes one safetensors file. Returns the bytes of tensor data written.
+def _layout(specs: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]], metadata: Mapping[str, str]):
+    """Header bytes and data offsets of one safetensors file holding ``specs`` (name, shape, dtype).
 
     Tensors are laid out by decreasing element size (then in the given order), so every tensor is aligned to its
-    element size, as the reference writer does.
+    element size, as the reference writer does. Returns (header bytes incl. the length prefix, {name: (start, end)}
+    relative to the data section, data bytes).
     """
-    order = sorted(range(len(tensors)), key=lambda i: -tensors[i][1].element_size())
+    order = sorted(range(len(specs)), key=lambda i: -_ITEMSIZE[specs[i][2]])
     header: Dict[str, Any] = OrderedDict()
     if metadata:
         header["__metadata__"] = dict(metadata)
+    offsets: Dict[str, Tuple[int, int]] = {}
     offset = 0
     for i in order:
-        name, t = tensors[i]
-        n = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _TORCH_TO_SAFETENSORS[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + n],
-        }
+        name, shape, dtype = specs[i]
+        n = math.prod(shape) * _ITEMSIZE[dtype]
+        header[name] = {"dtype": _TORCH_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offsets[name] = (offset, offset + n)
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(len(raw) + _HEADER_LEN_BYTES) % 8)  # data section starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw, offsets, offset
+
+
+def _write_safetensors(path: str, tensors: Sequence[Tuple[str, torch.Tensor]], metadata: Mapping[str, str]) -> int:
+    """Writes one safetensors file in one go. Returns the bytes of tensor data written."""
+    head, offsets, total = _layout([(n, tuple(t.shape), t.dtype) for n, t in tensors], metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for i in order:
-            t = tensors[i][1]
+        f.write(head)
+        for name, t in sorted(tensors, key=lambda nt: offsets[nt[0]][0]):
             if t.numel():
                 f.write(_tensor_bytes(t))
         f.flush()
         os.fsync(f.fileno())
-    return offset
+    return total
+
+
+class _OpenShard:
+    """A shard being written in place: header first, each tensor at its planned offset as soon as it arrives."""
+
+    def __init__(self, tmp: str, specs, metadata: Mapping[str, str]) -> None:
+        head, self.offsets, self.data_bytes = _layout(specs, metadata)
+        self.tmp = tmp
+        self.data_start = len(head)
+        self.remaining = set(self.offsets)
+        self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, self.data_start + self.data_bytes)
+        os.pwrite(self.fd, head, 0)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        start, end = self.offsets[name]
+        if end > start:
+            data = _tensor_bytes(tensor)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], self.data_start + start + done)
+        self.remaining.discard(name)
+
+    def finish(self, final: str) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.tmp, final)
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
 
 
 class SafeTensorsWriter:
-    """Streams tensors into a sharded HF safetensors checkpoint, writing each shard as soon as it is complete.
+    """Streams tensors into a sharded HF safetensors checkpoint.
+
+    Shards are planned up front, so every tensor's place in its file is known: a tensor is written there (into the
+    shard's temporary file) as soon as it arrives, and nothing is kept in memory; a shard is fsynced and renamed to its
+    final name as soon as its last tensor arrived. The index is written last.
 
     Args:
         out_dir: output directory (created if needed).
@@ -551,14 +593,13 @@ class SafeTensorsWriter:
         self._plan = plan
         self._shard_of: Dict[str, int] = {n: i for i, names in enumerate(plan) for n in names}
         self._file_names = [_shard_name(i, len(plan)) for i in range(len(plan))]
-        self._pending: List[Dict[str, torch.Tensor]] = [{} for _ in plan]
+        self._open: Dict[int, _OpenShard] = {}  # shards with at least one tensor written, not yet finished
         self._received: set = set()
         self._shard_done = [False] * len(plan)
         self._weight_map: Dict[str, str] = {}
         self._written_files: List[str] = []
         self._total_size = 0
         self._closed = False
-        self._tmp_paths: set = set()
 
         os.makedirs(self.out_dir, exist_ok=True)
         stale = [
@@ -623,34 +664,64 @@ class SafeTensorsWriter:
                 f"tensor {name!r}: got shape {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}"
             )
         shard = self._shard_of[name]
+        open_shard = self._open.get(shard)
+        if open_shard is None:
+            tmp = os.path.join(self.out_dir, f".{self._file_names[shard]}.tmp-{os.getpid()}")
+            specs = [(n, *self._expected[n]) for n in self._plan[shard]]
+            open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata)
+        try:
+            open_shard.write(name, tensor)  # straight to its place in the file: nothing is buffered
+        except BaseException:
+            self.abort()
+            raise
         self._received.add(name)
-        self._pending[shard][name] = tensor
-        if len(self._pending[shard]) == len(self._plan[shard]):
-            return self._write_shard(shard)
+        if not open_shard.remaining:
+            return self._finish_shard(shard)
         return None
 
-    def _write_shard(self, shard: int) -> str:
-        names = [n for n in self._plan[shard] if n in self._pending[shard]]
-        tensors = [(n, self._pending[shard][n]) for n in names]
+    def _finish_shard(self, shard: int) -> str:
+        open_shard = self._open.pop(shard)
         final = os.path.join(self.out_dir, self._file_names[shard])
-        tmp = os.path.join(self.out_dir, f".{self._file_names[shard]}.tmp-{os.getpid()}")
-        self._tmp_paths.add(tmp)
+        try:
+            open_shard.finish(final)
+        except BaseException:
+            open_shard.discard()
+            raise
+        self._shard_done[shard] = True
+        self._total_size += open_shard.data_bytes
+        for n in self._plan[shard]:
+            self._weight_map[n] = self._file_names[shard]
+        self._written_files.append(final)
+        return final
+
+    def _compact_shard(self, shard: int) -> None:
+        """Non-strict close of a shard that misses tensors: rewrite it with only what arrived."""
+        open_shard = self._open.pop(shard)
+        os.fsync(open_shard.fd)
+        names = [n for n in self._plan[shard] if n in self._received]
+        with open(open_shard.tmp, "rb") as f:
+            blob = f.read()
+        tensors = []
+        for n in names:
+            start, end = open_shard.offsets[n]
+            shape, dtype = self._expected[n]
+            raw = bytearray(blob[open_shard.data_start + start: open_shard.data_start + end])
+            t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            tensors.append((n, t.view(shape)))
+        final = os.path.join(self.out_dir, self._file_names[shard])
+        tmp = open_shard.tmp + ".compact"
         try:
             nbytes = _write_safetensors(tmp, tensors, self.metadata)
             os.replace(tmp, final)
-        except BaseException:
+        finally:
+            open_shard.discard()
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise
-        finally:
-            self._tmp_paths.discard(tmp)
-        self._pending[shard] = {}  # drop the references: the memory can go
         self._shard_done[shard] = True
         self._total_size += nbytes
         for n in names:
             self._weight_map[n] = self._file_names[shard]
         self._written_files.append(final)
-        return final
 
     def close(self) -> Dict[str, Any]:
         """Finishes the checkpoint: writes the index (several shards) last, from what was written.
@@ -667,7 +738,7 @@ class SafeTensorsWriter:
         self._closed = True
         missing = self.missing()
         if missing and self.strict:
-            self._pending = [{} for _ in self._plan]
+            self._discard_open()
             raise ValueError(
                 f"HF export to {self.out_dir} is incomplete: {len(missing)} of {len(self._expected)} expected "
                 f"tensors never arrived: {missing}; no index was written"
@@ -678,9 +749,8 @@ class SafeTensorsWriter:
                 f"{missing}",
                 stacklevel=2,
             )
-            for shard in range(len(self._plan)):
-                if not self._shard_done[shard] and self._pending[shard]:
-                    self._write_shard(shard)
+            for shard in sorted(self._open):
+                self._compact_shard(shard)
         index_path = None
         if len(self._plan) > 1 and self._weight_map:
             weight_map = {n: self._weight_map[n] for n in self._expected if n in self._weight_map}
@@ -696,10 +766,13 @@ class SafeTensorsWriter:
     def abort(self) -> None:
         """Stops without finishing: pending tensors are dropped, no index is written."""
         self._closed = True
-        self._pending = [{} for _ in self._plan]
-        for tmp in list(self._tmp_paths):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        self._discard_open()
+
+    def _discard_open(self) -> None:
+        """Removes every unfinished shard's temporary file."""
+        for open_shard in self._open.values():
+            open_shard.discard()
+        self._open.clear()
 
     def __enter__(self) -> "SafeTensorsWriter":
         return self
