@@ -206,7 +206,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{peak / GiB:12.2f} G {above / GiB:9.2f} G {bound / GiB:18.2f} G {ok:>6}")
         exp_peak = max((r["peak_export"] or 0) - r["rss_before_export"] for r in res)
         print(f"{'':>8} first touch of the freshly allocated parameters (not in 'import s'): {t_touch:.2f} s")
-        print(f"{'':>8} export peak above base (max over ranks): {exp_peak / GiB:.2f} GiB; "
+        print(f"{'':>8} export (with the write): peak RSS above the resident model, max over ranks "
+              f"{exp_peak / GiB:.2f} GiB (bucket {args.bucket_mib} MiB); "
               f"rank-0 export {info['bytes'] / 1e9 / t_exp:.2f} GB/s with the write, {gb / t_nw:.2f} GB/s without")
         shutil.rmtree(out, ignore_errors=True)
     if not args.dir:
