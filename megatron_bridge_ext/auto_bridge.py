@@ -142,10 +142,15 @@ class AutoBridge:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         dst: Union[int, str] = 0,
         show_progress: Optional[bool] = None,
+        copy: bool = True,
     ) -> Iterator[HFWeightTuple]:
-        """Generator of ``(hf_name, tensor)``; every rank must iterate it, tensors arrive on ``dst`` (or ``"all"``)."""
+        """Generator of ``(hf_name, tensor)``; every rank must iterate it, tensors arrive on ``dst`` (or ``"all"``).
+
+        With ``copy=False`` tensors that need no conversion are views valid until the next item (see
+        :meth:`MegatronModelBridge.stream_weights_megatron_to_hf`).
+        """
         return self.model_bridge.stream_weights_megatron_to_hf(
-            model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=dst, show_progress=show_progress
+            model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=dst, show_progress=show_progress, copy=copy
         )
 
     def save_hf_pretrained(
@@ -171,7 +176,7 @@ class AutoBridge:
         tasks = self.model_bridge.build_conversion_tasks(None, model)  # collective: every rank builds them
         stream = self.model_bridge.stream_weights_megatron_to_hf(
             model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=0, show_progress=show_progress,
-            conversion_tasks=tasks,
+            conversion_tasks=tasks, copy=False,  # the writer puts each tensor in its file at once
         )
         if not rank0:
             for _ in stream:

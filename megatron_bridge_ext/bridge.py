@@ -521,6 +521,7 @@ class MegatronModelBridge:
         show_progress: Optional[bool] = None,
         hf_config: Any = None,
         conversion_tasks: Optional[List[WeightConversionTask]] = None,
+        copy: bool = True,
     ) -> Iterator[HFWeightTuple]:
         """Stream the model as HF tensors, in the global order.
 
@@ -535,6 +536,9 @@ class MegatronModelBridge:
             dst: destination global rank, or ``"all"``.
             show_progress: rich progress on rank 0.
             conversion_tasks: pre-built tasks (from :meth:`build_conversion_tasks`).
+            copy: every yielded tensor is a fresh tensor (default). With False, a tensor that needs no conversion is
+                yielded as a view of the parameter or of the reused message buffer, valid only until the next item is
+                requested: for consumers that use each tensor at once (e.g. a writer), saving an allocation and a copy.
         """
         chunks = self._chunks(megatron_model)
         topo = _Topology.current()
@@ -614,12 +618,12 @@ class MegatronModelBridge:
                 storages = {s.untyped_storage().data_ptr() for s in shards}
                 for name, tensor in converted.items():
                     tensor = self._to_hf_dtype(name, tensor, state)
-                    if tensor.untyped_storage().data_ptr() in storages:
+                    if copy and tensor.untyped_storage().data_ptr() in storages:
                         tensor = tensor.clone()
                     yield HFWeightTuple(name, tensor)
                     if tied and task.global_param_name.endswith("embedding.word_embeddings.weight") and \
                             hf_keys is not None and self.tied_output_hf_name in hf_keys:
-                        yield HFWeightTuple(self.tied_output_hf_name, tensor.clone())
+                        yield HFWeightTuple(self.tied_output_hf_name, tensor.clone() if copy else tensor)
 
     @staticmethod
     def _pack_part(buffer, layout, nbytes, sharded, repl_total, local_total, tp_rank) -> torch.Tensor:
