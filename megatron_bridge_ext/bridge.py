@@ -183,6 +183,13 @@ def _byte_view(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(-1).view(torch.uint8)
 
 
+def _comm_device() -> torch.device:
+    """Where collective buffers live: the current CUDA device for NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, inp, group=group)
@@ -412,14 +419,17 @@ class MegatronModelBridge:
                 f"HF tensor(s) {task.mapping.hf_param} give {got_shape} ({type(task.mapping).__name__}, "
                 f"tp={ctx.tp_size})"
             )
-        in_dtype = next(iter(hf.values())).dtype if isinstance(hf, dict) else hf.dtype
+        first = next(iter(hf.values())) if isinstance(hf, dict) else hf
         data = target.data
         if is_dtensor:
             full = task.mapping.hf_to_megatron(hf, ctx)
-            ops.copy_into_dtensor(full.to(data.dtype), data)
+            local = data.to_local()
+            ops.copy_into_dtensor(full.to(device=local.device, dtype=local.dtype), data)
             return data
-        if in_dtype == data.dtype and data.is_contiguous():
+        if first.dtype == data.dtype and first.device == data.device and data.is_contiguous():
             return task.mapping.hf_to_megatron(hf, ctx, out=data)
+        # another dtype or device (e.g. CPU checkpoint -> GPU parameter): pack this rank's shard where the HF
+        # tensors live (reading only its rows), then one copy into the parameter
         data.copy_(task.mapping.hf_to_megatron(hf, ctx))
         return data
 
@@ -522,6 +532,7 @@ class MegatronModelBridge:
         hf_config: Any = None,
         conversion_tasks: Optional[List[WeightConversionTask]] = None,
         copy: bool = True,
+        cpu: bool = True,
     ) -> Iterator[HFWeightTuple]:
         """Stream the model as HF tensors, in the global order.
 
@@ -539,6 +550,7 @@ class MegatronModelBridge:
             copy: every yielded tensor is a fresh tensor (default). With False, a tensor that needs no conversion is
                 yielded as a view of the parameter or of the reused message buffer, valid only until the next item is
                 requested: for consumers that use each tensor at once (e.g. a writer), saving an allocation and a copy.
+            cpu: move the HF tensors to the CPU (when the model lives on a GPU); False keeps them on the device.
         """
         chunks = self._chunks(megatron_model)
         topo = _Topology.current()
@@ -560,12 +572,13 @@ class MegatronModelBridge:
         buckets = self._buckets(tasks, meta, topo.tp_size, bucket_bytes)
         senders_of = self._stage_tp_ranks(topo)  # pp stage -> global ranks of its TP ranks (data-parallel rank 0)
         buffers = self._export_buffers  # kept across buckets and exports (repeated weight syncs): touched once
+        device = _comm_device()  # NCCL moves CUDA buffers, gloo CPU ones
 
         def buffer(kind: str, nbytes: int) -> torch.Tensor:
             buf = buffers.get(kind)
-            if buf is None or buf.numel() < nbytes:
+            if buf is None or buf.numel() < nbytes or buf.device != device:
                 buffers.pop(kind, None)
-                buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+                buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
                 buffers[kind] = buf
             return buf[:nbytes]
 
@@ -618,6 +631,8 @@ class MegatronModelBridge:
                 storages = {s.untyped_storage().data_ptr() for s in shards}
                 for name, tensor in converted.items():
                     tensor = self._to_hf_dtype(name, tensor, state)
+                    if cpu and tensor.device.type != "cpu":
+                        tensor = tensor.cpu()
                     if copy and tensor.untyped_storage().data_ptr() in storages:
                         tensor = tensor.clone()
                     yield HFWeightTuple(name, tensor)
@@ -654,11 +669,12 @@ class MegatronModelBridge:
         """For every pipeline stage, the global ranks of its TP ranks 0..tp-1 in data-parallel replica 0."""
         if topo.world == 1:
             return [[0]]
-        mine = torch.tensor([topo.pp_rank, topo.tp_rank, int(topo.replica_zero)], dtype=torch.int64)
-        table = torch.empty(topo.world * 3, dtype=torch.int64)
+        device = _comm_device()
+        mine = torch.tensor([topo.pp_rank, topo.tp_rank, int(topo.replica_zero)], dtype=torch.int64, device=device)
+        table = torch.empty(topo.world * 3, dtype=torch.int64, device=device)
         _all_gather_flat(table, mine, None)
         out = [[-1] * topo.tp_size for _ in range(topo.pp_size)]
-        for rank, (pp, tp, zero) in enumerate(table.view(-1, 3).tolist()):
+        for rank, (pp, tp, zero) in enumerate(table.view(-1, 3).cpu().tolist()):
             if zero and out[pp][tp] == -1:
                 out[pp][tp] = rank
         return out
