@@ -88,6 +88,7 @@ class _ParamMeta:
     shape: Tuple[int, ...]
     dtype: torch.dtype
     layout: str
+    senders: Tuple[int, ...]  # global rank holding shard i (TP or expert-TP index), in replica zero
 
 
 @dataclass
@@ -102,8 +103,17 @@ class _Topology:
     replica_zero: bool = True  # data-parallel (and context-parallel) rank 0: takes part in export
     ep_size: int = 1
     ep_rank: int = 0
+    etp_size: int = 1
+    etp_rank: int = 0
+    expert_replica_zero: bool = True  # expert-data-parallel rank 0: takes part in the export of expert tensors
     rank: int = 0
     world: int = 1
+
+    def shard_of(self, global_name: str) -> Tuple[int, int, bool]:
+        """(shard index, shard count, replica zero) of a parameter: expert tensors follow expert-TP, others TP."""
+        if _is_expert(global_name):
+            return self.etp_rank, self.etp_size, self.expert_replica_zero
+        return self.tp_rank, self.tp_size, self.replica_zero
 
     @classmethod
     def current(cls) -> "_Topology":
@@ -130,9 +140,17 @@ class _Topology:
             replica_zero=ps.get_data_parallel_rank(with_context_parallel=True) == 0,
             ep_size=ps.get_expert_model_parallel_world_size(),
             ep_rank=ps.get_expert_model_parallel_rank(),
+            etp_size=ps.get_expert_tensor_parallel_world_size(),
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
+            expert_replica_zero=ps.get_expert_data_parallel_rank() == 0,
             rank=dist.get_rank(),
             world=dist.get_world_size(),
         )
+
+
+def _is_expert(name: str) -> bool:
+    """Routed-expert tensors (sharded over EP and expert-TP); shared experts are dense."""
+    return ".mlp.experts." in name
 
 
 def _unwrap_name(name: str) -> str:
@@ -289,28 +307,47 @@ class MegatronModelBridge:
                 yield vp, local, global_name, tensor, chunk
 
     def _global_order(self, chunks: Sequence[torch.nn.Module], topo: _Topology) -> Tuple[List[str], Dict[str, _ParamMeta]]:
-        """Every rank's identical ordered list of global names and their metadata (cached per model structure)."""
+        """Every rank's identical ordered list of global names and their metadata (cached per model structure).
+
+        Names are gathered over the whole world (pipeline stages and expert-parallel ranks hold different ones) with
+        ``gather_param_names``; the metadata (shape, dtype, layout and which rank holds which TP / expert-TP shard in
+        replica zero) with one ``all_gather_object``. Both run once per model structure.
+        """
         entries = list(self._local_entries(chunks, topo))
-        fingerprint = (topo.tp_size, topo.pp_size, topo.pp_rank, topo.ep_size, tuple(
+        fingerprint = (topo.world, topo.tp_size, topo.pp_size, topo.ep_size, topo.etp_size, tuple(
             (g, tuple(t.shape), t.dtype) for _, _, g, t, _ in entries))
         if self._names_cache is not None and self._names_cache[0] == fingerprint:
             return self._names_cache[1], self._names_cache[2]
         local_meta = {}
         for _, local, global_name, tensor, chunk in entries:
+            index, count, zero = topo.shard_of(global_name)
+            if not zero:
+                continue  # another replica reports it
             layout = self._layout_of(global_name, _module_of(chunk, local), tensor)
-            local_meta[global_name] = (topo.pp_rank, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""), layout)
-        if topo.pp_size > 1:
-            names = ops.gather_param_names(list(local_meta), topo.pp_group)
-            gathered: List[Any] = [None] * topo.pp_size
-            dist.all_gather_object(gathered, local_meta, group=topo.pp_group)
-            meta_all: Dict[str, Any] = {}
-            for part in gathered:
-                for k, v in part.items():
-                    meta_all.setdefault(k, v)
+            local_meta[global_name] = (topo.pp_rank, tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""),
+                                       layout, index, count)
+        if topo.world > 1:
+            names = ops.gather_param_names([g for _, _, g, _, _ in entries], dist.group.WORLD)
+            gathered: List[Any] = [None] * topo.world
+            dist.all_gather_object(gathered, local_meta)
         else:
-            names = sorted(local_meta, key=lambda n: (ops.param_sort_key(n), n))
-            meta_all = local_meta
-        meta = {k: _ParamMeta(v[0], tuple(v[1]), getattr(torch, v[2]), v[3]) for k, v in meta_all.items()}
+            names = sorted({g for _, _, g, _, _ in entries}, key=lambda n: (ops.param_sort_key(n), n))
+            gathered = [local_meta]
+        first: Dict[str, Any] = {}
+        senders: Dict[str, List[int]] = {}
+        for rank, part in enumerate(gathered):
+            for name, (pp, shape, dtype, layout, index, count) in part.items():
+                first.setdefault(name, (pp, shape, dtype, layout))
+                slots = senders.setdefault(name, [-1] * count)
+                if slots[index] == -1:
+                    slots[index] = rank
+        meta = {}
+        for name in names:
+            if name not in first or -1 in senders[name]:
+                raise RuntimeError(f"parameter {name}: no rank of data-parallel replica 0 holds every shard of it "
+                                   f"(shard holders {senders.get(name)})")
+            pp, shape, dtype, layout = first[name]
+            meta[name] = _ParamMeta(pp, tuple(shape), getattr(torch, dtype), layout, tuple(senders[name]))
         self._names_cache = (fingerprint, names, meta)
         return names, meta
 
@@ -373,9 +410,10 @@ class MegatronModelBridge:
         layout = None
         if task.mapping.layout is None:
             layout = detect_layout(task.megatron_module, task.param_weight, task.global_param_name)
+        index, count, _ = topo.shard_of(task.global_param_name)
         return ConversionContext(
-            tp_size=topo.tp_size,
-            tp_rank=topo.tp_rank,
+            tp_size=count,
+            tp_rank=index,
             config=getattr(model, "config", None),
             module=task.megatron_module,
             param=task.param_weight,
@@ -569,8 +607,7 @@ class MegatronModelBridge:
         model_cfg = getattr(_unwrap_model(chunks[0]), "config", None)
         tied = self._tied(chunks)
 
-        buckets = self._buckets(tasks, meta, topo.tp_size, bucket_bytes)
-        senders_of = self._stage_tp_ranks(topo)  # pp stage -> global ranks of its TP ranks (data-parallel rank 0)
+        buckets = self._buckets(tasks, meta, bucket_bytes)
         buffers = self._export_buffers  # kept across buckets and exports (repeated weight syncs): touched once
         device = _comm_device()  # NCCL moves CUDA buffers, gloo CPU ones
 
@@ -582,16 +619,15 @@ class MegatronModelBridge:
                 buffers[kind] = buf
             return buf[:nbytes]
 
-        tp = topo.tp_size
         for bucket in self._progress(buckets, "Exporting HF weights", show_progress):
-            owner = bucket[0].pp_rank
             layout = [(t, meta[t.global_param_name]) for t in bucket]
+            senders = layout[0][1].senders  # every tensor of a bucket has the same shard holders
+            tp = len(senders)
             nbytes = [int(torch.Size(m.shape).numel()) * m.dtype.itemsize for _, m in layout]
             sharded = [m.layout in (COLUMN, ROW) and tp > 1 for _, m in layout]
             local_total = sum(n for n, s in zip(nbytes, sharded) if s)
             repl_total = sum(n for n, s in zip(nbytes, sharded) if not s)
-            senders = senders_of[owner]
-            mine = topo.pp_rank == owner and topo.replica_zero
+            mine = topo.rank in senders
             if mine and tp == 1 and senders[0] == dst_rank == topo.rank and not everyone:
                 # the destination owns the whole bucket: convert straight from the parameters
                 views = [[task.param_weight.detach()] for task, _ in layout]
@@ -600,7 +636,8 @@ class MegatronModelBridge:
                 # each TP rank of the owning stage sends its part straight to the destination (no hop, no broadcast)
                 msg = None
                 if mine:
-                    part = self._pack_part(buffer, layout, nbytes, sharded, repl_total, local_total, topo.tp_rank)
+                    part = self._pack_part(buffer, layout, nbytes, sharded, repl_total, local_total,
+                                           senders.index(topo.rank))
                     if topo.rank != dst_rank and part.numel():
                         dist.send(part, dst=dst_rank)
                 if topo.rank == dst_rank:
@@ -665,21 +702,6 @@ class MegatronModelBridge:
         return tensor if tensor.dtype == want else tensor.to(want)
 
     @staticmethod
-    def _stage_tp_ranks(topo: _Topology) -> List[List[int]]:
-        """For every pipeline stage, the global ranks of its TP ranks 0..tp-1 in data-parallel replica 0."""
-        if topo.world == 1:
-            return [[0]]
-        device = _comm_device()
-        mine = torch.tensor([topo.pp_rank, topo.tp_rank, int(topo.replica_zero)], dtype=torch.int64, device=device)
-        table = torch.empty(topo.world * 3, dtype=torch.int64, device=device)
-        _all_gather_flat(table, mine, None)
-        out = [[-1] * topo.tp_size for _ in range(topo.pp_size)]
-        for rank, (pp, tp, zero) in enumerate(table.view(-1, 3).cpu().tolist()):
-            if zero and out[pp][tp] == -1:
-                out[pp][tp] = rank
-        return out
-
-    @staticmethod
     def _split_message(msg, layout, nbytes, sharded, repl_total, local_total, tp):
         """Per task, the list of per-TP-rank tensors (views into the message)."""
         out = []
@@ -696,15 +718,16 @@ class MegatronModelBridge:
         return out
 
     @staticmethod
-    def _buckets(tasks, meta, tp: int, budget: int) -> List[List[WeightConversionTask]]:
-        """Consecutive tasks of one pipeline stage whose gathered bytes stay within ``budget``."""
+    def _buckets(tasks, meta, budget: int) -> List[List[WeightConversionTask]]:
+        """Consecutive tasks with the same shard holders whose gathered bytes stay within ``budget``."""
         buckets: List[List[WeightConversionTask]] = []
         current: List[WeightConversionTask] = []
         used = 0
         for task in tasks:
             m = meta[task.global_param_name]
-            size = int(torch.Size(m.shape).numel()) * m.dtype.itemsize * (tp if m.layout in (COLUMN, ROW) else 1)
-            if current and (current[0].pp_rank != task.pp_rank or used + size > budget):
+            size = int(torch.Size(m.shape).numel()) * m.dtype.itemsize * (
+                len(m.senders) if m.layout in (COLUMN, ROW) else 1)
+            if current and (meta[current[0].global_param_name].senders != m.senders or used + size > budget):
                 buckets.append(current)
                 current, used = [], 0
             current.append(task)
