@@ -218,6 +218,7 @@ def _current_parallel_sizes() -> Dict[str, Any]:
         "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
         "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
         "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size(),
     }
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     if vpp:
