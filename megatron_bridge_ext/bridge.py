@@ -17,7 +17,6 @@ import fnmatch
 import logging
 import re
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -95,11 +94,8 @@ class _ParamMeta:
 class _Topology:
     tp_size: int = 1
     tp_rank: int = 0
-    tp_group: Any = None
     pp_size: int = 1
     pp_rank: int = 0
-    pp_group: Any = None
-    pp_ranks: Tuple[int, ...] = (0,)
     replica_zero: bool = True  # data-parallel (and context-parallel) rank 0: takes part in export
     ep_size: int = 1
     ep_rank: int = 0
@@ -128,15 +124,11 @@ class _Topology:
                     "megatron.core.parallel_state.initialize_model_parallel(...) before converting"
                 )
             return cls(rank=dist.get_rank(), world=1)
-        pp_group = ps.get_pipeline_model_parallel_group()
         return cls(
             tp_size=ps.get_tensor_model_parallel_world_size(),
             tp_rank=ps.get_tensor_model_parallel_rank(),
-            tp_group=ps.get_tensor_model_parallel_group(),
             pp_size=ps.get_pipeline_model_parallel_world_size(),
             pp_rank=ps.get_pipeline_model_parallel_rank(),
-            pp_group=pp_group,
-            pp_ranks=tuple(dist.get_process_group_ranks(pp_group)),
             replica_zero=ps.get_data_parallel_rank(with_context_parallel=True) == 0,
             ep_size=ps.get_expert_model_parallel_world_size(),
             ep_rank=ps.get_expert_model_parallel_rank(),
@@ -206,11 +198,6 @@ def _comm_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
 
 
 class MegatronModelBridge:

@@ -93,6 +93,7 @@ def test_fused_hf_experts(device, interleaved, transposed, ep, etp):
     ref_gate = x[:, 0::2] if interleaved else x[:, :F]
     ref_up = x[:, 1::2] if interleaved else x[:, F:]
     assert all(same(a, b) for a, b in zip(gate, split_list(ref_gate)))
+    assert all(same(a, b) for a, b in zip(up, split_list(ref_up)))
     fc1 = _roundtrip_fc1(gate, up, ep, etp)
     fc2 = _roundtrip_fc2(down, ep, etp)
     # Unpack straight into views of fresh fused HF tensors.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_bridge_ext.config import hf_to_transformer_config
-from megatron_bridge_ext.mappings import AutoMapping, GatedMLPMapping, QKVMapping, ReplicatedMapping
+from megatron_bridge_ext.mappings import AutoMapping, GatedMLPMapping, ReplicatedMapping
 from megatron_bridge_ext.models.llama import H, L, LlamaBridge, _gpt_model_class
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
