@@ -1,14 +1,15 @@
-"""The conversion engine: HF checkpoint <-> live Megatron-Core model chunks (TP, PP, virtual PP).
+"""The conversion engine: HF checkpoint <-> live Megatron-Core model chunks (TP, PP, virtual PP, EP, expert-TP).
 
 Import (HF -> Megatron): every rank walks its own parameters in the global order, reads from the lazy, memory-mapped
 HF source only the rows it keeps, and packs them straight into the parameter with the fused ops. No collective is
 needed except the tied-embedding broadcast to the last pipeline stage.
 
-Export (Megatron -> HF): parameters are taken in the global order (identical on every rank), cut into buckets of at
-most ``bucket_bytes`` that belong to one pipeline stage; per bucket the owning stage runs ONE flat all-gather over its
-tensor-parallel group, its TP-rank-0 sends the flat buffer to the destination rank only (no broadcast to every
-stage), and the destination unpacks it into HF tensors in one pass. Buffers are reused across buckets, so memory stays
-bounded by the bucket budget plus the largest tensor.
+Export (Megatron -> HF): parameters are taken in the global order (identical on every rank) and cut into buckets of
+at most ``bucket_bytes`` whose tensors have the same shard holders (the TP or expert-TP ranks of one pipeline stage /
+expert-parallel rank, in data-parallel replica 0). Each holder sends its part of a bucket as one flat message straight
+to the destination rank (no all-gather, no broadcast to every stage), and the destination unpacks it into HF tensors
+in one pass while it receives the next bucket. Buffers are reused across buckets and exports, so memory stays bounded
+by the bucket budget (twice on the destination) plus the largest tensor.
 """
 
 from __future__ import annotations
@@ -88,6 +89,29 @@ class _ParamMeta:
     dtype: torch.dtype
     layout: str
     senders: Tuple[int, ...]  # global rank holding shard i (TP or expert-TP index), in replica zero
+
+
+@dataclass
+class _BucketPlan:
+    """One export bucket: its tensors, their shard holders and where each holder's part sits in the message."""
+
+    layout: List[Tuple[WeightConversionTask, _ParamMeta]]
+    senders: Tuple[int, ...]
+    nbytes: List[int]
+    sharded: List[bool]
+    local_total: int  # bytes of one holder's shards
+    repl_total: int  # bytes of the replicated tensors (sent by holder 0)
+    mine: bool  # this rank is a holder
+    direct: bool  # the destination holds the whole bucket alone: no message
+
+    @property
+    def msg_bytes(self) -> int:
+        return self.repl_total + self.local_total * len(self.senders)
+
+    def part_range(self, index: int) -> Tuple[int, int]:
+        """Byte range of holder ``index``'s part in the message."""
+        lo = 0 if index == 0 else self.repl_total + index * self.local_total
+        return lo, self.repl_total + (index + 1) * self.local_total
 
 
 @dataclass
@@ -606,46 +630,51 @@ class MegatronModelBridge:
                 buffers[kind] = buf
             return buf[:nbytes]
 
-        for bucket in self._progress(buckets, "Exporting HF weights", show_progress):
-            layout = [(t, meta[t.global_param_name]) for t in bucket]
-            senders = layout[0][1].senders  # every tensor of a bucket has the same shard holders
-            tp = len(senders)
-            nbytes = [int(torch.Size(m.shape).numel()) * m.dtype.itemsize for _, m in layout]
-            sharded = [m.layout in (COLUMN, ROW) and tp > 1 for _, m in layout]
-            local_total = sum(n for n, s in zip(nbytes, sharded) if s)
-            repl_total = sum(n for n, s in zip(nbytes, sharded) if not s)
-            mine = topo.rank in senders
-            if mine and tp == 1 and senders[0] == dst_rank == topo.rank and not everyone:
+        plans = [self._bucket_plan(bucket, meta, topo, dst_rank, everyone) for bucket in buckets]
+        pending: Dict[int, Tuple[torch.Tensor, List[Any]]] = {}  # bucket index -> (message, receive requests)
+
+        def post_receive(i: int) -> Tuple[torch.Tensor, List[Any]]:
+            """On the destination: place its own part and post one receive per other holder (double-buffered)."""
+            plan = plans[i]
+            msg = buffer(f"msg{i % 2}", plan.msg_bytes)
+            requests = []
+            for t, src in enumerate(plan.senders):
+                lo, hi = plan.part_range(t)
+                if src == topo.rank:
+                    self._pack_part(msg[lo:hi], plan, t)
+                elif hi > lo:
+                    requests.append(dist.irecv(msg[lo:hi], src=src))
+            return msg, requests
+
+        for i, bucket in enumerate(self._progress(buckets, "Exporting HF weights", show_progress)):
+            plan = plans[i]
+            layout = plan.layout
+            if plan.direct:
                 # the destination owns the whole bucket: convert straight from the parameters
                 views = [[task.param_weight.detach()] for task, _ in layout]
             else:
-                # message layout on the destination: [replicated | TP rank 0's shards | TP rank 1's | ...];
-                # each TP rank of the owning stage sends its part straight to the destination (no hop, no broadcast)
+                # message layout on the destination: [replicated | shard 0 | shard 1 | ...]; each holder sends its
+                # part straight to the destination (no all-gather, no hop, no broadcast to every stage)
                 msg = None
-                if mine:
-                    part = self._pack_part(buffer, layout, nbytes, sharded, repl_total, local_total,
-                                           senders.index(topo.rank))
-                    if topo.rank != dst_rank and part.numel():
-                        dist.send(part, dst=dst_rank)
+                if plan.mine and topo.rank != dst_rank:
+                    t = plan.senders.index(topo.rank)
+                    lo, hi = plan.part_range(t)
+                    if hi > lo:
+                        dist.send(self._pack_part(buffer("send", hi - lo), plan, t), dst=dst_rank)
                 if topo.rank == dst_rank:
-                    msg = buffer("msg", repl_total + local_total * tp)
-                    requests = []
-                    for t, src in enumerate(senders):
-                        lo = 0 if t == 0 else repl_total + t * local_total
-                        hi = repl_total + (t + 1) * local_total
-                        if src == topo.rank:
-                            msg[lo:hi].copy_(part)
-                        elif hi > lo:
-                            requests.append(dist.irecv(msg[lo:hi], src=src))
+                    msg, requests = pending.pop(i) if i in pending else post_receive(i)
                     for req in requests:
                         req.wait()
+                    # receive the next bucket while this one is converted
+                    if not everyone and i + 1 < len(plans) and not plans[i + 1].direct:
+                        pending[i + 1] = post_receive(i + 1)
                 if everyone and topo.world > 1:
                     if msg is None:
-                        msg = buffer("msg", repl_total + local_total * tp)
+                        msg = buffer("msg0", plan.msg_bytes)
                     dist.broadcast(msg, src=dst_rank)
                 if not receiving:
                     continue
-                views = self._split_message(msg, layout, nbytes, sharded, repl_total, local_total, tp)
+                views = self._split_message(msg, plan)
             # unpack into HF tensors (fresh tensors: the message buffer and the parameters are never handed out)
             for (task, m), shards in zip(layout, views):
                 ctx = ConversionContext(tp_size=len(shards), tp_rank=0, config=model_cfg,
@@ -665,21 +694,34 @@ class MegatronModelBridge:
                         yield HFWeightTuple(self.tied_output_hf_name, tensor.clone() if copy else tensor)
 
     @staticmethod
-    def _pack_part(buffer, layout, nbytes, sharded, repl_total, local_total, tp_rank) -> torch.Tensor:
-        """This TP rank's part of a bucket's message: (TP rank 0 only) the replicated tensors, then its shards."""
-        n = local_total + (repl_total if tp_rank == 0 else 0)
-        part = buffer("send", n)
+    def _bucket_plan(bucket, meta, topo: _Topology, dst_rank: int, everyone: bool) -> "_BucketPlan":
+        layout = [(t, meta[t.global_param_name]) for t in bucket]
+        senders = layout[0][1].senders  # every tensor of a bucket has the same shard holders
+        nbytes = [int(torch.Size(m.shape).numel()) * m.dtype.itemsize for _, m in layout]
+        sharded = [m.layout in (COLUMN, ROW) and len(senders) > 1 for _, m in layout]
+        mine = topo.rank in senders
+        return _BucketPlan(
+            layout=layout, senders=senders, nbytes=nbytes, sharded=sharded, mine=mine,
+            local_total=sum(n for n, s in zip(nbytes, sharded) if s),
+            repl_total=sum(n for n, s in zip(nbytes, sharded) if not s),
+            direct=mine and len(senders) == 1 and senders[0] == dst_rank == topo.rank and not everyone,
+        )
+
+    @staticmethod
+    def _pack_part(out: torch.Tensor, plan: "_BucketPlan", index: int) -> torch.Tensor:
+        """Holder ``index``'s part of a bucket's message into ``out``: (holder 0 only) the replicated tensors, then
+        its shards."""
         at = 0
-        if tp_rank == 0:
-            for (task, _), size, s in zip(layout, nbytes, sharded):
+        if index == 0:
+            for (task, _), size, s in zip(plan.layout, plan.nbytes, plan.sharded):
                 if not s:
-                    part[at:at + size].copy_(_byte_view(task.param_weight))
+                    out[at:at + size].copy_(_byte_view(task.param_weight))
                     at += size
-        for (task, _), size, s in zip(layout, nbytes, sharded):
+        for (task, _), size, s in zip(plan.layout, plan.nbytes, plan.sharded):
             if s:
-                part[at:at + size].copy_(_byte_view(task.param_weight))
+                out[at:at + size].copy_(_byte_view(task.param_weight))
                 at += size
-        return part
+        return out
 
     @staticmethod
     def _to_hf_dtype(name: str, tensor: torch.Tensor, state: Any) -> torch.Tensor:
@@ -689,13 +731,14 @@ class MegatronModelBridge:
         return tensor if tensor.dtype == want else tensor.to(want)
 
     @staticmethod
-    def _split_message(msg, layout, nbytes, sharded, repl_total, local_total, tp):
-        """Per task, the list of per-TP-rank tensors (views into the message)."""
+    def _split_message(msg: torch.Tensor, plan: "_BucketPlan") -> List[List[torch.Tensor]]:
+        """Per task, the list of per-shard tensors (views into the message)."""
         out = []
         at_sharded, at_repl = 0, 0
-        for (task, m), n, s in zip(layout, nbytes, sharded):
+        tp, local_total = len(plan.senders), plan.local_total
+        for (task, m), n, s in zip(plan.layout, plan.nbytes, plan.sharded):
             if s:
-                base = repl_total + at_sharded
+                base = plan.repl_total + at_sharded
                 out.append([msg[base + r * local_total: base + r * local_total + n].view(m.dtype).view(m.shape)
                             for r in range(tp)])
                 at_sharded += n
