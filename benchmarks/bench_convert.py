@@ -104,7 +104,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bucket_bytes: int) -> Dict[str, Any]:
+def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bucket_bytes: int,
+            fsync: bool = True) -> Dict[str, Any]:
     from megatron_bridge_ext.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
@@ -148,7 +149,7 @@ def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bu
     _reset_peak()
     before_export = _rss()["VmRSS"]
     t0 = time.perf_counter()
-    bridge.save_hf_pretrained(chunks, out_dir, bucket_bytes=bucket_bytes, show_progress=False)
+    bridge.save_hf_pretrained(chunks, out_dir, bucket_bytes=bucket_bytes, show_progress=False, fsync=fsync)
     dist.barrier()
     t_export = time.perf_counter() - t0
     peak_export = _rss()["VmHWM"] if reset_ok else None
@@ -174,6 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--bucket-mib", type=int, default=256)
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--no-fsync", action="store_true", help="leave the flush of written shards to the OS")
     args = ap.parse_args(argv)
 
     tmp = args.dir or tempfile.mkdtemp(prefix="bench_convert_")
@@ -193,7 +195,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for layout in args.layouts.split(","):
         tp, pp = (int(x) for x in layout.lower().split("x"))
         out = os.path.join(tmp, f"out_{tp}x{pp}")
-        res = spawn_local(_worker, tp * pp, (ckpt, out, tp, pp, args.bucket_mib * 2**20), timeout=3600)
+        res = spawn_local(_worker, tp * pp, (ckpt, out, tp, pp, args.bucket_mib * 2**20, not args.no_fsync),
+                          timeout=3600)
         t_imp = max(r["import_s"] for r in res)
         t_touch = max(r["touch_s"] for r in res)
         t_exp = max(r["export_s"] for r in res)

@@ -162,11 +162,13 @@ class AutoBridge:
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         strict: bool = True,
         show_progress: Optional[bool] = None,
+        fsync: bool = True,
     ) -> Optional[Dict[str, Any]]:
         """Write the model as an HF checkpoint (config.json and other small files, sharded safetensors).
 
-        Every rank must call it; global rank 0 writes. Shards are written as soon as they are complete; the index is
-        written last, and only when every expected tensor arrived (strict).
+        Every rank must call it; global rank 0 writes. Each tensor goes to its place in its shard's file as it arrives;
+        a shard is (fsynced, unless ``fsync=False``, and) renamed when complete; the index is written last, and only
+        when every expected tensor arrived (strict).
 
         Returns:
             On rank 0, a summary dict (``tensors``, ``bytes``, ``files``); None elsewhere.
@@ -190,7 +192,8 @@ class AutoBridge:
             order.append(tied_name)
         order += [k for k in src.keys() if k not in set(order)]
         expected = {k: (src.shape(k), src.dtype(k)) for k in order if k in src}
-        with SafeTensorsWriter(out_dir, expected, max_shard_bytes=max_shard_bytes, strict=strict) as writer:
+        with SafeTensorsWriter(out_dir, expected, max_shard_bytes=max_shard_bytes, strict=strict,
+                               fsync=fsync) as writer:
             for name, tensor in stream:
                 writer.add(name, tensor)
             summary = writer.close()

@@ -498,8 +498,9 @@ def _write_safetensors(path: str, tensors: Sequence[Tuple[str, torch.Tensor]], m
 class _OpenShard:
     """A shard being written in place: header first, each tensor at its planned offset as soon as it arrives."""
 
-    def __init__(self, tmp: str, specs, metadata: Mapping[str, str]) -> None:
+    def __init__(self, tmp: str, specs, metadata: Mapping[str, str], fsync: bool = True) -> None:
         head, self.offsets, self.data_bytes = _layout(specs, metadata)
+        self.fsync = fsync
         self.tmp = tmp
         self.data_start = len(head)
         self.remaining = set(self.offsets)
@@ -517,7 +518,8 @@ class _OpenShard:
         self.remaining.discard(name)
 
     def finish(self, final: str) -> None:
-        os.fsync(self.fd)
+        if self.fsync:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.replace(self.tmp, final)
@@ -547,6 +549,8 @@ class SafeTensorsWriter:
         overwrite: remove checkpoint files (``model.safetensors``, ``model-*-of-*.safetensors``, the index) already in
             ``out_dir`` before writing, so that no stale file can pass for part of this checkpoint; when False their
             presence is an error.
+        fsync: flush each shard to disk before renaming it to its final name (a crash then never leaves a final
+            name over incomplete data); False leaves the flush to the OS (faster on slow disks).
 
     Raises:
         ValueError: empty ``expected``, an unsupported dtype or a bad ``max_shard_bytes``.
@@ -562,6 +566,7 @@ class SafeTensorsWriter:
         strict: bool = True,
         metadata: Optional[Mapping[str, str]] = None,
         overwrite: bool = True,
+        fsync: bool = True,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -569,6 +574,7 @@ class SafeTensorsWriter:
             raise ValueError("SafeTensorsWriter: no expected tensors")
         self.out_dir = os.fspath(out_dir)
         self.strict = strict
+        self.fsync = fsync
         self.metadata = dict(metadata) if metadata is not None else {"format": "pt"}
         self._expected: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
         for name, spec in expected.items():
@@ -668,7 +674,7 @@ class SafeTensorsWriter:
         if open_shard is None:
             tmp = os.path.join(self.out_dir, f".{self._file_names[shard]}.tmp-{os.getpid()}")
             specs = [(n, *self._expected[n]) for n in self._plan[shard]]
-            open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata)
+            open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata, self.fsync)
         try:
             open_shard.write(name, tensor)  # straight to its place in the file: nothing is buffered
         except BaseException:

@@ -321,10 +321,11 @@ def _sample(n: int = 7) -> dict:
     return out
 
 
-def test_writer_round_trip_multi_shard(tmp_path):
+@pytest.mark.parametrize("fsync", [True, False])
+def test_writer_round_trip_multi_shard(tmp_path, fsync):
     tensors = _sample()
     shard_limit = 200
-    with SafeTensorsWriter(tmp_path, _specs(tensors), max_shard_bytes=shard_limit) as w:
+    with SafeTensorsWriter(tmp_path, _specs(tensors), max_shard_bytes=shard_limit, fsync=fsync) as w:
         plan = w.shard_plan
         assert w.num_shards > 2
         for k, t in tensors.items():
