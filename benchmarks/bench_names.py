@@ -10,12 +10,16 @@ embedding and output layer on the first and last stages). Every rank times both 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
+import sys
 import time
 from typing import List, Tuple
 
-from megatron_bridge_ext.launch import spawn_local
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout too
+
+from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 
 _LAYER = re.compile(r"layers\.(\d+)")
 _EXPERT = re.compile(r"(?:bias|weight)(\d+)")

@@ -19,10 +19,14 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+import os
+
 import torch
 
-import megatron_bridge_ext  # noqa: F401  (registers torch.ops.bridge)
-from megatron_bridge_ext import ops
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout too
+
+import megatron_bridge_ext  # noqa: E402, F401  (registers torch.ops.bridge)
+from megatron_bridge_ext import ops  # noqa: E402
 
 
 @dataclass
