@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_bridge_ext.config import hf_to_transformer_config
+from megatron_bridge_ext.config import _get, hf_to_transformer_config
 from megatron_bridge_ext.mappings import AutoMapping, GatedMLPMapping, ReplicatedMapping
 from megatron_bridge_ext.models.llama import H, L, LlamaBridge, _gpt_model_class
 from megatron_bridge_ext.registry import MegatronMappingRegistry
@@ -17,10 +17,6 @@ from megatron_bridge_ext.registry import MegatronMappingRegistry
 __all__ = ["MixtralBridge"]
 
 E = f"{H}.block_sparse_moe.experts.*"
-
-
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
 
 
 @LlamaBridge.register_bridge(source="MixtralForCausalLM", target=_gpt_model_class())
