@@ -15,6 +15,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from megatron_bridge_ext import geometry
+
 __all__ = [
     "qkv_pack",
     "qkv_pack_fused",
@@ -42,6 +44,8 @@ __all__ = [
 ]
 
 _ops = torch.ops.bridge
+# per-local-expert destinations of expert_pack_fc1/fc2 (Megatron's sequential experts: one parameter per expert)
+_HAS_LIST_OUT = hasattr(_ops.expert_pack_fc1_out, "list")
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -93,14 +97,13 @@ def qkv_pack(
 def _split_fused_qkv(
     qkv: torch.Tensor, num_heads: int, num_query_groups: int, head_dim: int, output_gate: bool
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q_rows = num_heads * head_dim * (2 if output_gate else 1)
-    kv_rows = num_query_groups * head_dim
-    if qkv.dim() < 1 or qkv.shape[0] != q_rows + 2 * kv_rows:
+    g = geometry.qkv_geometry("qkv_fused", num_heads, num_query_groups, head_dim, output_gate)
+    if qkv.dim() < 1 or qkv.shape[0] != g.q_rows + 2 * g.kv_rows:
         raise ValueError(
-            f"fused HF qkv has shape {tuple(qkv.shape)}, expected {q_rows + 2 * kv_rows} rows "
+            f"fused HF qkv has shape {tuple(qkv.shape)}, expected {g.q_rows + 2 * g.kv_rows} rows "
             f"(H={num_heads}, G={num_query_groups}, d={head_dim}, output_gate={output_gate})"
         )
-    return qkv.narrow(0, 0, q_rows), qkv.narrow(0, q_rows, kv_rows), qkv.narrow(0, q_rows + kv_rows, kv_rows)
+    return qkv.narrow(0, 0, g.q_rows), qkv.narrow(0, g.q_rows, g.kv_rows), qkv.narrow(0, g.q_rows + g.kv_rows, g.kv_rows)
 
 
 def qkv_pack_fused(
@@ -301,18 +304,25 @@ def expert_pack_fc1(
     ep_rank: int = 0,
     etp_size: int = 1,
     etp_rank: int = 0,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    out: Optional[TensorOrList] = None,
+) -> TensorOrList:
     """This (EP, ETP) rank's stacked ``linear_fc1`` ``[E/ep, 2F/etp(, D)]`` from E global per-expert gate/up tensors.
 
     Local expert e is global expert ``e + ep_rank * E/ep``; within it rows are ``[gate_t; up_t]`` for ETP rank t.
     ``gate``/``up`` are sequences of E tensors (or stacked ``[E, F, ...]`` tensors); for a fused HF tensor use
-    :func:`expert_fc1_views`.
+    :func:`expert_fc1_views`. Only the experts and rows this rank keeps are read.
+
+    Args:
+        out: a stacked ``[E/ep, 2F/etp, ...]`` destination, or a list of E/ep per-local-expert destinations
+            ``[2F/etp, ...]`` (e.g. the parameters of Megatron's sequential experts), filled in one pass.
     """
     gate, up = _as_list(gate, "expert_pack_fc1", "gate"), _as_list(up, "expert_pack_fc1", "up")
     if out is None:
         return _ops.expert_pack_fc1.default(gate, up, ep_size, ep_rank, etp_size, etp_rank)
-    _ops.expert_pack_fc1_out.default(gate, up, ep_size, ep_rank, etp_size, etp_rank, out)
+    if isinstance(out, torch.Tensor):
+        _ops.expert_pack_fc1_out.default(gate, up, ep_size, ep_rank, etp_size, etp_rank, out)
+    else:
+        _ops.expert_pack_fc1_out.list(gate, up, ep_size, ep_rank, etp_size, etp_rank, list(out))
     return out
 
 
@@ -323,16 +333,20 @@ def expert_pack_fc2(
     ep_rank: int = 0,
     etp_size: int = 1,
     etp_rank: int = 0,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    out: Optional[TensorOrList] = None,
+) -> TensorOrList:
     """This rank's stacked ``linear_fc2`` ``[E/ep, D, F/etp]`` (columns sharded) from E per-expert ``[D, F]``.
 
     1-D inputs (row-parallel biases ``[D]``) are replicated across ETP ranks: the result is ``[E/ep, D]``.
+    ``out`` is a stacked destination or a list of E/ep per-local-expert destinations, as in :func:`expert_pack_fc1`.
     """
     down = _as_list(down, "expert_pack_fc2", "down")
     if out is None:
         return _ops.expert_pack_fc2.default(down, ep_size, ep_rank, etp_size, etp_rank)
-    _ops.expert_pack_fc2_out.default(down, ep_size, ep_rank, etp_size, etp_rank, out)
+    if isinstance(out, torch.Tensor):
+        _ops.expert_pack_fc2_out.default(down, ep_size, ep_rank, etp_size, etp_rank, out)
+    else:
+        _ops.expert_pack_fc2_out.list(down, ep_size, ep_rank, etp_size, etp_rank, list(out))
     return out
 
 
@@ -468,113 +482,216 @@ def local_to_global_name(name: str, layer_offset: int = 0, expert_offset: int = 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Fake kernels (shape functions for meta / FakeTensor / torch.compile)
+# Fake kernels (shape functions for meta / FakeTensor / torch.compile): the geometry module's checks, so a bad call
+# fails under tracing with the same values in its message as the kernel would give.
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _qkv_rows(num_heads: int, num_query_groups: int, head_dim: int, output_gate: bool) -> int:
-    return (num_heads * (2 if output_gate else 1) + 2 * num_query_groups) * head_dim
+def _with_rows(like: torch.Tensor, rows: int) -> Tuple[int, ...]:
+    return (rows, *like.shape[1:])
+
+
+def _check_rows(op: str, t: torch.Tensor, name: str, rows: int, what: str) -> None:
+    torch._check(t.dim() >= 1 and t.shape[0] == rows,
+                 lambda: f"{op}: {name} has {t.shape[0] if t.dim() else 0} rows (shape {list(t.shape)}), "
+                         f"expected {what} = {rows}")
+
+
+def _check_like(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    torch._check(t.dtype == ref.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+    torch._check(t.dim() == ref.dim() and tuple(t.shape[1:]) == tuple(ref.shape[1:]),
+                 lambda: f"{op}: {name} has shape {list(t.shape)} but {ref_name} has shape {list(ref.shape)} "
+                         "(trailing dims must match)")
+
+
+def _check_shape(op: str, t: torch.Tensor, name: str, shape: Sequence[int]) -> None:
+    torch._check(tuple(t.shape) == tuple(shape), lambda: f"{op}: {name} has shape {list(t.shape)}, expected {list(shape)}")
+
+
+def _qkv_fake_inputs(op, q, k, v, num_heads, num_query_groups, head_dim, tp_size, tp_rank, output_gate):
+    g = geometry.qkv_geometry(op, num_heads, num_query_groups, head_dim, output_gate, tp_size, tp_rank)
+    _check_like(op, v, "v", k, "k")
+    _check_rows(op, k, "k", g.kv_rows, "G*d")
+    _check_rows(op, v, "v", g.kv_rows, "G*d")
+    if q is not None:
+        _check_like(op, q, "q", k, "k")
+        _check_rows(op, q, "q", g.q_rows, "2*H*d" if output_gate else "H*d")
+    else:
+        torch._check(num_heads == 0, lambda: f"{op}: q is None but num_heads = {num_heads}")
+    return g
 
 
 @torch.library.register_fake("bridge::qkv_pack")
 def _(q, k, v, num_heads, num_query_groups, head_dim, tp_size=1, tp_rank=0, output_gate=False):
-    torch._check(tp_size >= 1 and num_query_groups % tp_size == 0, lambda: "qkv_pack: G must be divisible by tp")
-    rows = _qkv_rows(num_heads, num_query_groups, head_dim, output_gate) // tp_size
-    return k.new_empty((rows, *k.shape[1:]))
+    g = _qkv_fake_inputs("qkv_pack", q, k, v, num_heads, num_query_groups, head_dim, tp_size, tp_rank, output_gate)
+    return k.new_empty(_with_rows(k, g.shard_rows(tp_size)))
 
 
 @torch.library.register_fake("bridge::qkv_pack_out")
 def _(q, k, v, num_heads, num_query_groups, head_dim, tp_size, tp_rank, output_gate, out):
-    return None
+    op = "qkv_pack_out"
+    g = _qkv_fake_inputs(op, q, k, v, num_heads, num_query_groups, head_dim, tp_size, tp_rank, output_gate)
+    _check_shape(op, out, "out", _with_rows(k, g.shard_rows(tp_size)))
+
+
+def _qkv_fake_packed(op, packed, num_heads, num_query_groups, head_dim, output_gate):
+    g = geometry.qkv_geometry(op, num_heads, num_query_groups, head_dim, output_gate)
+    _check_rows(op, packed, "packed", g.packed_rows, "(2*H + 2*G)*d" if output_gate else "(H + 2*G)*d")
+    return g
 
 
 @torch.library.register_fake("bridge::qkv_unpack")
 def _(packed, num_heads, num_query_groups, head_dim, output_gate=False):
-    rest = tuple(packed.shape[1:])
-    q_rows = num_heads * head_dim * (2 if output_gate else 1)
-    kv_rows = num_query_groups * head_dim
-    return packed.new_empty((q_rows, *rest)), packed.new_empty((kv_rows, *rest)), packed.new_empty((kv_rows, *rest))
+    g = _qkv_fake_packed("qkv_unpack", packed, num_heads, num_query_groups, head_dim, output_gate)
+    return (packed.new_empty(_with_rows(packed, g.q_rows)), packed.new_empty(_with_rows(packed, g.kv_rows)),
+            packed.new_empty(_with_rows(packed, g.kv_rows)))
 
 
 @torch.library.register_fake("bridge::qkv_unpack_out")
 def _(packed, num_heads, num_query_groups, head_dim, output_gate, q, k, v):
-    return None
+    op = "qkv_unpack_out"
+    g = _qkv_fake_packed(op, packed, num_heads, num_query_groups, head_dim, output_gate)
+    for name, t, rows, what in (("k", k, g.kv_rows, "G*d"), ("v", v, g.kv_rows, "G*d"),
+                                ("q", q, g.q_rows, "2*H*d" if output_gate else "H*d")):
+        if t is not None:
+            _check_like(op, t, name, packed, "packed")
+            _check_rows(op, t, name, rows, what)
 
 
 @torch.library.register_fake("bridge::gate_up_pack")
 def _(gate, up, tp_size=1, tp_rank=0):
-    return gate.new_empty((2 * (gate.shape[0] // tp_size), *gate.shape[1:]))
+    op = "gate_up_pack"
+    _check_like(op, up, "up", gate, "gate")
+    return gate.new_empty(_with_rows(gate, geometry.gate_up_shard_rows(op, gate.shape[0], tp_size, tp_rank)))
 
 
 @torch.library.register_fake("bridge::gate_up_pack_out")
 def _(gate, up, tp_size, tp_rank, out):
-    return None
+    op = "gate_up_pack_out"
+    _check_like(op, up, "up", gate, "gate")
+    _check_shape(op, out, "out", _with_rows(gate, geometry.gate_up_shard_rows(op, gate.shape[0], tp_size, tp_rank)))
+
+
+def _gate_up_fake_packed(op, packed, tp_size):
+    geometry.check_divisible(op, "packed rows", packed.shape[0], "2*tp_size", 2 * tp_size)
+    return _with_rows(packed, packed.shape[0] // 2)
 
 
 @torch.library.register_fake("bridge::gate_up_unpack")
 def _(packed, tp_size=1):
-    shape = (packed.shape[0] // 2, *packed.shape[1:])
+    shape = _gate_up_fake_packed("gate_up_unpack", packed, tp_size)
     return packed.new_empty(shape), packed.new_empty(shape)
 
 
 @torch.library.register_fake("bridge::gate_up_unpack_out")
 def _(packed, tp_size, gate, up):
-    return None
+    op = "gate_up_unpack_out"
+    shape = _gate_up_fake_packed(op, packed, tp_size)
+    _check_shape(op, gate, "gate", shape)
+    _check_shape(op, up, "up", shape)
+
+
+def _fc1_fake(op, gate, up, ep_size, ep_rank, etp_size, etp_rank):
+    torch._check(len(up) == len(gate), lambda: f"{op}: up has {len(up)} experts but gate has {len(gate)}")
+    return geometry.expert_fc1_shard_shape(op, len(gate), tuple(gate[0].shape), ep_size, ep_rank, etp_size, etp_rank)
+
+
+def _fc2_fake(op, down, ep_size, ep_rank, etp_size, etp_rank):
+    return geometry.expert_fc2_shard_shape(op, len(down), tuple(down[0].shape), ep_size, ep_rank, etp_size, etp_rank)
+
+
+def _check_list(op: str, ts: Sequence[torch.Tensor], name: str, count: int, shape: Sequence[int]) -> None:
+    torch._check(len(ts) == count, lambda: f"{op}: {name} has {len(ts)} tensors, expected {count}")
+    for e, t in enumerate(ts):
+        _check_shape(op, t, f"{name}[{e}]", shape)
 
 
 @torch.library.register_fake("bridge::expert_pack_fc1")
 def _(gate, up, ep_size=1, ep_rank=0, etp_size=1, etp_rank=0):
-    g = gate[0]
-    return g.new_empty((len(gate) // ep_size, 2 * (g.shape[0] // etp_size), *g.shape[1:]))
+    return gate[0].new_empty(_fc1_fake("expert_pack_fc1", gate, up, ep_size, ep_rank, etp_size, etp_rank))
 
 
 @torch.library.register_fake("bridge::expert_pack_fc1_out")
 def _(gate, up, ep_size, ep_rank, etp_size, etp_rank, out):
-    return None
+    op = "expert_pack_fc1_out"
+    _check_shape(op, out, "out", _fc1_fake(op, gate, up, ep_size, ep_rank, etp_size, etp_rank))
 
 
 @torch.library.register_fake("bridge::expert_pack_fc2")
 def _(down, ep_size=1, ep_rank=0, etp_size=1, etp_rank=0):
-    d = down[0]
-    shape = (d.shape[0], d.shape[1] // etp_size) if d.dim() == 2 else tuple(d.shape)
-    return d.new_empty((len(down) // ep_size, *shape))
+    return down[0].new_empty(_fc2_fake("expert_pack_fc2", down, ep_size, ep_rank, etp_size, etp_rank))
 
 
 @torch.library.register_fake("bridge::expert_pack_fc2_out")
 def _(down, ep_size, ep_rank, etp_size, etp_rank, out):
-    return None
+    op = "expert_pack_fc2_out"
+    _check_shape(op, out, "out", _fc2_fake(op, down, ep_size, ep_rank, etp_size, etp_rank))
+
+
+if _HAS_LIST_OUT:
+    @torch.library.register_fake("bridge::expert_pack_fc1_out.list")
+    def _(gate, up, ep_size, ep_rank, etp_size, etp_rank, out):
+        op = "expert_pack_fc1_out"
+        shape = _fc1_fake(op, gate, up, ep_size, ep_rank, etp_size, etp_rank)
+        _check_list(op, out, "out", shape[0], shape[1:])
+
+    @torch.library.register_fake("bridge::expert_pack_fc2_out.list")
+    def _(down, ep_size, ep_rank, etp_size, etp_rank, out):
+        op = "expert_pack_fc2_out"
+        shape = _fc2_fake(op, down, ep_size, ep_rank, etp_size, etp_rank)
+        _check_list(op, out, "out", shape[0], shape[1:])
+
+
+def _shards_fake(op, shards, ep_size, etp_size):
+    torch._check(len(shards) == ep_size * etp_size,
+                 lambda: f"{op}: got {len(shards)} shards, expected ep_size*etp_size = {ep_size * etp_size}")
+    for i, s in enumerate(shards[1:], 1):
+        _check_shape(op, s, f"shards[{i}]", tuple(shards[0].shape))
 
 
 @torch.library.register_fake("bridge::expert_unpack_fc1")
 def _(shards, ep_size, etp_size):
-    s = shards[0]
-    shape = (s.shape[0] * ep_size, (s.shape[1] // 2) * etp_size, *s.shape[2:])
-    return s.new_empty(shape), s.new_empty(shape)
+    op = "expert_unpack_fc1"
+    _shards_fake(op, shards, ep_size, etp_size)
+    shape = (shards[0].shape[0] * ep_size, *geometry.expert_fc1_expert_shape(op, tuple(shards[0].shape), ep_size,
+                                                                             etp_size))
+    return shards[0].new_empty(shape), shards[0].new_empty(shape)
 
 
 @torch.library.register_fake("bridge::expert_unpack_fc1_out")
 def _(shards, ep_size, etp_size, gate, up):
-    return None
+    op = "expert_unpack_fc1_out"
+    _shards_fake(op, shards, ep_size, etp_size)
+    shape = geometry.expert_fc1_expert_shape(op, tuple(shards[0].shape), ep_size, etp_size)
+    _check_list(op, gate, "gate", shards[0].shape[0] * ep_size, shape)
+    _check_list(op, up, "up", shards[0].shape[0] * ep_size, shape)
 
 
 @torch.library.register_fake("bridge::expert_unpack_fc2")
 def _(shards, ep_size, etp_size):
-    s = shards[0]
-    if s.dim() == 3:
-        return s.new_empty((s.shape[0] * ep_size, s.shape[1], s.shape[2] * etp_size))
-    return s.new_empty((s.shape[0] * ep_size, *s.shape[1:]))
+    op = "expert_unpack_fc2"
+    _shards_fake(op, shards, ep_size, etp_size)
+    shape = geometry.expert_fc2_expert_shape(op, tuple(shards[0].shape), ep_size, etp_size)
+    return shards[0].new_empty((shards[0].shape[0] * ep_size, *shape))
 
 
 @torch.library.register_fake("bridge::expert_unpack_fc2_out")
 def _(shards, ep_size, etp_size, down):
-    return None
+    op = "expert_unpack_fc2_out"
+    _shards_fake(op, shards, ep_size, etp_size)
+    shape = geometry.expert_fc2_expert_shape(op, tuple(shards[0].shape), ep_size, etp_size)
+    _check_list(op, down, "down", shards[0].shape[0] * ep_size, shape)
 
 
 @torch.library.register_fake("bridge::shard_copy")
 def _(src, dst, mesh_shape, mesh_coord, shard_dims):
-    return None
+    op = "shard_copy"
+    box = geometry.shard_shape(op, tuple(src.shape), mesh_shape, mesh_coord, shard_dims)
+    _check_shape(op, dst, "dst", [n for _, n in box])
 
 
 @torch.library.register_fake("bridge::flat_range_copy")
 def _(src, dst, start):
-    return None
+    torch._check(0 <= start and start + dst.numel() <= src.numel(),
+                 lambda: f"flat_range_copy: range [{start}, {start + dst.numel()}) is beyond src.numel() = "
+                         f"{src.numel()}")
