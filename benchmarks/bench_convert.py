@@ -59,7 +59,7 @@ def hf_shapes(cfg: Dict[str, Any]) -> Dict[str, tuple]:
 
 def make_checkpoint(path: str, layers: int, shard_bytes: int = GiB) -> Dict[str, Any]:
     """Random bf16 weights (fixed seed), sharded like save_pretrained, plus config.json."""
-    from megatron_bridge_ext.state import SafeTensorsWriter
+    from megatron_bridge_ext.io import SafeTensorsWriter
 
     cfg = llama_config(layers)
     os.makedirs(path, exist_ok=True)
@@ -106,13 +106,13 @@ def _reset_peak() -> bool:
 
 def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bucket_bytes: int,
             fsync: bool = True) -> Dict[str, Any]:
-    from megatron_bridge_ext.cpu_compat import apply_cpu_patches
+    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
     import torch.distributed as dist
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.model_builder import destroy_parallel, init_parallel
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
     init_parallel(tp=tp, pp=pp)
     bridge = AutoBridge.from_hf_pretrained(ckpt)
@@ -160,7 +160,7 @@ def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bu
 
 
 def verify(src: str, dst: str) -> bool:
-    from megatron_bridge_ext.state import SafeTensorsSource
+    from megatron_bridge_ext.io import SafeTensorsSource
 
     with SafeTensorsSource(src) as a, SafeTensorsSource(dst) as b:
         if set(a.keys()) != set(b.keys()):

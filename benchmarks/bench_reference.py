@@ -33,7 +33,7 @@ What is NOT the real stack, stated so the numbers are not misread:
   spec Megatron Bridge picks by default, and all fusions are off. The weight names then differ only in the layer
   norms (``input_layernorm`` instead of ``linear_qkv.layer_norm_weight``), which Megatron Bridge's Llama mapping
   accepts.
-* megatron-core is patched for CPU the way our ``megatron_bridge_ext/cpu_compat.py`` does (copied here to keep the
+* megatron-core is patched for CPU the way our ``megatron_bridge_ext/mcore/cpu_compat.py`` does (copied here to keep the
   script self-contained): ``torch.cuda.current_device`` returns ``"cpu"``, the inference rng tracker is used.
   ``torch.cuda.synchronize`` / ``empty_cache`` are made no-ops (Megatron Bridge calls them around conversions).
 * One Megatron Bridge method is wrapped: ``MegatronParamMapping.scatter_to_tp_ranks`` makes its splits contiguous.
@@ -71,7 +71,7 @@ def _free_port() -> int:
 
 
 def _cpu_patches() -> None:
-    """The CPU patches megatron-core 0.16.x needs (see megatron_bridge_ext/cpu_compat.py)."""
+    """The CPU patches megatron-core 0.16.x needs (see megatron_bridge_ext/mcore/cpu_compat.py)."""
     if torch.cuda.is_available():
         raise RuntimeError("bench_reference: CUDA is available; these CPU patches are for CPU-only processes")
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]

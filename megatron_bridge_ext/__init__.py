@@ -26,11 +26,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AutoBridge": "megatron_bridge_ext.auto_bridge",
-    "HFCheckpoint": "megatron_bridge_ext.auto_bridge",
-    "MegatronModelBridge": "megatron_bridge_ext.bridge",
+    "HFCheckpoint": "megatron_bridge_ext.io.hf_checkpoint",
+    "MegatronModelBridge": "megatron_bridge_ext.engine",
     "MegatronMappingRegistry": "megatron_bridge_ext.registry",
-    "SafeTensorsSource": "megatron_bridge_ext.state",
-    "SafeTensorsWriter": "megatron_bridge_ext.state",
+    "SafeTensorsSource": "megatron_bridge_ext.io",
+    "SafeTensorsWriter": "megatron_bridge_ext.io",
     "register_bridge": "megatron_bridge_ext.dispatch",
 }
 

@@ -3,51 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-from megatron_bridge_ext.bridge import DEFAULT_BUCKET_BYTES, HFWeightTuple, MegatronModelBridge
-from megatron_bridge_ext.state import SafeTensorsSource, SafeTensorsWriter
+from megatron_bridge_ext.engine import DEFAULT_BUCKET_BYTES, HFWeightTuple, MegatronModelBridge
+from megatron_bridge_ext.io import SafeTensorsWriter
+from megatron_bridge_ext.io.hf_checkpoint import HFCheckpoint, copy_side_files
+from megatron_bridge_ext.mcore.topology import current_parallel_sizes
 
 __all__ = ["AutoBridge", "HFCheckpoint"]
-
-# Files of an HF checkpoint directory that are weights (written by the exporter) rather than side files to copy.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-@dataclass
-class HFCheckpoint:
-    """A local HF checkpoint: its ``config`` (transformers PretrainedConfig) and lazy ``state`` (safetensors)."""
-
-    path: str
-    config: Any
-    state: SafeTensorsSource
-
-    @property
-    def model_name_or_path(self) -> str:
-        return self.path
-
-    @classmethod
-    def open(cls, path: Union[str, os.PathLike]) -> "HFCheckpoint":
-        """Open a checkpoint directory (config.json + safetensors); nothing is read until a tensor is used.
-
-        Raises:
-            FileNotFoundError: naming the missing directory or config.json.
-        """
-        path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"HF checkpoint directory {path!r} does not exist")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"HF checkpoint {path!r} has no config.json")
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        return cls(path=path, config=config, state=SafeTensorsSource(path))
 
 
 def _ensure_models_registered() -> None:
@@ -99,7 +65,7 @@ class AutoBridge:
 
     def transformer_config(self, **overrides: Any):
         """Megatron TransformerConfig for this checkpoint; parallel sizes default to the current parallel_state."""
-        for key, value in _current_parallel_sizes().items():
+        for key, value in current_parallel_sizes().items():
             overrides.setdefault(key, value)
         return self.model_bridge.transformer_config(self.hf_config, **overrides)
 
@@ -116,7 +82,7 @@ class AutoBridge:
             allowed_mismatched_params: globs of Megatron names whose shape mismatch is tolerated (with a warning).
             **overrides: TransformerConfig fields (e.g. ``params_dtype=torch.float32``).
         """
-        from megatron_bridge_ext.model_builder import build_model_chunks
+        from megatron_bridge_ext.mcore.model_builder import build_model_chunks
 
         config = self.transformer_config(**overrides)
         chunks = build_model_chunks(config, self.hf_config.vocab_size, _max_seq_len(self.hf_config))
@@ -197,36 +163,8 @@ class AutoBridge:
             for name, tensor in stream:
                 writer.add(name, tensor)
             summary = writer.close()
-        self._copy_side_files(out_dir)
+        copy_side_files(self.hf_pretrained.path, out_dir)
         return summary
-
-    def _copy_side_files(self, out_dir: str) -> None:
-        """config.json, generation config, tokenizer files, ...: everything that is not a weight file."""
-        src_dir = self.hf_pretrained.path
-        for name in sorted(os.listdir(src_dir)):
-            src = os.path.join(src_dir, name)
-            if not os.path.isfile(src) or name.endswith(_WEIGHT_SUFFIXES) or name in _WEIGHT_INDEXES:
-                continue
-            shutil.copyfile(src, os.path.join(out_dir, name))
-
-
-def _current_parallel_sizes() -> Dict[str, Any]:
-    if not dist.is_available() or not dist.is_initialized():
-        return {}
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return {}
-    sizes: Dict[str, Any] = {
-        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
-        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
-        "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
-        "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size(),
-    }
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
-    if vpp:
-        sizes["virtual_pipeline_model_parallel_size"] = vpp
-    return sizes
 
 
 def _max_seq_len(hf_config: Any) -> int:

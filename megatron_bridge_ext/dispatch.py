@@ -7,6 +7,7 @@ resolves a class, an instance or a name: exact type first, then the classes of i
 
 from __future__ import annotations
 
+import importlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
@@ -27,7 +28,7 @@ Source = Union[type, str]
 @dataclass(frozen=True)
 class _Registration:
     source: Source
-    target: type
+    target: Union[type, str]
     bridge_class: type
 
     @property
@@ -45,12 +46,16 @@ def _same_bridge(a: type, b: type) -> bool:
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
-def register_bridge(*, source: Source, target: type) -> Callable[[_B], _B]:
+def register_bridge(*, source: Source, target: Union[type, str]) -> Callable[[_B], _B]:
     """Class decorator registering a model bridge for one HF architecture.
+
+    A bridge class that sets no ``hf_architecture`` of its own gets the source's name (the architecture it writes
+    into an exported ``config.json``).
 
     Args:
         source: the HF model class (e.g. ``LlamaForCausalLM``) or its class name as a string.
-        target: the Megatron model class the bridge builds (e.g. ``GPTModel``).
+        target: the Megatron model class the bridge builds (e.g. ``GPTModel``), or its dotted import path
+            (``"megatron.core.models.gpt.GPTModel"``, imported when :func:`bridge_target` asks for it).
 
     Returns:
         the decorator; it returns the class unchanged.
@@ -61,8 +66,9 @@ def register_bridge(*, source: Source, target: type) -> Callable[[_B], _B]:
     """
     if not (isinstance(source, type) or (isinstance(source, str) and source)):
         raise ValueError(f"register_bridge: source must be an HF model class or a class name, got {source!r}")
-    if not isinstance(target, type):
-        raise ValueError(f"register_bridge: target must be a Megatron model class, got {target!r}")
+    if not (isinstance(target, type) or (isinstance(target, str) and "." in target.strip("."))):
+        raise ValueError(f"register_bridge: target must be a Megatron model class or its dotted import path, got "
+                         f"{target!r}")
 
     def decorator(bridge_class: _B) -> _B:
         if not isinstance(bridge_class, type):
@@ -77,6 +83,8 @@ def register_bridge(*, source: Source, target: type) -> Callable[[_B], _B]:
                     f"cannot also register {bridge_class.__qualname__}"
                 )
             table[source] = reg
+        if "hf_architecture" not in vars(bridge_class):
+            bridge_class.hf_architecture = reg.source_name  # type: ignore[attr-defined]
         return bridge_class
 
     return decorator
@@ -160,7 +168,11 @@ def bridge_target(hf_architecture: Union[type, str, Any]) -> type:
     Raises:
         ValueError: unknown architecture.
     """
-    return _resolve(hf_architecture).target
+    target = _resolve(hf_architecture).target
+    if isinstance(target, str):
+        module, _, name = target.rpartition(".")
+        target = getattr(importlib.import_module(module), name)
+    return target
 
 
 def _supported() -> List[str]:

@@ -6,6 +6,9 @@ that matched are substituted, in order, into the other side (into every value of
 
 The first registered mapping that matches wins. Wildcard-free names are dict lookups; every resolved name is cached,
 so a model with 10^5 parameters pays one scan per distinct name at most.
+
+Expert mappings (``mapping.grouped``) resolve to their layer's group: the expert index (the last wildcard) stays ``*``
+in the resolved names and is recorded as ``mapping.expert``; an HF side fused over experts carries one wildcard less.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def _compile(text: str) -> _Pattern:
 class _Compiled:
     """A registered mapping with its compiled patterns."""
 
-    __slots__ = ("mapping", "order", "megatron", "hf")
+    __slots__ = ("mapping", "order", "megatron", "hf", "grouped")
 
     def __init__(self, mapping: MegatronParamMapping, order: int) -> None:
         if not isinstance(mapping, MegatronParamMapping):
@@ -82,21 +85,40 @@ class _Compiled:
         else:
             raise ValueError(f"{mapping!r}: hf_param must be a string or a non-empty dict of role -> string")
         n = self.megatron.n_wildcards
+        self.grouped = bool(getattr(mapping, "grouped", False))
+        if self.grouped and n < 1:
+            raise ValueError(f"{mapping!r}: an expert mapping's megatron_param {mapping.megatron_param!r} needs the "
+                             "expert index as its last wildcard")
+        fused_roles = set(getattr(mapping, "fused_roles", ()))
         for role, pat in self.hf.items():
-            if pat.n_wildcards != n:
+            want = n - 1 if self.grouped and role in fused_roles else n  # a fused HF tensor has no expert index
+            if pat.n_wildcards != want:
                 where = "hf_param" if role is None else f"hf_param[{role!r}]"
                 raise ValueError(
                     f"{mapping!r}: megatron_param {mapping.megatron_param!r} has {n} wildcard(s) but {where} "
-                    f"{pat.text!r} has {pat.n_wildcards}"
+                    f"{pat.text!r} has {pat.n_wildcards} (expected {want})"
                 )
 
     def resolve(self, captures: Sequence[str], megatron_name: Optional[str] = None) -> MegatronParamMapping:
+        if self.grouped:
+            return self._resolve_group(captures)
         meg = megatron_name if megatron_name is not None else self.megatron.fill(captures)
         if None in self.hf:
             hf: HFParam = self.hf[None].fill(captures)
         else:
             hf = {role: pat.fill(captures) for role, pat in self.hf.items()}
         return self.mapping.with_names(meg, hf)
+
+    def _resolve_group(self, captures: Sequence[str]) -> MegatronParamMapping:
+        """An expert mapping resolved to its layer's group: the expert index (last capture) stays a wildcard."""
+        *outer, expert = captures
+        if not expert.isdigit():
+            raise ValueError(f"{self.mapping!r}: expert index {expert!r} of a resolved name is not a number")
+        open_expert = [*outer, "*"]
+        hf = {role: pat.fill(outer if pat.n_wildcards == len(outer) else open_expert) for role, pat in self.hf.items()}
+        resolved = self.mapping.with_names(self.megatron.fill(open_expert), hf)
+        resolved.expert = int(expert)  # type: ignore[attr-defined]
+        return resolved
 
 
 def _alias_of(name: str) -> Optional[str]:

@@ -19,8 +19,8 @@ from megatron_bridge_ext.mappings import (
     QKVMapping,
     ReplicatedMapping,
     RowParallelMapping,
-    detect_layout,
 )
+from megatron_bridge_ext.mcore.layout import detect_layout
 
 
 def _cfg(H, G, d, D):
@@ -136,7 +136,7 @@ def test_auto_mapping_detects_layouts():
     assert detect_layout(RowParallelLinear(), w, "x.weight") == "column"  # the attributes win
     x = rand((6, 4))
     auto = AutoMapping("decoder.layers.0.self_attention.linear_proj.weight", "o")
-    shards = _each_rank(auto, x, 2, module=RowParallelLinear())
+    shards = _each_rank(auto, x, 2, layout=detect_layout(RowParallelLinear(), None, auto.megatron_param))
     assert all(same(s, c) for s, c in zip(shards, torch.chunk(x, 2, 1)))
 
 

@@ -1,4 +1,5 @@
-"""Per-model bridges: one file per model family, importing it registers the bridge."""
+"""Per-model bridges: one file per model family (config translation both ways + mapping table); importing this
+package registers them."""
 
 from megatron_bridge_ext.models import llama, mixtral, qwen2  # noqa: F401
 

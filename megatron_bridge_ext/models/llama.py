@@ -1,51 +1,60 @@
 """Llama (``LlamaForCausalLM``): GQA attention, SwiGLU MLP, RMSNorm, RoPE (with HF rope scaling), tied or untied
-embeddings."""
+embeddings. The base of the Llama-like families."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict
 
-from megatron_bridge_ext.bridge import MegatronModelBridge
-from megatron_bridge_ext.config import hf_to_transformer_config
-from megatron_bridge_ext.mappings import AutoMapping, GatedMLPMapping, QKVMapping
+from megatron_bridge_ext.engine import MegatronModelBridge
+from megatron_bridge_ext.mcore.config import config_get
+from megatron_bridge_ext.models.common import (
+    GPT_MODEL,
+    activation_func,
+    activation_name,
+    attention_mappings,
+    embedding_mappings,
+    gated_mlp_mappings,
+)
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = ["LlamaBridge"]
 
-L = "decoder.layers.*"
-H = "model.layers.*"
 
-
-def _gpt_model_class():
-    try:
-        from megatron.core.models.gpt import GPTModel
-    except ImportError:  # megatron-core absent: register by name only
-        return "GPTModel"
-    return GPTModel
-
-
-@MegatronModelBridge.register_bridge(source="LlamaForCausalLM", target=_gpt_model_class())
+@MegatronModelBridge.register_bridge(source="LlamaForCausalLM", target=GPT_MODEL)
 class LlamaBridge(MegatronModelBridge):
     """HF LlamaForCausalLM <-> Megatron-Core GPTModel."""
 
-    def transformer_config(self, hf_config: Any, **overrides: Any):
-        return hf_to_transformer_config(hf_config, **overrides)
+    hf_model_type = "llama"
+
+    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        kw = super().hf_config_to_megatron_kwargs(hf_config)
+        family = type(self).__name__
+        attn_bias = bool(config_get(hf_config, "attention_bias", False))
+        mlp_bias = bool(config_get(hf_config, "mlp_bias", False))
+        if attn_bias != mlp_bias:
+            raise ValueError(
+                f"{family}: attention_bias={attn_bias} with mlp_bias={mlp_bias} cannot be expressed (megatron's "
+                "add_bias_linear covers q/k/v, o_proj and the MLP together)"
+            )
+        kw.update(
+            normalization="RMSNorm",
+            layernorm_epsilon=float(config_get(hf_config, "rms_norm_eps", 1e-6)),
+            gated_linear_unit=True,
+            activation_func=activation_func(config_get(hf_config, "hidden_act", "silu"), family),
+            add_bias_linear=attn_bias,
+            add_qkv_bias=attn_bias,
+        )
+        return kw
+
+    def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
+        hf = super().megatron_to_hf_config(config)
+        hf.update(
+            rms_norm_eps=config.layernorm_epsilon,
+            hidden_act=activation_name(config.activation_func),
+            attention_bias=bool(config.add_bias_linear),
+            mlp_bias=bool(config.add_bias_linear),
+        )
+        return hf
 
     def mapping_registry(self) -> MegatronMappingRegistry:
-        return MegatronMappingRegistry(
-            AutoMapping("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
-            AutoMapping("output_layer.weight", "lm_head.weight"),
-            AutoMapping("decoder.final_layernorm.weight", "model.norm.weight"),
-            AutoMapping(f"{L}.input_layernorm.weight", f"{H}.input_layernorm.weight"),
-            AutoMapping(f"{L}.pre_mlp_layernorm.weight", f"{H}.post_attention_layernorm.weight"),
-            QKVMapping(f"{L}.self_attention.linear_qkv.weight", q=f"{H}.self_attn.q_proj.weight",
-                       k=f"{H}.self_attn.k_proj.weight", v=f"{H}.self_attn.v_proj.weight"),
-            QKVMapping(f"{L}.self_attention.linear_qkv.bias", q=f"{H}.self_attn.q_proj.bias",
-                       k=f"{H}.self_attn.k_proj.bias", v=f"{H}.self_attn.v_proj.bias"),
-            AutoMapping(f"{L}.self_attention.linear_proj.weight", f"{H}.self_attn.o_proj.weight"),
-            AutoMapping(f"{L}.self_attention.linear_proj.bias", f"{H}.self_attn.o_proj.bias"),
-            GatedMLPMapping(f"{L}.mlp.linear_fc1.weight", gate=f"{H}.mlp.gate_proj.weight", up=f"{H}.mlp.up_proj.weight"),
-            GatedMLPMapping(f"{L}.mlp.linear_fc1.bias", gate=f"{H}.mlp.gate_proj.bias", up=f"{H}.mlp.up_proj.bias"),
-            AutoMapping(f"{L}.mlp.linear_fc2.weight", f"{H}.mlp.down_proj.weight"),
-            AutoMapping(f"{L}.mlp.linear_fc2.bias", f"{H}.mlp.down_proj.bias"),
-        )
+        return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(), *gated_mlp_mappings())

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict
 
-from megatron_bridge_ext.config import hf_to_transformer_config
-from megatron_bridge_ext.models.llama import LlamaBridge, _gpt_model_class
+from megatron_bridge_ext.models.common import GPT_MODEL
+from megatron_bridge_ext.models.llama import LlamaBridge
 
 __all__ = ["Qwen2Bridge"]
 
 
-@LlamaBridge.register_bridge(source="Qwen2ForCausalLM", target=_gpt_model_class())
+@LlamaBridge.register_bridge(source="Qwen2ForCausalLM", target=GPT_MODEL)
 class Qwen2Bridge(LlamaBridge):
     """HF Qwen2ForCausalLM <-> Megatron-Core GPTModel (the Llama mapping table covers the q/k/v biases)."""
 
-    def transformer_config(self, hf_config: Any, **overrides: Any):
-        overrides.setdefault("add_qkv_bias", True)
-        overrides.setdefault("add_bias_linear", False)
-        return hf_to_transformer_config(hf_config, **overrides)
+    hf_model_type = "qwen2"
+
+    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        kw = super().hf_config_to_megatron_kwargs(hf_config)
+        kw.update(add_qkv_bias=True, add_bias_linear=False)
+        return kw
+
+    def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
+        hf = super().megatron_to_hf_config(config)
+        for key in ("attention_bias", "mlp_bias"):  # Qwen2's q/k/v biases are implied by the architecture
+            hf.pop(key)
+        return hf

@@ -19,7 +19,7 @@ def _worker(rank: int, world: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from megatron_bridge_ext.bridge import MegatronModelBridge
+    from megatron_bridge_ext.engine import MegatronModelBridge
     from megatron_bridge_ext.mappings import ReplicatedMapping
     from megatron_bridge_ext.registry import MegatronMappingRegistry
 

@@ -51,11 +51,11 @@ def _capture(fn):
 
 
 def _worker(rank: int, world: int, paths: dict, out_root: str) -> dict:
-    from megatron_bridge_ext.cpu_compat import apply_cpu_patches
+    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
     from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.model_builder import destroy_parallel, init_parallel
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
     init_parallel(tp=1, pp=1)
     res = {}

@@ -18,7 +18,7 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
-from megatron_bridge_ext.state import SafeTensorsSource  # noqa: E402
+from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 
 BASE = dict(
     vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
@@ -71,14 +71,14 @@ def _hf_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: str, layouts: list) -> dict:
-    from megatron_bridge_ext.cpu_compat import apply_cpu_patches
+    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
     import torch.distributed as dist
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.model_builder import destroy_parallel, init_parallel
-    from megatron_bridge_ext.parity import megatron_logits
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
+    from megatron_bridge_ext.mcore.forward import megatron_logits
 
     results = {}
     for name, tp, pp, vpp, ckpt in layouts:
@@ -92,7 +92,7 @@ def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: 
         if rank == 0:
             results[name] = logits
         if name == "tp2pp2":  # weight sync to every rank (RL): each rank checks what it received
-            from megatron_bridge_ext.state import SafeTensorsSource
+            from megatron_bridge_ext.io import SafeTensorsSource
 
             got = dict(bridge.export_hf_weights(chunks, dst="all", bucket_bytes=32 * 1024, show_progress=False))
             with SafeTensorsSource(ckpts[ckpt]) as src:

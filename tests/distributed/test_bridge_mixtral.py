@@ -14,7 +14,7 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
-from megatron_bridge_ext.state import SafeTensorsSource  # noqa: E402
+from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 
 CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, num_local_experts=4,
@@ -24,25 +24,49 @@ LAYOUTS = [("ep2", 1, 1, 2), ("ep4", 1, 1, 4), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1
 
 
 def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out_root: str) -> dict:
-    from megatron_bridge_ext.cpu_compat import apply_cpu_patches
+    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
     import torch.distributed as dist
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.model_builder import destroy_parallel, init_parallel
-    from megatron_bridge_ext.parity import megatron_logits
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
+    from megatron_bridge_ext import ops
+    from megatron_bridge_ext.mcore.forward import megatron_logits
+
+    calls = {}  # every call of the fused expert ops, by op name
+
+    def counting(op_name):
+        original = getattr(ops, op_name)
+
+        def wrapper(*args, **kwargs):
+            calls[op_name] = calls.get(op_name, 0) + 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    for op_name in ("expert_pack_fc1", "expert_pack_fc2", "expert_unpack_fc1", "expert_unpack_fc2"):
+        setattr(ops, op_name, counting(op_name))
 
     results = {}
     for name, tp, pp, ep in LAYOUTS:
         init_parallel(tp=tp, pp=pp, ep=ep)
         bridge = AutoBridge.from_hf_pretrained(ckpt)
+        calls.clear()
         chunks = bridge.to_megatron_model(params_dtype=torch.float32)
+        imported = dict(calls)
         n_local = sum(1 for c in chunks for k in c.state_dict() if "local_experts" in k and "linear_fc1.weight" in k)
         logits = megatron_logits(chunks, tokens)
+        calls.clear()
         bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=64 * 1024,
                                   bucket_bytes=16 * 1024, show_progress=False)
         results[name] = (logits if rank == 0 else None, n_local)
+        results[f"{name}_calls"] = (imported, dict(calls))
+        if name == "tp2ep2":  # the generator variant yields exactly this rank's loaded tensors, by local name
+            params = {k: v for c in chunks for k, v in c.state_dict().items() if "_extra_state" not in k}
+            streamed = {n: t for n, t, _ in bridge.model_bridge.stream_weights_hf_to_megatron(bridge.hf_pretrained,
+                                                                                            chunks)}
+            results["streamed_equal"] = set(streamed) == set(params) and all(
+                torch.equal(streamed[k], params[k]) for k in params)
         destroy_parallel()
         dist.barrier()
     return results
@@ -75,6 +99,25 @@ def test_moe_logits_match_hf(moe_results, name, tp, pp, ep):
     # each rank holds E / ep experts per local layer
     layers_per_rank = CONFIG["num_hidden_layers"] // pp
     assert all(r[name][1] == layers_per_rank * CONFIG["num_local_experts"] // ep for r in per_rank)
+
+
+def test_stream_hf_to_megatron_yields_the_loaded_tensors(moe_results):
+    _, _, per_rank, _ = moe_results
+    assert all(r["streamed_equal"] for r in per_rank)
+
+
+@pytest.mark.parametrize("name,tp,pp,ep", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_moe_experts_convert_with_one_op_call_per_layer(moe_results, name, tp, pp, ep):
+    """Import: every rank packs its local experts of a layer with one expert_pack_fc1 and one expert_pack_fc2 call;
+    export: the destination (rank 0) unpacks each layer's experts with one call of each unpack op."""
+    _, _, per_rank, _ = moe_results
+    layers_per_rank = CONFIG["num_hidden_layers"] // pp
+    for rank, r in enumerate(per_rank):
+        imported, exported = r[f"{name}_calls"]
+        assert imported == {"expert_pack_fc1": layers_per_rank, "expert_pack_fc2": layers_per_rank}, (rank, imported)
+        want = {"expert_unpack_fc1": CONFIG["num_hidden_layers"],
+                "expert_unpack_fc2": CONFIG["num_hidden_layers"]} if rank == 0 else {}
+        assert exported == want, (rank, exported)
 
 
 @pytest.mark.parametrize("name,tp,pp,ep", LAYOUTS, ids=[x[0] for x in LAYOUTS])

@@ -41,16 +41,19 @@ def _rank_main(rank: int, world: int, cases: dict, batches: list) -> dict:
 
     transformers is not imported here (the parent computes the HF side), which keeps each rank's start-up short.
     """
-    from megatron_bridge_ext import cpu_compat
+    from megatron_bridge_ext.mcore import cpu_compat
 
     cpu_compat.apply_cpu_patches()
     cpu_compat.apply_cpu_patches()  # idempotent
     assert torch.cuda.current_device() == "cpu"
     from megatron.core import parallel_state as ps
 
-    from megatron_bridge_ext.config import hf_to_transformer_config, padded_vocab_size
-    from megatron_bridge_ext.model_builder import build_model_chunks, destroy_parallel, init_parallel
-    from megatron_bridge_ext.parity import megatron_logits
+    from megatron_bridge_ext.mcore.config import padded_vocab_size
+    from megatron_bridge_ext.mcore.forward import megatron_logits
+    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
+    from megatron_bridge_ext.models.llama import LlamaBridge
+
+    hf_to_transformer_config = LlamaBridge().transformer_config
 
     out: dict = {"diffs": {}, "keys": {}, "logits_sum": {}, "times": {}}
     for name, (tp, pp, vpp, vocab, tied, llama3) in LAYOUTS.items():
@@ -144,7 +147,7 @@ def test_llama3_scaling_changes_logits():
 # ---- config translation (in-process, no distributed state) ----
 
 def test_padded_vocab_size():
-    from megatron_bridge_ext.config import padded_vocab_size
+    from megatron_bridge_ext.mcore.config import padded_vocab_size
 
     for vocab, tp, div, want in [(100, 1, None, 100), (100, 2, None, 104), (97, 2, None, 98), (97, 1, None, 97),
                                  (128256, 8, None, 129024), (32000, 4, None, 32256), (151936, 8, 128, 152576),
@@ -163,7 +166,9 @@ def test_padded_vocab_size():
 def test_config_fields():
     import torch.nn.functional as F
 
-    from megatron_bridge_ext.config import hf_to_transformer_config
+    from megatron_bridge_ext.models.llama import LlamaBridge
+
+    hf_to_transformer_config = LlamaBridge().transformer_config
 
     hf = mu.tiny_llama_config(mu.VOCAB_ODD, tied=True, llama3=True)
     c = hf_to_transformer_config(hf, tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
@@ -205,7 +210,9 @@ def test_config_fields():
     ],
 )
 def test_config_rejects_unsupported_rope(rope, match):
-    from megatron_bridge_ext.config import hf_to_transformer_config
+    from megatron_bridge_ext.models.llama import LlamaBridge
+
+    hf_to_transformer_config = LlamaBridge().transformer_config
 
     d = mu.tiny_llama_config().to_dict()
     d["rope_parameters"] = rope
@@ -214,7 +221,9 @@ def test_config_rejects_unsupported_rope(rope, match):
 
 
 def test_config_rejects_bad_input():
-    from megatron_bridge_ext.config import hf_to_transformer_config
+    from megatron_bridge_ext.models.llama import LlamaBridge
+
+    hf_to_transformer_config = LlamaBridge().transformer_config
 
     d = mu.tiny_llama_config().to_dict()
     with pytest.raises(ValueError, match="not_a_field"):
@@ -226,7 +235,7 @@ def test_config_rejects_bad_input():
 
 
 def test_cpu_patches_refuse_cuda(monkeypatch):
-    from megatron_bridge_ext import cpu_compat
+    from megatron_bridge_ext.mcore import cpu_compat
 
     monkeypatch.setattr(cpu_compat, "_APPLIED", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -239,7 +248,7 @@ def test_cpu_patches_refuse_cuda(monkeypatch):
 
 def test_cpu_masks_and_cuda_moves():
     """The CPU mask replacements against their definitions; Tensor.cuda is restored after model construction."""
-    from megatron_bridge_ext import cpu_compat
+    from megatron_bridge_ext.mcore import cpu_compat
 
     s = 7
     i, j = torch.arange(s).unsqueeze(1), torch.arange(s).unsqueeze(0)

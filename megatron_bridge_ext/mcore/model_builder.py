@@ -6,7 +6,6 @@ Uses the local (non-Transformer-Engine) layer spec, which runs on CPU and GPU al
 
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional
 
 import torch
@@ -14,8 +13,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from megatron_bridge_ext.config import GPTConfig, padded_vocab_size
-from megatron_bridge_ext.cpu_compat import cuda_moves_disabled, seed_model_parallel_rng
+from megatron_bridge_ext.mcore.config import GPTConfig, padded_vocab_size
+from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, seed_model_parallel_rng
 
 __all__ = ["build_gpt_model", "build_model_chunks", "init_parallel", "destroy_parallel"]
 
@@ -68,7 +67,7 @@ def build_gpt_model(
     """Build one GPTModel chunk of this rank under the current megatron parallel state.
 
     Args:
-        config: a ``GPTConfig`` (see ``config.hf_to_transformer_config``).
+        config: a ``GPTConfig`` (a bridge's ``transformer_config``).
         vocab_size: unpadded vocabulary size (default ``config.vocab_size``); padded here to a multiple of
             ``divisor * tp`` (``config.padded_vocab_size``).
         max_seq_len: maximum sequence length (default ``config.seq_length``).
@@ -108,8 +107,7 @@ def build_gpt_model(
         qk_layernorm=config.qk_layernorm,
         normalization=config.normalization,
     )
-    moves = cuda_moves_disabled() if not torch.cuda.is_available() else contextlib.nullcontext()
-    with moves:
+    with cuda_moves_disabled():  # a no-op where CUDA is available
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,

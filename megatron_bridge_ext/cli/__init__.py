@@ -1,0 +1,41 @@
+"""Command line: ``megatron-bridge-ext`` / ``python -m megatron_bridge_ext`` with one module per subcommand.
+
+Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``; it is imported
+only when its subcommand runs (megatron-core and transformers are heavy imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "SUBCOMMANDS"]
+
+#: subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo": ("megatron_bridge_ext.cli.demo", "tiny embedded Llama: HF -> Megatron (local gloo ranks) -> HF, verified"),
+    "roundtrip": ("megatron_bridge_ext.cli.roundtrip",
+                  "HF checkpoint -> Megatron -> HF with local gloo ranks, verified"),
+    "list-models": ("megatron_bridge_ext.cli.list_models", "supported HF architectures"),
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m megatron_bridge_ext`` and the ``megatron-bridge-ext`` script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="megatron-bridge-ext",
+                                     description="HuggingFace <-> Megatron-Core weight conversion")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == chosen:  # only the subcommand that runs is imported
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(SUBCOMMANDS[args.cmd][0]).run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

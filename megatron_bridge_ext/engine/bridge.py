@@ -1,0 +1,421 @@
+"""The conversion engine's entry points: HF checkpoint <-> live Megatron-Core model chunks (TP, PP, virtual PP, EP,
+expert-TP).
+
+Import (HF -> Megatron): every rank walks its own tasks in the global order (:mod:`.tasks`), reads from the lazy,
+memory-mapped HF source only the rows it keeps, and packs them straight into the parameters with the fused ops (a
+layer's routed experts with one call). No collective is needed except the tied-embedding broadcast to the last
+pipeline stage.
+
+Export (Megatron -> HF): the tasks are cut into buckets and moved to the destination by the transport
+(:mod:`.transport`); the destination turns each task's shards into HF tensors in one pass.
+
+A model family subclasses :class:`MegatronModelBridge` (see :mod:`megatron_bridge_ext.models`) with its config
+translation in both directions and its mapping table.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import warnings
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from megatron_bridge_ext import ops
+from megatron_bridge_ext.engine.tasks import GlobalOrder, WeightConversionTask, build_tasks
+from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets
+from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
+from megatron_bridge_ext.mcore.embeddings import TIED_EMBEDDING, broadcast_tied_embeddings, is_tied
+from megatron_bridge_ext.mcore.layout import detect_layout
+from megatron_bridge_ext.mcore.names import LocalParam, as_chunks, model_config, padded_vocab_size_of
+from megatron_bridge_ext.mcore.topology import Topology, is_routed_expert
+from megatron_bridge_ext.registry import MegatronMappingRegistry
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MegatronModelBridge",
+    "WeightConversionTask",
+    "MegatronWeightTuple",
+    "HFWeightTuple",
+    "DEFAULT_BUCKET_BYTES",
+]
+
+DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
+Model = Union[torch.nn.Module, Sequence[torch.nn.Module]]
+
+
+class MegatronWeightTuple(NamedTuple):
+    """A converted Megatron tensor of this rank."""
+
+    param_name: str
+    weight: torch.Tensor
+    vp_stage: int
+
+
+class HFWeightTuple(NamedTuple):
+    """An HF tensor produced by export."""
+
+    param_name: str
+    weight: torch.Tensor
+
+
+def progress(items: Iterable[Any], description: str, show: bool, total: Optional[int] = None) -> Iterator[Any]:
+    """``items`` with a rich progress bar on global rank 0 when ``show`` (``total`` for iterators)."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    total = len(items) if total is None else total  # type: ignore[arg-type]
+    if not show or not rank0 or not total:
+        yield from items
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        tid = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(tid)
+
+
+class MegatronModelBridge:
+    """Orchestrates HF <-> Megatron conversion for one architecture.
+
+    Subclasses (one per model family, see :mod:`megatron_bridge_ext.models`) provide the config translation both ways
+    (:meth:`hf_config_to_megatron_kwargs`, :meth:`megatron_to_hf_config`) and :meth:`mapping_registry`, and register
+    themselves with :meth:`register_bridge`.
+    """
+
+    #: HF tensor names that exist only in some checkpoints and are produced on export only when the source has them.
+    tied_output_hf_name: str = "lm_head.weight"
+    #: the HF architecture (``config.architectures[0]``) and ``model_type`` this bridge writes on export
+    hf_architecture: Optional[str] = None
+    hf_model_type: Optional[str] = None
+
+    def __init__(self) -> None:
+        self._registry: Optional[MegatronMappingRegistry] = None
+        self._order: Optional[GlobalOrder] = None
+        self._transport = Transport()
+        self.show_progress = True
+
+    def release_buffers(self) -> None:
+        """Free the flat export buffers kept between exports (at most two messages and one send buffer)."""
+        self._transport.release()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # What a model family provides
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        """``GPTConfig`` fields for an HF config (object or dict); families extend it (``super()`` then update)."""
+        from megatron_bridge_ext.mcore.config import common_megatron_kwargs
+
+        return common_megatron_kwargs(hf_config)
+
+    def transformer_config(self, hf_config: Any, **overrides: Any):
+        """Megatron ``GPTConfig`` for an HF config; ``overrides`` (any TransformerConfig field) are applied last.
+
+        Raises:
+            ValueError: settings megatron-core cannot express (named), unknown override names, or sizes the
+                parallel layout cannot split.
+        """
+        from megatron_bridge_ext.mcore.config import build_gpt_config
+
+        return build_gpt_config(self.hf_config_to_megatron_kwargs(hf_config), overrides)
+
+    def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
+        """The HF ``config.json`` (as a dict) of a Megatron ``GPTConfig``; families extend it."""
+        from megatron_bridge_ext.mcore.config import common_hf_fields
+
+        if self.hf_architecture is None or self.hf_model_type is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no hf_architecture / hf_model_type")
+        return {"architectures": [self.hf_architecture], "model_type": self.hf_model_type, **common_hf_fields(config)}
+
+    def mapping_registry(self) -> MegatronMappingRegistry:
+        """The parameter mappings of this architecture."""
+        raise NotImplementedError(f"{type(self).__name__} must implement mapping_registry")
+
+    def maybe_modify_loaded_hf_weight(
+        self, hf_param: Union[str, Dict[str, Any]], hf_state: Mapping[str, torch.Tensor]
+    ) -> Union[torch.Tensor, Dict[str, Any]]:
+        """Read the HF tensor(s) of a mapping; override to rename, dequantise, ... (tensors are lazy views).
+
+        A role may name a list of tensors (a layer's experts, one per expert): it reads as a list.
+        """
+        if isinstance(hf_param, str):
+            return hf_state[hf_param]
+        return {role: hf_state[name] if isinstance(name, str) else [hf_state[n] for n in name]
+                for role, name in hf_param.items()}
+
+    def maybe_modify_converted_hf_weight(
+        self, task: WeightConversionTask, converted: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """Post-process the HF tensors of one exported task; by default unchanged."""
+        return converted
+
+    @classmethod
+    def register_bridge(cls, *, source: Union[type, str], target: type):
+        """Class decorator registering a bridge for an HF architecture (class or class name) and a Megatron class."""
+        from megatron_bridge_ext.dispatch import register_bridge
+
+        return register_bridge(source=source, target=target)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Names and tasks
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @property
+    def registry(self) -> MegatronMappingRegistry:
+        if self._registry is None:
+            self._registry = self.mapping_registry()
+        return self._registry
+
+    @property
+    def global_order(self) -> GlobalOrder:
+        """The cached global order and metadata (rebuilt automatically when the model structure changes)."""
+        if self._order is None:
+            self._order = GlobalOrder(self.registry, self._layout_of)
+        return self._order
+
+    def _layout_of(self, p: LocalParam) -> str:
+        mapping = self.registry.megatron_to_hf_lookup(p.global_name)
+        if mapping is not None and mapping.layout is not None:
+            return mapping.layout
+        return detect_layout(p.module, p.tensor, p.global_name)
+
+    def build_conversion_tasks(self, hf_keys: Optional[Iterable[str]], megatron_model: Model
+                               ) -> List[WeightConversionTask]:
+        """Tasks for every global parameter in the global order; owned ones carry the local tensor(s).
+
+        Args:
+            hf_keys: the HF checkpoint's keys (checked for every mapping's HF names), or None to skip the check.
+            megatron_model: this rank's model chunk or list of virtual-pipeline chunks.
+
+        Raises:
+            ValueError: naming every Megatron parameter without a mapping, or every HF key a mapping needs that the
+                checkpoint lacks.
+        """
+        return self._tasks(hf_keys, as_chunks(megatron_model))[0]
+
+    def _tasks(self, hf_keys, chunks):
+        return build_tasks(chunks, Topology.current(), self.global_order, hf_keys, type(self).__name__)
+
+    def _context(self, task: WeightConversionTask, topo: Topology, hf_config: Any, chunks) -> ConversionContext:
+        index, count, _ = topo.shard_of(task.members[0] if task.is_group else task.global_param_name)
+        return ConversionContext(
+            tp_size=count,
+            tp_rank=index,
+            ep_size=topo.ep_size if is_routed_expert(task.global_param_name) else 1,
+            ep_rank=topo.ep_rank if is_routed_expert(task.global_param_name) else 0,
+            config=model_config(chunks),
+            hf_vocab_size=getattr(hf_config, "vocab_size", None),
+            padded_vocab_size=padded_vocab_size_of(chunks),
+            layout=task.layout,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Import: HF -> Megatron
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _expected_shape(task: WeightConversionTask, hf: Any, ctx: ConversionContext):
+        """The shape (a group: of each local expert) the mapping gives for these HF tensors: the geometry module for
+        expert groups, the fake kernels (meta tensors) otherwise."""
+        if task.is_group:
+            return task.mapping.expert_shard_shape(hf, ctx)
+        meta_in = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in hf.items()} if isinstance(
+            hf, dict) else torch.empty(hf.shape, dtype=hf.dtype, device="meta")
+        return tuple(task.mapping.hf_to_megatron(meta_in, ctx).shape)
+
+    def _convert_one(self, task: WeightConversionTask, hf_state, ctx: ConversionContext, allowed: Sequence[str]):
+        """Converts one owned task straight into its parameter(s); None when an allowed mismatch skipped it."""
+        hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, hf_state)
+        targets = task.local_tensors
+        got = self._expected_shape(task, hf, ctx)
+        want = tuple(targets[0].shape)
+        if got != want:
+            if any(fnmatch.fnmatch(task.mapping.megatron_param, p) or fnmatch.fnmatch(task.param_name, p)
+                   for p in allowed):
+                warnings.warn(f"shape mismatch for {task.global_param_name} allowed by allowed_mismatched_params: "
+                              f"Megatron {want}, converted {got}; parameter left unchanged")
+                return None
+            raise ValueError(
+                f"shape mismatch for Megatron parameter {task.global_param_name}: expected {want}, converted "
+                f"HF tensor(s) {task.mapping.hf_param} give {got} ({type(task.mapping).__name__}, "
+                f"tp={ctx.tp_size}{f', ep={ctx.ep_size}' if task.is_group else ''})"
+            )
+        first = _first_tensor(hf)
+        datas = [t.data for t in targets]
+        if task.is_group:
+            if all(d.dtype == first.dtype and d.device == first.device for d in datas):
+                return task.mapping.hf_to_megatron(hf, ctx, out=datas)  # one op call for the layer's local experts
+            for d, s in zip(datas, task.mapping.hf_to_megatron(hf, ctx).unbind(0)):
+                d.copy_(s)
+            return datas
+        data = datas[0]
+        if type(data).__name__ == "DTensor":
+            full = task.mapping.hf_to_megatron(hf, ctx)
+            local = data.to_local()
+            ops.copy_into_dtensor(full.to(device=local.device, dtype=local.dtype), data)
+            return data
+        if first.dtype == data.dtype and first.device == data.device and data.is_contiguous():
+            return task.mapping.hf_to_megatron(hf, ctx, out=data)
+        # another dtype or device (e.g. CPU checkpoint -> GPU parameter): pack this rank's shard where the HF
+        # tensors live (reading only its rows), then one copy into the parameter
+        data.copy_(task.mapping.hf_to_megatron(hf, ctx))
+        return data
+
+    def load_weights_hf_to_megatron(
+        self,
+        hf_pretrained: Any,
+        megatron_model: Model,
+        allowed_mismatched_params: Optional[Sequence[str]] = None,
+        show_progress: Optional[bool] = None,
+    ) -> List[torch.nn.Module]:
+        """Load HF weights into this rank's Megatron chunk(s), each rank reading only what it keeps.
+
+        Args:
+            hf_pretrained: an object with ``.state`` (lazy HF tensors: ``keys()``, ``[name]``) and ``.config``.
+            megatron_model: model chunk or list of virtual-pipeline chunks.
+            allowed_mismatched_params: fnmatch globs of Megatron names whose shape mismatch is skipped with a warning.
+            show_progress: rich progress bar on rank 0 (default: ``self.show_progress``).
+
+        Returns:
+            The list of chunks.
+
+        Raises:
+            ValueError: missing HF tensors, unmapped parameters, shape mismatches (both shapes named).
+        """
+        chunks = as_chunks(megatron_model)
+        state = hf_pretrained.state
+        tasks, _ = self._tasks(state.keys(), chunks)
+        topo = Topology.current()
+        allowed = list(allowed_mismatched_params or [])
+        owned = [t for t in tasks if t.owned]
+        release = getattr(state, "release", None)
+        show = self.show_progress if show_progress is None else show_progress
+        with torch.no_grad():
+            for task in progress(owned, "Loading HF weights", show):
+                ctx = self._context(task, topo, hf_pretrained.config, chunks)
+                self._convert_one(task, state, ctx, allowed)
+                if release is not None:
+                    release(task.mapping.hf_names)
+            broadcast_tied_embeddings(chunks)
+        return chunks
+
+    def stream_weights_hf_to_megatron(
+        self,
+        hf_pretrained: Any,
+        megatron_model: Model,
+        conversion_tasks: Optional[List[WeightConversionTask]] = None,
+    ) -> Iterator[MegatronWeightTuple]:
+        """Generator variant: yields this rank's converted tensors (fresh tensors; the model is not modified)."""
+        chunks = as_chunks(megatron_model)
+        state = hf_pretrained.state
+        tasks = conversion_tasks if conversion_tasks is not None else self._tasks(state.keys(), chunks)[0]
+        topo = Topology.current()
+        local_names = {}
+        if any(t.is_group for t in tasks):
+            from megatron_bridge_ext.mcore.names import local_params
+
+            local_names = {p.global_name: p.local_name for p in local_params(chunks, topo)}
+        with torch.no_grad():
+            for task in tasks:
+                if not task.owned:
+                    continue
+                ctx = self._context(task, topo, hf_pretrained.config, chunks)
+                hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, state)
+                converted = task.mapping.hf_to_megatron(hf, ctx)
+                if not task.is_group:
+                    yield MegatronWeightTuple(task.param_name, converted, task.vp_stage)
+                    continue
+                mine = [n for n in task.members if n in local_names]
+                for name, tensor in zip(mine, converted.unbind(0)):
+                    yield MegatronWeightTuple(local_names[name], tensor, task.vp_stage)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Export: Megatron -> HF
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def stream_weights_megatron_to_hf(
+        self,
+        megatron_model: Model,
+        hf_pretrained: Any = None,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        dst: Union[int, str] = 0,
+        show_progress: Optional[bool] = None,
+        hf_config: Any = None,
+        conversion_tasks: Optional[List[WeightConversionTask]] = None,
+        copy: bool = True,
+        cpu: bool = True,
+    ) -> Iterator[HFWeightTuple]:
+        """Stream the model as HF tensors, in the global order.
+
+        Every rank must iterate the generator (it drives the collectives); tensors are yielded on ``dst`` (a global
+        rank, default 0) or on every rank when ``dst == "all"``.
+
+        Args:
+            megatron_model: this rank's chunk(s).
+            hf_pretrained: the HF source (``.config``, ``.state``): its dtypes are restored and its optional keys
+                (a tied ``lm_head.weight``) reproduced. May be None when ``hf_config`` is given.
+            bucket_bytes: byte budget of one flat message.
+            dst: destination global rank, or ``"all"``.
+            show_progress: rich progress on rank 0.
+            conversion_tasks: pre-built tasks (from :meth:`build_conversion_tasks`).
+            copy: every yielded tensor is a fresh tensor (default). With False, a tensor that needs no conversion is
+                yielded as a view of the parameter or of the reused message buffer, valid only until the next item is
+                requested: for consumers that use each tensor at once (e.g. a writer), saving an allocation and a copy.
+            cpu: move the HF tensors to the CPU (when the model lives on a GPU); False keeps them on the device.
+        """
+        chunks = as_chunks(megatron_model)
+        topo = Topology.current()
+        config = hf_config if hf_config is not None else getattr(hf_pretrained, "config", None)
+        state = getattr(hf_pretrained, "state", None)
+        hf_keys = set(state.keys()) if state is not None else None
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        everyone = dst == "all"
+        if not everyone and not (0 <= int(dst) < topo.world):
+            raise ValueError(f"dst must be a global rank in [0, {topo.world}) or 'all', got {dst!r}")
+        dst_rank = 0 if everyone else int(dst)
+        tasks, meta = self._tasks(None, chunks)
+        if conversion_tasks is not None:
+            tasks = conversion_tasks
+        tied_copy = is_tied(chunks) and hf_keys is not None and self.tied_output_hf_name in hf_keys
+        plans = [BucketPlan.make(b, meta, topo, dst_rank, everyone) for b in cut_buckets(tasks, meta, bucket_bytes)]
+        show = self.show_progress if show_progress is None else show_progress
+        stream = self._transport.stream(plans, topo, dst_rank, everyone)
+        for plan, views in progress(stream, "Exporting HF weights", show, total=len(plans)):
+            if views is None:  # not a receiving rank: this bucket was sent (or had nothing of ours)
+                continue
+            for (task, m), shards in zip(plan.layout, views):
+                ctx = self._context(task, topo, config, chunks)
+                ctx.tp_size, ctx.tp_rank = (len(shards), 0) if m.layout != EXPERTS else (ctx.tp_size, 0)
+                converted = task.mapping.megatron_to_hf(shards, ctx)
+                converted = self.maybe_modify_converted_hf_weight(task, converted)
+                storages = {s.untyped_storage().data_ptr() for s in shards}
+                for name, tensor in converted.items():
+                    tensor = _to_hf_dtype(name, tensor, state)
+                    if cpu and tensor.device.type != "cpu":
+                        tensor = tensor.cpu()
+                    if copy and tensor.untyped_storage().data_ptr() in storages:
+                        tensor = tensor.clone()
+                    yield HFWeightTuple(name, tensor)
+                    if tied_copy and task.global_param_name.endswith(TIED_EMBEDDING):
+                        yield HFWeightTuple(self.tied_output_hf_name, tensor.clone() if copy else tensor)
+
+
+def _first_tensor(hf: Any) -> torch.Tensor:
+    value = next(iter(hf.values())) if isinstance(hf, dict) else hf
+    if isinstance(value, (list, tuple)):
+        value = value[0]
+    return value
+
+
+def _to_hf_dtype(name: str, tensor: torch.Tensor, state: Any) -> torch.Tensor:
+    if state is None or name not in state:
+        return tensor
+    want = state.dtype(name) if hasattr(state, "dtype") else state[name].dtype
+    return tensor if tensor.dtype == want else tensor.to(want)

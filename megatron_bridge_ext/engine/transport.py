@@ -1,0 +1,186 @@
+"""The export transport: tasks in the global order, cut into buckets, moved as one flat message per holder.
+
+A bucket holds consecutive tasks with the same shard holders and at most ``bucket_bytes`` of gathered data. Each
+holder sends its part of a bucket (holder 0: the replicated tensors, then its shards; the others: their shards) as
+one message straight to the destination rank: no all-gather, no hop, no broadcast to every stage. The destination
+receives the next bucket while the current one is handed out (two message buffers), and the buffers are reused across
+buckets and exports (repeated weight syncs touch them once). With ``everyone`` each bucket is then broadcast from the
+destination to every rank. The transport knows nothing of HF names: it hands out, per task, the list of its shards
+(views into the message, or the parameter itself on the direct path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_bridge_ext.engine.tasks import ParamMeta, WeightConversionTask
+from megatron_bridge_ext.mcore.topology import Topology, comm_device
+
+__all__ = ["BucketPlan", "Transport", "cut_buckets"]
+
+
+@dataclass
+class BucketPlan:
+    """One bucket: its tasks and metadata, their shard holders and where each holder's part sits in the message."""
+
+    layout: List[Tuple[WeightConversionTask, ParamMeta]]
+    senders: Tuple[int, ...]
+    local_total: int  # bytes of one holder's shards
+    repl_total: int  # bytes of the replicated tensors (sent by holder 0)
+    mine: bool  # this rank is a holder
+    direct: bool  # the destination holds the whole bucket alone, as plain parameters: no message
+
+    @property
+    def msg_bytes(self) -> int:
+        return self.repl_total + self.local_total * len(self.senders)
+
+    def part_range(self, index: int) -> Tuple[int, int]:
+        """Byte range of holder ``index``'s part in the message."""
+        lo = 0 if index == 0 else self.repl_total + index * self.local_total
+        return lo, self.repl_total + (index + 1) * self.local_total
+
+    @classmethod
+    def make(cls, bucket: Sequence[WeightConversionTask], meta: Dict[str, ParamMeta], topo: Topology, dst: int,
+             everyone: bool) -> "BucketPlan":
+        layout = [(t, meta[t.global_param_name]) for t in bucket]
+        senders = layout[0][1].senders  # every task of a bucket has the same shard holders
+        mine = topo.rank in senders
+        return cls(
+            layout=layout, senders=senders, mine=mine,
+            local_total=sum(m.shard_bytes for _, m in layout if m.sharded),
+            repl_total=sum(m.shard_bytes for _, m in layout if not m.sharded),
+            direct=(mine and len(senders) == 1 and senders[0] == dst == topo.rank and not everyone
+                    and not any(t.is_group for t, _ in layout)),
+        )
+
+
+def cut_buckets(tasks: Iterable[WeightConversionTask], meta: Dict[str, ParamMeta],
+                budget: int) -> List[List[WeightConversionTask]]:
+    """Consecutive tasks with the same shard holders whose gathered bytes stay within ``budget``."""
+    buckets: List[List[WeightConversionTask]] = []
+    current: List[WeightConversionTask] = []
+    used = 0
+    for task in tasks:
+        m = meta[task.global_param_name]
+        size = m.gathered_bytes
+        if current and (meta[current[0].global_param_name].senders != m.senders or used + size > budget):
+            buckets.append(current)
+            current, used = [], 0
+        current.append(task)
+        used += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(-1).view(torch.uint8)
+
+
+def _pack_part(out: torch.Tensor, plan: BucketPlan, index: int) -> torch.Tensor:
+    """Holder ``index``'s part of a bucket's message into ``out``: (holder 0 only) the replicated tensors, then its
+    shards (a group's shard: its local experts one after the other)."""
+    at = 0
+    for want_sharded in ((False, True) if index == 0 else (True,)):
+        for task, m in plan.layout:
+            if m.sharded != want_sharded:
+                continue
+            for tensor in task.local_tensors:
+                n = tensor.numel() * tensor.element_size()
+                out[at:at + n].copy_(_byte_view(tensor))
+                at += n
+    return out
+
+
+def _split_message(msg: torch.Tensor, plan: BucketPlan) -> List[List[torch.Tensor]]:
+    """Per task, the list of per-shard tensors (views into the message)."""
+    out = []
+    at_sharded, at_repl = 0, 0
+    holders, local_total = len(plan.senders), plan.local_total
+    for _, m in plan.layout:
+        n = m.shard_bytes
+        if m.sharded:
+            base = plan.repl_total + at_sharded
+            out.append([msg[base + r * local_total: base + r * local_total + n].view(m.dtype).view(m.shape)
+                        for r in range(holders)])
+            at_sharded += n
+        else:
+            out.append([msg[at_repl: at_repl + n].view(m.dtype).view(m.shape)])
+            at_repl += n
+    return out
+
+
+class Transport:
+    """Moves buckets of parameters to a destination rank (or to every rank), reusing its flat buffers."""
+
+    def __init__(self) -> None:
+        self._buffers: Dict[str, torch.Tensor] = {}
+
+    def release(self) -> None:
+        """Free the flat buffers kept between exports (at most two messages and one send buffer)."""
+        self._buffers.clear()
+
+    def _buffer(self, kind: str, nbytes: int, device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get(kind)
+        if buf is None or buf.numel() < nbytes or buf.device != device:
+            self._buffers.pop(kind, None)
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+            self._buffers[kind] = buf
+        return buf[:nbytes]
+
+    def stream(
+        self,
+        plans: Sequence[BucketPlan],
+        topo: Topology,
+        dst: int,
+        everyone: bool,
+    ) -> Iterator[Tuple[BucketPlan, Optional[List[List[torch.Tensor]]]]]:
+        """Drive every bucket's transfer; yields ``(plan, shards per task)`` per bucket, with None for the shards on
+        ranks that do not receive.
+
+        Every rank must exhaust the iterator (it drives the point-to-point messages and broadcasts). The shard views
+        are valid until the next item is requested.
+        """
+        device = comm_device()  # NCCL moves CUDA buffers, gloo CPU ones
+        pending: Dict[int, Tuple[torch.Tensor, List[object]]] = {}  # bucket index -> (message, receive requests)
+        receiving = everyone or topo.rank == dst
+
+        def post_receive(i: int) -> Tuple[torch.Tensor, List[object]]:
+            """On the destination: place its own part and post one receive per other holder (double-buffered)."""
+            plan = plans[i]
+            msg = self._buffer(f"msg{i % 2}", plan.msg_bytes, device)
+            requests = []
+            for t, src in enumerate(plan.senders):
+                lo, hi = plan.part_range(t)
+                if src == topo.rank:
+                    _pack_part(msg[lo:hi], plan, t)
+                elif hi > lo:
+                    requests.append(dist.irecv(msg[lo:hi], src=src))
+            return msg, requests
+
+        for i, plan in enumerate(plans):
+            if plan.direct:  # the destination owns the whole bucket: hand out the parameters themselves
+                yield plan, [[task.param_weight.detach()] for task, _ in plan.layout]
+                continue
+            msg = None
+            if plan.mine and topo.rank != dst:
+                t = plan.senders.index(topo.rank)
+                lo, hi = plan.part_range(t)
+                if hi > lo:
+                    dist.send(_pack_part(self._buffer("send", hi - lo, device), plan, t), dst=dst)
+            if topo.rank == dst:
+                msg, requests = pending.pop(i) if i in pending else post_receive(i)
+                for req in requests:
+                    req.wait()
+                # receive the next bucket while this one is handed out
+                if not everyone and i + 1 < len(plans) and not plans[i + 1].direct:
+                    pending[i + 1] = post_receive(i + 1)
+            if everyone and topo.world > 1:
+                if msg is None:
+                    msg = self._buffer("msg0", plan.msg_bytes, device)
+                dist.broadcast(msg, src=dst)
+            yield plan, _split_message(msg, plan) if receiving else None

@@ -1,0 +1,23 @@
+"""Checkpoint I/O: the safetensors format, the lazy HF checkpoint source and the streaming HF writer.
+
+Nothing here imports the mappings or the engine (``tests/test_package_layout.py`` checks it).
+"""
+
+from megatron_bridge_ext.io.hf_source import SafeTensorsSource
+from megatron_bridge_ext.io.hf_writer import SafeTensorsWriter, save_hf_tensors
+from megatron_bridge_ext.io.safetensors import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    SAFETENSORS_DTYPES,
+)
+
+__all__ = [
+    "SafeTensorsSource",
+    "SafeTensorsWriter",
+    "save_hf_tensors",
+    "SAFETENSORS_DTYPES",
+    "SAFE_WEIGHTS_NAME",
+    "SAFE_WEIGHTS_INDEX_NAME",
+    "CONFIG_NAME",
+]

@@ -1,0 +1,30 @@
+"""Parameter mappings: pure tensor transforms between one Megatron parameter (or a layer's experts) and HF tensors.
+
+No mapping imports ``torch.distributed`` or megatron-core (``tests/test_package_layout.py`` checks it): the engine
+resolves everything rank- and model-specific into the :class:`ConversionContext`.
+"""
+
+from megatron_bridge_ext.mappings.attention import ConcatenatedQKVMapping, KVMapping, QKVMapping
+from megatron_bridge_ext.mappings.base import (
+    COLUMN,
+    EXPERTS,
+    LAYOUTS,
+    REPLICATED,
+    ROW,
+    ConversionContext,
+    HFParam,
+    HFWeights,
+    MegatronParamMapping,
+)
+from megatron_bridge_ext.mappings.experts import ExpertFC1Mapping, ExpertFC2Mapping, ExpertMapping
+from megatron_bridge_ext.mappings.linear import AutoMapping, ColumnParallelMapping, ReplicatedMapping, RowParallelMapping
+from megatron_bridge_ext.mappings.mlp import FusedGatedMLPMapping, GatedMLPMapping
+
+__all__ = [
+    "COLUMN", "ROW", "REPLICATED", "EXPERTS", "LAYOUTS",
+    "ConversionContext", "MegatronParamMapping", "HFParam", "HFWeights",
+    "ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping",
+    "QKVMapping", "KVMapping", "ConcatenatedQKVMapping",
+    "GatedMLPMapping", "FusedGatedMLPMapping",
+    "ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping",
+]

@@ -1,0 +1,100 @@
+"""Attention: HF q/k/v (separate, or one fused ``qkv`` tensor) <-> Megatron's fused ``linear_qkv``, and k/v <->
+``linear_kv`` (section 1 of the semantics)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from megatron_bridge_ext import geometry, ops
+from megatron_bridge_ext.mappings.base import COLUMN, MegatronParamMapping, attention_dims, single
+
+__all__ = ["QKVMapping", "KVMapping", "ConcatenatedQKVMapping"]
+
+
+def _unpack_shards_into(shards: Sequence[torch.Tensor], heads: int, groups: int, d: int, output_gate: bool,
+                        q: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+    """Each TP shard holds whole query groups: unpack shard t straight into its rows of (q, k, v); q is None for the
+    KV-only layout (``heads == 0``)."""
+    tp = len(shards)
+    g = geometry.qkv_geometry("qkv_unpack", heads, groups, d, output_gate, tp_size=tp)
+    qr, kr = g.q_rows // tp, g.kv_rows // tp
+    for t, shard in enumerate(shards):
+        ops.qkv_unpack(shard, num_heads=heads // tp, num_query_groups=groups // tp, head_dim=d,
+                       output_gate=output_gate,
+                       out=(None if q is None else q.narrow(0, t * qr, qr), k.narrow(0, t * kr, kr),
+                            v.narrow(0, t * kr, kr)))
+
+
+def _hf_rows(ctx, output_gate: bool) -> Tuple[int, int]:
+    heads, groups, d = attention_dims(ctx)
+    g = geometry.qkv_geometry("qkv", heads, groups, d, output_gate)
+    return g.q_rows, g.kv_rows
+
+
+class QKVMapping(MegatronParamMapping):
+    """HF ``q_proj``/``k_proj``/``v_proj`` <-> Megatron fused ``linear_qkv`` (weights or biases, output gate optional)."""
+
+    layout = COLUMN
+
+    def __init__(self, megatron_param: str, q: str, k: str, v: str, output_gate: bool = False) -> None:
+        super().__init__(megatron_param, {"q": q, "k": k, "v": v})
+        self.output_gate = output_gate
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        heads, groups, d = attention_dims(ctx)
+        return ops.qkv_pack(hf["q"], hf["k"], hf["v"], num_heads=heads, num_query_groups=groups, head_dim=d,
+                            tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, output_gate=self.output_gate, out=out)
+
+    def megatron_to_hf(self, shards, ctx):
+        q_rows, kv_rows = _hf_rows(ctx, self.output_gate)
+        rest = tuple(shards[0].shape[1:])
+        q, k, v = (shards[0].new_empty((rows, *rest)) for rows in (q_rows, kv_rows, kv_rows))
+        _unpack_shards_into(shards, *attention_dims(ctx), self.output_gate, q, k, v)
+        return {self.hf_param["q"]: q, self.hf_param["k"]: k, self.hf_param["v"]: v}
+
+
+class KVMapping(MegatronParamMapping):
+    """HF ``k_proj``/``v_proj`` <-> Megatron ``linear_kv`` (per group ``[k_g; v_g]``)."""
+
+    layout = COLUMN
+
+    def __init__(self, megatron_param: str, k: str, v: str) -> None:
+        super().__init__(megatron_param, {"k": k, "v": v})
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        _, groups, d = attention_dims(ctx)
+        return ops.kv_pack(hf["k"], hf["v"], num_query_groups=groups, head_dim=d, tp_size=ctx.tp_size,
+                           tp_rank=ctx.tp_rank, out=out)
+
+    def megatron_to_hf(self, shards, ctx):
+        _, groups, d = attention_dims(ctx)
+        rest = tuple(shards[0].shape[1:])
+        k = shards[0].new_empty((groups * d, *rest))
+        v = shards[0].new_empty((groups * d, *rest))
+        _unpack_shards_into(shards, 0, groups, d, False, None, k, v)
+        return {self.hf_param["k"]: k, self.hf_param["v"]: v}
+
+
+class ConcatenatedQKVMapping(MegatronParamMapping):
+    """One HF tensor with ``[q; k; v]`` rows (e.g. Phi-3's ``qkv_proj``) <-> Megatron fused ``linear_qkv``."""
+
+    layout = COLUMN
+
+    def __init__(self, megatron_param: str, hf_param: str, output_gate: bool = False) -> None:
+        super().__init__(megatron_param, hf_param)
+        self.output_gate = output_gate
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        heads, groups, d = attention_dims(ctx)
+        return ops.qkv_pack_fused(single(hf, self), num_heads=heads, num_query_groups=groups, head_dim=d,
+                                  tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, output_gate=self.output_gate, out=out)
+
+    def megatron_to_hf(self, shards, ctx):
+        q_rows, kv_rows = _hf_rows(ctx, self.output_gate)
+        fused = shards[0].new_empty((q_rows + 2 * kv_rows, *shards[0].shape[1:]))
+        q, k, v = fused.narrow(0, 0, q_rows), fused.narrow(0, q_rows, kv_rows), fused.narrow(0, q_rows + kv_rows,
+                                                                                              kv_rows)
+        _unpack_shards_into(shards, *attention_dims(ctx), self.output_gate, q, k, v)  # one pass, straight into the fused tensor
+        return {self.hf_param: fused}

@@ -1,0 +1,128 @@
+"""The mapping contract: how one Megatron parameter (or one layer's experts) relates to one or more HF tensors.
+
+A mapping names its Megatron parameter and its HF tensor(s); names may hold wildcards (``*`` digits, ``**`` anything)
+that the registry resolves. Mappings are pure tensor transforms: they never communicate, read files or look at
+Megatron modules (the engine resolves everything rank- and module-specific into the :class:`ConversionContext`), and
+the packing maths lives in :mod:`megatron_bridge_ext.ops`:
+
+- ``hf_to_megatron(hf, ctx, out)`` produces this rank's Megatron tensor from (lazy, possibly memory-mapped) HF tensors,
+  writing straight into ``out`` (the parameter) when given, and reading only the rows this rank keeps.
+- ``megatron_to_hf(shards, ctx)`` turns the tensors of every shard holder (index = TP rank; one tensor for replicated
+  parameters) back into HF tensors in one pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+HFParam = Union[str, Dict[str, str]]
+HFWeights = Union[torch.Tensor, Dict[str, torch.Tensor]]
+
+__all__ = ["COLUMN", "ROW", "REPLICATED", "EXPERTS", "LAYOUTS", "ConversionContext", "MegatronParamMapping",
+           "HFParam", "HFWeights"]
+
+#: Tensor-parallel layouts of a Megatron parameter. ``experts`` is a layer's routed experts as one stacked tensor per
+#: (EP, expert-TP) rank (see :mod:`megatron_bridge_ext.mappings.experts`).
+COLUMN, ROW, REPLICATED, EXPERTS = "column", "row", "replicated", "experts"
+LAYOUTS = (COLUMN, ROW, REPLICATED, EXPERTS)
+
+
+@dataclass
+class ConversionContext:
+    """Where a conversion runs: this rank's position in the parallel layout and the model config.
+
+    Attributes:
+        tp_size, tp_rank: tensor-parallel size and rank of this parameter's group (expert-TP for routed experts).
+        ep_size, ep_rank: expert-parallel size and rank (routed experts only).
+        config: the Megatron TransformerConfig (heads, groups, kv_channels, ...), read by attribute.
+        hf_vocab_size: HF vocabulary size, for trimming the padded vocabulary on export.
+        padded_vocab_size: Megatron's padded vocabulary size, for zero-padding on import.
+        layout: the parameter's resolved TP layout (``column``, ``row``, ``replicated``), used by Auto mappings.
+    """
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+    config: Any = None
+    hf_vocab_size: Optional[int] = None
+    padded_vocab_size: Optional[int] = None
+    layout: Optional[str] = None
+
+
+class MegatronParamMapping:
+    """Base class of all mappings.
+
+    Args:
+        megatron_param: Megatron parameter name (pattern), e.g. ``decoder.layers.*.mlp.linear_fc2.weight``.
+        hf_param: one HF name (pattern) or a dict of role -> HF name (e.g. ``{"q": ..., "k": ..., "v": ...}``).
+    """
+
+    #: TP layout of the Megatron parameter; None means "the engine resolves it from the model" (Auto).
+    layout: Optional[str] = REPLICATED
+    #: Mappings of routed experts convert a whole layer's experts at once (one op call per rank); see
+    #: :class:`megatron_bridge_ext.mappings.experts.ExpertMapping`.
+    grouped: bool = False
+
+    def __init__(self, megatron_param: str, hf_param: HFParam) -> None:
+        self.megatron_param = megatron_param
+        self.hf_param: HFParam = dict(hf_param) if isinstance(hf_param, Mapping) else hf_param
+
+    def with_names(self, megatron_param: str, hf_param: HFParam) -> "MegatronParamMapping":
+        """A copy of this mapping with other (e.g. wildcard-resolved) names."""
+        clone = copy.copy(self)
+        clone.megatron_param = megatron_param
+        clone.hf_param = dict(hf_param) if isinstance(hf_param, Mapping) else hf_param
+        return clone
+
+    @property
+    def hf_names(self) -> List[str]:
+        """Every HF tensor name this mapping reads or writes, in the order export yields them."""
+        return list(self.hf_param.values()) if isinstance(self.hf_param, dict) else [self.hf_param]
+
+    def resolved_layout(self, ctx: ConversionContext) -> str:
+        """The TP layout used on this rank."""
+        return self.layout or ctx.layout or REPLICATED
+
+    def hf_to_megatron(
+        self, hf: HFWeights, ctx: ConversionContext, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """This rank's Megatron tensor from the HF tensor(s); written into ``out`` when given."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement hf_to_megatron")
+
+    def megatron_to_hf(self, shards: Sequence[torch.Tensor], ctx: ConversionContext) -> Dict[str, torch.Tensor]:
+        """HF tensors from the tensors of every shard holder (one tensor for a replicated parameter)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement megatron_to_hf")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(megatron_param={self.megatron_param!r}, hf_param={self.hf_param!r})"
+
+
+def single(hf: HFWeights, mapping: MegatronParamMapping) -> torch.Tensor:
+    """The one HF tensor of a single-tensor mapping."""
+    if isinstance(hf, dict):
+        raise ValueError(f"{mapping!r} expects one HF tensor, got {sorted(hf)}")
+    return hf
+
+
+def write(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``result`` into ``out`` (when given)."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def attention_dims(ctx: ConversionContext):
+    """(H, G, d) of the model config in the context."""
+    cfg = ctx.config
+    if cfg is None:
+        raise ValueError("attention mappings need ctx.config (num_attention_heads, num_query_groups, kv_channels)")
+    heads = cfg.num_attention_heads
+    groups = cfg.num_query_groups or heads
+    head_dim = cfg.kv_channels or cfg.hidden_size // heads
+    return heads, groups, head_dim

@@ -1,0 +1,187 @@
+"""Routed experts: a whole layer's experts convert with one fused op call per rank (section 4 of the semantics).
+
+An expert mapping is registered with the expert index as the LAST wildcard of its Megatron name, e.g.
+``decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight`` (sequential experts) or
+``decoder.layers.*.mlp.experts.linear_fc1.weight*`` (grouped-GEMM names). The registry resolves a parameter name to
+the layer's group (the expert index left as ``*``); the engine collects every expert of the layer into one task and
+calls :meth:`ExpertMapping.for_experts` with the model's expert count, which expands the HF names:
+
+- one HF tensor per expert: the HF names carry the expert index as their last wildcard
+  (``model.layers.*.mlp.experts.*.gate_proj.weight``), roles ``gate``/``up`` (fc1) or ``down`` (fc2);
+- fused HF tensors: one name per layer, without an expert wildcard (``model.layers.*.mlp.experts.gate_up_proj``
+  ``[E, 2F, D]`` or ``[E, D, 2F]`` with ``transposed``; ``down_proj`` ``[E, D, F]`` or ``[E, F, D]``), roles
+  ``gate_up`` (fc1) or ``down`` (fc2).
+
+On import, ``hf`` holds per role the E global expert tensors (lazy views) or the fused tensor, ``out`` the E/ep local
+expert parameters of this rank: one ``expert_pack_*`` call reads only the experts and rows the rank keeps. On export,
+``shards`` are the ep*etp holders' stacked local experts (index ``ep_rank * etp + etp_rank``, each
+``[E/ep, ...]``), unpacked by one ``expert_unpack_*`` call into the HF tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from megatron_bridge_ext import geometry, ops
+from megatron_bridge_ext.mappings.base import EXPERTS, MegatronParamMapping
+
+__all__ = ["ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping"]
+
+ExpertNames = Union[str, List[str]]
+
+
+class ExpertMapping(MegatronParamMapping):
+    """Base of the routed-expert mappings (a layer's experts as one task).
+
+    Subclasses implement ``expert_shard_shape(hf, ctx)`` (the shape of one local expert's parameter), besides the
+    two conversions.
+    """
+
+    layout = EXPERTS
+    grouped = True
+    #: roles whose HF tensor is fused over experts (one tensor ``[E, ...]`` per layer)
+    fused_roles: Sequence[str] = ()
+
+    def __init__(self, megatron_param: str, hf_param: Dict[str, str], *, transposed: bool = False) -> None:
+        super().__init__(megatron_param, hf_param)
+        self.transposed = transposed
+        #: global expert index of the parameter this mapping was resolved for (set by the registry)
+        self.expert: Optional[int] = None
+        self.num_experts: Optional[int] = None
+
+    @property
+    def fused(self) -> bool:
+        """Whether the HF side stores all experts of the layer in one tensor per role."""
+        return any(role in self.fused_roles for role in self.hf_param)
+
+    def for_experts(self, num_experts: int) -> "ExpertMapping":
+        """A copy whose ``hf_param`` lists, per role, the E per-expert HF names (or keeps the fused name)."""
+        if num_experts < 1:
+            raise ValueError(f"{self!r}: num_experts must be >= 1, got {num_experts}")
+        clone = self.with_names(self.megatron_param, {
+            role: name if role in self.fused_roles else [_fill_expert(name, e, self) for e in range(num_experts)]
+            for role, name in self.hf_param.items()
+        })
+        clone.num_experts = num_experts
+        return clone
+
+    @property
+    def hf_names(self) -> List[str]:
+        """HF names in export order: expert by expert, the roles of each expert together (fused: one per role)."""
+        values = list(self.hf_param.values())
+        if all(isinstance(v, str) for v in values):
+            return values
+        return [name for names in zip(*values) for name in names]
+
+    def _expert_views(self, hf: Dict[str, object], role: str) -> List[torch.Tensor]:
+        value = hf[role]
+        if isinstance(value, torch.Tensor):
+            return list(value.unbind(0))
+        return list(value)  # type: ignore[arg-type]
+
+
+def _fill_expert(pattern: str, expert: int, mapping: MegatronParamMapping) -> str:
+    if "*" not in pattern:
+        raise ValueError(f"{mapping!r}: HF name {pattern!r} carries no expert wildcard to expand")
+    head, _, tail = pattern.rpartition("*")
+    return f"{head}{expert}{tail}"
+
+
+class ExpertFC1Mapping(ExpertMapping):
+    """Routed experts' gated ``linear_fc1`` (gate/up packed per expert, sharded over expert-TP).
+
+    Args:
+        megatron_param: Megatron name with the expert index as its last wildcard.
+        gate, up: per-expert HF names (expert index as their last wildcard); or
+        gate_up: one fused HF tensor per layer (``[E, 2F, D]``; ``[E, D, 2F]`` with ``transposed``).
+        interleaved: in a fused tensor, even rows are gate and odd rows up.
+    """
+
+    fused_roles = ("gate_up",)
+
+    def __init__(self, megatron_param: str, *, gate: Optional[str] = None, up: Optional[str] = None,
+                 gate_up: Optional[str] = None, interleaved: bool = False, transposed: bool = False) -> None:
+        if (gate_up is None) == (gate is None or up is None):
+            raise ValueError(f"ExpertFC1Mapping({megatron_param!r}): give gate= and up=, or gate_up=")
+        super().__init__(megatron_param, {"gate_up": gate_up} if gate_up is not None else {"gate": gate, "up": up},
+                         transposed=transposed)
+        self.interleaved = interleaved
+
+    def _gate_up(self, hf):
+        if self.fused:
+            return ops.expert_fc1_views(hf["gate_up"], interleaved=self.interleaved, transposed=self.transposed)
+        return self._expert_views(hf, "gate"), self._expert_views(hf, "up")
+
+    def expert_shard_shape(self, hf, ctx) -> Tuple[int, ...]:
+        """Shape of one local expert's ``linear_fc1`` on this rank for these HF tensors."""
+        gate, _ = self._gate_up(hf)
+        return geometry.expert_fc1_shard_shape(self.megatron_param, len(gate), tuple(gate[0].shape), ctx.ep_size,
+                                               ctx.ep_rank, ctx.tp_size, ctx.tp_rank)[1:]
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        gate, up = self._gate_up(hf)
+        return ops.expert_pack_fc1(gate, up, ep_size=ctx.ep_size, ep_rank=ctx.ep_rank, etp_size=ctx.tp_size,
+                                   etp_rank=ctx.tp_rank, out=out)
+
+    def megatron_to_hf(self, shards, ctx):
+        s = shards[0]
+        num_experts = s.shape[0] * ctx.ep_size
+        f = s.shape[1] // 2 * ctx.tp_size
+        rest = tuple(s.shape[2:])
+        if self.fused:
+            shape = (num_experts, *rest, 2 * f) if self.transposed and rest else (num_experts, 2 * f, *rest)
+            fused = s.new_empty(shape)
+            out = self._gate_up({"gate_up": fused})
+            ops.expert_unpack_fc1(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size, out=out)
+            return {self.hf_param["gate_up"]: fused}
+        gate, up = ops.expert_unpack_fc1(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size)
+        out: Dict[str, torch.Tensor] = {}
+        for e, (gn, un) in enumerate(zip(self.hf_param["gate"], self.hf_param["up"])):
+            out[gn], out[un] = gate[e], up[e]
+        return out
+
+
+class ExpertFC2Mapping(ExpertMapping):
+    """Routed experts' ``linear_fc2`` (columns sharded over expert-TP; 1-D biases replicated).
+
+    Args:
+        megatron_param: Megatron name with the expert index as its last wildcard.
+        down: per-expert HF name (expert index as its last wildcard), or one fused HF tensor per layer with
+            ``fused=True`` (``[E, D, F]``; ``[E, F, D]`` with ``transposed``).
+    """
+
+    fused_roles = ("down_fused",)
+
+    def __init__(self, megatron_param: str, down: str, *, fused: bool = False, transposed: bool = False) -> None:
+        super().__init__(megatron_param, {"down_fused" if fused else "down": down}, transposed=transposed)
+
+    def _down(self, hf):
+        if self.fused:
+            return ops.expert_fc2_views(hf["down_fused"], transposed=self.transposed)
+        return self._expert_views(hf, "down")
+
+    def expert_shard_shape(self, hf, ctx) -> Tuple[int, ...]:
+        """Shape of one local expert's ``linear_fc2`` on this rank for these HF tensors."""
+        down = self._down(hf)
+        return geometry.expert_fc2_shard_shape(self.megatron_param, len(down), tuple(down[0].shape), ctx.ep_size,
+                                               ctx.ep_rank, ctx.tp_size, ctx.tp_rank)[1:]
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        return ops.expert_pack_fc2(self._down(hf), ep_size=ctx.ep_size, ep_rank=ctx.ep_rank, etp_size=ctx.tp_size,
+                                   etp_rank=ctx.tp_rank, out=out)
+
+    def megatron_to_hf(self, shards, ctx):
+        s = shards[0]
+        num_experts = s.shape[0] * ctx.ep_size
+        if self.fused:
+            expert_shape = (s.shape[1], s.shape[2] * ctx.tp_size) if s.dim() == 3 else (s.shape[1],)
+            if self.transposed and len(expert_shape) == 2:
+                expert_shape = expert_shape[::-1]
+            fused = s.new_empty((num_experts, *expert_shape))
+            ops.expert_unpack_fc2(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size,
+                                  out=self._down({"down_fused": fused}))
+            return {self.hf_param["down_fused"]: fused}
+        down = ops.expert_unpack_fc2(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size)
+        return {name: down[e] for e, name in enumerate(self.hf_param["down"])}

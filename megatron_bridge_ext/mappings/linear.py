@@ -1,0 +1,127 @@
+"""Plain tensor-parallel layouts: replicated, column-parallel (dim 0, with vocabulary padding), row-parallel (dim 1),
+and Auto (the layout the engine resolved from the model)."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from megatron_bridge_ext import ops
+from megatron_bridge_ext.mappings.base import COLUMN, REPLICATED, ROW, ConversionContext, MegatronParamMapping, single, write
+
+__all__ = ["ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "is_vocab"]
+
+
+def is_vocab(name: str) -> bool:
+    """Whether a Megatron parameter holds vocabulary rows (padded on import, trimmed on export)."""
+    return name.endswith("word_embeddings.weight") or name.endswith("output_layer.weight")
+
+
+class ReplicatedMapping(MegatronParamMapping):
+    """Every TP rank holds the full tensor (norms, routers, row-parallel biases)."""
+
+    layout = REPLICATED
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        return write(single(hf, self), out) if out is not None else single(hf, self).contiguous()
+
+    def megatron_to_hf(self, shards, ctx):
+        return {self.hf_param: shards[0]}
+
+
+class ColumnParallelMapping(MegatronParamMapping):
+    """Split dim 0 into ``tp`` chunks (QKV/fc1 without packing, embeddings, output layer).
+
+    Vocabulary tensors (``word_embeddings`` / ``output_layer``) are padded with zero rows on import when Megatron's
+    padded vocabulary is larger than HF's, and trimmed back to ``ctx.hf_vocab_size`` on export.
+    """
+
+    layout = COLUMN
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        hf = single(hf, self)
+        if hf.dim() == 0:
+            raise ValueError(f"{self.megatron_param}: column-parallel tensor {self.hf_param} is a scalar")
+        rows = hf.shape[0]
+        if is_vocab(self.megatron_param) and ctx.padded_vocab_size is not None:
+            rows = max(rows, ctx.padded_vocab_size)
+        if rows % ctx.tp_size:
+            raise ValueError(
+                f"{self.megatron_param}: HF tensor {self.hf_param} has {rows} rows, not divisible by "
+                f"tensor_model_parallel_size = {ctx.tp_size}"
+            )
+        local_rows = rows // ctx.tp_size
+        if out is None:
+            out = hf.new_empty((local_rows, *hf.shape[1:]))
+        if rows == hf.shape[0]:
+            return ops.shard_copy(hf, out, mesh_shape=[ctx.tp_size], mesh_coord=[ctx.tp_rank], shard_dims=[0])
+        # padded vocabulary: rows [start, start + local_rows) of the zero-padded tensor
+        start = ctx.tp_rank * local_rows
+        valid = max(0, min(hf.shape[0] - start, local_rows))
+        if valid:
+            out.narrow(0, 0, valid).copy_(hf.narrow(0, start, valid))
+        if valid < local_rows:
+            out.narrow(0, valid, local_rows - valid).zero_()
+        return out
+
+    def megatron_to_hf(self, shards, ctx):
+        rows = sum(s.shape[0] for s in shards)
+        if is_vocab(self.megatron_param) and ctx.hf_vocab_size is not None:
+            rows = min(rows, ctx.hf_vocab_size)
+        if len(shards) == 1 and rows == shards[0].shape[0]:
+            return {self.hf_param: shards[0]}
+        full = shards[0].new_empty((rows, *shards[0].shape[1:]))
+        at = 0
+        for s in shards:
+            n = min(s.shape[0], rows - at)
+            if n <= 0:
+                break
+            full.narrow(0, at, n).copy_(s.narrow(0, 0, n))
+            at += n
+        return {self.hf_param: full}
+
+
+class RowParallelMapping(MegatronParamMapping):
+    """Split dim 1 into ``tp`` chunks (``linear_proj``, ``linear_fc2``); a 1-D bias is replicated."""
+
+    layout = ROW
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        hf = single(hf, self)
+        if hf.dim() < 2:
+            return write(hf, out) if out is not None else hf.contiguous()
+        if hf.shape[1] % ctx.tp_size:
+            raise ValueError(
+                f"{self.megatron_param}: HF tensor {self.hf_param} has {hf.shape[1]} columns, not divisible by "
+                f"tensor_model_parallel_size = {ctx.tp_size}"
+            )
+        cols = hf.shape[1] // ctx.tp_size
+        if out is None:
+            out = hf.new_empty((hf.shape[0], cols, *hf.shape[2:]))
+        return ops.shard_copy(hf, out, mesh_shape=[ctx.tp_size], mesh_coord=[ctx.tp_rank], shard_dims=[1])
+
+    def megatron_to_hf(self, shards, ctx):
+        if shards[0].dim() < 2 or len(shards) == 1:
+            return {self.hf_param: shards[0]}
+        return {self.hf_param: torch.cat(list(shards), dim=1)}
+
+
+class AutoMapping(MegatronParamMapping):
+    """Column, row or replicated, as the engine resolved from the owning Megatron module (``ctx.layout``)."""
+
+    layout = None
+    _impl: Dict[str, type] = {COLUMN: ColumnParallelMapping, ROW: RowParallelMapping, REPLICATED: ReplicatedMapping}
+
+    def _delegate(self, ctx: ConversionContext) -> MegatronParamMapping:
+        impl: Optional[type] = self._impl.get(ctx.layout)  # type: ignore[arg-type]
+        if impl is None:
+            raise ValueError(f"{self!r}: the context carries no resolved layout (ctx.layout = {ctx.layout!r}; "
+                             f"expected one of {sorted(self._impl)})")
+        return impl(self.megatron_param, self.hf_param)
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        return self._delegate(ctx).hf_to_megatron(hf, ctx, out)
+
+    def megatron_to_hf(self, shards, ctx):
+        return self._delegate(ctx).megatron_to_hf(shards, ctx)

@@ -1,0 +1,71 @@
+"""Gated MLP: HF gate/up (two tensors, or one ``gate_up_proj``, stacked, row-interleaved or transposed) <-> Megatron's
+``linear_fc1`` where TP rank t holds ``[gate_t; up_t]`` (section 2 of the semantics)."""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+from megatron_bridge_ext import ops
+from megatron_bridge_ext.mappings.base import COLUMN, MegatronParamMapping, single
+
+__all__ = ["GatedMLPMapping", "FusedGatedMLPMapping"]
+
+
+def _unpack_shards_into(shards: Sequence[torch.Tensor], gate: torch.Tensor, up: torch.Tensor) -> None:
+    """Shard t is ``[gate_t; up_t]``: unpack it straight into its rows of gate and up."""
+    half = shards[0].shape[0] // 2
+    for t, shard in enumerate(shards):
+        ops.gate_up_unpack(shard, tp_size=1, out=(gate.narrow(0, t * half, half), up.narrow(0, t * half, half)))
+
+
+def _hf_shape(shards: Sequence[torch.Tensor]) -> Tuple[int, ...]:
+    return (shards[0].shape[0] // 2 * len(shards), *shards[0].shape[1:])
+
+
+class GatedMLPMapping(MegatronParamMapping):
+    """HF ``gate_proj``/``up_proj`` <-> Megatron gated ``linear_fc1`` (TP rank t holds ``[gate_t; up_t]``)."""
+
+    layout = COLUMN
+
+    def __init__(self, megatron_param: str, gate: str, up: str) -> None:
+        super().__init__(megatron_param, {"gate": gate, "up": up})
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        return ops.gate_up_pack(hf["gate"], hf["up"], tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, out=out)
+
+    def megatron_to_hf(self, shards, ctx):
+        shape = _hf_shape(shards)
+        gate, up = shards[0].new_empty(shape), shards[0].new_empty(shape)
+        _unpack_shards_into(shards, gate, up)
+        return {self.hf_param["gate"]: gate, self.hf_param["up"]: up}
+
+
+class FusedGatedMLPMapping(MegatronParamMapping):
+    """One HF tensor holding gate and up (e.g. Phi-3's ``gate_up_proj``) <-> Megatron gated ``linear_fc1``.
+
+    Args:
+        interleaved: even rows are gate, odd rows up (otherwise the first F rows are gate).
+        transposed: the HF tensor is stored ``[in, out]``.
+    """
+
+    layout = COLUMN
+
+    def __init__(self, megatron_param: str, hf_param: str, *, interleaved: bool = False,
+                 transposed: bool = False) -> None:
+        super().__init__(megatron_param, hf_param)
+        self.interleaved = interleaved
+        self.transposed = transposed
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        return ops.gate_up_pack_fused(single(hf, self), tp_size=ctx.tp_size, tp_rank=ctx.tp_rank,
+                                      interleaved=self.interleaved, transposed=self.transposed, out=out)
+
+    def megatron_to_hf(self, shards, ctx):
+        rows, *rest = _hf_shape(shards)
+        shape = [rest[0], 2 * rows] if self.transposed and rest else [2 * rows, *rest]
+        fused = shards[0].new_empty(shape)
+        gate, up = ops.gate_up_views(fused, interleaved=self.interleaved, transposed=self.transposed)
+        _unpack_shards_into(shards, gate, up)  # one pass, straight into the fused tensor's views
+        return {self.hf_param: fused}

@@ -1,0 +1,291 @@
+"""The Megatron side of the config translation: ``GPTConfig``, the fields every decoder family shares in both
+directions (HF config -> ``TransformerConfig`` kwargs, ``TransformerConfig`` -> HF ``config.json`` fields), rotary
+settings, dtypes and vocabulary padding. Family-specific settings (norms, activations, biases, q/k norms, experts)
+are hooks in ``models/<family>.py`` on top of these.
+
+megatron-core 0.16.1 keeps the rotary settings, the sequence length and embedding tying on ``GPTModel``'s constructor,
+not on ``TransformerConfig``; ``GPTConfig`` (a ``TransformerConfig`` subclass) carries them so that one object
+describes the whole model and ``model_builder.build_gpt_model`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+__all__ = [
+    "GPTConfig",
+    "padded_vocab_size",
+    "default_vocab_divisor",
+    "config_get",
+    "common_megatron_kwargs",
+    "build_gpt_config",
+    "common_hf_fields",
+    "rope_settings",
+    "rope_hf_fields",
+    "dtype_name",
+]
+
+# megatron-core 0.16.1 RotaryEmbedding._apply_scaling hard-codes these llama3 parameters; only `factor` is settable.
+_MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass
+class GPTConfig(TransformerConfig):
+    """``TransformerConfig`` plus the ``GPTModel`` constructor settings an HF config determines."""
+
+    vocab_size: Optional[int] = None
+    """Unpadded (HF) vocabulary size."""
+    make_vocab_size_divisible_by: Optional[int] = None
+    """Vocabulary padding divisor (before multiplying by tp); None: the largest power of two <= 128 dividing it."""
+    seq_length: int = 4096
+    """Maximum sequence length (HF ``max_position_embeddings``)."""
+    position_embedding_type: str = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    rope_scaling: bool = False
+    """llama3-type RoPE frequency scaling (megatron-core fixes low/high freq factors 1/4 and 8192 positions)."""
+    rope_scaling_factor: float = 8.0
+    seq_len_interpolation_factor: Optional[float] = None
+    """Linear RoPE scaling: positions are divided by this factor."""
+    share_embeddings_and_output_weights: bool = False
+
+
+def default_vocab_divisor(vocab_size: int) -> int:
+    """The largest power of two <= 128 that divides ``vocab_size``."""
+    if vocab_size < 1:
+        raise ValueError(f"default_vocab_divisor: vocab_size must be >= 1, got {vocab_size}")
+    d = 128
+    while vocab_size % d:
+        d //= 2
+    return d
+
+
+def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: Optional[int] = None) -> int:
+    """Megatron's padded vocabulary: ``vocab_size`` rounded up to a multiple of ``divisor * tp``.
+
+    Args:
+        vocab_size: HF vocabulary size.
+        tp: tensor-parallel size.
+        make_vocab_size_divisible_by: divisor; None selects ``default_vocab_divisor(vocab_size)``.
+
+    Returns:
+        The padded size (>= vocab_size).
+    """
+    if vocab_size < 1 or tp < 1:
+        raise ValueError(f"padded_vocab_size: vocab_size={vocab_size} and tp={tp} must be >= 1")
+    divisor = make_vocab_size_divisible_by
+    if divisor is None:
+        divisor = default_vocab_divisor(vocab_size)
+    if divisor < 1:
+        raise ValueError(f"padded_vocab_size: make_vocab_size_divisible_by must be >= 1, got {divisor}")
+    multiple = divisor * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def config_get(cfg: Any, name: str, default: Any = None) -> Any:
+    """A field of an HF config object or of its dict form."""
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def rope_settings(hf_config: Any) -> Dict[str, Any]:
+    """Rotary fields of ``GPTConfig`` from HF ``rope_parameters`` (5.x) or ``rope_theta`` + ``rope_scaling`` (4.x)."""
+    params = config_get(hf_config, "rope_parameters")
+    if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
+        # per-layer-type rope parameters (e.g. {"full_attention": {...}, "sliding_attention": {...}})
+        kinds = sorted(params)
+        if len({tuple(sorted(v.items())) for v in params.values()}) > 1:
+            raise ValueError(f"rope settings: per-layer-type rope_parameters differ ({kinds}); unsupported")
+        params = params[kinds[0]]
+    scaling = dict(params) if isinstance(params, Mapping) else dict(config_get(hf_config, "rope_scaling") or {})
+    theta = scaling.pop("rope_theta", None)
+    if theta is None:
+        theta = config_get(hf_config, "rope_theta", 10000.0)
+    out: Dict[str, Any] = {"rotary_base": float(theta)}
+    partial = scaling.pop("partial_rotary_factor", None)
+    if partial is None:
+        partial = config_get(hf_config, "partial_rotary_factor")
+    if partial is not None:
+        out["rotary_percent"] = float(partial)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if rope_type == "default":
+        return out
+    factor = scaling.get("factor")
+    if rope_type == "llama3":
+        wrong = {k: scaling.get(k) for k, v in _MCORE_LLAMA3_FIXED.items() if float(scaling.get(k, v)) != float(v)}
+        if wrong:
+            raise ValueError(
+                f"rope settings: llama3 rope scaling with {wrong} is not supported by megatron-core 0.16.1, "
+                f"which fixes {_MCORE_LLAMA3_FIXED}"
+            )
+        out.update(rope_scaling=True, rope_scaling_factor=float(8.0 if factor is None else factor))
+        return out
+    if rope_type == "linear":
+        if factor is None:
+            raise ValueError(f"rope settings: linear rope scaling without a 'factor' (rope parameters {scaling})")
+        out["seq_len_interpolation_factor"] = float(factor)
+        return out
+    raise ValueError(
+        f"rope settings: unsupported rope type {rope_type!r} (rope parameters {scaling}); "
+        "supported: default, llama3, linear"
+    )
+
+
+def _hf_dtype(hf_config: Any) -> Optional[torch.dtype]:
+    dt = config_get(hf_config, "dtype")
+    if dt is None and isinstance(hf_config, Mapping):  # older config.json files
+        dt = hf_config.get("torch_dtype")
+    if dt is None or isinstance(dt, torch.dtype):
+        return dt
+    name = str(dt).replace("torch.", "")
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported HF dtype {dt!r}; known {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def rope_hf_fields(config: GPTConfig) -> Dict[str, Any]:
+    """HF ``rope_parameters`` (transformers 5.x form) for a config's rotary settings."""
+    params: Dict[str, Any] = {"rope_type": "default", "rope_theta": float(config.rotary_base)}
+    if config.rope_scaling:
+        params.update(rope_type="llama3", factor=float(config.rope_scaling_factor), **_MCORE_LLAMA3_FIXED)
+    elif config.seq_len_interpolation_factor is not None:
+        params.update(rope_type="linear", factor=float(config.seq_len_interpolation_factor))
+    if config.rotary_percent != 1.0:
+        params["partial_rotary_factor"] = float(config.rotary_percent)
+    return {"rope_parameters": params}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """HF ``dtype`` string of a torch dtype."""
+    for name, dt in _DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"no HF dtype name for {dtype}")
+
+
+def _required(hf_config: Any, name: str) -> Any:
+    value = config_get(hf_config, name)
+    if value is None:
+        raise ValueError(f"HF config has no {name!r}; it is required to build the Megatron model")
+    return value
+
+
+def common_megatron_kwargs(hf_config: Any) -> Dict[str, Any]:
+    """The ``GPTConfig`` fields every decoder family reads the same way from its HF config (object or dict).
+
+    Family hooks add the rest: normalization, activation and gating, biases, q/k norms, experts, windows.
+    """
+    hidden = int(_required(hf_config, "hidden_size"))
+    heads = int(_required(hf_config, "num_attention_heads"))
+    kv_heads = config_get(hf_config, "num_key_value_heads")
+    head_dim = config_get(hf_config, "head_dim")
+    kw: Dict[str, Any] = dict(
+        num_layers=int(_required(hf_config, "num_hidden_layers")),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=int(kv_heads) if kv_heads is not None else heads,
+        kv_channels=int(head_dim) if head_dim is not None else hidden // heads,
+        init_method_std=float(config_get(hf_config, "initializer_range", 0.02)),
+        hidden_dropout=0.0,
+        attention_dropout=float(config_get(hf_config, "attention_dropout", 0.0) or 0.0),
+        vocab_size=int(_required(hf_config, "vocab_size")),
+        seq_length=int(config_get(hf_config, "max_position_embeddings", 4096)),
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=bool(config_get(hf_config, "tie_word_embeddings", False)),
+    )
+    ffn = config_get(hf_config, "intermediate_size")
+    if ffn is not None:
+        kw["ffn_hidden_size"] = int(ffn)
+    kw.update(rope_settings(hf_config))
+    dtype = _hf_dtype(hf_config)
+    if dtype is not None:
+        kw["params_dtype"] = dtype
+    return kw
+
+
+# CPU-friendly defaults of every converted model (fusions off, no initialisation: the weights are loaded)
+_RUNTIME_DEFAULTS: Dict[str, Any] = dict(
+    use_cpu_initialization=True,
+    perform_initialization=False,
+    bias_activation_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+    bias_dropout_fusion=False,
+    apply_rope_fusion=False,
+    gradient_accumulation_fusion=False,
+    sequence_parallel=False,
+)
+
+
+def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) -> GPTConfig:
+    """A ``GPTConfig`` from a family's kwargs and the caller's overrides (applied last), with checks.
+
+    Args:
+        kwargs: fields from the HF config (``common_megatron_kwargs`` plus the family's hooks).
+        overrides: any ``GPTConfig`` / ``TransformerConfig`` field (parallel sizes such as
+            ``tensor_model_parallel_size``, ``pipeline_model_parallel_size``, ``virtual_pipeline_model_parallel_size``,
+            ``expert_model_parallel_size``, ``expert_tensor_parallel_size``; ``params_dtype``; ...).
+
+    Raises:
+        ValueError: unknown override names, or heads / query groups that the tensor-parallel size cannot split.
+    """
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown TransformerConfig override(s) {unknown}")
+    kw: Dict[str, Any] = {**_RUNTIME_DEFAULTS, **kwargs}
+    dtype = overrides.get("params_dtype", kw.get("params_dtype")) or torch.float32
+    kw["params_dtype"] = dtype
+    kw["bf16"] = dtype == torch.bfloat16
+    kw["fp16"] = dtype == torch.float16
+    kw.update(overrides)
+    if kw.get("pipeline_model_parallel_size", 1) > 1 and kw.get("pipeline_dtype") is None:
+        kw["pipeline_dtype"] = kw["params_dtype"]
+    tp = int(kw.get("tensor_model_parallel_size", 1) or 1)
+    if kw["num_attention_heads"] % tp:
+        raise ValueError(
+            f"num_attention_heads ({kw['num_attention_heads']}) must be a multiple of tensor_model_parallel_size ({tp})"
+        )
+    if kw["num_query_groups"] % tp:
+        raise ValueError(
+            f"num_query_groups ({kw['num_query_groups']}, HF num_key_value_heads) must be a multiple of "
+            f"tensor_model_parallel_size ({tp}): each TP rank holds whole query groups"
+        )
+    return GPTConfig(**kw)
+
+
+def common_hf_fields(config: GPTConfig) -> Dict[str, Any]:
+    """The HF ``config.json`` fields every decoder family writes the same way from its Megatron config."""
+    if config.vocab_size is None:
+        raise ValueError("common_hf_fields: the config carries no (unpadded) vocab_size")
+    fields: Dict[str, Any] = dict(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_query_groups or config.num_attention_heads,
+        head_dim=config.kv_channels,
+        intermediate_size=config.ffn_hidden_size,
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.seq_length,
+        initializer_range=config.init_method_std,
+        attention_dropout=config.attention_dropout,
+        tie_word_embeddings=config.share_embeddings_and_output_weights,
+        dtype=dtype_name(config.params_dtype),
+    )
+    fields.update(rope_hf_fields(config))
+    return fields

@@ -1,0 +1,132 @@
+"""Megatron model chunks as named tensors: wrapper prefixes, local -> global names (pipeline layer offsets from
+``layer_number``, expert offsets under expert parallelism), owning modules, and the model's config."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from megatron_bridge_ext import ops
+from megatron_bridge_ext.mcore.topology import Topology
+
+__all__ = ["LocalParam", "as_chunks", "unwrap_name", "unwrap_model", "local_params", "model_config",
+           "padded_vocab_size_of"]
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+Chunks = Union[torch.nn.Module, Sequence[torch.nn.Module]]
+
+
+@dataclass(frozen=True)
+class LocalParam:
+    """A parameter or persistent buffer of this rank.
+
+    Attributes:
+        vp_stage: virtual-pipeline chunk index.
+        local_name: unwrapped name in its chunk.
+        global_name: the name with global layer / expert indices.
+        tensor: the parameter or buffer.
+        module: its owning module (None when the path does not resolve).
+    """
+
+    vp_stage: int
+    local_name: str
+    global_name: str
+    tensor: torch.Tensor
+    module: Optional[torch.nn.Module]
+
+
+def as_chunks(model: Chunks) -> List[torch.nn.Module]:
+    """A model chunk or a list of virtual-pipeline chunks, as a list."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def unwrap_name(name: str) -> str:
+    """Strips ``module.`` prefixes (DDP / Float16Module wrappers) and ``._checkpoint_wrapped_module.``."""
+    if not isinstance(name, str):
+        raise ValueError(f"parameter name must be a string, got {type(name).__name__}")
+    name = name.replace("._checkpoint_wrapped_module.", ".")
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The innermost model under ``.module`` wrappers."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def model_config(chunks: Sequence[torch.nn.Module]) -> Any:
+    """The TransformerConfig of the model (None when the chunk carries none)."""
+    return getattr(unwrap_model(chunks[0]), "config", None)
+
+
+def padded_vocab_size_of(chunks: Sequence[torch.nn.Module]) -> Optional[int]:
+    """Megatron's padded vocabulary size of the model (None when unknown)."""
+    return getattr(unwrap_model(chunks[0]), "vocab_size", None)
+
+
+def _local_tensors(chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    out: Dict[str, torch.Tensor] = {}
+    for name, value in chunk.state_dict(keep_vars=True).items():
+        if "_extra_state" in name or not isinstance(value, torch.Tensor):
+            continue
+        out[unwrap_name(name)] = value
+    return out
+
+
+def _module_of(model: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
+    module = model
+    for part in name.rsplit(".", 1)[0].split(".") if "." in name else []:
+        if not hasattr(module, part):
+            return None
+        module = getattr(module, part)
+    return module
+
+
+def _layer_index_map(model: torch.nn.Module) -> Dict[int, int]:
+    """Local layer index -> global layer index (``layer_number - 1``) of a chunk's decoder layers."""
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    if layers is None:
+        return {}
+    return {i: int(getattr(layer, "layer_number", i + 1)) - 1 for i, layer in enumerate(layers)}
+
+
+def local_params(chunks: Sequence[torch.nn.Module], topo: Topology, *, skip_tied_output: bool = True
+                 ) -> Iterator[LocalParam]:
+    """Every parameter and persistent buffer of this rank's chunks, with its global name.
+
+    With tied embeddings the output layer (a copy of the embedding on the last stage) is skipped unless
+    ``skip_tied_output`` is False.
+    """
+    cfg = model_config(chunks)
+    num_experts = getattr(cfg, "num_moe_experts", None) or 0
+    expert_offset = (num_experts // topo.ep_size) * topo.ep_rank if topo.ep_size > 1 and num_experts else 0
+    tied = is_tied(chunks)
+    for vp, chunk in enumerate(chunks):
+        model = unwrap_model(chunk)
+        index_map = _layer_index_map(model)
+        for local, tensor in _local_tensors(chunk).items():
+            layer_offset = 0
+            m = _LAYER_RE.search(local)
+            if m is not None and topo.pp_size > 1:
+                li = int(m.group(1))
+                layer_offset = index_map.get(li, li) - li
+            global_name = ops.local_to_global_name(local, layer_offset, expert_offset) if (
+                layer_offset or expert_offset) else local
+            if skip_tied_output and tied and "output_layer" in global_name:
+                continue
+            yield LocalParam(vp, local, global_name, tensor, _module_of(model, local))
+
+
+def is_tied(chunks: Sequence[torch.nn.Module]) -> bool:
+    """Whether the model shares its embedding with the output layer."""
+    m = unwrap_model(chunks[0])
+    cfg = getattr(m, "config", None)
+    return bool(getattr(m, "share_embeddings_and_output_weights",
+                        getattr(cfg, "share_embeddings_and_output_weights", False)))

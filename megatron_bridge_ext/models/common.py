@@ -1,0 +1,87 @@
+"""Mapping tables shared by the decoder families, as data: each family composes the pieces it has.
+
+Names: ``L`` is a Megatron decoder layer, ``H`` an HF decoder layer (both with the layer index as a wildcard).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List
+
+import torch.nn.functional as F
+
+from megatron_bridge_ext.mappings import AutoMapping, GatedMLPMapping, MegatronParamMapping, QKVMapping
+
+__all__ = ["L", "H", "GPT_MODEL", "embedding_mappings", "attention_mappings", "gated_mlp_mappings", "ACTIVATIONS",
+           "activation_func", "activation_name"]
+
+L = "decoder.layers.*"
+H = "model.layers.*"
+#: the Megatron model class every decoder family builds (imported when asked for)
+GPT_MODEL = "megatron.core.models.gpt.GPTModel"
+
+
+def embedding_mappings() -> List[MegatronParamMapping]:
+    """Token embedding, output layer (untied checkpoints), final norm."""
+    return [
+        AutoMapping("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+        AutoMapping("output_layer.weight", "lm_head.weight"),
+        AutoMapping("decoder.final_layernorm.weight", "model.norm.weight"),
+    ]
+
+
+def attention_mappings(attn: str = "self_attn") -> List[MegatronParamMapping]:
+    """Input norm, fused q/k/v (weights and biases), output projection (weight and bias)."""
+    a = f"{H}.{attn}"
+    return [
+        AutoMapping(f"{L}.input_layernorm.weight", f"{H}.input_layernorm.weight"),
+        QKVMapping(f"{L}.self_attention.linear_qkv.weight", q=f"{a}.q_proj.weight", k=f"{a}.k_proj.weight",
+                   v=f"{a}.v_proj.weight"),
+        QKVMapping(f"{L}.self_attention.linear_qkv.bias", q=f"{a}.q_proj.bias", k=f"{a}.k_proj.bias",
+                   v=f"{a}.v_proj.bias"),
+        AutoMapping(f"{L}.self_attention.linear_proj.weight", f"{a}.o_proj.weight"),
+        AutoMapping(f"{L}.self_attention.linear_proj.bias", f"{a}.o_proj.bias"),
+    ]
+
+
+def gated_mlp_mappings(mlp: str = "mlp") -> List[MegatronParamMapping]:
+    """Pre-MLP norm, gated fc1 from gate/up (weights and biases), fc2 from down (weight and bias)."""
+    m = f"{H}.{mlp}"
+    return [
+        AutoMapping(f"{L}.pre_mlp_layernorm.weight", f"{H}.post_attention_layernorm.weight"),
+        GatedMLPMapping(f"{L}.mlp.linear_fc1.weight", gate=f"{m}.gate_proj.weight", up=f"{m}.up_proj.weight"),
+        GatedMLPMapping(f"{L}.mlp.linear_fc1.bias", gate=f"{m}.gate_proj.bias", up=f"{m}.up_proj.bias"),
+        AutoMapping(f"{L}.mlp.linear_fc2.weight", f"{m}.down_proj.weight"),
+        AutoMapping(f"{L}.mlp.linear_fc2.bias", f"{m}.down_proj.bias"),
+    ]
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+#: HF ``hidden_act`` -> the activation megatron applies (to the gate, with a gated MLP)
+ACTIVATIONS: Dict[str, Callable[..., Any]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": _gelu_tanh,
+}
+
+
+def activation_func(hidden_act: str, family: str, allowed=("silu", "swish")) -> Callable[..., Any]:
+    """The megatron activation for an HF ``hidden_act`` that the family supports.
+
+    Raises:
+        ValueError: naming the activation and the supported ones.
+    """
+    if hidden_act not in allowed or hidden_act not in ACTIVATIONS:
+        raise ValueError(f"{family}: hidden_act={hidden_act!r} is not supported (supported: {', '.join(allowed)})")
+    return ACTIVATIONS[hidden_act]
+
+
+def activation_name(func: Callable[..., Any]) -> str:
+    """The HF ``hidden_act`` of a megatron activation function."""
+    for name, f in ACTIVATIONS.items():
+        if f is func:
+            return name
+    raise ValueError(f"no HF hidden_act for activation function {func!r}")

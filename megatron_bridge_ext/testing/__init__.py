@@ -1,0 +1,1 @@
+"""Test and demo support: tiny transformers checkpoints and parity helpers (HF logits, checkpoint comparison)."""
