@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext.engine import DEFAULT_BUCKET_BYTES, HFWeightTuple, MegatronModelBridge
-from megatron_bridge_ext.io import SafeTensorsWriter
+from megatron_bridge_ext.io import CONFIG_NAME, SafeTensorsWriter
 from megatron_bridge_ext.io.hf_checkpoint import HFCheckpoint, copy_side_files
 from megatron_bridge_ext.mcore.topology import current_parallel_sizes
 
@@ -31,9 +32,28 @@ class AutoBridge:
         bridge.save_hf_pretrained(chunks, "/out/llama")  # every rank calls it; rank 0 writes
     """
 
-    def __init__(self, hf_pretrained: HFCheckpoint, model_bridge: MegatronModelBridge) -> None:
+    def __init__(self, hf_pretrained: Optional[HFCheckpoint], model_bridge: MegatronModelBridge) -> None:
         self.hf_pretrained = hf_pretrained
         self.model_bridge = model_bridge
+
+    @classmethod
+    def from_architecture(cls, architecture: str) -> "AutoBridge":
+        """A bridge without an HF checkpoint (e.g. to export a trained Megatron model): ``config.json`` and the HF
+        tensor shapes come from the Megatron side, dtypes from the parameters.
+
+        Raises:
+            ValueError: the architecture is not supported (the message lists the supported ones).
+        """
+        _ensure_models_registered()
+        from megatron_bridge_ext.dispatch import get_model_bridge
+
+        return cls(None, get_model_bridge(architecture))
+
+    def _require_hf(self, what: str) -> HFCheckpoint:
+        if self.hf_pretrained is None:
+            raise ValueError(f"AutoBridge.{what} needs an HF checkpoint (from_hf_pretrained); this bridge was made "
+                             f"for {self.model_bridge.hf_architecture} without one")
+        return self.hf_pretrained
 
     @classmethod
     def from_hf_pretrained(cls, path: Union[str, os.PathLike]) -> "AutoBridge":
@@ -61,13 +81,14 @@ class AutoBridge:
 
     @property
     def hf_config(self) -> Any:
-        return self.hf_pretrained.config
+        """The HF config of the checkpoint (None for a bridge made without one)."""
+        return None if self.hf_pretrained is None else self.hf_pretrained.config
 
     def transformer_config(self, **overrides: Any):
         """Megatron TransformerConfig for this checkpoint; parallel sizes default to the current parallel_state."""
         for key, value in current_parallel_sizes().items():
             overrides.setdefault(key, value)
-        return self.model_bridge.transformer_config(self.hf_config, **overrides)
+        return self.model_bridge.transformer_config(self._require_hf("transformer_config").config, **overrides)
 
     def to_megatron_model(
         self,
@@ -98,7 +119,7 @@ class AutoBridge:
     ) -> List[torch.nn.Module]:
         """Load the checkpoint into existing Megatron chunk(s); each rank reads only what it keeps."""
         return self.model_bridge.load_weights_hf_to_megatron(
-            self.hf_pretrained, model, allowed_mismatched_params=allowed_mismatched_params, show_progress=show_progress
+            self._require_hf("load_hf_weights"), model, allowed_mismatched_params=allowed_mismatched_params, show_progress=show_progress
         )
 
     def export_hf_weights(
@@ -117,7 +138,7 @@ class AutoBridge:
         """
         return self.model_bridge.stream_weights_megatron_to_hf(
             model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=dst, show_progress=show_progress, copy=copy
-        )
+        )  # without an HF source (from_architecture) tensors keep the parameters' dtypes
 
     def save_hf_pretrained(
         self,
@@ -136,6 +157,10 @@ class AutoBridge:
         a shard is (fsynced, unless ``fsync=False``, and) renamed when complete; the index is written last, and only
         when every expected tensor arrived (strict).
 
+        With an HF source checkpoint its dtypes and key set are reproduced and its side files (config.json, tokenizer,
+        ...) copied. Without one (:meth:`from_architecture`) the tensors keep the parameters' dtypes and
+        ``config.json`` is generated from the Megatron config (the bridge's ``megatron_to_hf_config``).
+
         Returns:
             On rank 0, a summary dict (``tensors``, ``bytes``, ``files``); None elsewhere.
         """
@@ -150,21 +175,38 @@ class AutoBridge:
             for _ in stream:
                 pass
             return None
-        src = self.hf_pretrained.state
-        # Plan shards in the order tensors will arrive, so each shard is written as soon as possible.
-        order = [name for task in tasks for name in task.mapping.hf_names]
-        tied_name = self.model_bridge.tied_output_hf_name
-        if tied_name in src and tied_name not in order:
-            order.append(tied_name)
-        order += [k for k in src.keys() if k not in set(order)]
-        expected = {k: (src.shape(k), src.dtype(k)) for k in order if k in src}
+        if self.hf_pretrained is None:
+            expected = self.model_bridge.hf_tensor_specs(model, conversion_tasks=tasks)
+        else:
+            src = self.hf_pretrained.state
+            # Plan shards in the order tensors will arrive, so each shard is written as soon as possible.
+            order = [name for task in tasks for name in task.mapping.hf_names]
+            tied_name = self.model_bridge.tied_output_hf_name
+            if tied_name in src and tied_name not in order:
+                order.append(tied_name)
+            order += [k for k in src.keys() if k not in set(order)]
+            expected = {k: (src.shape(k), src.dtype(k)) for k in order if k in src}
         with SafeTensorsWriter(out_dir, expected, max_shard_bytes=max_shard_bytes, strict=strict,
                                fsync=fsync) as writer:
             for name, tensor in stream:
                 writer.add(name, tensor)
             summary = writer.close()
-        copy_side_files(self.hf_pretrained.path, out_dir)
+        if self.hf_pretrained is None:
+            self._write_config(model, out_dir)
+        else:
+            copy_side_files(self.hf_pretrained.path, out_dir)
         return summary
+
+    def _write_config(self, model: Union[torch.nn.Module, Sequence[torch.nn.Module]], out_dir: str) -> None:
+        from megatron_bridge_ext.mcore.names import as_chunks, model_config
+
+        config = self.model_bridge.megatron_to_hf_config(model_config(as_chunks(model)))
+        path = os.path.join(out_dir, CONFIG_NAME)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
 
 
 def _max_seq_len(hf_config: Any) -> int:

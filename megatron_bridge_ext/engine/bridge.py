@@ -203,13 +203,17 @@ class MegatronModelBridge:
 
     def _context(self, task: WeightConversionTask, topo: Topology, hf_config: Any, chunks) -> ConversionContext:
         index, count, _ = topo.shard_of(task.members[0] if task.is_group else task.global_param_name)
+        model_cfg = model_config(chunks)
+        hf_vocab = getattr(hf_config, "vocab_size", None)
+        if hf_vocab is None:  # no HF config: the unpadded vocabulary the Megatron config carries
+            hf_vocab = getattr(model_cfg, "vocab_size", None)
         return ConversionContext(
             tp_size=count,
             tp_rank=index,
             ep_size=topo.ep_size if is_routed_expert(task.global_param_name) else 1,
             ep_rank=topo.ep_rank if is_routed_expert(task.global_param_name) else 0,
-            config=model_config(chunks),
-            hf_vocab_size=getattr(hf_config, "vocab_size", None),
+            config=model_cfg,
+            hf_vocab_size=hf_vocab,
             padded_vocab_size=padded_vocab_size_of(chunks),
             layout=task.layout,
         )
@@ -337,6 +341,29 @@ class MegatronModelBridge:
     # ----------------------------------------------------------------------------------------------------------------
     # Export: Megatron -> HF
     # ----------------------------------------------------------------------------------------------------------------
+
+    def hf_tensor_specs(self, megatron_model: Model, hf_config: Any = None,
+                        conversion_tasks: Optional[List[WeightConversionTask]] = None) -> Dict[str, Any]:
+        """HF name -> (shape, dtype) of every tensor export yields, in the order it yields them, computed from the
+        Megatron side alone (the mappings run on meta tensors): no HF checkpoint is needed. A tied output layer is
+        not listed (HF ties it to the embedding). Collective the first time for a model structure (global order).
+        """
+        chunks = as_chunks(megatron_model)
+        topo = Topology.current()
+        tasks, meta = self._tasks(None, chunks)
+        if conversion_tasks is not None:
+            tasks = conversion_tasks
+        specs: Dict[str, Any] = {}
+        for task in tasks:
+            m = meta[task.global_param_name]
+            shards = [torch.empty(m.shape, dtype=m.dtype, device="meta")] * (len(m.senders) if m.sharded else 1)
+            ctx = self._context(task, topo, hf_config, chunks)
+            ctx.tp_rank = 0
+            if m.layout != EXPERTS:
+                ctx.tp_size = len(shards)
+            for name, tensor in task.mapping.megatron_to_hf(shards, ctx).items():
+                specs[name] = (tuple(tensor.shape), tensor.dtype)
+        return specs
 
     def stream_weights_megatron_to_hf(
         self,
