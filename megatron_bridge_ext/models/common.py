@@ -123,14 +123,15 @@ ACTIVATIONS: Dict[str, Callable[..., Any]] = {
 }
 
 
-def activation_func(hidden_act: str, family: str, allowed=("silu", "swish")) -> Callable[..., Any]:
-    """The megatron activation for an HF ``hidden_act`` that the family supports.
+def activation_func(hidden_act: str, family: str, allowed=("silu", "swish"), field: str = "hidden_act"
+                    ) -> Callable[..., Any]:
+    """The megatron activation for an HF ``hidden_act`` (config field ``field``) that the family supports.
 
     Raises:
-        ValueError: naming the activation and the supported ones.
+        ValueError: naming the field, the activation and the supported ones.
     """
     if hidden_act not in allowed or hidden_act not in ACTIVATIONS:
-        raise ValueError(f"{family}: hidden_act={hidden_act!r} is not supported (supported: {', '.join(allowed)})")
+        raise ValueError(f"{family}: {field}={hidden_act!r} is not supported (supported: {', '.join(allowed)})")
     return ACTIVATIONS[hidden_act]
 
 

@@ -73,7 +73,7 @@ class Gemma2Bridge(MegatronModelBridge):
             post_mlp_layernorm=True,
             gated_linear_unit=True,
             activation_func=activation_func(config_get(hf_config, "hidden_activation", "gelu_pytorch_tanh"), family,
-                                            allowed=GELU_ACTIVATIONS),
+                                            allowed=GELU_ACTIVATIONS, field="hidden_activation"),
             add_bias_linear=False,
             add_qkv_bias=False,
             softmax_scale=float(config_get(hf_config, "query_pre_attn_scalar", kw["kv_channels"])) ** -0.5,
