@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext import ops
-from megatron_bridge_ext.engine.tasks import GlobalOrder, WeightConversionTask, build_tasks
+from megatron_bridge_ext.engine.tasks import GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
 from megatron_bridge_ext.mcore.embeddings import TIED_EMBEDDING, broadcast_tied_embeddings, is_tied
@@ -89,7 +89,8 @@ class MegatronModelBridge:
 
     #: HF tensor names that exist only in some checkpoints and are produced on export only when the source has them.
     tied_output_hf_name: str = "lm_head.weight"
-    #: the HF architecture (``config.architectures[0]``) and ``model_type`` this bridge writes on export
+    #: the HF architecture (``config.architectures[0]``) and ``model_type`` this bridge writes on export; the
+    #: architecture defaults to the name the bridge is registered under
     hf_architecture: Optional[str] = None
     hf_model_type: Optional[str] = None
 
@@ -217,6 +218,16 @@ class MegatronModelBridge:
             padded_vocab_size=padded_vocab_size_of(chunks),
             layout=task.layout,
         )
+
+    def _export_context(self, task: WeightConversionTask, meta: ParamMeta, num_shards: int, topo: Topology,
+                        hf_config: Any, chunks) -> ConversionContext:
+        """The context of unpacking a task's gathered shards: a dense task's shard count is its TP size (1 for a
+        replicated tensor); an expert group keeps the expert-parallel sizes."""
+        ctx = self._context(task, topo, hf_config, chunks)
+        ctx.tp_rank = 0
+        if meta.layout != EXPERTS:
+            ctx.tp_size = num_shards
+        return ctx
 
     # ----------------------------------------------------------------------------------------------------------------
     # Import: HF -> Megatron
@@ -357,10 +368,7 @@ class MegatronModelBridge:
         for task in tasks:
             m = meta[task.global_param_name]
             shards = [torch.empty(m.shape, dtype=m.dtype, device="meta")] * (len(m.senders) if m.sharded else 1)
-            ctx = self._context(task, topo, hf_config, chunks)
-            ctx.tp_rank = 0
-            if m.layout != EXPERTS:
-                ctx.tp_size = len(shards)
+            ctx = self._export_context(task, m, len(shards), topo, hf_config, chunks)
             for name, tensor in task.mapping.megatron_to_hf(shards, ctx).items():
                 specs[name] = (tuple(tensor.shape), tensor.dtype)
         return specs
@@ -418,8 +426,7 @@ class MegatronModelBridge:
             if views is None:  # not a receiving rank: this bucket was sent (or had nothing of ours)
                 continue
             for (task, m), shards in zip(plan.layout, views):
-                ctx = self._context(task, topo, config, chunks)
-                ctx.tp_size, ctx.tp_rank = (len(shards), 0) if m.layout != EXPERTS else (ctx.tp_size, 0)
+                ctx = self._export_context(task, m, len(shards), topo, config, chunks)
                 converted = task.mapping.megatron_to_hf(shards, ctx)
                 converted = self.maybe_modify_converted_hf_weight(task, converted)
                 storages = {s.untyped_storage().data_ptr() for s in shards}

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext import ops
-from megatron_bridge_ext.mappings import COLUMN, EXPERTS, ROW, MegatronParamMapping
+from megatron_bridge_ext.mappings import COLUMN, EXPERTS, REPLICATED, ROW, MegatronParamMapping
 from megatron_bridge_ext.mcore.names import LocalParam, local_params, model_config
 from megatron_bridge_ext.mcore.topology import Topology
 from megatron_bridge_ext.registry import MegatronMappingRegistry
@@ -84,7 +84,7 @@ class WeightConversionTask:
     pp_rank: int
     vp_stage: Optional[int] = None
     param_weight: Optional[torch.Tensor] = None
-    layout: str = "replicated"
+    layout: str = REPLICATED
     members: Tuple[str, ...] = ()
     local_weights: Tuple[torch.Tensor, ...] = field(default=())
 
