@@ -9,6 +9,8 @@ from typing import Any, Callable, Dict, List
 
 import torch.nn.functional as F
 
+from megatron_bridge_ext.mcore.config import SLIDING, window_hf_fields
+
 from megatron_bridge_ext.mappings import (
     AutoMapping,
     ConcatenatedQKVMapping,
@@ -20,7 +22,7 @@ from megatron_bridge_ext.mappings import (
 
 __all__ = ["L", "H", "GPT_MODEL", "embedding_mappings", "attention_mappings", "fused_qkv_attention_mappings",
            "qk_norm_mappings", "gated_mlp_mappings", "fused_gated_mlp_mappings", "post_norm_mappings", "ACTIVATIONS",
-           "activation_func", "activation_name"]
+           "activation_func", "activation_name", "qwen_window_hf_fields"]
 
 L = "decoder.layers.*"
 H = "model.layers.*"
@@ -141,3 +143,13 @@ def activation_name(func: Callable[..., Any]) -> str:
         if f is func:
             return name
     raise ValueError(f"no HF hidden_act for activation function {func!r}")
+
+
+def qwen_window_hf_fields(config: Any, family: str) -> Dict[str, Any]:
+    """Qwen2 / Qwen3 window fields: ``sliding_window``, ``layer_types``, ``use_sliding_window`` and
+    ``max_window_layers`` (the first sliding layer; HF slides the layers from there on unless ``layer_types`` says
+    otherwise)."""
+    window = window_hf_fields(config, family)
+    sliding = [i for i, t in enumerate(window["layer_types"]) if t == SLIDING]
+    return {**window, "use_sliding_window": bool(sliding),
+            "max_window_layers": sliding[0] if sliding else config.num_layers}

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.config import SLIDING, window_hf_fields, window_settings
+from megatron_bridge_ext.mcore.config import window_settings
 from megatron_bridge_ext.models.common import (
     GPT_MODEL,
     attention_mappings,
     embedding_mappings,
     gated_mlp_mappings,
     qk_norm_mappings,
+    qwen_window_hf_fields,
 )
 from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.registry import MegatronMappingRegistry
@@ -37,10 +38,7 @@ class Qwen3Bridge(LlamaBridge):
         if not config.qk_layernorm:
             raise ValueError(f"{type(self).__name__}: qk_layernorm=False; Qwen3 always normalises queries and keys")
         hf.pop("mlp_bias")  # Qwen3's attention_bias covers q/k/v and o_proj; it has no MLP biases
-        window = window_hf_fields(config, type(self).__name__)
-        sliding = [i for i, t in enumerate(window["layer_types"]) if t == SLIDING]
-        hf.update(window, use_sliding_window=bool(sliding),
-                  max_window_layers=sliding[0] if sliding else config.num_layers)
+        hf.update(qwen_window_hf_fields(config, type(self).__name__))
         return hf
 
     def mapping_registry(self) -> MegatronMappingRegistry:
