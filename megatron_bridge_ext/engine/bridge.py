@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import warnings
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, Hashable, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -93,12 +93,17 @@ class MegatronModelBridge:
     #: architecture defaults to the name the bridge is registered under
     hf_architecture: Optional[str] = None
     hf_model_type: Optional[str] = None
+    #: the HF tensor layout :meth:`mapping_registry` builds for until a source checkpoint says otherwise (see
+    #: :meth:`detect_hf_layout`); None for families with one layout
+    default_hf_layout: Optional[Hashable] = None
 
     def __init__(self) -> None:
         self._registry: Optional[MegatronMappingRegistry] = None
         self._order: Optional[GlobalOrder] = None
         self._transport = Transport()
         self.show_progress = True
+        #: the HF tensor layout of the mapping table in use (set from the source checkpoint's keys)
+        self.hf_layout: Optional[Hashable] = self.default_hf_layout
 
     def release_buffers(self) -> None:
         """Free the flat export buffers kept between exports (at most two messages and one send buffer)."""
@@ -134,8 +139,34 @@ class MegatronModelBridge:
         return {"architectures": [self.hf_architecture], "model_type": self.hf_model_type, **common_hf_fields(config)}
 
     def mapping_registry(self) -> MegatronMappingRegistry:
-        """The parameter mappings of this architecture."""
+        """The parameter mappings of this architecture (for ``self.hf_layout`` where the family has several)."""
         raise NotImplementedError(f"{type(self).__name__} must implement mapping_registry")
+
+    def detect_hf_layout(self, hf_state: Mapping[str, torch.Tensor], hf_config: Any) -> Optional[Hashable]:
+        """Which of the architecture's HF tensor layouts a checkpoint uses (e.g. one tensor per expert or fused
+        expert tensors), read from its keys (and the shapes of its lazy tensors); families with several layouts
+        override it. The default: ``default_hf_layout``.
+
+        Raises:
+            ValueError: a checkpoint that mixes layouts, naming a tensor of each.
+        """
+        return self.default_hf_layout
+
+    def use_hf_layout_of(self, hf_state: Optional[Mapping[str, torch.Tensor]], hf_config: Any) -> bool:
+        """Build the mapping table for the layout of a source checkpoint (no source: keep the current one).
+
+        Returns:
+            True when the table changed (the cached global order is dropped; tasks built before are stale).
+        """
+        if hf_state is None:
+            return False
+        layout = self.detect_hf_layout(hf_state, hf_config)
+        if layout == self.hf_layout:
+            return False
+        self.hf_layout = layout
+        self._registry = None
+        self._order = None
+        return True
 
     def maybe_modify_loaded_hf_weight(
         self, hf_param: Union[str, Dict[str, Any]], hf_state: Mapping[str, torch.Tensor]
@@ -304,6 +335,7 @@ class MegatronModelBridge:
         """
         chunks = as_chunks(megatron_model)
         state = hf_pretrained.state
+        self.use_hf_layout_of(state, hf_pretrained.config)
         tasks, _ = self._tasks(state.keys(), chunks)
         topo = Topology.current()
         allowed = list(allowed_mismatched_params or [])
@@ -328,7 +360,9 @@ class MegatronModelBridge:
         """Generator variant: yields this rank's converted tensors (fresh tensors; the model is not modified)."""
         chunks = as_chunks(megatron_model)
         state = hf_pretrained.state
-        tasks = conversion_tasks if conversion_tasks is not None else self._tasks(state.keys(), chunks)[0]
+        changed = self.use_hf_layout_of(state, hf_pretrained.config)
+        tasks = conversion_tasks if conversion_tasks is not None and not changed else self._tasks(state.keys(),
+                                                                                                   chunks)[0]
         topo = Topology.current()
         local_names = {}
         if any(t.is_group for t in tasks):
@@ -415,8 +449,9 @@ class MegatronModelBridge:
         if not everyone and not (0 <= int(dst) < topo.world):
             raise ValueError(f"dst must be a global rank in [0, {topo.world}) or 'all', got {dst!r}")
         dst_rank = 0 if everyone else int(dst)
+        changed = self.use_hf_layout_of(state, config)  # tasks built for another layout are rebuilt
         tasks, meta = self._tasks(None, chunks)
-        if conversion_tasks is not None:
+        if conversion_tasks is not None and not changed:
             tasks = conversion_tasks
         tied_copy = is_tied(chunks) and hf_keys is not None and self.tied_output_hf_name in hf_keys
         plans = [BucketPlan.make(b, meta, topo, dst_rank, everyone) for b in cut_buckets(tasks, meta, bucket_bytes)]
