@@ -16,10 +16,16 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
 import torch
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.fusions.fused_bias_geglu import quick_gelu  # GPT-OSS's activation (families import it from here)
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 __all__ = [
     "GPTConfig",
+    "YarnGPTConfig",
+    "MLAGPTConfig",
+    "config_class",
+    "yarn_settings",
+    "yarn_hf_fields",
     "padded_vocab_size",
     "default_vocab_divisor",
     "config_get",
@@ -35,6 +41,7 @@ __all__ = [
     "SLIDING",
     "FULL",
     "dtype_name",
+    "quick_gelu",
 ]
 
 #: HF ``layer_types`` entries
@@ -79,6 +86,44 @@ class GPTConfig(TransformerConfig):
     """A norm on the MLP output before the residual add (Gemma's ``post_feedforward_layernorm``)."""
     local_rotary_base: Optional[float] = None
     """RoPE base of the sliding-window layers when it differs from ``rotary_base`` (Gemma 3); None: one RoPE."""
+
+
+@dataclass
+class YarnGPTConfig(GPTConfig):
+    """``GPTConfig`` of a model with YaRN RoPE (``position_embedding_type="yarn"``): the ``yarn_*`` fields that
+    megatron-core 0.16.1's ``GPTModel`` reads for its ``YarnRotaryEmbedding`` and ``SelfAttention`` for the
+    concentration factor it multiplies into cos / sin. A separate class because megatron decides whether to apply
+    that factor by ``hasattr(config, "yarn_rotary_scaling_factor")``."""
+
+    yarn_rotary_scaling_factor: float = 1.0
+    yarn_original_max_position_embeddings: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: Optional[float] = None
+    """With ``yarn_mscale_all_dim``: concentration ``m(s, mscale) / m(s, mscale_all_dim)``; None: ``m(s)``."""
+    yarn_mscale_all_dim: Optional[float] = None
+    yarn_correction_range_round_to_int: bool = True
+    """HF ``truncate``: round the correction range to whole dimensions."""
+
+
+@dataclass
+class MLAGPTConfig(GPTConfig, MLATransformerConfig):
+    """``GPTConfig`` of a multi-latent-attention model (megatron's ``MLATransformerConfig`` fields: q / kv LoRA
+    ranks, nope / rope / v head dims, its own rope settings)."""
+
+    latent_layernorm_epsilon: Optional[float] = None
+    """Epsilon of the q / kv latent norms when it differs from ``layernorm_epsilon`` (HF DeepSeek-V3 fixes 1e-6
+    there whatever ``rms_norm_eps`` is); None: ``layernorm_epsilon``."""
+
+
+def config_class(kwargs: Mapping[str, Any]) -> type:
+    """The ``GPTConfig`` class for a model's fields: :class:`MLAGPTConfig` with ``multi_latent_attention``,
+    :class:`YarnGPTConfig` with ``position_embedding_type="yarn"``, else :class:`GPTConfig`."""
+    if kwargs.get("multi_latent_attention"):
+        return MLAGPTConfig
+    if kwargs.get("position_embedding_type") == "yarn":
+        return YarnGPTConfig
+    return GPTConfig
 
 
 def default_vocab_divisor(vocab_size: int) -> int:
@@ -129,13 +174,15 @@ def per_layer_type_rope(hf_config: Any) -> Optional[Dict[str, Dict[str, Any]]]:
     return None
 
 
-def rope_settings(hf_config: Any, layer_type: Optional[str] = None) -> Dict[str, Any]:
+def rope_settings(hf_config: Any, layer_type: Optional[str] = None, *, yarn: bool = False) -> Dict[str, Any]:
     """Rotary fields of ``GPTConfig`` from HF ``rope_parameters`` (5.x) or ``rope_theta`` + ``rope_scaling`` (4.x).
 
     Args:
         hf_config: the HF config (object or dict).
         layer_type: with per-layer-type rope parameters, read those of this layer type (the family handles the
             others); None requires every layer type to have the same parameters.
+        yarn: the family accepts YaRN (``rope_type="yarn"``): its fields are returned as :func:`yarn_settings` gives
+            them, with ``position_embedding_type="yarn"``; otherwise YaRN is refused like any unsupported type.
     """
     params = config_get(hf_config, "rope_parameters")
     per_type = per_layer_type_rope(hf_config)
@@ -177,10 +224,73 @@ def rope_settings(hf_config: Any, layer_type: Optional[str] = None) -> Dict[str,
             raise ValueError(f"rope settings: linear rope scaling without a 'factor' (rope parameters {scaling})")
         out["seq_len_interpolation_factor"] = float(factor)
         return out
+    if rope_type == "yarn" and yarn:
+        out.update(position_embedding_type="yarn", **yarn_settings(scaling, config_get(hf_config,
+                                                                                    "max_position_embeddings")))
+        return out
     raise ValueError(
         f"rope settings: unsupported rope type {rope_type!r} (rope parameters {scaling}); "
-        "supported: default, llama3, linear"
+        f"supported: default, llama3, linear{', yarn' if yarn else ''}"
     )
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_settings(params: Mapping[str, Any], max_position_embeddings: Optional[int] = None) -> Dict[str, Any]:
+    """``YarnGPTConfig`` ``yarn_*`` fields from HF YaRN rope parameters (transformers' ``_compute_yarn_parameters``).
+
+    HF's attention factor is ``m(s, mscale) / m(s, mscale_all_dim)`` when both are set (non-zero), else ``m(s)``
+    (``m(s, k) = 0.1 k ln s + 1``); megatron's concentration factor is the same with ``yarn_mscale`` /
+    ``yarn_mscale_all_dim``, ``m(s)`` when either is None. ``truncate`` (default True) rounds the correction range.
+
+    Raises:
+        ValueError: an explicit ``attention_factor`` other than the one these give, or no
+            ``original_max_position_embeddings``.
+    """
+    original = params.get("original_max_position_embeddings")
+    if original is None:
+        raise ValueError(f"rope settings: yarn rope parameters {dict(params)} lack original_max_position_embeddings")
+    factor = params.get("factor")
+    if factor is None:
+        if max_position_embeddings is None:
+            raise ValueError(f"rope settings: yarn rope parameters {dict(params)} give no factor and the config no "
+                             "max_position_embeddings")
+        factor = max_position_embeddings / original
+    factor = float(factor)
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    both = bool(mscale) and bool(mscale_all_dim)
+    implied = _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim)) if both else \
+        _yarn_mscale(factor)
+    explicit = params.get("attention_factor")
+    if explicit is not None and abs(float(explicit) - implied) > 1e-12 * max(1.0, implied):
+        raise ValueError(f"rope settings: yarn attention_factor={explicit} differs from the factor megatron-core "
+                         f"0.16.1 derives from factor / mscale / mscale_all_dim ({implied}); not supported")
+    return dict(
+        yarn_rotary_scaling_factor=factor,
+        yarn_original_max_position_embeddings=int(original),
+        yarn_beta_fast=float(params.get("beta_fast") or 32.0),
+        yarn_beta_slow=float(params.get("beta_slow") or 1.0),
+        yarn_mscale=float(mscale) if both else None,
+        yarn_mscale_all_dim=float(mscale_all_dim) if both else None,
+        yarn_correction_range_round_to_int=bool(params.get("truncate", True)),
+    )
+
+
+def yarn_hf_fields(fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """HF YaRN ``rope_parameters`` entries of ``yarn_*`` fields (a config's or :func:`yarn_settings`'s)."""
+    out: Dict[str, Any] = dict(
+        rope_type="yarn",
+        factor=float(fields["yarn_rotary_scaling_factor"]),
+        original_max_position_embeddings=int(fields["yarn_original_max_position_embeddings"]),
+        beta_fast=float(fields["yarn_beta_fast"]),
+        beta_slow=float(fields["yarn_beta_slow"]),
+        truncate=bool(fields["yarn_correction_range_round_to_int"]),
+    )
+    if fields.get("yarn_mscale") is not None and fields.get("yarn_mscale_all_dim") is not None:
+        out.update(mscale=float(fields["yarn_mscale"]), mscale_all_dim=float(fields["yarn_mscale_all_dim"]))
+    return out
 
 
 def window_settings(hf_config: Any, family: str) -> Dict[str, Any]:
@@ -271,13 +381,18 @@ def _hf_dtype(hf_config: Any) -> Optional[torch.dtype]:
 def rope_hf_fields(config: GPTConfig) -> Dict[str, Any]:
     """HF ``rope_parameters`` (transformers 5.x form) for a config's rotary settings."""
     params: Dict[str, Any] = {"rope_type": "default", "rope_theta": float(config.rotary_base)}
-    if config.rope_scaling:
+    if config.position_embedding_type == "yarn":
+        params.update(yarn_hf_fields({f: getattr(config, f) for f in _YARN_FIELDS}))
+    elif config.rope_scaling:
         params.update(rope_type="llama3", factor=float(config.rope_scaling_factor), **_MCORE_LLAMA3_FIXED)
     elif config.seq_len_interpolation_factor is not None:
         params.update(rope_type="linear", factor=float(config.seq_len_interpolation_factor))
     if config.rotary_percent != 1.0:
         params["partial_rotary_factor"] = float(config.rotary_percent)
     return {"rope_parameters": params}
+
+
+_YARN_FIELDS = tuple(f.name for f in dataclasses.fields(YarnGPTConfig) if f.name.startswith("yarn_"))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -295,11 +410,13 @@ def _required(hf_config: Any, name: str) -> Any:
     return value
 
 
-def common_megatron_kwargs(hf_config: Any, rope_layer_type: Optional[str] = None) -> Dict[str, Any]:
+def common_megatron_kwargs(hf_config: Any, rope_layer_type: Optional[str] = None, *, yarn: bool = False
+                           ) -> Dict[str, Any]:
     """The ``GPTConfig`` fields every decoder family reads the same way from its HF config (object or dict).
 
     Family hooks add the rest: normalization, activation and gating, biases, q/k norms, experts, windows.
-    ``rope_layer_type`` selects the model's RoPE among per-layer-type rope parameters (see ``rope_settings``).
+    ``rope_layer_type`` selects the model's RoPE among per-layer-type rope parameters, ``yarn`` accepts YaRN (see
+    ``rope_settings``).
     """
     hidden = int(_required(hf_config, "hidden_size"))
     heads = int(_required(hf_config, "num_attention_heads"))
@@ -322,7 +439,7 @@ def common_megatron_kwargs(hf_config: Any, rope_layer_type: Optional[str] = None
     ffn = config_get(hf_config, "intermediate_size")
     if ffn is not None:
         kw["ffn_hidden_size"] = int(ffn)
-    kw.update(rope_settings(hf_config, rope_layer_type))
+    kw.update(rope_settings(hf_config, rope_layer_type, yarn=yarn))
     dtype = _hf_dtype(hf_config)
     if dtype is not None:
         kw["params_dtype"] = dtype
@@ -355,7 +472,8 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
     Raises:
         ValueError: unknown override names, or heads / query groups that the tensor-parallel size cannot split.
     """
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    cls = config_class({**kwargs, **overrides})
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown TransformerConfig override(s) {unknown}")
@@ -377,7 +495,7 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
             f"num_query_groups ({kw['num_query_groups']}, HF num_key_value_heads) must be a multiple of "
             f"tensor_model_parallel_size ({tp}): each TP rank holds whole query groups"
         )
-    return GPTConfig(**kw)
+    return cls(**kw)
 
 
 def common_hf_fields(config: GPTConfig) -> Dict[str, Any]:

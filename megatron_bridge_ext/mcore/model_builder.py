@@ -16,18 +16,26 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_block import (
+    LayerNormImpl,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_bridge_ext.mcore.config import GPTConfig, padded_vocab_size
 from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, seed_model_parallel_rng
 from megatron_bridge_ext.mcore.modules import (
+    LatentRMSNorm,
     LayerTypeRopeSelfAttention,
     LocalRMSNorm,
+    MLADotProductAttention,
     PostNormRowParallelLinear,
     scale_embeddings,
 )
 
-__all__ = ["build_gpt_model", "build_model_chunks", "gpt_layer_spec", "init_parallel", "destroy_parallel"]
+__all__ = ["build_gpt_model", "build_model_chunks", "gpt_layer_spec", "moe_layer_pattern", "init_parallel",
+           "destroy_parallel"]
 
 
 def init_parallel(tp: int, pp: int, vpp: Optional[int] = None, ep: int = 1, etp: Optional[int] = None,
@@ -141,30 +149,73 @@ def _replace(spec: ModuleSpec, **submodules) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **submodules))
 
 
+def moe_layer_pattern(config: GPTConfig) -> List[int]:
+    """Per layer 1 (routed experts) or 0 (dense MLP), from ``moe_layer_freq`` as megatron's
+    ``get_gpt_decoder_layer_specs`` reads it; all 0 without experts.
+
+    Raises:
+        ValueError: a list whose length is not ``num_layers``, or another type.
+    """
+    if not config.num_moe_experts:
+        return [0] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(config.num_layers)]
+    if isinstance(freq, (list, tuple)):
+        if len(freq) != config.num_layers:
+            raise ValueError(f"moe_layer_freq has {len(freq)} entries for {config.num_layers} layers")
+        return [int(bool(x)) for x in freq]
+    raise ValueError(f"moe_layer_freq must be an int or a list, got {freq!r}")
+
+
 def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
                    ) -> Union[ModuleSpec, TransformerBlockSubmodules]:
     """megatron-core's local GPT layer spec for ``config``, with the modules of :mod:`.modules` where the config
     asks for what the local spec cannot build:
 
-    - ``layernorm_zero_centered_gamma``: every norm (input, pre-MLP, q/k, final) is a :class:`LocalRMSNorm`; the
-      result is then a ``TransformerBlockSubmodules`` for this stage's layers (the final norm is the block's);
+    - ``layernorm_zero_centered_gamma``: every norm (input, pre-MLP, q/k, final) is a :class:`LocalRMSNorm`;
     - ``post_self_attn_layernorm`` / ``post_mlp_layernorm``: ``linear_proj`` / ``linear_fc2`` are
       :class:`PostNormRowParallelLinear`;
-    - ``local_rotary_base``: the attention is :class:`LayerTypeRopeSelfAttention`.
+    - ``local_rotary_base``: the attention is :class:`LayerTypeRopeSelfAttention`;
+    - ``multi_latent_attention``: megatron's MLA layer with :class:`MLADotProductAttention` as its core attention
+      (and :class:`LatentRMSNorm` latent norms when ``latent_layernorm_epsilon`` differs from
+      ``layernorm_epsilon``).
+
+    Dense and MoE layers mixed (``moe_layer_freq`` with zeros, e.g. DeepSeek-V3's ``first_k_dense_replace``) or
+    zero-centred norms give a ``TransformerBlockSubmodules`` with this stage's layer specs (as megatron's
+    ``get_gpt_decoder_block_spec`` slices them); otherwise one layer spec.
 
     Raises:
         ValueError: a combination these modules do not cover (zero-centred LayerNorm, post-MLP norm with experts).
     """
+    pattern = moe_layer_pattern(config)
+    zero_centered = bool(config.layernorm_zero_centered_gamma)
+    moe_spec = _layer_spec(config, config.num_moe_experts) if any(pattern) else None
+    dense_spec = _layer_spec(config, None) if not all(pattern) else None
+    if not zero_centered and (moe_spec is None or dense_spec is None):
+        return moe_spec if moe_spec is not None else dense_spec
+    specs = [moe_spec if p else dense_spec for p in pattern]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count],
+                                      layer_norm=LocalRMSNorm if zero_centered else LayerNormImpl)
+
+
+def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
+    """One layer's local spec (dense MLP or routed experts) with the modules the config asks for."""
+    mla = bool(getattr(config, "multi_latent_attention", False))
     spec = get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts,
+        num_experts=num_experts,
         moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm,
+        multi_latent_attention=mla,
         normalization=config.normalization,
     )
     zero_centered = bool(config.layernorm_zero_centered_gamma)
     if not (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
-            or config.local_rotary_base is not None):
+            or config.local_rotary_base is not None or mla):
         return spec
+    latent_eps = getattr(config, "latent_layernorm_epsilon", None)
     if (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm) and \
             config.normalization != "RMSNorm":
         raise ValueError(f"gpt_layer_spec: layernorm_zero_centered_gamma / post norms need normalization='RMSNorm', "
@@ -172,28 +223,32 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
     layer = spec.submodules
     attn = layer.self_attention
     attn_subs = {}
+    if mla:
+        attn_subs["core_attention"] = MLADotProductAttention
+        if latent_eps is not None and latent_eps != config.layernorm_epsilon and config.qk_layernorm:
+            if zero_centered:
+                raise ValueError("gpt_layer_spec: latent_layernorm_epsilon with zero-centred norms is not supported")
+            attn_subs.update(q_layernorm=LatentRMSNorm, kv_layernorm=LatentRMSNorm)
     if zero_centered:
-        for name in ("q_layernorm", "k_layernorm"):
-            if getattr(attn.submodules, name) is not IdentityOp:
+        for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
+            if getattr(attn.submodules, name, IdentityOp) is not IdentityOp:
                 attn_subs[name] = LocalRMSNorm
     if config.post_self_attn_layernorm:
         attn_subs["linear_proj"] = PostNormRowParallelLinear
     attn = _replace(attn, **attn_subs)
     if config.local_rotary_base is not None:
+        if mla:
+            raise ValueError("gpt_layer_spec: local_rotary_base with multi-latent attention is not supported")
         attn = dataclasses.replace(attn, module=LayerTypeRopeSelfAttention)
     mlp = layer.mlp
     if config.post_mlp_layernorm:
-        if config.num_moe_experts:
+        if num_experts:
             raise ValueError("gpt_layer_spec: post_mlp_layernorm with routed experts is not supported")
         mlp = _replace(mlp, linear_fc2=PostNormRowParallelLinear)
     layer_subs = dict(self_attention=attn, mlp=mlp)
     if zero_centered:
         layer_subs.update(input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm)
-    spec = _replace(spec, **layer_subs)
-    if not zero_centered:
-        return spec
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
-                                      layer_norm=LocalRMSNorm)
+    return _replace(spec, **layer_subs)
 
 
 def build_model_chunks(config: GPTConfig, vocab_size: Optional[int] = None,

@@ -3,8 +3,10 @@
 The local layer spec of megatron-core 0.16.1 (``get_gpt_layer_local_spec``) builds every RMSNorm as
 ``WrappedTorchNorm``, which asserts ``not config.layernorm_zero_centered_gamma``; ``TransformerLayer`` has no norm
 after attention or after the MLP; ``GPTModel`` has one rotary embedding for every layer and no embedding scale.
-Gemma 2 / Gemma 3 need all four. ``model_builder.gpt_layer_spec`` puts these modules into the spec only when the
-config asks for the feature, so the other families build exactly megatron-core's local spec.
+Gemma 2 / Gemma 3 need all four. Its local ``DotProductAttention`` has no ``k_channels`` / ``v_channels``
+arguments, which multi-latent attention (DeepSeek-V3) passes (queries / keys of ``qk_head_dim +
+qk_pos_emb_head_dim`` channels, values of ``v_head_dim``). ``model_builder.gpt_layer_spec`` puts these modules into
+the spec only when the config asks for the feature, so the other families build exactly megatron-core's local spec.
 
 =================================  ===============================================================================
 module                             what it adds
@@ -17,6 +19,10 @@ module                             what it adds
 ``LayerTypeRopeSelfAttention``     ``SelfAttention`` whose sliding-window layers use their own rotary base
                                    (``config.local_rotary_base``); full-attention layers use the model's RoPE
 ``ScaledLanguageModelEmbedding``   the embedding output multiplied by ``config.embedding_scale`` in its own dtype
+``MLADotProductAttention``         ``DotProductAttention`` accepting ``k_channels`` / ``v_channels`` (the output
+                                   width is ``v_channels`` per head); no parameters of its own
+``LatentRMSNorm``                  :class:`LocalRMSNorm` with ``config.latent_layernorm_epsilon`` (MLA's q / kv
+                                   latent norms, whose epsilon HF DeepSeek-V3 fixes at 1e-6)
 =================================  ===============================================================================
 """
 
@@ -29,6 +35,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.utils import is_layer_window_attention
 
 __all__ = [
@@ -37,6 +44,8 @@ __all__ = [
     "LayerTypeRopeSelfAttention",
     "ScaledLanguageModelEmbedding",
     "scale_embeddings",
+    "MLADotProductAttention",
+    "LatentRMSNorm",
 ]
 
 
@@ -147,3 +156,32 @@ def scale_embeddings(model: torch.nn.Module, scale: float) -> None:
                          f"{type(emb).__name__}")
     emb.__class__ = ScaledLanguageModelEmbedding
     emb.embedding_scale = float(scale)
+
+
+class MLADotProductAttention(DotProductAttention):
+    """``DotProductAttention`` for multi-latent attention: keys of ``k_channels`` and values of ``v_channels`` per
+    head (``MultiLatentAttention`` passes both, with its own ``softmax_scale``). The maths is the parent's, which
+    takes its widths from the query / value tensors; only the output width changes (``v_channels`` per head).
+    Requires ``num_query_groups == num_attention_heads`` (MLA expands keys and values to every head)."""
+
+    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 k_channels: Optional[int] = None, v_channels: Optional[int] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection: Any = None) -> None:
+        if k_channels is not None and softmax_scale is None:
+            softmax_scale = k_channels ** -0.5
+        super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout=attention_dropout,
+                         softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        if self.num_query_groups_per_partition != self.num_attention_heads_per_partition:
+            raise ValueError(f"MLADotProductAttention: num_query_groups ({config.num_query_groups}) must equal "
+                             f"num_attention_heads ({config.num_attention_heads})")
+        if v_channels is not None:
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+
+class LatentRMSNorm(LocalRMSNorm):
+    """:class:`LocalRMSNorm` whose epsilon is ``config.latent_layernorm_epsilon`` (the ``eps`` megatron passes, its
+    ``layernorm_epsilon``, is ignored)."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> None:
+        super().__init__(config, hidden_size, eps=config.latent_layernorm_epsilon, **kwargs)
