@@ -1,6 +1,21 @@
 """Per-model bridges: one file per model family (config translation both ways + mapping table); importing this
 package registers them."""
 
-from megatron_bridge_ext.models import gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3  # noqa: F401
+from megatron_bridge_ext.models import (  # noqa: F401
+    deepseek_v3,
+    gemma2,
+    gemma3,
+    glm4_moe,
+    gpt_oss,
+    llama,
+    mistral,
+    mixtral,
+    phi3,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+)
 
-__all__ = ["gemma2", "gemma3", "llama", "mistral", "mixtral", "phi3", "qwen2", "qwen3"]
+__all__ = ["deepseek_v3", "gemma2", "gemma3", "glm4_moe", "gpt_oss", "llama", "mistral", "mixtral", "phi3", "qwen2",
+           "qwen2_moe", "qwen3", "qwen3_moe"]

@@ -1,0 +1,108 @@
+"""GLM-4.5 (``Glm4MoeForCausalLM``): GQA attention with q/k/v biases (``attention_bias``; no o_proj bias), optional
+per-head q/k RMSNorms (``use_qk_norm``), partial RoPE (``partial_rotary_factor``, the first channels of each head,
+halves rotated), the first ``first_k_dense_replace`` layers dense and the rest routed experts with shared experts
+behind DeepSeek-V3's sigmoid router (``e_score_correction_bias`` kept in fp32, grouped top-k, routed scaling).
+
+HF experts: one tensor per expert (what ``save_pretrained`` writes; the default) or fused, read from the keys.
+Not converted: multi-token-prediction layers (transformers 5.24 builds none; ``detect_hf_layout`` refuses
+checkpoints that carry them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from megatron_bridge_ext.engine import MegatronModelBridge
+from megatron_bridge_ext.mcore.config import common_megatron_kwargs, config_get
+from megatron_bridge_ext.models.common import (
+    GPT_MODEL,
+    H,
+    PER_EXPERT,
+    activation_func,
+    activation_name,
+    attention_mappings,
+    detect_expert_layout,
+    embedding_mappings,
+    first_k_dense_hf_field,
+    first_k_dense_pattern,
+    gated_mlp_mappings,
+    moe_hf_fields,
+    moe_runtime_kwargs,
+    qk_norm_mappings,
+    refuse_mtp_tensors,
+    router_mappings,
+    routed_expert_mappings,
+    shared_expert_mappings,
+    shared_expert_size,
+    sigmoid_router_hf_fields,
+    sigmoid_router_kwargs,
+)
+from megatron_bridge_ext.registry import MegatronMappingRegistry
+
+__all__ = ["Glm4MoeBridge"]
+
+
+@MegatronModelBridge.register_bridge(source="Glm4MoeForCausalLM", target=GPT_MODEL)
+class Glm4MoeBridge(MegatronModelBridge):
+    """HF Glm4MoeForCausalLM <-> Megatron-Core GPTModel with MoE layers and shared experts."""
+
+    hf_model_type = "glm4_moe"
+    default_hf_layout = PER_EXPERT
+
+    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        family = type(self).__name__
+        kw = common_megatron_kwargs(hf_config)
+        shared = shared_expert_size(hf_config, family)
+        kw.update(
+            normalization="RMSNorm",
+            layernorm_epsilon=float(config_get(hf_config, "rms_norm_eps", 1e-5)),
+            gated_linear_unit=True,
+            activation_func=activation_func(config_get(hf_config, "hidden_act", "silu"), family),
+            add_bias_linear=False,
+            add_qkv_bias=bool(config_get(hf_config, "attention_bias", False)),
+            qk_layernorm=bool(config_get(hf_config, "use_qk_norm", False)),
+            **moe_runtime_kwargs(config_get(hf_config, "n_routed_experts"), config_get(hf_config, "num_experts_per_tok"),
+                                 config_get(hf_config, "moe_intermediate_size"), first_k_dense_pattern(hf_config)),
+            **sigmoid_router_kwargs(hf_config, family),
+        )
+        if shared:
+            kw["moe_shared_expert_intermediate_size"] = shared
+        return kw
+
+    def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
+        family = type(self).__name__
+        wrong = {f: getattr(config, f) for f, want in (("normalization", "RMSNorm"), ("gated_linear_unit", True),
+                                                         ("add_bias_linear", False))
+                 if getattr(config, f) != want}
+        if wrong:
+            raise ValueError(f"{family}: these Megatron settings have no GLM-4.5 equivalent: {wrong}")
+        shared = config.moe_shared_expert_intermediate_size or 0
+        if shared % config.moe_ffn_hidden_size or config.moe_shared_expert_gate:
+            raise ValueError(f"{family}: shared experts of {shared} (gate {config.moe_shared_expert_gate}) are not a "
+                             f"whole number of ungated experts of {config.moe_ffn_hidden_size}")
+        hf = super().megatron_to_hf_config(config)
+        hf.update(
+            rms_norm_eps=config.layernorm_epsilon,
+            hidden_act=activation_name(config.activation_func),
+            attention_bias=bool(config.add_qkv_bias),
+            use_qk_norm=bool(config.qk_layernorm),
+            n_shared_experts=shared // config.moe_ffn_hidden_size,
+            first_k_dense_replace=first_k_dense_hf_field(config, family),
+            num_nextn_predict_layers=0,
+            **moe_hf_fields(config, "n_routed_experts"),
+            **sigmoid_router_hf_fields(config, family),
+        )
+        return hf
+
+    def detect_hf_layout(self, hf_state, hf_config):
+        family = type(self).__name__
+        refuse_mtp_tensors(hf_state, hf_config, family)
+        return detect_expert_layout(hf_state, family, hidden_size=config_get(hf_config, "hidden_size"),
+                                    expert_ffn=config_get(hf_config, "moe_intermediate_size"),
+                                    default=self.default_hf_layout)
+
+    def mapping_registry(self) -> MegatronMappingRegistry:
+        return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(), *qk_norm_mappings(),
+                                       *gated_mlp_mappings(), *router_mappings(),
+                                       *routed_expert_mappings(self.hf_layout),
+                                       *shared_expert_mappings(f"{H}.mlp.shared_experts"))
