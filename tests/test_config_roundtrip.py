@@ -54,6 +54,38 @@ CASES = {
                                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                  "partial_rotary_factor": 0.5})),
     "phi3": ("Phi3", dict(head_dim=None, pad_token_id=None)),
+    "qwen3_moe": ("Qwen3Moe", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   norm_topk_prob=True, mlp_only_layers=[1])),
+    "qwen3_moe_window_sparse_step": ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                      decoder_sparse_step=2, use_sliding_window=True,
+                                                      sliding_window=5)),
+    "qwen2_moe": ("Qwen2Moe", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=48)),
+    "qwen2_moe_norm_topk_no_bias": ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                     shared_expert_intermediate_size=48, norm_topk_prob=True,
+                                                     qkv_bias=False)),
+    "deepseek_v3_yarn": ("DeepseekV3", dict(
+        head_dim=None, num_key_value_heads=4, n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=12, n_shared_experts=2, routed_scaling_factor=2.5,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0})),
+    "deepseek_v3_no_q_lora": ("DeepseekV3", dict(
+        head_dim=None, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_group=1, topk_group=1, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, n_shared_experts=1, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0})),
+    "glm4_moe": ("Glm4Moe", dict(n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 first_k_dense_replace=1, attention_bias=True, use_qk_norm=True, n_shared_experts=1,
+                                 routed_scaling_factor=1.5,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 0.5})),
+    "gpt_oss": ("GptOss", dict(intermediate_size=32, num_local_experts=6, num_experts_per_tok=2, sliding_window=4,
+                               swiglu_limit=1.5,
+                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                "original_max_position_embeddings": 16})),
 }
 # HF class prefix -> architecture (Gemma 3's text-only config class is Gemma3TextConfig)
 ARCH = {"Gemma3Text": "Gemma3"}
@@ -67,6 +99,9 @@ def _model(arch: str, overrides: dict):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name or name.endswith("bias") else 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # routing depends on it (DeepSeek-V3 / GLM-4.5)
+                b.normal_(0.0, 0.1)
     return model
 
 
@@ -87,7 +122,7 @@ def test_hf_megatron_hf_config_gives_the_same_model(case):
         want = model(ids, use_cache=False).logits
         got = model2(ids, use_cache=False).logits
     assert torch.equal(got, want), (got - want).abs().max().item()
-    # and the Megatron config of the regenerated HF config is the same again
+    # and the Megatron config of the regenerated HF config is the same again (MLA / YaRN fields included)
     again = bridge.transformer_config(config2)
     for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                   "kv_channels", "layernorm_epsilon", "rotary_base", "rope_scaling", "rope_scaling_factor",
@@ -95,7 +130,18 @@ def test_hf_megatron_hf_config_gives_the_same_model(case):
                   "add_bias_linear", "add_qkv_bias", "num_moe_experts", "moe_router_topk", "params_dtype",
                   "window_size", "window_attn_skip_freq", "qk_layernorm", "layernorm_zero_centered_gamma",
                   "softmax_scale", "embedding_scale", "post_self_attn_layernorm", "post_mlp_layernorm",
-                  "local_rotary_base", "rotary_percent", "activation_func", "gated_linear_unit"):
+                  "local_rotary_base", "rotary_percent", "activation_func", "gated_linear_unit",
+                  "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_score_function", "moe_router_pre_softmax",
+                  "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor", "moe_router_num_groups",
+                  "moe_router_group_topk", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+                  "softmax_type", "glu_linear_offset", "activation_func_clamp_value", "position_embedding_type"):
+        assert getattr(again, field) == getattr(megatron_config, field), field
+    extra = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+                         "rope_type", "rotary_scaling_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
+                         "original_max_position_embeddings", "latent_layernorm_epsilon", "yarn_rotary_scaling_factor",
+                         "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale",
+                         "yarn_mscale_all_dim", "yarn_correction_range_round_to_int") if hasattr(megatron_config, f)]
+    for field in extra:
         assert getattr(again, field) == getattr(megatron_config, field), field
 
 
