@@ -45,8 +45,8 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA
 
 INSTANTIATIONS = "\n".join(
     [f"template __global__ void copy_rows_kernel<{b}>(const CopySeg*, int);" for b in (1, 2, 4, 8, 16)]
-    + [f"template __global__ void copy_tiled_kernel<{b}>(const CopySeg*, int);" for b in (1, 2, 4, 8)]
-    + [f"template __global__ void copy_nd_kernel<{b}>(const NdCopy);" for b in (1, 2, 4, 8)]
+    + [f"template __global__ void copy_tiled_kernel<{b}>(const CopySeg*, int);" for b in (1, 2, 4, 8, 16)]
+    + [f"template __global__ void copy_nd_kernel<{b}>(const NdCopy);" for b in (1, 2, 4, 8, 16)]
 )
 
 KERNELS_ONLY = f"""// Every kernel of kernels.cuh for every unit size, compiled without torch.
