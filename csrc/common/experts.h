@@ -5,8 +5,10 @@
 // EP rank r owns global experts [r*E/ep, (r+1)*E/ep); local expert e is global e + r*E/ep. linear_fc1 of an expert
 // is the gate/up packing with etp (rows, any trailing dims), linear_fc2 [D, F] is sharded on its columns with etp;
 // 1-D linear_fc2 tensors (row-parallel biases [D]) are replicated over ETP. Inputs are lists of per-expert views
-// (possibly strided views of one fused HF tensor). The walks take the per-expert destinations as views (the slices
-// of a stacked tensor, or separate tensors). Every block of every expert goes to the executor as one job.
+// (possibly strided views of one fused HF tensor). The local experts' destinations are either the slices of one
+// stacked tensor [E/ep, ...] (grouped GEMM) or E/ep separate tensors (sequential experts, the `.list` overloads);
+// the walks take them as views, so both forms share one walk. Every block of every expert goes to the executor as
+// one job.
 #pragma once
 #include "../checks.h"
 #include "strided.h"
@@ -93,6 +95,13 @@ inline void expert_fc1_pack_out_check(const char* op, const ExpertFc1Geometry& g
   check_out(op, out, "out", shape_stacked(g.local, expert_fc1_shard_shape(g, gate)), gate[0], "gate[0]");
 }
 
+// The E/ep per-expert destinations of expert_pack_fc1_out.list.
+inline void expert_fc1_pack_out_list_check(const char* op, const ExpertFc1Geometry& g, at::TensorList gate,
+                                           at::TensorList out) {
+  check_out_list(op, out, "out", g.local, "E/ep", expert_fc1_shard_shape(g, gate),
+                 "one local expert's linear_fc1 shard [2F/etp, ...]", gate[0], "gate[0]");
+}
+
 // emit(src, dst): rows [t*f, (t+1)*f) of gate and up of each local expert into rows [0, f) and [f, 2f) of out[e].
 template <class Emit>
 void expert_fc1_pack_walk(const ExpertFc1Geometry& g, at::TensorList gate, at::TensorList up, int64_t ep_rank,
@@ -135,6 +144,15 @@ inline std::vector<int64_t> expert_fc2_shard_shape(const ExpertFc2Geometry& g, a
 inline void expert_fc2_pack_out_check(const char* op, const ExpertFc2Geometry& g, at::TensorList down,
                                       const at::Tensor& out) {
   check_out(op, out, "out", shape_stacked(g.local, expert_fc2_shard_shape(g, down)), down[0], "down[0]");
+}
+
+// The E/ep per-expert destinations of expert_pack_fc2_out.list.
+inline void expert_fc2_pack_out_list_check(const char* op, const ExpertFc2Geometry& g, at::TensorList down,
+                                           at::TensorList out) {
+  check_out_list(op, out, "out", g.local, "E/ep", expert_fc2_shard_shape(g, down),
+                 g.sharded ? "one local expert's linear_fc2 shard [D, F/etp]"
+                           : "one local expert's linear_fc2 bias [D]",
+                 down[0], "down[0]");
 }
 
 // emit(src, dst): columns [t*c, (t+1)*c) of each local expert's down (all of it for a bias) into out[e].

@@ -194,7 +194,7 @@ void for_each_piece(const Coalesced& c, const char* s, char* d, int64_t elem, Em
   if (m == 1) return emit(Piece{s, d, 1, sz[0], sz[0] * ss[0], ss[0], sz[0] * ds[0], ds[0]});
   const int64_t rows = sz[m - 2], cols = sz[m - 1];
   const int64_t lead = m - 2;
-  Dims idx(static_cast<size_t>(lead), 0);
+  std::vector<int64_t> idx(static_cast<size_t>(lead), 0);
   int64_t so = 0, dof = 0;
   while (true) {
     emit(Piece{s + so * elem, d + dof * elem, rows, cols, ss[m - 2], ss[m - 1], ds[m - 2], ds[m - 1]});

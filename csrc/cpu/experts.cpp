@@ -33,6 +33,16 @@ void expert_pack_fc1_out_cpu(at::TensorList gate, at::TensorList up, int64_t ep_
   job.run();
 }
 
+void expert_pack_fc1_out_list_cpu(at::TensorList gate, at::TensorList up, int64_t ep_size, int64_t ep_rank,
+                                  int64_t etp_size, int64_t etp_rank, at::TensorList out) {
+  const char* op = "expert_pack_fc1_out.list";
+  const auto g = expert_fc1_pack_check(op, gate, up, ep_size, ep_rank, etp_size, etp_rank);
+  expert_fc1_pack_out_list_check(op, g, gate, out);
+  cpu::CopyJob job(op, gate[0].element_size());
+  expert_fc1_pack_walk(g, gate, up, ep_rank, etp_rank, dst_views(out), job);
+  job.run();
+}
+
 at::Tensor expert_pack_fc2_cpu(at::TensorList down, int64_t ep_size, int64_t ep_rank, int64_t etp_size,
                                int64_t etp_rank) {
   const char* op = "expert_pack_fc2";
@@ -54,12 +64,23 @@ void expert_pack_fc2_out_cpu(at::TensorList down, int64_t ep_size, int64_t ep_ra
   job.run();
 }
 
+void expert_pack_fc2_out_list_cpu(at::TensorList down, int64_t ep_size, int64_t ep_rank, int64_t etp_size,
+                                  int64_t etp_rank, at::TensorList out) {
+  const char* op = "expert_pack_fc2_out.list";
+  const auto g = expert_fc2_pack_check(op, down, ep_size, ep_rank, etp_size, etp_rank);
+  expert_fc2_pack_out_list_check(op, g, down, out);
+  cpu::CopyJob job(op, down[0].element_size());
+  expert_fc2_pack_walk(g, down, ep_rank, etp_rank, dst_views(out), job);
+  job.run();
+}
+
 // ---- unpack -------------------------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> expert_unpack_fc1_cpu(at::TensorList shards, int64_t ep_size, int64_t etp_size) {
   const char* op = "expert_unpack_fc1";
   expert_fc1_unpack_check(op, shards, ep_size, etp_size);
-  const auto shape = shape_stacked(expert_unpack_num_experts(shards, ep_size), expert_fc1_expert_shape(shards, etp_size));
+  const auto shape =
+      shape_stacked(expert_unpack_num_experts(shards, ep_size), expert_fc1_expert_shape(shards, etp_size));
   at::Tensor gate = at::empty(shape, shards[0].options());
   at::Tensor up = at::empty(shape, shards[0].options());
   cpu::CopyJob job(op, shards[0].element_size());
@@ -102,8 +123,10 @@ void expert_unpack_fc2_out_cpu(at::TensorList shards, int64_t ep_size, int64_t e
 TORCH_LIBRARY_IMPL(bridge, CPU, m) {
   m.impl("expert_pack_fc1", &expert_pack_fc1_cpu);
   m.impl("expert_pack_fc1_out", &expert_pack_fc1_out_cpu);
+  m.impl("expert_pack_fc1_out.list", &expert_pack_fc1_out_list_cpu);
   m.impl("expert_pack_fc2", &expert_pack_fc2_cpu);
   m.impl("expert_pack_fc2_out", &expert_pack_fc2_out_cpu);
+  m.impl("expert_pack_fc2_out.list", &expert_pack_fc2_out_list_cpu);
   m.impl("expert_unpack_fc1", &expert_unpack_fc1_cpu);
   m.impl("expert_unpack_fc1_out", &expert_unpack_fc1_out_cpu);
   m.impl("expert_unpack_fc2", &expert_unpack_fc2_cpu);

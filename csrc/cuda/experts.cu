@@ -35,6 +35,17 @@ void expert_pack_fc1_out_cuda(at::TensorList gate, at::TensorList up, int64_t ep
   plan.launch(gate[0].device());
 }
 
+void expert_pack_fc1_out_list_cuda(at::TensorList gate, at::TensorList up, int64_t ep_size, int64_t ep_rank,
+                                   int64_t etp_size, int64_t etp_rank, at::TensorList out) {
+  const char* op = "expert_pack_fc1_out.list";
+  const auto g = expert_fc1_pack_check(op, gate, up, ep_size, ep_rank, etp_size, etp_rank);
+  check_device_type(op, gate[0], "gate[0]", c10::DeviceType::CUDA);
+  expert_fc1_pack_out_list_check(op, g, gate, out);
+  cuda_detail::CopyPlan plan(op, gate[0].element_size());
+  expert_fc1_pack_walk(g, gate, up, ep_rank, etp_rank, dst_views(out), plan);
+  plan.launch(gate[0].device());
+}
+
 at::Tensor expert_pack_fc2_cuda(at::TensorList down, int64_t ep_size, int64_t ep_rank, int64_t etp_size,
                                 int64_t etp_rank) {
   const char* op = "expert_pack_fc2";
@@ -58,6 +69,17 @@ void expert_pack_fc2_out_cuda(at::TensorList down, int64_t ep_size, int64_t ep_r
   plan.launch(down[0].device());
 }
 
+void expert_pack_fc2_out_list_cuda(at::TensorList down, int64_t ep_size, int64_t ep_rank, int64_t etp_size,
+                                   int64_t etp_rank, at::TensorList out) {
+  const char* op = "expert_pack_fc2_out.list";
+  const auto g = expert_fc2_pack_check(op, down, ep_size, ep_rank, etp_size, etp_rank);
+  check_device_type(op, down[0], "down[0]", c10::DeviceType::CUDA);
+  expert_fc2_pack_out_list_check(op, g, down, out);
+  cuda_detail::CopyPlan plan(op, down[0].element_size());
+  expert_fc2_pack_walk(g, down, ep_rank, etp_rank, dst_views(out), plan);
+  plan.launch(down[0].device());
+}
+
 // ---- unpack -------------------------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> expert_unpack_fc1_cuda(at::TensorList shards, int64_t ep_size,
@@ -65,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor> expert_unpack_fc1_cuda(at::TensorList shards,
   const char* op = "expert_unpack_fc1";
   expert_fc1_unpack_check(op, shards, ep_size, etp_size);
   check_device_type(op, shards[0], "shards[0]", c10::DeviceType::CUDA);
-  const auto shape = shape_stacked(expert_unpack_num_experts(shards, ep_size), expert_fc1_expert_shape(shards, etp_size));
+  const auto shape =
+      shape_stacked(expert_unpack_num_experts(shards, ep_size), expert_fc1_expert_shape(shards, etp_size));
   at::Tensor gate = at::empty(shape, shards[0].options());
   at::Tensor up = at::empty(shape, shards[0].options());
   cuda_detail::CopyPlan plan(op, shards[0].element_size());
@@ -111,8 +134,10 @@ void expert_unpack_fc2_out_cuda(at::TensorList shards, int64_t ep_size, int64_t 
 TORCH_LIBRARY_IMPL(bridge, CUDA, m) {
   m.impl("expert_pack_fc1", &expert_pack_fc1_cuda);
   m.impl("expert_pack_fc1_out", &expert_pack_fc1_out_cuda);
+  m.impl("expert_pack_fc1_out.list", &expert_pack_fc1_out_list_cuda);
   m.impl("expert_pack_fc2", &expert_pack_fc2_cuda);
   m.impl("expert_pack_fc2_out", &expert_pack_fc2_out_cuda);
+  m.impl("expert_pack_fc2_out.list", &expert_pack_fc2_out_list_cuda);
   m.impl("expert_unpack_fc1", &expert_unpack_fc1_cuda);
   m.impl("expert_unpack_fc1_out", &expert_unpack_fc1_out_cuda);
   m.impl("expert_unpack_fc2", &expert_unpack_fc2_cuda);
