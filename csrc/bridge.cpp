@@ -1,5 +1,6 @@
 // The bridge operator library: every schema of torch.ops.bridge, one comment line each.
-// Kernels live in csrc/cpu/<concern>.cpp and csrc/cuda/<concern>.cu; fake (meta) kernels in
+// Each concern's geometry, argument checks and layout walk are in csrc/common/<concern>.h, shared by its CPU kernels
+// (csrc/cpu/<concern>.cpp) and CUDA kernels (csrc/cuda/<concern>.cu); fake (meta) kernels in
 // megatron_bridge_ext/ops.py. Tensors may be non-contiguous views of any dtype: the ops move bytes.
 #include <Python.h>
 #include <torch/library.h>
