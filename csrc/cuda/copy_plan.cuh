@@ -82,6 +82,17 @@ class CopyPlan {
     add_nd_dims(src.ptr, src_start, src.sizes, src.strides, dst.ptr, dst.sizes, dst.strides);
   }
 
+  // Visits what launch() would run, for host-side tests: seg(tiled, unit bytes, CopySeg) for every row (tiled =
+  // false) and tiled segment, nd(unit bytes, NdCopy) for every N-d copy.
+  template <class Seg, class Nd>
+  void inspect(Seg&& seg, Nd&& nd) const {
+    for (int w = 0; w < kWidths; ++w)
+      for (const auto& s : rows_[w]) seg(false, 1 << w, s);
+    for (int w = 0; w < kWidths; ++w)
+      for (const auto& s : tiles_[w]) seg(true, 1 << w, s);
+    for (const auto& [w, p] : nd_) nd(1 << w, p);
+  }
+
   // Uploads the segment tables (one pinned host buffer, one async copy) and launches on the current stream.
   void launch(const at::Device& device) {
     const c10::cuda::OptionalCUDAGuard guard(device);
