@@ -450,6 +450,10 @@ class MegatronModelBridge:
             raise ValueError(f"dst must be a global rank in [0, {topo.world}) or 'all', got {dst!r}")
         dst_rank = 0 if everyone else int(dst)
         changed = self.use_hf_layout_of(state, config)  # tasks built for another layout are rebuilt
+        if state is None and self.hf_layout is not None:
+            describe = getattr(self.hf_layout, "describe", None)
+            logger.info("%s: exporting without an HF source in the HF tensor layout %s", type(self).__name__,
+                        describe() if callable(describe) else repr(self.hf_layout))
         tasks, meta = self._tasks(None, chunks)
         if conversion_tasks is not None and not changed:
             tasks = conversion_tasks

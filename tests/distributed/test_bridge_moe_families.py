@@ -291,6 +291,11 @@ def _worker(rank, world, ckpts, tokens, out_root):
                     r[f"{variant}_same"] = sorted(k for k in mine if k not in theirs or
                                                   not torch.equal(mine[k], theirs[k])) or (set(mine) == set(theirs))
                     r[f"{variant}_calls"] = fused_calls
+                    streamed = {n: t for n, t, _ in fused_bridge.model_bridge.stream_weights_hf_to_megatron(
+                        fused_bridge.hf_pretrained, fused_chunks)}  # the generator variant, same tensors
+                    local = {k.split(":", 1)[1]: v for k, v in theirs.items()}
+                    r[f"{variant}_streamed"] = set(streamed) == set(local) and all(
+                        torch.equal(streamed[k], local[k]) for k in local)
                     save(fused_bridge, fused_chunks, f"{family}_{variant}")
                 if family == GROUPED_FAMILY:
                     r["grouped"] = _grouped_check(AutoBridge, ckpts[family], chunks, sd, family, ep_rank, ep,
@@ -436,6 +441,7 @@ def test_fused_and_per_expert_checkpoints_give_identical_megatron_parameters(wor
         assert res[f"{variant}_same"] is True, (rank, res[f"{variant}_same"])
         local = res["moe_layers"] * (2 if family == "gpt_oss" else 1)
         assert res[f"{variant}_calls"] == {"expert_pack_fc1": local, "expert_pack_fc2": local}, rank
+        assert res[f"{variant}_streamed"], rank  # stream_weights_hf_to_megatron yields the same tensors
 
 
 @pytest.mark.parametrize("family,variant", FUSED_CASES, ids=[f"{f}-{v}" for f, v in FUSED_CASES])
