@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from megatron_bridge_ext.engine import DEFAULT_BUCKET_BYTES, HFWeightTuple, MegatronModelBridge
 from megatron_bridge_ext.io import CONFIG_NAME, SafeTensorsWriter
-from megatron_bridge_ext.io.hf_checkpoint import HFCheckpoint, copy_side_files
+from megatron_bridge_ext.io.hf_source import refuse_pickle_only
+from megatron_bridge_ext.io.hf_checkpoint import HFCheckpoint, architectures_of, copy_side_files, read_hf_config
 from megatron_bridge_ext.mcore.topology import current_parallel_sizes
 
 __all__ = ["AutoBridge", "HFCheckpoint"]
@@ -59,17 +60,32 @@ class AutoBridge:
     def from_hf_pretrained(cls, path: Union[str, os.PathLike]) -> "AutoBridge":
         """Open a local HF checkpoint and pick the bridge of its architecture (``config.architectures[0]``).
 
+        Checked before any weight is read, in this order: ``config.json`` as written (its architecture is supported,
+        before transformers is asked; the fields the family needs are present, before transformers fills in
+        defaults), the safetensors headers (see :class:`~megatron_bridge_ext.io.SafeTensorsSource`; pickle-only
+        checkpoints are refused), then the config against the tensors' shapes (layers, vocabulary rows, heads x
+        head_dim, experts).
+
         Raises:
-            ValueError: the architecture is not supported (the message lists the supported ones).
+            FileNotFoundError: no directory, config.json or weights.
+            ValueError: the architecture is not supported (the message lists the supported ones), a missing or bad
+                config field, a damaged checkpoint, or a config that disagrees with the tensors (both sides named).
         """
         _ensure_models_registered()
         from megatron_bridge_ext.dispatch import get_model_bridge
 
-        ckpt = HFCheckpoint.open(path)
-        archs = list(getattr(ckpt.config, "architectures", None) or [])
-        if not archs:
-            raise ValueError(f"{path}: config.json has no 'architectures' entry; cannot choose a bridge")
-        return cls(ckpt, get_model_bridge(archs[0]))
+        raw = read_hf_config(path)
+        refuse_pickle_only(os.fspath(path))
+        where = os.path.join(os.fspath(path), CONFIG_NAME)
+        archs = architectures_of(raw, where)
+        try:
+            bridge = get_model_bridge(archs[0])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        bridge.check_hf_config(raw, where)
+        ckpt = HFCheckpoint.open(path, raw_config=raw)
+        bridge.check_hf_checkpoint(ckpt)
+        return cls(ckpt, bridge)
 
     @classmethod
     def list_supported_models(cls) -> List[str]:
@@ -94,6 +110,7 @@ class AutoBridge:
         self,
         load_weights: bool = True,
         allowed_mismatched_params: Optional[Sequence[str]] = None,
+        allowed_unused_hf_params: Optional[Sequence[str]] = None,
         **overrides: Any,
     ) -> List[torch.nn.Module]:
         """This rank's GPTModel chunk(s) under the current megatron parallel_state (one per virtual stage).
@@ -101,6 +118,7 @@ class AutoBridge:
         Args:
             load_weights: fill them from the checkpoint.
             allowed_mismatched_params: globs of Megatron names whose shape mismatch is tolerated (with a warning).
+            allowed_unused_hf_params: globs of HF tensors the model may leave unused (see :meth:`load_hf_weights`).
             **overrides: TransformerConfig fields (e.g. ``params_dtype=torch.float32``).
         """
         from megatron_bridge_ext.mcore.model_builder import build_model_chunks
@@ -108,7 +126,8 @@ class AutoBridge:
         config = self.transformer_config(**overrides)
         chunks = build_model_chunks(config, self.hf_config.vocab_size, _max_seq_len(self.hf_config))
         if load_weights:
-            self.load_hf_weights(chunks, allowed_mismatched_params=allowed_mismatched_params)
+            self.load_hf_weights(chunks, allowed_mismatched_params=allowed_mismatched_params,
+                                 allowed_unused_hf_params=allowed_unused_hf_params)
         return chunks
 
     def load_hf_weights(
@@ -116,10 +135,17 @@ class AutoBridge:
         model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
         allowed_mismatched_params: Optional[Sequence[str]] = None,
         show_progress: Optional[bool] = None,
+        allowed_unused_hf_params: Optional[Sequence[str]] = None,
     ) -> List[torch.nn.Module]:
-        """Load the checkpoint into existing Megatron chunk(s); each rank reads only what it keeps."""
+        """Load the checkpoint into existing Megatron chunk(s); each rank reads only what it keeps.
+
+        Every HF tensor must be consumed by a mapping of the model: an unused one fails the import, named, unless a
+        pattern of ``allowed_unused_hf_params`` covers it (default: the bridge's ``known_non_weights``, e.g.
+        ``*.rotary_emb.inv_freq``; pass ``[]`` to allow none).
+        """
         return self.model_bridge.load_weights_hf_to_megatron(
-            self._require_hf("load_hf_weights"), model, allowed_mismatched_params=allowed_mismatched_params, show_progress=show_progress
+            self._require_hf("load_hf_weights"), model, allowed_mismatched_params=allowed_mismatched_params,
+            show_progress=show_progress, allowed_unused_hf_params=allowed_unused_hf_params,
         )
 
     def export_hf_weights(
