@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megatron_bridge_ext.engine import DEFAULT_BUCKET_BYTES, HFWeightTuple, MegatronModelBridge
 from megatron_bridge_ext.io import CONFIG_NAME, SafeTensorsWriter
+from megatron_bridge_ext.io.staging import StagedCheckpoint
 from megatron_bridge_ext.io.hf_source import refuse_pickle_only
 from megatron_bridge_ext.io.hf_checkpoint import HFCheckpoint, architectures_of, copy_side_files, read_hf_config
 from megatron_bridge_ext.mcore.topology import current_parallel_sizes
@@ -179,16 +180,27 @@ class AutoBridge:
     ) -> Optional[Dict[str, Any]]:
         """Write the model as an HF checkpoint (config.json and other small files, sharded safetensors).
 
-        Every rank must call it; global rank 0 writes. Each tensor goes to its place in its shard's file as it arrives;
-        a shard is (fsynced, unless ``fsync=False``, and) renamed when complete; the index is written last, and only
-        when every expected tensor arrived (strict).
+        Every rank must call it; global rank 0 writes. The checkpoint is written into a staging directory beside
+        ``out_dir`` (side files first, then the weights, the index last) and swapped in whole when complete
+        (:class:`~megatron_bridge_ext.io.staging.StagedCheckpoint`): after a failure at any point ``out_dir`` holds
+        the old checkpoint unchanged (or nothing, if there was none), never a mix. Files of an old ``out_dir`` that
+        are not weights are kept; its weights of any format are replaced (named in the summary's ``replaced``).
+        Saving into the source checkpoint's directory (or an ancestor of it) is refused. Each tensor goes to its
+        place in its shard's file as it arrives; a shard is (fsynced, unless ``fsync=False``, and) renamed when
+        complete; the index is written only when every expected tensor arrived (strict).
 
         With an HF source checkpoint its dtypes and key set are reproduced and its side files (config.json, tokenizer,
         ...) copied. Without one (:meth:`from_architecture`) the tensors keep the parameters' dtypes and
         ``config.json`` is generated from the Megatron config (the bridge's ``megatron_to_hf_config``).
 
         Returns:
-            On rank 0, a summary dict (``tensors``, ``bytes``, ``files``); None elsewhere.
+            On rank 0, a summary dict (``files``, ``total_size``, ``index``, ``missing``, ``replaced``, ``carried``,
+            ``cleaned``, ``not_exported``: source tensors no mapping produces, such as allowed non-weights); None
+            elsewhere.
+
+        Raises:
+            ValueError: ``out_dir`` is (or contains) the source checkpoint; missing tensors (strict).
+            OSError: no space left, naming the path and the bytes needed.
         """
         out_dir = os.fspath(out_dir)
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -201,6 +213,7 @@ class AutoBridge:
             for _ in stream:
                 pass
             return None
+        not_exported: List[str] = []
         if self.hf_pretrained is None:
             expected = self.model_bridge.hf_tensor_specs(model, conversion_tasks=tasks)
         else:
@@ -210,20 +223,36 @@ class AutoBridge:
             tied_name = self.model_bridge.tied_output_hf_name
             if tied_name in src and tied_name not in order:
                 order.append(tied_name)
-            order += [k for k in src.keys() if k not in set(order)]
+            produced = set(order)
+            not_exported = [k for k in src.keys() if k not in produced]  # allowed non-weights: nothing maps them
             expected = {k: (src.shape(k), src.dtype(k)) for k in order if k in src}
-        with SafeTensorsWriter(out_dir, expected, max_shard_bytes=max_shard_bytes, strict=strict,
-                               fsync=fsync) as writer:
-            for name, tensor in stream:
-                writer.add(name, tensor)
-            summary = writer.close()
-        if self.hf_pretrained is None:
-            self._write_config(model, out_dir)
-        else:
-            copy_side_files(self.hf_pretrained.path, out_dir)
+        # The new checkpoint is written beside out_dir and swapped in whole when complete: a failure at any point
+        # leaves out_dir as it was (see io/staging.py). Side files first, weights, the index last, then the swap.
+        protect = [self.hf_pretrained.path] if self.hf_pretrained is not None else []
+        staged = StagedCheckpoint(out_dir, protect=protect)
+        try:
+            if self.hf_pretrained is None:
+                self._write_config(model, staged.path, fsync=fsync)
+            else:
+                copy_side_files(self.hf_pretrained.path, staged.path, fsync=fsync)
+            with SafeTensorsWriter(staged.path, expected, max_shard_bytes=max_shard_bytes, strict=strict,
+                                   fsync=fsync, atomic=False) as writer:
+                for name, tensor in stream:
+                    writer.add(name, tensor)
+                summary = writer.close()
+            swap = staged.commit()
+        except BaseException:
+            staged.abort()
+            raise
+        summary.update(swap)
+        summary["not_exported"] = not_exported
+        summary["files"] = [os.path.join(staged.target, os.path.basename(f)) for f in summary["files"]]
+        if summary.get("index"):
+            summary["index"] = os.path.join(staged.target, os.path.basename(summary["index"]))
         return summary
 
-    def _write_config(self, model: Union[torch.nn.Module, Sequence[torch.nn.Module]], out_dir: str) -> None:
+    def _write_config(self, model: Union[torch.nn.Module, Sequence[torch.nn.Module]], out_dir: str,
+                      fsync: bool = True) -> None:
         from megatron_bridge_ext.mcore.names import as_chunks, model_config
 
         config = self.model_bridge.megatron_to_hf_config(model_config(as_chunks(model)))
@@ -232,6 +261,9 @@ class AutoBridge:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
 
 

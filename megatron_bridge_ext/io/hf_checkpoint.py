@@ -3,6 +3,7 @@ config, ...) a converted checkpoint carries along."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -10,12 +11,11 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from megatron_bridge_ext.io.hf_source import SafeTensorsSource, refuse_pickle_only
 from megatron_bridge_ext.io.safetensors import CONFIG_NAME, read_json_object
+from megatron_bridge_ext.io import staging
+from megatron_bridge_ext.io.staging import _TEMP_RE, interrupted_save_hint, is_weight_file, no_space_error
 
 __all__ = ["HFCheckpoint", "read_hf_config", "architectures_of", "side_files", "copy_side_files"]
 
-# Files of an HF checkpoint directory that are weights (written by the exporter) rather than side files to copy.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def read_hf_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -27,7 +27,7 @@ def read_hf_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"HF checkpoint directory {path!r} does not exist")
+        raise FileNotFoundError(f"HF checkpoint directory {path!r} does not exist{interrupted_save_hint(path)}")
     cfg = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg):
         raise FileNotFoundError(f"HF checkpoint {path!r} has no {CONFIG_NAME}")
@@ -91,15 +91,31 @@ class HFCheckpoint:
 
 
 def side_files(src_dir: str) -> List[str]:
-    """Names of the files of a checkpoint directory that are not weights (config, tokenizer, ...), sorted."""
+    """Names of the files of a checkpoint directory that are not weights (config, tokenizer, ...), sorted; weights
+    and indexes of any format and temporary files of killed saves are left out."""
     return [name for name in sorted(os.listdir(src_dir))
-            if os.path.isfile(os.path.join(src_dir, name)) and not name.endswith(_WEIGHT_SUFFIXES)
-            and name not in _WEIGHT_INDEXES]
+            if os.path.isfile(os.path.join(src_dir, name)) and not is_weight_file(name) and not _TEMP_RE.match(name)]
 
 
-def copy_side_files(src_dir: str, out_dir: str) -> List[str]:
-    """Copies every side file of ``src_dir`` into ``out_dir``; returns their names."""
+def copy_side_files(src_dir: str, out_dir: str, fsync: bool = True) -> List[str]:
+    """Copies every side file of ``src_dir`` into ``out_dir`` (each flushed to disk unless ``fsync=False``); returns
+    their names.
+
+    Raises:
+        OSError: "no space left" naming the file and the bytes needed.
+    """
     names = side_files(src_dir)
-    for name in names:
-        shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    for i, name in enumerate(names):
+        dst = os.path.join(out_dir, name)
+        try:
+            shutil.copyfile(os.path.join(src_dir, name), dst)
+            if fsync:
+                with open(dst, "rb+") as f:
+                    os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                needed = sum(os.path.getsize(os.path.join(src_dir, n)) for n in names[i:])
+                raise no_space_error(e, dst, needed, f"side file {name}") from None
+            raise
+    staging._crash_point("after_side_files")
     return names

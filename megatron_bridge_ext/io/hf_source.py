@@ -39,6 +39,7 @@ from megatron_bridge_ext.io.safetensors import (
     read_header,
     read_json_object,
 )
+from megatron_bridge_ext.io.staging import interrupted_save_hint
 
 __all__ = ["SafeTensorsSource", "PICKLE_SUFFIXES", "pickle_weight_files", "refuse_pickle_only", "entry_path"]
 
@@ -138,7 +139,8 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
             self.root = os.path.abspath(path)
             files, index_keys = self._resolve_dir(self.root)
         else:
-            raise FileNotFoundError(f"HF checkpoint not found: {path} is neither a directory nor a file")
+            raise FileNotFoundError(f"HF checkpoint not found: {path} is neither a directory nor a file"
+                                    f"{interrupted_save_hint(path)}")
         if require_config and not os.path.isfile(os.path.join(self.root, CONFIG_NAME)):
             raise FileNotFoundError(f"{self.root}: {CONFIG_NAME} is missing")
         self._files = files
