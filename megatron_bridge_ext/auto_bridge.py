@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext.engine import DEFAULT_BUCKET_BYTES, HFWeightTuple, MegatronModelBridge
+from megatron_bridge_ext.engine.checks import conversion_error
 from megatron_bridge_ext.io import CONFIG_NAME, SafeTensorsWriter
 from megatron_bridge_ext.io.staging import StagedCheckpoint
 from megatron_bridge_ext.io.hf_source import refuse_pickle_only
@@ -204,12 +205,32 @@ class AutoBridge:
         """
         out_dir = os.fspath(out_dir)
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        with self.model_bridge.watch("save_hf_pretrained") as watch:
+            staged = None
+            if rank0:
+                # checks (source directory, mount point, a save in progress, leftovers) before any collective
+                protect = [self.hf_pretrained.path] if self.hf_pretrained is not None else []
+                staged = StagedCheckpoint(out_dir, protect=protect)
+            try:
+                watch.barrier("save_hf_pretrained: start")  # rank 0's refusal reaches every rank here
+                summary = self._save(model, staged, watch, max_shard_bytes, bucket_bytes, strict, show_progress,
+                                     fsync)
+                watch.barrier("save_hf_pretrained: committed")  # every rank returns only once rank 0 swapped it in
+            except BaseException:
+                if staged is not None:
+                    staged.abort()  # a no-op once committed
+                raise
+        return summary
+
+    def _save(self, model, staged: Optional[StagedCheckpoint], watch, max_shard_bytes: int, bucket_bytes: int,
+              strict: bool, show_progress: Optional[bool], fsync: bool) -> Optional[Dict[str, Any]]:
+        watch.set_phase("save_hf_pretrained: conversion tasks")
         tasks = self.model_bridge.build_conversion_tasks(None, model)  # collective: every rank builds them
         stream = self.model_bridge.stream_weights_megatron_to_hf(
             model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=0, show_progress=show_progress,
             conversion_tasks=tasks, copy=False,  # the writer puts each tensor in its file at once
         )
-        if not rank0:
+        if staged is None:
             for _ in stream:
                 pass
             return None
@@ -228,23 +249,23 @@ class AutoBridge:
             expected = {k: (src.shape(k), src.dtype(k)) for k in order if k in src}
         # The new checkpoint is written beside out_dir and swapped in whole when complete: a failure at any point
         # leaves out_dir as it was (see io/staging.py). Side files first, weights, the index last, then the swap.
-        protect = [self.hf_pretrained.path] if self.hf_pretrained is not None else []
-        staged = StagedCheckpoint(out_dir, protect=protect)
-        try:
-            if self.hf_pretrained is None:
-                self._write_config(model, staged.path, fsync=fsync)
-            else:
-                copy_side_files(self.hf_pretrained.path, staged.path, fsync=fsync)
-            with SafeTensorsWriter(staged.path, expected, max_shard_bytes=max_shard_bytes, strict=strict,
-                                   fsync=fsync, atomic=False) as writer:
-                for name, tensor in stream:
+        watch.set_phase("save_hf_pretrained: side files")
+        if self.hf_pretrained is None:
+            self._write_config(model, staged.path, fsync=fsync)
+        else:
+            copy_side_files(self.hf_pretrained.path, staged.path, fsync=fsync)
+        with SafeTensorsWriter(staged.path, expected, max_shard_bytes=max_shard_bytes, strict=strict,
+                               fsync=fsync, atomic=False) as writer:
+            for name, tensor in stream:
+                try:
                     writer.add(name, tensor)
-                summary = writer.close()
-            swap = staged.commit()
-        except BaseException:
-            staged.abort()
-            raise
-        summary.update(swap)
+                except Exception as e:
+                    if getattr(e, "bridge_context", False) or isinstance(e, OSError):
+                        raise
+                    raise conversion_error(e, f"writing HF tensor {name} to {staged.target}") from e
+            summary = writer.close()
+        watch.set_phase("save_hf_pretrained: swap")
+        summary.update(staged.commit())
         summary["not_exported"] = not_exported
         summary["files"] = [os.path.join(staged.target, os.path.basename(f)) for f in summary["files"]]
         if summary.get("index"):

@@ -33,6 +33,7 @@ from megatron_bridge_ext.engine.checks import (
     dtype_class,
     unused_hf_tensors,
 )
+from megatron_bridge_ext.engine.peers import PeerFailure, Watch, current_watch
 from megatron_bridge_ext.engine.tasks import GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
@@ -113,6 +114,13 @@ class MegatronModelBridge:
         self._order: Optional[GlobalOrder] = None
         self._transport = Transport()
         self.show_progress = True
+        #: seconds a collective wait may make no progress before the awaited rank is declared frozen (None:
+        #: ``$MEGATRON_BRIDGE_PEER_TIMEOUT``, else 600); see :mod:`megatron_bridge_ext.engine.peers`
+        self.peer_timeout: Optional[float] = None
+
+    def watch(self, name: str) -> Watch:
+        """The failure watch of a collective operation (the running one when nested)."""
+        return current_watch() or Watch(name, self.peer_timeout)
 
     def release_buffers(self) -> None:
         """Free the flat export buffers kept between exports (at most two messages and one send buffer)."""
@@ -378,20 +386,27 @@ class MegatronModelBridge:
         """
         chunks = as_chunks(megatron_model)
         state = hf_pretrained.state
-        tasks, _ = self._tasks(state.keys(), chunks)
-        self._check_unused(state, tasks, chunks, allowed_unused_hf_params)
-        topo = Topology.current()
-        allowed = list(allowed_mismatched_params or [])
-        owned = [t for t in tasks if t.owned]
-        release = getattr(state, "release", None)
-        show = self.show_progress if show_progress is None else show_progress
-        with torch.no_grad():
-            for task in progress(owned, "Loading HF weights", show):
-                ctx = self._context(task, topo, hf_pretrained.config, chunks)
-                self._convert_one(task, state, ctx, allowed)
-                if release is not None:
-                    release(task.mapping.hf_names)
-            broadcast_tied_embeddings(chunks)
+        with self.watch("import") as watch:
+            watch.barrier("import: start")  # every rank is here before the collective name exchange
+            watch.set_phase("import: conversion tasks")
+            tasks, _ = self._tasks(state.keys(), chunks)
+            self._check_unused(state, tasks, chunks, allowed_unused_hf_params)
+            topo = Topology.current()
+            allowed = list(allowed_mismatched_params or [])
+            owned = [t for t in tasks if t.owned]
+            release = getattr(state, "release", None)
+            show = self.show_progress if show_progress is None else show_progress
+            with torch.no_grad():
+                for task in progress(owned, "Loading HF weights", show):
+                    watch.set_phase(f"import: {task.global_param_name}")
+                    watch.check()  # a peer's failure stops this rank within a slice
+                    ctx = self._context(task, topo, hf_pretrained.config, chunks)
+                    self._convert_one(task, state, ctx, allowed)
+                    if release is not None:
+                        release(task.mapping.hf_names)
+                watch.barrier("import: converted")  # every rank converted before the tied-embedding broadcast
+                watch.set_phase("import: tied embeddings")
+                broadcast_tied_embeddings(chunks)
         return chunks
 
     def stream_weights_hf_to_megatron(
@@ -490,6 +505,22 @@ class MegatronModelBridge:
                 requested: for consumers that use each tensor at once (e.g. a writer), saving an allocation and a copy.
             cpu: move the HF tensors to the CPU (when the model lives on a GPU); False keeps them on the device.
         """
+        watch = self.watch("export")
+        try:
+            yield from self._stream_to_hf(watch, megatron_model, hf_pretrained, bucket_bytes, dst, show_progress,
+                                          hf_config, conversion_tasks, copy, cpu)
+        except GeneratorExit:
+            # the consumer stopped early: tell the other ranks (they would wait for this rank's next receive)
+            if not watch.reported:
+                watch.report(RuntimeError(f"rank {watch.rank} stopped consuming the export during "
+                                          f"{watch.phase!r} (the iterator was closed before its end)"))
+            raise
+        except Exception as e:
+            watch.report(e)
+            raise
+
+    def _stream_to_hf(self, watch: Watch, megatron_model, hf_pretrained, bucket_bytes, dst, show_progress, hf_config,
+                      conversion_tasks, copy, cpu) -> Iterator[HFWeightTuple]:
         chunks = as_chunks(megatron_model)
         topo = Topology.current()
         config = hf_config if hf_config is not None else getattr(hf_pretrained, "config", None)
@@ -501,13 +532,14 @@ class MegatronModelBridge:
         if not everyone and not (0 <= int(dst) < topo.world):
             raise ValueError(f"dst must be a global rank in [0, {topo.world}) or 'all', got {dst!r}")
         dst_rank = 0 if everyone else int(dst)
+        watch.barrier(f"{watch.name}: start")  # every rank is here before the collective name exchange
         tasks, meta = self._tasks(None, chunks)
         if conversion_tasks is not None:
             tasks = conversion_tasks
         tied_copy = is_tied(chunks) and hf_keys is not None and self.tied_output_hf_name in hf_keys
         plans = [BucketPlan.make(b, meta, topo, dst_rank, everyone) for b in cut_buckets(tasks, meta, bucket_bytes)]
         show = self.show_progress if show_progress is None else show_progress
-        stream = self._transport.stream(plans, topo, dst_rank, everyone)
+        stream = self._transport.stream(plans, topo, dst_rank, everyone, watch=watch)
         for plan, views in progress(stream, "Exporting HF weights", show, total=len(plans)):
             if views is None:  # not a receiving rank: this bucket was sent (or had nothing of ours)
                 continue
