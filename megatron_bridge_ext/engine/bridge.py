@@ -33,7 +33,7 @@ from megatron_bridge_ext.engine.checks import (
     dtype_class,
     unused_hf_tensors,
 )
-from megatron_bridge_ext.engine.peers import PeerFailure, Watch, current_watch
+from megatron_bridge_ext.engine.peers import Watch, current_watch
 from megatron_bridge_ext.engine.tasks import GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext

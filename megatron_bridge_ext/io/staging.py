@@ -48,7 +48,7 @@ import shutil
 import socket
 import stat
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 __all__ = ["StagedCheckpoint", "WEIGHT_SUFFIXES", "is_weight_file", "interrupted_save_hint", "no_space_error",
            "fsync_dir"]
