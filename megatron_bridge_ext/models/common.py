@@ -207,15 +207,17 @@ def _shape(hf_state: Mapping[str, Any], key: str) -> Tuple[int, ...]:
 
 
 def _orientation(hf_state, keys: Sequence[str], normal: Tuple[int, int], transposed: Tuple[int, int],
-                 default: bool, family: str, what: str) -> bool:
+                 default: bool, family: str, what: str, num_experts: Optional[int]) -> bool:
     """Whether the fused tensors ``keys`` (each ``[E, a, b]``) are stored transposed; ``default`` when the shapes
     cannot tell (``normal == transposed``, e.g. hidden_size == 2 * ffn)."""
     found = set()
+    e = num_experts if num_experts is not None else "E"
     for key in keys:
         shape = _shape(hf_state, key)
-        if len(shape) != 3 or shape[1:] not in (normal, transposed):
-            raise ValueError(f"{family}: fused expert tensor {key} has shape {list(shape)}; expected [E, "
-                             f"{normal[0]}, {normal[1]}] or [E, {transposed[0]}, {transposed[1]}] ({what})")
+        if len(shape) != 3 or shape[1:] not in (normal, transposed) or (
+                num_experts is not None and shape[0] != num_experts):
+            raise ValueError(f"{family}: fused expert tensor {key} has shape {list(shape)}; expected [{e}, "
+                             f"{normal[0]}, {normal[1]}] or [{e}, {transposed[0]}, {transposed[1]}] ({what})")
         found.add(default if normal == transposed else shape[1:] == transposed)
     if len(found) > 1:
         raise ValueError(f"{family}: fused expert tensors {what} are stored in both orientations "
@@ -224,12 +226,14 @@ def _orientation(hf_state, keys: Sequence[str], normal: Tuple[int, int], transpo
 
 
 def detect_expert_layout(hf_state: Mapping[str, Any], family: str, *, hidden_size: int, expert_ffn: int,
-                         default: ExpertLayout = PER_EXPERT, experts: str = "mlp.experts", gate: str = "gate_proj",
-                         up: str = "up_proj", down: str = "down_proj", gate_up: str = "gate_up_proj",
-                         fused_down: str = "down_proj") -> ExpertLayout:
+                         num_experts: Optional[int] = None, default: ExpertLayout = PER_EXPERT,
+                         experts: str = "mlp.experts", gate: str = "gate_proj", up: str = "up_proj",
+                         down: str = "down_proj", gate_up: str = "gate_up_proj", fused_down: str = "down_proj"
+                         ) -> ExpertLayout:
     """The expert layout of a checkpoint, from its keys (per-expert ``model.layers.L.<experts>.E.<gate>.weight``
-    or fused ``model.layers.L.<experts>.<gate_up>``) and, for fused tensors, their shapes (orientation). A checkpoint
-    without expert tensors gets ``default``; so do orientations the shapes cannot tell apart.
+    or fused ``model.layers.L.<experts>.<gate_up>``) and, for fused tensors, their shapes (orientation; with
+    ``num_experts``, the expert count too). A checkpoint without expert tensors gets ``default``; so do orientations
+    the shapes cannot tell apart.
 
     Raises:
         ValueError: a checkpoint holding both layouts (naming a tensor of each), or fused tensors of unexpected shape.
@@ -257,9 +261,9 @@ def detect_expert_layout(hf_state: Mapping[str, Any], family: str, *, hidden_siz
     return ExpertLayout(
         fused=True,
         fc1_transposed=_orientation(hf_state, sorted(fc1), (2 * f, d), (d, 2 * f), default.fc1_transposed, family,
-                                    f"{gate_up} (hidden_size {d}, expert ffn {f})"),
+                                    f"{gate_up} (hidden_size {d}, expert ffn {f})", num_experts),
         fc2_transposed=_orientation(hf_state, sorted(fc2), (d, f), (f, d), default.fc2_transposed, family,
-                                    f"{fused_down} (hidden_size {d}, expert ffn {f})"),
+                                    f"{fused_down} (hidden_size {d}, expert ffn {f})", num_experts),
     )
 
 

@@ -197,6 +197,7 @@ class DeepseekV3Bridge(MegatronModelBridge):
         refuse_mtp_tensors(hf_state, hf_config, family)
         return detect_expert_layout(hf_state, family, hidden_size=config_get(hf_config, "hidden_size"),
                                     expert_ffn=config_get(hf_config, "moe_intermediate_size"),
+                                    num_experts=config_get(hf_config, "n_routed_experts"),
                                     default=self.default_hf_layout)
 
     def mapping_registry(self) -> MegatronMappingRegistry:

@@ -126,6 +126,7 @@ class GptOssBridge(MegatronModelBridge):
     def detect_hf_layout(self, hf_state, hf_config):
         return detect_expert_layout(hf_state, type(self).__name__, hidden_size=config_get(hf_config, "hidden_size"),
                                     expert_ffn=config_get(hf_config, "intermediate_size"),
+                                    num_experts=config_get(hf_config, "num_local_experts"),
                                     default=self.default_hf_layout)
 
     def mapping_registry(self) -> MegatronMappingRegistry:
