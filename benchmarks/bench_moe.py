@@ -467,7 +467,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "Megatron Bridge" in row:
             ours, mb = row["this package"], row["Megatron Bridge"]
             print(f"{'':>3} {'ratio MB / ours':>16} {mb['import_s'] / ours['import_s']:8.2f}x "
-                  f"{mb['export_s'] / ours['export_s']:8.2f}x {mb['export_nowrite_s'] / ours['export_nowrite_s']:9.2f}x")
+                  f"{mb['export_s'] / ours['export_s']:8.2f}x "
+                  f"{mb['export_nowrite_s'] / ours['export_nowrite_s']:9.2f}x")
         rows.append(row)
     print(json.dumps(rows))
     if not args.dir:

@@ -28,7 +28,8 @@ def _per_expert(layers=(0, 1)):
     for layer in layers:
         for e in range(E):
             p = f"model.layers.{layer}.mlp.experts.{e}"
-            out.update({f"{p}.gate_proj.weight": (F, D), f"{p}.up_proj.weight": (F, D), f"{p}.down_proj.weight": (D, F)})
+            out.update({f"{p}.gate_proj.weight": (F, D), f"{p}.up_proj.weight": (F, D),
+                        f"{p}.down_proj.weight": (D, F)})
     return out
 
 

@@ -27,13 +27,13 @@ from megatron_bridge_ext.mappings import (
 )
 
 __all__ = ["L", "H", "GPT_MODEL", "embedding_mappings", "attention_mappings", "fused_qkv_attention_mappings",
-           "qk_norm_mappings", "pre_mlp_norm_mappings", "gated_mlp_mappings", "fused_gated_mlp_mappings", "post_norm_mappings", "ACTIVATIONS",
-           "activation_func", "activation_name", "qwen_window_hf_fields",
+           "qk_norm_mappings", "pre_mlp_norm_mappings", "gated_mlp_mappings", "fused_gated_mlp_mappings",
+           "post_norm_mappings", "ACTIVATIONS", "activation_func", "activation_name", "qwen_window_hf_fields",
            "ExpertLayout", "PER_EXPERT", "detect_expert_layout", "routed_expert_mappings", "router_mappings",
            "shared_expert_mappings", "mla_mappings", "sink_mappings", "moe_runtime_kwargs", "softmax_router_kwargs",
-           "softmax_router_hf_fields", "sigmoid_router_kwargs", "sigmoid_router_hf_fields", "qwen_moe_pattern", "qwen_moe_pattern_hf_fields",
-           "first_k_dense_pattern", "first_k_dense_hf_field", "shared_expert_size", "megatron_moe_pattern",
-           "moe_hf_fields", "refuse_mtp_tensors"]
+           "softmax_router_hf_fields", "sigmoid_router_kwargs", "sigmoid_router_hf_fields", "qwen_moe_pattern",
+           "qwen_moe_pattern_hf_fields", "first_k_dense_pattern", "first_k_dense_hf_field", "shared_expert_size",
+           "megatron_moe_pattern", "moe_hf_fields", "refuse_mtp_tensors"]
 
 L = "decoder.layers.*"
 H = "model.layers.*"

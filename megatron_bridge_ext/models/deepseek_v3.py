@@ -159,7 +159,8 @@ class DeepseekV3Bridge(MegatronModelBridge):
             activation_func=activation_func(config_get(hf_config, "hidden_act", "silu"), family),
             add_bias_linear=False,
             add_qkv_bias=False,
-            **moe_runtime_kwargs(config_get(hf_config, "n_routed_experts"), config_get(hf_config, "num_experts_per_tok"),
+            **moe_runtime_kwargs(config_get(hf_config, "n_routed_experts"),
+                                 config_get(hf_config, "num_experts_per_tok"),
                                  config_get(hf_config, "moe_intermediate_size"), first_k_dense_pattern(hf_config)),
             **sigmoid_router_kwargs(hf_config, family),
         )

@@ -61,7 +61,8 @@ class Glm4MoeBridge(MegatronModelBridge):
             add_bias_linear=False,
             add_qkv_bias=bool(config_get(hf_config, "attention_bias", False)),
             qk_layernorm=bool(config_get(hf_config, "use_qk_norm", False)),
-            **moe_runtime_kwargs(config_get(hf_config, "n_routed_experts"), config_get(hf_config, "num_experts_per_tok"),
+            **moe_runtime_kwargs(config_get(hf_config, "n_routed_experts"),
+                                 config_get(hf_config, "num_experts_per_tok"),
                                  config_get(hf_config, "moe_intermediate_size"), first_k_dense_pattern(hf_config)),
             **sigmoid_router_kwargs(hf_config, family),
         )

@@ -85,7 +85,8 @@ class GptOssBridge(MegatronModelBridge):
             add_qkv_bias=True,
             softmax_type="learnable",
             **window_settings(hf_config, family),
-            **moe_runtime_kwargs(config_get(hf_config, "num_local_experts"), config_get(hf_config, "num_experts_per_tok"),
+            **moe_runtime_kwargs(config_get(hf_config, "num_local_experts"),
+                                 config_get(hf_config, "num_experts_per_tok"),
                                  config_get(hf_config, "intermediate_size"),
                                  [1] * int(config_get(hf_config, "num_hidden_layers"))),
             **softmax_router_kwargs(True),  # softmax over the top-k logits
