@@ -152,9 +152,12 @@ def run_world(fn: Callable[..., Any], world: int, args: Sequence[Any], *, timeou
 
 
 def is_rank0() -> bool:
+    """Global rank 0 (of the current process group, or of torchrun's world once it is torn down)."""
     import torch.distributed as dist
 
-    return not dist.is_initialized() or dist.get_rank() == 0
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return not under_torchrun() or int(os.environ.get("RANK", "0")) == 0
 
 
 def show_progress(args: argparse.Namespace) -> bool:
