@@ -54,7 +54,8 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
-    from megatron_bridge_ext.mcore.checkpoint import config_from_checkpoint, load_megatron_checkpoint
+    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, config_from_checkpoint, \
+        load_megatron_checkpoint
     from megatron_bridge_ext.mcore.config import config_to_dict
     from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
 
@@ -76,7 +77,7 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
             config = source_config  # a checkpoint of Megatron-LM itself: the model as the HF source describes it
         else:
             config = config_from_checkpoint(info)
-        chunks = build_model_chunks(config)
+        chunks = cast_to_params_dtype(build_model_chunks(config))
         if device.type == "cuda":
             chunks = [c.to(device) for c in chunks]
         with phase(f"Reading the Megatron checkpoint {info.path}", show):

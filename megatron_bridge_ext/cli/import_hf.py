@@ -25,7 +25,7 @@ def _worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, 
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.io.safetensors import CONFIG_NAME
-    from megatron_bridge_ext.mcore.checkpoint import save_megatron_checkpoint
+    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, save_megatron_checkpoint
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
     show = show and rank == 0
@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, 
         with open(os.path.join(hf_dir, CONFIG_NAME), "r", encoding="utf-8") as f:
             hf_config = json.load(f)
         overrides = {} if dtype is None else {"params_dtype": DTYPES[dtype]}
-        chunks = bridge.to_megatron_model(load_weights=False, **overrides)
+        chunks = cast_to_params_dtype(bridge.to_megatron_model(load_weights=False, **overrides))
         if device.type == "cuda":
             chunks = [c.to(device) for c in chunks]
         bridge.load_hf_weights(chunks, show_progress=show)

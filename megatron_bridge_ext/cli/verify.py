@@ -32,7 +32,8 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
     device = worker_setup(verbose)
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
-    from megatron_bridge_ext.mcore.checkpoint import config_from_checkpoint, load_megatron_checkpoint
+    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, config_from_checkpoint, \
+        load_megatron_checkpoint
     from megatron_bridge_ext.mcore.forward import megatron_logits
     from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
 
@@ -46,7 +47,7 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
         if info.architecture is not None and info.architecture != arch:
             raise ValueError(f"{hf_dir} is a {arch}, the Megatron checkpoint {info.path} holds a {info.architecture}")
         config = config_from_checkpoint(info) if info.model_config is not None else bridge.transformer_config()
-        chunks = build_model_chunks(config)
+        chunks = cast_to_params_dtype(build_model_chunks(config))
         if device.type == "cuda":
             chunks = [c.to(device) for c in chunks]
         with phase(f"Reading the Megatron checkpoint {info.path}", show):

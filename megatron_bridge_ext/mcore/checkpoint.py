@@ -32,6 +32,7 @@ __all__ = [
     "save_megatron_checkpoint",
     "config_from_checkpoint",
     "load_megatron_checkpoint",
+    "cast_to_params_dtype",
 ]
 
 
@@ -179,6 +180,18 @@ def config_from_checkpoint(info: "ckpt_io.MegatronCheckpointInfo", **overrides: 
     for key, value in current_parallel_sizes().items():
         overrides.setdefault(key, value)
     return config_from_dict(info.model_config, overrides)
+
+
+def cast_to_params_dtype(chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Module]:
+    """Every floating-point parameter and buffer in ``config.params_dtype``, as Megatron-LM's ``Float16Module``
+    makes a bf16 / fp16 model (the local spec builds its norms in fp32): a checkpoint then holds one dtype, the one
+    a training job's model has, and an export without an HF source reproduces it."""
+    chunks = as_chunks(chunks)
+    dtype = model_config(chunks).params_dtype
+    for chunk in chunks:
+        if any(p.is_floating_point() and p.dtype != dtype for p in chunk.parameters()):
+            chunk.to(dtype)
+    return chunks
 
 
 def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], path: str) -> List[torch.nn.Module]:
