@@ -30,7 +30,6 @@ import shutil
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import torch
 import torch.distributed as dist
 
 __all__ = [
