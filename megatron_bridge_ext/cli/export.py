@@ -180,5 +180,6 @@ def run(args: argparse.Namespace) -> int:
     if is_rank0():
         where = " ".join(f"{k.upper()}={v}" for k, v in layout.items() if v is not None)
         print(summary_line("export", res["tensors"], res["bytes"], res["total_s"],
-                           res["out_dir"], f"[{where}; read {res['read_s']:.2f} s]"))
+                           res["out_dir"], f"[{where}; checkpoint read {res['read_s']:.2f} s, convert + HF write "
+                                           f"{res['total_s'] - res['read_s']:.2f} s]"))
     return 0

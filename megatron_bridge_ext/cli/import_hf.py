@@ -102,5 +102,6 @@ def run(args: argparse.Namespace) -> int:
     if is_rank0():
         where = " ".join(f"{k.upper()}={v}" for k, v in layout.items() if v is not None)
         print(summary_line("import", res["tensors"], res["bytes"], res["total_s"], res["path"],
-                           f"[{where} {res['dtype']}; read {res['read_s']:.2f} s]"))
+                           f"[{where} {res['dtype']}; HF read + convert {res['read_s']:.2f} s, checkpoint write "
+                           f"{res['total_s'] - res['read_s']:.2f} s]"))
     return 0

@@ -114,6 +114,7 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
     dense: Dict[Tuple[int, int], int] = {}  # (pp rank, tp rank) -> bytes
     expert_bytes: Dict[Tuple[int, int, int], int] = {}  # (pp rank, ep rank, etp rank) -> bytes
     read_max: Dict[Tuple[int, int], int] = {}  # largest HF bytes one task reads, per (pp, tp)
+    expert_read_max: Dict[Tuple[int, int, int], int] = {}  # the same for expert groups, per (pp, ep, etp)
     groups_done = set()
     for p in params:
         name = p.global_name
@@ -151,6 +152,7 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
                     for pp_rank, _ in places:
                         key = (pp_rank, e_rank, t_rank)
                         expert_bytes[key] = expert_bytes.get(key, 0) + nbytes
+                        expert_read_max[key] = max(expert_read_max.get(key, 0), nbytes)  # rows of its experts
             layout = EXPERTS
         else:
             for t_rank in range(tp):
@@ -180,10 +182,12 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
         q = r % per_pp
         tp_rank, etp_rank, ep_rank = r % tp, q % etp_n, (q // etp_n) % ep
         nbytes = dense.get((pp_rank, tp_rank), 0) + expert_bytes.get((pp_rank, ep_rank, etp_rank), 0)
-        peak = nbytes + read_max.get((pp_rank, tp_rank), 0)
+        peak = nbytes + max(read_max.get((pp_rank, tp_rank), 0),
+                            expert_read_max.get((pp_rank, ep_rank, etp_rank), 0))
         ranks.append({"rank": r, "pp": pp_rank, "tp": tp_rank, "ep": ep_rank, "etp": etp_rank, "bytes": nbytes,
                       "import_peak_bytes": peak})
-    export_peak = (ranks[0]["bytes"] if ranks else 0) + 2 * min(bucket_bytes, src.total_size) + biggest_task
+    bucket_bytes = min(bucket_bytes, src.total_size)  # a bucket never holds more than the whole model
+    export_peak = (ranks[0]["bytes"] if ranks else 0) + 2 * bucket_bytes + biggest_task
     return {
         "hf_dir": getattr(hf_pretrained, "path", None), "architecture": hf_config.architectures[0], "layout": layout_d, "world": world,
         "hf_tensors": len(src), "hf_bytes": src.total_size, "dtype": str(target.params_dtype).replace("torch.", ""),
