@@ -1,5 +1,6 @@
 // The bridge operator library: every schema of torch.ops.bridge, one comment line each.
-// Kernels live in csrc/cpu/<concern>.cpp and csrc/cuda/<concern>.cu; fake (meta) kernels in
+// Each concern's geometry, argument checks and layout walk are in csrc/common/<concern>.h, shared by its CPU kernels
+// (csrc/cpu/<concern>.cpp) and CUDA kernels (csrc/cuda/<concern>.cu); fake (meta) kernels in
 // megatron_bridge_ext/ops.py. Tensors may be non-contiguous views of any dtype: the ops move bytes.
 #include <Python.h>
 #include <torch/library.h>
@@ -33,10 +34,14 @@ TORCH_LIBRARY(bridge, m) {
   m.def("expert_pack_fc1(Tensor[] gate, Tensor[] up, int ep_size=1, int ep_rank=0, int etp_size=1, int etp_rank=0) -> Tensor");
   // expert_pack_fc1 writing into an existing tensor.
   m.def("expert_pack_fc1_out(Tensor[] gate, Tensor[] up, int ep_size, int ep_rank, int etp_size, int etp_rank, Tensor(a!) out) -> ()");
+  // expert_pack_fc1_out into E/ep separate per-local-expert tensors (sequential experts), out[e] [2F/etp(, D)].
+  m.def("expert_pack_fc1_out.list(Tensor[] gate, Tensor[] up, int ep_size, int ep_rank, int etp_size, int etp_rank, Tensor(a!)[] out) -> ()");
   // E global per-expert down [D, F] -> this rank's stacked linear_fc2 [E/ep, D, F/etp] (columns sharded).
   m.def("expert_pack_fc2(Tensor[] down, int ep_size=1, int ep_rank=0, int etp_size=1, int etp_rank=0) -> Tensor");
   // expert_pack_fc2 writing into an existing tensor.
   m.def("expert_pack_fc2_out(Tensor[] down, int ep_size, int ep_rank, int etp_size, int etp_rank, Tensor(a!) out) -> ()");
+  // expert_pack_fc2_out into E/ep separate per-local-expert tensors (sequential experts), out[e] [D, F/etp] or [D].
+  m.def("expert_pack_fc2_out.list(Tensor[] down, int ep_size, int ep_rank, int etp_size, int etp_rank, Tensor(a!)[] out) -> ()");
   // Gathered linear_fc1 shards (index ep_rank*etp + etp_rank, each [E/ep, 2F/etp(, D)]) -> (gate, up) [E, F(, D)].
   m.def("expert_unpack_fc1(Tensor[] shards, int ep_size, int etp_size) -> (Tensor, Tensor)");
   // expert_unpack_fc1 writing into E existing (possibly strided) per-expert gate and up tensors.

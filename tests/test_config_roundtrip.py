@@ -25,14 +25,45 @@ CASES = {
                                              rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                               "rope_theta": 10000.0})),
     "qwen2": ("Qwen2", dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "qwen2_sliding_layers": ("Qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral_window": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
+    "mistral_window": ("Mistral", dict(sliding_window=5, rope_parameters={"rope_type": "default",
+                                                                          "rope_theta": 20000.0})),
+    "mistral_no_window": ("Mistral", dict(sliding_window=None)),
+    "qwen3": ("Qwen3", dict(head_dim=24)),
+    "qwen3_sliding_layers": ("Qwen3", dict(head_dim=24, use_sliding_window=True, sliding_window=5,
+                                           max_window_layers=1)),
+    "gemma2": ("Gemma2", dict(attn_logit_softcapping=None, final_logit_softcapping=None, query_pre_attn_scalar=24,
+                              sliding_window=5)),
+    "gemma2_untied_gelu": ("Gemma2", dict(attn_logit_softcapping=None, final_logit_softcapping=None,
+                                          tie_word_embeddings=False, hidden_activation="gelu", sliding_window=5,
+                                          layer_types=["full_attention"] * 2)),
+    "gemma3": ("Gemma3Text", dict(sliding_window=5, query_pre_attn_scalar=20,
+                                  layer_types=["sliding_attention", "full_attention"],
+                                  rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                      "rope_theta": 1000000.0},
+                                                   "sliding_attention": {"rope_type": "default",
+                                                                         "rope_theta": 10000.0}})),
+    "gemma3_one_rope": ("Gemma3Text", dict(sliding_window=5, layer_types=["full_attention", "sliding_attention"],
+                                           rope_parameters={"full_attention": {"rope_type": "default",
+                                                                               "rope_theta": 10000.0},
+                                                            "sliding_attention": {"rope_type": "default",
+                                                                                  "rope_theta": 10000.0}})),
+    "phi3_partial_rotary_window": ("Phi3", dict(head_dim=None, sliding_window=7, pad_token_id=None,
+                                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                 "partial_rotary_factor": 0.5})),
+    "phi3": ("Phi3", dict(head_dim=None, pad_token_id=None)),
 }
+# HF class prefix -> architecture (Gemma 3's text-only config class is Gemma3TextConfig)
+ARCH = {"Gemma3Text": "Gemma3"}
 
 
 def _model(arch: str, overrides: dict):
-    config = getattr(transformers, f"{arch}Config")(**{**TINY, **overrides})
+    config = getattr(transformers, f"{arch}Config")(**{k: v for k, v in {**TINY, **overrides}.items()
+                                                       if v is not None or k != "head_dim"})
     torch.manual_seed(0)
-    model = getattr(transformers, f"{arch}ForCausalLM")(config).float().eval()
+    model = getattr(transformers, f"{ARCH.get(arch, arch)}ForCausalLM")(config).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name or name.endswith("bias") else 0.2)
@@ -43,10 +74,10 @@ def _model(arch: str, overrides: dict):
 def test_hf_megatron_hf_config_gives_the_same_model(case):
     arch, overrides = CASES[case]
     model = _model(arch, overrides)
-    bridge = get_model_bridge(f"{arch}ForCausalLM")
+    bridge = get_model_bridge(f"{ARCH.get(arch, arch)}ForCausalLM")
     megatron_config = bridge.transformer_config(model.config)
     regenerated = bridge.megatron_to_hf_config(megatron_config)
-    assert regenerated["architectures"] == [f"{arch}ForCausalLM"]
+    assert regenerated["architectures"] == [f"{ARCH.get(arch, arch)}ForCausalLM"]
     config2 = transformers.AutoConfig.for_model(**regenerated)
     assert type(config2) is type(model.config)
     model2 = transformers.AutoModelForCausalLM.from_config(config2).float().eval()
@@ -61,7 +92,10 @@ def test_hf_megatron_hf_config_gives_the_same_model(case):
     for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                   "kv_channels", "layernorm_epsilon", "rotary_base", "rope_scaling", "rope_scaling_factor",
                   "seq_len_interpolation_factor", "share_embeddings_and_output_weights", "vocab_size",
-                  "add_bias_linear", "add_qkv_bias", "num_moe_experts", "moe_router_topk", "params_dtype"):
+                  "add_bias_linear", "add_qkv_bias", "num_moe_experts", "moe_router_topk", "params_dtype",
+                  "window_size", "window_attn_skip_freq", "qk_layernorm", "layernorm_zero_centered_gamma",
+                  "softmax_scale", "embedding_scale", "post_self_attn_layernorm", "post_mlp_layernorm",
+                  "local_rotary_base", "rotary_percent", "activation_func", "gated_linear_unit"):
         assert getattr(again, field) == getattr(megatron_config, field), field
 
 

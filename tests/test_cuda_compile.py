@@ -1,7 +1,10 @@
 """Compile-only check of the CUDA sources with nvcc (no GPU needed, no link).
 
 (a) csrc/cuda/kernels.cuh on its own, without torch, with every kernel template instantiated for every unit size;
-(b) every csrc/cuda/*.cu against the installed torch's headers, as setup.py's CUDAExtension would compile it.
+(b) every csrc/cuda/*.cu against the installed torch's headers, as setup.py's CUDAExtension would compile it (and
+    with it the shared csrc/common/*.h);
+(c) tests/cuda_host/copy_plan_host.cu, linked against torch's libc10 and run on the host: it plans random strided
+    copies with the CUDA CopyPlan and executes the planned segments with the kernels' semantics on the CPU.
 Parsing torch's headers dominates the cost, so the .cu files are compiled as JOBS unity translation units (each
 includes several .cu files; the sources keep their helpers uniquely named for this) next to (a), all at once.
 Each test reads the result of the unit that holds its file; nvcc's messages name the failing file.
@@ -25,6 +28,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CU_SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
+PLAN_HOST = ROOT / "tests" / "cuda_host" / "copy_plan_host.cu"
 TIMEOUT_S = 900
 JOBS = 2
 
@@ -45,8 +49,8 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA
 
 INSTANTIATIONS = "\n".join(
     [f"template __global__ void copy_rows_kernel<{b}>(const CopySeg*, int);" for b in (1, 2, 4, 8, 16)]
-    + [f"template __global__ void copy_tiled_kernel<{b}>(const CopySeg*, int);" for b in (1, 2, 4, 8)]
-    + [f"template __global__ void copy_nd_kernel<{b}>(const NdCopy);" for b in (1, 2, 4, 8)]
+    + [f"template __global__ void copy_tiled_kernel<{b}>(const CopySeg*, int);" for b in (1, 2, 4, 8, 16)]
+    + [f"template __global__ void copy_nd_kernel<{b}>(const NdCopy);" for b in (1, 2, 4, 8, 16)]
 )
 
 KERNELS_ONLY = f"""// Every kernel of kernels.cuh for every unit size, compiled without torch.
@@ -109,13 +113,22 @@ def _results() -> Dict[str, Tuple[int, str, List[str]]]:
         unit.write_text("".join(f'#include "{CUDA_DIR / m}"\n' for m in members))
         jobs[unit.name] = common + torch_flags + [f"-I{CUDA_DIR}", str(unit), "-o", str(tmp / f"unity_{i}.o")]
         unit_of.update({m: unit.name for m in members})
+    import torch
+
+    torch_lib = pathlib.Path(torch.__file__).parent / "lib"
+    jobs["copy_plan_host"] = [NVCC, "-Xcompiler", "-O1"] + torch_flags + [
+        f"-I{CUDA_DIR}", str(PLAN_HOST), "-o", str(BIN_DIR / "copy_plan_host"), f"-L{torch_lib}", "-lc10",
+        "-Xlinker", "-rpath", "-Xlinker", str(torch_lib)]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futures = {name: pool.submit(_compile, cmd) for name, cmd in jobs.items()}
         done = {name: (*f.result(), jobs[name]) for name, f in futures.items()}
     shutil.rmtree(tmp, ignore_errors=True)
-    out = {"kernels_only": done["kernels_only"]}
+    out = {"kernels_only": done["kernels_only"], "copy_plan_host": done["copy_plan_host"]}
     out.update({m: done[u] for m, u in unit_of.items()})
     return out
+
+
+BIN_DIR = pathlib.Path(tempfile.mkdtemp(prefix="bridge_nvcc_bin_"))
 
 
 def _check(name: str) -> None:
@@ -134,3 +147,12 @@ def test_kernels_header_compiles_without_torch() -> None:
 @pytest.mark.parametrize("name", CU_SOURCES)
 def test_cuda_source_compiles_against_torch(name: str) -> None:
     _check(name)
+
+
+def test_copy_plan_segments_on_host() -> None:
+    _check("copy_plan_host")
+    try:
+        proc = subprocess.run([str(BIN_DIR / "copy_plan_host")], capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(BIN_DIR, ignore_errors=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), f"copy_plan_host: {proc.stdout}{proc.stderr}"

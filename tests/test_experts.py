@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, as_layout, rand
+from conftest import DTYPES, LAYOUTS, as_layout, rand
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import expert_fc1_shard, expert_fc1_split, expert_fc2_shard, expert_fc2_split, same, split_list
@@ -215,3 +215,140 @@ def test_empty_lists_are_named():
         ops.expert_pack_fc1([], [])
     with pytest.raises(ValueError, match=r"expert_unpack_fc2: shards is an empty list"):
         ops.expert_unpack_fc2([], ep_size=1, etp_size=1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# expert_pack_fc1_out.list / expert_pack_fc2_out.list: E/ep separate per-local-expert destinations (sequential
+# experts), called through torch.ops directly (the Python wrapper lives in ops.py).
+# --------------------------------------------------------------------------------------------------------------------
+
+_LIST = torch.ops.bridge
+
+
+def _outs(shapes, dtype, device, layouts):
+    """One destination per local expert, each in its own (possibly non-contiguous) layout, filled with a sentinel."""
+    outs = []
+    for i, shape in enumerate(shapes):
+        lay = layouts[i % len(layouts)]
+        if len(shape) != 2 and lay in ("transposed", "col_slice"):
+            lay = "row_strided"  # as_layout gives 1-D tensors a strided view; N-d: strided rows
+        if len(shape) > 2:
+            big = torch.zeros((shape[0] * 2, *shape[1:]), dtype=dtype, device=device)
+            outs.append(big[1::2])
+        else:
+            outs.append(as_layout(torch.zeros(shape, dtype=dtype, device=device), lay))
+    return outs
+
+
+@pytest.mark.parametrize("ep,etp", [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4)])
+@pytest.mark.parametrize("trailing", [(), (5,), (3, 2)], ids=["1d", "2d", "3d"])
+def test_fc1_out_list(device, ep, etp, trailing):
+    E, F = 8, 8
+    gate = [as_layout(rand((F, *trailing), torch.bfloat16), "row_strided").to(device) for _ in range(E)]
+    up = [rand((F, *trailing), torch.bfloat16).to(device) for _ in range(E)]
+    for r in range(ep):
+        for t in range(etp):
+            want = expert_fc1_shard(gate, up, ep, r, etp, t)
+            strided = [x for x in LAYOUTS if x != "contiguous"]
+            outs = _outs([want.shape[1:]] * (E // ep), torch.bfloat16, device, strided)
+            assert not any(o.is_contiguous() for o in outs)
+            assert _LIST.expert_pack_fc1_out.list(gate, up, ep, r, etp, t, outs) is None
+            for e, o in enumerate(outs):
+                assert same(o, want[e]), f"ep rank {r}, etp rank {t}, local expert {e}"
+            # The same bytes as the stacked overload.
+            stacked = torch.empty_like(want)
+            _LIST.expert_pack_fc1_out.default(gate, up, ep, r, etp, t, stacked)
+            assert same(torch.stack(outs), stacked)
+
+
+@pytest.mark.parametrize("ep,etp", [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fc2_out_list(device, ep, etp, bias):
+    E, D, F = 8, 5, 8
+    shape = (D,) if bias else (D, F)
+    down = [as_layout(rand(shape, torch.float16), "transposed").to(device) for _ in range(E)]
+    for r in range(ep):
+        for t in range(etp):
+            want = expert_fc2_shard(down, ep, r, etp, t)
+            outs = _outs([want.shape[1:]] * (E // ep), torch.float16, device, ["transposed", "col_slice", "contiguous"])
+            _LIST.expert_pack_fc2_out.list(down, ep, r, etp, t, outs)
+            for e, o in enumerate(outs):
+                assert same(o, want[e]), f"ep rank {r}, etp rank {t}, local expert {e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_list_every_dtype(device, dtype):
+    E, F, D, ep, etp = 4, 4, 3, 2, 2
+    gate = [rand((F, D), dtype).to(device) for _ in range(E)]
+    up = [rand((F, D), dtype).to(device) for _ in range(E)]
+    down = [rand((D, F), dtype).to(device) for _ in range(E)]
+    for r in range(ep):
+        for t in range(etp):
+            outs1 = _outs([(2 * F // etp, D)] * (E // ep), dtype, device, ["transposed", "row_strided"])
+            _LIST.expert_pack_fc1_out.list(gate, up, ep, r, etp, t, outs1)
+            assert same(torch.stack(outs1), expert_fc1_shard(gate, up, ep, r, etp, t))
+            outs2 = _outs([(D, F // etp)] * (E // ep), dtype, device, ["col_slice", "transposed"])
+            _LIST.expert_pack_fc2_out.list(down, ep, r, etp, t, outs2)
+            assert same(torch.stack(outs2), expert_fc2_shard(down, ep, r, etp, t))
+
+
+def test_out_list_fused_hf_into_sequential_experts(device):
+    # A fused HF gate_up_proj [E, D, 2F] (transposed, interleaved) into per-expert parameters, as Megatron's
+    # sequential experts hold them; destinations are views into one buffer with padding between experts.
+    E, F, D, ep, etp = 8, 6, 5, 2, 3
+    fused = rand((E, D, 2 * F), torch.bfloat16).to(device)
+    gate, up = ops.expert_fc1_views(fused, interleaved=True, transposed=True)
+    for r in range(ep):
+        for t in range(etp):
+            buf = torch.zeros(E // ep, 2 * F // etp + 1, D, dtype=torch.bfloat16, device=device)
+            outs = [buf[e, 1:] for e in range(E // ep)]
+            _LIST.expert_pack_fc1_out.list(gate, up, ep, r, etp, t, outs)
+            assert same(buf[:, 1:], expert_fc1_shard(gate, up, ep, r, etp, t))
+            assert not buf[:, 0].any()  # nothing written outside the destinations
+
+
+def test_out_list_schema_mutates_only_out():
+    E, F, D = 4, 4, 3
+    gate = [torch.randn(F, D) for _ in range(E)]
+    up = [torch.randn(F, D) for _ in range(E)]
+    down = [torch.randn(D, F) for _ in range(E)]
+    torch.library.opcheck(_LIST.expert_pack_fc1_out.list, (gate, up, 2, 1, 2, 0, [torch.empty(4, D)] * 2),
+                          test_utils=("test_schema",))
+    torch.library.opcheck(_LIST.expert_pack_fc2_out.list, (down, 2, 0, 2, 1, [torch.empty(D, 2) for _ in range(2)]),
+                          test_utils=("test_schema",))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda g, u, d: _LIST.expert_pack_fc1_out.list(g, u, 2, 0, 1, 0, [torch.empty(8, 3)] * 3),
+         r"expert_pack_fc1_out\.list: out has 3 tensors, expected E/ep = 2"),
+        (lambda g, u, d: _LIST.expert_pack_fc1_out.list(g, u, 2, 1, 2, 0, [torch.empty(4, 3), torch.empty(8, 3)]),
+         r"expert_pack_fc1_out\.list: out\[1\] has shape \[8, 3\], expected \[4, 3\] \(one local expert's linear_fc1"
+         r" shard \[2F/etp, \.\.\.\]\)"),
+        (lambda g, u, d: _LIST.expert_pack_fc1_out.list(g, u, 1, 0, 1, 0, [torch.empty(8, 3)] * 3
+                                                         + [torch.empty(8, 3, dtype=torch.half)]),
+         r"expert_pack_fc1_out\.list: out\[3\] is Half on cpu but gate\[0\] is Float on cpu"),
+        (lambda g, u, d: _LIST.expert_pack_fc1_out.list(g, u, 2, 2, 1, 0, [torch.empty(8, 3)] * 2),
+         r"expert_pack_fc1_out\.list: ep_rank = 2 is out of range for ep_size = 2"),
+        (lambda g, u, d: _LIST.expert_pack_fc1_out.list(g, u, 1, 0, 3, 0, [torch.empty(8, 3)] * 4),
+         r"expert_pack_fc1_out\.list: F \(gate rows\) = 4 is not divisible by etp_size = 3"),
+        (lambda g, u, d: _LIST.expert_pack_fc1_out.list(g, u[:3], 1, 0, 1, 0, [torch.empty(8, 3)] * 4),
+         r"expert_pack_fc1_out\.list: up has 3 experts but gate has 4"),
+        (lambda g, u, d: _LIST.expert_pack_fc2_out.list(d, 2, 0, 2, 1, [torch.empty(3, 2), torch.empty(3, 4)]),
+         r"expert_pack_fc2_out\.list: out\[1\] has shape \[3, 4\], expected \[3, 2\] \(one local expert's linear_fc2"
+         r" shard \[D, F/etp\]\)"),
+        (lambda g, u, d: _LIST.expert_pack_fc2_out.list([x[:, 0] for x in d], 1, 0, 2, 1, [torch.empty(3, 1)] * 4),
+         r"expert_pack_fc2_out\.list: out\[0\] has shape \[3, 1\], expected \[3\] \(one local expert's linear_fc2"
+         r" bias \[D\]\)"),
+        (lambda g, u, d: _LIST.expert_pack_fc2_out.list(d, 4, 0, 1, 0, []),
+         r"expert_pack_fc2_out\.list: out has 0 tensors, expected E/ep = 1"),
+        (lambda g, u, d: _LIST.expert_pack_fc2_out.list(d, 3, 0, 1, 0, [torch.empty(3, 4)]),
+         r"expert_pack_fc2_out\.list: number of experts E = 4 is not divisible by ep_size = 3"),
+    ],
+)
+def test_out_list_errors_name_the_values(call, match):
+    gate, up = _lists()
+    down = [x.t().contiguous() for x in gate]
+    with pytest.raises(RuntimeError, match=match):
+        call(gate, up, down)

@@ -1,8 +1,8 @@
-// Byte-moving building blocks of the CPU kernels.
+// The CPU executor of the bridge ops.
 //
-// A kernel describes its work as strided views (View: pointer, sizes, strides; no tensor objects, so slicing costs
-// nothing), turns each (source view, destination view) of equal shape into 2-D copy pairs (add_pairs), and hands
-// the list to one parallel executor (run_pairs). The executor copies contiguous runs with memcpy (whole blocks when
+// A kernel's layout walk (csrc/common/<concern>.h) emits (source view, destination view) pairs of equal sizes into
+// a CopyJob, which turns each into 2-D copy pairs (for_each_piece, csrc/common/strided.h) and hands the list to one
+// parallel executor (run_pairs). The executor copies contiguous runs with memcpy (whole blocks when
 // both sides are contiguous, else per row) and strided / transposed pairs with cache-blocked tiles, splitting the
 // work into tasks of about kTaskBytes so that at::parallel_for balances large tensors; small jobs run inline.
 // Everything dispatches on the element size, never on the dtype.
@@ -16,6 +16,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/strided.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define BRIDGE_HAVE_STREAM_COPY 1
@@ -28,107 +30,8 @@ namespace cpu {
 constexpr int64_t kTaskBytes = int64_t(1) << 20;
 constexpr int64_t kInlineBytes = int64_t(1) << 18;
 
-// A strided view of raw memory. Strides are in elements of `elem` bytes.
-struct View {
-  char* ptr = nullptr;
-  int64_t elem = 1;
-  c10::SmallVector<int64_t, 6> sizes;
-  c10::SmallVector<int64_t, 6> strides;
-
-  int64_t dim() const { return static_cast<int64_t>(sizes.size()); }
-
-  View narrow(int64_t d, int64_t start, int64_t len) const {
-    View v = *this;
-    v.ptr += start * strides[d] * elem;
-    v.sizes[d] = len;
-    return v;
-  }
-
-  // The view at index i of dim 0, without dim 0.
-  View select(int64_t i) const {
-    View v;
-    v.ptr = ptr + i * strides[0] * elem;
-    v.elem = elem;
-    v.sizes.assign(sizes.begin() + 1, sizes.end());
-    v.strides.assign(strides.begin() + 1, strides.end());
-    return v;
-  }
-};
-
-inline View make_view(char* ptr, const at::Tensor& t) {
-  View v;
-  v.ptr = ptr;
-  v.elem = static_cast<int64_t>(t.element_size());
-  v.sizes.assign(t.sizes().begin(), t.sizes().end());
-  v.strides.assign(t.strides().begin(), t.strides().end());
-  return v;
-}
-
-// A read-only source view of t.
-inline View src_view(const at::Tensor& t) {
-  return make_view(const_cast<char*>(static_cast<const char*>(t.const_data_ptr())), t);
-}
-
-// A writable destination view of t.
-inline View dst_view(const at::Tensor& t) { return make_view(static_cast<char*>(t.mutable_data_ptr()), t); }
-
-// One 2-D copy: rows x cols elements; strides in elements.
-struct Pair {
-  const char* src;
-  char* dst;
-  int64_t rows, cols;
-  int64_t srs, scs;  // source row / column strides
-  int64_t drs, dcs;  // destination row / column strides
-};
-
-// Appends the copy of view s into view d (equal sizes) as 2-D pairs. Size-1 dims are dropped, dims that are
-// contiguous with their inner neighbour in both views are merged; the last two remaining dims form each pair and
-// the leading ones are enumerated.
-inline void add_pairs(std::vector<Pair>& out, const View& s, const View& d) {
-  TORCH_INTERNAL_ASSERT(s.sizes == d.sizes, "add_pairs: views of different shapes");
-  c10::SmallVector<int64_t, 6> sz, ss, ds;
-  for (int64_t k = 0; k < s.dim(); ++k) {
-    const int64_t n = s.sizes[k];
-    if (n == 0) return;
-    if (n == 1) continue;
-    if (!sz.empty() && ss.back() == s.strides[k] * n && ds.back() == d.strides[k] * n) {
-      sz.back() *= n;
-      ss.back() = s.strides[k];
-      ds.back() = d.strides[k];
-    } else {
-      sz.push_back(n);
-      ss.push_back(s.strides[k]);
-      ds.push_back(d.strides[k]);
-    }
-  }
-  const int64_t m = static_cast<int64_t>(sz.size());
-  if (m == 0) {
-    out.push_back(Pair{s.ptr, d.ptr, 1, 1, 1, 1, 1, 1});
-    return;
-  }
-  if (m == 1) {
-    out.push_back(Pair{s.ptr, d.ptr, 1, sz[0], sz[0] * ss[0], ss[0], sz[0] * ds[0], ds[0]});
-    return;
-  }
-  const int64_t rows = sz[m - 2], cols = sz[m - 1];
-  const int64_t lead = m - 2;
-  c10::SmallVector<int64_t, 6> idx(lead, 0);
-  int64_t so = 0, dof = 0;
-  while (true) {
-    out.push_back(Pair{s.ptr + so * s.elem, d.ptr + dof * d.elem, rows, cols, ss[m - 2], ss[m - 1], ds[m - 2], ds[m - 1]});
-    int64_t k = lead - 1;
-    for (; k >= 0; --k) {
-      ++idx[k];
-      so += ss[k];
-      dof += ds[k];
-      if (idx[k] < sz[k]) break;
-      so -= ss[k] * sz[k];
-      dof -= ds[k] * sz[k];
-      idx[k] = 0;
-    }
-    if (k < 0) break;
-  }
-}
+// A 2-D copy of rows x cols elements (csrc/common/strided.h), the unit of work of run_pairs.
+using Pair = Piece;
 
 namespace detail {
 
@@ -323,12 +226,26 @@ inline void run_pairs(std::vector<Pair>& pairs, int64_t elem) {
   }
 }
 
-// Copies view s into view d (equal sizes).
-inline void copy_view(const View& s, const View& d) {
-  std::vector<Pair> pairs;
-  add_pairs(pairs, s, d);
-  run_pairs(pairs, s.elem);
-}
+// Collects the copies of one op call and runs them as one parallel job. It is the Emit of the layout walks of
+// csrc/common (called as emit(src, dst)); `op` names the op in its errors.
+class CopyJob {
+ public:
+  CopyJob(const char* op, int64_t elem) : op_(op), elem_(elem) {}
+
+  // dst <- src, views of equal sizes.
+  void add(const View& src, const View& dst) {
+    for_each_piece(op_, src, dst, [this](const Piece& p) { pairs_.push_back(p); });
+  }
+  void operator()(const View& src, const View& dst) { add(src, dst); }
+
+  void reserve(size_t n) { pairs_.reserve(n); }
+  void run() { run_pairs(pairs_, elem_); }
+
+ private:
+  const char* op_;
+  int64_t elem_;
+  std::vector<Pair> pairs_;
+};
 
 }  // namespace cpu
 }  // namespace bridge

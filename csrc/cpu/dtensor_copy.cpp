@@ -1,77 +1,29 @@
-// DTensor local shards and Megatron-FSDP flat ranges on CPU.
-//
-// shard_copy: the local shard of a full tensor for one mesh coordinate, equal to what distribute_tensor gives for
-// Shard/Replicate placements (torch.chunk on each sharded dim, nested in mesh-dim order); one strided box copy.
-// flat_range_copy: dst <- src.flatten()[start : start + dst.numel()] without materialising the flattened tensor:
-// both tensors are walked in row-major order in runs bounded by their innermost (coalesced) dims.
+// DTensor local shards and Megatron-FSDP flat ranges on CPU: the copy job, the row-major walker for flat ranges
+// between two multi-dim layouts, and registration. Checks and the layout walks are in csrc/common/dtensor.h.
 #include <torch/library.h>
 
-#include "../checks.h"
-#include "../ops.h"
+#include "../common/dtensor.h"
 #include "block_copy.h"
 
 namespace bridge {
 
-std::vector<std::pair<int64_t, int64_t>> shard_box(const char* op, at::IntArrayRef sizes, at::IntArrayRef mesh_shape,
-                                                   at::IntArrayRef mesh_coord, at::IntArrayRef shard_dims) {
-  TORCH_CHECK(mesh_shape.size() == mesh_coord.size() && mesh_shape.size() == shard_dims.size(), op,
-              ": mesh_shape ", mesh_shape, ", mesh_coord ", mesh_coord, " and shard_dims ", shard_dims,
-              " must have the same length");
-  const int64_t ndim = static_cast<int64_t>(sizes.size());
-  std::vector<std::pair<int64_t, int64_t>> box;
-  for (int64_t k = 0; k < ndim; ++k) box.emplace_back(0, sizes[k]);
-  for (size_t i = 0; i < mesh_shape.size(); ++i) {
-    const int64_t m = mesh_shape[i], c = mesh_coord[i], k = shard_dims[i];
-    TORCH_CHECK(m >= 1, op, ": mesh_shape[", i, "] = ", m, " must be >= 1 (mesh_shape ", mesh_shape, ")");
-    TORCH_CHECK(c >= 0 && c < m, op, ": mesh_coord[", i, "] = ", c, " is out of range for mesh_shape[", i,
-                "] = ", m);
-    TORCH_CHECK(k >= -1 && k < ndim, op, ": shard_dims[", i, "] = ", k, " is out of range for a ", ndim,
-                "-d tensor (use -1 for Replicate)");
-    if (k < 0) continue;
-    const int64_t len = box[k].second;
-    const int64_t chunk = (len + m - 1) / m;  // torch.chunk: ceil-sized chunks, trailing ones may be empty
-    const int64_t start = std::min(c * chunk, len);
-    box[k].first += start;
-    box[k].second = std::min(chunk, len - start);
-  }
-  return box;
-}
-
 void shard_copy_cpu(const at::Tensor& src, const at::Tensor& dst, at::IntArrayRef mesh_shape,
                     at::IntArrayRef mesh_coord, at::IntArrayRef shard_dims) {
   const char* op = "shard_copy";
-  BRIDGE_CHECK_SAME_DEVICE(op, dst, "dst", src, "src");
-  BRIDGE_CHECK_SAME_DTYPE(op, dst, "dst", src, "src");
-  const auto box = shard_box(op, src.sizes(), mesh_shape, mesh_coord, shard_dims);
-  std::vector<int64_t> local;
-  for (const auto& b : box) local.push_back(b.second);
-  TORCH_CHECK(dst.sizes() == at::IntArrayRef(local), op, ": dst has shape ", dst.sizes(), " but the shard of src ",
-              src.sizes(), " at mesh_coord ", mesh_coord, " (mesh_shape ", mesh_shape, ", shard_dims ", shard_dims,
-              ") has shape ", at::IntArrayRef(local));
-  cpu::View s = cpu::src_view(src);
-  for (size_t k = 0; k < box.size(); ++k) s = s.narrow(static_cast<int64_t>(k), box[k].first, box[k].second);
-  cpu::copy_view(s, cpu::dst_view(dst));
+  const ShardBox box = shard_copy_check(op, src, dst, mesh_shape, mesh_coord, shard_dims);
+  cpu::CopyJob job(op, src.element_size());
+  shard_copy_walk(box, src, dst, job);
+  job.run();
 }
 
 namespace {
 
-// A tensor walked in row-major order: coalesced sizes/strides and a position (multi-index, offset in elements).
+// A coalesced view walked in row-major order: a position (multi-index, offset in elements).
 struct Walker {
-  c10::SmallVector<int64_t, 6> sizes, strides, idx;
+  Dims sizes, strides, idx;
   int64_t offset = 0;
 
-  explicit Walker(const at::Tensor& t) {
-    for (int64_t k = 0; k < t.dim(); ++k) {
-      const int64_t n = t.size(k), st = t.stride(k);
-      if (n == 1) continue;
-      if (!sizes.empty() && strides.back() == st * n) {
-        sizes.back() *= n;
-        strides.back() = st;
-      } else {
-        sizes.push_back(n);
-        strides.push_back(st);
-      }
-    }
+  explicit Walker(const View& v) : sizes(v.sizes), strides(v.strides) {
     if (sizes.empty()) {
       sizes.push_back(1);
       strides.push_back(1);
@@ -105,19 +57,11 @@ struct Walker {
   }
 };
 
-}  // namespace
-
-void flat_range_copy_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t start) {
-  const char* op = "flat_range_copy";
-  BRIDGE_CHECK_SAME_DEVICE(op, dst, "dst", src, "src");
-  BRIDGE_CHECK_SAME_DTYPE(op, dst, "dst", src, "src");
+// dst element i (row-major) <- src element start + i, both coalesced and neither one strided run: both are walked
+// in runs bounded by their innermost dims, in parallel over ranges of dst elements.
+void flat_runs_cpu(const View& src, int64_t start, const View& dst) {
   const int64_t n = dst.numel();
-  TORCH_CHECK(start >= 0 && start + n <= src.numel(), op, ": range [", start, ", ", start + n,
-              ") (start + dst.numel() = ", start, " + ", n, ") is beyond src.numel() = ", src.numel());
-  if (n == 0) return;
-  const int64_t elem = static_cast<int64_t>(src.element_size());
-  const char* sp = static_cast<const char*>(src.const_data_ptr());
-  char* dp = static_cast<char*>(dst.mutable_data_ptr());
+  const int64_t elem = src.elem;
   const Walker sw0(src), dw0(dst);
   auto body = [&](int64_t b, int64_t e) {
     Walker sw = sw0, dw = dw0;
@@ -125,8 +69,8 @@ void flat_range_copy_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t s
     dw.seek(b);
     for (int64_t pos = b; pos < e;) {
       const int64_t run = std::min({e - pos, sw.run_left(), dw.run_left()});
-      const char* s = sp + sw.offset * elem;
-      char* d = dp + dw.offset * elem;
+      const char* s = src.ptr + sw.offset * elem;
+      char* d = dst.ptr + dw.offset * elem;
       if (sw.inner_stride() == 1 && dw.inner_stride() == 1) {
         std::memcpy(d, s, static_cast<size_t>(run * elem));
       } else {
@@ -143,6 +87,16 @@ void flat_range_copy_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t s
   } else {
     at::parallel_for(0, n, per_task, body);
   }
+}
+
+}  // namespace
+
+void flat_range_copy_cpu(const at::Tensor& src, const at::Tensor& dst, int64_t start) {
+  const char* op = "flat_range_copy";
+  flat_range_copy_check(op, src, dst, start);
+  cpu::CopyJob job(op, src.element_size());
+  flat_range_copy_walk(src, dst, start, job, flat_runs_cpu);
+  job.run();
 }
 
 TORCH_LIBRARY_IMPL(bridge, CPU, m) {

@@ -15,7 +15,6 @@
 #include <tuple>
 #include <vector>
 
-
 namespace bridge {
 namespace {
 
@@ -130,7 +129,8 @@ int64_t serialised_size(const c10::List<std::string>& names) {
   int64_t total = 0;
   for (size_t i = 0; i < names.size(); ++i) {
     const std::string& n = names.get(i);
-    TORCH_CHECK(n.size() <= UINT32_MAX, "gather_param_names: a parameter name of ", n.size(), " bytes is too long");
+    TORCH_CHECK(n.size() <= UINT32_MAX, "gather_param_names: names[", i, "] is ", n.size(),
+                " bytes long, more than the limit of ", UINT32_MAX, " bytes (it starts '", n.substr(0, 80), "')");
     total += static_cast<int64_t>(sizeof(uint32_t) + n.size());
   }
   return total;

@@ -1,316 +1,233 @@
-// Host side of the CUDA byte-moving ops: strided views without at::Tensor overhead, and a CopyPlan that turns
-// "copy this view into that view" requests into CopySeg descriptors (csrc/cuda/kernels.cuh) and launches them.
+// The CUDA executor of the bridge ops: a CopyPlan collects the (source view, destination view) copies that a layout
+// walk of csrc/common emits, turns them into CopySeg / NdCopy descriptors (csrc/cuda/kernels.cuh) and launches them,
+// one launch per kind of segment, on the current stream.
+//
+// Views are reduced by the shared coalesce() / for_each_piece() (csrc/common/strided.h). Each 2-D piece with
+// contiguous rows becomes a row segment moved in the widest unit (16, 8, 4, 2 or 1 bytes) that divides its pointers,
+// row length and row strides; a piece with strided columns becomes a tiled (shared-memory transpose) segment moved in
+// whole elements; a copy with more than a few thousand pieces goes to the general N-d kernel. Any element size works:
+// an element that is wider than the unit its alignment allows is moved as several units.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/util/SmallVector.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "../common/strided.h"
 #include "kernels.cuh"
 
 namespace bridge {
 namespace cuda_detail {
 
-using Dims = c10::SmallVector<int64_t, 6>;
+// Unit widths: index w moves units of (1 << w) bytes.
+constexpr int kWidths = 5;
 
-// A strided view: byte pointer, sizes and element strides. Cheap to slice (no at::Tensor is created).
-struct View {
-  char* ptr = nullptr;
-  int64_t elem = 1;
-  Dims sizes;
-  Dims strides;
+// Index of the widest unit that divides every value (byte counts and addresses).
+inline int widest_unit(std::initializer_list<int64_t> bytes) {
+  int w = kWidths - 1;
+  for (; w > 0; --w) {
+    const int64_t unit = int64_t(1) << w;
+    bool ok = true;
+    for (const int64_t b : bytes) ok = ok && b % unit == 0;
+    if (ok) break;
+  }
+  return w;
+}
 
-  static View of(const at::Tensor& t) {
-    View v;
-    v.ptr = static_cast<char*>(const_cast<void*>(t.data_ptr()));
-    v.elem = t.element_size();
-    v.sizes.assign(t.sizes().begin(), t.sizes().end());
-    v.strides.assign(t.strides().begin(), t.strides().end());
-    return v;
-  }
-  // Rows [r0, r0 + n) of dim 0.
-  View rows(int64_t r0, int64_t n) const {
-    View v = *this;
-    v.ptr += r0 * strides[0] * elem;
-    v.sizes[0] = n;
-    return v;
-  }
-  // Index i of dim 0 (drops the dim).
-  View select(int64_t i) const {
-    View v;
-    v.ptr = ptr + i * strides[0] * elem;
-    v.elem = elem;
-    v.sizes.assign(sizes.begin() + 1, sizes.end());
-    v.strides.assign(strides.begin() + 1, strides.end());
-    return v;
-  }
-  // [heads, rows_per_head, ...]: rows r0 + h * head_step + [0, rows_per_head) for h < heads.
-  View heads(int64_t r0, int64_t heads, int64_t head_step, int64_t rows_per_head) const {
-    View v;
-    v.ptr = ptr + r0 * strides[0] * elem;
-    v.elem = elem;
-    v.sizes.push_back(heads);
-    v.strides.push_back(head_step * strides[0]);
-    v.sizes.push_back(rows_per_head);
-    v.strides.push_back(strides[0]);
-    v.sizes.append(sizes.begin() + 1, sizes.end());
-    v.strides.append(strides.begin() + 1, strides.end());
-    return v;
-  }
-  // Narrow dim `dim` to [s0, s0 + n).
-  View narrow(int64_t dim, int64_t s0, int64_t n) const {
-    View v = *this;
-    v.ptr += s0 * strides[dim] * elem;
-    v.sizes[dim] = n;
-    return v;
-  }
-};
+inline int64_t address(const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); }
 
-// Collects copies and launches them: contiguous-row segments by vector width, strided segments through the tiled
-// transpose kernel, and anything with more than a few thousand 2-D pieces through the general N-d kernel.
+// Calls f(std::integral_constant<int, bytes>) for unit width w.
+template <class F>
+void with_unit(int w, F&& f) {
+  switch (w) {
+    case 0: return f(std::integral_constant<int, 1>{});
+    case 1: return f(std::integral_constant<int, 2>{});
+    case 2: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 16>{});
+  }
+}
+
+// Collects the copies of one op call and launches them. It is the Emit of the layout walks of csrc/common (called as
+// emit(src, dst)); `op` names the op in its errors.
 class CopyPlan {
  public:
-  explicit CopyPlan(int64_t elem) : elem_(elem) {
-    TORCH_CHECK(elem == 1 || elem == 2 || elem == 4 || elem == 8,
-                "bridge CUDA kernels move elements of 1, 2, 4 or 8 bytes, got element size ", elem);
+  CopyPlan(const char* op, int64_t elem) : op_(op), elem_(elem) {
+    TORCH_CHECK(elem >= 1, op, ": element size ", elem, " must be >= 1");
   }
 
-  // dst <- src, both views of the same sizes.
+  // dst <- src, views of equal sizes.
   void add(const View& src, const View& dst) {
-    TORCH_INTERNAL_ASSERT(src.sizes == dst.sizes, "CopyPlan::add: source sizes ", c10::IntArrayRef(src.sizes),
-                          " != destination sizes ", c10::IntArrayRef(dst.sizes));
-    Dims sizes, ss, ds;
-    for (size_t i = 0; i < src.sizes.size(); ++i) {
-      if (src.sizes[i] == 0) return;
-      if (src.sizes[i] == 1) continue;
-      if (!sizes.empty() && ss.back() == src.strides[i] * src.sizes[i] &&
-          ds.back() == dst.strides[i] * src.sizes[i]) {  // merge with the previous dim
-        sizes.back() *= src.sizes[i];
-        ss.back() = src.strides[i];
-        ds.back() = dst.strides[i];
-        continue;
-      }
-      sizes.push_back(src.sizes[i]);
-      ss.push_back(src.strides[i]);
-      ds.push_back(dst.strides[i]);
+    const Coalesced c = coalesce(op_, src, dst);
+    if (c.empty) return;
+    if (c.pieces() > kMaxPiecesPerAdd && c.dim() < kernels::kMaxDims) {
+      return add_nd_dims(src.ptr, 0, c.sizes, c.src_strides, dst.ptr, c.sizes, c.dst_strides);
     }
-    const int nd = static_cast<int>(sizes.size());
-    if (nd == 0) return add_2d(src.ptr, dst.ptr, 1, 1, 1, 1, 1, 1);
-    if (nd == 1) return add_2d(src.ptr, dst.ptr, 1, sizes[0], sizes[0], ss[0], sizes[0], ds[0]);
-    int64_t outer = 1;
-    for (int i = 0; i < nd - 2; ++i) outer *= sizes[i];
-    if (outer > kMaxPiecesPerAdd) {
-      kernels::NdCopy p{};
-      TORCH_CHECK(nd <= kernels::kMaxDims, "bridge CUDA copy: ", nd, " non-mergeable dims exceed the limit of ",
-                  kernels::kMaxDims);
-      p.src = src.ptr;
-      p.dst = dst.ptr;
-      p.numel = 1;
-      p.src_start = 0;
-      p.src_ndim = p.dst_ndim = nd;
-      for (int i = 0; i < nd; ++i) {
-        p.numel *= sizes[i];
-        p.src_sizes[i] = p.dst_sizes[i] = sizes[i];
-        p.src_strides[i] = ss[i];
-        p.dst_strides[i] = ds[i];
-      }
-      nd_.push_back(p);
-      return;
-    }
-    for (int64_t o = 0; o < outer; ++o) {
-      int64_t rem = o, so = 0, dof = 0;
-      for (int i = nd - 3; i >= 0; --i) {
-        const int64_t idx = rem % sizes[i];
-        rem /= sizes[i];
-        so += idx * ss[i];
-        dof += idx * ds[i];
-      }
-      add_2d(src.ptr + so * elem_, dst.ptr + dof * elem_, sizes[nd - 2], sizes[nd - 1], ss[nd - 2], ss[nd - 1],
-             ds[nd - 2], ds[nd - 1]);
-    }
+    for_each_piece(c, src.ptr, dst.ptr, elem_, [this](const Piece& p) { add_piece(p); });
   }
+  void operator()(const View& src, const View& dst) { add(src, dst); }
 
   // A general N-d copy: dst element i <- src element src_start + i (row-major on each side's own sizes).
   void add_nd(const View& src, int64_t src_start, const View& dst) {
-    TORCH_CHECK(src.sizes.size() <= size_t(kernels::kMaxDims) && dst.sizes.size() <= size_t(kernels::kMaxDims),
-                "bridge CUDA copy: more than ", kernels::kMaxDims, " dims");
-    kernels::NdCopy p{};
-    p.src = src.ptr;
-    p.dst = dst.ptr;
-    p.src_start = src_start;
-    p.numel = 1;
-    p.src_ndim = static_cast<int>(src.sizes.size());
-    p.dst_ndim = static_cast<int>(dst.sizes.size());
-    for (int i = 0; i < p.src_ndim; ++i) {
-      p.src_sizes[i] = src.sizes[i];
-      p.src_strides[i] = src.strides[i];
-    }
-    for (int i = 0; i < p.dst_ndim; ++i) {
-      p.dst_sizes[i] = dst.sizes[i];
-      p.dst_strides[i] = dst.strides[i];
-      p.numel *= dst.sizes[i];
-    }
-    if (p.numel > 0) nd_.push_back(p);
+    add_nd_dims(src.ptr, src_start, src.sizes, src.strides, dst.ptr, dst.sizes, dst.strides);
+  }
+
+  // Visits what launch() would run, for host-side tests: seg(tiled, unit bytes, CopySeg) for every row (tiled =
+  // false) and tiled segment, nd(unit bytes, NdCopy) for every N-d copy.
+  template <class Seg, class Nd>
+  void inspect(Seg&& seg, Nd&& nd) const {
+    for (int w = 0; w < kWidths; ++w)
+      for (const auto& s : rows_[w]) seg(false, 1 << w, s);
+    for (int w = 0; w < kWidths; ++w)
+      for (const auto& s : tiles_[w]) seg(true, 1 << w, s);
+    for (const auto& [w, p] : nd_) nd(1 << w, p);
   }
 
   // Uploads the segment tables (one pinned host buffer, one async copy) and launches on the current stream.
   void launch(const at::Device& device) {
     const c10::cuda::OptionalCUDAGuard guard(device);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    size_t total = tile_.size();
-    for (const auto& r : rows_) total += r.size();
+    size_t total = 0;
+    for (int w = 0; w < kWidths; ++w) total += rows_[w].size() + tiles_[w].size();
     if (total > 0) {
       at::Tensor host = at::empty({static_cast<int64_t>(total * sizeof(kernels::CopySeg))},
                                   at::TensorOptions().dtype(at::kByte).pinned_memory(true));
       auto* h = reinterpret_cast<kernels::CopySeg*>(host.data_ptr());
+      struct Range {
+        size_t first;
+        int64_t blocks;
+      };
+      Range rows[kWidths], tiles[kWidths];
       size_t off = 0;
-      std::vector<std::pair<size_t, int64_t>> ranges;  // (first segment, grid size) per table
-      for (auto* table : tables()) {
+      auto lay_out = [&](std::vector<kernels::CopySeg>& table, bool tiled) {
         int64_t blocks = 0;
-        for (auto& s : *table) {
+        for (auto& s : table) {
           s.block_begin = blocks;
-          blocks += table == &tile_ ? kernels::tile_blocks(s.rows, s.cols) : kernels::row_blocks(s.rows, s.cols);
+          blocks += tiled ? kernels::tile_blocks(s.rows, s.cols) : kernels::row_blocks(s.rows, s.cols);
         }
-        TORCH_CHECK(blocks < (int64_t(1) << 31), "bridge CUDA copy: ", blocks, " blocks exceed the grid limit");
-        std::memcpy(h + off, table->data(), table->size() * sizeof(kernels::CopySeg));
-        ranges.emplace_back(off, blocks);
-        off += table->size();
-      }
+        TORCH_CHECK(blocks < (int64_t(1) << 31), op_, ": ", blocks, " CUDA blocks for ", table.size(),
+                    " copy segments exceed the grid limit of 2^31 - 1");
+        if (!table.empty()) std::memcpy(h + off, table.data(), table.size() * sizeof(kernels::CopySeg));
+        const Range r{off, blocks};
+        off += table.size();
+        return r;
+      };
+      for (int w = 0; w < kWidths; ++w) rows[w] = lay_out(rows_[w], false);
+      for (int w = 0; w < kWidths; ++w) tiles[w] = lay_out(tiles_[w], true);
       at::Tensor dev = at::empty({host.numel()}, at::TensorOptions().dtype(at::kByte).device(device));
       dev.copy_(host, /*non_blocking=*/true);
       const auto* d = reinterpret_cast<const kernels::CopySeg*>(dev.data_ptr());
       for (int w = 0; w < kWidths; ++w) {
-        const auto [first, blocks] = ranges[w];
         const int n = static_cast<int>(rows_[w].size());
-        if (n == 0 || blocks == 0) continue;
-        const dim3 grid(static_cast<unsigned>(blocks)), block(kernels::kRowThreads);
-        switch (w) {
-          case 0: kernels::copy_rows_kernel<1><<<grid, block, 0, stream>>>(d + first, n); break;
-          case 1: kernels::copy_rows_kernel<2><<<grid, block, 0, stream>>>(d + first, n); break;
-          case 2: kernels::copy_rows_kernel<4><<<grid, block, 0, stream>>>(d + first, n); break;
-          case 3: kernels::copy_rows_kernel<8><<<grid, block, 0, stream>>>(d + first, n); break;
-          default: kernels::copy_rows_kernel<16><<<grid, block, 0, stream>>>(d + first, n); break;
-        }
+        if (n == 0 || rows[w].blocks == 0) continue;
+        const dim3 grid(static_cast<unsigned>(rows[w].blocks)), block(kernels::kRowThreads);
+        with_unit(w, [&](auto unit) {
+          kernels::copy_rows_kernel<decltype(unit)::value><<<grid, block, 0, stream>>>(d + rows[w].first, n);
+        });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      const auto [first, blocks] = ranges[kWidths];
-      if (!tile_.empty() && blocks > 0) {
-        const int n = static_cast<int>(tile_.size());
-        const dim3 grid(static_cast<unsigned>(blocks)), block(kernels::kTile, kernels::kTileRows);
-        switch (elem_) {
-          case 1: kernels::copy_tiled_kernel<1><<<grid, block, 0, stream>>>(d + first, n); break;
-          case 2: kernels::copy_tiled_kernel<2><<<grid, block, 0, stream>>>(d + first, n); break;
-          case 4: kernels::copy_tiled_kernel<4><<<grid, block, 0, stream>>>(d + first, n); break;
-          default: kernels::copy_tiled_kernel<8><<<grid, block, 0, stream>>>(d + first, n); break;
-        }
+      for (int w = 0; w < kWidths; ++w) {
+        const int n = static_cast<int>(tiles_[w].size());
+        if (n == 0 || tiles[w].blocks == 0) continue;
+        const dim3 grid(static_cast<unsigned>(tiles[w].blocks)), block(kernels::kTile, kernels::kTileRows);
+        with_unit(w, [&](auto unit) {
+          kernels::copy_tiled_kernel<decltype(unit)::value><<<grid, block, 0, stream>>>(d + tiles[w].first, n);
+        });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
-    for (const auto& p : nd_) {
+    for (const auto& [w, p] : nd_) {
       const int64_t want = (p.numel + kernels::kNdThreads - 1) / kernels::kNdThreads;
       const dim3 grid(static_cast<unsigned>(std::min<int64_t>(want, 1 << 16))), block(kernels::kNdThreads);
-      switch (elem_) {
-        case 1: kernels::copy_nd_kernel<1><<<grid, block, 0, stream>>>(p); break;
-        case 2: kernels::copy_nd_kernel<2><<<grid, block, 0, stream>>>(p); break;
-        case 4: kernels::copy_nd_kernel<4><<<grid, block, 0, stream>>>(p); break;
-        default: kernels::copy_nd_kernel<8><<<grid, block, 0, stream>>>(p); break;
-      }
+      with_unit(w, [&](auto unit) { kernels::copy_nd_kernel<decltype(unit)::value><<<grid, block, 0, stream>>>(p); });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
 
  private:
-  static constexpr int kWidths = 5;  // row tables for units of 1, 2, 4, 8, 16 bytes
   static constexpr int64_t kMaxPiecesPerAdd = 4096;
 
-  std::vector<std::vector<kernels::CopySeg>*> tables() {
-    std::vector<std::vector<kernels::CopySeg>*> t;
-    for (auto& r : rows_) t.push_back(&r);
-    t.push_back(&tile_);
-    return t;
-  }
-
-  // rows x cols elements; strides in elements.
-  void add_2d(const char* src, char* dst, int64_t rows, int64_t cols, int64_t srs, int64_t scs, int64_t drs,
-              int64_t dcs) {
-    if (rows == 1 && cols > 1 && (scs != 1 || dcs != 1)) {  // a strided vector: one element per row
-      std::swap(rows, cols);
-      srs = scs;
-      drs = dcs;
+  // One 2-D piece (strides in elements) into the row or tile tables.
+  void add_piece(Piece p) {
+    if (p.rows == 1 && p.cols > 1 && (p.scs != 1 || p.dcs != 1)) {  // a strided vector: one element per row
+      p.rows = p.cols;
+      p.cols = 1;
+      p.srs = p.scs;
+      p.drs = p.dcs;
     }
-    if (cols == 1) scs = dcs = 1;
-    if (rows == 1) {
-      srs = cols;
-      drs = cols;
-    }
-    if (scs == 1 && dcs == 1) {
-      // Widest unit that divides the pointers, the row length and the row strides.
-      int w = kWidths - 1;
-      for (; w > 0; --w) {
-        const int64_t unit = int64_t(1) << w;
-        if (unit < elem_) break;
-        const auto ok = [unit](int64_t bytes) { return bytes % unit == 0; };
-        if (ok(reinterpret_cast<uintptr_t>(src)) && ok(reinterpret_cast<uintptr_t>(dst)) && ok(cols * elem_) &&
-            ok(srs * elem_) && ok(drs * elem_)) {
-          break;
-        }
-      }
-      int64_t unit = int64_t(1) << w;
-      if (unit < elem_) {
-        unit = elem_;
-        w = elem_ == 1 ? 0 : elem_ == 2 ? 1 : elem_ == 4 ? 2 : 3;
-      }
-      const int64_t per = unit / elem_;
-      rows_[w].push_back(
-          kernels::CopySeg{src, dst, rows, cols / per, srs / per, 1, drs / per, 1, 0});
+    if (p.cols == 1) p.scs = p.dcs = 1;
+    if (p.rows == 1) p.srs = p.drs = p.cols;
+    if (p.scs == 1 && p.dcs == 1) {
+      // Contiguous rows of cols * elem bytes: the widest unit that divides the pointers, the row length and strides.
+      const int w = widest_unit({address(p.src), address(p.dst), p.cols * elem_, p.srs * elem_, p.drs * elem_});
+      const int64_t unit = int64_t(1) << w;
+      rows_[w].push_back(kernels::CopySeg{p.src, p.dst, p.rows, p.cols * elem_ / unit, p.srs * elem_ / unit, 1,
+                                          p.drs * elem_ / unit, 1, 0});
       return;
     }
     // Strided columns: read the source along its unit-stride (smaller-stride) dim.
-    if (std::abs(scs) > std::abs(srs)) {
-      std::swap(rows, cols);
-      std::swap(srs, scs);
-      std::swap(drs, dcs);
+    if (std::abs(p.scs) > std::abs(p.srs)) {
+      std::swap(p.rows, p.cols);
+      std::swap(p.srs, p.scs);
+      std::swap(p.drs, p.dcs);
     }
-    tile_.push_back(kernels::CopySeg{src, dst, rows, cols, srs, scs, drs, dcs, 0});
+    // Whole elements if their alignment allows, else k units per element, one segment per unit.
+    const int w = widest_unit({elem_, address(p.src), address(p.dst)});
+    const int64_t unit = int64_t(1) << w, k = elem_ / unit;
+    for (int64_t j = 0; j < k; ++j) {
+      tiles_[w].push_back(kernels::CopySeg{p.src + j * unit, p.dst + j * unit, p.rows, p.cols, p.srs * k, p.scs * k,
+                                           p.drs * k, p.dcs * k, 0});
+    }
   }
 
+  void add_nd_dims(const char* src, int64_t src_start, const Dims& src_sizes, const Dims& src_strides, char* dst,
+                   const Dims& dst_sizes, const Dims& dst_strides) {
+    const int w = widest_unit({elem_, address(src), address(dst)});
+    const int64_t unit = int64_t(1) << w, k = elem_ / unit;
+    const size_t extra = k > 1 ? 1 : 0;  // an inner dim of the k units of one element
+    TORCH_CHECK(src_sizes.size() + extra <= size_t(kernels::kMaxDims) &&
+                    dst_sizes.size() + extra <= size_t(kernels::kMaxDims),
+                op_, ": a strided copy between views of ", src_sizes.size(), " and ", dst_sizes.size(),
+                " non-mergeable dims exceeds the CUDA limit of ", kernels::kMaxDims - extra, " dims");
+    kernels::NdCopy p{};
+    p.src = src;
+    p.dst = dst;
+    p.src_start = src_start * k;
+    p.numel = k;
+    p.src_ndim = static_cast<int>(src_sizes.size() + extra);
+    p.dst_ndim = static_cast<int>(dst_sizes.size() + extra);
+    for (size_t i = 0; i < src_sizes.size(); ++i) {
+      p.src_sizes[i] = src_sizes[i];
+      p.src_strides[i] = src_strides[i] * k;
+    }
+    for (size_t i = 0; i < dst_sizes.size(); ++i) {
+      p.dst_sizes[i] = dst_sizes[i];
+      p.dst_strides[i] = dst_strides[i] * k;
+      p.numel *= dst_sizes[i];
+    }
+    if (extra) {
+      p.src_sizes[p.src_ndim - 1] = p.dst_sizes[p.dst_ndim - 1] = k;
+      p.src_strides[p.src_ndim - 1] = p.dst_strides[p.dst_ndim - 1] = 1;
+    }
+    if (p.numel > 0) nd_.emplace_back(w, p);
+  }
+
+  const char* op_;
   int64_t elem_;
-  std::vector<kernels::CopySeg> rows_[kWidths];
-  std::vector<kernels::CopySeg> tile_;
-  std::vector<kernels::NdCopy> nd_;
+  std::vector<kernels::CopySeg> rows_[kWidths];   // contiguous-row segments, by unit width
+  std::vector<kernels::CopySeg> tiles_[kWidths];  // strided segments, by unit width
+  std::vector<std::pair<int, kernels::NdCopy>> nd_;
 };
-
-// Prologue checks shared by the CUDA ops.
-inline void check_cuda(const char* op, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-}
-
-inline void check_like(const char* op, const at::Tensor& t, const char* name, const at::Tensor& ref,
-                       const char* ref_name) {
-  check_cuda(op, t, name);
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
-              ref_name, " has dtype ", ref.scalar_type());
-}
-
-inline void check_shape(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " has shape ", t.sizes(), ", expected ", expected);
-}
-
-// [rows, trailing dims of t...].
-inline std::vector<int64_t> with_rows(const at::Tensor& t, int64_t rows) {
-  std::vector<int64_t> s(t.sizes().begin(), t.sizes().end());
-  s[0] = rows;
-  return s;
-}
 
 }  // namespace cuda_detail
 }  // namespace bridge

@@ -1,9 +1,11 @@
 // Torch-free CUDA kernels that move bytes between strided 2-D segments (and a general N-d fallback).
 //
 // Every bridge op on CUDA is "copy these rectangular blocks of rows from here to there": the host side
-// (csrc/cuda/segments.cuh) turns tensor views into CopySeg descriptors and launches one of these kernels per
-// kind of segment. Kernels are templated on the unit they move (kBytes: the element size, or 16/8/4 for vectorised
-// row copies), never on the dtype: bf16, fp16, fp32, fp8, int64 all move the same way.
+// (CopyPlan in csrc/cuda/copy_plan.cuh) turns tensor views into CopySeg / NdCopy descriptors and launches one of
+// these kernels per kind of segment and unit width. Kernels are templated on the unit they move (kBytes = 1, 2, 4,
+// 8 or 16: the element size, a wider unit for vectorised row copies, or a narrower one when an element's alignment
+// does not allow loading it whole), never on the dtype: bf16, fp16, fp32, fp8, int64, complex128 all move the same
+// way.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -56,7 +58,7 @@ constexpr int kRowThreads = 256;
 constexpr int kRowIlp = 4;
 constexpr int64_t kRowChunk = int64_t(kRowThreads) * kRowIlp;
 
-// Transpose tile: kTile x kTile elements, kTile x kTileRows threads.
+// Transpose tile: kTile x kTile units, kTile x kTileRows threads.
 constexpr int kTile = 32;
 constexpr int kTileRows = 8;
 

@@ -27,12 +27,21 @@ __all__ = [
     "build_gpt_config",
     "common_hf_fields",
     "rope_settings",
+    "per_layer_type_rope",
     "rope_hf_fields",
+    "window_settings",
+    "window_hf_fields",
+    "uniform_window_hf_field",
+    "SLIDING",
+    "FULL",
     "dtype_name",
     "PARALLEL_FIELDS",
     "config_to_dict",
     "config_from_dict",
 ]
+
+#: HF ``layer_types`` entries
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 # megatron-core 0.16.1 RotaryEmbedding._apply_scaling hard-codes these llama3 parameters; only `factor` is settable.
 _MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -65,6 +74,14 @@ class GPTConfig(TransformerConfig):
     seq_len_interpolation_factor: Optional[float] = None
     """Linear RoPE scaling: positions are divided by this factor."""
     share_embeddings_and_output_weights: bool = False
+    embedding_scale: Optional[float] = None
+    """Multiply the embedding output by this number (Gemma: sqrt(hidden_size)); None: no scaling."""
+    post_self_attn_layernorm: bool = False
+    """A norm on the attention output before the residual add (Gemma's ``post_attention_layernorm``)."""
+    post_mlp_layernorm: bool = False
+    """A norm on the MLP output before the residual add (Gemma's ``post_feedforward_layernorm``)."""
+    local_rotary_base: Optional[float] = None
+    """RoPE base of the sliding-window layers when it differs from ``rotary_base`` (Gemma 3); None: one RoPE."""
 
 
 def default_vocab_divisor(vocab_size: int) -> int:
@@ -106,10 +123,30 @@ def config_get(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default)
 
 
-def rope_settings(hf_config: Any) -> Dict[str, Any]:
-    """Rotary fields of ``GPTConfig`` from HF ``rope_parameters`` (5.x) or ``rope_theta`` + ``rope_scaling`` (4.x)."""
+def per_layer_type_rope(hf_config: Any) -> Optional[Dict[str, Dict[str, Any]]]:
+    """HF ``rope_parameters`` keyed by layer type (``{"full_attention": {...}, "sliding_attention": {...}}``), or
+    None when the config has one set of rope parameters."""
     params = config_get(hf_config, "rope_parameters")
     if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
+        return {k: dict(v) for k, v in params.items()}
+    return None
+
+
+def rope_settings(hf_config: Any, layer_type: Optional[str] = None) -> Dict[str, Any]:
+    """Rotary fields of ``GPTConfig`` from HF ``rope_parameters`` (5.x) or ``rope_theta`` + ``rope_scaling`` (4.x).
+
+    Args:
+        hf_config: the HF config (object or dict).
+        layer_type: with per-layer-type rope parameters, read those of this layer type (the family handles the
+            others); None requires every layer type to have the same parameters.
+    """
+    params = config_get(hf_config, "rope_parameters")
+    per_type = per_layer_type_rope(hf_config)
+    if per_type is not None and layer_type is not None:
+        if layer_type not in per_type:
+            raise ValueError(f"rope settings: no rope_parameters for layer type {layer_type!r} (has {sorted(per_type)})")
+        params = per_type[layer_type]
+    elif per_type is not None:
         # per-layer-type rope parameters (e.g. {"full_attention": {...}, "sliding_attention": {...}})
         kinds = sorted(params)
         if len({tuple(sorted(v.items())) for v in params.values()}) > 1:
@@ -147,6 +184,79 @@ def rope_settings(hf_config: Any) -> Dict[str, Any]:
         f"rope settings: unsupported rope type {rope_type!r} (rope parameters {scaling}); "
         "supported: default, llama3, linear"
     )
+
+
+def window_settings(hf_config: Any, family: str) -> Dict[str, Any]:
+    """Sliding-window attention fields (``window_size``, ``window_attn_skip_freq``) from HF ``sliding_window`` and
+    ``layer_types``.
+
+    HF keeps the ``sliding_window`` most recent positions including the query's own (``kv > q - W``); megatron's
+    ``window_size = (W - 1, 0)`` keeps ``q - (W - 1) <= kv <= q``, the same set. Without ``layer_types`` every layer
+    slides (Mistral, Phi-3); with them, megatron's per-layer list (1 = sliding) carries the pattern.
+
+    Raises:
+        ValueError: a layer type other than sliding / full attention, or a window below 1.
+    """
+    window = config_get(hf_config, "sliding_window")
+    types = config_get(hf_config, "layer_types")
+    if types is not None:
+        types = list(types)
+        unknown = sorted(set(types) - {SLIDING, FULL})
+        if unknown:
+            raise ValueError(f"{family}: layer_types {unknown} are not supported (supported: {SLIDING}, {FULL})")
+        if SLIDING not in types:
+            return {}
+    if window is None:
+        if types is not None:
+            raise ValueError(f"{family}: layer_types has {SLIDING} layers but sliding_window is None")
+        return {}
+    window = int(window)
+    if window < 1:
+        raise ValueError(f"{family}: sliding_window must be >= 1, got {window}")
+    out: Dict[str, Any] = {"window_size": (window - 1, 0)}
+    if types is not None and FULL in types:
+        out["window_attn_skip_freq"] = [1 if t == SLIDING else 0 for t in types]
+    return out
+
+
+def window_hf_fields(config: GPTConfig, family: str) -> Dict[str, Any]:
+    """HF ``sliding_window`` and ``layer_types`` of a config's window fields (the reverse of ``window_settings``).
+
+    Raises:
+        ValueError: a window megatron allows that HF cannot express (a right-hand window, an integer skip frequency
+            whose pattern does not cover the layers, ...).
+    """
+    if not config.window_size:
+        return {"sliding_window": None, "layer_types": [FULL] * config.num_layers}
+    left, right = config.window_size
+    if right != 0 or left < 0:
+        raise ValueError(f"{family}: window_size={tuple(config.window_size)} has no HF equivalent (HF windows are "
+                         "causal: (sliding_window - 1, 0))")
+    freq = config.window_attn_skip_freq
+    if freq is None:
+        pattern = [1] * config.num_layers
+    elif isinstance(freq, int):
+        pattern = [1 if (i + 1) % freq else 0 for i in range(config.num_layers)]
+    else:
+        pattern = [int(bool(x)) for x in freq]
+        if len(pattern) != config.num_layers:
+            raise ValueError(f"{family}: window_attn_skip_freq has {len(pattern)} entries for "
+                             f"{config.num_layers} layers")
+    return {"sliding_window": left + 1, "layer_types": [SLIDING if x else FULL for x in pattern]}
+
+
+def uniform_window_hf_field(config: GPTConfig, family: str) -> Optional[int]:
+    """HF ``sliding_window`` of a family whose window applies to every layer (Mistral, Phi-3); None: no window.
+
+    Raises:
+        ValueError: the config slides on some layers only.
+    """
+    window = window_hf_fields(config, family)
+    if window["sliding_window"] is not None and len(set(window["layer_types"])) > 1:
+        raise ValueError(f"{family}: a sliding window on some layers only (window_attn_skip_freq="
+                         f"{config.window_attn_skip_freq}) cannot be expressed: this family's window applies to "
+                         "every layer")
+    return window["sliding_window"]
 
 
 def _hf_dtype(hf_config: Any) -> Optional[torch.dtype]:
@@ -188,10 +298,11 @@ def _required(hf_config: Any, name: str) -> Any:
     return value
 
 
-def common_megatron_kwargs(hf_config: Any) -> Dict[str, Any]:
+def common_megatron_kwargs(hf_config: Any, rope_layer_type: Optional[str] = None) -> Dict[str, Any]:
     """The ``GPTConfig`` fields every decoder family reads the same way from its HF config (object or dict).
 
     Family hooks add the rest: normalization, activation and gating, biases, q/k norms, experts, windows.
+    ``rope_layer_type`` selects the model's RoPE among per-layer-type rope parameters (see ``rope_settings``).
     """
     hidden = int(_required(hf_config, "hidden_size"))
     heads = int(_required(hf_config, "num_attention_heads"))
@@ -214,7 +325,7 @@ def common_megatron_kwargs(hf_config: Any) -> Dict[str, Any]:
     ffn = config_get(hf_config, "intermediate_size")
     if ffn is not None:
         kw["ffn_hidden_size"] = int(ffn)
-    kw.update(rope_settings(hf_config))
+    kw.update(rope_settings(hf_config, rope_layer_type))
     dtype = _hf_dtype(hf_config)
     if dtype is not None:
         kw["params_dtype"] = dtype

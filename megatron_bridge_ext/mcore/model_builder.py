@@ -1,22 +1,33 @@
 """Build megatron-core GPTModel chunks for this rank and set up / tear down megatron's parallel state.
 
-Uses the local (non-Transformer-Engine) layer spec, which runs on CPU and GPU alike. On CPU-only processes call
-``cpu_compat.apply_cpu_patches()`` first.
+Uses the local (non-Transformer-Engine) layer spec, which runs on CPU and GPU alike, adjusted by
+:func:`gpt_layer_spec` for the features whose modules megatron-core's local spec lacks (see :mod:`.modules`). On
+CPU-only processes call ``cpu_compat.apply_cpu_patches()`` first.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+import dataclasses
+from typing import List, Optional, Union
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_bridge_ext.mcore.config import GPTConfig, padded_vocab_size
 from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, seed_model_parallel_rng
+from megatron_bridge_ext.mcore.modules import (
+    LayerTypeRopeSelfAttention,
+    LocalRMSNorm,
+    PostNormRowParallelLinear,
+    scale_embeddings,
+)
 
-__all__ = ["build_gpt_model", "build_model_chunks", "init_parallel", "destroy_parallel"]
+__all__ = ["build_gpt_model", "build_model_chunks", "gpt_layer_spec", "init_parallel", "destroy_parallel"]
 
 
 def init_parallel(tp: int, pp: int, vpp: Optional[int] = None, ep: int = 1, etp: Optional[int] = None,
@@ -101,12 +112,7 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    spec = get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts,
-        moe_grouped_gemm=config.moe_grouped_gemm,
-        qk_layernorm=config.qk_layernorm,
-        normalization=config.normalization,
-    )
+    spec = gpt_layer_spec(config, vp_stage=vp_stage)
     with cuda_moves_disabled():  # a no-op where CUDA is available
         model = GPTModel(
             config=config,
@@ -125,8 +131,69 @@ def build_gpt_model(
             seq_len_interpolation_factor=config.seq_len_interpolation_factor,
             vp_stage=vp_stage,
         )
+    if config.embedding_scale is not None:
+        scale_embeddings(model, config.embedding_scale)
     model.unpadded_vocab_size = vocab_size
     return model.eval()
+
+
+def _replace(spec: ModuleSpec, **submodules) -> ModuleSpec:
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **submodules))
+
+
+def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
+                   ) -> Union[ModuleSpec, TransformerBlockSubmodules]:
+    """megatron-core's local GPT layer spec for ``config``, with the modules of :mod:`.modules` where the config
+    asks for what the local spec cannot build:
+
+    - ``layernorm_zero_centered_gamma``: every norm (input, pre-MLP, q/k, final) is a :class:`LocalRMSNorm`; the
+      result is then a ``TransformerBlockSubmodules`` for this stage's layers (the final norm is the block's);
+    - ``post_self_attn_layernorm`` / ``post_mlp_layernorm``: ``linear_proj`` / ``linear_fc2`` are
+      :class:`PostNormRowParallelLinear`;
+    - ``local_rotary_base``: the attention is :class:`LayerTypeRopeSelfAttention`.
+
+    Raises:
+        ValueError: a combination these modules do not cover (zero-centred LayerNorm, post-MLP norm with experts).
+    """
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=config.moe_grouped_gemm,
+        qk_layernorm=config.qk_layernorm,
+        normalization=config.normalization,
+    )
+    zero_centered = bool(config.layernorm_zero_centered_gamma)
+    if not (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
+            or config.local_rotary_base is not None):
+        return spec
+    if (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm) and \
+            config.normalization != "RMSNorm":
+        raise ValueError(f"gpt_layer_spec: layernorm_zero_centered_gamma / post norms need normalization='RMSNorm', "
+                         f"got {config.normalization!r}")
+    layer = spec.submodules
+    attn = layer.self_attention
+    attn_subs = {}
+    if zero_centered:
+        for name in ("q_layernorm", "k_layernorm"):
+            if getattr(attn.submodules, name) is not IdentityOp:
+                attn_subs[name] = LocalRMSNorm
+    if config.post_self_attn_layernorm:
+        attn_subs["linear_proj"] = PostNormRowParallelLinear
+    attn = _replace(attn, **attn_subs)
+    if config.local_rotary_base is not None:
+        attn = dataclasses.replace(attn, module=LayerTypeRopeSelfAttention)
+    mlp = layer.mlp
+    if config.post_mlp_layernorm:
+        if config.num_moe_experts:
+            raise ValueError("gpt_layer_spec: post_mlp_layernorm with routed experts is not supported")
+        mlp = _replace(mlp, linear_fc2=PostNormRowParallelLinear)
+    layer_subs = dict(self_attention=attn, mlp=mlp)
+    if zero_centered:
+        layer_subs.update(input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm)
+    spec = _replace(spec, **layer_subs)
+    if not zero_centered:
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=LocalRMSNorm)
 
 
 def build_model_chunks(config: GPTConfig, vocab_size: Optional[int] = None,

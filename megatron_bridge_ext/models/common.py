@@ -9,10 +9,20 @@ from typing import Any, Callable, Dict, List
 
 import torch.nn.functional as F
 
-from megatron_bridge_ext.mappings import AutoMapping, GatedMLPMapping, MegatronParamMapping, QKVMapping
+from megatron_bridge_ext.mcore.config import SLIDING, window_hf_fields
 
-__all__ = ["L", "H", "GPT_MODEL", "embedding_mappings", "attention_mappings", "gated_mlp_mappings", "ACTIVATIONS",
-           "activation_func", "activation_name"]
+from megatron_bridge_ext.mappings import (
+    AutoMapping,
+    ConcatenatedQKVMapping,
+    FusedGatedMLPMapping,
+    GatedMLPMapping,
+    MegatronParamMapping,
+    QKVMapping,
+)
+
+__all__ = ["L", "H", "GPT_MODEL", "embedding_mappings", "attention_mappings", "fused_qkv_attention_mappings",
+           "qk_norm_mappings", "gated_mlp_mappings", "fused_gated_mlp_mappings", "post_norm_mappings", "ACTIVATIONS",
+           "activation_func", "activation_name", "qwen_window_hf_fields"]
 
 L = "decoder.layers.*"
 H = "model.layers.*"
@@ -43,15 +53,62 @@ def attention_mappings(attn: str = "self_attn") -> List[MegatronParamMapping]:
     ]
 
 
-def gated_mlp_mappings(mlp: str = "mlp") -> List[MegatronParamMapping]:
-    """Pre-MLP norm, gated fc1 from gate/up (weights and biases), fc2 from down (weight and bias)."""
+def fused_qkv_attention_mappings(attn: str = "self_attn", qkv: str = "qkv_proj") -> List[MegatronParamMapping]:
+    """Input norm, fused q/k/v from one HF ``[q; k; v]`` tensor (Phi-3's ``qkv_proj``), output projection."""
+    a = f"{H}.{attn}"
+    return [
+        AutoMapping(f"{L}.input_layernorm.weight", f"{H}.input_layernorm.weight"),
+        ConcatenatedQKVMapping(f"{L}.self_attention.linear_qkv.weight", f"{a}.{qkv}.weight"),
+        ConcatenatedQKVMapping(f"{L}.self_attention.linear_qkv.bias", f"{a}.{qkv}.bias"),
+        AutoMapping(f"{L}.self_attention.linear_proj.weight", f"{a}.o_proj.weight"),
+        AutoMapping(f"{L}.self_attention.linear_proj.bias", f"{a}.o_proj.bias"),
+    ]
+
+
+def qk_norm_mappings(attn: str = "self_attn", q: str = "q_norm", k: str = "k_norm") -> List[MegatronParamMapping]:
+    """Per-head query / key norms (megatron ``qk_layernorm``: ``self_attention.q_layernorm`` / ``k_layernorm``)."""
+    a = f"{H}.{attn}"
+    return [
+        AutoMapping(f"{L}.self_attention.q_layernorm.weight", f"{a}.{q}.weight"),
+        AutoMapping(f"{L}.self_attention.k_layernorm.weight", f"{a}.{k}.weight"),
+    ]
+
+
+def _pre_mlp_norm(pre_norm: str) -> MegatronParamMapping:
+    return AutoMapping(f"{L}.pre_mlp_layernorm.weight", f"{H}.{pre_norm}.weight")
+
+
+def gated_mlp_mappings(mlp: str = "mlp", pre_norm: str = "post_attention_layernorm") -> List[MegatronParamMapping]:
+    """Pre-MLP norm (HF ``pre_norm``), gated fc1 from gate/up (weights and biases), fc2 from down (weight, bias)."""
     m = f"{H}.{mlp}"
     return [
-        AutoMapping(f"{L}.pre_mlp_layernorm.weight", f"{H}.post_attention_layernorm.weight"),
+        _pre_mlp_norm(pre_norm),
         GatedMLPMapping(f"{L}.mlp.linear_fc1.weight", gate=f"{m}.gate_proj.weight", up=f"{m}.up_proj.weight"),
         GatedMLPMapping(f"{L}.mlp.linear_fc1.bias", gate=f"{m}.gate_proj.bias", up=f"{m}.up_proj.bias"),
         AutoMapping(f"{L}.mlp.linear_fc2.weight", f"{m}.down_proj.weight"),
         AutoMapping(f"{L}.mlp.linear_fc2.bias", f"{m}.down_proj.bias"),
+    ]
+
+
+def fused_gated_mlp_mappings(mlp: str = "mlp", gate_up: str = "gate_up_proj",
+                             pre_norm: str = "post_attention_layernorm") -> List[MegatronParamMapping]:
+    """Pre-MLP norm, gated fc1 from one HF ``[gate; up]`` tensor (Phi-3's ``gate_up_proj``), fc2 from down."""
+    m = f"{H}.{mlp}"
+    return [
+        _pre_mlp_norm(pre_norm),
+        FusedGatedMLPMapping(f"{L}.mlp.linear_fc1.weight", f"{m}.{gate_up}.weight"),
+        FusedGatedMLPMapping(f"{L}.mlp.linear_fc1.bias", f"{m}.{gate_up}.bias"),
+        AutoMapping(f"{L}.mlp.linear_fc2.weight", f"{m}.down_proj.weight"),
+        AutoMapping(f"{L}.mlp.linear_fc2.bias", f"{m}.down_proj.bias"),
+    ]
+
+
+def post_norm_mappings(post_attn: str = "post_attention_layernorm",
+                       post_mlp: str = "post_feedforward_layernorm") -> List[MegatronParamMapping]:
+    """Norms on the attention and MLP outputs (Gemma's sandwich norms; megatron ``PostNormRowParallelLinear``)."""
+    return [
+        AutoMapping(f"{L}.self_attention.linear_proj.post_layernorm.weight", f"{H}.{post_attn}.weight"),
+        AutoMapping(f"{L}.mlp.linear_fc2.post_layernorm.weight", f"{H}.{post_mlp}.weight"),
     ]
 
 
@@ -68,14 +125,15 @@ ACTIVATIONS: Dict[str, Callable[..., Any]] = {
 }
 
 
-def activation_func(hidden_act: str, family: str, allowed=("silu", "swish")) -> Callable[..., Any]:
-    """The megatron activation for an HF ``hidden_act`` that the family supports.
+def activation_func(hidden_act: str, family: str, allowed=("silu", "swish"), field: str = "hidden_act"
+                    ) -> Callable[..., Any]:
+    """The megatron activation for an HF ``hidden_act`` (config field ``field``) that the family supports.
 
     Raises:
-        ValueError: naming the activation and the supported ones.
+        ValueError: naming the field, the activation and the supported ones.
     """
     if hidden_act not in allowed or hidden_act not in ACTIVATIONS:
-        raise ValueError(f"{family}: hidden_act={hidden_act!r} is not supported (supported: {', '.join(allowed)})")
+        raise ValueError(f"{family}: {field}={hidden_act!r} is not supported (supported: {', '.join(allowed)})")
     return ACTIVATIONS[hidden_act]
 
 
@@ -85,3 +143,13 @@ def activation_name(func: Callable[..., Any]) -> str:
         if f is func:
             return name
     raise ValueError(f"no HF hidden_act for activation function {func!r}")
+
+
+def qwen_window_hf_fields(config: Any, family: str) -> Dict[str, Any]:
+    """Qwen2 / Qwen3 window fields: ``sliding_window``, ``layer_types``, ``use_sliding_window`` and
+    ``max_window_layers`` (the first sliding layer; HF slides the layers from there on unless ``layer_types`` says
+    otherwise)."""
+    window = window_hf_fields(config, family)
+    sliding = [i for i, t in enumerate(window["layer_types"]) if t == SLIDING]
+    return {**window, "use_sliding_window": bool(sliding),
+            "max_window_layers": sliding[0] if sliding else config.num_layers}

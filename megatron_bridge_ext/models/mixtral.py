@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from megatron_bridge_ext.mappings import ExpertFC1Mapping, ExpertFC2Mapping, ReplicatedMapping
-from megatron_bridge_ext.mcore.config import config_get
+from megatron_bridge_ext.mcore.config import config_get, uniform_window_hf_field, window_settings
 from megatron_bridge_ext.models.common import GPT_MODEL, H, L, attention_mappings, embedding_mappings
 from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.registry import MegatronMappingRegistry
@@ -39,6 +39,7 @@ class MixtralBridge(LlamaBridge):
             moe_aux_loss_coeff=0.0,
             moe_grouped_gemm=False,
             moe_token_dispatcher_type="allgather",
+            **window_settings(hf_config, type(self).__name__),  # Mixtral's sliding_window applies to every layer
         )
         return kw
 
@@ -47,7 +48,8 @@ class MixtralBridge(LlamaBridge):
         for key in ("attention_bias", "mlp_bias"):
             hf.pop(key)
         hf.update(num_local_experts=config.num_moe_experts, num_experts_per_tok=config.moe_router_topk,
-                  intermediate_size=config.moe_ffn_hidden_size)
+                  intermediate_size=config.moe_ffn_hidden_size,
+                  sliding_window=uniform_window_hf_field(config, type(self).__name__))
         return hf
 
     def mapping_registry(self) -> MegatronMappingRegistry:

@@ -1,0 +1,123 @@
+"""Gemma 2 (``Gemma2ForCausalLM``): GeGLU MLP (``hidden_activation``), zero-centred RMSNorms (``x * (1 + w)``, ``w``
+stored as on disk: megatron ``layernorm_zero_centered_gamma``), norms before *and* after attention and the MLP,
+embeddings scaled by sqrt(hidden_size), attention scaled by ``query_pre_attn_scalar ** -0.5`` (``softmax_scale``),
+alternating sliding-window / full-attention layers (``layer_types`` -> ``window_attn_skip_freq``), tied embeddings.
+
+The post-attention / post-MLP norms, the zero-centred norms and the embedding scale are built by the modules of
+``mcore/modules.py`` (megatron-core 0.16.1's local spec has none of them).
+
+Not expressible in megatron-core 0.16.1 (named errors when a checkpoint sets them):
+- ``attn_logit_softcapping`` (``tanh`` capping of the attention scores): neither ``DotProductAttention`` nor the
+  Transformer Engine attention takes a soft-cap from the config (``softcap`` appears only as a fixed 0.0 in the
+  flash-decode inference path);
+- ``final_logit_softcapping``: ``GPTModel``'s output layer has no logit capping.
+Every released Gemma 2 checkpoint sets both (50.0 and 30.0); such checkpoints are refused rather than converted to a
+different model. Also refused: ``attention_bias`` (o_proj bias without MLP biases), ``use_bidirectional_attention``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from megatron_bridge_ext.engine import MegatronModelBridge
+from megatron_bridge_ext.mcore.config import common_megatron_kwargs, config_get, window_hf_fields, window_settings
+from megatron_bridge_ext.models.common import (
+    GPT_MODEL,
+    activation_func,
+    activation_name,
+    attention_mappings,
+    embedding_mappings,
+    gated_mlp_mappings,
+    post_norm_mappings,
+)
+from megatron_bridge_ext.registry import MegatronMappingRegistry
+
+__all__ = ["Gemma2Bridge"]
+
+GELU_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
+
+
+@MegatronModelBridge.register_bridge(source="Gemma2ForCausalLM", target=GPT_MODEL)
+class Gemma2Bridge(MegatronModelBridge):
+    """HF Gemma2ForCausalLM <-> Megatron-Core GPTModel (with the local-spec modules of ``mcore/modules.py``)."""
+
+    hf_model_type = "gemma2"
+
+    def _refuse_unsupported(self, hf_config: Any) -> None:
+        family = type(self).__name__
+        for name, what in (("attn_logit_softcapping", "DotProductAttention / TEDotProductAttention have no soft-capping "
+                                                      "of the attention scores"),
+                           ("final_logit_softcapping", "GPTModel's output layer has no logit soft-capping")):
+            value = config_get(hf_config, name)
+            if value is not None:
+                raise ValueError(f"{family}: {name}={value} is not supported by megatron-core 0.16.1 ({what}); "
+                                 f"only checkpoints with {name}=None convert")
+        if config_get(hf_config, "attention_bias", False):
+            raise ValueError(f"{family}: attention_bias=True cannot be expressed (q/k/v and o_proj biases without MLP "
+                             "biases; megatron's add_bias_linear covers both)")
+        if config_get(hf_config, "use_bidirectional_attention", False):
+            raise ValueError(f"{family}: use_bidirectional_attention=True is not supported (GPTModel is causal)")
+
+    def _common_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        return common_megatron_kwargs(hf_config)
+
+    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        self._refuse_unsupported(hf_config)
+        family = type(self).__name__
+        kw = self._common_kwargs(hf_config)
+        kw.update(
+            normalization="RMSNorm",
+            layernorm_epsilon=float(config_get(hf_config, "rms_norm_eps", 1e-6)),
+            layernorm_zero_centered_gamma=True,
+            post_self_attn_layernorm=True,
+            post_mlp_layernorm=True,
+            gated_linear_unit=True,
+            activation_func=activation_func(config_get(hf_config, "hidden_activation", "gelu_pytorch_tanh"), family,
+                                            allowed=GELU_ACTIVATIONS, field="hidden_activation"),
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            softmax_scale=float(config_get(hf_config, "query_pre_attn_scalar", kw["kv_channels"])) ** -0.5,
+            embedding_scale=kw["hidden_size"] ** 0.5,
+            **window_settings(hf_config, family),
+        )
+        return kw
+
+    def _check_megatron(self, config: Any) -> None:
+        family = type(self).__name__
+        wrong = {}
+        for field, want in (("normalization", "RMSNorm"), ("layernorm_zero_centered_gamma", True),
+                            ("post_self_attn_layernorm", True), ("post_mlp_layernorm", True),
+                            ("gated_linear_unit", True), ("add_bias_linear", False), ("add_qkv_bias", False),
+                            ("embedding_scale", config.hidden_size ** 0.5)):
+            if getattr(config, field) != want:
+                wrong[field] = (getattr(config, field), want)
+        if wrong:
+            raise ValueError(f"{family}: these Megatron settings have no {self.hf_architecture} equivalent "
+                             f"(field: (got, expected)): {wrong}")
+
+    def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
+        self._check_megatron(config)
+        family = type(self).__name__
+        hf = super().megatron_to_hf_config(config)
+        scale = config.softmax_scale if config.softmax_scale is not None else config.kv_channels ** -0.5
+        scalar = 1.0 / (scale * scale)
+        if abs(scalar - round(scalar)) > 1e-6 * scalar:
+            raise ValueError(f"{family}: softmax_scale={scale} is not 1/sqrt(n) for an integer query_pre_attn_scalar "
+                             f"(1/scale^2 = {scalar})")
+        hf.update(
+            rms_norm_eps=config.layernorm_epsilon,
+            hidden_activation=activation_name(config.activation_func),
+            attention_bias=False,
+            query_pre_attn_scalar=int(round(scalar)),
+            attn_logit_softcapping=None,  # written explicitly: HF's defaults (50.0 / 30.0) would change the model
+            final_logit_softcapping=None,
+            **window_hf_fields(config, family),
+        )
+        if hf["sliding_window"] is None:  # HF Gemma builds a sliding-window mask even when no layer uses it
+            hf["sliding_window"] = config.seq_length
+        return hf
+
+    def mapping_registry(self) -> MegatronMappingRegistry:
+        return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(),
+                                       *gated_mlp_mappings(pre_norm="pre_feedforward_layernorm"),
+                                       *post_norm_mappings())

@@ -1,0 +1,80 @@
+"""Gemma 3 text (``Gemma3ForCausalLM``, ``model_type`` ``gemma3_text``): Gemma 2's layout (GeGLU, zero-centred
+sandwich norms, scaled embeddings, ``query_pre_attn_scalar``) plus zero-centred per-head q/k norms (``q_norm`` /
+``k_norm`` -> ``qk_layernorm``), a 5:1 sliding / full layer pattern, and per-layer-type RoPE: full-attention layers
+use ``rope_parameters["full_attention"]`` (the model's RoPE, default or linear scaling) and sliding layers
+``rope_parameters["sliding_attention"]`` (``local_rotary_base``, built by ``LayerTypeRopeSelfAttention``).
+
+Soft-capping (``attn_logit_softcapping`` / ``final_logit_softcapping``, None in Gemma 3 checkpoints) is refused as for
+Gemma 2; sliding-layer RoPE other than the default type is refused (megatron-side it would need a second scaled
+rotary embedding).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from megatron_bridge_ext.mcore.config import (
+    FULL,
+    SLIDING,
+    common_megatron_kwargs,
+    per_layer_type_rope,
+    rope_hf_fields,
+    rope_settings,
+)
+from megatron_bridge_ext.models.common import (
+    GPT_MODEL,
+    attention_mappings,
+    embedding_mappings,
+    gated_mlp_mappings,
+    post_norm_mappings,
+    qk_norm_mappings,
+)
+from megatron_bridge_ext.models.gemma2 import Gemma2Bridge
+from megatron_bridge_ext.registry import MegatronMappingRegistry
+
+__all__ = ["Gemma3Bridge"]
+
+
+@Gemma2Bridge.register_bridge(source="Gemma3ForCausalLM", target=GPT_MODEL)
+class Gemma3Bridge(Gemma2Bridge):
+    """HF Gemma3ForCausalLM <-> Megatron-Core GPTModel."""
+
+    hf_model_type = "gemma3_text"
+
+    def _common_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        per_type = per_layer_type_rope(hf_config)
+        if per_type is None:
+            return common_megatron_kwargs(hf_config)
+        kw = common_megatron_kwargs(hf_config, rope_layer_type=FULL)
+        if SLIDING in per_type:
+            local = rope_settings({"rope_parameters": per_type[SLIDING]})
+            extra = sorted(set(local) - {"rotary_base"})
+            if extra:
+                raise ValueError(f"{type(self).__name__}: rope_parameters[{SLIDING!r}] = {per_type[SLIDING]} is not "
+                                 "supported: sliding layers take a rope base only (rope_type 'default')")
+            global_scaled = "rope_scaling" in kw or "seq_len_interpolation_factor" in kw
+            if global_scaled or local["rotary_base"] != kw["rotary_base"]:
+                kw["local_rotary_base"] = local["rotary_base"]
+        return kw
+
+    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        kw = super().hf_config_to_megatron_kwargs(hf_config)
+        kw["qk_layernorm"] = True
+        return kw
+
+    def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
+        if not config.qk_layernorm:
+            raise ValueError(f"{type(self).__name__}: qk_layernorm=False; Gemma 3 always normalises queries and keys")
+        hf = super().megatron_to_hf_config(config)
+        full = rope_hf_fields(config)["rope_parameters"]
+        if config.local_rotary_base is None:
+            sliding = dict(full)
+        else:
+            sliding = {"rope_type": "default", "rope_theta": float(config.local_rotary_base)}
+        hf.update(rope_parameters={FULL: full, SLIDING: sliding}, use_bidirectional_attention=False)
+        return hf
+
+    def mapping_registry(self) -> MegatronMappingRegistry:
+        return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(), *qk_norm_mappings(),
+                                       *gated_mlp_mappings(pre_norm="pre_feedforward_layernorm"),
+                                       *post_norm_mappings())
