@@ -30,13 +30,28 @@ CONFIGS = {
 DERIVED = {"init_method", "output_layer_init_method", "embedding_init_method"}
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_config_round_trips_through_plain_data(arch):
+def _family_configs():
+    """Our three configs and every case of the config round-trip test (all supported families and features)."""
+    from test_config_roundtrip import ARCH, CASES, TINY
+
+    out = {f"{arch}": (arch, cfg) for arch, cfg in CONFIGS.items()}
+    for case, (prefix, overrides) in CASES.items():
+        kw = {k: v for k, v in {**TINY, **overrides}.items() if v is not None or k != "head_dim"}
+        out[case] = (f"{ARCH.get(prefix, prefix)}ForCausalLM", getattr(transformers, f"{prefix}Config")(**kw))
+    return out
+
+
+FAMILY_CONFIGS = _family_configs()
+
+
+@pytest.mark.parametrize("case", sorted(FAMILY_CONFIGS))
+def test_config_round_trips_through_plain_data(case):
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.mcore.config import config_from_dict, config_to_dict
 
+    arch, hf_config = FAMILY_CONFIGS[case]
     bridge = AutoBridge.from_architecture(arch).model_bridge
-    config = bridge.transformer_config(CONFIGS[arch], tensor_model_parallel_size=2)
+    config = bridge.transformer_config(hf_config, tensor_model_parallel_size=2)
     data = config_to_dict(config)
     data = json.loads(json.dumps(data))  # plain data: survives JSON (and torch.load(weights_only=True))
     assert "tensor_model_parallel_size" not in data

@@ -445,7 +445,9 @@ def _encode(name: str, value: Any) -> Any:
     if isinstance(value, enum.Enum):
         cls = type(value)
         return {"__enum__": f"{cls.__module__}:{cls.__qualname__}", "name": value.name}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, tuple):  # e.g. window_size: megatron compares and unpacks it as a tuple
+        return {"__tuple__": [_encode(name, v) for v in value]}
+    if isinstance(value, list):
         return [_encode(name, v) for v in value]
     if isinstance(value, dict):
         return {str(k): _encode(name, v) for k, v in value.items()}
@@ -471,6 +473,8 @@ def _decode(name: str, value: Any) -> Any:
         return [_decode(name, v) for v in value]
     if not isinstance(value, dict):
         return value
+    if "__tuple__" in value:
+        return tuple(_decode(name, v) for v in value["__tuple__"])
     if "__dtype__" in value:
         dt = getattr(torch, value["__dtype__"], None)
         if not isinstance(dt, torch.dtype):
@@ -487,7 +491,7 @@ def config_to_dict(config: GPTConfig) -> Dict[str, Any]:
     """The model-defining fields of a ``GPTConfig`` as plain data (JSON- and ``torch.load(weights_only=True)``-safe):
     every field that differs from its default, except the parallel layout (:data:`PARALLEL_FIELDS`), the runtime
     switches this package sets itself and the initialisers derived from ``init_method_std``. dtypes, enums and
-    functions (the activation) are stored by name.
+    functions (the activation) are stored by name, tuples as ``{"__tuple__": [...]}``.
 
     Raises:
         ValueError: a field holds a value that cannot be stored (named).

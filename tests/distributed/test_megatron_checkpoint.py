@@ -7,6 +7,9 @@ One spawned world of 2 ranks:
   HF model's; written at PP2 with a virtual pipeline (``model0`` / ``model1``), it reads back at TP2;
 - the on-disk layout is checked as Megatron-LM's ``load_checkpoint`` reads it (tracker, ``iter_0000000``, the
   common state, ``args``);
+- every dense family's checkpoint (Mistral, Qwen3, Gemma 2, Gemma 3, Phi-3: the tiny checkpoints of
+  test_bridge_dense_families) written at TP2 reads back at PP2 from the stored config alone and exports, without the
+  HF source, bit-exact;
 - a :class:`WeightSyncPlan` reused over 3 syncs yields the HF tensors every time and runs no name or metadata
   collective after it is built (counted), and rebuilds itself when the model's dtype changes.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -24,6 +28,10 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_bridge_dense_families import CHECKPOINTS as FAMILIES  # noqa: E402
+from test_bridge_dense_families import _arch, _make_checkpoint as _make_family  # noqa: E402
 
 BASE = dict(
     vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
@@ -86,7 +94,7 @@ def _count_collectives():
     return counts
 
 
-def _worker(rank: int, world: int, src: str, root: str, tokens) -> dict:
+def _worker(rank: int, world: int, src: str, root: str, tokens, families: dict) -> dict:
     from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
@@ -148,6 +156,25 @@ def _worker(rank: int, world: int, src: str, root: str, tokens) -> dict:
     destroy_parallel()
     dist.barrier()
 
+    # ---- every dense family: written at TP2, read at PP2 from the stored config, exported without a source ------
+    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
+    from megatron_bridge_ext.mcore.checkpoint import (cast_to_params_dtype, config_from_checkpoint,
+                                                      load_megatron_checkpoint)
+    from megatron_bridge_ext.mcore.model_builder import build_model_chunks
+
+    for fam, fam_src in families.items():
+        init_parallel(tp=2, pp=1)
+        fam_bridge = AutoBridge.from_hf_pretrained(fam_src)
+        save_megatron_checkpoint(cast_to_params_dtype(fam_bridge.to_megatron_model()), os.path.join(root, fam),
+                                 architecture=_arch(fam))
+        init_parallel(tp=1, pp=2)
+        info = read_checkpoint_info(os.path.join(root, fam))
+        chunks = cast_to_params_dtype(build_model_chunks(config_from_checkpoint(info)))
+        load_megatron_checkpoint(chunks, info.path)
+        AutoBridge.from_architecture(info.architecture).save_hf_pretrained(chunks, os.path.join(root, f"{fam}_hf"),
+                                                                           show_progress=False)
+        destroy_parallel()
+
     # ---- plain megatron-core loads at other layouts -------------------------------------------------------------
     for name, (path, tp, pp, v) in {"tp2->tp1": (tp2, 1, 1, None), "tp2->pp2": (tp2, 1, 2, None),
                                     "pp2vpp2->tp2": (vpp, 2, 1, None)}.items():
@@ -162,7 +189,11 @@ def world(tmp_path_factory):
     src = str(root / "hf")
     _make_checkpoint(src)
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    per_rank = spawn_local(_worker, 2, (src, str(root), tokens), timeout=600)
+    families = {}
+    for i, fam in enumerate(sorted(FAMILIES)):
+        families[fam] = str(root / f"src_{fam}")
+        _make_family(families[fam], fam, seed=10 + i)
+    per_rank = spawn_local(_worker, 2, (src, str(root), tokens, families), timeout=600)
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = model(tokens).logits.float()
@@ -237,3 +268,12 @@ def test_sync_plan_rebuilds_when_the_model_changes(world):
         assert counts["gather_param_names"] == 2, counts
         assert out["bf16_exact"], rank
     assert per_rank[1]["dst1_tensors"] == 3 + 9 * 4 and per_rank[0]["dst1_tensors"] == 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_dense_family_exports_from_its_checkpoint_alone(world, family):
+    from megatron_bridge_ext.testing.parity import compare_checkpoints
+
+    root, _, _ = world
+    cmp = compare_checkpoints(str(root / f"src_{family}"), str(root / f"{family}_hf"))
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
