@@ -108,3 +108,22 @@ def test_megatron_lm_args_carry_what_training_checks():
     assert args.make_vocab_size_divisible_by == 32 and args.padded_vocab_size == 128  # 96 up to a multiple of 32*tp
     assert args.no_save_optim and args.no_save_rng and args.ckpt_format == "torch_dist"
     assert args.swiglu and args.group_query_attention and not args.add_position_embedding
+
+
+def test_export_checks_that_the_hf_source_describes_the_checkpoint():
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.cli.export import check_source_agrees
+    from megatron_bridge_ext.mcore.config import config_to_dict
+
+    bridge = AutoBridge.from_architecture("LlamaForCausalLM").model_bridge
+    stored = config_to_dict(bridge.transformer_config(CONFIGS["LlamaForCausalLM"]))
+    info = ckpt_io.MegatronCheckpointInfo(path="/ckpt/iter_0000000", iteration=0, checkpoint_version=3.0,
+                                          model_keys=["model"], architecture="LlamaForCausalLM",
+                                          model_config=stored, parallel={}, hf_config=None, args=None)
+    same = dict(stored, params_dtype={"__dtype__": "float32"})  # another dtype is fine: export casts
+    check_source_agrees(info, same, "LlamaForCausalLM", "/src")
+    other = transformers.LlamaConfig(**{**CONFIGS["LlamaForCausalLM"].to_dict(), "num_hidden_layers": 3})
+    with pytest.raises(ValueError, match=r"num_layers: checkpoint 4, source 3"):
+        check_source_agrees(info, config_to_dict(bridge.transformer_config(other)), "LlamaForCausalLM", "/src")
+    with pytest.raises(ValueError, match="is a MixtralForCausalLM"):
+        check_source_agrees(info, stored, "MixtralForCausalLM", "/src")
