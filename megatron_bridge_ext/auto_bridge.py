@@ -10,8 +10,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext.engine import DEFAULT_BUCKET_BYTES, HFWeightTuple, MegatronModelBridge
+from megatron_bridge_ext.engine.checks import conversion_error
 from megatron_bridge_ext.io import CONFIG_NAME, SafeTensorsWriter
-from megatron_bridge_ext.io.hf_checkpoint import HFCheckpoint, copy_side_files
+from megatron_bridge_ext.io.staging import StagedCheckpoint
+from megatron_bridge_ext.io.hf_source import refuse_pickle_only
+from megatron_bridge_ext.io.hf_checkpoint import HFCheckpoint, architectures_of, copy_side_files, read_hf_config
 from megatron_bridge_ext.mcore.topology import current_parallel_sizes
 
 __all__ = ["AutoBridge", "HFCheckpoint"]
@@ -59,17 +62,32 @@ class AutoBridge:
     def from_hf_pretrained(cls, path: Union[str, os.PathLike]) -> "AutoBridge":
         """Open a local HF checkpoint and pick the bridge of its architecture (``config.architectures[0]``).
 
+        Checked before any weight is read, in this order: ``config.json`` as written (its architecture is supported,
+        before transformers is asked; the fields the family needs are present, before transformers fills in
+        defaults), the safetensors headers (see :class:`~megatron_bridge_ext.io.SafeTensorsSource`; pickle-only
+        checkpoints are refused), then the config against the tensors' shapes (layers, vocabulary rows, heads x
+        head_dim, experts).
+
         Raises:
-            ValueError: the architecture is not supported (the message lists the supported ones).
+            FileNotFoundError: no directory, config.json or weights.
+            ValueError: the architecture is not supported (the message lists the supported ones), a missing or bad
+                config field, a damaged checkpoint, or a config that disagrees with the tensors (both sides named).
         """
         _ensure_models_registered()
         from megatron_bridge_ext.dispatch import get_model_bridge
 
-        ckpt = HFCheckpoint.open(path)
-        archs = list(getattr(ckpt.config, "architectures", None) or [])
-        if not archs:
-            raise ValueError(f"{path}: config.json has no 'architectures' entry; cannot choose a bridge")
-        return cls(ckpt, get_model_bridge(archs[0]))
+        raw = read_hf_config(path)
+        refuse_pickle_only(os.fspath(path))
+        where = os.path.join(os.fspath(path), CONFIG_NAME)
+        archs = architectures_of(raw, where)
+        try:
+            bridge = get_model_bridge(archs[0])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        bridge.check_hf_config(raw, where)
+        ckpt = HFCheckpoint.open(path, raw_config=raw)
+        bridge.check_hf_checkpoint(ckpt)
+        return cls(ckpt, bridge)
 
     @classmethod
     def list_supported_models(cls) -> List[str]:
@@ -94,6 +112,7 @@ class AutoBridge:
         self,
         load_weights: bool = True,
         allowed_mismatched_params: Optional[Sequence[str]] = None,
+        allowed_unused_hf_params: Optional[Sequence[str]] = None,
         **overrides: Any,
     ) -> List[torch.nn.Module]:
         """This rank's GPTModel chunk(s) under the current megatron parallel_state (one per virtual stage).
@@ -101,6 +120,7 @@ class AutoBridge:
         Args:
             load_weights: fill them from the checkpoint.
             allowed_mismatched_params: globs of Megatron names whose shape mismatch is tolerated (with a warning).
+            allowed_unused_hf_params: globs of HF tensors the model may leave unused (see :meth:`load_hf_weights`).
             **overrides: TransformerConfig fields (e.g. ``params_dtype=torch.float32``).
         """
         from megatron_bridge_ext.mcore.model_builder import build_model_chunks
@@ -108,7 +128,8 @@ class AutoBridge:
         config = self.transformer_config(**overrides)
         chunks = build_model_chunks(config, self.hf_config.vocab_size, _max_seq_len(self.hf_config))
         if load_weights:
-            self.load_hf_weights(chunks, allowed_mismatched_params=allowed_mismatched_params)
+            self.load_hf_weights(chunks, allowed_mismatched_params=allowed_mismatched_params,
+                                 allowed_unused_hf_params=allowed_unused_hf_params)
         return chunks
 
     def load_hf_weights(
@@ -116,10 +137,17 @@ class AutoBridge:
         model: Union[torch.nn.Module, Sequence[torch.nn.Module]],
         allowed_mismatched_params: Optional[Sequence[str]] = None,
         show_progress: Optional[bool] = None,
+        allowed_unused_hf_params: Optional[Sequence[str]] = None,
     ) -> List[torch.nn.Module]:
-        """Load the checkpoint into existing Megatron chunk(s); each rank reads only what it keeps."""
+        """Load the checkpoint into existing Megatron chunk(s); each rank reads only what it keeps.
+
+        Every HF tensor must be consumed by a mapping of the model: an unused one fails the import, named, unless a
+        pattern of ``allowed_unused_hf_params`` covers it (default: the bridge's ``known_non_weights``, e.g.
+        ``*.rotary_emb.inv_freq``; pass ``[]`` to allow none).
+        """
         return self.model_bridge.load_weights_hf_to_megatron(
-            self._require_hf("load_hf_weights"), model, allowed_mismatched_params=allowed_mismatched_params, show_progress=show_progress
+            self._require_hf("load_hf_weights"), model, allowed_mismatched_params=allowed_mismatched_params,
+            show_progress=show_progress, allowed_unused_hf_params=allowed_unused_hf_params,
         )
 
     def export_hf_weights(
@@ -153,28 +181,60 @@ class AutoBridge:
     ) -> Optional[Dict[str, Any]]:
         """Write the model as an HF checkpoint (config.json and other small files, sharded safetensors).
 
-        Every rank must call it; global rank 0 writes. Each tensor goes to its place in its shard's file as it arrives;
-        a shard is (fsynced, unless ``fsync=False``, and) renamed when complete; the index is written last, and only
-        when every expected tensor arrived (strict).
+        Every rank must call it; global rank 0 writes. The checkpoint is written into a staging directory beside
+        ``out_dir`` (side files first, then the weights, the index last) and swapped in whole when complete
+        (:class:`~megatron_bridge_ext.io.staging.StagedCheckpoint`): after a failure at any point ``out_dir`` holds
+        the old checkpoint unchanged (or nothing, if there was none), never a mix. Files of an old ``out_dir`` that
+        are not weights are kept; its weights of any format are replaced (named in the summary's ``replaced``).
+        Saving into the source checkpoint's directory (or an ancestor of it) is refused. Each tensor goes to its
+        place in its shard's file as it arrives; a shard is (fsynced, unless ``fsync=False``, and) renamed when
+        complete; the index is written only when every expected tensor arrived (strict).
 
         With an HF source checkpoint its dtypes and key set are reproduced and its side files (config.json, tokenizer,
         ...) copied. Without one (:meth:`from_architecture`) the tensors keep the parameters' dtypes and
         ``config.json`` is generated from the Megatron config (the bridge's ``megatron_to_hf_config``).
 
         Returns:
-            On rank 0, a summary dict (``tensors``, ``bytes``, ``files``); None elsewhere.
+            On rank 0, a summary dict (``files``, ``total_size``, ``index``, ``missing``, ``replaced``, ``carried``,
+            ``cleaned``, ``not_exported``: source tensors no mapping produces, such as allowed non-weights); None
+            elsewhere.
+
+        Raises:
+            ValueError: ``out_dir`` is (or contains) the source checkpoint; missing tensors (strict).
+            OSError: no space left, naming the path and the bytes needed.
         """
         out_dir = os.fspath(out_dir)
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        with self.model_bridge.watch("save_hf_pretrained") as watch:
+            staged = None
+            if rank0:
+                # checks (source directory, mount point, a save in progress, leftovers) before any collective
+                protect = [self.hf_pretrained.path] if self.hf_pretrained is not None else []
+                staged = StagedCheckpoint(out_dir, protect=protect)
+            try:
+                watch.barrier("save_hf_pretrained: start")  # rank 0's refusal reaches every rank here
+                summary = self._save(model, staged, watch, max_shard_bytes, bucket_bytes, strict, show_progress,
+                                     fsync)
+                watch.barrier("save_hf_pretrained: committed")  # every rank returns only once rank 0 swapped it in
+            except BaseException:
+                if staged is not None:
+                    staged.abort()  # a no-op once committed
+                raise
+        return summary
+
+    def _save(self, model, staged: Optional[StagedCheckpoint], watch, max_shard_bytes: int, bucket_bytes: int,
+              strict: bool, show_progress: Optional[bool], fsync: bool) -> Optional[Dict[str, Any]]:
+        watch.set_phase("save_hf_pretrained: conversion tasks")
         tasks = self.model_bridge.build_conversion_tasks(None, model)  # collective: every rank builds them
         stream = self.model_bridge.stream_weights_megatron_to_hf(
             model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=0, show_progress=show_progress,
             conversion_tasks=tasks, copy=False,  # the writer puts each tensor in its file at once
         )
-        if not rank0:
+        if staged is None:
             for _ in stream:
                 pass
             return None
+        not_exported: List[str] = []
         if self.hf_pretrained is None:
             expected = self.model_bridge.hf_tensor_specs(model, conversion_tasks=tasks)
         else:
@@ -184,20 +244,36 @@ class AutoBridge:
             tied_name = self.model_bridge.tied_output_hf_name
             if tied_name in src and tied_name not in order:
                 order.append(tied_name)
-            order += [k for k in src.keys() if k not in set(order)]
+            produced = set(order)
+            not_exported = [k for k in src.keys() if k not in produced]  # allowed non-weights: nothing maps them
             expected = {k: (src.shape(k), src.dtype(k)) for k in order if k in src}
-        with SafeTensorsWriter(out_dir, expected, max_shard_bytes=max_shard_bytes, strict=strict,
-                               fsync=fsync) as writer:
-            for name, tensor in stream:
-                writer.add(name, tensor)
-            summary = writer.close()
+        # The new checkpoint is written beside out_dir and swapped in whole when complete: a failure at any point
+        # leaves out_dir as it was (see io/staging.py). Side files first, weights, the index last, then the swap.
+        watch.set_phase("save_hf_pretrained: side files")
         if self.hf_pretrained is None:
-            self._write_config(model, out_dir)
+            self._write_config(model, staged.path, fsync=fsync)
         else:
-            copy_side_files(self.hf_pretrained.path, out_dir)
+            copy_side_files(self.hf_pretrained.path, staged.path, fsync=fsync)
+        with SafeTensorsWriter(staged.path, expected, max_shard_bytes=max_shard_bytes, strict=strict,
+                               fsync=fsync, atomic=False) as writer:
+            for name, tensor in stream:
+                try:
+                    writer.add(name, tensor)
+                except Exception as e:
+                    if getattr(e, "bridge_context", False) or isinstance(e, OSError):
+                        raise
+                    raise conversion_error(e, f"writing HF tensor {name} to {staged.target}") from e
+            summary = writer.close()
+        watch.set_phase("save_hf_pretrained: swap")
+        summary.update(staged.commit())
+        summary["not_exported"] = not_exported
+        summary["files"] = [os.path.join(staged.target, os.path.basename(f)) for f in summary["files"]]
+        if summary.get("index"):
+            summary["index"] = os.path.join(staged.target, os.path.basename(summary["index"]))
         return summary
 
-    def _write_config(self, model: Union[torch.nn.Module, Sequence[torch.nn.Module]], out_dir: str) -> None:
+    def _write_config(self, model: Union[torch.nn.Module, Sequence[torch.nn.Module]], out_dir: str,
+                      fsync: bool = True) -> None:
         from megatron_bridge_ext.mcore.names import as_chunks, model_config
 
         config = self.model_bridge.megatron_to_hf_config(model_config(as_chunks(model)))
@@ -206,6 +282,9 @@ class AutoBridge:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
 
 

@@ -63,7 +63,7 @@ class QkvGeometry:
     packed_rows: int
 
     def shard_rows(self, tp_size: int) -> int:
-        """Rows of one TP rank's shard (the rank holds G / tp whole groups)."""
+        """Rows of one TP rank's shard: packed rows / tp (G / tp whole groups, or 1 / (tp / G) of a group)."""
         return self.packed_rows // tp_size
 
     def with_groups(self, groups: int) -> "QkvGeometry":
@@ -75,8 +75,11 @@ def qkv_geometry(op: str, num_heads: int, num_query_groups: int, head_dim: int, 
                  tp_size: int = 1, tp_rank: int = 0) -> QkvGeometry:
     """Checks H, G, d (and tp) and returns the row counts.
 
+    TP rank t holds packed rows ``[t*G*P/tp, (t+1)*G*P/tp)``: whole groups when tp divides G, a slice of one group
+    when G divides tp (fewer key/value heads than TP ranks, megatron-core's layout).
+
     Raises:
-        ValueError: G < 1, d < 1, H < 0, H not divisible by G, a bad tp rank, or G not divisible by tp.
+        ValueError: G < 1, d < 1, H < 0, H not divisible by G, a bad tp rank, or tp and G that do not divide.
     """
     if num_query_groups < 1:
         raise ValueError(f"{op}: num_query_groups = {num_query_groups} must be >= 1")
@@ -87,11 +90,19 @@ def qkv_geometry(op: str, num_heads: int, num_query_groups: int, head_dim: int, 
     if num_heads > 0:
         check_divisible(op, "num_heads", num_heads, "num_query_groups", num_query_groups)
     check_rank(op, "tp_rank", tp_rank, "tp_size", tp_size)
-    check_divisible(op, "num_query_groups", num_query_groups, "tp_size", tp_size)
     gate = 2 if output_gate else 1
     n = num_heads // num_query_groups
     q_per_group = n * head_dim * gate
     block = q_per_group + 2 * head_dim
+    if num_query_groups >= tp_size:
+        check_divisible(op, "num_query_groups", num_query_groups, "tp_size", tp_size)
+    elif tp_size % num_query_groups:
+        raise ValueError(f"{op}: num_query_groups = {num_query_groups} is not divisible by tp_size = {tp_size}, nor "
+                         "tp_size by num_query_groups (fewer query groups than TP ranks need tp_size to be a "
+                         "multiple of num_query_groups)")
+    elif block % (tp_size // num_query_groups):
+        raise ValueError(f"{op}: a query group's {block} packed rows do not split into tp_size / num_query_groups = "
+                         f"{tp_size // num_query_groups} equal parts")
     return QkvGeometry(
         heads=num_heads, groups=num_query_groups, head_dim=head_dim, output_gate=output_gate,
         q_rows_per_group=q_per_group, block_rows=block, q_rows=num_heads * head_dim * gate,

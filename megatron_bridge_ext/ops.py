@@ -44,8 +44,6 @@ __all__ = [
 ]
 
 _ops = torch.ops.bridge
-# per-local-expert destinations of expert_pack_fc1/fc2 (Megatron's sequential experts: one parameter per expert)
-_HAS_LIST_OUT = hasattr(_ops.expert_pack_fc1_out, "list")
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -628,18 +626,18 @@ def _(down, ep_size, ep_rank, etp_size, etp_rank, out):
     _check_shape(op, out, "out", _fc2_fake(op, down, ep_size, ep_rank, etp_size, etp_rank))
 
 
-if _HAS_LIST_OUT:
-    @torch.library.register_fake("bridge::expert_pack_fc1_out.list")
-    def _(gate, up, ep_size, ep_rank, etp_size, etp_rank, out):
-        op = "expert_pack_fc1_out"
-        shape = _fc1_fake(op, gate, up, ep_size, ep_rank, etp_size, etp_rank)
-        _check_list(op, out, "out", shape[0], shape[1:])
+@torch.library.register_fake("bridge::expert_pack_fc1_out.list")
+def _(gate, up, ep_size, ep_rank, etp_size, etp_rank, out):
+    op = "expert_pack_fc1_out.list"
+    shape = _fc1_fake(op, gate, up, ep_size, ep_rank, etp_size, etp_rank)
+    _check_list(op, out, "out", shape[0], shape[1:])
 
-    @torch.library.register_fake("bridge::expert_pack_fc2_out.list")
-    def _(down, ep_size, ep_rank, etp_size, etp_rank, out):
-        op = "expert_pack_fc2_out"
-        shape = _fc2_fake(op, down, ep_size, ep_rank, etp_size, etp_rank)
-        _check_list(op, out, "out", shape[0], shape[1:])
+
+@torch.library.register_fake("bridge::expert_pack_fc2_out.list")
+def _(down, ep_size, ep_rank, etp_size, etp_rank, out):
+    op = "expert_pack_fc2_out.list"
+    shape = _fc2_fake(op, down, ep_size, ep_rank, etp_size, etp_rank)
+    _check_list(op, out, "out", shape[0], shape[1:])
 
 
 def _shards_fake(op, shards, ep_size, etp_size):

@@ -307,15 +307,30 @@ def test_out_list_fused_hf_into_sequential_experts(device):
             assert not buf[:, 0].any()  # nothing written outside the destinations
 
 
-def test_out_list_schema_mutates_only_out():
+def test_out_list_opcheck(device):
+    """Schema (only out is mutated), fake kernel, autograd registration and dispatch of the .list overloads."""
     E, F, D = 4, 4, 3
-    gate = [torch.randn(F, D) for _ in range(E)]
-    up = [torch.randn(F, D) for _ in range(E)]
-    down = [torch.randn(D, F) for _ in range(E)]
-    torch.library.opcheck(_LIST.expert_pack_fc1_out.list, (gate, up, 2, 1, 2, 0, [torch.empty(4, D)] * 2),
-                          test_utils=("test_schema",))
-    torch.library.opcheck(_LIST.expert_pack_fc2_out.list, (down, 2, 0, 2, 1, [torch.empty(D, 2) for _ in range(2)]),
-                          test_utils=("test_schema",))
+    gate = [torch.randn(F, D, device=device) for _ in range(E)]
+    up = [torch.randn(F, D, device=device) for _ in range(E)]
+    down = [torch.randn(D, F, device=device) for _ in range(E)]
+    torch.library.opcheck(_LIST.expert_pack_fc1_out.list,
+                          (gate, up, 2, 1, 2, 0, [torch.empty(4, D, device=device) for _ in range(2)]))
+    torch.library.opcheck(_LIST.expert_pack_fc2_out.list,
+                          (down, 2, 0, 2, 1, [torch.empty(D, 2, device=device) for _ in range(2)]))
+
+
+def test_out_list_through_the_wrapper(device):
+    """ops.expert_pack_fc1/fc2 with a list ``out`` fill each local expert's own tensor."""
+    E, F, D = 6, 4, 3
+    gate, up = [rand((F, D), torch.float32).to(device) for _ in range(E)], [rand((F, D), torch.float32).to(device)
+                                                                            for _ in range(E)]
+    down = [rand((D, F), torch.float32).to(device) for _ in range(E)]
+    outs = [torch.empty(2 * F // 2, D, device=device) for _ in range(E // 3)]
+    assert ops.expert_pack_fc1(gate, up, ep_size=3, ep_rank=2, etp_size=2, etp_rank=1, out=outs) is outs
+    assert same(torch.stack(outs), expert_fc1_shard(gate, up, 3, 2, 2, 1))
+    outs = [torch.empty(D, F // 2, device=device) for _ in range(E // 3)]
+    ops.expert_pack_fc2(down, ep_size=3, ep_rank=1, etp_size=2, etp_rank=0, out=outs)
+    assert same(torch.stack(outs), expert_fc2_shard(down, 3, 1, 2, 0))
 
 
 @pytest.mark.parametrize(

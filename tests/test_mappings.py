@@ -41,7 +41,8 @@ def _each_rank(mapping, hf, tp, out_shape=None, **ctx):
 
 
 @pytest.mark.parametrize("H,G,d,D,tp,gate", [(8, 2, 4, 12, 2, False), (6, 6, 3, 5, 3, False), (4, 1, 5, 7, 1, False),
-                                           (8, 4, 2, 6, 4, True), (8, 8, 4, 9, 8, False)])
+                                           (8, 4, 2, 6, 4, True), (8, 8, 4, 9, 8, False),
+                                           (8, 2, 4, 12, 4, False), (8, 1, 2, 5, 4, True)])  # G < tp
 @pytest.mark.parametrize("bias", [False, True])
 def test_qkv_mapping(H, G, d, D, tp, gate, bias):
     rest = () if bias else (D,)
@@ -145,6 +146,6 @@ def test_mapping_errors_name_the_tensor():
     with pytest.raises(ValueError, match="model.layers.0.mlp.w.*5 rows.*tensor_model_parallel_size = 2"):
         col.hf_to_megatron(rand((5, 4)), ConversionContext(tp_size=2))
     m = QKVMapping("linear_qkv.weight", "q", "k", "v")
-    with pytest.raises(RuntimeError, match="tp_size = 4"):  # 2 query groups over 4 TP ranks
+    with pytest.raises(RuntimeError, match="tp_size = 3"):  # 2 query groups over 3 TP ranks: neither divides
         m.hf_to_megatron({"q": rand((24, 4)), "k": rand((6, 4)), "v": rand((6, 4))},
-                         ConversionContext(tp_size=4, config=_cfg(8, 2, 3, 4)))
+                         ConversionContext(tp_size=3, config=_cfg(8, 2, 3, 4)))

@@ -77,6 +77,22 @@ def test_edge_cases(device, H, G, d, D, output_gate, tp):
     _check_all_ranks(q, k, v, H, G, d, tp, output_gate)
 
 
+@HYP
+@given(
+    G=st.integers(1, 4), n=st.integers(0, 4), d=st.integers(1, 6), D=st.integers(0, 5), split=st.integers(2, 4),
+    output_gate=st.booleans(), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1),
+)
+def test_fewer_groups_than_tp_ranks(device, G, n, d, D, split, output_gate, layout, seed):
+    """G < tp (tp = G * split): rank t holds rows [t*R/tp, (t+1)*R/tp) of the packed tensor, megatron-core's
+    column-parallel split, each group cut into ``split`` slices (the reference is torch.chunk of the packed tensor)."""
+    block = (n * (2 if output_gate else 1) + 2) * d
+    if block % split:  # megatron-core needs whole rows per slice; covered by test_errors_name_the_values
+        return
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _inputs(n * G, G, d, D, torch.bfloat16, device, output_gate, layout, gen)
+    _check_all_ranks(q, k, v, n * G, G, d, G * split, output_gate)
+
+
 def test_reference_row_map_agrees(device):
     # The reference builder and the per-row map of the semantics file describe the same layout.
     H, G, d, D = 12, 3, 2, 5
@@ -181,8 +197,10 @@ def _qkv(H=8, G=2, d=4, D=6, dtype=torch.float32):
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda q, k, v: ops.qkv_pack(q, k, v, num_heads=8, num_query_groups=2, head_dim=4, tp_size=4),
-         r"qkv_pack: num_query_groups = 2 is not divisible by tp_size = 4"),
+        (lambda q, k, v: ops.qkv_pack(q, k, v, num_heads=8, num_query_groups=2, head_dim=4, tp_size=3),
+         r"qkv_pack: num_query_groups = 2 is not divisible by tp_size = 3, nor tp_size by num_query_groups"),
+        (lambda q, k, v: ops.qkv_pack(q, k, v, num_heads=8, num_query_groups=2, head_dim=4, tp_size=32),
+         r"qkv_pack: a query group's 24 packed rows .* do not split into tp_size / num_query_groups = 16 equal"),
         (lambda q, k, v: ops.qkv_pack(q, k, v, num_heads=8, num_query_groups=3, head_dim=4),
          r"qkv_pack: num_heads = 8 is not divisible by num_query_groups = 3"),
         (lambda q, k, v: ops.qkv_pack(q[:-1], k, v, num_heads=8, num_query_groups=2, head_dim=4),

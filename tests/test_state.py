@@ -370,8 +370,8 @@ def test_shards_appear_as_soon_as_complete_out_of_order(tmp_path):
         "model-00002-of-00003.safetensors": ["k2", "k3"],
         "model-00003-of-00003.safetensors": ["k4", "k5"],
     }
-    def visible():
-        return sorted(f for f in os.listdir(tmp_path) if not f.startswith("."))
+    def visible():  # shards appear in the staging directory; the output directory gets them all at close()
+        return sorted(f for f in os.listdir(w.work_dir) if not f.startswith("."))
 
     assert w.add("k5", tensors["k5"]) is None
     k2 = tensors["k2"].clone()
@@ -382,16 +382,17 @@ def test_shards_appear_as_soon_as_complete_out_of_order(tmp_path):
     del k2
     assert k2_ref() is None
     written = w.add("k3", tensors["k3"])
-    assert written == str(tmp_path / "model-00002-of-00003.safetensors")
+    assert written == os.path.join(w.work_dir, "model-00002-of-00003.safetensors")
     assert visible() == ["model-00002-of-00003.safetensors"]
     assert torch.equal(load_file(written)["k3"], tensors["k3"])
     assert torch.equal(load_file(written)["k2"], tensors["k2"])
     w.add("k4", tensors["k4"])
-    assert "model-00003-of-00003.safetensors" in os.listdir(tmp_path)
-    assert SAFE_WEIGHTS_INDEX_NAME not in os.listdir(tmp_path)
+    assert "model-00003-of-00003.safetensors" in os.listdir(w.work_dir)
+    assert SAFE_WEIGHTS_INDEX_NAME not in os.listdir(w.work_dir)
     w.add("k0", tensors["k0"])
     w.add("k1", tensors["k1"])
-    assert SAFE_WEIGHTS_INDEX_NAME not in os.listdir(tmp_path)  # the index comes last
+    assert SAFE_WEIGHTS_INDEX_NAME not in os.listdir(w.work_dir)  # the index comes last
+    assert os.listdir(tmp_path) == []  # nothing in the output directory before the swap
     w.close()
     assert SAFE_WEIGHTS_INDEX_NAME in os.listdir(tmp_path)
 
@@ -422,8 +423,9 @@ def test_strict_failure_leaves_no_index(tmp_path):
         w.add(k, tensors[k])
     with pytest.raises(ValueError, match=r"2 of 6 expected tensors never arrived: \['k3', 'k4'\]"):
         w.close()
-    files = sorted(os.listdir(tmp_path))
-    assert files == ["model-00001-of-00003.safetensors"]  # complete shard only; incomplete ones never written
+    # the whole save is staged: the output directory is left as it was (empty), and no staging directory remains
+    assert os.listdir(tmp_path) == []
+    assert not [f for f in os.listdir(tmp_path.parent) if f.startswith(f".{tmp_path.name}.")]
     with pytest.raises(FileNotFoundError):
         SafeTensorsSource(tmp_path)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from typing import Any, Dict, List, Optional
 
 __all__ = ["add_arguments", "run", "export_checkpoint", "check_source_agrees"]
@@ -91,29 +90,14 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
         destroy_parallel()
 
 
-def _prepare_destination(out_dir: str, overwrite: bool, clear: bool) -> Optional[str]:
-    """Where to write: ``out_dir`` itself when it is new or empty, else (``overwrite``) a sibling that replaces it
-    once complete. Returns the staging directory or None; ``clear`` (rank 0) removes a leftover staging directory."""
+def _check_destination(out_dir: str, overwrite: bool) -> None:
+    """A new or empty ``out_dir``, or ``overwrite``: the save then replaces the old checkpoint whole, once the new one
+    is complete (``save_hf_pretrained`` stages it beside ``out_dir``)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
-        return None
-    if not overwrite:
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it (the old "
-                              "checkpoint is removed only once the new one is complete)")
-    staging = out_dir.rstrip(os.sep) + ".partial"
-    if clear and os.path.exists(staging):  # an interrupted export of ours, never a complete checkpoint
-        shutil.rmtree(staging)
-    return staging
-
-
-def _swap_in(staging: str, out_dir: str) -> None:
-    old = out_dir.rstrip(os.sep) + ".old"
-    if os.path.exists(old):
-        shutil.rmtree(old)
-    os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old)
+                              "checkpoint is replaced only once the new one is complete)")
 
 
 def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
@@ -133,14 +117,11 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
     resolve_checkpoint(meg_dir)  # fail before starting any process
     if hf_source is not None and not os.path.isdir(hf_source):
         raise FileNotFoundError(f"--hf-source {hf_source!r} does not exist (missing)")
-    staging = _prepare_destination(out_dir, overwrite, clear=is_rank0())  # every rank decides the same
+    _check_destination(out_dir, overwrite)  # every rank decides the same, before any process starts
     layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
-    target = staging or out_dir
     results: List[Any] = run_world(_worker, world_size_for(layout),
-                                   (meg_dir, target, layout, hf_source, show, verbose, fsync),
+                                   (meg_dir, out_dir, layout, hf_source, show, verbose, fsync),
                                    timeout=timeout, backend=backend)
-    if staging is not None and is_rank0():
-        _swap_in(staging, out_dir)
     res = results[0]
     res["out_dir"] = out_dir
     if is_rank0():

@@ -54,6 +54,10 @@ def roundtrip(ckpt: str, out_dir: str, *, tp: int = 2, pp: int = 1, vpp: Optiona
     from megatron_bridge_ext.testing.parity import compare_checkpoints
 
     quiet_third_party(verbose)
+    from megatron_bridge_ext.io import SafeTensorsSource
+
+    # validates the safetensors checkpoint first: a pickle-only checkpoint is refused here, never unpickled
+    SafeTensorsSource(ckpt).close()
     tokens = hf_logits = None
     t_hf = 0.0
     if check_logits:
@@ -63,7 +67,9 @@ def roundtrip(ckpt: str, out_dir: str, *, tp: int = 2, pp: int = 1, vpp: Optiona
         import transformers
 
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        model = AutoModelForCausalLM.from_pretrained(ckpt, **{dtype_kw: torch.float32})
+        # safetensors only: transformers never falls back to the pickle weights of the directory
+        model = AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True, local_files_only=True,
+                                                     **{dtype_kw: torch.float32})
         model.eval()
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)

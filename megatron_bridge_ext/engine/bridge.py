@@ -18,12 +18,22 @@ from __future__ import annotations
 import fnmatch
 import logging
 import warnings
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext import ops
+from megatron_bridge_ext.engine.checks import (
+    KNOWN_NON_WEIGHTS,
+    check_config_against_tensors,
+    check_dtype_class,
+    check_raw_config,
+    conversion_error,
+    dtype_class,
+    unused_hf_tensors,
+)
+from megatron_bridge_ext.engine.peers import Watch, current_watch
 from megatron_bridge_ext.engine.tasks import GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
@@ -93,12 +103,24 @@ class MegatronModelBridge:
     #: architecture defaults to the name the bridge is registered under
     hf_architecture: Optional[str] = None
     hf_model_type: Optional[str] = None
+    #: config.json fields the family cannot do without, checked as written (before transformers fills in defaults)
+    required_hf_fields: Tuple[str, ...] = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                                           "intermediate_size")
+    #: fnmatch patterns of HF tensors an import may leave unused by default: buffers, not weights
+    known_non_weights: Tuple[str, ...] = KNOWN_NON_WEIGHTS
 
     def __init__(self) -> None:
         self._registry: Optional[MegatronMappingRegistry] = None
         self._order: Optional[GlobalOrder] = None
         self._transport = Transport()
         self.show_progress = True
+        #: seconds a collective wait may make no progress before the awaited rank is declared frozen (None:
+        #: ``$MEGATRON_BRIDGE_PEER_TIMEOUT``, else 600); see :mod:`megatron_bridge_ext.engine.peers`
+        self.peer_timeout: Optional[float] = None
+
+    def watch(self, name: str) -> Watch:
+        """The failure watch of a collective operation (the running one when nested)."""
+        return current_watch() or Watch(name, self.peer_timeout)
 
     def release_buffers(self) -> None:
         """Free the flat export buffers kept between exports (at most two messages and one send buffer)."""
@@ -136,6 +158,26 @@ class MegatronModelBridge:
     def mapping_registry(self) -> MegatronMappingRegistry:
         """The parameter mappings of this architecture."""
         raise NotImplementedError(f"{type(self).__name__} must implement mapping_registry")
+
+    def check_hf_config(self, raw_config: Mapping[str, Any], where: str) -> None:
+        """The raw ``config.json`` (as written, before transformers fills in defaults) has every field in
+        :attr:`required_hf_fields`, as a positive integer.
+
+        Raises:
+            ValueError: naming ``where`` (the file), the family and the missing or bad fields.
+        """
+        check_raw_config(raw_config, self.required_hf_fields, type(self).__name__, where)
+
+    def check_hf_checkpoint(self, hf_pretrained: Any) -> None:
+        """The checkpoint's config agrees with its tensors (headers only): layer count, vocabulary rows, heads x
+        head_dim, experts per layer.
+
+        Raises:
+            ValueError: naming both sides (the config field and value, the tensor, its file and shape).
+        """
+        kwargs = self.hf_config_to_megatron_kwargs(hf_pretrained.config)
+        where = getattr(hf_pretrained, "config_path", None) or getattr(hf_pretrained, "path", "HF checkpoint")
+        check_config_against_tensors(kwargs, self.registry, hf_pretrained.state, where)
 
     def maybe_modify_loaded_hf_weight(
         self, hf_param: Union[str, Dict[str, Any]], hf_state: Mapping[str, torch.Tensor]
@@ -244,10 +286,20 @@ class MegatronModelBridge:
         return tuple(task.mapping.hf_to_megatron(meta_in, ctx).shape)
 
     def _convert_one(self, task: WeightConversionTask, hf_state, ctx: ConversionContext, allowed: Sequence[str]):
-        """Converts one owned task straight into its parameter(s); None when an allowed mismatch skipped it."""
-        hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, hf_state)
-        targets = task.local_tensors
-        got = self._expected_shape(task, hf, ctx)
+        """Converts one owned task straight into its parameter(s); None when an allowed mismatch skipped it.
+
+        Raises:
+            ValueError: a shape mismatch or a dtype class that cannot be right (both sides named).
+            The error of a mapping or an op, with the HF name(s), the Megatron name and the file in front.
+        """
+        names = task.mapping.hf_names
+        where = f"HF {_short(names)} in {_files_of(hf_state, names)} -> Megatron {task.global_param_name}"
+        try:
+            hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, hf_state)
+            targets = task.local_tensors
+            got = self._expected_shape(task, hf, ctx)
+        except Exception as e:
+            raise conversion_error(e, where) from e
         want = tuple(targets[0].shape)
         if got != want:
             if any(fnmatch.fnmatch(task.mapping.megatron_param, p) or fnmatch.fnmatch(task.param_name, p)
@@ -258,8 +310,17 @@ class MegatronModelBridge:
             raise ValueError(
                 f"shape mismatch for Megatron parameter {task.global_param_name}: expected {want}, converted "
                 f"HF tensor(s) {task.mapping.hf_param} give {got} ({type(task.mapping).__name__}, "
-                f"tp={ctx.tp_size}{f', ep={ctx.ep_size}' if task.is_group else ''})"
+                f"tp={ctx.tp_size}{f', ep={ctx.ep_size}' if task.is_group else ''}; "
+                f"file(s) {_files_of(hf_state, names)})"
             )
+        check_dtype_class(names, [t.dtype for t in _all_tensors(hf)], targets[0].dtype, task.global_param_name,
+                          lambda n: _files_of(hf_state, [n]))
+        try:
+            return self._pack(task, hf, ctx, targets)
+        except Exception as e:
+            raise conversion_error(e, where) from e
+
+    def _pack(self, task: WeightConversionTask, hf: Any, ctx: ConversionContext, targets) -> Any:
         first = _first_tensor(hf)
         datas = [t.data for t in targets]
         if task.is_group:
@@ -281,12 +342,30 @@ class MegatronModelBridge:
         data.copy_(task.mapping.hf_to_megatron(hf, ctx))
         return data
 
+    def _check_unused(self, state: Any, tasks: Sequence[WeightConversionTask], chunks,
+                      allowed: Optional[Sequence[str]]) -> None:
+        """Every HF tensor is consumed by a task, or allowed by a pattern; else the import fails naming them."""
+        consumed = {n for t in tasks for n in t.mapping.hf_names}
+        if is_tied(chunks):
+            consumed.add(self.tied_output_hf_name)  # HF's copy of the tied embedding; export reproduces it
+        patterns = self.known_non_weights if allowed is None else tuple(allowed)
+        unused = unused_hf_tensors(state.keys(), consumed, patterns)
+        if unused:
+            shown = [f"{n} ({_files_of(state, [n])})" for n in unused[:20]]
+            raise ValueError(
+                f"{type(self).__name__}: {len(unused)} HF tensor(s) of {getattr(state, 'path', 'the checkpoint')} "
+                f"are used by no mapping of this model: {shown}{' ...' if len(unused) > 20 else ''}. Importing would "
+                f"silently drop them; pass allowed_unused_hf_params=[patterns] to allow them (allowed now: "
+                f"{list(patterns)})"
+            )
+
     def load_weights_hf_to_megatron(
         self,
         hf_pretrained: Any,
         megatron_model: Model,
         allowed_mismatched_params: Optional[Sequence[str]] = None,
         show_progress: Optional[bool] = None,
+        allowed_unused_hf_params: Optional[Sequence[str]] = None,
     ) -> List[torch.nn.Module]:
         """Load HF weights into this rank's Megatron chunk(s), each rank reading only what it keeps.
 
@@ -295,28 +374,39 @@ class MegatronModelBridge:
             megatron_model: model chunk or list of virtual-pipeline chunks.
             allowed_mismatched_params: fnmatch globs of Megatron names whose shape mismatch is skipped with a warning.
             show_progress: rich progress bar on rank 0 (default: ``self.show_progress``).
+            allowed_unused_hf_params: fnmatch globs of HF tensors the model may leave unused (default:
+                :attr:`known_non_weights`, e.g. ``*.rotary_emb.inv_freq``); any other unused tensor fails the import.
 
         Returns:
             The list of chunks.
 
         Raises:
-            ValueError: missing HF tensors, unmapped parameters, shape mismatches (both shapes named).
+            ValueError: missing or unused HF tensors, unmapped parameters, shape mismatches (both shapes named),
+                dtype classes that cannot be right.
         """
         chunks = as_chunks(megatron_model)
         state = hf_pretrained.state
-        tasks, _ = self._tasks(state.keys(), chunks)
-        topo = Topology.current()
-        allowed = list(allowed_mismatched_params or [])
-        owned = [t for t in tasks if t.owned]
-        release = getattr(state, "release", None)
-        show = self.show_progress if show_progress is None else show_progress
-        with torch.no_grad():
-            for task in progress(owned, "Loading HF weights", show):
-                ctx = self._context(task, topo, hf_pretrained.config, chunks)
-                self._convert_one(task, state, ctx, allowed)
-                if release is not None:
-                    release(task.mapping.hf_names)
-            broadcast_tied_embeddings(chunks)
+        with self.watch("import") as watch:
+            watch.barrier("import: start")  # every rank is here before the collective name exchange
+            watch.set_phase("import: conversion tasks")
+            tasks, _ = self._tasks(state.keys(), chunks)
+            self._check_unused(state, tasks, chunks, allowed_unused_hf_params)
+            topo = Topology.current()
+            allowed = list(allowed_mismatched_params or [])
+            owned = [t for t in tasks if t.owned]
+            release = getattr(state, "release", None)
+            show = self.show_progress if show_progress is None else show_progress
+            with torch.no_grad():
+                for task in progress(owned, "Loading HF weights", show):
+                    watch.set_phase(f"import: {task.global_param_name}")
+                    watch.check()  # a peer's failure stops this rank within a slice
+                    ctx = self._context(task, topo, hf_pretrained.config, chunks)
+                    self._convert_one(task, state, ctx, allowed)
+                    if release is not None:
+                        release(task.mapping.hf_names)
+                watch.barrier("import: converted")  # every rank converted before the tied-embedding broadcast
+                watch.set_phase("import: tied embeddings")
+                broadcast_tied_embeddings(chunks)
         return chunks
 
     def stream_weights_hf_to_megatron(
@@ -324,11 +414,13 @@ class MegatronModelBridge:
         hf_pretrained: Any,
         megatron_model: Model,
         conversion_tasks: Optional[List[WeightConversionTask]] = None,
+        allowed_unused_hf_params: Optional[Sequence[str]] = None,
     ) -> Iterator[MegatronWeightTuple]:
         """Generator variant: yields this rank's converted tensors (fresh tensors; the model is not modified)."""
         chunks = as_chunks(megatron_model)
         state = hf_pretrained.state
         tasks = conversion_tasks if conversion_tasks is not None else self._tasks(state.keys(), chunks)[0]
+        self._check_unused(state, tasks, chunks, allowed_unused_hf_params)
         topo = Topology.current()
         local_names = {}
         if any(t.is_group for t in tasks):
@@ -340,8 +432,17 @@ class MegatronModelBridge:
                 if not task.owned:
                     continue
                 ctx = self._context(task, topo, hf_pretrained.config, chunks)
-                hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, state)
-                converted = task.mapping.hf_to_megatron(hf, ctx)
+                names = task.mapping.hf_names
+                try:
+                    hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, state)
+                    check_dtype_class(names, [t.dtype for t in _all_tensors(hf)], task.local_tensors[0].dtype,
+                                      task.global_param_name, lambda n: _files_of(state, [n]))
+                    converted = task.mapping.hf_to_megatron(hf, ctx)
+                except Exception as e:
+                    if getattr(e, "bridge_context", False):
+                        raise
+                    raise conversion_error(e, f"HF {_short(names)} in {_files_of(state, names)} -> Megatron "
+                                              f"{task.global_param_name}") from e
                 if not task.is_group:
                     yield MegatronWeightTuple(task.param_name, converted, task.vp_stage)
                     continue
@@ -404,6 +505,22 @@ class MegatronModelBridge:
                 requested: for consumers that use each tensor at once (e.g. a writer), saving an allocation and a copy.
             cpu: move the HF tensors to the CPU (when the model lives on a GPU); False keeps them on the device.
         """
+        watch = self.watch("export")
+        try:
+            yield from self._stream_to_hf(watch, megatron_model, hf_pretrained, bucket_bytes, dst, show_progress,
+                                          hf_config, conversion_tasks, copy, cpu)
+        except GeneratorExit:
+            # the consumer stopped early: tell the other ranks (they would wait for this rank's next receive)
+            if not watch.reported:
+                watch.report(RuntimeError(f"rank {watch.rank} stopped consuming the export during "
+                                          f"{watch.phase!r} (the iterator was closed before its end)"))
+            raise
+        except Exception as e:
+            watch.report(e)
+            raise
+
+    def _stream_to_hf(self, watch: Watch, megatron_model, hf_pretrained, bucket_bytes, dst, show_progress, hf_config,
+                      conversion_tasks, copy, cpu) -> Iterator[HFWeightTuple]:
         chunks = as_chunks(megatron_model)
         topo = Topology.current()
         config = hf_config if hf_config is not None else getattr(hf_pretrained, "config", None)
@@ -415,23 +532,29 @@ class MegatronModelBridge:
         if not everyone and not (0 <= int(dst) < topo.world):
             raise ValueError(f"dst must be a global rank in [0, {topo.world}) or 'all', got {dst!r}")
         dst_rank = 0 if everyone else int(dst)
+        watch.barrier(f"{watch.name}: start")  # every rank is here before the collective name exchange
         tasks, meta = self._tasks(None, chunks)
         if conversion_tasks is not None:
             tasks = conversion_tasks
         tied_copy = is_tied(chunks) and hf_keys is not None and self.tied_output_hf_name in hf_keys
         plans = [BucketPlan.make(b, meta, topo, dst_rank, everyone) for b in cut_buckets(tasks, meta, bucket_bytes)]
         show = self.show_progress if show_progress is None else show_progress
-        stream = self._transport.stream(plans, topo, dst_rank, everyone)
+        stream = self._transport.stream(plans, topo, dst_rank, everyone, watch=watch)
         for plan, views in progress(stream, "Exporting HF weights", show, total=len(plans)):
             if views is None:  # not a receiving rank: this bucket was sent (or had nothing of ours)
                 continue
             for (task, m), shards in zip(plan.layout, views):
                 ctx = self._export_context(task, m, len(shards), topo, config, chunks)
-                converted = task.mapping.megatron_to_hf(shards, ctx)
-                converted = self.maybe_modify_converted_hf_weight(task, converted)
+                try:
+                    converted = task.mapping.megatron_to_hf(shards, ctx)
+                    converted = self.maybe_modify_converted_hf_weight(task, converted)
+                    converted = {name: _to_hf_dtype(name, t, state) for name, t in converted.items()}
+                except Exception as e:
+                    raise conversion_error(e, f"export of Megatron {task.global_param_name} -> HF "
+                                              f"{_short(task.mapping.hf_names)} ({type(task.mapping).__name__})"
+                                           ) from e
                 storages = {s.untyped_storage().data_ptr() for s in shards}
                 for name, tensor in converted.items():
-                    tensor = _to_hf_dtype(name, tensor, state)
                     if cpu and tensor.device.type != "cpu":
                         tensor = tensor.cpu()
                     if copy and tensor.untyped_storage().data_ptr() in storages:
@@ -448,8 +571,43 @@ def _first_tensor(hf: Any) -> torch.Tensor:
     return value
 
 
+def _all_tensors(hf: Any) -> List[torch.Tensor]:
+    values = list(hf.values()) if isinstance(hf, dict) else [hf]
+    out: List[torch.Tensor] = []
+    for v in values:
+        out.extend(v if isinstance(v, (list, tuple)) else [v])
+    return out
+
+
+def _short(names: Sequence[str], limit: int = 4) -> str:
+    names = list(names)
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} tensors)" if len(names) > limit else "")
+
+
+def _files_of(state: Any, names: Sequence[str]) -> str:
+    """The file(s) holding HF tensors ``names`` (their base names when they share a directory)."""
+    file_of = getattr(state, "file_of", None)
+    if file_of is None:
+        return "the HF state"
+    files = []
+    for n in names:
+        try:
+            f = file_of(n)
+        except Exception:
+            continue
+        if f not in files:
+            files.append(f)
+    return ", ".join(files) if files else "the HF checkpoint"
+
+
 def _to_hf_dtype(name: str, tensor: torch.Tensor, state: Any) -> torch.Tensor:
     if state is None or name not in state:
         return tensor
     want = state.dtype(name) if hasattr(state, "dtype") else state[name].dtype
-    return tensor if tensor.dtype == want else tensor.to(want)
+    if tensor.dtype == want:
+        return tensor
+    if dtype_class(tensor.dtype) != dtype_class(want):
+        raise ValueError(f"export of HF tensor {name}: the model gives {tensor.dtype} ({dtype_class(tensor.dtype)}) "
+                         f"but the source checkpoint holds it as {want} ({dtype_class(want)}); refusing to cast "
+                         "between dtype classes")
+    return tensor.to(want)

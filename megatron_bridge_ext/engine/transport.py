@@ -7,6 +7,10 @@ receives the next bucket while the current one is handed out (two message buffer
 buckets and exports (repeated weight syncs touch them once). With ``everyone`` each bucket is then broadcast from the
 destination to every rank. The transport knows nothing of HF names: it hands out, per task, the list of its shards
 (views into the message, or the parameter itself on the direct path).
+
+Every message is posted as async work and waited for through a :class:`~megatron_bridge_ext.engine.peers.Watch`:
+in short slices, watching the store for a peer's error record, so that no rank stays blocked in a send or a receive
+when another rank has failed, died or frozen (see :mod:`megatron_bridge_ext.engine.peers`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_bridge_ext.engine.peers import Watch
 from megatron_bridge_ext.engine.tasks import ParamMeta, WeightConversionTask
 from megatron_bridge_ext.mcore.topology import Topology, comm_device
 
@@ -138,18 +143,31 @@ class Transport:
         topo: Topology,
         dst: int,
         everyone: bool,
+        watch: Optional[Watch] = None,
     ) -> Iterator[Tuple[BucketPlan, Optional[List[List[torch.Tensor]]]]]:
         """Drive every bucket's transfer; yields ``(plan, shards per task)`` per bucket, with None for the shards on
         ranks that do not receive.
 
         Every rank must exhaust the iterator (it drives the point-to-point messages and broadcasts). The shard views
-        are valid until the next item is requested.
+        are valid until the next item is requested. Waits go through ``watch`` (a peer's failure, death or freeze
+        ends them with a :class:`~megatron_bridge_ext.engine.peers.PeerFailure`); after a failure the buffers are
+        released (a receive may still be pending into them).
         """
-        device = comm_device()  # NCCL moves CUDA buffers, gloo CPU ones
-        pending: Dict[int, Tuple[torch.Tensor, List[object]]] = {}  # bucket index -> (message, receive requests)
-        receiving = everyone or topo.rank == dst
+        watch = watch if watch is not None else Watch("export")
+        try:
+            yield from self._stream(plans, topo, dst, everyone, watch)
+        except BaseException:
+            self.release()
+            raise
 
-        def post_receive(i: int) -> Tuple[torch.Tensor, List[object]]:
+    def _stream(self, plans, topo, dst, everyone, watch):
+        device = comm_device()  # NCCL moves CUDA buffers, gloo CPU ones
+        # bucket index -> (message, [(receive request, source rank)])
+        pending: Dict[int, Tuple[torch.Tensor, List[Tuple[object, int]]]] = {}
+        receiving = everyone or topo.rank == dst
+        n = len(plans)
+
+        def post_receive(i: int) -> Tuple[torch.Tensor, List[Tuple[object, int]]]:
             """On the destination: place its own part and post one receive per other holder (double-buffered)."""
             plan = plans[i]
             msg = self._buffer(f"msg{i % 2}", plan.msg_bytes, device)
@@ -159,10 +177,12 @@ class Transport:
                 if src == topo.rank:
                     _pack_part(msg[lo:hi], plan, t)
                 elif hi > lo:
-                    requests.append(dist.irecv(msg[lo:hi], src=src))
+                    requests.append((dist.irecv(msg[lo:hi], src=src), src))
             return msg, requests
 
         for i, plan in enumerate(plans):
+            watch.set_phase(f"{watch.name}: bucket {i + 1} of {n}")
+            watch.check()
             if plan.direct:  # the destination owns the whole bucket: hand out the parameters themselves
                 yield plan, [[task.param_weight.detach()] for task, _ in plan.layout]
                 continue
@@ -171,16 +191,19 @@ class Transport:
                 t = plan.senders.index(topo.rank)
                 lo, hi = plan.part_range(t)
                 if hi > lo:
-                    dist.send(_pack_part(self._buffer("send", hi - lo, device), plan, t), dst=dst)
+                    work = dist.isend(_pack_part(self._buffer("send", hi - lo, device), plan, t), dst=dst)
+                    watch.wait([(work, dst)], f"sending {hi - lo} bytes of bucket {i + 1} of {n} to rank {dst}")
             if topo.rank == dst:
                 msg, requests = pending.pop(i) if i in pending else post_receive(i)
-                for req in requests:
-                    req.wait()
+                watch.wait(requests, f"receiving bucket {i + 1} of {n} from rank(s) "
+                                     f"{sorted({src for _, src in requests})}")
                 # receive the next bucket while this one is handed out
                 if not everyone and i + 1 < len(plans) and not plans[i + 1].direct:
                     pending[i + 1] = post_receive(i + 1)
             if everyone and topo.world > 1:
                 if msg is None:
                     msg = self._buffer("msg0", plan.msg_bytes, device)
-                dist.broadcast(msg, src=dst)
+                work = dist.broadcast(msg, src=dst, async_op=True)
+                watch.wait([(work, None if topo.rank == dst else dst)],
+                           f"broadcast of bucket {i + 1} of {n} from rank {dst}")
             yield plan, _split_message(msg, plan) if receiving else None

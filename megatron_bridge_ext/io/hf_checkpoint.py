@@ -3,61 +3,119 @@ config, ...) a converted checkpoint carries along."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, List, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
-from megatron_bridge_ext.io.hf_source import SafeTensorsSource
-from megatron_bridge_ext.io.safetensors import CONFIG_NAME
+from megatron_bridge_ext.io.hf_source import SafeTensorsSource, refuse_pickle_only
+from megatron_bridge_ext.io.safetensors import CONFIG_NAME, read_json_object
+from megatron_bridge_ext.io import staging
+from megatron_bridge_ext.io.staging import _TEMP_RE, interrupted_save_hint, is_weight_file, no_space_error
 
-__all__ = ["HFCheckpoint", "side_files", "copy_side_files"]
+__all__ = ["HFCheckpoint", "read_hf_config", "architectures_of", "side_files", "copy_side_files"]
 
-# Files of an HF checkpoint directory that are weights (written by the exporter) rather than side files to copy.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def read_hf_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The raw ``config.json`` of a checkpoint directory, as written (before transformers fills in defaults).
+
+    Raises:
+        FileNotFoundError: naming the missing directory or config.json.
+        ValueError: corrupt JSON, a field given twice, or not a JSON object (the file named).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"HF checkpoint directory {path!r} does not exist{interrupted_save_hint(path)}")
+    cfg = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg):
+        raise FileNotFoundError(f"HF checkpoint {path!r} has no {CONFIG_NAME}")
+    return read_json_object(cfg, CONFIG_NAME)
+
+
+def architectures_of(raw_config: Mapping[str, Any], where: str) -> List[str]:
+    """The ``architectures`` list of a raw config.
+
+    Raises:
+        ValueError: absent, empty or not a list of strings (``where`` names the file).
+    """
+    archs = raw_config.get("architectures")
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) and a for a in archs):
+        raise ValueError(f"{where}: 'architectures' is {archs!r}; expected a non-empty list of class names (it "
+                         "chooses the bridge)")
+    return list(archs)
 
 
 @dataclass
 class HFCheckpoint:
-    """A local HF checkpoint: its ``config`` (transformers PretrainedConfig) and lazy ``state`` (safetensors)."""
+    """A local HF checkpoint: its ``config`` (transformers PretrainedConfig), lazy ``state`` (safetensors) and the
+    ``raw_config`` (``config.json`` as written)."""
 
     path: str
     config: Any
     state: SafeTensorsSource
+    raw_config: Optional[Dict[str, Any]] = None
 
     @property
     def model_name_or_path(self) -> str:
         return self.path
 
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.path, CONFIG_NAME)
+
     @classmethod
-    def open(cls, path: Union[str, os.PathLike]) -> "HFCheckpoint":
+    def open(cls, path: Union[str, os.PathLike], raw_config: Optional[Dict[str, Any]] = None) -> "HFCheckpoint":
         """Open a checkpoint directory (config.json + safetensors); nothing is read until a tensor is used.
 
+        The safetensors headers are validated before transformers reads the config; a directory with only pickle
+        weights is refused (never unpickled).
+
         Raises:
-            FileNotFoundError: naming the missing directory or config.json.
+            FileNotFoundError: naming the missing directory, config.json or weights.
+            ValueError: a corrupt config.json or safetensors file, pickle-only weights.
         """
         path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"HF checkpoint directory {path!r} does not exist")
-        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-            raise FileNotFoundError(f"HF checkpoint {path!r} has no {CONFIG_NAME}")
-        from transformers import AutoConfig
+        raw = read_hf_config(path) if raw_config is None else raw_config
+        refuse_pickle_only(path)
+        state = SafeTensorsSource(path)
+        try:
+            from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        return cls(path=path, config=config, state=SafeTensorsSource(path))
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        except BaseException:
+            state.close()
+            raise
+        return cls(path=path, config=config, state=state, raw_config=raw)
 
 
 def side_files(src_dir: str) -> List[str]:
-    """Names of the files of a checkpoint directory that are not weights (config, tokenizer, ...), sorted."""
+    """Names of the files of a checkpoint directory that are not weights (config, tokenizer, ...), sorted; weights
+    and indexes of any format and temporary files of killed saves are left out."""
     return [name for name in sorted(os.listdir(src_dir))
-            if os.path.isfile(os.path.join(src_dir, name)) and not name.endswith(_WEIGHT_SUFFIXES)
-            and name not in _WEIGHT_INDEXES]
+            if os.path.isfile(os.path.join(src_dir, name)) and not is_weight_file(name) and not _TEMP_RE.match(name)]
 
 
-def copy_side_files(src_dir: str, out_dir: str) -> List[str]:
-    """Copies every side file of ``src_dir`` into ``out_dir``; returns their names."""
+def copy_side_files(src_dir: str, out_dir: str, fsync: bool = True) -> List[str]:
+    """Copies every side file of ``src_dir`` into ``out_dir`` (each flushed to disk unless ``fsync=False``); returns
+    their names.
+
+    Raises:
+        OSError: "no space left" naming the file and the bytes needed.
+    """
     names = side_files(src_dir)
-    for name in names:
-        shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    for i, name in enumerate(names):
+        dst = os.path.join(out_dir, name)
+        try:
+            shutil.copyfile(os.path.join(src_dir, name), dst)
+            if fsync:
+                with open(dst, "rb+") as f:
+                    os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                needed = sum(os.path.getsize(os.path.join(src_dir, n)) for n in names[i:])
+                raise no_space_error(e, dst, needed, f"side file {name}") from None
+            raise
+    staging._crash_point("after_side_files")
     return names

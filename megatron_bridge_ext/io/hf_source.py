@@ -1,11 +1,24 @@
 """A lazy, memory-mapped HF safetensors checkpoint: :class:`SafeTensorsSource` parses the safetensors headers itself
 and hands out zero-copy views of a private (copy-on-write) memory map of each shard, so a consumer that reads only some
 rows of a tensor touches only those pages: each rank reads its own slice and nothing else.
+
+The checkpoint directory is a trust boundary. What the files *say* is checked before anything is mapped:
+
+- an index entry is a relative path that stays inside the directory as written: no absolute path, no ``..``, ``.``
+  or empty component, no NUL. "Inside" is judged on the name, not on where a symlink leads: the directory's own
+  symlinks are its owner's choice and are followed (an HF cache snapshot links every file to ``../../blobs/<hash>``),
+  while a name in the index that climbs out (``../../etc/passwd``) is refused. What an entry names must be a regular
+  file (not a device or a pipe).
+- a tensor listed in two shards, a shard holding a tensor its index does not list (or lists under another shard), a
+  name given twice in one header or in the index, overlapping or out-of-range byte ranges, shapes that are not
+  non-negative integers and dtypes that do not match the byte length are refused, naming the file and the tensor
+  (see :func:`~megatron_bridge_ext.io.safetensors.parse_entries`).
+- weights in pickle files (``*.bin``, ``*.pt``, ``*.pth``) are never unpickled (unpickling runs code): a checkpoint
+  with only those is refused with a message saying that safetensors is required.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -22,10 +35,71 @@ from megatron_bridge_ext.io.safetensors import (
     SHARD_RE,
     Entry,
     parse_entries,
+    parse_metadata,
     read_header,
+    read_json_object,
 )
+from megatron_bridge_ext.io.staging import interrupted_save_hint
 
-__all__ = ["SafeTensorsSource"]
+__all__ = ["SafeTensorsSource", "PICKLE_SUFFIXES", "pickle_weight_files", "refuse_pickle_only", "entry_path"]
+
+#: weight files in Python's pickle format: never opened here
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PICKLE_INDEXES = ("pytorch_model.bin.index.json",)
+
+
+def pickle_weight_files(root: str) -> List[str]:
+    """Names of the pickle weight files (and pickle indexes) at the top of a directory, sorted."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return sorted(n for n in names if (n.endswith(PICKLE_SUFFIXES) or n in _PICKLE_INDEXES)
+                  and os.path.isfile(os.path.join(root, n)))
+
+
+def refuse_pickle_only(root: str) -> None:
+    """Raises when ``root`` holds pickle weights and no safetensors weights (it never unpickles them).
+
+    Raises:
+        ValueError: naming the pickle files and saying that safetensors is required.
+    """
+    try:
+        has_safetensors = any(n.endswith(".safetensors") or n == SAFE_WEIGHTS_INDEX_NAME for n in os.listdir(root))
+    except OSError:
+        return
+    found = pickle_weight_files(root)
+    if found and not has_safetensors:
+        raise ValueError(
+            f"{root}: holds only pickle weights ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}); "
+            "safetensors is required. Pickle files can run arbitrary code when loaded, so they are never unpickled "
+            "here: convert them to safetensors where you trust them (e.g. transformers' save_pretrained with "
+            "safe_serialization=True)"
+        )
+
+
+def entry_path(root: str, name: Any, where: str) -> str:
+    """The path of an index entry ``name`` inside ``root``; refuses names that leave it (see the module docstring).
+
+    Raises:
+        ValueError: a non-string, absolute, empty, NUL-containing name, or one with ``..``/``.``/empty components.
+        FileNotFoundError: nothing there; ValueError: something that is not a regular file.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: {name!r} is not a file name")
+    parts = name.replace("\\", "/").split("/")
+    if "\0" in name or os.path.isabs(name) or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(
+            f"{where}: {name!r} does not name a file inside the checkpoint directory {root} (absolute paths and "
+            "'..', '.' or empty path components are refused)"
+        )
+    path = os.path.join(root, *parts)
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{where}: {name} is missing from {root}")
+    if not os.path.isfile(path):
+        kind = "a broken symlink" if not os.path.exists(path) else "not a regular file"
+        raise ValueError(f"{where}: {path} is {kind}")
+    return path
 
 
 class SafeTensorsSource(Mapping[str, torch.Tensor]):
@@ -51,6 +125,11 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
         self._mmaps: List[Optional[mmap.mmap]] = []
         self._closed = False
         if os.path.isfile(path):
+            if path.endswith(PICKLE_SUFFIXES):
+                raise ValueError(
+                    f"{path}: a pickle weight file; safetensors is required (pickle files can run arbitrary code "
+                    "when loaded and are never unpickled here)"
+                )
             if not path.endswith(".safetensors"):
                 raise ValueError(f"{path}: not a .safetensors file")
             self.root = os.path.dirname(os.path.abspath(path))
@@ -60,7 +139,8 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
             self.root = os.path.abspath(path)
             files, index_keys = self._resolve_dir(self.root)
         else:
-            raise FileNotFoundError(f"HF checkpoint not found: {path} is neither a directory nor a file")
+            raise FileNotFoundError(f"HF checkpoint not found: {path} is neither a directory nor a file"
+                                    f"{interrupted_save_hint(path)}")
         if require_config and not os.path.isfile(os.path.join(self.root, CONFIG_NAME)):
             raise FileNotFoundError(f"{self.root}: {CONFIG_NAME} is missing")
         self._files = files
@@ -70,10 +150,7 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
         per_file: List[Dict[str, Entry]] = []
         for i, f in enumerate(files):
             data_start, header, size = read_header(f)
-            meta = header.get("__metadata__") or {}
-            if not isinstance(meta, dict):
-                raise ValueError(f"{f}: __metadata__ is a {type(meta).__name__}, expected a JSON object")
-            for k, v in meta.items():
+            for k, v in parse_metadata(f, header).items():
                 self._metadata.setdefault(k, v)
             per_file.append(parse_entries(f, i, header, data_start, size))
         if index_keys is None:
@@ -84,16 +161,31 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
                                          f"and {self._files[e.shard]}")
                     self._entries[name] = e
         else:
-            # The index is authoritative; every key it lists must be in the shard it names. Keys are kept in
-            # file order: shard order, then offset within the shard.
+            # The index is authoritative and must agree with the shards exactly: every key it lists is in the shard
+            # it names, and no shard holds a tensor the index does not list there (a second copy in another shard,
+            # or a tensor nobody would read). Keys are kept in file order: shard order, then offset in the shard.
+            index_path = os.path.join(self.root, SAFE_WEIGHTS_INDEX_NAME)
             by_shard: List[List[str]] = [[] for _ in files]
             for name, shard in index_keys.items():
                 if name not in per_file[shard]:
                     raise ValueError(
-                        f"{os.path.join(self.root, SAFE_WEIGHTS_INDEX_NAME)}: tensor {name!r} is listed in "
+                        f"{index_path}: tensor {name!r} is listed in "
                         f"{os.path.basename(files[shard])} but that shard does not contain it"
                     )
                 by_shard[shard].append(name)
+            for shard, entries in enumerate(per_file):
+                for name in entries:
+                    listed = index_keys.get(name)
+                    if listed is None:
+                        raise ValueError(
+                            f"{files[shard]}: holds tensor {name!r}, which {index_path} does not list (the index "
+                            "and its shards disagree)"
+                        )
+                    if listed != shard:
+                        raise ValueError(
+                            f"tensor {name!r} is in two shards: {files[listed]} (where {index_path} puts it) and "
+                            f"{files[shard]}"
+                        )
             for shard, names in enumerate(by_shard):
                 entries = per_file[shard]
                 for name in sorted(names, key=lambda n: entries[n].start):
@@ -104,15 +196,14 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
         index_path = os.path.join(root, SAFE_WEIGHTS_INDEX_NAME)
         single = os.path.join(root, SAFE_WEIGHTS_NAME)
         if os.path.isfile(index_path):
-            try:
-                with open(index_path, "r", encoding="utf-8") as f:
-                    index = json.load(f)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{index_path}: corrupt index JSON: {e}") from None
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            index = read_json_object(index_path, "index JSON")
+            weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index_path}: no 'weight_map' object")
-            self.index_metadata = dict(index.get("metadata") or {})
+            metadata = index.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                raise ValueError(f"{index_path}: 'metadata' is a {type(metadata).__name__}, expected an object")
+            self.index_metadata = dict(metadata)
             shard_names: Dict[str, int] = {}
             keys: Dict[str, int] = {}
             for name, fname in weight_map.items():
@@ -126,18 +217,21 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
             remap = {shard_names[n]: i for i, n in enumerate(ordered)}
             files = []
             for fname in ordered:
-                fpath = os.path.join(root, fname)
-                if not os.path.isfile(fpath):
-                    listed = [k for k, s in keys.items() if s == shard_names[fname]]
+                listed = [k for k, s in keys.items() if s == shard_names[fname]]
+                where = f"{index_path}: shard of {len(listed)} tensor(s), e.g. {listed[0]!r}"
+                try:
+                    files.append(entry_path(root, fname, where))
+                except FileNotFoundError:
                     raise FileNotFoundError(
                         f"{index_path}: shard {fname} is missing from {root} "
                         f"(it holds {len(listed)} tensors, e.g. {listed[0]!r})"
-                    )
-                files.append(fpath)
+                    ) from None
             return files, {k: remap[s] for k, s in keys.items()}
         if os.path.isfile(single):
             return [single], None
         found = sorted(f for f in os.listdir(root) if f.endswith(".safetensors"))
+        if not found:
+            refuse_pickle_only(root)
         m = SHARD_RE.match(found[0]) if len(found) == 1 else None
         if m and int(m.group(1)) > 1:
             raise FileNotFoundError(
@@ -238,8 +332,7 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
         p = os.path.join(self.root, CONFIG_NAME)
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{self.root}: {CONFIG_NAME} is missing")
-        with open(p, "r", encoding="utf-8") as f:
-            return json.load(f)
+        return read_json_object(p, CONFIG_NAME)
 
     def _mmap(self, shard: int) -> mmap.mmap:
         if self._closed:

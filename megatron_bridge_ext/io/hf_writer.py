@@ -1,19 +1,27 @@
 """A streaming, sharded HF safetensors writer: :class:`SafeTensorsWriter` plans the shards up front from the expected
 keys, accepts tensors in any order, writes each tensor to its place in its shard's temporary file as it arrives,
 finishes a shard the moment its last tensor arrives and writes ``model.safetensors.index.json`` last, from what was
-actually written. A failed (strict) export never leaves an index behind.
+actually written.
+
+By default the checkpoint is written into a staging directory beside the output directory and swapped in whole by
+:meth:`SafeTensorsWriter.close` (:class:`~megatron_bridge_ext.io.staging.StagedCheckpoint`): a failed export, at any
+point, leaves the output directory as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import warnings
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from megatron_bridge_ext.io import staging
+from megatron_bridge_ext.io.staging import StagedCheckpoint, no_space_error
 from megatron_bridge_ext.io.safetensors import (
     ITEMSIZE,
     SAFE_WEIGHTS_INDEX_NAME,
@@ -43,7 +51,8 @@ class _OpenShard:
         os.ftruncate(self.fd, self.data_start + self.data_bytes)
         os.pwrite(self.fd, head, 0)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        """Writes ``tensor`` at its place; returns its bytes."""
         start, end = self.offsets[name]
         if end > start:
             data = tensor_bytes(tensor)
@@ -51,6 +60,7 @@ class _OpenShard:
             while done < len(data):
                 done += os.pwrite(self.fd, data[done:], self.data_start + start + done)
         self.remaining.discard(name)
+        return end - start
 
     def finish(self, final: str) -> None:
         if self.fsync:
@@ -81,15 +91,24 @@ class SafeTensorsWriter:
         max_shard_bytes: shard size limit in bytes.
         strict: on :meth:`close`, fail (naming the keys) if any expected tensor never arrived.
         metadata: ``__metadata__`` of every shard (default ``{"format": "pt"}``).
-        overwrite: remove checkpoint files (``model.safetensors``, ``model-*-of-*.safetensors``, the index) already in
-            ``out_dir`` before writing, so that no stale file can pass for part of this checkpoint; when False their
-            presence is an error.
+        overwrite: replace a checkpoint already in ``out_dir`` (its weights of any format are not kept; other files
+            are); when False, weights already there are an error.
         fsync: flush each shard to disk before renaming it to its final name (a crash then never leaves a final
             name over incomplete data); False leaves the flush to the OS (faster on slow disks).
+        atomic: write into a staging directory beside ``out_dir`` and swap it in on :meth:`close`, so that an
+            existing checkpoint is never destroyed before the new one is complete (default). False writes straight
+            into ``out_dir`` (for a directory that is itself a staging directory), removing stale checkpoint files
+            first.
+        protect: directories ``out_dir`` must not replace (the source checkpoint; ``atomic`` only).
+        check_space: before writing anything, fail when the file system lacks the bytes the checkpoint needs.
+
+    Attributes:
+        work_dir: where the files are being written (the staging directory, or ``out_dir``).
 
     Raises:
-        ValueError: empty ``expected``, an unsupported dtype or a bad ``max_shard_bytes``.
+        ValueError: empty ``expected``, an unsupported dtype or a bad ``max_shard_bytes``; ``out_dir`` is protected.
         FileExistsError: existing checkpoint files and ``overwrite=False``.
+        OSError: ``ENOSPC`` naming the path, the bytes needed and the bytes free.
     """
 
     def __init__(
@@ -102,6 +121,9 @@ class SafeTensorsWriter:
         metadata: Optional[Mapping[str, str]] = None,
         overwrite: bool = True,
         fsync: bool = True,
+        atomic: bool = True,
+        protect: Sequence[Union[str, os.PathLike]] = (),
+        check_space: bool = True,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -142,17 +164,37 @@ class SafeTensorsWriter:
         self._total_size = 0
         self._closed = False
 
-        os.makedirs(self.out_dir, exist_ok=True)
-        stale = [
-            f
-            for f in os.listdir(self.out_dir)
-            if f in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME) or SHARD_RE.match(f)
-        ]
-        if stale and not overwrite:
-            raise FileExistsError(f"{self.out_dir} already holds checkpoint files: {sorted(stale)}")
-        # The index goes first, so that an interrupted clean-up never leaves an index pointing at a mix of files.
-        for f in sorted(stale, key=lambda f: f != SAFE_WEIGHTS_INDEX_NAME):
-            os.remove(os.path.join(self.out_dir, f))
+        self._planned_bytes = sum(math.prod(shape) * ITEMSIZE[dtype] for shape, dtype in self._expected.values())
+        self._planned_bytes += sum(len(file_layout([(n, *self._expected[n]) for n in names], self.metadata)[0])
+                                   for names in plan)
+        self._bytes_written = 0
+        self._staged: Optional[StagedCheckpoint] = None
+        if atomic:
+            self._staged = StagedCheckpoint(self.out_dir, protect=protect, overwrite=overwrite)
+            self.work_dir = self._staged.path
+        else:
+            self.work_dir = self.out_dir
+            os.makedirs(self.out_dir, exist_ok=True)
+            stale = [
+                f
+                for f in os.listdir(self.out_dir)
+                if f in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME) or SHARD_RE.match(f)
+            ]
+            if stale and not overwrite:
+                raise FileExistsError(f"{self.out_dir} already holds checkpoint files: {sorted(stale)}")
+            # The index goes first, so that an interrupted clean-up never leaves an index pointing at a mix of files.
+            for f in sorted(stale, key=lambda f: f != SAFE_WEIGHTS_INDEX_NAME):
+                os.remove(os.path.join(self.out_dir, f))
+        if check_space:
+            try:
+                free = shutil.disk_usage(self.work_dir).free
+            except OSError:
+                free = None
+            if free is not None and free < self._planned_bytes:
+                self.abort()
+                raise OSError(errno.ENOSPC, f"no space left for the HF checkpoint in {self.work_dir}: it needs "
+                                            f"{self._planned_bytes:,} bytes, the file system has {free:,} free "
+                                            "(nothing was written; the existing checkpoint, if any, is untouched)")
 
     # ---- introspection --------------------------------------------------------------------------------------------
 
@@ -205,24 +247,30 @@ class SafeTensorsWriter:
                 f"tensor {name!r}: got shape {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}"
             )
         shard = self._shard_of[name]
-        open_shard = self._open.get(shard)
-        if open_shard is None:
-            tmp = os.path.join(self.out_dir, f".{self._file_names[shard]}.tmp-{os.getpid()}")
-            specs = [(n, *self._expected[n]) for n in self._plan[shard]]
-            open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata, self.fsync)
         try:
-            open_shard.write(name, tensor)  # straight to its place in the file: nothing is buffered
+            open_shard = self._open.get(shard)
+            if open_shard is None:
+                tmp = os.path.join(self.work_dir, f".{self._file_names[shard]}.tmp-{os.getpid()}")
+                specs = [(n, *self._expected[n]) for n in self._plan[shard]]
+                open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata, self.fsync)
+            self._bytes_written += open_shard.write(name, tensor)  # straight to its place: nothing is buffered
+            self._received.add(name)
+            if not open_shard.remaining:
+                return self._finish_shard(shard)
+        except OSError as e:
+            self.abort()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise no_space_error(e, os.path.join(self.out_dir, self._file_names[shard]),
+                                     self._planned_bytes - self._bytes_written, f"tensor {name!r}") from None
+            raise
         except BaseException:
             self.abort()
             raise
-        self._received.add(name)
-        if not open_shard.remaining:
-            return self._finish_shard(shard)
         return None
 
     def _finish_shard(self, shard: int) -> str:
         open_shard = self._open.pop(shard)
-        final = os.path.join(self.out_dir, self._file_names[shard])
+        final = os.path.join(self.work_dir, self._file_names[shard])
         try:
             open_shard.finish(final)
         except BaseException:
@@ -233,6 +281,7 @@ class SafeTensorsWriter:
         for n in self._plan[shard]:
             self._weight_map[n] = self._file_names[shard]
         self._written_files.append(final)
+        staging._crash_point("shard_done")
         return final
 
     def _compact_shard(self, shard: int) -> None:
@@ -248,7 +297,7 @@ class SafeTensorsWriter:
             raw = bytearray(blob[open_shard.data_start + start: open_shard.data_start + end])
             t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             tensors.append((n, t.view(shape)))
-        final = os.path.join(self.out_dir, self._file_names[shard])
+        final = os.path.join(self.work_dir, self._file_names[shard])
         tmp = open_shard.tmp + ".compact"
         try:
             nbytes = write_safetensors(tmp, tensors, self.metadata, fsync=self.fsync)
@@ -264,49 +313,84 @@ class SafeTensorsWriter:
         self._written_files.append(final)
 
     def close(self) -> Dict[str, Any]:
-        """Finishes the checkpoint: writes the index (several shards) last, from what was written.
+        """Finishes the checkpoint: writes the index (several shards) last, from what was written, then (atomic)
+        swaps the staging directory in as the output directory.
 
         Returns:
-            ``{"files": [...], "total_size": bytes, "missing": [...], "index": path or None}``.
+            ``{"files": [...], "total_size": bytes, "missing": [...], "index": path or None}``, plus (atomic) the
+            swap's ``replaced`` (old weight files not kept), ``carried`` (old files kept) and ``cleaned``
+            (leftovers of killed saves removed).
 
         Raises:
-            ValueError: strict mode and some expected keys never arrived (all named); then no index is written and
-                the incomplete shards are never written.
+            ValueError: strict mode and some expected keys never arrived (all named); then no index is written, the
+                incomplete shards are never written and the output directory is left as it was.
         """
         if self._closed:
             raise ValueError(f"SafeTensorsWriter({self.out_dir!r}) is already closed")
         self._closed = True
+        try:
+            summary = self._close()
+        except BaseException:
+            self._discard_open()
+            if self._staged is not None:
+                self._staged.abort()
+            raise
+        return summary
+
+    def _close(self) -> Dict[str, Any]:
         missing = self.missing()
         if missing and self.strict:
-            self._discard_open()
             raise ValueError(
                 f"HF export to {self.out_dir} is incomplete: {len(missing)} of {len(self._expected)} expected "
                 f"tensors never arrived: {missing}; no index was written"
+                + ("; the output directory is left as it was" if self._staged is not None else "")
             )
         if missing:
             warnings.warn(
                 f"HF export to {self.out_dir}: {len(missing)} expected tensors never arrived and are not saved: "
                 f"{missing}",
-                stacklevel=2,
+                stacklevel=3,
             )
             for shard in sorted(self._open):
                 self._compact_shard(shard)
-        index_path = None
+        index_name = None
         if len(self._plan) > 1 and self._weight_map:
             weight_map = {n: self._weight_map[n] for n in self._expected if n in self._weight_map}
             index = {"metadata": {"total_size": self._total_size}, "weight_map": weight_map}
-            index_path = os.path.join(self.out_dir, SAFE_WEIGHTS_INDEX_NAME)
+            index_name = SAFE_WEIGHTS_INDEX_NAME
+            index_path = os.path.join(self.work_dir, SAFE_WEIGHTS_INDEX_NAME)
             tmp = index_path + f".tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, index_path)
-        return {"files": self.written_files, "total_size": self._total_size, "missing": missing, "index": index_path}
+            staging._crash_point("before_index")
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(index, f, indent=2)
+                    f.write("\n")
+                    f.flush()
+                    if self.fsync:
+                        os.fsync(f.fileno())
+                os.replace(tmp, index_path)
+            except OSError as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise no_space_error(e, os.path.join(self.out_dir, SAFE_WEIGHTS_INDEX_NAME),
+                                         len(json.dumps(index, indent=2)) + 1, "the index") from None
+                raise
+            staging._crash_point("after_index")
+        summary: Dict[str, Any] = {"missing": missing, "total_size": self._total_size}
+        if self._staged is not None:
+            summary.update(self._staged.commit())
+        summary["files"] = [os.path.join(self.out_dir, os.path.basename(f)) for f in self._written_files]
+        summary["index"] = None if index_name is None else os.path.join(self.out_dir, index_name)
+        return summary
 
     def abort(self) -> None:
-        """Stops without finishing: pending tensors are dropped, no index is written."""
+        """Stops without finishing: pending tensors are dropped, no index is written, and (atomic) the staging
+        directory is removed: the output directory is left as it was."""
         self._closed = True
         self._discard_open()
+        if self._staged is not None:
+            self._staged.abort()
 
     def _discard_open(self) -> None:
         """Removes every unfinished shard's temporary file."""
@@ -340,6 +424,7 @@ def save_hf_tensors(
     metadata: Optional[Mapping[str, str]] = None,
     show_progress: bool = False,
     fsync: bool = True,
+    atomic: bool = True,
 ) -> Dict[str, Any]:
     """Writes ``(name, tensor)`` pairs, in any order, to a sharded safetensors checkpoint.
 
@@ -352,12 +437,14 @@ def save_hf_tensors(
         metadata: shard ``__metadata__``.
         show_progress: a progress bar over the tensors.
         fsync: flush each shard to disk before it gets its final name (see :class:`SafeTensorsWriter`).
+        atomic: write beside ``out_dir`` and swap in when complete (see :class:`SafeTensorsWriter`).
 
     Returns:
         the summary of :meth:`SafeTensorsWriter.close`.
     """
     with SafeTensorsWriter(
-        out_dir, expected, max_shard_bytes=max_shard_bytes, strict=strict, metadata=metadata, fsync=fsync
+        out_dir, expected, max_shard_bytes=max_shard_bytes, strict=strict, metadata=metadata, fsync=fsync,
+        atomic=atomic,
     ) as writer:
         if show_progress:
             from rich.progress import Progress

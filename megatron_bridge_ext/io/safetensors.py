@@ -13,7 +13,7 @@ import struct
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -27,6 +27,8 @@ __all__ = [
     "TORCH_TO_SAFETENSORS",
     "Entry",
     "read_header",
+    "read_json_object",
+    "parse_metadata",
     "parse_entries",
     "shard_name",
     "tensor_bytes",
@@ -43,6 +45,8 @@ HEADER_LEN_BYTES = 8
 SHARD_RE = re.compile(r"^model-\d+-of-(\d+)\.safetensors$")
 # A header larger than this is certainly corrupt (the safetensors format itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+# torch sizes, strides and element counts are int64
+MAX_INT64 = 2**63 - 1
 
 
 def _dtype_table() -> Dict[str, torch.dtype]:
@@ -95,8 +99,55 @@ class Entry:
     end: int
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """``json`` object hook: a name given twice is refused (``json.loads`` would silently keep the last one)."""
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _loads(raw: Union[str, bytes], where: str, what: str) -> Any:
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise ValueError(f"{where}: {what} names {e.args[0]!r} twice (which one is meant is ambiguous)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{where}: corrupt {what}: {e}") from None
+
+
+def read_json_object(path: str, what: str = "JSON") -> Dict[str, Any]:
+    """Parses a JSON file that must hold one object (config.json, an index), refusing duplicate names.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: corrupt JSON, a name given twice in one object, or not an object (the file named).
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    value = _loads(raw, path, what)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {what} is a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def read_header(path: str) -> Tuple[int, Dict[str, Any], int]:
-    """Parses one safetensors header. Returns (data section start, header dict, file size)."""
+    """Parses one safetensors header. Returns (data section start, header dict, file size).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming the file: truncated, a header length beyond the file, corrupt JSON, a tensor named twice.
+    """
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
@@ -116,56 +167,89 @@ def read_header(path: str) -> Tuple[int, Dict[str, Any], int]:
         if n > MAX_HEADER_BYTES:
             raise ValueError(f"{path}: header length {n} exceeds {MAX_HEADER_BYTES} bytes (corrupt header)")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: corrupt safetensors header ({n} bytes of JSON expected): {e}") from None
+    header = _loads(raw, path, f"safetensors header ({n} bytes of JSON expected)")
     if not isinstance(header, dict):
         raise ValueError(f"{path}: safetensors header is a {type(header).__name__}, expected a JSON object")
     return HEADER_LEN_BYTES + n, header, size
 
 
+def parse_metadata(path: str, header: Mapping[str, Any]) -> Dict[str, str]:
+    """The ``__metadata__`` of a header: a string -> string object (the format's rule), or empty."""
+    meta = header.get("__metadata__")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: __metadata__ is a {type(meta).__name__}, expected a JSON object")
+    bad = {k: v for k, v in meta.items() if not isinstance(v, str)}
+    if bad:
+        raise ValueError(f"{path}: __metadata__ values must be strings, got {bad}")
+    return dict(meta)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true/false are ints to Python
+
+
 def parse_entries(path: str, shard: int, header: Mapping[str, Any], data_start: int, size: int) -> Dict[str, Entry]:
-    """Validates every tensor entry of one header and returns name -> entry, sorted by file offset."""
+    """Validates every tensor entry of one header and returns name -> entry, sorted by file offset.
+
+    Refused, with the file and the tensor named: a missing field, an unknown dtype, a shape that is not a list of
+    non-negative integers (booleans and sizes past int64 included), data offsets that are not two ordered
+    non-negative integers, a byte range that does not match shape x dtype, that ends beyond the file or that
+    overlaps another tensor's range (one tensor would read another's bytes).
+    """
     data_len = size - data_start
     out: List[Tuple[int, str, Entry]] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        where = f"{path}: tensor {name!r}"
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise ValueError(f"{path}: tensor {name!r}: header entry {info!r} lacks dtype/shape/data_offsets")
+            raise ValueError(f"{where}: header entry {info!r} lacks dtype/shape/data_offsets")
         st_dtype = info["dtype"]
-        if st_dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(st_dtype, str) or st_dtype not in SAFETENSORS_DTYPES:
             raise ValueError(
-                f"{path}: tensor {name!r} has unknown dtype {st_dtype!r} "
-                f"(supported: {', '.join(sorted(SAFETENSORS_DTYPES))})"
+                f"{where} has unknown dtype {st_dtype!r} (supported: {', '.join(sorted(SAFETENSORS_DTYPES))})"
             )
         shape = info["shape"]
+        if not isinstance(shape, list) or not all(_is_int(s) and 0 <= s <= MAX_INT64 for s in shape):
+            raise ValueError(f"{where}: invalid shape {shape!r} (want a list of non-negative integers)")
+        if math.prod(s for s in shape if s) > MAX_INT64:
+            raise ValueError(f"{where}: shape {shape} has more elements than an int64 can count")
         offsets = info["data_offsets"]
         if (
-            not isinstance(shape, list)
-            or not all(isinstance(s, int) and s >= 0 for s in shape)
-            or not isinstance(offsets, list)
+            not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
+            or not all(_is_int(o) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise ValueError(f"{path}: tensor {name!r}: invalid shape {shape!r} or data_offsets {offsets!r}")
+            raise ValueError(f"{where}: invalid data_offsets {offsets!r} (want [begin, end], 0 <= begin <= end)")
         dtype = SAFETENSORS_DTYPES[st_dtype]
         begin, end = offsets
         expected = math.prod(shape) * ITEMSIZE[dtype]
         if end - begin != expected:
             raise ValueError(
-                f"{path}: tensor {name!r}: data_offsets {offsets} span {end - begin} bytes but shape {shape} "
+                f"{where}: data_offsets {offsets} span {end - begin} bytes but shape {shape} "
                 f"of {st_dtype} needs {expected}"
             )
         if end > data_len:
             raise ValueError(
-                f"{path}: tensor {name!r}: data_offsets {offsets} end beyond the data section "
+                f"{where}: data_offsets {offsets} end beyond the data section "
                 f"({data_len} bytes; file truncated?)"
             )
         out.append((begin, name, Entry(shard, dtype, tuple(shape), data_start + begin, data_start + end)))
-    out.sort(key=lambda x: (x[0], x[1]))
+    out.sort(key=lambda x: (x[0], x[2].end, x[1]))
+    prev: Optional[Tuple[str, Entry]] = None
+    for _, name, e in out:
+        if e.end == e.start:
+            continue  # an empty tensor owns no bytes
+        if prev is not None and e.start < prev[1].end:
+            p = prev[1]
+            raise ValueError(
+                f"{path}: the byte ranges of tensors {prev[0]!r} [{p.start - data_start}, {p.end - data_start}) and "
+                f"{name!r} [{e.start - data_start}, {e.end - data_start}) overlap (one would read the other's bytes)"
+            )
+        prev = (name, e)
     return {name: entry for _, name, entry in out}
 
 

@@ -15,10 +15,17 @@ __all__ = ["QKVMapping", "KVMapping", "ConcatenatedQKVMapping"]
 
 def _unpack_shards_into(shards: Sequence[torch.Tensor], heads: int, groups: int, d: int, output_gate: bool,
                         q: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
-    """Each TP shard holds whole query groups: unpack shard t straight into its rows of (q, k, v); q is None for the
-    KV-only layout (``heads == 0``)."""
+    """Unpack the TP shards straight into (q, k, v); q is None for the KV-only layout (``heads == 0``).
+
+    A shard holding whole query groups is unpacked into its rows directly. With fewer groups than shards, each group's
+    tp / G slices are joined first and the group block unpacked into the group's rows.
+    """
     tp = len(shards)
     g = geometry.qkv_geometry("qkv_unpack", heads, groups, d, output_gate, tp_size=tp)
+    if groups < tp:
+        per = tp // groups
+        blocks = [torch.cat(list(shards[i * per:(i + 1) * per]), dim=0) for i in range(groups)]
+        shards, tp = blocks, groups
     qr, kr = g.q_rows // tp, g.kv_rows // tp
     for t, shard in enumerate(shards):
         ops.qkv_unpack(shard, num_heads=heads // tp, num_query_groups=groups // tp, head_dim=d,

@@ -375,10 +375,16 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
         raise ValueError(
             f"num_attention_heads ({kw['num_attention_heads']}) must be a multiple of tensor_model_parallel_size ({tp})"
         )
-    if kw["num_query_groups"] % tp:
+    groups = kw["num_query_groups"]
+    if groups >= tp and groups % tp:
         raise ValueError(
-            f"num_query_groups ({kw['num_query_groups']}, HF num_key_value_heads) must be a multiple of "
-            f"tensor_model_parallel_size ({tp}): each TP rank holds whole query groups"
+            f"num_query_groups ({groups}, HF num_key_value_heads) must be a multiple of tensor_model_parallel_size "
+            f"({tp}) (each TP rank holds whole query groups), or a divisor of it"
+        )
+    if groups < tp and tp % groups:
+        raise ValueError(
+            f"num_query_groups ({groups}, HF num_key_value_heads) is smaller than tensor_model_parallel_size ({tp}) "
+            f"and does not divide it: megatron-core splits each query group over tp / num_query_groups ranks"
         )
     return GPTConfig(**kw)
 

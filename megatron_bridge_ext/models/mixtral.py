@@ -26,6 +26,7 @@ class MixtralBridge(LlamaBridge):
     """HF MixtralForCausalLM <-> Megatron-Core GPTModel with MoE layers."""
 
     hf_model_type = "mixtral"
+    required_hf_fields = LlamaBridge.required_hf_fields + ("num_local_experts", "num_experts_per_tok")
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         kw = super().hf_config_to_megatron_kwargs(hf_config)

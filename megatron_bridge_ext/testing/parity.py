@@ -15,7 +15,8 @@ def hf_logits(path: str, input_ids: torch.Tensor) -> torch.Tensor:
     """fp32 logits of the transformers model saved at ``path`` (no cache)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                 local_files_only=True).eval()
     with torch.no_grad():
         return model(input_ids=input_ids, use_cache=False).logits.float()
 

@@ -79,8 +79,8 @@ def _worker(rank: int, world: int, paths: dict, out_root: str) -> dict:
 
     # heads not divisible by TP (setting named)
     res["heads_tp"] = _capture(lambda: good.transformer_config(tensor_model_parallel_size=4, num_attention_heads=6))
-    res["groups_tp"] = _capture(lambda: good.transformer_config(tensor_model_parallel_size=4, num_query_groups=2,
-                                                                num_attention_heads=8, kv_channels=4))
+    res["groups_tp"] = _capture(lambda: good.transformer_config(tensor_model_parallel_size=4, num_query_groups=3,
+                                                                num_attention_heads=12, kv_channels=4))
 
     # a failed export: a hook raises in the middle; no index / complete checkpoint may remain
     chunks = good.to_megatron_model(params_dtype=torch.float32)
@@ -160,7 +160,7 @@ def test_heads_not_divisible_by_tp(errors):
     kind, msg = errors["heads_tp"]
     assert kind == "ValueError" and "num_attention_heads (6)" in msg and "tensor_model_parallel_size (4)" in msg
     kind, msg = errors["groups_tp"]
-    assert kind == "ValueError" and "num_query_groups" in msg and "2" in msg and "tensor_model_parallel_size" in msg
+    assert kind == "ValueError" and "num_query_groups (3" in msg and "tensor_model_parallel_size (4)" in msg
 
 
 def test_failed_export_leaves_no_complete_looking_checkpoint(errors):

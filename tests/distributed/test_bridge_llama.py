@@ -48,6 +48,7 @@ LAYOUTS = [
     ("tp2_llama3_rope", 2, 1, None, "llama3_rope"),
     ("tp2_bf16", 2, 1, None, "bf16"),
     ("tp2pp2_qwen2", 2, 2, None, "qwen2"),
+    ("tp4_two_kv_groups", 4, 1, None, "untied"),  # 2 query groups over 4 TP ranks: each group split in two
 ]
 
 

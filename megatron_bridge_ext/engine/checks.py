@@ -1,0 +1,242 @@
+"""Checks of an HF checkpoint against itself and against the bridge, made before any weight is converted, and the
+context that every conversion error carries.
+
+- :func:`check_raw_config`: the fields a family needs are present in ``config.json`` as written, as positive
+  integers, before transformers fills in defaults that do not describe the weights.
+- :func:`check_config_against_tensors`: the config agrees with the tensors' shapes (headers only, nothing is read):
+  layer count, vocabulary rows, heads x head_dim, experts per layer; both sides are named.
+- :func:`unused_hf_tensors`: every HF tensor is consumed by a conversion task, or named.
+- :func:`check_dtype_class`: an integer tensor where a floating weight belongs (and the reverse) is named, never cast.
+- :func:`conversion_error`: an exception raised inside a mapping or an op, re-raised with the HF name(s), the
+  Megatron name and the file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_bridge_ext import geometry
+from megatron_bridge_ext.mappings import MegatronParamMapping
+from megatron_bridge_ext.mappings.attention import ConcatenatedQKVMapping, KVMapping, QKVMapping
+from megatron_bridge_ext.registry import MegatronMappingRegistry
+
+__all__ = [
+    "KNOWN_NON_WEIGHTS",
+    "check_raw_config",
+    "check_config_against_tensors",
+    "unused_hf_tensors",
+    "check_dtype_class",
+    "dtype_class",
+    "conversion_error",
+]
+
+#: HF tensors that are not weights (buffers some transformers versions saved); the default of
+#: ``allowed_unused_hf_params``. ``rotary_emb.inv_freq`` is recomputed from ``rope_theta`` / ``rope_parameters`` by
+#: both transformers and megatron-core.
+KNOWN_NON_WEIGHTS: Tuple[str, ...] = ("*.rotary_emb.inv_freq",)
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _is_positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def check_raw_config(raw: Mapping[str, Any], required: Sequence[str], family: str, where: str) -> None:
+    """The fields ``required`` are in the raw ``config.json`` as positive integers.
+
+    Raises:
+        ValueError: naming the file, the family, every missing field, and every field whose value is not a positive
+            integer (with the value).
+    """
+    missing = [f for f in required if raw.get(f) is None]
+    if missing:
+        raise ValueError(
+            f"{where}: {family} needs {missing} in config.json, which lacks {'it' if len(missing) == 1 else 'them'} "
+            "(transformers would fill in defaults that need not describe these weights)"
+        )
+    bad = {f: raw[f] for f in required if not _is_positive_int(raw[f])}
+    if bad:
+        raise ValueError(f"{where}: {family} needs positive integers for {sorted(bad)}, config.json has {bad}")
+
+
+def _ranges(ids: Iterable[int]) -> str:
+    ids = sorted(set(ids))
+    if not ids:
+        return "none"
+    out, start, prev = [], ids[0], ids[0]
+    for i in ids[1:] + [None]:  # type: ignore[list-item]
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(out)
+
+
+def check_config_against_tensors(kwargs: Mapping[str, Any], registry: MegatronMappingRegistry, state: Any,
+                                 where: str) -> None:
+    """The Megatron config of a checkpoint (``kwargs`` from its config) agrees with its tensors' shapes.
+
+    Checked from the headers (no data read): the decoder layers the tensors hold are exactly ``0 .. num_layers-1``;
+    the embedding (and an untied output layer) has ``vocab_size`` rows of ``hidden_size``; each layer's q/k/v rows are
+    heads x head_dim and query groups x head_dim; each MoE layer holds ``num_moe_experts`` experts.
+
+    Raises:
+        ValueError: naming the config field and its value, and the tensor, its file and its shape.
+    """
+    keys = list(state.keys())
+
+    def file_of(name: str) -> str:
+        try:
+            return state.file_of(name)
+        except Exception:  # a source without files
+            return "the checkpoint"
+
+    layers: Dict[int, str] = {}
+    experts: Dict[int, Dict[int, str]] = {}
+    for name in keys:
+        mapping = registry.hf_to_megatron_lookup(name)
+        if mapping is None:
+            continue
+        m = _LAYER.match(mapping.megatron_param)
+        if m is None:
+            continue
+        layer = int(m.group(1))
+        layers.setdefault(layer, name)
+        expert = getattr(mapping, "expert", None)
+        per_expert = expert is not None and name not in (
+            mapping.hf_param.values() if isinstance(mapping.hf_param, dict) else (mapping.hf_param,))
+        if per_expert:
+            experts.setdefault(layer, {}).setdefault(expert, name)
+
+    n = kwargs.get("num_layers")
+    if n is not None and layers and set(layers) != set(range(n)):
+        beyond = sorted(i for i in layers if i >= n)
+        example = layers[beyond[0]] if beyond else None
+        raise ValueError(
+            f"{where}: config.json says num_hidden_layers = {n}, but the tensors hold decoder layers "
+            f"{_ranges(layers)}" + (f" (e.g. {example} in {file_of(example)})" if example else
+                                    f" (layers {_ranges(set(range(n)) - set(layers))} are missing)")
+        )
+
+    vocab, hidden = kwargs.get("vocab_size"), kwargs.get("hidden_size")
+    for megatron_name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        mapping = registry.megatron_to_hf_lookup(megatron_name)
+        if mapping is None or not isinstance(mapping.hf_param, str) or mapping.hf_param not in state:
+            continue
+        name = mapping.hf_param
+        shape = tuple(state.shape(name))
+        if len(shape) != 2 or (vocab is not None and shape[0] != vocab) or (hidden is not None and shape[1] != hidden):
+            raise ValueError(
+                f"{where}: config.json says vocab_size = {vocab} and hidden_size = {hidden}, but {name} in "
+                f"{file_of(name)} has shape {list(shape)} (expected [{vocab}, {hidden}])"
+            )
+
+    heads, groups = kwargs.get("num_attention_heads"), kwargs.get("num_query_groups")
+    d = kwargs.get("kv_channels")
+    if heads and groups and d:
+        for layer in sorted(layers):
+            mapping = registry.megatron_to_hf_lookup(f"decoder.layers.{layer}.self_attention.linear_qkv.weight")
+            if mapping is None:
+                mapping = registry.megatron_to_hf_lookup(f"decoder.layers.{layer}.self_attention.linear_kv.weight")
+            _check_attention_rows(mapping, heads, groups, d, hidden, state, where, file_of)
+
+    want_experts = kwargs.get("num_moe_experts")
+    if want_experts:
+        for layer, found in sorted(experts.items()):
+            if set(found) != set(range(want_experts)):
+                example = found[max(found)]
+                raise ValueError(
+                    f"{where}: config.json says {want_experts} experts per layer (num_moe_experts), but layer "
+                    f"{layer}'s tensors hold experts {_ranges(found)} (e.g. {example} in {file_of(example)})"
+                )
+
+
+def _check_attention_rows(mapping: Optional[MegatronParamMapping], heads: int, groups: int, d: int,
+                          hidden: Optional[int], state: Any, where: str, file_of) -> None:
+    if mapping is None:
+        return
+    gate = bool(getattr(mapping, "output_gate", False))
+    try:
+        g = geometry.qkv_geometry("config.json", heads, groups, d, gate)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e} (num_attention_heads, num_key_value_heads, head_dim)") from None
+    if isinstance(mapping, QKVMapping):
+        want = {"q": g.q_rows, "k": g.kv_rows, "v": g.kv_rows}
+    elif isinstance(mapping, KVMapping):
+        want = {"k": groups * d, "v": groups * d}
+    elif isinstance(mapping, ConcatenatedQKVMapping):
+        want = {None: g.q_rows + 2 * g.kv_rows}
+    else:
+        return
+    names = mapping.hf_param if isinstance(mapping.hf_param, dict) else {None: mapping.hf_param}
+    for role, rows in want.items():
+        name = names.get(role)
+        if name is None or name not in state:
+            continue
+        shape = tuple(state.shape(name))
+        if not shape or shape[0] != rows or (hidden is not None and len(shape) == 2 and shape[1] != hidden):
+            what = {"q": f"num_attention_heads {heads}{' x 2 (output gate)' if gate else ''} x head_dim {d}",
+                    "k": f"num_key_value_heads {groups} x head_dim {d}",
+                    "v": f"num_key_value_heads {groups} x head_dim {d}",
+                    None: f"(num_attention_heads {heads} + 2 x num_key_value_heads {groups}) x head_dim {d}"}[role]
+            raise ValueError(
+                f"{where}: config.json gives {what} = {rows} rows of hidden_size {hidden}, but {name} in "
+                f"{file_of(name)} has shape {list(shape)}"
+            )
+
+
+def unused_hf_tensors(keys: Iterable[str], consumed: Iterable[str], allowed: Sequence[str]) -> List[str]:
+    """HF tensor names that no task consumes and no ``allowed`` fnmatch pattern covers, in checkpoint order."""
+    used = set(consumed)
+    return [k for k in keys if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in allowed)]
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """``floating``, ``complex``, ``bool`` or ``integer``."""
+    if dtype.is_floating_point:
+        return "floating"
+    if dtype.is_complex:
+        return "complex"
+    if dtype == torch.bool:
+        return "bool"
+    return "integer"
+
+
+def check_dtype_class(hf_names: Sequence[str], hf_dtypes: Sequence[torch.dtype], target: torch.dtype,
+                      megatron_name: str, file_of) -> None:
+    """Each HF tensor's dtype class (integer, floating, ...) is the target's: a cast between classes cannot be right.
+
+    Raises:
+        ValueError: naming the HF tensor, its dtype and file, the Megatron parameter and its dtype.
+    """
+    want = dtype_class(target)
+    for name, dt in zip(hf_names, hf_dtypes):
+        if dtype_class(dt) != want:
+            raise ValueError(
+                f"HF tensor {name} in {file_of(name)} is {str(dt).replace('torch.', '')} ({dtype_class(dt)}), but "
+                f"Megatron parameter {megatron_name} is {str(target).replace('torch.', '')} ({want}): refusing to "
+                "cast between dtype classes"
+            )
+
+
+_SAME_TYPE = (ValueError, TypeError, RuntimeError, IndexError, KeyError, NotImplementedError, AssertionError)
+
+
+def conversion_error(exc: BaseException, context: str) -> BaseException:
+    """``exc`` as the same builtin type (else RuntimeError) with ``context`` in front of its message."""
+    detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    message = f"{context}: {type(exc).__name__}: {detail}"
+    cls = type(exc) if type(exc) in _SAME_TYPE else RuntimeError
+    try:
+        new = cls(message)
+    except Exception:  # pragma: no cover - builtin types take one message
+        new = RuntimeError(message)
+    new.bridge_context = True  # type: ignore[attr-defined]
+    return new
