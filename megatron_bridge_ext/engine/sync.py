@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
+from megatron_bridge_ext.engine.peers import Watch
 from megatron_bridge_ext.engine.tasks import build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets
 from megatron_bridge_ext.mcore.names import as_chunks
@@ -95,6 +96,13 @@ class WeightSyncPlan:
     # ---- building ---------------------------------------------------------------------------------------------------
 
     def _build(self, *, global_order: bool) -> None:
+        watch = self.bridge.watch("weight sync plan")
+        with watch:
+            if global_order:
+                watch.barrier("weight sync plan: start")  # every rank is here before the name exchange
+            self._build_watched(global_order)
+
+    def _build_watched(self, global_order: bool) -> None:
         topo = Topology.current()
         everyone = self.everyone
         dst = 0 if everyone else int(self._dst_arg)
@@ -120,14 +128,15 @@ class WeightSyncPlan:
         self._fingerprint = _fingerprints(self.chunks)
         self.builds += 1
 
-    def _refresh(self) -> None:
+    def _refresh(self, watch: Watch) -> None:
         """Rebuild when this rank's (or, with ``check_structure``, any rank's) parameters changed."""
         meta, storage = _fingerprints(self.chunks)
         meta_changed = meta != self._fingerprint[0]
         storage_changed = storage != self._fingerprint[1]
         if self.check_structure and self._topo.world > 1:
+            watch.set_phase("weight sync: structure check")
             flags = torch.tensor([int(meta_changed), int(storage_changed)], dtype=torch.int64, device=comm_device())
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            watch.wait([(dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True), None)], "the structure check")
             meta_changed, storage_changed = bool(flags[0]), bool(flags[1])
         if meta_changed:
             self._build(global_order=True)
@@ -154,11 +163,26 @@ class WeightSyncPlan:
     def sync(self) -> Iterator[Bucket]:
         """One sync: yields each bucket's ``[(hf_name, tensor), ...]`` on the receiving rank(s), nothing elsewhere.
 
-        Every rank must exhaust the iterator (it drives the transfers).
+        Every rank must exhaust the iterator (it drives the transfers). A failure on one rank (an error, a closed
+        iterator, a dead process) makes every rank's sync fail, naming it (:mod:`megatron_bridge_ext.engine.peers`).
         """
-        self._refresh()
+        watch = self.bridge.watch("weight sync")
+        try:
+            yield from self._sync(watch)
+        except GeneratorExit:  # the consumer stopped early: the other ranks would wait for this rank's messages
+            if not watch.reported:
+                watch.report(RuntimeError(f"rank {watch.rank} stopped consuming the weight sync during "
+                                          f"{watch.phase!r} (the iterator was closed before its end)"))
+            raise
+        except Exception as e:
+            watch.report(e)
+            raise
+
+    def _sync(self, watch: Watch) -> Iterator[Bucket]:
+        self._refresh(watch)
+        watch.set_phase("weight sync")
         bridge = self.bridge
-        stream = self._transport.stream(self._plans, self._topo, self._dst, self.everyone)
+        stream = self._transport.stream(self._plans, self._topo, self._dst, self.everyone, watch=watch)
         with torch.no_grad():
             for index, (plan, views) in enumerate(stream):
                 if views is None:
