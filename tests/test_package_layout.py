@@ -25,7 +25,8 @@ ALLOWED: Dict[str, Set[str]] = {
     "registry": {"mappings"},
     "dispatch": set(),
     "io": set(),
-    "mcore": {"ops", "geometry", "mappings"},  # mappings: the layout names only (checked below)
+    "mcore": {"ops", "geometry", "mappings", "io"},  # mappings: the layout names only (checked below); io: the
+    # Megatron checkpoint layout (mcore.checkpoint builds the sharded state dicts it writes)
     "engine": {"ops", "geometry", "mappings", "registry", "dispatch", "mcore", "io"},
     "models": {"engine", "mappings", "registry", "mcore"},
     "auto_bridge": {"engine", "io", "mcore", "dispatch", "models"},

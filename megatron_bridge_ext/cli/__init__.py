@@ -19,6 +19,12 @@ SUBCOMMANDS = {
     "roundtrip": ("megatron_bridge_ext.cli.roundtrip",
                   "HF checkpoint -> Megatron -> HF with local gloo ranks, verified"),
     "list-models": ("megatron_bridge_ext.cli.list_models", "supported HF architectures"),
+    "import": ("megatron_bridge_ext.cli.import_hf", "HF checkpoint -> Megatron distributed checkpoint (any TP/PP/VPP/EP)"),
+    "export": ("megatron_bridge_ext.cli.export", "Megatron distributed checkpoint -> complete HF checkpoint"),
+    "verify": ("megatron_bridge_ext.cli.verify",
+               "HF checkpoint vs Megatron checkpoint: every tensor bit-exact, logits on fixed batches"),
+    "inspect": ("megatron_bridge_ext.cli.inspect",
+                "the conversion plan of an HF checkpoint for a layout, without converting"),
 }
 
 

@@ -15,10 +15,10 @@ __all__ = ["add_arguments", "run", "roundtrip", "report"]
 
 
 def _roundtrip_worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, vpp: Optional[int],
-                      tokens: Optional[List[List[int]]], bucket_bytes: int) -> Dict[str, Any]:
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
+                      tokens: Optional[List[List[int]]], bucket_bytes: int, verbose: bool = False) -> Dict[str, Any]:
+    from megatron_bridge_ext.cli.common import worker_setup
 
-    apply_cpu_patches()
+    worker_setup(verbose)  # third-party noise off, CPU patches on CPU-only processes
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
@@ -47,11 +47,13 @@ def _roundtrip_worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, p
 
 def roundtrip(ckpt: str, out_dir: str, *, tp: int = 2, pp: int = 1, vpp: Optional[int] = None,
               check_logits: bool = True, bucket_bytes: int = 64 * 1024 * 1024, seq_len: int = 16,
-              batch: int = 2) -> Dict[str, Any]:
+              batch: int = 2, verbose: bool = False) -> Dict[str, Any]:
     """HF ``ckpt`` -> Megatron (tp*pp local gloo ranks) -> HF ``out_dir``; returns the measurements."""
+    from megatron_bridge_ext.cli.common import quiet_third_party
     from megatron_bridge_ext.launch import spawn_local
     from megatron_bridge_ext.testing.parity import compare_checkpoints
 
+    quiet_third_party(verbose)
     from megatron_bridge_ext.io import SafeTensorsSource
 
     # validates the safetensors checkpoint first: a pickle-only checkpoint is refused here, never unpickled
@@ -76,7 +78,7 @@ def roundtrip(ckpt: str, out_dir: str, *, tp: int = 2, pp: int = 1, vpp: Optiona
         tokens = ids.tolist()
         t_hf = time.perf_counter() - t0
     t0 = time.perf_counter()
-    results = spawn_local(_roundtrip_worker, tp * pp, (ckpt, out_dir, tp, pp, vpp, tokens, bucket_bytes))
+    results = spawn_local(_roundtrip_worker, tp * pp, (ckpt, out_dir, tp, pp, vpp, tokens, bucket_bytes, verbose))
     wall = time.perf_counter() - t0
     r0 = results[0]
     cmp = compare_checkpoints(ckpt, out_dir)
@@ -139,11 +141,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vpp", type=int, default=None)
     parser.add_argument("--no-logits", action="store_true", help="skip the HF vs Megatron logits comparison")
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    parser.add_argument("--verbose", action="store_true", help="show third-party warnings")
 
 
 def run(args: argparse.Namespace) -> int:
     res = roundtrip(args.hf_path, args.out_dir, tp=args.tp, pp=args.pp, vpp=args.vpp,
-                    check_logits=not args.no_logits)
+                    check_logits=not args.no_logits, verbose=args.verbose)
     if args.json:
         print(json.dumps(res, indent=2, default=str))
         return 0 if res["bit_exact"] else 1

@@ -1,5 +1,5 @@
 """The conversion engine: entry points (:mod:`.bridge`), tasks with the global order and metadata (:mod:`.tasks`),
-and the export transport (:mod:`.transport`)."""
+the export transport (:mod:`.transport`) and the reusable weight-sync plan (:mod:`.sync`)."""
 
 from megatron_bridge_ext.engine.bridge import (
     DEFAULT_BUCKET_BYTES,
@@ -9,6 +9,7 @@ from megatron_bridge_ext.engine.bridge import (
 )
 from megatron_bridge_ext.engine.tasks import GlobalOrder, ParamMeta, WeightConversionTask
 from megatron_bridge_ext.engine.transport import BucketPlan, Transport
+from megatron_bridge_ext.engine.sync import WeightSyncPlan
 
 __all__ = [
     "MegatronModelBridge",
@@ -20,4 +21,5 @@ __all__ = [
     "ParamMeta",
     "BucketPlan",
     "Transport",
+    "WeightSyncPlan",
 ]

@@ -253,6 +253,20 @@ class Watch:
         if state["error"] is not None:
             raise self._lost(works[state["at"]][1], what, state["error"]) from state["error"]
 
+    def post(self, start: Any, peer: Optional[int], what: str) -> Any:
+        """Starts async work (``start()``); a transport error while posting (a peer already gone) is named as a
+        failed wait would be.
+
+        Raises:
+            PeerFailure: naming the peer's record, its death or its closed connection.
+        """
+        try:
+            return start()
+        except Exception as e:
+            if not self.active or isinstance(e, PeerFailure):
+                raise
+            raise self._lost(peer, what, e) from e
+
     def _lost(self, peer: Optional[int], what: str, exc: BaseException) -> PeerFailure:
         """The failure behind a transport error: a peer's record, a dead peer, or a lost connection."""
         try:

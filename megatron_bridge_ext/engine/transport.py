@@ -177,7 +177,9 @@ class Transport:
                 if src == topo.rank:
                     _pack_part(msg[lo:hi], plan, t)
                 elif hi > lo:
-                    requests.append((dist.irecv(msg[lo:hi], src=src), src))
+                    part = msg[lo:hi]
+                    requests.append((watch.post(lambda: dist.irecv(part, src=src), src,
+                                                f"posting the receive of bucket {i + 1} of {n}"), src))
             return msg, requests
 
         for i, plan in enumerate(plans):
@@ -191,8 +193,9 @@ class Transport:
                 t = plan.senders.index(topo.rank)
                 lo, hi = plan.part_range(t)
                 if hi > lo:
-                    work = dist.isend(_pack_part(self._buffer("send", hi - lo, device), plan, t), dst=dst)
-                    watch.wait([(work, dst)], f"sending {hi - lo} bytes of bucket {i + 1} of {n} to rank {dst}")
+                    part = _pack_part(self._buffer("send", hi - lo, device), plan, t)
+                    what = f"sending {hi - lo} bytes of bucket {i + 1} of {n} to rank {dst}"
+                    watch.wait([(watch.post(lambda: dist.isend(part, dst=dst), dst, what), dst)], what)
             if topo.rank == dst:
                 msg, requests = pending.pop(i) if i in pending else post_receive(i)
                 watch.wait(requests, f"receiving bucket {i + 1} of {n} from rank(s) "
@@ -203,7 +206,8 @@ class Transport:
             if everyone and topo.world > 1:
                 if msg is None:
                     msg = self._buffer("msg0", plan.msg_bytes, device)
-                work = dist.broadcast(msg, src=dst, async_op=True)
-                watch.wait([(work, None if topo.rank == dst else dst)],
-                           f"broadcast of bucket {i + 1} of {n} from rank {dst}")
+                what = f"broadcast of bucket {i + 1} of {n} from rank {dst}"
+                peer = None if topo.rank == dst else dst
+                work = watch.post(lambda: dist.broadcast(msg, src=dst, async_op=True), peer, what)
+                watch.wait([(work, peer)], what)
             yield plan, _split_message(msg, plan) if receiving else None

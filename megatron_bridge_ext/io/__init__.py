@@ -1,4 +1,5 @@
-"""Checkpoint I/O: the safetensors format, the lazy HF checkpoint source and the streaming HF writer.
+"""Checkpoint I/O: the safetensors format, the lazy HF checkpoint source and the streaming HF writer; Megatron-LM's
+distributed checkpoints on disk (:mod:`.megatron_checkpoint`, imported on use: it calls megatron-core).
 
 Nothing here imports the mappings or the engine (``tests/test_package_layout.py`` checks it).
 """

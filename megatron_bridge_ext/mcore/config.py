@@ -42,6 +42,9 @@ __all__ = [
     "FULL",
     "dtype_name",
     "quick_gelu",
+    "PARALLEL_FIELDS",
+    "config_to_dict",
+    "config_from_dict",
 ]
 
 #: HF ``layer_types`` entries
@@ -524,3 +527,131 @@ def common_hf_fields(config: GPTConfig) -> Dict[str, Any]:
     )
     fields.update(rope_hf_fields(config))
     return fields
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A GPTConfig as plain data (stored in a Megatron checkpoint), and back
+# ----------------------------------------------------------------------------------------------------------------------
+
+#: the parallel layout: stored apart (the layout a checkpoint was written at), never taken over when rebuilding
+PARALLEL_FIELDS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "expert_model_parallel_size",
+    "expert_tensor_parallel_size",
+    "context_parallel_size",
+    "pipeline_dtype",
+)
+#: derived again by ``TransformerConfig.__post_init__`` (initialisers from ``init_method_std``, the autocast dtype
+#: from ``params_dtype``, the microbatch group from the pipeline size)
+_DERIVED_FIELDS = ("init_method", "output_layer_init_method", "embedding_init_method", "embedding_init_method_std",
+                   "autocast_dtype", "microbatch_group_size_per_vp_stage")
+#: modules whose functions and enums a stored config may name
+_IMPORTABLE_ROOTS = ("torch", "megatron", "megatron_bridge_ext")
+
+
+def _field_default(f: "dataclasses.Field") -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _encode(name: str, value: Any) -> Any:
+    import enum
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).replace("torch.", "")}
+    if isinstance(value, enum.Enum):
+        cls = type(value)
+        return {"__enum__": f"{cls.__module__}:{cls.__qualname__}", "name": value.name}
+    if isinstance(value, tuple):  # e.g. window_size: megatron compares and unpacks it as a tuple
+        return {"__tuple__": [_encode(name, v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(name, v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(name, v) for k, v in value.items()}
+    if callable(value) and hasattr(value, "__module__") and hasattr(value, "__qualname__"):
+        return {"__callable__": f"{value.__module__}:{value.__qualname__}"}
+    raise ValueError(f"config field {name!r}: cannot store a value of type {type(value).__name__} ({value!r})")
+
+
+def _import(ref: str, what: str) -> Any:
+    import importlib
+
+    module, _, qualname = ref.partition(":")
+    if module.split(".")[0] not in _IMPORTABLE_ROOTS:
+        raise ValueError(f"stored config names {what} {ref!r} outside {_IMPORTABLE_ROOTS}; refusing to import it")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _decode(name: str, value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(name, v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tuple__" in value:
+        return tuple(_decode(name, v) for v in value["__tuple__"])
+    if "__dtype__" in value:
+        dt = getattr(torch, value["__dtype__"], None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"config field {name!r}: unknown dtype {value['__dtype__']!r}")
+        return dt
+    if "__enum__" in value:
+        return _import(value["__enum__"], "enum")[value["name"]]
+    if "__callable__" in value:
+        return _import(value["__callable__"], "function")
+    return {k: _decode(name, v) for k, v in value.items()}
+
+
+def config_to_dict(config: GPTConfig) -> Dict[str, Any]:
+    """The model-defining fields of a ``GPTConfig`` as plain data (JSON- and ``torch.load(weights_only=True)``-safe):
+    every field that differs from its default, except the parallel layout (:data:`PARALLEL_FIELDS`), the runtime
+    switches this package sets itself and the initialisers derived from ``init_method_std``. dtypes, enums and
+    functions (the activation) are stored by name, tuples as ``{"__tuple__": [...]}``.
+
+    Raises:
+        ValueError: a field holds a value that cannot be stored (named).
+    """
+    skip = set(PARALLEL_FIELDS) | set(_DERIVED_FIELDS) | set(_RUNTIME_DEFAULTS)
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.name in skip or not f.init:
+            continue
+        value = getattr(config, f.name)
+        default = _field_default(f)
+        try:
+            if default is not dataclasses.MISSING and value == default:
+                continue
+        except (TypeError, RuntimeError):  # values without a plain equality
+            pass
+        if default is dataclasses.MISSING or value is not default:
+            out[f.name] = _encode(f.name, value)
+    if isinstance(config, MLAGPTConfig):  # its own default; config_from_dict picks the class by it
+        out["multi_latent_attention"] = True
+    return out
+
+
+def config_from_dict(fields: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None) -> GPTConfig:
+    """The ``GPTConfig`` of :func:`config_to_dict`'s output, with ``overrides`` (the parallel layout of this run,
+    ``params_dtype``, ...) applied last through :func:`build_gpt_config` (same checks).
+
+    Raises:
+        ValueError: unknown field names (a config from another megatron-core version), or a layout that cannot split
+            the model.
+    """
+    cls = config_class(fields)  # MLA / YaRN configs carry their class's fields
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"stored model config has field(s) {unknown} that this megatron-core's {cls.__name__} "
+                         "lacks")
+    kwargs = {k: _decode(k, v) for k, v in fields.items()}
+    return build_gpt_config(kwargs, dict(overrides or {}))

@@ -21,7 +21,14 @@ a context manager, not a global patch)                 ``weight.data.cuda()`` wh
 rng tracker: ``seed_model_parallel_rng(seed)``         attention dropout forks the CUDA rng tracker even in eval;
 (a call, after ``initialize_model_parallel``)          the inference tracker (``inference_rng_tracker=True``) forks
                                                        nothing, the plain one needs ``torch.cuda.get_rng_state``.
+``torch.cuda.synchronize`` no-op                       megatron-core's distributed-checkpoint writer
+(``dist_checkpoint_cpu_patches()``, also applied by    (``FileSystemWriterAsync.preload_tensors``) calls it
+``apply_cpu_patches``)                                 unconditionally after staging tensors to the host.
 =====================================================  ==========================================================
+
+The checkpoint writer also needs ``psutil`` (imported optionally by megatron-core, required when it writes) and an
+existing directory; ``io.megatron_checkpoint`` creates the directory, and ``psutil`` is a dependency of this package's
+``megatron`` extra.
 
 Not patched (GPU-only features, configured off instead): grouped GEMM experts, the ``alltoall``/``flex`` token
 dispatchers, sequence parallelism with local norms, fused kernels. Set ``GLOO_SOCKET_IFNAME=lo`` on machines whose
@@ -36,7 +43,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-__all__ = ["apply_cpu_patches", "cpu_patches_applied", "cuda_moves_disabled", "seed_model_parallel_rng"]
+__all__ = ["apply_cpu_patches", "cpu_patches_applied", "cuda_moves_disabled", "seed_model_parallel_rng",
+           "dist_checkpoint_cpu_patches"]
 
 _APPLIED = False
 
@@ -56,6 +64,19 @@ def _cpu_sliding_window_causal_mask(sq: int, skv: int, window_size: Tuple[int, i
 
 def _cpu_current_device() -> str:
     return "cpu"
+
+
+def _no_synchronize(device: object = None) -> None:
+    """``torch.cuda.synchronize`` where there is no CUDA: nothing to wait for."""
+
+
+def dist_checkpoint_cpu_patches() -> None:
+    """Let megatron-core's distributed-checkpoint writer run in a CPU-only process: ``torch.cuda.synchronize``
+    becomes a no-op (the writer calls it unconditionally after staging tensors to the host, which on a CPU-only torch
+    raises "Torch not compiled with CUDA enabled"). Does nothing where CUDA is available; idempotent."""
+    if torch.cuda.is_available():
+        return
+    torch.cuda.synchronize = _no_synchronize  # type: ignore[assignment]
 
 
 def cpu_patches_applied() -> bool:
@@ -78,6 +99,7 @@ def apply_cpu_patches() -> None:
             f"({torch.cuda.device_count()} device(s)); the CPU patches are for CPU-only processes"
         )
     torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]
+    dist_checkpoint_cpu_patches()
 
     import megatron.core.fusions.fused_softmax as fused_softmax
     import megatron.core.transformer.utils as tutils

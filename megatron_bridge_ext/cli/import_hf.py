@@ -1,0 +1,107 @@
+"""``import HF_DIR OUT_DIR --tp N --pp N [--vpp N] [--ep N] [--etp N] [--dtype bf16|fp16|fp32]``: an HF checkpoint
+-> a Megatron-LM distributed checkpoint (``OUT_DIR/iter_0000000``, ``latest_checkpointed_iteration.txt``) that a
+training job loads with ``--load OUT_DIR`` at this or any other layout.
+
+Each rank reads only the rows of the HF tensors it keeps (memory-mapped) straight into its parameters and writes its
+own shards. Runs its own local gloo processes, or, under ``torchrun``, in the world torchrun started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Dict, Optional
+
+__all__ = ["add_arguments", "run", "import_checkpoint"]
+
+
+def _worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, Any], dtype: Optional[str],
+            overwrite: bool, show: bool, verbose: bool) -> Dict[str, Any]:
+    from megatron_bridge_ext.cli.common import DTYPES, phase, timed, worker_setup
+
+    device = worker_setup(verbose)
+    import torch.distributed as dist
+
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.io.safetensors import CONFIG_NAME
+    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, save_megatron_checkpoint
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
+
+    show = show and rank == 0
+    init_parallel(**layout)
+    try:
+        clock = timed()
+        bridge = AutoBridge.from_hf_pretrained(hf_dir)
+        with open(os.path.join(hf_dir, CONFIG_NAME), "r", encoding="utf-8") as f:
+            hf_config = json.load(f)
+        overrides = {} if dtype is None else {"params_dtype": DTYPES[dtype]}
+        chunks = cast_to_params_dtype(bridge.to_megatron_model(load_weights=False, **overrides))
+        if device.type == "cuda":
+            chunks = [c.to(device) for c in chunks]
+        bridge.load_hf_weights(chunks, show_progress=show)
+        dist.barrier()
+        read_s = clock()
+        with phase(f"Writing the Megatron checkpoint to {out_dir}", show):
+            path = save_megatron_checkpoint(chunks, out_dir, architecture=bridge.hf_config.architectures[0],
+                                            hf_config=hf_config, overwrite=overwrite)
+        src = bridge.hf_pretrained.state
+        return {"path": path, "tensors": len(src), "bytes": src.total_size, "read_s": read_s, "total_s": clock(),
+                "dtype": str(chunks[0].config.params_dtype).replace("torch.", "")}
+    finally:
+        destroy_parallel()
+
+
+def import_checkpoint(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
+                      ep: int = 1, etp: Optional[int] = None, dtype: Optional[str] = None, overwrite: bool = False,
+                      show: bool = False, verbose: bool = False, timeout: float = 3600.0,
+                      backend: Optional[str] = None) -> Dict[str, Any]:
+    """HF ``hf_dir`` -> Megatron checkpoint ``out_dir`` at the given layout; returns rank 0's measurements.
+
+    Raises:
+        FileNotFoundError: ``hf_dir`` or its config.json is missing.
+        ValueError: an unsupported architecture, or a layout that cannot split the model.
+    """
+    from megatron_bridge_ext.cli.common import run_world, world_size_for
+
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"HF checkpoint directory {hf_dir!r} does not exist (missing)")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise FileNotFoundError(f"HF checkpoint {hf_dir!r} has no config.json")
+    layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
+    results = run_world(_worker, world_size_for(layout), (hf_dir, out_dir, layout, dtype, overwrite, show, verbose),
+                        timeout=timeout, backend=backend)
+    return results[0]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from megatron_bridge_ext.cli.common import DTYPES, add_layout_arguments, add_terminal_arguments
+
+    parser.add_argument("hf_dir", help="HF checkpoint directory (config.json + safetensors)")
+    parser.add_argument("out_dir", help="Megatron checkpoint root to write (OUT_DIR/iter_0000000)")
+    add_layout_arguments(parser)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="parameter dtype (default: the HF config's dtype)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing iter_0000000 (only once the new one is complete)")
+    add_terminal_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_bridge_ext.cli.common import fail, is_rank0, layout_of, quiet_third_party, show_progress, \
+        summary_line
+
+    quiet_third_party(args.verbose)
+    try:
+        layout = layout_of(args)
+        res = import_checkpoint(args.hf_dir, args.out_dir, **layout, dtype=args.dtype, overwrite=args.overwrite,
+                                show=show_progress(args), verbose=args.verbose, timeout=args.timeout,
+                                backend=args.backend)
+    except Exception as e:  # noqa: BLE001  (one clear line for the user; --verbose shows the traceback)
+        return fail(e, args.verbose)
+    if is_rank0():
+        where = " ".join(f"{k.upper()}={v}" for k, v in layout.items() if v is not None)
+        print(summary_line("import", res["tensors"], res["bytes"], res["total_s"], res["path"],
+                           f"[{where} {res['dtype']}; HF read + convert {res['read_s']:.2f} s, checkpoint write "
+                           f"{res['total_s'] - res['read_s']:.2f} s]"))
+    return 0

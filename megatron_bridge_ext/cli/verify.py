@@ -1,0 +1,199 @@
+"""``verify HF_DIR MEGATRON_DIR [--tp N --pp N ...]``: does a Megatron checkpoint hold exactly the HF checkpoint?
+
+The Megatron checkpoint is loaded at the given layout (default TP1 PP1) and exported in memory, tensor by tensor,
+and every HF tensor is compared bit for bit (``torch.equal`` in the checkpoint's dtype: an HF tensor of another dtype
+is cast to it first, as import does). Then the Megatron model's logits on a few fixed batches are compared with the
+HF model's own (transformers, fp32). Prints a table; exits 1 naming every mismatching tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+
+__all__ = ["add_arguments", "run", "verify_checkpoint"]
+
+#: default max |logit difference| per checkpoint dtype (fp32 forward vs the checkpoint's dtype)
+DEFAULT_ATOL = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 2e-1}
+
+
+def _tokens(vocab: int, batches: int, batch: int, seq_len: int, seed: int) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq_len), generator=g) for _ in range(batches)]
+
+
+def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, Any], logits: bool,
+            batches: int, seq_len: int, show: bool, verbose: bool) -> Optional[Dict[str, Any]]:
+    from megatron_bridge_ext.cli.common import phase, timed, worker_setup
+
+    device = worker_setup(verbose)
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
+    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, config_from_checkpoint, \
+        load_megatron_checkpoint
+    from megatron_bridge_ext.mcore.forward import megatron_logits
+    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
+
+    show = show and rank == 0
+    init_parallel(**layout)
+    try:
+        clock = timed()
+        info = read_checkpoint_info(meg_dir)
+        bridge = AutoBridge.from_hf_pretrained(hf_dir)
+        arch = bridge.hf_config.architectures[0]
+        if info.architecture is not None and info.architecture != arch:
+            raise ValueError(f"{hf_dir} is a {arch}, the Megatron checkpoint {info.path} holds a {info.architecture}")
+        config = config_from_checkpoint(info) if info.model_config is not None else bridge.transformer_config()
+        chunks = cast_to_params_dtype(build_model_chunks(config))
+        if device.type == "cuda":
+            chunks = [c.to(device) for c in chunks]
+        with phase(f"Reading the Megatron checkpoint {info.path}", show):
+            load_megatron_checkpoint(chunks, info.path)
+        load_s = clock()
+        src = bridge.hf_pretrained.state
+        dtype = config.params_dtype
+        rows: Dict[str, Any] = {"mismatched": [], "missing": [], "unexpected": [], "compared": 0, "bytes": 0,
+                                "dtype_cast": 0}
+        seen = set()
+        stream = bridge.model_bridge.stream_weights_megatron_to_hf(chunks, None, hf_config=bridge.hf_config,
+                                                                   dst=0, copy=False, show_progress=show)
+        tied = {}
+        for name, tensor in stream:  # rank 0 only receives
+            seen.add(name)
+            if name == bridge.model_bridge.tied_output_hf_name or name.endswith("embed_tokens.weight"):
+                tied[name] = tensor.clone()
+            if name not in src:
+                rows["unexpected"].append(name)
+                continue
+            ref = src[name]
+            if ref.dtype != tensor.dtype:
+                rows["dtype_cast"] += 1
+                ref = ref.to(tensor.dtype)
+            rows["compared"] += 1
+            rows["bytes"] += tensor.numel() * tensor.element_size()
+            if ref.shape != tensor.shape or not torch.equal(ref, tensor):
+                diff = "shape %s vs %s" % (tuple(ref.shape), tuple(tensor.shape)) if ref.shape != tensor.shape \
+                    else f"{int((ref != tensor).sum())} of {ref.numel()} values differ"
+                rows["mismatched"].append(f"{name} ({diff})")
+        if rank == 0:
+            tied_name = bridge.model_bridge.tied_output_hf_name
+            for name in src.keys():
+                if name in seen:
+                    continue
+                if name == tied_name and config.share_embeddings_and_output_weights:
+                    emb = next((t for n, t in tied.items() if n != tied_name), None)
+                    ref = src[name].to(dtype)
+                    rows["compared"] += 1
+                    if emb is None or not torch.equal(ref, emb):
+                        rows["mismatched"].append(f"{name} (tied to the embedding, differs from it)")
+                    continue
+                rows["missing"].append(name)
+        compare_s = clock() - load_s
+        result: Dict[str, Any] = {"rows": rows, "load_s": load_s, "compare_s": compare_s, "info": info.path,
+                                  "dtype": str(dtype).replace("torch.", ""), "tensors": len(src)}
+        if logits:
+            batch_list = _tokens(bridge.hf_config.vocab_size, batches, 2, seq_len, seed=1234)
+            with phase("Megatron forward on the fixed batches", show):
+                meg = [megatron_logits(chunks, t) for t in batch_list]
+            del chunks
+            if rank == 0:
+                from megatron_bridge_ext.testing.parity import hf_logits
+
+                with phase("HF forward on the fixed batches", show):
+                    ref = [hf_logits(hf_dir, t) for t in batch_list]
+                result["max_logit_diff"] = max(float((m.float().cpu() - r).abs().max()) for m, r in zip(meg, ref))
+                result["batches"] = f"{batches} x [2, {seq_len}]"
+        return result if rank == 0 else None
+    finally:
+        destroy_parallel()
+
+
+def verify_checkpoint(hf_dir: str, meg_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
+                      ep: int = 1, etp: Optional[int] = None, logits: bool = True, batches: int = 3,
+                      seq_len: int = 16, atol: Optional[float] = None, show: bool = False, verbose: bool = False,
+                      timeout: float = 3600.0, backend: Optional[str] = None) -> Dict[str, Any]:
+    """Compare an HF checkpoint with a Megatron checkpoint; returns rank 0's result with ``ok``."""
+    from megatron_bridge_ext.cli.common import run_world, world_size_for
+    from megatron_bridge_ext.io.megatron_checkpoint import resolve_checkpoint
+
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"HF checkpoint directory {hf_dir!r} does not exist (missing)")
+    resolve_checkpoint(meg_dir)
+    layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
+    results = run_world(_worker, world_size_for(layout),
+                        (hf_dir, meg_dir, layout, logits, batches, seq_len, show, verbose),
+                        timeout=timeout, backend=backend)
+    res = results[0]
+    if res is None:  # not rank 0 under torchrun
+        return {"ok": True}
+    rows = res["rows"]
+    if atol is None:
+        atol = DEFAULT_ATOL.get(getattr(torch, res["dtype"]), 2e-1)
+    res["atol"] = atol
+    res["tensors_ok"] = not (rows["mismatched"] or rows["missing"] or rows["unexpected"])
+    res["logits_ok"] = res.get("max_logit_diff", 0.0) <= atol
+    res["ok"] = res["tensors_ok"] and res["logits_ok"]
+    return res
+
+
+def report(res: Dict[str, Any], title: str) -> None:
+    """The verification table, then one line per mismatching tensor."""
+    from megatron_bridge_ext.cli.roundtrip import _print_table
+
+    r = res["rows"]
+    table = [
+        ("Megatron checkpoint", res["info"]),
+        ("checkpoint dtype", res["dtype"] + (f" ({r['dtype_cast']} HF tensors cast to it)" if r["dtype_cast"] else "")),
+        ("HF tensors", str(res["tensors"])),
+        ("compared", f"{r['compared']} ({r['bytes']:,} bytes)"),
+        ("bit-exact", "yes" if not r["mismatched"] else f"NO: {len(r['mismatched'])} tensor(s) differ"),
+        ("missing from the Megatron checkpoint", str(len(r["missing"]))),
+        ("not in the HF checkpoint", str(len(r["unexpected"]))),
+    ]
+    if "max_logit_diff" in res:
+        table.append((f"max |logit diff| ({res['batches']})", f"{res['max_logit_diff']:.3e} (atol {res['atol']:.0e})"))
+    table += [("load + compare", f"{res['load_s']:.2f} s + {res['compare_s']:.2f} s"),
+              ("verdict", "PASS" if res["ok"] else "FAIL")]
+    _print_table(table, title)
+    for name in r["mismatched"]:
+        print(f"MISMATCH {name}")
+    for name in r["missing"]:
+        print(f"MISSING {name} (in the HF checkpoint, not produced from the Megatron checkpoint)")
+    for name in r["unexpected"]:
+        print(f"UNEXPECTED {name} (produced from the Megatron checkpoint, not in the HF checkpoint)")
+    if not res["logits_ok"]:
+        print(f"LOGITS max |diff| {res['max_logit_diff']:.3e} exceeds {res['atol']:.0e}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from megatron_bridge_ext.cli.common import add_layout_arguments, add_terminal_arguments
+
+    parser.add_argument("hf_dir", help="HF checkpoint directory")
+    parser.add_argument("megatron_dir", help="Megatron checkpoint root (or its iter_* directory)")
+    add_layout_arguments(parser)
+    parser.add_argument("--no-logits", action="store_true", help="compare the tensors only")
+    parser.add_argument("--batches", type=int, default=3, help="fixed batches for the logits comparison")
+    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--atol", type=float, default=None,
+                        help="max |logit difference| (default by dtype: fp32 1e-4, fp16 5e-2, bf16 2e-1)")
+    add_terminal_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_bridge_ext.cli.common import fail, is_rank0, layout_of, quiet_third_party, show_progress
+
+    quiet_third_party(args.verbose)
+    try:
+        res = verify_checkpoint(args.hf_dir, args.megatron_dir, **layout_of(args), logits=not args.no_logits,
+                                batches=args.batches, seq_len=args.seq_len, atol=args.atol,
+                                show=show_progress(args), verbose=args.verbose, timeout=args.timeout,
+                                backend=args.backend)
+    except Exception as e:  # noqa: BLE001
+        return fail(e, args.verbose)
+    if not is_rank0() or "rows" not in res:
+        return 0
+    report(res, f"verify {args.hf_dir} against {args.megatron_dir}")
+    return 0 if res["ok"] else 1

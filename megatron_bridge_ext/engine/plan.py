@@ -1,0 +1,197 @@
+"""The conversion plan of an HF checkpoint for a layout, without converting and without reading a tensor (the
+``inspect`` subcommand).
+
+Every HF key -> the Megatron parameter it feeds, the parameter's tensor-parallel layout, its pipeline stage and the
+shape of its shard on each rank; the bytes each rank holds; keys that nothing maps on either side; and an estimate of
+the peak memory of each rank during import and of the destination rank during export.
+
+The Megatron side is a whole model built on the ``meta`` device (no memory, no data) at TP1 PP1: it gives the exact
+set of parameter names and their owning modules (layouts). Shard shapes come from the mappings themselves run on meta
+tensors for each rank (the op wrappers' fake kernels and the geometry module); layers are placed on pipeline stages
+and experts on expert-parallel ranks by megatron's even split, ranks numbered in megatron's order (tp fastest, pp
+slowest).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
+from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
+from megatron_bridge_ext.mcore.config import padded_vocab_size
+from megatron_bridge_ext.mcore.layout import detect_layout
+from megatron_bridge_ext.mcore.names import local_params
+from megatron_bridge_ext.mcore.topology import Topology
+
+__all__ = ["conversion_plan"]
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.(?:local_experts\.(\d+)\.|linear_fc\d\.weight(\d+)$)")
+
+
+def _meta_model(model_bridge: MegatronModelBridge, hf_config: Any) -> List[torch.nn.Module]:
+    """The whole model on the meta device (TP1 PP1, in a one-process world of its own when there is none)."""
+    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, init_parallel
+
+    if not dist.is_initialized():
+        tmp = tempfile.mkdtemp(prefix="bridge_plan_")
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=0,
+                                world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError("conversion_plan builds its meta model in a one-process world; call it outside a job's "
+                           f"world (this one has {dist.get_world_size()} ranks)")
+    init_parallel(tp=1, pp=1)
+    config = model_bridge.transformer_config(hf_config, tensor_model_parallel_size=1)
+    with torch.device("meta"):
+        return build_model_chunks(config)
+
+
+def _stage_of(name: str, num_layers: int, pp: int, vpp: int, tied: bool) -> List[Tuple[int, int]]:
+    """(pp rank, chunk) holding a global parameter (two places for a tied output layer's copy)."""
+    stages = pp * vpp
+    m = _LAYER.match(name)
+    if m is not None:
+        per = num_layers // stages
+        s = int(m.group(1)) // per
+        return [(s % pp, s // pp)]
+    if name.startswith("embedding."):
+        places = [(0, 0)]
+        if tied and pp > 1:  # the last stage keeps a copy as its output layer
+            places.append((pp - 1, vpp - 1))
+        return places
+    return [(pp - 1, vpp - 1)]  # final norm, output layer
+
+
+def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp: int = 1, pp: int = 1,
+                    vpp: Optional[int] = None, ep: int = 1, etp: Optional[int] = None,
+                    bucket_bytes: Optional[int] = None) -> Dict[str, Any]:
+    """The conversion plan of an HF checkpoint for a layout (see the module docstring), as plain data.
+
+    Args:
+        model_bridge: the architecture's bridge.
+        hf_pretrained: the HF checkpoint (``.config``, ``.state`` with shapes and dtypes; no tensor is read).
+        tp, pp, vpp, ep, etp: the target layout.
+        bucket_bytes: the export bucket budget (for the export peak-memory estimate).
+
+    Raises:
+        ValueError: a layout that cannot split the model (named).
+    """
+    bucket_bytes = bucket_bytes or DEFAULT_BUCKET_BYTES
+    vpp_n = vpp if vpp and vpp > 1 else 1
+    etp_n = etp or tp
+    src = hf_pretrained.state
+    hf_config = hf_pretrained.config
+    # the target layout's config: checks heads / groups against tp, as import would
+    target = model_bridge.transformer_config(
+        hf_config, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp_n > 1 else None, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp_n)
+    num_layers = target.num_layers
+    if num_layers % (pp * vpp_n):
+        raise ValueError(f"num_layers = {num_layers} is not divisible by pp * vpp = {pp * vpp_n}")
+    experts = target.num_moe_experts or 0
+    if experts and experts % ep:
+        raise ValueError(f"num_moe_experts = {experts} is not divisible by --ep {ep}")
+    chunks = _meta_model(model_bridge, hf_config)
+    registry = model_bridge.registry
+    tied = bool(target.share_embeddings_and_output_weights)
+    meta_state = {k: torch.empty(src.shape(k), dtype=src.dtype(k), device="meta") for k in src.keys()}
+    hf_vocab = getattr(hf_config, "vocab_size", None)
+    padded = padded_vocab_size(target.vocab_size, tp, target.make_vocab_size_divisible_by)
+
+    params = list(local_params(chunks, Topology()))
+    rows: List[Dict[str, Any]] = []
+    unmapped_megatron: List[str] = []
+    missing_hf: List[str] = []
+    used_hf = set()
+    dense: Dict[Tuple[int, int], int] = {}  # (pp rank, tp rank) -> bytes
+    expert_bytes: Dict[Tuple[int, int, int], int] = {}  # (pp rank, ep rank, etp rank) -> bytes
+    read_max: Dict[Tuple[int, int], int] = {}  # largest HF bytes one task reads, per (pp, tp)
+    expert_read_max: Dict[Tuple[int, int, int], int] = {}  # the same for expert groups, per (pp, ep, etp)
+    groups_done = set()
+    for p in params:
+        name = p.global_name
+        mapping = registry.megatron_to_hf_lookup(name)
+        if mapping is None:
+            unmapped_megatron.append(name)
+            continue
+        group = mapping.megatron_param if mapping.grouped else None
+        if group is not None:
+            if group in groups_done:
+                continue
+            groups_done.add(group)
+            mapping = mapping.for_experts(experts)  # type: ignore[attr-defined]
+        needed = mapping.hf_names
+        absent = [k for k in needed if k not in meta_state]
+        if absent:
+            missing_hf.extend(f"{k} (for {group or name})" for k in absent)
+            continue
+        used_hf.update(needed)
+        hf = model_bridge.maybe_modify_loaded_hf_weight(mapping.hf_param, meta_state)
+        hf_bytes = sum(src.nbytes(k) for k in needed)
+        layout = mapping.layout or detect_layout(p.module, p.tensor, name)
+        dtype = target.params_dtype
+        places = _stage_of(name, num_layers, pp, vpp_n, tied)
+        shards: Dict[str, List[int]] = {}
+        if group is not None:
+            for e_rank in range(ep):
+                for t_rank in range(etp_n):
+                    ctx = ConversionContext(tp_size=etp_n, tp_rank=t_rank, ep_size=ep, ep_rank=e_rank, config=target,
+                                            hf_vocab_size=hf_vocab, padded_vocab_size=padded, layout=EXPERTS)
+                    one = mapping.expert_shard_shape(hf, ctx)  # type: ignore[attr-defined]
+                    shape = [experts // ep, *one]
+                    shards[f"ep{e_rank}/etp{t_rank}"] = shape
+                    nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+                    for pp_rank, _ in places:
+                        key = (pp_rank, e_rank, t_rank)
+                        expert_bytes[key] = expert_bytes.get(key, 0) + nbytes
+                        expert_read_max[key] = max(expert_read_max.get(key, 0), nbytes)  # rows of its experts
+            layout = EXPERTS
+        else:
+            for t_rank in range(tp):
+                ctx = ConversionContext(tp_size=tp, tp_rank=t_rank, config=target, hf_vocab_size=hf_vocab,
+                                        padded_vocab_size=padded, layout=layout)
+                meta_in = hf if isinstance(hf, dict) else hf
+                shape = list(mapping.hf_to_megatron(meta_in, ctx).shape)
+                shards[f"tp{t_rank}"] = shape
+                nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+                for pp_rank, _ in places:
+                    dense[(pp_rank, t_rank)] = dense.get((pp_rank, t_rank), 0) + nbytes
+                    read = min(hf_bytes, nbytes if layout != "replicated" else hf_bytes)
+                    read_max[(pp_rank, t_rank)] = max(read_max.get((pp_rank, t_rank), 0), read)
+        rows.append({"hf": needed, "megatron": group or name, "mapping": type(mapping).__name__, "layout": layout,
+                     "stages": [f"pp{a}" + (f".chunk{b}" if vpp_n > 1 else "") for a, b in places],
+                     "dtype": str(dtype).replace("torch.", ""), "shards": shards})
+    unmapped_hf = [k for k in src.keys() if k not in used_hf
+                   and not (k == model_bridge.tied_output_hf_name and tied)]
+
+    layout_d = {"tp": tp, "pp": pp, "vpp": vpp if vpp_n > 1 else None, "ep": ep, "etp": etp}
+    world = math.lcm(tp * pp, etp_n * ep * pp)  # the smallest world megatron accepts for the layout
+    ranks = []
+    per_pp = world // pp
+    biggest_task = max((sum(src.nbytes(k) for k in r["hf"]) for r in rows), default=0)
+    for r in range(world):
+        pp_rank = r // per_pp
+        q = r % per_pp
+        tp_rank, etp_rank, ep_rank = r % tp, q % etp_n, (q // etp_n) % ep
+        nbytes = dense.get((pp_rank, tp_rank), 0) + expert_bytes.get((pp_rank, ep_rank, etp_rank), 0)
+        peak = nbytes + max(read_max.get((pp_rank, tp_rank), 0),
+                            expert_read_max.get((pp_rank, ep_rank, etp_rank), 0))
+        ranks.append({"rank": r, "pp": pp_rank, "tp": tp_rank, "ep": ep_rank, "etp": etp_rank, "bytes": nbytes,
+                      "import_peak_bytes": peak})
+    bucket_bytes = min(bucket_bytes, src.total_size)  # a bucket never holds more than the whole model
+    export_peak = (ranks[0]["bytes"] if ranks else 0) + 2 * bucket_bytes + biggest_task
+    return {
+        "hf_dir": getattr(hf_pretrained, "path", None), "architecture": hf_config.architectures[0], "layout": layout_d, "world": world,
+        "hf_tensors": len(src), "hf_bytes": src.total_size, "dtype": str(target.params_dtype).replace("torch.", ""),
+        "padded_vocab_size": padded, "rows": rows, "ranks": ranks,
+        "unmapped_hf": unmapped_hf, "unmapped_megatron": unmapped_megatron, "missing_hf": missing_hf,
+        "export_peak_bytes_rank0": export_peak, "bucket_bytes": bucket_bytes,
+    }

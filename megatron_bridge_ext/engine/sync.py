@@ -1,0 +1,202 @@
+"""A reusable export plan for repeated weight syncs (e.g. RL: the trainer pushes its weights to an inference engine
+after every step).
+
+:class:`WeightSyncPlan` is built once from a model: the global order and metadata (one name gather and one metadata
+exchange over the world, the only collectives that carry names or metadata), the tasks, the buckets with their
+message layout, the conversion context of every task, and the transport's flat buffers (allocated on the first sync,
+then reused). Each :meth:`WeightSyncPlan.sync` then only moves bytes: the holders send their part of each bucket, the
+destination unpacks it into HF tensors, and each bucket is yielded as a list of ``(hf_name, tensor)`` whose gathered
+size stays within the byte budget (a single tensor larger than the budget travels alone).
+
+The plan notices a change of the model's structure by itself: before each sync every rank compares its parameters
+(name, shape, dtype, storage) with those the plan was built from, and the ranks agree on the outcome with one
+two-integer all-reduce (``check_structure``). New storages (e.g. parameters re-allocated by an optimizer wrapper)
+rebuild the tasks locally; new names, shapes or dtypes rebuild the global order with its collectives, on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
+from megatron_bridge_ext.engine.peers import Watch
+from megatron_bridge_ext.engine.tasks import build_tasks
+from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets
+from megatron_bridge_ext.mcore.names import as_chunks
+from megatron_bridge_ext.mcore.topology import Topology, comm_device
+
+__all__ = ["WeightSyncPlan"]
+
+Model = Union[torch.nn.Module, Sequence[torch.nn.Module]]
+Bucket = List[Tuple[str, torch.Tensor]]
+
+
+def _tensors(chunks: Sequence[torch.nn.Module]) -> List[Tuple[str, torch.Tensor]]:
+    out = []
+    for vp, chunk in enumerate(chunks):
+        for name, t in chunk.state_dict(keep_vars=True).items():
+            if isinstance(t, torch.Tensor) and "_extra_state" not in name:
+                out.append((f"{vp}/{name}", t))
+    return out
+
+
+def _fingerprints(chunks: Sequence[torch.nn.Module]) -> Tuple[Any, Any]:
+    """(metadata, storage) fingerprints of this rank's parameters: names, shapes, dtypes; and where they live."""
+    items = _tensors(chunks)
+    meta = tuple((n, tuple(t.shape), t.dtype) for n, t in items)
+    storage = tuple((t.data_ptr(), t.device) for _, t in items)
+    return meta, storage
+
+
+class WeightSyncPlan:
+    """Export plan of one model, reused across syncs.
+
+    Args:
+        bridge: the model family's bridge (``AutoBridge(...).model_bridge``).
+        model: this rank's chunk(s); every rank of the world builds the plan (collective the first time).
+        bucket_bytes: byte budget of one bucket (gathered Megatron bytes; the HF tensors of a bucket are at most as
+            large, the padded vocabulary being trimmed).
+        dst: the global rank that receives the tensors, or ``"all"``: every rank receives every bucket.
+        hf_config: the HF config (the unpadded vocabulary); default: the one the model's config carries.
+        copy: yield fresh tensors (default). With False a tensor that needs no conversion is a view of the parameter or
+            of the reused message buffer, valid until the next bucket is requested.
+        check_structure: agree over the world before each sync whether any rank's parameters changed (one
+            all-reduce of two integers); without it a change on one rank only is not noticed by the others.
+
+    Example::
+
+        plan = WeightSyncPlan(bridge.model_bridge, chunks, bucket_bytes=512 << 20, dst="all")
+        for step in range(steps):
+            train_step()
+            for bucket in plan.sync():             # every rank iterates
+                engine.load_weights(bucket)       # [(hf_name, tensor), ...]
+    """
+
+    def __init__(self, bridge: MegatronModelBridge, model: Model, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 dst: Union[int, str] = 0, hf_config: Any = None, copy: bool = True,
+                 check_structure: bool = True) -> None:
+        if bucket_bytes <= 0:
+            raise ValueError(f"WeightSyncPlan: bucket_bytes must be positive, got {bucket_bytes}")
+        self.bridge = bridge
+        self.chunks = as_chunks(model)
+        self.bucket_bytes = int(bucket_bytes)
+        self.everyone = dst == "all"
+        self.hf_config = hf_config
+        self.copy = copy
+        self.check_structure = check_structure
+        self.builds = 0  #: how many times the plan was built (1 + rebuilds after structure changes)
+        self.global_builds = 0  #: how many of them exchanged names and metadata over the world
+        self._transport = Transport()
+        self._dst_arg = dst
+        self._build(global_order=True)
+
+    # ---- building ---------------------------------------------------------------------------------------------------
+
+    def _build(self, *, global_order: bool) -> None:
+        watch = self.bridge.watch("weight sync plan")
+        with watch:
+            if global_order:
+                watch.barrier("weight sync plan: start")  # every rank is here before the name exchange
+            self._build_watched(global_order)
+
+    def _build_watched(self, global_order: bool) -> None:
+        topo = Topology.current()
+        everyone = self.everyone
+        dst = 0 if everyone else int(self._dst_arg)
+        if not 0 <= dst < topo.world:
+            raise ValueError(f"WeightSyncPlan: dst must be a global rank in [0, {topo.world}) or 'all', got "
+                             f"{self._dst_arg!r}")
+        if global_order:
+            self.bridge.global_order.invalidate()  # names and metadata exchanged afresh (collective)
+            self.global_builds += 1
+        tasks, meta = build_tasks(self.chunks, topo, self.bridge.global_order, None, type(self.bridge).__name__)
+        plans = [BucketPlan.make(b, meta, topo, dst, everyone) for b in cut_buckets(tasks, meta, self.bucket_bytes)]
+        receiving = everyone or topo.rank == dst
+        contexts: List[List[Any]] = []
+        for plan in plans:
+            row = []
+            for task, m in plan.layout:
+                shards = len(m.senders) if m.sharded else 1
+                row.append(self.bridge._export_context(task, m, shards, topo, self.hf_config, self.chunks)
+                           if receiving else None)
+            contexts.append(row)
+        self._topo, self._dst, self._plans, self._contexts = topo, dst, plans, contexts
+        self._receiving = receiving
+        self._fingerprint = _fingerprints(self.chunks)
+        self.builds += 1
+
+    def _refresh(self, watch: Watch) -> None:
+        """Rebuild when this rank's (or, with ``check_structure``, any rank's) parameters changed."""
+        meta, storage = _fingerprints(self.chunks)
+        meta_changed = meta != self._fingerprint[0]
+        storage_changed = storage != self._fingerprint[1]
+        if self.check_structure and self._topo.world > 1:
+            watch.set_phase("weight sync: structure check")
+            flags = torch.tensor([int(meta_changed), int(storage_changed)], dtype=torch.int64, device=comm_device())
+            watch.wait([(dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True), None)], "the structure check")
+            meta_changed, storage_changed = bool(flags[0]), bool(flags[1])
+        if meta_changed:
+            self._build(global_order=True)
+        elif storage_changed:
+            self._build(global_order=False)  # same names and metadata: the cached global order, no collective
+
+    def rebuild(self) -> None:
+        """Rebuild the plan from scratch (collective: every rank calls it)."""
+        self._build(global_order=True)
+
+    # ---- syncing ----------------------------------------------------------------------------------------------------
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self._plans)
+
+    def hf_names(self) -> List[Optional[List[str]]]:
+        """Per bucket, the HF names it yields (known on receiving ranks without moving data; None elsewhere)."""
+        out: List[Optional[List[str]]] = []
+        for plan in self._plans:
+            out.append([n for t, _ in plan.layout for n in t.mapping.hf_names] if self._receiving else None)
+        return out
+
+    def sync(self) -> Iterator[Bucket]:
+        """One sync: yields each bucket's ``[(hf_name, tensor), ...]`` on the receiving rank(s), nothing elsewhere.
+
+        Every rank must exhaust the iterator (it drives the transfers). A failure on one rank (an error, a closed
+        iterator, a dead process) makes every rank's sync fail, naming it (:mod:`megatron_bridge_ext.engine.peers`).
+        """
+        watch = self.bridge.watch("weight sync")
+        try:
+            yield from self._sync(watch)
+        except GeneratorExit:  # the consumer stopped early: the other ranks would wait for this rank's messages
+            if not watch.reported:
+                watch.report(RuntimeError(f"rank {watch.rank} stopped consuming the weight sync during "
+                                          f"{watch.phase!r} (the iterator was closed before its end)"))
+            raise
+        except Exception as e:
+            watch.report(e)
+            raise
+
+    def _sync(self, watch: Watch) -> Iterator[Bucket]:
+        self._refresh(watch)
+        watch.set_phase("weight sync")
+        bridge = self.bridge
+        stream = self._transport.stream(self._plans, self._topo, self._dst, self.everyone, watch=watch)
+        with torch.no_grad():
+            for index, (plan, views) in enumerate(stream):
+                if views is None:
+                    continue
+                bucket: Bucket = []
+                for (task, _), shards, ctx in zip(plan.layout, views, self._contexts[index]):
+                    converted = bridge.maybe_modify_converted_hf_weight(task, task.mapping.megatron_to_hf(shards, ctx))
+                    storages = {s.untyped_storage().data_ptr() for s in shards} if self.copy else ()
+                    for name, tensor in converted.items():
+                        if self.copy and tensor.untyped_storage().data_ptr() in storages:
+                            tensor = tensor.clone()
+                        bucket.append((name, tensor))
+                yield bucket
+
+    def release(self) -> None:
+        """Free the flat message buffers (they are allocated again by the next sync)."""
+        self._transport.release()

@@ -1,0 +1,210 @@
+"""The model side of Megatron distributed checkpoints: the chunks' sharded state dicts under Megatron-LM's keys
+(``model``, or ``model0``, ``model1``, ... with a virtual pipeline), the ``args`` Megatron-LM reads back, the stored
+model config, and building / loading chunks from a checkpoint under the current parallel state.
+
+The on-disk layout and the save / load calls are in :mod:`megatron_bridge_ext.io.megatron_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_bridge_ext.io import megatron_checkpoint as ckpt_io
+from megatron_bridge_ext.mcore.config import (
+    GPTConfig,
+    config_from_dict,
+    config_to_dict,
+    default_vocab_divisor,
+    padded_vocab_size,
+)
+from megatron_bridge_ext.mcore.cpu_compat import dist_checkpoint_cpu_patches
+from megatron_bridge_ext.mcore.names import as_chunks, model_config, unwrap_model
+from megatron_bridge_ext.mcore.topology import current_parallel_sizes
+
+__all__ = [
+    "model_state_keys",
+    "sharded_model_state",
+    "megatron_lm_args",
+    "save_megatron_checkpoint",
+    "config_from_checkpoint",
+    "load_megatron_checkpoint",
+    "cast_to_params_dtype",
+]
+
+
+def model_state_keys(num_chunks: int) -> List[str]:
+    """Megatron-LM's state-dict keys of a rank's model chunks: ``model``, or ``model0``, ``model1``, ..."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def _content_metadata() -> Dict[str, Any]:
+    md: Dict[str, Any] = dict(ckpt_io.CONTENT_METADATA)
+    md["dp_cp_group"] = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return md
+
+
+def sharded_model_state(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
+    """``{"model": sd}`` or ``{"model0": sd0, ...}``: each chunk's ``sharded_state_dict`` (global tensor keys; the
+    ShardedTensors view the parameters, so loading fills them in place) as Megatron-LM's ``generate_state_dict``
+    builds it for the ``torch_dist`` format."""
+    chunks = as_chunks(chunks)
+    return {key: unwrap_model(chunk).sharded_state_dict(metadata=_content_metadata())
+            for key, chunk in zip(model_state_keys(len(chunks)), chunks)}
+
+
+def megatron_lm_args(config: GPTConfig, parallel: Mapping[str, Any], iteration: int = 0) -> argparse.Namespace:
+    """The ``args`` a Megatron-LM checkpoint carries, from the model config: what ``load_checkpoint`` checks
+    (``num_layers``, ``hidden_size``, ``num_attention_heads``, ``max_position_embeddings``,
+    ``make_vocab_size_divisible_by``, ``no_save_optim`` / ``no_save_rng``, the parallel sizes) and what
+    ``--use-checkpoint-args`` takes over (the model arguments, in Megatron-LM's names)."""
+    heads = config.num_attention_heads
+    groups = config.num_query_groups or heads
+    vocab = config.vocab_size
+    tp = int(parallel.get("tp", 1))
+    divisor = config.make_vocab_size_divisible_by or (default_vocab_divisor(vocab) if vocab else 128)
+    silu = getattr(config.activation_func, "__name__", "") == "silu"
+    world = int(parallel.get("world", 1))
+    pp = int(parallel.get("pp", 1))
+    args = dict(
+        num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=heads, num_query_groups=groups, group_query_attention=groups != heads,
+        kv_channels=config.kv_channels, seq_length=config.seq_length, max_position_embeddings=config.seq_length,
+        position_embedding_type=config.position_embedding_type,
+        add_position_embedding=config.position_embedding_type == "learned_absolute",
+        use_rotary_position_embeddings=config.position_embedding_type == "rope",
+        rotary_base=config.rotary_base, rotary_percent=config.rotary_percent,
+        rotary_interleaved=bool(getattr(config, "rotary_interleaved", False)),
+        rotary_seq_len_interpolation_factor=config.seq_len_interpolation_factor,
+        use_rope_scaling=config.rope_scaling, rope_scaling_factor=config.rope_scaling_factor,
+        add_bias_linear=config.add_bias_linear, add_qkv_bias=config.add_qkv_bias,
+        swiglu=bool(config.gated_linear_unit and silu), squared_relu=False,
+        untie_embeddings_and_output_weights=not config.share_embeddings_and_output_weights,
+        normalization=config.normalization, norm_epsilon=config.layernorm_epsilon,
+        apply_layernorm_1p=config.layernorm_zero_centered_gamma, qk_layernorm=config.qk_layernorm,
+        attention_dropout=config.attention_dropout, hidden_dropout=config.hidden_dropout,
+        init_method_std=config.init_method_std,
+        num_experts=config.num_moe_experts, moe_router_topk=config.moe_router_topk,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size if config.num_moe_experts else None,
+        moe_router_pre_softmax=config.moe_router_pre_softmax, moe_grouped_gemm=config.moe_grouped_gemm,
+        moe_router_score_function=config.moe_router_score_function,
+        moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
+        moe_token_dispatcher_type=config.moe_token_dispatcher_type,
+        moe_router_load_balancing_type=config.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=config.moe_aux_loss_coeff,
+        vocab_size=vocab, make_vocab_size_divisible_by=divisor,
+        padded_vocab_size=padded_vocab_size(vocab, tp, config.make_vocab_size_divisible_by) if vocab else None,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=parallel.get("vpp"),
+        expert_model_parallel_size=int(parallel.get("ep", 1)),
+        expert_tensor_parallel_size=parallel.get("etp"),
+        world_size=world, data_parallel_size=world // (tp * pp),
+        params_dtype=config.params_dtype, bf16=config.params_dtype == torch.bfloat16,
+        fp16=config.params_dtype == torch.float16,
+        ckpt_format="torch_dist", use_dist_ckpt=True, transformer_impl="local",
+        no_save_optim=True, no_save_rng=True,
+        iteration=iteration, consumed_train_samples=0, skipped_train_samples=0, consumed_valid_samples=0,
+    )
+    return argparse.Namespace(**args)
+
+
+def _parallel_of(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
+    sizes = current_parallel_sizes()
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {
+        "tp": sizes.get("tensor_model_parallel_size", 1),
+        "pp": sizes.get("pipeline_model_parallel_size", 1),
+        "vpp": sizes.get("virtual_pipeline_model_parallel_size"),
+        "ep": sizes.get("expert_model_parallel_size", 1),
+        "etp": sizes.get("expert_tensor_parallel_size"),
+        "world": world,
+        "chunks": len(as_chunks(chunks)),
+    }
+
+
+def save_megatron_checkpoint(
+    chunks: Sequence[torch.nn.Module],
+    root: str,
+    *,
+    architecture: str,
+    hf_config: Optional[Mapping[str, Any]] = None,
+    iteration: int = 0,
+    overwrite: bool = False,
+) -> str:
+    """Write this rank's chunks as a Megatron-LM distributed checkpoint (collective; see
+    :mod:`megatron_bridge_ext.io.megatron_checkpoint` for the layout).
+
+    Args:
+        chunks: this rank's GPTModel chunk(s) under the current parallel state.
+        root: the checkpoint root (``root/iter_0000000``, ``root/latest_checkpointed_iteration.txt``).
+        architecture: the HF architecture whose bridge converts the model (stored, for export without an HF source).
+        hf_config: the source checkpoint's ``config.json`` (stored as well).
+        iteration: the iteration number.
+        overwrite: replace an existing checkpoint of that iteration (only once the new one is complete).
+
+    Returns:
+        The iteration directory.
+    """
+    chunks = as_chunks(chunks)
+    dist_checkpoint_cpu_patches()
+    config = model_config(chunks)
+    if not isinstance(config, GPTConfig):
+        raise ValueError(f"save_megatron_checkpoint: the chunks carry a {type(config).__name__}, expected the "
+                         "GPTConfig of a model built by this package (it stores the fields needed to rebuild it)")
+    parallel = _parallel_of(chunks)
+    bridge_entry = {
+        "format_version": ckpt_io.FORMAT_VERSION,
+        "architecture": architecture,
+        "model_config": config_to_dict(config),
+        "parallel": parallel,
+        "model_keys": model_state_keys(len(chunks)),
+        "hf_config": ckpt_io.json_safe(dict(hf_config)) if hf_config is not None else None,
+    }
+    common = {"args": megatron_lm_args(config, parallel, iteration), ckpt_io.BRIDGE_KEY: bridge_entry}
+    return ckpt_io.save_distributed_checkpoint(sharded_model_state(chunks), root, iteration=iteration,
+                                               common=common, overwrite=overwrite)
+
+
+def config_from_checkpoint(info: "ckpt_io.MegatronCheckpointInfo", **overrides: Any) -> GPTConfig:
+    """The ``GPTConfig`` stored in a checkpoint, for the current parallel state (``overrides`` last).
+
+    Raises:
+        ValueError: a checkpoint without a stored model config (not written by this package).
+    """
+    if info.model_config is None:
+        raise ValueError(f"{info.path}: the checkpoint stores no model config (it was not written by "
+                         "megatron_bridge_ext); give the HF config with --hf-source")
+    for key, value in current_parallel_sizes().items():
+        overrides.setdefault(key, value)
+    return config_from_dict(info.model_config, overrides)
+
+
+def cast_to_params_dtype(chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Module]:
+    """Every floating-point parameter and buffer in ``config.params_dtype``, as Megatron-LM's ``Float16Module``
+    makes a bf16 / fp16 model (the local spec builds its norms in fp32): a checkpoint then holds one dtype, the one
+    a training job's model has, and an export without an HF source reproduces it."""
+    chunks = as_chunks(chunks)
+    dtype = model_config(chunks).params_dtype
+    for chunk in chunks:
+        if any(p.is_floating_point() and p.dtype != dtype for p in chunk.parameters()):
+            chunk.to(dtype)
+    return chunks
+
+
+def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], path: str) -> List[torch.nn.Module]:
+    """Fill this rank's chunks from a distributed checkpoint written at any layout (collective): each rank reads
+    the slices it holds; the result is then loaded with ``load_state_dict(strict=True)`` as Megatron-LM does.
+
+    Raises:
+        ValueError: tensors the model needs that the checkpoint lacks, or shapes that disagree (named).
+    """
+    chunks = as_chunks(chunks)
+    state = sharded_model_state(chunks)
+    loaded = ckpt_io.load_distributed_checkpoint(state, path)
+    for key, chunk in zip(state, chunks):
+        result = unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
+        del result
+    return chunks

@@ -1,0 +1,201 @@
+"""The converter as a user runs it: ``import``, ``export``, ``verify`` and ``inspect`` in subprocesses (their own
+local gloo ranks, and under ``torchrun --nproc-per-node 2`` with gloo), on tiny transformers checkpoints with random
+weights. Outputs are compared with the source checkpoint (key set, dtypes, ``torch.equal``) and with transformers
+loading the result."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+transformers = pytest.importorskip("transformers")
+
+from megatron_bridge_ext.testing.parity import compare_checkpoints  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LLAMA = dict(vocab_size=1003, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+             tie_word_embeddings=False)
+MIXTRAL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=64, num_local_experts=4,
+               num_experts_per_tok=2, tie_word_embeddings=False, rms_norm_eps=1e-5)
+NOISE = ("Apex", "UserWarning", "Transformer Engine", "Loading weights", "warnings.warn")
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+
+
+def _cli(*args: str, torchrun: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if torchrun \
+        else [sys.executable]
+    res = subprocess.run([*launcher, "-m", "megatron_bridge_ext", *args], capture_output=True, text=True,
+                         timeout=timeout, env=_env(), cwd=ROOT)
+    return res
+
+
+def _quiet(res: subprocess.CompletedProcess) -> None:
+    """No third-party noise reaches the user by default."""
+    for word in NOISE:
+        assert word not in res.stderr and word not in res.stdout, f"{word!r} in the output:\n{res.stderr}"
+
+
+def _make(path: str, arch: str, config: dict, seed: int) -> str:
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{arch}ForCausalLM")(getattr(transformers, f"{arch}Config")(**config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_llama")
+    src = _make(str(root / "hf"), "Llama", LLAMA, seed=0)
+    return root, src
+
+
+@pytest.fixture(scope="module")
+def imported(llama):
+    """The Llama imported at TP2 PP2 from a copy of the source that is deleted right after."""
+    root, src = llama
+    copy = str(root / "hf_copy")
+    shutil.copytree(src, copy)
+    meg = str(root / "megatron")
+    res = _cli("import", copy, meg, "--tp", "2", "--pp", "2")
+    shutil.rmtree(copy)
+    return res, meg
+
+
+def test_import_tp2_pp2_writes_a_checkpoint(imported):
+    res, meg = imported
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"^import: 39 tensors, [\d.]+ GB in [\d.]+ s \([\d.]+ GB/s\) -> .*iter_0000000", res.stdout,
+                     re.M), res.stdout
+    assert len(res.stdout.strip().splitlines()) == 1, res.stdout  # one summary line and nothing else
+    _quiet(res)
+    assert open(os.path.join(meg, "latest_checkpointed_iteration.txt")).read().strip() == "0"
+    assert os.path.isfile(os.path.join(meg, "iter_0000000", "metadata.json"))
+
+
+def test_export_without_the_hf_source_is_bit_exact(llama, imported, tmp_path):
+    """The source directory the checkpoint was imported from is gone: the model comes from the checkpoint's stored
+    config, config.json from the Megatron side; the result reads at TP1 (resharded from TP2 PP2)."""
+    root, src = llama
+    _, meg = imported
+    out = str(tmp_path / "hf_out")
+    res = _cli("export", meg, out)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"^export: 39 tensors, [\d.]+ GB in [\d.]+ s \([\d.]+ GB/s\)", res.stdout, re.M), res.stdout
+    _quiet(res)
+    cmp = compare_checkpoints(src, out)
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
+    tokens = torch.randint(0, 1003, (2, 10), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(_logits(out, tokens), _logits(src, tokens))
+    again = _cli("export", meg, out)  # an existing checkpoint is never replaced silently
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_verify_passes_then_names_the_changed_tensor(llama, imported, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, src = llama
+    _, meg = imported
+    good = _cli("verify", src, meg, "--tp", "2")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "PASS" in good.stdout and "max |logit diff|" in good.stdout and "MISMATCH" not in good.stdout
+    _quiet(good)
+    bad = str(tmp_path / "hf_bad")
+    shutil.copytree(src, bad)
+    tensors = load_file(os.path.join(bad, "model.safetensors"))
+    tensors["model.layers.2.mlp.down_proj.weight"][3, 7] += 1.0  # one value
+    save_file(tensors, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
+    res = _cli("verify", bad, meg)
+    assert res.returncode == 1, res.stdout + res.stderr
+    mismatches = [ln for ln in res.stdout.splitlines() if ln.startswith("MISMATCH")]
+    assert mismatches == ["MISMATCH model.layers.2.mlp.down_proj.weight (1 of 45056 values differ)"], res.stdout
+    assert "FAIL" in res.stdout
+
+
+def test_under_torchrun_in_bf16(llama, tmp_path):
+    """The same commands under torchrun (2 processes, gloo): the world torchrun started, one summary line. Imported
+    with --dtype bf16 from fp32, the checkpoint holds bf16 only (norms included, as a bf16 training model has them),
+    and the export without a source is the source cast to bf16, bit for bit."""
+    from megatron_bridge_ext.io import SafeTensorsSource
+
+    _, src = llama
+    meg, out = str(tmp_path / "megatron"), str(tmp_path / "hf_out")
+    res = _cli("import", src, meg, "--tp", "2", "--dtype", "bf16", torchrun=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(re.findall(r"^import: ", res.stdout, re.M)) == 1, res.stdout
+    res = _cli("export", meg, out, "--tp", "2", torchrun=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(re.findall(r"^export: ", res.stdout, re.M)) == 1, res.stdout
+    with SafeTensorsSource(src) as a, SafeTensorsSource(out) as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert b.dtype(k) == torch.bfloat16 and torch.equal(b[k], a[k].to(torch.bfloat16)), k
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+
+
+def test_mixtral_ep2_round_trip_with_source_side_files(tmp_path):
+    """Mixtral imported at EP2, exported at EP1 with the source's side files."""
+    src = _make(str(tmp_path / "hf"), "Mixtral", MIXTRAL, seed=1)
+    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 64, "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    meg, out = str(tmp_path / "megatron"), str(tmp_path / "hf_out")
+    res = _cli("import", src, meg, "--ep", "2")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = _cli("export", meg, out, "--hf-source", src)  # read at EP1: the experts reshard from EP2
+    assert res.returncode == 0, res.stdout + res.stderr
+    cmp = compare_checkpoints(src, out)
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
+    for side in ("tokenizer_config.json", "config.json", "generation_config.json"):
+        assert open(os.path.join(out, side)).read() == open(os.path.join(src, side)).read(), side
+
+
+def test_inspect_plan(llama, tmp_path):
+    """Every HF key is planned; per-rank bytes match the arithmetic of the layout; an extra HF key is reported."""
+    from safetensors.torch import load_file, save_file
+
+    _, src = llama
+    extra = str(tmp_path / "hf_extra")
+    shutil.copytree(src, extra)
+    tensors = load_file(os.path.join(extra, "model.safetensors"))
+    tensors["model.unused_adapter.weight"] = torch.zeros(3)
+    save_file(tensors, os.path.join(extra, "model.safetensors"), metadata={"format": "pt"})
+    res = _cli("inspect", extra, "--tp", "2", "--pp", "2", "--json", "-")
+    assert res.returncode == 0, res.stdout + res.stderr
+    plan = json.loads(res.stdout)
+    planned = {k for row in plan["rows"] for k in row["hf"]}
+    assert planned == set(tensors) - {"model.unused_adapter.weight"}
+    assert plan["unmapped_hf"] == ["model.unused_adapter.weight"]
+    assert plan["unmapped_megatron"] == [] and plan["missing_hf"] == []
+    qkv = next(r for r in plan["rows"] if "model.layers.3.self_attn.q_proj.weight" in r["hf"])
+    assert qkv["megatron"] == "decoder.layers.3.self_attention.linear_qkv.weight" and qkv["layout"] == "column"
+    assert qkv["stages"] == ["pp1"] and qkv["shards"] == {"tp0": [96, 128], "tp1": [96, 128]}
+    # reference: fp32, D=128, F=352, H*d=128, G*d=32, vocabulary 1003 padded to 1004 at TP2, two layers per stage
+    D, F, q, kv, V = 128, 352, 128, 32, 1004
+    layer = D + (q + 2 * kv) // 2 * D + D * (q // 2) + D + 2 * F // 2 * D + D * (F // 2)
+    stage0 = V // 2 * D + 2 * layer
+    stage1 = 2 * layer + D + V // 2 * D
+    assert [r["bytes"] for r in plan["ranks"]] == [4 * stage0, 4 * stage0, 4 * stage1, 4 * stage1]
+    assert all(r["import_peak_bytes"] >= r["bytes"] for r in plan["ranks"])
