@@ -187,6 +187,22 @@ class MegatronModelBridge:
         """
         return self.default_hf_layout
 
+    def hf_layout_for_model(self, config: Any) -> Optional[Hashable]:
+        """The HF tensor layout in which to convert a Megatron model of ``config`` (its TransformerConfig): by
+        default the current one. Families whose layout also depends on the model (DeepSeek-V3's
+        multi-token-prediction layers: converted when the model has them) adjust it; the engine asks before it
+        builds the conversion tasks, so an export without a source writes what the model holds.
+        """
+        return self.hf_layout
+
+    def _use_layout(self, layout: Optional[Hashable]) -> bool:
+        if layout == self.hf_layout:
+            return False
+        self.hf_layout = layout
+        self._registry = None
+        self._order = None
+        return True
+
     def use_hf_layout_of(self, hf_state: Optional[Mapping[str, torch.Tensor]], hf_config: Any) -> bool:
         """Build the mapping table for the layout of a source checkpoint (no source: keep the current one).
 
@@ -195,13 +211,7 @@ class MegatronModelBridge:
         """
         if hf_state is None:
             return False
-        layout = self.detect_hf_layout(hf_state, hf_config)
-        if layout == self.hf_layout:
-            return False
-        self.hf_layout = layout
-        self._registry = None
-        self._order = None
-        return True
+        return self._use_layout(self.detect_hf_layout(hf_state, hf_config))
 
     def check_hf_config(self, raw_config: Mapping[str, Any], where: str) -> None:
         """The raw ``config.json`` (as written, before transformers fills in defaults) has every field in
@@ -287,6 +297,7 @@ class MegatronModelBridge:
         return self._tasks(hf_keys, as_chunks(megatron_model))[0]
 
     def _tasks(self, hf_keys, chunks):
+        self._use_layout(self.hf_layout_for_model(model_config(chunks)))
         return build_tasks(chunks, Topology.current(), self.global_order, hf_keys, type(self).__name__)
 
     def _context(self, task: WeightConversionTask, topo: Topology, hf_config: Any, chunks) -> ConversionContext:

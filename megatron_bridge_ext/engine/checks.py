@@ -128,15 +128,18 @@ def check_config_against_tensors(kwargs: Mapping[str, Any], registry: MegatronMa
     vocab, hidden = kwargs.get("vocab_size"), kwargs.get("hidden_size")
     for megatron_name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         mapping = registry.megatron_to_hf_lookup(megatron_name)
-        if mapping is None or not isinstance(mapping.hf_param, str) or mapping.hf_param not in state:
+        if mapping is None:
             continue
-        name = mapping.hf_param
-        shape = tuple(state.shape(name))
-        if len(shape) != 2 or (vocab is not None and shape[0] != vocab) or (hidden is not None and shape[1] != hidden):
-            raise ValueError(
-                f"{where}: config.json says vocab_size = {vocab} and hidden_size = {hidden}, but {name} in "
-                f"{file_of(name)} has shape {list(shape)} (expected [{vocab}, {hidden}])"
-            )
+        for name in mapping.hf_names:  # the tensor and any copies of it (e.g. MTP layers' embedding / head)
+            if name not in state:
+                continue
+            shape = tuple(state.shape(name))
+            if len(shape) != 2 or (vocab is not None and shape[0] != vocab) or (
+                    hidden is not None and shape[1] != hidden):
+                raise ValueError(
+                    f"{where}: config.json says vocab_size = {vocab} and hidden_size = {hidden}, but {name} in "
+                    f"{file_of(name)} has shape {list(shape)} (expected [{vocab}, {hidden}])"
+                )
 
     heads, groups = kwargs.get("num_attention_heads"), kwargs.get("num_query_groups")
     d = kwargs.get("kv_channels")

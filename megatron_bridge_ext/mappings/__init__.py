@@ -17,13 +17,19 @@ from megatron_bridge_ext.mappings.base import (
     MegatronParamMapping,
 )
 from megatron_bridge_ext.mappings.experts import ExpertFC1Mapping, ExpertFC2Mapping, ExpertMapping
-from megatron_bridge_ext.mappings.linear import AutoMapping, ColumnParallelMapping, ReplicatedMapping, RowParallelMapping
+from megatron_bridge_ext.mappings.linear import (
+    AutoMapping,
+    ColumnParallelMapping,
+    CopiesMapping,
+    ReplicatedMapping,
+    RowParallelMapping,
+)
 from megatron_bridge_ext.mappings.mlp import FusedGatedMLPMapping, GatedMLPMapping
 
 __all__ = [
     "COLUMN", "ROW", "REPLICATED", "EXPERTS", "LAYOUTS",
     "ConversionContext", "MegatronParamMapping", "HFParam", "HFWeights",
-    "ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping",
+    "ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "CopiesMapping",
     "QKVMapping", "KVMapping", "ConcatenatedQKVMapping",
     "GatedMLPMapping", "FusedGatedMLPMapping",
     "ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping",

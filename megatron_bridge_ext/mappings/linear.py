@@ -1,16 +1,18 @@
 """Plain tensor-parallel layouts: replicated, column-parallel (dim 0, with vocabulary padding), row-parallel (dim 1),
-and Auto (the layout the engine resolved from the model)."""
+Auto (the layout the engine resolved from the model), and one parameter that the HF checkpoint also stores as
+copies."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
 from megatron_bridge_ext import ops
 from megatron_bridge_ext.mappings.base import COLUMN, REPLICATED, ROW, ConversionContext, MegatronParamMapping, single, write
 
-__all__ = ["ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "is_vocab"]
+__all__ = ["ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "CopiesMapping",
+           "is_vocab"]
 
 
 def is_vocab(name: str) -> bool:
@@ -125,3 +127,61 @@ class AutoMapping(MegatronParamMapping):
 
     def megatron_to_hf(self, shards, ctx):
         return self._delegate(ctx).megatron_to_hf(shards, ctx)
+
+
+class CopiesMapping(MegatronParamMapping):
+    """One Megatron parameter (Auto layout) whose HF tensor the checkpoint also stores under other names: DeepSeek-V3
+    and GLM-4.5 keep copies of the embedding and the output head in each multi-token-prediction layer
+    (``model.layers.N.embed_tokens`` / ``shared_head.head``), which megatron-core shares with the main model.
+
+    Import converts the main tensor and requires every copy to be equal to it on the rows this rank keeps (together
+    the ranks compare every row); export writes the main tensor and one copy of it under each other name.
+
+    Args:
+        megatron_param: the Megatron parameter.
+        main: its HF tensor.
+        copies: HF names of the copies.
+
+    Raises:
+        ValueError: (import) a copy that differs from the main tensor, naming both.
+    """
+
+    layout = None
+
+    def __init__(self, megatron_param: str, main: str, copies: Sequence[str]) -> None:
+        if not copies:
+            raise ValueError(f"CopiesMapping({megatron_param!r}): no copies of {main!r} given")
+        super().__init__(megatron_param, {"main": main, **{f"copy{i}": c for i, c in enumerate(copies)}})
+
+    def _main(self) -> AutoMapping:
+        return AutoMapping(self.megatron_param, self.hf_param["main"])
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        if not isinstance(hf, dict):
+            raise ValueError(f"{self!r} expects its HF tensors by role, got one tensor")
+        main = self._main()
+        result = main.hf_to_megatron(hf["main"], ctx, out)
+        for role, name in self.hf_param.items():
+            if role == "main":
+                continue
+            copy = hf[role]
+            same = copy.shape == hf["main"].shape and copy.dtype == hf["main"].dtype
+            if same and result.device.type != "meta":
+                same = torch.equal(main.hf_to_megatron(copy, ctx), result)  # this rank's rows of the copy
+            if not same:
+                raise ValueError(
+                    f"{self.megatron_param}: HF tensor {name} ({list(copy.shape)} {copy.dtype}) is stored as a copy "
+                    f"of {self.hf_param['main']} ({list(hf['main'].shape)} {hf['main'].dtype}) but differs from it"
+                    f"{f' in the rows of tensor-parallel rank {ctx.tp_rank} of {ctx.tp_size}' if ctx.tp_size > 1 else ''}"
+                    "; Megatron holds one tensor for both, so converting would lose one of them"
+                )
+        return result
+
+    def megatron_to_hf(self, shards, ctx):
+        name = self.hf_param["main"]
+        tensor = self._main().megatron_to_hf(shards, ctx)[name]
+        out: Dict[str, torch.Tensor] = {name: tensor}
+        for role, copy in self.hf_param.items():
+            if role != "main":
+                out[copy] = tensor.clone()
+        return out

@@ -89,6 +89,9 @@ class GPTConfig(TransformerConfig):
     """A norm on the MLP output before the residual add (Gemma's ``post_feedforward_layernorm``)."""
     local_rotary_base: Optional[float] = None
     """RoPE base of the sliding-window layers when it differs from ``rotary_base`` (Gemma 3); None: one RoPE."""
+    moe_router_fp32_weight: bool = False
+    """Keep the routers' weight (and bias) in fp32 whatever ``params_dtype`` is (HF DeepSeek-V3 / GLM-4.5 store
+    ``mlp.gate.weight`` in fp32 in bf16 models; megatron-core 0.16.1's router casts it to ``params_dtype``)."""
 
 
 @dataclass

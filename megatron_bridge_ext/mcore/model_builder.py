@@ -13,7 +13,7 @@ from typing import List, Optional, Union
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_gpt_mtp_block_spec
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_bridge_ext.mcore.config import GPTConfig, padded_vocab_size
 from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, seed_model_parallel_rng
 from megatron_bridge_ext.mcore.modules import (
+    FP32WeightRouter,
     LatentRMSNorm,
     LayerTypeRopeSelfAttention,
     LocalRMSNorm,
@@ -121,6 +122,10 @@ def build_gpt_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     spec = gpt_layer_spec(config, vp_stage=vp_stage)
+    # multi-token-prediction layers (config.mtp_num_layers) on the last pipeline stage, each built from the last
+    # decoder layer's spec (megatron-core's choice); None on the other stages
+    mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage) if (
+        config.mtp_num_layers) else None
     with cuda_moves_disabled():  # a no-op where CUDA is available
         model = GPTModel(
             config=config,
@@ -137,6 +142,7 @@ def build_gpt_model(
             rope_scaling=config.rope_scaling,
             rope_scaling_factor=config.rope_scaling_factor,
             seq_len_interpolation_factor=config.seq_len_interpolation_factor,
+            mtp_block_spec=mtp_spec,
             vp_stage=vp_stage,
         )
     if config.embedding_scale is not None:
@@ -179,7 +185,8 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
     - ``local_rotary_base``: the attention is :class:`LayerTypeRopeSelfAttention`;
     - ``multi_latent_attention``: megatron's MLA layer with :class:`MLADotProductAttention` as its core attention
       (and :class:`LatentRMSNorm` latent norms when ``latent_layernorm_epsilon`` differs from
-      ``layernorm_epsilon``).
+      ``layernorm_epsilon``);
+    - ``moe_router_fp32_weight``: the MoE layers' router is a :class:`FP32WeightRouter`.
 
     Dense and MoE layers mixed (``moe_layer_freq`` with zeros, e.g. DeepSeek-V3's ``first_k_dense_replace``) or
     zero-centred norms give a ``TransformerBlockSubmodules`` with this stage's layer specs (as megatron's
@@ -212,8 +219,9 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
         normalization=config.normalization,
     )
     zero_centered = bool(config.layernorm_zero_centered_gamma)
+    fp32_router = bool(num_experts and config.moe_router_fp32_weight)
     if not (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
-            or config.local_rotary_base is not None or mla):
+            or config.local_rotary_base is not None or mla or fp32_router):
         return spec
     latent_eps = getattr(config, "latent_layernorm_epsilon", None)
     if (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm) and \
@@ -245,6 +253,8 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
         if num_experts:
             raise ValueError("gpt_layer_spec: post_mlp_layernorm with routed experts is not supported")
         mlp = _replace(mlp, linear_fc2=PostNormRowParallelLinear)
+    if fp32_router:
+        mlp = _replace(mlp, router=FP32WeightRouter)
     layer_subs = dict(self_attention=attn, mlp=mlp)
     if zero_centered:
         layer_subs.update(input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm)

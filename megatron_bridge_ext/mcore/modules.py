@@ -23,6 +23,8 @@ module                             what it adds
                                    width is ``v_channels`` per head); no parameters of its own
 ``LatentRMSNorm``                  :class:`LocalRMSNorm` with ``config.latent_layernorm_epsilon`` (MLA's q / kv
                                    latent norms, whose epsilon HF DeepSeek-V3 fixes at 1e-6)
+``FP32WeightRouter``               ``TopKRouter`` whose weight (and bias) stay fp32 whatever ``params_dtype`` is
+                                   (``config.moe_router_fp32_weight``; HF DeepSeek-V3 / GLM-4.5 keep theirs in fp32)
 =================================  ===============================================================================
 """
 
@@ -36,6 +38,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.utils import is_layer_window_attention
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "scale_embeddings",
     "MLADotProductAttention",
     "LatentRMSNorm",
+    "FP32WeightRouter",
 ]
 
 
@@ -185,3 +189,27 @@ class LatentRMSNorm(LocalRMSNorm):
 
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> None:
         super().__init__(config, hidden_size, eps=config.latent_layernorm_epsilon, **kwargs)
+
+
+class FP32WeightRouter(TopKRouter):
+    """``TopKRouter`` whose weight (and bias) stay fp32 whatever ``config.params_dtype`` is.
+
+    megatron-core 0.16.1's ``Router.reset_parameters`` casts the (fp32-created) weight to ``params_dtype``, so a bf16
+    model would round the fp32 router weights HF DeepSeek-V3 / GLM-4.5 checkpoints carry (and a round trip would not
+    be bit-exact); ``moe_router_dtype`` sets only the dtype the logits are computed in. The gating input is cast to
+    the weight's dtype, so both operands of the router GEMM have one dtype (Transformer Engine's GEMM, when present,
+    takes one); with ``moe_router_dtype="fp32"`` (these families) the logits are what the parent computes.
+    Megatron's ``Float16Module`` (a training wrapper) still casts every parameter to bf16 / fp16.
+    """
+
+    def reset_parameters(self) -> None:
+        if self.config.perform_initialization:
+            self.config.init_method(self.weight)
+            if self.bias is not None:
+                self.config.init_method(self.bias)
+        setattr(self.weight, "sequence_parallel", self.config.sequence_parallel)
+        if self.bias is not None:
+            setattr(self.bias, "sequence_parallel", self.config.sequence_parallel)
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        return super().gating(input.to(self.weight.dtype))

@@ -13,7 +13,7 @@ from megatron_bridge_ext import ops
 from megatron_bridge_ext.mcore.topology import Topology
 
 __all__ = ["LocalParam", "as_chunks", "unwrap_name", "unwrap_model", "local_params", "model_config",
-           "padded_vocab_size_of"]
+           "padded_vocab_size_of", "is_tied", "is_embedding_copy"]
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -102,7 +102,10 @@ def local_params(chunks: Sequence[torch.nn.Module], topo: Topology, *, skip_tied
     """Every parameter and persistent buffer of this rank's chunks, with its global name.
 
     With tied embeddings the output layer (a copy of the embedding on the last stage) is skipped unless
-    ``skip_tied_output`` is False.
+    ``skip_tied_output`` is False. The embedding of a chunk that holds multi-token-prediction layers but not the
+    first stage (megatron-core keeps a copy of the first stage's embedding there, see
+    :func:`~megatron_bridge_ext.mcore.embeddings.broadcast_tied_embeddings`) is always skipped. MTP layers
+    (``mtp.layers.{i}``) keep their index (they are numbered apart from the decoder layers).
     """
     cfg = model_config(chunks)
     num_experts = getattr(cfg, "num_moe_experts", None) or 0
@@ -111,10 +114,13 @@ def local_params(chunks: Sequence[torch.nn.Module], topo: Topology, *, skip_tied
     for vp, chunk in enumerate(chunks):
         model = unwrap_model(chunk)
         index_map = _layer_index_map(model)
+        embedding_copy = is_embedding_copy(model)
         for local, tensor in _local_tensors(chunk).items():
+            if embedding_copy and local.startswith("embedding."):
+                continue
             layer_offset = 0
             m = _LAYER_RE.search(local)
-            if m is not None and topo.pp_size > 1:
+            if m is not None and topo.pp_size > 1 and not local.startswith("mtp."):
                 li = int(m.group(1))
                 layer_offset = index_map.get(li, li) - li
             global_name = ops.local_to_global_name(local, layer_offset, expert_offset) if (
@@ -122,6 +128,13 @@ def local_params(chunks: Sequence[torch.nn.Module], topo: Topology, *, skip_tied
             if skip_tied_output and tied and "output_layer" in global_name:
                 continue
             yield LocalParam(vp, local, global_name, tensor, _module_of(model, local))
+
+
+def is_embedding_copy(model: torch.nn.Module) -> bool:
+    """Whether a (unwrapped) chunk's embedding is megatron-core's copy of the first stage's: a chunk with
+    multi-token-prediction layers (``mtp_process``) that is not the first stage."""
+    return bool(getattr(model, "mtp_process", False)) and not getattr(model, "pre_process", True) and hasattr(
+        model, "embedding")
 
 
 def is_tied(chunks: Sequence[torch.nn.Module]) -> bool:

@@ -17,6 +17,7 @@ from megatron_bridge_ext.mappings import (
     AutoMapping,
     ColumnParallelMapping,
     ConcatenatedQKVMapping,
+    CopiesMapping,
     ExpertFC1Mapping,
     ExpertFC2Mapping,
     FusedGatedMLPMapping,
@@ -33,7 +34,8 @@ __all__ = ["L", "H", "GPT_MODEL", "embedding_mappings", "attention_mappings", "f
            "shared_expert_mappings", "mla_mappings", "sink_mappings", "moe_runtime_kwargs", "softmax_router_kwargs",
            "softmax_router_hf_fields", "sigmoid_router_kwargs", "sigmoid_router_hf_fields", "qwen_moe_pattern",
            "qwen_moe_pattern_hf_fields", "first_k_dense_pattern", "first_k_dense_hf_field", "shared_expert_size",
-           "megatron_moe_pattern", "moe_hf_fields", "refuse_mtp_tensors"]
+           "megatron_moe_pattern", "moe_hf_fields", "MTPLayers", "detect_mtp_layers", "mtp_layers_of_model",
+           "layer_mappings_at", "mtp_mappings", "mtp_kwargs"]
 
 L = "decoder.layers.*"
 H = "model.layers.*"
@@ -178,23 +180,28 @@ def qwen_window_hf_fields(config: Any, family: str) -> Dict[str, Any]:
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """How an HF checkpoint stores a layer's routed experts.
+    """How an HF mixture-of-experts checkpoint stores a layer's routed experts (and, DeepSeek-V3 / GLM-4.5, its
+    multi-token-prediction layers).
 
     Attributes:
         fused: one tensor per layer and role (``gate_up_proj``, ``down_proj``), else one tensor per expert.
         fc1_transposed: fused ``gate_up_proj`` is ``[E, D, 2F]`` (else ``[E, 2F, D]``).
         fc2_transposed: fused ``down_proj`` is ``[E, F, D]`` (else ``[E, D, F]``).
+        mtp: the multi-token-prediction layers the checkpoint (or the model) holds; None: none.
     """
 
     fused: bool = False
     fc1_transposed: bool = False
     fc2_transposed: bool = False
+    mtp: Optional["MTPLayers"] = None
 
     def describe(self) -> str:
         if not self.fused:
-            return "one tensor per expert"
-        return (f"fused expert tensors (gate_up_proj {'[E, D, 2F]' if self.fc1_transposed else '[E, 2F, D]'}, "
-                f"down_proj {'[E, F, D]' if self.fc2_transposed else '[E, D, F]'})")
+            text = "one tensor per expert"
+        else:
+            text = (f"fused expert tensors (gate_up_proj {'[E, D, 2F]' if self.fc1_transposed else '[E, 2F, D]'}, "
+                    f"down_proj {'[E, F, D]' if self.fc2_transposed else '[E, D, F]'})")
+        return text if self.mtp is None else f"{text}, {self.mtp.describe()}"
 
 
 #: one HF tensor per expert (what transformers 5.24's save_pretrained writes for the Qwen / DeepSeek / GLM families)
@@ -400,7 +407,8 @@ def sigmoid_router_kwargs(hf_config: Any, family: str) -> Dict[str, Any]:
     """DeepSeek-V3 / GLM-4.5 routing: sigmoid scores, top-k chosen on scores + ``e_score_correction_bias`` (megatron
     ``moe_router_enable_expert_bias``, an fp32 buffer) within the ``topk_group`` best of ``n_group`` expert groups
     (a group's score: the sum of its two best), weights from the plain scores renormalised and multiplied by
-    ``routed_scaling_factor``; router logits in fp32 (as HF computes them).
+    ``routed_scaling_factor``; router logits in fp32 (as HF computes them), and the router weight kept in fp32 in
+    bf16 models, as HF keeps it (``mcore.modules.FP32WeightRouter``).
 
     Raises:
         ValueError: ``norm_topk_prob=False`` with top-k > 1 (megatron renormalises sigmoid weights always), or groups
@@ -417,6 +425,7 @@ def sigmoid_router_kwargs(hf_config: Any, family: str) -> Dict[str, Any]:
         moe_router_enable_expert_bias=True,
         moe_router_topk_scaling_factor=float(config_get(hf_config, "routed_scaling_factor", 1.0) or 1.0),
         moe_router_dtype="fp32",
+        moe_router_fp32_weight=True,  # HF keeps mlp.gate.weight in fp32 (_keep_in_fp32_modules_strict)
     )
     if groups > 1:
         if topk // group_topk != 2:
@@ -491,18 +500,145 @@ def shared_expert_size(hf_config: Any, family: str, field: str = "n_shared_exper
     return n * int(config_get(hf_config, "moe_intermediate_size")) if n else None
 
 
-def refuse_mtp_tensors(hf_state: Any, hf_config: Any, family: str) -> None:
-    """Multi-token-prediction layers are stored after the decoder layers (``model.layers.<num_hidden_layers>.*``);
-    transformers builds none and neither does this converter, so a checkpoint carrying them is refused rather than
-    converted without them.
+# ----------------------------------------------------------------------------------------------------------------------
+# Multi-token prediction (DeepSeek-V3, GLM-4.5)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MTPLayers:
+    """Multi-token-prediction layers: MTP layer ``i`` (megatron ``mtp.layers.{i}``) is HF decoder layer
+    ``first + i`` (``first`` = ``num_hidden_layers``), for ``i < count``.
+
+    Attributes:
+        first: HF index of the first MTP layer (the main model's layer count).
+        count: number of MTP layers (megatron ``mtp_num_layers``, HF ``num_nextn_predict_layers``).
+        tied: the model ties its output layer to the embedding (the MTP layers' head copies copy the embedding).
+    """
+
+    first: int
+    count: int
+    tied: bool = False
+
+    def describe(self) -> str:
+        return f"{self.count} multi-token-prediction layer(s) (HF model.layers.{self.first}" + (
+            f"-{self.first + self.count - 1})" if self.count > 1 else ")")
+
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def detect_mtp_layers(hf_state: Mapping[str, Any], hf_config: Any, family: str,
+                      field: str = "num_nextn_predict_layers") -> Optional[MTPLayers]:
+    """The multi-token-prediction layers a checkpoint holds: HF decoder layers from ``num_hidden_layers`` on (read
+    from the keys; transformers' configs say ``num_nextn_predict_layers = 1`` also for checkpoints without them, and
+    transformers builds none). None when the checkpoint has none.
 
     Raises:
-        ValueError: naming one such tensor.
+        ValueError: layers beyond ``num_hidden_layers`` that are not ``num_hidden_layers .. + k - 1`` with ``k`` the
+            config's ``field``, naming a tensor, the layers found and the config's value.
     """
     layers = int(config_get(hf_config, "num_hidden_layers"))
-    mtp = re.compile(rf"^model\.layers\.{layers}\.")
-    found = next((k for k in hf_state.keys() if mtp.match(k)), None)
-    if found is not None:
-        raise ValueError(f"{family}: the checkpoint holds multi-token-prediction layer tensors (e.g. {found}; "
-                         f"num_hidden_layers={layers}); converting them is not supported and they would be dropped: "
-                         "remove them from the checkpoint to convert the main model")
+    found: Dict[int, str] = {}
+    for key in hf_state.keys():
+        m = _HF_LAYER.match(key)
+        if m is not None and int(m.group(1)) >= layers:
+            found.setdefault(int(m.group(1)), key)
+    if not found:
+        return None
+    declared = int(config_get(hf_config, field, 0) or 0)
+    want = list(range(layers, layers + declared))
+    if sorted(found) != want:
+        example = found[max(found)]
+        says = (f"{field}={declared}: multi-token-prediction layers are layers {layers}..{layers + declared - 1}"
+                if declared else f"{field}=0 (no multi-token-prediction layers)")
+        raise ValueError(f"{family}: the checkpoint holds tensors of HF layers {sorted(found)} beyond "
+                         f"num_hidden_layers={layers} (e.g. {example}), but config.json says {says}")
+    return MTPLayers(first=layers, count=declared, tied=bool(config_get(hf_config, "tie_word_embeddings", False)))
+
+
+def mtp_layers_of_model(config: Any) -> Optional[MTPLayers]:
+    """The multi-token-prediction layers of a Megatron model (its ``mtp_num_layers``); None without."""
+    count = int(getattr(config, "mtp_num_layers", None) or 0)
+    if not count:
+        return None
+    return MTPLayers(first=int(config.num_layers), count=count,
+                     tied=bool(getattr(config, "share_embeddings_and_output_weights", False)))
+
+
+def mtp_kwargs(mtp: Optional[MTPLayers], pattern: Sequence[int], family: str) -> Dict[str, Any]:
+    """``GPTConfig`` fields of a checkpoint's MTP layers (none without). megatron-core builds each MTP layer with
+    the last decoder layer's spec; HF's MTP layers are MoE layers (their index is past ``first_k_dense_replace``).
+
+    Raises:
+        ValueError: MTP layers in a model whose last decoder layer is dense.
+    """
+    if mtp is None:
+        return {}
+    if not pattern[-1]:
+        raise ValueError(f"{family}: multi-token-prediction layers in a model whose last decoder layer is dense: "
+                         "megatron-core builds them like the last decoder layer, HF as MoE layers")
+    return {"mtp_num_layers": mtp.count}
+
+
+def layer_mappings_at(mappings: Sequence[MegatronParamMapping], megatron_layer: str, hf_layer: str
+                      ) -> List[MegatronParamMapping]:
+    """The decoder-layer mappings (Megatron ``decoder.layers.*.X``, HF ``model.layers.*.Y``) re-addressed to one
+    other layer: Megatron ``<megatron_layer>.X``, HF ``<hf_layer>.Y``, the layer wildcard gone on both sides
+    (other wildcards, e.g. the expert index, stay). The registry has no index arithmetic; this spells out the few
+    multi-token-prediction layers (megatron ``mtp.layers.{i}.transformer_layer`` = HF ``model.layers.{N + i}``).
+    Mappings that are not per decoder layer are left out.
+
+    Raises:
+        ValueError: a per-layer mapping with an HF name outside ``model.layers.*``.
+    """
+    out: List[MegatronParamMapping] = []
+    meg_prefix, hf_prefix = f"{L}.", f"{H}."
+    for m in mappings:
+        if not m.megatron_param.startswith(meg_prefix):
+            continue
+        roles = m.hf_param if isinstance(m.hf_param, dict) else {None: m.hf_param}
+        bad = [v for v in roles.values() if not v.startswith(hf_prefix)]
+        if bad:
+            raise ValueError(f"layer_mappings_at: {m!r} maps a decoder-layer parameter to {bad}, outside {hf_prefix}")
+        moved = {r: f"{hf_layer}.{v[len(hf_prefix):]}" for r, v in roles.items()}
+        out.append(m.with_names(f"{megatron_layer}.{m.megatron_param[len(meg_prefix):]}",
+                                moved[None] if None in moved else moved))
+    return out
+
+
+def mtp_mappings(mtp: Optional[MTPLayers], layer: Sequence[MegatronParamMapping]) -> List[MegatronParamMapping]:
+    """Mappings of multi-token-prediction layers (none without), to be registered before the main model's (the first
+    match wins). MTP layer ``i`` (megatron-core ``MultiTokenPredictionLayer``, HF decoder layer ``n = first + i``):
+
+    - ``enorm`` / ``hnorm`` (the norms of the shifted tokens' embedding and of the main model's hidden states),
+      ``eh_proj`` (``[D, 2D]``, column-parallel, applied to ``[enorm(embedding); hnorm(hidden)]`` in both),
+      ``final_layernorm`` = HF ``shared_head.norm``;
+    - ``transformer_layer.*`` = the decoder layer's tensors of HF layer ``n`` (the family's per-layer ``layer``
+      table re-addressed, see :func:`layer_mappings_at`);
+    - HF ``model.layers.n.embed_tokens`` and ``shared_head.head`` are copies of the embedding and the output head,
+      which megatron-core shares with the main model: :class:`~megatron_bridge_ext.mappings.CopiesMapping` on the
+      embedding and the output layer (on the embedding with tied embeddings) checks them on import and writes them
+      on export.
+    """
+    if mtp is None:
+        return []
+    out: List[MegatronParamMapping] = []
+    embed_copies = [f"model.layers.{mtp.first + i}.embed_tokens.weight" for i in range(mtp.count)]
+    head_copies = [f"model.layers.{mtp.first + i}.shared_head.head.weight" for i in range(mtp.count)]
+    if mtp.tied:
+        out.append(CopiesMapping("embedding.word_embeddings.weight", "model.embed_tokens.weight",
+                                 embed_copies + head_copies))
+    else:
+        out.append(CopiesMapping("embedding.word_embeddings.weight", "model.embed_tokens.weight", embed_copies))
+        out.append(CopiesMapping("output_layer.weight", "lm_head.weight", head_copies))
+    for i in range(mtp.count):
+        meg, hf = f"mtp.layers.{i}", f"model.layers.{mtp.first + i}"
+        out += [
+            AutoMapping(f"{meg}.enorm.weight", f"{hf}.enorm.weight"),
+            AutoMapping(f"{meg}.hnorm.weight", f"{hf}.hnorm.weight"),
+            AutoMapping(f"{meg}.eh_proj.weight", f"{hf}.eh_proj.weight"),
+            AutoMapping(f"{meg}.final_layernorm.weight", f"{hf}.shared_head.norm.weight"),
+            *layer_mappings_at(layer, f"{meg}.transformer_layer", hf),
+        ]
+    return out

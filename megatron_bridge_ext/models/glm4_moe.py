@@ -10,6 +10,7 @@ checkpoints that carry them).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
@@ -22,14 +23,17 @@ from megatron_bridge_ext.models.common import (
     activation_name,
     attention_mappings,
     detect_expert_layout,
+    detect_mtp_layers,
     embedding_mappings,
     first_k_dense_hf_field,
     first_k_dense_pattern,
     gated_mlp_mappings,
     moe_hf_fields,
     moe_runtime_kwargs,
+    mtp_kwargs,
+    mtp_layers_of_model,
+    mtp_mappings,
     qk_norm_mappings,
-    refuse_mtp_tensors,
     router_mappings,
     routed_expert_mappings,
     shared_expert_mappings,
@@ -53,6 +57,7 @@ class Glm4MoeBridge(MegatronModelBridge):
         family = type(self).__name__
         kw = common_megatron_kwargs(hf_config)
         shared = shared_expert_size(hf_config, family)
+        pattern = first_k_dense_pattern(hf_config)
         kw.update(
             normalization="RMSNorm",
             layernorm_epsilon=float(config_get(hf_config, "rms_norm_eps", 1e-5)),
@@ -63,8 +68,9 @@ class Glm4MoeBridge(MegatronModelBridge):
             qk_layernorm=bool(config_get(hf_config, "use_qk_norm", False)),
             **moe_runtime_kwargs(config_get(hf_config, "n_routed_experts"),
                                  config_get(hf_config, "num_experts_per_tok"),
-                                 config_get(hf_config, "moe_intermediate_size"), first_k_dense_pattern(hf_config)),
+                                 config_get(hf_config, "moe_intermediate_size"), pattern),
             **sigmoid_router_kwargs(hf_config, family),
+            **mtp_kwargs(self.hf_layout.mtp, pattern, family),
         )
         if shared:
             kw["moe_shared_expert_intermediate_size"] = shared
@@ -89,7 +95,7 @@ class Glm4MoeBridge(MegatronModelBridge):
             use_qk_norm=bool(config.qk_layernorm),
             n_shared_experts=shared // config.moe_ffn_hidden_size,
             first_k_dense_replace=first_k_dense_hf_field(config, family),
-            num_nextn_predict_layers=0,
+            num_nextn_predict_layers=config.mtp_num_layers or 0,
             **moe_hf_fields(config, "n_routed_experts"),
             **sigmoid_router_hf_fields(config, family),
         )
@@ -97,14 +103,18 @@ class Glm4MoeBridge(MegatronModelBridge):
 
     def detect_hf_layout(self, hf_state, hf_config):
         family = type(self).__name__
-        refuse_mtp_tensors(hf_state, hf_config, family)
-        return detect_expert_layout(hf_state, family, hidden_size=config_get(hf_config, "hidden_size"),
-                                    expert_ffn=config_get(hf_config, "moe_intermediate_size"),
-                                    num_experts=config_get(hf_config, "n_routed_experts"),
-                                    default=self.default_hf_layout)
+        experts = detect_expert_layout(hf_state, family, hidden_size=config_get(hf_config, "hidden_size"),
+                                       expert_ffn=config_get(hf_config, "moe_intermediate_size"),
+                                       num_experts=config_get(hf_config, "n_routed_experts"),
+                                       default=self.default_hf_layout)
+        return dataclasses.replace(experts, mtp=detect_mtp_layers(hf_state, hf_config, family))
+
+    def hf_layout_for_model(self, config):
+        if config is None:
+            return self.hf_layout
+        return dataclasses.replace(self.hf_layout, mtp=mtp_layers_of_model(config))
 
     def mapping_registry(self) -> MegatronMappingRegistry:
-        return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(), *qk_norm_mappings(),
-                                       *gated_mlp_mappings(), *router_mappings(),
-                                       *routed_expert_mappings(self.hf_layout),
-                                       *shared_expert_mappings(f"{H}.mlp.shared_experts"))
+        layer = [*attention_mappings(), *qk_norm_mappings(), *gated_mlp_mappings(), *router_mappings(),
+                 *routed_expert_mappings(self.hf_layout), *shared_expert_mappings(f"{H}.mlp.shared_experts")]
+        return MegatronMappingRegistry(*mtp_mappings(self.hf_layout.mtp, layer), *embedding_mappings(), *layer)
