@@ -1,6 +1,8 @@
 """The MoE families without a process group: which HF expert layout a checkpoint's keys and shapes give (one tensor
 per expert, fused in either orientation, a mix refused naming both), the mapping tables each layout resolves to
-(sequential and grouped-GEMM Megatron names), and the named errors for what megatron-core 0.16.1 cannot express."""
+(sequential and grouped-GEMM Megatron names), the multi-token-prediction layers read from the keys (config fields,
+mapping tables, the layer re-addressing, the embedding / head copies), and the named errors for what megatron-core
+0.16.1 cannot express."""
 
 from __future__ import annotations
 
@@ -12,7 +14,21 @@ transformers = pytest.importorskip("transformers")
 
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
-from megatron_bridge_ext.models.common import PER_EXPERT, ExpertLayout, detect_expert_layout  # noqa: E402
+from megatron_bridge_ext.mappings import (  # noqa: E402
+    AutoMapping,
+    ConversionContext,
+    CopiesMapping,
+    ExpertFC1Mapping,
+    MegatronParamMapping,
+)
+from megatron_bridge_ext.models.common import (  # noqa: E402
+    PER_EXPERT,
+    ExpertLayout,
+    MTPLayers,
+    detect_expert_layout,
+    layer_mappings_at,
+)
+from megatron_bridge_ext.registry import MegatronMappingRegistry  # noqa: E402
 
 D, F, E = 64, 24, 4
 TINY = dict(vocab_size=97, hidden_size=D, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -171,15 +187,163 @@ def test_gpt_oss_refuses_expert_tensor_parallelism_but_takes_tp_with_etp1():
     assert got.expert_tensor_parallel_size == 1 and got.softmax_type == "learnable"
 
 
-@pytest.mark.parametrize("arch,prefix,overrides", [("DeepseekV3ForCausalLM", "DeepseekV3", DSV3),
-                                                   ("Glm4MoeForCausalLM", "Glm4Moe", GLM)])
-def test_multi_token_prediction_tensors_are_refused(arch, prefix, overrides):
-    """transformers builds no MTP layers and neither do we: such a checkpoint is refused, not silently cut."""
+MTP_FAMILIES = [("DeepseekV3ForCausalLM", "DeepseekV3", DSV3), ("Glm4MoeForCausalLM", "Glm4Moe", GLM)]
+
+
+def _mtp_keys(layer=2, extra=()):
+    """Per-expert experts of layers 0, 1 and the tensors an HF MTP layer at ``layer`` carries."""
+    out = _per_expert()
+    for name in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight",
+                 "shared_head.head.weight", "embed_tokens.weight", "input_layernorm.weight", *extra):
+        out[f"model.layers.{layer}.{name}"] = (D,)
+    return out
+
+
+@pytest.mark.parametrize("arch,prefix,overrides", MTP_FAMILIES)
+def test_mtp_layers_come_from_the_checkpoint_keys_not_the_config(arch, prefix, overrides):
+    """transformers' configs say num_nextn_predict_layers=1 whether or not the tensors are there: the keys decide."""
     cfg = _config(prefix, **overrides)
-    state = _state({**_per_expert(), "model.layers.2.eh_proj.weight": (D, 2 * D)})
-    with pytest.raises(ValueError, match=r"multi-token-prediction layer tensors \(e\.g\. model\.layers\.2\.eh_proj"
-                                         r"\.weight; num_hidden_layers=2\)"):
-        get_model_bridge(arch).detect_hf_layout(state, cfg)
+    assert cfg.num_nextn_predict_layers == 1
+    bridge = get_model_bridge(arch)
+    without = bridge.detect_hf_layout(_state(_per_expert()), cfg)
+    assert without == PER_EXPERT and without.mtp is None
+    assert bridge.transformer_config(cfg).mtp_num_layers is None
+    with_mtp = bridge.detect_hf_layout(_state(_mtp_keys()), cfg)
+    assert with_mtp == ExpertLayout(mtp=MTPLayers(first=2, count=1))
+    assert "1 multi-token-prediction layer(s) (HF model.layers.2)" in with_mtp.describe()
+    assert bridge.use_hf_layout_of(_state(_mtp_keys()), cfg) is True
+    got = bridge.transformer_config(cfg)
+    assert got.mtp_num_layers == 1 and got.num_layers == 2
+    assert bridge.megatron_to_hf_config(got)["num_nextn_predict_layers"] == 1
+    # the model decides the table for conversion: a model without MTP layers drops them from the table
+    got.mtp_num_layers = None
+    assert bridge.hf_layout_for_model(got).mtp is None
+    assert bridge.megatron_to_hf_config(got)["num_nextn_predict_layers"] == 0
+
+
+@pytest.mark.parametrize("arch,prefix,overrides", MTP_FAMILIES)
+def test_mtp_layers_that_disagree_with_the_config_are_refused_by_name(arch, prefix, overrides):
+    bridge = get_model_bridge(arch)
+    two = {**_mtp_keys(2), **_mtp_keys(3)}
+    with pytest.raises(ValueError, match=r"holds tensors of HF layers \[2, 3\] beyond num_hidden_layers=2 \(e\.g\. "
+                                         r"model\.layers\.3\..*\), but config\.json says num_nextn_predict_layers=1: "
+                                         r"multi-token-prediction layers are layers 2\.\.2"):
+        bridge.detect_hf_layout(_state(two), _config(prefix, **overrides))
+    with pytest.raises(ValueError, match=r"HF layers \[3\] beyond num_hidden_layers=2 .* num_nextn_predict_layers=2"):
+        bridge.detect_hf_layout(_state(_mtp_keys(3)), _config(prefix, **overrides, num_nextn_predict_layers=2))
+    with pytest.raises(ValueError, match=r"HF layers \[2\] beyond num_hidden_layers=2 \(e\.g\. model\.layers\.2\..*"
+                                         r"num_nextn_predict_layers=0 \(no multi-token-prediction layers\)"):
+        bridge.detect_hf_layout(_state(_mtp_keys(2)), _config(prefix, **overrides, num_nextn_predict_layers=0))
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"])
+@pytest.mark.parametrize("experts", [PER_EXPERT, ExpertLayout(fused=True)])
+def test_mtp_mapping_table(arch, experts):
+    """MTP layer 0 of a 2-layer model is HF layer 2: every per-layer mapping re-addressed, MTP's own tensors, the
+    embedding / head copies on the main model's parameters; the decoder layers unchanged."""
+    import dataclasses
+
+    bridge = get_model_bridge(arch)
+    bridge.hf_layout = dataclasses.replace(experts, mtp=MTPLayers(first=2, count=1))
+    reg = bridge.registry
+    t = "mtp.layers.0.transformer_layer"
+    attn = ({"linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight"} if arch.startswith("Deepseek") else
+            {"linear_qkv.weight": {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
+                                   "v": "self_attn.v_proj.weight"}})
+    want = {
+        "mtp.layers.0.enorm.weight": "model.layers.2.enorm.weight",
+        "mtp.layers.0.hnorm.weight": "model.layers.2.hnorm.weight",
+        "mtp.layers.0.eh_proj.weight": "model.layers.2.eh_proj.weight",
+        "mtp.layers.0.final_layernorm.weight": "model.layers.2.shared_head.norm.weight",
+        f"{t}.input_layernorm.weight": "model.layers.2.input_layernorm.weight",
+        f"{t}.pre_mlp_layernorm.weight": "model.layers.2.post_attention_layernorm.weight",
+        f"{t}.mlp.router.weight": "model.layers.2.mlp.gate.weight",
+        f"{t}.mlp.router.expert_bias": "model.layers.2.mlp.gate.e_score_correction_bias",
+        f"{t}.mlp.shared_experts.linear_fc2.weight": "model.layers.2.mlp.shared_experts.down_proj.weight",
+        "embedding.word_embeddings.weight": {"main": "model.embed_tokens.weight",
+                                             "copy0": "model.layers.2.embed_tokens.weight"},
+        "output_layer.weight": {"main": "lm_head.weight", "copy0": "model.layers.2.shared_head.head.weight"},
+        "decoder.layers.1.mlp.router.weight": "model.layers.1.mlp.gate.weight",
+        **{f"{t}.self_attention.{k}": ({r: f"model.layers.2.{n}" for r, n in v.items()} if isinstance(v, dict)
+                                       else f"model.layers.2.{v}") for k, v in attn.items()},
+    }
+    for megatron, hf in want.items():
+        mapping = reg.megatron_to_hf_lookup(megatron)
+        assert mapping is not None and mapping.hf_param == hf, (megatron, mapping)
+        for name in mapping.hf_names:
+            assert reg.hf_to_megatron_lookup(name).megatron_param == megatron, name
+    te_name = reg.megatron_to_hf_lookup(f"{t}.self_attention.linear_qkv.layer_norm_weight")  # the fused-norm alias
+    assert te_name.hf_param == "model.layers.2.input_layernorm.weight"
+    for megatron in (f"{t}.mlp.experts.local_experts.5.linear_fc1.weight", f"{t}.mlp.experts.linear_fc1.weight5"):
+        mapping = reg.megatron_to_hf_lookup(megatron)
+        assert mapping.grouped and mapping.expert == 5 and mapping.fused == experts.fused, megatron
+        names = mapping.for_experts(6).hf_names
+        assert ("model.layers.2.mlp.experts.gate_up_proj" if experts.fused else
+                "model.layers.2.mlp.experts.5.gate_proj.weight") in names, names[:4]
+        assert all(n.startswith("model.layers.2.") for n in names)
+    assert isinstance(reg.megatron_to_hf_lookup("embedding.word_embeddings.weight"), CopiesMapping)
+    # tied embeddings: the heads copy the embedding
+    bridge = get_model_bridge(arch)
+    bridge.hf_layout = dataclasses.replace(experts, mtp=MTPLayers(first=2, count=2, tied=True))
+    emb = bridge.registry.megatron_to_hf_lookup("embedding.word_embeddings.weight")
+    assert emb.hf_names == ["model.embed_tokens.weight", "model.layers.2.embed_tokens.weight",
+                            "model.layers.3.embed_tokens.weight", "model.layers.2.shared_head.head.weight",
+                            "model.layers.3.shared_head.head.weight"]
+    assert bridge.registry.megatron_to_hf_lookup("mtp.layers.1.eh_proj.weight").hf_param == \
+        "model.layers.3.eh_proj.weight"
+
+
+def test_layer_mappings_at_re_addresses_only_decoder_layer_mappings():
+    table = [AutoMapping("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+             AutoMapping("decoder.layers.*.input_layernorm.weight", "model.layers.*.input_layernorm.weight"),
+             ExpertFC1Mapping("decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight",
+                              gate="model.layers.*.mlp.experts.*.gate_proj.weight",
+                              up="model.layers.*.mlp.experts.*.up_proj.weight")]
+    moved = layer_mappings_at(table, "mtp.layers.1.transformer_layer", "model.layers.7")
+    assert [(m.megatron_param, m.hf_param) for m in moved] == [
+        ("mtp.layers.1.transformer_layer.input_layernorm.weight", "model.layers.7.input_layernorm.weight"),
+        ("mtp.layers.1.transformer_layer.mlp.experts.local_experts.*.linear_fc1.weight",
+         {"gate": "model.layers.7.mlp.experts.*.gate_proj.weight",
+          "up": "model.layers.7.mlp.experts.*.up_proj.weight"}),
+    ]
+    assert type(moved[1]) is ExpertFC1Mapping and table[1].megatron_param.startswith("decoder.")  # copies
+    reg = MegatronMappingRegistry(*moved)
+    m = reg.megatron_to_hf_lookup("mtp.layers.1.transformer_layer.mlp.experts.local_experts.3.linear_fc1.weight")
+    assert m.expert == 3 and m.for_experts(4).hf_param["up"][3] == "model.layers.7.mlp.experts.3.up_proj.weight"
+    with pytest.raises(ValueError, match=r"maps a decoder-layer parameter to \['lm_head\.weight'\], outside "
+                                         r"model\.layers\.\*\."):
+        layer_mappings_at([MegatronParamMapping("decoder.layers.*.x", "lm_head.weight")], "mtp.layers.0", "m")
+
+
+def test_copies_mapping_checks_each_ranks_rows_and_writes_every_copy():
+    main = torch.randn(10, 4)
+    copy = main.clone()
+    mapping = CopiesMapping("embedding.word_embeddings.weight", "model.embed_tokens.weight",
+                            ["model.layers.2.embed_tokens.weight"])
+    shards = []
+    for rank in range(2):
+        ctx = ConversionContext(tp_size=2, tp_rank=rank, layout="column", padded_vocab_size=12)
+        out = torch.empty(6, 4)
+        got = mapping.hf_to_megatron({"main": main, "copy0": copy}, ctx, out=out)
+        assert got is out
+        shards.append(out)
+    assert torch.equal(torch.cat(shards)[:10], main) and not shards[1][4:].any()  # padded rows are zero
+    exported = mapping.megatron_to_hf(shards, ConversionContext(tp_size=2, layout="column", hf_vocab_size=10))
+    assert list(exported) == ["model.embed_tokens.weight", "model.layers.2.embed_tokens.weight"]
+    assert torch.equal(exported["model.embed_tokens.weight"], main)
+    assert torch.equal(exported["model.layers.2.embed_tokens.weight"], main)
+    assert exported["model.layers.2.embed_tokens.weight"].data_ptr() != exported["model.embed_tokens.weight"].data_ptr()
+    copy[7, 1] += 1.0  # a row of TP rank 1 (rows 6..11 of the padded vocabulary)
+    ok = ConversionContext(tp_size=2, tp_rank=0, layout="column", padded_vocab_size=12)
+    mapping.hf_to_megatron({"main": main, "copy0": copy}, ok)  # rank 0's rows agree
+    with pytest.raises(ValueError, match=r"embedding\.word_embeddings\.weight: HF tensor model\.layers\.2\."
+                                         r"embed_tokens\.weight \(\[10, 4\] torch\.float32\) is stored as a copy of "
+                                         r"model\.embed_tokens\.weight \(\[10, 4\] torch\.float32\) but differs from "
+                                         r"it in the rows of tensor-parallel rank 1 of 2"):
+        mapping.hf_to_megatron({"main": main, "copy0": copy},
+                               ConversionContext(tp_size=2, tp_rank=1, layout="column", padded_vocab_size=12))
+    with pytest.raises(ValueError, match=r"is stored as a copy of .* but differs"):
+        mapping.hf_to_megatron({"main": main, "copy0": main.double()}, ok)
 
 
 def test_megatron_configs_without_hf_equivalent_are_refused():

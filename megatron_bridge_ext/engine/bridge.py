@@ -195,6 +195,14 @@ class MegatronModelBridge:
         """
         return self.hf_layout
 
+    def use_hf_layout_for_model(self, megatron_model: Model) -> bool:
+        """Build the mapping table for the layout :meth:`hf_layout_for_model` gives for this model.
+
+        Returns:
+            True when the table changed (the cached global order is dropped; tasks built before are stale).
+        """
+        return self._use_layout(self.hf_layout_for_model(model_config(as_chunks(megatron_model))))
+
     def _use_layout(self, layout: Optional[Hashable]) -> bool:
         if layout == self.hf_layout:
             return False
@@ -297,7 +305,7 @@ class MegatronModelBridge:
         return self._tasks(hf_keys, as_chunks(megatron_model))[0]
 
     def _tasks(self, hf_keys, chunks):
-        self._use_layout(self.hf_layout_for_model(model_config(chunks)))
+        self.use_hf_layout_for_model(chunks)
         return build_tasks(chunks, Topology.current(), self.global_order, hf_keys, type(self).__name__)
 
     def _context(self, task: WeightConversionTask, topo: Topology, hf_config: Any, chunks) -> ConversionContext:

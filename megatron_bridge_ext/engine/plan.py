@@ -53,8 +53,9 @@ def _meta_model(model_bridge: MegatronModelBridge, hf_config: Any) -> List[torch
         return build_model_chunks(config)
 
 
-def _stage_of(name: str, num_layers: int, pp: int, vpp: int, tied: bool) -> List[Tuple[int, int]]:
-    """(pp rank, chunk) holding a global parameter (two places for a tied output layer's copy)."""
+def _stage_of(name: str, num_layers: int, pp: int, vpp: int, embedding_copy: bool) -> List[Tuple[int, int]]:
+    """(pp rank, chunk) holding a global parameter (two places for the embedding when the last stage keeps a copy:
+    a tied output layer, multi-token-prediction layers); MTP layers are on the last stage."""
     stages = pp * vpp
     m = _LAYER.match(name)
     if m is not None:
@@ -63,7 +64,7 @@ def _stage_of(name: str, num_layers: int, pp: int, vpp: int, tied: bool) -> List
         return [(s % pp, s // pp)]
     if name.startswith("embedding."):
         places = [(0, 0)]
-        if tied and pp > 1:  # the last stage keeps a copy as its output layer
+        if embedding_copy and pp > 1:  # the last stage keeps a copy (a tied output layer, or for its MTP layers)
             places.append((pp - 1, vpp - 1))
         return places
     return [(pp - 1, vpp - 1)]  # final norm, output layer
@@ -102,6 +103,7 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
     chunks = _meta_model(model_bridge, hf_config)
     registry = model_bridge.registry
     tied = bool(target.share_embeddings_and_output_weights)
+    embedding_copy = tied or bool(target.mtp_num_layers)  # the last stage keeps a copy of the embedding
     meta_state = {k: torch.empty(src.shape(k), dtype=src.dtype(k), device="meta") for k in src.keys()}
     hf_vocab = getattr(hf_config, "vocab_size", None)
     padded = padded_vocab_size(target.vocab_size, tp, target.make_vocab_size_divisible_by)
@@ -138,7 +140,7 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
         hf_bytes = sum(src.nbytes(k) for k in needed)
         layout = mapping.layout or detect_layout(p.module, p.tensor, name)
         dtype = target.params_dtype
-        places = _stage_of(name, num_layers, pp, vpp_n, tied)
+        places = _stage_of(name, num_layers, pp, vpp_n, embedding_copy)
         shards: Dict[str, List[int]] = {}
         if group is not None:
             for e_rank in range(ep):

@@ -109,6 +109,7 @@ class WeightSyncPlan:
         if not 0 <= dst < topo.world:
             raise ValueError(f"WeightSyncPlan: dst must be a global rank in [0, {topo.world}) or 'all', got "
                              f"{self._dst_arg!r}")
+        self.bridge.use_hf_layout_for_model(self.chunks)  # the table for what the model holds (e.g. MTP layers)
         if global_order:
             self.bridge.global_order.invalidate()  # names and metadata exchanged afresh (collective)
             self.global_builds += 1

@@ -169,11 +169,11 @@ class CopiesMapping(MegatronParamMapping):
             if same and result.device.type != "meta":
                 same = torch.equal(main.hf_to_megatron(copy, ctx), result)  # this rank's rows of the copy
             if not same:
+                rows = f" in the rows of tensor-parallel rank {ctx.tp_rank} of {ctx.tp_size}" if ctx.tp_size > 1 else ""
                 raise ValueError(
                     f"{self.megatron_param}: HF tensor {name} ({list(copy.shape)} {copy.dtype}) is stored as a copy "
                     f"of {self.hf_param['main']} ({list(hf['main'].shape)} {hf['main'].dtype}) but differs from it"
-                    f"{f' in the rows of tensor-parallel rank {ctx.tp_rank} of {ctx.tp_size}' if ctx.tp_size > 1 else ''}"
-                    "; Megatron holds one tensor for both, so converting would lose one of them"
+                    f"{rows}; Megatron holds one tensor for both, so converting would lose one of them"
                 )
         return result
 

@@ -566,18 +566,22 @@ def mtp_layers_of_model(config: Any) -> Optional[MTPLayers]:
                      tied=bool(getattr(config, "share_embeddings_and_output_weights", False)))
 
 
-def mtp_kwargs(mtp: Optional[MTPLayers], pattern: Sequence[int], family: str) -> Dict[str, Any]:
+def mtp_kwargs(mtp: Optional[MTPLayers], hf_config: Any, family: str) -> Dict[str, Any]:
     """``GPTConfig`` fields of a checkpoint's MTP layers (none without). megatron-core builds each MTP layer with
-    the last decoder layer's spec; HF's MTP layers are MoE layers (their index is past ``first_k_dense_replace``).
+    the last decoder layer's spec; HF (DeepSeek-V3, GLM-4.5) makes layer ``n`` an MoE layer when
+    ``n >= first_k_dense_replace``.
 
     Raises:
-        ValueError: MTP layers in a model whose last decoder layer is dense.
+        ValueError: MTP layers of another kind (dense / MoE) than the last decoder layer.
     """
     if mtp is None:
         return {}
-    if not pattern[-1]:
-        raise ValueError(f"{family}: multi-token-prediction layers in a model whose last decoder layer is dense: "
-                         "megatron-core builds them like the last decoder layer, HF as MoE layers")
+    k = int(config_get(hf_config, "first_k_dense_replace", 0) or 0)
+    last_moe, mtp_moe = mtp.first - 1 >= k, mtp.first >= k
+    if last_moe != mtp_moe:
+        raise ValueError(f"{family}: first_k_dense_replace={k} makes the last of the {mtp.first} decoder layers dense "
+                         "and the multi-token-prediction layers MoE layers; megatron-core builds them like the last "
+                         "decoder layer")
     return {"mtp_num_layers": mtp.count}
 
 

@@ -11,12 +11,15 @@ and the rest routed experts with shared experts, sigmoid routing.
   whatever ``rms_norm_eps`` is (``latent_layernorm_epsilon``, ``mcore/modules.LatentRMSNorm`` when they differ).
 - Routing: sigmoid scores, top-k on scores + ``e_score_correction_bias`` (megatron's fp32 ``router.expert_bias``)
   within the ``topk_group`` best of ``n_group`` groups, weights renormalised and scaled by ``routed_scaling_factor``.
+- Routers: weight (and correction bias) kept in fp32 in bf16 models, as HF keeps them (``moe_router_fp32_weight``).
 - Dense / MoE layers: megatron ``moe_layer_freq`` as a list, built as a heterogeneous block spec.
+- Multi-token-prediction layers (HF layers ``num_hidden_layers + i``): converted when the checkpoint holds them
+  (read from the keys, ``detect_hf_layout``; transformers' config says ``num_nextn_predict_layers = 1`` either way),
+  as megatron-core's ``mtp.layers.i`` (see ``models.common.mtp_mappings``).
 
 HF experts: one tensor per expert (what ``save_pretrained`` writes; the default) or fused, read from the keys.
 
-Not converted: multi-token-prediction layers (transformers 5.24 builds none; see ``detect_hf_layout``),
-``attention_bias=True``, ``rope_interleave=False``, YaRN with ``truncate=False``.
+Not converted: ``attention_bias=True``, ``rope_interleave=False``, YaRN with ``truncate=False``.
 """
 
 from __future__ import annotations
@@ -168,7 +171,7 @@ class DeepseekV3Bridge(MegatronModelBridge):
                                  config_get(hf_config, "num_experts_per_tok"),
                                  config_get(hf_config, "moe_intermediate_size"), pattern),
             **sigmoid_router_kwargs(hf_config, family),
-            **mtp_kwargs(self.hf_layout.mtp, pattern, family),
+            **mtp_kwargs(self.hf_layout.mtp, hf_config, family),
         )
         if shared:
             kw["moe_shared_expert_intermediate_size"] = shared

@@ -4,8 +4,8 @@ halves rotated), the first ``first_k_dense_replace`` layers dense and the rest r
 behind DeepSeek-V3's sigmoid router (``e_score_correction_bias`` kept in fp32, grouped top-k, routed scaling).
 
 HF experts: one tensor per expert (what ``save_pretrained`` writes; the default) or fused, read from the keys.
-Not converted: multi-token-prediction layers (transformers 5.24 builds none; ``detect_hf_layout`` refuses
-checkpoints that carry them).
+Router weights stay fp32 in bf16 models, as HF keeps them. Multi-token-prediction layers (HF layers
+``num_hidden_layers + i``, DeepSeek-V3's structure) convert when the checkpoint holds them (read from the keys).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Glm4MoeBridge(MegatronModelBridge):
                                  config_get(hf_config, "num_experts_per_tok"),
                                  config_get(hf_config, "moe_intermediate_size"), pattern),
             **sigmoid_router_kwargs(hf_config, family),
-            **mtp_kwargs(self.hf_layout.mtp, pattern, family),
+            **mtp_kwargs(self.hf_layout.mtp, hf_config, family),
         )
         if shared:
             kw["moe_shared_expert_intermediate_size"] = shared

@@ -24,12 +24,26 @@ Export without a source (``AutoBridge.from_architecture``) writes the default la
 Grouped-GEMM names (``linear_fc1.weight{e}``, Transformer Engine's grouped experts; no kernel runs on CPU): a module
 tree carrying exactly such parameters is driven through the engine at TP2 x EP2 from the per-expert and the fused
 checkpoint; its parameters equal the sequential experts' and the HF slices, and its export equals the source.
+
+Multi-token prediction (DeepSeek-V3, GLM-4.5): transformers builds no MTP layers, so the test writes one into a copy
+of the checkpoint (HF layer ``num_hidden_layers``: a transformers decoder layer of that index with random weights,
+``enorm`` / ``hnorm`` / ``eh_proj`` / ``shared_head.norm`` random, ``embed_tokens`` / ``shared_head.head`` copies of the
+main tensors). At EP2, TP2 x EP2 and PP2 x EP2 (MTP on the last stage): the main logits against the HF model's, the
+MTP logits against a plain reference (``eh_proj([enorm(embed(shifted ids)); hnorm(final hidden)])`` through the
+transformers decoder layer, then ``shared_head``), the round trip, the export without a source, and (TP1 layouts)
+every MTP parameter on every rank against a plain-torch reading of the file. A copy that differs from the main
+embedding is refused by name.
+
+bf16 (DeepSeek-V3, GLM-4.5, with MTP): transformers saves ``mlp.gate.weight`` and ``e_score_correction_bias`` in fp32
+in a bf16 model; the Megatron routers keep both fp32 (equal to the file's) and the round trip is bit-exact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -76,6 +90,9 @@ HF_LOADABLE = {("qwen3_moe", "fused"), ("deepseek_v3", "fused")}  # transformers
 # family -> layers with routed experts (from the configs above)
 MOE_LAYERS = {"qwen3_moe": 3, "qwen2_moe": 4, "deepseek_v3": 3, "glm4_moe": 3, "gpt_oss": 4}
 GROUPED_FAMILY = "qwen3_moe"
+MTP_FAMILIES = ("deepseek_v3", "glm4_moe")
+MTP = BASE["num_hidden_layers"]  # HF index of the MTP layer
+BF16_LAYOUTS = [LAYOUTS[0], LAYOUTS[2]]  # ep2, pp2ep2
 
 
 def _arch(family: str) -> str:
@@ -96,17 +113,7 @@ def _make_checkpoint(path: str, family: str, seed: int):
     torch.manual_seed(seed)
     config = getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides})
     model = getattr(transformers, f"{prefix}ForCausalLM")(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-            elif "sinks" in name:
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, 0.15)  # router weights and biases included
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.3)
+    _randomise(model)
     model.save_pretrained(path, safe_serialization=True)
     return model
 
@@ -146,6 +153,217 @@ def _write_fused(src: str, dst: str, fc1_t: bool, fc2_t: bool, gpt_oss: bool) ->
         if name.endswith(".json") and "index" not in name:
             with open(os.path.join(src, name)) as f, open(os.path.join(dst, name), "w") as g:
                 g.write(f.read())
+
+
+def _randomise(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+            elif "sinks" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 0.15)  # router weights and biases included
+        for name, b in module.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.3)
+
+
+def _write_mtp(src: str, dst: str, model, seed: int):
+    """A copy of ``src`` with one multi-token-prediction layer (HF layer MTP): the tensors of a transformers decoder
+    layer of that index (random; experts one tensor per expert, like the rest of the file), random enorm / hnorm /
+    eh_proj / shared_head.norm, and copies of the embedding and lm_head. Returns (decoder layer, MTP tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    layer = type(model.model.layers[-1])(model.config, MTP).float().eval()
+    _randomise(layer)
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    p, d = f"model.layers.{MTP}", BASE["hidden_size"]
+    mtp = {}
+    for k, v in layer.state_dict().items():
+        if k == "mlp.experts.gate_up_proj":  # [E, 2F, D] = [gate; up] per expert
+            for e in range(E):
+                mtp[f"{p}.mlp.experts.{e}.gate_proj.weight"] = v[e, :F].clone()
+                mtp[f"{p}.mlp.experts.{e}.up_proj.weight"] = v[e, F:].clone()
+        elif k == "mlp.experts.down_proj":  # [E, D, F]
+            for e in range(E):
+                mtp[f"{p}.mlp.experts.{e}.down_proj.weight"] = v[e].clone()
+        else:
+            assert ".experts." not in k, k
+            mtp[f"{p}.{k}"] = v.clone()
+    mtp[f"{p}.enorm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    mtp[f"{p}.hnorm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    mtp[f"{p}.eh_proj.weight"] = 0.15 * torch.randn(d, 2 * d)
+    mtp[f"{p}.shared_head.norm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    mtp[f"{p}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    mtp[f"{p}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    assert not set(mtp) & set(sd)
+    os.makedirs(dst, exist_ok=True)
+    save_file({**sd, **mtp}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(src):
+        if name.endswith(".json") and "index" not in name:
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    with open(os.path.join(dst, "config.json")) as f:
+        assert json.load(f).get("num_nextn_predict_layers", 1) == 1  # transformers' default, kept as written
+    return layer, mtp
+
+
+def _mtp_reference_logits(model, layer, mtp, tokens):
+    """DeepSeek-V3's MTP module in plain torch around the transformers decoder layer: the ids shifted left by one
+    (the last position id 0, as megatron-core fills it), ``eh_proj([enorm(embed(ids)); hnorm(h)])`` with ``h`` the
+    main model's final (normed) hidden states, the decoder layer (causal, positions 0..s-1), ``shared_head``."""
+    p, d = f"model.layers.{MTP}", BASE["hidden_size"]
+
+    def norm(key):
+        m = type(model.model.norm)(d, eps=model.config.rms_norm_eps)
+        m.weight.data.copy_(mtp[key])
+        return m
+
+    b, s = tokens.shape
+    with torch.no_grad():
+        h = model.model(tokens).last_hidden_state
+        ids = torch.roll(tokens, -1, dims=1)
+        ids[:, -1] = 0
+        x = torch.cat([norm(f"{p}.enorm.weight")(model.model.embed_tokens(ids)), norm(f"{p}.hnorm.weight")(h)], -1)
+        x = x @ mtp[f"{p}.eh_proj.weight"].t()
+        pos = torch.arange(s).unsqueeze(0).expand(b, s)
+        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
+        out = out[0] if isinstance(out, tuple) else out
+        return (norm(f"{p}.shared_head.norm.weight")(out) @ mtp[f"{p}.shared_head.head.weight"].t()).float()
+
+
+def _fp32_in_bf16(name: str) -> bool:
+    """What transformers keeps in fp32 in a bf16 DeepSeek-V3 / GLM-4.5 (``_keep_in_fp32_modules_strict``)."""
+    return name.endswith(".mlp.gate.weight") or name.endswith(".e_score_correction_bias")
+
+
+def _write_bf16(native: str, mtp_dir: str, dst: str) -> None:
+    """The MTP checkpoint in bf16: transformers' own bf16 save of the main model (``from_pretrained(dtype=bf16)``
+    keeps the router weights and correction biases fp32), plus the MTP tensors cast the same way."""
+    from safetensors.torch import load_file, save_file
+
+    tmp = dst + "_main"
+    transformers.AutoModelForCausalLM.from_pretrained(native, dtype=torch.bfloat16).save_pretrained(tmp)
+    main = load_file(os.path.join(tmp, "model.safetensors"))
+    fp32 = {k for k, v in main.items() if v.dtype == torch.float32}
+    assert fp32 and fp32 == {k for k in main if _fp32_in_bf16(k)}, sorted(fp32)[:6]
+    assert {v.dtype for k, v in main.items() if k not in fp32} == {torch.bfloat16}
+    full = load_file(os.path.join(mtp_dir, "model.safetensors"))
+    extra = {k: v.float() if _fp32_in_bf16(k) else v.to(torch.bfloat16) for k, v in full.items() if k not in main}
+    os.makedirs(dst, exist_ok=True)
+    save_file({**main, **extra}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    for name in os.listdir(tmp):
+        if name.endswith(".json") and "index" not in name:
+            shutil.copy(os.path.join(tmp, name), os.path.join(dst, name))
+    shutil.rmtree(tmp)
+
+
+def _write_bad_copy(src: str, dst: str) -> None:
+    """The MTP checkpoint with one value of its embedding copy changed."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    sd[f"model.layers.{MTP}.embed_tokens.weight"][50, 3] += 1.0
+    os.makedirs(dst, exist_ok=True)
+    save_file(sd, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
+
+
+def _pack_qkv(q, k, v, heads, groups, d):
+    """Megatron's ``linear_qkv`` rows (TP1): per query group its heads' q rows, then its k and v rows."""
+    n = heads // groups
+    return torch.cat([t for g in range(groups)
+                      for t in (q[g * n * d:(g + 1) * n * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d])])
+
+
+def _mtp_expected(sd, family: str):
+    """Megatron name under ``mtp.layers.0.`` -> the tensor it holds at TP1, from the HF tensors of layer MTP (routed
+    experts apart, see :func:`_check_mtp`)."""
+    p, t = f"model.layers.{MTP}", "transformer_layer"
+    out = {
+        "enorm.weight": sd[f"{p}.enorm.weight"],
+        "hnorm.weight": sd[f"{p}.hnorm.weight"],
+        "eh_proj.weight": sd[f"{p}.eh_proj.weight"],
+        "final_layernorm.weight": sd[f"{p}.shared_head.norm.weight"],
+        f"{t}.input_layernorm.weight": sd[f"{p}.input_layernorm.weight"],
+        f"{t}.pre_mlp_layernorm.weight": sd[f"{p}.post_attention_layernorm.weight"],
+        f"{t}.mlp.router.weight": sd[f"{p}.mlp.gate.weight"],
+        f"{t}.mlp.router.expert_bias": sd[f"{p}.mlp.gate.e_score_correction_bias"],
+        f"{t}.mlp.shared_experts.linear_fc1.weight": torch.cat([sd[f"{p}.mlp.shared_experts.gate_proj.weight"],
+                                                                sd[f"{p}.mlp.shared_experts.up_proj.weight"]]),
+        f"{t}.mlp.shared_experts.linear_fc2.weight": sd[f"{p}.mlp.shared_experts.down_proj.weight"],
+    }
+    a, h = f"{t}.self_attention", f"{p}.self_attn"
+    if family == "deepseek_v3":
+        for meg, hf in (("linear_q_down_proj", "q_a_proj"), ("q_layernorm", "q_a_layernorm"),
+                        ("linear_q_up_proj", "q_b_proj"), ("linear_kv_down_proj", "kv_a_proj_with_mqa"),
+                        ("kv_layernorm", "kv_a_layernorm"), ("linear_kv_up_proj", "kv_b_proj"),
+                        ("linear_proj", "o_proj")):
+            out[f"{a}.{meg}.weight"] = sd[f"{h}.{hf}.weight"]
+    else:
+        heads, groups, d = BASE["num_attention_heads"], BASE["num_key_value_heads"], FAMILIES[family][1]["head_dim"]
+        for kind in ("weight", "bias"):
+            out[f"{a}.linear_qkv.{kind}"] = _pack_qkv(sd[f"{h}.q_proj.{kind}"], sd[f"{h}.k_proj.{kind}"],
+                                                      sd[f"{h}.v_proj.{kind}"], heads, groups, d)
+        out.update({f"{a}.linear_proj.weight": sd[f"{h}.o_proj.weight"],
+                    f"{a}.q_layernorm.weight": sd[f"{h}.q_norm.weight"],
+                    f"{a}.k_layernorm.weight": sd[f"{h}.k_norm.weight"]})
+    return out
+
+
+def _check_mtp(chunks, sd, family, ep_rank, ep):
+    """(mismatches, MTP tensors seen) of this rank's MTP layer against the HF tensors (TP1): every parameter and
+    buffer under ``mtp.layers.0``, local expert e being HF expert ``ep_rank * E / ep + e``; on a stage that is not the
+    first, the embedding copy against HF's embedding."""
+    expected = _mtp_expected(sd, family)
+    bad, seen = [], 0
+    for chunk in chunks:
+        for name, tensor in chunk.state_dict().items():
+            if "_extra_state" in name:
+                continue
+            if name == "embedding.word_embeddings.weight" and not chunk.pre_process:
+                want = sd["model.embed_tokens.weight"]
+                if not (torch.equal(tensor[:want.shape[0]], want) and not tensor[want.shape[0]:].any()):
+                    bad.append(f"{name} (the MTP stage's copy)")
+                continue
+            if not name.startswith("mtp.layers.0."):
+                continue
+            seen += 1
+            rest = name[len("mtp.layers.0."):]
+            m = re.fullmatch(r"transformer_layer\.mlp\.experts\.local_experts\.(\d+)\.(.+)", rest)
+            if m is not None:
+                want = _expected(sd, family, MTP, ep_rank * (E // ep) + int(m.group(1)), 1, 0).get(m.group(2))
+            else:
+                want = expected.get(rest)
+            if want is None:
+                bad.append(f"{name}: no HF tensor expected")
+            elif tensor.dtype != want.dtype or not torch.equal(tensor, want):
+                bad.append(name)
+    return bad, seen
+
+
+def _check_routers(chunks, sd):
+    """Every router weight and expert bias (decoder and MTP layers) is fp32 and equals the HF tensor; the other
+    floating parameters are bf16, but the norms (megatron-core's local-spec norms are fp32 whatever params_dtype is).
+    Returns (mismatches, routers seen)."""
+    bad, seen = [], 0
+    for chunk in chunks:
+        for name, tensor in chunk.state_dict().items():
+            m = re.fullmatch(r"(?:decoder\.layers\.(\d+)|mtp\.layers\.0\.transformer_layer)\.mlp\.router\."
+                             r"(weight|expert_bias)", name)
+            if m is None:
+                if "_extra_state" not in name and "norm" not in name and tensor.dtype != torch.bfloat16:
+                    bad.append(f"{name}: {tensor.dtype}")
+                continue
+            seen += 1
+            layer = MTP if m.group(1) is None else chunk.decoder.layers[int(m.group(1))].layer_number - 1
+            hf = sd[f"model.layers.{layer}.mlp.gate." + ("weight" if m.group(2) == "weight" else
+                                                         "e_score_correction_bias")]
+            if tensor.dtype != torch.float32 or hf.dtype != torch.float32 or not torch.equal(tensor, hf):
+                bad.append(f"{name}: {tensor.dtype} vs HF {hf.dtype}")
+    return bad, seen
 
 
 def _hf_expert(sd, family: str, layer: int, g: int):
@@ -309,6 +527,76 @@ def _worker(rank, world, ckpts, tokens, out_root):
             results[key] = r
             destroy_parallel()
             dist.barrier()
+    results.update(_mtp_worker(rank, ckpts, tokens, out_root, save))
+    return results
+
+
+def _mtp_worker(rank, ckpts, tokens, out_root, save):
+    """The MTP checkpoints (fp32 at every layout, bf16 at EP2 and PP2 x EP2), then the refused copy (last: the failed
+    import leaves the world without further collectives)."""
+    from safetensors.torch import load_file
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.engine import WeightSyncPlan
+    from megatron_bridge_ext.mcore.forward import megatron_logits_with_mtp
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
+
+    results = {}
+    for family in MTP_FAMILIES:
+        sd = load_file(os.path.join(ckpts[family]["mtp"], "model.safetensors"))  # plain reading of the file
+        for name, tp, pp, ep in LAYOUTS:
+            key = f"{family}_mtp_{name}"
+            init_parallel(tp=tp, pp=pp, ep=ep, etp=tp)
+            bridge = AutoBridge.from_hf_pretrained(ckpts[family]["mtp"])
+            chunks = bridge.to_megatron_model(params_dtype=torch.float32)
+            logits, mtp_logits = megatron_logits_with_mtp(chunks, tokens)
+            r = {"pp_rank": ps.get_pipeline_model_parallel_rank(), "logits": logits, "mtp_logits": mtp_logits}
+            if tp == 1:
+                r["bad"], r["seen"] = _check_mtp(chunks, sd, family, ps.get_expert_model_parallel_rank(), ep)
+            save(bridge, chunks, key)
+            if name == "pp2ep2":
+                AutoBridge.from_architecture(_arch(family)).save_hf_pretrained(
+                    chunks, os.path.join(out_root, f"{family}_mtp_nosource"), bucket_bytes=64 * 1024,
+                    show_progress=False)
+                plan = WeightSyncPlan(AutoBridge.from_architecture(_arch(family)).model_bridge, chunks,
+                                      bucket_bytes=64 * 1024, dst=0)  # no source either: the table follows the model
+                synced = {n: t for bucket in plan.sync() for n, t in bucket}
+                r["sync"] = sorted(set(synced) ^ set(sd)) or [k for k in sd if not torch.equal(synced[k], sd[k])]
+            if rank != 0:
+                r.pop("logits"), r.pop("mtp_logits"), r.pop("sync", None)
+            results[key] = r
+            destroy_parallel()
+            dist.barrier()
+        bf16 = load_file(os.path.join(ckpts[family]["bf16"], "model.safetensors"))
+        for name, tp, pp, ep in BF16_LAYOUTS:
+            key = f"{family}_bf16_{name}"
+            init_parallel(tp=tp, pp=pp, ep=ep, etp=tp)
+            bridge = AutoBridge.from_hf_pretrained(ckpts[family]["bf16"])
+            chunks = bridge.to_megatron_model()  # params_dtype from config.json: bf16
+            r = dict(zip(("bad", "seen"), _check_routers(chunks, bf16)))
+            save(bridge, chunks, key)
+            results[key] = r
+            destroy_parallel()
+            dist.barrier()
+    init_parallel(tp=1, pp=1, ep=2, etp=1)
+    try:
+        AutoBridge.from_hf_pretrained(ckpts["deepseek_v3"]["bad_copy"]).to_megatron_model(params_dtype=torch.float32)
+        results["bad_copy"] = "imported"
+    except Exception as e:  # every rank holds the embedding: each fails on its own or names the first failing rank
+        results["bad_copy"] = f"{type(e).__name__}: {e}"
+    # a model built without MTP layers: the MTP tensors are unused (named), unless allowed on purpose
+    bridge = AutoBridge.from_hf_pretrained(ckpts["deepseek_v3"]["mtp"])
+    try:
+        bridge.to_megatron_model(params_dtype=torch.float32, mtp_num_layers=None)
+        results["mtp_off"] = "imported"
+    except Exception as e:
+        results["mtp_off"] = f"{type(e).__name__}: {e}"
+    chunks = bridge.to_megatron_model(params_dtype=torch.float32, mtp_num_layers=None,
+                                      allowed_unused_hf_params=[f"model.layers.{MTP}.*"])
+    results["mtp_off_logits"] = megatron_logits_with_mtp(chunks, tokens)
+    destroy_parallel()
     return results
 
 
@@ -373,6 +661,16 @@ def world(tmp_path_factory):
         for variant, (fc1_t, fc2_t) in FUSED.get(family, {}).items():
             ckpts[family][variant] = str(root / f"hf_{family}_{variant}")
             _write_fused(native, ckpts[family][variant], fc1_t, fc2_t, family == "gpt_oss")
+    for family in MTP_FAMILIES:
+        native = ckpts[family]["native"]
+        model = transformers.AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32).eval()
+        ckpts[family]["mtp"] = str(root / f"hf_{family}_mtp")
+        layer, mtp = _write_mtp(native, ckpts[family]["mtp"], model, seed=40 + len(family))
+        hf[f"{family}_mtp"] = _mtp_reference_logits(model, layer, mtp, tokens)
+        ckpts[family]["bf16"] = str(root / f"hf_{family}_bf16")
+        _write_bf16(native, ckpts[family]["mtp"], ckpts[family]["bf16"])
+    ckpts["deepseek_v3"]["bad_copy"] = str(root / "hf_deepseek_v3_bad_copy")
+    _write_bad_copy(ckpts["deepseek_v3"]["mtp"], ckpts["deepseek_v3"]["bad_copy"])
     out_root = str(root / "out")
     per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=1500)
     return ckpts, out_root, per_rank, hf, tokens
@@ -491,3 +789,91 @@ def test_grouped_gemm_names_through_the_engine(world, variant):
     _, _, per_rank, _, _ = world
     for rank, r in enumerate(per_rank):
         assert r[f"{GROUPED_FAMILY}_tp2ep2"]["grouped"][variant] == [], rank
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# multi-token prediction and bf16 routers
+# ---------------------------------------------------------------------------------------------------------------------
+
+MTP_CASES = [(family, *layout) for family in MTP_FAMILIES for layout in LAYOUTS]
+MTP_IDS = [f"{c[0]}-{c[1]}" for c in MTP_CASES]
+
+
+@pytest.mark.parametrize("family,name,tp,pp,ep", MTP_CASES, ids=MTP_IDS)
+def test_mtp_main_and_mtp_logits(world, family, name, tp, pp, ep):
+    """The main model's logits are the HF model's (transformers ignores MTP layers); the MTP depth-1 logits are the
+    plain reference's (megatron-core needs labels for a forward with MTP layers; see mcore/forward.py)."""
+    _, _, per_rank, hf, _ = world
+    res = per_rank[0][f"{family}_mtp_{name}"]
+    diff = (res["logits"] - hf[family]).abs().max().item()
+    assert diff <= 1e-4, f"{family} {name}: main logits max |diff| {diff:.3e}"
+    assert len(res["mtp_logits"]) == 1
+    ref = hf[f"{family}_mtp"]
+    diff = (res["mtp_logits"][0] - ref).abs().max().item()
+    assert diff <= 1e-4 and ref.abs().max().item() > 1.0, f"{family} {name}: MTP logits max |diff| {diff:.3e}"
+
+
+@pytest.mark.parametrize("family,name,tp,pp,ep", [c for c in MTP_CASES if c[2] == 1],
+                         ids=[i for i, c in zip(MTP_IDS, MTP_CASES) if c[2] == 1])
+def test_mtp_parameters_are_the_hf_tensors(world, family, name, tp, pp, ep):
+    """Every MTP parameter and buffer on every rank equals a plain-torch reading of the HF file (experts by global
+    index); MTP lives on the last pipeline stage only, whose embedding copy is the HF embedding."""
+    _, _, per_rank, _, _ = world
+    for rank, r in enumerate(per_rank):
+        res = r[f"{family}_mtp_{name}"]
+        assert res["bad"] == [], (rank, res["bad"][:6])
+        on_last = res["pp_rank"] == pp - 1
+        assert (res["seen"] > 0) == on_last, (rank, res["pp_rank"], res["seen"])
+
+
+@pytest.mark.parametrize("family,name,tp,pp,ep", MTP_CASES, ids=MTP_IDS)
+def test_mtp_round_trip_bit_exact(world, family, name, tp, pp, ep):
+    ckpts, out_root, _, _, _ = world
+    _assert_same_tensors(ckpts[family]["mtp"], os.path.join(out_root, f"{family}_mtp_{name}"))
+
+
+@pytest.mark.parametrize("family", MTP_FAMILIES)
+def test_mtp_export_without_source(world, family):
+    """From PP2 x EP2 without a source: the MTP layer and its copies are written (by save_hf_pretrained and by a
+    WeightSyncPlan), config.json says so, and transformers loads the main model with the source's logits."""
+    ckpts, out_root, per_rank, hf, tokens = world
+    assert per_rank[0][f"{family}_mtp_pp2ep2"]["sync"] == []
+    out = os.path.join(out_root, f"{family}_mtp_nosource")
+    _assert_same_tensors(ckpts[family]["mtp"], out)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["num_nextn_predict_layers"] == 1 and cfg["num_hidden_layers"] == MTP
+    diff = (_hf_logits(out, tokens) - hf[family]).abs().max().item()
+    assert diff <= 1e-4, f"{family}: max |logit diff| {diff:.3e}"
+
+
+@pytest.mark.parametrize("family,name", [(f, layout[0]) for f in MTP_FAMILIES for layout in BF16_LAYOUTS])
+def test_bf16_round_trip_keeps_fp32_routers(world, family, name):
+    """bf16 checkpoint with fp32 router weights and correction biases: the Megatron routers hold them in fp32, bit
+    for bit; the other weights are bf16; the export is the source, dtypes included."""
+    ckpts, out_root, per_rank, _, _ = world
+    for rank, r in enumerate(per_rank):
+        res = r[f"{family}_bf16_{name}"]
+        assert res["bad"] == [] and res["seen"] > 0, (rank, res)
+    _assert_same_tensors(ckpts[family]["bf16"], os.path.join(out_root, f"{family}_bf16_{name}"))
+
+
+def test_an_mtp_copy_that_differs_from_the_main_tensor_is_refused(world):
+    _, _, per_rank, _, _ = world
+    for rank, r in enumerate(per_rank):
+        assert re.search(r"embedding\.word_embeddings\.weight: HF tensor model\.layers\.4\.embed_tokens\.weight "
+                         r"\(\[97, 64\] torch\.float32\) is stored as a copy of model\.embed_tokens\.weight .* but "
+                         r"differs from it", r["bad_copy"]), (rank, r["bad_copy"])
+
+
+def test_a_model_without_mtp_layers_names_the_mtp_tensors_it_leaves(world):
+    """Built with mtp_num_layers=None from a checkpoint with an MTP layer: the import fails naming the MTP tensors;
+    allowed on purpose, the main model converts (its logits are the HF model's) and no MTP logits exist."""
+    ckpts, _, per_rank, hf, _ = world
+    with SafeTensorsSource(ckpts["deepseek_v3"]["mtp"]) as src:
+        count = sum(k.startswith(f"model.layers.{MTP}.") for k in src.keys())
+    for rank, r in enumerate(per_rank):
+        assert re.search(rf"{count} HF tensor\(s\) of .* are used by no mapping of this model: \['model\.layers\.4\.",
+                         r["mtp_off"]), (rank, count, r["mtp_off"])
+        logits, mtp = r["mtp_off_logits"]
+        assert mtp == [] and (logits - hf["deepseek_v3"]).abs().max().item() <= 1e-4, rank
