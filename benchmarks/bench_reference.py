@@ -230,9 +230,9 @@ def _fsync_tree(path: str) -> None:
 
 
 def _worker(rank: int, world: int, port: int, ckpt: str, out: str, dtype_name: str, check_forward: bool,
-            q: Any, flush: str = "none") -> None:
+            q: Any, flush: str = "none", threads: int = 1) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -353,6 +353,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--make-tiny", metavar="DIR", help="first write a tiny random Llama to DIR and use it")
     ap.add_argument("--out", default=None, help="export directory (default: a temporary one, removed)")
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--flush", choices=["none", "fsync"], default="none",
                     help="fsync: rank 0 flushes every written file inside the timed export (as a writer that fsyncs)")
     ap.add_argument("--check-forward", action="store_true",
@@ -374,7 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     port = _free_port()
     t0 = time.perf_counter()
     procs = [ctx.Process(target=_worker, args=(r, args.tp, port, args.ckpt, out, args.dtype,
-                                                 args.check_forward, q, args.flush))
+                                                 args.check_forward, q, args.flush, args.threads))
              for r in range(args.tp)]
     for p in procs:
         p.start()

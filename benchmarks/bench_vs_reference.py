@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,9 +64,9 @@ def plain_write(path: str, nbytes: int, fsync: bool, chunk: int = 256 * 2**20) -
     return t
 
 
-def first_touch(nbytes: int) -> float:
-    """Seconds to allocate ``nbytes`` with torch.empty and touch every page once (one thread, as the ranks run)."""
-    torch.set_num_threads(1)
+def first_touch(nbytes: int, threads: int) -> float:
+    """Seconds to allocate ``nbytes`` with torch.empty and touch every page once (as many threads as a rank)."""
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     x = torch.empty(nbytes, dtype=torch.uint8)
     x[::4096] = 1
@@ -103,17 +104,17 @@ def _our_rank(rank: int, world: int, ckpt: str, out: str, tp: int, fsync: bool) 
     return {"rank": rank, "import_s": t_import, "export_s": t_export, "peak_rss": peak, "model_bytes": model_bytes}
 
 
-def run_ours(ckpt: str, out: str, tp: int, fsync: bool) -> Dict[str, Any]:
+def run_ours(ckpt: str, out: str, tp: int, fsync: bool, threads: int) -> Dict[str, Any]:
     from megatron_bridge_ext.launch import spawn_local
 
-    res = spawn_local(_our_rank, tp, (ckpt, out, tp, fsync), timeout=3600)
+    res = spawn_local(_our_rank, tp, (ckpt, out, tp, fsync), timeout=3600, threads=threads)
     return {"import_s": max(r["import_s"] for r in res), "export_s": max(r["export_s"] for r in res),
             "peak_rss": max(r["peak_rss"] or 0 for r in res), "model_bytes": max(r["model_bytes"] for r in res)}
 
 
-def run_reference(mb_python: str, ckpt: str, out: str, tp: int, fsync: bool) -> Dict[str, Any]:
+def run_reference(mb_python: str, ckpt: str, out: str, tp: int, fsync: bool, threads: int) -> Dict[str, Any]:
     cmd = [mb_python, os.path.join(HERE, "bench_reference.py"), ckpt, "--tp", str(tp), "--out", out, "--no-verify",
-           "--flush", "fsync" if fsync else "none"]
+           "--flush", "fsync" if fsync else "none", "--threads", str(threads)]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200)
     if res.returncode != 0:
@@ -121,6 +122,15 @@ def run_reference(mb_python: str, ckpt: str, out: str, tp: int, fsync: bool) -> 
                            f"{res.stderr[-3000:]}")
     line = next(ln for ln in reversed(res.stdout.splitlines()) if ln.startswith("{"))
     return json.loads(line)
+
+
+def _median_run(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per field, the median over the runs (exact only if every run was exact)."""
+    out = {k: statistics.median(r[k] for r in runs) for k in ("import_s", "export_s")}
+    peaks = [r["peak_rss"] for r in runs if r.get("peak_rss")]
+    out["peak_rss"] = max(peaks) if peaks else None
+    out["exact"] = all(r["exact"] for r in runs)
+    return out
 
 
 def verify(src: str, dst: str) -> bool:
@@ -141,6 +151,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--mb-python", default=DEFAULT_MB_PYTHON, help="interpreter of the Megatron Bridge environment")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--ours-only", action="store_true", help="skip Megatron Bridge (no ratios)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each side per TP size, alternating (medians printed; first-touch and disk costs "
+                         "of a virtual machine vary from run to run)")
     args = ap.parse_args(argv)
     fsync = args.flush == "fsync"
 
@@ -157,46 +170,56 @@ def main(argv: Optional[List[str]] = None) -> int:
     gb = info["bytes"] / 1e9
     read_files_once(ckpt)
     t_read = min(read_files_once(ckpt) for _ in range(2))
-    t_write = min(plain_write(os.path.join(tmp, "plain.bin"), info["bytes"], fsync) for _ in range(2))
     print(f"checkpoint: {info['params'] / 1e9:.2f} B parameters, {info['bytes'] / GiB:.2f} GiB bf16 ({tmp}); "
           f"flush policy: {args.flush}")
-    print(f"plain read of the files (page cache warm): {t_read:.2f} s ({gb / t_read:.2f} GB/s); plain write of the "
-          f"same bytes ({args.flush}): {t_write:.2f} s ({gb / t_write:.2f} GB/s)")
+    print(f"plain read of the files (page cache warm): {t_read:.2f} s ({gb / t_read:.2f} GB/s)")
     rows = []
+    cores = os.cpu_count() or 1
     for tp in (int(x) for x in args.tps.split(",")):
-        t_touch = min(first_touch(info["bytes"] // tp) for _ in range(2))
-        out = os.path.join(tmp, f"ours_tp{tp}")
-        ours = run_ours(ckpt, out, tp, fsync)
-        ours["exact"] = verify(ckpt, out)
-        shutil.rmtree(out, ignore_errors=True)
-        ref = None
-        if not args.ours_only:
-            out = os.path.join(tmp, f"mb_tp{tp}")
-            ref = run_reference(args.mb_python, ckpt, out, tp, fsync)
-            ref["exact"] = verify(ckpt, out)
+        threads = max(1, cores // tp)  # both sides: the machine's cores shared by the ranks
+        runs: Dict[str, List[Dict[str, Any]]] = {"ours": [], "ref": []}
+        touches, writes = [], []
+        for _ in range(args.repeat):
+            touches.append(first_touch(info["bytes"] // tp, threads))
+            writes.append(plain_write(os.path.join(tmp, "plain.bin"), info["bytes"], fsync))
+            out = os.path.join(tmp, f"ours_tp{tp}")
+            r = run_ours(ckpt, out, tp, fsync, threads)
+            r["exact"] = verify(ckpt, out)
             shutil.rmtree(out, ignore_errors=True)
-        rows.append((tp, t_touch, ours, ref))
+            runs["ours"].append(r)
+            if not args.ours_only:
+                out = os.path.join(tmp, f"mb_tp{tp}")
+                r = run_reference(args.mb_python, ckpt, out, tp, fsync, threads)
+                r["exact"] = verify(ckpt, out)
+                shutil.rmtree(out, ignore_errors=True)
+                runs["ref"].append(r)
+        ours = _median_run(runs["ours"])
+        ref = _median_run(runs["ref"]) if runs["ref"] else None
+        rows.append((tp, threads, statistics.median(touches), statistics.median(writes), ours, ref, runs))
 
     print()
-    head = (f"{'TP':>3} {'side':>16} {'import s':>9} {'x MB':>6} {'export s':>9} {'x MB':>6} {'x write':>8} "
+    head = (f"{'TP':>3} {'side':>20} {'import s':>9} {'x MB':>6} {'export s':>9} {'x MB':>6} {'x write':>8} "
             f"{'peak RSS/rank':>14} {'exact':>6}")
     print(head)
     print("-" * len(head))
-    for tp, t_touch, ours, ref in rows:
+    for tp, threads, t_touch, t_write, ours, ref, _ in rows:
         for name, r in (("megatron_bridge_ext", ours), ("Megatron Bridge", ref)):
             if r is None:
                 continue
             xi = f"{ref['import_s'] / r['import_s']:6.2f}" if ref else f"{'-':>6}"
             xe = f"{ref['export_s'] / r['export_s']:6.2f}" if ref else f"{'-':>6}"
             peak = f"{r['peak_rss'] / GiB:12.2f} G" if r.get("peak_rss") else f"{'-':>14}"
-            print(f"{tp:>3} {name[:16]:>16} {r['import_s']:9.2f} {xi} {r['export_s']:9.2f} {xe} "
+            print(f"{tp:>3} {name:>20} {r['import_s']:9.2f} {xi} {r['export_s']:9.2f} {xe} "
                   f"{r['export_s'] / t_write:8.2f} {peak} {'yes' if r['exact'] else 'NO':>6}")
         bound = info["bytes"] / tp + info["largest_bytes"]
-        print(f"{'':>3} first touch of {info['bytes'] / tp / GiB:.2f} GiB (parameters per rank): {t_touch:.2f} s; "
-              f"import bound model/world + largest tensor {bound / GiB:.2f} GiB")
-    print("x MB: Megatron Bridge time / this side's time (same run); x write: export time / plain write time")
-    print(json.dumps({"read_s": t_read, "write_s": t_write, "flush": args.flush, "rows": [
-        {"tp": tp, "first_touch_s": t, "ours": o, "reference": r} for tp, t, o, r in rows]}))
+        print(f"{'':>3} {threads} thread(s) per rank; first touch of {info['bytes'] / tp / GiB:.2f} GiB (the parameters "
+              f"of a rank): {t_touch:.2f} s; plain write of the checkpoint's bytes ({args.flush}): {t_write:.2f} s; "
+              f"import memory bound model/world + largest tensor {bound / GiB:.2f} GiB")
+    print(f"medians of {args.repeat} alternating runs per side; x MB: Megatron Bridge time / this side's time; "
+          "x write: export time / the plain write's time in the same run")
+    print(json.dumps({"read_s": t_read, "flush": args.flush, "rows": [
+        {"tp": tp, "threads": th, "first_touch_s": t, "write_s": w, "runs": runs} for tp, th, t, w, _, _, runs
+        in rows]}))
     if not args.dir:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
