@@ -89,6 +89,11 @@ class GPTConfig(TransformerConfig):
     """A norm on the MLP output before the residual add (Gemma's ``post_feedforward_layernorm``)."""
     local_rotary_base: Optional[float] = None
     """RoPE base of the sliding-window layers when it differs from ``rotary_base`` (Gemma 3); None: one RoPE."""
+    attn_logit_softcapping: Optional[float] = None
+    """Soft-cap the attention scores: ``cap * tanh(scores / cap)`` after the query scaling, before the mask and the
+    softmax (Gemma 2's ``attn_logit_softcapping``); None: no capping."""
+    final_logit_softcapping: Optional[float] = None
+    """Soft-cap the output logits: ``cap * tanh(logits / cap)`` (Gemma's ``final_logit_softcapping``); None: none."""
 
 
 @dataclass
