@@ -5,7 +5,8 @@ Measured like ``benchmarks/bench_convert.py`` (our converter): the model is buil
 then ``import`` = ``AutoBridge.load_hf_weights(model)``, ``export (no write)`` = draining
 ``AutoBridge.export_hf_weights(model)``, ``export`` = ``AutoBridge.save_hf_weights(model, out)`` plus the config
 written by rank 0 (what ``save_hf_pretrained`` does, less the tokenizer it insists on loading; benchmark checkpoints
-have none); each ends with a barrier and the maximum over ranks is printed. The exported safetensors are compared
+have none; with ``--flush fsync`` rank 0 then fsyncs every written file, inside the timed region); each ends with a
+barrier and the maximum over ranks is printed. The exported safetensors are compared
 with the input (``torch.equal`` per tensor in the source dtype; dtype changes are listed separately) unless
 ``--no-verify``; ``--check-forward`` also compares the imported model's logits with transformers' fp32 forward.
 Megatron-core's local-spec torch norms keep fp32 weights whatever ``params_dtype`` is, so a bf16 checkpoint's norm
@@ -195,10 +196,43 @@ def _forward_max_diff(model: Any, ckpt: str, vocab: int) -> Optional[float]:
     return float((got - want).abs().max())
 
 
+def _rss_peak_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush every file under ``path`` (and the directory) to disk."""
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _worker(rank: int, world: int, port: int, ckpt: str, out: str, dtype_name: str, check_forward: bool,
-            q: Any) -> None:
+            q: Any, flush: str = "none", threads: int = 1) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -235,10 +269,12 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str, dtype_name: s
             raise RuntimeError(f"model contains transformer_engine placeholder modules: {te_modules[:5]}")
         dist.barrier()
 
+        reset_ok = _rss_peak_reset()
         t0 = time.perf_counter()
         bridge.load_hf_weights(model)
         dist.barrier()
         t_import = time.perf_counter() - t0
+        peak = _rss_peak() if reset_ok else None
 
         fwd = None
         if check_forward:
@@ -257,10 +293,12 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str, dtype_name: s
             os.makedirs(out, exist_ok=True)
             bridge.hf_pretrained.config.save_pretrained(out)
         bridge.save_hf_weights(model, out, show_progress=False)
+        if flush == "fsync" and rank == 0:  # the same durability as a writer that fsyncs its files
+            _fsync_tree(out)
         dist.barrier()
         t_export = time.perf_counter() - t0
         q.put({"rank": rank, "import_s": t_import, "export_nowrite_s": t_nowrite, "export_s": t_export,
-               "exported_bytes": n, "forward_max_abs_diff": fwd,
+               "exported_bytes": n, "forward_max_abs_diff": fwd, "peak_rss": peak,
                "layer0_params": sorted(k for k, _ in model[0].named_parameters() if ".layers.0." in k)})
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
@@ -315,6 +353,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--make-tiny", metavar="DIR", help="first write a tiny random Llama to DIR and use it")
     ap.add_argument("--out", default=None, help="export directory (default: a temporary one, removed)")
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--flush", choices=["none", "fsync"], default="none",
+                    help="fsync: rank 0 flushes every written file inside the timed export (as a writer that fsyncs)")
     ap.add_argument("--check-forward", action="store_true",
                     help="after the (timed) import, compare logits with transformers' fp32 forward (small models)")
     args = ap.parse_args(argv)
@@ -334,7 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     port = _free_port()
     t0 = time.perf_counter()
     procs = [ctx.Process(target=_worker, args=(r, args.tp, port, args.ckpt, out, args.dtype,
-                                                 args.check_forward, q))
+                                                 args.check_forward, q, args.flush, args.threads))
              for r in range(args.tp)]
     for p in procs:
         p.start()
@@ -357,7 +398,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"layer-0 parameters (rank 0): {rank0['layer0_params']}")
     print(f"import s {t_imp:.3f}   export s {t_exp:.3f}   export (no write) s {t_nw:.3f}   "
           f"(world wall incl. spawn and imports {wall:.1f} s)")
-    print(json.dumps({"tp": args.tp, "import_s": t_imp, "export_s": t_exp, "export_nowrite_s": t_nw}))
+    peak = max((r.get("peak_rss") or 0) for r in results) or None
+    print(json.dumps({"tp": args.tp, "import_s": t_imp, "export_s": t_exp, "export_nowrite_s": t_nw,
+                      "peak_rss": peak, "flush": args.flush}))
     rc = 0
     if args.check_forward:
         d = next(r["forward_max_abs_diff"] for r in results if r["rank"] == 0)

@@ -39,6 +39,14 @@ CASES = {
     "gemma2_untied_gelu": ("Gemma2", dict(attn_logit_softcapping=None, final_logit_softcapping=None,
                                           tie_word_embeddings=False, hidden_activation="gelu", sliding_window=5,
                                           layer_types=["full_attention"] * 2)),
+    # Gemma 2's defaults: attention / final soft-caps 50.0 / 30.0, as every released checkpoint
+    "gemma2_released_caps": ("Gemma2", dict(query_pre_attn_scalar=24, sliding_window=5)),
+    "gemma2_small_caps_untied": ("Gemma2", dict(attn_logit_softcapping=2.5, final_logit_softcapping=1.25,
+                                                tie_word_embeddings=False, sliding_window=5)),
+    # transformers runs Gemma 3's attention capping only in eager / flex attention (sdpa refuses a softcap)
+    "gemma3_caps": ("Gemma3Text", dict(sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                                       attn_logit_softcapping=4.0, final_logit_softcapping=2.0,
+                                       attn_implementation="eager")),
     "gemma3": ("Gemma3Text", dict(sliding_window=5, query_pre_attn_scalar=20,
                                   layer_types=["sliding_attention", "full_attention"],
                                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
@@ -115,7 +123,8 @@ def test_hf_megatron_hf_config_gives_the_same_model(case):
     assert regenerated["architectures"] == [f"{ARCH.get(arch, arch)}ForCausalLM"]
     config2 = transformers.AutoConfig.for_model(**regenerated)
     assert type(config2) is type(model.config)
-    model2 = transformers.AutoModelForCausalLM.from_config(config2).float().eval()
+    model2 = transformers.AutoModelForCausalLM.from_config(
+        config2, attn_implementation=model.config._attn_implementation).float().eval()
     missing, unexpected = model2.load_state_dict(model.state_dict(), strict=True)
     ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -134,7 +143,8 @@ def test_hf_megatron_hf_config_gives_the_same_model(case):
                   "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_score_function", "moe_router_pre_softmax",
                   "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor", "moe_router_num_groups",
                   "moe_router_group_topk", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
-                  "softmax_type", "glu_linear_offset", "activation_func_clamp_value", "position_embedding_type"):
+                  "softmax_type", "glu_linear_offset", "activation_func_clamp_value", "position_embedding_type",
+                  "attn_logit_softcapping", "final_logit_softcapping"):
         assert getattr(again, field) == getattr(megatron_config, field), field
     extra = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
                          "rope_type", "rotary_scaling_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",

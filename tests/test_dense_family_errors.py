@@ -1,7 +1,11 @@
 """What the dense families refuse, with named errors, instead of building a different model; the list of supported
-architectures; the zero-centred norm module against transformers' Gemma norm. No process group needed."""
+architectures; the zero-centred norm module against transformers' Gemma norm; the soft-capped attention softmax
+against transformers' Gemma 2 eager attention, and the soft-caps of released Gemma 2 configs both ways. No process
+group needed."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,11 +35,12 @@ def test_supported_models_are_the_proven_families():
 
 
 @pytest.mark.parametrize("arch,prefix,overrides,match", [
-    # Gemma 2's defaults (50.0 / 30.0): megatron-core 0.16.1 has no soft-capping
-    ("Gemma2ForCausalLM", "Gemma2", {}, r"attn_logit_softcapping=50\.0 is not supported by megatron-core 0\.16\.1"),
-    ("Gemma2ForCausalLM", "Gemma2", dict(attn_logit_softcapping=None),
-     r"final_logit_softcapping=30\.0 is not supported by megatron-core 0\.16\.1 \(GPTModel's output layer"),
-    ("Gemma3ForCausalLM", "Gemma3Text", dict(attn_logit_softcapping=20.0), r"attn_logit_softcapping=20\.0"),
+    # soft-caps convert (test_released_gemma2_soft_caps_convert_both_ways); a cap that is no positive number has no
+    # model (HF divides by it)
+    ("Gemma2ForCausalLM", "Gemma2", dict(attn_logit_softcapping=0.0),
+     r"Gemma2Bridge: attn_logit_softcapping=0\.0 is not a positive number"),
+    ("Gemma3ForCausalLM", "Gemma3Text", dict(final_logit_softcapping=-30.0),
+     r"Gemma3Bridge: final_logit_softcapping=-30\.0 is not a positive number"),
     ("Gemma2ForCausalLM", "Gemma2", dict(attention_bias=True, **NO_SOFTCAP), r"attention_bias=True"),
     ("Gemma3ForCausalLM", "Gemma3Text", dict(use_bidirectional_attention=True), r"use_bidirectional_attention"),
     ("Gemma3ForCausalLM", "Gemma3Text", dict(rope_parameters={
@@ -112,3 +117,79 @@ def test_zero_centred_layernorm_is_refused():
     cfg.normalization = "LayerNorm"
     with pytest.raises(ValueError, match="normalization='RMSNorm'"):
         gpt_layer_spec(cfg)
+
+
+def test_released_gemma2_soft_caps_convert_both_ways():
+    """Gemma 2's config defaults, which every released checkpoint sets (attention 50.0, final 30.0), become
+    GPTConfig fields that put the soft-capping attention into every layer's spec, and export writes them back;
+    without caps the spec keeps megatron's own DotProductAttention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_bridge_ext.mcore.model_builder import _layer_spec  # gpt_layer_spec slices by pipeline stage
+    from megatron_bridge_ext.mcore.modules import SoftCapDotProductAttention
+
+    bridge = get_model_bridge("Gemma2ForCausalLM")
+    for overrides, caps, core in (({}, (50.0, 30.0), SoftCapDotProductAttention),
+                                  (NO_SOFTCAP, (None, None), DotProductAttention)):
+        cfg = bridge.transformer_config(_config("Gemma2", **overrides))
+        assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == caps
+        assert _layer_spec(cfg, None).submodules.self_attention.submodules.core_attention is core
+        hf = bridge.megatron_to_hf_config(cfg)
+        assert (hf["attn_logit_softcapping"], hf["final_logit_softcapping"]) == caps
+
+
+@pytest.mark.parametrize("dtype,layer_scaling", [(torch.float32, False), (torch.float32, True),
+                                                 (torch.bfloat16, False)])
+def test_soft_capped_softmax_matches_gemma2_eager_attention(dtype, layer_scaling, monkeypatch):
+    """SoftCapScaleMaskSoftmax on the scores DotProductAttention computes (q.k^T * softmax_scale in one baddbmm;
+    with apply_query_key_layer_scaling the scale is divided by the layer number and the softmax multiplies it back)
+    gives transformers' Gemma 2 eager attention probabilities: cap after the full scaling, then the sliding-window
+    causal mask, then the softmax."""
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import attention_mask_func
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from megatron_bridge_ext.mcore import cpu_compat
+    from megatron_bridge_ext.mcore.modules import SoftCapScaleMaskSoftmax
+
+    # megatron builds the window mask on "cuda"; cpu_compat's CPU version, for this test only
+    monkeypatch.setattr(fused_softmax, "get_sliding_window_causal_mask", cpu_compat._cpu_sliding_window_causal_mask)
+    b, h, s, d, window, cap, scaling = 2, 3, 10, 16, 4, 3.0, 24 ** -0.5
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, s, d, generator=gen).mul(2.0).to(dtype) for _ in range(3))
+    pos = torch.arange(s)
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    hf_mask = torch.zeros(s, s, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    module = SimpleNamespace(num_key_value_groups=1, training=False, head_dim=d)
+    _, want = eager_attention_forward(module, q, k, v, hf_mask, scaling=scaling, softcap=cap)
+    _, uncapped = eager_attention_forward(module, q, k, v, hf_mask, scaling=scaling, softcap=None)
+
+    layer = 3 if layer_scaling else 1
+    qm, km = q.reshape(b * h, s, d), k.reshape(b * h, s, d)  # DotProductAttention's [b * np, sq, hn] views
+    scores = torch.baddbmm(torch.empty(b * h, s, s, dtype=dtype), qm, km.transpose(1, 2), beta=0.0,
+                           alpha=scaling / layer).view(b, h, s, s)
+    softmax = SoftCapScaleMaskSoftmax(input_in_fp16=False, input_in_bf16=dtype == torch.bfloat16,
+                                      attn_mask_type=AttnMaskType.causal, scaled_masked_softmax_fusion=True,
+                                      mask_func=attention_mask_func, softmax_in_fp32=True,
+                                      scale=layer if layer_scaling else None, window_size=(window - 1, 0),
+                                      softcap=cap)
+    got = softmax(scores, None)
+    assert got.dtype == dtype
+    atol = 1e-6 if dtype == torch.float32 else 2e-2  # HF caps bf16 scores in bf16, megatron in fp32
+    assert torch.allclose(got.float(), want.float(), rtol=0, atol=atol), (got.float() - want.float()).abs().max()
+    assert (uncapped.float() - want.float()).abs().max() > 0.1  # the cap bites on these scores
+
+
+def test_soft_cap_must_be_positive_in_the_modules():
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import attention_mask_func
+
+    from megatron_bridge_ext.mcore.modules import SoftCapScaleMaskSoftmax, softcap_output_logits
+
+    with pytest.raises(ValueError, match=r"config\.attn_logit_softcapping=0\.0 must be a positive finite number"):
+        SoftCapScaleMaskSoftmax(input_in_fp16=False, input_in_bf16=False, attn_mask_type=AttnMaskType.causal,
+                                scaled_masked_softmax_fusion=False, mask_func=attention_mask_func,
+                                softmax_in_fp32=True, scale=None, softcap=0.0)
+    with pytest.raises(ValueError, match=r"config\.final_logit_softcapping=inf must be a positive finite number"):
+        softcap_output_logits(torch.nn.Module(), float("inf"))

@@ -48,7 +48,7 @@ from megatron_bridge_ext.engine.checks import (
 )
 from megatron_bridge_ext.engine.peers import Watch, current_watch
 from megatron_bridge_ext.engine.tasks import GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
-from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets
+from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
 from megatron_bridge_ext.mcore.embeddings import TIED_EMBEDDING, broadcast_tied_embeddings, is_tied
 from megatron_bridge_ext.mcore.layout import detect_layout
@@ -129,6 +129,7 @@ class MegatronModelBridge:
         self._registry: Optional[MegatronMappingRegistry] = None
         self._order: Optional[GlobalOrder] = None
         self._transport = Transport()
+        self._scratch = Scratch()  # HF tensors of exports with copy=False (one task at a time)
         self.show_progress = True
         #: the HF tensor layout of the mapping table in use (set from the source checkpoint's keys)
         self.hf_layout: Optional[Hashable] = self.default_hf_layout
@@ -141,8 +142,10 @@ class MegatronModelBridge:
         return current_watch() or Watch(name, self.peer_timeout)
 
     def release_buffers(self) -> None:
-        """Free the flat export buffers kept between exports (at most two messages and one send buffer)."""
+        """Free the export buffers kept between exports (at most two messages, one send buffer and the scratch
+        memory of the largest task)."""
         self._transport.release()
+        self._scratch.release()
 
     # ----------------------------------------------------------------------------------------------------------------
     # What a model family provides
@@ -617,6 +620,9 @@ class MegatronModelBridge:
                 continue
             for (task, m), shards in zip(plan.layout, views):
                 ctx = self._export_context(task, m, len(shards), topo, config, chunks)
+                if not copy:  # the consumer uses each tensor at once: the HF tensors go to reused memory
+                    self._scratch.reset()
+                    ctx.alloc = self._scratch.alloc
                 try:
                     converted = task.mapping.megatron_to_hf(shards, ctx)
                     converted = self.maybe_modify_converted_hf_weight(task, converted)

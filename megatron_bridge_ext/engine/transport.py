@@ -119,6 +119,50 @@ def _split_message(msg: torch.Tensor, plan: BucketPlan) -> List[List[torch.Tenso
     return out
 
 
+class Scratch:
+    """Reused memory for the HF tensors of one task at a time (an export whose consumer uses each tensor at once).
+
+    :meth:`alloc` hands out views of one buffer; :meth:`reset` (before the next task) makes them free again. A task
+    that needs more than the buffer holds gets extra tensors for that task, and the buffer grows to that task's size
+    at the next reset, so over an export it is touched once, at the size of the largest task.
+    """
+
+    _ALIGN = 64
+
+    def __init__(self) -> None:
+        self._buf: Optional[torch.Tensor] = None
+        self._used = 0
+        self._need = 0
+        self._extra: List[torch.Tensor] = []
+
+    def reset(self) -> None:
+        if self._extra:
+            self._extra.clear()
+            device = self._buf.device if self._buf is not None else torch.device("cpu")
+            self._buf = torch.empty(self._need, dtype=torch.uint8, device=device)
+        self._used = 0
+        self._need = 0
+
+    def alloc(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        start = -(-self._used // self._ALIGN) * self._ALIGN
+        self._need = start + nbytes
+        if self._buf is not None and self._buf.device != torch.device(device):
+            self._buf = None
+        if self._buf is None or start + nbytes > self._buf.numel():
+            extra = torch.empty(shape, dtype=dtype, device=device)
+            self._extra.append(extra)
+            self._used = self._need
+            return extra
+        self._used = start + nbytes
+        return self._buf[start:start + nbytes].view(dtype).view(shape)
+
+    def release(self) -> None:
+        self._buf = None
+        self._extra.clear()
+        self._used = self._need = 0
+
+
 class Transport:
     """Moves buckets of parameters to a destination rank (or to every rank), reusing its flat buffers."""
 

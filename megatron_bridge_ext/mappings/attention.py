@@ -14,7 +14,7 @@ __all__ = ["QKVMapping", "KVMapping", "ConcatenatedQKVMapping"]
 
 
 def _unpack_shards_into(shards: Sequence[torch.Tensor], heads: int, groups: int, d: int, output_gate: bool,
-                        q: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+                        q: Optional[torch.Tensor], k: torch.Tensor, v: torch.Tensor, ctx) -> None:
     """Unpack the TP shards straight into (q, k, v); q is None for the KV-only layout (``heads == 0``).
 
     A shard holding whole query groups is unpacked into its rows directly. With fewer groups than shards, each group's
@@ -24,7 +24,9 @@ def _unpack_shards_into(shards: Sequence[torch.Tensor], heads: int, groups: int,
     g = geometry.qkv_geometry("qkv_unpack", heads, groups, d, output_gate, tp_size=tp)
     if groups < tp:
         per = tp // groups
-        blocks = [torch.cat(list(shards[i * per:(i + 1) * per]), dim=0) for i in range(groups)]
+        rows = shards[0].shape[0] * per
+        blocks = [torch.cat(list(shards[i * per:(i + 1) * per]), dim=0,
+                            out=ctx.empty((rows, *shards[0].shape[1:]), shards[0])) for i in range(groups)]
         shards, tp = blocks, groups
     qr, kr = g.q_rows // tp, g.kv_rows // tp
     for t, shard in enumerate(shards):
@@ -57,8 +59,8 @@ class QKVMapping(MegatronParamMapping):
     def megatron_to_hf(self, shards, ctx):
         q_rows, kv_rows = _hf_rows(ctx, self.output_gate)
         rest = tuple(shards[0].shape[1:])
-        q, k, v = (shards[0].new_empty((rows, *rest)) for rows in (q_rows, kv_rows, kv_rows))
-        _unpack_shards_into(shards, *attention_dims(ctx), self.output_gate, q, k, v)
+        q, k, v = (ctx.empty((rows, *rest), shards[0]) for rows in (q_rows, kv_rows, kv_rows))
+        _unpack_shards_into(shards, *attention_dims(ctx), self.output_gate, q, k, v, ctx)
         return {self.hf_param["q"]: q, self.hf_param["k"]: k, self.hf_param["v"]: v}
 
 
@@ -78,9 +80,9 @@ class KVMapping(MegatronParamMapping):
     def megatron_to_hf(self, shards, ctx):
         _, groups, d = attention_dims(ctx)
         rest = tuple(shards[0].shape[1:])
-        k = shards[0].new_empty((groups * d, *rest))
-        v = shards[0].new_empty((groups * d, *rest))
-        _unpack_shards_into(shards, 0, groups, d, False, None, k, v)
+        k = ctx.empty((groups * d, *rest), shards[0])
+        v = ctx.empty((groups * d, *rest), shards[0])
+        _unpack_shards_into(shards, 0, groups, d, False, None, k, v, ctx)
         return {self.hf_param["k"]: k, self.hf_param["v"]: v}
 
 
@@ -100,8 +102,8 @@ class ConcatenatedQKVMapping(MegatronParamMapping):
 
     def megatron_to_hf(self, shards, ctx):
         q_rows, kv_rows = _hf_rows(ctx, self.output_gate)
-        fused = shards[0].new_empty((q_rows + 2 * kv_rows, *shards[0].shape[1:]))
+        fused = ctx.empty((q_rows + 2 * kv_rows, *shards[0].shape[1:]), shards[0])
         q, k, v = fused.narrow(0, 0, q_rows), fused.narrow(0, q_rows, kv_rows), fused.narrow(0, q_rows + kv_rows,
                                                                                               kv_rows)
-        _unpack_shards_into(shards, *attention_dims(ctx), self.output_gate, q, k, v)  # one pass, straight into the fused tensor
+        _unpack_shards_into(shards, *attention_dims(ctx), self.output_gate, q, k, v, ctx)  # one pass, straight into the fused tensor
         return {self.hf_param: fused}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -42,6 +42,8 @@ class ConversionContext:
         hf_vocab_size: HF vocabulary size, for trimming the padded vocabulary on export.
         padded_vocab_size: Megatron's padded vocabulary size, for zero-padding on import.
         layout: the parameter's resolved TP layout (``column``, ``row``, ``replicated``), used by Auto mappings.
+        alloc: where ``megatron_to_hf`` puts the HF tensors it creates: ``alloc(shape, dtype, device)``; None for
+            fresh tensors. The engine passes a reused scratch area when the consumer uses each tensor at once.
     """
 
     tp_size: int = 1
@@ -52,6 +54,13 @@ class ConversionContext:
     hf_vocab_size: Optional[int] = None
     padded_vocab_size: Optional[int] = None
     layout: Optional[str] = None
+    alloc: Optional[Callable[[Tuple[int, ...], torch.dtype, torch.device], torch.Tensor]] = None
+
+    def empty(self, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        """A new HF tensor of ``shape`` with ``like``'s dtype and device (from ``alloc`` when set)."""
+        if self.alloc is None:
+            return like.new_empty(tuple(shape))
+        return self.alloc(tuple(shape), like.dtype, like.device)
 
 
 class MegatronParamMapping:

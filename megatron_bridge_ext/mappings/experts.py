@@ -132,11 +132,12 @@ class ExpertFC1Mapping(ExpertMapping):
         rest = tuple(s.shape[2:])
         if self.fused:
             shape = (num_experts, *rest, 2 * f) if self.transposed and rest else (num_experts, 2 * f, *rest)
-            fused = s.new_empty(shape)
+            fused = ctx.empty(shape, s)
             out = self._gate_up({"gate_up": fused})
             ops.expert_unpack_fc1(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size, out=out)
             return {self.hf_param["gate_up"]: fused}
-        gate, up = ops.expert_unpack_fc1(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size)
+        gate, up = ctx.empty((num_experts, f, *rest), s), ctx.empty((num_experts, f, *rest), s)
+        ops.expert_unpack_fc1(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size, out=(list(gate), list(up)))
         out: Dict[str, torch.Tensor] = {}
         for e, (gn, un) in enumerate(zip(self.hf_param["gate"], self.hf_param["up"])):
             out[gn], out[un] = gate[e], up[e]
@@ -175,13 +176,14 @@ class ExpertFC2Mapping(ExpertMapping):
     def megatron_to_hf(self, shards, ctx):
         s = shards[0]
         num_experts = s.shape[0] * ctx.ep_size
+        expert_shape = (s.shape[1], s.shape[2] * ctx.tp_size) if s.dim() == 3 else (s.shape[1],)
         if self.fused:
-            expert_shape = (s.shape[1], s.shape[2] * ctx.tp_size) if s.dim() == 3 else (s.shape[1],)
             if self.transposed and len(expert_shape) == 2:
                 expert_shape = expert_shape[::-1]
-            fused = s.new_empty((num_experts, *expert_shape))
+            fused = ctx.empty((num_experts, *expert_shape), s)
             ops.expert_unpack_fc2(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size,
                                   out=self._down({"down_fused": fused}))
             return {self.hf_param["down_fused"]: fused}
-        down = ops.expert_unpack_fc2(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size)
+        down = ctx.empty((num_experts, *expert_shape), s)
+        ops.expert_unpack_fc2(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size, out=list(down))
         return {name: down[e] for e, name in enumerate(self.hf_param["down"])}

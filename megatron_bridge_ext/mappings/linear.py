@@ -73,7 +73,7 @@ class ColumnParallelMapping(MegatronParamMapping):
             rows = min(rows, ctx.hf_vocab_size)
         if len(shards) == 1 and rows == shards[0].shape[0]:
             return {self.hf_param: shards[0]}
-        full = shards[0].new_empty((rows, *shards[0].shape[1:]))
+        full = ctx.empty((rows, *shards[0].shape[1:]), shards[0])
         at = 0
         for s in shards:
             n = min(s.shape[0], rows - at)
@@ -106,7 +106,8 @@ class RowParallelMapping(MegatronParamMapping):
     def megatron_to_hf(self, shards, ctx):
         if shards[0].dim() < 2 or len(shards) == 1:
             return {self.hf_param: shards[0]}
-        return {self.hf_param: torch.cat(list(shards), dim=1)}
+        shape = (shards[0].shape[0], sum(s.shape[1] for s in shards), *shards[0].shape[2:])
+        return {self.hf_param: torch.cat(list(shards), dim=1, out=ctx.empty(shape, shards[0]))}
 
 
 class AutoMapping(MegatronParamMapping):

@@ -37,7 +37,7 @@ class GatedMLPMapping(MegatronParamMapping):
 
     def megatron_to_hf(self, shards, ctx):
         shape = _hf_shape(shards)
-        gate, up = shards[0].new_empty(shape), shards[0].new_empty(shape)
+        gate, up = ctx.empty(shape, shards[0]), ctx.empty(shape, shards[0])
         _unpack_shards_into(shards, gate, up)
         return {self.hf_param["gate"]: gate, self.hf_param["up"]: up}
 
@@ -65,7 +65,7 @@ class FusedGatedMLPMapping(MegatronParamMapping):
     def megatron_to_hf(self, shards, ctx):
         rows, *rest = _hf_shape(shards)
         shape = [rest[0], 2 * rows] if self.transposed and rest else [2 * rows, *rest]
-        fused = shards[0].new_empty(shape)
+        fused = ctx.empty(shape, shards[0])
         gate, up = ops.gate_up_views(fused, interleaved=self.interleaved, transposed=self.transposed)
         _unpack_shards_into(shards, gate, up)  # one pass, straight into the fused tensor's views
         return {self.hf_param: fused}

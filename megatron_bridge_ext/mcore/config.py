@@ -92,6 +92,11 @@ class GPTConfig(TransformerConfig):
     moe_router_fp32_weight: bool = False
     """Keep the routers' weight (and bias) in fp32 whatever ``params_dtype`` is (HF DeepSeek-V3 / GLM-4.5 store
     ``mlp.gate.weight`` in fp32 in bf16 models; megatron-core 0.16.1's router casts it to ``params_dtype``)."""
+    attn_logit_softcapping: Optional[float] = None
+    """Soft-cap the attention scores: ``cap * tanh(scores / cap)`` after the query scaling, before the mask and the
+    softmax (Gemma 2's ``attn_logit_softcapping``); None: no capping."""
+    final_logit_softcapping: Optional[float] = None
+    """Soft-cap the output logits: ``cap * tanh(logits / cap)`` (Gemma's ``final_logit_softcapping``); None: none."""
 
 
 @dataclass

@@ -32,7 +32,9 @@ from megatron_bridge_ext.mcore.modules import (
     LocalRMSNorm,
     MLADotProductAttention,
     PostNormRowParallelLinear,
+    SoftCapDotProductAttention,
     scale_embeddings,
+    softcap_output_logits,
 )
 
 __all__ = ["build_gpt_model", "build_model_chunks", "gpt_layer_spec", "moe_layer_pattern", "init_parallel",
@@ -147,6 +149,8 @@ def build_gpt_model(
         )
     if config.embedding_scale is not None:
         scale_embeddings(model, config.embedding_scale)
+    if config.final_logit_softcapping is not None:
+        softcap_output_logits(model, config.final_logit_softcapping)
     model.unpadded_vocab_size = vocab_size
     return model.eval()
 
@@ -183,6 +187,8 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
     - ``post_self_attn_layernorm`` / ``post_mlp_layernorm``: ``linear_proj`` / ``linear_fc2`` are
       :class:`PostNormRowParallelLinear`;
     - ``local_rotary_base``: the attention is :class:`LayerTypeRopeSelfAttention`;
+    - ``attn_logit_softcapping``: the core attention is :class:`SoftCapDotProductAttention` (the output layer's
+      ``final_logit_softcapping`` is set on the built model by :func:`build_gpt_model`);
     - ``multi_latent_attention``: megatron's MLA layer with :class:`MLADotProductAttention` as its core attention
       (and :class:`LatentRMSNorm` latent norms when ``latent_layernorm_epsilon`` differs from
       ``layernorm_epsilon``);
@@ -193,7 +199,8 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
     ``get_gpt_decoder_block_spec`` slices them); otherwise one layer spec.
 
     Raises:
-        ValueError: a combination these modules do not cover (zero-centred LayerNorm, post-MLP norm with experts).
+        ValueError: a combination these modules do not cover (zero-centred LayerNorm, post-MLP norm with experts,
+            attention soft-capping with multi-latent attention or flash decoding).
     """
     pattern = moe_layer_pattern(config)
     zero_centered = bool(config.layernorm_zero_centered_gamma)
@@ -220,8 +227,9 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     )
     zero_centered = bool(config.layernorm_zero_centered_gamma)
     fp32_router = bool(num_experts and config.moe_router_fp32_weight)
+    softcap = config.attn_logit_softcapping is not None
     if not (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
-            or config.local_rotary_base is not None or mla or fp32_router):
+            or config.local_rotary_base is not None or mla or softcap or fp32_router):
         return spec
     latent_eps = getattr(config, "latent_layernorm_epsilon", None)
     if (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm) and \
@@ -237,6 +245,13 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
             if zero_centered:
                 raise ValueError("gpt_layer_spec: latent_layernorm_epsilon with zero-centred norms is not supported")
             attn_subs.update(q_layernorm=LatentRMSNorm, kv_layernorm=LatentRMSNorm)
+    if softcap:
+        if mla:
+            raise ValueError("gpt_layer_spec: attn_logit_softcapping with multi-latent attention is not supported")
+        if config.flash_decode:  # megatron's flash-decode path computes attention without the core attention
+            raise ValueError("gpt_layer_spec: attn_logit_softcapping with flash_decode=True is not supported "
+                             "(megatron-core's decode step calls flash_attn_with_kvcache without a soft-cap)")
+        attn_subs["core_attention"] = SoftCapDotProductAttention
     if zero_centered:
         for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
             if getattr(attn.submodules, name, IdentityOp) is not IdentityOp:

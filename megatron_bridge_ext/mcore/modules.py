@@ -2,9 +2,10 @@
 
 The local layer spec of megatron-core 0.16.1 (``get_gpt_layer_local_spec``) builds every RMSNorm as
 ``WrappedTorchNorm``, which asserts ``not config.layernorm_zero_centered_gamma``; ``TransformerLayer`` has no norm
-after attention or after the MLP; ``GPTModel`` has one rotary embedding for every layer and no embedding scale.
-Gemma 2 / Gemma 3 need all four. Its local ``DotProductAttention`` has no ``k_channels`` / ``v_channels``
-arguments, which multi-latent attention (DeepSeek-V3) passes (queries / keys of ``qk_head_dim +
+after attention or after the MLP; ``GPTModel`` has one rotary embedding for every layer, no embedding scale, and
+neither its ``DotProductAttention`` nor its output layer has soft-capping (``cap * tanh(x / cap)``) of the attention
+scores / the logits. Gemma 2 / Gemma 3 need all of them. Its local ``DotProductAttention`` has no ``k_channels`` /
+``v_channels`` arguments, which multi-latent attention (DeepSeek-V3) passes (queries / keys of ``qk_head_dim +
 qk_pos_emb_head_dim`` channels, values of ``v_head_dim``). ``model_builder.gpt_layer_spec`` puts these modules into
 the spec only when the config asks for the feature, so the other families build exactly megatron-core's local spec.
 
@@ -23,6 +24,11 @@ module                             what it adds
                                    width is ``v_channels`` per head); no parameters of its own
 ``LatentRMSNorm``                  :class:`LocalRMSNorm` with ``config.latent_layernorm_epsilon`` (MLA's q / kv
                                    latent norms, whose epsilon HF DeepSeek-V3 fixes at 1e-6)
+``SoftCapDotProductAttention``     ``DotProductAttention`` whose scaled scores are soft-capped before the mask and
+                                   the softmax (``config.attn_logit_softcapping``); no parameters of its own
+``SoftCapOutputLayer``             ``GPTModel``'s output layer (a ``ColumnParallelLinear``, same parameters) whose
+                                   logits are soft-capped (``config.final_logit_softcapping``), set by
+                                   :func:`softcap_output_logits`
 ``FP32WeightRouter``               ``TopKRouter`` whose weight (and bias) stay fp32 whatever ``params_dtype`` is
                                    (``config.moe_router_fp32_weight``; HF DeepSeek-V3 / GLM-4.5 keep theirs in fp32)
 =================================  ===============================================================================
@@ -30,14 +36,18 @@ module                             what it adds
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
+from megatron.core.fusions import fused_softmax
+from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax, SoftmaxOne
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.tensor_parallel.layers import RowParallelLinear
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.utils import is_layer_window_attention
 
@@ -49,6 +59,11 @@ __all__ = [
     "scale_embeddings",
     "MLADotProductAttention",
     "LatentRMSNorm",
+    "soft_cap",
+    "SoftCapScaleMaskSoftmax",
+    "SoftCapDotProductAttention",
+    "SoftCapOutputLayer",
+    "softcap_output_logits",
     "FP32WeightRouter",
 ]
 
@@ -189,6 +204,124 @@ class LatentRMSNorm(LocalRMSNorm):
 
     def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> None:
         super().__init__(config, hidden_size, eps=config.latent_layernorm_epsilon, **kwargs)
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)``, in the order HF Gemma computes it (divide, tanh, multiply), in ``x``'s dtype."""
+    return torch.tanh(x / cap) * cap
+
+
+def _check_cap(value: Any, field: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}: config.{field}={value!r} must be a positive finite number")
+    return float(value)
+
+
+class SoftCapScaleMaskSoftmax(FusedScaleMaskSoftmax):
+    """``FusedScaleMaskSoftmax`` that soft-caps the scores once they are fully scaled, before the mask and the
+    softmax (where HF Gemma's eager attention caps them).
+
+    The scores arrive multiplied by ``DotProductAttention.softmax_scale``; with ``apply_query_key_layer_scaling``
+    that scale is divided by the layer number and this module's ``scale`` (the layer number) multiplies it back
+    first, so the cap always sees ``q.k * softmax_scale``. Always the PyTorch path: the fused softmax kernels scale
+    and mask inside and have no cap. In fp16 / bf16 with ``attention_softmax_in_fp32`` the cap is taken in fp32.
+    """
+
+    def __init__(self, *args: Any, softcap: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.softcap = _check_cap(softcap, "attn_logit_softcapping", type(self).__name__)
+
+    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor],
+                softmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: scores must be [b, np, sq, sk], got shape {tuple(input.shape)}")
+        return self.forward_torch_softmax(input, mask, softmax_offset)
+
+    def forward_torch_softmax(self, input: torch.Tensor, mask: Optional[torch.Tensor],
+                              softmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # megatron-core 0.16.1's forward_torch_softmax with the cap between the scaling and the mask; the mask
+        # builders are looked up in fused_softmax when called, as there (cpu_compat replaces them on CPU processes)
+        if self.input_in_float16 and self.softmax_in_fp32:
+            input = input.float()
+        if self.scale is not None:
+            input = input * self.scale
+        input = soft_cap(input, self.softcap)
+        sq, sk = input.size(2), input.size(3)
+        if self.window_size is not None:
+            mask = fused_softmax.get_sliding_window_causal_mask(sq, sk, self.window_size)
+        elif self.attn_mask_type == AttnMaskType.causal and mask is None and sq > 1:
+            if sq != sk:
+                raise ValueError(f"{type(self).__name__}: a causal mask needs sq == sk, got {sq} and {sk}")
+            mask = fused_softmax.get_default_causal_mask(sq)
+        masked = self.mask_func(input, mask) if mask is not None else input
+        softmax = torch.nn.Softmax(dim=-1) if softmax_offset is None else \
+            SoftmaxOne(-1, softmax_offset.to(input.device))
+        probs = softmax(masked)
+        if self.input_in_float16 and self.softmax_in_fp32:
+            probs = probs.half() if self.input_in_fp16 else probs.bfloat16()
+        return probs
+
+    def extra_repr(self) -> str:
+        return f"softcap={self.softcap}, scale={self.scale}, window_size={self.window_size}"
+
+
+class SoftCapDotProductAttention(DotProductAttention):
+    """``DotProductAttention`` with soft-capping of the attention scores: ``scores = cap * tanh(scores / cap)`` with
+    ``cap = config.attn_logit_softcapping``, after the query scaling (``softmax_scale``, Gemma's
+    ``query_pre_attn_scalar ** -0.5``) and before the causal / sliding-window mask and the softmax, as HF Gemma 2's
+    eager attention. Same arguments and no parameters of its own; only its ``scale_mask_softmax`` differs
+    (:class:`SoftCapScaleMaskSoftmax`, built with the parent's settings)."""
+
+    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str,
+                 **kwargs: Any) -> None:
+        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+        cap = _check_cap(getattr(config, "attn_logit_softcapping", None), "attn_logit_softcapping",
+                         type(self).__name__)
+        parent = self.scale_mask_softmax
+        self.scale_mask_softmax = SoftCapScaleMaskSoftmax(
+            input_in_fp16=parent.input_in_fp16,
+            input_in_bf16=parent.input_in_bf16,
+            attn_mask_type=parent.attn_mask_type,
+            scaled_masked_softmax_fusion=parent.scaled_masked_softmax_fusion,
+            mask_func=parent.mask_func,
+            softmax_in_fp32=parent.softmax_in_fp32,
+            scale=parent.scale,
+            window_size=parent.window_size,
+            softcap=cap,
+        )
+
+
+class SoftCapOutputLayer(ColumnParallelLinear):
+    """``GPTModel``'s output layer with its logits soft-capped: ``logit_softcap * tanh(logits / logit_softcap)``
+    (HF Gemma's ``final_logit_softcapping``). Elementwise, so each tensor-parallel rank caps its vocabulary shard
+    (gathered or not); parameters and names are the ``ColumnParallelLinear``'s."""
+
+    logit_softcap: float = 1.0
+
+    def forward(self, *args: Any, **kwargs: Any):
+        output, bias = super().forward(*args, **kwargs)
+        if bias is not None:  # GPTModel builds its output layer without a bias; capping must come after one
+            raise ValueError(f"{type(self).__name__}: the output layer returned a separate bias (skip_bias_add); "
+                             "logit soft-capping needs the biased logits")
+        return soft_cap(output, self.logit_softcap), None
+
+
+def softcap_output_logits(model: torch.nn.Module, cap: float) -> None:
+    """Make ``model.output_layer`` (a ``ColumnParallelLinear``) a :class:`SoftCapOutputLayer` capping at ``cap``;
+    parameters and names are unchanged. A no-op on chunks without an output layer (all but the last pipeline stage).
+
+    Raises:
+        ValueError: ``cap`` is not a positive finite number, or the output layer is of another class.
+    """
+    cap = _check_cap(cap, "final_logit_softcapping", "softcap_output_logits")
+    layer = getattr(model, "output_layer", None)
+    if layer is None:
+        return
+    if type(layer) not in (ColumnParallelLinear, SoftCapOutputLayer):
+        raise ValueError(f"softcap_output_logits: final_logit_softcapping needs a ColumnParallelLinear output layer, "
+                         f"the model has {type(layer).__name__}")
+    layer.__class__ = SoftCapOutputLayer
+    layer.logit_softcap = cap
 
 
 class FP32WeightRouter(TopKRouter):

@@ -3,20 +3,18 @@ stored as on disk: megatron ``layernorm_zero_centered_gamma``), norms before *an
 embeddings scaled by sqrt(hidden_size), attention scaled by ``query_pre_attn_scalar ** -0.5`` (``softmax_scale``),
 alternating sliding-window / full-attention layers (``layer_types`` -> ``window_attn_skip_freq``), tied embeddings.
 
-The post-attention / post-MLP norms, the zero-centred norms and the embedding scale are built by the modules of
-``mcore/modules.py`` (megatron-core 0.16.1's local spec has none of them).
+The post-attention / post-MLP norms, the zero-centred norms, the embedding scale and the soft-capping of the
+attention scores (``attn_logit_softcapping``) and of the output logits (``final_logit_softcapping``; every released
+Gemma 2 checkpoint sets 50.0 and 30.0) are built by the modules of ``mcore/modules.py`` (megatron-core 0.16.1's local
+spec has none of them).
 
-Not expressible in megatron-core 0.16.1 (named errors when a checkpoint sets them):
-- ``attn_logit_softcapping`` (``tanh`` capping of the attention scores): neither ``DotProductAttention`` nor the
-  Transformer Engine attention takes a soft-cap from the config (``softcap`` appears only as a fixed 0.0 in the
-  flash-decode inference path);
-- ``final_logit_softcapping``: ``GPTModel``'s output layer has no logit capping.
-Every released Gemma 2 checkpoint sets both (50.0 and 30.0); such checkpoints are refused rather than converted to a
-different model. Also refused: ``attention_bias`` (o_proj bias without MLP biases), ``use_bidirectional_attention``.
+Refused with named errors: what megatron-core 0.16.1 cannot express, ``attention_bias`` (o_proj bias without MLP
+biases) and ``use_bidirectional_attention``; soft-caps that are not positive numbers (HF divides by them).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
@@ -35,6 +33,8 @@ from megatron_bridge_ext.registry import MegatronMappingRegistry
 __all__ = ["Gemma2Bridge"]
 
 GELU_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
+#: HF config fields that are ``GPTConfig`` fields of the same name
+SOFTCAP_FIELDS = ("attn_logit_softcapping", "final_logit_softcapping")
 
 
 @MegatronModelBridge.register_bridge(source="Gemma2ForCausalLM", target=GPT_MODEL)
@@ -45,18 +45,25 @@ class Gemma2Bridge(MegatronModelBridge):
 
     def _refuse_unsupported(self, hf_config: Any) -> None:
         family = type(self).__name__
-        for name, what in (("attn_logit_softcapping", "DotProductAttention / TEDotProductAttention have no soft-capping "
-                                                      "of the attention scores"),
-                           ("final_logit_softcapping", "GPTModel's output layer has no logit soft-capping")):
-            value = config_get(hf_config, name)
-            if value is not None:
-                raise ValueError(f"{family}: {name}={value} is not supported by megatron-core 0.16.1 ({what}); "
-                                 f"only checkpoints with {name}=None convert")
         if config_get(hf_config, "attention_bias", False):
             raise ValueError(f"{family}: attention_bias=True cannot be expressed (q/k/v and o_proj biases without MLP "
                              "biases; megatron's add_bias_linear covers both)")
         if config_get(hf_config, "use_bidirectional_attention", False):
             raise ValueError(f"{family}: use_bidirectional_attention=True is not supported (GPTModel is causal)")
+
+    def _softcap_settings(self, hf_config: Any) -> Dict[str, float]:
+        """``attn_logit_softcapping`` / ``final_logit_softcapping`` as ``GPTConfig`` fields (absent when None)."""
+        out = {}
+        for name in SOFTCAP_FIELDS:
+            value = config_get(hf_config, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"{type(self).__name__}: {name}={value!r} is not a positive number (None: no "
+                                 "capping)")
+            out[name] = float(value)
+        return out
 
     def _common_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         return common_megatron_kwargs(hf_config)
@@ -79,6 +86,7 @@ class Gemma2Bridge(MegatronModelBridge):
             softmax_scale=float(config_get(hf_config, "query_pre_attn_scalar", kw["kv_channels"])) ** -0.5,
             embedding_scale=kw["hidden_size"] ** 0.5,
             **window_settings(hf_config, family),
+            **self._softcap_settings(hf_config),
         )
         return kw
 
@@ -109,8 +117,9 @@ class Gemma2Bridge(MegatronModelBridge):
             hidden_activation=activation_name(config.activation_func),
             attention_bias=False,
             query_pre_attn_scalar=int(round(scalar)),
-            attn_logit_softcapping=None,  # written explicitly: HF's defaults (50.0 / 30.0) would change the model
-            final_logit_softcapping=None,
+            # written also when None: HF Gemma 2's defaults (50.0 / 30.0) would change the model
+            attn_logit_softcapping=config.attn_logit_softcapping,
+            final_logit_softcapping=config.final_logit_softcapping,
             **window_hf_fields(config, family),
         )
         if hf["sliding_window"] is None:  # HF Gemma builds a sliding-window mask even when no layer uses it

@@ -4,9 +4,10 @@ sandwich norms, scaled embeddings, ``query_pre_attn_scalar``) plus zero-centred 
 use ``rope_parameters["full_attention"]`` (the model's RoPE, default or linear scaling) and sliding layers
 ``rope_parameters["sliding_attention"]`` (``local_rotary_base``, built by ``LayerTypeRopeSelfAttention``).
 
-Soft-capping (``attn_logit_softcapping`` / ``final_logit_softcapping``, None in Gemma 3 checkpoints) is refused as for
-Gemma 2; sliding-layer RoPE other than the default type is refused (megatron-side it would need a second scaled
-rotary embedding).
+Soft-capping (``attn_logit_softcapping`` / ``final_logit_softcapping``, None in released Gemma 3 checkpoints) converts
+as for Gemma 2 when a config sets it (transformers runs attention capping only with eager / flex attention).
+Sliding-layer RoPE other than the default type is refused (megatron-side it would need a second scaled rotary
+embedding).
 """
 
 from __future__ import annotations

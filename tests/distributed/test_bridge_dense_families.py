@@ -11,7 +11,9 @@ What each checkpoint exercises:
 - mistral: sliding window on every layer (window 5 < 12 tokens), odd vocabulary, untied;
 - qwen3: q/k norms, head_dim 24 != hidden / heads, sliding window on the last two layers only, tied embeddings;
 - gemma2: GeGLU, zero-centred sandwich norms, sqrt(hidden) embedding scale, query_pre_attn_scalar, alternating
-  sliding / full layers, tied embeddings (soft-capping None: megatron-core 0.16.1 cannot express it);
+  sliding / full layers, tied embeddings, attention and final logit soft-capping with caps small enough to bite
+  (3.0 on scores of std ~5, 1.5 on logits up to ~2.4: without either cap the logits move by > 0.5, which
+  test_gemma2_soft_caps_bite checks on the HF model);
 - gemma3: Gemma 2's features plus zero-centred q/k norms, a sliding / full pattern, full layers with linear-scaled RoPE
   (theta 1e6) and sliding layers with their own RoPE base (1e4);
 - phi3: fused qkv_proj and gate_up_proj, partial rotary (0.5), sliding window 7 on every layer.
@@ -32,14 +34,14 @@ from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
-NO_SOFTCAP = dict(attn_logit_softcapping=None, final_logit_softcapping=None)
+GEMMA2_SOFTCAP = dict(attn_logit_softcapping=3.0, final_logit_softcapping=1.5)
 # name -> (HF config class prefix, architecture prefix, config overrides)
 CHECKPOINTS = {
     "mistral": ("Mistral", "Mistral", dict(head_dim=16, sliding_window=5,
                                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "qwen3": ("Qwen3", "Qwen3", dict(head_dim=24, tie_word_embeddings=True, use_sliding_window=True,
                                      sliding_window=5, max_window_layers=2, vocab_size=101)),
-    "gemma2": ("Gemma2", "Gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=5, **NO_SOFTCAP)),
+    "gemma2": ("Gemma2", "Gemma2", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=5, **GEMMA2_SOFTCAP)),
     "gemma3": ("Gemma3Text", "Gemma3", dict(
         head_dim=16, sliding_window=5, query_pre_attn_scalar=20,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
@@ -181,3 +183,18 @@ def test_export_without_source_loads_in_transformers(world_results, name):
     assert type(config) is type(transformers.AutoConfig.from_pretrained(ckpts[ckpt]))
     diff = (_hf_logits(out, tokens) - hf[ckpt]).abs().max().item()
     assert diff <= 1e-4, f"{name}: max |logit diff| {diff:.3e}"
+
+
+@pytest.mark.parametrize("cap", sorted(GEMMA2_SOFTCAP))
+def test_gemma2_soft_caps_bite(world_results, cap):
+    """The Gemma 2 checkpoint's caps change its logits far beyond the 1e-4 tolerance: a Megatron model missing
+    either cap could not pass test_logits_match_hf."""
+    ckpts, _, _, hf, tokens = world_results
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpts["gemma2"], dtype=torch.float32).eval()
+    assert getattr(model.config, cap) == GEMMA2_SOFTCAP[cap]
+    setattr(model.config, cap, None)
+    for layer in model.model.layers:  # the attention reads its cap at construction
+        layer.self_attn.attn_logit_softcapping = model.config.attn_logit_softcapping
+    with torch.no_grad():
+        uncapped = model(tokens, use_cache=False).logits.float()
+    assert (uncapped - hf["gemma2"]).abs().max().item() > 0.5

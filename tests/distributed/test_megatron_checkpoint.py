@@ -8,8 +8,8 @@ One spawned world of 2 ranks:
 - the on-disk layout is checked as Megatron-LM's ``load_checkpoint`` reads it (tracker, ``iter_0000000``, the
   common state, ``args``);
 - every dense family's checkpoint (Mistral, Qwen3, Gemma 2, Gemma 3, Phi-3: the tiny checkpoints of
-  test_bridge_dense_families) written at TP2 reads back at PP2 from the stored config alone and exports, without the
-  HF source, bit-exact;
+  test_bridge_dense_families) written at TP2 reads back at PP2 from the stored config alone, with the HF model's
+  logits (Gemma 2's soft-caps come from the stored config), and exports, without the HF source, bit-exact;
 - a :class:`WeightSyncPlan` reused over 3 syncs yields the HF tensors every time and runs no name or metadata
   collective after it is built (counted), and rebuilds itself when the model's dtype changes.
 """
@@ -160,6 +160,7 @@ def _worker(rank: int, world: int, src: str, root: str, tokens, families: dict) 
     from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
     from megatron_bridge_ext.mcore.checkpoint import (cast_to_params_dtype, config_from_checkpoint,
                                                       load_megatron_checkpoint)
+    from megatron_bridge_ext.mcore.forward import megatron_logits
     from megatron_bridge_ext.mcore.model_builder import build_model_chunks
 
     for fam, fam_src in families.items():
@@ -171,6 +172,7 @@ def _worker(rank: int, world: int, src: str, root: str, tokens, families: dict) 
         info = read_checkpoint_info(os.path.join(root, fam))
         chunks = cast_to_params_dtype(build_model_chunks(config_from_checkpoint(info)))
         load_megatron_checkpoint(chunks, info.path)
+        out[f"{fam}_logits"] = megatron_logits(chunks, tokens)
         AutoBridge.from_architecture(info.architecture).save_hf_pretrained(chunks, os.path.join(root, f"{fam}_hf"),
                                                                            show_progress=False)
         destroy_parallel()
@@ -268,6 +270,20 @@ def test_sync_plan_rebuilds_when_the_model_changes(world):
         assert counts["gather_param_names"] == 2, counts
         assert out["bf16_exact"], rank
     assert per_rank[1]["dst1_tensors"] == 3 + 9 * 4 and per_rank[0]["dst1_tensors"] == 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_dense_family_rebuilds_from_its_stored_config(world, family):
+    """The model rebuilt at PP2 from the config stored in the checkpoint (no HF directory) has the HF model's
+    logits: every model-defining field (Gemma 2's soft-caps included) survived config_to_dict / config_from_dict."""
+    root, per_rank, _ = world
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(root / f"src_{family}"), dtype=torch.float32)
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(tokens, use_cache=False).logits.float()
+    for rank, out in enumerate(per_rank):
+        diff = (out[f"{family}_logits"] - want).abs().max().item()
+        assert diff <= 1e-4, f"{family} rank {rank}: max |logit diff| {diff:.3e}"
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
