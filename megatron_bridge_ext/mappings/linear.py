@@ -184,5 +184,5 @@ class CopiesMapping(MegatronParamMapping):
         out: Dict[str, torch.Tensor] = {name: tensor}
         for role, copy in self.hf_param.items():
             if role != "main":
-                out[copy] = tensor.clone()
+                out[copy] = ctx.empty(tensor.shape, tensor).copy_(tensor)
         return out
