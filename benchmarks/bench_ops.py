@@ -8,6 +8,12 @@ everything, then `torch.chunk(...)[rank].contiguous()` and a copy into the param
 (`index_select`) or chunk + cat. Ops write into preallocated outputs (`out=`), as an import into an existing Megatron
 parameter does.
 
+Fresh outputs: where the peers build the same tensor with one `torch.cat` (or `torch.stack`) of views, the op is also
+timed without `out=` (it allocates its result, as the `torch.cat` does) next to that single `torch.cat`: `fresh vs cat`
+= cat time / fresh op time (>= 1.00: the op is no slower), `fresh vs copy_` = time of `copy_` of the same bytes into an
+existing tensor / fresh op time. Allocations of this size are fresh pages on every call on both sides (glibc maps
+blocks above 32 MiB with mmap), so the page faults are in both times.
+
 Usage: python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--check] [--ops qkv,gate_up,...]
 """
 
@@ -36,6 +42,8 @@ class Case:
     run: Callable[[], object]  # the op, writing into preallocated outputs; returns them
     eager: Callable[[], object]  # the reference path; returns the same tensors
     out_bytes: int
+    fresh: Optional[Callable[[], object]] = None  # the op allocating its output
+    cat: Optional[Callable[[], object]] = None  # the peers' single torch.cat / torch.stack building the same tensor(s)
 
 
 def _bytes(*ts: torch.Tensor) -> int:
@@ -65,7 +73,16 @@ def qkv_cases(H, G, d, D, dtype, dev) -> List[Case]:
                 blocks += [q[g * n * d:(g + 1) * n * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
             return out.copy_(torch.chunk(torch.cat(blocks, 0), tp, 0)[t].contiguous())
 
-        cases.append(Case("qkv_pack", f"tp={tp} rank={t}", run, eager, _bytes(out)))
+        def fresh(tp=tp, t=t):
+            return ops.qkv_pack(q, k, v, num_heads=H, num_query_groups=G, head_dim=d, tp_size=tp, tp_rank=t)
+
+        def cat(tp=tp, t=t):  # the rank's groups only, one cat of their views
+            blocks = []
+            for g in range(t * G // tp, (t + 1) * G // tp):
+                blocks += [q[g * n * d:(g + 1) * n * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+            return torch.cat(blocks, 0)
+
+        cases.append(Case("qkv_pack", f"tp={tp} rank={t}", run, eager, _bytes(out), fresh, cat))
     packed = _rand(((H + 2 * G) * d, D), dtype, dev)
     P = (n + 2) * d
     rows = torch.arange(G * P, device=dev).view(G, P)
@@ -78,7 +95,15 @@ def qkv_cases(H, G, d, D, dtype, dev) -> List[Case]:
     def eager_u():
         return packed.index_select(0, qi), packed.index_select(0, ki), packed.index_select(0, vi)
 
-    cases.append(Case("qkv_unpack", "full", run_u, eager_u, _bytes(uq, uk, uv)))
+    def fresh_u():
+        return ops.qkv_unpack(packed, num_heads=H, num_query_groups=G, head_dim=d)
+
+    def cat_u():  # one cat per output, of the per-group views
+        grp = packed.view(G, P, D)
+        return (torch.cat(list(grp[:, :n * d]), 0), torch.cat(list(grp[:, n * d:n * d + d]), 0),
+                torch.cat(list(grp[:, n * d + d:]), 0))
+
+    cases.append(Case("qkv_unpack", "full", run_u, eager_u, _bytes(uq, uk, uv), fresh_u, cat_u))
     return cases
 
 
@@ -96,7 +121,13 @@ def gate_up_cases(F, D, dtype, dev) -> List[Case]:
             merged = torch.cat([torch.cat([gs[i], us[i]], 0) for i in range(tp)], 0)
             return out.copy_(torch.chunk(merged, tp, 0)[t].contiguous())
 
-        cases.append(Case("gate_up_pack", f"tp={tp} rank={t}", run, eager, _bytes(out)))
+        def fresh(tp=tp, t=t):
+            return ops.gate_up_pack(gate, up, tp_size=tp, tp_rank=t)
+
+        def cat(tp=tp, t=t):
+            return torch.cat([torch.chunk(gate, tp, 0)[t], torch.chunk(up, tp, 0)[t]], 0)
+
+        cases.append(Case("gate_up_pack", f"tp={tp} rank={t}", run, eager, _bytes(out), fresh, cat))
     for tp in (1, 8):
         packed = _rand((2 * F, D), dtype, dev)
         g_out, u_out = torch.empty_like(gate), torch.empty_like(up)
@@ -108,7 +139,10 @@ def gate_up_cases(F, D, dtype, dev) -> List[Case]:
             shards = [torch.chunk(s, 2, 0) for s in torch.chunk(packed, tp, 0)]
             return torch.cat([s[0] for s in shards], 0), torch.cat([s[1] for s in shards], 0)
 
-        cases.append(Case("gate_up_unpack", f"tp={tp}", run_u, eager_u, _bytes(g_out, u_out)))
+        def fresh_u(packed=packed, tp=tp):
+            return ops.gate_up_unpack(packed, tp_size=tp)
+
+        cases.append(Case("gate_up_unpack", f"tp={tp}", run_u, eager_u, _bytes(g_out, u_out), fresh_u, eager_u))
     return cases
 
 
@@ -147,9 +181,15 @@ def expert_cases(E, F, D, dtype, dev) -> List[Case]:
         def eager2(out2=out2, etp=etp, t=t, local=local):
             return out2.copy_(torch.stack([torch.chunk(down[e], etp, 1)[t].contiguous() for e in local], 0))
 
+        def fresh2(ep=ep, r=r, etp=etp, t=t):
+            return ops.expert_pack_fc2(down, ep_size=ep, ep_rank=r, etp_size=etp, etp_rank=t)
+
+        def cat2(etp=etp, t=t, local=local):  # one stack of the column-shard views
+            return torch.stack([torch.chunk(down[e], etp, 1)[t] for e in local], 0)
+
         s = f"ep={ep}/{r} etp={etp}/{t}"
         cases += [Case("expert_pack_fc1", s, run1, eager1, _bytes(out1)),
-                  Case("expert_pack_fc2", s, run2, eager2, _bytes(out2))]
+                  Case("expert_pack_fc2", s, run2, eager2, _bytes(out2), fresh2, cat2)]
     for ep, etp in ((8, 1), (4, 2)):
         El, f = E // ep, F // etp
         shards1 = [_rand((El, 2 * f, D), dtype, dev) for _ in range(ep * etp)]
@@ -258,6 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="smaller layers (1/4 of D) and shorter timing")
     p.add_argument("--check", action="store_true", help="verify equality with the eager path before timing")
+    p.add_argument("--no-fresh", action="store_true", help="skip the fresh-output timings")
     p.add_argument("--ops", default="", help="comma-separated filter on op names (substring match)")
     a = p.parse_args(argv)
     dev = a.device
@@ -278,7 +319,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     wanted = [w for w in a.ops.split(",") if w]
     print(f"bench_ops: device={dev} dtype={dtype} threads={torch.get_num_threads()} "
           f"70B layer H={H} G={G} d={d} D={D} F={F}; MoE E={E} F={Fe} D={De}; bytes = read + written")
-    header = ("op", "setting", "MiB", "op ms", "GB/s", "vs copy_", "eager ms", "speedup", "check")
+    header = ("op", "setting", "MiB", "op ms", "GB/s", "vs copy_", "eager ms", "speedup", "fresh ms", "cat ms",
+              "fresh vs cat", "fresh vs copy_", "check")
     rows = []
     failed = False
     for names, build in builders:
@@ -298,9 +340,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             # a real source (filled: never-touched memory would be read from the shared zero page) into a destination
             t_copy = _time_copy(n_el, dtype, dev, a.quick)
             t_eager = median_seconds(c.eager, dev, a.quick)
+            fresh_cols = ("-", "-", "-", "-")
+            if c.fresh is not None and not a.no_fresh:
+                if a.check:
+                    ok = _equal(c.fresh(), c.eager()) and _equal(c.cat(), c.eager())
+                    check = "ok" if ok and check != "MISMATCH" else "MISMATCH"
+                    failed |= not ok
+                t_fresh = median_seconds(c.fresh, dev, a.quick)
+                t_cat = median_seconds(c.cat, dev, a.quick)
+                fresh_cols = (f"{t_fresh * 1e3:.3f}", f"{t_cat * 1e3:.3f}", f"{t_cat / t_fresh:.2f}",
+                              f"{t_copy / t_fresh:.2f}")
             rows.append((c.op, c.setting, f"{c.out_bytes / 2**20:.0f}", f"{t_op * 1e3:.3f}",
                          f"{moved / t_op / 1e9:.1f}", f"{t_copy / t_op:.2f}", f"{t_eager * 1e3:.3f}",
-                         f"{t_eager / t_op:.1f}x", check))
+                         f"{t_eager / t_op:.1f}x", *fresh_cols, check))
             _sync(dev)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
@@ -309,7 +361,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in rows:
         print(fmt.format(*r))
     print("vs copy_ = time of dst.copy_(src) of the same bytes / op time (1.00 = as fast as a plain copy); "
-          "speedup = eager reference time / op time")
+          "speedup = eager reference time / op time;\nfresh = the op allocating its output, cat = the peers' single "
+          "torch.cat/stack of views giving the same tensor(s); fresh vs cat = cat time / fresh time; fresh vs copy_ = "
+          "copy_ time into an existing tensor / fresh time")
     if failed:
         print("bench_ops: some ops differ from the eager reference", file=sys.stderr)
         return 1

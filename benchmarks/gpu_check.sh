@@ -2,6 +2,8 @@
 # GPU check: build megatron_bridge_ext with its CUDA kernels, run the CUDA test cases and the GPU benchmark.
 # Needs a torch with CUDA, a CUDA toolkit (nvcc) and a visible GPU; no network. Run from anywhere:
 #   bash benchmarks/gpu_check.sh            (PYTHON=/path/to/python to pick the interpreter)
+# The end-to-end step (1.1B Llama import + export on one GPU, NCCL, world 1) needs megatron-core and transformers in
+# that interpreter (pip install -e ".[megatron]" or wheels carried to an offline machine); GPU_CHECK_E2E=0 skips it.
 # Exits non-zero on the first failing step; prints everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,5 +51,14 @@ if [[ $rc -eq 5 ]]; then echo "gpu_check: no test matched -k cuda"; exit 1; fi
 
 step "benchmark (--device cuda --check)"
 "$PYTHON" benchmarks/bench_ops.py --device cuda --check
+
+if [[ "${GPU_CHECK_E2E:-1}" != "0" ]]; then
+  step "end-to-end benchmark (one GPU, NCCL, world 1)"
+  if ! "$PYTHON" -c "import megatron.core, transformers" 2>/dev/null; then
+    echo "gpu_check: megatron-core or transformers is not importable by $PYTHON; install them or set GPU_CHECK_E2E=0"
+    exit 1
+  fi
+  "$PYTHON" benchmarks/bench_convert.py --device cuda --layouts 1x1 --layers "${GPU_CHECK_LAYERS:-22}"
+fi
 
 echo; echo "gpu_check: all steps passed"

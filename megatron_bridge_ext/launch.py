@@ -51,6 +51,8 @@ def _worker(
         import torch.distributed as dist
 
         kw = {} if pg_timeout is None else {"timeout": datetime.timedelta(seconds=pg_timeout)}
+        if backend == "nccl":  # one GPU per local rank, chosen before the process group binds one
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"file://{rdzv_file}", rank=rank, world_size=world_size, **kw)
         try:
             out = fn(rank, world_size, *args)
@@ -117,7 +119,7 @@ def spawn_local(
         fn: a picklable (module-level) function; its return value must be picklable.
         world_size: number of ranks.
         args: extra positional arguments for ``fn``.
-        backend: torch.distributed backend (``gloo`` on CPU).
+        backend: torch.distributed backend (``gloo`` on CPU; ``nccl``: rank r uses GPU r mod the visible count).
         timeout: seconds before the whole world is killed.
         env: extra environment variables for the ranks.
         threads: ``torch.set_num_threads`` in each rank.

@@ -1,5 +1,7 @@
-"""Jobs far larger than the caches take the non-temporal store path of the CPU copy engine (>= 16 MiB): check it
-against the plain-torch references with odd sizes and misaligned destinations, so heads and tails are exercised."""
+"""Large jobs take the vector store paths of the CPU copy engine: non-temporal stores into resident destinations
+(>= 16 MiB) and plain vector stores into untouched ones (>= 1 MiB, e.g. a fresh allocation or a parameter megatron
+allocated without initialising it). Check both against the plain-torch references with odd sizes and misaligned
+destinations, so heads and tails are exercised."""
 
 import pytest
 import torch
@@ -14,16 +16,22 @@ def _rand(shape, dtype):
         torch.randint(0, 255, shape, dtype=torch.uint8).view(dtype)
 
 
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "untouched"])
+@pytest.mark.parametrize("F", [2 * 1031, 2 * 131], ids=["over16MiB", "1to16MiB"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
-def test_large_gate_up_pack_misaligned_destination(dtype):
-    F, D = 2 * 1031, 4099 * (2 if dtype.itemsize == 1 else 1)  # > 16 MiB gathered, odd row length
+def test_large_gate_up_pack_misaligned_destination(dtype, F, resident):
+    D = 4099 * (2 if dtype.itemsize == 1 else 1)  # odd row length
     gate, up = _rand((F, D), dtype), _rand((F, D), dtype)
     for tp, t in ((1, 0), (2, 1)):
         want = ref.gate_up_shard(gate, up, tp, t)
         backing = torch.empty(want.numel() + 3, dtype=dtype)  # destination starts 3 elements into its storage
+        if resident:
+            backing.fill_(7)  # every page touched: the non-temporal path (or memcpy under 16 MiB)
         out = backing[3:].view(want.shape)
         ops.gate_up_pack(gate, up, tp_size=tp, tp_rank=t, out=out)
         assert ref.same(out, want)
+        if resident:  # the elements in front of the destination are left alone
+            assert ref.same(backing[:3], torch.full((3,), 7, dtype=dtype))
 
 
 def test_large_qkv_round_trip():

@@ -36,6 +36,12 @@ class GatedMLPMapping(MegatronParamMapping):
         return ops.gate_up_pack(hf["gate"], hf["up"], tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, out=out)
 
     def megatron_to_hf(self, shards, ctx):
+        if len(shards) == 1 and shards[0].is_contiguous():
+            # one shard [gate; up]: both HF tensors are contiguous views of it, nothing to copy (the engine clones
+            # views of Megatron memory when the caller asked for copies)
+            half = shards[0].shape[0] // 2
+            return {self.hf_param["gate"]: shards[0].narrow(0, 0, half),
+                    self.hf_param["up"]: shards[0].narrow(0, half, half)}
         shape = _hf_shape(shards)
         gate, up = ctx.empty(shape, shards[0]), ctx.empty(shape, shards[0])
         _unpack_shards_into(shards, gate, up)
