@@ -324,7 +324,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     failed = False
     for names, build in builders:
-        if wanted and not any(w in n for w in wanted for n in names.split()):
+        if wanted and not any(w in n or n in w for w in wanted for n in names.split()):
             continue
         for c in build():
             if wanted and not any(w in c.op for w in wanted):
