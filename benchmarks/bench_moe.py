@@ -411,6 +411,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--bucket-mib", type=int, default=256)
     ap.add_argument("--mb-python", default=DEFAULT_MB_PYTHON, help="interpreter of the Megatron Bridge environment")
     ap.add_argument("--no-reference", action="store_true", help="time this package only")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="drop the page cache (root) before each side's run and re-read the checkpoint "
+                         "(bench_convert.drop_page_cache: the same memory state for both sides)")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed)")
     ap.add_argument("--reference-worker", nargs=3, metavar=("CKPT", "OUT", "EP"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -446,6 +449,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                           (ckpt, os.path.join(tmp, f"mb_ep{ep}"), ep)))
         row = {"ep": ep}
         for side, fn, fargs in sides:
+            if args.drop_caches:
+                from bench_convert import drop_page_cache  # the project's environment only (main runs there)
+
+                drop_page_cache(ckpt)
             results = fn(*fargs)
             s = _summary(results)
             check = verify(ckpt, fargs[1])

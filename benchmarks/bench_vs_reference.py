@@ -22,6 +22,7 @@ compared in the source dtype).
 
     python benchmarks/bench_vs_reference.py                    # 22 layers (~1.1B), TP 1 and 2, fsync
     python benchmarks/bench_vs_reference.py --layers 4 --tps 2 --flush none
+    sudo python benchmarks/bench_vs_reference.py --drop-caches   # the README's numbers (see drop_page_cache)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from bench_convert import _reset_peak, _rss, make_checkpoint, read_files_once  # noqa: E402
+from bench_convert import DROP_CACHES, _reset_peak, _rss, drop_page_cache, make_checkpoint, read_files_once  # noqa: E402
 
 GiB = 1024**3
 DEFAULT_MB_PYTHON = "/work/venv-mb/bin/python"
@@ -151,6 +152,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--mb-python", default=DEFAULT_MB_PYTHON, help="interpreter of the Megatron Bridge environment")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--ours-only", action="store_true", help="skip Megatron Bridge (no ratios)")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help=f"before every measured run (each side, the plain write, the first touch): drop the page "
+                         f"cache (root: {DROP_CACHES}) and re-read the checkpoint, so that every run starts from the "
+                         "same memory state")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs of each side per TP size, alternating (medians printed; first-touch and disk costs "
                          "of a virtual machine vary from run to run)")
@@ -171,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     read_files_once(ckpt)
     t_read = min(read_files_once(ckpt) for _ in range(2))
     print(f"checkpoint: {info['params'] / 1e9:.2f} B parameters, {info['bytes'] / GiB:.2f} GiB bf16 ({tmp}); "
-          f"flush policy: {args.flush}")
+          f"flush policy: {args.flush}; page cache dropped before each run: {'yes' if args.drop_caches else 'no'}")
     print(f"plain read of the files (page cache warm): {t_read:.2f} s ({gb / t_read:.2f} GB/s)")
     rows = []
     cores = os.cpu_count() or 1
@@ -179,17 +184,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         threads = max(1, cores // tp)  # both sides: the machine's cores shared by the ranks
         runs: Dict[str, List[Dict[str, Any]]] = {"ours": [], "ref": []}
         touches, writes = [], []
+        def settle() -> None:
+            if args.drop_caches:
+                drop_page_cache(ckpt)
+
         for _ in range(args.repeat):
+            settle()
             touches.append(first_touch(info["bytes"] // tp, threads))
+            settle()
             writes.append(plain_write(os.path.join(tmp, "plain.bin"), info["bytes"], fsync))
             out = os.path.join(tmp, f"ours_tp{tp}")
+            settle()
             r = run_ours(ckpt, out, tp, fsync, threads)
+            r["write_s"] = writes[-1]
             r["exact"] = verify(ckpt, out)
             shutil.rmtree(out, ignore_errors=True)
             runs["ours"].append(r)
             if not args.ours_only:
                 out = os.path.join(tmp, f"mb_tp{tp}")
+                settle()
                 r = run_reference(args.mb_python, ckpt, out, tp, fsync, threads)
+                r["write_s"] = writes[-1]
                 r["exact"] = verify(ckpt, out)
                 shutil.rmtree(out, ignore_errors=True)
                 runs["ref"].append(r)
@@ -202,21 +217,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"{'peak RSS/rank':>14} {'exact':>6}")
     print(head)
     print("-" * len(head))
-    for tp, threads, t_touch, t_write, ours, ref, _ in rows:
-        for name, r in (("megatron_bridge_ext", ours), ("Megatron Bridge", ref)):
+    for tp, threads, t_touch, t_write, ours, ref, runs in rows:
+        for name, r, side in (("megatron_bridge_ext", ours, "ours"), ("Megatron Bridge", ref, "ref")):
             if r is None:
                 continue
-            xi = f"{ref['import_s'] / r['import_s']:6.2f}" if ref else f"{'-':>6}"
-            xe = f"{ref['export_s'] / r['export_s']:6.2f}" if ref else f"{'-':>6}"
+            # ratios paired within each repeat (both sides and the plain write ran back to back), then the median
+            pairs = list(zip(runs[side], runs["ref"])) if ref else []
+            xi = f"{statistics.median(b['import_s'] / a['import_s'] for a, b in pairs):6.2f}" if ref else f"{'-':>6}"
+            xe = f"{statistics.median(b['export_s'] / a['export_s'] for a, b in pairs):6.2f}" if ref else f"{'-':>6}"
+            xw = statistics.median(a["export_s"] / a["write_s"] for a in runs[side])
             peak = f"{r['peak_rss'] / GiB:12.2f} G" if r.get("peak_rss") else f"{'-':>14}"
             print(f"{tp:>3} {name:>20} {r['import_s']:9.2f} {xi} {r['export_s']:9.2f} {xe} "
-                  f"{r['export_s'] / t_write:8.2f} {peak} {'yes' if r['exact'] else 'NO':>6}")
+                  f"{xw:8.2f} {peak} {'yes' if r['exact'] else 'NO':>6}")
         bound = info["bytes"] / tp + info["largest_bytes"]
         print(f"{'':>3} {threads} thread(s) per rank; first touch of {info['bytes'] / tp / GiB:.2f} GiB (the parameters "
               f"of a rank): {t_touch:.2f} s; plain write of the checkpoint's bytes ({args.flush}): {t_write:.2f} s; "
               f"import memory bound model/world + largest tensor {bound / GiB:.2f} GiB")
-    print(f"medians of {args.repeat} alternating runs per side; x MB: Megatron Bridge time / this side's time; "
-          "x write: export time / the plain write's time in the same run")
+    print(f"times: medians of {args.repeat} alternating runs per side; x MB: median over the repeats of Megatron "
+          "Bridge's time / this side's time in the same repeat; x write: median over the repeats of the export time / "
+          "the plain write's time just before it")
     print(json.dumps({"read_s": t_read, "flush": args.flush, "rows": [
         {"tp": tp, "threads": th, "first_touch_s": t, "write_s": w, "runs": runs} for tp, th, t, w, _, _, runs
         in rows]}))

@@ -48,7 +48,7 @@ from megatron_bridge_ext.engine.checks import (
 )
 from megatron_bridge_ext.engine.peers import Watch, current_watch
 from megatron_bridge_ext.engine.tasks import GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
-from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets
+from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets, shard_storages
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
 from megatron_bridge_ext.mcore.embeddings import TIED_EMBEDDING, broadcast_tied_embeddings, is_tied
 from megatron_bridge_ext.mcore.layout import detect_layout
@@ -631,7 +631,7 @@ class MegatronModelBridge:
                     raise conversion_error(e, f"export of Megatron {task.global_param_name} -> HF "
                                               f"{_short(task.mapping.hf_names)} ({type(task.mapping).__name__})"
                                            ) from e
-                storages = {s.untyped_storage().data_ptr() for s in shards}
+                storages = shard_storages(shards)
                 for name, tensor in converted.items():
                     if cpu and tensor.device.type != "cpu":
                         tensor = tensor.cpu()

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
 from megatron_bridge_ext.engine.peers import Watch
 from megatron_bridge_ext.engine.tasks import build_tasks
-from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets
+from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets, shard_storages
 from megatron_bridge_ext.mcore.names import as_chunks
 from megatron_bridge_ext.mcore.topology import Topology, comm_device
 
@@ -191,7 +191,7 @@ class WeightSyncPlan:
                 bucket: Bucket = []
                 for (task, _), shards, ctx in zip(plan.layout, views, self._contexts[index]):
                     converted = bridge.maybe_modify_converted_hf_weight(task, task.mapping.megatron_to_hf(shards, ctx))
-                    storages = {s.untyped_storage().data_ptr() for s in shards} if self.copy else ()
+                    storages = shard_storages(shards) if self.copy else ()
                     for name, tensor in converted.items():
                         if self.copy and tensor.untyped_storage().data_ptr() in storages:
                             tensor = tensor.clone()

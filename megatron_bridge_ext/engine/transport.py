@@ -3,8 +3,9 @@
 A bucket holds consecutive tasks with the same shard holders and at most ``bucket_bytes`` of gathered data. Each
 holder sends its part of a bucket (holder 0: the replicated tensors, then its shards; the others: their shards) as
 one message straight to the destination rank: no all-gather, no hop, no broadcast to every stage. The destination
-receives the next bucket while the current one is handed out (two message buffers), and the buffers are reused across
-buckets and exports (repeated weight syncs touch them once). With ``everyone`` each bucket is then broadcast from the
+receives the next bucket while the current one is handed out (two message buffers, sized once for the largest bucket),
+and the buffers are reused across buckets and exports (repeated weight syncs touch them once); its own part is not
+copied into the message but handed out as its parameters. With ``everyone`` each bucket is then broadcast from the
 destination to every rank. The transport knows nothing of HF names: it hands out, per task, the list of its shards
 (views into the message, or the parameter itself on the direct path).
 
@@ -25,7 +26,7 @@ from megatron_bridge_ext.engine.peers import Watch
 from megatron_bridge_ext.engine.tasks import ParamMeta, WeightConversionTask
 from megatron_bridge_ext.mcore.topology import Topology, comm_device
 
-__all__ = ["BucketPlan", "Transport", "cut_buckets"]
+__all__ = ["BucketPlan", "Transport", "cut_buckets", "shard_storages"]
 
 
 @dataclass
@@ -101,22 +102,42 @@ def _pack_part(out: torch.Tensor, plan: BucketPlan, index: int) -> torch.Tensor:
     return out
 
 
-def _split_message(msg: torch.Tensor, plan: BucketPlan) -> List[List[torch.Tensor]]:
-    """Per task, the list of per-shard tensors (views into the message)."""
+def _own_views_ok(plan: BucketPlan) -> bool:
+    """Whether the destination's own part of a bucket can be handed out as its parameters themselves (contiguous, in
+    the dtype the message would carry) instead of being copied into the message."""
+    return all(t.is_contiguous() and t.dtype == m.dtype for task, m in plan.layout for t in task.local_tensors)
+
+
+def _own_shard(task: WeightConversionTask, m: ParamMeta):
+    """The destination's own shard of a task: its parameter (a list of its local experts for a layer's experts)."""
+    tensors = [t.detach() for t in task.local_tensors]
+    return tensors if task.is_group else tensors[0].view(m.shape)
+
+
+def _split_message(msg: torch.Tensor, plan: BucketPlan, own: Optional[int] = None) -> List[list]:
+    """Per task, the list of per-shard tensors: views into the message, except holder ``own``'s (the destination's
+    own part, not copied into the message), which are its parameters."""
     out = []
     at_sharded, at_repl = 0, 0
     holders, local_total = len(plan.senders), plan.local_total
-    for _, m in plan.layout:
+    for task, m in plan.layout:
         n = m.shard_bytes
         if m.sharded:
             base = plan.repl_total + at_sharded
-            out.append([msg[base + r * local_total: base + r * local_total + n].view(m.dtype).view(m.shape)
+            out.append([_own_shard(task, m) if r == own else
+                        msg[base + r * local_total: base + r * local_total + n].view(m.dtype).view(m.shape)
                         for r in range(holders)])
             at_sharded += n
         else:
-            out.append([msg[at_repl: at_repl + n].view(m.dtype).view(m.shape)])
+            out.append([_own_shard(task, m) if own == 0 else msg[at_repl: at_repl + n].view(m.dtype).view(m.shape)])
             at_repl += n
     return out
+
+
+def shard_storages(shards: Sequence) -> set:
+    """Data pointers of the storages behind a task's shards (a shard may be a list of local expert tensors)."""
+    flat = [t for s in shards for t in (s if isinstance(s, (list, tuple)) else (s,))]
+    return {t.untyped_storage().data_ptr() for t in flat}
 
 
 class Scratch:
@@ -211,20 +232,34 @@ class Transport:
         receiving = everyone or topo.rank == dst
         n = len(plans)
 
-        def post_receive(i: int) -> Tuple[torch.Tensor, List[Tuple[object, int]]]:
-            """On the destination: place its own part and post one receive per other holder (double-buffered)."""
+        def post_receive(i: int) -> Tuple[torch.Tensor, List[Tuple[object, int]], Optional[int]]:
+            """On the destination: post one receive per other holder (double-buffered); its own part is handed out
+            as its parameters (copied into the message only when the message is broadcast on, or a parameter is not
+            contiguous in the message's dtype). Returns the message, the receives and the index of the own part
+            left out of the message (or None)."""
             plan = plans[i]
             msg = self._buffer(f"msg{i % 2}", plan.msg_bytes, device)
             requests = []
+            own = None
             for t, src in enumerate(plan.senders):
                 lo, hi = plan.part_range(t)
                 if src == topo.rank:
-                    _pack_part(msg[lo:hi], plan, t)
+                    if not everyone and _own_views_ok(plan):
+                        own = t
+                    else:
+                        _pack_part(msg[lo:hi], plan, t)
                 elif hi > lo:
                     part = msg[lo:hi]
                     requests.append((watch.post(lambda: dist.irecv(part, src=src), src,
                                                 f"posting the receive of bucket {i + 1} of {n}"), src))
-            return msg, requests
+            return msg, requests, own
+
+        # both message buffers at the size of the largest bucket up front: a buffer that grew bucket by bucket would
+        # be allocated (and its fresh pages touched) again at each growth
+        sizes = [p.msg_bytes for p in plans if not p.direct]
+        if receiving and sizes:
+            for k in range(min(2, len(sizes))):
+                self._buffer(f"msg{k}", max(sizes), device)
 
         for i, plan in enumerate(plans):
             watch.set_phase(f"{watch.name}: bucket {i + 1} of {n}")
@@ -232,7 +267,7 @@ class Transport:
             if plan.direct:  # the destination owns the whole bucket: hand out the parameters themselves
                 yield plan, [[task.param_weight.detach()] for task, _ in plan.layout]
                 continue
-            msg = None
+            msg, own = None, None
             if plan.mine and topo.rank != dst:
                 t = plan.senders.index(topo.rank)
                 lo, hi = plan.part_range(t)
@@ -241,7 +276,7 @@ class Transport:
                     what = f"sending {hi - lo} bytes of bucket {i + 1} of {n} to rank {dst}"
                     watch.wait([(watch.post(lambda: dist.isend(part, dst=dst), dst, what), dst)], what)
             if topo.rank == dst:
-                msg, requests = pending.pop(i) if i in pending else post_receive(i)
+                msg, requests, own = pending.pop(i) if i in pending else post_receive(i)
                 watch.wait(requests, f"receiving bucket {i + 1} of {n} from rank(s) "
                                      f"{sorted({src for _, src in requests})}")
                 # receive the next bucket while this one is handed out
@@ -254,4 +289,4 @@ class Transport:
                 peer = None if topo.rank == dst else dst
                 work = watch.post(lambda: dist.broadcast(msg, src=dst, async_op=True), peer, what)
                 watch.wait([(work, peer)], what)
-            yield plan, _split_message(msg, plan) if receiving else None
+            yield plan, _split_message(msg, plan, own) if receiving else None

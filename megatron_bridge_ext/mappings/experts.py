@@ -15,7 +15,9 @@ calls :meth:`ExpertMapping.for_experts` with the model's expert count, which exp
 On import, ``hf`` holds per role the E global expert tensors (lazy views) or the fused tensor, ``out`` the E/ep local
 expert parameters of this rank: one ``expert_pack_*`` call reads only the experts and rows the rank keeps. On export,
 ``shards`` are the ep*etp holders' stacked local experts (index ``ep_rank * etp + etp_rank``, each
-``[E/ep, ...]``), unpacked by one ``expert_unpack_*`` call into the HF tensors.
+``[E/ep, ...]``; the destination's own holder may come as the list of its expert parameters), unpacked by one
+``expert_unpack_*`` call into the HF tensors; without expert-TP, per-expert HF tensors are views of the shards (gate
+and up the row halves of fc1), with nothing to copy.
 """
 
 from __future__ import annotations
@@ -82,6 +84,20 @@ class ExpertMapping(MegatronParamMapping):
         return list(value)  # type: ignore[arg-type]
 
 
+def _stacked(shards: Sequence) -> List[torch.Tensor]:
+    """Each holder's local experts as one ``[E_local, ...]`` tensor (the destination's own holder comes as the list of
+    its expert parameters, which is stacked here where an op needs one tensor)."""
+    return [torch.stack(list(s), 0) if isinstance(s, (list, tuple)) else s for s in shards]
+
+
+def _per_expert(shards: Sequence) -> Optional[Tuple[int, List]]:
+    """``(E_local, shards)`` when every local expert of every holder is a contiguous tensor, else None."""
+    if not all(w.is_contiguous() for s in shards for w in (s if isinstance(s, (list, tuple)) else s.unbind(0))):
+        return None
+    first = shards[0]
+    return (len(first) if isinstance(first, (list, tuple)) else first.shape[0]), list(shards)
+
+
 def _fill_expert(pattern: str, expert: int, mapping: MegatronParamMapping) -> str:
     if "*" not in pattern:
         raise ValueError(f"{mapping!r}: HF name {pattern!r} carries no expert wildcard to expand")
@@ -126,6 +142,18 @@ class ExpertFC1Mapping(ExpertMapping):
                                    etp_rank=ctx.tp_rank, out=out)
 
     def megatron_to_hf(self, shards, ctx):
+        per_expert = _per_expert(shards) if ctx.tp_size == 1 and not self.fused else None
+        if per_expert is not None:
+            # no expert-TP: expert e's gate and up are the two row halves of its local parameter (holder e // E_local),
+            # contiguous views: nothing to copy (the engine clones views of Megatron memory when asked for copies)
+            local, holders = per_expert
+            views: Dict[str, torch.Tensor] = {}
+            for e, (gn, un) in enumerate(zip(self.hf_param["gate"], self.hf_param["up"])):
+                w = holders[e // local][e % local]
+                half = w.shape[0] // 2
+                views[gn], views[un] = w.narrow(0, 0, half), w.narrow(0, half, half)
+            return views
+        shards = _stacked(shards)
         s = shards[0]
         num_experts = s.shape[0] * ctx.ep_size
         f = s.shape[1] // 2 * ctx.tp_size
@@ -174,6 +202,11 @@ class ExpertFC2Mapping(ExpertMapping):
                                    etp_rank=ctx.tp_rank, out=out)
 
     def megatron_to_hf(self, shards, ctx):
+        per_expert = _per_expert(shards) if ctx.tp_size == 1 and not self.fused else None
+        if per_expert is not None:  # no expert-TP: expert e's down is its local parameter (holder e // E_local)
+            local, holders = per_expert
+            return {name: holders[e // local][e % local] for e, name in enumerate(self.hf_param["down"])}
+        shards = _stacked(shards)
         s = shards[0]
         num_experts = s.shape[0] * ctx.ep_size
         expert_shape = (s.shape[1], s.shape[2] * ctx.tp_size) if s.dim() == 3 else (s.shape[1],)
