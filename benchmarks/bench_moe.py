@@ -9,7 +9,9 @@ all-gather dispatcher, bf16):
 * the model is built without weights first (not timed) and its parameters are left untouched, as megatron allocates
   them (``perform_initialization=False``): both imports include the first touch of the parameters;
 * ``import`` = the weight load (``AutoBridge.load_hf_weights``) between two barriers, the maximum over ranks;
-* ``export (no write)`` = draining the export generator (every rank iterates it), ``export`` = writing the HF
+* ``export (no write)`` = draining the export generator (every rank iterates it) by a consumer that uses each tensor
+  at once (this package: ``copy=False``, which hands out views where an HF tensor is a slice of Megatron memory
+  instead of a clone per tensor; Megatron Bridge has no such mode), ``export`` = writing the HF
   checkpoint (safetensors and config.json); both sides leave the flush of the written files to the OS (Megatron
   Bridge does not fsync; this package runs with ``fsync=False`` here);
 * peak RSS per rank (``VmHWM`` after a reset, max over ranks) during the import, absolute and above the rank's RSS
@@ -172,7 +174,9 @@ def _our_rank(rank: int, world: int, ckpt: str, out: str, ep: int, bucket_bytes:
     peak = _rss()["VmHWM"] if reset_ok else None
 
     t0 = time.perf_counter()
-    for _ in bridge.export_hf_weights(chunks, bucket_bytes=bucket_bytes, show_progress=False):
+    # a consumer that uses each tensor at once (copy=False, as the writer does): views of Megatron memory where the
+    # HF tensor is one (experts without expert-TP), no clone per tensor
+    for _ in bridge.export_hf_weights(chunks, bucket_bytes=bucket_bytes, show_progress=False, copy=False):
         pass
     dist.barrier()
     t_nowrite = time.perf_counter() - t0

@@ -11,8 +11,9 @@ parameter does.
 Fresh outputs: where the peers build the same tensor with one `torch.cat` (or `torch.stack`) of views, the op is also
 timed without `out=` (it allocates its result, as the `torch.cat` does) next to that single `torch.cat`: `fresh vs cat`
 = cat time / fresh op time (>= 1.00: the op is no slower), `fresh vs copy_` = time of `copy_` of the same bytes into an
-existing tensor / fresh op time. Allocations of this size are fresh pages on every call on both sides (glibc maps
-blocks above 32 MiB with mmap), so the page faults are in both times.
+existing tensor / fresh op time. The two are called alternately (medians of each), so that both meet the same
+allocator state: whether a call's result lands in fresh pages (page faults in its time) or in memory an earlier
+call freed depends on what was allocated and freed before it.
 
 Usage: python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--check] [--ops qkv,gate_up,...]
 """
@@ -22,8 +23,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import os
 
@@ -287,6 +289,29 @@ def median_seconds(fn: Callable[[], object], dev: str, quick: bool) -> float:
     return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2 if quick else 1.0).median
 
 
+def median_seconds_alternating(fa: Callable[[], object], fb: Callable[[], object], dev: str,
+                               quick: bool) -> Tuple[float, float]:
+    """Median wall times of fa and fb, called alternately (a, b, a, b, ...) so that both meet the same allocator and
+    page-cache state: used for the fresh-output comparisons, where each call allocates its result."""
+    def once(fn) -> float:
+        _sync(dev)
+        t0 = time.perf_counter()
+        r = fn()
+        _sync(dev)
+        t = time.perf_counter() - t0
+        del r
+        return t
+
+    once(fa), once(fb)  # warm-up
+    est = max(once(fa), once(fb), 1e-5)
+    n = int(min(200, max(7, (0.4 if quick else 2.0) / (2 * est))))
+    ta, tb = [], []
+    for _ in range(n):
+        ta.append(once(fa))
+        tb.append(once(fb))
+    return statistics.median(ta), statistics.median(tb)
+
+
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
@@ -346,8 +371,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     ok = _equal(c.fresh(), c.eager()) and _equal(c.cat(), c.eager())
                     check = "ok" if ok and check != "MISMATCH" else "MISMATCH"
                     failed |= not ok
-                t_fresh = median_seconds(c.fresh, dev, a.quick)
-                t_cat = median_seconds(c.cat, dev, a.quick)
+                t_fresh, t_cat = median_seconds_alternating(c.fresh, c.cat, dev, a.quick)
                 fresh_cols = (f"{t_fresh * 1e3:.3f}", f"{t_cat * 1e3:.3f}", f"{t_cat / t_fresh:.2f}",
                               f"{t_copy / t_fresh:.2f}")
             rows.append((c.op, c.setting, f"{c.out_bytes / 2**20:.0f}", f"{t_op * 1e3:.3f}",
