@@ -148,7 +148,12 @@ def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bu
     bridge = AutoBridge.from_hf_pretrained(ckpt)
     barrier()
     pre_model = _rss()["VmRSS"]  # interpreter, torch, megatron-core, process groups: before any parameter exists
-    chunks = bridge.to_megatron_model(load_weights=False, params_dtype=torch.bfloat16, bf16=True)
+    if cuda:  # allocated on the GPU, untouched, as in a training job (modules megatron leaves on the CPU follow)
+        chunks = bridge.to_megatron_model(load_weights=False, params_dtype=torch.bfloat16, bf16=True,
+                                          use_cpu_initialization=False)
+        chunks = [c.cuda() for c in chunks]
+    else:
+        chunks = bridge.to_megatron_model(load_weights=False, params_dtype=torch.bfloat16, bf16=True)
     params = [p for c in chunks for p in c.parameters()]
     model_bytes = sum(p.numel() * p.element_size() for p in params)
     on_device = {str(p.device) for p in params}
