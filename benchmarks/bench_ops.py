@@ -8,6 +8,9 @@ everything, then `torch.chunk(...)[rank].contiguous()` and a copy into the param
 (`index_select`) or chunk + cat. Ops write into preallocated outputs (`out=`), as an import into an existing Megatron
 parameter does.
 
+For the strided layouts (expert fc2 column shards) `vs views copy_` = time of torch's `copy_` of the same source views
+into the same destination / op time: the floor of that access pattern, next to the contiguous `copy_`.
+
 Fresh outputs: where the peers build the same tensor with one `torch.cat` (or `torch.stack`) of views, the op is also
 timed without `out=` (it allocates its result, as the `torch.cat` does) next to that single `torch.cat`: `fresh vs cat`
 = cat time / fresh op time (>= 1.00: the op is no slower), `fresh vs copy_` = time of `copy_` of the same bytes into an
@@ -46,6 +49,7 @@ class Case:
     out_bytes: int
     fresh: Optional[Callable[[], object]] = None  # the op allocating its output
     cat: Optional[Callable[[], object]] = None  # the peers' single torch.cat / torch.stack building the same tensor(s)
+    views_copy: Optional[Callable[[], object]] = None  # torch copy_ of the same (strided) source views into `out`
 
 
 def _bytes(*ts: torch.Tensor) -> int:
@@ -189,9 +193,14 @@ def expert_cases(E, F, D, dtype, dev) -> List[Case]:
         def cat2(etp=etp, t=t, local=local):  # one stack of the column-shard views
             return torch.stack([torch.chunk(down[e], etp, 1)[t] for e in local], 0)
 
+        def views2(out2=out2, etp=etp, t=t, local=local):  # the same strided views, copy_ per expert
+            for i, e in enumerate(local):
+                out2[i].copy_(torch.chunk(down[e], etp, 1)[t])
+            return out2
+
         s = f"ep={ep}/{r} etp={etp}/{t}"
         cases += [Case("expert_pack_fc1", s, run1, eager1, _bytes(out1)),
-                  Case("expert_pack_fc2", s, run2, eager2, _bytes(out2), fresh2, cat2)]
+                  Case("expert_pack_fc2", s, run2, eager2, _bytes(out2), fresh2, cat2, views2)]
     for ep, etp in ((8, 1), (4, 2)):
         El, f = E // ep, F // etp
         shards1 = [_rand((El, 2 * f, D), dtype, dev) for _ in range(ep * etp)]
@@ -344,8 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     wanted = [w for w in a.ops.split(",") if w]
     print(f"bench_ops: device={dev} dtype={dtype} threads={torch.get_num_threads()} "
           f"70B layer H={H} G={G} d={d} D={D} F={F}; MoE E={E} F={Fe} D={De}; bytes = read + written")
-    header = ("op", "setting", "MiB", "op ms", "GB/s", "vs copy_", "eager ms", "speedup", "fresh ms", "cat ms",
-              "fresh vs cat", "fresh vs copy_", "check")
+    header = ("op", "setting", "MiB", "op ms", "GB/s", "vs copy_", "vs views copy_", "eager ms", "speedup",
+              "fresh ms", "cat ms", "fresh vs cat", "fresh vs copy_", "check")
     rows = []
     failed = False
     for names, build in builders:
@@ -374,8 +383,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 t_fresh, t_cat = median_seconds_alternating(c.fresh, c.cat, dev, a.quick)
                 fresh_cols = (f"{t_fresh * 1e3:.3f}", f"{t_cat * 1e3:.3f}", f"{t_cat / t_fresh:.2f}",
                               f"{t_copy / t_fresh:.2f}")
+            views_col = "-"
+            if c.views_copy is not None:
+                if a.check:
+                    ok = _equal(c.views_copy(), c.eager())
+                    check = "ok" if ok and check != "MISMATCH" else "MISMATCH"
+                    failed |= not ok
+                views_col = f"{median_seconds(c.views_copy, dev, a.quick) / t_op:.2f}"
             rows.append((c.op, c.setting, f"{c.out_bytes / 2**20:.0f}", f"{t_op * 1e3:.3f}",
-                         f"{moved / t_op / 1e9:.1f}", f"{t_copy / t_op:.2f}", f"{t_eager * 1e3:.3f}",
+                         f"{moved / t_op / 1e9:.1f}", f"{t_copy / t_op:.2f}", views_col, f"{t_eager * 1e3:.3f}",
                          f"{t_eager / t_op:.1f}x", *fresh_cols, check))
             _sync(dev)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
@@ -384,7 +400,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print(fmt.format(*r))
-    print("vs copy_ = time of dst.copy_(src) of the same bytes / op time (1.00 = as fast as a plain copy); "
+    print("vs copy_ = time of dst.copy_(src) of the same bytes / op time (1.00 = as fast as a plain copy); vs views "
+          "copy_ = time of torch's copy_ of the same strided source views into the same destination / op time; "
           "speedup = eager reference time / op time;\nfresh = the op allocating its output, cat = the peers' single "
           "torch.cat/stack of views giving the same tensor(s); fresh vs cat = cat time / fresh time; fresh vs copy_ = "
           "copy_ time into an existing tensor / fresh time")
