@@ -103,9 +103,10 @@ def _pack_part(out: torch.Tensor, plan: BucketPlan, index: int) -> torch.Tensor:
 
 
 def _own_views_ok(plan: BucketPlan) -> bool:
-    """Whether the destination's own part of a bucket can be handed out as its parameters themselves (contiguous, in
-    the dtype the message would carry) instead of being copied into the message."""
-    return all(t.is_contiguous() and t.dtype == m.dtype for task, m in plan.layout for t in task.local_tensors)
+    """Whether the destination's own part of a bucket can be handed out as its parameters themselves (plain tensors,
+    contiguous, in the dtype the message would carry) instead of being copied into the message."""
+    return all(type(t).__name__ != "DTensor" and t.is_contiguous() and t.dtype == m.dtype
+               for task, m in plan.layout for t in task.local_tensors)
 
 
 def _own_shard(task: WeightConversionTask, m: ParamMeta):

@@ -61,6 +61,14 @@ def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out_root: st
                                   bucket_bytes=16 * 1024, show_progress=False)
         results[name] = (logits if rank == 0 else None, n_local)
         results[f"{name}_calls"] = (imported, dict(calls))
+        if name == "ep2":  # every rank iterates; rank 0 (the destination) counts the expert tensors that alias a
+            # parameter of its own: with copy=False its own experts are views of them, with copy=True none is
+            storages = {p.untyped_storage().data_ptr() for c in chunks for p in c.parameters()}
+            for copy in (False, True):
+                seen = [t.untyped_storage().data_ptr() in storages
+                        for n, t in bridge.export_hf_weights(chunks, copy=copy, show_progress=False)
+                        if ".experts." in n]
+                results[f"ep2_aliasing_copy={copy}"] = (sum(seen), len(seen))
         if name == "tp2ep2":  # the generator variant yields exactly this rank's loaded tensors, by local name
             params = {k: v for c in chunks for k, v in c.state_dict().items() if "_extra_state" not in k}
             streamed = {n: t for n, t, _ in bridge.model_bridge.stream_weights_hf_to_megatron(bridge.hf_pretrained,
@@ -120,6 +128,15 @@ def test_moe_experts_convert_with_one_op_call_per_layer(moe_results, name, tp, p
         want = {"expert_unpack_fc1": CONFIG["num_hidden_layers"],
                 "expert_unpack_fc2": CONFIG["num_hidden_layers"]} if rank == 0 and tp > 1 else {}
         assert exported == want, (rank, exported)
+
+
+def test_export_hands_out_the_destinations_own_experts_as_its_parameters(moe_results):
+    """EP2 without expert-TP: with copy=False, rank 0's own experts' HF tensors (gate, up, down) are views of its
+    expert parameters (nothing copied; the round-trip test checks their values); with copy=True none aliases them."""
+    per_rank = moe_results[2]
+    n = CONFIG["num_hidden_layers"] * CONFIG["num_local_experts"] * 3  # HF expert tensors
+    assert per_rank[0]["ep2_aliasing_copy=False"] == (n // 2, n)
+    assert per_rank[0]["ep2_aliasing_copy=True"] == (0, n)
 
 
 @pytest.mark.parametrize("name,tp,pp,ep", LAYOUTS, ids=[x[0] for x in LAYOUTS])
