@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
 from megatron_bridge_ext.engine.peers import Watch
 from megatron_bridge_ext.engine.tasks import build_tasks
-from megatron_bridge_ext.engine.transport import BucketPlan, Transport, cut_buckets, shard_storages
+from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets, shard_storages
 from megatron_bridge_ext.mcore.names import as_chunks
 from megatron_bridge_ext.mcore.topology import Topology, comm_device
 
@@ -62,7 +62,9 @@ class WeightSyncPlan:
         dst: the global rank that receives the tensors, or ``"all"``: every rank receives every bucket.
         hf_config: the HF config (the unpadded vocabulary); default: the one the model's config carries.
         copy: yield fresh tensors (default). With False a tensor that needs no conversion is a view of the parameter or
-            of the reused message buffer, valid until the next bucket is requested.
+            of the reused message buffer, and a converted one lives in a scratch buffer reused bucket after bucket
+            (sized once, at the largest bucket): every tensor of a bucket is valid until the next bucket is
+            requested.
         check_structure: agree over the world before each sync whether any rank's parameters changed (one
             all-reduce of two integers); without it a change on one rank only is not noticed by the others.
 
@@ -90,6 +92,7 @@ class WeightSyncPlan:
         self.builds = 0  #: how many times the plan was built (1 + rebuilds after structure changes)
         self.global_builds = 0  #: how many of them exchanged names and metadata over the world
         self._transport = Transport()
+        self._scratch = Scratch()  # the converted HF tensors of one bucket at a time (copy=False)
         self._dst_arg = dst
         self._build(global_order=True)
 
@@ -121,8 +124,11 @@ class WeightSyncPlan:
             row = []
             for task, m in plan.layout:
                 shards = len(m.senders) if m.sharded else 1
-                row.append(self.bridge._export_context(task, m, shards, topo, self.hf_config, self.chunks)
-                           if receiving else None)
+                ctx = self.bridge._export_context(task, m, shards, topo, self.hf_config, self.chunks) \
+                    if receiving else None
+                if ctx is not None and not self.copy:
+                    ctx.alloc = self._scratch.alloc
+                row.append(ctx)
             contexts.append(row)
         self._topo, self._dst, self._plans, self._contexts = topo, dst, plans, contexts
         self._receiving = receiving
@@ -189,6 +195,8 @@ class WeightSyncPlan:
                 if views is None:
                     continue
                 bucket: Bucket = []
+                if not self.copy:
+                    self._scratch.reset()  # the previous bucket's tensors are no longer in use
                 for (task, _), shards, ctx in zip(plan.layout, views, self._contexts[index]):
                     converted = bridge.maybe_modify_converted_hf_weight(task, task.mapping.megatron_to_hf(shards, ctx))
                     storages = shard_storages(shards) if self.copy else ()
@@ -199,5 +207,6 @@ class WeightSyncPlan:
                 yield bucket
 
     def release(self) -> None:
-        """Free the flat message buffers (they are allocated again by the next sync)."""
+        """Free the flat message buffers and the scratch buffer (they are allocated again by the next sync)."""
         self._transport.release()
+        self._scratch.release()

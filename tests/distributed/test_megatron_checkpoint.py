@@ -146,6 +146,23 @@ def _worker(rank: int, world: int, src: str, root: str, tokens, families: dict) 
                                 for k in hf.keys())
     single = WeightSyncPlan(bridge.model_bridge, chunks, dst=1)
     out["dst1_tensors"] = sum(len(b) for b in single.sync())
+    # copy=False: converted tensors live in one scratch buffer reused bucket after bucket; the consumer uses (here:
+    # clones) each bucket before asking for the next one. A bucket's tensors must not overlap in memory.
+    views = WeightSyncPlan(bridge.model_bridge, chunks, bucket_bytes=budget, dst=0, copy=False)
+    view_syncs, disjoint = [], True
+    for _ in range(2):
+        got = {}
+        for bucket in views.sync():
+            spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for _, t in bucket)
+            disjoint &= all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+            got.update({k: v.clone() for k, v in bucket})
+        view_syncs.append(got)
+    with SafeTensorsSource(src) as hf:
+        out["copy_false_exact"] = rank != 0 or all(
+            set(g) == set(hf.keys()) and all(torch.equal(g[k], hf[k].to(torch.bfloat16)) for k in hf.keys())
+            for g in view_syncs)
+    out["copy_false_disjoint"] = disjoint
+    out["copy_false_tensors"] = [len(g) for g in view_syncs]
     del chunks
     destroy_parallel()
 
@@ -270,6 +287,14 @@ def test_sync_plan_rebuilds_when_the_model_changes(world):
         assert counts["gather_param_names"] == 2, counts
         assert out["bf16_exact"], rank
     assert per_rank[1]["dst1_tensors"] == 3 + 9 * 4 and per_rank[0]["dst1_tensors"] == 0
+
+
+def test_sync_plan_without_copies_hands_out_each_bucket_in_reused_memory(world):
+    """copy=False, dst=0, two syncs: rank 0 gets every HF tensor bit-exact each time (consumed bucket by bucket), the
+    tensors of a bucket never overlap in memory, and the other rank gets nothing."""
+    _, per_rank, _ = world
+    assert per_rank[0]["copy_false_exact"] and per_rank[0]["copy_false_disjoint"]
+    assert per_rank[0]["copy_false_tensors"] == [3 + 9 * 4] * 2 and per_rank[1]["copy_false_tensors"] == [0, 0]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
