@@ -31,6 +31,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memio import DROP_CACHES, drop_page_cache, read_files_once, reset_peak, rss  # noqa: E402
+
 GiB = 1024**3
 
 
@@ -79,54 +82,6 @@ def make_checkpoint(path: str, layers: int, shard_bytes: int = GiB) -> Dict[str,
     return {"params": n, "bytes": 2 * n, "largest_bytes": largest}
 
 
-def read_files_once(path: str) -> float:
-    files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
-    buf = bytearray(64 * 1024 * 1024)
-    t0 = time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
-    return time.perf_counter() - t0
-
-
-DROP_CACHES = "/proc/sys/vm/drop_caches"
-
-
-def drop_page_cache(warm: Optional[str] = None) -> None:
-    """Writes back dirty pages and drops the (clean) page cache, then reads ``warm`` (a checkpoint directory) once so
-    that its files are cached again. Needs root (``--drop-caches``).
-
-    Why: on a machine whose memory is mostly page cache (earlier checkpoints, earlier outputs), every fresh page a
-    process touches must first be reclaimed from the cache; on the virtual machines measured here that made fresh
-    memory cost 1.5-3 s/GiB instead of ~0.2-0.4 s/GiB, and the cost depended on what ran before. Dropping the cache
-    before each measured run gives every side the same state: only the checkpoint being read is cached.
-    """
-    os.sync()
-    with open(DROP_CACHES, "w") as f:
-        f.write("3\n")
-    if warm:
-        read_files_once(warm)
-
-
-def _rss() -> Dict[str, int]:
-    out = {}
-    for line in open("/proc/self/status"):
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            k, v = line.split(":")
-            out[k] = int(v.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bucket_bytes: int,
             fsync: bool = True, device: str = "cpu") -> Dict[str, Any]:
     cuda = device == "cuda"
@@ -147,7 +102,7 @@ def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bu
     init_parallel(tp=tp, pp=pp)
     bridge = AutoBridge.from_hf_pretrained(ckpt)
     barrier()
-    pre_model = _rss()["VmRSS"]  # interpreter, torch, megatron-core, process groups: before any parameter exists
+    pre_model = rss()["VmRSS"]  # interpreter, torch, megatron-core, process groups: before any parameter exists
     if cuda:  # allocated on the GPU, untouched, as in a training job (modules megatron leaves on the CPU follow)
         chunks = bridge.to_megatron_model(load_weights=False, params_dtype=torch.bfloat16, bf16=True,
                                           use_cpu_initialization=False)
@@ -160,12 +115,12 @@ def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bu
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     barrier()
-    reset_ok = _reset_peak()
+    reset_ok = reset_peak()
     t0 = time.perf_counter()
     bridge.load_hf_weights(chunks, show_progress=False)  # into untouched parameters
     barrier()
     t_import = time.perf_counter() - t0
-    peak_import = _rss()["VmHWM"] if reset_ok else None
+    peak_import = rss()["VmHWM"] if reset_ok else None
     gpu_peak_import = torch.cuda.max_memory_allocated() if cuda else None
 
     t0 = time.perf_counter()
@@ -181,13 +136,13 @@ def _worker(rank: int, world: int, ckpt: str, out_dir: str, tp: int, pp: int, bu
     barrier()
     t_export_nowrite = time.perf_counter() - t0
 
-    _reset_peak()
-    before_export = _rss()["VmRSS"]
+    reset_peak()
+    before_export = rss()["VmRSS"]
     t0 = time.perf_counter()
     bridge.save_hf_pretrained(chunks, out_dir, bucket_bytes=bucket_bytes, show_progress=False, fsync=fsync)
     barrier()
     t_export = time.perf_counter() - t0
-    peak_export = _rss()["VmHWM"] if reset_ok else None
+    peak_export = rss()["VmHWM"] if reset_ok else None
     destroy_parallel()
     return {"rank": rank, "import_s": t_import, "import_resident_s": t_import_resident, "rss_pre_model": pre_model,
             "export_nowrite_s": t_export_nowrite, "export_s": t_export, "peak_import": peak_import,

@@ -50,6 +50,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
+from _memio import drop_page_cache, read_files_once, reset_peak, rss  # noqa: E402
+
 GiB = 1024**3
 DEFAULT_MB_PYTHON = "/work/venv-mb/bin/python"
 
@@ -115,36 +117,6 @@ def make_checkpoint(path: str, layers: int, experts: int, vocab: int, shard_byte
             "expert_bytes": expert_bytes}
 
 
-def read_files_once(path: str) -> float:
-    files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]
-    buf = bytearray(64 * 1024 * 1024)
-    t0 = time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
-    return time.perf_counter() - t0
-
-
-def _rss() -> Dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0]) * 1024
-    return out
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # this package (the project's environment)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -162,16 +134,16 @@ def _our_rank(rank: int, world: int, ckpt: str, out: str, ep: int, bucket_bytes:
     init_parallel(tp=1, pp=1, ep=ep)
     bridge = AutoBridge.from_hf_pretrained(ckpt)
     dist.barrier()
-    pre_model = _rss()["VmRSS"]
+    pre_model = rss()["VmRSS"]
     chunks = bridge.to_megatron_model(load_weights=False, params_dtype=torch.bfloat16, bf16=True)
     model_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     dist.barrier()
-    reset_ok = _reset_peak()
+    reset_ok = reset_peak()
     t0 = time.perf_counter()
     bridge.load_hf_weights(chunks, show_progress=False)
     dist.barrier()
     t_import = time.perf_counter() - t0
-    peak = _rss()["VmHWM"] if reset_ok else None
+    peak = rss()["VmHWM"] if reset_ok else None
 
     t0 = time.perf_counter()
     # a consumer that uses each tensor at once (copy=False, as the writer does): views of Megatron memory where the
@@ -266,7 +238,7 @@ def _reference_rank(rank: int, world: int, port: int, ckpt: str, out: str, ep: i
         provider.perform_initialization = False
         provider.finalize()
         dist.barrier()
-        pre_model = _rss()["VmRSS"]
+        pre_model = rss()["VmRSS"]
         model = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True,
                                                    mixed_precision_wrapper=None)
         te_modules = [n for c in model for n, m in c.named_modules() if isinstance(m, ref._TEPlaceholder)]
@@ -274,12 +246,12 @@ def _reference_rank(rank: int, world: int, port: int, ckpt: str, out: str, ep: i
             raise RuntimeError(f"model contains transformer_engine placeholder modules: {te_modules[:5]}")
         model_bytes = sum(p.numel() * p.element_size() for c in model for p in c.parameters())
         dist.barrier()
-        reset_ok = _reset_peak()
+        reset_ok = reset_peak()
         t0 = time.perf_counter()
         bridge.load_hf_weights(model)
         dist.barrier()
         t_import = time.perf_counter() - t0
-        peak = _rss()["VmHWM"] if reset_ok else None
+        peak = rss()["VmHWM"] if reset_ok else None
         wrong = _wrong_local_experts(model, ckpt, ep, parallel_state.get_expert_model_parallel_rank())
 
         t0 = time.perf_counter()
@@ -454,8 +426,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         row = {"ep": ep}
         for side, fn, fargs in sides:
             if args.drop_caches:
-                from bench_convert import drop_page_cache  # the project's environment only (main runs there)
-
                 drop_page_cache(ckpt)
             results = fn(*fargs)
             s = _summary(results)

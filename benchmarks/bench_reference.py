@@ -64,6 +64,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _memio import reset_peak, rss  # noqa: E402
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -196,22 +199,6 @@ def _forward_max_diff(model: Any, ckpt: str, vocab: int) -> Optional[float]:
     return float((got - want).abs().max())
 
 
-def _rss_peak_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_peak() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _fsync_tree(path: str) -> None:
     """Flush every file under ``path`` (and the directory) to disk."""
     for name in sorted(os.listdir(path)):
@@ -269,12 +256,12 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str, dtype_name: s
             raise RuntimeError(f"model contains transformer_engine placeholder modules: {te_modules[:5]}")
         dist.barrier()
 
-        reset_ok = _rss_peak_reset()
+        reset_ok = reset_peak()
         t0 = time.perf_counter()
         bridge.load_hf_weights(model)
         dist.barrier()
         t_import = time.perf_counter() - t0
-        peak = _rss_peak() if reset_ok else None
+        peak = rss()["VmHWM"] if reset_ok else None
 
         fwd = None
         if check_forward:

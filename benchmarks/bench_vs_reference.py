@@ -44,7 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from bench_convert import DROP_CACHES, _reset_peak, _rss, drop_page_cache, make_checkpoint, read_files_once  # noqa: E402
+from _memio import DROP_CACHES, drop_page_cache, read_files_once, reset_peak, rss  # noqa: E402
+from bench_convert import make_checkpoint  # noqa: E402
 
 GiB = 1024**3
 DEFAULT_MB_PYTHON = "/work/venv-mb/bin/python"
@@ -90,12 +91,12 @@ def _our_rank(rank: int, world: int, ckpt: str, out: str, tp: int, fsync: bool) 
     chunks = bridge.to_megatron_model(load_weights=False, params_dtype=torch.bfloat16, bf16=True)
     model_bytes = sum(p.numel() * p.element_size() for c in chunks for p in c.parameters())
     dist.barrier()
-    reset_ok = _reset_peak()
+    reset_ok = reset_peak()
     t0 = time.perf_counter()
     bridge.load_hf_weights(chunks, show_progress=False)  # into untouched parameters
     dist.barrier()
     t_import = time.perf_counter() - t0
-    peak = _rss()["VmHWM"] if reset_ok else None
+    peak = rss()["VmHWM"] if reset_ok else None
     dist.barrier()
     t0 = time.perf_counter()
     bridge.save_hf_pretrained(chunks, out, show_progress=False, fsync=fsync)

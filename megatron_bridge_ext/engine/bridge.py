@@ -46,7 +46,7 @@ from megatron_bridge_ext.engine.checks import (
     dtype_class,
     unused_hf_tensors,
 )
-from megatron_bridge_ext.engine.peers import Watch, current_watch
+from megatron_bridge_ext.engine.peers import Watch, current_watch, watched
 from megatron_bridge_ext.engine.tasks import GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets, shard_storages
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
@@ -576,18 +576,8 @@ class MegatronModelBridge:
             cpu: move the HF tensors to the CPU (when the model lives on a GPU); False keeps them on the device.
         """
         watch = self.watch("export")
-        try:
-            yield from self._stream_to_hf(watch, megatron_model, hf_pretrained, bucket_bytes, dst, show_progress,
-                                          hf_config, conversion_tasks, copy, cpu)
-        except GeneratorExit:
-            # the consumer stopped early: tell the other ranks (they would wait for this rank's next receive)
-            if not watch.reported:
-                watch.report(RuntimeError(f"rank {watch.rank} stopped consuming the export during "
-                                          f"{watch.phase!r} (the iterator was closed before its end)"))
-            raise
-        except Exception as e:
-            watch.report(e)
-            raise
+        yield from watched(watch, self._stream_to_hf(watch, megatron_model, hf_pretrained, bucket_bytes, dst,
+                                                     show_progress, hf_config, conversion_tasks, copy, cpu), "export")
 
     def _stream_to_hf(self, watch: Watch, megatron_model, hf_pretrained, bucket_bytes, dst, show_progress, hf_config,
                       conversion_tasks, copy, cpu) -> Iterator[HFWeightTuple]:

@@ -29,11 +29,12 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-__all__ = ["PeerFailure", "Watch", "current_watch", "peer_timeout", "DEFAULT_PEER_TIMEOUT", "PEER_TIMEOUT_ENV"]
+__all__ = ["PeerFailure", "Watch", "current_watch", "peer_timeout", "watched", "DEFAULT_PEER_TIMEOUT",
+           "PEER_TIMEOUT_ENV"]
 
 PEER_TIMEOUT_ENV = "MEGATRON_BRIDGE_PEER_TIMEOUT"
 #: seconds a wait may make no progress before the awaited peer is declared frozen
@@ -335,3 +336,18 @@ class Watch:
                         f"${PEER_TIMEOUT_ENV})", rank=missing[0], phase=phase, secondary=False)
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+def watched(watch: "Watch", items: Iterator[Any], what: str) -> Iterator[Any]:
+    """Yields from a collective generator under ``watch``: an error is reported to the other ranks, and a consumer that
+    stops early (closes the iterator) is reported too, since the other ranks would wait for this rank's messages."""
+    try:
+        yield from items
+    except GeneratorExit:
+        if not watch.reported:
+            watch.report(RuntimeError(f"rank {watch.rank} stopped consuming the {what} during {watch.phase!r} "
+                                      "(the iterator was closed before its end)"))
+        raise
+    except Exception as e:
+        watch.report(e)
+        raise

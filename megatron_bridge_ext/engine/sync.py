@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
-from megatron_bridge_ext.engine.peers import Watch
+from megatron_bridge_ext.engine.peers import Watch, watched
 from megatron_bridge_ext.engine.tasks import build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets, shard_storages
 from megatron_bridge_ext.mcore.names import as_chunks
@@ -174,16 +174,7 @@ class WeightSyncPlan:
         iterator, a dead process) makes every rank's sync fail, naming it (:mod:`megatron_bridge_ext.engine.peers`).
         """
         watch = self.bridge.watch("weight sync")
-        try:
-            yield from self._sync(watch)
-        except GeneratorExit:  # the consumer stopped early: the other ranks would wait for this rank's messages
-            if not watch.reported:
-                watch.report(RuntimeError(f"rank {watch.rank} stopped consuming the weight sync during "
-                                          f"{watch.phase!r} (the iterator was closed before its end)"))
-            raise
-        except Exception as e:
-            watch.report(e)
-            raise
+        yield from watched(watch, self._sync(watch), "weight sync")
 
     def _sync(self, watch: Watch) -> Iterator[Bucket]:
         self._refresh(watch)

@@ -5,6 +5,7 @@ Names: ``L`` is a Megatron decoder layer, ``H`` an HF decoder layer (both with t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -646,3 +647,27 @@ def mtp_mappings(mtp: Optional[MTPLayers], layer: Sequence[MegatronParamMapping]
             *layer_mappings_at(layer, f"{meg}.transformer_layer", hf),
         ]
     return out
+
+
+def family_expert_layout(bridge: Any, hf_state: Mapping[str, Any], hf_config: Any, *, experts_field: str,
+                         ffn_field: str = "moe_intermediate_size") -> ExpertLayout:
+    """A family bridge's ``detect_hf_layout``: the expert layout from the checkpoint's keys, with the expert count and
+    width read from the family's ``config.json`` fields."""
+    return detect_expert_layout(hf_state, type(bridge).__name__, hidden_size=config_get(hf_config, "hidden_size"),
+                                expert_ffn=config_get(hf_config, ffn_field),
+                                num_experts=config_get(hf_config, experts_field), default=bridge.default_hf_layout)
+
+
+class RoutedExpertsWithMTP:
+    """Layout hooks of the families with ``n_routed_experts`` and multi-token-prediction layers (DeepSeek-V3,
+    GLM-4.5): the expert layout and the MTP layers from the checkpoint, or from the model being exported. Listed
+    before the bridge base class."""
+
+    def detect_hf_layout(self, hf_state, hf_config):
+        experts = family_expert_layout(self, hf_state, hf_config, experts_field="n_routed_experts")
+        return dataclasses.replace(experts, mtp=detect_mtp_layers(hf_state, hf_config, type(self).__name__))
+
+    def hf_layout_for_model(self, config):
+        if config is None:
+            return self.hf_layout
+        return dataclasses.replace(self.hf_layout, mtp=mtp_layers_of_model(config))

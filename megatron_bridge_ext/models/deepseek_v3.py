@@ -24,35 +24,15 @@ Not converted: ``attention_bias=True``, ``rope_interleave=False``, YaRN with ``t
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.mcore.config import common_megatron_kwargs, config_get, yarn_hf_fields
 from megatron_bridge_ext.models.common import (
-    GPT_MODEL,
-    H,
-    PER_EXPERT,
-    activation_func,
-    activation_name,
-    detect_expert_layout,
-    detect_mtp_layers,
-    embedding_mappings,
-    first_k_dense_hf_field,
-    first_k_dense_pattern,
-    gated_mlp_mappings,
-    mla_mappings,
-    moe_hf_fields,
-    moe_runtime_kwargs,
-    mtp_kwargs,
-    mtp_layers_of_model,
-    mtp_mappings,
-    router_mappings,
-    routed_expert_mappings,
-    shared_expert_mappings,
-    shared_expert_size,
-    sigmoid_router_hf_fields,
-    sigmoid_router_kwargs,
+    GPT_MODEL, H, PER_EXPERT, RoutedExpertsWithMTP, activation_func, activation_name, embedding_mappings,
+    first_k_dense_hf_field, first_k_dense_pattern, gated_mlp_mappings, mla_mappings, moe_hf_fields,
+    moe_runtime_kwargs, mtp_kwargs, mtp_mappings, routed_expert_mappings, router_mappings, shared_expert_mappings,
+    shared_expert_size, sigmoid_router_hf_fields, sigmoid_router_kwargs,
 )
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
@@ -149,7 +129,7 @@ def mla_hf_fields(config: Any, family: str) -> Dict[str, Any]:
 
 
 @MegatronModelBridge.register_bridge(source="DeepseekV3ForCausalLM", target=GPT_MODEL)
-class DeepseekV3Bridge(MegatronModelBridge):
+class DeepseekV3Bridge(RoutedExpertsWithMTP, MegatronModelBridge):
     """HF DeepseekV3ForCausalLM <-> Megatron-Core GPTModel with multi-latent attention and MoE layers."""
 
     hf_model_type = "deepseek_v3"
@@ -201,19 +181,6 @@ class DeepseekV3Bridge(MegatronModelBridge):
             **sigmoid_router_hf_fields(config, family),
         )
         return hf
-
-    def detect_hf_layout(self, hf_state, hf_config):
-        family = type(self).__name__
-        experts = detect_expert_layout(hf_state, family, hidden_size=config_get(hf_config, "hidden_size"),
-                                       expert_ffn=config_get(hf_config, "moe_intermediate_size"),
-                                       num_experts=config_get(hf_config, "n_routed_experts"),
-                                       default=self.default_hf_layout)
-        return dataclasses.replace(experts, mtp=detect_mtp_layers(hf_state, hf_config, family))
-
-    def hf_layout_for_model(self, config):
-        if config is None:
-            return self.hf_layout
-        return dataclasses.replace(self.hf_layout, mtp=mtp_layers_of_model(config))
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         layer = [*mla_mappings(), *gated_mlp_mappings(), *router_mappings(), *routed_expert_mappings(self.hf_layout),

@@ -10,36 +10,15 @@ Router weights stay fp32 in bf16 models, as HF keeps them. Multi-token-predictio
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.mcore.config import common_megatron_kwargs, config_get
 from megatron_bridge_ext.models.common import (
-    GPT_MODEL,
-    H,
-    PER_EXPERT,
-    activation_func,
-    activation_name,
-    attention_mappings,
-    detect_expert_layout,
-    detect_mtp_layers,
-    embedding_mappings,
-    first_k_dense_hf_field,
-    first_k_dense_pattern,
-    gated_mlp_mappings,
-    moe_hf_fields,
-    moe_runtime_kwargs,
-    mtp_kwargs,
-    mtp_layers_of_model,
-    mtp_mappings,
-    qk_norm_mappings,
-    router_mappings,
-    routed_expert_mappings,
-    shared_expert_mappings,
-    shared_expert_size,
-    sigmoid_router_hf_fields,
-    sigmoid_router_kwargs,
+    GPT_MODEL, H, PER_EXPERT, RoutedExpertsWithMTP, activation_func, activation_name, attention_mappings,
+    embedding_mappings, first_k_dense_hf_field, first_k_dense_pattern, gated_mlp_mappings, moe_hf_fields,
+    moe_runtime_kwargs, mtp_kwargs, mtp_mappings, qk_norm_mappings, routed_expert_mappings, router_mappings,
+    shared_expert_mappings, shared_expert_size, sigmoid_router_hf_fields, sigmoid_router_kwargs,
 )
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
@@ -47,7 +26,7 @@ __all__ = ["Glm4MoeBridge"]
 
 
 @MegatronModelBridge.register_bridge(source="Glm4MoeForCausalLM", target=GPT_MODEL)
-class Glm4MoeBridge(MegatronModelBridge):
+class Glm4MoeBridge(RoutedExpertsWithMTP, MegatronModelBridge):
     """HF Glm4MoeForCausalLM <-> Megatron-Core GPTModel with MoE layers and shared experts."""
 
     hf_model_type = "glm4_moe"
@@ -100,19 +79,6 @@ class Glm4MoeBridge(MegatronModelBridge):
             **sigmoid_router_hf_fields(config, family),
         )
         return hf
-
-    def detect_hf_layout(self, hf_state, hf_config):
-        family = type(self).__name__
-        experts = detect_expert_layout(hf_state, family, hidden_size=config_get(hf_config, "hidden_size"),
-                                       expert_ffn=config_get(hf_config, "moe_intermediate_size"),
-                                       num_experts=config_get(hf_config, "n_routed_experts"),
-                                       default=self.default_hf_layout)
-        return dataclasses.replace(experts, mtp=detect_mtp_layers(hf_state, hf_config, family))
-
-    def hf_layout_for_model(self, config):
-        if config is None:
-            return self.hf_layout
-        return dataclasses.replace(self.hf_layout, mtp=mtp_layers_of_model(config))
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         layer = [*attention_mappings(), *qk_norm_mappings(), *gated_mlp_mappings(), *router_mappings(),

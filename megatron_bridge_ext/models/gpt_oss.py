@@ -29,20 +29,9 @@ from megatron_bridge_ext.mcore.config import (
     window_settings,
 )
 from megatron_bridge_ext.models.common import (
-    GPT_MODEL,
-    H,
-    ExpertLayout,
-    attention_mappings,
-    detect_expert_layout,
-    embedding_mappings,
-    moe_hf_fields,
-    moe_runtime_kwargs,
-    pre_mlp_norm_mappings,
-    router_mappings,
-    routed_expert_mappings,
-    sink_mappings,
-    softmax_router_hf_fields,
-    softmax_router_kwargs,
+    ExpertLayout, GPT_MODEL, H, attention_mappings, embedding_mappings, family_expert_layout, moe_hf_fields,
+    moe_runtime_kwargs, pre_mlp_norm_mappings, routed_expert_mappings, router_mappings, sink_mappings,
+    softmax_router_hf_fields, softmax_router_kwargs,
 )
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
@@ -125,10 +114,7 @@ class GptOssBridge(MegatronModelBridge):
         return hf
 
     def detect_hf_layout(self, hf_state, hf_config):
-        return detect_expert_layout(hf_state, type(self).__name__, hidden_size=config_get(hf_config, "hidden_size"),
-                                    expert_ffn=config_get(hf_config, "intermediate_size"),
-                                    num_experts=config_get(hf_config, "num_local_experts"),
-                                    default=self.default_hf_layout)
+        return family_expert_layout(self, hf_state, hf_config, experts_field="num_local_experts", ffn_field="intermediate_size")
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(), *sink_mappings(),

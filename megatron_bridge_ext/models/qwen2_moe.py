@@ -13,23 +13,9 @@ from typing import Any, Dict
 
 from megatron_bridge_ext.mcore.config import config_get, window_settings
 from megatron_bridge_ext.models.common import (
-    GPT_MODEL,
-    H,
-    PER_EXPERT,
-    attention_mappings,
-    detect_expert_layout,
-    embedding_mappings,
-    gated_mlp_mappings,
-    moe_hf_fields,
-    moe_runtime_kwargs,
-    qwen_moe_pattern,
-    qwen_moe_pattern_hf_fields,
-    qwen_window_hf_fields,
-    router_mappings,
-    routed_expert_mappings,
-    shared_expert_mappings,
-    softmax_router_hf_fields,
-    softmax_router_kwargs,
+    GPT_MODEL, H, PER_EXPERT, attention_mappings, embedding_mappings, family_expert_layout, gated_mlp_mappings,
+    moe_hf_fields, moe_runtime_kwargs, qwen_moe_pattern, qwen_moe_pattern_hf_fields, qwen_window_hf_fields,
+    routed_expert_mappings, router_mappings, shared_expert_mappings, softmax_router_hf_fields, softmax_router_kwargs,
 )
 from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.registry import MegatronMappingRegistry
@@ -81,10 +67,7 @@ class Qwen2MoeBridge(LlamaBridge):
         return hf
 
     def detect_hf_layout(self, hf_state, hf_config):
-        return detect_expert_layout(hf_state, type(self).__name__, hidden_size=config_get(hf_config, "hidden_size"),
-                                    expert_ffn=config_get(hf_config, "moe_intermediate_size"),
-                                    num_experts=config_get(hf_config, "num_experts"),
-                                    default=self.default_hf_layout)
+        return family_expert_layout(self, hf_state, hf_config, experts_field="num_experts")
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         return MegatronMappingRegistry(

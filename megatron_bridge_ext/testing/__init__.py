@@ -1,1 +1,2 @@
-"""Test and demo support: tiny transformers checkpoints and parity helpers (HF logits, checkpoint comparison)."""
+"""Test and demo support: tiny transformers checkpoints, parity helpers (HF logits, checkpoint comparison) and call
+counting."""

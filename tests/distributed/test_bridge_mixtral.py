@@ -34,18 +34,10 @@ def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out_root: st
     from megatron_bridge_ext import ops
     from megatron_bridge_ext.mcore.forward import megatron_logits
 
-    calls = {}  # every call of the fused expert ops, by op name
+    from megatron_bridge_ext.testing.calls import count_calls
 
-    def counting(op_name):
-        original = getattr(ops, op_name)
-
-        def wrapper(*args, **kwargs):
-            calls[op_name] = calls.get(op_name, 0) + 1
-            return original(*args, **kwargs)
-        return wrapper
-
-    for op_name in ("expert_pack_fc1", "expert_pack_fc2", "expert_unpack_fc1", "expert_unpack_fc2"):
-        setattr(ops, op_name, counting(op_name))
+    # every call of the fused expert ops in this rank, by op name
+    calls = count_calls(ops, ("expert_pack_fc1", "expert_pack_fc2", "expert_unpack_fc1", "expert_unpack_fc2"))
 
     results = {}
     for name, tp, pp, ep in LAYOUTS:

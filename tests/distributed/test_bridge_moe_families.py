@@ -462,18 +462,10 @@ def _worker(rank, world, ckpts, tokens, out_root):
     from megatron_bridge_ext.mcore.forward import megatron_logits
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
-    calls = {}
+    from megatron_bridge_ext.testing.calls import count_calls
 
-    def counting(op_name):
-        original = getattr(ops, op_name)
-
-        def wrapper(*args, **kwargs):
-            calls[op_name] = calls.get(op_name, 0) + 1
-            return original(*args, **kwargs)
-        return wrapper
-
-    for op_name in ("expert_pack_fc1", "expert_pack_fc2", "expert_unpack_fc1", "expert_unpack_fc2"):
-        setattr(ops, op_name, counting(op_name))
+    # every call of the fused expert ops in this rank, by op name
+    calls = count_calls(ops, ("expert_pack_fc1", "expert_pack_fc2", "expert_unpack_fc1", "expert_unpack_fc2"))
 
     def save(bridge, chunks, name):
         bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=256 * 1024,
