@@ -33,6 +33,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import torch.distributed as dist
 
+from megatron_bridge_ext.io.staging import pid_alive
+
 __all__ = ["PeerFailure", "Watch", "current_watch", "peer_timeout", "watched", "DEFAULT_PEER_TIMEOUT",
            "PEER_TIMEOUT_ENV"]
 
@@ -93,20 +95,6 @@ def current_watch() -> Optional["Watch"]:
 
 def _host() -> str:
     return socket.gethostname()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class Watch:
@@ -298,7 +286,7 @@ class Watch:
                 host, _, pid = self._base.get(key).decode().rpartition(":")
             except Exception:
                 continue
-            if host == _host() and not _pid_alive(int(pid)):
+            if host == _host() and not pid_alive(int(pid)):
                 out.append(r)
         return out
 

@@ -51,7 +51,7 @@ import sys
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
 __all__ = ["StagedCheckpoint", "WEIGHT_SUFFIXES", "is_weight_file", "interrupted_save_hint", "no_space_error",
-           "fsync_dir"]
+           "fsync_dir", "pid_alive"]
 
 #: files at the top of a checkpoint directory that are weights (of any format) or their indexes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5", ".gguf")
@@ -74,9 +74,8 @@ def _host_tag() -> str:
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host is running (a zombie, exited but not yet reaped, counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -271,7 +270,7 @@ class StagedCheckpoint:
                     "is running there (if the output directory is missing, it is the previous checkpoint: rename "
                     "it back)"
                 )
-            if pid != os.getpid() and _pid_alive(pid):
+            if pid != os.getpid() and pid_alive(pid):
                 raise RuntimeError(
                     f"another save into {target} is in progress (process {pid}, staging directory {path}); "
                     "refusing to interleave two saves (if no save is running, remove that directory)"
