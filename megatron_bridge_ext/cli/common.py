@@ -179,6 +179,20 @@ def phase(description: str, show: bool) -> Iterator[None]:
         yield
 
 
+def load_checkpoint_chunks(info: Any, config: Any, device: torch.device, show: bool) -> List[torch.nn.Module]:
+    """This rank's chunks built from ``config`` in its params dtype, on ``device``, filled from the Megatron checkpoint
+    ``info`` describes (export and verify)."""
+    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, load_megatron_checkpoint
+    from megatron_bridge_ext.mcore.model_builder import build_model_chunks
+
+    chunks = cast_to_params_dtype(build_model_chunks(config))
+    if device.type == "cuda":
+        chunks = [c.to(device) for c in chunks]
+    with phase(f"Reading the Megatron checkpoint {info.path}", show):
+        load_megatron_checkpoint(chunks, info.path)
+    return chunks
+
+
 def summary_line(what: str, tensors: int, nbytes: int, seconds: float, dest: str, extra: str = "") -> str:
     """``<what>: N tensors, X GB in T s (Y GB/s) -> dest``."""
     gb = nbytes / 1e9

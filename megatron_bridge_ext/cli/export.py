@@ -46,17 +46,16 @@ def check_source_agrees(info: Any, source_fields: Dict[str, Any], source_arch: s
 
 def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str, Any], hf_source: Optional[str],
             show: bool, verbose: bool, fsync: bool) -> Dict[str, Any]:
-    from megatron_bridge_ext.cli.common import phase, timed, worker_setup
+    from megatron_bridge_ext.cli.common import load_checkpoint_chunks, timed, worker_setup
 
     device = worker_setup(verbose)
     import torch.distributed as dist
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
-    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, config_from_checkpoint, \
-        load_megatron_checkpoint
+    from megatron_bridge_ext.mcore.checkpoint import config_from_checkpoint
     from megatron_bridge_ext.mcore.config import config_to_dict
-    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
     show = show and rank == 0
     init_parallel(**layout)
@@ -76,11 +75,7 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
             config = source_config  # a checkpoint of Megatron-LM itself: the model as the HF source describes it
         else:
             config = config_from_checkpoint(info)
-        chunks = cast_to_params_dtype(build_model_chunks(config))
-        if device.type == "cuda":
-            chunks = [c.to(device) for c in chunks]
-        with phase(f"Reading the Megatron checkpoint {info.path}", show):
-            load_megatron_checkpoint(chunks, info.path)
+        chunks = load_checkpoint_chunks(info, config, device, show)
         dist.barrier()
         read_s = clock()
         summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync)

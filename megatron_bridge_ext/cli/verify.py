@@ -27,15 +27,14 @@ def _tokens(vocab: int, batches: int, batch: int, seq_len: int, seed: int) -> Li
 
 def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, Any], logits: bool,
             batches: int, seq_len: int, show: bool, verbose: bool) -> Optional[Dict[str, Any]]:
-    from megatron_bridge_ext.cli.common import phase, timed, worker_setup
+    from megatron_bridge_ext.cli.common import load_checkpoint_chunks, phase, timed, worker_setup
 
     device = worker_setup(verbose)
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
-    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, config_from_checkpoint, \
-        load_megatron_checkpoint
+    from megatron_bridge_ext.mcore.checkpoint import config_from_checkpoint
     from megatron_bridge_ext.mcore.forward import megatron_logits
-    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
     show = show and rank == 0
     init_parallel(**layout)
@@ -47,11 +46,7 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
         if info.architecture is not None and info.architecture != arch:
             raise ValueError(f"{hf_dir} is a {arch}, the Megatron checkpoint {info.path} holds a {info.architecture}")
         config = config_from_checkpoint(info) if info.model_config is not None else bridge.transformer_config()
-        chunks = cast_to_params_dtype(build_model_chunks(config))
-        if device.type == "cuda":
-            chunks = [c.to(device) for c in chunks]
-        with phase(f"Reading the Megatron checkpoint {info.path}", show):
-            load_megatron_checkpoint(chunks, info.path)
+        chunks = load_checkpoint_chunks(info, config, device, show)
         load_s = clock()
         src = bridge.hf_pretrained.state
         dtype = config.params_dtype
