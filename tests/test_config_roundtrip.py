@@ -1,6 +1,8 @@
 """Config translation both ways: HF config -> Megatron GPTConfig -> HF config.json. transformers builds a model from
-the regenerated config; with the original model's weights its logits equal the original model's (torch.equal), so
-every field that changes the forward survived the round trip."""
+the regenerated config; with the original model's weights its logits equal the original model's (within
+``SAME_MODEL_ATOL``: same class, same weights, only the kernels' reduction order may differ), so every field that
+changes the forward survived the round trip. The smallest such change, a norm epsilon off by 2x, moves the logits by
+far more than that tolerance (``test_the_tolerance_sees_a_changed_norm_epsilon``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
+from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=3e-6,
@@ -113,6 +116,25 @@ def _model(arch: str, overrides: dict):
     return model
 
 
+def _logits(model) -> torch.Tensor:
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def test_the_tolerance_sees_a_changed_norm_epsilon():
+    """The negative control of the comparison below: the same weights under a config whose only change is the norm
+    epsilon (3e-6 -> 6e-6), the least visible field a round trip could get wrong, differ by more than 10x
+    SAME_MODEL_ATOL."""
+    model = _model("Llama", CASES["llama"][1])
+    config2 = transformers.AutoConfig.for_model(**{**model.config.to_dict(), "rms_norm_eps": 6e-6})
+    model2 = transformers.LlamaForCausalLM(config2).float().eval()
+    model2.load_state_dict(model.state_dict(), strict=True)
+    assert model.config.rms_norm_eps == 3e-6
+    diff = max_abs_diff(_logits(model2), _logits(model))
+    assert diff > 10 * SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hf_megatron_hf_config_gives_the_same_model(case):
     arch, overrides = CASES[case]
@@ -125,12 +147,9 @@ def test_hf_megatron_hf_config_gives_the_same_model(case):
     assert type(config2) is type(model.config)
     model2 = transformers.AutoModelForCausalLM.from_config(
         config2, attn_implementation=model.config._attn_implementation).float().eval()
-    missing, unexpected = model2.load_state_dict(model.state_dict(), strict=True)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model(ids, use_cache=False).logits
-        got = model2(ids, use_cache=False).logits
-    assert torch.equal(got, want), (got - want).abs().max().item()
+    model2.load_state_dict(model.state_dict(), strict=True)
+    diff = max_abs_diff(_logits(model2), _logits(model))
+    assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
     # and the Megatron config of the regenerated HF config is the same again (MLA / YaRN fields included)
     again = bridge.transformer_config(config2)
     for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",

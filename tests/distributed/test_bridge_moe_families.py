@@ -53,6 +53,7 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 E, F, FFN = 6, 24, 80  # 2F != hidden and F != hidden: fused orientations are told apart by their shapes
 BASE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -677,7 +678,7 @@ def test_logits_match_hf(world, family, name, tp, pp, ep):
     _, _, per_rank, hf, _ = world
     got = per_rank[0][f"{family}_{name}"]["logits"]
     diff = (got - hf[family]).abs().max().item()
-    assert diff <= 1e-4, f"{family} {name}: max |logit diff| {diff:.3e} > 1e-4"
+    assert diff <= MEGATRON_VS_HF_ATOL, f"{family} {name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
 
 
 @pytest.mark.parametrize("family,name,tp,pp,ep", CASES, ids=IDS)
@@ -744,8 +745,10 @@ def test_fused_checkpoint_round_trips_to_itself(world, family, variant):
     ckpts, out_root, _, hf, tokens = world
     _assert_same_tensors(ckpts[family][variant], os.path.join(out_root, f"{family}_{variant}"))
     if (family, variant) in HF_LOADABLE:  # transformers reads our fused tensors as its own: same model
+        # same class, same bytes; transformers holds the fused experts in another memory layout than the per-expert
+        # model, so only the GEMMs' reduction order differs (testing/tolerances.py)
         diff = (_hf_logits(ckpts[family][variant], tokens) - hf[family]).abs().max().item()
-        assert diff == 0.0, diff
+        assert diff <= SAME_MODEL_ATOL, f"{family}-{variant}: max |logit diff| {diff:.3e}"
 
 
 def test_mixed_layout_checkpoint_is_refused(world, tmp_path):
@@ -777,7 +780,7 @@ def test_export_without_source_loads_in_transformers(world, family):
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["architectures"] == [_arch(family)]
     diff = (_hf_logits(out, tokens) - hf[family]).abs().max().item()
-    assert diff <= 1e-4, f"{family}: max |logit diff| {diff:.3e}"
+    assert diff <= SAME_MODEL_ATOL, f"{family}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 
 
 @pytest.mark.parametrize("variant", ["native", "fused"])
@@ -802,11 +805,12 @@ def test_mtp_main_and_mtp_logits(world, family, name, tp, pp, ep):
     _, _, per_rank, hf, _ = world
     res = per_rank[0][f"{family}_mtp_{name}"]
     diff = (res["logits"] - hf[family]).abs().max().item()
-    assert diff <= 1e-4, f"{family} {name}: main logits max |diff| {diff:.3e}"
+    assert diff <= MEGATRON_VS_HF_ATOL, f"{family} {name}: main logits max |diff| {diff:.3e}"
     assert len(res["mtp_logits"]) == 1
     ref = hf[f"{family}_mtp"]
     diff = (res["mtp_logits"][0] - ref).abs().max().item()
-    assert diff <= 1e-4 and ref.abs().max().item() > 1.0, f"{family} {name}: MTP logits max |diff| {diff:.3e}"
+    assert diff <= MEGATRON_VS_HF_ATOL and ref.abs().max().item() > 1.0, \
+        f"{family} {name}: MTP logits max |diff| {diff:.3e}"
 
 
 @pytest.mark.parametrize("family,name,tp,pp,ep", [c for c in MTP_CASES if c[2] == 1],
@@ -840,7 +844,7 @@ def test_mtp_export_without_source(world, family):
         cfg = json.load(f)
     assert cfg["num_nextn_predict_layers"] == 1 and cfg["num_hidden_layers"] == MTP
     diff = (_hf_logits(out, tokens) - hf[family]).abs().max().item()
-    assert diff <= 1e-4, f"{family}: max |logit diff| {diff:.3e}"
+    assert diff <= SAME_MODEL_ATOL, f"{family}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 
 
 @pytest.mark.parametrize("family,name", [(f, layout[0]) for f in MTP_FAMILIES for layout in BF16_LAYOUTS])
@@ -872,4 +876,4 @@ def test_a_model_without_mtp_layers_names_the_mtp_tensors_it_leaves(world):
         assert re.search(rf"{count} HF tensor\(s\) of .* are used by no mapping of this model: \['model\.layers\.4\.",
                          r["mtp_off"]), (rank, count, r["mtp_off"])
         logits, mtp = r["mtp_off_logits"]
-        assert mtp == [] and (logits - hf["deepseek_v3"]).abs().max().item() <= 1e-4, rank
+        assert mtp == [] and (logits - hf["deepseek_v3"]).abs().max().item() <= MEGATRON_VS_HF_ATOL, rank

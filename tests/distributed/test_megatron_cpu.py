@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_bridge_ext.launch import spawn_local
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL
 
 try:  # tests/distributed as a package, or (no __init__.py) on sys.path via pytest's default import mode
     from . import _megatron_utils as mu
@@ -20,7 +21,7 @@ except ImportError:
     import _megatron_utils as mu
 
 WORLD = 4
-TOL = 1e-4
+TOL = MEGATRON_VS_HF_ATOL  # megatron-core vs transformers, two implementations (testing/tolerances.py)
 
 # name -> (tp, pp, vpp, vocab, tied, llama3)
 LAYOUTS = {
