@@ -1,8 +1,9 @@
 """Build megatron-core GPTModel chunks for this rank and set up / tear down megatron's parallel state.
 
 Uses the local (non-Transformer-Engine) layer spec, which runs on CPU and GPU alike, adjusted by
-:func:`gpt_layer_spec` for the features whose modules megatron-core's local spec lacks (see :mod:`.modules`). On
-CPU-only processes call ``cpu_compat.apply_cpu_patches()`` first.
+:func:`gpt_layer_spec` for the features whose modules megatron-core's local spec lacks (see :mod:`.modules`). In a
+process without CUDA, :func:`build_gpt_model` first applies what megatron-core needs there
+(``cpu_compat.prepare_cpu_process``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_bridge_ext.mcore.config import GPTConfig, padded_vocab_size
-from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, seed_model_parallel_rng
+from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, prepare_cpu_process, seed_model_parallel_rng
 from megatron_bridge_ext.mcore.modules import (
     FP32WeightRouter,
     LatentRMSNorm,
@@ -100,6 +101,7 @@ def build_gpt_model(
     Returns:
         The GPTModel in eval mode; ``model.unpadded_vocab_size`` records the unpadded vocabulary size.
     """
+    prepare_cpu_process()  # a no-op where CUDA is available
     vocab_size = config.vocab_size if vocab_size is None else vocab_size
     if vocab_size is None:
         raise ValueError("build_gpt_model: no vocab_size given and config.vocab_size is None")
