@@ -4,27 +4,23 @@ The rest of the package calls these and never compares version numbers itself. E
 it is given (a spec entry's type, a field's presence) where it can, and on the installed version only where the
 structure cannot tell.
 
-==============================================  ====================================================================
-difference                                      helper
-==============================================  ====================================================================
-supported releases (0.16.1+, 0.19.x)          :data:`SUPPORTED_MEGATRON_CORE`, :func:`require_supported_megatron_core`
-                                                (``mcore/__init__`` calls it: one error before any model is built)
-layer-spec entries: the local spec's dense MLP  :func:`spec_submodules`, :func:`replace_submodules` (either form)
-and MoE entries are ``ModuleSpec`` up to 0.17,
-``functools.partial(builder, submodules=...)``
-from 0.18 on
-config fields renamed or added for runtime      :data:`RUNTIME_ONLY_CONFIG_FIELDS`, :func:`drop_runtime_only_fields`
-features (CUDA graphs: 0.19 has                 (never stored with a checkpoint's model config, dropped when one is
-``cuda_graph_modules`` beside the deprecated    read, so either version reads what the other wrote)
-``cuda_graph_scope``, ``inference_cuda_graph_
-scope``)
-the common state of a distributed checkpoint:   :func:`common_state_in_checkpoint_files` (``dist_checkpointing.save``
-``common.pt`` up to 0.18, a ``common_state``    writes the installed version's layout; its ``load_common_state_dict``
-object inside the DCP files from 0.19 on        reads both from 0.19 on)
-opt-in layouts of 0.17-0.19 that rename or      :func:`check_opt_in_layouts` (refused with the setting named and what
-reshape parameters                              to do instead; ``mtp_use_repeated_layer`` with one MTP layer is the
-                                                same model and accepted)
-==============================================  ====================================================================
+- supported releases (0.16.1+, 0.19.x): :data:`SUPPORTED_MEGATRON_CORE`, :func:`require_supported_megatron_core`
+  (``mcore/__init__`` calls it: one error before any model is built);
+- layer-spec entries: the local spec's dense MLP and MoE entries are ``ModuleSpec`` in 0.16 and
+  ``functools.partial(builder, submodules=...)`` from 0.18 on: :func:`spec_submodules`, :func:`replace_submodules`
+  (either form);
+- config fields of runtime features renamed or added (CUDA graphs: 0.19 has ``cuda_graph_modules`` beside the
+  deprecated ``cuda_graph_scope``, and ``inference_cuda_graph_scope``): :data:`RUNTIME_ONLY_CONFIG_FIELDS`,
+  :func:`drop_runtime_only_fields` (never stored with a checkpoint's model config, dropped when one is read, so either
+  version reads what the other wrote);
+- the common state of a distributed checkpoint (``common.pt`` in 0.16, a ``common_state`` object inside the DCP
+  files from 0.19 on): :func:`common_state_in_checkpoint_files` (``dist_checkpointing.save`` writes the installed
+  version's layout; 0.19's ``load_common_state_dict`` reads both);
+- the decoder layer of a multi-token-prediction layer (``transformer_layer`` in 0.16, ``mtp_model_layer`` in 0.19):
+  :func:`mtp_layer_module` (parameter names only: 0.19 maps its checkpoint keys back to ``transformer_layer``);
+- opt-in layouts of 0.17-0.19 that rename or reshape parameters: :func:`check_opt_in_layouts` (refused with the
+  setting named and what to do instead; ``mtp_use_repeated_layer`` with one MTP layer is the same model and
+  accepted).
 """
 
 from __future__ import annotations
@@ -53,6 +49,7 @@ __all__ = [
     "RUNTIME_ONLY_CONFIG_FIELDS",
     "drop_runtime_only_fields",
     "common_state_in_checkpoint_files",
+    "mtp_layer_module",
 ]
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -163,6 +160,21 @@ def common_state_in_checkpoint_files() -> bool:
     iteration, this package's entry) as a ``common_state`` object inside the torch.distributed.checkpoint files
     (0.19 on) rather than as ``common.pt`` (up to 0.18)."""
     return megatron_core_version() >= (0, 19, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def mtp_layer_module() -> str:
+    """The attribute of megatron-core's ``MultiTokenPredictionLayer`` that holds its decoder layer, so its
+    parameters are ``mtp.layers.{i}.<this>.*``: ``transformer_layer`` (0.16), ``mtp_model_layer`` (0.19), read from
+    the fields of ``MultiTokenPredictionLayerSubmodules``."""
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
+
+    fields = {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
+    for name in ("mtp_model_layer", "transformer_layer"):
+        if name in fields:
+            return name
+    raise RuntimeError(f"megatron-core's MultiTokenPredictionLayerSubmodules has neither mtp_model_layer nor "
+                       f"transformer_layer (fields {sorted(fields)}); this megatron-core is not supported")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
