@@ -280,15 +280,20 @@ def test_common_state_has_the_installed_layout_and_loads_with_weights_only(world
     keys = set(FileSystemReader(str(it)).read_metadata().state_dict_metadata)
     if common_state_in_checkpoint_files():
         assert not (it / "common.pt").exists() and any(k.startswith("common_state") for k in keys), sorted(keys)
-        from torch.distributed.checkpoint import load as dcp_load
         from megatron.core.dist_checkpointing.mapping import ShardedObject
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint import load as dcp_load
+
+        raw = {}
+
+        class RawBytes(DefaultLoadPlanner):  # the object's bytes as stored (the default planner unpickles them)
+            def load_bytes(self, read_item, value):
+                raw[read_item.dest_index.fqn] = value.read()
 
         key = ShardedObject("common_state", None, (1,), (0,)).unique_key
-        box = {key: _io.BytesIO()}
-        dcp_load(box, storage_reader=FileSystemReader(str(it)), no_dist=True)
-        raw = box[key]
-        raw.seek(0)
-        common = torch.load(raw, weights_only=True)[0]
+        dcp_load({key: _io.BytesIO()}, storage_reader=FileSystemReader(str(it)), planner=RawBytes(), no_dist=True)
+        common = torch.load(_io.BytesIO(raw[key]), weights_only=True)
+        common = common[0] if isinstance(common, list) else common
     else:
         assert (it / "common.pt").exists() and not any(k.startswith("common_state") for k in keys), sorted(keys)
         common = torch.load(it / "common.pt", weights_only=True)
