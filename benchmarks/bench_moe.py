@@ -21,8 +21,9 @@ Megatron Bridge runs in its own environment: 0.3.1 on megatron-core 0.16.1 (``--
 ``/work/venv-mb/bin/python``) and 0.6.2 on megatron-core 0.19.2 (``--mb062-python``, default
 ``/work/venv-mb062/bin/python``), each set up and patched for a CPU-only machine as ``benchmarks/bench_reference.py``'s
 docstring describes; ``--references`` picks which. This script reuses that script's patches and runs each reference
-side as a subprocess with its interpreter; this package runs in the interpreter that runs this script. Both exports are compared with the
-source (``torch.equal`` in the source dtype; Megatron Bridge writes the local-spec norms' fp32 dtype).
+side as a subprocess with its interpreter; this package runs in the interpreter that runs this script. Every export
+is compared with the source (``torch.equal`` in the source dtype; Megatron Bridge writes the local-spec norms' fp32
+dtype).
 
 One more Megatron Bridge method is wrapped (``_sequential_expert_export_patch``, applied to both versions; 0.6.2
 reads the expert index from either spelling, so there it changes nothing): 0.3.1's

@@ -124,11 +124,12 @@ def test_pyproject_declares_the_tested_ranges_and_python_versions():
     for extra in ("megatron", "test"):
         found = [Requirement(r).specifier for r in extras[extra] if Requirement(r).name == "megatron-core"]
         assert found == [SpecifierSet(SUPPORTED_MEGATRON_CORE)], (extra, found)
-    pythons = {c.rsplit(" ", 1)[-1] for c in project["classifiers"] if c.startswith("Programming Language :: Python ::")}
+    pythons = {c.rsplit(" ", 1)[-1] for c in project["classifiers"]
+               if c.startswith("Programming Language :: Python ::")}
     assert {"3.10", "3.11", "3.12"} <= pythons and project["requires-python"] == ">=3.10"
     declared = [Requirement(r) for r in project["dependencies"] + extras["megatron"]]
-    installed = {"torch": importlib.metadata.version("torch"), "transformers": importlib.metadata.version("transformers"),
-                 "megatron-core": installed_megatron_core()}
+    installed = {"torch": importlib.metadata.version("torch"),
+                 "transformers": importlib.metadata.version("transformers"), "megatron-core": installed_megatron_core()}
     for req in declared:
         if req.name in installed:
             version = installed[req.name].split("+")[0]
