@@ -668,7 +668,7 @@ class TorchDistCheckpoint:
             with torch.serialization.safe_globals(_extra_safe_globals(allowed)):
                 return torch.load(stream, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (torch's zip reader and weights_only unpickler)
-            raise CheckpointFormatError(f"{path}: {what} cannot be loaded ({type(e).__name__}: "
+            raise CheckpointFormatError(f"{path}: {what} is not a readable torch.save archive ({type(e).__name__}: "
                                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
     # -- tensors ---------------------------------------------------------------------------------------------------
