@@ -121,9 +121,12 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
             manifest (each named). Nothing is written to ``out_dir`` then.
     """
     from megatron_bridge_ext.cli.common import is_rank0, run_world, world_size_for
-    from megatron_bridge_ext.io.megatron_checkpoint import open_checkpoint
+    from megatron_bridge_ext.io.megatron_checkpoint import has_checksums, read_checkpoint_info, resolve_checkpoint
 
-    open_checkpoint(meg_dir).close()  # its structure, before starting any process
+    if checksums and has_checksums(meg_dir):
+        resolve_checkpoint(meg_dir)  # the ranks check the files against the manifest before reading any
+    else:
+        read_checkpoint_info(meg_dir)  # its structure and its common state, before starting any process
     if hf_source is not None and not os.path.isdir(hf_source):
         raise FileNotFoundError(f"--hf-source {hf_source!r} does not exist (missing)")
     _check_destination(out_dir, overwrite)  # every rank decides the same, before any process starts

@@ -152,11 +152,14 @@ def verify_checkpoint(hf_dir: str, meg_dir: str, *, tp: int = 1, pp: int = 1, vp
     """Compare an HF checkpoint with a Megatron checkpoint (first its files with its manifest, with ``checksums``);
     returns rank 0's result with ``ok``."""
     from megatron_bridge_ext.cli.common import run_world, world_size_for
-    from megatron_bridge_ext.io.megatron_checkpoint import resolve_checkpoint
+    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info, resolve_checkpoint
 
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"HF checkpoint directory {hf_dir!r} does not exist (missing)")
-    resolve_checkpoint(meg_dir)
+    if checksums:
+        resolve_checkpoint(meg_dir)  # the ranks check the files against the manifest before reading any
+    else:
+        read_checkpoint_info(meg_dir)  # its structure and its common state, before starting any process
     layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
     results = run_world(_worker, world_size_for(layout),
                         (hf_dir, meg_dir, layout, logits, batches, seq_len, show, verbose, checksums),

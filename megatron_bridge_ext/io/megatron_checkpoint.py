@@ -57,6 +57,8 @@ __all__ = [
     "load_distributed_checkpoint",
     "tensor_metadata",
     "check_checksums",
+    "has_checksums",
+    "write_checksums",
 ]
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
@@ -332,6 +334,12 @@ def write_checksums(directory: str) -> str:
     if dist.is_initialized():
         dist.barrier()
     return path
+
+
+def has_checksums(path: str) -> bool:
+    """The checkpoint has a checksum manifest (``integrity.json``)."""
+    sub, _ = resolve_checkpoint(path)
+    return os.path.isfile(os.path.join(sub, checksums.MANIFEST_NAME))
 
 
 def check_checksums(path: str, *, required: bool) -> Optional[int]:
