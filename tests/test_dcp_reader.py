@@ -223,6 +223,25 @@ def test_payload_in_metadata_is_refused(written, version, tmp_path):
     assert not os.path.exists(marker)
 
 
+def test_metadata_cannot_change_the_classes_it_may_build(written, tmp_path):
+    """A pickle's BUILD opcode sets attributes on whatever GLOBAL pushed, a class included: ``.metadata`` built as
+    (None, {"pwned": 1}) applied to torch's Metadata class changes that class for the whole process when plain pickle
+    reads it. The reader hands the pickle stand-ins made for the load, so torch's class stays as it was."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    d = _fixture(written, next(iter(written)), tmp_path)
+    crafted = (b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\n"
+               b"N}X\x05\x00\x00\x00pwnedK\x01s\x86b.")
+    with open(os.path.join(d, ".metadata"), "wb") as f:
+        f.write(crafted)
+    pickle.loads(crafted)  # what torch's reader does
+    assert getattr(Metadata, "pwned", None) == 1
+    del Metadata.pwned
+    with pytest.raises(CheckpointFormatError, match="not torch.distributed.checkpoint Metadata"):
+        TorchDistCheckpoint(d)
+    assert not hasattr(Metadata, "pwned")
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_payload_in_the_common_state_is_refused(written, version, tmp_path):
     """0.16.1: common.pt; 0.19.2: the common_state object inside the .distcp files (megatron-core 0.19's own

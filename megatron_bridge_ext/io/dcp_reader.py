@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import bisect
+import functools
 import io
 import json
 import math
@@ -217,6 +218,7 @@ def _layout_by_name(name: str) -> torch.layout:
     return _LAYOUTS[name]
 
 
+@functools.lru_cache(maxsize=None)
 def _extra_safe_globals(allowed: FrozenSet[Tuple[str, str]]) -> List[Tuple[Any, str]]:
     """The allowlisted globals that ``torch.load(weights_only=True)`` does not admit by itself, as
     ``(object, "module.name")`` pairs for ``torch.serialization.safe_globals``."""
@@ -242,14 +244,37 @@ class _Refused(Exception):
         self.what = what
 
 
+def _fresh(obj: Any) -> Any:
+    """A stand-in for an allowlisted global that a pickle cannot use to change the real one (its BUILD opcode can set
+    attributes on whatever GLOBAL pushed, a class included): a dataclass becomes a subclass made for this load, an
+    enum or a function a new function calling it; immutable objects (``torch.Size``, dtypes) stay as they are."""
+    import dataclasses
+    import enum
+
+    if isinstance(obj, type) and issubclass(obj, enum.Enum):
+        return lambda *args: obj(*args)
+    if isinstance(obj, type) and dataclasses.is_dataclass(obj):
+        return type(obj.__name__, (obj,), {"__module__": obj.__module__, "__qualname__": obj.__qualname__})
+    if callable(obj) and not isinstance(obj, type):
+        return lambda *args: obj(*args)
+    return obj
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Builds ``.metadata`` from :data:`METADATA_GLOBALS` only; anything else raises before it is resolved."""
+    """Builds ``.metadata`` from :data:`METADATA_GLOBALS` only (as stand-ins made for this load, see :func:`_fresh`);
+    anything else raises before it is resolved."""
+
+    def __init__(self, f: Any) -> None:
+        super().__init__(f)
+        self._made: Dict[Tuple[str, str], Any] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = _normalise(module, name)
         if (module, name) not in METADATA_GLOBALS:
             raise _Refused(f"{module}.{name}")
-        return _resolve(module, name)
+        if (module, name) not in self._made:
+            self._made[(module, name)] = _fresh(_resolve(module, name))
+        return self._made[(module, name)]
 
     def persistent_load(self, pid: Any) -> Any:
         raise _Refused(f"persistent id {pid!r}")
