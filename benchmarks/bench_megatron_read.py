@@ -1,4 +1,5 @@
-"""The cost of a Megatron checkpoint's checksum manifest (``integrity.json``, SHA-256 of every file), on the 1.1B Llama.
+"""Reading a Megatron checkpoint safely, on the 1.1B Llama: the cost of its checksum manifest (``integrity.json``,
+SHA-256 of every file) and of the restricted reader against megatron-core's own loader.
 
 A TinyLlama-1.1B-shaped bf16 checkpoint (``bench_convert.make_checkpoint``, fixed seed) is imported at ``--tp`` (the
 ``import`` command's function: it writes the manifest), then, ``--repeats`` times, alternating, each step with the page
@@ -6,15 +7,19 @@ cache dropped before it (``--drop-caches``; the checkpoint is *not* read back in
 
 * plain read: every file of the checkpoint read once, sequentially, into one reused buffer (the floor of any check);
 * checksums: every file hashed and compared with the manifest, a thread per core (``verify --checksums``);
+* model load, restricted reader: ``load_megatron_checkpoint`` into GPTModel chunks at ``--tp`` (a local gloo world;
+  the chunks built first, not timed), between two barriers, slowest rank;
+* model load, megatron-core: ``dist_checkpointing.load`` of the same chunks' sharded state dict, then
+  ``load_state_dict``, as this package loaded before the restricted reader; the two loads' parameters are compared;
 * export without / with the check: the ``export`` command's function, ``--no-checksums`` vs the default (the ranks
   share the files to hash; the check also brings the files into the page cache the read then uses).
 
 Also measured once, right after the import (the files still cached, as ``import`` meets them): writing the manifest
 (hashing every file) against a plain read of the same cached bytes. Ratios are of medians in the same run.
 
-    python benchmarks/bench_checksums.py                        # 22 layers (~1.1B), TP 1
-    sudo python benchmarks/bench_checksums.py --drop-caches      # the README's numbers
-    python benchmarks/bench_checksums.py --layers 4 --repeats 1  # quick
+    python benchmarks/bench_megatron_read.py                        # 22 layers (~1.1B), TP 1
+    sudo python benchmarks/bench_megatron_read.py --drop-caches      # the README's numbers
+    python benchmarks/bench_megatron_read.py --layers 4 --repeats 1  # quick
 """
 
 from __future__ import annotations
@@ -34,6 +39,58 @@ sys.path.insert(0, HERE)
 
 from _memio import drop_page_cache  # noqa: E402
 from bench_convert import make_checkpoint  # noqa: E402
+
+
+def _load_rank(rank: int, world: int, meg: str, tp: int, which: str) -> Dict[str, float]:
+    """Build the chunks (not timed), then load them from ``meg`` with ``which`` loader; a digest of the parameters."""
+    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    import torch
+    import torch.distributed as dist
+
+    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
+    from megatron_bridge_ext.mcore.checkpoint import (
+        cast_to_params_dtype,
+        config_from_checkpoint,
+        load_megatron_checkpoint,
+        sharded_model_state,
+    )
+    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
+
+    init_parallel(tp=tp, pp=1)
+    try:
+        info = read_checkpoint_info(meg)
+        chunks = cast_to_params_dtype(build_model_chunks(config_from_checkpoint(info)))
+        for c in chunks:  # touch the parameters first: both loaders then write into resident memory
+            for p in c.parameters():
+                p.data.zero_()
+        dist.barrier()
+        t0 = time.perf_counter()
+        if which == "reader":
+            load_megatron_checkpoint(chunks, info.path)
+        else:
+            from megatron.core import dist_checkpointing
+
+            state = sharded_model_state(chunks)
+            loaded = dist_checkpointing.load(state, info.path)
+            for key, chunk in zip(state, chunks):
+                chunk.load_state_dict(loaded[key], strict=True)
+        dist.barrier()
+        seconds = time.perf_counter() - t0
+        digest = sum(float(p.detach().double().sum()) + float((p.detach().double() ** 2).sum())
+                     for c in chunks for p in c.parameters())
+        return {"seconds": seconds, "digest": digest}
+    finally:
+        destroy_parallel()
+
+
+def model_load(meg: str, tp: int, which: str) -> Dict[str, float]:
+    from megatron_bridge_ext.launch import spawn_local
+
+    threads = max(1, (os.cpu_count() or 1) // tp)
+    res = spawn_local(_load_rank, tp, (meg, tp, which), timeout=3600, threads=threads)
+    return {"seconds": max(r["seconds"] for r in res), "digest": sum(r["digest"] for r in res)}
 
 
 def read_dir_once(path: str) -> float:
@@ -65,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_bridge_ext.io import checksums
     from megatron_bridge_ext.io.megatron_checkpoint import write_checksums
 
-    work = args.dir or tempfile.mkdtemp(prefix="bench_checksums_")
+    work = args.dir or tempfile.mkdtemp(prefix="bench_megatron_read_")
     try:
         hf, meg, out = (os.path.join(work, n) for n in ("hf", "megatron", "out"))
         info = make_checkpoint(hf, args.layers)
@@ -85,7 +142,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"cached: plain read {warm_read:.2f} s, manifest write (hash every file, one process) "
               f"{warm_hash:.2f} s = {warm_hash / warm_read:.2f}x the read")
 
-        times: Dict[str, List[float]] = {k: [] for k in ("read", "checksums", "export", "export_checked")}
+        times: Dict[str, List[float]] = {k: [] for k in ("read", "checksums", "load_reader", "load_megatron",
+                                                          "export", "export_checked")}
+        digests: Dict[str, float] = {}
         threads = os.cpu_count() or 1
         for _ in range(args.repeats):
             for step in times:
@@ -97,6 +156,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     t0 = time.perf_counter()
                     checksums.verify_manifest(it, threads=threads)
                     times[step].append(time.perf_counter() - t0)
+                elif step.startswith("load_"):
+                    r = model_load(meg, args.tp, step[len("load_"):])
+                    times[step].append(r["seconds"])
+                    digests[step] = r["digest"]
                 else:
                     shutil.rmtree(out, ignore_errors=True)
                     t0 = time.perf_counter()
@@ -107,6 +170,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"({nbytes / med['read'] / 1e9:.2f} GB/s); checksums {med['checksums']:.2f} s = "
               f"{med['checksums'] / med['read']:.2f}x the read ({nbytes / med['checksums'] / 1e9:.2f} GB/s, "
               f"{threads} threads)")
+        print(f"model load at TP{args.tp} (slowest rank): restricted reader {med['load_reader']:.2f} s, megatron-core's "
+              f"dist_checkpointing.load {med['load_megatron']:.2f} s = {med['load_megatron'] / med['load_reader']:.2f}x "
+              f"the reader's time; same parameters: {digests['load_reader'] == digests['load_megatron']}")
         print(f"export TP{args.tp} (command function, wall clock): without the check {med['export']:.2f} s, with it "
               f"{med['export_checked']:.2f} s: +{med['export_checked'] - med['export']:.2f} s "
               f"({med['export_checked'] / med['export']:.2f}x)")
