@@ -231,3 +231,5 @@ def test_plain_megatron_core_019_save_reads_here(llama, tmp_path):
     assert cmp["same_keys"] and cmp["bit_exact"], cmp
     res = _cli("verify", llama, root)
     assert res.returncode == 0 and "PASS" in res.stdout, res.stdout + res.stderr
+    res = _cli("verify", "--checksums", root)  # nothing to check against: said, not passed
+    assert res.returncode == 1 and "no integrity.json" in res.stderr, res.stdout + res.stderr

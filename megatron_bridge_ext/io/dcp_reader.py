@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import bisect
+import contextlib
 import functools
 import io
 import json
@@ -49,7 +50,7 @@ import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -231,6 +232,21 @@ def _extra_safe_globals(allowed: FrozenSet[Tuple[str, str]]) -> List[Tuple[Any, 
         except (ImportError, AttributeError):
             continue  # not installed (numpy 1 vs 2 names): a file naming it fails to load, named
     return out
+
+
+@contextlib.contextmanager
+def _only_safe_globals(extra: List[Tuple[Any, str]]) -> Iterator[None]:
+    """While loading, the globals ``torch.load(weights_only=True)`` admits beyond its own are exactly ``extra``: those
+    registered process-wide (megatron-core registers its ``safe_globals`` list when it is imported, the real
+    ``AttnBackend`` among them) are set aside, so they neither widen the list nor take the place of a stand-in."""
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(list(extra))
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(saved)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -690,7 +706,7 @@ class TorchDistCheckpoint:
                 f"does not hold; refused (nothing from the file was run)")
         stream.seek(0)
         try:
-            with torch.serialization.safe_globals(_extra_safe_globals(allowed)):
+            with _only_safe_globals(_extra_safe_globals(allowed)):
                 return torch.load(stream, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (torch's zip reader and weights_only unpickler)
             raise CheckpointFormatError(f"{path}: {what} is not a readable torch.save archive ({type(e).__name__}: "

@@ -212,7 +212,7 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _agree(flag: Optional[str]) -> Optional[str]:
+def _agree(flag: Any) -> Any:
     """Rank 0's value on every rank (an error message decided on rank 0, so that every rank raises it)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
@@ -323,16 +323,22 @@ def write_checksums(directory: str) -> str:
     """Write ``directory/integrity.json`` for every file in it (collective: the ranks hash a share each, rank 0
     writes); returns its path."""
     names = checksums.manifest_files(directory) if _rank() == 0 else None
-    names = _agree_object(names)
+    names = _agree(names)
     digests = _hash_share(directory, names)
     path = os.path.join(directory, checksums.MANIFEST_NAME)
+    error = None
     if _rank() == 0:
         missing = [n for n, d in digests.items() if d is None]
         if missing:
-            raise OSError(f"{directory}: cannot read {missing} to checksum them")
-        checksums.write_manifest(directory, digests)
-    if dist.is_initialized():
-        dist.barrier()
+            error = f"{directory}: cannot read {missing} to checksum them"
+        else:
+            try:
+                checksums.write_manifest(directory, digests)  # type: ignore[arg-type]
+            except (OSError, ValueError) as e:
+                error = f"{directory}: writing {checksums.MANIFEST_NAME} failed: {e}"
+    error = _agree(error)  # every rank raises the same error, or none does
+    if error is not None:
+        raise OSError(error)
     return path
 
 
@@ -362,15 +368,6 @@ def check_checksums(path: str, *, required: bool) -> Optional[int]:
         raise checksums.IntegrityError(f"{sub}: {len(problems)} file(s) differ from its {checksums.MANIFEST_NAME}: "
                                        + "; ".join(problems), problems)
     return len(manifest)
-
-
-def _agree_object(obj: Any) -> Any:
-    """Rank 0's object on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str) -> Dict[str, Any]:
