@@ -148,6 +148,24 @@ def test_any_global_slice_from_the_chunks_it_overlaps(written, version, tmp_path
             ckpt.read_slice("w.grid", (3, 0), (2, 6))
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_archives_of_other_forms_load_the_same(written, version, tmp_path):
+    """A chunk that torch.save stored as a view into a larger storage, or transposed (not the plain contiguous form
+    whose bytes are read directly) is loaded with torch.load(weights_only=True): the same values."""
+    d = _fixture(written, version, tmp_path)
+    exp = _expected(d)["w.a"]
+    larger = torch.cat([exp[:3], torch.full((5, 4), 7.0)])[:3]  # its storage holds 8 rows
+    transposed = exp[3:].t().contiguous().t()  # [3, 4] with strides (1, 3)
+    assert not transposed.is_contiguous()
+    _replace_blob(d, "w.a", _torch_bytes(larger), offsets=(0, 0))
+    _replace_blob(d, "w.a", _torch_bytes(transposed), offsets=(3, 0))
+    with TorchDistCheckpoint(d) as ckpt:
+        assert torch.equal(ckpt.read_tensor("w.a"), exp)
+        out = torch.empty(6, 4)
+        ckpt.read_slice("w.a", (0, 0), (6, 4), out=out)
+        assert torch.equal(out, exp)
+
+
 # ---- payloads ---------------------------------------------------------------------------------------------------
 
 
@@ -495,8 +513,10 @@ def _not_an_archive(d):
 def _flipped_zip_byte(d):
     name = _file_of(d, "w.ints")
     _, info = _entry(_metadata(d), "w.ints")
-    with open(os.path.join(d, name), "r+b") as f:  # inside the archive's central directory, near its end
-        f.seek(info.offset + info.length - 30)
+    with open(os.path.join(d, name), "r+b") as f:  # the first byte of the archive's central directory
+        f.seek(info.offset + info.length - 22 + 16)  # the end record's pointer to it
+        cd = int.from_bytes(f.read(4), "little")
+        f.seek(info.offset + cd)
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))

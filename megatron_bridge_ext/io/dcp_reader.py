@@ -19,8 +19,10 @@ reading it. Here nothing from the directory is run:
 - every ``torch.save`` archive (a tensor chunk, a sharded object, the common state) is first scanned by an unpickler
   that calls nothing (every class it names becomes an inert placeholder) to collect the classes it names; one
   outside :data:`TENSOR_GLOBALS` (tensor chunks) or :data:`OBJECT_GLOBALS` (sharded objects and the common state) is
-  refused, naming the file, the tensor or object key and the class. Only then is it loaded with
-  ``torch.load(weights_only=True)``, with exactly the extra classes of that list admitted.
+  refused, naming the file, the tensor or object key and the class. Only then is it read: a tensor chunk in the plain
+  form ``torch.save`` gives a contiguous tensor (one little-endian storage, stored uncompressed, exactly the tensor)
+  has its bytes read straight into the destination, the pickle having said nothing else; any other archive is loaded
+  with ``torch.load(weights_only=True)``, with exactly the extra classes of that list admitted.
 - megatron-core's own classes that a Megatron-LM common state holds (enums such as ``AttnBackend`` in ``args``,
   ``OptimizerConfig``) are never imported: they load as :class:`StoredObject` records of what they were built from.
 
@@ -48,6 +50,8 @@ import json
 import math
 import os
 import pickle
+import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
@@ -299,6 +303,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 class _Inert:
     """What every class and persistent id becomes while a pickle is scanned: it accepts anything and does nothing."""
 
+    global_name: Tuple[str, str] = ("", "")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
@@ -315,26 +321,116 @@ class _Inert:
         pass
 
 
+class _StorageRef(_Inert):
+    """A persistent id met while scanning (a ``torch.save`` storage: ``('storage', type, key, location, numel)``)."""
+
+    def __init__(self, pid: Any) -> None:
+        self.pid = pid
+
+
+class _TensorSpec(_Inert):
+    """What ``torch._utils._rebuild_tensor_v2`` would have been called with (it is not called)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+
 class _ScanUnpickler(pickle.Unpickler):
-    """Walks a pickle without calling anything from it, collecting the classes it names."""
+    """Walks a pickle without calling anything from it, collecting the classes it names; every class becomes an
+    inert placeholder (a tensor rebuild records its arguments)."""
 
     def __init__(self, data: bytes) -> None:
         super().__init__(io.BytesIO(data))
         self.names: List[Tuple[str, str]] = []
+        self._marks: Dict[Tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        self.names.append(_normalise(module, name))
-        return _Inert
+        mn = _normalise(module, name)
+        self.names.append(mn)
+        if mn == ("torch._utils", "_rebuild_tensor_v2"):
+            return _TensorSpec
+        if mn not in self._marks:
+            self._marks[mn] = type("_Placeholder", (_Inert,), {"global_name": mn})
+        return self._marks[mn]
 
     def persistent_load(self, pid: Any) -> Any:
-        return _Inert()
+        return _StorageRef(pid)
 
 
-def _globals_of(pickled: bytes) -> List[Tuple[str, str]]:
-    """The classes and functions a pickle names, in order (nothing is called)."""
+def _scan(pickled: bytes) -> Tuple[List[Tuple[str, str]], Any]:
+    """The classes and functions a pickle names, in order, and its inert root object (nothing is called)."""
     scan = _ScanUnpickler(pickled)
-    scan.load()
-    return scan.names
+    root = scan.load()
+    return scan.names, root
+
+
+#: legacy storage class -> dtype (what a ``torch.save`` archive names for a tensor's storage)
+_STORAGE_DTYPES: Dict[str, torch.dtype] = {}
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # TypedStorage deprecation note
+    for _n in dir(torch):
+        _cls = getattr(torch, _n)
+        if _n.endswith("Storage") and isinstance(_cls, type) and _n not in ("Storage", "TypedStorage", "UntypedStorage"):
+            try:
+                _dt = _cls.dtype
+            except Exception:  # noqa: BLE001
+                continue
+            if isinstance(_dt, torch.dtype):
+                _STORAGE_DTYPES[_n] = _dt
+
+
+def _contiguous(size: Sequence[int], stride: Sequence[int]) -> bool:
+    expect = 1
+    for n, st in zip(reversed(size), reversed(stride)):
+        if n != 1 and st != expect:
+            return False
+        expect *= n
+    return True
+
+
+@dataclass(frozen=True)
+class _RawTensor:
+    """A ``torch.save`` archive of one plain contiguous tensor: where its bytes are, relative to the archive."""
+
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    data_offset: int
+    nbytes: int
+
+
+def _raw_tensor(root: Any, z: zipfile.ZipFile, prefix: str, head: Any) -> Optional[_RawTensor]:
+    """The archive's one tensor as raw bytes, when it is the plain case ``torch.save`` writes for a contiguous
+    tensor (little-endian, stored uncompressed, its whole storage, no offset); None otherwise (then it is loaded with
+    ``torch.load(weights_only=True)``)."""
+    if not isinstance(root, _TensorSpec) or len(root.args) < 4:
+        return None
+    storage, offset, size, stride = root.args[:4]
+    if not isinstance(storage, _StorageRef) or not isinstance(storage.pid, tuple) or len(storage.pid) != 5:
+        return None
+    kind, storage_cls, key, _location, numel = storage.pid
+    name = getattr(storage_cls, "global_name", ("", ""))
+    if kind != "storage" or name[0] != "torch" or name[1] not in _STORAGE_DTYPES or not isinstance(key, str):
+        return None
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and all(_is_count(v) for v in size + stride) and offset == 0 and _is_count(numel)):
+        return None
+    dtype = _STORAGE_DTYPES[name[1]]
+    if numel != math.prod(size) or not _contiguous(size, stride):
+        return None
+    try:
+        info = z.getinfo(f"{prefix}data/{key}")
+        order = z.read(f"{prefix}byteorder") if f"{prefix}byteorder" in z.NameToInfo else b"little"
+    except KeyError:
+        return None
+    if order != b"little" or sys.byteorder != "little" or info.compress_type != zipfile.ZIP_STORED \
+            or info.file_size != numel * _itemsize(dtype):
+        return None
+    head.seek(info.header_offset)
+    local = head.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        return None
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    return _RawTensor(dtype, tuple(size), start, info.file_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -462,6 +558,20 @@ class _FileSlice(io.RawIOBase):
         return got
 
 
+def _read_into(f: Any, start: int, nbytes: int, t: torch.Tensor, path: str, what: str) -> None:
+    """Read ``nbytes`` at ``start`` of ``f`` into the contiguous CPU tensor ``t``'s memory."""
+    if nbytes == 0:
+        return
+    view = memoryview(t.view(-1).view(torch.uint8).numpy())
+    f.seek(start)
+    done = 0
+    while done < nbytes:
+        n = f.readinto(view[done:])
+        if not n:
+            raise CheckpointFormatError(f"{path}: {what} ends after {done} of its {nbytes} bytes")
+        done += n
+
+
 def read_backend(directory: str) -> Dict[str, Any]:
     """``metadata.json`` of a distributed checkpoint, checked to be megatron-core's ``torch_dist`` backend.
 
@@ -508,6 +618,7 @@ class TorchDistCheckpoint:
         self.backend = read_backend(self.path)
         self._files: Dict[str, Any] = {}
         self._cached: Optional[Tuple[ChunkEntry, torch.Tensor]] = None
+        self._raw: Dict[ChunkEntry, Optional[_RawTensor]] = {}
         md = self._read_metadata()
         self.tensors, self.objects = self._entries(md)
 
@@ -678,8 +789,10 @@ class TorchDistCheckpoint:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _load_archive(self, stream: Any, path: str, what: str, allowed: FrozenSet[Tuple[str, str]]) -> Any:
-        """``torch.load(weights_only=True)`` of one ``torch.save`` archive, after checking every class it names."""
+    def _inspect_archive(self, stream: Any, path: str, what: str, allowed: FrozenSet[Tuple[str, str]],
+                         want_raw: bool = False) -> Optional[_RawTensor]:
+        """Check one ``torch.save`` archive: a zip with one pickle naming only ``allowed`` classes (scanned, nothing
+        called). With ``want_raw``, where the bytes of its one plain tensor are (:func:`_raw_tensor`), if it is one."""
         head = stream.read(4)
         stream.seek(0)
         if head != b"PK\x03\x04":
@@ -691,19 +804,25 @@ class TorchDistCheckpoint:
                 if len(pkl) != 1 or len(set(names)) != len(names):
                     raise CheckpointFormatError(f"{path}: {what} is not a torch.save archive (entries {names[:8]})")
                 pickled = z.read(pkl[0])
+                try:
+                    names_used, root = _scan(pickled)
+                except Exception as e:  # noqa: BLE001
+                    raise CheckpointFormatError(
+                        f"{path}: {what} holds a malformed pickle ({type(e).__name__}: {e})") from None
+                refused = [f"{m}.{n}" for m, n in names_used if (m, n) not in allowed]
+                if refused:
+                    raise UnsafeCheckpointError(
+                        f"{path}: {what} tries to load the class {refused[0]}, which a checkpoint of tensors and "
+                        "plain data does not hold; refused (nothing from the file was run)")
+                return _raw_tensor(root, z, pkl[0][:-len("data.pkl")], stream) if want_raw else None
         except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
             if isinstance(e, CheckpointFormatError):
                 raise
             raise CheckpointFormatError(f"{path}: {what} is not a readable torch.save archive ({e})") from None
-        try:
-            names_used = _globals_of(pickled)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointFormatError(f"{path}: {what} holds a malformed pickle ({type(e).__name__}: {e})") from None
-        refused = [f"{m}.{n}" for m, n in names_used if (m, n) not in allowed]
-        if refused:
-            raise UnsafeCheckpointError(
-                f"{path}: {what} tries to load the class {refused[0]}, which a checkpoint of tensors and plain data "
-                f"does not hold; refused (nothing from the file was run)")
+
+    def _load_archive(self, stream: Any, path: str, what: str, allowed: FrozenSet[Tuple[str, str]]) -> Any:
+        """``torch.load(weights_only=True)`` of one ``torch.save`` archive, after checking every class it names."""
+        self._inspect_archive(stream, path, what, allowed)
         stream.seek(0)
         try:
             with _only_safe_globals(_extra_safe_globals(allowed)):
@@ -725,22 +844,43 @@ class TorchDistCheckpoint:
             raise KeyError(f"{self.path} holds no tensor {key!r}")
         return entry
 
-    def read_chunk(self, chunk: ChunkEntry) -> torch.Tensor:
-        """The stored chunk, checked to be one tensor of the chunk's shape and the tensor's dtype."""
+    def _mismatch(self, chunk: ChunkEntry, shape: Sequence[int], dtype: torch.dtype) -> None:
+        entry = self.tensor(chunk.key)
+        if tuple(shape) != chunk.sizes or dtype != entry.dtype:
+            raise CheckpointFormatError(
+                f"{self._where(chunk.file)}: {chunk.key} (chunk at {list(chunk.offsets)}) holds a {list(shape)} "
+                f"{str(dtype).replace('torch.', '')} tensor; the metadata says {list(chunk.sizes)} "
+                f"{str(entry.dtype).replace('torch.', '')}")
+
+    def read_chunk(self, chunk: ChunkEntry, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The stored chunk, checked to be one tensor of the chunk's shape and the tensor's dtype; into ``out`` (of the
+        chunk's shape) when given. A plain contiguous tensor's bytes are read straight into ``out`` (or a new tensor)
+        once its archive is checked; any other archive is loaded with ``torch.load(weights_only=True)``."""
         cached = self._cached
         if cached is not None and cached[0] == chunk:
-            return cached[1]
-        entry = self.tensor(chunk.key)
+            return cached[1] if out is None else out.copy_(cached[1])
         path = self._where(chunk.file)
         what = f"{chunk.key} (chunk at {list(chunk.offsets)})"
-        t = self._load_archive(_FileSlice(self._open(chunk.file), chunk.offset, chunk.length), path, what,
-                               TENSOR_GLOBALS)
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointFormatError(f"{path}: {what} holds a {type(t).__name__}, not a tensor")
-        if tuple(t.shape) != chunk.sizes or t.dtype != entry.dtype:
-            raise CheckpointFormatError(
-                f"{path}: {what} holds a {list(t.shape)} {str(t.dtype).replace('torch.', '')} tensor; the metadata "
-                f"says {list(chunk.sizes)} {str(entry.dtype).replace('torch.', '')}")
+        f = self._open(chunk.file)
+        raw = self._raw.get(chunk)
+        if raw is None and chunk not in self._raw:
+            raw = self._raw[chunk] = self._inspect_archive(_FileSlice(f, chunk.offset, chunk.length), path, what,
+                                                           TENSOR_GLOBALS, want_raw=True)
+        if raw is not None:
+            self._mismatch(chunk, raw.shape, raw.dtype)
+            direct = out is not None and out.dtype == raw.dtype and out.is_contiguous() and out.device.type == "cpu"
+            t = out if direct else torch.empty(raw.shape, dtype=raw.dtype)
+            _read_into(f, chunk.offset + raw.data_offset, raw.nbytes, t, path, what)
+        else:
+            t = self._load_archive(_FileSlice(f, chunk.offset, chunk.length), path, what, TENSOR_GLOBALS)
+            if not isinstance(t, torch.Tensor):
+                raise CheckpointFormatError(f"{path}: {what} holds a {type(t).__name__}, not a tensor")
+            self._mismatch(chunk, t.shape, t.dtype)
+            direct = False
+        if direct:
+            return t
+        if out is not None:
+            return out.copy_(t)
         self._cached = (chunk, t)
         return t
 
@@ -767,6 +907,9 @@ class TorchDistCheckpoint:
         if math.prod(sizes) == 0:
             return out
         for chunk in entry.overlapping(offsets, sizes):
+            if chunk.offsets == offsets and chunk.sizes == sizes:
+                self.read_chunk(chunk, out=out)  # the whole chunk: straight into out
+                continue
             inter = _intersection(chunk.offsets, chunk.sizes, offsets, sizes)
             if inter is None:
                 continue

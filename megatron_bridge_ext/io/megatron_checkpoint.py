@@ -144,7 +144,8 @@ class MegatronCheckpointInfo:
         model_config: the stored ``GPTConfig`` fields (see ``mcore.config.config_to_dict``), or None.
         parallel: the layout it was written at (tp, pp, vpp, ep, etp, world).
         hf_config: the HF ``config.json`` of the source checkpoint, when one was given.
-        args: Megatron-LM's ``args`` namespace (None when absent).
+        args: Megatron-LM's ``args`` namespace (None when absent); megatron-core's own classes in it (its enums,
+            e.g. ``attention_backend``) are :class:`~megatron_bridge_ext.io.dcp_reader.StoredObject` records.
     """
 
     path: str
@@ -400,28 +401,41 @@ def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str) -
         merge(common, nonpersistent)
         sharded, _ = extract_sharded_base(sharded)
         missing: List[str] = []
+        requests: List[Any] = []
 
-        def fill(x: Any) -> Any:
+        def collect(x: Any) -> Any:
             if isinstance(x, ShardedTensor):
-                if x.key not in ckpt.tensors:
+                if x.key in ckpt.tensors:
+                    requests.append(x)
+                else:
                     missing.append(x.key)
-                    return None
-                return _fill_sharded_tensor(ckpt, x)
-            if isinstance(x, ShardedObject):
+            elif isinstance(x, ShardedObject):
                 if x.unique_key not in ckpt.objects:
                     missing.append(x.unique_key)
-                    return None
-                return ckpt.read_object(x.unique_key)
-            raise TypeError(f"{ckpt.path}: cannot load a {type(x).__name__} of the sharded state dict")
+            else:
+                raise TypeError(f"{ckpt.path}: cannot load a {type(x).__name__} of the sharded state dict")
+            return x
 
-        with torch.no_grad():
-            dict_list_map_inplace(fill, sharded)
+        dict_list_map_inplace(collect, sharded)
+        if not missing:
+            with torch.no_grad():  # in the order of the bytes on disk: each file read front to back
+                for sh in sorted(requests, key=lambda sh: _first_byte(ckpt, sh)):
+                    _fill_sharded_tensor(ckpt, sh)
+            dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor)
+                                  else ckpt.read_object(x.unique_key), sharded)
     if missing:
         names = sorted(set(missing))
         raise ValueError(f"{ckpt.path}: the checkpoint lacks {len(names)} tensor(s) or object(s) the model needs: "
                          f"{names[:20]}{' ...' if len(names) > 20 else ''}")
     merge(common, sharded)
     return apply_factory_merges(common, factories)
+
+
+def _first_byte(ckpt: TorchDistCheckpoint, sh: Any) -> Tuple[str, int]:
+    """Where the first stored chunk a ShardedTensor's slice overlaps is (file, offset)."""
+    sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+    chunks = ckpt.tensors[sh.key].overlapping(tuple(sh.global_offset), sizes)
+    return min(((c.file, c.offset) for c in chunks), default=("", 0))
 
 
 def _fill_sharded_tensor(ckpt: TorchDistCheckpoint, sh: Any) -> torch.Tensor:
