@@ -558,6 +558,11 @@ class _FileSlice(io.RawIOBase):
         return got
 
 
+#: bytes per read call (one call per chunk of a large tensor was slower from disk here: the kernel's read-ahead
+#: overlaps the disk with the copy only between calls)
+_READ_PIECE = int(os.environ.get("MBE_DCP_READ_PIECE", 4 << 20))
+
+
 def _read_into(f: Any, start: int, nbytes: int, t: torch.Tensor, path: str, what: str) -> None:
     """Read ``nbytes`` at ``start`` of ``f`` into the contiguous CPU tensor ``t``'s memory."""
     if nbytes == 0:
@@ -566,7 +571,7 @@ def _read_into(f: Any, start: int, nbytes: int, t: torch.Tensor, path: str, what
     f.seek(start)
     done = 0
     while done < nbytes:
-        n = f.readinto(view[done:])
+        n = f.readinto(view[done:done + _READ_PIECE])
         if not n:
             raise CheckpointFormatError(f"{path}: {what} ends after {done} of its {nbytes} bytes")
         done += n

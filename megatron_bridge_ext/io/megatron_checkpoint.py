@@ -417,12 +417,16 @@ def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str) -
             return x
 
         dict_list_map_inplace(collect, sharded)
+        objects: Dict[str, Any] = {}
         if not missing:
             with torch.no_grad():  # in the order of the bytes on disk: each file read front to back
-                for sh in sorted(requests, key=lambda sh: _first_byte(ckpt, sh)):
-                    _fill_sharded_tensor(ckpt, sh)
-            dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor)
-                                  else ckpt.read_object(x.unique_key), sharded)
+                for where, sh in sorted(_places(ckpt, requests, sharded, ShardedObject), key=lambda p: p[0]):
+                    if isinstance(sh, ShardedObject):
+                        objects[sh.unique_key] = ckpt.read_object(sh.unique_key)
+                    else:
+                        _fill_sharded_tensor(ckpt, sh)
+            dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor) else objects[x.unique_key],
+                                  sharded)
     if missing:
         names = sorted(set(missing))
         raise ValueError(f"{ckpt.path}: the checkpoint lacks {len(names)} tensor(s) or object(s) the model needs: "
@@ -431,11 +435,23 @@ def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str) -
     return apply_factory_merges(common, factories)
 
 
-def _first_byte(ckpt: TorchDistCheckpoint, sh: Any) -> Tuple[str, int]:
-    """Where the first stored chunk a ShardedTensor's slice overlaps is (file, offset)."""
-    sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
-    chunks = ckpt.tensors[sh.key].overlapping(tuple(sh.global_offset), sizes)
-    return min(((c.file, c.offset) for c in chunks), default=("", 0))
+def _places(ckpt: TorchDistCheckpoint, requests: List[Any], sharded: Any, object_type: type) -> List[Any]:
+    """``((file, offset), item)`` for each requested ShardedTensor (its first overlapping chunk) and each distinct
+    ShardedObject in ``sharded``: the order to read them in."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    out = []
+    for sh in requests:
+        sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+        chunks = ckpt.tensors[sh.key].overlapping(tuple(sh.global_offset), sizes)
+        out.append((min(((c.file, c.offset) for c in chunks), default=("", 0)), sh))
+    seen = set()
+    for x in nested_values(sharded):
+        if isinstance(x, object_type) and x.unique_key not in seen:
+            seen.add(x.unique_key)
+            entry = ckpt.objects[x.unique_key]
+            out.append(((entry.file, entry.offset), x))
+    return out
 
 
 def _fill_sharded_tensor(ckpt: TorchDistCheckpoint, sh: Any) -> torch.Tensor:
