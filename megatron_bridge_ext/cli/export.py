@@ -5,7 +5,9 @@ The model is rebuilt from the config stored in the checkpoint (no HF directory n
 from the Megatron side and the tensors keep the checkpoint's dtype. With ``--hf-source`` the source's
 ``config.json``, tokenizer and other side files are copied, its dtypes and key set reproduced, and the source is
 checked against the checkpoint first (architecture, model config). The checkpoint is read at the layout given
-(default TP1 PP1: any layout reshards from the one it was written at).
+(default TP1 PP1: any layout reshards from the one it was written at), through the restricted reader (nothing in it is
+run; its structure is checked before anything is written), after checking its files against its checksum manifest
+(``integrity.json``) when it has one (``--no-checksums`` skips that).
 """
 
 from __future__ import annotations
@@ -48,14 +50,14 @@ def check_source_agrees(info: Any, source_fields: Dict[str, Any], source_arch: s
 
 
 def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str, Any], hf_source: Optional[str],
-            show: bool, verbose: bool, fsync: bool) -> Dict[str, Any]:
-    from megatron_bridge_ext.cli.common import load_checkpoint_chunks, timed, worker_setup
+            show: bool, verbose: bool, fsync: bool, verify_checksums: bool = True) -> Dict[str, Any]:
+    from megatron_bridge_ext.cli.common import load_checkpoint_chunks, phase, timed, worker_setup
 
     device = worker_setup(verbose)
     import torch.distributed as dist
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
+    from megatron_bridge_ext.io.megatron_checkpoint import check_checksums, read_checkpoint_info
     from megatron_bridge_ext.mcore.checkpoint import config_from_checkpoint
     from megatron_bridge_ext.mcore.config import config_to_dict
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
@@ -64,6 +66,11 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
     init_parallel(**layout)
     try:
         clock = timed()
+        checked = None
+        if verify_checksums:
+            with phase(f"Checking {meg_dir} against its checksum manifest", show):
+                checked = check_checksums(meg_dir, required=False)
+        checksum_s = clock()
         info = read_checkpoint_info(meg_dir)
         if hf_source is not None:
             bridge = AutoBridge.from_hf_pretrained(hf_source)
@@ -83,7 +90,8 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
         read_s = clock()
         summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync)
         dist.barrier()
-        return {"summary": summary, "read_s": read_s, "total_s": clock(), "source": info.path}
+        return {"summary": summary, "read_s": read_s - checksum_s, "total_s": clock(), "source": info.path,
+                "checksums": checked, "checksum_s": checksum_s}
     finally:
         destroy_parallel()
 
@@ -101,24 +109,33 @@ def _check_destination(out_dir: str, overwrite: bool) -> None:
 def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
                       ep: int = 1, etp: Optional[int] = None, hf_source: Optional[str] = None,
                       overwrite: bool = False, fsync: bool = True, show: bool = False, verbose: bool = False,
-                      timeout: float = 3600.0, backend: Optional[str] = None) -> Dict[str, Any]:
+                      timeout: float = 3600.0, backend: Optional[str] = None,
+                      checksums: bool = True) -> Dict[str, Any]:
     """Megatron checkpoint ``meg_dir`` -> HF checkpoint ``out_dir``; returns rank 0's measurements.
+
+    Args:
+        checksums: check the checkpoint's files against its ``integrity.json`` when it has one (the default).
 
     Raises:
         FileNotFoundError: the checkpoint (or the HF source) is missing.
         FileExistsError: ``out_dir`` holds files and ``overwrite`` is False.
-        ValueError: the HF source disagrees with the checkpoint (named fields), or a layout that cannot split it.
+        ValueError: the HF source disagrees with the checkpoint (named fields), a layout that cannot split it, a
+            structural fault or a refused class in the checkpoint (file and key named), files that differ from the
+            manifest (each named). Nothing is written to ``out_dir`` then.
     """
     from megatron_bridge_ext.cli.common import is_rank0, run_world, world_size_for
-    from megatron_bridge_ext.io.megatron_checkpoint import resolve_checkpoint
+    from megatron_bridge_ext.io.megatron_checkpoint import has_checksums, read_checkpoint_info, resolve_checkpoint
 
-    resolve_checkpoint(meg_dir)  # fail before starting any process
+    if checksums and has_checksums(meg_dir):
+        resolve_checkpoint(meg_dir)  # the ranks check the files against the manifest before reading any
+    else:
+        read_checkpoint_info(meg_dir)  # its structure and its common state, before starting any process
     if hf_source is not None and not os.path.isdir(hf_source):
         raise FileNotFoundError(f"--hf-source {hf_source!r} does not exist (missing)")
     _check_destination(out_dir, overwrite)  # every rank decides the same, before any process starts
     layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
     results: List[Any] = run_world(_worker, world_size_for(layout),
-                                   (meg_dir, out_dir, layout, hf_source, show, verbose, fsync),
+                                   (meg_dir, out_dir, layout, hf_source, show, verbose, fsync, checksums),
                                    timeout=timeout, backend=backend)
     res = results[0]
     res["out_dir"] = out_dir
@@ -141,6 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "files, reproduce its dtypes; checked against the checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty HF_DIR once the new one is complete")
     parser.add_argument("--no-fsync", action="store_true", help="do not fsync the written shards")
+    parser.add_argument("--no-checksums", action="store_true",
+                        help="do not check the checkpoint's files against its checksum manifest (integrity.json)")
     add_terminal_arguments(parser)
 
 
@@ -153,12 +172,16 @@ def run(args: argparse.Namespace) -> int:
         layout = layout_of(args)
         res = export_checkpoint(args.megatron_dir, args.hf_dir, **layout, hf_source=args.hf_source,
                                 overwrite=args.overwrite, fsync=not args.no_fsync, show=show_progress(args),
-                                verbose=args.verbose, timeout=args.timeout, backend=args.backend)
+                                verbose=args.verbose, timeout=args.timeout, backend=args.backend,
+                                checksums=not args.no_checksums)
     except Exception as e:  # noqa: BLE001
         return fail(e, args.verbose)
     if is_rank0():
         where = " ".join(f"{k.upper()}={v}" for k, v in layout.items() if v is not None)
+        sums = ("checksums skipped" if args.no_checksums else "no checksum manifest" if res["checksums"] is None
+                else f"{res['checksums']} files match their checksums ({res['checksum_s']:.2f} s)")
+        rest = res["total_s"] - res["read_s"] - res["checksum_s"]
         print(summary_line("export", res["tensors"], res["bytes"], res["total_s"],
-                           res["out_dir"], f"[{where}; checkpoint read {res['read_s']:.2f} s, convert + HF write "
-                                           f"{res['total_s'] - res['read_s']:.2f} s]"))
+                           res["out_dir"], f"[{where}; {sums}; checkpoint read {res['read_s']:.2f} s, convert + HF "
+                                           f"write {rest:.2f} s]"))
     return 0

@@ -7,6 +7,12 @@ of each rank during ``import`` and of the destination rank during ``export``.
 
 How the plan is made: :mod:`megatron_bridge_ext.engine.plan` (a whole model on the ``meta`` device, the mappings on
 meta tensors per rank, megatron's even split of layers and experts).
+
+``inspect MEGATRON_DIR [--checksums] [--json FILE|-]``: what a Megatron ``torch_dist`` checkpoint holds, read through
+the restricted reader (nothing in it is run, no tensor is read, its structure is checked): its iteration, the
+architecture and layout it was written at, where its common state is (``common.pt``, or the ``common_state`` object
+megatron-core 0.19 stores in the ``.distcp`` files), every tensor with its global shape, dtype and stored chunks, its
+sharded objects, its files, and whether it has a checksum manifest (``--checksums`` checks every file against it).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-__all__ = ["add_arguments", "run", "plan"]
+__all__ = ["add_arguments", "run", "plan", "describe_megatron", "is_megatron_checkpoint"]
 
 
 def plan(hf_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, ep: int = 1, etp: Optional[int] = None,
@@ -33,6 +39,90 @@ def plan(hf_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, ep
                           bucket_bytes=bucket_bytes)
     out["hf_dir"] = hf_dir
     return out
+
+
+def is_megatron_checkpoint(path: str) -> bool:
+    """``path`` is a Megatron checkpoint root (tracker file) or a distributed checkpoint directory."""
+    from megatron_bridge_ext.io.megatron_checkpoint import TRACKER_NAME, _METADATA_JSON
+
+    return any(os.path.isfile(os.path.join(path, n)) for n in (TRACKER_NAME, _METADATA_JSON))
+
+
+def describe_megatron(path: str, *, checksums: bool = False) -> Dict[str, Any]:
+    """What the Megatron checkpoint at ``path`` holds (see the module docstring), as plain data.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`megatron_bridge_ext.io.megatron_checkpoint.open_checkpoint`;
+            with ``checksums``, files that differ from the manifest (each named) or no manifest.
+    """
+    import math
+
+    from megatron_bridge_ext.io import checksums as sums
+    from megatron_bridge_ext.io.megatron_checkpoint import BRIDGE_KEY, open_checkpoint, read_checkpoint_info
+
+    info = read_checkpoint_info(path)
+    with open_checkpoint(path) as ckpt:
+        tensors = [{"key": t.key, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                    "chunks": len(t.chunks), "bytes": t.nbytes} for t in ckpt.tensors.values()]
+        objects: Dict[str, int] = {}
+        for o in ckpt.objects.values():
+            objects[o.key] = objects.get(o.key, 0) + 1
+        common = "common.pt" if ckpt.has_common_file() else "common_state object in the .distcp files"
+        files = ckpt.files()
+        bridge = ckpt.common_state().get(BRIDGE_KEY)
+    manifest = sums.read_manifest(info.path)
+    out: Dict[str, Any] = {
+        "path": info.path, "iteration": info.iteration, "checkpoint_version": info.checkpoint_version,
+        "architecture": info.architecture, "written_at": info.parallel, "model_keys": info.model_keys,
+        "written_by_megatron_bridge_ext": bridge is not None, "common_state": common,
+        "tensors": tensors, "sharded_objects": objects, "files": files,
+        "bytes": sum(t["bytes"] for t in tensors),
+        "elements": sum(math.prod(t["shape"]) for t in tensors),
+        "checksum_manifest": manifest is not None,
+    }
+    if checksums:
+        import time
+
+        if manifest is None:
+            raise FileNotFoundError(f"{info.path}: no {sums.MANIFEST_NAME}; the checkpoint was written without a "
+                                    "checksum manifest, so --checksums cannot check it")
+        start = time.perf_counter()
+        problems = sums.compare(manifest, sums.digests(info.path, sorted(manifest), threads=os.cpu_count() or 1),
+                                sums.manifest_files(info.path))
+        out["checksums"] = {"files": len(manifest), "problems": problems, "seconds": time.perf_counter() - start}
+    return out
+
+
+def _print_megatron(d: Dict[str, Any], keys: Optional[int]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    layout = ", ".join(f"{k}={v}" for k, v in d["written_at"].items() if v is not None)
+    console.print(f"{d['path']}: iteration {d['iteration']}, {d['architecture'] or 'architecture not recorded'}"
+                  f"{', written at ' + layout if layout else ''}; common state in {d['common_state']}; "
+                  f"{'written by megatron_bridge_ext' if d['written_by_megatron_bridge_ext'] else 'not written by megatron_bridge_ext'}")
+    t = Table(title=f"{len(d['tensors'])} tensors, {_gib(d['bytes'])}")
+    for col in ("key", "global shape", "dtype", "chunks"):
+        t.add_column(col)
+    shown = d["tensors"] if keys is None else d["tensors"][:keys]
+    for r in shown:
+        t.add_row(r["key"], str(r["shape"]), r["dtype"], str(r["chunks"]))
+    console.print(t)
+    if keys is not None and len(d["tensors"]) > keys:
+        console.print(f"... {len(d['tensors']) - keys} more (--keys 0 shows all)")
+    objs = d["sharded_objects"]
+    console.print(f"sharded objects: {sum(objs.values())} under {len(objs)} key(s)"
+                  + (": " + ", ".join(sorted(objs)[:8]) + (" ..." if len(objs) > 8 else "") if objs else ""))
+    console.print(f"files: {', '.join(d['files'])}")
+    if "checksums" in d:
+        c = d["checksums"]
+        console.print(f"checksums: {c['files']} files, {'all match' if not c['problems'] else 'FAIL'} "
+                      f"({c['seconds']:.2f} s)")
+        for line in c["problems"]:
+            console.print(f"CHANGED {line}")
+    else:
+        console.print(f"checksum manifest: {'integrity.json (--checksums checks it)' if d['checksum_manifest'] else 'none'}")
 
 
 def _gib(n: int) -> str:
@@ -78,10 +168,14 @@ def _print(p: Dict[str, Any], keys: Optional[int]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_bridge_ext.cli.common import add_layout_arguments
 
-    parser.add_argument("hf_dir", help="HF checkpoint directory")
+    parser.add_argument("hf_dir", metavar="DIR", help="HF checkpoint directory, or a Megatron checkpoint (root or "
+                                                       "iter_* directory)")
     add_layout_arguments(parser)
+    parser.add_argument("--checksums", action="store_true",
+                        help="Megatron checkpoint: check every file against its checksum manifest (integrity.json)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write the plan as JSON to FILE ('-': stdout)")
-    parser.add_argument("--keys", type=int, default=60, help="HF keys to list in the table (0: all)")
+    parser.add_argument("--keys", type=int, default=60, help="HF keys (or Megatron tensors) to list in the table "
+                                                               "(0: all)")
     parser.add_argument("--verbose", action="store_true", help="show third-party warnings")
 
 
@@ -89,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
     from megatron_bridge_ext.cli.common import fail, layout_of, quiet_third_party
 
     quiet_third_party(args.verbose)
+    if os.path.isdir(args.hf_dir) and is_megatron_checkpoint(args.hf_dir):
+        return _run_megatron(args)
     try:
         if not os.path.isdir(args.hf_dir):
             raise FileNotFoundError(f"HF checkpoint directory {args.hf_dir!r} does not exist (missing)")
@@ -108,3 +204,21 @@ def run(args: argparse.Namespace) -> int:
             json.dump(p, f, indent=1)
     _print(p, None if args.keys == 0 else args.keys)
     return 0
+
+
+def _run_megatron(args: argparse.Namespace) -> int:
+    from megatron_bridge_ext.cli.common import fail
+
+    try:
+        d = describe_megatron(args.hf_dir, checksums=args.checksums)
+    except Exception as e:  # noqa: BLE001
+        return fail(e, args.verbose)
+    if args.json == "-":
+        json.dump(d, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(d, f, indent=1, default=str)
+        _print_megatron(d, None if args.keys == 0 else args.keys)
+    return 1 if d.get("checksums", {}).get("problems") else 0

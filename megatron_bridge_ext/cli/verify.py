@@ -1,9 +1,13 @@
-"""``verify HF_DIR MEGATRON_DIR [--tp N --pp N ...]``: does a Megatron checkpoint hold exactly the HF checkpoint?
+"""``verify HF_DIR MEGATRON_DIR [--tp N --pp N ...] [--checksums]``: does a Megatron checkpoint hold exactly the HF
+checkpoint? ``verify --checksums MEGATRON_DIR``: are its files those it was written with?
 
-The Megatron checkpoint is loaded at the given layout (default TP1 PP1) and exported in memory, tensor by tensor,
-and every HF tensor is compared bit for bit (``torch.equal`` in the checkpoint's dtype: an HF tensor of another dtype
-is cast to it first, as import does). Then the Megatron model's logits on a few fixed batches are compared with the
-HF model's own (transformers, fp32). Prints a table; exits 1 naming every mismatching tensor.
+The Megatron checkpoint is loaded at the given layout (default TP1 PP1) through the restricted reader and exported in
+memory, tensor by tensor, and every HF tensor is compared bit for bit (``torch.equal`` in the checkpoint's dtype: an
+HF tensor of another dtype is cast to it first, as import does). Then the Megatron model's logits on a few fixed
+batches are compared with the HF model's own (transformers, fp32). Prints a table; exits 1 naming every mismatching
+tensor. With ``--checksums`` every file of the checkpoint is first checked against its manifest (``integrity.json``,
+megatron-core's ``verify_integrity`` format), each changed, missing or added file named; with the Megatron checkpoint
+alone, that is all it checks.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ def _tokens(vocab: int, batches: int, batch: int, seq_len: int, seed: int) -> Li
 
 
 def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, Any], logits: bool,
-            batches: int, seq_len: int, show: bool, verbose: bool) -> Optional[Dict[str, Any]]:
+            batches: int, seq_len: int, show: bool, verbose: bool,
+            verify_checksums: bool = False) -> Optional[Dict[str, Any]]:
     from megatron_bridge_ext.cli.common import load_checkpoint_chunks, phase, timed, worker_setup
 
     device = worker_setup(verbose)
     from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
+    from megatron_bridge_ext.io.checksums import IntegrityError
+    from megatron_bridge_ext.io.megatron_checkpoint import check_checksums, read_checkpoint_info
     from megatron_bridge_ext.mcore.checkpoint import config_from_checkpoint
     from megatron_bridge_ext.mcore.forward import megatron_logits
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
@@ -40,6 +46,12 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
     init_parallel(**layout)
     try:
         clock = timed()
+        if verify_checksums:
+            try:
+                with phase(f"Checking {meg_dir} against its checksum manifest", show):
+                    checked = check_checksums(meg_dir, required=True)
+            except IntegrityError as e:  # reported as the verdict, not as a failure to verify
+                return {"checksum_problems": e.problems, "info": meg_dir} if rank == 0 else None
         info = read_checkpoint_info(meg_dir)
         bridge = AutoBridge.from_hf_pretrained(hf_dir)
         arch = bridge.hf_config.architectures[0]
@@ -89,6 +101,8 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
         compare_s = clock() - load_s
         result: Dict[str, Any] = {"rows": rows, "load_s": load_s, "compare_s": compare_s, "info": info.path,
                                   "dtype": str(dtype).replace("torch.", ""), "tensors": len(src)}
+        if verify_checksums:
+            result["checksums"] = checked
         if logits:
             batch_list = _tokens(bridge.hf_config.vocab_size, batches, 2, seq_len, seed=1234)
             with phase("Megatron forward on the fixed batches", show):
@@ -106,24 +120,56 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
         destroy_parallel()
 
 
+def verify_checksums(meg_dir: str) -> Dict[str, Any]:
+    """Check a Megatron checkpoint's files against its manifest (in this process, a thread per core); returns
+    ``{"ok", "files", "problems", "info", "seconds"}``.
+
+    Raises:
+        FileNotFoundError: no checkpoint, or no manifest.
+    """
+    import time
+
+    from megatron_bridge_ext.io import checksums
+    from megatron_bridge_ext.io.megatron_checkpoint import resolve_checkpoint
+
+    sub, _ = resolve_checkpoint(meg_dir)
+    manifest = checksums.read_manifest(sub)
+    if manifest is None:
+        raise FileNotFoundError(f"{sub}: no {checksums.MANIFEST_NAME}; the checkpoint was written without a "
+                                "checksum manifest, so --checksums cannot check it")
+    start = time.perf_counter()
+    actual = checksums.digests(sub, sorted(manifest), threads=os.cpu_count() or 1)
+    problems = checksums.compare(manifest, actual, checksums.manifest_files(sub))
+    return {"ok": not problems, "files": len(manifest), "problems": problems, "info": sub,
+            "seconds": time.perf_counter() - start}
+
+
 def verify_checkpoint(hf_dir: str, meg_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
                       ep: int = 1, etp: Optional[int] = None, logits: bool = True, batches: int = 3,
                       seq_len: int = 16, atol: Optional[float] = None, show: bool = False, verbose: bool = False,
-                      timeout: float = 3600.0, backend: Optional[str] = None) -> Dict[str, Any]:
-    """Compare an HF checkpoint with a Megatron checkpoint; returns rank 0's result with ``ok``."""
+                      timeout: float = 3600.0, backend: Optional[str] = None,
+                      checksums: bool = False) -> Dict[str, Any]:
+    """Compare an HF checkpoint with a Megatron checkpoint (first its files with its manifest, with ``checksums``);
+    returns rank 0's result with ``ok``."""
     from megatron_bridge_ext.cli.common import run_world, world_size_for
-    from megatron_bridge_ext.io.megatron_checkpoint import resolve_checkpoint
+    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info, resolve_checkpoint
 
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"HF checkpoint directory {hf_dir!r} does not exist (missing)")
-    resolve_checkpoint(meg_dir)
+    if checksums:
+        resolve_checkpoint(meg_dir)  # the ranks check the files against the manifest before reading any
+    else:
+        read_checkpoint_info(meg_dir)  # its structure and its common state, before starting any process
     layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
     results = run_world(_worker, world_size_for(layout),
-                        (hf_dir, meg_dir, layout, logits, batches, seq_len, show, verbose),
+                        (hf_dir, meg_dir, layout, logits, batches, seq_len, show, verbose, checksums),
                         timeout=timeout, backend=backend)
     res = results[0]
     if res is None:  # not rank 0 under torchrun
         return {"ok": True}
+    if "checksum_problems" in res:
+        res["ok"] = False
+        return res
     rows = res["rows"]
     if atol is None:
         atol = DEFAULT_ATOL.get(getattr(torch, res["dtype"]), 2e-1)
@@ -134,13 +180,29 @@ def verify_checkpoint(hf_dir: str, meg_dir: str, *, tp: int = 1, pp: int = 1, vp
     return res
 
 
+def _report_checksums(problems: List[str]) -> None:
+    for line in problems:
+        print(f"CHANGED {line}")
+
+
 def report(res: Dict[str, Any], title: str) -> None:
-    """The verification table, then one line per mismatching tensor."""
+    """The verification table, then one line per mismatching tensor (or per file that differs from the manifest)."""
     from megatron_bridge_ext.cli.roundtrip import _print_table
 
+    if "checksum_problems" in res or "rows" not in res:
+        problems = res.get("checksum_problems", res.get("problems", []))
+        table = [("Megatron checkpoint", res["info"])]
+        if "files" in res:
+            table.append(("files checked", f"{res['files']} ({res['seconds']:.2f} s)"))
+        table += [("checksums", "match" if not problems else f"NO: {len(problems)} file(s) differ"),
+                  ("verdict", "PASS" if res["ok"] else "FAIL")]
+        _print_table(table, title)
+        _report_checksums(problems)
+        return
     r = res["rows"]
     table = [
         ("Megatron checkpoint", res["info"]),
+        *([("checksums", f"{res['checksums']} files match")] if "checksums" in res else []),
         ("checkpoint dtype", res["dtype"] + (f" ({r['dtype_cast']} HF tensors cast to it)" if r["dtype_cast"] else "")),
         ("HF tensors", str(res["tensors"])),
         ("compared", f"{r['compared']} ({r['bytes']:,} bytes)"),
@@ -166,9 +228,13 @@ def report(res: Dict[str, Any], title: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_bridge_ext.cli.common import add_layout_arguments, add_terminal_arguments
 
-    parser.add_argument("hf_dir", help="HF checkpoint directory")
-    parser.add_argument("megatron_dir", help="Megatron checkpoint root (or its iter_* directory)")
+    parser.add_argument("paths", nargs="+", metavar="HF_DIR MEGATRON_DIR",
+                        help="the HF checkpoint and the Megatron checkpoint root (or its iter_* directory); with "
+                             "--checksums the Megatron checkpoint alone")
     add_layout_arguments(parser)
+    parser.add_argument("--checksums", action="store_true",
+                        help="check every file of the Megatron checkpoint against its checksum manifest "
+                             "(integrity.json) first")
     parser.add_argument("--no-logits", action="store_true", help="compare the tensors only")
     parser.add_argument("--batches", type=int, default=3, help="fixed batches for the logits comparison")
     parser.add_argument("--seq-len", type=int, default=16)
@@ -182,13 +248,22 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_third_party(args.verbose)
     try:
-        res = verify_checkpoint(args.hf_dir, args.megatron_dir, **layout_of(args), logits=not args.no_logits,
-                                batches=args.batches, seq_len=args.seq_len, atol=args.atol,
-                                show=show_progress(args), verbose=args.verbose, timeout=args.timeout,
-                                backend=args.backend)
+        if len(args.paths) > 2 or (len(args.paths) == 1 and not args.checksums):
+            raise ValueError("verify takes HF_DIR MEGATRON_DIR, or --checksums MEGATRON_DIR; got "
+                             f"{len(args.paths)} path(s)")
+        if len(args.paths) == 1:
+            res = verify_checksums(args.paths[0])
+            title = f"verify the checksums of {args.paths[0]}"
+        else:
+            hf_dir, meg_dir = args.paths
+            res = verify_checkpoint(hf_dir, meg_dir, **layout_of(args), logits=not args.no_logits,
+                                    batches=args.batches, seq_len=args.seq_len, atol=args.atol,
+                                    show=show_progress(args), verbose=args.verbose, timeout=args.timeout,
+                                    backend=args.backend, checksums=args.checksums)
+            title = f"verify {hf_dir} against {meg_dir}"
     except Exception as e:  # noqa: BLE001
         return fail(e, args.verbose)
-    if not is_rank0() or "rows" not in res:
+    if not is_rank0() or ("rows" not in res and "info" not in res):
         return 0
-    report(res, f"verify {args.hf_dir} against {args.megatron_dir}")
+    report(res, title)
     return 0 if res["ok"] else 1

@@ -39,9 +39,11 @@ import torch.distributed as dist
 from megatron_bridge_ext import ops
 from megatron_bridge_ext.engine.checks import (
     KNOWN_NON_WEIGHTS,
+    ROTARY_INV_FREQ,
     check_config_against_tensors,
     check_dtype_class,
     check_raw_config,
+    check_rotary_inv_freq,
     conversion_error,
     dtype_class,
     unused_hf_tensors,
@@ -410,12 +412,16 @@ class MegatronModelBridge:
         return data
 
     def _check_unused(self, state: Any, tasks: Sequence[WeightConversionTask], chunks,
-                      allowed: Optional[Sequence[str]]) -> None:
-        """Every HF tensor is consumed by a task, or allowed by a pattern; else the import fails naming them."""
+                      allowed: Optional[Sequence[str]], hf_config: Any = None) -> None:
+        """Every HF tensor is consumed by a task, or allowed by a pattern; else the import fails naming them. With the
+        default patterns, a stored ``rotary_emb.inv_freq`` must hold what the config's rope settings give."""
         consumed = {n for t in tasks for n in t.mapping.hf_names}
         if is_tied(chunks):
             consumed.add(self.tied_output_hf_name)  # HF's copy of the tied embedding; export reproduces it
         patterns = self.known_non_weights if allowed is None else tuple(allowed)
+        if allowed is None and hf_config is not None and ROTARY_INV_FREQ in patterns:
+            stored = [k for k in state.keys() if k not in consumed and fnmatch.fnmatchcase(k, ROTARY_INV_FREQ)]
+            check_rotary_inv_freq(state, stored, hf_config, lambda n: _files_of(state, [n]))
         unused = unused_hf_tensors(state.keys(), consumed, patterns)
         if unused:
             shown = [f"{n} ({_files_of(state, [n])})" for n in unused[:20]]
@@ -458,7 +464,7 @@ class MegatronModelBridge:
             watch.set_phase("import: conversion tasks")
             self.use_hf_layout_of(state, hf_pretrained.config)
             tasks, _ = self._tasks(state.keys(), chunks)
-            self._check_unused(state, tasks, chunks, allowed_unused_hf_params)
+            self._check_unused(state, tasks, chunks, allowed_unused_hf_params, hf_pretrained.config)
             topo = Topology.current()
             allowed = list(allowed_mismatched_params or [])
             owned = [t for t in tasks if t.owned]
@@ -490,7 +496,7 @@ class MegatronModelBridge:
         changed = self.use_hf_layout_of(state, hf_pretrained.config)
         tasks = conversion_tasks if conversion_tasks is not None and not changed else self._tasks(state.keys(),
                                                                                                    chunks)[0]
-        self._check_unused(state, tasks, chunks, allowed_unused_hf_params)
+        self._check_unused(state, tasks, chunks, allowed_unused_hf_params, hf_pretrained.config)
         topo = Topology.current()
         local_names = {}
         if any(t.is_group for t in tasks):

@@ -6,6 +6,8 @@ context that every conversion error carries.
 - :func:`check_config_against_tensors`: the config agrees with the tensors' shapes (headers only, nothing is read):
   layer count, vocabulary rows, heads x head_dim, experts per layer; both sides are named.
 - :func:`unused_hf_tensors`: every HF tensor is consumed by a conversion task, or named.
+- :func:`check_rotary_inv_freq`: a stored ``rotary_emb.inv_freq`` (dropped as a known non-weight) holds what the
+  config's rope settings give; one that differs is named with its largest deviation.
 - :func:`check_dtype_class`: an integer tensor where a floating weight belongs (and the reverse) is named, never cast.
 - :func:`conversion_error`: an exception raised inside a mapping or an op, re-raised with the HF name(s), the
   Megatron name and the file.
@@ -29,6 +31,9 @@ __all__ = [
     "check_raw_config",
     "check_config_against_tensors",
     "unused_hf_tensors",
+    "ROTARY_INV_FREQ",
+    "reference_inv_freqs",
+    "check_rotary_inv_freq",
     "check_dtype_class",
     "dtype_class",
     "conversion_error",
@@ -37,7 +42,11 @@ __all__ = [
 #: HF tensors that are not weights (buffers some transformers versions saved); the default of
 #: ``allowed_unused_hf_params``. ``rotary_emb.inv_freq`` is recomputed from ``rope_theta`` / ``rope_parameters`` by
 #: both transformers and megatron-core.
-KNOWN_NON_WEIGHTS: Tuple[str, ...] = ("*.rotary_emb.inv_freq",)
+ROTARY_INV_FREQ = "*.rotary_emb.inv_freq"
+KNOWN_NON_WEIGHTS: Tuple[str, ...] = (ROTARY_INV_FREQ,)
+#: a stored inverse frequency may differ from the recomputed one by this many units in the last place of its dtype
+#: (transformers versions computed it with slightly different float formulas); an edited rope is far beyond it
+INV_FREQ_ULPS = 4
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -199,6 +208,80 @@ def unused_hf_tensors(keys: Iterable[str], consumed: Iterable[str], allowed: Seq
     """HF tensor names that no task consumes and no ``allowed`` fnmatch pattern covers, in checkpoint order."""
     used = set(consumed)
     return [k for k in keys if k not in used and not any(fnmatch.fnmatchcase(k, p) for p in allowed)]
+
+
+def reference_inv_freqs(hf_config: Any) -> List[Tuple[str, torch.Tensor]]:
+    """The rotary inverse frequencies the config's rope settings give, as transformers computes them: every
+    ``*inv_freq`` buffer (one per layer type, e.g. Gemma 3's full and sliding layers) of the family's
+    ``*RotaryEmbedding`` modules built from the config, in fp32. Empty when transformers has none for the family."""
+    import importlib
+
+    module_name = type(hf_config).__module__.replace(".configuration_", ".modeling_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return []
+    out = []
+    for cls_name, cls in sorted(vars(module).items()):
+        if not (cls_name.endswith("RotaryEmbedding") and isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            continue
+        try:
+            rotary = cls(hf_config)
+        except Exception:  # noqa: BLE001  (a rotary class for another config of the module, e.g. vision)
+            continue
+        for name, buf in rotary.named_buffers():
+            if name.endswith("inv_freq") and "original" not in name:
+                out.append((f"{cls_name}.{name}", buf.detach().to(torch.float32)))
+    return out
+
+
+def _ulp(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
+def check_rotary_inv_freq(state: Any, names: Sequence[str], hf_config: Any, file_of) -> None:
+    """Each stored ``rotary_emb.inv_freq`` in ``names`` equals (within :data:`INV_FREQ_ULPS` units in the last place
+    of its dtype, relative) one of the inverse frequencies the config gives (:func:`reference_inv_freqs`): dropping it
+    then loses nothing. A checkpoint whose rotary frequencies were edited would convert into a different model.
+
+    Raises:
+        ValueError: naming the tensor, its file, the largest deviation (absolute and relative) from the closest
+            recomputed frequencies of the same shape, and the rope settings; or the shape when none has it.
+    """
+    if not names:
+        return
+    refs = reference_inv_freqs(hf_config)
+    rope = getattr(hf_config, "rope_parameters", None) or {"rope_theta": getattr(hf_config, "rope_theta", None)}
+    for name in names:
+        stored = state[name]
+        if not refs:
+            raise ValueError(
+                f"HF tensor {name} in {file_of(name)}: transformers has no rotary embedding for "
+                f"{type(hf_config).__name__} to check it against; pass allowed_unused_hf_params=[{name!r}] to drop it")
+        if not stored.is_floating_point():
+            raise ValueError(f"HF tensor {name} in {file_of(name)} is {stored.dtype}, not floating-point rotary "
+                             "inverse frequencies")
+        same = [(label, ref) for label, ref in refs if tuple(ref.shape) == tuple(stored.shape)]
+        if not same:
+            raise ValueError(
+                f"HF tensor {name} in {file_of(name)} has shape {list(stored.shape)}; the config's rope settings "
+                f"({rope}) give inverse frequencies of shape {sorted({tuple(r.shape) for _, r in refs})}: converting "
+                "would build a model with other rotary frequencies than the checkpoint's")
+        s64 = stored.detach().to(torch.float64)
+        best = None
+        for label, ref in same:
+            r64 = ref.to(stored.dtype).to(torch.float64)
+            dev = (s64 - r64).abs()
+            rel = float((dev / r64.abs().clamp_min(torch.finfo(torch.float32).tiny)).max())
+            if best is None or rel < best[0]:
+                best = (rel, float(dev.max()), label)
+        assert best is not None
+        if best[0] > INV_FREQ_ULPS * _ulp(stored.dtype):
+            raise ValueError(
+                f"HF tensor {name} in {file_of(name)} differs from the rotary inverse frequencies the config's rope "
+                f"settings ({rope}) give: largest deviation {best[1]:.6g} ({best[0]:.3g} relative, vs "
+                f"{best[2]}); a checkpoint whose rotary frequencies were edited would convert into a different "
+                f"model. Fix config.json, or pass allowed_unused_hf_params=[{name!r}] to drop it anyway")
 
 
 def dtype_class(dtype: torch.dtype) -> str:

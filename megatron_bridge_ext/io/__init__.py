@@ -1,5 +1,7 @@
 """Checkpoint I/O: the safetensors format, the lazy HF checkpoint source and the streaming HF writer; Megatron-LM's
-distributed checkpoints on disk (:mod:`.megatron_checkpoint`, imported on use: it calls megatron-core).
+distributed checkpoints on disk (:mod:`.megatron_checkpoint`, imported on use: it writes through megatron-core), read
+through the restricted ``torch_dist`` reader (:mod:`.dcp_reader`, torch only) and checked against their checksum
+manifests (:mod:`.checksums`).
 
 Nothing here imports the mappings or the engine (``tests/test_package_layout.py`` checks it).
 """

@@ -10,6 +10,8 @@
         common.pt                           the common state (rank 0): checkpoint_version 3.0, iteration, args
                                             (Megatron-LM argument names; no_save_optim / no_save_rng set), and
                                             "megatron_bridge_ext": architecture, model config, HF config.json
+                                            (megatron-core 0.19 stores it inside the .distcp files instead)
+        integrity.json                      SHA-256 of every file above, in megatron-core's verify_integrity format
 
 The model's tensors are under ``model`` (``model0``, ``model1``, ... with a virtual pipeline), as Megatron-LM's
 ``generate_state_dict`` names them; there is no optimizer or RNG state, and ``args.no_save_optim`` /
@@ -18,7 +20,11 @@ fresh). The checkpoint is written to ``iter_0000000.partial`` and renamed when c
 replaced only with ``overwrite=True`` and only after the new one is complete.
 
 This module knows nothing of models: it writes and reads a sharded state dict that :mod:`megatron_bridge_ext.mcore`
-builds from the model chunks. Every function taking a sharded state dict is collective over the default group.
+builds from the model chunks. Writing goes through megatron-core's ``dist_checkpointing.save``; every read goes
+through :mod:`megatron_bridge_ext.io.dcp_reader`, which runs nothing from the files and checks their structure first
+(neither megatron-core's loader nor torch.distributed.checkpoint's reader opens a file of the checkpoint), so a
+checkpoint written by either installed megatron-core version reads under the other. Every function taking a sharded
+state dict is collective over the default group.
 """
 
 from __future__ import annotations
@@ -28,9 +34,13 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import torch
 import torch.distributed as dist
+
+from megatron_bridge_ext.io import checksums
+from megatron_bridge_ext.io.dcp_reader import CONFIG_NAME, TensorEntry, TorchDistCheckpoint, read_backend
 
 __all__ = [
     "TRACKER_NAME",
@@ -41,10 +51,14 @@ __all__ = [
     "iteration_dir_name",
     "read_tracker",
     "resolve_checkpoint",
+    "open_checkpoint",
     "read_checkpoint_info",
     "save_distributed_checkpoint",
     "load_distributed_checkpoint",
     "tensor_metadata",
+    "check_checksums",
+    "has_checksums",
+    "write_checksums",
 ]
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
@@ -54,7 +68,7 @@ BRIDGE_KEY = "megatron_bridge_ext"
 FORMAT_VERSION = 1
 #: what Megatron-LM stores with ``save(..., content_metadata=...)`` when there is no distributed optimizer
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-_METADATA_JSON = "metadata.json"
+_METADATA_JSON = CONFIG_NAME
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -99,11 +113,13 @@ def resolve_checkpoint(path: str) -> Tuple[str, int]:
     Raises:
         FileNotFoundError: naming what is missing (the directory, the tracker, the iteration directory, or
             ``metadata.json``: a Megatron checkpoint in another format).
+        ValueError: a tracker that is not an iteration number, or a ``metadata.json`` of another backend.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Megatron checkpoint directory {path!r} does not exist")
     if _is_distributed(path) and not os.path.isfile(os.path.join(path, TRACKER_NAME)):
+        read_backend(path)
         base = os.path.basename(os.path.normpath(path))
         iteration = int(base[len("iter_"):]) if base.startswith("iter_") and base[5:].isdigit() else 0
         return path, iteration
@@ -111,8 +127,7 @@ def resolve_checkpoint(path: str) -> Tuple[str, int]:
     sub = os.path.join(path, "release" if release else iteration_dir_name(iteration))
     if not os.path.isdir(sub):
         raise FileNotFoundError(f"{path}: {TRACKER_NAME} names iteration {iteration}, but {sub} does not exist")
-    if not _is_distributed(sub):
-        raise FileNotFoundError(f"{sub}: no {_METADATA_JSON}; not a distributed (torch_dist) checkpoint")
+    read_backend(sub)  # a torch_dist checkpoint, or an error naming what it is
     return sub, iteration
 
 
@@ -129,7 +144,8 @@ class MegatronCheckpointInfo:
         model_config: the stored ``GPTConfig`` fields (see ``mcore.config.config_to_dict``), or None.
         parallel: the layout it was written at (tp, pp, vpp, ep, etp, world).
         hf_config: the HF ``config.json`` of the source checkpoint, when one was given.
-        args: Megatron-LM's ``args`` namespace (None when absent).
+        args: Megatron-LM's ``args`` namespace (None when absent); megatron-core's own classes in it (its enums,
+            e.g. ``attention_backend``) are :class:`~megatron_bridge_ext.io.dcp_reader.StoredObject` records.
     """
 
     path: str
@@ -143,22 +159,34 @@ class MegatronCheckpointInfo:
     args: Optional[argparse.Namespace]
 
 
-def _load_common(path: str) -> Dict[str, Any]:
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(path)
-
-
-def read_checkpoint_info(path: str) -> MegatronCheckpointInfo:
-    """Open a Megatron checkpoint (root or iteration directory) and read its common state.
+def open_checkpoint(path: str) -> TorchDistCheckpoint:
+    """The checkpoint at ``path`` (root or iteration directory) opened with the restricted reader: its metadata read
+    without running anything and its structure checked (see :mod:`megatron_bridge_ext.io.dcp_reader`).
 
     Raises:
         FileNotFoundError: see :func:`resolve_checkpoint`.
-        ValueError: a common state without model weights, or a format version this package does not know.
+        ValueError: every structural fault and every refused class (``CheckpointFormatError``), naming the file
+            and the key.
+    """
+    sub, _ = resolve_checkpoint(path)
+    return TorchDistCheckpoint(sub)
+
+
+def read_checkpoint_info(path: str) -> MegatronCheckpointInfo:
+    """Open a Megatron checkpoint (root or iteration directory) and read its common state (``common.pt``, or the
+    ``common_state`` object megatron-core 0.19 stores in the ``.distcp`` files), checking the structure of the whole
+    checkpoint on the way (no tensor is read).
+
+    Raises:
+        FileNotFoundError: see :func:`resolve_checkpoint`.
+        ValueError: a structural fault or a refused class (named), or a format version this package does not know.
     """
     sub, iteration = resolve_checkpoint(path)
-    common = _load_common(sub)
+    with TorchDistCheckpoint(sub) as ckpt:
+        common = ckpt.common_state()
     bridge = common.get(BRIDGE_KEY) or {}
+    if not isinstance(bridge, dict):
+        raise ValueError(f"{sub}: the common state's {BRIDGE_KEY!r} entry is a {type(bridge).__name__}, not a dict")
     if bridge and int(bridge.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"{sub}: written by a newer megatron_bridge_ext (format {bridge.get('format_version')}, "
                          f"this one reads up to {FORMAT_VERSION})")
@@ -174,19 +202,18 @@ def read_checkpoint_info(path: str) -> MegatronCheckpointInfo:
     )
 
 
-def tensor_metadata(path: str) -> Dict[str, Any]:
-    """Global shape and dtype of every tensor in the checkpoint (ShardedTensor keys; no data read)."""
-    from megatron.core import dist_checkpointing
-
-    sub, _ = resolve_checkpoint(path)
-    return {k: v for k, v in dist_checkpointing.load_tensors_metadata(sub).items()}
+def tensor_metadata(path: str) -> Dict[str, TensorEntry]:
+    """Global shape (``.shape``), dtype and stored chunks of every tensor in the checkpoint, by ShardedTensor key
+    (no tensor data read)."""
+    with open_checkpoint(path) as ckpt:
+        return dict(ckpt.tensors)
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _agree(flag: Optional[str]) -> Optional[str]:
+def _agree(flag: Any) -> Any:
     """Rank 0's value on every rank (an error message decided on rank 0, so that every rank raises it)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
@@ -221,6 +248,9 @@ def save_distributed_checkpoint(
         iteration: the iteration number.
         common: further common entries (``args``, this package's metadata), written by rank 0 to ``common.pt``.
         overwrite: replace an existing checkpoint of that iteration (after the new one is complete).
+
+    The checkpoint gets a checksum manifest (``integrity.json``, megatron-core's ``verify_integrity`` format) of every
+    file written, hashed by all ranks, before it is renamed into place.
 
     Returns:
         The iteration directory.
@@ -259,6 +289,7 @@ def save_distributed_checkpoint(
     dist_checkpointing.save(state, partial, content_metadata=dict(CONTENT_METADATA))
     if dist.is_initialized():
         dist.barrier()
+    write_checksums(partial)
     if _rank() == 0:
         old = final + ".old"
         if os.path.exists(final):
@@ -274,31 +305,184 @@ def save_distributed_checkpoint(
     return final
 
 
+def _hash_share(directory: str, names: List[str]) -> Dict[str, Optional[str]]:
+    """Digests of ``names`` in ``directory``, the files dealt out to the ranks by size (collective); every rank gets
+    them all."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    by_size = sorted(names, key=lambda n: -os.path.getsize(os.path.join(directory, n))
+                     if os.path.isfile(os.path.join(directory, n)) else 0)
+    threads = max(1, (os.cpu_count() or 1) // world)
+    mine = checksums.digests(directory, by_size[_rank()::world], threads=threads)
+    if world == 1:
+        return mine
+    parts: List[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def write_checksums(directory: str) -> str:
+    """Write ``directory/integrity.json`` for every file in it (collective: the ranks hash a share each, rank 0
+    writes); returns its path."""
+    names = checksums.manifest_files(directory) if _rank() == 0 else None
+    names = _agree(names)
+    digests = _hash_share(directory, names)
+    path = os.path.join(directory, checksums.MANIFEST_NAME)
+    error = None
+    if _rank() == 0:
+        missing = [n for n, d in digests.items() if d is None]
+        if missing:
+            error = f"{directory}: cannot read {missing} to checksum them"
+        else:
+            try:
+                checksums.write_manifest(directory, digests)  # type: ignore[arg-type]
+            except (OSError, ValueError) as e:
+                error = f"{directory}: writing {checksums.MANIFEST_NAME} failed: {e}"
+    error = _agree(error)  # every rank raises the same error, or none does
+    if error is not None:
+        raise OSError(error)
+    return path
+
+
+def has_checksums(path: str) -> bool:
+    """The checkpoint has a checksum manifest (``integrity.json``)."""
+    sub, _ = resolve_checkpoint(path)
+    return os.path.isfile(os.path.join(sub, checksums.MANIFEST_NAME))
+
+
+def check_checksums(path: str, *, required: bool) -> Optional[int]:
+    """Check a checkpoint's files against its manifest (collective: the ranks hash a share each, and all raise the
+    same error). Returns the number of files checked, or None when there is no manifest and ``required`` is False.
+
+    Raises:
+        FileNotFoundError: no manifest and ``required``.
+        checksums.IntegrityError: naming each file that changed, is missing, or was added after the manifest.
+    """
+    sub, _ = resolve_checkpoint(path)
+    manifest = checksums.read_manifest(sub)
+    if manifest is None:
+        if required:
+            raise FileNotFoundError(f"{sub}: no {checksums.MANIFEST_NAME}; the checkpoint was written without a "
+                                    "checksum manifest, so --checksums cannot check it")
+        return None
+    problems = checksums.compare(manifest, _hash_share(sub, sorted(manifest)), checksums.manifest_files(sub))
+    if problems:
+        raise checksums.IntegrityError(f"{sub}: {len(problems)} file(s) differ from its {checksums.MANIFEST_NAME}: "
+                                       + "; ".join(problems), problems)
+    return len(manifest)
+
+
 def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str) -> Dict[str, Any]:
     """Load a sharded state dict (this rank's slices, resharded from whatever layout the checkpoint was written at)
-    from a checkpoint root or iteration directory (collective). Every requested tensor must be in the checkpoint.
+    from a checkpoint root or iteration directory, through the restricted reader (no collective: each rank reads the
+    chunks its slices overlap). Every requested tensor and sharded object must be in the checkpoint.
+
+    As megatron-core's ``dist_checkpointing.load`` does: factories are applied (and their results merged back),
+    non-persistent entries kept, each ShardedTensor filled in place (its ``data``, a view of the parameter) from its
+    global slice — for one marked ``allow_shape_mismatch`` (the padded vocabulary rows) from the part the checkpoint
+    holds, the rest zero — and each ShardedObject replaced by its stored value; the common state is the base of the
+    result.
 
     Returns:
         The loaded state dict (tensors in place of the ShardedTensors), with the common state merged in.
 
     Raises:
         FileNotFoundError: see :func:`resolve_checkpoint`.
-        ValueError: requested tensors missing from the checkpoint (named), or shapes that disagree.
+        ValueError: requested tensors or objects missing from the checkpoint (named), global shapes that disagree
+            (both named), any structural fault or refused class of the checkpoint (file and key named).
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factory_merges
+    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+    from megatron.core.dist_checkpointing.utils import extract_sharded_base
 
-    sub, _ = resolve_checkpoint(path)
-    try:
-        loaded, missing, _unexpected = dist_checkpointing.load(sharded_state_dict, sub,
-                                                               strict=StrictHandling.RETURN_ALL)
-    except Exception as e:  # megatron's CheckpointingException and torch DCP errors: name the checkpoint
-        raise ValueError(f"loading the Megatron checkpoint {sub} failed: {e}") from e
+    with open_checkpoint(path) as ckpt:
+        common = ckpt.common_state()
+        sharded, nonpersistent, factories = load_preprocess(sharded_state_dict)
+        merge(common, nonpersistent)
+        sharded, _ = extract_sharded_base(sharded)
+        missing: List[str] = []
+        requests: List[Any] = []
+
+        def collect(x: Any) -> Any:
+            if isinstance(x, ShardedTensor):
+                if x.key in ckpt.tensors:
+                    requests.append(x)
+                else:
+                    missing.append(x.key)
+            elif isinstance(x, ShardedObject):
+                if x.unique_key not in ckpt.objects:
+                    missing.append(x.unique_key)
+            else:
+                raise TypeError(f"{ckpt.path}: cannot load a {type(x).__name__} of the sharded state dict")
+            return x
+
+        dict_list_map_inplace(collect, sharded)
+        objects: Dict[str, Any] = {}
+        if not missing:
+            with torch.no_grad():  # in the order of the bytes on disk: each file read front to back
+                for where, sh in sorted(_places(ckpt, requests, sharded, ShardedObject), key=lambda p: p[0]):
+                    if isinstance(sh, ShardedObject):
+                        objects[sh.unique_key] = ckpt.read_object(sh.unique_key)
+                    else:
+                        _fill_sharded_tensor(ckpt, sh)
+            dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor) else objects[x.unique_key],
+                                  sharded)
     if missing:
-        names = sorted(missing)
-        raise ValueError(f"{sub}: the checkpoint lacks {len(names)} tensor(s) the model needs: {names[:20]}"
-                         f"{' ...' if len(names) > 20 else ''}")
-    return loaded
+        names = sorted(set(missing))
+        raise ValueError(f"{ckpt.path}: the checkpoint lacks {len(names)} tensor(s) or object(s) the model needs: "
+                         f"{names[:20]}{' ...' if len(names) > 20 else ''}")
+    merge(common, sharded)
+    return apply_factory_merges(common, factories)
+
+
+def _places(ckpt: TorchDistCheckpoint, requests: List[Any], sharded: Any, object_type: type) -> List[Any]:
+    """``((file, offset), item)`` for each requested ShardedTensor (its first overlapping chunk) and each distinct
+    ShardedObject in ``sharded``: the order to read them in."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    out = []
+    for sh in requests:
+        sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+        chunks = ckpt.tensors[sh.key].overlapping(tuple(sh.global_offset), sizes)
+        out.append((min(((c.file, c.offset) for c in chunks), default=("", 0)), sh))
+    seen = set()
+    for x in nested_values(sharded):
+        if isinstance(x, object_type) and x.unique_key not in seen:
+            seen.add(x.unique_key)
+            entry = ckpt.objects[x.unique_key]
+            out.append(((entry.file, entry.offset), x))
+    return out
+
+
+def _fill_sharded_tensor(ckpt: TorchDistCheckpoint, sh: Any) -> torch.Tensor:
+    """``sh.data`` filled from its global slice of the checkpoint (megatron-core ShardedTensor semantics: the
+    ``prepend_axis_num`` leading axes of ``global_offset`` / ``global_shape`` are the stacked ones, of size 1 here)."""
+    entry = ckpt.tensors[sh.key]
+    if getattr(sh, "flattened_range", None) is not None:
+        raise ValueError(f"{ckpt.path}: {sh.key} is requested as a flattened range (a distributed-optimizer layout); "
+                         "this loader reads model weights")
+    if sh.data is None:
+        sh.init_data("cpu")
+    want, stored = tuple(sh.global_shape), entry.shape
+    offsets = tuple(int(o) for o in sh.global_offset)
+    sizes = (1,) * sh.prepend_axis_num + tuple(sh.data.shape)
+    if len(offsets) != len(want) or len(sizes) != len(want):
+        raise ValueError(f"{ckpt.path}: {sh.key}: a request at offsets {list(offsets)} for data of shape "
+                         f"{list(sh.data.shape)} does not fit the global shape {list(want)}")
+    target = sh.data[(None,) * sh.prepend_axis_num] if sh.prepend_axis_num else sh.data
+    if want == stored:
+        ckpt.read_slice(sh.key, offsets, sizes, out=target)
+        return sh.data
+    if not sh.allow_shape_mismatch or len(want) != len(stored):
+        raise ValueError(f"{ckpt.path}: {sh.key} is stored with global shape {list(stored)}, the model expects "
+                         f"{list(want)}")
+    # the padded vocabulary rows: what the checkpoint holds of this slice, zeros beyond it
+    sh.data.zero_()
+    hi = tuple(min(o + n, m) for o, n, m in zip(offsets, sizes, stored))
+    if all(h > o for o, h in zip(offsets, hi)):
+        part = tuple(h - o for o, h in zip(offsets, hi))
+        ckpt.read_slice(sh.key, offsets, part, out=target[tuple(slice(0, n) for n in part)])
+    return sh.data
 
 
 def describe(info: MegatronCheckpointInfo) -> str:

@@ -189,6 +189,12 @@ def _worker(rank: int, world: int, paths: dict, out_root: str) -> dict:
     inv = AutoBridge.from_hf_pretrained(paths["inv_freq"])
     res["inv_freq_default"] = _capture(lambda: inv.to_megatron_model(**fp32))
     res["inv_freq_strict"] = _capture(lambda: inv.to_megatron_model(allowed_unused_hf_params=[], **fp32))
+    edited = AutoBridge.from_hf_pretrained(paths["inv_freq_edited"])
+    res["inv_freq_edited"] = _capture(lambda: edited.to_megatron_model(**fp32))
+    res["inv_freq_edited_allowed"] = _capture(lambda: edited.to_megatron_model(
+        allowed_unused_hf_params=["*.rotary_emb.inv_freq"], **fp32))
+    res["inv_freq_edited_bf16"] = _capture(lambda: AutoBridge.from_hf_pretrained(paths["inv_freq_bf16"])
+                                           .to_megatron_model(**fp32))
     res["bias_unused"] = _capture(lambda: AutoBridge.from_hf_pretrained(paths["bias"]).to_megatron_model(**fp32))
     res["int_weight"] = _capture(lambda: AutoBridge.from_hf_pretrained(paths["int"]).to_megatron_model(**fp32))
     res["int_stream"] = _capture(lambda: list(AutoBridge.from_hf_pretrained(paths["int"]).model_bridge
@@ -230,8 +236,16 @@ def tensor_results(good, tmp_path_factory):
     paths = {"good": good}
     paths["extra"] = _edit_tensors(_copy(good, str(root / "extra")),
                                    model__layers__0__mlp__extra__weight=torch.ones(4))
+    # what the config's rope settings give (rope_theta 10000, head_dim 8), written out independently of transformers
+    inv_freq = (1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))).to(torch.float32)
     paths["inv_freq"] = _edit_tensors(_copy(good, str(root / "inv_freq")),
-                                      model__layers__0__self_attn__rotary_emb__inv_freq=torch.ones(4))
+                                      model__layers__0__self_attn__rotary_emb__inv_freq=inv_freq)
+    edited = inv_freq.clone()
+    edited[3] *= 1.5  # the lowest frequency edited
+    paths["inv_freq_edited"] = _edit_tensors(_copy(good, str(root / "inv_freq_edited")),
+                                             model__layers__0__self_attn__rotary_emb__inv_freq=edited)
+    paths["inv_freq_bf16"] = _edit_tensors(_copy(good, str(root / "inv_freq_bf16")),
+                                           model__rotary_emb__inv_freq=(inv_freq * 2).to(torch.bfloat16))
     paths["bias"] = _edit_tensors(_copy(good, str(root / "bias")), model__layers__1__self_attn__q_proj__bias=torch.ones(32))
     norm = load_file(os.path.join(good, WEIGHTS))["model.norm.weight"]
     paths["int"] = _edit_tensors(_copy(good, str(root / "int")), model__norm__weight=norm.to(torch.int32))
@@ -246,9 +260,24 @@ def test_unused_hf_tensor_fails_the_import_by_name(tensor_results):
 
 
 def test_known_non_weights_are_allowed_by_default_and_can_be_refused(tensor_results):
+    """A stored inv_freq equal to the config's is dropped silently; allowed_unused_hf_params=[] refuses it."""
     assert tensor_results["inv_freq_default"] == (None, None)
     kind, msg = tensor_results["inv_freq_strict"]
     assert kind == "ValueError" and "model.layers.0.self_attn.rotary_emb.inv_freq" in msg
+
+
+def test_edited_rotary_frequencies_are_named_with_the_largest_deviation(tensor_results):
+    """An inv_freq that differs from what the config's rope settings give would convert into another model: the
+    import fails naming it, its file and the largest deviation (the edited entry: 1e-3 * 0.5); an explicit pattern
+    drops it on purpose. A bf16 one (all entries doubled) is named as well."""
+    kind, msg = tensor_results["inv_freq_edited"]
+    assert kind == "ValueError", msg
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" in msg and WEIGHTS in msg, msg
+    deviation = float(msg.split("largest deviation ")[1].split(" ")[0])
+    assert deviation == pytest.approx(0.5 * 10000.0 ** -0.75, rel=1e-6), msg
+    assert tensor_results["inv_freq_edited_allowed"] == (None, None)
+    kind, msg = tensor_results["inv_freq_edited_bf16"]
+    assert kind == "ValueError" and "model.rotary_emb.inv_freq" in msg and "largest deviation 1 " in msg, msg
 
 
 def test_bias_the_config_does_not_use_is_named(tensor_results):

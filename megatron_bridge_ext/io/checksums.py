@@ -1,0 +1,162 @@
+"""Checksum manifests of checkpoint directories, in megatron-core's ``verify_integrity`` format.
+
+megatron-core 0.18+ writes, with ``dist_checkpointing.save(..., verify_integrity=True)``, an ``integrity.json`` beside
+the files of a distributed checkpoint and checks it with ``load(..., verify_integrity=True)``::
+
+    {"algorithm": "sha256", "files": {"<name>": "<sha256 hex digest>", ...}}
+
+listing every regular file of the directory (not its subdirectories) by name, sorted, the manifest itself excluded,
+written with ``json.dump(..., indent=2)``. This module writes and checks the same file, whatever megatron-core is
+installed, so a checkpoint written by either tool is checked by both.
+
+What it proves: that the files are those the writer wrote (a flipped bit, a truncated or replaced file, a file added
+later). What it does not: that the writer was honest; whoever can replace a file can rewrite the manifest too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterable, List, Mapping, Optional
+
+__all__ = [
+    "MANIFEST_NAME",
+    "ALGORITHM",
+    "IntegrityError",
+    "file_digest",
+    "digests",
+    "manifest_files",
+    "write_manifest",
+    "read_manifest",
+    "compare",
+    "verify_manifest",
+]
+
+MANIFEST_NAME = "integrity.json"
+ALGORITHM = "sha256"
+_CHUNK = 8 << 20
+
+
+class IntegrityError(ValueError):
+    """Files of a checkpoint differ from its manifest (each one named; ``problems`` has one line per file)."""
+
+    def __init__(self, message: str, problems: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+
+def file_digest(path: str) -> str:
+    """The SHA-256 hex digest of a file, read in 8 MiB pieces (hashlib releases the GIL on them)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def digests(directory: str, names: Iterable[str], threads: int = 1) -> Dict[str, Optional[str]]:
+    """``{name: digest}`` of files of ``directory`` (None for a file that is missing or unreadable), ``threads``
+    files at a time."""
+    names = list(names)
+
+    def one(name: str) -> Optional[str]:
+        try:
+            return file_digest(os.path.join(directory, name))
+        except OSError:
+            return None
+
+    if threads <= 1 or len(names) <= 1:
+        return {n: one(n) for n in names}
+    with ThreadPoolExecutor(max_workers=min(threads, len(names))) as pool:
+        return dict(zip(names, pool.map(one, names)))
+
+
+def manifest_files(directory: str) -> List[str]:
+    """The files a manifest of ``directory`` lists: every regular file in it, sorted, the manifest excluded."""
+    return sorted(e.name for e in os.scandir(directory) if e.is_file() and e.name != MANIFEST_NAME)
+
+
+def write_manifest(directory: str, files: Mapping[str, str]) -> str:
+    """Write ``directory/integrity.json`` (fsynced) for ``{name: digest}``; returns its path.
+
+    Raises:
+        ValueError: ``files`` does not name exactly the files of the directory (a manifest must cover them all).
+    """
+    listed = sorted(files)
+    present = manifest_files(directory)
+    if listed != present:
+        raise ValueError(f"{directory}: a manifest of {listed} does not match the files there {present}")
+    path = os.path.join(directory, MANIFEST_NAME)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"algorithm": ALGORITHM, "files": {n: files[n] for n in listed}}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(directory: str) -> Optional[Dict[str, str]]:
+    """``{name: digest}`` of ``directory/integrity.json``, or None when there is none.
+
+    Raises:
+        IntegrityError: a manifest that is not megatron-core's format, or of another algorithm.
+    """
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{path}: not valid JSON ({e})") from None
+    algorithm = data.get("algorithm", ALGORITHM) if isinstance(data, dict) else None
+    files = data.get("files") if isinstance(data, dict) else None
+    if algorithm != ALGORITHM:
+        raise IntegrityError(f"{path}: algorithm {algorithm!r}; only {ALGORITHM!r} manifests are read")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise IntegrityError(f"{path}: 'files' must map file names to {ALGORITHM} hex digests")
+    for name in files:
+        if not name or name != os.path.basename(name) or name in (".", ".."):
+            raise IntegrityError(f"{path}: lists {name!r}, which is not a plain file name in the directory")
+    return dict(files)
+
+
+def compare(manifest: Mapping[str, str], actual: Mapping[str, Optional[str]], present: Iterable[str]) -> List[str]:
+    """One line per file that differs from the manifest: changed or missing (``actual``: the digests of the files the
+    manifest lists, None where unreadable), or present in the directory but not listed."""
+    problems = []
+    for name in sorted(manifest):
+        got = actual.get(name)
+        if got is None:
+            problems.append(f"{name}: missing or unreadable")
+        elif got != manifest[name]:
+            problems.append(f"{name}: changed ({ALGORITHM} {got[:16]}..., the manifest says {manifest[name][:16]}...)")
+    for name in sorted(set(present) - set(manifest)):
+        problems.append(f"{name}: not in the manifest (added after it was written)")
+    return problems
+
+
+def verify_manifest(directory: str, threads: int = 1) -> int:
+    """Check every file of ``directory`` against its manifest; returns the number of files checked.
+
+    Raises:
+        FileNotFoundError: no manifest.
+        IntegrityError: naming each file that changed, is missing, or is not listed.
+    """
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise FileNotFoundError(f"{directory}: no {MANIFEST_NAME} (the checkpoint was written without a checksum "
+                                "manifest)")
+    problems = compare(manifest, digests(directory, sorted(manifest), threads), manifest_files(directory))
+    if problems:
+        raise IntegrityError(f"{directory}: {len(problems)} file(s) differ from {MANIFEST_NAME}: "
+                             + "; ".join(problems), problems)
+    return len(manifest)
