@@ -23,11 +23,20 @@ from megatron_bridge_ext.mcore.config import (
 )
 from megatron_bridge_ext.mcore.cpu_compat import dist_checkpoint_cpu_patches
 from megatron_bridge_ext.mcore.names import as_chunks, model_config, unwrap_model
+from megatron_bridge_ext.mcore.te_keys import (
+    EXTRA_STATE,
+    SPECS,
+    empty_extra_state,
+    te_extra_state_modules,
+    te_module_of,
+    te_tensor_key,
+)
 from megatron_bridge_ext.mcore.topology import current_parallel_sizes
 
 __all__ = [
     "model_state_keys",
     "sharded_model_state",
+    "to_te_sharded_state_dict",
     "megatron_lm_args",
     "save_megatron_checkpoint",
     "config_from_checkpoint",
@@ -47,13 +56,94 @@ def _content_metadata() -> Dict[str, Any]:
     return md
 
 
-def sharded_model_state(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
+def _sharded_items(state: Any) -> List[Any]:
+    """Every ShardedBase in a (nested) sharded state dict."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    return [v for v in nested_values(state) if isinstance(v, ShardedBase)]
+
+
+def to_te_sharded_state_dict(state: Dict[str, Any], config: Any, *, extra_state: bool = True) -> Dict[str, Any]:
+    """A local-spec chunk's sharded state dict as a Transformer Engine (TE) spec model of ``config`` saves it, in
+    place (see :mod:`megatron_bridge_ext.mcore.te_keys`): tensor keys renamed (:func:`te_tensor_key`); with
+    ``extra_state``, every TE module's ``_extra_state`` object holding what TE saves without FP8 state (the local
+    linears' objects re-filled, the TE-only ones added under ``te_extra_state/<key>/<offset>``, sharded like their
+    module's tensors, replicated as megatron-core replicates them); without, the local objects are dropped.
+
+    Returns:
+        ``state`` itself.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+    from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+
+    tensors = []
+    for item in _sharded_items(state):
+        if not isinstance(item, ShardedObject):
+            item.key = te_tensor_key(item.key, config)
+            tensors.append(item)
+    have = set()
+    for name in list(state):
+        item = state[name]
+        if isinstance(item, ShardedObject) and item.key.endswith("." + EXTRA_STATE):
+            if not extra_state:
+                del state[name]
+                continue
+            item.data = empty_extra_state()
+            have.add((item.key, tuple(item.global_offset)))
+    if not extra_state:
+        return state
+    # one object per TE module and layer / expert position, sharded like the module's tensors (their leading
+    # offsets); a module without tensors (a multi-token-prediction layer's core attention) is not stacked: (1,)
+    grids: Dict[str, List[List[Any]]] = {m: [] for m in te_extra_state_modules(t.key for t in tensors)}
+    for item in tensors:
+        module = te_module_of(item.key)
+        if module not in grids:
+            continue
+        if isinstance(item, ShardedTensorFactory):  # its offsets are those of the tensors it builds
+            item = next(v for v in nested_values(item.build()) if isinstance(v, ShardedTensor))
+        grids[module].append([(axis, item.global_offset[axis], item.global_shape[axis])
+                              for axis in range(item.prepend_axis_num)])
+    for module, grid in grids.items():
+        key = f"{module}.{EXTRA_STATE}"
+        for offsets in grid or [[]]:
+            where = tuple(o for _, o, _ in offsets) or (0,)
+            if (key, where) in have:
+                continue
+            have.add((key, where))
+            state[f"te_extra_state/{key}/{'_'.join(map(str, where))}"] = make_sharded_object_for_checkpoint(
+                empty_extra_state(), key, offsets)
+    return state
+
+
+def sharded_model_state(chunks: Sequence[torch.nn.Module], spec: str = "local", *, extra_state: bool = True,
+                        metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """``{"model": sd}`` or ``{"model0": sd0, ...}``: each chunk's ``sharded_state_dict`` (global tensor keys; the
     ShardedTensors view the parameters, so loading fills them in place) as Megatron-LM's ``generate_state_dict``
-    builds it for the ``torch_dist`` format."""
+    builds it for the ``torch_dist`` format.
+
+    Args:
+        chunks: this rank's chunks (local-spec models built by this package).
+        spec: ``"local"``: the keys the chunks save; ``"te"``: the keys and ``_extra_state`` objects a Transformer
+            Engine spec model of the same config saves (:func:`to_te_sharded_state_dict`).
+        extra_state: keep the ``_extra_state`` objects (False: tensors only, for loading).
+        metadata: the sharded-state-dict metadata (default: what Megatron-LM passes without a distributed optimizer).
+    """
+    if spec not in SPECS:
+        raise ValueError(f"spec must be one of {SPECS}, got {spec!r}")
     chunks = as_chunks(chunks)
-    return {key: unwrap_model(chunk).sharded_state_dict(metadata=_content_metadata())
-            for key, chunk in zip(model_state_keys(len(chunks)), chunks)}
+    md = _content_metadata() if metadata is None else {**metadata, **{
+        "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}}
+    out = {}
+    for key, chunk in zip(model_state_keys(len(chunks)), chunks):
+        sd = unwrap_model(chunk).sharded_state_dict(metadata=md)
+        if spec == "te":
+            to_te_sharded_state_dict(sd, model_config(chunks), extra_state=extra_state)
+        elif not extra_state:
+            sd = {k: v for k, v in sd.items() if not k.endswith("." + EXTRA_STATE)}
+        out[key] = sd
+    return out
 
 
 def megatron_lm_args(config: GPTConfig, parallel: Mapping[str, Any], iteration: int = 0) -> argparse.Namespace:
@@ -133,6 +223,7 @@ def save_megatron_checkpoint(
     hf_config: Optional[Mapping[str, Any]] = None,
     iteration: int = 0,
     overwrite: bool = False,
+    spec: str = "te",
 ) -> str:
     """Write this rank's chunks as a Megatron-LM distributed checkpoint (collective; see
     :mod:`megatron_bridge_ext.io.megatron_checkpoint` for the layout).
@@ -144,6 +235,9 @@ def save_megatron_checkpoint(
         hf_config: the source checkpoint's ``config.json`` (stored as well).
         iteration: the iteration number.
         overwrite: replace an existing checkpoint of that iteration (only once the new one is complete).
+        spec: whose keys to write: ``"te"`` (default), those of a Transformer Engine layer spec of the same config,
+            ``_extra_state`` objects included (what training jobs build); ``"local"``, those of megatron-core's
+            local spec (what the chunks themselves save).
 
     Returns:
         The iteration directory.
@@ -161,10 +255,11 @@ def save_megatron_checkpoint(
         "model_config": config_to_dict(config),
         "parallel": parallel,
         "model_keys": model_state_keys(len(chunks)),
+        "spec": spec,
         "hf_config": ckpt_io.json_safe(dict(hf_config)) if hf_config is not None else None,
     }
     common = {"args": megatron_lm_args(config, parallel, iteration), ckpt_io.BRIDGE_KEY: bridge_entry}
-    return ckpt_io.save_distributed_checkpoint(sharded_model_state(chunks), root, iteration=iteration,
+    return ckpt_io.save_distributed_checkpoint(sharded_model_state(chunks, spec), root, iteration=iteration,
                                                common=common, overwrite=overwrite)
 
 
