@@ -172,8 +172,10 @@ class DotProductAttention(_ExtraState, torch.nn.Module):
 
 
 class _Norm(_ExtraState, torch.nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-5, *, zero_centered_gamma: bool = False, bias: bool = False,
-                 **kwargs):
+    def __init__(self, normalized_shape: Optional[int] = None, eps: float = 1e-5, *, hidden_size: Optional[int] = None,
+                 zero_centered_gamma: bool = False, bias: bool = False, **kwargs):
+        # TE's norms take ``normalized_shape`` (megatron-core 0.19) and the older alias ``hidden_size`` (0.16)
+        hidden_size = normalized_shape if normalized_shape is not None else hidden_size
         super().__init__()
         self._init_extra_state()
         self.eps = eps
@@ -187,8 +189,8 @@ class _Norm(_ExtraState, torch.nn.Module):
 class LayerNorm(_Norm):
     """``te.pytorch.LayerNorm``: ``weight``, ``bias``."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, **kwargs):
-        super().__init__(hidden_size, eps, bias=True, **kwargs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, bias=True, **kwargs)
 
 
 class RMSNorm(_Norm):
@@ -223,6 +225,11 @@ class FP8GlobalStateManager:
 
 @contextlib.contextmanager
 def fp8_autocast(*args, **kwargs):
+    yield
+
+
+@contextlib.contextmanager
+def fp8_model_init(*args, **kwargs):
     yield
 
 
@@ -283,7 +290,7 @@ def install(version: Optional[str] = None) -> str:
     distributed = types.SimpleNamespace(CudaRNGStatesTracker=CudaRNGStatesTracker)
     ops = _UnavailableNamespace()  # TE's op fuser: named in TEFusedMLP's annotations, built only with use_te_op_fuser
     fp8 = _module("transformer_engine.pytorch.fp8", FP8GlobalStateManager=FP8GlobalStateManager,
-                  fp8_autocast=fp8_autocast)
+                  fp8_autocast=fp8_autocast, fp8_model_init=fp8_model_init)
     tensor = _module("transformer_engine.pytorch.tensor", QuantizedTensor=QuantizedTensor)
     # fused router kernels, imported unconditionally by megatron-core for TE >= 2.7, used only with
     # moe_router_fusion=True
