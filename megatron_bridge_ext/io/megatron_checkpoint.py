@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -44,6 +44,7 @@ __all__ = [
     "read_checkpoint_info",
     "save_distributed_checkpoint",
     "load_distributed_checkpoint",
+    "first_error",
     "tensor_metadata",
 ]
 
@@ -274,31 +275,53 @@ def save_distributed_checkpoint(
     return final
 
 
-def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str) -> Dict[str, Any]:
+def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str, *,
+                                unrequested_ok: Optional[Callable[[str], bool]] = None) -> Dict[str, Any]:
     """Load a sharded state dict (this rank's slices, resharded from whatever layout the checkpoint was written at)
-    from a checkpoint root or iteration directory (collective). Every requested tensor must be in the checkpoint.
+    from a checkpoint root or iteration directory (collective). Every requested tensor must be in the checkpoint,
+    and every key of the checkpoint must be requested by some rank unless ``unrequested_ok(key)`` allows it.
 
     Returns:
         The loaded state dict (tensors in place of the ShardedTensors), with the common state merged in.
 
     Raises:
         FileNotFoundError: see :func:`resolve_checkpoint`.
-        ValueError: requested tensors missing from the checkpoint (named), or shapes that disagree.
+        ValueError: requested tensors missing from the checkpoint, or checkpoint keys nothing requests (named), or
+            shapes that disagree.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     sub, _ = resolve_checkpoint(path)
     try:
-        loaded, missing, _unexpected = dist_checkpointing.load(sharded_state_dict, sub,
-                                                               strict=StrictHandling.RETURN_ALL)
+        # megatron-core's names: "missing" = in the checkpoint but requested by no rank, "unexpected" = requested
+        # by this rank but not in the checkpoint (dropped from the request before loading)
+        loaded, missing, unexpected = dist_checkpointing.load(sharded_state_dict, sub,
+                                                              strict=StrictHandling.RETURN_ALL)
     except Exception as e:  # megatron's CheckpointingException and torch DCP errors: name the checkpoint
         raise ValueError(f"loading the Megatron checkpoint {sub} failed: {e}") from e
-    if missing:
-        names = sorted(missing)
-        raise ValueError(f"{sub}: the checkpoint lacks {len(names)} tensor(s) the model needs: {names[:20]}"
-                         f"{' ...' if len(names) > 20 else ''}")
+    lacking = sorted(unexpected)
+    unused = sorted(k for k in missing if not (unrequested_ok and unrequested_ok(k)))
+    error = None
+    if lacking:
+        error = (f"{sub}: the checkpoint lacks {len(lacking)} tensor(s) the model needs: {lacking[:20]}"
+                 f"{' ...' if len(lacking) > 20 else ''}")
+    elif unused:
+        error = (f"{sub}: the checkpoint holds {len(unused)} tensor(s) the model does not have: {unused[:20]}"
+                 f"{' ...' if len(unused) > 20 else ''}")
+    error = first_error(error)
+    if error is not None:
+        raise ValueError(error)
     return loaded
+
+
+def first_error(error: Optional[str]) -> Optional[str]:
+    """The first rank's error on every rank (``unexpected`` keys are per rank: every rank must raise alike)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
 
 
 def describe(info: MegatronCheckpointInfo) -> str:

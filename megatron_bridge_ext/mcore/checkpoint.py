@@ -40,6 +40,7 @@ __all__ = [
     "megatron_lm_args",
     "save_megatron_checkpoint",
     "config_from_checkpoint",
+    "checkpoint_spec",
     "load_megatron_checkpoint",
     "cast_to_params_dtype",
 ]
@@ -289,17 +290,90 @@ def cast_to_params_dtype(chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Mod
     return chunks
 
 
-def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], path: str) -> List[torch.nn.Module]:
-    """Fill this rank's chunks from a distributed checkpoint written at any layout (collective): each rank reads
-    the slices it holds; the result is then loaded with ``load_state_dict(strict=True)`` as Megatron-LM does.
+_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                                             "float8_e8m0fnu") if hasattr(torch, n))
+
+
+def _check_stored_dtypes(requested: Mapping[str, Any], meta: Mapping[str, Any], where: str) -> None:
+    """Weights stored quantized (FP8) or as integers where the model holds floats are refused, named."""
+    bad = []
+    for key, param_dtype in sorted(requested.items()):
+        stored = getattr(meta.get(key), "dtype", None)
+        if stored is None or not param_dtype.is_floating_point:
+            continue
+        if stored in _FLOAT8:
+            bad.append(f"{key} ({stored})")
+        elif not stored.is_floating_point:
+            bad.append(f"{key} ({stored}, not a floating-point type)")
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} weight(s) are stored quantized, which export does not convert yet "
+                         f"(quantized checkpoints: issue #21): {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+
+
+def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str) -> str:
+    """Whose keys a Megatron checkpoint holds for these chunks: ``"te"`` (a Transformer Engine layer spec: what
+    ``import`` writes by default and Megatron-LM trains with) or ``"local"``; decided from the tensor keys alone
+    (collective: every rank returns the same).
 
     Raises:
-        ValueError: tensors the model needs that the checkpoint lacks, or shapes that disagree (named).
+        ValueError: neither spec's keys are all in the checkpoint, naming what the closer one lacks.
     """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
     chunks = as_chunks(chunks)
-    state = sharded_model_state(chunks)
-    loaded = ckpt_io.load_distributed_checkpoint(state, path)
+    config = model_config(chunks)
+    stored = set(ckpt_io.tensor_metadata(path))
+    local = {t.key for t in _sharded_items(sharded_model_state(chunks, "local", extra_state=False))
+             if not isinstance(t, ShardedObject)}
+    lacking = {"te": sorted({te_tensor_key(k, config) for k in local} - stored), "local": sorted(local - stored)}
+    votes: List[Any] = [lacking]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        votes = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(votes, lacking)
+    for spec in ("te", "local"):
+        if not any(v[spec] for v in votes):
+            return spec
+    spec = min(("te", "local"), key=lambda s: sum(len(v[s]) for v in votes))
+    names = sorted({k for v in votes for k in v[spec]})
+    raise ValueError(f"{path}: the checkpoint lacks {len(names)} tensor(s) this model needs (closest: the "
+                     f"{'Transformer Engine' if spec == 'te' else 'local'} spec's keys): {names[:20]}"
+                     f"{' ...' if len(names) > 20 else ''}")
+
+
+def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], path: str) -> List[torch.nn.Module]:
+    """Fill this rank's chunks from a distributed checkpoint written at any layout, by a local-spec or a
+    Transformer Engine spec model (:func:`checkpoint_spec`), by this package or by Megatron-LM (collective): each
+    rank reads the slices it holds; the result is then loaded with ``load_state_dict(strict=True)`` as Megatron-LM
+    does. ``_extra_state`` objects are not read: TE's FP8 scaling state never reaches a weight (the local modules'
+    own extra state is None).
+
+    Raises:
+        ValueError: tensors the model needs that the checkpoint lacks, tensors it holds that the model lacks,
+            weights stored quantized (FP8) or as integers, or shapes that disagree (named).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    chunks = as_chunks(chunks)
+    sub, _ = ckpt_io.resolve_checkpoint(path)
+    spec = checkpoint_spec(chunks, sub)
+    state = sharded_model_state(chunks, spec, extra_state=False)
+    requested = {t.key: t.data.dtype for t in _sharded_items(state) if not isinstance(t, ShardedObject)
+                 and isinstance(getattr(t, "data", None), torch.Tensor)}
+    error = None
+    try:
+        _check_stored_dtypes(requested, ckpt_io.tensor_metadata(sub), sub)
+    except ValueError as e:
+        error = str(e)
+    error = ckpt_io.first_error(error)
+    if error is not None:
+        raise ValueError(error)
+    loaded = ckpt_io.load_distributed_checkpoint(
+        state, sub, unrequested_ok=lambda k: k.split("/")[0].endswith("." + EXTRA_STATE) or k == "common_state")
     for key, chunk in zip(state, chunks):
-        result = unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
-        del result
+        module = unwrap_model(chunk)
+        values = loaded[key]
+        for name in module.state_dict():  # the local modules' extra state (None) is not in the checkpoint's request
+            if name.endswith("." + EXTRA_STATE) and name not in values:
+                values[name] = None
+        module.load_state_dict(values, strict=True)
     return chunks
