@@ -340,6 +340,11 @@ def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str) -> str:
                      f"{' ...' if len(names) > 20 else ''}")
 
 
+def _not_a_weight(key: str) -> bool:
+    key = key.split("/")[0]
+    return key.endswith("." + EXTRA_STATE) or key == "common_state"
+
+
 def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], path: str) -> List[torch.nn.Module]:
     """Fill this rank's chunks from a distributed checkpoint written at any layout, by a local-spec or a
     Transformer Engine spec model (:func:`checkpoint_spec`), by this package or by Megatron-LM (collective): each
@@ -367,8 +372,8 @@ def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], path: str) -> Li
     error = ckpt_io.first_error(error)
     if error is not None:
         raise ValueError(error)
-    loaded = ckpt_io.load_distributed_checkpoint(
-        state, sub, unrequested_ok=lambda k: k.split("/")[0].endswith("." + EXTRA_STATE) or k == "common_state")
+    # TE's _extra_state objects are not read; megatron-core >= 0.19 keeps the common state in the same files
+    loaded = ckpt_io.load_distributed_checkpoint(state, sub, unrequested_ok=_not_a_weight)
     for key, chunk in zip(state, chunks):
         module = unwrap_model(chunk)
         values = loaded[key]
