@@ -18,8 +18,6 @@ from megatron_bridge_ext.mcore.config import (
     GPTConfig,
     config_from_dict,
     config_to_dict,
-    default_vocab_divisor,
-    padded_vocab_size,
 )
 from megatron_bridge_ext.mcore.cpu_compat import dist_checkpoint_cpu_patches
 from megatron_bridge_ext.mcore.names import as_chunks, model_config, unwrap_model
@@ -147,59 +145,14 @@ def sharded_model_state(chunks: Sequence[torch.nn.Module], spec: str = "local", 
     return out
 
 
-def megatron_lm_args(config: GPTConfig, parallel: Mapping[str, Any], iteration: int = 0) -> argparse.Namespace:
-    """The ``args`` a Megatron-LM checkpoint carries, from the model config: what ``load_checkpoint`` checks
-    (``num_layers``, ``hidden_size``, ``num_attention_heads``, ``max_position_embeddings``,
-    ``make_vocab_size_divisible_by``, ``no_save_optim`` / ``no_save_rng``, the parallel sizes) and what
-    ``--use-checkpoint-args`` takes over (the model arguments, in Megatron-LM's names)."""
-    heads = config.num_attention_heads
-    groups = config.num_query_groups or heads
-    vocab = config.vocab_size
-    tp = int(parallel.get("tp", 1))
-    divisor = config.make_vocab_size_divisible_by or (default_vocab_divisor(vocab) if vocab else 128)
-    silu = getattr(config.activation_func, "__name__", "") == "silu"
-    world = int(parallel.get("world", 1))
-    pp = int(parallel.get("pp", 1))
-    args = dict(
-        num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
-        num_attention_heads=heads, num_query_groups=groups, group_query_attention=groups != heads,
-        kv_channels=config.kv_channels, seq_length=config.seq_length, max_position_embeddings=config.seq_length,
-        position_embedding_type=config.position_embedding_type,
-        add_position_embedding=config.position_embedding_type == "learned_absolute",
-        use_rotary_position_embeddings=config.position_embedding_type == "rope",
-        rotary_base=config.rotary_base, rotary_percent=config.rotary_percent,
-        rotary_interleaved=bool(getattr(config, "rotary_interleaved", False)),
-        rotary_seq_len_interpolation_factor=config.seq_len_interpolation_factor,
-        use_rope_scaling=config.rope_scaling, rope_scaling_factor=config.rope_scaling_factor,
-        add_bias_linear=config.add_bias_linear, add_qkv_bias=config.add_qkv_bias,
-        swiglu=bool(config.gated_linear_unit and silu), squared_relu=False,
-        untie_embeddings_and_output_weights=not config.share_embeddings_and_output_weights,
-        normalization=config.normalization, norm_epsilon=config.layernorm_epsilon,
-        apply_layernorm_1p=config.layernorm_zero_centered_gamma, qk_layernorm=config.qk_layernorm,
-        attention_dropout=config.attention_dropout, hidden_dropout=config.hidden_dropout,
-        init_method_std=config.init_method_std,
-        num_experts=config.num_moe_experts, moe_router_topk=config.moe_router_topk,
-        moe_ffn_hidden_size=config.moe_ffn_hidden_size if config.num_moe_experts else None,
-        moe_router_pre_softmax=config.moe_router_pre_softmax, moe_grouped_gemm=config.moe_grouped_gemm,
-        moe_router_score_function=config.moe_router_score_function,
-        moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
-        moe_token_dispatcher_type=config.moe_token_dispatcher_type,
-        moe_router_load_balancing_type=config.moe_router_load_balancing_type,
-        moe_aux_loss_coeff=config.moe_aux_loss_coeff,
-        vocab_size=vocab, make_vocab_size_divisible_by=divisor,
-        padded_vocab_size=padded_vocab_size(vocab, tp, config.make_vocab_size_divisible_by) if vocab else None,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=parallel.get("vpp"),
-        expert_model_parallel_size=int(parallel.get("ep", 1)),
-        expert_tensor_parallel_size=parallel.get("etp"),
-        world_size=world, data_parallel_size=world // (tp * pp),
-        params_dtype=config.params_dtype, bf16=config.params_dtype == torch.bfloat16,
-        fp16=config.params_dtype == torch.float16,
-        ckpt_format="torch_dist", use_dist_ckpt=True, transformer_impl="local",
-        no_save_optim=True, no_save_rng=True,
-        iteration=iteration, consumed_train_samples=0, skipped_train_samples=0, consumed_valid_samples=0,
-    )
-    return argparse.Namespace(**args)
+def megatron_lm_args(config: GPTConfig, parallel: Mapping[str, Any], iteration: int = 0, *, spec: str = "te",
+                     tokenizer: Optional[Mapping[str, Any]] = None) -> argparse.Namespace:
+    """The complete ``args`` a Megatron-LM checkpoint of this model carries (every Megatron-LM argument: the
+    model's values, Megatron-LM's defaults elsewhere; see :mod:`megatron_bridge_ext.mcore.megatron_lm_args`), so
+    that ``load_checkpoint``, ``check_checkpoint_args`` and ``--use-checkpoint-args`` find what they read."""
+    from megatron_bridge_ext.mcore.megatron_lm_args import megatron_lm_namespace
+
+    return megatron_lm_namespace(config, parallel, iteration=iteration, spec=spec, tokenizer=tokenizer)
 
 
 def _parallel_of(chunks: Sequence[torch.nn.Module]) -> Dict[str, Any]:
@@ -225,6 +178,7 @@ def save_megatron_checkpoint(
     iteration: int = 0,
     overwrite: bool = False,
     spec: str = "te",
+    tokenizer: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """Write this rank's chunks as a Megatron-LM distributed checkpoint (collective; see
     :mod:`megatron_bridge_ext.io.megatron_checkpoint` for the layout).
@@ -239,6 +193,8 @@ def save_megatron_checkpoint(
         spec: whose keys to write: ``"te"`` (default), those of a Transformer Engine layer spec of the same config,
             ``_extra_state`` objects included (what training jobs build); ``"local"``, those of megatron-core's
             local spec (what the chunks themselves save).
+        tokenizer: ``args.tokenizer_type`` / ``args.tokenizer_model`` (e.g. the HF tokenizer kept beside the
+            checkpoint).
 
     Returns:
         The iteration directory.
@@ -259,7 +215,8 @@ def save_megatron_checkpoint(
         "spec": spec,
         "hf_config": ckpt_io.json_safe(dict(hf_config)) if hf_config is not None else None,
     }
-    common = {"args": megatron_lm_args(config, parallel, iteration), ckpt_io.BRIDGE_KEY: bridge_entry}
+    common = {"args": megatron_lm_args(config, parallel, iteration, spec=spec, tokenizer=tokenizer),
+              ckpt_io.BRIDGE_KEY: bridge_entry}
     return ckpt_io.save_distributed_checkpoint(sharded_model_state(chunks, spec), root, iteration=iteration,
                                                common=common, overwrite=overwrite)
 
