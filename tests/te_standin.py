@@ -29,8 +29,11 @@ from typing import Any, Optional
 import torch
 from torch.nn import Parameter
 
-__all__ = ["install", "TE_VERSION_FOR_MCORE"]
+__all__ = ["install", "TE_VERSION_FOR_MCORE", "FP8_EXTRA_STATE"]
 
+#: bytes that every module's ``get_extra_state`` returns instead of TE's empty tensor (None: TE without FP8 state);
+#: TE with FP8 saves its scaling state pickled into a uint8 tensor in the same way
+FP8_EXTRA_STATE: Optional[bytes] = None
 #: the TE release each megatron-core line was built against (megatron-core's pins: 0.16.1 ``<2.12``, 0.19 TE 2.17.1)
 TE_VERSION_FOR_MCORE = {"0.16": "2.11.0", "0.19": "2.17.1"}
 
@@ -49,6 +52,8 @@ class _ExtraState:
         self.loaded_extra_state: Optional[torch.Tensor] = None
 
     def get_extra_state(self) -> torch.Tensor:
+        if FP8_EXTRA_STATE is not None:  # a test's stand-in for a module with FP8 scaling state
+            return torch.frombuffer(bytearray(FP8_EXTRA_STATE), dtype=torch.uint8)
         return _empty_extra_state()
 
     def set_extra_state(self, state: Any) -> None:

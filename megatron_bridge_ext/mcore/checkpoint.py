@@ -38,7 +38,10 @@ __all__ = [
     "megatron_lm_args",
     "save_megatron_checkpoint",
     "config_from_checkpoint",
+    "config_from_megatron_lm_args",
+    "args_disagreements",
     "checkpoint_spec",
+    "extra_state_with_content",
     "load_megatron_checkpoint",
     "cast_to_params_dtype",
 ]
@@ -235,6 +238,87 @@ def config_from_checkpoint(info: "ckpt_io.MegatronCheckpointInfo", **overrides: 
     return config_from_dict(info.model_config, overrides)
 
 
+#: the model-defining fields a Megatron-LM ``args`` namespace and a config must agree on (MoE / MLA ones when the
+#: model has experts / multi-latent attention)
+_AGREE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+          "normalization", "layernorm_epsilon", "layernorm_zero_centered_gamma", "gated_linear_unit",
+          "activation_func", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "position_embedding_type",
+          "rotary_base", "rotary_percent", "share_embeddings_and_output_weights", "num_moe_experts",
+          "multi_latent_attention", "mtp_num_layers", "softmax_type")
+_AGREE_MOE = ("moe_ffn_hidden_size", "moe_router_topk", "moe_shared_expert_intermediate_size",
+              "moe_router_score_function", "moe_layer_freq", "moe_router_topk_scaling_factor",
+              "moe_router_enable_expert_bias", "moe_router_num_groups", "moe_router_group_topk")
+_AGREE_MLA = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and float(a) == float(b)
+    return a == b
+
+
+def args_disagreements(args: Any, config: Any) -> List[str]:
+    """Where a Megatron-LM ``args`` namespace and a model config describe different models: one
+    ``"<field>: args <value>, config <value>"`` per field (dtypes aside: export may cast)."""
+    from megatron_bridge_ext.mcore.megatron_lm_args import config_fields_from_args
+
+    fields = config_fields_from_args(args)
+    names = list(_AGREE)
+    if fields.get("num_moe_experts") or getattr(config, "num_moe_experts", None):
+        names += _AGREE_MOE
+    if fields.get("multi_latent_attention") or getattr(config, "multi_latent_attention", False):
+        names += _AGREE_MLA
+    out = []
+    for name in names:
+        if name not in fields:
+            continue
+        a, b = fields[name], getattr(config, name, None)
+        if name == "activation_func":
+            a, b = getattr(a, "__name__", a), getattr(b, "__name__", b)
+        if not _same(a, b):
+            out.append(f"{name}: args {a!r}, config {b!r}")
+    return out
+
+
+def config_from_megatron_lm_args(args: Any, bridge: Any, *, hf_config: Any = None, where: str = "",
+                                 **overrides: Any) -> GPTConfig:
+    """The model config of a checkpoint that Megatron-LM trained (its ``args``, no config of this package), for the
+    family of ``bridge`` (an HF architecture's model bridge), under the current parallel state.
+
+    Without ``hf_config`` the family's own translation fills in what ``args`` cannot say: the generic fields read from
+    ``args`` (:func:`~megatron_bridge_ext.mcore.megatron_lm_args.config_fields_from_args`) make the family's HF config
+    (``megatron_to_hf_config``), which makes the config (``transformer_config``), as for an HF checkpoint. With an HF
+    config (``--hf-source``) that config is used. Either way ``args`` and the result must describe the same model.
+
+    Raises:
+        ValueError: ``args`` and the config disagree (every field named with both values), or ``args`` lacks what a
+            GPT model needs.
+    """
+    from megatron_bridge_ext.mcore.config import build_gpt_config
+    from megatron_bridge_ext.mcore.megatron_lm_args import config_fields_from_args
+
+    for key, value in current_parallel_sizes().items():
+        overrides.setdefault(key, value)
+    fields = config_fields_from_args(args)
+    source = "--hf-source"
+    if hf_config is None:
+        source = f"the {getattr(bridge, 'hf_architecture', None) or type(bridge).__name__} family"
+        vocab = getattr(args, "vocab_size", None) or getattr(args, "padded_vocab_size", None)
+        if vocab is None:
+            raise ValueError(f"{where}: the checkpoint's args name no vocabulary size (vocab_size, padded_vocab_size);"
+                             " give the HF config with --hf-source")
+        generic = build_gpt_config({**fields, "vocab_size": int(vocab)}, {})
+        hf_config = bridge.megatron_to_hf_config(generic)
+    config = bridge.transformer_config(hf_config, **{"params_dtype": fields["params_dtype"], **overrides})
+    diff = args_disagreements(args, config)
+    if diff:
+        raise ValueError(f"{where}: the checkpoint's Megatron-LM args and {source} describe different models: "
+                         + "; ".join(diff))
+    return config
+
+
 def cast_to_params_dtype(chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Module]:
     """Every floating-point parameter and buffer in ``config.params_dtype``, as Megatron-LM's ``Float16Module``
     makes a bf16 / fp16 model (the local spec builds its norms in fp32): a checkpoint then holds one dtype, the one
@@ -251,20 +335,35 @@ _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "flo
                                              "float8_e8m0fnu") if hasattr(torch, n))
 
 
-def _check_stored_dtypes(requested: Mapping[str, Any], meta: Mapping[str, Any], where: str) -> None:
-    """Weights stored quantized (FP8) or as integers where the model holds floats are refused, named."""
-    bad = []
-    for key, param_dtype in sorted(requested.items()):
-        stored = getattr(meta.get(key), "dtype", None)
-        if stored is None or not param_dtype.is_floating_point:
+def _check_stored(requested: Mapping[str, Any], meta: Mapping[str, Any], where: str, described_by: str) -> None:
+    """Every requested tensor is stored with the model's global shape (vocabulary rows aside: they follow the
+    reader's padding) and as floating point: weights stored quantized (FP8) or as integers are refused, named."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    quantized, shapes = [], []
+    for key, item in sorted(requested.items()):
+        stored = meta.get(key)
+        if stored is None:
             continue
-        if stored in _FLOAT8:
-            bad.append(f"{key} ({stored})")
-        elif not stored.is_floating_point:
-            bad.append(f"{key} ({stored}, not a floating-point type)")
-    if bad:
-        raise ValueError(f"{where}: {len(bad)} weight(s) are stored quantized, which export does not convert yet "
-                         f"(quantized checkpoints: issue #21): {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+        if isinstance(item, ShardedTensorFactory):  # the global shape is that of the tensors it builds
+            item = next(v for v in nested_values(item.build()) if isinstance(v, ShardedTensor))
+        dtype = getattr(stored, "dtype", None)
+        if dtype is not None and item.data.is_floating_point():
+            if dtype in _FLOAT8:
+                quantized.append(f"{key} ({dtype})")
+            elif not dtype.is_floating_point:
+                quantized.append(f"{key} ({dtype}, not a floating-point type)")
+        if isinstance(item, ShardedTensor) and not item.allow_shape_mismatch and \
+                tuple(stored.global_shape) != tuple(item.global_shape):
+            shapes.append(f"{key}: checkpoint {list(stored.global_shape)}, {described_by} {list(item.global_shape)}")
+    if quantized:
+        more = " ..." if len(quantized) > 10 else ""
+        raise ValueError(f"{where}: {len(quantized)} weight(s) are stored quantized, which export does not convert "
+                         f"yet (quantized checkpoints: issue #21): {quantized[:10]}{more}")
+    if shapes:
+        raise ValueError(f"{where}: {len(shapes)} tensor(s) have other shapes than {described_by} gives: "
+                         + "; ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else ""))
 
 
 def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str) -> str:
@@ -297,21 +396,51 @@ def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str) -> str:
                      f"{' ...' if len(names) > 20 else ''}")
 
 
+def extra_state_with_content(path: str) -> List[str]:
+    """The ``_extra_state`` keys of a checkpoint whose first shard holds something: TE's FP8 scaling state (pickled
+    into a non-empty uint8 tensor; never unpickled here). Reads one shard per key (collective); export reports them and
+    leaves them out: they scale activations and weights at run time, the stored weights are what an HF checkpoint
+    holds."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    sub, _ = ckpt_io.resolve_checkpoint(path)
+    request = {}
+    for item in load_sharded_metadata(sub).values():
+        if isinstance(item, ShardedObject) and item.key.endswith("." + EXTRA_STATE) and \
+                not any(item.global_offset) and item.key not in request:
+            request[item.key] = ShardedObject(item.key, None, tuple(item.global_shape), tuple(item.global_offset),
+                                              replica_id=0)
+    if not request:
+        return []
+    # one shard per key: not a full read of each object, so no access-integrity check
+    loaded = dist_checkpointing.load(request, sub, validate_access_integrity=False, strict=StrictHandling.IGNORE_ALL)
+    return sorted(k for k, v in loaded.items() if k in request and (
+        (isinstance(v, torch.Tensor) and v.numel() > 0) or (v is not None and not isinstance(v, torch.Tensor))))
+
+
 def _not_a_weight(key: str) -> bool:
     key = key.split("/")[0]
     return key.endswith("." + EXTRA_STATE) or key == "common_state"
 
 
-def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], path: str) -> List[torch.nn.Module]:
+def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], path: str, *,
+                             described_by: str = "the model config") -> List[torch.nn.Module]:
     """Fill this rank's chunks from a distributed checkpoint written at any layout, by a local-spec or a
     Transformer Engine spec model (:func:`checkpoint_spec`), by this package or by Megatron-LM (collective): each
     rank reads the slices it holds; the result is then loaded with ``load_state_dict(strict=True)`` as Megatron-LM
-    does. ``_extra_state`` objects are not read: TE's FP8 scaling state never reaches a weight (the local modules'
-    own extra state is None).
+    does. Before any tensor is read, every requested tensor's stored global shape and dtype are checked.
+    ``_extra_state`` objects are not read: TE's FP8 scaling state never reaches a weight (the local modules' own
+    extra state is None).
+
+    Args:
+        described_by: where the chunks' config came from, for messages (e.g. "the checkpoint's args").
 
     Raises:
         ValueError: tensors the model needs that the checkpoint lacks, tensors it holds that the model lacks,
-            weights stored quantized (FP8) or as integers, or shapes that disagree (named).
+            shapes that differ from the model's, weights stored quantized (FP8) or as integers (each named).
     """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -319,11 +448,11 @@ def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], path: str) -> Li
     sub, _ = ckpt_io.resolve_checkpoint(path)
     spec = checkpoint_spec(chunks, sub)
     state = sharded_model_state(chunks, spec, extra_state=False)
-    requested = {t.key: t.data.dtype for t in _sharded_items(state) if not isinstance(t, ShardedObject)
+    requested = {t.key: t for t in _sharded_items(state) if not isinstance(t, ShardedObject)
                  and isinstance(getattr(t, "data", None), torch.Tensor)}
     error = None
     try:
-        _check_stored_dtypes(requested, ckpt_io.tensor_metadata(sub), sub)
+        _check_stored(requested, ckpt_io.tensor_metadata(sub), sub, described_by)
     except ValueError as e:
         error = str(e)
     error = ckpt_io.first_error(error)

@@ -215,6 +215,8 @@ def config_fields_from_args(args: Any) -> Dict[str, Any]:
         out["num_query_groups"] = out["num_attention_heads"]
     if get("num_experts"):
         out["num_moe_experts"] = get("num_experts")
+    if get("multi_latent_attention", False):  # Megatron-LM's latent q / kv norms use the model's epsilon
+        out["latent_layernorm_epsilon"] = get("layernorm_epsilon")
     activation: Callable = F.gelu
     if get("swiglu", False):
         out["gated_linear_unit"], activation = True, F.silu

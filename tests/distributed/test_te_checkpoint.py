@@ -277,8 +277,62 @@ def _te_worker(rank: int, world: int, root: str) -> dict:
                         extra.append(f"{n}: {got!r}"[:200])
             out[f"{case}:rank{rank}"] = {"wrong": wrong, "compared": compared, "extra_state": extra,
                                          "not_loaded": not_loaded}
+            if case in MLM_FIXTURES:  # the TE model, now holding the reference weights, saved as Megatron-LM saves
+                _save_as_megatron_lm(rank, chunks, keys, md, config, read, os.path.join(root, name), te_standin)
             destroy_parallel()
     return out
+
+
+# TE-model checkpoints saved by megatron-core's own dist_checkpointing.save with only what Megatron-LM stores (its
+# args, no config of this package), for export: family/variant -> HF architecture
+MLM_FIXTURES = {k: v for k, v in {"llama/sequential": "LlamaForCausalLM", "qwen3_moe/grouped": "Qwen3MoeForCausalLM",
+                                  "deepseek_v3_mtp/sequential": "DeepseekV3ForCausalLM"}.items()
+                if k.split("/")[0] in CASES}
+FP8_STATE = {"recipe": "DelayedScaling(fp8_format=HYBRID, amax_history_len=1024)", "scale_fwd": [448.0, 448.0, 1.0],
+             "amax_history_fwd": [[0.25, 0.5, 1.0]], "extra_fp8_variables": {"num_gemms": 1}}
+
+
+def _save_as_megatron_lm(rank, chunks, keys, md, config, layout, root, te_standin):
+    """``mlm_te``: the TE model as Megatron-LM's ``save_checkpoint`` writes it (model keys, ``args`` as Megatron-LM
+    stores them, checkpoint_version, iteration 5, tracker); ``mlm_fp8``: the same with every TE module's
+    ``_extra_state`` holding (pickled) FP8 scaling state; ``mlm_fp8_weights`` (first fixture): one weight stored as
+    float8_e4m3fn; ``mlm_bad_args``: args that say a wider FFN than the tensors hold."""
+    import dataclasses
+    import pickle
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_bridge_ext.mcore.megatron_lm_args import megatron_lm_namespace
+
+    parallel = {"tp": layout.get("tp", 1), "pp": layout.get("pp", 1), "ep": layout.get("ep", 1),
+                "etp": layout.get("etp"), "world": dist.get_world_size()}
+    variants = {"mlm_te": {}, "mlm_fp8": {"fp8": True}, "mlm_bad_args": {"ffn": 16}}
+    if not os.path.exists(os.path.join(os.path.dirname(root), "mlm_fp8_weights")):
+        variants["mlm_fp8_weights"] = {"fp8_weight": True}
+    for variant, how in variants.items():
+        te_standin.FP8_EXTRA_STATE = pickle.dumps(FP8_STATE) if how.get("fp8") else None
+        args = megatron_lm_namespace(config, parallel, spec="te", iteration=5)
+        if how.get("ffn"):
+            args.ffn_hidden_size += how["ffn"]
+        state = {k: c.sharded_state_dict(metadata=md) for k, c in zip(keys, chunks)}
+        if how.get("fp8_weight"):
+            for sd in state.values():  # every layer's shard of that tensor
+                for n, v in list(sd.items()):
+                    if isinstance(v, ShardedTensor) and v.key == "decoder.layers.self_attention.linear_proj.weight":
+                        sd[n] = dataclasses.replace(v, data=v.data.to(torch.float8_e4m3fn), dtype=torch.float8_e4m3fn)
+        state.update(args=args, checkpoint_version=3.0, iteration=5)
+        path = os.path.join(root if variant != "mlm_fp8_weights" else os.path.dirname(root), variant)
+        if rank == 0:
+            os.makedirs(os.path.join(path, "iter_0000005"), exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(state, os.path.join(path, "iter_0000005"))
+        if rank == 0:
+            with open(os.path.join(path, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write("5")
+        dist.barrier()
+    te_standin.FP8_EXTRA_STATE = None
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +344,7 @@ def results(tmp_path_factory):
     out = dict(written[0])
     for r in checked:
         out.update(r)
+    out["root"], out["paths"] = root, paths
     return out
 
 
@@ -317,3 +372,111 @@ def test_te_model_loads_strictly_with_the_same_parameters(results, case):
         assert r["wrong"] == [], r["wrong"][:10]
         assert r["extra_state"] == [], r["extra_state"][:10]
         assert r["not_loaded"] == [], r["not_loaded"][:10]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checkpoints that Megatron-LM (a TE-spec model, megatron-core's own save) wrote: export and verify
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _assert_same_tensors(out_dir: str, src_dir: str) -> None:
+    from megatron_bridge_ext.io import SafeTensorsSource
+
+    with SafeTensorsSource(out_dir) as got, SafeTensorsSource(src_dir) as src:
+        assert sorted(got.keys()) == sorted(src.keys())
+        bad = [k for k in src.keys() if not torch.equal(got[k], src[k])]
+        assert not bad, bad[:10]
+
+
+@pytest.mark.parametrize("case", list(MLM_FIXTURES))
+def test_export_of_a_megatron_lm_te_checkpoint_with_its_architecture(results, case, tmp_path):
+    """No config of this package in the checkpoint: the config is rebuilt from its args for --hf-architecture; the
+    export holds the source's tensors bit for bit and a config.json with the source's sizes."""
+    import json
+
+    from megatron_bridge_ext.cli.export import export_checkpoint
+    from megatron_bridge_ext.launch import WorkerError
+
+    name = case.split("/")[0]
+    if name == "deepseek_v3_mtp":
+        # Megatron-LM's args cannot say the latent norms' epsilon (its MLA uses the model's, 1e-5 here; HF fixes
+        # 1e-6): refused, named; with the HF source it exports
+        with pytest.raises((ValueError, WorkerError), match="latent_layernorm_epsilon=1e-05.*1e-06"):
+            export_checkpoint(os.path.join(results["root"], name, "mlm_te"), str(tmp_path / "refused"),
+                              hf_architecture=MLM_FIXTURES[case])
+        res = export_checkpoint(os.path.join(results["root"], name, "mlm_te"), str(tmp_path / "out"),
+                                hf_source=results["paths"][name])
+        assert res["config_from"].startswith("--hf-source") and res["fp8_state"] == []
+        _assert_same_tensors(str(tmp_path / "out"), results["paths"][name])
+        return
+    res = export_checkpoint(os.path.join(results["root"], name, "mlm_te"), str(tmp_path / "out"),
+                            hf_architecture=MLM_FIXTURES[case])
+    assert res["config_from"].startswith("the checkpoint's Megatron-LM args") and res["fp8_state"] == []
+    _assert_same_tensors(str(tmp_path / "out"), results["paths"][name])
+    with open(tmp_path / "out" / "config.json") as f:
+        got = json.load(f)
+    with open(os.path.join(results["paths"][name], "config.json")) as f:
+        src = json.load(f)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                "intermediate_size", "rms_norm_eps"):
+        assert got.get(key) == src.get(key), key
+
+
+def test_export_of_a_megatron_lm_te_checkpoint_with_its_hf_source(results, tmp_path):
+    from megatron_bridge_ext.cli.export import export_checkpoint
+
+    case = next(iter(MLM_FIXTURES))
+    name = case.split("/")[0]
+    res = export_checkpoint(os.path.join(results["root"], name, "mlm_te"), str(tmp_path / "out"),
+                            hf_source=results["paths"][name])
+    assert res["config_from"] == f"--hf-source {results['paths'][name]}"
+    _assert_same_tensors(str(tmp_path / "out"), results["paths"][name])
+
+
+def test_fp8_scaling_state_changes_no_weight(results, tmp_path):
+    """Every TE module carries FP8 scaling state: reported, never applied; the weights are exported as stored."""
+    from megatron_bridge_ext.cli.export import export_checkpoint
+
+    case = next(iter(MLM_FIXTURES))
+    name = case.split("/")[0]
+    res = export_checkpoint(os.path.join(results["root"], name, "mlm_fp8"), str(tmp_path / "out"),
+                            hf_architecture=MLM_FIXTURES[case])
+    assert "decoder.layers.self_attention.linear_qkv._extra_state" in res["fp8_state"], res["fp8_state"]
+    _assert_same_tensors(str(tmp_path / "out"), results["paths"][name])
+
+
+def test_weights_stored_as_fp8_are_refused_by_name(results, tmp_path):
+    from megatron_bridge_ext.cli.export import export_checkpoint
+    from megatron_bridge_ext.launch import WorkerError
+
+    case = next(iter(MLM_FIXTURES))
+    with pytest.raises((ValueError, WorkerError), match=r"stored quantized.*linear_proj\.weight \(torch\.float8_e4m3fn\)"):
+        export_checkpoint(os.path.join(results["root"], "mlm_fp8_weights"), str(tmp_path / "out"),
+                          hf_architecture=MLM_FIXTURES[case])
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_args_that_disagree_with_the_tensors_are_refused_naming_both(results, tmp_path):
+    from megatron_bridge_ext.cli.export import export_checkpoint
+    from megatron_bridge_ext.launch import WorkerError
+
+    case = next(iter(MLM_FIXTURES))
+    name = case.split("/")[0]
+    with pytest.raises((ValueError, WorkerError), match=r"other shapes than the checkpoint's Megatron-LM args.*"
+                                                        r"linear_fc2\.weight: checkpoint \[\d+, 64, \d+\]"):
+        export_checkpoint(os.path.join(results["root"], name, "mlm_bad_args"), str(tmp_path / "out"),
+                          hf_architecture=MLM_FIXTURES[case])
+    with pytest.raises((ValueError, WorkerError), match=r"does not describe the model.*ffn_hidden_size: args \d+, "
+                                                        r"source \d+"):
+        export_checkpoint(os.path.join(results["root"], name, "mlm_bad_args"), str(tmp_path / "out2"),
+                          hf_source=results["paths"][name])
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out2")
+
+
+def test_export_without_architecture_or_source_is_refused(results, tmp_path):
+    from megatron_bridge_ext.cli.export import export_checkpoint
+    from megatron_bridge_ext.launch import WorkerError
+
+    name = next(iter(MLM_FIXTURES)).split("/")[0]
+    with pytest.raises((ValueError, WorkerError), match="--hf-architecture NAME or give the HF source"):
+        export_checkpoint(os.path.join(results["root"], name, "mlm_te"), str(tmp_path / "out"))
