@@ -98,6 +98,33 @@ def model_config_for(info: Any, hf_source: Optional[str], hf_architecture: Optio
     return bridge, config, f"the checkpoint's Megatron-LM args ({arch})"
 
 
+#: the special-token ids an exported config.json takes over from the source's (or its generation config)
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def kept_side_files(info: Any) -> Tuple[Optional[str], Dict[str, Any]]:
+    """The side files ``import`` kept beside the checkpoint (directory or None), and the special-token ids for
+    config.json: the source ``config.json``'s (stored in the checkpoint, or kept), else its generation config's."""
+    import json
+
+    from megatron_bridge_ext.io.megatron_checkpoint import side_files_dir
+
+    side = side_files_dir(info.path)
+    sources = [info.hf_config or {}]
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(side, name) if side else None
+        if path and os.path.isfile(path):
+            with open(path, "r", encoding="utf-8") as f:
+                sources.append(json.load(f))
+    extra: Dict[str, Any] = {}
+    for key in _TOKEN_IDS:
+        for src in sources:
+            if src.get(key) is not None:
+                extra[key] = src[key]
+                break
+    return side, extra
+
+
 def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str, Any], hf_source: Optional[str],
             show: bool, verbose: bool, fsync: bool, hf_architecture: Optional[str] = None) -> Dict[str, Any]:
     from megatron_bridge_ext.cli.common import load_checkpoint_chunks, timed, worker_setup
@@ -119,7 +146,9 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
         fp8_state = extra_state_with_content(info.path)  # reported; never applied to a weight
         dist.barrier()
         read_s = clock()
-        summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync)
+        side, extra = (None, None) if hf_source is not None else kept_side_files(info)
+        summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync, side_files=side,
+                                            config_extra=extra)
         dist.barrier()
         return {"summary": summary, "read_s": read_s, "total_s": clock(), "source": info.path,
                 "config_from": described_by, "fp8_state": fp8_state}

@@ -6,6 +6,10 @@ that a training job loads with ``--load OUT_DIR`` at this or any other layout.
 Megatron-LM with ``--transformer-impl transformer_engine`` and Megatron Bridge build); ``--spec local`` those of
 megatron-core's local spec (``--transformer-impl local``). See :mod:`megatron_bridge_ext.mcore.te_keys`.
 
+The HF checkpoint's side files (tokenizer, ``generation_config.json``, chat template, ``config.json``) are kept in
+``OUT_DIR/iter_0000000/hf/`` (the stored args name it as the ``HuggingFaceTokenizer`` model); ``export`` without an
+HF source restores them.
+
 Each rank reads only the rows of the HF tensors it keeps (memory-mapped) straight into its parameters and writes its
 own shards. Runs its own local gloo processes, or, under ``torchrun``, in the world torchrun started.
 """
@@ -48,7 +52,7 @@ def _worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, 
         read_s = clock()
         with phase(f"Writing the Megatron checkpoint to {out_dir}", show):
             path = save_megatron_checkpoint(chunks, out_dir, architecture=bridge.hf_config.architectures[0],
-                                            hf_config=hf_config, overwrite=overwrite, spec=spec)
+                                            hf_config=hf_config, overwrite=overwrite, spec=spec, side_files=hf_dir)
         src = bridge.hf_pretrained.state
         return {"path": path, "tensors": len(src), "bytes": src.total_size, "read_s": read_s, "total_s": clock(),
                 "dtype": str(chunks[0].config.params_dtype).replace("torch.", "")}

@@ -10,6 +10,8 @@
         common.pt                           the common state (rank 0): checkpoint_version 3.0, iteration, args
                                             (Megatron-LM argument names; no_save_optim / no_save_rng set), and
                                             "megatron_bridge_ext": architecture, model config, HF config.json
+        hf/                                 the HF checkpoint's side files (tokenizer, generation config, chat
+                                            template, config.json) when written by ``import``
 
 The model's tensors are under ``model`` (``model0``, ``model1``, ... with a virtual pipeline), as Megatron-LM's
 ``generate_state_dict`` names them; there is no optimizer or RNG state, and ``args.no_save_optim`` /
@@ -45,6 +47,8 @@ __all__ = [
     "save_distributed_checkpoint",
     "load_distributed_checkpoint",
     "first_error",
+    "HF_SIDE_DIR",
+    "side_files_dir",
     "tensor_metadata",
 ]
 
@@ -56,6 +60,8 @@ FORMAT_VERSION = 1
 #: what Megatron-LM stores with ``save(..., content_metadata=...)`` when there is no distributed optimizer
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 _METADATA_JSON = "metadata.json"
+#: the sub-directory of an iteration directory that keeps the HF checkpoint's side files (tokenizer, ...)
+HF_SIDE_DIR = "hf"
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -212,6 +218,7 @@ def save_distributed_checkpoint(
     iteration: int = 0,
     common: Optional[Mapping[str, Any]] = None,
     overwrite: bool = False,
+    side_files: Optional[str] = None,
 ) -> str:
     """Write a sharded state dict as ``root/iter_{iteration:07d}`` and point the tracker at it (collective).
 
@@ -222,6 +229,9 @@ def save_distributed_checkpoint(
         iteration: the iteration number.
         common: further common entries (``args``, this package's metadata), written by rank 0 to ``common.pt``.
         overwrite: replace an existing checkpoint of that iteration (after the new one is complete).
+        side_files: an HF checkpoint directory whose files other than weights (tokenizer, generation config, chat
+            template, config.json) rank 0 copies into ``iter_.../hf/`` (:data:`HF_SIDE_DIR`) before the iteration
+            directory is renamed into place.
 
     Returns:
         The iteration directory.
@@ -260,6 +270,16 @@ def save_distributed_checkpoint(
     dist_checkpointing.save(state, partial, content_metadata=dict(CONTENT_METADATA))
     if dist.is_initialized():
         dist.barrier()
+    if side_files is not None:
+        error = None
+        if _rank() == 0:
+            try:
+                _copy_side_files(side_files, os.path.join(partial, HF_SIDE_DIR))
+            except OSError as e:  # every rank raises it; the .partial directory is never a complete checkpoint
+                error = f"copying the HF side files of {side_files} into {partial}: {e}"
+        error = _agree(error)
+        if error is not None:
+            raise OSError(error)
     if _rank() == 0:
         old = final + ".old"
         if os.path.exists(final):
@@ -273,6 +293,20 @@ def save_distributed_checkpoint(
     if dist.is_initialized():
         dist.barrier()
     return final
+
+
+def _copy_side_files(src: str, dst: str) -> None:
+    from megatron_bridge_ext.io.hf_checkpoint import copy_side_files
+
+    os.makedirs(dst, exist_ok=True)
+    copy_side_files(src, dst)
+
+
+def side_files_dir(path: str) -> Optional[str]:
+    """The directory of the HF side files kept beside a checkpoint's tensors (``iter_.../hf``), or None."""
+    sub, _ = resolve_checkpoint(path)
+    where = os.path.join(sub, HF_SIDE_DIR)
+    return where if os.path.isdir(where) else None
 
 
 def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str, *,

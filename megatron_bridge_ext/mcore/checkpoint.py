@@ -8,6 +8,7 @@ The on-disk layout and the save / load calls are in :mod:`megatron_bridge_ext.io
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -182,6 +183,7 @@ def save_megatron_checkpoint(
     overwrite: bool = False,
     spec: str = "te",
     tokenizer: Optional[Mapping[str, Any]] = None,
+    side_files: Optional[str] = None,
 ) -> str:
     """Write this rank's chunks as a Megatron-LM distributed checkpoint (collective; see
     :mod:`megatron_bridge_ext.io.megatron_checkpoint` for the layout).
@@ -196,8 +198,10 @@ def save_megatron_checkpoint(
         spec: whose keys to write: ``"te"`` (default), those of a Transformer Engine layer spec of the same config,
             ``_extra_state`` objects included (what training jobs build); ``"local"``, those of megatron-core's
             local spec (what the chunks themselves save).
-        tokenizer: ``args.tokenizer_type`` / ``args.tokenizer_model`` (e.g. the HF tokenizer kept beside the
-            checkpoint).
+        tokenizer: ``args.tokenizer_type`` / ``args.tokenizer_model``; default: with ``side_files`` holding a
+            tokenizer, ``HuggingFaceTokenizer`` at the copy kept beside the checkpoint.
+        side_files: the HF checkpoint directory whose side files (tokenizer, generation config, chat template,
+            config.json) are kept in ``iter_.../hf/`` (export without an HF source restores them).
 
     Returns:
         The iteration directory.
@@ -218,10 +222,21 @@ def save_megatron_checkpoint(
         "spec": spec,
         "hf_config": ckpt_io.json_safe(dict(hf_config)) if hf_config is not None else None,
     }
+    if tokenizer is None and side_files is not None and _has_tokenizer(side_files):
+        final = os.path.join(os.path.abspath(root), ckpt_io.iteration_dir_name(iteration), ckpt_io.HF_SIDE_DIR)
+        tokenizer = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": final}
     common = {"args": megatron_lm_args(config, parallel, iteration, spec=spec, tokenizer=tokenizer),
               ckpt_io.BRIDGE_KEY: bridge_entry}
     return ckpt_io.save_distributed_checkpoint(sharded_model_state(chunks, spec), root, iteration=iteration,
-                                               common=common, overwrite=overwrite)
+                                               common=common, overwrite=overwrite, side_files=side_files)
+
+
+#: files that make a directory an HF tokenizer (what ``AutoTokenizer.from_pretrained`` reads)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _has_tokenizer(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, n)) for n in _TOKENIZER_FILES)
 
 
 def config_from_checkpoint(info: "ckpt_io.MegatronCheckpointInfo", **overrides: Any) -> GPTConfig:
