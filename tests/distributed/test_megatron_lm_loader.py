@@ -6,7 +6,9 @@ logits must equal the transformers model's (fp32, ``MEGATRON_VS_HF_ATOL``).
 
 - Llama (``examples/llama/train_llama3_8b_h100_fp8.sh``'s model flags, sizes of the tiny model; its
   ``--apply-layernorm-1p`` left out: it would make another model), written at TP2 with the default ``--spec te``,
-  loaded at TP1 as a fresh run (``check_checkpoint_args`` runs: no ``--finetune``) and at PP2 with ``--finetune``;
+  loaded at TP1 as a fresh run (``check_checkpoint_args`` runs: no ``--finetune``) and at PP2 with ``--finetune``,
+  both with the example's mock-data ``NullTokenizer``, and at TP2 with the ``HuggingFaceTokenizer`` that ``import``
+  kept beside the checkpoint (``--tokenizer-model`` as the stored args name it);
 - Mixtral (``examples/mixtral/train_mixtral_8x7b_distributed.sh``'s model flags), written at EP2 with ``--spec
   local`` (this CPU run builds the local spec; its MoE layers name their pre-MLP norm as the local spec does), loaded
   at TP2 as a fresh run without ``--no-position-embedding`` and at TP1 with it under ``--finetune``.
@@ -67,6 +69,9 @@ CPU_MOE = ["--moe-token-dispatcher-type", "allgather"]  # the example's alltoall
 RUNS = {
     "llama_fresh_tp1": ("llama", 97, LLAMA_FLAGS, 1, 1),
     "llama_finetune_pp2": ("llama", 97, LLAMA_FLAGS + ["--finetune"], 1, 2),
+    # the tokenizer import kept beside the checkpoint, as the stored args name it
+    "llama_hf_tokenizer_fresh_tp2": ("llama", 97, LLAMA_FLAGS + ["--tokenizer-type", "HuggingFaceTokenizer",
+                                                                 "--tokenizer-model", "{kept}"], 2, 1),
     "mixtral_fresh_tp2": ("mixtral", 96, MIXTRAL_FLAGS + CPU_MOE, 2, 1),
     "mixtral_finetune_no_position_embedding": ("mixtral", 96, MIXTRAL_FLAGS + CPU_MOE + [
         "--finetune", "--no-position-embedding"], 1, 1),
@@ -106,9 +111,11 @@ def _load_and_run(rank: int, world: int, ckpt: str, vocab: int, flags: list, tp:
     """One run: args as ``pretrain_gpt.py`` parses them, the model ``gpt_builder`` builds, Megatron-LM's
     ``load_checkpoint``, the logits."""
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
-    sys.argv = ["pretrain_gpt.py", *flags, *TRAINING, *CPU, "--tokenizer-type", "NullTokenizer", "--vocab-size",
-                str(vocab), "--load", ckpt, "--tensor-model-parallel-size", str(tp),
-                "--pipeline-model-parallel-size", str(pp)]
+    kept = os.path.join(ckpt, "iter_0000000", "hf")
+    flags = [f.replace("{kept}", kept) for f in flags]
+    tokenizer = [] if "--tokenizer-type" in flags else ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(vocab)]
+    sys.argv = ["pretrain_gpt.py", *flags, *TRAINING, *CPU, *tokenizer, "--load", ckpt,
+                "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
@@ -189,6 +196,17 @@ def _mlm_python() -> str:
                 "MBE_MCORE_PYTHONS names none")
 
 
+def _word_level_tokenizer(vocab_size: int):
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(vocab_size - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     pytest.importorskip("megatron.core")
@@ -207,6 +225,8 @@ def runs(tmp_path_factory):
                     p.normal_(1.0, 0.1)
         hf[name] = os.path.join(root, f"hf_{name}")
         model.float().save_pretrained(hf[name], safe_serialization=True)
+        if name == "llama":  # a tokenizer of the model's 97 ids, which import keeps beside the checkpoint
+            _word_level_tokenizer(cfg["vocab_size"]).save_pretrained(hf[name])
         tokens[name] = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(seed))
     torch.save(tokens, os.path.join(root, "tokens.pt"))
     import_checkpoint(hf["llama"], os.path.join(root, "llama"), tp=2)
@@ -246,7 +266,8 @@ def test_stored_args_are_a_complete_megatron_lm_namespace(runs):
     for ckpt, impl in (("llama", "transformer_engine"), ("mixtral", "local")):
         args = vars(read_checkpoint_info(os.path.join(root, ckpt)).args)
         assert not set(defaults) - set(args), sorted(set(defaults) - set(args))[:20]
-        assert args["transformer_impl"] == impl and args["tokenizer_type"] is None
+        assert args["transformer_impl"] == impl
+        assert args["tokenizer_type"] == ("HuggingFaceTokenizer" if ckpt == "llama" else None)
         assert args["add_position_embedding"] is True and args["data_parallel_random_init"] is False
 
 
