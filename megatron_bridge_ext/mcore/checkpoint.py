@@ -297,6 +297,23 @@ def args_disagreements(args: Any, config: Any) -> List[str]:
     return out
 
 
+#: GPTConfig fields of this package's families that no Megatron-LM argument carries
+_NOT_IN_ARGS = ("attn_logit_softcapping", "final_logit_softcapping", "embedding_scale", "post_self_attn_layernorm",
+                "post_mlp_layernorm", "local_rotary_base", "softmax_scale")
+
+
+def _not_in_args(config: Any) -> List[str]:
+    """The fields of :data:`_NOT_IN_ARGS` that ``config`` sets (differ from GPTConfig's defaults)."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    out = [f"{n}={getattr(config, n)!r}" for n in _NOT_IN_ARGS
+           if hasattr(config, n) and getattr(config, n) != defaults.get(n)]
+    if getattr(config, "position_embedding_type", None) == "yarn":  # Megatron-LM has no GPT YaRN factor / mscale
+        out.append("YaRN RoPE (yarn_rotary_scaling_factor, yarn_mscale, yarn_mscale_all_dim)")
+    return out
+
+
 def config_from_megatron_lm_args(args: Any, bridge: Any, *, hf_config: Any = None, where: str = "",
                                  **overrides: Any) -> GPTConfig:
     """The model config of a checkpoint that Megatron-LM trained (its ``args``, no config of this package), for the
@@ -325,8 +342,17 @@ def config_from_megatron_lm_args(args: Any, bridge: Any, *, hf_config: Any = Non
             raise ValueError(f"{where}: the checkpoint's args name no vocabulary size (vocab_size, padded_vocab_size);"
                              " give the HF config with --hf-source")
         generic = build_gpt_config({**fields, "vocab_size": int(vocab)}, {})
-        hf_config = bridge.megatron_to_hf_config(generic)
+        try:
+            hf_config = bridge.megatron_to_hf_config(generic)
+        except ValueError as e:
+            raise ValueError(f"{where}: the checkpoint's Megatron-LM args describe no model of {source}: {e}; give "
+                             "the HF config with --hf-source") from e
     config = bridge.transformer_config(hf_config, **{"params_dtype": fields["params_dtype"], **overrides})
+    if source != "--hf-source":
+        unsaid = _not_in_args(config)
+        if unsaid:
+            raise ValueError(f"{where}: models of {source} have {', '.join(unsaid)}, which Megatron-LM's args cannot "
+                             "say (their values would be guesses); give the HF config with --hf-source")
     diff = args_disagreements(args, config)
     if diff:
         raise ValueError(f"{where}: the checkpoint's Megatron-LM args and {source} describe different models: "
