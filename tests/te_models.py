@@ -75,9 +75,9 @@ def te_block_spec(config, vp_stage: Optional[int] = None):
     return block
 
 
-def build_te_chunks(config, vocab_size: Optional[int] = None) -> List:
-    """This rank's TE-spec GPTModel chunk(s) under the current parallel state (one per virtual stage)."""
-    import torch
+def build_te_chunks(config, vocab_size: Optional[int] = None, device=None) -> List:
+    """This rank's TE-spec GPTModel chunk(s) under the current parallel state (one per virtual stage), moved to
+    ``device`` when given (built on the CPU: ``use_cpu_initialization``)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -109,6 +109,6 @@ def build_te_chunks(config, vocab_size: Optional[int] = None) -> List:
             )
         model.unpadded_vocab_size = vocab_size
         chunks.append(model.eval())
-    if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
-        chunks = [c.cuda() for c in chunks]
+    if device is not None:
+        chunks = [c.to(device) for c in chunks]
     return chunks
