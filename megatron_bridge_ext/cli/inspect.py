@@ -1,5 +1,6 @@
 """``inspect HF_DIR --tp N --pp N [--vpp N] [--ep N] [--etp N] [--json FILE|-]``: the conversion plan of an HF
-checkpoint for a layout, without converting and without reading a tensor.
+checkpoint for a layout, without converting and without reading a tensor. ``inspect MEGATRON_DIR`` tells what a
+Megatron checkpoint holds instead (:func:`megatron_summary`: its spec's keys, dtypes, FP8 state, args, side files).
 
 Every HF key -> the Megatron parameter it feeds, the parameter's tensor-parallel layout and the shape of its shard
 on each rank; the bytes each rank holds; keys that nothing maps on either side; and an estimate of the peak memory
@@ -33,6 +34,89 @@ def plan(hf_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None, ep
                           bucket_bytes=bucket_bytes)
     out["hf_dir"] = hf_dir
     return out
+
+
+_TE_ONLY_EXTRA_STATE = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm", "q_layernorm", "k_layernorm",
+                        "post_layernorm", "enorm", "hnorm")
+
+
+def megatron_summary(path: str) -> Dict[str, Any]:
+    """What a Megatron checkpoint holds, without loading a weight: architecture and where its config comes from, the
+    layer spec whose keys it has (stored by ``import``; else told by its ``_extra_state`` objects: TE norms save one,
+    local norms none), tensors by dtype (quantized ones named), the ``_extra_state`` objects that carry FP8 scaling
+    state, the Megatron-LM args that matter, the side files kept beside it."""
+    import collections
+    import tempfile
+
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info, side_files_dir, tensor_metadata
+    from megatron_bridge_ext.mcore.checkpoint import _FLOAT8, extra_state_with_content
+
+    info = read_checkpoint_info(path)
+    bridge = {}
+    tensors = tensor_metadata(info.path)
+    objects = sorted({v.key for v in load_sharded_metadata(info.path).values() if isinstance(v, ShardedObject)
+                      and v.key.endswith("._extra_state")})
+    spec = None
+    if info.model_config is not None:
+        from megatron_bridge_ext.io.megatron_checkpoint import BRIDGE_KEY, _load_common
+
+        bridge = _load_common(info.path).get(BRIDGE_KEY) or {}
+        spec = bridge.get("spec", "local")  # written before --spec existed: the local spec's keys
+    if spec is None:
+        te = any(k.rsplit(".", 2)[-2] in _TE_ONLY_EXTRA_STATE for k in objects)
+        spec = "te" if te else ("local" if objects else "unknown (no _extra_state objects)")
+    dtypes = collections.Counter(str(t.dtype).replace("torch.", "") for t in tensors.values())
+    nbytes = sum(int(torch.Size(t.global_shape).numel()) * t.dtype.itemsize for t in tensors.values())
+    started = None
+    if not dist.is_initialized():  # reading _extra_state objects is a (one-process) collective
+        started = tempfile.mkdtemp(prefix="inspect_")
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(started, 'rendezvous')}", rank=0,
+                                world_size=1)
+    try:
+        fp8 = extra_state_with_content(info.path)
+    finally:
+        if started is not None:
+            import shutil
+
+            dist.destroy_process_group()
+            shutil.rmtree(started, ignore_errors=True)
+    args = vars(info.args) if info.args is not None else {}
+    side = side_files_dir(info.path)
+    return {
+        "path": info.path, "iteration": info.iteration, "architecture": info.architecture,
+        "config_from": ("the config stored in the checkpoint" if info.model_config is not None else
+                        "Megatron-LM args (export needs --hf-architecture or --hf-source)" if args else "nothing"),
+        "spec": spec, "tensors": len(tensors), "bytes": nbytes, "dtypes": dict(dtypes),
+        "quantized": sorted(k for k, t in tensors.items() if t.dtype in _FLOAT8),
+        "extra_state_objects": len(objects), "fp8_state": fp8,
+        "args": {k: str(args.get(k)) for k in ("transformer_impl", "num_layers", "hidden_size", "num_attention_heads",
+                                               "num_experts", "tensor_model_parallel_size",
+                                               "pipeline_model_parallel_size", "expert_model_parallel_size",
+                                               "params_dtype", "tokenizer_type") if k in args},
+        "side_files": sorted(os.listdir(side)) if side else [],
+    }
+
+
+def _is_megatron_checkpoint(path: str) -> bool:
+    from megatron_bridge_ext.io.megatron_checkpoint import TRACKER_NAME
+
+    return os.path.isfile(os.path.join(path, TRACKER_NAME)) or os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def _print_megatron(s: Dict[str, Any]) -> None:
+    print(f"{s['path']}: iteration {s['iteration']}, {s['architecture'] or 'architecture not stored'}, config from "
+          f"{s['config_from']}")
+    print(f"  keys of the {s['spec']} layer spec; {s['tensors']} tensors, {_gib(s['bytes'])}, dtypes {s['dtypes']}")
+    print(f"  {s['extra_state_objects']} _extra_state objects; FP8 scaling state in: {s['fp8_state'] or 'none'}")
+    if s["quantized"]:
+        print(f"  stored quantized (export refuses them until issue #21): {s['quantized'][:10]}")
+    if s["args"]:
+        print("  args: " + ", ".join(f"{k}={v}" for k, v in s["args"].items()))
+    print(f"  side files kept beside it: {', '.join(s['side_files']) or 'none'}")
 
 
 def _gib(n: int) -> str:
@@ -78,7 +162,7 @@ def _print(p: Dict[str, Any], keys: Optional[int]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from megatron_bridge_ext.cli.common import add_layout_arguments
 
-    parser.add_argument("hf_dir", help="HF checkpoint directory")
+    parser.add_argument("hf_dir", help="HF checkpoint directory (or a Megatron checkpoint: what it holds, no plan)")
     add_layout_arguments(parser)
     parser.add_argument("--json", metavar="FILE", default=None, help="write the plan as JSON to FILE ('-': stdout)")
     parser.add_argument("--keys", type=int, default=60, help="HF keys to list in the table (0: all)")
@@ -89,6 +173,19 @@ def run(args: argparse.Namespace) -> int:
     from megatron_bridge_ext.cli.common import fail, layout_of, quiet_third_party
 
     quiet_third_party(args.verbose)
+    if os.path.isdir(args.hf_dir) and _is_megatron_checkpoint(args.hf_dir):
+        try:
+            summary = megatron_summary(args.hf_dir)
+        except Exception as e:  # noqa: BLE001
+            return fail(e, args.verbose)
+        if args.json:
+            with (sys.stdout if args.json == "-" else open(args.json, "w", encoding="utf-8")) as f:
+                json.dump(summary, f, indent=1)
+                f.write("\n")
+            if args.json == "-":
+                return 0
+        _print_megatron(summary)
+        return 0
     try:
         if not os.path.isdir(args.hf_dir):
             raise FileNotFoundError(f"HF checkpoint directory {args.hf_dir!r} does not exist (missing)")

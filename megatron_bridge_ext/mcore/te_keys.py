@@ -6,7 +6,7 @@ megatron-core writes a ``GPTModel``'s tensors under keys that mostly do not depe
 (``input_layernorm.`` -> ``self_attention.linear_qkv.layer_norm_``, ``pre_mlp_layernorm.`` ->
 ``mlp.linear_fc1.layer_norm_``), and routed experts are stacked alike (sequential or grouped-GEMM). What differs,
 read from megatron-core's ``get_gpt_layer_with_transformer_engine_spec`` (0.16.1, 0.19.2) and checked against a model
-it builds (``tests/test_te_checkpoint.py``):
+it builds (``tests/distributed/test_te_checkpoint.py``):
 
 1. **Tensors.** A TE mixture-of-experts layer keeps a standalone ``pre_mlp_layernorm`` (its MLP has no fused
    ``linear_fc1``), while the local spec's key map renames it for every layer. A TE multi-latent-attention (MLA) layer

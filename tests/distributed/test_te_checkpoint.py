@@ -480,3 +480,30 @@ def test_export_without_architecture_or_source_is_refused(results, tmp_path):
     name = next(iter(MLM_FIXTURES)).split("/")[0]
     with pytest.raises((ValueError, WorkerError), match="--hf-architecture NAME or give the HF source"):
         export_checkpoint(os.path.join(results["root"], name, "mlm_te"), str(tmp_path / "out"))
+
+
+def test_verify_reads_a_megatron_lm_te_checkpoint(results):
+    from megatron_bridge_ext.cli.verify import verify_checkpoint
+
+    name = next(iter(MLM_FIXTURES)).split("/")[0]
+    res = verify_checkpoint(results["paths"][name], os.path.join(results["root"], name, "mlm_te"), tp=2)
+    assert res["ok"], res
+    assert res["rows"]["compared"] > 0 and res["max_logit_diff"] <= 1e-4
+
+
+def test_inspect_tells_the_spec_the_fp8_state_and_quantized_weights(results):
+    from megatron_bridge_ext.cli.inspect import megatron_summary
+
+    name = next(iter(MLM_FIXTURES)).split("/")[0]
+    root = os.path.join(results["root"], name)
+    ours = megatron_summary(os.path.join(root, "te"))
+    assert ours["spec"] == "te" and ours["config_from"] == "the config stored in the checkpoint"
+    assert ours["fp8_state"] == [] and ours["quantized"] == [] and ours["args"]["transformer_impl"] == \
+        "transformer_engine"
+    if name == "llama":
+        assert megatron_summary(os.path.join(root, "local"))["spec"] == "local"
+    fp8 = megatron_summary(os.path.join(root, "mlm_fp8"))
+    assert fp8["spec"] == "te" and fp8["config_from"].startswith("Megatron-LM args") and fp8["fp8_state"]
+    quantized = megatron_summary(os.path.join(results["root"], "mlm_fp8_weights"))
+    assert quantized["quantized"] == ["decoder.layers.self_attention.linear_proj.weight"]
+    assert quantized["dtypes"].get("float8_e4m3fn") == 1
