@@ -17,12 +17,16 @@ all-gather dispatcher, bf16):
 * peak RSS per rank (``VmHWM`` after a reset, max over ranks) during the import, absolute and above the rank's RSS
   before its model existed, next to ``model bytes / world + largest tensor``.
 
-Megatron Bridge runs in its own environment (``--mb-python``, default ``/work/venv-mb/bin/python``: set up and patched
-for a CPU-only machine as ``benchmarks/bench_reference.py``'s docstring describes; this script reuses that script's
-patches and runs its reference side as a subprocess with that interpreter). Both exports are compared with the
-source (``torch.equal`` in the source dtype; Megatron Bridge writes the local-spec norms' fp32 dtype).
+Megatron Bridge runs in its own environment: 0.3.1 on megatron-core 0.16.1 (``--mb-python``, default
+``/work/venv-mb/bin/python``) and 0.6.2 on megatron-core 0.19.2 (``--mb062-python``, default
+``/work/venv-mb062/bin/python``), each set up and patched for a CPU-only machine as ``benchmarks/bench_reference.py``'s
+docstring describes; ``--references`` picks which. This script reuses that script's patches and runs each reference
+side as a subprocess with its interpreter; this package runs in the interpreter that runs this script. Every export
+is compared with the source (``torch.equal`` in the source dtype; Megatron Bridge writes the local-spec norms' fp32
+dtype).
 
-One more Megatron Bridge method is wrapped (``_sequential_expert_export_patch``): 0.3.1's
+One more Megatron Bridge method is wrapped (``_sequential_expert_export_patch``, applied to both versions; 0.6.2
+reads the expert index from either spelling, so there it changes nothing): 0.3.1's
 ``MegatronParamMapping.gather_from_ep_ranks`` reads the expert index from the digits after ``.weight`` (grouped-GEMM
 names, ``linear_fc1.weight{e}``), so exporting sequential experts (``local_experts.{e}.linear_fc1.weight``, the only
 kind that runs on a CPU) under EP > 1 fails (``int('')``); the wrapper hands it the grouped spelling of the same
@@ -54,6 +58,7 @@ from _memio import drop_page_cache, read_files_once, reset_peak, rss  # noqa: E4
 
 GiB = 1024**3
 DEFAULT_MB_PYTHON = "/work/venv-mb/bin/python"
+DEFAULT_MB062_PYTHON = "/work/venv-mb062/bin/python"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -385,8 +390,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--eps", default="2,4", help="comma-separated expert-parallel sizes (world = EP)")
     ap.add_argument("--bucket-mib", type=int, default=256)
-    ap.add_argument("--mb-python", default=DEFAULT_MB_PYTHON, help="interpreter of the Megatron Bridge environment")
-    ap.add_argument("--no-reference", action="store_true", help="time this package only")
+    ap.add_argument("--mb-python", default=DEFAULT_MB_PYTHON,
+                    help="interpreter of the Megatron Bridge 0.3.1 environment (megatron-core 0.16.1)")
+    ap.add_argument("--mb062-python", default=DEFAULT_MB062_PYTHON,
+                    help="interpreter of the Megatron Bridge 0.6.2 environment (megatron-core 0.19.2)")
+    ap.add_argument("--references", default="0.3.1,0.6.2",
+                    help="comma-separated Megatron Bridge references to run (0.3.1, 0.6.2), or 'none'")
+    ap.add_argument("--no-reference", action="store_true", help="time this package only (= --references none)")
     ap.add_argument("--drop-caches", action="store_true",
                     help="drop the page cache (root) before each side's run and re-read the checkpoint "
                          "(bench_convert.drop_page_cache: the same memory state for both sides)")
@@ -396,9 +406,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.reference_worker:
         ckpt, out, ep = args.reference_worker
         return reference_worker(ckpt, out, int(ep))
-    if not args.no_reference and not os.path.isfile(args.mb_python):
-        ap.error(f"--mb-python {args.mb_python!r} does not exist (see benchmarks/bench_reference.py for the setup), "
-                 "or pass --no-reference")
+    known = {"0.3.1": ("Megatron Bridge 0.3.1", "mb_python"), "0.6.2": ("Megatron Bridge 0.6.2", "mb062_python")}
+    refs: Dict[str, str] = {}  # label -> interpreter
+    for name in ([] if args.no_reference or args.references == "none" else
+                 [r for r in args.references.split(",") if r]):
+        if name not in known:
+            ap.error(f"--references: unknown reference {name!r} (known: {', '.join(known)})")
+        label, option = known[name]
+        python = getattr(args, option)
+        if not os.path.isfile(python):
+            ap.error(f"--{option.replace('_', '-')} {python!r} does not exist (see benchmarks/bench_reference.py for "
+                     "the setup), or leave it out with --references / --no-reference")
+        refs[label] = python
 
     tmp = args.dir or tempfile.mkdtemp(prefix="bench_moe_")
     ckpt = os.path.join(tmp, "hf")
@@ -412,7 +431,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_read = min(read_files_once(ckpt) for _ in range(2))
     gb = info["bytes"] / 1e9
     print(f"read the checkpoint files once (page cache warm): {t_read:.2f} s, {gb / t_read:.2f} GB/s")
-    header = (f"{'EP':>3} {'side':>16} {'import s':>9} {'export s':>9} {'no-write s':>10} {'peak RSS/rank':>14} "
+    header = (f"{'EP':>3} {'side':>21} {'import s':>9} {'export s':>9} {'no-write s':>10} {'peak RSS/rank':>14} "
               f"{'- pre-model':>11} {'model/world+largest':>20} {'rank params':>12} {'exact':>6}")
     print(header)
     print("-" * len(header))
@@ -420,9 +439,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for ep in (int(x) for x in args.eps.split(",")):
         bound = info["bytes"] / ep + info["largest_bytes"]
         sides = [("this package", run_ours, (ckpt, os.path.join(tmp, f"ours_ep{ep}"), ep, args.bucket_mib * 2**20))]
-        if not args.no_reference:
-            sides.append(("Megatron Bridge", lambda c, o, e: run_reference(args.mb_python, c, o, e),
-                          (ckpt, os.path.join(tmp, f"mb_ep{ep}"), ep)))
+        for i, (label, python) in enumerate(refs.items()):
+            sides.append((label, lambda c, o, e, _py=python: run_reference(_py, c, o, e),
+                          (ckpt, os.path.join(tmp, f"mb{i}_ep{ep}"), ep)))
         row = {"ep": ep}
         for side, fn, fargs in sides:
             if args.drop_caches:
@@ -431,7 +450,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             s = _summary(results)
             check = verify(ckpt, fargs[1])
             exact = "yes" if not check["missing"] and not check["values"] else "NO"
-            print(f"{ep:>3} {side:>16} {s['import_s']:9.2f} {s['export_s']:9.2f} {s['export_nowrite_s']:10.2f} "
+            print(f"{ep:>3} {side:>21} {s['import_s']:9.2f} {s['export_s']:9.2f} {s['export_nowrite_s']:10.2f} "
                   f"{s['peak'] / GiB:12.2f} G {s['above'] / GiB:9.2f} G {bound / GiB:18.2f} G "
                   f"{s['model_rank'] / GiB:10.2f} G {exact:>6}")
             if check["missing"] or check["values"]:
@@ -445,9 +464,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                       f"(e.g. {check['dtype_only'][0]})")
             row[side] = s
             shutil.rmtree(fargs[1], ignore_errors=True)
-        if "Megatron Bridge" in row:
-            ours, mb = row["this package"], row["Megatron Bridge"]
-            print(f"{'':>3} {'ratio MB / ours':>16} {mb['import_s'] / ours['import_s']:8.2f}x "
+        for label in refs:
+            ours, mb = row["this package"], row[label]
+            name = f"{label.replace('Megatron Bridge ', 'MB ')} / ours"
+            print(f"{'':>3} {name:>21} {mb['import_s'] / ours['import_s']:8.2f}x "
                   f"{mb['export_s'] / ours['export_s']:8.2f}x "
                   f"{mb['export_nowrite_s'] / ours['export_nowrite_s']:9.2f}x")
         rows.append(row)

@@ -1,4 +1,5 @@
-"""Reference timing: NVIDIA Megatron Bridge (PyPI ``megatron-bridge``) importing a HF Llama checkpoint into
+"""Reference timing: NVIDIA Megatron Bridge (PyPI ``megatron-bridge``: 0.3.1 on megatron-core 0.16.1, 0.6.2 on 0.19.2,
+each in its own environment) importing a HF Llama checkpoint into
 megatron-core GPTModel chunks and exporting it back, in a local gloo world on a CPU-only machine.
 
 Measured like ``benchmarks/bench_convert.py`` (our converter): the model is built first without weights (not timed),
@@ -22,6 +23,21 @@ installed with its declared dependencies on a CPU-only machine (``transformer-en
     /work/venv-mb/bin/pip install megatron-core==0.16.1 "transformers<5" safetensors rich omegaconf pyyaml \\
         regex tqdm six typing-extensions einops triton
 
+Megatron Bridge 0.6.2 on megatron-core 0.19.2, the newest release, runs through the same script in a second
+environment. Its wheel is pure Python; its metadata asks for Python >= 3.12 and transformers >=5.8,<=5.12.1, and
+megatron-core 0.19.2's metadata for Python >= 3.12 as well (both run on 3.11: see ``_typing_override_shim``).
+``nvidia-modelopt`` is imported by ``save_hf_weights``. Setup (Python 3.11)::
+
+    python3 -m venv /work/venv-mb062
+    /work/venv-mb062/bin/pip install torch==2.13.0 setuptools numpy packaging      # the CPU build
+    /work/venv-mb062/bin/pip install --no-deps --ignore-requires-python megatron-bridge==0.6.2 megatron-core==0.19.2
+    /work/venv-mb062/bin/pip install transformers==5.12.1 safetensors rich omegaconf pyyaml regex tqdm six \
+        typing-extensions einops triton==3.9.0 psutil requests pydantic scipy ninja pulp nvidia-ml-py
+    /work/venv-mb062/bin/pip install --no-deps nvidia-modelopt
+
+    GLOO_SOCKET_IFNAME=lo /work/venv-mb062/bin/python benchmarks/bench_reference.py --make-tiny /tmp/tiny --tp 2 \
+        --check-forward                                   # round trip exact, logits vs transformers
+
 What is NOT the real stack, stated so the numbers are not misread:
 
 * Transformer Engine is absent. ``megatron.bridge`` imports ``transformer_engine.pytorch`` unconditionally (its LoRA
@@ -34,6 +50,10 @@ What is NOT the real stack, stated so the numbers are not misread:
   spec Megatron Bridge picks by default, and all fusions are off. The weight names then differ only in the layer
   norms (``input_layernorm`` instead of ``linear_qkv.layer_norm_weight``), which Megatron Bridge's Llama mapping
   accepts.
+* Python 3.11 lacks ``typing.override`` (3.12), which Megatron Bridge 0.6.2 and megatron-core 0.19's
+  ``megatron.training`` import: ``_typing_override_shim`` provides PEP 698's no-op decorator. megatron-core 0.19 also
+  builds hybrid layer specs when ``megatron.core.models.hybrid`` is imported, TE ones if it sees TE: that module is
+  imported before the placeholder exists.
 * megatron-core is patched for CPU the way our ``megatron_bridge_ext/mcore/cpu_compat.py`` does (copied here to keep the
   script self-contained): ``torch.cuda.current_device`` returns ``"cpu"``, the inference rng tracker is used.
   ``torch.cuda.synchronize`` / ``empty_cache`` are made no-ops (Megatron Bridge calls them around conversions).
@@ -149,13 +169,34 @@ def _contiguous_scatter_patch() -> None:
     MegatronParamMapping.scatter_to_tp_ranks = scatter_to_tp_ranks  # type: ignore[method-assign]
 
 
+def _typing_override_shim() -> None:
+    """Megatron Bridge 0.6 (and the ``megatron.training`` of megatron-core 0.19 it imports) use ``typing.override``,
+    new in Python 3.12; on 3.11 provide the same no-op decorator (PEP 698: it only marks the method)."""
+    import typing
+
+    if not hasattr(typing, "override"):
+        def override(method: Any) -> Any:
+            try:
+                method.__override__ = True
+            except (AttributeError, TypeError):
+                pass
+            return method
+
+        typing.override = override  # type: ignore[attr-defined]
+
+
 def _import_megatron_bridge() -> Any:
     """Import megatron-core first (its TE probes see no TE), then the placeholder, then megatron.bridge."""
+    _typing_override_shim()
     import megatron.core  # noqa: F401
     import megatron.core.extensions.transformer_engine  # noqa: F401
     import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
     import megatron.core.transformer.multi_latent_attention as mla
 
+    try:  # megatron-core 0.19 (Megatron Bridge 0.6): builds layer specs at import time, TE ones if it sees TE
+        import megatron.core.models.hybrid.hybrid_layer_specs  # noqa: F401
+    except ImportError:  # megatron-core 0.16 has no hybrid package
+        pass
     mla.HAVE_TE = False
     _cpu_patches()
     _install_te_placeholder()

@@ -1,10 +1,13 @@
 """Like-for-like comparison with NVIDIA Megatron Bridge: one checkpoint, both converters back to back in one run.
 
 A TinyLlama-1.1B-shaped bf16 checkpoint (random weights, fixed seed; ``bench_convert.make_checkpoint``) is imported
-into megatron-core GPTModel chunks and exported back to safetensors at each TP size, by this package and by Megatron
-Bridge (its own environment, ``--mb-python``; set up and patched for a CPU-only machine as
-``benchmarks/bench_reference.py``'s docstring describes; that script runs as a subprocess). Both sides are timed over
-the same regions:
+into megatron-core GPTModel chunks and exported back to safetensors at each TP size, by this package and by each
+Megatron Bridge reference: 0.3.1 on megatron-core 0.16.1 (``--mb-python``) and 0.6.2 on megatron-core 0.19.2
+(``--mb062-python``), each in its own environment, set up and patched for a CPU-only machine as
+``benchmarks/bench_reference.py``'s docstring describes (that script runs as a subprocess of each interpreter);
+``--references`` picks which. This package runs in the interpreter that runs this script (its environment's
+megatron-core: run it from ``.venv-mcore-0.19.2`` to compare with 0.6.2 on the same megatron-core). All sides convert
+the same files in the same run, alternating, and are timed over the same regions:
 
 * import: the model is built without weights first (not timed) and its parameters are left untouched, as
   ``to_megatron_model(load_weights=True)`` gives a user: the timed weight load includes the first touch of the
@@ -49,6 +52,9 @@ from bench_convert import make_checkpoint  # noqa: E402
 
 GiB = 1024**3
 DEFAULT_MB_PYTHON = "/work/venv-mb/bin/python"
+DEFAULT_MB062_PYTHON = "/work/venv-mb062/bin/python"
+#: reference name -> (label, command-line option of its interpreter)
+REFERENCES = {"0.3.1": ("Megatron Bridge 0.3.1", "mb_python"), "0.6.2": ("Megatron Bridge 0.6.2", "mb062_python")}
 
 
 def plain_write(path: str, nbytes: int, fsync: bool, chunk: int = 256 * 2**20) -> float:
@@ -126,6 +132,11 @@ def run_reference(mb_python: str, ckpt: str, out: str, tp: int, fsync: bool, thr
     return json.loads(line)
 
 
+def _median_ratio(num: List[Dict[str, Any]], den: List[Dict[str, Any]], key: str) -> float:
+    """Median over the repeats of ``num[i][key] / den[i][key]`` (two sides paired within each repeat)."""
+    return statistics.median(b[key] / a[key] for a, b in zip(den, num))
+
+
 def _median_run(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Per field, the median over the runs (exact only if every run was exact)."""
     out = {k: statistics.median(r[k] for r in runs) for k in ("import_s", "export_s")}
@@ -150,9 +161,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--layers", type=int, default=22, help="decoder layers (22: ~1.1B parameters)")
     ap.add_argument("--tps", default="1,2", help="comma-separated TP sizes (world = TP)")
     ap.add_argument("--flush", choices=["fsync", "none"], default="fsync")
-    ap.add_argument("--mb-python", default=DEFAULT_MB_PYTHON, help="interpreter of the Megatron Bridge environment")
+    ap.add_argument("--mb-python", default=DEFAULT_MB_PYTHON,
+                    help="interpreter of the Megatron Bridge 0.3.1 environment (megatron-core 0.16.1)")
+    ap.add_argument("--mb062-python", default=DEFAULT_MB062_PYTHON,
+                    help="interpreter of the Megatron Bridge 0.6.2 environment (megatron-core 0.19.2)")
+    ap.add_argument("--references", default="0.3.1,0.6.2",
+                    help=f"comma-separated Megatron Bridge references to run ({', '.join(REFERENCES)}), or 'none'")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
-    ap.add_argument("--ours-only", action="store_true", help="skip Megatron Bridge (no ratios)")
+    ap.add_argument("--ours-only", action="store_true", help="skip Megatron Bridge (no ratios; = --references none)")
     ap.add_argument("--drop-caches", action="store_true",
                     help=f"before every measured run (each side, the plain write, the first touch): drop the page "
                          f"cache (root: {DROP_CACHES}) and re-read the checkpoint, so that every run starts from the "
@@ -162,6 +178,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "of a virtual machine vary from run to run)")
     args = ap.parse_args(argv)
     fsync = args.flush == "fsync"
+    names = [] if args.ours_only or args.references == "none" else [r for r in args.references.split(",") if r]
+    refs: Dict[str, str] = {}  # label -> interpreter
+    for name in names:
+        if name not in REFERENCES:
+            ap.error(f"--references: unknown reference {name!r} (known: {', '.join(REFERENCES)})")
+        label, option = REFERENCES[name]
+        python = getattr(args, option)
+        if not os.path.isfile(python):
+            ap.error(f"--{option.replace('_', '-')} {python!r} does not exist: set up the {label} environment as "
+                     "benchmarks/bench_reference.py's docstring says, or leave it out with --references")
+        refs[label] = python
 
     tmp = args.dir or tempfile.mkdtemp(prefix="bench_vs_reference_")
     ckpt = os.path.join(tmp, "hf")
@@ -183,7 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cores = os.cpu_count() or 1
     for tp in (int(x) for x in args.tps.split(",")):
         threads = max(1, cores // tp)  # both sides: the machine's cores shared by the ranks
-        runs: Dict[str, List[Dict[str, Any]]] = {"ours": [], "ref": []}
+        runs: Dict[str, List[Dict[str, Any]]] = {"ours": [], **{label: [] for label in refs}}
         touches, writes = [], []
         def settle() -> None:
             if args.drop_caches:
@@ -201,44 +228,49 @@ def main(argv: Optional[List[str]] = None) -> int:
             r["exact"] = verify(ckpt, out)
             shutil.rmtree(out, ignore_errors=True)
             runs["ours"].append(r)
-            if not args.ours_only:
-                out = os.path.join(tmp, f"mb_tp{tp}")
+            for i, (label, python) in enumerate(refs.items()):
+                out = os.path.join(tmp, f"mb{i}_tp{tp}")
                 settle()
-                r = run_reference(args.mb_python, ckpt, out, tp, fsync, threads)
+                r = run_reference(python, ckpt, out, tp, fsync, threads)
                 r["write_s"] = writes[-1]
                 r["exact"] = verify(ckpt, out)
                 shutil.rmtree(out, ignore_errors=True)
-                runs["ref"].append(r)
-        ours = _median_run(runs["ours"])
-        ref = _median_run(runs["ref"]) if runs["ref"] else None
-        rows.append((tp, threads, statistics.median(touches), statistics.median(writes), ours, ref, runs))
+                runs[label].append(r)
+        rows.append((tp, threads, statistics.median(touches), statistics.median(writes), runs))
 
     print()
-    head = (f"{'TP':>3} {'side':>20} {'import s':>9} {'x MB':>6} {'export s':>9} {'x MB':>6} {'x write':>8} "
+    sides = ["ours", *refs]
+    short = {label: label.replace("Megatron Bridge ", "MB ") for label in refs}
+    ratio_cols = "".join(f" {'x ' + short[label]:>9}" for label in refs)
+    head = (f"{'TP':>3} {'side':>22} {'import s':>9}{ratio_cols} {'export s':>9}{ratio_cols} {'x write':>8} "
             f"{'peak RSS/rank':>14} {'exact':>6}")
     print(head)
     print("-" * len(head))
-    for tp, threads, t_touch, t_write, ours, ref, runs in rows:
-        for name, r, side in (("megatron_bridge_ext", ours, "ours"), ("Megatron Bridge", ref, "ref")):
-            if r is None:
-                continue
-            # ratios paired within each repeat (both sides and the plain write ran back to back), then the median
-            pairs = list(zip(runs[side], runs["ref"])) if ref else []
-            xi = f"{statistics.median(b['import_s'] / a['import_s'] for a, b in pairs):6.2f}" if ref else f"{'-':>6}"
-            xe = f"{statistics.median(b['export_s'] / a['export_s'] for a, b in pairs):6.2f}" if ref else f"{'-':>6}"
+    for tp, threads, t_touch, t_write, runs in rows:
+        for side in sides:
+            r = _median_run(runs[side])
+            # ratios paired within each repeat (every side and the plain write ran back to back), then the median:
+            # "x MB 0.6.2" = that reference's time / this side's time
+            xi = "".join(f" {_median_ratio(runs[label], runs[side], 'import_s'):9.2f}" for label in refs)
+            xe = "".join(f" {_median_ratio(runs[label], runs[side], 'export_s'):9.2f}" for label in refs)
             xw = statistics.median(a["export_s"] / a["write_s"] for a in runs[side])
             peak = f"{r['peak_rss'] / GiB:12.2f} G" if r.get("peak_rss") else f"{'-':>14}"
-            print(f"{tp:>3} {name:>20} {r['import_s']:9.2f} {xi} {r['export_s']:9.2f} {xe} "
+            name = "megatron_bridge_ext" if side == "ours" else side
+            print(f"{tp:>3} {name:>22} {r['import_s']:9.2f}{xi} {r['export_s']:9.2f}{xe} "
                   f"{xw:8.2f} {peak} {'yes' if r['exact'] else 'NO':>6}")
         bound = info["bytes"] / tp + info["largest_bytes"]
         print(f"{'':>3} {threads} thread(s) per rank; first touch of {info['bytes'] / tp / GiB:.2f} GiB (the parameters "
               f"of a rank): {t_touch:.2f} s; plain write of the checkpoint's bytes ({args.flush}): {t_write:.2f} s; "
               f"import memory bound model/world + largest tensor {bound / GiB:.2f} GiB")
-    print(f"times: medians of {args.repeat} alternating runs per side; x MB: median over the repeats of Megatron "
-          "Bridge's time / this side's time in the same repeat; x write: median over the repeats of the export time / "
-          "the plain write's time just before it")
+    import megatron.core
+
+    print(f"this package on megatron-core {megatron.core.__version__}; references: "
+          + (", ".join(f"{label} ({python})" for label, python in refs.items()) or "none"))
+    print(f"times: medians of {args.repeat} alternating runs per side; x MB <v>: median over the repeats of that "
+          "reference's time / this side's time in the same repeat; x write: median over the repeats of the export "
+          "time / the plain write's time just before it")
     print(json.dumps({"read_s": t_read, "flush": args.flush, "rows": [
-        {"tp": tp, "threads": th, "first_touch_s": t, "write_s": w, "runs": runs} for tp, th, t, w, _, _, runs
+        {"tp": tp, "threads": th, "first_touch_s": t, "write_s": w, "runs": runs} for tp, th, t, w, runs
         in rows]}))
     if not args.dir:
         shutil.rmtree(tmp, ignore_errors=True)

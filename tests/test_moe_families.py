@@ -28,6 +28,7 @@ from megatron_bridge_ext.models.common import (  # noqa: E402
     detect_expert_layout,
     layer_mappings_at,
 )
+from megatron_bridge_ext.mcore.versions import mtp_layer_module  # noqa: E402
 from megatron_bridge_ext.registry import MegatronMappingRegistry  # noqa: E402
 
 D, F, E = 64, 24, 4
@@ -246,7 +247,7 @@ def test_mtp_mapping_table(arch, experts):
     bridge = get_model_bridge(arch)
     bridge.hf_layout = dataclasses.replace(experts, mtp=MTPLayers(first=2, count=1))
     reg = bridge.registry
-    t = "mtp.layers.0.transformer_layer"
+    t = f"mtp.layers.0.{mtp_layer_module()}"  # the installed megatron-core's name
     attn = ({"linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight"} if arch.startswith("Deepseek") else
             {"linear_qkv.weight": {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
                                    "v": "self_attn.v_proj.weight"}})
@@ -299,7 +300,7 @@ def test_layer_mappings_at_re_addresses_only_decoder_layer_mappings():
              ExpertFC1Mapping("decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight",
                               gate="model.layers.*.mlp.experts.*.gate_proj.weight",
                               up="model.layers.*.mlp.experts.*.up_proj.weight")]
-    moved = layer_mappings_at(table, "mtp.layers.1.transformer_layer", "model.layers.7")
+    moved = layer_mappings_at(table, "mtp.layers.1.transformer_layer", "model.layers.7")  # any prefix given
     assert [(m.megatron_param, m.hf_param) for m in moved] == [
         ("mtp.layers.1.transformer_layer.input_layernorm.weight", "model.layers.7.input_layernorm.weight"),
         ("mtp.layers.1.transformer_layer.mlp.experts.local_experts.*.linear_fc1.weight",

@@ -119,3 +119,22 @@ def test_the_rules_catch_a_violation(tmp_path):
                     "def f():\n    from megatron_bridge_ext.engine import bridge\n")
     mods = [m for _, m in _imports(fake)]
     assert "torch.distributed" in mods and "megatron.core" in mods and f"{NAME}.engine" in mods
+
+
+def test_megatron_core_versions_are_read_only_in_mcore_versions():
+    """What differs between megatron-core versions lives behind mcore/versions.py's helpers: no other module reads
+    megatron-core's version (its package_info, its distribution metadata) or calls the helpers that return it."""
+    readers = {"megatron_core_version", "installed_megatron_core", "parse_version", "package_info"}
+    bad = []
+    for path in _modules():
+        if path.relative_to(PKG).as_posix() == "mcore/versions.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if isinstance(node, ast.alias):
+                name = node.name.rsplit(".", 1)[-1]
+            if name in readers:
+                bad.append(f"{path.relative_to(PKG)}:{getattr(node, 'lineno', '?')}: {name}")
+            if isinstance(node, ast.Constant) and node.value in ("megatron-core", "megatron_core"):
+                bad.append(f"{path.relative_to(PKG)}:{node.lineno}: the distribution name {node.value!r}")
+    assert not bad, "\n".join(bad)

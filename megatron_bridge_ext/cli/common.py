@@ -185,7 +185,10 @@ def load_checkpoint_chunks(info: Any, config: Any, device: torch.device, show: b
     ``info`` describes (export and verify); ``described_by`` names where ``config`` came from in errors."""
     from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, load_megatron_checkpoint
     from megatron_bridge_ext.mcore.model_builder import build_model_chunks
+    from megatron_bridge_ext.mcore.versions import check_opt_in_layouts
 
+    if info.args is not None:  # a layout Megatron-LM trained with that this package does not convert
+        check_opt_in_layouts(info.args, f"{info.path} (its Megatron-LM args)")
     chunks = cast_to_params_dtype(build_model_chunks(config))
     if device.type == "cuda":
         chunks = [c.to(device) for c in chunks]

@@ -35,7 +35,10 @@ def check_source_agrees(info: Any, source_fields: Dict[str, Any], source_arch: s
                          f"{info.architecture}")
     if info.model_config is None:
         return
-    stored = info.model_config
+    from megatron_bridge_ext.mcore.versions import drop_runtime_only_fields
+
+    # runtime-feature fields that differ between megatron-core versions say nothing about the model
+    stored, source_fields = drop_runtime_only_fields(info.model_config), drop_runtime_only_fields(source_fields)
     diff = []
     for key in sorted(set(stored) | set(source_fields)):
         if key in _DTYPE_FIELDS:

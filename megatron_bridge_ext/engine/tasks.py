@@ -21,6 +21,7 @@ from megatron_bridge_ext import ops
 from megatron_bridge_ext.mappings import COLUMN, EXPERTS, REPLICATED, ROW, MegatronParamMapping
 from megatron_bridge_ext.mcore.names import LocalParam, local_params, model_config
 from megatron_bridge_ext.mcore.topology import Topology
+from megatron_bridge_ext.mcore.versions import check_opt_in_layouts
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = ["ParamMeta", "WeightConversionTask", "GlobalOrder", "build_tasks"]
@@ -202,8 +203,10 @@ def build_tasks(
 
     Raises:
         ValueError: naming every Megatron parameter without a mapping, or every HF key a mapping needs that the
-            checkpoint lacks.
+            checkpoint lacks; a layout setting of the model this package does not convert
+            (``mcore.versions.check_opt_in_layouts``; on every rank, before any collective).
     """
+    check_opt_in_layouts(model_config(chunks), f"{bridge_name}: the Megatron model")
     entries = list(local_params(chunks, topo))
     names, meta = order.get(chunks, topo, entries)
     owned = {p.global_name: p for p in entries}

@@ -19,6 +19,12 @@ import torch
 from megatron.core.fusions.fused_bias_geglu import quick_gelu  # GPT-OSS's activation (families import it from here)
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+from megatron_bridge_ext.mcore.versions import (
+    RUNTIME_ONLY_CONFIG_FIELDS,
+    check_opt_in_layouts,
+    drop_runtime_only_fields,
+)
+
 __all__ = [
     "GPTConfig",
     "YarnGPTConfig",
@@ -481,8 +487,11 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
             ``expert_model_parallel_size``, ``expert_tensor_parallel_size``; ``params_dtype``; ...).
 
     Raises:
-        ValueError: unknown override names, or heads / query groups that the tensor-parallel size cannot split.
+        ValueError: an opt-in layout of megatron-core 0.17+ this package does not convert
+            (``versions.check_opt_in_layouts``), unknown override names, or heads / query groups that the
+            tensor-parallel size cannot split.
     """
+    check_opt_in_layouts({**kwargs, **overrides}, "model config")
     cls = config_class({**kwargs, **overrides})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - known)
@@ -622,13 +631,14 @@ def _decode(name: str, value: Any) -> Any:
 def config_to_dict(config: GPTConfig) -> Dict[str, Any]:
     """The model-defining fields of a ``GPTConfig`` as plain data (JSON- and ``torch.load(weights_only=True)``-safe):
     every field that differs from its default, except the parallel layout (:data:`PARALLEL_FIELDS`), the runtime
-    switches this package sets itself and the initialisers derived from ``init_method_std``. dtypes, enums and
-    functions (the activation) are stored by name, tuples as ``{"__tuple__": [...]}``.
+    switches this package sets itself, runtime features whose fields differ between megatron-core versions
+    (``versions.RUNTIME_ONLY_CONFIG_FIELDS``) and the initialisers derived from ``init_method_std``. dtypes, enums
+    and functions (the activation) are stored by name, tuples as ``{"__tuple__": [...]}``.
 
     Raises:
         ValueError: a field holds a value that cannot be stored (named).
     """
-    skip = set(PARALLEL_FIELDS) | set(_DERIVED_FIELDS) | set(_RUNTIME_DEFAULTS)
+    skip = set(PARALLEL_FIELDS) | set(_DERIVED_FIELDS) | set(_RUNTIME_DEFAULTS) | RUNTIME_ONLY_CONFIG_FIELDS
     out: Dict[str, Any] = {}
     for f in dataclasses.fields(config):
         if f.name in skip or not f.init:
@@ -651,10 +661,15 @@ def config_from_dict(fields: Mapping[str, Any], overrides: Optional[Mapping[str,
     """The ``GPTConfig`` of :func:`config_to_dict`'s output, with ``overrides`` (the parallel layout of this run,
     ``params_dtype``, ...) applied last through :func:`build_gpt_config` (same checks).
 
+    The runtime-feature fields that differ between megatron-core versions (``versions.RUNTIME_ONLY_CONFIG_FIELDS``)
+    are dropped, so a config stored under one supported version is read under the other.
+
     Raises:
-        ValueError: unknown field names (a config from another megatron-core version), or a layout that cannot split
-            the model.
+        ValueError: an opt-in layout this package does not convert (``versions.check_opt_in_layouts``), unknown
+            field names (a model feature of another megatron-core version), or a layout that cannot split the model.
     """
+    fields = drop_runtime_only_fields(fields)
+    check_opt_in_layouts(fields, "stored model config")
     cls = config_class(fields)  # MLA / YaRN configs carry their class's fields
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)

@@ -1,7 +1,9 @@
-"""Process-global patches that let megatron-core 0.16.x run GPTModels on a CPU-only torch (gloo).
+"""Process-global patches that let megatron-core (0.16.1, 0.19.x) run GPTModels on a CPU-only torch (gloo).
 
-Used only by CPU processes (the tests, the demo, the CLI's local workers); never applied on import of the package and
-never on a machine where CUDA is available (``apply_cpu_patches`` raises there). Every patch is idempotent.
+Used only by processes without CUDA; never applied on import of the package and never where CUDA is available
+(``apply_cpu_patches`` raises there). ``model_builder.build_gpt_model`` calls :func:`prepare_cpu_process` before it
+builds a model, so a CPU user who builds through ``AutoBridge.to_megatron_model`` needs no call of their own; the
+tests, the demo and the CLI's local workers apply them up front. Every patch is idempotent.
 
 =====================================================  ==========================================================
 patch                                                  why
@@ -13,14 +15,18 @@ patch                                                  why
 ``get_sliding_window_causal_mask`` (and the names      forward gets ``attention_mask=None`` or a sliding window
 imported into ``fusions.fused_softmax``) -> CPU        (Mistral/Gemma). Replaced by the same maths on the CPU.
 ``moe.moe_utils.te_general_gemm = None``               0.16.x leaves the name undefined without Transformer
-                                                       Engine; every MoE router forward raises ``NameError``.
+                                                       Engine; every MoE router forward raises ``NameError`` (0.19
+                                                       defines it as None: nothing to do there).
 ``multi_latent_attention.HAVE_TE = False``             0.16.x sets ``HAVE_TE=True`` with mock TE classes when TE is
-                                                       absent; ``isinstance(x, TELinear)`` then fails for MLA.
+                                                       absent; ``isinstance(x, TELinear)`` then fails for MLA
+                                                       (0.19 sets it False itself).
 ``Tensor.cuda`` no-op (``cuda_moves_disabled()``,      with tied embeddings and PP > 1, ``LanguageModule`` calls
 a context manager, not a global patch)                 ``weight.data.cuda()`` while the model is constructed.
 rng tracker: ``seed_model_parallel_rng(seed)``         attention dropout forks the CUDA rng tracker even in eval;
 (a call, after ``initialize_model_parallel``)          the inference tracker (``inference_rng_tracker=True``) forks
                                                        nothing, the plain one needs ``torch.cuda.get_rng_state``.
+                                                       :func:`prepare_cpu_process` sets the inference tracker up
+                                                       when none is (without touching any seed).
 ``torch.cuda.synchronize`` no-op                       megatron-core's distributed-checkpoint writer
 (``dist_checkpoint_cpu_patches()``, also applied by    (``FileSystemWriterAsync.preload_tensors``) calls it
 ``apply_cpu_patches``)                                 unconditionally after staging tensors to the host.
@@ -44,7 +50,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 __all__ = ["apply_cpu_patches", "cpu_patches_applied", "cuda_moves_disabled", "seed_model_parallel_rng",
-           "dist_checkpoint_cpu_patches"]
+           "dist_checkpoint_cpu_patches", "prepare_cpu_process"]
 
 _APPLIED = False
 
@@ -155,3 +161,24 @@ def seed_model_parallel_rng(seed: int, *, inference: Optional[bool] = None) -> N
         inference = not torch.cuda.is_available()
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=inference, force_reset_rng=True)
+
+
+def prepare_cpu_process() -> bool:
+    """What a process without CUDA needs before megatron-core builds and runs a model: :func:`apply_cpu_patches`,
+    and megatron's inference rng tracker (which forks nothing) when no usable tracker is set up (the model-parallel
+    groups were initialised without ``model_parallel_cuda_manual_seed``; a CUDA tracker cannot work without CUDA).
+    Seeds nothing. Does nothing where CUDA is available; idempotent.
+
+    Returns:
+        True when this is a CPU-only process (and it is now prepared).
+    """
+    if torch.cuda.is_available():
+        return False
+    apply_cpu_patches()
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    tracker = mcore_random._CUDA_RNG_STATE_TRACKER if mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED else None
+    usable = tracker is not None and (getattr(tracker, "is_inference_rng_tracker", False) or tracker.get_states())
+    if not usable:
+        mcore_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    return True

@@ -1,8 +1,9 @@
 """Build megatron-core GPTModel chunks for this rank and set up / tear down megatron's parallel state.
 
 Uses the local (non-Transformer-Engine) layer spec, which runs on CPU and GPU alike, adjusted by
-:func:`gpt_layer_spec` for the features whose modules megatron-core's local spec lacks (see :mod:`.modules`). On
-CPU-only processes call ``cpu_compat.apply_cpu_patches()`` first.
+:func:`gpt_layer_spec` for the features whose modules megatron-core's local spec lacks (see :mod:`.modules`). In a
+process without CUDA, :func:`build_gpt_model` first applies what megatron-core needs there
+(``cpu_compat.prepare_cpu_process``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_bridge_ext.mcore.config import GPTConfig, padded_vocab_size
-from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, seed_model_parallel_rng
+from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, prepare_cpu_process, seed_model_parallel_rng
 from megatron_bridge_ext.mcore.modules import (
     FP32WeightRouter,
     LatentRMSNorm,
@@ -36,6 +37,7 @@ from megatron_bridge_ext.mcore.modules import (
     scale_embeddings,
     softcap_output_logits,
 )
+from megatron_bridge_ext.mcore.versions import replace_submodules, spec_submodules
 
 __all__ = ["build_gpt_model", "build_model_chunks", "gpt_layer_spec", "moe_layer_pattern", "init_parallel",
            "destroy_parallel"]
@@ -99,6 +101,7 @@ def build_gpt_model(
     Returns:
         The GPTModel in eval mode; ``model.unpadded_vocab_size`` records the unpadded vocabulary size.
     """
+    prepare_cpu_process()  # a no-op where CUDA is available
     vocab_size = config.vocab_size if vocab_size is None else vocab_size
     if vocab_size is None:
         raise ValueError("build_gpt_model: no vocab_size given and config.vocab_size is None")
@@ -153,10 +156,6 @@ def build_gpt_model(
         softcap_output_logits(model, config.final_logit_softcapping)
     model.unpadded_vocab_size = vocab_size
     return model.eval()
-
-
-def _replace(spec: ModuleSpec, **submodules) -> ModuleSpec:
-    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **submodules))
 
 
 def moe_layer_pattern(config: GPTConfig) -> List[int]:
@@ -236,7 +235,7 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
             config.normalization != "RMSNorm":
         raise ValueError(f"gpt_layer_spec: layernorm_zero_centered_gamma / post norms need normalization='RMSNorm', "
                          f"got {config.normalization!r}")
-    layer = spec.submodules
+    layer = spec_submodules(spec)
     attn = layer.self_attention
     attn_subs = {}
     if mla:
@@ -254,11 +253,11 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
         attn_subs["core_attention"] = SoftCapDotProductAttention
     if zero_centered:
         for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
-            if getattr(attn.submodules, name, IdentityOp) is not IdentityOp:
+            if getattr(spec_submodules(attn), name, IdentityOp) is not IdentityOp:
                 attn_subs[name] = LocalRMSNorm
     if config.post_self_attn_layernorm:
         attn_subs["linear_proj"] = PostNormRowParallelLinear
-    attn = _replace(attn, **attn_subs)
+    attn = replace_submodules(attn, **attn_subs)
     if config.local_rotary_base is not None:
         if mla:
             raise ValueError("gpt_layer_spec: local_rotary_base with multi-latent attention is not supported")
@@ -267,13 +266,13 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     if config.post_mlp_layernorm:
         if num_experts:
             raise ValueError("gpt_layer_spec: post_mlp_layernorm with routed experts is not supported")
-        mlp = _replace(mlp, linear_fc2=PostNormRowParallelLinear)
+        mlp = replace_submodules(mlp, linear_fc2=PostNormRowParallelLinear)
     if fp32_router:
-        mlp = _replace(mlp, router=FP32WeightRouter)
+        mlp = replace_submodules(mlp, router=FP32WeightRouter)
     layer_subs = dict(self_attention=attn, mlp=mlp)
     if zero_centered:
         layer_subs.update(input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm)
-    return _replace(spec, **layer_subs)
+    return replace_submodules(spec, **layer_subs)
 
 
 def build_model_chunks(config: GPTConfig, vocab_size: Optional[int] = None,

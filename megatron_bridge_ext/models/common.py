@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch.nn.functional as F
 
 from megatron_bridge_ext.mcore.config import SLIDING, config_get, window_hf_fields
+from megatron_bridge_ext.mcore.versions import mtp_layer_module
 
 from megatron_bridge_ext.mappings import (
     AutoMapping,
@@ -591,7 +592,8 @@ def layer_mappings_at(mappings: Sequence[MegatronParamMapping], megatron_layer: 
     """The decoder-layer mappings (Megatron ``decoder.layers.*.X``, HF ``model.layers.*.Y``) re-addressed to one
     other layer: Megatron ``<megatron_layer>.X``, HF ``<hf_layer>.Y``, the layer wildcard gone on both sides
     (other wildcards, e.g. the expert index, stay). The registry has no index arithmetic; this spells out the few
-    multi-token-prediction layers (megatron ``mtp.layers.{i}.transformer_layer`` = HF ``model.layers.{N + i}``).
+    multi-token-prediction layers (megatron ``mtp.layers.{i}.transformer_layer`` = HF ``model.layers.{N + i}``;
+    ``mtp_model_layer`` under megatron-core 0.19, see ``mcore.versions.mtp_layer_module``).
     Mappings that are not per decoder layer are left out.
 
     Raises:
@@ -619,8 +621,9 @@ def mtp_mappings(mtp: Optional[MTPLayers], layer: Sequence[MegatronParamMapping]
     - ``enorm`` / ``hnorm`` (the norms of the shifted tokens' embedding and of the main model's hidden states),
       ``eh_proj`` (``[D, 2D]``, column-parallel, applied to ``[enorm(embedding); hnorm(hidden)]`` in both),
       ``final_layernorm`` = HF ``shared_head.norm``;
-    - ``transformer_layer.*`` = the decoder layer's tensors of HF layer ``n`` (the family's per-layer ``layer``
-      table re-addressed, see :func:`layer_mappings_at`);
+    - ``transformer_layer.*`` (0.19: ``mtp_model_layer.*``, ``mcore.versions.mtp_layer_module``) = the decoder
+      layer's tensors of HF layer ``n`` (the family's per-layer ``layer`` table re-addressed, see
+      :func:`layer_mappings_at`);
     - HF ``model.layers.n.embed_tokens`` and ``shared_head.head`` are copies of the embedding and the output head,
       which megatron-core shares with the main model: :class:`~megatron_bridge_ext.mappings.CopiesMapping` on the
       embedding and the output layer (on the embedding with tied embeddings) checks them on import and writes them
@@ -644,7 +647,7 @@ def mtp_mappings(mtp: Optional[MTPLayers], layer: Sequence[MegatronParamMapping]
             AutoMapping(f"{meg}.hnorm.weight", f"{hf}.hnorm.weight"),
             AutoMapping(f"{meg}.eh_proj.weight", f"{hf}.eh_proj.weight"),
             AutoMapping(f"{meg}.final_layernorm.weight", f"{hf}.shared_head.norm.weight"),
-            *layer_mappings_at(layer, f"{meg}.transformer_layer", hf),
+            *layer_mappings_at(layer, f"{meg}.{mtp_layer_module()}", hf),
         ]
     return out
 

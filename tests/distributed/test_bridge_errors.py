@@ -20,6 +20,20 @@ BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
 
 
+# the opt-in layouts of megatron-core 0.17-0.19 (mcore/versions.py): setting -> a value that turns it on
+OPT_IN = {
+    "moe_single_grouped_weight": True,
+    "moe_single_grouped_bias": True,
+    "moe_mlp_glu_interleave_size": 32,
+    "moe_shared_expert_glu_interleave_size": 32,
+    "mla_down_proj_fusion": True,
+    "tensor_parallel_num_weight_shards": 2,
+    "expert_tensor_parallel_num_weight_shards": 2,
+    "use_grouped_gemm_for_dense_mlp": True,
+    "mtp_use_repeated_layer": True,  # with mtp_num_layers=2 (below): one layer per depth in HF
+}
+
+
 def _make(path: str, **overrides) -> str:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**BASE, **overrides})).save_pretrained(path)
@@ -82,8 +96,26 @@ def _worker(rank: int, world: int, paths: dict, out_root: str) -> dict:
     res["groups_tp"] = _capture(lambda: good.transformer_config(tensor_model_parallel_size=4, num_query_groups=3,
                                                                 num_attention_heads=12, kv_channels=4))
 
-    # a failed export: a hook raises in the middle; no index / complete checkpoint may remain
+    # the opt-in layouts of megatron-core 0.17-0.19 this package does not convert: refused at import (the override)
+    # and at export (a model whose config carries the setting), naming it and what to do instead
     chunks = good.to_megatron_model(params_dtype=torch.float32)
+    config = chunks[0].config
+    for name, value in OPT_IN.items():
+        extra = {"mtp_num_layers": 2} if name == "mtp_use_repeated_layer" else {}
+        res[f"optin_import_{name}"] = _capture(lambda: good.to_megatron_model(params_dtype=torch.float32,
+                                                                              **{name: value}, **extra))
+        saved = {k: (hasattr(config, k), getattr(config, k, None)) for k in (name, *extra)}
+        for k, v in {name: value, **extra}.items():
+            setattr(config, k, v)
+        res[f"optin_export_{name}"] = _capture(lambda: list(good.export_hf_weights(chunks)))
+        for k, (had, before) in saved.items():
+            if had:
+                setattr(config, k, before)
+            else:
+                delattr(config, k)
+    res["optin_export_after"] = len(list(good.export_hf_weights(chunks)))  # the model itself still exports
+
+    # a failed export: a hook raises in the middle; no index / complete checkpoint may remain
     calls = {"n": 0}
     original = good.model_bridge.maybe_modify_converted_hf_weight
 
@@ -170,3 +202,15 @@ def test_failed_export_leaves_no_complete_looking_checkpoint(errors):
     assert "model.safetensors.index.json" not in files
     assert "model.safetensors" not in files
     assert not any(f.endswith(".tmp") or ".tmp-" in f for f in files), files
+
+
+@pytest.mark.parametrize("name", sorted(OPT_IN))
+def test_opt_in_layouts_are_refused_at_import_and_export(errors, name):
+    """Each opt-in layout of megatron-core 0.17-0.19 that renames or reshapes parameters is refused, naming the setting
+    and what to do instead, whether the installed megatron-core has the setting or not: at import (an override of
+    to_megatron_model) and at export (a model whose config carries it)."""
+    for where in ("import", "export"):
+        kind, msg = errors[f"optin_{where}_{name}"]
+        assert kind == "ValueError", (where, kind, msg)
+        assert name in msg and "does not convert" in msg and "convert with" in msg, (where, msg)
+    assert errors["optin_export_after"] == 3 + 9 * 2

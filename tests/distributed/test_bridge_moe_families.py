@@ -53,6 +53,7 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.mcore.versions import mtp_layer_module  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 E, F, FFN = 6, 24, 80  # 2F != hidden and F != hidden: fused orientations are told apart by their shapes
@@ -282,7 +283,7 @@ def _pack_qkv(q, k, v, heads, groups, d):
 def _mtp_expected(sd, family: str):
     """Megatron name under ``mtp.layers.0.`` -> the tensor it holds at TP1, from the HF tensors of layer MTP (routed
     experts apart, see :func:`_check_mtp`)."""
-    p, t = f"model.layers.{MTP}", "transformer_layer"
+    p, t = f"model.layers.{MTP}", mtp_layer_module()
     out = {
         "enorm.weight": sd[f"{p}.enorm.weight"],
         "hnorm.weight": sd[f"{p}.hnorm.weight"],
@@ -333,7 +334,7 @@ def _check_mtp(chunks, sd, family, ep_rank, ep):
                 continue
             seen += 1
             rest = name[len("mtp.layers.0."):]
-            m = re.fullmatch(r"transformer_layer\.mlp\.experts\.local_experts\.(\d+)\.(.+)", rest)
+            m = re.fullmatch(rf"{mtp_layer_module()}\.mlp\.experts\.local_experts\.(\d+)\.(.+)", rest)
             if m is not None:
                 want = _expected(sd, family, MTP, ep_rank * (E // ep) + int(m.group(1)), 1, 0).get(m.group(2))
             else:
@@ -352,7 +353,7 @@ def _check_routers(chunks, sd):
     bad, seen = [], 0
     for chunk in chunks:
         for name, tensor in chunk.state_dict().items():
-            m = re.fullmatch(r"(?:decoder\.layers\.(\d+)|mtp\.layers\.0\.transformer_layer)\.mlp\.router\."
+            m = re.fullmatch(rf"(?:decoder\.layers\.(\d+)|mtp\.layers\.0\.{mtp_layer_module()})\.mlp\.router\."
                              r"(weight|expert_bias)", name)
             if m is None:
                 if "_extra_state" not in name and "norm" not in name and tensor.dtype != torch.bfloat16:

@@ -259,9 +259,63 @@ def test_on_disk_layout_is_what_megatron_lm_loads(world):
         tensors = dist_checkpointing.load_tensors_metadata(str(it))
         assert tensors["embedding.word_embeddings.weight"].global_shape[1] == 64
         assert not list(root.glob(f"{name}/*.partial"))
-    assert (root / "tp2" / "iter_0000000" / "common.pt").exists()
     hf_cfg = dist_checkpointing.load_common_state_dict(str(root / "tp2" / "iter_0000000"))["megatron_bridge_ext"]
     assert hf_cfg["hf_config"]["vocab_size"] == 97
+
+
+def test_common_state_has_the_installed_layout_and_loads_with_weights_only(world):
+    """The checkpoint has the installed megatron-core's layout (common.pt up to 0.18; from 0.19 a 'common_state'
+    object in the torch.distributed.checkpoint files and no common.pt), and its common state holds only plain data:
+    it loads with torch.load(weights_only=True) and megatron-core's own safe-globals allowlist (registered on import
+    of megatron.core), and every value in it is None, bool, int, float, str, a torch dtype, or a list / tuple / dict
+    / argparse.Namespace of those (no function, class or enum: the activation and enums are stored by name)."""
+    import argparse
+    import io as _io
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_bridge_ext.mcore.versions import common_state_in_checkpoint_files
+
+    root, _, _ = world
+    it = root / "tp2" / "iter_0000000"
+    keys = set(FileSystemReader(str(it)).read_metadata().state_dict_metadata)
+    if common_state_in_checkpoint_files():
+        assert not (it / "common.pt").exists() and any(k.startswith("common_state") for k in keys), sorted(keys)
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint import load as dcp_load
+
+        raw = {}
+
+        class RawBytes(DefaultLoadPlanner):  # the object's bytes as stored (the default planner unpickles them)
+            def load_bytes(self, read_item, value):
+                raw[read_item.dest_index.fqn] = value.read()
+
+        key = ShardedObject("common_state", None, (1,), (0,)).unique_key
+        dcp_load({key: _io.BytesIO()}, storage_reader=FileSystemReader(str(it)), planner=RawBytes(), no_dist=True)
+        common = torch.load(_io.BytesIO(raw[key]), weights_only=True)
+        common = common[0] if isinstance(common, list) else common
+    else:
+        assert (it / "common.pt").exists() and not any(k.startswith("common_state") for k in keys), sorted(keys)
+        common = torch.load(it / "common.pt", weights_only=True)
+
+    def walk(value, path):
+        if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+            return
+        if isinstance(value, argparse.Namespace):
+            value = vars(value)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                assert isinstance(k, str), f"{path}: key {k!r}"
+                walk(v, f"{path}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+        else:
+            raise AssertionError(f"{path}: {type(value).__module__}.{type(value).__qualname__} ({value!r})")
+
+    walk(common, "common")
+    assert isinstance(common["args"], argparse.Namespace) and common["args"].params_dtype == torch.float32
 
 
 def test_existing_checkpoint_is_not_overwritten(world):

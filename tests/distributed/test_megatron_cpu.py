@@ -262,3 +262,57 @@ def test_cpu_masks_and_cuda_moves():
     with cpu_compat.cuda_moves_disabled():
         assert t.cuda() is t
     assert torch.Tensor.cuda is original
+
+
+_DEEPSEEK_WITHOUT_PATCHES = r"""
+import os, sys, torch, transformers
+transformers.logging.set_verbosity_error()
+src, store = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+cfg = transformers.DeepseekV3Config(
+    vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+    max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False, intermediate_size=80,
+    moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+    first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+    v_head_dim=12, n_shared_experts=1, routed_scaling_factor=2.5, rope_parameters=yarn)
+hf = transformers.DeepseekV3ForCausalLM(cfg).float().eval()
+hf.save_pretrained(src)
+tokens = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    want = hf(tokens).logits
+
+# what a CPU user writes: plain torch.distributed and megatron's own parallel-state call, no apply_cpu_patches
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+from megatron.core import parallel_state
+parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+from megatron_bridge_ext import AutoBridge
+from megatron_bridge_ext.mcore import cpu_compat
+print("PATCHED_BEFORE", cpu_compat.cpu_patches_applied())
+chunks = AutoBridge.from_hf_pretrained(src).to_megatron_model(params_dtype=torch.float32)
+print("PATCHED_AFTER", cpu_compat.cpu_patches_applied())
+with torch.no_grad():
+    got = chunks[0](tokens, torch.arange(10).unsqueeze(0).expand(2, -1), None)
+print("MAXDIFF", float((got[..., :97] - want).abs().max()))
+"""
+
+
+def test_deepseek_v3_builds_on_cpu_without_calling_apply_cpu_patches(tmp_path):
+    """A CPU user who builds DeepSeek-V3 (multi-latent attention, experts) through AutoBridge.to_megatron_model
+    without calling apply_cpu_patches first, in a fresh process of the installed megatron-core: the package applies
+    what that version needs when it builds the model, and megatron-core's own forward gives transformers' logits."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+    res = subprocess.run([sys.executable, "-c", _DEEPSEEK_WITHOUT_PATCHES, str(tmp_path / "hf"),
+                          str(tmp_path / "store")], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "PATCHED_BEFORE False" in res.stdout and "PATCHED_AFTER True" in res.stdout, res.stdout
+    diff = float(res.stdout.split("MAXDIFF")[-1].split()[0])
+    assert diff <= TOL, f"max |logit diff| {diff:.3e}"
