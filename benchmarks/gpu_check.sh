@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu_check.sh            (PYTHON=/path/to/python to pick the interpreter)
 # The end-to-end step (1.1B Llama import + export on one GPU, NCCL, world 1) needs megatron-core and transformers in
 # that interpreter (pip install -e ".[megatron]" or wheels carried to an offline machine); GPU_CHECK_E2E=0 skips it.
+# The Transformer Engine step (benchmarks/te_check.py: import checkpoints written on the CPU, loaded into real TE
+# models with strict=RAISE_ALL at TP1 and TP2, logits against transformers) also needs transformer_engine;
+# GPU_CHECK_TE=0 skips it, GPU_CHECK_TE_LAYOUTS=1 reads at TP1 only.
 # Exits non-zero on the first failing step; prints everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +62,15 @@ if [[ "${GPU_CHECK_E2E:-1}" != "0" ]]; then
     exit 1
   fi
   "$PYTHON" benchmarks/bench_convert.py --device cuda --layouts 1x1 --layers "${GPU_CHECK_LAYERS:-22}"
+fi
+
+if [[ "${GPU_CHECK_TE:-1}" != "0" ]]; then
+  step "import checkpoints in real Transformer Engine models (dense and MoE, TP1 and TP2, strict RAISE_ALL)"
+  if ! "$PYTHON" -c "import megatron.core, transformers, transformer_engine" 2>/dev/null; then
+    echo "gpu_check: megatron-core, transformers or transformer_engine is not importable by $PYTHON; install them or set GPU_CHECK_TE=0"
+    exit 1
+  fi
+  "$PYTHON" benchmarks/te_check.py --layouts "${GPU_CHECK_TE_LAYOUTS:-1,2}"
 fi
 
 echo; echo "gpu_check: all steps passed"

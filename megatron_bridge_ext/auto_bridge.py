@@ -178,6 +178,8 @@ class AutoBridge:
         strict: bool = True,
         show_progress: Optional[bool] = None,
         fsync: bool = True,
+        side_files: Optional[str] = None,
+        config_extra: Optional[Dict[str, Any]] = None,
     ) -> Optional[Dict[str, Any]]:
         """Write the model as an HF checkpoint (config.json and other small files, sharded safetensors).
 
@@ -192,7 +194,9 @@ class AutoBridge:
 
         With an HF source checkpoint its dtypes and key set are reproduced and its side files (config.json, tokenizer,
         ...) copied. Without one (:meth:`from_architecture`) the tensors keep the parameters' dtypes and
-        ``config.json`` is generated from the Megatron config (the bridge's ``megatron_to_hf_config``).
+        ``config.json`` is generated from the Megatron config (the bridge's ``megatron_to_hf_config``), with
+        ``config_extra`` (e.g. ``bos_token_id`` / ``eos_token_id``) added, and the files of ``side_files`` (a
+        directory of tokenizer and other side files, e.g. those ``import`` kept) are copied first.
 
         Returns:
             On rank 0, a summary dict (``files``, ``total_size``, ``index``, ``missing``, ``replaced``, ``carried``,
@@ -214,7 +218,7 @@ class AutoBridge:
             try:
                 watch.barrier("save_hf_pretrained: start")  # rank 0's refusal reaches every rank here
                 summary = self._save(model, staged, watch, max_shard_bytes, bucket_bytes, strict, show_progress,
-                                     fsync)
+                                     fsync, side_files, config_extra)
                 watch.barrier("save_hf_pretrained: committed")  # every rank returns only once rank 0 swapped it in
             except BaseException:
                 if staged is not None:
@@ -223,7 +227,8 @@ class AutoBridge:
         return summary
 
     def _save(self, model, staged: Optional[StagedCheckpoint], watch, max_shard_bytes: int, bucket_bytes: int,
-              strict: bool, show_progress: Optional[bool], fsync: bool) -> Optional[Dict[str, Any]]:
+              strict: bool, show_progress: Optional[bool], fsync: bool, side_files: Optional[str] = None,
+              config_extra: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
         watch.set_phase("save_hf_pretrained: conversion tasks")
         tasks = self.model_bridge.build_conversion_tasks(None, model)  # collective: every rank builds them
         stream = self.model_bridge.stream_weights_megatron_to_hf(
@@ -251,7 +256,9 @@ class AutoBridge:
         # leaves out_dir as it was (see io/staging.py). Side files first, weights, the index last, then the swap.
         watch.set_phase("save_hf_pretrained: side files")
         if self.hf_pretrained is None:
-            self._write_config(model, staged.path, fsync=fsync)
+            if side_files is not None:  # the source's tokenizer etc.; config.json is written from the model next
+                copy_side_files(side_files, staged.path, fsync=fsync)
+            self._write_config(model, staged.path, fsync=fsync, extra=config_extra)
         else:
             copy_side_files(self.hf_pretrained.path, staged.path, fsync=fsync)
         with SafeTensorsWriter(staged.path, expected, max_shard_bytes=max_shard_bytes, strict=strict,
@@ -273,10 +280,11 @@ class AutoBridge:
         return summary
 
     def _write_config(self, model: Union[torch.nn.Module, Sequence[torch.nn.Module]], out_dir: str,
-                      fsync: bool = True) -> None:
+                      fsync: bool = True, extra: Optional[Dict[str, Any]] = None) -> None:
         from megatron_bridge_ext.mcore.names import as_chunks, model_config
 
         config = self.model_bridge.megatron_to_hf_config(model_config(as_chunks(model)))
+        config.update(extra or {})
         path = os.path.join(out_dir, CONFIG_NAME)
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:

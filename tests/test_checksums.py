@@ -112,9 +112,30 @@ def test_no_manifest_and_a_foreign_manifest(tmp_path):
     json.dump({"algorithm": "md5", "files": {}}, open(os.path.join(d, "integrity.json"), "w"))
     with pytest.raises(checksums.IntegrityError, match="algorithm 'md5'"):
         checksums.verify_manifest(d)
-    json.dump({"algorithm": "sha256", "files": {"../etc/passwd": "00"}}, open(os.path.join(d, "integrity.json"), "w"))
-    with pytest.raises(checksums.IntegrityError, match="not a plain file name"):
+    for bad in ("../etc/passwd", "/etc/passwd", "hf/../../x", "hf//x", "a\\..\\b"):
+        json.dump({"algorithm": "sha256", "files": {bad: "00"}}, open(os.path.join(d, "integrity.json"), "w"))
+        with pytest.raises(checksums.IntegrityError, match="not a relative file name inside the directory"):
+            checksums.verify_manifest(d)
+
+
+def test_subdirectory_files_are_listed_and_checked(tmp_path):
+    """The hf/ side files import keeps: listed by relative path, a change named; a manifest listing only the
+    directory's own files (megatron-core's) is not disturbed by a subdirectory."""
+    d = _files(tmp_path / "c")
+    os.makedirs(os.path.join(d, "hf"))
+    with open(os.path.join(d, "hf", "tokenizer.json"), "w") as f:
+        f.write("{}")
+    names = checksums.manifest_files(d)
+    assert "hf/tokenizer.json" in names
+    checksums.write_manifest(d, checksums.digests(d, names))
+    assert checksums.verify_manifest(d) == len(names)
+    with open(os.path.join(d, "hf", "tokenizer.json"), "w") as f:
+        f.write('{"x": 1}')
+    with pytest.raises(checksums.IntegrityError, match="hf/tokenizer.json: changed"):
         checksums.verify_manifest(d)
+    flat = checksums.manifest_files(d, subdirs=False)
+    json.dump({"algorithm": "sha256", "files": checksums.digests(d, flat)}, open(os.path.join(d, "integrity.json"), "w"))
+    assert checksums.verify_manifest(d) == len(flat)
 
 
 def test_same_file_as_megatron_core_and_each_accepts_the_others(tmp_path):

@@ -110,7 +110,9 @@ def test_megatron_lm_args_carry_what_training_checks():
     assert args.expert_model_parallel_size == 2 and args.data_parallel_size == 2 and args.bf16
     assert args.make_vocab_size_divisible_by == 32 and args.padded_vocab_size == 128  # 96 up to a multiple of 32*tp
     assert args.no_save_optim and args.no_save_rng and args.ckpt_format == "torch_dist"
-    assert args.swiglu and args.group_query_attention and not args.add_position_embedding
+    assert args.swiglu and args.group_query_attention and args.transformer_impl == "transformer_engine"
+    # what Megatron-LM stores for a rope model trained without --no-position-embedding (its Llama 3 example)
+    assert args.add_position_embedding and args.position_embedding_type == "rope"
 
 
 def test_export_checks_that_the_hf_source_describes_the_checkpoint():

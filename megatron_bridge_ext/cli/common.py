@@ -179,9 +179,10 @@ def phase(description: str, show: bool) -> Iterator[None]:
         yield
 
 
-def load_checkpoint_chunks(info: Any, config: Any, device: torch.device, show: bool) -> List[torch.nn.Module]:
+def load_checkpoint_chunks(info: Any, config: Any, device: torch.device, show: bool,
+                           described_by: str = "the model config") -> List[torch.nn.Module]:
     """This rank's chunks built from ``config`` in its params dtype, on ``device``, filled from the Megatron checkpoint
-    ``info`` describes (export and verify)."""
+    ``info`` describes (export and verify); ``described_by`` names where ``config`` came from in errors."""
     from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, load_megatron_checkpoint
     from megatron_bridge_ext.mcore.model_builder import build_model_chunks
     from megatron_bridge_ext.mcore.versions import check_opt_in_layouts
@@ -192,7 +193,7 @@ def load_checkpoint_chunks(info: Any, config: Any, device: torch.device, show: b
     if device.type == "cuda":
         chunks = [c.to(device) for c in chunks]
     with phase(f"Reading the Megatron checkpoint {info.path}", show):
-        load_megatron_checkpoint(chunks, info.path)
+        load_megatron_checkpoint(chunks, info.path, described_by=described_by)
     return chunks
 
 

@@ -1,22 +1,26 @@
-"""``export MEGATRON_DIR HF_DIR [--tp N --pp N ...] [--hf-source DIR]``: a Megatron distributed checkpoint -> a
-complete HF checkpoint (sharded safetensors + index, ``config.json``).
+"""``export MEGATRON_DIR HF_DIR [--tp N --pp N ...] [--hf-source DIR | --hf-architecture NAME]``: a Megatron
+distributed checkpoint -> a complete HF checkpoint (sharded safetensors + index, ``config.json``).
 
 The model is rebuilt from the config stored in the checkpoint (no HF directory needed): ``config.json`` is generated
 from the Megatron side and the tensors keep the checkpoint's dtype. With ``--hf-source`` the source's
 ``config.json``, tokenizer and other side files are copied, its dtypes and key set reproduced, and the source is
-checked against the checkpoint first (architecture, model config). The checkpoint is read at the layout given
-(default TP1 PP1: any layout reshards from the one it was written at), through the restricted reader (nothing in it is
-run; its structure is checked before anything is written), after checking its files against its checksum manifest
-(``integrity.json``) when it has one (``--no-checksums`` skips that).
+checked against the checkpoint first (architecture, model config). A checkpoint that Megatron-LM trained (no config of
+this package) is exported with ``--hf-source`` (checked against the checkpoint's ``args``) or ``--hf-architecture``
+(the config rebuilt from ``args``); either way every tensor's shape is checked against the config before anything is
+written. The checkpoint's keys may be a Transformer Engine spec's or the local spec's (``_extra_state`` objects, FP8
+scaling state included, are not read). The checkpoint is read at the layout given (default TP1 PP1: any layout
+reshards from the one it was written at), through the restricted reader (nothing in it is run; its structure is
+checked before anything is written), after checking its files against its checksum manifest (``integrity.json``) when
+it has one (``--no-checksums`` skips that).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["add_arguments", "run", "export_checkpoint", "check_source_agrees"]
+__all__ = ["add_arguments", "run", "export_checkpoint", "check_source_agrees", "model_config_for"]
 
 # fields that may differ between an HF source and a checkpoint trained from it: the dtype is cast on export
 _DTYPE_FIELDS = ("params_dtype", "bf16", "fp16")
@@ -49,17 +53,93 @@ def check_source_agrees(info: Any, source_fields: Dict[str, Any], source_arch: s
                          + "; ".join(diff))
 
 
+def model_config_for(info: Any, hf_source: Optional[str], hf_architecture: Optional[str]) -> Tuple[Any, Any, str]:
+    """(AutoBridge, model config, where the config came from) for exporting the checkpoint ``info`` describes: the
+    config this package stored; else (a checkpoint Megatron-LM trained) the HF source's config, checked against the
+    checkpoint's ``args``; else one rebuilt from ``args`` for ``hf_architecture``.
+
+    Raises:
+        ValueError: the HF source or ``hf_architecture`` disagrees with the checkpoint (every field named with both
+            values), or a checkpoint without a stored config is given neither.
+    """
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.mcore.checkpoint import (
+        args_disagreements,
+        config_from_checkpoint,
+        config_from_megatron_lm_args,
+    )
+    from megatron_bridge_ext.mcore.config import config_to_dict
+
+    if hf_source is not None:
+        bridge = AutoBridge.from_hf_pretrained(hf_source)
+        arch = bridge.hf_config.architectures[0]
+        if hf_architecture is not None and hf_architecture != arch:
+            raise ValueError(f"--hf-architecture {hf_architecture} but --hf-source {hf_source} is a {arch}")
+        source_config = bridge.transformer_config()
+        check_source_agrees(info, config_to_dict(source_config), arch, hf_source)
+        if info.model_config is not None:
+            return bridge, config_from_checkpoint(info), "the config stored in the checkpoint"
+        if info.args is not None:
+            diff = args_disagreements(info.args, source_config)
+            if diff:
+                raise ValueError(f"--hf-source {hf_source} does not describe the model in {info.path} (its "
+                                 "Megatron-LM args): " + "; ".join(diff).replace(", config ", ", source "))
+        return bridge, source_config, f"--hf-source {hf_source}"
+    if info.architecture is not None and hf_architecture is not None and info.architecture != hf_architecture:
+        raise ValueError(f"--hf-architecture {hf_architecture}, but the Megatron checkpoint {info.path} holds a "
+                         f"{info.architecture}")
+    arch = info.architecture or hf_architecture
+    if arch is None:
+        raise ValueError(f"{info.path}: the checkpoint does not name its architecture (not written by "
+                         "megatron_bridge_ext); give it with --hf-architecture NAME or give the HF source with "
+                         "--hf-source DIR")
+    bridge = AutoBridge.from_architecture(arch)
+    if info.model_config is not None:
+        return bridge, config_from_checkpoint(info), "the config stored in the checkpoint"
+    if info.args is None:
+        raise ValueError(f"{info.path}: the checkpoint stores neither a model config nor Megatron-LM args; give the "
+                         "HF source with --hf-source")
+    config = config_from_megatron_lm_args(info.args, bridge.model_bridge, where=info.path)
+    return bridge, config, f"the checkpoint's Megatron-LM args ({arch})"
+
+
+#: the special-token ids an exported config.json takes over from the source's (or its generation config)
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def kept_side_files(info: Any) -> Tuple[Optional[str], Dict[str, Any]]:
+    """The side files ``import`` kept beside the checkpoint (directory or None), and the special-token ids for
+    config.json: the source ``config.json``'s (stored in the checkpoint, or kept), else its generation config's."""
+    import json
+
+    from megatron_bridge_ext.io.megatron_checkpoint import side_files_dir
+
+    side = side_files_dir(info.path)
+    sources = [info.hf_config or {}]
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(side, name) if side else None
+        if path and os.path.isfile(path):
+            with open(path, "r", encoding="utf-8") as f:
+                sources.append(json.load(f))
+    extra: Dict[str, Any] = {}
+    for key in _TOKEN_IDS:
+        for src in sources:
+            if src.get(key) is not None:
+                extra[key] = src[key]
+                break
+    return side, extra
+
+
 def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str, Any], hf_source: Optional[str],
-            show: bool, verbose: bool, fsync: bool, verify_checksums: bool = True) -> Dict[str, Any]:
+            show: bool, verbose: bool, fsync: bool, verify_checksums: bool = True,
+            hf_architecture: Optional[str] = None) -> Dict[str, Any]:
     from megatron_bridge_ext.cli.common import load_checkpoint_chunks, phase, timed, worker_setup
 
     device = worker_setup(verbose)
     import torch.distributed as dist
 
-    from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.io.megatron_checkpoint import check_checksums, read_checkpoint_info
-    from megatron_bridge_ext.mcore.checkpoint import config_from_checkpoint
-    from megatron_bridge_ext.mcore.config import config_to_dict
+    from megatron_bridge_ext.mcore.checkpoint import extra_state_with_content
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
     show = show and rank == 0
@@ -72,26 +152,17 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
                 checked = check_checksums(meg_dir, required=False)
         checksum_s = clock()
         info = read_checkpoint_info(meg_dir)
-        if hf_source is not None:
-            bridge = AutoBridge.from_hf_pretrained(hf_source)
-            source_config = bridge.transformer_config()
-            check_source_agrees(info, config_to_dict(source_config), bridge.hf_config.architectures[0], hf_source)
-        else:
-            if info.architecture is None:
-                raise ValueError(f"{info.path}: the checkpoint does not name its architecture (not written by "
-                                 "megatron_bridge_ext); give the HF source with --hf-source")
-            bridge = AutoBridge.from_architecture(info.architecture)
-        if info.model_config is None and hf_source is not None:
-            config = source_config  # a checkpoint of Megatron-LM itself: the model as the HF source describes it
-        else:
-            config = config_from_checkpoint(info)
-        chunks = load_checkpoint_chunks(info, config, device, show)
+        bridge, config, described_by = model_config_for(info, hf_source, hf_architecture)
+        chunks = load_checkpoint_chunks(info, config, device, show, described_by)
+        fp8_state = extra_state_with_content(info.path) if rank == 0 else []  # reported; never applied
         dist.barrier()
         read_s = clock()
-        summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync)
+        side, extra = (None, None) if hf_source is not None else kept_side_files(info)
+        summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync, side_files=side,
+                                            config_extra=extra)
         dist.barrier()
         return {"summary": summary, "read_s": read_s - checksum_s, "total_s": clock(), "source": info.path,
-                "checksums": checked, "checksum_s": checksum_s}
+                "checksums": checked, "checksum_s": checksum_s, "config_from": described_by, "fp8_state": fp8_state}
     finally:
         destroy_parallel()
 
@@ -110,7 +181,7 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
                       ep: int = 1, etp: Optional[int] = None, hf_source: Optional[str] = None,
                       overwrite: bool = False, fsync: bool = True, show: bool = False, verbose: bool = False,
                       timeout: float = 3600.0, backend: Optional[str] = None,
-                      checksums: bool = True) -> Dict[str, Any]:
+                      checksums: bool = True, hf_architecture: Optional[str] = None) -> Dict[str, Any]:
     """Megatron checkpoint ``meg_dir`` -> HF checkpoint ``out_dir``; returns rank 0's measurements.
 
     Args:
@@ -135,7 +206,8 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
     _check_destination(out_dir, overwrite)  # every rank decides the same, before any process starts
     layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
     results: List[Any] = run_world(_worker, world_size_for(layout),
-                                   (meg_dir, out_dir, layout, hf_source, show, verbose, fsync, checksums),
+                                   (meg_dir, out_dir, layout, hf_source, show, verbose, fsync, checksums,
+                                    hf_architecture),
                                    timeout=timeout, backend=backend)
     res = results[0]
     res["out_dir"] = out_dir
@@ -156,6 +228,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-source", default=None, metavar="DIR",
                         help="the HF checkpoint the model came from: copy its config.json, tokenizer and other side "
                              "files, reproduce its dtypes; checked against the checkpoint")
+    parser.add_argument("--hf-architecture", default=None, metavar="NAME",
+                        help="the HF architecture (e.g. LlamaForCausalLM) of a checkpoint Megatron-LM trained: the "
+                             "model config is rebuilt from its args for this family (not needed for checkpoints "
+                             "this package wrote, nor with --hf-source)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty HF_DIR once the new one is complete")
     parser.add_argument("--no-fsync", action="store_true", help="do not fsync the written shards")
     parser.add_argument("--no-checksums", action="store_true",
@@ -173,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         res = export_checkpoint(args.megatron_dir, args.hf_dir, **layout, hf_source=args.hf_source,
                                 overwrite=args.overwrite, fsync=not args.no_fsync, show=show_progress(args),
                                 verbose=args.verbose, timeout=args.timeout, backend=args.backend,
-                                checksums=not args.no_checksums)
+                                checksums=not args.no_checksums, hf_architecture=args.hf_architecture)
     except Exception as e:  # noqa: BLE001
         return fail(e, args.verbose)
     if is_rank0():
@@ -184,4 +260,8 @@ def run(args: argparse.Namespace) -> int:
         print(summary_line("export", res["tensors"], res["bytes"], res["total_s"],
                            res["out_dir"], f"[{where}; {sums}; checkpoint read {res['read_s']:.2f} s, convert + HF "
                                            f"write {rest:.2f} s]"))
+        if res.get("fp8_state"):
+            print(f"note: {len(res['fp8_state'])} Transformer Engine module kind(s) carry FP8 scaling state "
+                  f"(_extra_state, e.g. {res['fp8_state'][0]}); the HF checkpoint holds the stored weights, unscaled, "
+                  "and no FP8 state")
     return 0

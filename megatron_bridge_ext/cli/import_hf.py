@@ -1,6 +1,14 @@
-"""``import HF_DIR OUT_DIR --tp N --pp N [--vpp N] [--ep N] [--etp N] [--dtype bf16|fp16|fp32]``: an HF checkpoint
--> a Megatron-LM distributed checkpoint (``OUT_DIR/iter_0000000``, ``latest_checkpointed_iteration.txt``) that a
-training job loads with ``--load OUT_DIR`` at this or any other layout.
+"""``import HF_DIR OUT_DIR --tp N --pp N [--vpp N] [--ep N] [--etp N] [--dtype bf16|fp16|fp32] [--spec te|local]``: an
+HF checkpoint -> a Megatron-LM distributed checkpoint (``OUT_DIR/iter_0000000``, ``latest_checkpointed_iteration.txt``)
+that a training job loads with ``--load OUT_DIR`` at this or any other layout.
+
+``--spec te`` (the default) writes the keys and ``_extra_state`` objects of a Transformer Engine layer spec (what
+Megatron-LM with ``--transformer-impl transformer_engine`` and Megatron Bridge build); ``--spec local`` those of
+megatron-core's local spec (``--transformer-impl local``). See :mod:`megatron_bridge_ext.mcore.te_keys`.
+
+The HF checkpoint's side files (tokenizer, ``generation_config.json``, chat template, ``config.json``) are kept in
+``OUT_DIR/iter_0000000/hf/`` (the stored args name it as the ``HuggingFaceTokenizer`` model); ``export`` without an
+HF source restores them.
 
 Each rank reads only the rows of the HF tensors it keeps (memory-mapped) straight into its parameters and writes its
 own shards. Runs its own local gloo processes, or, under ``torchrun``, in the world torchrun started.
@@ -17,7 +25,7 @@ __all__ = ["add_arguments", "run", "import_checkpoint"]
 
 
 def _worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, Any], dtype: Optional[str],
-            overwrite: bool, show: bool, verbose: bool) -> Dict[str, Any]:
+            overwrite: bool, show: bool, verbose: bool, spec: str = "te") -> Dict[str, Any]:
     from megatron_bridge_ext.cli.common import DTYPES, phase, timed, worker_setup
 
     device = worker_setup(verbose)
@@ -44,7 +52,7 @@ def _worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, 
         read_s = clock()
         with phase(f"Writing the Megatron checkpoint to {out_dir}", show):
             path = save_megatron_checkpoint(chunks, out_dir, architecture=bridge.hf_config.architectures[0],
-                                            hf_config=hf_config, overwrite=overwrite)
+                                            hf_config=hf_config, overwrite=overwrite, spec=spec, side_files=hf_dir)
         src = bridge.hf_pretrained.state
         return {"path": path, "tensors": len(src), "bytes": src.total_size, "read_s": read_s, "total_s": clock(),
                 "dtype": str(chunks[0].config.params_dtype).replace("torch.", "")}
@@ -55,8 +63,9 @@ def _worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, 
 def import_checkpoint(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
                       ep: int = 1, etp: Optional[int] = None, dtype: Optional[str] = None, overwrite: bool = False,
                       show: bool = False, verbose: bool = False, timeout: float = 3600.0,
-                      backend: Optional[str] = None) -> Dict[str, Any]:
-    """HF ``hf_dir`` -> Megatron checkpoint ``out_dir`` at the given layout; returns rank 0's measurements.
+                      backend: Optional[str] = None, spec: str = "te") -> Dict[str, Any]:
+    """HF ``hf_dir`` -> Megatron checkpoint ``out_dir`` at the given layout (``spec``: whose keys, ``"te"`` or
+    ``"local"``); returns rank 0's measurements.
 
     Raises:
         FileNotFoundError: ``hf_dir`` or its config.json is missing.
@@ -68,9 +77,14 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vp
         raise FileNotFoundError(f"HF checkpoint directory {hf_dir!r} does not exist (missing)")
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise FileNotFoundError(f"HF checkpoint {hf_dir!r} has no config.json")
+    from megatron_bridge_ext.mcore.te_keys import SPECS
+
+    if spec not in SPECS:
+        raise ValueError(f"--spec must be one of {', '.join(SPECS)}, got {spec!r}")
     layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
-    results = run_world(_worker, world_size_for(layout), (hf_dir, out_dir, layout, dtype, overwrite, show, verbose),
-                        timeout=timeout, backend=backend)
+    results = run_world(_worker, world_size_for(layout),
+                        (hf_dir, out_dir, layout, dtype, overwrite, show, verbose, spec), timeout=timeout,
+                        backend=backend)
     return results[0]
 
 
@@ -82,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_layout_arguments(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="parameter dtype (default: the HF config's dtype)")
+    parser.add_argument("--spec", choices=("te", "local"), default="te",
+                        help="whose checkpoint keys to write: te = a Transformer Engine layer spec's (what training "
+                             "builds; default), local = megatron-core's local spec's")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing iter_0000000 (only once the new one is complete)")
     add_terminal_arguments(parser)
@@ -96,12 +113,12 @@ def run(args: argparse.Namespace) -> int:
         layout = layout_of(args)
         res = import_checkpoint(args.hf_dir, args.out_dir, **layout, dtype=args.dtype, overwrite=args.overwrite,
                                 show=show_progress(args), verbose=args.verbose, timeout=args.timeout,
-                                backend=args.backend)
+                                backend=args.backend, spec=args.spec)
     except Exception as e:  # noqa: BLE001  (one clear line for the user; --verbose shows the traceback)
         return fail(e, args.verbose)
     if is_rank0():
         where = " ".join(f"{k.upper()}={v}" for k, v in layout.items() if v is not None)
         print(summary_line("import", res["tensors"], res["bytes"], res["total_s"], res["path"],
-                           f"[{where} {res['dtype']}; HF read + convert {res['read_s']:.2f} s, checkpoint write "
-                           f"{res['total_s'] - res['read_s']:.2f} s]"))
+                           f"[{where} {res['dtype']} {args.spec} spec; HF read + convert {res['read_s']:.2f} s, "
+                           f"checkpoint write {res['total_s'] - res['read_s']:.2f} s]"))
     return 0

@@ -1,5 +1,6 @@
 """``inspect HF_DIR --tp N --pp N [--vpp N] [--ep N] [--etp N] [--json FILE|-]``: the conversion plan of an HF
-checkpoint for a layout, without converting and without reading a tensor.
+checkpoint for a layout, without converting and without reading a tensor. ``inspect MEGATRON_DIR`` tells what a
+Megatron checkpoint holds instead (:func:`describe_megatron`: its spec's keys, dtypes, FP8 state, args, side files).
 
 Every HF key -> the Megatron parameter it feeds, the parameter's tensor-parallel layout and the shape of its shard
 on each rank; the bytes each rank holds; keys that nothing maps on either side; and an estimate of the peak memory
@@ -48,6 +49,13 @@ def is_megatron_checkpoint(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, n)) for n in (TRACKER_NAME, _METADATA_JSON))
 
 
+_TE_ONLY_EXTRA_STATE = ("input_layernorm", "pre_mlp_layernorm", "final_layernorm", "q_layernorm", "k_layernorm",
+                        "post_layernorm", "enorm", "hnorm")
+_ARGS_SHOWN = ("transformer_impl", "num_layers", "hidden_size", "num_attention_heads", "num_experts",
+               "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+               "params_dtype", "tokenizer_type")
+
+
 def describe_megatron(path: str, *, checksums: bool = False) -> Dict[str, Any]:
     """What the Megatron checkpoint at ``path`` holds (see the module docstring), as plain data.
 
@@ -57,8 +65,12 @@ def describe_megatron(path: str, *, checksums: bool = False) -> Dict[str, Any]:
     """
     import math
 
+    import collections
+
     from megatron_bridge_ext.io import checksums as sums
-    from megatron_bridge_ext.io.megatron_checkpoint import BRIDGE_KEY, open_checkpoint, read_checkpoint_info
+    from megatron_bridge_ext.io.megatron_checkpoint import (BRIDGE_KEY, open_checkpoint, read_checkpoint_info,
+                                                            side_files_dir)
+    from megatron_bridge_ext.mcore.checkpoint import _FLOAT8, extra_state_with_content
 
     info = read_checkpoint_info(path)
     with open_checkpoint(path) as ckpt:
@@ -70,7 +82,17 @@ def describe_megatron(path: str, *, checksums: bool = False) -> Dict[str, Any]:
         common = "common.pt" if ckpt.has_common_file() else "common_state object in the .distcp files"
         files = ckpt.files()
         bridge = ckpt.common_state().get(BRIDGE_KEY)
+        quantized = sorted(t.key for t in ckpt.tensors.values() if t.dtype in _FLOAT8)
     manifest = sums.read_manifest(info.path)
+    extra = sorted(k for k in objects if k.endswith("._extra_state"))
+    if isinstance(bridge, dict) and info.model_config is not None:
+        spec = bridge.get("spec", "local")  # written before --spec existed: the local spec's keys
+    elif any(k.rsplit(".", 2)[-2] in _TE_ONLY_EXTRA_STATE for k in extra):
+        spec = "te"  # TE norms save an _extra_state object, local norms none
+    else:
+        spec = "local" if extra else "unknown (no _extra_state objects)"
+    margs = vars(info.args) if info.args is not None else {}
+    side = side_files_dir(info.path)
     out: Dict[str, Any] = {
         "path": info.path, "iteration": info.iteration, "checkpoint_version": info.checkpoint_version,
         "architecture": info.architecture, "written_at": info.parallel, "model_keys": info.model_keys,
@@ -79,6 +101,12 @@ def describe_megatron(path: str, *, checksums: bool = False) -> Dict[str, Any]:
         "bytes": sum(t["bytes"] for t in tensors),
         "elements": sum(math.prod(t["shape"]) for t in tensors),
         "checksum_manifest": manifest is not None,
+        "config_from": ("the config stored in the checkpoint" if info.model_config is not None else
+                        "Megatron-LM args (export needs --hf-architecture or --hf-source)" if margs else "nothing"),
+        "spec": spec, "dtypes": dict(collections.Counter(t["dtype"] for t in tensors)), "quantized": quantized,
+        "extra_state_objects": len(extra), "fp8_state": extra_state_with_content(info.path),
+        "args": {k: str(margs.get(k)) for k in _ARGS_SHOWN if k in margs},
+        "side_files": sorted(os.listdir(side)) if side else [],
     }
     if checksums:
         import time
@@ -88,7 +116,7 @@ def describe_megatron(path: str, *, checksums: bool = False) -> Dict[str, Any]:
                                     "checksum manifest, so --checksums cannot check it")
         start = time.perf_counter()
         problems = sums.compare(manifest, sums.digests(info.path, sorted(manifest), threads=os.cpu_count() or 1),
-                                sums.manifest_files(info.path))
+                                sums.present_files(info.path, manifest))
         out["checksums"] = {"files": len(manifest), "problems": problems, "seconds": time.perf_counter() - start}
     return out
 
@@ -111,6 +139,13 @@ def _print_megatron(d: Dict[str, Any], keys: Optional[int]) -> None:
     console.print(t)
     if keys is not None and len(d["tensors"]) > keys:
         console.print(f"... {len(d['tensors']) - keys} more (--keys 0 shows all)")
+    console.print(f"keys of the {d['spec']} layer spec; config from {d['config_from']}; dtypes {d['dtypes']}")
+    console.print(f"{d['extra_state_objects']} _extra_state objects; FP8 scaling state in: {d['fp8_state'] or 'none'}")
+    if d["quantized"]:
+        console.print(f"stored quantized (export refuses them): {d['quantized'][:10]}")
+    if d["args"]:
+        console.print("args: " + ", ".join(f"{k}={v}" for k, v in d["args"].items()))
+    console.print(f"side files kept beside it: {', '.join(d['side_files']) or 'none'}")
     objs = d["sharded_objects"]
     console.print(f"sharded objects: {sum(objs.values())} under {len(objs)} key(s)"
                   + (": " + ", ".join(sorted(objs)[:8]) + (" ..." if len(objs) > 8 else "") if objs else ""))

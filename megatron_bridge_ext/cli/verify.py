@@ -38,7 +38,7 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.io.checksums import IntegrityError
     from megatron_bridge_ext.io.megatron_checkpoint import check_checksums, read_checkpoint_info
-    from megatron_bridge_ext.mcore.checkpoint import config_from_checkpoint
+    from megatron_bridge_ext.mcore.checkpoint import args_disagreements, config_from_checkpoint
     from megatron_bridge_ext.mcore.forward import megatron_logits
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
@@ -57,8 +57,15 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
         arch = bridge.hf_config.architectures[0]
         if info.architecture is not None and info.architecture != arch:
             raise ValueError(f"{hf_dir} is a {arch}, the Megatron checkpoint {info.path} holds a {info.architecture}")
-        config = config_from_checkpoint(info) if info.model_config is not None else bridge.transformer_config()
-        chunks = load_checkpoint_chunks(info, config, device, show)
+        if info.model_config is not None:
+            config, described_by = config_from_checkpoint(info), "the config stored in the checkpoint"
+        else:  # a checkpoint Megatron-LM trained: the HF checkpoint's config, which its args must agree with
+            config, described_by = bridge.transformer_config(), f"the config of {hf_dir}"
+            diff = args_disagreements(info.args, config) if info.args is not None else []
+            if diff:
+                raise ValueError(f"{hf_dir} does not describe the model in {info.path} (its Megatron-LM args): "
+                                 + "; ".join(diff).replace(", config ", ", HF "))
+        chunks = load_checkpoint_chunks(info, config, device, show, described_by)
         load_s = clock()
         src = bridge.hf_pretrained.state
         dtype = config.params_dtype
@@ -139,7 +146,7 @@ def verify_checksums(meg_dir: str) -> Dict[str, Any]:
                                 "checksum manifest, so --checksums cannot check it")
     start = time.perf_counter()
     actual = checksums.digests(sub, sorted(manifest), threads=os.cpu_count() or 1)
-    problems = checksums.compare(manifest, actual, checksums.manifest_files(sub))
+    problems = checksums.compare(manifest, actual, checksums.present_files(sub, manifest))
     return {"ok": not problems, "files": len(manifest), "problems": problems, "info": sub,
             "seconds": time.perf_counter() - start}
 

@@ -5,9 +5,13 @@ the files of a distributed checkpoint and checks it with ``load(..., verify_inte
 
     {"algorithm": "sha256", "files": {"<name>": "<sha256 hex digest>", ...}}
 
-listing every regular file of the directory (not its subdirectories) by name, sorted, the manifest itself excluded,
-written with ``json.dump(..., indent=2)``. This module writes and checks the same file, whatever megatron-core is
-installed, so a checkpoint written by either tool is checked by both.
+listing every regular file of the directory by name, sorted, the manifest itself excluded, written with
+``json.dump(..., indent=2)``. This module writes and checks the same file, whatever megatron-core is installed, so a
+checkpoint written by either tool is checked by both. megatron-core lists only the directory's own files; this module
+also lists the files of its subdirectories (the ``hf/`` side files ``import`` keeps) by relative path
+(``hf/tokenizer.json``), which megatron-core's check accepts (it joins each name to the directory). For a directory
+without subdirectories both write the same bytes. A manifest that lists no subdirectory file (megatron-core's) is
+checked against the directory's own files only.
 
 What it proves: that the files are those the writer wrote (a flipped bit, a truncated or replaced file, a file added
 later). What it does not: that the writer was honest; whoever can replace a file can rewrite the manifest too.
@@ -28,6 +32,7 @@ __all__ = [
     "file_digest",
     "digests",
     "manifest_files",
+    "present_files",
     "write_manifest",
     "read_manifest",
     "compare",
@@ -78,9 +83,23 @@ def digests(directory: str, names: Iterable[str], threads: int = 1) -> Dict[str,
         return dict(zip(names, pool.map(one, names)))
 
 
-def manifest_files(directory: str) -> List[str]:
-    """The files a manifest of ``directory`` lists: every regular file in it, sorted, the manifest excluded."""
-    return sorted(e.name for e in os.scandir(directory) if e.is_file() and e.name != MANIFEST_NAME)
+def manifest_files(directory: str, subdirs: bool = True) -> List[str]:
+    """The files a manifest of ``directory`` lists: every regular file in it (and, with ``subdirs``, in its
+    subdirectories, by ``/``-separated relative path), sorted, the manifest excluded."""
+    out = []
+    for e in os.scandir(directory):
+        if e.is_file():
+            if e.name != MANIFEST_NAME:
+                out.append(e.name)
+        elif subdirs and e.is_dir(follow_symlinks=False):
+            out.extend(f"{e.name}/{n}" for n in manifest_files(e.path, subdirs=True))
+    return sorted(out)
+
+
+def present_files(directory: str, manifest: Mapping[str, str]) -> List[str]:
+    """The files of ``directory`` a check against ``manifest`` compares: with its subdirectories' when the manifest
+    lists any (this package's), else the directory's own (megatron-core's)."""
+    return manifest_files(directory, subdirs=any("/" in n for n in manifest))
 
 
 def write_manifest(directory: str, files: Mapping[str, str]) -> str:
@@ -124,8 +143,9 @@ def read_manifest(directory: str) -> Optional[Dict[str, str]]:
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise IntegrityError(f"{path}: 'files' must map file names to {ALGORITHM} hex digests")
     for name in files:
-        if not name or name != os.path.basename(name) or name in (".", ".."):
-            raise IntegrityError(f"{path}: lists {name!r}, which is not a plain file name in the directory")
+        parts = name.split("/")
+        if not name or "\\" in name or any(p in ("", ".", "..") for p in parts):
+            raise IntegrityError(f"{path}: lists {name!r}, which is not a relative file name inside the directory")
     return dict(files)
 
 
@@ -155,7 +175,7 @@ def verify_manifest(directory: str, threads: int = 1) -> int:
     if manifest is None:
         raise FileNotFoundError(f"{directory}: no {MANIFEST_NAME} (the checkpoint was written without a checksum "
                                 "manifest)")
-    problems = compare(manifest, digests(directory, sorted(manifest), threads), manifest_files(directory))
+    problems = compare(manifest, digests(directory, sorted(manifest), threads), present_files(directory, manifest))
     if problems:
         raise IntegrityError(f"{directory}: {len(problems)} file(s) differ from {MANIFEST_NAME}: "
                              + "; ".join(problems), problems)

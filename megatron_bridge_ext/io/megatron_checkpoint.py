@@ -12,6 +12,8 @@
                                             "megatron_bridge_ext": architecture, model config, HF config.json
                                             (megatron-core 0.19 stores it inside the .distcp files instead)
         integrity.json                      SHA-256 of every file above, in megatron-core's verify_integrity format
+        hf/                                 the HF checkpoint's side files (tokenizer, generation config, chat
+                                            template, config.json) when written by ``import``
 
 The model's tensors are under ``model`` (``model0``, ``model1``, ... with a virtual pipeline), as Megatron-LM's
 ``generate_state_dict`` names them; there is no optimizer or RNG state, and ``args.no_save_optim`` /
@@ -34,13 +36,14 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext.io import checksums
-from megatron_bridge_ext.io.dcp_reader import CONFIG_NAME, TensorEntry, TorchDistCheckpoint, read_backend
+from megatron_bridge_ext.io.dcp_reader import (COMMON_STATE_KEY, CONFIG_NAME, TensorEntry, TorchDistCheckpoint,
+                                               read_backend)
 
 __all__ = [
     "TRACKER_NAME",
@@ -55,6 +58,9 @@ __all__ = [
     "read_checkpoint_info",
     "save_distributed_checkpoint",
     "load_distributed_checkpoint",
+    "first_error",
+    "HF_SIDE_DIR",
+    "side_files_dir",
     "tensor_metadata",
     "check_checksums",
     "has_checksums",
@@ -69,6 +75,8 @@ FORMAT_VERSION = 1
 #: what Megatron-LM stores with ``save(..., content_metadata=...)`` when there is no distributed optimizer
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 _METADATA_JSON = CONFIG_NAME
+#: the sub-directory of an iteration directory that keeps the HF checkpoint's side files (tokenizer, ...)
+HF_SIDE_DIR = "hf"
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -238,6 +246,7 @@ def save_distributed_checkpoint(
     iteration: int = 0,
     common: Optional[Mapping[str, Any]] = None,
     overwrite: bool = False,
+    side_files: Optional[str] = None,
 ) -> str:
     """Write a sharded state dict as ``root/iter_{iteration:07d}`` and point the tracker at it (collective).
 
@@ -248,6 +257,9 @@ def save_distributed_checkpoint(
         iteration: the iteration number.
         common: further common entries (``args``, this package's metadata), written by rank 0 to ``common.pt``.
         overwrite: replace an existing checkpoint of that iteration (after the new one is complete).
+        side_files: an HF checkpoint directory whose files other than weights (tokenizer, generation config, chat
+            template, config.json) rank 0 copies into ``iter_.../hf/`` (:data:`HF_SIDE_DIR`) before the iteration
+            directory is renamed into place.
 
     The checkpoint gets a checksum manifest (``integrity.json``, megatron-core's ``verify_integrity`` format) of every
     file written, hashed by all ranks, before it is renamed into place.
@@ -289,6 +301,16 @@ def save_distributed_checkpoint(
     dist_checkpointing.save(state, partial, content_metadata=dict(CONTENT_METADATA))
     if dist.is_initialized():
         dist.barrier()
+    if side_files is not None:
+        error = None
+        if _rank() == 0:
+            try:
+                _copy_side_files(side_files, os.path.join(partial, HF_SIDE_DIR))
+            except OSError as e:  # every rank raises it; the .partial directory is never a complete checkpoint
+                error = f"copying the HF side files of {side_files} into {partial}: {e}"
+        error = _agree(error)
+        if error is not None:
+            raise OSError(error)
     write_checksums(partial)
     if _rank() == 0:
         old = final + ".old"
@@ -364,17 +386,35 @@ def check_checksums(path: str, *, required: bool) -> Optional[int]:
             raise FileNotFoundError(f"{sub}: no {checksums.MANIFEST_NAME}; the checkpoint was written without a "
                                     "checksum manifest, so --checksums cannot check it")
         return None
-    problems = checksums.compare(manifest, _hash_share(sub, sorted(manifest)), checksums.manifest_files(sub))
+    problems = checksums.compare(manifest, _hash_share(sub, sorted(manifest)),
+                                 checksums.present_files(sub, manifest))
     if problems:
         raise checksums.IntegrityError(f"{sub}: {len(problems)} file(s) differ from its {checksums.MANIFEST_NAME}: "
                                        + "; ".join(problems), problems)
     return len(manifest)
 
 
-def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str) -> Dict[str, Any]:
+def _copy_side_files(src: str, dst: str) -> None:
+    from megatron_bridge_ext.io.hf_checkpoint import copy_side_files
+
+    os.makedirs(dst, exist_ok=True)
+    copy_side_files(src, dst)
+
+
+def side_files_dir(path: str) -> Optional[str]:
+    """The directory of the HF side files kept beside a checkpoint's tensors (``iter_.../hf``), or None."""
+    sub, _ = resolve_checkpoint(path)
+    where = os.path.join(sub, HF_SIDE_DIR)
+    return where if os.path.isdir(where) else None
+
+
+def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str, *,
+                                unrequested_ok: Optional[Callable[[str], bool]] = None) -> Dict[str, Any]:
     """Load a sharded state dict (this rank's slices, resharded from whatever layout the checkpoint was written at)
-    from a checkpoint root or iteration directory, through the restricted reader (no collective: each rank reads the
-    chunks its slices overlap). Every requested tensor and sharded object must be in the checkpoint.
+    from a checkpoint root or iteration directory, through the restricted reader (collective only to agree on the
+    keys and the error: each rank reads the chunks its slices overlap). Every requested tensor and sharded object
+    must be in the checkpoint, and every key of the checkpoint must be requested by some rank unless
+    ``unrequested_ok(key)`` allows it (the key without a sharded object's ``/shard_...`` suffix).
 
     As megatron-core's ``dist_checkpointing.load`` does: factories are applied (and their results merged back),
     non-persistent entries kept, each ShardedTensor filled in place (its ``data``, a view of the parameter) from its
@@ -387,10 +427,11 @@ def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str) -
 
     Raises:
         FileNotFoundError: see :func:`resolve_checkpoint`.
-        ValueError: requested tensors or objects missing from the checkpoint (named), global shapes that disagree
-            (both named), any structural fault or refused class of the checkpoint (file and key named).
+        ValueError: requested tensors or objects missing from the checkpoint, or checkpoint keys nothing requests
+            (named), global shapes that disagree (both named), any structural fault or refused class of the
+            checkpoint (file and key named). Every rank raises the same error.
     """
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, merge, nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, apply_factory_merges
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
     from megatron.core.dist_checkpointing.utils import extract_sharded_base
@@ -417,20 +458,34 @@ def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str) -
             return x
 
         dict_list_map_inplace(collect, sharded)
+        asked = {x.key for x in nested_values(sharded)}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, asked)
+            asked = set().union(*everyone)
+        stored = set(ckpt.tensors) | {k.rsplit("/shard_", 1)[0] for k in ckpt.objects}
+        stored.discard(COMMON_STATE_KEY)  # the common state, read above
+        unused = sorted(k for k in stored - asked if not (unrequested_ok and unrequested_ok(k)))
+        error = None
+        if missing:
+            names = sorted(set(missing))
+            error = (f"{ckpt.path}: the checkpoint lacks {len(names)} tensor(s) or object(s) the model needs: "
+                     f"{names[:20]}{' ...' if len(names) > 20 else ''}")
+        elif unused:
+            error = (f"{ckpt.path}: the checkpoint holds {len(unused)} tensor(s) or object(s) the model does not "
+                     f"have: {unused[:20]}{' ...' if len(unused) > 20 else ''}")
+        error = first_error(error)
+        if error is not None:
+            raise ValueError(error)
         objects: Dict[str, Any] = {}
-        if not missing:
-            with torch.no_grad():  # in the order of the bytes on disk: each file read front to back
-                for where, sh in sorted(_places(ckpt, requests, sharded, ShardedObject), key=lambda p: p[0]):
-                    if isinstance(sh, ShardedObject):
-                        objects[sh.unique_key] = ckpt.read_object(sh.unique_key)
-                    else:
-                        _fill_sharded_tensor(ckpt, sh)
-            dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor) else objects[x.unique_key],
-                                  sharded)
-    if missing:
-        names = sorted(set(missing))
-        raise ValueError(f"{ckpt.path}: the checkpoint lacks {len(names)} tensor(s) or object(s) the model needs: "
-                         f"{names[:20]}{' ...' if len(names) > 20 else ''}")
+        with torch.no_grad():  # in the order of the bytes on disk: each file read front to back
+            for where, sh in sorted(_places(ckpt, requests, sharded, ShardedObject), key=lambda p: p[0]):
+                if isinstance(sh, ShardedObject):
+                    objects[sh.unique_key] = ckpt.read_object(sh.unique_key)
+                else:
+                    _fill_sharded_tensor(ckpt, sh)
+        dict_list_map_inplace(lambda x: x.data if isinstance(x, ShardedTensor) else objects[x.unique_key],
+                              sharded)
     merge(common, sharded)
     return apply_factory_merges(common, factories)
 
@@ -483,6 +538,15 @@ def _fill_sharded_tensor(ckpt: TorchDistCheckpoint, sh: Any) -> torch.Tensor:
         part = tuple(h - o for o, h in zip(offsets, hi))
         ckpt.read_slice(sh.key, offsets, part, out=target[tuple(slice(0, n) for n in part)])
     return sh.data
+
+
+def first_error(error: Optional[str]) -> Optional[str]:
+    """The first rank's error on every rank (``unexpected`` keys are per rank: every rank must raise alike)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
 
 
 def describe(info: MegatronCheckpointInfo) -> str:

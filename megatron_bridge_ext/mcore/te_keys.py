@@ -1,0 +1,180 @@
+"""The checkpoint keys of a Transformer Engine (TE) layer spec, as data: from the sharded keys of a local-spec model
+and its config, without building any model.
+
+megatron-core writes a ``GPTModel``'s tensors under keys that mostly do not depend on the layer spec: the local spec's
+``sharded_state_dict_keys_map`` already renames its standalone norms to the names of TE's fused modules
+(``input_layernorm.`` -> ``self_attention.linear_qkv.layer_norm_``, ``pre_mlp_layernorm.`` ->
+``mlp.linear_fc1.layer_norm_``), and routed experts are stacked alike (sequential or grouped-GEMM). What differs,
+read from megatron-core's ``get_gpt_layer_with_transformer_engine_spec`` (0.16.1, 0.19.2) and checked against a model
+it builds (``tests/distributed/test_te_checkpoint.py``):
+
+1. **Tensors.** A TE mixture-of-experts layer keeps a standalone ``pre_mlp_layernorm`` (its MLP has no fused
+   ``linear_fc1``), while the local spec's key map renames it for every layer. A TE multi-latent-attention (MLA) layer
+   fuses the q / kv latent norms into the up projections (``linear_q_up_proj.layer_norm_weight``,
+   ``linear_kv_up_proj.layer_norm_weight``) and, in a dense layer, the pre-MLP norm into ``mlp.linear_fc1``, while the
+   local MLA spec has no key map at all. :func:`te_tensor_key` renames exactly these; shapes do not change.
+2. **``_extra_state`` objects.** Every TE module (``Linear``, ``LayerNormLinear``, ``GroupedLinear``, the norms, and
+   ``DotProductAttention`` where its state dict is saved) stores one ``ShardedObject`` ``<module>._extra_state``,
+   sharded like the module's tensors without their own dimensions: ``(layers,)`` for stacked layers, ``(layers,
+   experts)`` / ``(experts,)`` for routed experts, ``(1,)`` for a module outside stacked layers. Without FP8 state
+   its value is what TE's ``get_extra_state`` returns then: an empty ``uint8`` tensor (:func:`empty_extra_state`).
+   megatron-core's local linear layers already store such objects (holding None); the norms, and the core attention
+   of GPT-OSS (learnable softmax offset) and of multi-token-prediction layers, are TE-only. A TE model loaded with
+   ``strict=StrictHandling.RAISE_ALL`` needs every one of them.
+
+A streaming writer that knows the local keys, their global shapes and how many leading dimensions are layer / expert
+offsets produces the same checkpoint with :func:`te_layout`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+__all__ = [
+    "SPECS",
+    "EXTRA_STATE",
+    "TE_MODULES",
+    "empty_extra_state",
+    "layer_kinds",
+    "te_tensor_key",
+    "te_module_of",
+    "te_extra_state_modules",
+    "te_layout",
+]
+
+#: the layer specs ``import --spec`` writes the keys of
+SPECS = ("te", "local")
+EXTRA_STATE = "_extra_state"
+#: the last name of every module that a TE layer spec builds from a TE class (and so saves ``_extra_state``):
+#: TE linears (fused with a norm or not), TE norms, and TE's core attention
+TE_MODULES = frozenset({
+    "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2",
+    "linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj",
+    "input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm", "final_layernorm", "post_layernorm",
+    "enorm", "hnorm", "eh_proj", "core_attention",
+})
+# decoder layers, stacked (``decoder.layers.``) or one key per layer (``decoder.layers.3.``: megatron-core's
+# non-homogeneous layers), and multi-token-prediction layers (``mtp.layers.0.transformer_layer.``)
+_LAYER_KEY = re.compile(r"^(?P<prefix>decoder\.layers\.(?:(?P<layer>\d+)\.)?|mtp\.layers\.(?P<mtp>\d+)\."
+                        r"transformer_layer\.)(?P<rest>.*)$")
+_MTP_LAYER = re.compile(r"^mtp\.layers\.(\d+)\.")
+
+
+def empty_extra_state():
+    """What a TE module without FP8 state saves as ``_extra_state`` (TE 2.x ``get_extra_state``)."""
+    import torch
+
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _moe_pattern(config: Any) -> List[int]:
+    layers = int(config.num_layers)
+    if not getattr(config, "num_moe_experts", None):
+        return [0] * layers
+    freq = getattr(config, "moe_layer_freq", 1)
+    if isinstance(freq, int):
+        return [1 if i % freq == 0 else 0 for i in range(layers)]
+    if isinstance(freq, (list, tuple)) and len(freq) == layers:
+        return [int(bool(x)) for x in freq]
+    raise ValueError(f"moe_layer_freq {freq!r} does not describe {layers} layers")
+
+
+def layer_kinds(config: Any) -> Tuple[List[bool], bool]:
+    """``(per decoder layer: has routed experts, multi-latent attention)`` as megatron-core's block spec reads the
+    config (``moe_layer_freq``; multi-token-prediction layers repeat the last decoder layer's spec)."""
+    return [bool(p) for p in _moe_pattern(config)], bool(getattr(config, "multi_latent_attention", False))
+
+
+def _kind_of(config: Any, layer: Optional[str], mtp: Optional[str], key: str) -> Tuple[bool, bool]:
+    moe, mla = layer_kinds(config)
+    if mtp is not None:
+        return moe[-1], mla
+    if layer is not None:
+        index = int(layer)
+        if index >= len(moe):
+            raise ValueError(f"{key}: layer {index}, but the config has {len(moe)} layers")
+        return moe[index], mla
+    if len(set(moe)) > 1:  # megatron-core stacks layers only when they are all alike
+        raise ValueError(f"{key}: a stacked layer key, but the config mixes dense and MoE layers (moe_layer_freq "
+                         f"{getattr(config, 'moe_layer_freq', None)!r})")
+    return moe[0], mla
+
+
+def _replace_prefix(rest: str, old: str, new: str) -> str:
+    return new + rest[len(old):] if rest.startswith(old) else rest
+
+
+def te_tensor_key(key: str, config: Any) -> str:
+    """The key a TE-spec model saves a tensor under, for the key a local-spec model of ``config`` saves it under.
+
+    Raises:
+        ValueError: a layer index outside the config, or a stacked key in a model that mixes layer kinds.
+    """
+    m = _LAYER_KEY.match(key)
+    if m is None:
+        return key
+    moe, mla = _kind_of(config, m.group("layer"), m.group("mtp"), key)
+    rest = m.group("rest")
+    if mla:
+        rest = _replace_prefix(rest, "self_attention.q_layernorm.", "self_attention.linear_q_up_proj.layer_norm_")
+        rest = _replace_prefix(rest, "self_attention.kv_layernorm.", "self_attention.linear_kv_up_proj.layer_norm_")
+        if not moe:
+            rest = _replace_prefix(rest, "pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")
+    elif moe:
+        rest = _replace_prefix(rest, "mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm.")
+    return m.group("prefix") + rest
+
+
+def te_module_of(key: str) -> Optional[str]:
+    """The TE module (key prefix) a TE-spec tensor key belongs to, or None when its module is not a TE class
+    (embedding, output layer, router, shared-expert gate)."""
+    if "." not in key:
+        return None
+    module, leaf = key.rsplit(".", 1)
+    name = module.rsplit(".", 1)[-1]
+    if name not in TE_MODULES or leaf == EXTRA_STATE:
+        return None
+    return module
+
+
+def te_extra_state_modules(te_tensor_keys: Iterable[str]) -> List[str]:
+    """Every TE module that saves ``_extra_state``, given the TE-spec tensor keys (sorted): the modules holding a
+    tensor, and each multi-token-prediction layer's core attention (its block saves the layers' plain state dicts
+    too, where TE's ``DotProductAttention`` has ``_extra_state`` although it holds no tensor)."""
+    modules = set()
+    for key in te_tensor_keys:
+        module = te_module_of(key)
+        if module is not None:
+            modules.add(module)
+        m = _MTP_LAYER.match(key)
+        if m is not None:
+            modules.add(f"mtp.layers.{m.group(1)}.transformer_layer.self_attention.core_attention")
+    return sorted(modules)
+
+
+def te_layout(local_tensors: Mapping[str, Tuple[Sequence[int], int]], config: Any
+              ) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Tuple[int, ...]]]:
+    """The TE-spec checkpoint's tensors and ``_extra_state`` objects, from a local-spec model's.
+
+    Args:
+        local_tensors: local-spec tensor key -> (global shape, number of leading dimensions that are layer / expert
+            offsets: 1 for stacked layers, +1 for routed experts, 0 for a key of its own).
+        config: the model config (``num_layers``, ``num_moe_experts``, ``moe_layer_freq``,
+            ``multi_latent_attention``).
+
+    Returns:
+        (TE tensor key -> global shape, ``<module>._extra_state`` -> global shape of its object grid).
+    """
+    tensors: Dict[str, Tuple[int, ...]] = {}
+    grid: Dict[str, Tuple[int, ...]] = {}
+    for key, (shape, prepend) in local_tensors.items():
+        te_key = te_tensor_key(key, config)
+        if te_key in tensors and tensors[te_key] != tuple(shape):
+            raise ValueError(f"{te_key}: two local keys map to it with shapes {tensors[te_key]} and {tuple(shape)}")
+        tensors[te_key] = tuple(shape)
+        module = te_module_of(te_key)
+        if module is not None:
+            grid.setdefault(module, tuple(shape[:prepend]) or (1,))
+    objects = {f"{m}.{EXTRA_STATE}": grid.get(m, (1,)) for m in te_extra_state_modules(tensors)}
+    return tensors, objects

@@ -1,0 +1,114 @@
+"""megatron-core GPTModel chunks built from the Transformer Engine (TE) layer spec for a ``GPTConfig`` of this package:
+what a training job (Megatron-LM with ``--transformer-impl transformer_engine``, Megatron Bridge's default) builds for
+the same model. Test and check support only; runs with real TE (on a GPU) or with ``tests/te_standin.py`` (CPU).
+
+The layer specs are megatron-core's own (``get_gpt_decoder_block_spec(config, use_transformer_engine=True)``, and
+``get_gpt_mtp_block_spec(..., use_transformer_engine=True)`` for multi-token prediction); only what megatron-core's TE
+spec cannot express is swapped in, as Megatron Bridge does it:
+
+- a norm after attention / the MLP (Gemma 2 / 3: ``post_self_attn_layernorm`` / ``post_mlp_layernorm``):
+  ``linear_proj`` / ``linear_fc2`` are a ``TERowParallelLinear`` with a ``TENorm`` child ``post_layernorm``
+  (Megatron Bridge's ``TERowParallelLinearLayerNorm``);
+- the rest of this package's modules change no parameter (soft-capped or per-layer-type RoPE attention, fp32 router
+  weights, embedding scale, output soft-cap) and are left out: the keys are what is compared here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import List, Optional
+
+__all__ = ["te_block_spec", "build_te_chunks"]
+
+
+@functools.lru_cache(maxsize=None)
+def _post_norm_linear():
+    from megatron.core.extensions.transformer_engine import TENorm, TERowParallelLinear
+
+    class TEPostNormRowParallelLinear(TERowParallelLinear):
+        """Row-parallel TE linear followed by a norm of its output (``post_layernorm``)."""
+
+        def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
+            super().__init__(input_size, output_size, config=config, **kwargs)
+            self.post_layernorm = TENorm(config, output_size, eps=config.layernorm_epsilon)
+
+        def forward(self, x):
+            out, bias = super().forward(x)
+            return self.post_layernorm(out), bias
+
+    return TEPostNormRowParallelLinear
+
+
+def _submodules(spec):
+    """A spec's submodules: a ModuleSpec's field, or (megatron-core >= 0.18) a partial's ``submodules`` keyword."""
+    if isinstance(spec, functools.partial):
+        return spec.keywords["submodules"]
+    return spec.submodules
+
+
+def _with_submodules(spec, **changes):
+    subs = dataclasses.replace(_submodules(spec), **changes)
+    if isinstance(spec, functools.partial):
+        return functools.partial(spec.func, *spec.args, **{**spec.keywords, "submodules": subs})
+    return dataclasses.replace(spec, submodules=subs)
+
+
+def _layer_with_post_norms(layer_spec, config):
+    layer = _submodules(layer_spec)
+    changes = {}
+    if config.post_self_attn_layernorm:
+        changes["self_attention"] = _with_submodules(layer.self_attention, linear_proj=_post_norm_linear())
+    if config.post_mlp_layernorm:
+        changes["mlp"] = _with_submodules(layer.mlp, linear_fc2=_post_norm_linear())
+    return _with_submodules(layer_spec, **changes) if changes else layer_spec
+
+
+def te_block_spec(config, vp_stage: Optional[int] = None):
+    """This stage's TE block spec for ``config`` (megatron-core's, plus the post norms of :mod:`te_models`)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=config.normalization,
+                                       vp_stage=vp_stage)
+    if getattr(config, "post_self_attn_layernorm", False) or getattr(config, "post_mlp_layernorm", False):
+        block = dataclasses.replace(block, layer_specs=[_layer_with_post_norms(s, config) for s in block.layer_specs])
+    return block
+
+
+def build_te_chunks(config, vocab_size: Optional[int] = None, device=None) -> List:
+    """This rank's TE-spec GPTModel chunk(s) under the current parallel state (one per virtual stage), moved to
+    ``device`` when given (built on the CPU: ``use_cpu_initialization``)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    from megatron_bridge_ext.mcore.config import padded_vocab_size
+    from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled
+
+    vocab_size = config.vocab_size if vocab_size is None else vocab_size
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in (range(vpp) if vpp else [None]):
+        block = te_block_spec(config, vp_stage)
+        mtp = get_gpt_mtp_block_spec(config, block, use_transformer_engine=True, vp_stage=vp_stage) if (
+            config.mtp_num_layers) else None
+        with cuda_moves_disabled():
+            model = GPTModel(
+                config=config, transformer_layer_spec=block,
+                vocab_size=padded_vocab_size(vocab_size, tp, config.make_vocab_size_divisible_by),
+                max_sequence_length=config.seq_length,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                parallel_output=True, share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+                position_embedding_type=config.position_embedding_type, rotary_percent=config.rotary_percent,
+                rotary_base=config.rotary_base, rope_scaling=config.rope_scaling,
+                rope_scaling_factor=config.rope_scaling_factor,
+                seq_len_interpolation_factor=config.seq_len_interpolation_factor, mtp_block_spec=mtp,
+                vp_stage=vp_stage,
+            )
+        model.unpadded_vocab_size = vocab_size
+        chunks.append(model.eval())
+    if device is not None:
+        chunks = [c.to(device) for c in chunks]
+    return chunks
