@@ -111,9 +111,11 @@ def _largest_chunk(it: str):
 def test_import_writes_a_manifest_of_every_file(imported):
     it = os.path.join(imported, "iter_0000000")
     manifest = json.load(open(os.path.join(it, "integrity.json")))
-    names = sorted(n for n in os.listdir(it) if n != "integrity.json")
+    names = sorted(os.path.relpath(os.path.join(d, n), it) for d, _, files in os.walk(it) for n in files
+                   if n != "integrity.json" or d != it)
     assert manifest["algorithm"] == "sha256" and sorted(manifest["files"]) == names
     assert any(n.endswith(".distcp") for n in names) and ".metadata" in names and "metadata.json" in names
+    assert "hf/config.json" in names  # the side files import keeps
     for n in names:
         assert manifest["files"][n] == hashlib.sha256(open(os.path.join(it, n), "rb").read()).hexdigest(), n
 
