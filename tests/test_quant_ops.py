@@ -164,6 +164,29 @@ def test_fp8_quant_random(device, fmt, rule, N, K, block, dtype, layout, seed):
     assert same(q.cpu(), want_q) and same(s.cpu(), want_s)
 
 
+@pytest.mark.parametrize("src", ["float32", "bfloat16"])
+def test_fp8_cast_matches_torch(device, src):
+    """The FP8 cast inside fp8_block_quant is torch's: blocks of one row whose amax is 448 get scale 448 / 448 = 1
+    (rule 'deepseek'), so q = fp8(w). w: every bfloat16 of magnitude <= 448, or 4M float32 bit patterns spread over
+    [0, 448] plus the midpoints between neighbouring e4m3 values and the floats just above and below them."""
+    if src == "bfloat16":
+        bits = torch.arange(0, 0x43E0 + 1, dtype=torch.int32).to(torch.int16)
+        x = bits.view(torch.bfloat16).to(torch.float32)
+    else:
+        x = torch.arange(0, 0x43E00000 + 1, 257, dtype=torch.int32).view(torch.float32)
+        grid = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float64)
+        mid = ((grid[1:] + grid[:-1]) / 2).to(torch.float32)
+        up = mid.view(torch.int32) + 1
+        down = mid.view(torch.int32) - 1
+        x = torch.cat([x, mid, up.view(torch.float32), down.view(torch.float32)])
+    x = torch.cat([x, -x])
+    x = torch.nn.functional.pad(x, (0, -x.numel() % 127)).reshape(-1, 127)
+    w = torch.cat([torch.full((x.shape[0], 1), 448.0), x], 1).to(getattr(torch, src))  # [rows, 128]
+    q, s = ops.fp8_block_quant(w.to(device), block_size=(1, 128))
+    assert bool((s.cpu() == 1.0).all())
+    assert same(q.cpu(), w.to(torch.float8_e4m3fn))
+
+
 @pytest.mark.parametrize("dtype", WIDE, ids=str)
 def test_fp8_quant_matches_transformers(device, dtype):
     from transformers import FineGrainedFP8Config

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "../common/quant_ops.h"
+#include "quant_avx2.h"
 
 namespace bridge {
 namespace quant {
@@ -61,6 +62,10 @@ struct WideT<kWideF16> {
   static float from(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 };
 
+// The AVX2 loops (quant_avx2.h) produce and read float32 and bfloat16; float16 takes the scalar loops.
+template <int32_t W>
+constexpr bool kVector = W != kWideF16;
+
 template <class F>
 void with_wide(int32_t w, F&& f) {
   switch (w) {
@@ -88,7 +93,10 @@ void dequant_fp8_row(const QTensor& t, const QRect& c, int64_t i, const float* l
     T* d = dst + (col - c.c0) * c.ocs;
     if (t.dc == 1 && c.ocs == 1) {
       const uint8_t* sp = src + col;
-      for (int64_t j = 0, n = stop - col; j < n; ++j) d[j] = WideT<W>::to(lut[sp[j]] * s);
+      const int64_t n = stop - col;
+      int64_t j = 0;
+      if (kVector<W> && t.format == kFp8E4M3 && avx2::supported()) j = avx2::dequant_e4m3<W == kWideBF16>(sp, d, n, s);
+      for (; j < n; ++j) d[j] = WideT<W>::to(lut[sp[j]] * s);
     } else {
       for (int64_t j = 0, n = stop - col; j < n; ++j) d[j * c.ocs] = WideT<W>::to(lut[src[(col + j) * t.dc]] * s);
     }
@@ -112,7 +120,10 @@ void dequant_mxfp4_row(const QTensor& t, const QRect& c, int64_t i, const float*
     const float s = e8m0_to_float(static_cast<uint8_t>(srow[g * t.sc]));
     T* d = dst + (col - c.c0) * c.ocs;
     const uint8_t* bytes = reinterpret_cast<const uint8_t*>(row + g * t.dg);
-    if (col == g * kMxfp4Group && stop - col == kMxfp4Group && t.db == 1 && c.ocs == 1) {
+    const bool whole = col == g * kMxfp4Group && stop - col == kMxfp4Group && t.db == 1 && c.ocs == 1;
+    if (kVector<W> && whole && avx2::supported()) {
+      avx2::dequant_mxfp4_group<W == kWideBF16>(bytes, d, s);
+    } else if (whole) {
       for (int64_t b = 0; b < kMxfp4Bytes; ++b) {
         d[2 * b] = WideT<W>::to(lut[bytes[b] & 15u] * s);
         d[2 * b + 1] = WideT<W>::to(lut[bytes[b] >> 4] * s);
@@ -187,7 +198,14 @@ int64_t quant_group(const QPlan& plan, const QGroups& gs, const QGroup& grp, int
         float m = amax[cb];
         bool finite = true;
         const T* s = src + (col - c.c0) * c.ocs;
-        for (int64_t j = 0, n = stop - col; j < n; ++j) {
+        const int64_t n = stop - col;
+        int64_t j = 0;
+        if (kVector<W> && c.ocs == 1 && avx2::supported()) {
+          bool nonfinite = false;
+          j = avx2::amax<W == kWideBF16>(s, n, &m, &nonfinite);
+          finite = !nonfinite;
+        }
+        for (; j < n; ++j) {
           const float a = std::fabs(WideT<W>::from(s[j * c.ocs]));
           finite &= a <= std::numeric_limits<float>::max();
           m = a > m ? a : m;
@@ -218,7 +236,12 @@ int64_t quant_group(const QPlan& plan, const QGroups& gs, const QGroup& grp, int
         const int64_t stop = std::min(end, (cb + 1) * t.bk);
         const float f = factor[cb];
         const T* s = src + (col - c.c0) * c.ocs;
-        for (int64_t j = 0, n = stop - col; j < n; ++j) {
+        const int64_t n = stop - col;
+        int64_t j = 0;
+        if (kVector<W> && c.ocs == 1 && t.dc == 1 && t.format == kFp8E4M3 && avx2::supported()) {
+          j = avx2::quantize_e4m3<W == kWideBF16>(s, dst + col, n, f, rule == kRuleDeepSeek);
+        }
+        for (; j < n; ++j) {
           dst[(col + j) * t.dc] = quantize_value(WideT<W>::from(s[j * c.ocs]), f, fmax, rule, t.format);
         }
         col = stop;
