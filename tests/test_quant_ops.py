@@ -202,6 +202,21 @@ def test_fp8_quant_matches_transformers(device, dtype):
         assert same(q.cpu(), theirs["m.weight"]) and same(s.cpu(), theirs["m.weight_scale_inv"])
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_fp8_quant_wide_rows(device, rule):
+    """Rows wide enough that a row of scale blocks is quantized in several chunks of column blocks (the CPU kernel
+    keeps ~192 KiB in cache between its amax and value passes), with partial edge blocks in both directions; a NaN in
+    a later chunk is reported with its block."""
+    w = wide_rand((300, 2000), torch.bfloat16, torch.Generator().manual_seed(13))
+    q, s = ops.fp8_block_quant(w.to(device), rule=rule)
+    want_q, want_s = fp8_quant(w, (128, 128), rule)
+    assert same(q.cpu(), want_q) and same(s.cpu(), want_s)
+    w[130, 1900] = float("nan")
+    with pytest.raises(RuntimeError, match=r"weight has NaN or Inf values in block \[1, 14\] \(rows \[128, 256\), "
+                                           r"columns \[1792, 1920\)\)"):
+        ops.fp8_block_quant(w.to(device), rule=rule)
+
+
 def test_fp8_quant_all_zero_block(device):
     """An all-zero block: rule 'deepseek' clamps amax to 1e-4 as DeepSeek-V3's act_quant does (scale 1e-4 / 448,
     zeros); rule 'transformers' stores scale 1 (Fp8Quantize's "keep zeros stable"). Either dequantizes to zeros."""
