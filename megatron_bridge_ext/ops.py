@@ -3,7 +3,8 @@
 Every op moves bytes: inputs may be non-contiguous views (slices of memory-mapped safetensors, transposed or
 row-strided views) of any dtype, and the result is bit-identical to the layout described in
 ``conversion_semantics.md``. Layout variants (a single HF ``qkv`` tensor, row-interleaved or transposed gate/up,
-fused expert tensors) are expressed as zero-copy views handed to the same kernels.
+fused expert tensors) are expressed as zero-copy views handed to the same kernels. The block-quantized ops (FP8 with
+per-block scales, MXFP4; their section below) convert values on the way, in the same layouts.
 
 Weights are 2-D ``[rows, cols]`` and biases 1-D ``[rows]``; "rows" below always means dim 0 of the HF tensor as
 Megatron stores it (output features).
