@@ -18,6 +18,14 @@ existing tensor / fresh op time. The two are called alternately (medians of each
 allocator state: whether a call's result lands in fresh pages (page faults in its time) or in memory an earlier
 call freed depends on what was allocated and freed before it.
 
+Block-quantized weights (`--ops fp8,mxfp4`): DeepSeek-V3-shaped FP8 (e4m3, 128 x 128 blocks: an expert's gate_proj
+[2048, 7168], kv_a_proj_with_mqa [576, 7168] with partial row blocks, a row-parallel [7168, 4096] at TP 8, 8 experts'
+linear_fc1 at EP 2) and GPT-OSS-shaped MXFP4 (8 experts, hidden = intermediate = 2880, EP 2) dequantized to bf16, and
+bf16 quantized to FP8 (an expert's [2048, 7168]; the fc1 unpack of 8 experts). The eager path is the formats'
+plain-torch code (scales expanded with repeat_interleave, LUT + ldexp as transformers does, amax over reshaped
+blocks) followed by the same cat / chunk; `vs copy_` compares with `copy_` of the bf16 side's bytes (the output of a
+dequantization, the input of a quantization), and bytes moved count the 1-byte FP8 (or 4-bit MXFP4) side as such.
+
 Usage: python benchmarks/bench_ops.py [--device cpu|cuda] [--quick] [--check] [--ops qkv,gate_up,...]
 """
 
@@ -50,6 +58,8 @@ class Case:
     fresh: Optional[Callable[[], object]] = None  # the op allocating its output
     cat: Optional[Callable[[], object]] = None  # the peers' single torch.cat / torch.stack building the same tensor(s)
     views_copy: Optional[Callable[[], object]] = None  # torch copy_ of the same (strided) source views into `out`
+    moved_bytes: Optional[int] = None  # bytes read + written when not 2 * out_bytes (the quantized ops)
+    copy_bytes: Optional[int] = None  # bytes of the `copy_` baseline when not out_bytes (quantization: the bf16 input)
 
 
 def _bytes(*ts: torch.Tensor) -> int:
@@ -236,6 +246,157 @@ def expert_cases(E, F, D, dtype, dev) -> List[Case]:
     return cases
 
 
+def _fp8_weight(N, K, block, dev, gen) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A DeepSeek-V3-like FP8 weight: finite e4m3 values and per-block scales around amax / 448."""
+    raw = torch.randint(0, 256, (N, K), generator=gen, dtype=torch.uint8)
+    raw[(raw & 0x7F) == 0x7F] = 0  # no NaN bytes
+    nb, kb = -(-N // block[0]), -(-K // block[1])
+    scale = torch.rand((nb, kb), generator=gen) * 1e-3 + 1e-4
+    return raw.view(torch.float8_e4m3fn).to(dev), scale.to(dev)
+
+
+def _eager_fp8_dequant(w, s, block, dtype):
+    """The plain-torch way (transformers / DeepSeek's fp8_cast_bf16 semantics): scales expanded to the weight."""
+    N, K = w.shape
+    full = s.repeat_interleave(block[0], 0)[:N].repeat_interleave(block[1], 1)[:, :K]
+    return (w.to(torch.float32) * full).to(dtype)
+
+
+def _eager_mxfp4_dequant(blocks, scales, dtype):
+    """transformers' convert_moe_packed_tensors without its final transpose: LUT lookups and ldexp."""
+    lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                       dtype=dtype, device=blocks.device)
+    *prefix, G, B = blocks.shape
+    out = torch.empty(*prefix, G, B * 2, dtype=dtype, device=blocks.device)
+    out[..., 0::2] = lut[(blocks & 0x0F).to(torch.int)]
+    out[..., 1::2] = lut[(blocks >> 4).to(torch.int)]
+    torch.ldexp(out, (scales.to(torch.int32) - 127)[..., None], out=out)
+    return out.reshape(*prefix, G * B * 2)
+
+
+def _eager_fp8_quant(w, block, rule="deepseek"):
+    """The formulas on whole tensors, per block amax: DeepSeek's (amax clamped to 1e-4, scale = amax / 448,
+    fp8(w / scale)) or transformers' Fp8Quantize (f = 448 / amax, fp8(clamp(w * f)), scale = 1 / f)."""
+    N, K = w.shape
+    bn, bk = block
+    nb, kb = -(-N // bn), -(-K // bk)
+    x = torch.nn.functional.pad(w.to(torch.float32), (0, kb * bk - K, 0, nb * bn - N)).view(nb, bn, kb, bk)
+    amax = x.abs().amax(dim=(1, 3))
+    if rule == "deepseek":
+        s = amax.clamp(min=1e-4) / 448.0
+        y = x / s[:, None, :, None]
+    else:
+        f = torch.where(amax > 0, 448.0 / amax, torch.ones_like(amax))
+        y = torch.clamp(x * f[:, None, :, None], -448.0, 448.0)
+        s = 1.0 / f
+    return y.view(nb * bn, kb * bk)[:N, :K].to(torch.float8_e4m3fn), s
+
+
+def quant_cases(D, F, E, Dg, Fg, dtype, dev) -> List[Case]:
+    """DeepSeek-V3-shaped FP8 (hidden D, expert F, 128 x 128 blocks) and GPT-OSS-shaped MXFP4 (hidden Dg, expert Fg)
+    weights. copy_ baseline: the bf16 bytes of the dequantized (or to-be-quantized) tensor."""
+    gen = torch.Generator().manual_seed(0)
+    blk = (128, 128)
+    cases = []
+    w, s = _fp8_weight(F, D, blk, dev, gen)  # one expert's gate_proj [F, D]
+    out = torch.empty((F, D), dtype=dtype, device=dev)
+    bf = _bytes(out)
+    cases.append(Case("fp8_block_dequant", f"[{F}, {D}]", lambda: ops.fp8_block_dequant(w, s, out=out),
+                      lambda: out.copy_(_eager_fp8_dequant(w, s, blk, dtype)), bf, moved_bytes=bf + bf // 2))
+    kv, kvs = _fp8_weight(576, D, blk, dev, gen)  # kv_a_proj_with_mqa: partial row blocks
+    out_kv = torch.empty((576, D), dtype=dtype, device=dev)
+    cases.append(Case("fp8_block_dequant", f"[576, {D}] partial", lambda: ops.fp8_block_dequant(kv, kvs, out=out_kv),
+                      lambda: out_kv.copy_(_eager_fp8_dequant(kv, kvs, blk, dtype)), _bytes(out_kv),
+                      moved_bytes=_bytes(out_kv) * 3 // 2))
+    o, os_ = _fp8_weight(D, 2 * F, blk, dev, gen)  # a row-parallel weight, TP rank 3 of 8 (columns)
+    out_o = torch.empty((D, 2 * F // 8), dtype=dtype, device=dev)
+
+    def eager_o():
+        return out_o.copy_(torch.chunk(_eager_fp8_dequant(o, os_, blk, dtype), 8, 1)[3])
+
+    cases.append(Case("fp8_block_dequant", f"[{D}, {2 * F}] tp=8 cols rank 3",
+                      lambda: ops.fp8_block_dequant(o, os_, tp_size=8, tp_rank=3, tp_dim=1, out=out_o), eager_o,
+                      _bytes(out_o), moved_bytes=_bytes(out_o) * 3 // 2))
+    experts = [_fp8_weight(F, D, blk, dev, gen) for _ in range(2 * E)]
+    gate, up = experts[:E], experts[E:]
+    ep, r = 2, 1
+    El = E // ep
+    out1 = torch.empty((El, 2 * F, D), dtype=dtype, device=dev)
+    gl, gsl = [x[0] for x in gate], [x[1] for x in gate]
+    ul, usl = [x[0] for x in up], [x[1] for x in up]
+
+    def eager1():
+        per = [torch.cat([_eager_fp8_dequant(*gate[e], blk, dtype), _eager_fp8_dequant(*up[e], blk, dtype)], 0)
+               for e in range(r * El, (r + 1) * El)]
+        return out1.copy_(torch.stack(per, 0))
+
+    cases.append(Case("fp8_expert_pack_fc1", f"E={E} ep={ep}/{r}",
+                      lambda: ops.fp8_expert_pack_fc1(gl, gsl, ul, usl, ep_size=ep, ep_rank=r, out=out1), eager1,
+                      _bytes(out1), moved_bytes=_bytes(out1) * 3 // 2))
+    # GPT-OSS: gate_up_proj_blocks [E, 2F, D/32, 16] interleaved, down_proj_blocks [E, D, F/32, 16]
+    gu_b = torch.randint(0, 256, (E, 2 * Fg, Dg // 32, 16), generator=gen, dtype=torch.uint8).to(dev)
+    gu_s = torch.randint(115, 130, (E, 2 * Fg, Dg // 32), generator=gen, dtype=torch.uint8).to(dev)
+    dn_b = torch.randint(0, 256, (E, Dg, Fg // 32, 16), generator=gen, dtype=torch.uint8).to(dev)
+    dn_s = torch.randint(115, 130, (E, Dg, Fg // 32), generator=gen, dtype=torch.uint8).to(dev)
+    out_m1 = torch.empty((El, 2 * Fg, Dg), dtype=dtype, device=dev)
+    out_m2 = torch.empty((El, Dg, Fg), dtype=dtype, device=dev)
+    mine = slice(r * El, (r + 1) * El)
+
+    def eager_m1():
+        full = _eager_mxfp4_dequant(gu_b[mine], gu_s[mine], dtype)
+        return out_m1.copy_(torch.cat([full[:, 0::2], full[:, 1::2]], 1))
+
+    def eager_m2():
+        return out_m2.copy_(_eager_mxfp4_dequant(dn_b[mine], dn_s[mine], dtype))
+
+    mx_moved = lambda t: _bytes(t) + _bytes(t) // 4 + _bytes(t) // 64  # noqa: E731  (bf16 out, 4-bit in, scales)
+    cases.append(Case("mxfp4_expert_pack_fc1", f"E={E} ep={ep}/{r} interleaved",
+                      lambda: ops.mxfp4_expert_pack_fc1(gu_b, gu_s, ep_size=ep, ep_rank=r, interleaved=True,
+                                                        out=out_m1), eager_m1, _bytes(out_m1),
+                      moved_bytes=mx_moved(out_m1)))
+    cases.append(Case("mxfp4_expert_pack_fc2", f"E={E} ep={ep}/{r}",
+                      lambda: ops.mxfp4_expert_pack_fc2(dn_b, dn_s, ep_size=ep, ep_rank=r, out=out_m2), eager_m2,
+                      _bytes(out_m2), moved_bytes=mx_moved(out_m2)))
+    # export: quantization, fused with the unpack
+    x = (torch.randn((F, D), generator=gen) * 0.02).to(dtype).to(dev)
+    q_out = torch.empty((F, D), dtype=torch.float8_e4m3fn, device=dev)
+    s_out = torch.empty((-(-F // 128), -(-D // 128)), dtype=torch.float32, device=dev)
+
+    for rule in ("deepseek", "transformers"):
+        def run_q(rule=rule):
+            return ops.fp8_block_quant(x, rule=rule, out=(q_out, s_out))
+
+        def eager_q(rule=rule):
+            q, sc = _eager_fp8_quant(x, blk, rule)
+            return q_out.copy_(q), s_out.copy_(sc)
+
+        cases.append(Case("fp8_block_quant", f"[{F}, {D}] {rule}", run_q, eager_q, _bytes(q_out),
+                          moved_bytes=_bytes(x) + _bytes(q_out), copy_bytes=_bytes(x)))
+    shards = [(torch.randn((El, 2 * F, D), generator=gen) * 0.02).to(dtype).to(dev) for _ in range(ep)]
+    g_q = [torch.empty((F, D), dtype=torch.float8_e4m3fn, device=dev) for _ in range(E)]
+    u_q = [torch.empty_like(t) for t in g_q]
+    g_s = [torch.empty((-(-F // 128), -(-D // 128)), device=dev) for _ in range(E)]
+    u_s = [torch.empty_like(t) for t in g_s]
+
+    def run_u():
+        return ops.fp8_expert_unpack_fc1(shards, ep_size=ep, out=(g_q, g_s, u_q, u_s))
+
+    def eager_u():
+        for rr in range(ep):
+            for e in range(El):
+                ge = rr * El + e
+                for half, qd, sd in ((shards[rr][e, :F], g_q[ge], g_s[ge]), (shards[rr][e, F:], u_q[ge], u_s[ge])):
+                    q, sc = _eager_fp8_quant(half, blk)
+                    qd.copy_(q)
+                    sd.copy_(sc)
+        return g_q, g_s, u_q, u_s
+
+    in_bytes = sum(_bytes(t) for t in shards)
+    cases.append(Case("fp8_expert_unpack_fc1", f"E={E} ep={ep}", run_u, eager_u, in_bytes // 2,
+                      moved_bytes=in_bytes + in_bytes // 2, copy_bytes=in_bytes))
+    return cases
+
+
 def dtensor_cases(F, D, dtype, dev) -> List[Case]:
     src = _rand((F, D), dtype, dev)
     cases = []
@@ -323,7 +484,11 @@ def median_seconds_alternating(fa: Callable[[], object], fb: Callable[[], object
 
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+        if not (isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype):
+            return False
+        if a.element_size() == 1 and a.dtype.is_floating_point:  # fp8: compare the bytes
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        return torch.equal(a, b)
     return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
 
 
@@ -349,6 +514,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ("gate_up", lambda: gate_up_cases(F, D, dtype, dev)),
         ("expert", lambda: expert_cases(E, Fe, De, dtype, dev)),
         ("shard_copy flat_range_copy", lambda: dtensor_cases(F, D, dtype, dev)),
+        ("fp8 mxfp4", lambda: quant_cases(7168 // s, 2048 // s, 8, 2880 // s // 32 * 32, 2880 // s // 32 * 32, dtype,
+                                          dev)),
     ]
     wanted = [w for w in a.ops.split(",") if w]
     print(f"bench_ops: device={dev} dtype={dtype} threads={torch.get_num_threads()} "
@@ -363,14 +530,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         for c in build():
             if wanted and not any(w in c.op for w in wanted):
                 continue
-            moved = 2 * c.out_bytes
+            moved = c.moved_bytes if c.moved_bytes is not None else 2 * c.out_bytes
             check = "-"
             if a.check:
                 ok = _equal(c.run(), c.eager())
                 check = "ok" if ok else "MISMATCH"
                 failed |= not ok
             t_op = median_seconds(c.run, dev, a.quick)
-            n_el = c.out_bytes // 2
+            n_el = (c.copy_bytes if c.copy_bytes is not None else c.out_bytes) // 2
             # a real source (filled: never-touched memory would be read from the shared zero page) into a destination
             t_copy = _time_copy(n_el, dtype, dev, a.quick)
             t_eager = median_seconds(c.eager, dev, a.quick)

@@ -39,6 +39,7 @@ ops = ["qkv_pack", "qkv_pack_out", "qkv_unpack", "qkv_unpack_out", "gate_up_pack
        "gate_up_unpack", "gate_up_unpack_out", "expert_pack_fc1", "expert_pack_fc1_out", "expert_pack_fc2",
        "expert_pack_fc2_out", "expert_unpack_fc1", "expert_unpack_fc1_out", "expert_unpack_fc2",
        "expert_unpack_fc2_out", "shard_copy", "flat_range_copy"]
+ops += sorted(o for o in dir(torch.ops.bridge) if o.startswith(("fp8_", "mxfp4_")))  # the block-quantized ops
 missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"bridge::{o}", "CUDA")]
 print("CUDA kernels:", len(ops) - len(missing), "of", len(ops), "registered")
 sys.exit(f"missing CUDA kernels: {missing}" if missing else 0)

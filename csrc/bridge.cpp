@@ -51,6 +51,54 @@ TORCH_LIBRARY(bridge, m) {
   // expert_unpack_fc2 writing into E existing (possibly strided) per-expert down tensors.
   m.def("expert_unpack_fc2_out(Tensor[] shards, int ep_size, int etp_size, Tensor(a!)[] down) -> ()");
 
+  // Block-quantized HF weights (csrc/common/quant.h, quant_ops.h). FP8: float8_e4m3fn / e5m2 [N, K] + scale_inv
+  // [ceil(N/bn), ceil(K/bk)] (block_size = quantization_config.weight_block_size); MXFP4: uint8 blocks [N, K/32, 16]
+  // + uint8 E8M0 scales [N, K/32]. Dequantized outputs are bfloat16 / float16 / float32 (dtype=None: bfloat16);
+  // quantized outputs float8_e4m3fn (dtype=None) or e5m2 with float32 scale_inv; rule 'deepseek' or 'transformers'.
+  // FP8 [..., N, K] -> high precision, optionally one TP slice (tp_dim 0: rows, 1: columns).
+  m.def("fp8_block_dequant(Tensor weight, Tensor scale_inv, int[] block_size, ScalarType? dtype=None, int tp_size=1, int tp_rank=0, int tp_dim=0) -> Tensor");
+  m.def("fp8_block_dequant_out(Tensor weight, Tensor scale_inv, int[] block_size, int tp_size, int tp_rank, int tp_dim, Tensor(a!) out) -> ()");
+  // MXFP4 [..., N, K/32, 16] -> high precision [..., N, K] (transformers' convert_moe_packed_tensors before its transpose), optionally one TP slice.
+  m.def("mxfp4_dequant(Tensor blocks, Tensor scales, ScalarType? dtype=None, int tp_size=1, int tp_rank=0, int tp_dim=0) -> Tensor");
+  m.def("mxfp4_dequant_out(Tensor blocks, Tensor scales, int tp_size, int tp_rank, int tp_dim, Tensor(a!) out) -> ()");
+  // High precision [..., N, K] -> (FP8 [..., N, K], scale_inv [..., ceil(N/bn), ceil(K/bk)]).
+  m.def("fp8_block_quant(Tensor weight, int[] block_size, ScalarType? dtype=None, str rule='deepseek') -> (Tensor, Tensor)");
+  m.def("fp8_block_quant_out(Tensor weight, int[] block_size, str rule, Tensor(a!) out, Tensor(b!) scale_inv) -> ()");
+  // FP8 q, k, v (+ scales) -> TP rank's fused QKV shard, dequantized (qkv_pack's layout).
+  m.def("fp8_qkv_pack(Tensor? q, Tensor? q_scale_inv, Tensor k, Tensor k_scale_inv, Tensor v, Tensor v_scale_inv, int[] block_size, int num_heads, int num_query_groups, int head_dim, int tp_size=1, int tp_rank=0, bool output_gate=False, ScalarType? dtype=None) -> Tensor");
+  m.def("fp8_qkv_pack_out(Tensor? q, Tensor? q_scale_inv, Tensor k, Tensor k_scale_inv, Tensor v, Tensor v_scale_inv, int[] block_size, int num_heads, int num_query_groups, int head_dim, int tp_size, int tp_rank, bool output_gate, Tensor(a!) out) -> ()");
+  // Full packed QKV -> FP8 (q, q_scale_inv, k, k_scale_inv, v, v_scale_inv) (qkv_unpack's layout, quantized per HF block).
+  m.def("fp8_qkv_unpack(Tensor packed, int[] block_size, int num_heads, int num_query_groups, int head_dim, bool output_gate=False, ScalarType? dtype=None, str rule='deepseek') -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("fp8_qkv_unpack_out(Tensor packed, int[] block_size, int num_heads, int num_query_groups, int head_dim, bool output_gate, str rule, Tensor(a!)? q, Tensor(b!)? q_scale_inv, Tensor(c!) k, Tensor(d!) k_scale_inv, Tensor(e!) v, Tensor(f!) v_scale_inv) -> ()");
+  // FP8 gate, up (up=None: gate is one fused gate_up, halves or interleaved rows) -> TP rank's [gate_t; up_t].
+  m.def("fp8_gate_up_pack(Tensor gate, Tensor gate_scale_inv, Tensor? up, Tensor? up_scale_inv, int[] block_size, int tp_size=1, int tp_rank=0, bool interleaved=False, ScalarType? dtype=None) -> Tensor");
+  m.def("fp8_gate_up_pack_out(Tensor gate, Tensor gate_scale_inv, Tensor? up, Tensor? up_scale_inv, int[] block_size, int tp_size, int tp_rank, bool interleaved, Tensor(a!) out) -> ()");
+  // Gathered [g0; u0; g1; u1; ...] -> FP8 (gate, gate_scale_inv, up, up_scale_inv).
+  m.def("fp8_gate_up_unpack(Tensor packed, int[] block_size, int tp_size=1, ScalarType? dtype=None, str rule='deepseek') -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("fp8_gate_up_unpack_out(Tensor packed, int[] block_size, int tp_size, str rule, Tensor(a!) gate, Tensor(b!) gate_scale_inv, Tensor(c!) up, Tensor(d!) up_scale_inv) -> ()");
+  // E FP8 per-expert gate/up (up=[]: fused gate_up per expert) -> this (EP, ETP) rank's linear_fc1 [E/ep, 2F/etp, K].
+  m.def("fp8_expert_pack_fc1(Tensor[] gate, Tensor[] gate_scale_inv, Tensor[] up, Tensor[] up_scale_inv, int[] block_size, int ep_size=1, int ep_rank=0, int etp_size=1, int etp_rank=0, bool interleaved=False, ScalarType? dtype=None) -> Tensor");
+  m.def("fp8_expert_pack_fc1_out(Tensor[] gate, Tensor[] gate_scale_inv, Tensor[] up, Tensor[] up_scale_inv, int[] block_size, int ep_size, int ep_rank, int etp_size, int etp_rank, bool interleaved, Tensor(a!) out) -> ()");
+  m.def("fp8_expert_pack_fc1_out.list(Tensor[] gate, Tensor[] gate_scale_inv, Tensor[] up, Tensor[] up_scale_inv, int[] block_size, int ep_size, int ep_rank, int etp_size, int etp_rank, bool interleaved, Tensor(a!)[] out) -> ()");
+  // E FP8 per-expert down [D, F] -> this rank's linear_fc2 [E/ep, D, F/etp].
+  m.def("fp8_expert_pack_fc2(Tensor[] down, Tensor[] down_scale_inv, int[] block_size, int ep_size=1, int ep_rank=0, int etp_size=1, int etp_rank=0, ScalarType? dtype=None) -> Tensor");
+  m.def("fp8_expert_pack_fc2_out(Tensor[] down, Tensor[] down_scale_inv, int[] block_size, int ep_size, int ep_rank, int etp_size, int etp_rank, Tensor(a!) out) -> ()");
+  m.def("fp8_expert_pack_fc2_out.list(Tensor[] down, Tensor[] down_scale_inv, int[] block_size, int ep_size, int ep_rank, int etp_size, int etp_rank, Tensor(a!)[] out) -> ()");
+  // Gathered linear_fc1 shards -> FP8 (gate, gate_scale_inv, up, up_scale_inv) [E, F, K] / [E, ceil(F/bn), ceil(K/bk)].
+  m.def("fp8_expert_unpack_fc1(Tensor[] shards, int[] block_size, int ep_size, int etp_size, ScalarType? dtype=None, str rule='deepseek') -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("fp8_expert_unpack_fc1_out(Tensor[] shards, int[] block_size, int ep_size, int etp_size, str rule, Tensor(a!)[] gate, Tensor(b!)[] gate_scale_inv, Tensor(c!)[] up, Tensor(d!)[] up_scale_inv) -> ()");
+  // Gathered linear_fc2 shards -> FP8 (down, down_scale_inv) [E, D, F] / [E, ceil(D/bn), ceil(F/bk)].
+  m.def("fp8_expert_unpack_fc2(Tensor[] shards, int[] block_size, int ep_size, int etp_size, ScalarType? dtype=None, str rule='deepseek') -> (Tensor, Tensor)");
+  m.def("fp8_expert_unpack_fc2_out(Tensor[] shards, int[] block_size, int ep_size, int etp_size, str rule, Tensor(a!)[] down, Tensor(b!)[] down_scale_inv) -> ()");
+  // MXFP4 per-expert gate/up blocks + scales (up=[]: fused gate_up, GPT-OSS: interleaved) -> linear_fc1 [E/ep, 2F/etp, K].
+  m.def("mxfp4_expert_pack_fc1(Tensor[] gate_blocks, Tensor[] gate_scales, Tensor[] up_blocks, Tensor[] up_scales, int ep_size=1, int ep_rank=0, int etp_size=1, int etp_rank=0, bool interleaved=False, ScalarType? dtype=None) -> Tensor");
+  m.def("mxfp4_expert_pack_fc1_out(Tensor[] gate_blocks, Tensor[] gate_scales, Tensor[] up_blocks, Tensor[] up_scales, int ep_size, int ep_rank, int etp_size, int etp_rank, bool interleaved, Tensor(a!) out) -> ()");
+  m.def("mxfp4_expert_pack_fc1_out.list(Tensor[] gate_blocks, Tensor[] gate_scales, Tensor[] up_blocks, Tensor[] up_scales, int ep_size, int ep_rank, int etp_size, int etp_rank, bool interleaved, Tensor(a!)[] out) -> ()");
+  // MXFP4 per-expert down blocks [D, F/32, 16] + scales -> linear_fc2 [E/ep, D, F/etp].
+  m.def("mxfp4_expert_pack_fc2(Tensor[] down_blocks, Tensor[] down_scales, int ep_size=1, int ep_rank=0, int etp_size=1, int etp_rank=0, ScalarType? dtype=None) -> Tensor");
+  m.def("mxfp4_expert_pack_fc2_out(Tensor[] down_blocks, Tensor[] down_scales, int ep_size, int ep_rank, int etp_size, int etp_rank, Tensor(a!) out) -> ()");
+  m.def("mxfp4_expert_pack_fc2_out.list(Tensor[] down_blocks, Tensor[] down_scales, int ep_size, int ep_rank, int etp_size, int etp_rank, Tensor(a!)[] out) -> ()");
+
   // Full tensor -> this mesh coordinate's local shard; shard_dims[i] = tensor dim split over mesh dim i (torch.chunk), -1 = Replicate.
   m.def("shard_copy(Tensor src, Tensor(a!) dst, int[] mesh_shape, int[] mesh_coord, int[] shard_dims) -> ()");
   // dst (any shape) <- src flattened row-major, elements [start, start + dst.numel()) (Megatron FSDP flat slices).

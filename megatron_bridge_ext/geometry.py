@@ -24,6 +24,13 @@ __all__ = [
     "expert_fc2_expert_shape",
     "chunk_range",
     "shard_shape",
+    "ceil_div",
+    "block_size_of",
+    "fp8_scale_shape",
+    "mxfp4_matrix_shape",
+    "quant_slice_shape",
+    "check_quant_rule",
+    "MXFP4_GROUP",
 ]
 
 
@@ -201,3 +208,58 @@ def shard_shape(op: str, shape: Sequence[int], mesh_shape: Sequence[int], mesh_c
         start, size = chunk_range(box[k][1], m, c)
         box[k] = (box[k][0] + start, size)
     return box
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Block-quantized weights (csrc/common/quant.h): FP8 with per-block scales, MXFP4
+# --------------------------------------------------------------------------------------------------------------------
+
+#: MXFP4 values per E8M0 scale (and per 16-byte block of packed E2M1 values)
+MXFP4_GROUP = 32
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_size_of(op: str, block_size: Sequence[int]) -> Tuple[int, int]:
+    """``(bn, bk)`` of ``quantization_config.weight_block_size``; two positive ints."""
+    bs = [int(b) for b in block_size]
+    if len(bs) != 2 or bs[0] < 1 or bs[1] < 1:
+        raise ValueError(f"{op}: block_size = {list(block_size)} must be two positive ints [block rows, block columns] "
+                         "(quantization_config.weight_block_size)")
+    return bs[0], bs[1]
+
+
+def fp8_scale_shape(op: str, rows: int, cols: int, block_size: Sequence[int]) -> Tuple[int, int]:
+    """The ``weight_scale_inv`` grid of an FP8 ``[rows, cols]`` weight: ``[ceil(rows/bn), ceil(cols/bk)]`` (partial
+    blocks at the bottom / right edge, as DeepSeek-V3's kernel and its 576-row ``kv_a_proj_with_mqa`` have)."""
+    bn, bk = block_size_of(op, block_size)
+    return ceil_div(rows, bn), ceil_div(cols, bk)
+
+
+def mxfp4_matrix_shape(op: str, name: str, blocks_shape: Sequence[int]) -> Tuple[int, int]:
+    """``(N, K)`` of the matrix whose MXFP4 ``*_blocks`` are ``[N, K/32, 16]``."""
+    if len(blocks_shape) != 3 or blocks_shape[2] != 16:
+        raise ValueError(f"{op}: {name} has shape {list(blocks_shape)}, expected [N, K/32, 16] (MXFP4 *_blocks)")
+    return blocks_shape[0], blocks_shape[1] * MXFP4_GROUP
+
+
+def quant_slice_shape(op: str, rows: int, cols: int, tp_size: int, tp_rank: int, tp_dim: int) -> Tuple[int, int]:
+    """The ``[rows, cols]`` of TP rank ``tp_rank``'s slice of a weight: rows (``tp_dim`` 0, a column-parallel linear)
+    or columns (``tp_dim`` 1, a row-parallel linear) split in ``tp_size`` equal parts."""
+    check_rank(op, "tp_rank", tp_rank, "tp_size", tp_size)
+    if tp_dim not in (0, 1):
+        raise ValueError(f"{op}: tp_dim = {tp_dim}, expected 0 (rows: a column-parallel linear) or 1 (columns: a "
+                         "row-parallel linear)")
+    if tp_dim == 0:
+        check_divisible(op, "N (weight rows)", rows, "tp_size", tp_size)
+        return rows // tp_size, cols
+    check_divisible(op, "K (weight columns)", cols, "tp_size", tp_size)
+    return rows, cols // tp_size
+
+
+def check_quant_rule(op: str, rule: str) -> None:
+    """The scale rule of ``fp8_block_quant``: ``"deepseek"`` or ``"transformers"``."""
+    if rule not in ("deepseek", "transformers"):
+        raise ValueError(f"{op}: rule = {rule!r}, expected 'deepseek' or 'transformers'")

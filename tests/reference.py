@@ -178,3 +178,53 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def split_list(x: torch.Tensor) -> List[torch.Tensor]:
     return list(x.unbind(0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Block-quantized weights, from the formats' definitions (whole tensors: padding, repeat_interleave, reshape)
+# --------------------------------------------------------------------------------------------------------------------
+
+E2M1_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def fp8_dequant(w: torch.Tensor, scale: torch.Tensor, block: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """FP8 [N, K] with per-block scales [ceil(N/bn), ceil(K/bk)]: fp32(w) * fp32(scale of its block), rounded once."""
+    bn, bk = block
+    N, K = w.shape
+    s = scale.to(torch.float32).repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
+    return (w.to(torch.float32) * s).to(dtype)
+
+
+def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 [..., N, G, 16] uint8 (low nibble = even value) and E8M0 scales [..., N, G] -> [..., N, 32*G]: the exact
+    product e2m1 * 2^(scale - 127) in float64, then float32 (where it may overflow to inf), then ``dtype``."""
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float64)
+    b = blocks.to(torch.int64)
+    vals = torch.stack([lut[b & 15], lut[b >> 4]], -1).reshape(*blocks.shape[:-1], 32)
+    pow2 = torch.pow(torch.tensor(2.0, dtype=torch.float64), scales.to(torch.float64) - 127)
+    return (vals * pow2[..., None]).to(torch.float32).reshape(*blocks.shape[:-2], -1).to(dtype)
+
+
+def fp8_quant(w: torch.Tensor, block: Sequence[int], rule: str = "deepseek",
+              dtype: torch.dtype = torch.float8_e4m3fn) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-block FP8 quantization of [N, K] (partial edge blocks padded with zeros, which leave amax unchanged).
+
+    deepseek: s = max(amax, 1e-4) / fmax, q = fp8(w / s), scale_inv = s (DeepSeek-V3 inference/kernel.py act_quant);
+    transformers: f = (1 / amax) * fmax (1 where amax == 0), q = fp8(clamp(w * f, -fmax, fmax)), scale_inv = 1 / f
+    (transformers 5.24 Fp8Quantize).
+    """
+    bn, bk = block
+    N, K = w.shape
+    nb, kb = -(-N // bn), -(-K // bk)
+    x = torch.nn.functional.pad(w.to(torch.float32), (0, kb * bk - K, 0, nb * bn - N))
+    x4 = x.reshape(nb, bn, kb, bk)
+    amax = x4.abs().amax(dim=(1, 3))
+    fmax = torch.finfo(dtype).max
+    if rule == "deepseek":
+        s = amax.clamp(min=1e-4) / fmax
+        q = x4 / s[:, None, :, None]
+    else:
+        f = torch.where(amax > 0, amax.reciprocal() * fmax, torch.ones_like(amax))
+        q = torch.clamp(x4 * f[:, None, :, None], -fmax, fmax)
+        s = f.reciprocal()
+    return q.reshape(nb * bn, kb * bk)[:N, :K].to(dtype), s

@@ -103,14 +103,24 @@ inline void expert_fc1_pack_out_list_check(const char* op, const ExpertFc1Geomet
 }
 
 // emit(src, dst): rows [t*f, (t+1)*f) of gate and up of each local expert into rows [0, f) and [f, 2f) of out[e].
+// gate(ge) / up(ge) give global expert ge's source view (of any kind: the quantized ops of csrc/common/quant_ops.h
+// pass index-space views of their sources).
+template <class GateSrc, class UpSrc, class Emit>
+void expert_fc1_pack_walk_views(const ExpertFc1Geometry& g, GateSrc&& gate, UpSrc&& up, int64_t ep_rank,
+                                int64_t etp_rank, const std::vector<View>& out, Emit&& emit) {
+  for (int64_t e = 0; e < g.local; ++e) {
+    const int64_t ge = ep_rank * g.local + e;
+    emit(gate(ge).rows(etp_rank * g.f, g.f), out[e].rows(0, g.f));
+    emit(up(ge).rows(etp_rank * g.f, g.f), out[e].rows(g.f, g.f));
+  }
+}
+
 template <class Emit>
 void expert_fc1_pack_walk(const ExpertFc1Geometry& g, at::TensorList gate, at::TensorList up, int64_t ep_rank,
                           int64_t etp_rank, const std::vector<View>& out, Emit&& emit) {
-  for (int64_t e = 0; e < g.local; ++e) {
-    const int64_t ge = ep_rank * g.local + e;
-    emit(src_view(gate[ge]).rows(etp_rank * g.f, g.f), out[e].rows(0, g.f));
-    emit(src_view(up[ge]).rows(etp_rank * g.f, g.f), out[e].rows(g.f, g.f));
-  }
+  expert_fc1_pack_walk_views(
+      g, [&](int64_t ge) { return src_view(gate[ge]); }, [&](int64_t ge) { return src_view(up[ge]); }, ep_rank,
+      etp_rank, out, emit);
 }
 
 // ---- fc2 pack ----------------------------------------------------------------------------------------------------
@@ -155,14 +165,21 @@ inline void expert_fc2_pack_out_list_check(const char* op, const ExpertFc2Geomet
                  down[0], "down[0]");
 }
 
-// emit(src, dst): columns [t*c, (t+1)*c) of each local expert's down (all of it for a bias) into out[e].
+// emit(src, dst): columns [t*c, (t+1)*c) of each local expert's down (all of it for a bias) into out[e]; down(ge)
+// gives global expert ge's source view.
+template <class Src, class Emit>
+void expert_fc2_pack_walk_views(const ExpertFc2Geometry& g, Src&& down, int64_t ep_rank, int64_t etp_rank,
+                                const std::vector<View>& out, Emit&& emit) {
+  for (int64_t e = 0; e < g.local; ++e) {
+    const View s = down(ep_rank * g.local + e);
+    emit(g.sharded ? s.narrow(1, etp_rank * g.cols, g.cols) : s, out[e]);
+  }
+}
+
 template <class Emit>
 void expert_fc2_pack_walk(const ExpertFc2Geometry& g, at::TensorList down, int64_t ep_rank, int64_t etp_rank,
                           const std::vector<View>& out, Emit&& emit) {
-  for (int64_t e = 0; e < g.local; ++e) {
-    const View s = src_view(down[ep_rank * g.local + e]);
-    emit(g.sharded ? s.narrow(1, etp_rank * g.cols, g.cols) : s, out[e]);
-  }
+  expert_fc2_pack_walk_views(g, [&](int64_t ge) { return src_view(down[ge]); }, ep_rank, etp_rank, out, emit);
 }
 
 // ---- fc1 unpack --------------------------------------------------------------------------------------------------

@@ -49,24 +49,33 @@ inline void gate_up_unpack_out_check(const char* op, const at::Tensor& packed, i
   check_rows(op, up, "up", f * tp_size, "packed rows / 2");
 }
 
-// gate_up_pack(_out): emit(src, dst) for TP rank tp_rank's gate rows and up rows.
+// gate_up_pack(_out): emit(src, dst) for TP rank tp_rank's gate rows and up rows (views of any kind: the
+// quantized ops of csrc/common/quant_ops.h walk index-space views of their sources through it).
+template <class Emit>
+void gate_up_pack_walk(const View& gate, const View& up, int64_t f, int64_t tp_rank, const View& out, Emit&& emit) {
+  emit(gate.rows(tp_rank * f, f), out.rows(0, f));
+  emit(up.rows(tp_rank * f, f), out.rows(f, f));
+}
+
 template <class Emit>
 void gate_up_pack_walk(const at::Tensor& gate, const at::Tensor& up, int64_t f, int64_t tp_rank,
                        const at::Tensor& out, Emit&& emit) {
-  const View o = dst_view(out);
-  emit(src_view(gate).rows(tp_rank * f, f), o.rows(0, f));
-  emit(src_view(up).rows(tp_rank * f, f), o.rows(f, f));
+  gate_up_pack_walk(src_view(gate), src_view(up), f, tp_rank, dst_view(out), emit);
 }
 
 // gate_up_unpack(_out): emit(src, dst) for every TP shard's halves of the gathered tensor.
 template <class Emit>
-void gate_up_unpack_walk(const at::Tensor& packed, int64_t tp_size, int64_t f, const at::Tensor& gate,
-                         const at::Tensor& up, Emit&& emit) {
-  const View p = src_view(packed), g = dst_view(gate), u = dst_view(up);
+void gate_up_unpack_walk(const View& p, int64_t tp_size, int64_t f, const View& g, const View& u, Emit&& emit) {
   for (int64_t t = 0; t < tp_size; ++t) {
     emit(p.rows(2 * t * f, f), g.rows(t * f, f));
     emit(p.rows(2 * t * f + f, f), u.rows(t * f, f));
   }
+}
+
+template <class Emit>
+void gate_up_unpack_walk(const at::Tensor& packed, int64_t tp_size, int64_t f, const at::Tensor& gate,
+                         const at::Tensor& up, Emit&& emit) {
+  gate_up_unpack_walk(src_view(packed), tp_size, f, dst_view(gate), dst_view(up), emit);
 }
 
 }  // namespace bridge
