@@ -61,18 +61,6 @@ CASES = {
 }
 
 
-def _mcore_minor() -> str:
-    from importlib.metadata import version
-
-    return ".".join(version("megatron-core").split(".")[:2])
-
-
-# megatron-core >= 0.18 builds this package's models only for some families until issue #17 lands (its specs are
-# functools.partial objects that mcore/model_builder does not yet rebuild); the others are checked under 0.16.1
-if _mcore_minor() not in ("0.16",):
-    CASES = {k: v for k, v in CASES.items() if k in ("llama", "mixtral", "qwen3_moe")}
-
-
 def _make_checkpoints(root: str) -> dict:
     """The tiny transformers checkpoints of the families' own end-to-end tests (random weights, fixed seeds)."""
     import transformers
