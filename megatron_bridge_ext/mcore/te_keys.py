@@ -138,16 +138,22 @@ def te_module_of(key: str) -> Optional[str]:
     return module
 
 
-def te_extra_state_modules(te_tensor_keys: Iterable[str]) -> List[str]:
+def te_extra_state_modules(te_tensor_keys: Iterable[str], mtp_plain_state: Optional[bool] = None) -> List[str]:
     """Every TE module that saves ``_extra_state``, given the TE-spec tensor keys (sorted): the modules holding a
-    tensor, and each multi-token-prediction layer's core attention (its block saves the layers' plain state dicts
-    too, where TE's ``DotProductAttention`` has ``_extra_state`` although it holds no tensor)."""
+    tensor, and, when the MTP block saves its layers' plain state dicts too (``mtp_plain_state``; default: whether
+    the installed megatron-core's does, :func:`~megatron_bridge_ext.mcore.versions.mtp_block_saves_plain_state`),
+    each multi-token-prediction layer's core attention (TE's ``DotProductAttention`` has ``_extra_state`` although
+    it holds no tensor)."""
+    if mtp_plain_state is None:
+        from megatron_bridge_ext.mcore.versions import mtp_block_saves_plain_state
+
+        mtp_plain_state = mtp_block_saves_plain_state()
     modules = set()
     for key in te_tensor_keys:
         module = te_module_of(key)
         if module is not None:
             modules.add(module)
-        m = _MTP_LAYER.match(key)
+        m = _MTP_LAYER.match(key) if mtp_plain_state else None
         if m is not None:
             modules.add(f"mtp.layers.{m.group(1)}.transformer_layer.self_attention.core_attention")
     return sorted(modules)

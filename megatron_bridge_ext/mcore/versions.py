@@ -43,6 +43,7 @@ __all__ = [
     "check_megatron_core_version",
     "require_supported_megatron_core",
     "spec_submodules",
+    "mtp_block_saves_plain_state",
     "replace_submodules",
     "OPT_IN_LAYOUT_SETTINGS",
     "check_opt_in_layouts",
@@ -160,6 +161,14 @@ def common_state_in_checkpoint_files() -> bool:
     iteration, this package's entry) as a ``common_state`` object inside the torch.distributed.checkpoint files
     (0.19 on) rather than as ``common.pt`` (up to 0.18)."""
     return megatron_core_version() >= (0, 19, 0)
+
+
+def mtp_block_saves_plain_state() -> bool:
+    """Whether megatron-core's ``MultiTokenPredictionBlock.sharded_state_dict`` starts from ``MegatronModule``'s
+    default, which also saves each MTP layer's plain state dict (up to 0.18): with Transformer Engine layers that adds
+    the ``_extra_state`` of each MTP layer's core attention, a TE ``DotProductAttention`` holding no tensor. From
+    0.19 the block saves only its layers' own sharded state dicts, and that object is not in the checkpoint."""
+    return megatron_core_version() < (0, 19, 0)
 
 
 @functools.lru_cache(maxsize=None)
