@@ -29,11 +29,12 @@ import json, sys, typing, enum
 if not hasattr(typing, "override"):
     import typing_extensions
     typing.override = typing_extensions.override
-from megatron_bridge_ext.mcore.megatron_lm_args import _live_defaults, _mcore_version
+from megatron_bridge_ext.mcore.megatron_lm_args import _live_defaults
+from megatron_bridge_ext.mcore.versions import megatron_core_minor
 live = _live_defaults()
 assert live is not None, "megatron.training.arguments does not import"
 enc = lambda v: v.name if isinstance(v, enum.Enum) else v
-print(json.dumps({"version": ".".join(map(str, _mcore_version())), "defaults": {k: enc(v) for k, v in live.items()}}))
+print(json.dumps({"version": megatron_core_minor(), "defaults": {k: enc(v) for k, v in live.items()}}))
 """
 
 

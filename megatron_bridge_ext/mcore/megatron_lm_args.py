@@ -93,12 +93,6 @@ def _live_defaults() -> Optional[Dict[str, Any]]:
     return dict(vars(parser.parse_args([])))
 
 
-def _mcore_version() -> Tuple[int, ...]:
-    from importlib.metadata import version
-
-    return tuple(int(x) for x in version("megatron-core").split(".")[:2] if x.isdigit())
-
-
 def megatron_lm_defaults() -> Tuple[Dict[str, Any], str]:
     """Every Megatron-LM argument with its default, and where they came from (``"megatron.training"`` or
     ``"table core_vX.Y"``): the live parser when it imports, else the table of the newest Megatron-LM release not
@@ -108,12 +102,9 @@ def megatron_lm_defaults() -> Tuple[Dict[str, Any], str]:
         return live, "megatron.training"
     from megatron_bridge_ext.mcore.megatron_lm_arg_defaults import DEFAULTS
 
-    versions = sorted(DEFAULTS, key=lambda v: tuple(int(x) for x in v.split(".")))
-    have = _mcore_version()
-    chosen = versions[0]
-    for v in versions:
-        if tuple(int(x) for x in v.split(".")) <= have:
-            chosen = v
+    from megatron_bridge_ext.mcore.versions import release_for_installed
+
+    chosen = release_for_installed(DEFAULTS)
     table = {k: (v.value() if isinstance(v, _Enum) else list(v) if isinstance(v, list) else v)
              for k, v in DEFAULTS[chosen].items()}
     return table, f"table core_v{chosen}"
@@ -254,7 +245,9 @@ def _write_table(path: Optional[str] = None) -> str:
                            "release matching the installed megatron-core on PYTHONPATH")
     from megatron_bridge_ext.mcore import megatron_lm_arg_defaults as mod
 
-    version = ".".join(str(x) for x in _mcore_version())
+    from megatron_bridge_ext.mcore.versions import megatron_core_minor
+
+    version = megatron_core_minor()
     tables = dict(mod.DEFAULTS)
 
     def encode(v: Any) -> Any:

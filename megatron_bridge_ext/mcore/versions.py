@@ -30,7 +30,7 @@ import functools
 import importlib.metadata
 import os
 import re
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Iterable, Mapping, Optional, Tuple
 
 __all__ = [
     "SUPPORTED_MEGATRON_CORE",
@@ -43,6 +43,8 @@ __all__ = [
     "check_megatron_core_version",
     "require_supported_megatron_core",
     "spec_submodules",
+    "megatron_core_minor",
+    "release_for_installed",
     "mtp_block_saves_plain_state",
     "replace_submodules",
     "OPT_IN_LAYOUT_SETTINGS",
@@ -154,6 +156,26 @@ def require_supported_megatron_core() -> None:
     if version is not None:
         check_megatron_core_version(version)
     _CHECKED = True
+
+
+def megatron_core_minor() -> str:
+    """The installed megatron-core's ``major.minor`` (``"0.19"``): the key of per-release tables."""
+    major, minor, _ = megatron_core_version()
+    return f"{major}.{minor}"
+
+
+def release_for_installed(releases: Iterable[str]) -> str:
+    """Of ``releases`` (``"major.minor"`` keys of per-release tables), the newest not newer than the installed
+    megatron-core; the oldest when every one is newer."""
+    ordered = sorted(releases, key=lambda v: tuple(int(x) for x in v.split(".")))
+    if not ordered:
+        raise ValueError("no releases to choose from")
+    have = megatron_core_version()[:2]
+    chosen = ordered[0]
+    for v in ordered:
+        if tuple(int(x) for x in v.split(".")) <= have:
+            chosen = v
+    return chosen
 
 
 def common_state_in_checkpoint_files() -> bool:
