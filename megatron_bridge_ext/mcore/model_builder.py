@@ -64,6 +64,8 @@ def init_parallel(tp: int, pp: int, vpp: Optional[int] = None, ep: int = 1, etp:
     if vpp is not None and vpp > 1 and pp < 2:
         raise ValueError(f"init_parallel: virtual pipeline size {vpp} needs pp > 1, got pp={pp}")
     destroy_parallel()
+    global _GROUPS_BEFORE
+    _GROUPS_BEFORE = set(_process_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -74,9 +76,33 @@ def init_parallel(tp: int, pp: int, vpp: Optional[int] = None, ep: int = 1, etp:
     seed_model_parallel_rng(seed)
 
 
+#: the process groups that existed before :func:`init_parallel` made megatron's (None: no megatron state of ours)
+_GROUPS_BEFORE: Optional[set] = None
+
+
+def _process_groups() -> List[torch.distributed.ProcessGroup]:
+    """This process's process groups, in creation order (torch.distributed's registry)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return list(c10d._world.pg_names)
+
+
 def destroy_parallel() -> None:
-    """Tear down megatron's parallel state (a no-op when none is set up)."""
+    """Tear down megatron's parallel state (a no-op when none is set up), and destroy the process groups
+    :func:`init_parallel` created for it: megatron-core only forgets its groups (it destroys only its extra gloo
+    groups), and each live gloo group keeps its transport threads, so a process that sets up several layouts would
+    otherwise accumulate them. Groups that existed before (the default group, the caller's own) are kept."""
+    global _GROUPS_BEFORE
     parallel_state.destroy_model_parallel()
+    before, _GROUPS_BEFORE = _GROUPS_BEFORE, None
+    if before is None or not torch.distributed.is_initialized():
+        return
+    from torch.distributed import distributed_c10d as c10d
+
+    default = c10d._get_default_group()
+    for pg in reversed(_process_groups()):
+        if pg not in before and pg is not default and c10d._world.pg_map.get(pg) is not None:
+            torch.distributed.destroy_process_group(pg)
 
 
 def build_gpt_model(
