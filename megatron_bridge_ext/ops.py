@@ -691,13 +691,18 @@ def fp8_gate_up_unpack(
     return tuple(out)
 
 
-def _scales_for(op: str, name: str, ws: List[torch.Tensor], ss) -> List[torch.Tensor]:
+def _scales_for(op: str, name: str, ws: List[torch.Tensor], ss, *, scales: Optional[str] = None,
+                weights: Optional[str] = None, what: str = "block-quantized") -> List[torch.Tensor]:
+    """The scale tensors of per-expert weights ``ws``, one per weight (FP8: ``<name>_scale_inv`` of ``<name>``;
+    MXFP4: ``scales=<name>_scales`` of ``weights=<name>_blocks``); a missing or short list is named."""
+    scales = scales or f"{name}_scale_inv"
+    weights = weights or name
     if ss is None:
-        raise ValueError(f"{op}: {name}_scale_inv is missing: the block-quantized {name} cannot be read without its "
-                         "scales")
-    ss = _as_list(ss, op, f"{name}_scale_inv")
+        raise ValueError(f"{op}: {scales} {'are' if scales.endswith('scales') else 'is'} missing: the {what} "
+                         f"{weights} cannot be read without {'their' if weights.endswith('blocks') else 'its'} scales")
+    ss = _as_list(ss, op, scales)
     if len(ss) != len(ws):
-        raise ValueError(f"{op}: {name}_scale_inv has {len(ss)} tensors but {name} has {len(ws)} (one per expert)")
+        raise ValueError(f"{op}: {scales} has {len(ss)} tensors but {weights} has {len(ws)} (one per expert)")
     return ss
 
 
@@ -811,12 +816,7 @@ def fp8_expert_unpack_fc2(
 
 
 def _mx_scales_for(op: str, name: str, ws: List[torch.Tensor], ss) -> List[torch.Tensor]:
-    if ss is None:
-        raise ValueError(f"{op}: {name}_scales are missing: MXFP4 {name}_blocks cannot be read without their scales")
-    ss = _as_list(ss, op, f"{name}_scales")
-    if len(ss) != len(ws):
-        raise ValueError(f"{op}: {name}_scales has {len(ss)} tensors but {name}_blocks has {len(ws)} (one per expert)")
-    return ss
+    return _scales_for(op, name, ws, ss, scales=f"{name}_scales", weights=f"{name}_blocks", what="MXFP4")
 
 
 def mxfp4_expert_pack_fc1(

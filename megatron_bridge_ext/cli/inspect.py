@@ -83,6 +83,7 @@ def describe_megatron(path: str, *, checksums: bool = False) -> Dict[str, Any]:
         files = ckpt.files()
         bridge = ckpt.common_state().get(BRIDGE_KEY)
         quantized = sorted(t.key for t in ckpt.tensors.values() if t.dtype in _FLOAT8)
+        fp8_state = extra_state_with_content(ckpt)
     manifest = sums.read_manifest(info.path)
     extra = sorted(k for k in objects if k.endswith("._extra_state"))
     if isinstance(bridge, dict) and info.model_config is not None:
@@ -104,7 +105,7 @@ def describe_megatron(path: str, *, checksums: bool = False) -> Dict[str, Any]:
         "config_from": ("the config stored in the checkpoint" if info.model_config is not None else
                         "Megatron-LM args (export needs --hf-architecture or --hf-source)" if margs else "nothing"),
         "spec": spec, "dtypes": dict(collections.Counter(t["dtype"] for t in tensors)), "quantized": quantized,
-        "extra_state_objects": len(extra), "fp8_state": extra_state_with_content(info.path),
+        "extra_state_objects": len(extra), "fp8_state": fp8_state,
         "args": {k: str(margs.get(k)) for k in _ARGS_SHOWN if k in margs},
         "side_files": sorted(os.listdir(side)) if side else [],
     }

@@ -507,6 +507,12 @@ class ObjectEntry:
     def key(self) -> str:
         return self.unique_key.rsplit("/shard_", 1)[0]
 
+    @property
+    def is_first_shard(self) -> bool:
+        """Its global offset is zero on every axis (``.../shard_<offsets joined by .>_<global shape joined by .>``)."""
+        part = self.unique_key.rsplit("/shard_", 1)[-1].split("_")[0]
+        return all(o in ("0", "") for o in part.split("."))
+
 
 def sharded_object_key(key: str, global_offset: Sequence[int] = (0,), global_shape: Sequence[int] = (1,)) -> str:
     """megatron-core's unique key of a sharded object (``ShardedObject.unique_key``): ``key/shard_0_1``."""

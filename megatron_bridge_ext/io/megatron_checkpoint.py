@@ -32,11 +32,12 @@ state dict is collective over the default group.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -408,7 +409,7 @@ def side_files_dir(path: str) -> Optional[str]:
     return where if os.path.isdir(where) else None
 
 
-def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str, *,
+def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: Union[str, TorchDistCheckpoint], *,
                                 unrequested_ok: Optional[Callable[[str], bool]] = None) -> Dict[str, Any]:
     """Load a sharded state dict (this rank's slices, resharded from whatever layout the checkpoint was written at)
     from a checkpoint root or iteration directory, through the restricted reader (collective only to agree on the
@@ -436,7 +437,7 @@ def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str, *
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
     from megatron.core.dist_checkpointing.utils import extract_sharded_base
 
-    with open_checkpoint(path) as ckpt:
+    with (contextlib.nullcontext(path) if isinstance(path, TorchDistCheckpoint) else open_checkpoint(path)) as ckpt:
         common = ckpt.common_state()
         sharded, nonpersistent, factories = load_preprocess(sharded_state_dict)
         merge(common, nonpersistent)
@@ -463,7 +464,7 @@ def load_distributed_checkpoint(sharded_state_dict: Dict[str, Any], path: str, *
             everyone: List[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, asked)
             asked = set().union(*everyone)
-        stored = set(ckpt.tensors) | {k.rsplit("/shard_", 1)[0] for k in ckpt.objects}
+        stored = set(ckpt.tensors) | {o.key for o in ckpt.objects.values()}
         stored.discard(COMMON_STATE_KEY)  # the common state, read above
         unused = sorted(k for k in stored - asked if not (unrequested_ok and unrequested_ok(k)))
         error = None

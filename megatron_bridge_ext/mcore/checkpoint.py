@@ -8,8 +8,9 @@ The on-disk layout and the save / load calls are in :mod:`megatron_bridge_ext.io
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from megatron.core import parallel_state
@@ -407,7 +408,7 @@ def _check_stored(requested: Mapping[str, Any], meta: Mapping[str, Any], where: 
                          + "; ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else ""))
 
 
-def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str) -> str:
+def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str, stored_keys: Optional[Iterable[str]] = None) -> str:
     """Whose keys a Megatron checkpoint holds for these chunks: ``"te"`` (a Transformer Engine layer spec: what
     ``import`` writes by default and Megatron-LM trains with) or ``"local"``; decided from the tensor keys alone
     (collective: every rank returns the same).
@@ -419,7 +420,7 @@ def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str) -> str:
 
     chunks = as_chunks(chunks)
     config = model_config(chunks)
-    stored = set(ckpt_io.tensor_metadata(path))
+    stored = set(ckpt_io.tensor_metadata(path) if stored_keys is None else stored_keys)
     local = {t.key for t in _sharded_items(sharded_model_state(chunks, "local", extra_state=False))
              if not isinstance(t, ShardedObject)}
     lacking = {"te": sorted({te_tensor_key(k, config) for k in local} - stored), "local": sorted(local - stored)}
@@ -437,18 +438,18 @@ def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str) -> str:
                      f"{' ...' if len(names) > 20 else ''}")
 
 
-def extra_state_with_content(path: str) -> List[str]:
-    """The ``_extra_state`` keys of a checkpoint whose first shard holds something: TE's FP8 scaling state (pickled
-    into a non-empty uint8 tensor; never unpickled here). Reads one shard per key through the restricted reader (no
-    collective); export reports them and leaves them out: they scale activations and weights at run time, the stored
-    weights are what an HF checkpoint holds. An object of a class the reader refuses is named in the error."""
-    with ckpt_io.open_checkpoint(path) as ckpt:
-        first: Dict[str, str] = {}
+def extra_state_with_content(path: Union[str, "ckpt_io.TorchDistCheckpoint"]) -> List[str]:
+    """The ``_extra_state`` keys of a checkpoint (a path or an open one) whose first shard holds something: TE's FP8
+    scaling state (pickled into a non-empty uint8 tensor; never unpickled here). Reads one shard per key through the
+    restricted reader (no collective); export reports them and leaves them out: they scale activations and weights at
+    run time, the stored weights are what an HF checkpoint holds. An object of a class the reader refuses is named in
+    the error."""
+    opened = isinstance(path, ckpt_io.TorchDistCheckpoint)
+    with (contextlib.nullcontext(path) if opened else ckpt_io.open_checkpoint(path)) as ckpt:
+        first = {}
         for unique_key, entry in sorted(ckpt.objects.items()):
-            key = entry.key  # unique key: key/shard_<offsets joined by .>_<global shape joined by .>
-            offsets = unique_key.rsplit("/shard_", 1)[-1].split("_")[0].split(".")
-            if key.endswith("." + EXTRA_STATE) and key not in first and all(o.strip() in ("0", "") for o in offsets):
-                first[key] = unique_key
+            if entry.key.endswith("." + EXTRA_STATE) and entry.is_first_shard:
+                first.setdefault(entry.key, unique_key)
         out = []
         for key, unique_key in sorted(first.items()):
             v = ckpt.read_object(unique_key)
@@ -482,20 +483,21 @@ def load_megatron_checkpoint(chunks: Sequence[torch.nn.Module], path: str, *,
 
     chunks = as_chunks(chunks)
     sub, _ = ckpt_io.resolve_checkpoint(path)
-    spec = checkpoint_spec(chunks, sub)
-    state = sharded_model_state(chunks, spec, extra_state=False)
-    requested = {t.key: t for t in _sharded_items(state) if not isinstance(t, ShardedObject)
-                 and isinstance(getattr(t, "data", None), torch.Tensor)}
-    error = None
-    try:
-        _check_stored(requested, ckpt_io.tensor_metadata(sub), sub, described_by)
-    except ValueError as e:
-        error = str(e)
-    error = ckpt_io.first_error(error)
-    if error is not None:
-        raise ValueError(error)
-    # TE's _extra_state objects are not read; megatron-core >= 0.19 keeps the common state in the same files
-    loaded = ckpt_io.load_distributed_checkpoint(state, sub, unrequested_ok=_not_a_weight)
+    with ckpt_io.open_checkpoint(sub) as ckpt:  # its metadata read and checked once for the whole load
+        spec = checkpoint_spec(chunks, sub, stored_keys=ckpt.tensors)
+        state = sharded_model_state(chunks, spec, extra_state=False)
+        requested = {t.key: t for t in _sharded_items(state) if not isinstance(t, ShardedObject)
+                     and isinstance(getattr(t, "data", None), torch.Tensor)}
+        error = None
+        try:
+            _check_stored(requested, ckpt.tensors, sub, described_by)
+        except ValueError as e:
+            error = str(e)
+        error = ckpt_io.first_error(error)
+        if error is not None:
+            raise ValueError(error)
+        # TE's _extra_state objects are not read; megatron-core >= 0.19 keeps the common state in the same files
+        loaded = ckpt_io.load_distributed_checkpoint(state, ckpt, unrequested_ok=_not_a_weight)
     for key, chunk in zip(state, chunks):
         module = unwrap_model(chunk)
         values = loaded[key]
