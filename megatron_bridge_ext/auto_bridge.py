@@ -150,6 +150,33 @@ class AutoBridge:
             show_progress=show_progress, allowed_unused_hf_params=allowed_unused_hf_params,
         )
 
+    def save_megatron_checkpoint(
+        self,
+        out_dir: Union[str, os.PathLike],
+        *,
+        spec: str = "te",
+        dtype: Optional[torch.dtype] = None,
+        layout: Optional[Dict[str, Any]] = None,
+        buffer_bytes: Optional[int] = None,
+        overwrite: bool = False,
+        resume: bool = False,
+        show_progress: bool = False,
+        allowed_unused_hf_params: Optional[Sequence[str]] = None,
+        **kwargs: Any,
+    ) -> Dict[str, Any]:
+        """Convert the HF checkpoint into a Megatron ``torch_dist`` checkpoint at ``out_dir`` as a stream: no model
+        is built, memory is bounded by ``buffer_bytes`` plus the largest parameter (collective over the default
+        process group: each rank converts a share). See :func:`megatron_bridge_ext.engine.stream.stream_hf_to_megatron`
+        for the arguments and what it returns."""
+        from megatron_bridge_ext.engine.stream import DEFAULT_BUFFER_BYTES, stream_hf_to_megatron
+
+        hf = self._require_hf("save_megatron_checkpoint")
+        return stream_hf_to_megatron(
+            self, hf.path, os.fspath(out_dir), max_seq_len=_max_seq_len(self.hf_config), spec=spec, dtype=dtype,
+            layout=layout, buffer_bytes=DEFAULT_BUFFER_BYTES if buffer_bytes is None else int(buffer_bytes),
+            overwrite=overwrite, resume=resume, show=show_progress,
+            allowed_unused_hf_params=allowed_unused_hf_params, **kwargs)
+
     def export_hf_weights(
         self,
         model: Union[torch.nn.Module, Sequence[torch.nn.Module]],

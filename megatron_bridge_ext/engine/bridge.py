@@ -489,8 +489,12 @@ class MegatronModelBridge:
         megatron_model: Model,
         conversion_tasks: Optional[List[WeightConversionTask]] = None,
         allowed_unused_hf_params: Optional[Sequence[str]] = None,
+        select: Optional[Any] = None,
     ) -> Iterator[MegatronWeightTuple]:
-        """Generator variant: yields this rank's converted tensors (fresh tensors; the model is not modified)."""
+        """Generator variant: yields this rank's converted tensors (fresh tensors; the model is not modified).
+
+        ``select(task)`` (optional) picks the owned tasks to convert (the unused-tensor check still covers them all);
+        the HF tensors of each converted task are released from memory once it is done (where the source can)."""
         chunks = as_chunks(megatron_model)
         state = hf_pretrained.state
         changed = self.use_hf_layout_of(state, hf_pretrained.config)
@@ -498,6 +502,7 @@ class MegatronModelBridge:
                                                                                                    chunks)[0]
         self._check_unused(state, tasks, chunks, allowed_unused_hf_params, hf_pretrained.config)
         topo = Topology.current()
+        release = getattr(state, "release", None)
         local_names = {}
         if any(t.is_group for t in tasks):
             from megatron_bridge_ext.mcore.names import local_params
@@ -505,7 +510,7 @@ class MegatronModelBridge:
             local_names = {p.global_name: p.local_name for p in local_params(chunks, topo)}
         with torch.no_grad():
             for task in tasks:
-                if not task.owned:
+                if not task.owned or (select is not None and not select(task)):
                     continue
                 ctx = self._context(task, topo, hf_pretrained.config, chunks)
                 names = task.mapping.hf_names
@@ -521,10 +526,13 @@ class MegatronModelBridge:
                                               f"{task.global_param_name}") from e
                 if not task.is_group:
                     yield MegatronWeightTuple(task.param_name, converted, task.vp_stage)
-                    continue
-                mine = [n for n in task.members if n in local_names]
-                for name, tensor in zip(mine, converted.unbind(0)):
-                    yield MegatronWeightTuple(local_names[name], tensor, task.vp_stage)
+                else:
+                    mine = [n for n in task.members if n in local_names]
+                    for name, tensor in zip(mine, converted.unbind(0)):
+                        yield MegatronWeightTuple(local_names[name], tensor, task.vp_stage)
+                del converted, hf
+                if release is not None:
+                    release(names)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Export: Megatron -> HF

@@ -58,6 +58,8 @@ __all__ = [
     "open_checkpoint",
     "read_checkpoint_info",
     "save_distributed_checkpoint",
+    "begin_partial",
+    "complete_partial",
     "load_distributed_checkpoint",
     "first_error",
     "HF_SIDE_DIR",
@@ -276,32 +278,66 @@ def save_distributed_checkpoint(
 
     from megatron.core import dist_checkpointing
 
-    root = os.fspath(root)
-    final = os.path.join(root, iteration_dir_name(iteration))
-    partial = final + ".partial"
-    error = None
-    if _rank() == 0:
-        if importlib.util.find_spec("psutil") is None:
-            error = ("megatron-core's distributed-checkpoint writer needs psutil (it does not declare it): "
-                     "pip install psutil")
-        elif os.path.exists(final) and not overwrite:
-            error = f"{final} exists; pass overwrite=True (--overwrite) to replace it"
-        elif os.path.exists(root) and not os.path.isdir(root):
-            error = f"{root} exists and is not a directory"
-        else:
-            os.makedirs(root, exist_ok=True)
-            if os.path.exists(partial):  # an interrupted earlier write of ours: never a complete checkpoint
-                shutil.rmtree(partial)
-            os.makedirs(partial)  # megatron-core's writer needs the directory to exist
-    error = _agree(error)
-    if error is not None:
-        raise (FileExistsError if "exists" in error else RuntimeError)(error)
+    need = None
+    if importlib.util.find_spec("psutil") is None:
+        need = ("megatron-core's distributed-checkpoint writer needs psutil (it does not declare it): "
+                "pip install psutil")
+    final, partial = begin_partial(root, iteration, overwrite=overwrite, requirement_error=need)
     state: Dict[str, Any] = dict(sharded_state_dict)
     state.update({"checkpoint_version": CHECKPOINT_VERSION, "iteration": int(iteration)})
     state.update(dict(common or {}))
     dist_checkpointing.save(state, partial, content_metadata=dict(CONTENT_METADATA))
     if dist.is_initialized():
         dist.barrier()
+    complete_partial(partial, root, iteration, side_files=side_files)
+    return final
+
+
+def begin_partial(root: str, iteration: int, *, overwrite: bool, resume: bool = False,
+                  requirement_error: Optional[str] = None) -> Tuple[str, str]:
+    """Check that ``root/iter_{iteration}`` may be written and make its staging directory ``....partial``
+    (collective: rank 0 decides, every rank raises the same error). An existing staging directory is the rest of an
+    interrupted write, never a complete checkpoint: it is removed, or kept with ``resume``.
+
+    Returns:
+        ``(final, partial)`` directories.
+
+    Raises:
+        FileExistsError: the iteration directory exists and ``overwrite`` is False.
+        RuntimeError: ``requirement_error`` (a missing dependency the caller found) or ``root`` is not a directory.
+    """
+    root = os.fspath(root)
+    final = os.path.join(root, iteration_dir_name(iteration))
+    partial = final + ".partial"
+    error = None
+    if _rank() == 0:
+        if requirement_error is not None:
+            error = requirement_error
+        elif os.path.exists(final) and not overwrite:
+            error = f"{final} exists; pass overwrite=True (--overwrite) to replace it"
+        elif os.path.exists(root) and not os.path.isdir(root):
+            error = f"{root} exists and is not a directory"
+        else:
+            os.makedirs(root, exist_ok=True)
+            if os.path.exists(partial) and not resume:  # an interrupted earlier write of ours
+                shutil.rmtree(partial)
+            os.makedirs(partial, exist_ok=True)  # megatron-core's writer needs the directory to exist
+    error = _agree(error)
+    if error is not None:
+        raise (FileExistsError if "exists" in error else RuntimeError)(error)
+    return final, partial
+
+
+def complete_partial(partial: str, root: str, iteration: int, *, side_files: Optional[str] = None,
+                     digests: Optional[Mapping[str, str]] = None) -> str:
+    """Finish a staged checkpoint (collective): copy the HF side files into ``partial/hf``, write the checksum manifest
+    (``digests`` of files already hashed while written are not read again), then move it into place as
+    ``root/iter_{iteration}`` (an existing one is replaced only now) and point the tracker at it.
+
+    Returns:
+        The iteration directory.
+    """
+    final = os.path.join(os.fspath(root), iteration_dir_name(iteration))
     if side_files is not None:
         error = None
         if _rank() == 0:
@@ -312,7 +348,7 @@ def save_distributed_checkpoint(
         error = _agree(error)
         if error is not None:
             raise OSError(error)
-    write_checksums(partial)
+    write_checksums(partial, known=digests)
     if _rank() == 0:
         old = final + ".old"
         if os.path.exists(final):
@@ -343,12 +379,14 @@ def _hash_share(directory: str, names: List[str]) -> Dict[str, Optional[str]]:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def write_checksums(directory: str) -> str:
+def write_checksums(directory: str, known: Optional[Mapping[str, str]] = None) -> str:
     """Write ``directory/integrity.json`` for every file in it (collective: the ranks hash a share each, rank 0
-    writes); returns its path."""
+    writes); returns its path. ``known``: digests of files hashed while they were written (not read again)."""
+    known = dict(known or {})
     names = checksums.manifest_files(directory) if _rank() == 0 else None
     names = _agree(names)
-    digests = _hash_share(directory, names)
+    digests = _hash_share(directory, [n for n in names if n not in known])
+    digests.update({n: d for n, d in known.items() if n in names})
     path = os.path.join(directory, checksums.MANIFEST_NAME)
     error = None
     if _rank() == 0:

@@ -39,6 +39,7 @@ __all__ = [
     "to_te_sharded_state_dict",
     "megatron_lm_args",
     "save_megatron_checkpoint",
+    "checkpoint_common",
     "config_from_checkpoint",
     "config_from_megatron_lm_args",
     "args_disagreements",
@@ -209,27 +210,42 @@ def save_megatron_checkpoint(
     """
     chunks = as_chunks(chunks)
     dist_checkpoint_cpu_patches()
-    config = model_config(chunks)
+    common = checkpoint_common(model_config(chunks), _parallel_of(chunks), root, architecture=architecture,
+                               hf_config=hf_config, iteration=iteration, spec=spec, tokenizer=tokenizer,
+                               side_files=side_files)
+    return ckpt_io.save_distributed_checkpoint(sharded_model_state(chunks, spec), root, iteration=iteration,
+                                               common=common, overwrite=overwrite, side_files=side_files)
+
+
+def checkpoint_common(config: Any, parallel: Mapping[str, Any], root: str, *, architecture: str,
+                      hf_config: Optional[Mapping[str, Any]] = None, iteration: int = 0, spec: str = "te",
+                      tokenizer: Optional[Mapping[str, Any]] = None, side_files: Optional[str] = None
+                      ) -> Dict[str, Any]:
+    """The common entries of a checkpoint of a model of ``config`` written at layout ``parallel`` (``tp``, ``pp``,
+    ``vpp``, ``ep``, ``etp``, ``world``, ``chunks``): Megatron-LM's ``args`` and this package's own entry
+    (architecture, model config, layout, model keys, spec, HF config). See :func:`save_megatron_checkpoint`.
+
+    Raises:
+        ValueError: ``config`` is not a ``GPTConfig`` of this package.
+    """
     if not isinstance(config, GPTConfig):
         raise ValueError(f"save_megatron_checkpoint: the chunks carry a {type(config).__name__}, expected the "
                          "GPTConfig of a model built by this package (it stores the fields needed to rebuild it)")
-    parallel = _parallel_of(chunks)
+    parallel = dict(parallel)
     bridge_entry = {
         "format_version": ckpt_io.FORMAT_VERSION,
         "architecture": architecture,
         "model_config": config_to_dict(config),
         "parallel": parallel,
-        "model_keys": model_state_keys(len(chunks)),
+        "model_keys": model_state_keys(int(parallel.get("chunks") or 1)),
         "spec": spec,
         "hf_config": ckpt_io.json_safe(dict(hf_config)) if hf_config is not None else None,
     }
     if tokenizer is None and side_files is not None and _has_tokenizer(side_files):
         final = os.path.join(os.path.abspath(root), ckpt_io.iteration_dir_name(iteration), ckpt_io.HF_SIDE_DIR)
         tokenizer = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": final}
-    common = {"args": megatron_lm_args(config, parallel, iteration, spec=spec, tokenizer=tokenizer),
-              ckpt_io.BRIDGE_KEY: bridge_entry}
-    return ckpt_io.save_distributed_checkpoint(sharded_model_state(chunks, spec), root, iteration=iteration,
-                                               common=common, overwrite=overwrite, side_files=side_files)
+    return {"args": megatron_lm_args(config, parallel, iteration, spec=spec, tokenizer=tokenizer),
+            ckpt_io.BRIDGE_KEY: bridge_entry}
 
 
 #: files that make a directory an HF tokenizer (what ``AutoTokenizer.from_pretrained`` reads)

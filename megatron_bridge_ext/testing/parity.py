@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 
 from megatron_bridge_ext.io import SafeTensorsSource
 
-__all__ = ["hf_logits", "compare_checkpoints"]
+__all__ = ["hf_logits", "compare_checkpoints", "compare_megatron_checkpoints"]
 
 
 def hf_logits(path: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -37,3 +37,74 @@ def compare_checkpoints(a: str, b: str) -> Dict[str, Any]:
                 mismatched.append(k)
         return {"tensors": len(ka), "bytes": nbytes, "same_keys": same_keys, "bit_exact": exact,
                 "mismatched": mismatched, "missing": sorted(ka - kb), "unexpected": sorted(kb - ka)}
+
+
+def _plain(x: Any, roots: Any) -> Any:
+    """A common-state value as plain data for comparison: namespaces as dicts, the checkpoints' own directories
+    replaced by a placeholder (the tokenizer path Megatron-LM's args name)."""
+    import argparse
+
+    if isinstance(x, argparse.Namespace):
+        x = vars(x)
+    if isinstance(x, dict):
+        return {k: _plain(v, roots) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v, roots) for v in x)
+    if isinstance(x, str):
+        for root in roots:
+            x = x.replace(root, "<checkpoint root>")
+        return x
+    if hasattr(x, "value") and type(x).__name__ == "StoredObject":
+        return repr(x)
+    return x
+
+
+def compare_megatron_checkpoints(a: str, b: str, *, values: bool = True) -> List[str]:
+    """Every difference between two Megatron ``torch_dist`` checkpoints (root or iteration directories), read with
+    the restricted reader, one line each: tensor keys, global shapes, dtypes and (``values``) contents
+    (``torch.equal``); sharded-object keys and contents; the common state (``common.pt`` or megatron-core 0.19's
+    ``common_state`` object; the checkpoints' own root directories, which the stored args name, made equal)."""
+    import os
+
+    from megatron_bridge_ext.io.megatron_checkpoint import open_checkpoint, resolve_checkpoint
+
+    out: List[str] = []
+    roots = []
+    for path in (a, b):
+        sub, _ = resolve_checkpoint(path)
+        roots.append(os.path.dirname(os.path.abspath(sub)))
+    with open_checkpoint(a) as x, open_checkpoint(b) as y:
+        for key in sorted(set(x.tensors) | set(y.tensors)):
+            ex, ey = x.tensors.get(key), y.tensors.get(key)
+            if ex is None or ey is None:
+                out.append(f"tensor {key}: only in {'b' if ex is None else 'a'}")
+                continue
+            if ex.shape != ey.shape or ex.dtype != ey.dtype:
+                out.append(f"tensor {key}: a {ex.shape} {ex.dtype}, b {ey.shape} {ey.dtype}")
+            elif values and not torch.equal(x.read_tensor(key), y.read_tensor(key)):
+                out.append(f"tensor {key}: values differ")
+        objs = (set(x.objects) | set(y.objects)) - {k for k in set(x.objects) | set(y.objects)
+                                                    if k.startswith("common_state")}
+        for key in sorted(objs):
+            if key not in x.objects or key not in y.objects:
+                out.append(f"object {key}: only in {'b' if key not in x.objects else 'a'}")
+                continue
+            va, vb = x.read_object(key), y.read_object(key)
+            same = torch.equal(va, vb) if isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and \
+                va.dtype == vb.dtype and va.shape == vb.shape else repr(va) == repr(vb)
+            if not same:
+                out.append(f"object {key}: a {va!r:.80} b {vb!r:.80}")
+        if x.has_common_file() != y.has_common_file():
+            out.append(f"common state: common.pt in {'a' if x.has_common_file() else 'b'} only")
+        ca, cb = _plain(x.common_state(), roots), _plain(y.common_state(), roots)
+        for key in sorted(set(ca) | set(cb)):
+            if key not in ca or key not in cb:
+                out.append(f"common {key}: only in {'b' if key not in ca else 'a'}")
+            elif isinstance(ca[key], dict) and isinstance(cb[key], dict):
+                for k2 in sorted(set(ca[key]) | set(cb[key])):
+                    if ca[key].get(k2, "<missing>") != cb[key].get(k2, "<missing>"):
+                        out.append(f"common {key}.{k2}: a {ca[key].get(k2, '<missing>')!r:.120} "
+                                   f"b {cb[key].get(k2, '<missing>')!r:.120}")
+            elif ca[key] != cb[key]:
+                out.append(f"common {key}: a {ca[key]!r:.120} b {cb[key]!r:.120}")
+    return out

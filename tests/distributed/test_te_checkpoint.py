@@ -25,6 +25,7 @@ grouped-GEMM experts (``TEGroupedMLP``) as well.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -160,6 +161,7 @@ def _write_worker(rank: int, world: int, paths: dict, root: str) -> dict:
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.mcore.checkpoint import save_megatron_checkpoint, sharded_model_state
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
+    from megatron_bridge_ext.testing.parity import compare_megatron_checkpoints
 
     out = {}
     for name, (write, read, _) in CASES.items():
@@ -167,7 +169,10 @@ def _write_worker(rank: int, world: int, paths: dict, root: str) -> dict:
         arch = bridge.hf_config.architectures[0]
         init_parallel(**write)
         chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-        save_megatron_checkpoint(chunks, os.path.join(root, name, "te"), architecture=arch)
+        with open(os.path.join(paths[name], "config.json")) as f:
+            hf_config = json.load(f)
+        save_megatron_checkpoint(chunks, os.path.join(root, name, "te"), architecture=arch, hf_config=hf_config,
+                                 side_files=paths[name])  # what import --via-model writes
         if name == "llama":  # --spec local: the local chunks' own keys, as before
             local = os.path.join(root, name, "local")
             save_megatron_checkpoint(chunks, local, architecture=arch, spec="local")
@@ -175,6 +180,12 @@ def _write_worker(rank: int, world: int, paths: dict, root: str) -> dict:
             if rank == 0:
                 out["local_spec_diff"] = _diff(want, _checkpoint_structure(os.path.join(local, "iter_0000000")))
         destroy_parallel()
+        # the streamed conversion (no model; the two ranks share the tensors), recording the same layout
+        stream = os.path.join(root, name, "stream")
+        AutoBridge.from_hf_pretrained(paths[name]).save_megatron_checkpoint(
+            stream, spec="te", dtype=torch.float32, layout=write, file_bytes=64 << 10)
+        if rank == 0:
+            out[f"{name}:stream_diff"] = compare_megatron_checkpoints(stream, os.path.join(root, name, "te"))
         init_parallel(**read)
         chunks = bridge.to_megatron_model(params_dtype=torch.float32)
         ref = {f"{i}:{n}": p.detach().clone() for i, c in enumerate(chunks) for n, p in c.named_parameters()}
@@ -217,10 +228,11 @@ def _te_worker(rank: int, world: int, root: str) -> dict:
 
     out = {}
     for name, (_, read, grouped) in CASES.items():
-        for variant in ("sequential", "grouped") if grouped else ("sequential",):
-            case = f"{name}/{variant}"
+        for variant, source in [(v, s) for v in (("sequential", "grouped") if grouped else ("sequential",))
+                                for s in ("te", "stream")]:
+            case = f"{name}/{variant}" + ("/stream" if source == "stream" else "")
             init_parallel(**read)
-            info = read_checkpoint_info(os.path.join(root, name, "te"))
+            info = read_checkpoint_info(os.path.join(root, name, source))
             config = config_from_checkpoint(info, **({"moe_grouped_gemm": True} if variant == "grouped" else {}))
             chunks = build_te_chunks(config)
             for c in chunks:  # poison: every value must come from the checkpoint
@@ -340,7 +352,16 @@ def test_local_spec_keeps_the_local_keys(results):
     assert results["local_spec_diff"] == []
 
 
-CHECKS = [f"{n}/{v}" for n, (_, _, g) in CASES.items() for v in (("sequential", "grouped") if g else ("sequential",))]
+CHECKS = [f"{n}/{v}{s}" for n, (_, _, g) in CASES.items() for v in (("sequential", "grouped") if g else ("sequential",))
+          for s in ("", "/stream")]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_streamed_checkpoint_equals_the_model_paths(results, name):
+    """``import`` without a model (two ranks, each converting a share of the tensors, small files) writes what the
+    model path writes at the same recorded layout: tensor keys, global shapes, dtypes and bytes, every
+    ``_extra_state`` object, the common state (Megatron-LM's args, this package's entry)."""
+    assert results[f"{name}:stream_diff"] == [], "\n".join(results[f"{name}:stream_diff"][:20])
 
 
 @pytest.mark.parametrize("case", CHECKS)

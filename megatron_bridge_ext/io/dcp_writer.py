@@ -1,0 +1,265 @@
+"""Writing the files of a ``torch.distributed.checkpoint`` (DCP) checkpoint one item at a time, in bounded memory.
+
+torch's and megatron-core's writers resolve every item of a plan before the first byte is written (the whole state
+dict in memory). :class:`StreamingDcpWriter` takes the items as they are produced: each is handed over with its
+tensor (or serialized bytes), queued for a writer thread while at most ``buffer_bytes`` are waiting (an item larger
+than that waits alone), and written with torch's own item serializer (``filesystem._write_item``: the bytes torch's
+``FileSystemWriter`` and megatron-core's ``FileSystemWriterAsync`` write), so any DCP reader reads them. The files are
+``__{rank}_{n}.distcp``, a new one every ``file_bytes``; each is hashed (SHA-256) while it is written and fsynced when
+closed, so the checksum manifest needs no second read, and a resumed conversion knows which files are complete.
+
+:func:`write_metadata` writes ``.metadata`` as torch's ``FileSystemWriter.finish`` does (the plan's metadata with the
+storage locations of every rank's write results).
+
+Nothing here knows what the items are: :mod:`megatron_bridge_ext.mcore.stream` plans them from megatron-core's own
+sharded state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["StreamingDcpWriter", "WrittenFile", "write_metadata", "DEFAULT_BUFFER_BYTES", "DEFAULT_FILE_BYTES",
+           "owned_copy"]
+
+DEFAULT_BUFFER_BYTES = 1 << 30
+DEFAULT_FILE_BYTES = 4 << 30
+
+
+@dataclass
+class WrittenFile:
+    """One complete ``.distcp`` file: its name, size, SHA-256 and the write results of its items."""
+
+    name: str
+    size: int
+    sha256: str
+    results: List[Any] = field(default_factory=list)
+
+
+class _HashingFile(io.RawIOBase):
+    """A binary file that hashes what is written to it (``tell`` counts the bytes, as DCP's offsets need)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._f = open(path, "wb", buffering=0)
+        self._h = hashlib.sha256()
+        self._n = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:  # torch.save probes it; offsets come from tell()
+        return False
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        n = 0
+        while n < len(view):
+            n += self._f.write(view[n:])
+        self._h.update(view)
+        self._n += n
+        return n
+
+    def tell(self) -> int:
+        return self._n
+
+    def finish(self) -> str:
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return self._h.hexdigest()
+
+    def abandon(self) -> None:
+        self._f.close()
+
+
+def owned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a contiguous CPU tensor that owns exactly its storage (``torch.save`` writes a view's whole
+    storage, so a view is copied, as torch's own writer does)."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous() or t.storage_offset() != 0 or \
+            t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _item_writer() -> Callable[..., Any]:
+    """torch's DCP item serializer with the arguments this torch version takes."""
+    from torch.distributed.checkpoint import filesystem as fs
+
+    params = inspect.signature(fs._write_item).parameters
+    pre: List[Any] = []
+    if "transforms" in params:
+        pre.append(fs._StorageWriterTransforms())
+    kw = {}
+    if "serialization_format" in params:
+        kw["serialization_format"] = fs.SerializationFormat.TORCH_SAVE
+
+    def write(stream: Any, data: Any, item: Any, storage_key: str) -> Any:
+        return fs._write_item(*pre, stream, data, item, storage_key, **kw)
+
+    return write
+
+
+class StreamingDcpWriter:
+    """Writes DCP items to ``directory/__{rank}_{n}.distcp`` on a background thread, at most ``buffer_bytes`` queued.
+
+    Args:
+        directory: the checkpoint directory (exists).
+        rank: this writer's rank (the file names' first number).
+        buffer_bytes: bytes of items that may wait for the writer thread (an item larger than that waits alone).
+        file_bytes: a new file is started once the current one holds this many bytes.
+        first_file: the number of the first file (a resumed conversion continues after the files it kept).
+        on_file: called on the writer thread with each completed :class:`WrittenFile` (e.g. to record progress).
+        on_bytes: called on the writer thread with the byte count of each item written (progress).
+    """
+
+    def __init__(self, directory: str, rank: int = 0, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                 file_bytes: int = DEFAULT_FILE_BYTES, first_file: int = 0,
+                 on_file: Optional[Callable[[WrittenFile], None]] = None,
+                 on_bytes: Optional[Callable[[int], None]] = None) -> None:
+        if buffer_bytes < 1 or file_bytes < 1:
+            raise ValueError(f"buffer_bytes ({buffer_bytes}) and file_bytes ({file_bytes}) must be >= 1")
+        self.directory, self.rank = directory, rank
+        self.buffer_bytes, self.file_bytes = buffer_bytes, file_bytes
+        self._next_file = first_file
+        self._on_file, self._on_bytes = on_file, on_bytes
+        self._write_item = _item_writer()
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._cond = threading.Condition()
+        self._queued = 0
+        self._error: Optional[BaseException] = None
+        self._files: List[WrittenFile] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"dcp-writer-{rank}", daemon=True)
+        self._thread.start()
+
+    @property
+    def files(self) -> List[WrittenFile]:
+        """The files completed so far."""
+        return list(self._files)
+
+    def put(self, item: Any, data: Union[torch.Tensor, io.BytesIO]) -> None:
+        """Queue one write item (a DCP ``WriteItem``) with its data: a tensor of the item's chunk shape, or the
+        serialized bytes of a byte item. Blocks while the queue holds ``buffer_bytes``; raises the writer thread's
+        error, if it failed."""
+        if self._closed:
+            raise RuntimeError("StreamingDcpWriter.put after close")
+        if isinstance(data, torch.Tensor):
+            data = owned_copy(data)
+            nbytes = data.numel() * data.element_size()
+        else:
+            nbytes = len(data.getbuffer())
+        with self._cond:
+            while self._error is None and self._queued > 0 and self._queued + nbytes > self.buffer_bytes:
+                self._cond.wait()
+            self._raise()
+            self._queued += nbytes
+        self._queue.put((item, data, nbytes))
+
+    def close(self) -> List[WrittenFile]:
+        """Write what is queued, complete (fsync) the last file and stop the thread; returns every file written.
+
+        Raises:
+            OSError (or the writer's own error): a write failed; files completed before it are kept.
+        """
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+        return list(self._files)
+
+    def abort(self) -> None:
+        """Stop without completing the current file (after an error elsewhere)."""
+        if not self._closed:
+            self._closed = True
+            with self._cond:
+                if self._error is None:
+                    self._error = RuntimeError("aborted")
+                self._cond.notify_all()
+            self._queue.put(None)
+            self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None and str(self._error) != "aborted":
+            raise self._error
+
+    def _run(self) -> None:
+        current: Optional[_HashingFile] = None
+        name = ""
+        results: List[Any] = []
+        try:
+            while True:
+                entry = self._queue.get()
+                if entry is None or self._error is not None:
+                    break
+                item, data, nbytes = entry
+                if current is None:
+                    name = f"__{self.rank}_{self._next_file}.distcp"
+                    self._next_file += 1
+                    current = _HashingFile(os.path.join(self.directory, name))
+                    results = []
+                results.append(self._write_item(current, data, item, name))
+                del data
+                with self._cond:
+                    self._queued -= nbytes
+                    self._cond.notify_all()
+                if self._on_bytes is not None:
+                    self._on_bytes(nbytes)
+                if current.tell() >= self.file_bytes:
+                    self._complete(current, name, results)
+                    current = None
+            if current is not None and self._error is None:
+                self._complete(current, name, results)
+                current = None
+        except BaseException as e:  # noqa: BLE001  (re-raised on the producer's thread)
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+        finally:
+            if current is not None:
+                current.abandon()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _complete(self, f: _HashingFile, name: str, results: List[Any]) -> None:
+        size = f.tell()
+        digest = f.finish()
+        done = WrittenFile(name, size, digest, results)
+        self._files.append(done)
+        if self._on_file is not None:
+            self._on_file(done)
+
+
+def write_metadata(directory: str, metadata: Any, results: Sequence[Any]) -> None:
+    """Write ``directory/.metadata``: the plan's ``metadata`` with the storage location of every write result, as
+    torch's ``FileSystemWriter.finish`` writes it (the DCP version, the storage data, a ``StorageMeta`` naming the
+    directory as a string and a fresh save id; pickled, fsynced, renamed into place)."""
+    import pickle
+    import uuid
+
+    from torch.distributed.checkpoint import filesystem as fs
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    if hasattr(fs, "CURRENT_DCP_VERSION"):
+        metadata.version = fs.CURRENT_DCP_VERSION
+    metadata.storage_data = {r.index: r.storage_data for r in results}
+    metadata.storage_meta = StorageMeta(checkpoint_id=os.fspath(directory), save_id=str(uuid.uuid4()))
+    path = os.path.join(directory, ".metadata")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(metadata, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,203 @@
+"""The plan of a streamed Megatron checkpoint: what megatron-core's ``dist_checkpointing.save`` would write for a
+model, computed from the model's own ``sharded_state_dict`` on the meta device, without any tensor data.
+
+A ``torch_dist`` checkpoint stores every tensor at its global shape (layers stacked, experts stacked, each rank's
+shards as chunks at offsets), so its content does not depend on the layout that wrote it. :func:`plan_stream` takes
+the chunks of a model built on the meta device (one process, TP 1), runs megatron-core's own save preprocessing
+(factories, the common state, the ``_extra_state`` objects of the requested spec) and the planning of its
+``torch_dist`` strategy (``MCoreSavePlanner``: the DCP metadata, the write items), exactly as a save of that model
+would, and records, for every tensor write item, the parameter it comes from and how its chunk is cut from it
+(through the same sharded-tensor factories the save applies). The data of each item is produced later, parameter by
+parameter, by the converter (:mod:`megatron_bridge_ext.engine.stream`); the objects (``_extra_state``, megatron-core
+0.19's ``common_state``) are small and serialized here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_bridge_ext.io import megatron_checkpoint as ckpt_io
+from megatron_bridge_ext.mcore.cpu_compat import dist_checkpoint_cpu_patches
+from megatron_bridge_ext.mcore.names import as_chunks, unwrap_model
+from megatron_bridge_ext.mcore.versions import common_state_in_checkpoint_files
+
+__all__ = ["StreamPlan", "TensorItem", "plan_stream"]
+
+
+@dataclass
+class TensorItem:
+    """One tensor write item: a chunk of a parameter's sharded tensor.
+
+    Attributes:
+        item: the DCP ``WriteItem`` (its index names the stored key and the chunk's global offsets).
+        key: the stored tensor key (a ShardedTensor key of megatron-core).
+        cut: the parameter's value -> this chunk's data (a factory's piece, the prepended axes added).
+        nbytes: the chunk's size in bytes.
+    """
+
+    item: Any
+    key: str
+    cut: Callable[[torch.Tensor], torch.Tensor]
+    nbytes: int
+
+
+@dataclass
+class StreamPlan:
+    """What to write: the DCP metadata (storage locations filled in when written), the tensor items of every
+    parameter (by ``(chunk index, parameter name)``), the byte items with their serialized data, and the common state
+    (``common.pt`` up to megatron-core 0.18; inside the DCP files, as a byte item, from 0.19)."""
+
+    metadata: Any
+    tensor_items: Dict[Tuple[int, str], List[TensorItem]] = field(default_factory=dict)
+    byte_items: List[Tuple[Any, io.BytesIO]] = field(default_factory=list)
+    params: Dict[Tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    common_pt: Optional[Dict[str, Any]] = None
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for items in self.tensor_items.values() for t in items)
+
+    def param_bytes(self, key: Tuple[int, str]) -> int:
+        return sum(t.nbytes for t in self.tensor_items.get(key, ()))
+
+
+def _planner() -> Any:
+    """megatron-core's save planner, constructed as its ``torch_dist`` strategy constructs it."""
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    kw: Dict[str, Any] = {"dedup_replicated_tensors": False, "flatten_state_dict": False}
+    if "flatten_sharded_tensors" in inspect.signature(DefaultSavePlanner.__init__).parameters:
+        kw["flatten_sharded_tensors"] = False
+    return MCoreSavePlanner(**kw)
+
+
+def _shape_cut(sizes: Sequence[int], piece: Callable[[torch.Tensor], torch.Tensor]
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    shape = tuple(int(s) for s in sizes)
+
+    def cut(value: torch.Tensor) -> torch.Tensor:
+        return piece(value).reshape(shape)
+
+    return cut
+
+
+def _factory_piece(factory: Any, where: Tuple[str, Tuple[int, ...]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The piece of ``factory``'s build (on the real value) whose key and global offset are ``where``."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    def piece(value: torch.Tensor) -> torch.Tensor:
+        built = factory.build_fn(factory.key, value, factory.replica_id, factory.flattened_range)
+        for t in nested_values(built if isinstance(built, (dict, list)) else [built]):
+            if isinstance(t, ShardedTensor) and (t.key, tuple(t.global_offset)) == where:
+                return t.data
+        raise ValueError(f"stream plan: the sharded-tensor factory of {factory.key} built no piece at global offset "
+                         f"{where[1]} from the converted value")
+
+    return piece
+
+
+def plan_stream(chunks: Sequence[torch.nn.Module], *, spec: str, common: Mapping[str, Any],
+                iteration: int = 0) -> StreamPlan:
+    """The plan of the checkpoint ``save_megatron_checkpoint(chunks, ...)`` would write, for chunks built on the meta
+    device in a one-process (or data-parallel only) megatron parallel state.
+
+    Args:
+        chunks: the model chunks (parameters on the meta device).
+        spec: ``"te"`` or ``"local"`` (see :func:`~megatron_bridge_ext.mcore.checkpoint.sharded_model_state`).
+        common: the common entries (``args``, this package's entry), as for ``save_distributed_checkpoint``.
+        iteration: the iteration stored in the common state.
+
+    Raises:
+        ValueError: a stored tensor that is no parameter of the chunks (named): it could not be produced.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from megatron_bridge_ext.mcore.checkpoint import sharded_model_state
+
+    dist_checkpoint_cpu_patches()
+    chunks = as_chunks(chunks)
+    by_id: Dict[int, Tuple[int, str]] = {}
+    params: Dict[Tuple[int, str], torch.Tensor] = {}
+    for i, chunk in enumerate(chunks):
+        for name, p in unwrap_model(chunk).named_parameters():
+            by_id[id(p)] = (i, name)
+            params[(i, name)] = p
+        for name, b in unwrap_model(chunk).named_buffers():
+            by_id.setdefault(id(b), (i, name))
+            params.setdefault((i, name), b)
+
+    state = sharded_model_state(chunks, spec)
+    # the plan is that of a one-process save on every rank (each rank then writes a share of its items): every item
+    # is the main replica, as on rank 0 of the data-parallel group
+    for item in nested_values(state):
+        if isinstance(item, (ShardedTensor, ShardedTensorFactory, ShardedObject)):
+            item.replica_id = 0
+    # where each stored chunk comes from: (key, global offset) -> (parameter, piece of it)
+    sources: Dict[Tuple[str, Tuple[int, ...]], Tuple[Tuple[int, str], Callable[[torch.Tensor], torch.Tensor]]] = {}
+    for item in nested_values(state):
+        if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+            owner = by_id.get(id(item.data))
+            if owner is None:
+                raise ValueError(f"stream plan: the stored tensor {item.key} is no parameter or buffer of the model "
+                                 f"({type(item.data).__name__} of shape {tuple(item.data.shape)}); it cannot be "
+                                 "converted from the HF tensors")
+            if isinstance(item, ShardedTensor):
+                sources[(item.key, tuple(item.global_offset))] = (owner, lambda v: v)
+            else:
+                for t in nested_values(item.build()):
+                    if isinstance(t, ShardedTensor):
+                        where = (t.key, tuple(t.global_offset))
+                        sources[where] = (owner, _factory_piece(item, where))
+
+    full: Dict[str, Any] = dict(state)
+    full.update({"checkpoint_version": ckpt_io.CHECKPOINT_VERSION, "iteration": int(iteration)})
+    full.update(dict(common))
+    full["content_metadata"] = dict(ckpt_io.CONTENT_METADATA)
+    sharded, common_sd = save_preprocess(full, validate_access_integrity=False)
+    plan = StreamPlan(metadata=None, params=params)
+    if common_state_in_checkpoint_files():
+        sharded["common_state"] = ShardedObject(key="common_state", data=common_sd, global_shape=(1,),
+                                                global_offset=(0,), replica_id=0)
+    else:
+        plan.common_pt = common_sd
+    flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, True)
+    pyt = mcore_to_pyt_state_dict(flat, False)
+
+    planner = _planner()
+    planner.set_up_planner(pyt, is_coordinator=True)
+    local = planner.create_local_plan()
+    _, metadata = planner.create_global_plan([local])
+    metadata.all_local_plans = [local]
+    central = planner.finish_plan(planner.create_decentralized_global_plan(local))
+    plan.metadata = metadata
+
+    for w in central.items:
+        if w.type == WriteItemType.BYTE_IO:
+            data = planner.resolve_data(w)
+            plan.byte_items.append((w, data if isinstance(data, io.BytesIO) else io.BytesIO(bytes(data))))
+            continue
+        fqn, offsets = w.index.fqn, tuple(int(o) for o in w.index.offset)
+        source = sources.get((fqn, offsets))
+        if source is None:
+            raise ValueError(f"stream plan: megatron-core's save plan writes {fqn} at offsets {offsets}, which no "
+                             "parameter of the model provides")
+        owner, piece = source
+        sizes = tuple(int(s) for s in w.tensor_data.chunk.sizes)
+        dtype = w.tensor_data.properties.dtype
+        nbytes = int(torch.Size(sizes).numel()) * torch.empty((), dtype=dtype).element_size()
+        plan.tensor_items.setdefault(owner, []).append(TensorItem(w, fqn, _shape_cut(sizes, piece), nbytes))
+    return plan
