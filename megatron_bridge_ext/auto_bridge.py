@@ -207,6 +207,7 @@ class AutoBridge:
         fsync: bool = True,
         side_files: Optional[str] = None,
         config_extra: Optional[Dict[str, Any]] = None,
+        materialize: Any = None,
     ) -> Optional[Dict[str, Any]]:
         """Write the model as an HF checkpoint (config.json and other small files, sharded safetensors).
 
@@ -224,6 +225,9 @@ class AutoBridge:
         ``config.json`` is generated from the Megatron config (the bridge's ``megatron_to_hf_config``), with
         ``config_extra`` (e.g. ``bos_token_id`` / ``eos_token_id``) added, and the files of ``side_files`` (a
         directory of tokenizer and other side files, e.g. those ``import`` kept) are copied first.
+
+        ``materialize``: a one-process model on the meta device whose parameters are read bucket by bucket (the
+        streamed export of a Megatron checkpoint, :class:`megatron_bridge_ext.mcore.stream.CheckpointParams`).
 
         Returns:
             On rank 0, a summary dict (``files``, ``total_size``, ``index``, ``missing``, ``replaced``, ``carried``,
@@ -245,7 +249,7 @@ class AutoBridge:
             try:
                 watch.barrier("save_hf_pretrained: start")  # rank 0's refusal reaches every rank here
                 summary = self._save(model, staged, watch, max_shard_bytes, bucket_bytes, strict, show_progress,
-                                     fsync, side_files, config_extra)
+                                     fsync, side_files, config_extra, materialize)
                 watch.barrier("save_hf_pretrained: committed")  # every rank returns only once rank 0 swapped it in
             except BaseException:
                 if staged is not None:
@@ -255,12 +259,13 @@ class AutoBridge:
 
     def _save(self, model, staged: Optional[StagedCheckpoint], watch, max_shard_bytes: int, bucket_bytes: int,
               strict: bool, show_progress: Optional[bool], fsync: bool, side_files: Optional[str] = None,
-              config_extra: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+              config_extra: Optional[Dict[str, Any]] = None, materialize: Any = None) -> Optional[Dict[str, Any]]:
         watch.set_phase("save_hf_pretrained: conversion tasks")
         tasks = self.model_bridge.build_conversion_tasks(None, model)  # collective: every rank builds them
         stream = self.model_bridge.stream_weights_megatron_to_hf(
             model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=0, show_progress=show_progress,
             conversion_tasks=tasks, copy=False,  # the writer puts each tensor in its file at once
+            materialize=materialize,
         )
         if staged is None:
             for _ in stream:

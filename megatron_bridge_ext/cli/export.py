@@ -130,12 +130,41 @@ def kept_side_files(info: Any) -> Tuple[Optional[str], Dict[str, Any]]:
     return side, extra
 
 
+def _stream_chunks(info: Any, config: Any, ckpt: Any, described_by: str) -> Tuple[List[Any], Any]:
+    """Meta-device chunks of the checkpoint's model at TP 1 (vocabulary rows as stored) and the reader that fills
+    their parameters bucket by bucket (:class:`megatron_bridge_ext.mcore.stream.CheckpointParams`)."""
+    import dataclasses
+
+    import torch
+
+    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype
+    from megatron_bridge_ext.mcore.model_builder import build_model_chunks
+    from megatron_bridge_ext.mcore.stream import CheckpointParams
+    from megatron_bridge_ext.mcore.versions import check_opt_in_layouts
+
+    if info.args is not None:
+        check_opt_in_layouts(info.args, f"{info.path} (its Megatron-LM args)")
+    embedding = ckpt.tensors.get("embedding.word_embeddings.weight")
+    if embedding is not None and config.vocab_size and embedding.shape[0] >= config.vocab_size:
+        # the rows the writer padded to (any multiple of its TP size): the model is built with the same rows
+        config = dataclasses.replace(config, make_vocab_size_divisible_by=int(embedding.shape[0]))
+    with torch.device("meta"):
+        chunks = cast_to_params_dtype(build_model_chunks(config))
+    return chunks, CheckpointParams(chunks, ckpt, described_by)
+
+
 def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str, Any], hf_source: Optional[str],
             show: bool, verbose: bool, fsync: bool, verify_checksums: bool = True,
-            hf_architecture: Optional[str] = None) -> Dict[str, Any]:
-    from megatron_bridge_ext.cli.common import load_checkpoint_chunks, phase, timed, worker_setup
+            hf_architecture: Optional[str] = None, stream: bool = False) -> Dict[str, Any]:
+    from megatron_bridge_ext.cli.common import load_checkpoint_chunks, phase, quiet_third_party, timed, worker_setup
 
-    device = worker_setup(verbose)
+    if stream:  # no model runs and nothing moves between ranks: one process, no CPU patches needed
+        quiet_third_party(verbose)
+        import torch
+
+        device = torch.device("cpu")
+    else:
+        device = worker_setup(verbose)
     import torch.distributed as dist
 
     from megatron_bridge_ext.io.megatron_checkpoint import check_checksums, read_checkpoint_info
@@ -153,16 +182,27 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
         checksum_s = clock()
         info = read_checkpoint_info(meg_dir)
         bridge, config, described_by = model_config_for(info, hf_source, hf_architecture)
-        chunks = load_checkpoint_chunks(info, config, device, show, described_by)
-        fp8_state = extra_state_with_content(info.path) if rank == 0 else []  # reported; never applied
-        dist.barrier()
-        read_s = clock()
         side, extra = (None, None) if hf_source is not None else kept_side_files(info)
-        summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync, side_files=side,
-                                            config_extra=extra)
+        if stream:
+            from megatron_bridge_ext.io.megatron_checkpoint import open_checkpoint
+
+            with open_checkpoint(meg_dir) as ckpt:
+                chunks, params = _stream_chunks(info, config, ckpt, described_by)
+                fp8_state = extra_state_with_content(ckpt)  # reported; never applied
+                read_s = clock()
+                summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync,
+                                                    side_files=side, config_extra=extra, materialize=params)
+        else:
+            chunks = load_checkpoint_chunks(info, config, device, show, described_by)
+            fp8_state = extra_state_with_content(info.path) if rank == 0 else []  # reported; never applied
+            dist.barrier()
+            read_s = clock()
+            summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync, side_files=side,
+                                                config_extra=extra)
         dist.barrier()
         return {"summary": summary, "read_s": read_s - checksum_s, "total_s": clock(), "source": info.path,
-                "checksums": checked, "checksum_s": checksum_s, "config_from": described_by, "fp8_state": fp8_state}
+                "checksums": checked, "checksum_s": checksum_s, "config_from": described_by, "fp8_state": fp8_state,
+                "streamed": stream}
     finally:
         destroy_parallel()
 
@@ -181,11 +221,16 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
                       ep: int = 1, etp: Optional[int] = None, hf_source: Optional[str] = None,
                       overwrite: bool = False, fsync: bool = True, show: bool = False, verbose: bool = False,
                       timeout: float = 3600.0, backend: Optional[str] = None,
-                      checksums: bool = True, hf_architecture: Optional[str] = None) -> Dict[str, Any]:
+                      checksums: bool = True, hf_architecture: Optional[str] = None,
+                      via_model: Optional[bool] = None) -> Dict[str, Any]:
     """Megatron checkpoint ``meg_dir`` -> HF checkpoint ``out_dir``; returns rank 0's measurements.
 
     Args:
         checksums: check the checkpoint's files against its ``integrity.json`` when it has one (the default).
+        via_model: read the checkpoint into a model built at the layout (local processes, memory: the whole model)
+            instead of streaming it (one process, no model: each bucket of parameters read from the files, converted
+            and written, then dropped). Default: the model path when a layout other than TP1 PP1 EP1 is given (or
+            under torchrun), else the stream.
 
     Raises:
         FileNotFoundError: the checkpoint (or the HF source) is missing.
@@ -194,7 +239,7 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
             structural fault or a refused class in the checkpoint (file and key named), files that differ from the
             manifest (each named). Nothing is written to ``out_dir`` then.
     """
-    from megatron_bridge_ext.cli.common import is_rank0, run_world, world_size_for
+    from megatron_bridge_ext.cli.common import is_rank0, run_in_process, run_world, under_torchrun, world_size_for
     from megatron_bridge_ext.io.megatron_checkpoint import has_checksums, read_checkpoint_info, resolve_checkpoint
 
     if checksums and has_checksums(meg_dir):
@@ -205,11 +250,17 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
         raise FileNotFoundError(f"--hf-source {hf_source!r} does not exist (missing)")
     _check_destination(out_dir, overwrite)  # every rank decides the same, before any process starts
     layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
-    results: List[Any] = run_world(_worker, world_size_for(layout),
-                                   (meg_dir, out_dir, layout, hf_source, show, verbose, fsync, checksums,
-                                    hf_architecture),
-                                   timeout=timeout, backend=backend)
-    res = results[0]
+    if via_model is None:
+        via_model = world_size_for(layout) > 1 or (vpp or 1) > 1 or under_torchrun()
+    args = (meg_dir, out_dir, layout, hf_source, show, verbose, fsync, checksums, hf_architecture, not via_model)
+    if via_model:
+        results: List[Any] = run_world(_worker, world_size_for(layout), args, timeout=timeout, backend=backend)
+        res = results[0]
+    else:
+        if world_size_for(layout) > 1:
+            raise ValueError("the streamed export reads at TP1 PP1 EP1 (the stored tensors are global); the layout "
+                             "options apply to --via-model")
+        res = run_in_process(_worker, args)
     res["out_dir"] = out_dir
     if is_rank0():
         from megatron_bridge_ext.io import SafeTensorsSource
@@ -236,6 +287,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fsync", action="store_true", help="do not fsync the written shards")
     parser.add_argument("--no-checksums", action="store_true",
                         help="do not check the checkpoint's files against its checksum manifest (integrity.json)")
+    parser.add_argument("--via-model", action="store_true",
+                        help="read the checkpoint into a model built at the layout (the default when a layout is "
+                             "given) instead of streaming it")
     add_terminal_arguments(parser)
 
 
@@ -249,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
         res = export_checkpoint(args.megatron_dir, args.hf_dir, **layout, hf_source=args.hf_source,
                                 overwrite=args.overwrite, fsync=not args.no_fsync, show=show_progress(args),
                                 verbose=args.verbose, timeout=args.timeout, backend=args.backend,
-                                checksums=not args.no_checksums, hf_architecture=args.hf_architecture)
+                                checksums=not args.no_checksums, hf_architecture=args.hf_architecture,
+                                via_model=True if args.via_model else None)
     except Exception as e:  # noqa: BLE001
         return fail(e, args.verbose)
     if is_rank0():
@@ -257,9 +312,12 @@ def run(args: argparse.Namespace) -> int:
         sums = ("checksums skipped" if args.no_checksums else "no checksum manifest" if res["checksums"] is None
                 else f"{res['checksums']} files match their checksums ({res['checksum_s']:.2f} s)")
         rest = res["total_s"] - res["read_s"] - res["checksum_s"]
-        print(summary_line("export", res["tensors"], res["bytes"], res["total_s"],
-                           res["out_dir"], f"[{where}; {sums}; checkpoint read {res['read_s']:.2f} s, convert + HF "
-                                           f"write {rest:.2f} s]"))
+        if res.get("streamed"):
+            detail = f"[streamed, no model; {sums}; setup {res['read_s']:.2f} s, read + convert + HF write {rest:.2f} s]"
+        else:
+            detail = (f"[{where}, via the model; {sums}; checkpoint read {res['read_s']:.2f} s, convert + HF write "
+                      f"{rest:.2f} s]")
+        print(summary_line("export", res["tensors"], res["bytes"], res["total_s"], res["out_dir"], detail))
         if res.get("fp8_state"):
             print(f"note: {len(res['fp8_state'])} Transformer Engine module kind(s) carry FP8 scaling state "
                   f"(_extra_state, e.g. {res['fp8_state'][0]}); the HF checkpoint holds the stored weights, unscaled, "

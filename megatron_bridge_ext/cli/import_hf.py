@@ -86,23 +86,6 @@ def _stream_worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dic
     return res
 
 
-def _in_process(fn: Any, args: tuple) -> Dict[str, Any]:
-    """``fn(0, 1, *args)`` in this process, in a one-process gloo group of its own (or in the process group this
-    process already has)."""
-    import tempfile
-
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return fn(dist.get_rank(), dist.get_world_size(), *args)
-    with tempfile.TemporaryDirectory(prefix="bridge_stream_") as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rdzv')}", rank=0, world_size=1)
-        try:
-            return fn(0, 1, *args)
-        finally:
-            dist.destroy_process_group()
-
-
 def import_checkpoint(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
                       ep: int = 1, etp: Optional[int] = None, dtype: Optional[str] = None, overwrite: bool = False,
                       show: bool = False, verbose: bool = False, timeout: float = 3600.0,
@@ -116,7 +99,7 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vp
         FileNotFoundError: ``hf_dir`` or its config.json is missing.
         ValueError: an unsupported architecture, or a layout that cannot split the model.
     """
-    from megatron_bridge_ext.cli.common import run_world, world_size_for
+    from megatron_bridge_ext.cli.common import run_in_process, run_world, world_size_for
 
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"HF checkpoint directory {hf_dir!r} does not exist (missing)")
@@ -136,7 +119,7 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vp
             raise ValueError("--resume continues an interrupted conversion; it cannot be combined with --overwrite")
         args = (hf_dir, out_dir, layout, dtype, overwrite, show, verbose, spec, buffer_bytes, resume)
         if ranks == 1 and not under_torchrun():
-            return _in_process(_stream_worker, args)
+            return run_in_process(_stream_worker, args)
         return run_world(_stream_worker, ranks, args, timeout=timeout, backend=backend or "gloo")[0]
     if resume or buffer_bytes is not None or ranks != 1:
         raise ValueError("--resume, --buffer-bytes and --ranks are options of the streamed conversion, not of "

@@ -570,6 +570,7 @@ class MegatronModelBridge:
         conversion_tasks: Optional[List[WeightConversionTask]] = None,
         copy: bool = True,
         cpu: bool = True,
+        materialize: Any = None,
     ) -> Iterator[HFWeightTuple]:
         """Stream the model as HF tensors, in the global order.
 
@@ -588,13 +589,16 @@ class MegatronModelBridge:
                 yielded as a view of the parameter or of the reused message buffer, valid only until the next item is
                 requested: for consumers that use each tensor at once (e.g. a writer), saving an allocation and a copy.
             cpu: move the HF tensors to the CPU (when the model lives on a GPU); False keeps them on the device.
+            materialize: for a one-rank model whose parameters are on the meta device, what loads each bucket's
+                parameters just before it is converted and releases them after (see ``Transport.stream``).
         """
         watch = self.watch("export")
         yield from watched(watch, self._stream_to_hf(watch, megatron_model, hf_pretrained, bucket_bytes, dst,
-                                                     show_progress, hf_config, conversion_tasks, copy, cpu), "export")
+                                                     show_progress, hf_config, conversion_tasks, copy, cpu,
+                                                     materialize), "export")
 
     def _stream_to_hf(self, watch: Watch, megatron_model, hf_pretrained, bucket_bytes, dst, show_progress, hf_config,
-                      conversion_tasks, copy, cpu) -> Iterator[HFWeightTuple]:
+                      conversion_tasks, copy, cpu, materialize=None) -> Iterator[HFWeightTuple]:
         chunks = as_chunks(megatron_model)
         topo = Topology.current()
         config = hf_config if hf_config is not None else getattr(hf_pretrained, "config", None)
@@ -618,7 +622,7 @@ class MegatronModelBridge:
         tied_copy = is_tied(chunks) and hf_keys is not None and self.tied_output_hf_name in hf_keys
         plans = [BucketPlan.make(b, meta, topo, dst_rank, everyone) for b in cut_buckets(tasks, meta, bucket_bytes)]
         show = self.show_progress if show_progress is None else show_progress
-        stream = self._transport.stream(plans, topo, dst_rank, everyone, watch=watch)
+        stream = self._transport.stream(plans, topo, dst_rank, everyone, watch=watch, materialize=materialize)
         for plan, views in progress(stream, "Exporting HF weights", show, total=len(plans)):
             if views is None:  # not a receiving rank: this bucket was sent (or had nothing of ours)
                 continue

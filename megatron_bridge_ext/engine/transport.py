@@ -17,7 +17,7 @@ when another rank has failed, died or frozen (see :mod:`megatron_bridge_ext.engi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -210,6 +210,7 @@ class Transport:
         dst: int,
         everyone: bool,
         watch: Optional[Watch] = None,
+        materialize: Any = None,
     ) -> Iterator[Tuple[BucketPlan, Optional[List[List[torch.Tensor]]]]]:
         """Drive every bucket's transfer; yields ``(plan, shards per task)`` per bucket, with None for the shards on
         ranks that do not receive.
@@ -218,15 +219,19 @@ class Transport:
         are valid until the next item is requested. Waits go through ``watch`` (a peer's failure, death or freeze
         ends them with a :class:`~megatron_bridge_ext.engine.peers.PeerFailure`); after a failure the buffers are
         released (a receive may still be pending into them).
+
+        ``materialize`` (optional; one-rank exports of a model whose parameters live on the meta device) has
+        ``load(parameters) -> values``: each bucket's values are read just before it is handed out, in place of the
+        parameters, and dropped once the consumer asks for the next bucket.
         """
         watch = watch if watch is not None else Watch("export")
         try:
-            yield from self._stream(plans, topo, dst, everyone, watch)
+            yield from self._stream(plans, topo, dst, everyone, watch, materialize)
         except BaseException:
             self.release()
             raise
 
-    def _stream(self, plans, topo, dst, everyone, watch):
+    def _stream(self, plans, topo, dst, everyone, watch, materialize=None):
         device = comm_device()  # NCCL moves CUDA buffers, gloo CPU ones
         # bucket index -> (message, [(receive request, source rank)])
         pending: Dict[int, Tuple[torch.Tensor, List[Tuple[object, int]]]] = {}
@@ -265,6 +270,16 @@ class Transport:
         for i, plan in enumerate(plans):
             watch.set_phase(f"{watch.name}: bucket {i + 1} of {n}")
             watch.check()
+            if materialize is not None:  # one rank, parameters on the meta device: read this bucket's values now
+                if topo.world != 1:
+                    raise ValueError("Transport.stream: parameters loaded bucket by bucket need a one-rank export")
+                views = []
+                for task, m in plan.layout:
+                    values = materialize.load(task.local_tensors)
+                    views.append([values if task.is_group else values[0].view(m.shape)])
+                yield plan, views
+                del views
+                continue
             if plan.direct:  # the destination owns the whole bucket: hand out the parameters themselves
                 yield plan, [[task.param_weight.detach()] for task, _ in plan.layout]
                 continue

@@ -26,7 +26,7 @@ from megatron_bridge_ext.mcore.cpu_compat import dist_checkpoint_cpu_patches
 from megatron_bridge_ext.mcore.names import as_chunks, unwrap_model
 from megatron_bridge_ext.mcore.versions import common_state_in_checkpoint_files
 
-__all__ = ["StreamPlan", "TensorItem", "plan_stream"]
+__all__ = ["StreamPlan", "TensorItem", "plan_stream", "CheckpointParams"]
 
 
 @dataclass
@@ -201,3 +201,88 @@ def plan_stream(chunks: Sequence[torch.nn.Module], *, spec: str, common: Mapping
         nbytes = int(torch.Size(sizes).numel()) * torch.empty((), dtype=dtype).element_size()
         plan.tensor_items.setdefault(owner, []).append(TensorItem(w, fqn, _shape_cut(sizes, piece), nbytes))
     return plan
+
+
+class CheckpointParams:
+    """The parameters of meta-device chunks (one process, TP 1) read from an open ``torch_dist`` checkpoint on
+    demand: :meth:`load` returns the given parameters' stored values (the slices of the stored tensors megatron-core
+    would load into them, through the sharded-tensor factories' merges, cast to the parameters' dtype); the model's
+    parameters stay on the meta device. The streamed export hands it to ``save_hf_pretrained(materialize=...)``, which
+    reads one bucket at a time.
+
+    Checks, before anything is read: the checkpoint holds every tensor the model needs with the model's global shapes
+    (vocabulary rows: the model is built with the stored padding) and floating-point dtypes, and no tensor the model
+    does not know (each named).
+
+    Args:
+        chunks: meta-device chunks of the checkpoint's model.
+        ckpt: the open checkpoint (:class:`~megatron_bridge_ext.io.dcp_reader.TorchDistCheckpoint`).
+        described_by: where the chunks' config came from, for messages.
+    """
+
+    def __init__(self, chunks: Sequence[torch.nn.Module], ckpt: Any, described_by: str = "the model config") -> None:
+        from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+        from megatron_bridge_ext.mcore.checkpoint import (_check_stored, _not_a_weight, checkpoint_spec,
+                                                          sharded_model_state)
+
+        self.ckpt = ckpt
+        self.bytes_read = 0
+        chunks = as_chunks(chunks)
+        spec = checkpoint_spec(chunks, ckpt.path, stored_keys=ckpt.tensors)
+        state = sharded_model_state(chunks, spec, extra_state=False)
+        items = [t for t in nested_values(state) if isinstance(t, (ShardedTensor, ShardedTensorFactory))]
+        requested = {t.key: t for t in items}
+        _check_stored(requested, ckpt.tensors, ckpt.path, described_by)
+        missing = sorted(set(requested) - set(ckpt.tensors))
+        if missing:
+            raise ValueError(f"{ckpt.path}: the checkpoint lacks {len(missing)} tensor(s) {described_by} needs: "
+                             f"{missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        unknown = sorted(k for k in ckpt.tensors if k not in requested and not _not_a_weight(k))
+        if unknown:
+            raise ValueError(f"{ckpt.path}: the checkpoint holds {len(unknown)} tensor(s) the model of "
+                             f"{described_by} does not have: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
+        self._read: Dict[int, Callable[[], torch.Tensor]] = {}
+
+        def slice_of(t: Any) -> Callable[[], torch.Tensor]:
+            key, offsets = t.key, tuple(t.global_offset)
+            sizes = (1,) * t.prepend_axis_num + tuple(t.local_shape)
+            shape = tuple(t.local_shape)
+
+            def read() -> torch.Tensor:
+                value = self.ckpt.read_slice(key, offsets, sizes).view(shape)
+                self.bytes_read += value.numel() * value.element_size()
+                return value
+
+            return read
+
+        for t in items:
+            if isinstance(t, ShardedTensor):
+                self._read[id(t.data)] = slice_of(t)
+            else:
+                factory = t
+                pieces = factory.build()
+
+                def merged(factory: Any = factory, pieces: Any = pieces) -> torch.Tensor:
+                    loaded = dict_list_map_outplace(
+                        lambda x: slice_of(x)() if isinstance(x, ShardedTensor) else x, pieces)
+                    return factory.merge_fn(loaded)
+
+                self._read[id(factory.data)] = merged
+        del ShardedObject
+
+    def load(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The stored values of these parameters (fresh tensors in the parameters' dtypes)."""
+        out = []
+        for t in tensors:
+            read = self._read.get(id(t))
+            if read is None:
+                raise ValueError(f"streamed export: a parameter of shape {tuple(t.shape)} is stored under no key of "
+                                 f"{self.ckpt.path}")
+            value = read()
+            if tuple(value.shape) != tuple(t.shape):
+                raise ValueError(f"streamed export: the stored value has shape {tuple(value.shape)}, the parameter "
+                                 f"{tuple(t.shape)}")
+            out.append(value if value.dtype == t.dtype else value.to(t.dtype))
+        return out

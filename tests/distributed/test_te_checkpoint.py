@@ -516,3 +516,17 @@ def test_inspect_tells_the_spec_the_fp8_state_and_quantized_weights(results):
     quantized = describe_megatron(os.path.join(results["root"], "mlm_fp8_weights"))
     assert quantized["quantized"] == ["decoder.layers.self_attention.linear_proj.weight"]
     assert quantized["dtypes"].get("float8_e4m3fn") == 1
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
+    """``export`` without a model (one process: each bucket of parameters read from the DCP files, converted, written,
+    dropped) of both checkpoints of a family: the streamed one and the model path's (written at TP2 or EP2, read here
+    at TP1): the source's tensors bit for bit."""
+    from megatron_bridge_ext.cli.export import export_checkpoint
+
+    for source in ("stream", "te"):
+        out = str(tmp_path / source)
+        res = export_checkpoint(os.path.join(results["root"], name, source), out)
+        assert res["streamed"] is True
+        _assert_same_tensors(out, results["paths"][name])
