@@ -73,7 +73,7 @@ def _worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, 
 
 def _stream_worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, Any], dtype: Optional[str],
                    overwrite: bool, show: bool, verbose: bool, spec: str, buffer_bytes: Optional[int],
-                   resume: bool) -> Dict[str, Any]:
+                   resume: bool, file_bytes: Optional[int] = None) -> Dict[str, Any]:
     from megatron_bridge_ext.cli.common import DTYPES, quiet_third_party
 
     quiet_third_party(verbose)  # no model runs: megatron-core's CPU patches are not needed
@@ -81,7 +81,8 @@ def _stream_worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dic
 
     res = AutoBridge.from_hf_pretrained(hf_dir).save_megatron_checkpoint(
         out_dir, spec=spec, dtype=None if dtype is None else DTYPES[dtype], layout=layout, buffer_bytes=buffer_bytes,
-        overwrite=overwrite, resume=resume, show_progress=show and rank == 0)
+        overwrite=overwrite, resume=resume, show_progress=show and rank == 0,
+        **({} if file_bytes is None else {"file_bytes": file_bytes}))
     res["read_s"] = res["convert_s"]
     return res
 
@@ -90,7 +91,8 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vp
                       ep: int = 1, etp: Optional[int] = None, dtype: Optional[str] = None, overwrite: bool = False,
                       show: bool = False, verbose: bool = False, timeout: float = 3600.0,
                       backend: Optional[str] = None, spec: str = "te", via_model: bool = False,
-                      ranks: int = 1, buffer_bytes: Optional[int] = None, resume: bool = False) -> Dict[str, Any]:
+                      ranks: int = 1, buffer_bytes: Optional[int] = None, resume: bool = False,
+                      file_bytes: Optional[int] = None) -> Dict[str, Any]:
     """HF ``hf_dir`` -> Megatron checkpoint ``out_dir`` (``spec``: whose keys, ``"te"`` or ``"local"``); returns rank
     0's measurements. A stream by default (``ranks`` local processes, or torchrun's world; the layout is recorded),
     or with ``via_model`` through a model built at the layout.
@@ -117,13 +119,13 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vp
             raise ValueError(f"--ranks must be >= 1, got {ranks}")
         if resume and overwrite:
             raise ValueError("--resume continues an interrupted conversion; it cannot be combined with --overwrite")
-        args = (hf_dir, out_dir, layout, dtype, overwrite, show, verbose, spec, buffer_bytes, resume)
+        args = (hf_dir, out_dir, layout, dtype, overwrite, show, verbose, spec, buffer_bytes, resume, file_bytes)
         if ranks == 1 and not under_torchrun():
             return run_in_process(_stream_worker, args)
         return run_world(_stream_worker, ranks, args, timeout=timeout, backend=backend or "gloo")[0]
-    if resume or buffer_bytes is not None or ranks != 1:
-        raise ValueError("--resume, --buffer-bytes and --ranks are options of the streamed conversion, not of "
-                         "--via-model")
+    if resume or buffer_bytes is not None or ranks != 1 or file_bytes is not None:
+        raise ValueError("--resume, --buffer-bytes, --file-bytes and --ranks are options of the streamed conversion, "
+                         "not of --via-model")
     results = run_world(_worker, world_size_for(layout),
                         (hf_dir, out_dir, layout, dtype, overwrite, show, verbose, spec), timeout=timeout,
                         backend=backend)
@@ -151,6 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--buffer-bytes", type=_byte_size, default=None,
                         help="bytes of converted tensors that may wait for the disk (default 1GiB; accepts K/M/G "
                              "suffixes); memory is this plus the largest tensor")
+    parser.add_argument("--file-bytes", type=_byte_size, default=None,
+                        help="bytes per .distcp file (default 4G): the unit a resumed conversion keeps")
     parser.add_argument("--resume", action="store_true",
                         help="continue a killed streamed conversion from the files it completed")
     add_terminal_arguments(parser)
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         res = import_checkpoint(args.hf_dir, args.out_dir, **layout, dtype=args.dtype, overwrite=args.overwrite,
                                 show=show_progress(args), verbose=args.verbose, timeout=args.timeout,
                                 backend=args.backend, spec=args.spec, via_model=args.via_model, ranks=args.ranks,
-                                buffer_bytes=args.buffer_bytes, resume=args.resume)
+                                buffer_bytes=args.buffer_bytes, resume=args.resume, file_bytes=args.file_bytes)
     except Exception as e:  # noqa: BLE001  (one clear line for the user; --verbose shows the traceback)
         return fail(e, args.verbose)
     if is_rank0():

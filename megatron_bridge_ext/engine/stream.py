@@ -267,8 +267,23 @@ def stream_hf_to_megatron(
         problems: List[str] = []
         if resume:
             kept, problems = journal.read(partial)
-        elif os.path.exists(journal.path):
+        # this rank's files that are not kept (an interrupted file, one that changed) go before anything is written
+        names = {f.name for f in kept}
+        for name in os.listdir(partial):
+            if name.startswith(f"__{rank}_") and name.endswith(".distcp") and name not in names:
+                os.remove(os.path.join(partial, name))
+        if not resume and os.path.exists(journal.path):
             os.remove(journal.path)
+        elif resume:  # the journal lists exactly the kept files from now on
+            tmp = journal.path + ".tmp"
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            for f in kept:
+                _Journal(tmp, journal.fingerprint).add(f)
+            if os.path.exists(tmp):
+                os.replace(tmp, journal.path)
+            elif os.path.exists(journal.path):
+                os.remove(journal.path)
         done_items = {_where(r.index) for f in kept for r in f.results}
 
         model_bridge = bridge.model_bridge

@@ -1,0 +1,137 @@
+"""The streamed import when it is killed, resumed, and pointed at bad input.
+
+A Llama checkpoint (~30 MB) is streamed into 64 KiB files (hundreds of fsynced files, a few seconds), so that a
+conversion killed with SIGKILL from outside stops in the middle of it. Afterwards:
+
+- nothing looks complete: no ``iter_0000000``, no tracker, only the staging directory;
+- ``--resume`` keeps the files the journal recorded (each checked against its size and SHA-256) and converts only the
+  rest; the result equals, tensor for tensor and object for object, an import that was never interrupted
+  (``compare_megatron_checkpoints``, read with the restricted reader);
+- a kept file that changed on disk is found and redone; a resume with other settings keeps nothing;
+- the CLI's ``--resume`` with ``--overwrite`` is refused, and a second import over a complete checkpoint is refused
+  unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("transformers")
+
+LAYERS = 8
+CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=LAYERS, num_attention_heads=8,
+              num_key_value_heads=4, vocab_size=4000)
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "megatron_bridge_ext", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def _journal_records(partial: str) -> int:
+    from megatron_bridge_ext.engine.stream import JOURNAL_NAME
+
+    path = os.path.join(partial, f"{JOURNAL_NAME}.0")
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        return f.read().count(b"WrittenFile")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    import torch
+
+    from megatron_bridge_ext.testing.tiny_models import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("stream_resume")
+    hf = make_tiny_llama(str(root / "hf"), seed=7, dtype=torch.bfloat16, **CONFIG)
+    return str(root), hf
+
+
+def _stream(hf, out, **kw):
+    """The library call the CLI makes (one process, in a gloo group of its own)."""
+    from megatron_bridge_ext.cli.import_hf import import_checkpoint
+
+    return import_checkpoint(hf, out, **kw)
+
+
+def test_killed_conversion_leaves_nothing_complete_and_resumes(source, tmp_path):
+    from megatron_bridge_ext.testing.parity import compare_megatron_checkpoints
+
+    root, hf = source
+    whole = str(tmp_path / "whole")
+    ref = _stream(hf, whole, file_bytes=64 << 10)
+    assert ref["kept_files"] == 0 and os.path.isdir(os.path.join(whole, "iter_0000000"))
+
+    out = str(tmp_path / "killed")
+    partial = os.path.join(out, "iter_0000000.partial")
+    # small files, each fsynced: the conversion takes long enough to be killed in the middle
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_bridge_ext", "import", hf, out, "--quiet",
+                             "--file-bytes", "64K"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _journal_records(partial) < 20 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    killed_at = _journal_records(partial)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the conversion finished before it could be killed"
+    assert killed_at >= 20
+    assert not os.path.exists(os.path.join(out, "iter_0000000"))
+    assert not os.path.exists(os.path.join(out, "latest_checkpointed_iteration.txt"))
+    assert os.path.isdir(partial) and not os.path.exists(os.path.join(partial, ".metadata"))
+
+    # a kept file changed on disk: found (SHA-256) and converted again
+    files = sorted(n for n in os.listdir(partial) if n.endswith(".distcp"))
+    with open(os.path.join(partial, files[0]), "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    res = _stream(hf, out, resume=True, file_bytes=64 << 10)
+    assert res["kept_files"] >= killed_at - 2, res  # the changed file and at most the one being written are redone
+    assert any("content differs" in p for p in res["resume_problems"]), res["resume_problems"]
+    assert 0 < res["written_bytes"] < ref["written_bytes"], (res["written_bytes"], ref["written_bytes"])
+    assert not os.path.exists(partial)
+    assert compare_megatron_checkpoints(out, whole) == []
+
+
+def test_resume_with_other_settings_keeps_nothing(source, tmp_path):
+    from megatron_bridge_ext.testing.parity import compare_megatron_checkpoints
+
+    root, hf = source
+    out = str(tmp_path / "out")
+    partial = os.path.join(out, "iter_0000000.partial")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_bridge_ext", "import", hf, out, "--quiet",
+                             "--dtype", "fp32", "--file-bytes", "64K"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _journal_records(partial) < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = _stream(hf, out, resume=True, file_bytes=64 << 10)  # bf16 now: the fp32 files are of another conversion
+    assert res["kept_files"] == 0
+    assert any("another conversion" in p for p in res["resume_problems"]), res["resume_problems"]
+    assert compare_megatron_checkpoints(out, _stream(hf, str(tmp_path / "ref"))["path"]) == []
+
+
+def test_cli_refusals(source, tmp_path):
+    root, hf = source
+    out = str(tmp_path / "out")
+    r = _cli("import", hf, out, "--resume", "--overwrite")
+    assert r.returncode != 0 and "--resume" in r.stderr + r.stdout
+    assert _cli("import", hf, out, "--quiet").returncode == 0
+    r = _cli("import", hf, out, "--quiet")
+    assert r.returncode != 0 and "exists" in r.stderr + r.stdout
+    assert _cli("import", hf, out, "--quiet", "--overwrite", "--buffer-bytes", "1M").returncode == 0
+    r = _cli("import", hf, out, "--buffer-bytes", "lots")
+    assert r.returncode != 0 and "not a byte size" in r.stderr
