@@ -1,0 +1,242 @@
+"""The streamed converter (``import`` / ``export`` without a model) against the floor of any converter: reading the
+source files once plus writing the same bytes once with fsync, all measured in the same run, page cache dropped
+before every step (``--drop-caches``, needs root), as a user runs the commands.
+
+For each checkpoint:
+
+* ``read``: every source file read once, cold (sequentially, one reused buffer);
+* ``write``: the same number of bytes written to one new file with fsync;
+* ``import``: ``python -m megatron_bridge_ext import HF OUT`` (streamed, ``--ranks N`` for N = ``--ranks``), wall
+  clock from the command's start to its exit (every file fsynced, the checkpoint renamed into place); the CLI's own
+  conversion time is reported apart, the rest being start-up (interpreter, imports);
+* ``import --via-model``: the model path at TP1 (the previous default), same measurement;
+* ``export``: ``export OUT HF2`` (streamed) and ``export OUT HF3 --via-model``, same measurement;
+* peak RSS: the largest resident set of any process of the command (``getrusage`` of its waited-for children).
+
+Ratios: each command's time / (read + write) of the same run; the start-up-free ratio uses the CLI's own time.
+
+    sudo python benchmarks/bench_stream.py --drop-caches                    # 1.1B Llama, 1 / 2 / 4 ranks
+    sudo python benchmarks/bench_stream.py --drop-caches --model qwen3-235b-slice --layers 4 --no-via-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from _memio import DROP_CACHES, drop_page_cache  # noqa: E402
+
+GiB = 1024**3
+
+_RUN = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+wall = time.perf_counter() - t
+print(json.dumps({"rc": p.returncode, "wall": wall, "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  "out": p.stdout[-3000:], "err": p.stderr[-3000:]}))
+"""
+
+
+def run_cli(args: List[str]) -> Dict[str, Any]:
+    """One CLI command in a fresh wrapper process: wall clock and the peak RSS of its processes."""
+    r = subprocess.run([sys.executable, "-c", _RUN, sys.executable, "-m", "megatron_bridge_ext", *args],
+                       capture_output=True, text=True)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if res["rc"] != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{res['out']}\n{res['err']}")
+    res["peak_rss"] = res["maxrss_kib"] * 1024
+    return res
+
+
+def cold_read(path: str) -> float:
+    files = []
+    for root, _, names in os.walk(path):
+        files += [os.path.join(root, n) for n in names]
+    buf = bytearray(64 << 20)
+    t = time.perf_counter()
+    for f in sorted(files):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - t
+
+
+def plain_write(path: str, nbytes: int) -> float:
+    chunk = bytearray(os.urandom(1 << 20)) * 64
+    t = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            n = f.write(memoryview(chunk)[:min(left, len(chunk))])
+            left -= n
+        os.fsync(f.fileno())
+    s = time.perf_counter() - t
+    os.remove(path)
+    return s
+
+
+def dir_bytes(path: str, suffix: str = "") -> int:
+    return sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(path) for n in ns if n.endswith(suffix))
+
+
+def make_source(kind: str, path: str, layers: int) -> Dict[str, Any]:
+    """A random bf16 checkpoint written in the HF layout (config.json + safetensors), tensor by tensor."""
+    import torch
+
+    from megatron_bridge_ext.io import SafeTensorsWriter
+
+    if kind == "llama-1b":
+        from bench_convert import hf_shapes, llama_config
+
+        cfg = llama_config(layers)
+        shapes = hf_shapes(cfg)
+    elif kind == "qwen3-235b-slice":
+        cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 4096,
+               "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_experts": 128,
+               "num_experts_per_tok": 8, "num_hidden_layers": layers, "num_attention_heads": 64,
+               "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+               "rope_theta": 1000000.0, "max_position_embeddings": 40960, "tie_word_embeddings": False,
+               "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "dtype": "bfloat16",
+               "attention_bias": False, "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645}
+        h, f, e, v, nh, nkv, d = 4096, 1536, 128, 151936, 64, 4, 128
+        shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                           p + "self_attn.q_proj.weight": (nh * d, h), p + "self_attn.k_proj.weight": (nkv * d, h),
+                           p + "self_attn.v_proj.weight": (nkv * d, h), p + "self_attn.o_proj.weight": (h, nh * d),
+                           p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,),
+                           p + "mlp.gate.weight": (e, h)})
+            for x in range(e):
+                q = f"{p}mlp.experts.{x}."
+                shapes.update({q + "gate_proj.weight": (f, h), q + "up_proj.weight": (f, h),
+                               q + "down_proj.weight": (h, f)})
+    else:
+        raise ValueError(f"unknown model {kind!r}")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(cfg, fh, indent=2)
+    g = torch.Generator().manual_seed(0)
+    with SafeTensorsWriter(path, {k: (s, torch.bfloat16) for k, s in shapes.items()}, max_shard_bytes=4 * GiB) as w:
+        for k, s in shapes.items():
+            t = torch.empty(s, dtype=torch.bfloat16)
+            t.normal_(0, 0.02, generator=g) if len(s) > 1 else t.normal_(1.0, 0.1, generator=g)
+            w.add(k, t)
+    largest = max(int(torch.Size(s).numel()) * 2 for s in shapes.values())
+    return {"bytes": dir_bytes(path, ".safetensors"), "tensors": len(shapes), "largest": largest}
+
+
+def measure(label: str, args: List[str], drop: bool, warm: Optional[str], floor: float) -> Dict[str, Any]:
+    if drop:
+        drop_page_cache(None)
+    r = run_cli(args)
+    line = next((ln for ln in r["out"].splitlines() if ln.startswith(("import:", "export:"))), "")
+    inner = None
+    if " in " in line:
+        try:
+            inner = float(line.split(" in ")[1].split(" s ")[0])
+        except ValueError:
+            inner = None
+    out = {"label": label, "wall_s": r["wall"], "cli_s": inner, "peak_rss": r["peak_rss"],
+           "x_floor": r["wall"] / floor, "x_floor_no_startup": (inner / floor) if inner else None}
+    print(f"  {label:34s} {r['wall']:7.2f} s  (conversion {inner if inner is not None else float('nan'):6.2f} s, "
+          f"start-up {r['wall'] - (inner or 0):5.2f} s)  {out['x_floor']:.2f}x read+write  "
+          f"{(out['x_floor_no_startup'] or float('nan')):.2f}x without start-up  peak RSS "
+          f"{r['peak_rss'] / GiB:.2f} GiB", flush=True)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="llama-1b", choices=["llama-1b", "qwen3-235b-slice"])
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (llama-1b: 22, the slice: 4)")
+    ap.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts of the streamed import")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--no-via-model", action="store_true", help="skip the model path (memory: the whole model)")
+    ap.add_argument("--no-export", action="store_true")
+    ap.add_argument("--drop-caches", action="store_true", help=f"drop the page cache before each step ({DROP_CACHES})")
+    ap.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    a = ap.parse_args(argv)
+    layers = a.layers or (22 if a.model == "llama-1b" else 4)
+    work = a.dir or tempfile.mkdtemp(prefix="bench_stream_")
+    os.makedirs(work, exist_ok=True)
+    results: Dict[str, Any] = {"model": a.model, "layers": layers, "runs": []}
+    try:
+        src = os.path.join(work, "hf")
+        t = time.perf_counter()
+        info = make_source(a.model, src, layers)
+        print(f"{a.model}, {layers} layers: {info['tensors']} tensors, {info['bytes'] / GiB:.2f} GiB bf16, largest "
+              f"tensor {info['largest'] / 2**20:.0f} MiB (made in {time.perf_counter() - t:.0f} s, {src})", flush=True)
+        results.update(info)
+        for rep in range(a.repeats):
+            if a.drop_caches:
+                drop_page_cache(None)
+            read_s = cold_read(src)
+            if a.drop_caches:
+                drop_page_cache(None)
+            write_s = plain_write(os.path.join(work, "plain.bin"), info["bytes"])
+            floor = read_s + write_s
+            print(f"repeat {rep + 1}: read {read_s:.2f} s + write with fsync {write_s:.2f} s = {floor:.2f} s",
+                  flush=True)
+            run = {"read_s": read_s, "write_s": write_s, "steps": []}
+            out = os.path.join(work, "meg")
+            for n in [int(x) for x in a.ranks.split(",")]:
+                shutil.rmtree(out, ignore_errors=True)
+                run["steps"].append({**measure(f"import (stream, {n} rank{'s' if n > 1 else ''})",
+                                               ["import", src, out, "--quiet", "--ranks", str(n)],
+                                               a.drop_caches, None, floor), "ranks": n})
+            if not a.no_via_model:
+                via = os.path.join(work, "meg_model")
+                shutil.rmtree(via, ignore_errors=True)
+                run["steps"].append(measure("import --via-model (TP1)", ["import", src, via, "--quiet",
+                                                                          "--via-model"], a.drop_caches, None, floor))
+                shutil.rmtree(via, ignore_errors=True)
+            if not a.no_export:
+                hf2 = os.path.join(work, "hf2")
+                shutil.rmtree(hf2, ignore_errors=True)
+                run["steps"].append(measure("export (stream)", ["export", out, hf2, "--quiet"], a.drop_caches, None,
+                                            floor))
+                exact = _same(src, hf2)
+                print(f"    export bit-exact to the source: {exact}", flush=True)
+                run["export_exact"] = exact
+                shutil.rmtree(hf2, ignore_errors=True)
+                if not a.no_via_model:
+                    run["steps"].append(measure("export --via-model (TP1)", ["export", out, hf2, "--quiet",
+                                                                             "--via-model"], a.drop_caches, None,
+                                                floor))
+                    shutil.rmtree(hf2, ignore_errors=True)
+            results["runs"].append(run)
+        print("bound: peak RSS <= 1 GiB + the largest tensor = "
+              f"{(GiB + info['largest']) / GiB:.2f} GiB (the streamed steps)")
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(results, fh, indent=2)
+    finally:
+        if a.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _same(a: str, b: str) -> bool:
+    from megatron_bridge_ext.testing.parity import compare_checkpoints
+
+    return bool(compare_checkpoints(a, b)["bit_exact"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
