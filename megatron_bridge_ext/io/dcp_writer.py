@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -45,14 +45,68 @@ class WrittenFile:
     results: List[Any] = field(default_factory=list)
 
 
-class _HashingFile(io.RawIOBase):
-    """A binary file that hashes what is written to it (``tell`` counts the bytes, as DCP's offsets need)."""
+class _Hasher:
+    """SHA-256 of a file as it is written, on a thread of its own: the writer hands over each written byte range,
+    the hasher reads it back (from the page cache) and hashes the ranges in order. hashlib releases the GIL, so
+    hashing runs beside the conversion and the writes instead of after each of them."""
+
+    _PIECE = 8 << 20
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self._h = hashlib.sha256()
+        self._ranges: "queue.Queue[Optional[Tuple[int, int]]]" = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="dcp-hasher", daemon=True)
+        self._thread.start()
+
+    def add(self, offset: int, nbytes: int) -> None:
+        if nbytes > 0:
+            self._ranges.put((offset, nbytes))
+
+    def _run(self) -> None:
+        buf = bytearray(self._PIECE)
+        view = memoryview(buf)
+        try:
+            while True:
+                r = self._ranges.get()
+                if r is None:
+                    return
+                offset, left = r
+                while left > 0:
+                    n = os.preadv(self._fd, [view[:min(left, self._PIECE)]], offset)
+                    if n <= 0:
+                        raise OSError(f"reading back the written bytes at offset {offset} to hash them gave {n}")
+                    self._h.update(view[:n])
+                    offset += n
+                    left -= n
+        except BaseException as e:  # noqa: BLE001  (raised by digest)
+            self._error = e
+
+    def digest(self) -> str:
+        self._ranges.put(None)
+        self._thread.join()
+        os.close(self._fd)
+        if self._error is not None:
+            raise self._error
+        return self._h.hexdigest()
+
+    def abandon(self) -> None:
+        self._ranges.put(None)
+        self._thread.join()
+        os.close(self._fd)
+
+
+class _DcpFile(io.RawIOBase):
+    """A ``.distcp`` file being written: ``tell`` counts the bytes (DCP's offsets), each item's write-back to disk is
+    started as soon as it is written (so that closing finds little left to flush), and a :class:`_Hasher` hashes it."""
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self._f = open(path, "wb", buffering=0)
-        self._h = hashlib.sha256()
+        self._hasher = _Hasher(path)
         self._n = 0
+        self._item_start = 0
 
     def writable(self) -> bool:
         return True
@@ -65,32 +119,71 @@ class _HashingFile(io.RawIOBase):
         n = 0
         while n < len(view):
             n += self._f.write(view[n:])
-        self._h.update(view)
         self._n += n
         return n
 
     def tell(self) -> int:
         return self._n
 
+    def item_done(self) -> None:
+        """The bytes since the last item are complete: start their write-back, hash them."""
+        start, nbytes = self._item_start, self._n - self._item_start
+        if nbytes > 0:
+            if _start_writeback is not None:
+                _start_writeback(self._f.fileno(), start, nbytes)
+            self._hasher.add(start, nbytes)
+        self._item_start = self._n
+
     def finish(self) -> str:
+        self.item_done()
         os.fsync(self._f.fileno())
         self._f.close()
-        return self._h.hexdigest()
+        return self._hasher.digest()
 
     def abandon(self) -> None:
         self._f.close()
+        self._hasher.abandon()
+
+
+def _writeback_starter() -> Optional[Callable[[int, int, int], None]]:
+    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)`` where the C library has it (Linux), else None."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, nbytes: int) -> None:
+        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE: initiate write-out, do not wait; advisory
+
+    return start
+
+
+_start_writeback = _writeback_starter()
 
 
 def owned_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` as a contiguous CPU tensor that owns exactly its storage (``torch.save`` writes a view's whole
-    storage, so a view is copied, as torch's own writer does)."""
+    """``tensor`` as a contiguous CPU tensor whose storage is exactly its bytes (``torch.save`` writes a tensor's
+    whole storage): a contiguous view (e.g. of a memory-mapped file) gets a storage that is the slice of its own
+    storage it covers, without copying; a non-contiguous one is copied."""
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    if not t.is_contiguous() or t.storage_offset() != 0 or \
-            t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone(memory_format=torch.contiguous_format)
-    return t
+    if not t.is_contiguous():
+        return t.clone(memory_format=torch.contiguous_format)
+    nbytes = t.numel() * t.element_size()
+    storage = t.untyped_storage()
+    if t.storage_offset() == 0 and storage.nbytes() == nbytes:
+        return t
+    start = t.storage_offset() * t.element_size()
+    exact = storage[start:start + nbytes]
+    return torch.empty(0, dtype=t.dtype).set_(exact, 0, t.shape, t.stride())
 
 
 def _item_writer() -> Callable[..., Any]:
@@ -196,7 +289,7 @@ class StreamingDcpWriter:
             raise self._error
 
     def _run(self) -> None:
-        current: Optional[_HashingFile] = None
+        current: Optional[_DcpFile] = None
         name = ""
         results: List[Any] = []
         try:
@@ -208,9 +301,10 @@ class StreamingDcpWriter:
                 if current is None:
                     name = f"__{self.rank}_{self._next_file}.distcp"
                     self._next_file += 1
-                    current = _HashingFile(os.path.join(self.directory, name))
+                    current = _DcpFile(os.path.join(self.directory, name))
                     results = []
                 results.append(self._write_item(current, data, item, name))
+                current.item_done()
                 del data
                 with self._cond:
                     self._queued -= nbytes
@@ -233,7 +327,7 @@ class StreamingDcpWriter:
             with self._cond:
                 self._cond.notify_all()
 
-    def _complete(self, f: _HashingFile, name: str, results: List[Any]) -> None:
+    def _complete(self, f: _DcpFile, name: str, results: List[Any]) -> None:
         size = f.tell()
         digest = f.finish()
         done = WrittenFile(name, size, digest, results)
