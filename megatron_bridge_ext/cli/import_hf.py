@@ -3,7 +3,7 @@
 ``latest_checkpointed_iteration.txt``) that a training job loads with ``--load OUT_DIR`` at any layout.
 
 By default the conversion is a stream (:mod:`megatron_bridge_ext.engine.stream`): no model is built, each tensor is
-converted from the memory-mapped HF files and written at once, memory stays within ``--buffer-bytes`` (default 1 GiB)
+converted from the memory-mapped HF files and written at once, memory stays within ``--buffer-bytes`` (default 512 MiB)
 plus the largest tensor whatever the model's size, and no GPU is needed. ``--ranks N`` shares the tensors among N
 local processes; under ``torchrun`` (any number of nodes, gloo) every rank takes a share. The layout options only
 set what the checkpoint records for Megatron-LM (its ``args``) and the vocabulary padding (``--tp``): the stored
@@ -151,7 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=1,
                         help="local processes sharing the streamed conversion (under torchrun: its world)")
     parser.add_argument("--buffer-bytes", type=_byte_size, default=None,
-                        help="bytes of converted tensors that may wait for the disk (default 1GiB; accepts K/M/G "
+                        help="bytes of converted tensors that may wait for the disk (default 512M; accepts K/M/G "
                              "suffixes); memory is this plus the largest tensor")
     parser.add_argument("--file-bytes", type=_byte_size, default=None,
                         help="bytes per .distcp file (default 4G): the unit a resumed conversion keeps")

@@ -15,6 +15,7 @@ translation in both directions and its mapping table.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import warnings
@@ -490,11 +491,14 @@ class MegatronModelBridge:
         conversion_tasks: Optional[List[WeightConversionTask]] = None,
         allowed_unused_hf_params: Optional[Sequence[str]] = None,
         select: Optional[Any] = None,
+        max_group_bytes: Optional[int] = None,
     ) -> Iterator[MegatronWeightTuple]:
         """Generator variant: yields this rank's converted tensors (fresh tensors; the model is not modified).
 
         ``select(task)`` (optional) picks the owned tasks to convert (the unused-tensor check still covers them all);
-        the HF tensors of each converted task are released from memory once it is done (where the source can)."""
+        the HF tensors of each converted task are released from memory once it is done (where the source can).
+        ``max_group_bytes`` (optional): a layer's local experts are converted in runs of at most that many bytes
+        (whole experts, a divisor of the local count) instead of in one op call, so that memory holds one run."""
         chunks = as_chunks(megatron_model)
         state = hf_pretrained.state
         changed = self.use_hf_layout_of(state, hf_pretrained.config)
@@ -514,25 +518,32 @@ class MegatronModelBridge:
                     continue
                 ctx = self._context(task, topo, hf_pretrained.config, chunks)
                 names = task.mapping.hf_names
-                try:
-                    hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, state)
-                    check_dtype_class(names, [t.dtype for t in _all_tensors(hf)], task.local_tensors[0].dtype,
-                                      task.global_param_name, lambda n: _files_of(state, [n]))
-                    converted = task.mapping.hf_to_megatron(hf, ctx)
-                except Exception as e:
-                    if getattr(e, "bridge_context", False):
-                        raise
-                    raise conversion_error(e, f"HF {_short(names)} in {_files_of(state, names)} -> Megatron "
-                                              f"{task.global_param_name}") from e
-                if not task.is_group:
-                    yield MegatronWeightTuple(task.param_name, converted, task.vp_stage)
-                else:
-                    mine = [n for n in task.members if n in local_names]
-                    for name, tensor in zip(mine, converted.unbind(0)):
-                        yield MegatronWeightTuple(local_names[name], tensor, task.vp_stage)
-                del converted, hf
-                if release is not None:
-                    release(names)
+                mine = [n for n in task.members if n in local_names] if task.is_group else []
+                runs = _expert_runs(task, ctx, max_group_bytes) if task.is_group else 1
+                for run in range(runs):
+                    run_ctx = ctx
+                    if runs > 1:  # whole experts in runs: the mapping's expert-parallel split picks each run
+                        run_ctx = dataclasses.replace(ctx, ep_size=ctx.ep_size * runs,
+                                                      ep_rank=ctx.ep_rank * runs + run)
+                    try:
+                        hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, state)
+                        check_dtype_class(names, [t.dtype for t in _all_tensors(hf)], task.local_tensors[0].dtype,
+                                          task.global_param_name, lambda n: _files_of(state, [n]))
+                        converted = task.mapping.hf_to_megatron(hf, run_ctx)
+                    except Exception as e:
+                        if getattr(e, "bridge_context", False):
+                            raise
+                        raise conversion_error(e, f"HF {_short(names)} in {_files_of(state, names)} -> Megatron "
+                                                  f"{task.global_param_name}") from e
+                    if not task.is_group:
+                        yield MegatronWeightTuple(task.param_name, converted, task.vp_stage)
+                    else:
+                        per = len(mine) // runs
+                        for name, tensor in zip(mine[run * per:(run + 1) * per], converted.unbind(0)):
+                            yield MegatronWeightTuple(local_names[name], tensor, task.vp_stage)
+                    del converted, hf
+                    if release is not None:
+                        release(names)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Export: Megatron -> HF
@@ -648,6 +659,19 @@ class MegatronModelBridge:
                     yield HFWeightTuple(name, tensor)
                     if tied_copy and task.global_param_name.endswith(TIED_EMBEDDING):
                         yield HFWeightTuple(self.tied_output_hf_name, tensor.clone() if copy else tensor)
+
+
+def _expert_runs(task: WeightConversionTask, ctx: ConversionContext, max_bytes: Optional[int]) -> int:
+    """In how many runs to convert a layer's local experts so that each run holds at most ``max_bytes`` (the
+    smallest divisor of the local expert count that does; 1 without a limit)."""
+    local = len(task.local_tensors)
+    if not max_bytes or local <= 1:
+        return 1
+    total = sum(t.numel() * t.element_size() for t in task.local_tensors)
+    for runs in range(1, local + 1):
+        if local % runs == 0 and total / runs <= max_bytes:
+            return runs
+    return local
 
 
 def _first_tensor(hf: Any) -> torch.Tensor:

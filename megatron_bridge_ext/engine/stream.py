@@ -318,7 +318,7 @@ def stream_hf_to_megatron(
                         writer.put(item, data)
             for name, tensor, vp_stage in model_bridge.stream_weights_hf_to_megatron(
                     hf, chunks, conversion_tasks=tasks, allowed_unused_hf_params=allowed_unused_hf_params,
-                    select=remaining):
+                    select=remaining, max_group_bytes=max(1, buffer_bytes // 2)):
                 key = (int(vp_stage or 0), name)
                 target = plan.params.get(key)
                 if target is None:

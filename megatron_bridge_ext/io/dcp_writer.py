@@ -31,7 +31,7 @@ import torch
 __all__ = ["StreamingDcpWriter", "WrittenFile", "write_metadata", "DEFAULT_BUFFER_BYTES", "DEFAULT_FILE_BYTES",
            "owned_copy"]
 
-DEFAULT_BUFFER_BYTES = 1 << 30
+DEFAULT_BUFFER_BYTES = 512 << 20
 DEFAULT_FILE_BYTES = 4 << 30
 
 

@@ -135,3 +135,17 @@ def test_cli_refusals(source, tmp_path):
     assert _cli("import", hf, out, "--quiet", "--overwrite", "--buffer-bytes", "1M").returncode == 0
     r = _cli("import", hf, out, "--buffer-bytes", "lots")
     assert r.returncode != 0 and "not a byte size" in r.stderr
+
+
+def test_four_ranks_write_the_checkpoint_one_rank_writes(source, tmp_path):
+    """``--ranks 4``: four local gloo processes convert disjoint shares of the tensors and write their own files;
+    rank 0 merges the metadata. The checkpoint equals the one-rank one tensor for tensor, object for object."""
+    from megatron_bridge_ext.testing.parity import compare_megatron_checkpoints
+
+    root, hf = source
+    one = _stream(hf, str(tmp_path / "one"))
+    four = _stream(hf, str(tmp_path / "four"), ranks=4)
+    assert four["ranks"] == 4
+    files = sorted(n for n in os.listdir(four["path"]) if n.endswith(".distcp"))
+    assert {n.split("_")[2] for n in files} == {"0", "1", "2", "3"}, files  # every rank wrote its share
+    assert compare_megatron_checkpoints(four["path"], one["path"]) == []

@@ -180,10 +180,11 @@ def _write_worker(rank: int, world: int, paths: dict, root: str) -> dict:
             if rank == 0:
                 out["local_spec_diff"] = _diff(want, _checkpoint_structure(os.path.join(local, "iter_0000000")))
         destroy_parallel()
-        # the streamed conversion (no model; the two ranks share the tensors), recording the same layout
+        # the streamed conversion (no model; the two ranks share the tensors), recording the same layout; a small
+        # buffer, so that a layer's experts are converted in runs of a few experts and the files are many
         stream = os.path.join(root, name, "stream")
         AutoBridge.from_hf_pretrained(paths[name]).save_megatron_checkpoint(
-            stream, spec="te", dtype=torch.float32, layout=write, file_bytes=64 << 10)
+            stream, spec="te", dtype=torch.float32, layout=write, file_bytes=64 << 10, buffer_bytes=16 << 10)
         if rank == 0:
             out[f"{name}:stream_diff"] = compare_megatron_checkpoints(stream, os.path.join(root, name, "te"))
         init_parallel(**read)
