@@ -307,7 +307,8 @@ def stream_hf_to_megatron(
         on_bytes = None if bar is None else (lambda n: bar[0].advance(bar[1], n))
         first_file = 1 + max([int(f.name.split("_")[-1].split(".")[0]) for f in kept] + [-1])
         writer = StreamingDcpWriter(partial, rank, buffer_bytes=buffer_bytes, file_bytes=file_bytes,
-                                    first_file=first_file, on_file=journal.add, on_bytes=on_bytes)
+                                    first_file=first_file, on_file=journal.add, on_bytes=on_bytes,
+                                    on_written=getattr(hf.state, "release_tensor", None))
         written: Set[Tuple[str, Tuple[int, ...]]] = set()
         converted_bytes = 0
         try:

@@ -215,18 +215,21 @@ class StreamingDcpWriter:
         first_file: the number of the first file (a resumed conversion continues after the files it kept).
         on_file: called on the writer thread with each completed :class:`WrittenFile` (e.g. to record progress).
         on_bytes: called on the writer thread with the byte count of each item written (progress).
+        on_written: called on the writer thread with each tensor once it is written (e.g. to drop the pages of a
+            memory-mapped source it was written from).
     """
 
     def __init__(self, directory: str, rank: int = 0, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  file_bytes: int = DEFAULT_FILE_BYTES, first_file: int = 0,
                  on_file: Optional[Callable[[WrittenFile], None]] = None,
-                 on_bytes: Optional[Callable[[int], None]] = None) -> None:
+                 on_bytes: Optional[Callable[[int], None]] = None,
+                 on_written: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         if buffer_bytes < 1 or file_bytes < 1:
             raise ValueError(f"buffer_bytes ({buffer_bytes}) and file_bytes ({file_bytes}) must be >= 1")
         self.directory, self.rank = directory, rank
         self.buffer_bytes, self.file_bytes = buffer_bytes, file_bytes
         self._next_file = first_file
-        self._on_file, self._on_bytes = on_file, on_bytes
+        self._on_file, self._on_bytes, self._on_written = on_file, on_bytes, on_written
         self._write_item = _item_writer()
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self._cond = threading.Condition()
@@ -305,6 +308,8 @@ class StreamingDcpWriter:
                     results = []
                 results.append(self._write_item(current, data, item, name))
                 current.item_done()
+                if self._on_written is not None and isinstance(data, torch.Tensor):
+                    self._on_written(data)
                 del data
                 with self._cond:
                     self._queued -= nbytes

@@ -363,6 +363,25 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
             if end > start:
                 self._mmaps[e.shard].madvise(mmap.MADV_DONTNEED, start, end - start)
 
+    def release_tensor(self, tensor: torch.Tensor) -> None:
+        """Drop the resident pages of the map that ``tensor`` (a view handed out by this source, or a slice of one)
+        covers; a tensor whose memory is not one of this source's maps is left alone. Safe from any thread. The
+        streamed import calls it once a chunk written straight from the map is on its way to disk."""
+        if self._closed or not hasattr(mmap, "MADV_DONTNEED") or tensor.device.type != "cpu":
+            return
+        ptr, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        page = mmap.PAGESIZE
+        for mm in self._mmaps:
+            if mm is None:
+                continue
+            base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
+            if base <= ptr and ptr + nbytes <= base + len(mm):
+                start = -(-(ptr - base) // page) * page
+                end = ((ptr - base + nbytes) // page) * page
+                if end > start:
+                    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+                return
+
     def close(self) -> None:
         """Releases the maps. Views already handed out stay valid: they keep their map alive until they die."""
         for i, mm in enumerate(self._mmaps):
