@@ -301,6 +301,16 @@ def stream_hf_to_megatron(
             return any(_where(ti.item.index) not in done_items
                        for k in keys for ti in plan.tensor_items.get(k, ()))
 
+        def next_task(task: Any) -> bool:
+            """Whether to convert ``task`` now; if so, first wait until the writer has room for what it makes (one
+            run of experts for a layer's experts)."""
+            if not remaining(task):
+                return False
+            keys = {by_id.get(id(t)) for t in task.local_tensors} - {None}
+            size = sum(plan.param_bytes(k) for k in keys)
+            writer.wait_room(min(size, max(1, buffer_bytes // 2)) if task.is_group else size)
+            return True
+
         todo_bytes = sum(plan.param_bytes(k) for i, t in enumerate(tasks) if id(t) in mine_ids and remaining(t)
                          for k in {by_id.get(id(x)) for x in t.local_tensors} - {None})
         bar = _progress(todo_bytes, show)
@@ -319,7 +329,7 @@ def stream_hf_to_megatron(
                         writer.put(item, data)
             for name, tensor, vp_stage in model_bridge.stream_weights_hf_to_megatron(
                     hf, chunks, conversion_tasks=tasks, allowed_unused_hf_params=allowed_unused_hf_params,
-                    select=remaining, max_group_bytes=max(1, buffer_bytes // 2)):
+                    select=next_task, max_group_bytes=max(1, buffer_bytes // 2)):
                 key = (int(vp_stage or 0), name)
                 target = plan.params.get(key)
                 if target is None:

@@ -263,6 +263,14 @@ class StreamingDcpWriter:
             self._queued += nbytes
         self._queue.put((item, data, nbytes))
 
+    def wait_room(self, nbytes: int) -> None:
+        """Block until ``nbytes`` more fit in the buffer (or nothing is queued): called before producing a tensor of
+        that size, so that memory holds the buffer plus one tensor, not a large tensor queued and the next one made."""
+        with self._cond:
+            while self._error is None and self._queued > 0 and self._queued + nbytes > self.buffer_bytes:
+                self._cond.wait()
+            self._raise()
+
     def close(self) -> List[WrittenFile]:
         """Write what is queued, complete (fsync) the last file and stop the thread; returns every file written.
 
