@@ -309,6 +309,7 @@ class StreamingDcpWriter:
                 if entry is None or self._error is not None:
                     break
                 item, data, nbytes = entry
+                del entry  # the tensor must not outlive its write (the queue's tuple would keep it until the next)
                 if current is None:
                     name = f"__{self.rank}_{self._next_file}.distcp"
                     self._next_file += 1
