@@ -54,6 +54,8 @@ class ColumnParallelMapping(MegatronParamMapping):
                 f"tensor_model_parallel_size = {ctx.tp_size}"
             )
         local_rows = rows // ctx.tp_size
+        if out is None and ctx.tp_size == 1 and rows == hf.shape[0] and hf.is_contiguous():
+            return hf  # the whole tensor, unpadded: nothing to copy (a caller with a destination passes ``out``)
         if out is None:
             out = hf.new_empty((local_rows, *hf.shape[1:]))
         if rows == hf.shape[0]:
