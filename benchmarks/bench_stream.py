@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,7 +138,7 @@ def make_source(kind: str, path: str, layers: int) -> Dict[str, Any]:
     return {"bytes": dir_bytes(path, ".safetensors"), "tensors": len(shapes), "largest": largest}
 
 
-def measure(label: str, args: List[str], drop: bool, warm: Optional[str], floor: float) -> Dict[str, Any]:
+def measure(label: str, args: List[str], drop: bool, floor: float) -> Dict[str, Any]:
     if drop:
         drop_page_cache(None)
     r = run_cli(args)
@@ -199,17 +197,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 run["steps"].append({**measure(f"import (stream, {n} rank{'s' if n > 1 else ''})",
                                                ["import", src, out, "--quiet", "--ranks", str(n)],
-                                               a.drop_caches, None, floor), "ranks": n})
+                                               a.drop_caches, floor), "ranks": n})
             if not a.no_via_model:
                 via = os.path.join(work, "meg_model")
                 shutil.rmtree(via, ignore_errors=True)
                 run["steps"].append(measure("import --via-model (TP1)", ["import", src, via, "--quiet",
-                                                                          "--via-model"], a.drop_caches, None, floor))
+                                                                          "--via-model"], a.drop_caches, floor))
                 shutil.rmtree(via, ignore_errors=True)
             if not a.no_export:
                 hf2 = os.path.join(work, "hf2")
                 shutil.rmtree(hf2, ignore_errors=True)
-                run["steps"].append(measure("export (stream)", ["export", out, hf2, "--quiet"], a.drop_caches, None,
+                run["steps"].append(measure("export (stream)", ["export", out, hf2, "--quiet"], a.drop_caches,
                                             floor))
                 exact = _same(src, hf2)
                 print(f"    export bit-exact to the source: {exact}", flush=True)
@@ -217,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 shutil.rmtree(hf2, ignore_errors=True)
                 if not a.no_via_model:
                     run["steps"].append(measure("export --via-model (TP1)", ["export", out, hf2, "--quiet",
-                                                                             "--via-model"], a.drop_caches, None,
+                                                                             "--via-model"], a.drop_caches,
                                                 floor))
                     shutil.rmtree(hf2, ignore_errors=True)
             results["runs"].append(run)

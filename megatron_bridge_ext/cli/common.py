@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import sys
 import time
@@ -82,9 +81,9 @@ def layout_of(args: argparse.Namespace) -> Dict[str, Any]:
 
 def world_size_for(layout: Dict[str, Any]) -> int:
     """The smallest world megatron accepts for a layout: a multiple of tp*pp and of etp*ep*pp."""
-    tp, pp, ep = layout["tp"], layout["pp"], layout["ep"]
-    etp = layout["etp"] or tp
-    return math.lcm(tp * pp, etp * ep * pp)
+    from megatron_bridge_ext.mcore.topology import layout_world_size
+
+    return layout_world_size(layout["tp"], layout["pp"], layout["ep"], layout["etp"])
 
 
 def under_torchrun() -> bool:

@@ -79,12 +79,10 @@ def _stream_worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dic
     quiet_third_party(verbose)  # no model runs: megatron-core's CPU patches are not needed
     from megatron_bridge_ext.auto_bridge import AutoBridge
 
-    res = AutoBridge.from_hf_pretrained(hf_dir).save_megatron_checkpoint(
+    return AutoBridge.from_hf_pretrained(hf_dir).save_megatron_checkpoint(
         out_dir, spec=spec, dtype=None if dtype is None else DTYPES[dtype], layout=layout, buffer_bytes=buffer_bytes,
         overwrite=overwrite, resume=resume, show_progress=show and rank == 0,
         **({} if file_bytes is None else {"file_bytes": file_bytes}))
-    res["read_s"] = res["convert_s"]
-    return res
 
 
 def import_checkpoint(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,

@@ -226,9 +226,10 @@ def stream_hf_to_megatron(
     """
     from megatron_bridge_ext.io.safetensors import CONFIG_NAME
     from megatron_bridge_ext.mcore.checkpoint import checkpoint_common
-    from megatron_bridge_ext.mcore.config import default_vocab_divisor, padded_vocab_size
+    from megatron_bridge_ext.mcore.config import default_vocab_divisor
     from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
     from megatron_bridge_ext.mcore.stream import plan_stream
+    from megatron_bridge_ext.mcore.topology import layout_world_size
 
     start = time.perf_counter()
     layout = {"tp": 1, "pp": 1, "vpp": None, "ep": 1, "etp": None, **dict(layout or {})}
@@ -249,12 +250,10 @@ def stream_hf_to_megatron(
         build_config = dataclasses.replace(config, make_vocab_size_divisible_by=divisor * tp)
         with torch.device("meta"):
             chunks = build_model_chunks(build_config, vocab, max_seq_len)
-        assert padded_vocab_size(vocab, tp, config.make_vocab_size_divisible_by) == \
-            padded_vocab_size(vocab, 1, divisor * tp)
         vpp = layout.get("vpp")
         pp, ep, etp = int(layout["pp"] or 1), int(layout["ep"] or 1), layout.get("etp")
         parallel = {"tp": tp, "pp": pp, "vpp": vpp if vpp and vpp > 1 else None, "ep": ep, "etp": etp or tp,
-                    "world": _world_for(tp, pp, ep, etp), "chunks": vpp if vpp and vpp > 1 else 1}
+                    "world": layout_world_size(tp, pp, ep, etp), "chunks": vpp if vpp and vpp > 1 else 1}
         common = checkpoint_common(config, parallel, out_dir, architecture=bridge.hf_config.architectures[0],
                                    hf_config=hf_config, iteration=iteration, spec=spec, side_files=hf_dir)
         plan = plan_stream(chunks, spec=spec, common=common, iteration=iteration)
@@ -404,10 +403,3 @@ def _save_fsynced(obj: Any, path: str) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _world_for(tp: int, pp: int, ep: int, etp: Optional[int]) -> int:
-    import math
-
-    return math.lcm(tp * pp, (etp or tp) * ep * pp)
-

@@ -24,12 +24,14 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from megatron_bridge_ext.io.hf_writer import start_writeback
+
 __all__ = ["StreamingDcpWriter", "WrittenFile", "write_metadata", "DEFAULT_BUFFER_BYTES", "DEFAULT_FILE_BYTES",
-           "owned_copy"]
+           "with_exact_storage"]
 
 DEFAULT_BUFFER_BYTES = 512 << 20
 DEFAULT_FILE_BYTES = 4 << 30
@@ -129,8 +131,8 @@ class _DcpFile(io.RawIOBase):
         """The bytes since the last item are complete: start their write-back, hash them."""
         start, nbytes = self._item_start, self._n - self._item_start
         if nbytes > 0:
-            if _start_writeback is not None:
-                _start_writeback(self._f.fileno(), start, nbytes)
+            if start_writeback is not None:
+                start_writeback(self._f.fileno(), start, nbytes)
             self._hasher.add(start, nbytes)
         self._item_start = self._n
 
@@ -145,30 +147,7 @@ class _DcpFile(io.RawIOBase):
         self._hasher.abandon()
 
 
-def _writeback_starter() -> Optional[Callable[[int, int, int], None]]:
-    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)`` where the C library has it (Linux), else None."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-
-    def start(fd: int, offset: int, nbytes: int) -> None:
-        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE: initiate write-out, do not wait; advisory
-
-    return start
-
-
-_start_writeback = _writeback_starter()
-
-
-def owned_copy(tensor: torch.Tensor) -> torch.Tensor:
+def with_exact_storage(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as a contiguous CPU tensor whose storage is exactly its bytes (``torch.save`` writes a tensor's
     whole storage): a contiguous view (e.g. of a memory-mapped file) gets a storage that is the slice of its own
     storage it covers, without copying; a non-contiguous one is copied."""
@@ -252,7 +231,7 @@ class StreamingDcpWriter:
         if self._closed:
             raise RuntimeError("StreamingDcpWriter.put after close")
         if isinstance(data, torch.Tensor):
-            data = owned_copy(data)
+            data = with_exact_storage(data)
             nbytes = data.numel() * data.element_size()
         else:
             nbytes = len(data.getbuffer())

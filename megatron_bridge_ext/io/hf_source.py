@@ -123,6 +123,7 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
         self.path = path
         self.index_metadata: Dict[str, Any] = {}
         self._mmaps: List[Optional[mmap.mmap]] = []
+        self._bases: List[int] = []  # each map's address, for release_tensor
         self._closed = False
         if os.path.isfile(path):
             if path.endswith(PICKLE_SUFFIXES):
@@ -145,6 +146,7 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
             raise FileNotFoundError(f"{self.root}: {CONFIG_NAME} is missing")
         self._files = files
         self._mmaps = [None] * len(files)
+        self._bases = [0] * len(files)
         self._entries: Dict[str, Entry] = {}
         self._metadata: Dict[str, str] = {}
         per_file: List[Dict[str, Entry]] = []
@@ -342,6 +344,7 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
             with open(self._files[shard], "rb") as f:  # the map keeps its own handle
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             self._mmaps[shard] = mm
+            self._bases[shard] = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr() if len(mm) else 0
         return mm
 
     def release(self, keys: Union[str, Sequence[str]]) -> None:
@@ -371,10 +374,9 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
             return
         ptr, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
         page = mmap.PAGESIZE
-        for mm in self._mmaps:
+        for mm, base in zip(self._mmaps, self._bases):
             if mm is None:
                 continue
-            base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
             if base <= ptr and ptr + nbytes <= base + len(mm):
                 start = -(-(ptr - base) // page) * page
                 end = ((ptr - base + nbytes) // page) * page

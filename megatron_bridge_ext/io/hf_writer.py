@@ -62,7 +62,7 @@ def _writeback_starter():
     return start
 
 
-_start_writeback = _writeback_starter()
+start_writeback = _writeback_starter()
 
 
 class _OpenShard:
@@ -87,8 +87,8 @@ class _OpenShard:
             done = 0
             while done < len(data):
                 done += os.pwrite(self.fd, data[done:], self.data_start + start + done)
-            if self.fsync and _start_writeback is not None:
-                _start_writeback(self.fd, self.data_start + start, end - start)
+            if self.fsync and start_writeback is not None:
+                start_writeback(self.fd, self.data_start + start, end - start)
         self.remaining.discard(name)
         return end - start
 

@@ -222,7 +222,7 @@ class CheckpointParams:
 
     def __init__(self, chunks: Sequence[torch.nn.Module], ckpt: Any, described_by: str = "the model config") -> None:
         from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, nested_values
-        from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
         from megatron_bridge_ext.mcore.checkpoint import (_check_stored, _not_a_weight, checkpoint_spec,
                                                           sharded_model_state)
@@ -270,7 +270,6 @@ class CheckpointParams:
                     return factory.merge_fn(loaded)
 
                 self._read[id(factory.data)] = merged
-        del ShardedObject
 
     def load(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The stored values of these parameters (fresh tensors in the parameters' dtypes)."""

@@ -4,7 +4,7 @@ other ``mcore`` modules)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -104,3 +104,10 @@ def current_parallel_sizes() -> Dict[str, Any]:
     if vpp:
         sizes["virtual_pipeline_model_parallel_size"] = vpp
     return sizes
+
+
+def layout_world_size(tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -> int:
+    """The smallest world megatron accepts for a layout: a multiple of tp*pp and of etp*ep*pp (etp defaults to tp)."""
+    import math
+
+    return math.lcm(tp * pp, (etp or tp) * ep * pp)
