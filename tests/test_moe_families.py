@@ -167,8 +167,6 @@ OSS = dict(intermediate_size=F, num_local_experts=4, num_experts_per_tok=2, head
      r"shared_expert_intermediate_size=0"),
     ("GptOssForCausalLM", "GptOss", dict(OSS, swiglu_alpha=1.5), r"swiglu_alpha=1\.5 is not supported"),
     ("GptOssForCausalLM", "GptOss", dict(OSS, attention_bias=False), r"attention_bias=False is not supported"),
-    ("GptOssForCausalLM", "GptOss", dict(OSS, quantization_config={"quant_method": "mxfp4"}),
-     r"quantized checkpoints are not supported \(quantization_config=\{'quant_method': 'mxfp4'\}\)"),
     ("GptOssForCausalLM", "GptOss", dict(OSS, rope_parameters={
         "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16,
         "attention_factor": 2.0}), r"yarn attention_factor=2\.0 differs"),

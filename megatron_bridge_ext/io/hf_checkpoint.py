@@ -4,12 +4,14 @@ config, ...) a converted checkpoint carries along."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from megatron_bridge_ext.io.hf_source import SafeTensorsSource, refuse_pickle_only
+from megatron_bridge_ext.io.quantized import QuantizedSource, open_source, strip_quantization
 from megatron_bridge_ext.io.safetensors import CONFIG_NAME, read_json_object
 from megatron_bridge_ext.io import staging
 from megatron_bridge_ext.io.staging import _TEMP_RE, interrupted_save_hint, is_weight_file, no_space_error
@@ -49,12 +51,13 @@ def architectures_of(raw_config: Mapping[str, Any], where: str) -> List[str]:
 
 @dataclass
 class HFCheckpoint:
-    """A local HF checkpoint: its ``config`` (transformers PretrainedConfig), lazy ``state`` (safetensors) and the
-    ``raw_config`` (``config.json`` as written)."""
+    """A local HF checkpoint: its ``config`` (transformers PretrainedConfig), lazy ``state`` (safetensors; a
+    block-quantized release is read through :class:`~megatron_bridge_ext.io.quantized.QuantizedSource`, as its
+    dequantized weights) and the ``raw_config`` (``config.json`` as written)."""
 
     path: str
     config: Any
-    state: SafeTensorsSource
+    state: Union[SafeTensorsSource, QuantizedSource]
     raw_config: Optional[Dict[str, Any]] = None
 
     @property
@@ -70,7 +73,8 @@ class HFCheckpoint:
         """Open a checkpoint directory (config.json + safetensors); nothing is read until a tensor is used.
 
         The safetensors headers are validated before transformers reads the config; a directory with only pickle
-        weights is refused (never unpickled).
+        weights is refused (never unpickled). An FP8 block-scaled or MXFP4 checkpoint (``quantization_config``) is
+        read as its dequantized weights (:mod:`megatron_bridge_ext.io.quantized`), its scales checked first.
 
         Raises:
             FileNotFoundError: naming the missing directory, config.json or weights.
@@ -79,7 +83,12 @@ class HFCheckpoint:
         path = os.fspath(path)
         raw = read_hf_config(path) if raw_config is None else raw_config
         refuse_pickle_only(path)
-        state = SafeTensorsSource(path)
+        plain = SafeTensorsSource(path)
+        try:
+            state = open_source(plain, raw, os.path.join(path, CONFIG_NAME))
+        except BaseException:
+            plain.close()
+            raise
         try:
             from transformers import AutoConfig
 
@@ -101,6 +110,9 @@ def copy_side_files(src_dir: str, out_dir: str, fsync: bool = True) -> List[str]
     """Copies every side file of ``src_dir`` into ``out_dir`` (each flushed to disk unless ``fsync=False``); returns
     their names.
 
+    The ``quantization_config`` of a block-quantized source's ``config.json`` is not carried over: this package
+    writes the weights dequantized (an FP8 export writes its own).
+
     Raises:
         OSError: "no space left" naming the file and the bytes needed.
     """
@@ -108,7 +120,13 @@ def copy_side_files(src_dir: str, out_dir: str, fsync: bool = True) -> List[str]
     for i, name in enumerate(names):
         dst = os.path.join(out_dir, name)
         try:
-            shutil.copyfile(os.path.join(src_dir, name), dst)
+            raw = read_json_object(os.path.join(src_dir, name), name) if name == CONFIG_NAME else None
+            if raw is not None and "quantization_config" in raw:
+                with open(dst, "w") as f:
+                    json.dump(strip_quantization(raw), f, indent=2, sort_keys=True)
+                    f.write("\n")
+            else:
+                shutil.copyfile(os.path.join(src_dir, name), dst)
             if fsync:
                 with open(dst, "rb+") as f:
                     os.fsync(f.fileno())

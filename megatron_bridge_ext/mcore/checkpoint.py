@@ -16,6 +16,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_bridge_ext.io import megatron_checkpoint as ckpt_io
+from megatron_bridge_ext.io.quantized import strip_quantization
 from megatron_bridge_ext.mcore.config import (
     GPTConfig,
     config_from_dict,
@@ -239,7 +240,7 @@ def checkpoint_common(config: Any, parallel: Mapping[str, Any], root: str, *, ar
         "parallel": parallel,
         "model_keys": model_state_keys(int(parallel.get("chunks") or 1)),
         "spec": spec,
-        "hf_config": ckpt_io.json_safe(dict(hf_config)) if hf_config is not None else None,
+        "hf_config": ckpt_io.json_safe(strip_quantization(hf_config)) if hf_config is not None else None,
     }
     if tokenizer is None and side_files is not None and _has_tokenizer(side_files):
         final = os.path.join(os.path.abspath(root), ckpt_io.iteration_dir_name(iteration), ckpt_io.HF_SIDE_DIR)
@@ -380,12 +381,25 @@ def config_from_megatron_lm_args(args: Any, bridge: Any, *, hf_config: Any = Non
 def cast_to_params_dtype(chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Module]:
     """Every floating-point parameter and buffer in ``config.params_dtype``, as Megatron-LM's ``Float16Module``
     makes a bf16 / fp16 model (the local spec builds its norms in fp32): a checkpoint then holds one dtype, the one
-    a training job's model has, and an export without an HF source reproduces it."""
+    a training job's model has, and an export without an HF source reproduces it.
+
+    Except the routers a family keeps in fp32 (:class:`~megatron_bridge_ext.mcore.modules.FP32WeightRouter`,
+    ``config.moe_router_fp32_weight``: HF DeepSeek-V3 / GLM-4.5 store ``mlp.gate.weight`` in fp32): rounding them
+    would lose what the HF checkpoint holds, and the streamed import stores them in fp32 too."""
+    from megatron_bridge_ext.mcore.modules import FP32WeightRouter
+
     chunks = as_chunks(chunks)
     dtype = model_config(chunks).params_dtype
     for chunk in chunks:
-        if any(p.is_floating_point() and p.dtype != dtype for p in chunk.parameters()):
-            chunk.to(dtype)
+        for module in chunk.modules():
+            if isinstance(module, FP32WeightRouter):
+                continue
+            for name, p in module.named_parameters(recurse=False):
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+            for name, b in module.named_buffers(recurse=False):
+                if b.is_floating_point() and b.dtype != dtype:
+                    setattr(module, name, b.to(dtype))
     return chunks
 
 

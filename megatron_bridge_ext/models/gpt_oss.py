@@ -11,8 +11,8 @@ are ``add_bias_linear`` (q/k/v, o_proj, router, experts); YaRN is ``position_emb
 
 HF experts are fused: ``gate_up_proj`` ``[E, D, 2F]`` with gate / up interleaved along 2F, ``gate_up_proj_bias``
 ``[E, 2F]`` (interleaved), ``down_proj`` ``[E, F, D]``, ``down_proj_bias`` ``[E, D]`` (what transformers writes, and
-the default when exporting without a source). Not converted: the MXFP4-quantised releases (``quantization_config``:
-dequantise to bf16 first). Expert-tensor parallelism is refused: megatron-core 0.16.1 supports expert biases only
+the default when exporting without a source). The MXFP4 releases (``*_blocks`` / ``*_scales`` experts) are read as
+their dequantized experts (:mod:`megatron_bridge_ext.io.quantized`). Expert-tensor parallelism is refused: megatron-core 0.16.1 supports expert biases only
 with ``expert_tensor_parallel_size=1`` (TP > 1 works with an explicit ETP of 1).
 """
 
@@ -50,10 +50,6 @@ class GptOssBridge(MegatronModelBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        quant = config_get(hf_config, "quantization_config")
-        if quant:
-            raise ValueError(f"{family}: quantized checkpoints are not supported (quantization_config="
-                             f"{dict(quant) if hasattr(quant, 'keys') else quant}); dequantise to bf16 first")
         alpha = float(config_get(hf_config, "swiglu_alpha", QUICK_GELU_ALPHA))
         if alpha != QUICK_GELU_ALPHA:
             raise ValueError(f"{family}: swiglu_alpha={alpha} is not supported (megatron-core 0.16.1's quick_gelu has "
