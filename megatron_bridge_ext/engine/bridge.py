@@ -345,6 +345,27 @@ class MegatronModelBridge:
     # Import: HF -> Megatron
     # ----------------------------------------------------------------------------------------------------------------
 
+    def _read_hf(self, task: WeightConversionTask, state: Any, ctx: ConversionContext
+                 ) -> Tuple[Any, ConversionContext]:
+        """The HF tensor(s) of a task and the context to convert them in.
+
+        A layer's experts from a source that dequantizes on read (an FP8 / MXFP4 release) are read only for the
+        global experts ``ctx`` selects (this rank's, or this run's), with a context of one expert-parallel rank that
+        takes them all: the same parameters, without dequantizing the other ranks' experts. Other reads are views of
+        the files, which cost nothing until used.
+        """
+        mapping = task.mapping
+        num = getattr(mapping, "num_experts", None)
+        if (not task.is_group or not num or ctx.ep_size <= 1 or num % ctx.ep_size
+                or not _dequantizes(state, mapping.hf_names)):
+            return self.maybe_modify_loaded_hf_weight(mapping.hf_param, state), ctx
+        per = num // ctx.ep_size
+        lo, hi = ctx.ep_rank * per, (ctx.ep_rank + 1) * per
+        names = {role: name if isinstance(name, str) else name[lo:hi] for role, name in mapping.hf_param.items()}
+        fused = [name for name in names.values() if isinstance(name, str)]
+        hf = self.maybe_modify_loaded_hf_weight(names, _ExpertRows(state, fused, lo, hi))
+        return hf, dataclasses.replace(ctx, ep_size=1, ep_rank=0)
+
     @staticmethod
     def _expected_shape(task: WeightConversionTask, hf: Any, ctx: ConversionContext):
         """The shape (a group: of each local expert) the mapping gives for these HF tensors: the geometry module for
@@ -365,7 +386,7 @@ class MegatronModelBridge:
         names = task.mapping.hf_names
         where = f"HF {_short(names)} in {_files_of(hf_state, names)} -> Megatron {task.global_param_name}"
         try:
-            hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, hf_state)
+            hf, ctx = self._read_hf(task, hf_state, ctx)
             targets = task.local_tensors
             got = self._expected_shape(task, hf, ctx)
         except Exception as e:
@@ -526,7 +547,7 @@ class MegatronModelBridge:
                         run_ctx = dataclasses.replace(ctx, ep_size=ctx.ep_size * runs,
                                                       ep_rank=ctx.ep_rank * runs + run)
                     try:
-                        hf = self.maybe_modify_loaded_hf_weight(task.mapping.hf_param, state)
+                        hf, run_ctx = self._read_hf(task, state, run_ctx)
                         check_dtype_class(names, [t.dtype for t in _all_tensors(hf)], task.local_tensors[0].dtype,
                                           task.global_param_name, lambda n: _files_of(state, [n]))
                         converted = task.mapping.hf_to_megatron(hf, run_ctx)
@@ -672,6 +693,32 @@ def _expert_runs(task: WeightConversionTask, ctx: ConversionContext, max_bytes: 
         if local % runs == 0 and total / runs <= max_bytes:
             return runs
     return local
+
+
+def _dequantizes(state: Any, names: Sequence[str]) -> bool:
+    """Whether reading any of ``names`` makes a new tensor (a block-quantized source dequantizing it) rather than a
+    view of the file: then only the experts a rank (or run) converts are read."""
+    is_quantized = getattr(state, "is_quantized", None)
+    return is_quantized is not None and any(is_quantized(n) for n in names)
+
+
+class _ExpertRows(Mapping):
+    """``state`` with each fused (all-experts) tensor cut to global experts ``[lo, hi)`` (read as such, so a quantized
+    one dequantizes only those experts)."""
+
+    def __init__(self, state: Any, fused: Sequence[str], lo: int, hi: int) -> None:
+        self.state, self.fused, self.lo, self.hi = state, set(fused), lo, hi
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.fused:
+            return self.state.experts(key, self.lo, self.hi)
+        return self.state[key]
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
 
 
 def _first_tensor(hf: Any) -> torch.Tensor:

@@ -282,6 +282,25 @@ class QuantizedSource(Mapping[str, torch.Tensor]):
         self.source.release([w_key, s_key])  # the quantized bytes are read: their pages can go
         return out
 
+    def experts(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Experts ``[lo, hi)`` (the first dim) of a tensor fused over a layer's experts: only those are dequantized
+        (a view of the file for a plain one)."""
+        self._check(key)
+        pair = self._quantized.get(key)
+        if pair is None:
+            return self.source[key].narrow(0, lo, hi - lo)
+        w_key, s_key = pair
+        w = self.source[w_key].narrow(0, lo, hi - lo)
+        s = self.source[s_key].narrow(0, lo, hi - lo)
+        try:
+            out = (_fp8_dequant(w, s, self.block_size, self.dtype_out) if self.method == "fp8"
+                   else _mxfp4_dequant(w, s, self.dtype_out))
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"dequantizing experts [{lo}, {hi}) of {key!r} ({w_key} + {s_key} in "
+                             f"{self.source.file_of(w_key)}): {e}") from None
+        del w, s
+        return out
+
     def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
         return self[key] if key in self._key_set else default
 

@@ -107,15 +107,33 @@ def _worker(rank, world, ckpts, tokens, root):
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
     from megatron_bridge_ext.testing.parity import compare_megatron_checkpoints
 
+    from megatron_bridge_ext.io.quantized import QuantizedSource
+
+    read = []  # (key, expert range or None) of every dequantizing read of an expert tensor, this rank
+    getitem, experts = QuantizedSource.__getitem__, QuantizedSource.experts
+
+    def counted_getitem(self, key):
+        if ".experts." in key and self.is_quantized(key):
+            read.append((key, None))
+        return getitem(self, key)
+
+    def counted_experts(self, key, lo, hi):
+        if self.is_quantized(key):
+            read.append((key, (lo, hi)))
+        return experts(self, key, lo, hi)
+
+    QuantizedSource.__getitem__, QuantizedSource.experts = counted_getitem, counted_experts
     out = {}
     for case, (_, _, layouts, stream_layout, _) in CASES.items():
         quant, twin = ckpts[case]
         for name, layout in layouts:
             init_parallel(**layout)
+            read.clear()
             got = _params(AutoBridge.from_hf_pretrained(quant).to_megatron_model(params_dtype=torch.float32))
+            expert_reads = sorted(read, key=str)
             chunks = AutoBridge.from_hf_pretrained(twin).to_megatron_model(params_dtype=torch.float32)
             want = _params(chunks)
-            r = {"keys": (sorted(got) == sorted(want), len(want)),
+            r = {"keys": (sorted(got) == sorted(want), len(want)), "expert_reads": expert_reads,
                  "differ": sorted(k for k in want if k in got and not torch.equal(got[k], want[k]))}
             logits = megatron_logits(chunks, tokens)
             if rank == 0:
@@ -165,6 +183,24 @@ def test_parameters_equal_the_dequantized_twins(world, case, name):
         same_keys, count = r["keys"]
         assert same_keys and count > 0, (rank, r["keys"])
         assert r["differ"] == [], (rank, r["differ"][:8])
+
+
+def test_a_rank_dequantizes_only_its_own_experts(world):
+    """At EP2 each rank dequantizes the experts it keeps and no others: DeepSeek-V3's per-expert FP8 tensors of its
+    half of the experts, GPT-OSS's fused MXFP4 tensors cut to its half ([0, 2) or [2, 4) of 4)."""
+    _, _, per_rank, _ = world
+    import re
+
+    for rank, results in enumerate(per_rank):
+        reads = results["deepseek_v3_fp8/tp2ep2"]["expert_reads"]
+        ids = {int(re.search(r"\.experts\.(\d+)\.", k).group(1)) for k, _ in reads}
+        assert ids in ({0, 1, 2}, {3, 4, 5}), (rank, sorted(ids))
+        assert len(reads) == len(set(reads)), "an expert tensor dequantized twice"
+        assert len(reads) == 3 * 3 * 3, len(reads)  # 3 MoE layers x 3 experts x gate / up / down
+        oss = results["gpt_oss_mxfp4/tp2ep2"]["expert_reads"]
+        ranges = {rng for _, rng in oss}
+        assert ranges in ({(0, 2)}, {(2, 4)}), (rank, ranges)
+        assert len(oss) == 4 * 2, oss  # 4 layers x gate_up / down, each once
 
 
 @pytest.mark.parametrize("case,name", LAYOUT_CASES, ids=[f"{c}-{n}" for c, n in LAYOUT_CASES])
