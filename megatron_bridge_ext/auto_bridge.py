@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megatron_bridge_ext.engine import DEFAULT_BUCKET_BYTES, HFWeightTuple, MegatronModelBridge
 from megatron_bridge_ext.engine.checks import conversion_error
+from megatron_bridge_ext.engine.quantize import FP8Export, export_quantization, with_quantization_config
 from megatron_bridge_ext.io import CONFIG_NAME, SafeTensorsWriter
 from megatron_bridge_ext.io.staging import StagedCheckpoint
 from megatron_bridge_ext.io.hf_source import refuse_pickle_only
@@ -185,14 +186,24 @@ class AutoBridge:
         dst: Union[int, str] = 0,
         show_progress: Optional[bool] = None,
         copy: bool = True,
+        quantization: Optional[str] = None,
+        quantization_rule: Optional[str] = None,
+        quantization_block_size: Optional[Sequence[int]] = None,
     ) -> Iterator[HFWeightTuple]:
         """Generator of ``(hf_name, tensor)``; every rank must iterate it, tensors arrive on ``dst`` (or ``"all"``).
 
         With ``copy=False`` tensors that need no conversion are views valid until the next item (see
-        :meth:`MegatronModelBridge.stream_weights_megatron_to_hf`).
+        :meth:`MegatronModelBridge.stream_weights_megatron_to_hf`). ``quantization="fp8"``: the linear weights
+        arrive in FP8, each followed by its ``weight_scale_inv`` (see :meth:`save_hf_pretrained`).
+
+        Raises:
+            ValueError: bad quantization settings (named), before anything is exchanged.
         """
+        quant = export_quantization(quantization, quantization_rule, quantization_block_size,
+                                    where="AutoBridge.export_hf_weights")
         return self.model_bridge.stream_weights_megatron_to_hf(
-            model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=dst, show_progress=show_progress, copy=copy
+            model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=dst, show_progress=show_progress, copy=copy,
+            quantization=quant,
         )  # without an HF source (from_architecture) tensors keep the parameters' dtypes
 
     def save_hf_pretrained(
@@ -208,6 +219,9 @@ class AutoBridge:
         side_files: Optional[str] = None,
         config_extra: Optional[Dict[str, Any]] = None,
         materialize: Any = None,
+        quantization: Optional[str] = None,
+        quantization_rule: Optional[str] = None,
+        quantization_block_size: Optional[Sequence[int]] = None,
     ) -> Optional[Dict[str, Any]]:
         """Write the model as an HF checkpoint (config.json and other small files, sharded safetensors).
 
@@ -229,15 +243,27 @@ class AutoBridge:
         ``materialize``: a one-process model on the meta device whose parameters are read bucket by bucket (the
         streamed export of a Megatron checkpoint, :class:`megatron_bridge_ext.mcore.stream.CheckpointParams`).
 
+        ``quantization="fp8"`` writes DeepSeek-V3's FP8 layout (:mod:`megatron_bridge_ext.engine.quantize`): every 2-D
+        linear ``*.weight`` in ``float8_e4m3fn`` with its ``*.weight_scale_inv`` (float32, one per
+        ``quantization_block_size`` block, default ``(128, 128)``, partial at the edges); embeddings, output layer,
+        norms, routers, biases, 1-D and 3-D tensors as the plain export writes them; ``config.json`` with
+        DeepSeek-V3's ``quantization_config`` (+ ``modules_to_not_convert``). ``quantization_rule``:
+        ``"transformers"`` (default: transformers' own FP8 quantizer, so transformers quantizing the plain export
+        gives the same bytes) or ``"deepseek"``. Without a quantization, a ``quantization_config`` in the source's
+        ``config.json`` is not written (the weights are not quantized).
+
         Returns:
             On rank 0, a summary dict (``files``, ``total_size``, ``index``, ``missing``, ``replaced``, ``carried``,
             ``cleaned``, ``not_exported``: source tensors no mapping produces, such as allowed non-weights); None
             elsewhere.
 
         Raises:
-            ValueError: ``out_dir`` is (or contains) the source checkpoint; missing tensors (strict).
+            ValueError: ``out_dir`` is (or contains) the source checkpoint; missing tensors (strict); bad quantization
+                settings (named; checked before anything is written or exchanged).
             OSError: no space left, naming the path and the bytes needed.
         """
+        quant = export_quantization(quantization, quantization_rule, quantization_block_size,
+                                    where="AutoBridge.save_hf_pretrained")
         out_dir = os.fspath(out_dir)
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         with self.model_bridge.watch("save_hf_pretrained") as watch:
@@ -249,7 +275,7 @@ class AutoBridge:
             try:
                 watch.barrier("save_hf_pretrained: start")  # rank 0's refusal reaches every rank here
                 summary = self._save(model, staged, watch, max_shard_bytes, bucket_bytes, strict, show_progress,
-                                     fsync, side_files, config_extra, materialize)
+                                     fsync, side_files, config_extra, materialize, quant)
                 watch.barrier("save_hf_pretrained: committed")  # every rank returns only once rank 0 swapped it in
             except BaseException:
                 if staged is not None:
@@ -259,13 +285,14 @@ class AutoBridge:
 
     def _save(self, model, staged: Optional[StagedCheckpoint], watch, max_shard_bytes: int, bucket_bytes: int,
               strict: bool, show_progress: Optional[bool], fsync: bool, side_files: Optional[str] = None,
-              config_extra: Optional[Dict[str, Any]] = None, materialize: Any = None) -> Optional[Dict[str, Any]]:
+              config_extra: Optional[Dict[str, Any]] = None, materialize: Any = None,
+              quant: Optional[FP8Export] = None) -> Optional[Dict[str, Any]]:
         watch.set_phase("save_hf_pretrained: conversion tasks")
         tasks = self.model_bridge.build_conversion_tasks(None, model)  # collective: every rank builds them
         stream = self.model_bridge.stream_weights_megatron_to_hf(
             model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=0, show_progress=show_progress,
             conversion_tasks=tasks, copy=False,  # the writer puts each tensor in its file at once
-            materialize=materialize,
+            materialize=materialize, quantization=quant,
         )
         if staged is None:
             for _ in stream:
@@ -284,15 +311,19 @@ class AutoBridge:
             produced = set(order)
             not_exported = [k for k in src.keys() if k not in produced]  # allowed non-weights: nothing maps them
             expected = {k: (src.shape(k), src.dtype(k)) for k in order if k in src}
+        kept = [(k, shape) for k, (shape, _) in expected.items()]
+        if quant is not None:
+            expected = quant.expand_specs(expected)
         # The new checkpoint is written beside out_dir and swapped in whole when complete: a failure at any point
         # leaves out_dir as it was (see io/staging.py). Side files first, weights, the index last, then the swap.
         watch.set_phase("save_hf_pretrained: side files")
         if self.hf_pretrained is None:
             if side_files is not None:  # the source's tokenizer etc.; config.json is written from the model next
                 copy_side_files(side_files, staged.path, fsync=fsync)
-            self._write_config(model, staged.path, fsync=fsync, extra=config_extra)
+            self._write_config(model, staged.path, fsync=fsync, extra=config_extra, quant=quant, kept=kept)
         else:
             copy_side_files(self.hf_pretrained.path, staged.path, fsync=fsync)
+            _describe_weights(os.path.join(staged.path, CONFIG_NAME), quant, kept, fsync)
         with SafeTensorsWriter(staged.path, expected, max_shard_bytes=max_shard_bytes, strict=strict,
                                fsync=fsync, atomic=False) as writer:
             for name, tensor in stream:
@@ -312,20 +343,36 @@ class AutoBridge:
         return summary
 
     def _write_config(self, model: Union[torch.nn.Module, Sequence[torch.nn.Module]], out_dir: str,
-                      fsync: bool = True, extra: Optional[Dict[str, Any]] = None) -> None:
+                      fsync: bool = True, extra: Optional[Dict[str, Any]] = None, quant: Optional[FP8Export] = None,
+                      kept: Sequence[Any] = ()) -> None:
         from megatron_bridge_ext.mcore.names import as_chunks, model_config
 
         config = self.model_bridge.megatron_to_hf_config(model_config(as_chunks(model)))
         config.update(extra or {})
-        path = os.path.join(out_dir, CONFIG_NAME)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _write_json(os.path.join(out_dir, CONFIG_NAME), with_quantization_config(config, quant, kept), fsync)
+
+
+def _write_json(path: str, data: Dict[str, Any], fsync: bool) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _describe_weights(path: str, quant: Optional[FP8Export], kept: Sequence[Any], fsync: bool) -> None:
+    """The copied source ``config.json`` rewritten to describe the weights written: its ``quantization_config``
+    dropped (a plain export) or replaced by the FP8 export's; left byte for byte when there is nothing to change."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "r", encoding="utf-8") as f:
+        config = json.load(f)
+    if quant is None and "quantization_config" not in config:
+        return
+    _write_json(path, with_quantization_config(config, quant, kept), fsync)
 
 
 def _max_seq_len(hf_config: Any) -> int:

@@ -117,6 +117,42 @@ def test_export_without_the_hf_source_is_bit_exact(llama, imported, tmp_path):
     assert again.returncode != 0 and "--overwrite" in again.stderr
 
 
+@pytest.mark.parametrize("path,rule,block", [("stream", None, None), ("via-model", "deepseek", (64, 96))])
+def test_export_quantize_fp8(llama, imported, tmp_path, path, rule, block):
+    """``--quantize fp8`` on both export paths: every 2-D linear weight is the plain-torch per-block quantization of the
+    source tensor (the plain export is the source, bit for bit) with its weight_scale_inv; everything else is the
+    source's; config.json says how. The 352-row MLP weights end in partial blocks (352 = 2 x 128 + 96)."""
+    from reference import fp8_quant
+
+    from megatron_bridge_ext.io import SafeTensorsSource
+
+    root, src = llama
+    _, meg = imported
+    out = str(tmp_path / "hf_fp8")
+    args = ["--quantize", "fp8"] + (["--via-model"] if path == "via-model" else [])
+    args += ["--quantize-rule", rule] if rule else []
+    args += ["--quantize-block-size", *map(str, block)] if block else []
+    res = _cli("export", meg, out, *args)
+    assert res.returncode == 0, res.stdout + res.stderr
+    block = block or (128, 128)
+    assert f"fp8 weights, rule {rule or 'transformers'}, block {block[0]}x{block[1]}" in res.stdout, res.stdout
+    with SafeTensorsSource(src) as s, SafeTensorsSource(out) as o:
+        want = {k: s[k].clone() for k in s.keys()}
+        got = {k: o[k].clone() for k in o.keys()}
+    linear = {k for k, v in want.items() if v.dim() == 2 and k not in ("model.embed_tokens.weight", "lm_head.weight")}
+    assert len(linear) == 7 * LLAMA["num_hidden_layers"]
+    assert set(got) == set(want) | {k + "_scale_inv" for k in linear}
+    for k, v in want.items():
+        if k in linear:
+            q, sc = fp8_quant(v, block, rule or "transformers")
+            assert torch.equal(got[k].view(torch.uint8), q.view(torch.uint8)) and torch.equal(got[k + "_scale_inv"], sc), k
+        else:
+            assert torch.equal(got[k], v), k
+    with open(os.path.join(out, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    assert qc["quant_method"] == "fp8" and qc["weight_block_size"] == list(block), qc
+
+
 def test_verify_passes_then_names_the_changed_tensor(llama, imported, tmp_path):
     from safetensors.torch import load_file, save_file
 

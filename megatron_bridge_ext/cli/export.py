@@ -11,7 +11,8 @@ written. The checkpoint's keys may be a Transformer Engine spec's or the local s
 scaling state included, are not read). The checkpoint is read at the layout given (default TP1 PP1: any layout
 reshards from the one it was written at), through the restricted reader (nothing in it is run; its structure is
 checked before anything is written), after checking its files against its checksum manifest (``integrity.json``) when
-it has one (``--no-checksums`` skips that).
+it has one (``--no-checksums`` skips that). ``--quantize fp8`` writes the linear weights in FP8 with their
+``weight_scale_inv`` (DeepSeek-V3's layout, :mod:`megatron_bridge_ext.engine.quantize`) on either path.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def _stream_chunks(info: Any, config: Any, ckpt: Any, described_by: str) -> Tupl
 
 def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str, Any], hf_source: Optional[str],
             show: bool, verbose: bool, fsync: bool, verify_checksums: bool = True,
-            hf_architecture: Optional[str] = None, stream: bool = False) -> Dict[str, Any]:
+            hf_architecture: Optional[str] = None, stream: bool = False,
+            quantize: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from megatron_bridge_ext.cli.common import load_checkpoint_chunks, phase, quiet_third_party, timed, worker_setup
 
     if stream:  # no model runs and nothing moves between ranks: one process, no CPU patches needed
@@ -191,14 +193,15 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
                 fp8_state = extra_state_with_content(ckpt)  # reported; never applied
                 read_s = clock()
                 summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync,
-                                                    side_files=side, config_extra=extra, materialize=params)
+                                                    side_files=side, config_extra=extra, materialize=params,
+                                                    **(quantize or {}))
         else:
             chunks = load_checkpoint_chunks(info, config, device, show, described_by)
             fp8_state = extra_state_with_content(info.path) if rank == 0 else []  # reported; never applied
             dist.barrier()
             read_s = clock()
             summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync, side_files=side,
-                                                config_extra=extra)
+                                                config_extra=extra, **(quantize or {}))
         dist.barrier()
         return {"summary": summary, "read_s": read_s - checksum_s, "total_s": clock(), "source": info.path,
                 "checksums": checked, "checksum_s": checksum_s, "config_from": described_by, "fp8_state": fp8_state,
@@ -222,7 +225,9 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
                       overwrite: bool = False, fsync: bool = True, show: bool = False, verbose: bool = False,
                       timeout: float = 3600.0, backend: Optional[str] = None,
                       checksums: bool = True, hf_architecture: Optional[str] = None,
-                      via_model: Optional[bool] = None) -> Dict[str, Any]:
+                      via_model: Optional[bool] = None, quantization: Optional[str] = None,
+                      quantization_rule: Optional[str] = None,
+                      quantization_block_size: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
     """Megatron checkpoint ``meg_dir`` -> HF checkpoint ``out_dir``; returns rank 0's measurements.
 
     Args:
@@ -231,16 +236,23 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
             instead of streaming it (one process, no model: each bucket of parameters read from the files, converted
             and written, then dropped). Default: the model path when a layout other than TP1 PP1 EP1 is given (or
             under torchrun), else the stream.
+        quantization, quantization_rule, quantization_block_size: ``"fp8"`` writes the linear weights in FP8 with
+            their scales (see :meth:`~megatron_bridge_ext.auto_bridge.AutoBridge.save_hf_pretrained`).
 
     Raises:
         FileNotFoundError: the checkpoint (or the HF source) is missing.
         FileExistsError: ``out_dir`` holds files and ``overwrite`` is False.
         ValueError: the HF source disagrees with the checkpoint (named fields), a layout that cannot split it, a
             structural fault or a refused class in the checkpoint (file and key named), files that differ from the
-            manifest (each named). Nothing is written to ``out_dir`` then.
+            manifest (each named), bad quantization settings (named). Nothing is written to ``out_dir`` then.
     """
     from megatron_bridge_ext.cli.common import is_rank0, run_in_process, run_world, under_torchrun, world_size_for
+    from megatron_bridge_ext.engine.quantize import export_quantization
     from megatron_bridge_ext.io.megatron_checkpoint import has_checksums, read_checkpoint_info, resolve_checkpoint
+
+    export_quantization(quantization, quantization_rule, quantization_block_size, where="export")  # before anything
+    quantize = {"quantization": quantization, "quantization_rule": quantization_rule,
+                "quantization_block_size": quantization_block_size}
 
     if checksums and has_checksums(meg_dir):
         resolve_checkpoint(meg_dir)  # the ranks check the files against the manifest before reading any
@@ -252,7 +264,8 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
     layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
     if via_model is None:
         via_model = world_size_for(layout) > 1 or (vpp or 1) > 1 or under_torchrun()
-    args = (meg_dir, out_dir, layout, hf_source, show, verbose, fsync, checksums, hf_architecture, not via_model)
+    args = (meg_dir, out_dir, layout, hf_source, show, verbose, fsync, checksums, hf_architecture, not via_model,
+            quantize)
     if via_model:
         results: List[Any] = run_world(_worker, world_size_for(layout), args, timeout=timeout, backend=backend)
         res = results[0]
@@ -287,6 +300,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fsync", action="store_true", help="do not fsync the written shards")
     parser.add_argument("--no-checksums", action="store_true",
                         help="do not check the checkpoint's files against its checksum manifest (integrity.json)")
+    parser.add_argument("--quantize", choices=("fp8",), default=None,
+                        help="write every 2-D linear weight in FP8 (float8_e4m3fn) with its weight_scale_inv per "
+                             "block, as DeepSeek-V3's release; embeddings, lm_head, norms, routers, biases stay in "
+                             "the model's dtype")
+    parser.add_argument("--quantize-rule", choices=("transformers", "deepseek"), default=None,
+                        help="per-block formula of --quantize: transformers' own FP8 quantizer (default) or "
+                             "DeepSeek-V3's (scale = max(amax, 1e-4) / 448)")
+    parser.add_argument("--quantize-block-size", type=int, nargs=2, default=None, metavar=("ROWS", "COLS"),
+                        help="block of --quantize (default 128 128)")
     parser.add_argument("--via-model", action="store_true",
                         help="read the checkpoint into a model built at the layout (the default when a layout is "
                              "given) instead of streaming it")
@@ -304,7 +326,10 @@ def run(args: argparse.Namespace) -> int:
                                 overwrite=args.overwrite, fsync=not args.no_fsync, show=show_progress(args),
                                 verbose=args.verbose, timeout=args.timeout, backend=args.backend,
                                 checksums=not args.no_checksums, hf_architecture=args.hf_architecture,
-                                via_model=True if args.via_model else None)
+                                via_model=True if args.via_model else None, quantization=args.quantize,
+                                quantization_rule=args.quantize_rule,
+                                quantization_block_size=tuple(args.quantize_block_size)
+                                if args.quantize_block_size else None)
     except Exception as e:  # noqa: BLE001
         return fail(e, args.verbose)
     if is_rank0():
@@ -317,6 +342,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             detail = (f"[{where}, via the model; {sums}; checkpoint read {res['read_s']:.2f} s, convert + HF write "
                       f"{rest:.2f} s]")
+        if args.quantize:
+            block = args.quantize_block_size or (128, 128)
+            detail = (f"{detail[:-1]}; {args.quantize} weights, rule {args.quantize_rule or 'transformers'}, block "
+                      f"{block[0]}x{block[1]}]")
         print(summary_line("export", res["tensors"], res["bytes"], res["total_s"], res["out_dir"], detail))
         if res.get("fp8_state"):
             print(f"note: {len(res['fp8_state'])} Transformer Engine module kind(s) carry FP8 scaling state "

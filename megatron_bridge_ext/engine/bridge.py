@@ -50,6 +50,7 @@ from megatron_bridge_ext.engine.checks import (
     unused_hf_tensors,
 )
 from megatron_bridge_ext.engine.peers import Watch, current_watch, watched
+from megatron_bridge_ext.engine.quantize import FP8Export
 from megatron_bridge_ext.engine.tasks import GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets, shard_storages
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
@@ -603,6 +604,7 @@ class MegatronModelBridge:
         copy: bool = True,
         cpu: bool = True,
         materialize: Any = None,
+        quantization: Optional[FP8Export] = None,
     ) -> Iterator[HFWeightTuple]:
         """Stream the model as HF tensors, in the global order.
 
@@ -623,14 +625,17 @@ class MegatronModelBridge:
             cpu: move the HF tensors to the CPU (when the model lives on a GPU); False keeps them on the device.
             materialize: for a one-rank model whose parameters are on the meta device, what loads each bucket's
                 parameters just before it is converted and releases them after (see ``Transport.stream``).
+            quantization: write the linear weights block-quantized (from
+                :func:`megatron_bridge_ext.engine.quantize.export_quantization`): each is yielded in FP8 followed by
+                its ``weight_scale_inv``, quantized where the HF tensor was made (before the move to the CPU).
         """
         watch = self.watch("export")
         yield from watched(watch, self._stream_to_hf(watch, megatron_model, hf_pretrained, bucket_bytes, dst,
                                                      show_progress, hf_config, conversion_tasks, copy, cpu,
-                                                     materialize), "export")
+                                                     materialize, quantization), "export")
 
     def _stream_to_hf(self, watch: Watch, megatron_model, hf_pretrained, bucket_bytes, dst, show_progress, hf_config,
-                      conversion_tasks, copy, cpu, materialize=None) -> Iterator[HFWeightTuple]:
+                      conversion_tasks, copy, cpu, materialize=None, quantization=None) -> Iterator[HFWeightTuple]:
         chunks = as_chunks(megatron_model)
         topo = Topology.current()
         config = hf_config if hf_config is not None else getattr(hf_pretrained, "config", None)
@@ -666,19 +671,21 @@ class MegatronModelBridge:
                 try:
                     converted = task.mapping.megatron_to_hf(shards, ctx)
                     converted = self.maybe_modify_converted_hf_weight(task, converted)
-                    converted = {name: _to_hf_dtype(name, t, state) for name, t in converted.items()}
+                    items = [(name, _to_hf_dtype(name, t, state)) for name, t in converted.items()]
+                    if quantization is not None:
+                        items = [q for name, t in items for q in quantization.convert(name, t, ctx.alloc)]
                 except Exception as e:
                     raise conversion_error(e, f"export of Megatron {task.global_param_name} -> HF "
                                               f"{_short(task.mapping.hf_names)} ({type(task.mapping).__name__})"
                                            ) from e
                 storages = shard_storages(shards)
-                for name, tensor in converted.items():
+                for name, tensor in items:
                     if cpu and tensor.device.type != "cpu":
                         tensor = tensor.cpu()
                     if copy and tensor.untyped_storage().data_ptr() in storages:
                         tensor = tensor.clone()
                     yield HFWeightTuple(name, tensor)
-                    if tied_copy and task.global_param_name.endswith(TIED_EMBEDDING):
+                    if tied_copy and task.global_param_name.endswith(TIED_EMBEDDING):  # kept: never quantized
                         yield HFWeightTuple(self.tied_output_hf_name, tensor.clone() if copy else tensor)
 
 

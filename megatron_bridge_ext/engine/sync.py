@@ -16,6 +16,7 @@ rebuild the tasks locally; new names, shapes or dtypes rebuild the global order 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
 from megatron_bridge_ext.engine.peers import Watch, watched
+from megatron_bridge_ext.engine.quantize import export_quantization
 from megatron_bridge_ext.engine.tasks import build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets, shard_storages
 from megatron_bridge_ext.mcore.names import as_chunks
@@ -67,6 +69,14 @@ class WeightSyncPlan:
             requested.
         check_structure: agree over the world before each sync whether any rank's parameters changed (one
             all-reduce of two integers); without it a change on one rank only is not noticed by the others.
+        quantization: ``"fp8"``: each 2-D linear weight is yielded in FP8 followed by its ``<name>_scale_inv``
+            (float32, per ``quantization_block_size`` block), quantized on the receiving rank where the bucket
+            arrived; the other tensors as without it (see :mod:`megatron_bridge_ext.engine.quantize`: the same
+            tensors as ``save_hf_pretrained(..., quantization="fp8")`` writes). ``quantization_rule``:
+            ``"transformers"`` (default) or ``"deepseek"``.
+
+    Raises:
+        ValueError: a bad ``bucket_bytes``, ``dst`` or quantization setting (named).
 
     Example::
 
@@ -79,7 +89,11 @@ class WeightSyncPlan:
 
     def __init__(self, bridge: MegatronModelBridge, model: Model, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dst: Union[int, str] = 0, hf_config: Any = None, copy: bool = True,
-                 check_structure: bool = True) -> None:
+                 check_structure: bool = True, quantization: Optional[str] = None,
+                 quantization_rule: Optional[str] = None,
+                 quantization_block_size: Optional[Sequence[int]] = None) -> None:
+        self.quantization = export_quantization(quantization, quantization_rule, quantization_block_size,
+                                                where="WeightSyncPlan")
         if bucket_bytes <= 0:
             raise ValueError(f"WeightSyncPlan: bucket_bytes must be positive, got {bucket_bytes}")
         self.bridge = bridge
@@ -161,10 +175,25 @@ class WeightSyncPlan:
         return len(self._plans)
 
     def hf_names(self) -> List[Optional[List[str]]]:
-        """Per bucket, the HF names it yields (known on receiving ranks without moving data; None elsewhere)."""
+        """Per bucket, the HF names it yields (known on receiving ranks without moving data; None elsewhere). With a
+        quantization the scales' names follow their weights' (the HF shapes come from the mappings run on meta
+        tensors)."""
         out: List[Optional[List[str]]] = []
-        for plan in self._plans:
-            out.append([n for t, _ in plan.layout for n in t.mapping.hf_names] if self._receiving else None)
+        for plan, contexts in zip(self._plans, self._contexts):
+            if not self._receiving:
+                out.append(None)
+            elif self.quantization is None:
+                out.append([n for t, _ in plan.layout for n in t.mapping.hf_names])
+            else:
+                names = []
+                for (task, m), ctx in zip(plan.layout, contexts):
+                    shards = [torch.empty(m.shape, dtype=m.dtype, device="meta")] * (len(m.senders) if m.sharded
+                                                                                      else 1)
+                    meta_ctx = dataclasses.replace(ctx, alloc=None)
+                    specs = {n: (tuple(t.shape), t.dtype) for n, t in task.mapping.megatron_to_hf(shards,
+                                                                                                 meta_ctx).items()}
+                    names.extend(self.quantization.expand_specs(specs))
+                out.append(names)
         return out
 
     def sync(self) -> Iterator[Bucket]:
@@ -180,6 +209,7 @@ class WeightSyncPlan:
         self._refresh(watch)
         watch.set_phase("weight sync")
         bridge = self.bridge
+        quant = self.quantization
         stream = self._transport.stream(self._plans, self._topo, self._dst, self.everyone, watch=watch)
         with torch.no_grad():
             for index, (plan, views) in enumerate(stream):
@@ -191,7 +221,10 @@ class WeightSyncPlan:
                 for (task, _), shards, ctx in zip(plan.layout, views, self._contexts[index]):
                     converted = bridge.maybe_modify_converted_hf_weight(task, task.mapping.megatron_to_hf(shards, ctx))
                     storages = shard_storages(shards) if self.copy else ()
-                    for name, tensor in converted.items():
+                    items = converted.items()
+                    if quant is not None:
+                        items = [q for name, t in items for q in quant.convert(name, t, ctx.alloc)]
+                    for name, tensor in items:
                         if self.copy and tensor.untyped_storage().data_ptr() in storages:
                             tensor = tensor.clone()
                         bucket.append((name, tensor))
