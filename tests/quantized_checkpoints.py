@@ -1,8 +1,8 @@
 """Tiny block-quantized HF checkpoints for the tests, each with its dequantized twin made independently of the code
 under test.
 
-- FP8 (``quant_method="fp8"``): a transformers model saved in bf16, then every ``*_proj.weight`` (the linear weights
-  DeepSeek-V3's release stores in FP8; norms, embeddings, the output head and the router stay bf16 / fp32) quantized
+- FP8 (``quant_method="fp8"``): a transformers model saved in bf16, then every linear weight (``*_proj.weight`` and
+  ``kv_a_proj_with_mqa.weight``, what DeepSeek-V3's release stores in FP8; norms, embeddings, the output head and the router stay bf16 / fp32) quantized
   per block with transformers' own ``Fp8Quantize`` (``quantizer="transformers"``; the block size must divide the
   weights, which that function requires) or with ``tests/reference.fp8_quant`` (``quantizer="reference"``: DeepSeek's
   rule, partial edge blocks allowed). The twin: ``tests/reference.fp8_dequant`` of the stored bytes.
@@ -52,8 +52,8 @@ def _load(src: str) -> Dict[str, torch.Tensor]:
 
 
 def is_fp8_weight(name: str) -> bool:
-    """The tensors DeepSeek-V3's release stores in FP8: the linear weights."""
-    return name.endswith("_proj.weight")
+    """The tensors DeepSeek-V3's release stores in FP8: the linear weights (``kv_a_proj_with_mqa`` included)."""
+    return name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight")
 
 
 def write_fp8(src: str, dst: str, twin: str, block: Sequence[int], quantizer: str) -> Tuple[str, str]:
