@@ -12,13 +12,18 @@ Megatron stores it (output features).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+import dataclasses
+
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from megatron_bridge_ext import geometry
 
 __all__ = [
+    "QuantizedWeight",
+    "dequantized",
+    "fp8_blocks",
     "qkv_pack",
     "qkv_pack_fused",
     "kv_pack",
@@ -515,6 +520,63 @@ def local_to_global_name(name: str, layer_offset: int = 0, expert_offset: int = 
 
 #: DeepSeek-V3's (and transformers' default) ``weight_block_size``
 DEFAULT_BLOCK_SIZE = (128, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A block-quantized HF weight as stored, handed to a mapping so that the fused op of its layout dequantizes only
+    what the rank keeps (``fp8_*_pack``, ``mxfp4_expert_pack_*``, a TP slice of ``fp8_block_dequant``).
+
+    ``method``: ``"fp8"`` (``weight`` FP8 ``[..., N, K]``, ``scale`` its ``weight_scale_inv`` grid, ``block_size``) or
+    ``"mxfp4"`` (``weight`` the ``*_blocks`` ``[..., N, K/32, 16]``, ``scale`` the ``*_scales``; the HF parameter is
+    the dequantized ``[..., K, N]``). ``shape`` / ``dtype``: those of the HF parameter it stands for (what
+    :meth:`dequantize` returns), so that shape checks treat it as that tensor.
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    method: str
+    block_size: Tuple[int, int]
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The HF parameter, dequantized (a new tensor; MXFP4: a transposed view of one)."""
+        if self.method == "fp8":
+            return fp8_block_dequant(self.weight, self.scale, block_size=self.block_size, dtype=self.dtype)
+        return mxfp4_dequant(self.weight, self.scale, dtype=self.dtype).transpose(-1, -2)
+
+    def experts(self, lo: int, hi: int) -> "QuantizedWeight":
+        """Experts ``[lo, hi)`` of a weight stacked over a layer's experts (first dim)."""
+        return dataclasses.replace(self, weight=self.weight.narrow(0, lo, hi - lo),
+                                   scale=self.scale.narrow(0, lo, hi - lo), shape=(hi - lo, *self.shape[1:]))
+
+
+def dequantized(value: Any) -> Any:
+    """``value`` (a tensor, a :class:`QuantizedWeight`, or a dict / list of them) with every quantized weight
+    dequantized: what a mapping without a fused path for quantized weights reads."""
+    if isinstance(value, QuantizedWeight):
+        return value.dequantize()
+    if isinstance(value, dict):
+        return {k: dequantized(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [dequantized(v) for v in value]
+    return value
+
+
+def fp8_blocks(*values: Any) -> Optional[Tuple[int, int]]:
+    """The common block size when every value is an FP8 :class:`QuantizedWeight` of one block size, else None."""
+    if not values or not all(isinstance(v, QuantizedWeight) and v.method == "fp8" for v in values):
+        return None
+    blocks = {tuple(v.block_size) for v in values}
+    return tuple(blocks.pop()) if len(blocks) == 1 else None  # type: ignore[return-value]
 
 
 def _need_scale(op: str, name: str, w, s) -> None:

@@ -350,21 +350,25 @@ class MegatronModelBridge:
                  ) -> Tuple[Any, ConversionContext]:
         """The HF tensor(s) of a task and the context to convert them in.
 
-        A layer's experts from a source that dequantizes on read (an FP8 / MXFP4 release) are read only for the
-        global experts ``ctx`` selects (this rank's, or this run's), with a context of one expert-parallel rank that
-        takes them all: the same parameters, without dequantizing the other ranks' experts. Other reads are views of
-        the files, which cost nothing until used.
+        From a source that dequantizes on read (an FP8 / MXFP4 release): a mapping with a fused path for quantized
+        weights (``reads_quantized``) gets them as stored (:class:`~megatron_bridge_ext.ops.QuantizedWeight`) and its
+        op dequantizes only the rows the rank keeps; other mappings get them dequantized. A layer's experts are read
+        only for the global experts ``ctx`` selects (this rank's, or this run's), with a context of one
+        expert-parallel rank that takes them all: the same parameters, without dequantizing the other ranks'
+        experts. Reads of other sources are views of the files, which cost nothing until used.
         """
         mapping = task.mapping
-        num = getattr(mapping, "num_experts", None)
-        if (not task.is_group or not num or ctx.ep_size <= 1 or num % ctx.ep_size
-                or not _dequantizes(state, mapping.hf_names)):
+        if not _dequantizes(state, mapping.hf_names):
             return self.maybe_modify_loaded_hf_weight(mapping.hf_param, state), ctx
+        as_stored = bool(getattr(mapping, "reads_quantized", False))
+        num = getattr(mapping, "num_experts", None)
+        if not task.is_group or not num or ctx.ep_size <= 1 or num % ctx.ep_size:
+            return self.maybe_modify_loaded_hf_weight(mapping.hf_param, _QuantizedReads(state, as_stored)), ctx
         per = num // ctx.ep_size
         lo, hi = ctx.ep_rank * per, (ctx.ep_rank + 1) * per
         names = {role: name if isinstance(name, str) else name[lo:hi] for role, name in mapping.hf_param.items()}
         fused = [name for name in names.values() if isinstance(name, str)]
-        hf = self.maybe_modify_loaded_hf_weight(names, _ExpertRows(state, fused, lo, hi))
+        hf = self.maybe_modify_loaded_hf_weight(names, _QuantizedReads(state, as_stored, fused, lo, hi))
         return hf, dataclasses.replace(ctx, ep_size=1, ep_rank=0)
 
     @staticmethod
@@ -709,17 +713,22 @@ def _dequantizes(state: Any, names: Sequence[str]) -> bool:
     return is_quantized is not None and any(is_quantized(n) for n in names)
 
 
-class _ExpertRows(Mapping):
-    """``state`` with each fused (all-experts) tensor cut to global experts ``[lo, hi)`` (read as such, so a quantized
-    one dequantizes only those experts)."""
+class _QuantizedReads(Mapping):
+    """``state`` (a block-quantized source) as a mapping reads it: its quantized weights as stored
+    (:class:`~megatron_bridge_ext.ops.QuantizedWeight`, for a mapping with a fused op: ``as_stored``) or dequantized,
+    and each fused (all-experts) tensor in ``fused`` cut to global experts ``[lo, hi)``, so that only those are
+    dequantized."""
 
-    def __init__(self, state: Any, fused: Sequence[str], lo: int, hi: int) -> None:
-        self.state, self.fused, self.lo, self.hi = state, set(fused), lo, hi
+    def __init__(self, state: Any, as_stored: bool, fused: Sequence[str] = (), lo: int = 0, hi: int = 0) -> None:
+        self.state, self.as_stored, self.fused, self.lo, self.hi = state, as_stored, set(fused), lo, hi
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def __getitem__(self, key: str) -> Any:
+        stored = self.as_stored and self.state.is_quantized(key)
         if key in self.fused:
+            if stored:
+                return self.state.quantized(key).experts(self.lo, self.hi)
             return self.state.experts(key, self.lo, self.hi)
-        return self.state[key]
+        return self.state.quantized(key) if stored else self.state[key]
 
     def __iter__(self):
         return iter(self.state)

@@ -6,7 +6,9 @@ GPT-OSS stores its experts as MXFP4 (``quant_method="mxfp4"``: ``*_blocks`` uint
 values a byte, and ``*_scales`` uint8 E8M0 ``[..., N, K/32]``). :class:`QuantizedSource` wraps the lazy
 :class:`~megatron_bridge_ext.io.hf_source.SafeTensorsSource` of such a checkpoint and presents it as the checkpoint
 of its dequantized model: the key set, shapes and dtypes are those of the unquantized parameters (scale tensors are
-not keys of their own; an MXFP4 pair is one key, the parameter's name), and reading a quantized key dequantizes it
+not keys of their own; an MXFP4 pair is one key, the parameter's name). A mapping with a fused op reads a quantized
+key as stored (:meth:`QuantizedSource.quantized`, an ``ops.QuantizedWeight``) and dequantizes only the rows its rank
+keeps; reading it as a tensor (``source[key]``, or :meth:`QuantizedSource.experts` for a range of experts) dequantizes it
 with the extension's kernels (``ops.fp8_block_dequant``: fp32(w) * fp32(scale) rounded once, as DeepSeek's
 ``weight_dequant`` and transformers' ``Fp8Dequantize``; ``ops.mxfp4_dequant``: e2m1 * 2^(e - 127), transformers'
 ``convert_moe_packed_tensors``, whose transpose to the ``[E, in, out]`` parameter is a view here). Every family's
@@ -26,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_bridge_ext import geometry
+from megatron_bridge_ext import geometry, ops
 from megatron_bridge_ext.io.hf_source import SafeTensorsSource
 
 __all__ = ["QuantizedSource", "quantization_of", "open_source", "strip_quantization", "FP8_SCALE_SUFFIX"]
@@ -98,17 +100,13 @@ def _dequant_dtype(raw_config: Mapping[str, Any]) -> torch.dtype:
 
 
 def _fp8_dequant(w: torch.Tensor, s: torch.Tensor, block_size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """``[..., N, K]`` FP8 with its ``[..., ceil(N/bn), ceil(K/bk)]`` scales -> ``dtype`` ."""
-    from megatron_bridge_ext import ops
-
+    """``[..., N, K]`` FP8 with its ``[..., ceil(N/bn), ceil(K/bk)]`` scales -> ``dtype``."""
     return ops.fp8_block_dequant(w, s, block_size=block_size, dtype=dtype)
 
 
 def _mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[..., N, K/32, 16]`` blocks with ``[..., N, K/32]`` scales -> ``[..., K, N]`` of ``dtype``: the dequantized
     ``[..., N, K]`` (contiguous) seen with its last two dims swapped, GPT-OSS's parameter layout."""
-    from megatron_bridge_ext import ops
-
     return ops.mxfp4_dequant(blocks, scales, dtype=dtype).transpose(-1, -2)
 
 
@@ -281,6 +279,14 @@ class QuantizedSource(Mapping[str, torch.Tensor]):
             del w, s
         self.source.release([w_key, s_key])  # the quantized bytes are read: their pages can go
         return out
+
+    def quantized(self, key: str) -> ops.QuantizedWeight:
+        """Quantized tensor ``key`` as stored (views of the file), for a mapping whose fused op dequantizes only what
+        its rank keeps."""
+        self._check(key)
+        w_key, s_key = self._quantized[key]
+        return ops.QuantizedWeight(self.source[w_key], self.source[s_key], self.method,
+                                   tuple(self.block_size), self.dtype_out, tuple(self._shapes[key]))
 
     def experts(self, key: str, lo: int, hi: int) -> torch.Tensor:
         """Experts ``[lo, hi)`` (the first dim) of a tensor fused over a layer's experts: only those are dequantized

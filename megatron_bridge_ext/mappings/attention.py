@@ -46,6 +46,7 @@ class QKVMapping(MegatronParamMapping):
     """HF ``q_proj``/``k_proj``/``v_proj`` <-> Megatron fused ``linear_qkv`` (weights or biases, output gate optional)."""
 
     layout = COLUMN
+    reads_quantized = True
 
     def __init__(self, megatron_param: str, q: str, k: str, v: str, output_gate: bool = False) -> None:
         super().__init__(megatron_param, {"q": q, "k": k, "v": v})
@@ -53,7 +54,14 @@ class QKVMapping(MegatronParamMapping):
 
     def hf_to_megatron(self, hf, ctx, out=None):
         heads, groups, d = attention_dims(ctx)
-        return ops.qkv_pack(hf["q"], hf["k"], hf["v"], num_heads=heads, num_query_groups=groups, head_dim=d,
+        q, k, v = hf["q"], hf["k"], hf["v"]
+        block = ops.fp8_blocks(q, k, v)
+        if block is not None:  # dequantized straight into this rank's packed rows
+            return ops.fp8_qkv_pack(q.weight, q.scale, k.weight, k.scale, v.weight, v.scale, num_heads=heads,
+                                    num_query_groups=groups, head_dim=d, block_size=block, tp_size=ctx.tp_size,
+                                    tp_rank=ctx.tp_rank, output_gate=self.output_gate, dtype=q.dtype, out=out)
+        q, k, v = ops.dequantized([q, k, v])
+        return ops.qkv_pack(q, k, v, num_heads=heads, num_query_groups=groups, head_dim=d,
                             tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, output_gate=self.output_gate, out=out)
 
     def megatron_to_hf(self, shards, ctx):

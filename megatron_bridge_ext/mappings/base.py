@@ -73,6 +73,9 @@ class MegatronParamMapping:
 
     #: TP layout of the Megatron parameter; None means "the engine resolves it from the model" (Auto).
     layout: Optional[str] = REPLICATED
+    #: Whether :meth:`hf_to_megatron` takes block-quantized HF weights as stored (``ops.QuantizedWeight``) and
+    #: dequantizes them with the fused op of its layout (only the rows the rank keeps); others get them dequantized.
+    reads_quantized: bool = False
     #: Mappings of routed experts convert a whole layer's experts at once (one op call per rank); see
     #: :class:`megatron_bridge_ext.mappings.experts.ExpertMapping`.
     grouped: bool = False

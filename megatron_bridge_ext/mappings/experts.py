@@ -43,6 +43,7 @@ class ExpertMapping(MegatronParamMapping):
 
     layout = EXPERTS
     grouped = True
+    reads_quantized = True
     #: roles whose HF tensor is fused over experts (one tensor ``[E, ...]`` per layer)
     fused_roles: Sequence[str] = ()
 
@@ -82,6 +83,19 @@ class ExpertMapping(MegatronParamMapping):
         if isinstance(value, torch.Tensor):
             return list(value.unbind(0))
         return list(value)  # type: ignore[arg-type]
+
+
+def _shapes_only(hf: Dict[str, object]) -> Dict[str, object]:
+    """``hf`` with each quantized weight (``ops.QuantizedWeight``) as a meta tensor of the parameter it stands for:
+    enough for the shape arithmetic."""
+    def meta(v):
+        if isinstance(v, ops.QuantizedWeight):
+            return torch.empty(v.shape, dtype=v.dtype, device="meta")
+        if isinstance(v, (list, tuple)):
+            return [meta(x) for x in v]
+        return v
+
+    return {role: meta(v) for role, v in hf.items()}
 
 
 def _stacked(shards: Sequence) -> List[torch.Tensor]:
@@ -132,14 +146,27 @@ class ExpertFC1Mapping(ExpertMapping):
 
     def expert_shard_shape(self, hf, ctx) -> Tuple[int, ...]:
         """Shape of one local expert's ``linear_fc1`` on this rank for these HF tensors."""
-        gate, _ = self._gate_up(hf)
+        gate, _ = self._gate_up(_shapes_only(hf))
         return geometry.expert_fc1_shard_shape(self.megatron_param, len(gate), tuple(gate[0].shape), ctx.ep_size,
                                                ctx.ep_rank, ctx.tp_size, ctx.tp_rank)[1:]
 
     def hf_to_megatron(self, hf, ctx, out=None):
-        gate, up = self._gate_up(hf)
-        return ops.expert_pack_fc1(gate, up, ep_size=ctx.ep_size, ep_rank=ctx.ep_rank, etp_size=ctx.tp_size,
-                                   etp_rank=ctx.tp_rank, out=out)
+        split = dict(ep_size=ctx.ep_size, ep_rank=ctx.ep_rank, etp_size=ctx.tp_size, etp_rank=ctx.tp_rank)
+        if self.fused:
+            gu = hf["gate_up"]
+            if isinstance(gu, ops.QuantizedWeight) and gu.method == "mxfp4" and self.transposed:
+                # GPT-OSS: the blocks are stored [E, 2F, D/32, 16], the transpose of the [E, D, 2F] parameter
+                return ops.mxfp4_expert_pack_fc1(gu.weight, gu.scale, interleaved=self.interleaved, dtype=gu.dtype,
+                                                 out=out, **split)
+        else:
+            gate, up = list(hf["gate"]), list(hf["up"])
+            block = ops.fp8_blocks(*gate, *up)
+            if block is not None:  # only this rank's experts and rows are dequantized
+                return ops.fp8_expert_pack_fc1([g.weight for g in gate], [g.scale for g in gate],
+                                               [u.weight for u in up], [u.scale for u in up], block_size=block,
+                                               dtype=gate[0].dtype, out=out, **split)
+        gate, up = self._gate_up(ops.dequantized(hf))
+        return ops.expert_pack_fc1(gate, up, out=out, **split)
 
     def megatron_to_hf(self, shards, ctx):
         per_expert = _per_expert(shards) if ctx.tp_size == 1 and not self.fused else None
@@ -193,13 +220,24 @@ class ExpertFC2Mapping(ExpertMapping):
 
     def expert_shard_shape(self, hf, ctx) -> Tuple[int, ...]:
         """Shape of one local expert's ``linear_fc2`` on this rank for these HF tensors."""
-        down = self._down(hf)
+        down = self._down(_shapes_only(hf))
         return geometry.expert_fc2_shard_shape(self.megatron_param, len(down), tuple(down[0].shape), ctx.ep_size,
                                                ctx.ep_rank, ctx.tp_size, ctx.tp_rank)[1:]
 
     def hf_to_megatron(self, hf, ctx, out=None):
-        return ops.expert_pack_fc2(self._down(hf), ep_size=ctx.ep_size, ep_rank=ctx.ep_rank, etp_size=ctx.tp_size,
-                                   etp_rank=ctx.tp_rank, out=out)
+        split = dict(ep_size=ctx.ep_size, ep_rank=ctx.ep_rank, etp_size=ctx.tp_size, etp_rank=ctx.tp_rank)
+        if self.fused:
+            d = hf["down_fused"]
+            if isinstance(d, ops.QuantizedWeight) and d.method == "mxfp4" and self.transposed:
+                # GPT-OSS: the blocks are stored [E, D, F/32, 16], the transpose of the [E, F, D] parameter
+                return ops.mxfp4_expert_pack_fc2(d.weight, d.scale, dtype=d.dtype, out=out, **split)
+        else:
+            down = list(hf["down"])
+            block = ops.fp8_blocks(*down)
+            if block is not None:
+                return ops.fp8_expert_pack_fc2([x.weight for x in down], [x.scale for x in down], block_size=block,
+                                               dtype=down[0].dtype, out=out, **split)
+        return ops.expert_pack_fc2(self._down(ops.dequantized(hf)), out=out, **split)
 
     def megatron_to_hf(self, shards, ctx):
         per_expert = _per_expert(shards) if ctx.tp_size == 1 and not self.fused else None

@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from megatron_bridge_ext import ops
+from megatron_bridge_ext import geometry, ops
 from megatron_bridge_ext.mappings.base import COLUMN, REPLICATED, ROW, ConversionContext, MegatronParamMapping, single, write
 
 __all__ = ["ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "CopiesMapping",
@@ -24,9 +24,15 @@ class ReplicatedMapping(MegatronParamMapping):
     """Every TP rank holds the full tensor (norms, routers, row-parallel biases)."""
 
     layout = REPLICATED
+    reads_quantized = True
 
     def hf_to_megatron(self, hf, ctx, out=None):
-        return write(single(hf, self), out) if out is not None else single(hf, self).contiguous()
+        hf = single(hf, self)
+        if isinstance(hf, ops.QuantizedWeight):
+            if out is not None and ops.fp8_blocks(hf) is not None:
+                return ops.fp8_block_dequant(hf.weight, hf.scale, block_size=hf.block_size, out=out)
+            hf = hf.dequantize()
+        return write(hf, out) if out is not None else hf.contiguous()
 
     def megatron_to_hf(self, shards, ctx):
         return {self.hf_param: shards[0]}
@@ -40,9 +46,17 @@ class ColumnParallelMapping(MegatronParamMapping):
     """
 
     layout = COLUMN
+    reads_quantized = True
 
     def hf_to_megatron(self, hf, ctx, out=None):
         hf = single(hf, self)
+        if isinstance(hf, ops.QuantizedWeight):
+            if ops.fp8_blocks(hf) is None or hf.dim() != 2 or is_vocab(self.megatron_param):
+                return self.hf_to_megatron(hf.dequantize(), ctx, out)
+            geometry.check_divisible(self.megatron_param, f"HF tensor {self.hf_param} rows", hf.shape[0],
+                                     "tensor_model_parallel_size", ctx.tp_size)
+            return ops.fp8_block_dequant(hf.weight, hf.scale, block_size=hf.block_size, dtype=hf.dtype,
+                                         tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, tp_dim=0, out=out)
         if hf.dim() == 0:
             raise ValueError(f"{self.megatron_param}: column-parallel tensor {self.hf_param} is a scalar")
         rows = hf.shape[0]
@@ -90,9 +104,17 @@ class RowParallelMapping(MegatronParamMapping):
     """Split dim 1 into ``tp`` chunks (``linear_proj``, ``linear_fc2``); a 1-D bias is replicated."""
 
     layout = ROW
+    reads_quantized = True
 
     def hf_to_megatron(self, hf, ctx, out=None):
         hf = single(hf, self)
+        if isinstance(hf, ops.QuantizedWeight):
+            if ops.fp8_blocks(hf) is None or hf.dim() != 2:
+                return self.hf_to_megatron(hf.dequantize(), ctx, out)
+            geometry.check_divisible(self.megatron_param, f"HF tensor {self.hf_param} columns", hf.shape[1],
+                                     "tensor_model_parallel_size", ctx.tp_size)
+            return ops.fp8_block_dequant(hf.weight, hf.scale, block_size=hf.block_size, dtype=hf.dtype,
+                                         tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, tp_dim=1, out=out)
         if hf.dim() < 2:
             return write(hf, out) if out is not None else hf.contiguous()
         if hf.shape[1] % ctx.tp_size:

@@ -28,12 +28,19 @@ class GatedMLPMapping(MegatronParamMapping):
     """HF ``gate_proj``/``up_proj`` <-> Megatron gated ``linear_fc1`` (TP rank t holds ``[gate_t; up_t]``)."""
 
     layout = COLUMN
+    reads_quantized = True
 
     def __init__(self, megatron_param: str, gate: str, up: str) -> None:
         super().__init__(megatron_param, {"gate": gate, "up": up})
 
     def hf_to_megatron(self, hf, ctx, out=None):
-        return ops.gate_up_pack(hf["gate"], hf["up"], tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, out=out)
+        gate, up = hf["gate"], hf["up"]
+        block = ops.fp8_blocks(gate, up)
+        if block is not None:  # dequantized straight into this rank's [gate_t; up_t]
+            return ops.fp8_gate_up_pack(gate.weight, gate.scale, up.weight, up.scale, block_size=block,
+                                        tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, dtype=gate.dtype, out=out)
+        gate, up = ops.dequantized(gate), ops.dequantized(up)
+        return ops.gate_up_pack(gate, up, tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, out=out)
 
     def megatron_to_hf(self, shards, ctx):
         if len(shards) == 1 and shards[0].is_contiguous():

@@ -66,6 +66,12 @@ CASES = {
     "gpt_oss_mxfp4": ("gpt_oss", ("mxfp4", None, None), [("tp2ep2", dict(tp=2, pp=1, ep=2, etp=1))],
                       dict(tp=1, pp=1, ep=2, etp=1), True),
 }
+FUSED_OPS = ("fp8_block_dequant", "fp8_gate_up_pack", "fp8_qkv_pack", "fp8_expert_pack_fc1", "fp8_expert_pack_fc2",
+             "mxfp4_expert_pack_fc1", "mxfp4_expert_pack_fc2")
+# model -> the fused ops its quantized import must call (TP slices of column / row linears: fp8_block_dequant)
+EXPECTED_OPS = {"deepseek_v3": {"fp8_block_dequant", "fp8_gate_up_pack", "fp8_expert_pack_fc1", "fp8_expert_pack_fc2"},
+                "qwen3": {"fp8_block_dequant", "fp8_gate_up_pack", "fp8_qkv_pack"},
+                "gpt_oss": {"mxfp4_expert_pack_fc1", "mxfp4_expert_pack_fc2"}}
 LAYOUT_CASES = [(case, name) for case, (_, _, layouts, _, _) in CASES.items() for name, _ in layouts]
 
 
@@ -107,33 +113,67 @@ def _worker(rank, world, ckpts, tokens, root):
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
     from megatron_bridge_ext.testing.parity import compare_megatron_checkpoints
 
+    from megatron_bridge_ext import ops
     from megatron_bridge_ext.io.quantized import QuantizedSource
 
-    read = []  # (key, expert range or None) of every dequantizing read of an expert tensor, this rank
-    getitem, experts = QuantizedSource.__getitem__, QuantizedSource.experts
+    # every read of a quantized expert tensor on this rank: (key, None) for a whole tensor, read dequantized or as
+    # stored for a fused op; (key, (lo, hi)) for experts [lo, hi) of a tensor fused over the layer's experts
+    read = []
+    getitem, quantized, experts = QuantizedSource.__getitem__, QuantizedSource.quantized, QuantizedSource.experts
+    stored_experts = ops.QuantizedWeight.experts
 
     def counted_getitem(self, key):
         if ".experts." in key and self.is_quantized(key):
             read.append((key, None))
         return getitem(self, key)
 
+    def counted_quantized(self, key):
+        q = quantized(self, key)
+        if ".experts." in key:
+            if q.dim() == 3:  # fused over experts: the engine cuts it to its range (counted there)
+                read.append((key, "fused"))
+            else:
+                read.append((key, None))
+        return q
+
     def counted_experts(self, key, lo, hi):
         if self.is_quantized(key):
             read.append((key, (lo, hi)))
         return experts(self, key, lo, hi)
 
-    QuantizedSource.__getitem__, QuantizedSource.experts = counted_getitem, counted_experts
+    def counted_stored_experts(self, lo, hi):
+        key = read.pop()[0] if read and read[-1][1] == "fused" else "?"
+        read.append((key, (lo, hi)))
+        return stored_experts(self, lo, hi)
+
+    QuantizedSource.__getitem__, QuantizedSource.quantized = counted_getitem, counted_quantized
+    QuantizedSource.experts, ops.QuantizedWeight.experts = counted_experts, counted_stored_experts
+    from megatron_bridge_ext.testing.calls import count_calls
+
+    fused = count_calls(ops, FUSED_OPS)  # the fused dequantizing ops the mappings call
+    whole = []  # QuantizedWeight.dequantize: a mapping without a fused path read a whole weight dequantized
+    dequantize = ops.QuantizedWeight.dequantize
+
+    def counted_dequantize(self):
+        whole.append(tuple(self.shape))
+        return dequantize(self)
+
+    ops.QuantizedWeight.dequantize = counted_dequantize
     out = {}
     for case, (_, _, layouts, stream_layout, _) in CASES.items():
         quant, twin = ckpts[case]
         for name, layout in layouts:
             init_parallel(**layout)
             read.clear()
+            fused.clear()
+            whole.clear()
             got = _params(AutoBridge.from_hf_pretrained(quant).to_megatron_model(params_dtype=torch.float32))
             expert_reads = sorted(read, key=str)
+            op_calls, whole_reads = dict(fused), list(whole)
             chunks = AutoBridge.from_hf_pretrained(twin).to_megatron_model(params_dtype=torch.float32)
             want = _params(chunks)
             r = {"keys": (sorted(got) == sorted(want), len(want)), "expert_reads": expert_reads,
+                 "op_calls": op_calls, "whole_reads": whole_reads,
                  "differ": sorted(k for k in want if k in got and not torch.equal(got[k], want[k]))}
             logits = megatron_logits(chunks, tokens)
             if rank == 0:
@@ -186,8 +226,8 @@ def test_parameters_equal_the_dequantized_twins(world, case, name):
 
 
 def test_a_rank_dequantizes_only_its_own_experts(world):
-    """At EP2 each rank dequantizes the experts it keeps and no others: DeepSeek-V3's per-expert FP8 tensors of its
-    half of the experts, GPT-OSS's fused MXFP4 tensors cut to its half ([0, 2) or [2, 4) of 4)."""
+    """At EP2 each rank reads the quantized experts it keeps and no others: DeepSeek-V3's per-expert FP8 tensors of
+    its half of the experts, GPT-OSS's fused MXFP4 tensors cut to its half ([0, 2) or [2, 4) of 4), each once."""
     _, _, per_rank, _ = world
     import re
 
@@ -201,6 +241,17 @@ def test_a_rank_dequantizes_only_its_own_experts(world):
         ranges = {rng for _, rng in oss}
         assert ranges in ({(0, 2)}, {(2, 4)}), (rank, ranges)
         assert len(oss) == 4 * 2, oss  # 4 layers x gate_up / down, each once
+
+
+@pytest.mark.parametrize("case,name", LAYOUT_CASES, ids=[f"{c}-{n}" for c, n in LAYOUT_CASES])
+def test_quantized_weights_go_through_the_fused_ops(world, case, name):
+    """The model path hands each quantized weight as stored to the fused op of its layout (a TP slice, gate / up,
+    QKV, a rank's experts), which dequantizes only what the rank keeps: no mapping reads a whole weight dequantized."""
+    _, _, per_rank, _ = world
+    for rank, results in enumerate(per_rank):
+        r = results[f"{case}/{name}"]
+        assert EXPECTED_OPS[CASES[case][0]] <= set(r["op_calls"]), (rank, r["op_calls"])
+        assert r["whole_reads"] == [], (rank, r["whole_reads"][:8])
 
 
 @pytest.mark.parametrize("case,name", LAYOUT_CASES, ids=[f"{c}-{n}" for c, n in LAYOUT_CASES])
