@@ -157,7 +157,7 @@ def _stream_chunks(info: Any, config: Any, ckpt: Any, described_by: str) -> Tupl
 def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str, Any], hf_source: Optional[str],
             show: bool, verbose: bool, fsync: bool, verify_checksums: bool = True,
             hf_architecture: Optional[str] = None, stream: bool = False,
-            quantize: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+            save_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     from megatron_bridge_ext.cli.common import load_checkpoint_chunks, phase, quiet_third_party, timed, worker_setup
 
     if stream:  # no model runs and nothing moves between ranks: one process, no CPU patches needed
@@ -194,14 +194,14 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
                 read_s = clock()
                 summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync,
                                                     side_files=side, config_extra=extra, materialize=params,
-                                                    **(quantize or {}))
+                                                    **(save_kwargs or {}))
         else:
             chunks = load_checkpoint_chunks(info, config, device, show, described_by)
             fp8_state = extra_state_with_content(info.path) if rank == 0 else []  # reported; never applied
             dist.barrier()
             read_s = clock()
             summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync, side_files=side,
-                                                config_extra=extra, **(quantize or {}))
+                                                config_extra=extra, **(save_kwargs or {}))
         dist.barrier()
         return {"summary": summary, "read_s": read_s - checksum_s, "total_s": clock(), "source": info.path,
                 "checksums": checked, "checksum_s": checksum_s, "config_from": described_by, "fp8_state": fp8_state,
@@ -227,7 +227,8 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
                       checksums: bool = True, hf_architecture: Optional[str] = None,
                       via_model: Optional[bool] = None, quantization: Optional[str] = None,
                       quantization_rule: Optional[str] = None,
-                      quantization_block_size: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+                      quantization_block_size: Optional[Tuple[int, int]] = None,
+                      bucket_bytes: Optional[int] = None) -> Dict[str, Any]:
     """Megatron checkpoint ``meg_dir`` -> HF checkpoint ``out_dir``; returns rank 0's measurements.
 
     Args:
@@ -238,6 +239,8 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
             under torchrun), else the stream.
         quantization, quantization_rule, quantization_block_size: ``"fp8"`` writes the linear weights in FP8 with
             their scales (see :meth:`~megatron_bridge_ext.auto_bridge.AutoBridge.save_hf_pretrained`).
+        bucket_bytes: parameter bytes converted per step (default 256 MiB); the streamed export reads a layer's
+            experts in runs of at most this many bytes (whole experts), so it bounds that path's memory.
 
     Raises:
         FileNotFoundError: the checkpoint (or the HF source) is missing.
@@ -251,8 +254,12 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
     from megatron_bridge_ext.io.megatron_checkpoint import has_checksums, read_checkpoint_info, resolve_checkpoint
 
     export_quantization(quantization, quantization_rule, quantization_block_size, where="export")  # before anything
-    quantize = {"quantization": quantization, "quantization_rule": quantization_rule,
-                "quantization_block_size": quantization_block_size}
+    if bucket_bytes is not None and (not isinstance(bucket_bytes, int) or bucket_bytes <= 0):
+        raise ValueError(f"export: bucket_bytes = {bucket_bytes!r}, expected a positive number of bytes")
+    save_kwargs: Dict[str, Any] = {"quantization": quantization, "quantization_rule": quantization_rule,
+                                   "quantization_block_size": quantization_block_size}
+    if bucket_bytes is not None:
+        save_kwargs["bucket_bytes"] = bucket_bytes
 
     if checksums and has_checksums(meg_dir):
         resolve_checkpoint(meg_dir)  # the ranks check the files against the manifest before reading any
@@ -265,7 +272,7 @@ def export_checkpoint(meg_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, v
     if via_model is None:
         via_model = world_size_for(layout) > 1 or (vpp or 1) > 1 or under_torchrun()
     args = (meg_dir, out_dir, layout, hf_source, show, verbose, fsync, checksums, hf_architecture, not via_model,
-            quantize)
+            save_kwargs)
     if via_model:
         results: List[Any] = run_world(_worker, world_size_for(layout), args, timeout=timeout, backend=backend)
         res = results[0]
@@ -298,6 +305,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "this package wrote, nor with --hf-source)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty HF_DIR once the new one is complete")
     parser.add_argument("--no-fsync", action="store_true", help="do not fsync the written shards")
+    parser.add_argument("--bucket-bytes", type=int, default=None, metavar="N",
+                        help="parameter bytes converted per step (default 256 MiB); the streamed export reads a "
+                             "layer's experts in runs of at most N bytes, which bounds its memory")
     parser.add_argument("--no-checksums", action="store_true",
                         help="do not check the checkpoint's files against its checksum manifest (integrity.json)")
     parser.add_argument("--quantize", choices=("fp8",), default=None,
@@ -329,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
                                 via_model=True if args.via_model else None, quantization=args.quantize,
                                 quantization_rule=args.quantize_rule,
                                 quantization_block_size=tuple(args.quantize_block_size)
-                                if args.quantize_block_size else None)
+                                if args.quantize_block_size else None, bucket_bytes=args.bucket_bytes)
     except Exception as e:  # noqa: BLE001
         return fail(e, args.verbose)
     if is_rank0():

@@ -52,7 +52,8 @@ from megatron_bridge_ext.engine.checks import (
 from megatron_bridge_ext.engine.peers import Watch, current_watch, watched
 from megatron_bridge_ext.engine.quantize import FP8Export
 from megatron_bridge_ext.engine.tasks import GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
-from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets, shard_storages
+from megatron_bridge_ext.engine.transport import (BucketPlan, ExpertsToLoad, Scratch, Transport, cut_buckets,
+                                                  shard_storages)
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
 from megatron_bridge_ext.mcore.embeddings import TIED_EMBEDDING, broadcast_tied_embeddings, is_tied
 from megatron_bridge_ext.mcore.layout import detect_layout
@@ -669,28 +670,50 @@ class MegatronModelBridge:
                 continue
             for (task, m), shards in zip(plan.layout, views):
                 ctx = self._export_context(task, m, len(shards), topo, config, chunks)
-                if not copy:  # the consumer uses each tensor at once: the HF tensors go to reused memory
-                    self._scratch.reset()
-                    ctx.alloc = self._scratch.alloc
-                try:
-                    converted = task.mapping.megatron_to_hf(shards, ctx)
-                    converted = self.maybe_modify_converted_hf_weight(task, converted)
-                    items = [(name, _to_hf_dtype(name, t, state)) for name, t in converted.items()]
-                    if quantization is not None:
-                        items = [q for name, t in items for q in quantization.convert(name, t, ctx.alloc)]
-                except Exception as e:
-                    raise conversion_error(e, f"export of Megatron {task.global_param_name} -> HF "
-                                              f"{_short(task.mapping.hf_names)} ({type(task.mapping).__name__})"
-                                           ) from e
-                storages = shard_storages(shards)
-                for name, tensor in items:
-                    if cpu and tensor.device.type != "cpu":
-                        tensor = tensor.cpu()
-                    if copy and tensor.untyped_storage().data_ptr() in storages:
-                        tensor = tensor.clone()
-                    yield HFWeightTuple(name, tensor)
-                    if tied_copy and task.global_param_name.endswith(TIED_EMBEDDING):  # kept: never quantized
-                        yield HFWeightTuple(self.tied_output_hf_name, tensor.clone() if copy else tensor)
+                for mapping, run in _export_runs(task, shards, ctx, bucket_bytes):
+                    if not copy:  # the consumer uses each tensor at once: the HF tensors go to reused memory
+                        self._scratch.reset()
+                        ctx.alloc = self._scratch.alloc
+                    try:
+                        converted = mapping.megatron_to_hf(run, ctx)
+                        converted = self.maybe_modify_converted_hf_weight(task, converted)
+                        items = [(name, _to_hf_dtype(name, t, state)) for name, t in converted.items()]
+                        if quantization is not None:
+                            items = [q for name, t in items for q in quantization.convert(name, t, ctx.alloc)]
+                    except Exception as e:
+                        raise conversion_error(e, f"export of Megatron {task.global_param_name} -> HF "
+                                                  f"{_short(task.mapping.hf_names)} ({type(task.mapping).__name__})"
+                                               ) from e
+                    storages = shard_storages(run)
+                    for name, tensor in items:
+                        if cpu and tensor.device.type != "cpu":
+                            tensor = tensor.cpu()
+                        if copy and tensor.untyped_storage().data_ptr() in storages:
+                            tensor = tensor.clone()
+                        yield HFWeightTuple(name, tensor)
+                        if tied_copy and task.global_param_name.endswith(TIED_EMBEDDING):  # kept: never quantized
+                            yield HFWeightTuple(self.tied_output_hf_name, tensor.clone() if copy else tensor)
+                    del converted, items, run
+
+
+def _export_runs(task: WeightConversionTask, shards: Any, ctx: ConversionContext, max_bytes: int
+                 ) -> Iterator[Tuple[Any, Any]]:
+    """``(mapping, shards)`` to unpack for one task: the task's own, or, for a layer's experts still to be read
+    (:class:`~megatron_bridge_ext.engine.transport.ExpertsToLoad`, the streamed export), runs of whole experts of at
+    most ``max_bytes`` each, read one after the other with a copy of the mapping naming the run's HF tensors. HF
+    tensors fused over the experts (one ``[E, ...]`` tensor per role) are made from all of them at once."""
+    if not isinstance(shards, ExpertsToLoad):
+        yield task.mapping, shards
+        return
+    mapping = task.mapping
+    if getattr(mapping, "fused", False) or ctx.ep_size != 1 or ctx.tp_size != 1:
+        yield mapping, [shards.load()]
+        return
+    for lo, hi in shards.runs(max_bytes):
+        names = {role: list(name[lo:hi]) for role, name in mapping.hf_param.items()}
+        sub = mapping.with_names(mapping.megatron_param, names)
+        sub.num_experts = hi - lo
+        yield sub, [shards.load(lo, hi)]
 
 
 def _expert_runs(task: WeightConversionTask, ctx: ConversionContext, max_bytes: Optional[int]) -> int:

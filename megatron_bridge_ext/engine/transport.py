@@ -26,7 +26,7 @@ from megatron_bridge_ext.engine.peers import Watch
 from megatron_bridge_ext.engine.tasks import ParamMeta, WeightConversionTask
 from megatron_bridge_ext.mcore.topology import Topology, comm_device
 
-__all__ = ["BucketPlan", "Transport", "cut_buckets", "shard_storages"]
+__all__ = ["BucketPlan", "ExpertsToLoad", "Transport", "cut_buckets", "shard_storages"]
 
 
 @dataclass
@@ -185,6 +185,33 @@ class Scratch:
         self._used = self._need = 0
 
 
+class ExpertsToLoad:
+    """A layer's expert parameters not read yet (a one-rank export of a model on the meta device): the consumer reads
+    ``load(lo, hi)`` for experts ``[lo, hi)`` a run at a time, so that memory holds one run, not the layer."""
+
+    def __init__(self, materialize: Any, tensors: Sequence[torch.Tensor]) -> None:
+        self.materialize, self.tensors = materialize, list(tensors)
+
+    def __len__(self) -> int:  # one holder: the one rank
+        return 1
+
+    def load(self, lo: int = 0, hi: Optional[int] = None) -> List[torch.Tensor]:
+        return self.materialize.load(self.tensors[lo:hi])
+
+    def runs(self, max_bytes: int) -> List[Tuple[int, int]]:
+        """Consecutive ``[lo, hi)`` of whole experts of at most ``max_bytes`` each (at least one expert)."""
+        out, lo, size = [], 0, 0
+        for i, t in enumerate(self.tensors):
+            n = t.numel() * t.element_size()
+            if i > lo and size + n > max_bytes:
+                out.append((lo, i))
+                lo, size = i, 0
+            size += n
+        if lo < len(self.tensors):
+            out.append((lo, len(self.tensors)))
+        return out
+
+
 class Transport:
     """Moves buckets of parameters to a destination rank (or to every rank), reusing its flat buffers."""
 
@@ -222,7 +249,8 @@ class Transport:
 
         ``materialize`` (optional; one-rank exports of a model whose parameters live on the meta device) has
         ``load(parameters) -> values``: each bucket's values are read just before it is handed out, in place of the
-        parameters, and dropped once the consumer asks for the next bucket.
+        parameters, and dropped once the consumer asks for the next bucket; a layer's experts come as an
+        :class:`ExpertsToLoad`, which the consumer reads a run of experts at a time.
         """
         watch = watch if watch is not None else Watch("export")
         try:
@@ -275,8 +303,11 @@ class Transport:
                     raise ValueError("Transport.stream: parameters loaded bucket by bucket need a one-rank export")
                 views = []
                 for task, m in plan.layout:
+                    if task.is_group:  # a layer's experts: read by the consumer, in runs (ExpertsToLoad)
+                        views.append(ExpertsToLoad(materialize, task.local_tensors))
+                        continue
                     values = materialize.load(task.local_tensors)
-                    views.append([values if task.is_group else values[0].view(m.shape)])
+                    views.append([values[0].view(m.shape)])
                 yield plan, views
                 del views
                 continue

@@ -531,3 +531,36 @@ def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
         res = export_checkpoint(os.path.join(results["root"], name, source), out)
         assert res["streamed"] is True
         _assert_same_tensors(out, results["paths"][name])
+
+
+MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp"]
+
+
+@pytest.mark.parametrize("name", MOE_CASES)
+def test_streamed_export_reads_experts_in_runs(results, name, tmp_path, monkeypatch):
+    """With a small ``bucket_bytes`` the streamed export reads a layer's experts a run at a time (one expert per run
+    here; fused HF expert tensors, GPT-OSS's, need the whole layer and read it at once) and is still the source's
+    tensors bit for bit."""
+    from megatron_bridge_ext.cli.export import export_checkpoint
+    from megatron_bridge_ext.engine.transport import ExpertsToLoad
+
+    loads = []
+    original = ExpertsToLoad.load
+
+    def counted(self, lo=0, hi=None):
+        values = original(self, lo, hi)
+        loads.append((len(self.tensors), len(values)))
+        return values
+
+    monkeypatch.setattr(ExpertsToLoad, "load", counted)
+    out = str(tmp_path / "hf")
+    res = export_checkpoint(os.path.join(results["root"], name, "stream"), out, bucket_bytes=1)
+    assert res["streamed"] is True
+    _assert_same_tensors(out, results["paths"][name])
+    assert loads, "no expert group was read"
+    if name == "gpt_oss":  # fused [E, ...] HF tensors: every layer's experts at once
+        assert all(n == total for total, n in loads), loads
+    else:
+        assert all(n == 1 for _, n in loads), loads  # one expert per run at this budget
+    with pytest.raises(ValueError, match=r"bucket_bytes = 0, expected a positive number of bytes"):
+        export_checkpoint(os.path.join(results["root"], name, "stream"), str(tmp_path / "x"), bucket_bytes=0)
