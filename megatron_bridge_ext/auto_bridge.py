@@ -364,14 +364,12 @@ def _write_json(path: str, data: Dict[str, Any], fsync: bool) -> None:
 
 
 def _describe_weights(path: str, quant: Optional[FP8Export], kept: Sequence[Any], fsync: bool) -> None:
-    """The copied source ``config.json`` rewritten to describe the weights written: its ``quantization_config``
-    dropped (a plain export) or replaced by the FP8 export's; left byte for byte when there is nothing to change."""
-    if not os.path.isfile(path):
+    """The copied source ``config.json`` given the FP8 export's ``quantization_config`` (a plain export needs
+    nothing: ``copy_side_files`` never carries a source's ``quantization_config`` over)."""
+    if quant is None or not os.path.isfile(path):
         return
     with open(path, "r", encoding="utf-8") as f:
         config = json.load(f)
-    if quant is None and "quantization_config" not in config:
-        return
     _write_json(path, with_quantization_config(config, quant, kept), fsync)
 
 

@@ -99,17 +99,6 @@ def _dequant_dtype(raw_config: Mapping[str, Any]) -> torch.dtype:
     return torch.bfloat16
 
 
-def _fp8_dequant(w: torch.Tensor, s: torch.Tensor, block_size: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """``[..., N, K]`` FP8 with its ``[..., ceil(N/bn), ceil(K/bk)]`` scales -> ``dtype``."""
-    return ops.fp8_block_dequant(w, s, block_size=block_size, dtype=dtype)
-
-
-def _mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[..., N, K/32, 16]`` blocks with ``[..., N, K/32]`` scales -> ``[..., K, N]`` of ``dtype``: the dequantized
-    ``[..., N, K]`` (contiguous) seen with its last two dims swapped, GPT-OSS's parameter layout."""
-    return ops.mxfp4_dequant(blocks, scales, dtype=dtype).transpose(-1, -2)
-
-
 class QuantizedSource(Mapping[str, torch.Tensor]):
     """An FP8 block-scaled or MXFP4 HF checkpoint presented as its dequantized tensors (see the module doc).
 
@@ -265,19 +254,10 @@ class QuantizedSource(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         """Tensor ``key``: a view of the file for a plain one, dequantized (a new tensor) for a quantized one."""
         self._check(key)
-        pair = self._quantized.get(key)
-        if pair is None:
+        if key not in self._quantized:
             return self.source[key]
-        w_key, s_key = pair
-        w, s = self.source[w_key], self.source[s_key]
-        try:
-            out = (_fp8_dequant(w, s, self.block_size, self.dtype_out) if self.method == "fp8"
-                   else _mxfp4_dequant(w, s, self.dtype_out))
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"dequantizing {key!r} ({w_key} + {s_key} in {self.source.file_of(w_key)}): {e}") from None
-        finally:
-            del w, s
-        self.source.release([w_key, s_key])  # the quantized bytes are read: their pages can go
+        out = self._dequantize(key, self.quantized(key))
+        self.source.release(list(self._quantized[key]))  # the quantized bytes are read: their pages can go
         return out
 
     def quantized(self, key: str) -> ops.QuantizedWeight:
@@ -292,20 +272,17 @@ class QuantizedSource(Mapping[str, torch.Tensor]):
         """Experts ``[lo, hi)`` (the first dim) of a tensor fused over a layer's experts: only those are dequantized
         (a view of the file for a plain one)."""
         self._check(key)
-        pair = self._quantized.get(key)
-        if pair is None:
+        if key not in self._quantized:
             return self.source[key].narrow(0, lo, hi - lo)
-        w_key, s_key = pair
-        w = self.source[w_key].narrow(0, lo, hi - lo)
-        s = self.source[s_key].narrow(0, lo, hi - lo)
+        return self._dequantize(key, self.quantized(key).experts(lo, hi), f"experts [{lo}, {hi}) of ")
+
+    def _dequantize(self, key: str, weight: ops.QuantizedWeight, what: str = "") -> torch.Tensor:
         try:
-            out = (_fp8_dequant(w, s, self.block_size, self.dtype_out) if self.method == "fp8"
-                   else _mxfp4_dequant(w, s, self.dtype_out))
+            return weight.dequantize()
         except (RuntimeError, ValueError) as e:
-            raise ValueError(f"dequantizing experts [{lo}, {hi}) of {key!r} ({w_key} + {s_key} in "
-                             f"{self.source.file_of(w_key)}): {e}") from None
-        del w, s
-        return out
+            w_key, s_key = self._quantized[key]
+            raise ValueError(f"dequantizing {what}{key!r} ({w_key} + {s_key} in {self.source.file_of(w_key)}): "
+                             f"{e}") from None
 
     def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
         return self[key] if key in self._key_set else default
