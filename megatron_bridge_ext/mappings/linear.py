@@ -139,6 +139,7 @@ class AutoMapping(MegatronParamMapping):
 
     layout = None
     _impl: Dict[str, type] = {COLUMN: ColumnParallelMapping, ROW: RowParallelMapping, REPLICATED: ReplicatedMapping}
+    reads_quantized = all(impl.reads_quantized for impl in _impl.values())  # each delegate has a fused path
 
     def _delegate(self, ctx: ConversionContext) -> MegatronParamMapping:
         impl: Optional[type] = self._impl.get(ctx.layout)  # type: ignore[arg-type]
