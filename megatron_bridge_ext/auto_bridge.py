@@ -288,7 +288,10 @@ class AutoBridge:
               config_extra: Optional[Dict[str, Any]] = None, materialize: Any = None,
               quant: Optional[FP8Export] = None) -> Optional[Dict[str, Any]]:
         watch.set_phase("save_hf_pretrained: conversion tasks")
-        tasks = self.model_bridge.build_conversion_tasks(None, model)  # collective: every rank builds them
+        src = self.hf_pretrained.state if self.hf_pretrained is not None else None
+        # collective: every rank builds them, once, with the source's copies (a stored tied output layer)
+        tasks = self.model_bridge.build_conversion_tasks(None, model,
+                                                         stored_keys=None if src is None else src.keys())
         stream = self.model_bridge.stream_weights_megatron_to_hf(
             model, self.hf_pretrained, bucket_bytes=bucket_bytes, dst=0, show_progress=show_progress,
             conversion_tasks=tasks, copy=False,  # the writer puts each tensor in its file at once
@@ -302,12 +305,8 @@ class AutoBridge:
         if self.hf_pretrained is None:
             expected = self.model_bridge.hf_tensor_specs(model, conversion_tasks=tasks)
         else:
-            src = self.hf_pretrained.state
             # Plan shards in the order tensors will arrive, so each shard is written as soon as possible.
             order = [name for task in tasks for name in task.mapping.hf_names]
-            tied_name = self.model_bridge.tied_output_hf_name
-            if tied_name in src and tied_name not in order:
-                order.append(tied_name)
             produced = set(order)
             not_exported = [k for k in src.keys() if k not in produced]  # allowed non-weights: nothing maps them
             expected = {k: (src.shape(k), src.dtype(k)) for k in order if k in src}

@@ -72,13 +72,13 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
         rows: Dict[str, Any] = {"mismatched": [], "missing": [], "unexpected": [], "compared": 0, "bytes": 0,
                                 "dtype_cast": 0}
         seen = set()
+        # the tasks with the source's copies (a stored tied lm_head.weight is exported as a copy of the embedding)
+        tasks = bridge.model_bridge.build_conversion_tasks(None, chunks, stored_keys=src.keys())
         stream = bridge.model_bridge.stream_weights_megatron_to_hf(chunks, None, hf_config=bridge.hf_config,
-                                                                   dst=0, copy=False, show_progress=show)
-        tied = {}
+                                                                   dst=0, copy=False, show_progress=show,
+                                                                   conversion_tasks=tasks)
         for name, tensor in stream:  # rank 0 only receives
             seen.add(name)
-            if name == bridge.model_bridge.tied_output_hf_name or name.endswith("embed_tokens.weight"):
-                tied[name] = tensor.clone()
             if name not in src:
                 rows["unexpected"].append(name)
                 continue
@@ -93,18 +93,7 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
                     else f"{int((ref != tensor).sum())} of {ref.numel()} values differ"
                 rows["mismatched"].append(f"{name} ({diff})")
         if rank == 0:
-            tied_name = bridge.model_bridge.tied_output_hf_name
-            for name in src.keys():
-                if name in seen:
-                    continue
-                if name == tied_name and config.share_embeddings_and_output_weights:
-                    emb = next((t for n, t in tied.items() if n != tied_name), None)
-                    ref = src[name].to(dtype)
-                    rows["compared"] += 1
-                    if emb is None or not torch.equal(ref, emb):
-                        rows["mismatched"].append(f"{name} (tied to the embedding, differs from it)")
-                    continue
-                rows["missing"].append(name)
+            rows["missing"] = [name for name in src.keys() if name not in seen]
         compare_s = clock() - load_s
         result: Dict[str, Any] = {"rows": rows, "load_s": load_s, "compare_s": compare_s, "info": info.path,
                                   "dtype": str(dtype).replace("torch.", ""), "tensors": len(src)}

@@ -37,6 +37,7 @@ from megatron_bridge_ext.io import megatron_checkpoint as ckpt_io
 from megatron_bridge_ext.io.checksums import file_digest
 from megatron_bridge_ext.io.dcp_writer import (DEFAULT_BUFFER_BYTES, DEFAULT_FILE_BYTES, StreamingDcpWriter,
                                                WrittenFile, write_metadata)
+from megatron_bridge_ext.io.protocols import as_source
 
 __all__ = ["stream_hf_to_megatron", "JOURNAL_NAME", "DEFAULT_BUFFER_BYTES"]
 
@@ -317,7 +318,7 @@ def stream_hf_to_megatron(
         first_file = 1 + max([int(f.name.split("_")[-1].split(".")[0]) for f in kept] + [-1])
         writer = StreamingDcpWriter(partial, rank, buffer_bytes=buffer_bytes, file_bytes=file_bytes,
                                     first_file=first_file, on_file=journal.add, on_bytes=on_bytes,
-                                    on_written=getattr(hf.state, "release_tensor", None))
+                                    on_written=as_source(hf.state).release_tensor)
         written: Set[Tuple[str, Tuple[int, ...]]] = set()
         converted_bytes = 0
         try:

@@ -16,17 +16,17 @@ rebuild the tasks locally; new names, shapes or dtypes rebuild the global order 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
+from megatron_bridge_ext.engine.exporting import BucketConverter
 from megatron_bridge_ext.engine.peers import Watch, watched
 from megatron_bridge_ext.engine.quantize import export_quantization
 from megatron_bridge_ext.engine.tasks import build_tasks
-from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets, shard_storages
+from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets
 from megatron_bridge_ext.mcore.names import as_chunks
 from megatron_bridge_ext.mcore.topology import Topology, comm_device
 
@@ -133,17 +133,13 @@ class WeightSyncPlan:
         tasks, meta = build_tasks(self.chunks, topo, self.bridge.global_order, None, type(self.bridge).__name__)
         plans = [BucketPlan.make(b, meta, topo, dst, everyone) for b in cut_buckets(tasks, meta, self.bucket_bytes)]
         receiving = everyone or topo.rank == dst
-        contexts: List[List[Any]] = []
-        for plan in plans:
-            row = []
-            for task, m in plan.layout:
-                shards = len(m.senders) if m.sharded else 1
-                ctx = self.bridge._export_context(task, m, shards, topo, self.hf_config, self.chunks) \
-                    if receiving else None
-                if ctx is not None and not self.copy:
-                    ctx.alloc = self._scratch.alloc
-                row.append(ctx)
-            contexts.append(row)
+        # the one export consumer (as the export's and the save's), holding each bucket until the next one
+        converter = BucketConverter(self.bridge, self.chunks, topo, self.hf_config, copy=self.copy, hold="bucket",
+                                    quantization=self.quantization, scratch=self._scratch,
+                                    max_run_bytes=self.bucket_bytes)
+        contexts = [[converter.context(task, m) for task, m in plan.layout] if receiving else None
+                    for plan in plans]
+        self._converter = converter
         self._topo, self._dst, self._plans, self._contexts = topo, dst, plans, contexts
         self._receiving = receiving
         self._fingerprint = _fingerprints(self.chunks)
@@ -178,23 +174,8 @@ class WeightSyncPlan:
         """Per bucket, the HF names it yields (known on receiving ranks without moving data; None elsewhere). With a
         quantization the scales' names follow their weights' (the HF shapes come from the mappings run on meta
         tensors)."""
-        out: List[Optional[List[str]]] = []
-        for plan, contexts in zip(self._plans, self._contexts):
-            if not self._receiving:
-                out.append(None)
-            elif self.quantization is None:
-                out.append([n for t, _ in plan.layout for n in t.mapping.hf_names])
-            else:
-                names = []
-                for (task, m), ctx in zip(plan.layout, contexts):
-                    shards = [torch.empty(m.shape, dtype=m.dtype, device="meta")] * (len(m.senders) if m.sharded
-                                                                                      else 1)
-                    meta_ctx = dataclasses.replace(ctx, alloc=None)
-                    specs = {n: (tuple(t.shape), t.dtype) for n, t in task.mapping.megatron_to_hf(shards,
-                                                                                                 meta_ctx).items()}
-                    names.extend(self.quantization.expand_specs(specs))
-                out.append(names)
-        return out
+        return [self._converter.specs(plan, contexts) if self._receiving else None
+                for plan, contexts in zip(self._plans, self._contexts)]
 
     def sync(self) -> Iterator[Bucket]:
         """One sync: yields each bucket's ``[(hf_name, tensor), ...]`` on the receiving rank(s), nothing elsewhere.
@@ -208,27 +189,12 @@ class WeightSyncPlan:
     def _sync(self, watch: Watch) -> Iterator[Bucket]:
         self._refresh(watch)
         watch.set_phase("weight sync")
-        bridge = self.bridge
-        quant = self.quantization
         stream = self._transport.stream(self._plans, self._topo, self._dst, self.everyone, watch=watch)
         with torch.no_grad():
             for index, (plan, views) in enumerate(stream):
                 if views is None:
                     continue
-                bucket: Bucket = []
-                if not self.copy:
-                    self._scratch.reset()  # the previous bucket's tensors are no longer in use
-                for (task, _), shards, ctx in zip(plan.layout, views, self._contexts[index]):
-                    converted = bridge.maybe_modify_converted_hf_weight(task, task.mapping.megatron_to_hf(shards, ctx))
-                    storages = shard_storages(shards) if self.copy else ()
-                    items = converted.items()
-                    if quant is not None:
-                        items = [q for name, t in items for q in quant.convert(name, t, ctx.alloc)]
-                    for name, tensor in items:
-                        if self.copy and tensor.untyped_storage().data_ptr() in storages:
-                            tensor = tensor.clone()
-                        bucket.append((name, tensor))
-                yield bucket
+                yield list(self._converter.convert(plan, views, self._contexts[index]))
 
     def release(self) -> None:
         """Free the flat message buffers and the scratch buffer (they are allocated again by the next sync)."""

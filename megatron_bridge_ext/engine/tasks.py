@@ -12,19 +12,19 @@ layer converts with one op call per rank (import) and one on the destination (ex
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext import ops
-from megatron_bridge_ext.mappings import COLUMN, EXPERTS, REPLICATED, ROW, MegatronParamMapping
+from megatron_bridge_ext.mappings import COLUMN, EXPERTS, REPLICATED, ROW, MegatronParamMapping, with_copies
 from megatron_bridge_ext.mcore.names import LocalParam, local_params, model_config
 from megatron_bridge_ext.mcore.topology import Topology
 from megatron_bridge_ext.mcore.versions import check_opt_in_layouts
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
-__all__ = ["ParamMeta", "WeightConversionTask", "GlobalOrder", "build_tasks"]
+__all__ = ["ParamMeta", "WeightConversionTask", "ConversionTasks", "GlobalOrder", "build_tasks"]
 
 
 @dataclass(frozen=True)
@@ -192,14 +192,36 @@ def _group_meta(group: str, members: Sequence[str], meta: Dict[str, ParamMeta], 
     return ParamMeta(first.pp_rank, (per, *first.shape), first.dtype, EXPERTS, tuple(senders))
 
 
+class ConversionTasks(List[WeightConversionTask]):
+    """The tasks of one model in the global order (a list), with what they were built for: their metadata
+    (``meta``: global name -> :class:`ParamMeta`, expert groups included), the mapping table's HF layout
+    (``layout``) and the HF copies added to mappings (``copies``: global Megatron name -> HF names, e.g. a stored
+    tied output layer). Built once per call and passed down; a call reuses them while all three still hold."""
+
+    def __init__(self, tasks: Iterable[WeightConversionTask], meta: Dict[str, ParamMeta], layout: Any,
+                 copies: Mapping[str, Sequence[str]]) -> None:
+        super().__init__(tasks)
+        self.meta = meta
+        self.layout = layout
+        self.copies = {k: tuple(v) for k, v in copies.items()}
+
+    def fits(self, layout: Any, copies: Mapping[str, Sequence[str]]) -> bool:
+        return self.layout == layout and self.copies == {k: tuple(v) for k, v in copies.items()}
+
+
 def build_tasks(
     chunks: Sequence[torch.nn.Module],
     topo: Topology,
     order: GlobalOrder,
     hf_keys: Optional[Iterable[str]],
     bridge_name: str,
+    copies: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> Tuple[List[WeightConversionTask], Dict[str, ParamMeta]]:
     """Tasks for every global parameter in the global order (experts grouped per layer) and their metadata.
+
+    ``copies`` (global Megatron name -> HF names): the HF checkpoint also stores the tensor of that parameter under
+    these names (a tied output layer's ``lm_head.weight``); its mapping becomes a
+    :class:`~megatron_bridge_ext.mappings.CopiesMapping` that checks them on import and writes them on export.
 
     Raises:
         ValueError: naming every Megatron parameter without a mapping, or every HF key a mapping needs that the
@@ -256,6 +278,8 @@ def build_tasks(
                                         tuple(p.tensor for p in local))
         else:
             m = meta[name]
+            if copies and name in copies:
+                mapping = with_copies(mapping, copies[name])
             if name in owned:
                 p = owned[name]
                 task = WeightConversionTask(p.local_name, name, mapping, m.pp_rank, p.vp_stage, p.tensor, m.layout)

@@ -23,6 +23,7 @@ from megatron_bridge_ext.mappings.linear import (
     CopiesMapping,
     ReplicatedMapping,
     RowParallelMapping,
+    with_copies,
 )
 from megatron_bridge_ext.mappings.mlp import FusedGatedMLPMapping, GatedMLPMapping
 
@@ -30,7 +31,7 @@ __all__ = [
     "COLUMN", "ROW", "REPLICATED", "EXPERTS", "LAYOUTS",
     "ConversionContext", "MegatronParamMapping", "HFParam", "HFWeights",
     "ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "CopiesMapping",
-    "QKVMapping", "KVMapping", "ConcatenatedQKVMapping",
+    "with_copies", "QKVMapping", "KVMapping", "ConcatenatedQKVMapping",
     "GatedMLPMapping", "FusedGatedMLPMapping",
     "ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping",
 ]

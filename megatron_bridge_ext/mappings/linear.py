@@ -4,7 +4,7 @@ copies."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -12,7 +12,7 @@ from megatron_bridge_ext import geometry, ops
 from megatron_bridge_ext.mappings.base import COLUMN, REPLICATED, ROW, ConversionContext, MegatronParamMapping, single, write
 
 __all__ = ["ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "CopiesMapping",
-           "is_vocab"]
+           "with_copies", "is_vocab"]
 
 
 def is_vocab(name: str) -> bool:
@@ -203,6 +203,11 @@ class CopiesMapping(MegatronParamMapping):
                 )
         return result
 
+    @property
+    def copies(self) -> List[str]:
+        """The HF names of the copies, in the order export writes them."""
+        return [name for role, name in self.hf_param.items() if role != "main"]
+
     def megatron_to_hf(self, shards, ctx):
         name = self.hf_param["main"]
         tensor = self._main().megatron_to_hf(shards, ctx)[name]
@@ -211,3 +216,19 @@ class CopiesMapping(MegatronParamMapping):
             if role != "main":
                 out[copy] = ctx.empty(tensor.shape, tensor).copy_(tensor)
         return out
+
+
+def with_copies(mapping: MegatronParamMapping, copies: Sequence[str]) -> CopiesMapping:
+    """``mapping`` (one HF tensor, Auto layout, or a :class:`CopiesMapping`) with more HF names holding copies of its
+    tensor: the tied output layer a checkpoint stores (``lm_head.weight``, a copy of the embedding that
+    megatron-core keeps once).
+
+    Raises:
+        ValueError: a mapping of several HF tensors or of a fixed layout, which cannot have copies.
+    """
+    if isinstance(mapping, CopiesMapping):
+        return CopiesMapping(mapping.megatron_param, mapping.hf_param["main"], mapping.copies + list(copies))
+    if type(mapping) is not AutoMapping or not isinstance(mapping.hf_param, str):
+        raise ValueError(f"{mapping!r} cannot hold copies {list(copies)}: only a one-tensor AutoMapping or a "
+                         "CopiesMapping can")
+    return CopiesMapping(mapping.megatron_param, mapping.hf_param, copies)

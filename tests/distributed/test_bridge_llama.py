@@ -30,6 +30,7 @@ CHECKPOINTS = {
     "untied": dict(),
     "odd_vocab": dict(vocab_size=97),
     "tied": dict(tie_word_embeddings=True, vocab_size=101),
+    "tied_stored_head": dict(tie_word_embeddings=True, vocab_size=101),  # lm_head.weight stored, = the embedding
     "llama3_rope": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     "bf16": dict(),
@@ -46,6 +47,7 @@ LAYOUTS = [
     ("tp2_odd_vocab", 2, 1, None, "odd_vocab"),
     ("pp2_tied", 1, 2, None, "tied"),
     ("tp2pp2_tied", 2, 2, None, "tied"),
+    ("tp2pp2_tied_stored_head", 2, 2, None, "tied_stored_head"),
     ("tp2_llama3_rope", 2, 1, None, "llama3_rope"),
     ("tp2_bf16", 2, 1, None, "bf16"),
     ("tp2pp2_qwen2", 2, 2, None, "qwen2"),
@@ -108,7 +110,35 @@ def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: 
             results[f"dst3_rank{rank}"] = len(got)
         destroy_parallel()
         dist.barrier()
+    # a tied checkpoint whose stored lm_head.weight differs from the embedding: Megatron keeps one tensor for both,
+    # so the import refuses it (every rank holds the embedding at TP1 PP1), naming both tensors
+    init_parallel(tp=1, pp=1)
+    try:
+        AutoBridge.from_hf_pretrained(ckpts["tied_bad_head"]).to_megatron_model(params_dtype=torch.float32)
+        results[f"bad_head_rank{rank}"] = None
+    except Exception as e:  # noqa: BLE001 - the message is what is checked
+        results[f"bad_head_rank{rank}"] = f"{type(e).__name__}: {e}"
+    destroy_parallel()
     return results
+
+
+def _store_tied_head(path: str, out: str = None, perturb: bool = False) -> None:
+    """Rewrite a tied checkpoint with ``lm_head.weight`` stored beside the embedding (as some releases do): equal to
+    it, or with one element changed (``perturb``), into ``out`` (a copy of the directory) or in place."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if out is not None:
+        shutil.copytree(path, out)
+        path = out
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    head = tensors["model.embed_tokens.weight"].clone()
+    if perturb:
+        head[3, 5] += 1.0
+    tensors["lm_head.weight"] = head
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +149,16 @@ def world_results(tmp_path_factory):
         ckpts[key] = str(root / f"hf_{key}")
         _make_checkpoint(ckpts[key], overrides, torch.bfloat16 if key == "bf16" else torch.float32, seed=i,
                          arch=ARCH.get(key, "Llama"))
+    _store_tied_head(ckpts["tied_stored_head"])
+    ckpts["tied_bad_head"] = str(root / "hf_tied_bad_head")
+    _store_tied_head(ckpts["tied"], ckpts["tied_bad_head"], perturb=True)
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
     per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root, LAYOUTS), timeout=600)
     results = per_rank[0]
     for r in per_rank[1:]:
-        results.update({k: v for k, v in r.items() if k.startswith("dst")})
-    hf = {key: _hf_logits(path, tokens) for key, path in ckpts.items() if key != "bf16"}
+        results.update({k: v for k, v in r.items() if k.startswith(("dst", "bad_head"))})
+    hf = {key: _hf_logits(path, tokens) for key, path in ckpts.items() if key not in ("bf16", "tied_bad_head")}
     return ckpts, out_root, results, hf
 
 
@@ -165,6 +198,19 @@ def test_tied_checkpoint_has_no_lm_head(world_results):
     ckpts, out_root, _, _ = world_results
     with SafeTensorsSource(ckpts["tied"]) as src, SafeTensorsSource(os.path.join(out_root, "pp2_tied")) as dst:
         assert ("lm_head.weight" in src) == ("lm_head.weight" in dst)
+
+
+def test_tied_checkpoint_with_stored_head(world_results):
+    """A tied checkpoint that stores lm_head.weight (a copy of the embedding): the export reproduces it (the
+    round-trip test compares every tensor), and one whose stored head differs from the embedding is refused."""
+    ckpts, out_root, results, _ = world_results
+    with SafeTensorsSource(ckpts["tied_stored_head"]) as src, \
+            SafeTensorsSource(os.path.join(out_root, "tp2pp2_tied_stored_head")) as dst:
+        assert "lm_head.weight" in src and "lm_head.weight" in dst
+        assert torch.equal(dst["lm_head.weight"], src["model.embed_tokens.weight"])
+    errors = [results[f"bad_head_rank{r}"] for r in range(4)]
+    assert all(e is not None for e in errors), errors
+    assert any("lm_head.weight" in e and "model.embed_tokens.weight" in e and "differs" in e for e in errors), errors
 
 
 def test_export_to_every_rank_and_to_one_rank(world_results):
