@@ -18,6 +18,8 @@ __all__ = [
     "check_rank",
     "check_divisible",
     "gate_up_shard_rows",
+    "gate_up_half_shape",
+    "fused_gate_up_shape",
     "expert_fc1_shard_shape",
     "expert_fc2_shard_shape",
     "expert_fc1_expert_shape",
@@ -122,6 +124,22 @@ def gate_up_shard_rows(op: str, rows: int, tp_size: int, tp_rank: int = 0) -> in
     check_rank(op, "tp_rank", tp_rank, "tp_size", tp_size)
     check_divisible(op, "F (gate rows)", rows, "tp_size", tp_size)
     return 2 * (rows // tp_size)
+
+
+def gate_up_half_shape(op: str, shape: Sequence[int], transposed: bool = False) -> Tuple[int, ...]:
+    """Gate's (or up's) ``[F, ...]`` in one HF tensor holding both: ``[2F, D]`` (``[D, 2F]`` if transposed) or a
+    ``[2F]`` bias (the views of ``ops.gate_up_views``, interleaved or not)."""
+    x = (shape[1], shape[0], *shape[2:]) if transposed and len(shape) == 2 else tuple(shape)
+    if not x or x[0] % 2:
+        raise ValueError(f"{op}: gate_up tensor of shape {list(shape)} has an odd number of gate+up rows")
+    return (x[0] // 2, *x[1:])
+
+
+def fused_gate_up_shape(half: Sequence[int], transposed: bool = False) -> Tuple[int, ...]:
+    """The HF tensor holding gate and up of shape ``half`` each: ``[2F, ...]`` (``[D, 2F]`` if transposed)."""
+    if transposed and len(half) == 2:
+        return (half[1], 2 * half[0])
+    return (2 * half[0], *half[1:])
 
 
 def expert_fc1_shard_shape(op: str, num_experts: int, expert_shape: Sequence[int], ep_size: int, ep_rank: int,

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from types import SimpleNamespace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_bridge_ext import geometry
-from megatron_bridge_ext.mappings import MegatronParamMapping
-from megatron_bridge_ext.mappings.attention import ConcatenatedQKVMapping, KVMapping, QKVMapping
+from megatron_bridge_ext.mappings import COLUMN, ConversionContext, MegatronParamMapping
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = [
@@ -172,32 +171,30 @@ def check_config_against_tensors(kwargs: Mapping[str, Any], registry: MegatronMa
 
 def _check_attention_rows(mapping: Optional[MegatronParamMapping], heads: int, groups: int, d: int,
                           hidden: Optional[int], state: Any, where: str, file_of) -> None:
+    """The stored q/k/v (or fused qkv, or k/v) tensors have the rows the config's heads, groups and head_dim give:
+    the mapping's shape contract taken both ways (the Megatron shape of the stored tensors, then the HF shapes that
+    shape gives, whose rows come from the config) must give back the stored shapes."""
     if mapping is None:
         return
-    gate = bool(getattr(mapping, "output_gate", False))
+    names = mapping.hf_param if isinstance(mapping.hf_param, dict) else {None: mapping.hf_param}
+    if not all(isinstance(n, str) and n in state for n in names.values()):
+        return  # a missing tensor is named by the task check
+    stored = {role: tuple(state.shape(name)) for role, name in names.items()}
+    config = SimpleNamespace(num_attention_heads=heads, num_query_groups=groups, kv_channels=d, hidden_size=hidden)
+    ctx = ConversionContext(config=config, layout=COLUMN)  # linear_qkv / linear_kv are column-parallel
     try:
-        g = geometry.qkv_geometry("config.json", heads, groups, d, gate)
+        want = mapping.hf_shapes(mapping.megatron_shape(stored[None] if None in stored else stored, ctx), 1, ctx)
     except ValueError as e:
         raise ValueError(f"{where}: {e} (num_attention_heads, num_key_value_heads, head_dim)") from None
-    if isinstance(mapping, QKVMapping):
-        want = {"q": g.q_rows, "k": g.kv_rows, "v": g.kv_rows}
-    elif isinstance(mapping, KVMapping):
-        want = {"k": groups * d, "v": groups * d}
-    elif isinstance(mapping, ConcatenatedQKVMapping):
-        want = {None: g.q_rows + 2 * g.kv_rows}
-    else:
-        return
-    names = mapping.hf_param if isinstance(mapping.hf_param, dict) else {None: mapping.hf_param}
-    for role, rows in want.items():
-        name = names.get(role)
-        if name is None or name not in state:
-            continue
-        shape = tuple(state.shape(name))
+    gate = bool(getattr(mapping, "output_gate", False))
+    for role, name in names.items():
+        shape, rows = stored[role], want[name][0]
         if not shape or shape[0] != rows or (hidden is not None and len(shape) == 2 and shape[1] != hidden):
             what = {"q": f"num_attention_heads {heads}{' x 2 (output gate)' if gate else ''} x head_dim {d}",
                     "k": f"num_key_value_heads {groups} x head_dim {d}",
                     "v": f"num_key_value_heads {groups} x head_dim {d}",
-                    None: f"(num_attention_heads {heads} + 2 x num_key_value_heads {groups}) x head_dim {d}"}[role]
+                    None: f"(num_attention_heads {heads} + 2 x num_key_value_heads {groups}) x head_dim {d}"}.get(
+                        role, f"num_attention_heads {heads}, num_key_value_heads {groups}, head_dim {d}")
             raise ValueError(
                 f"{where}: config.json gives {what} = {rows} rows of hidden_size {hidden}, but {name} in "
                 f"{file_of(name)} has shape {list(shape)}"

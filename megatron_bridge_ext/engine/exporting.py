@@ -9,7 +9,6 @@ hook, the source's dtypes restored, an optional block quantization, errors namin
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -42,11 +41,10 @@ class HFWeightTuple(NamedTuple):
 
 
 def hf_specs_of(task: WeightConversionTask, meta: ParamMeta, ctx: ConversionContext) -> Dict[str, Any]:
-    """HF name -> (shape, dtype) of what a task exports, from the Megatron metadata alone (the mapping run on meta
-    tensors), in the order it yields them."""
-    shards = [torch.empty(meta.shape, dtype=meta.dtype, device="meta")] * (len(meta.senders) if meta.sharded else 1)
-    ctx = dataclasses.replace(ctx, alloc=None)
-    return {name: (tuple(t.shape), t.dtype) for name, t in task.mapping.megatron_to_hf(shards, ctx).items()}
+    """HF name -> (shape, dtype) of what a task exports, from the Megatron metadata alone (the mapping's shape
+    contract; the mappings keep the dtype), in the order it yields them."""
+    shapes = task.mapping.hf_shapes(tuple(meta.shape), len(meta.senders) if meta.sharded else 1, ctx)
+    return {name: (tuple(shape), meta.dtype) for name, shape in shapes.items()}
 
 
 class BucketConverter:

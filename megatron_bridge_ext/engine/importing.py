@@ -29,7 +29,7 @@ from megatron_bridge_ext.engine.checks import (
 from megatron_bridge_ext.engine.progress import progress
 from megatron_bridge_ext.engine.tasks import WeightConversionTask
 from megatron_bridge_ext.io.protocols import TensorSource, as_source, is_quantized_source
-from megatron_bridge_ext.mappings import ConversionContext
+from megatron_bridge_ext.mappings import ConversionContext, shapes_of
 from megatron_bridge_ext.mcore.embeddings import broadcast_tied_embeddings
 from megatron_bridge_ext.mcore.names import as_chunks
 from megatron_bridge_ext.mcore.topology import Topology
@@ -76,16 +76,6 @@ class ImportLoop:
         hf = self.maybe_modify_loaded_hf_weight(names, _QuantizedReads(state, as_stored, fused, lo, hi))
         return hf, dataclasses.replace(ctx, ep_size=1, ep_rank=0)
 
-    @staticmethod
-    def _expected_shape(task: WeightConversionTask, hf: Any, ctx: ConversionContext):
-        """The shape (a group: of each local expert) the mapping gives for these HF tensors: the geometry module for
-        expert groups, the fake kernels (meta tensors) otherwise."""
-        if task.is_group:
-            return task.mapping.expert_shard_shape(hf, ctx)
-        meta_in = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in hf.items()} if isinstance(
-            hf, dict) else torch.empty(hf.shape, dtype=hf.dtype, device="meta")
-        return tuple(task.mapping.hf_to_megatron(meta_in, ctx).shape)
-
     def _convert_one(self, task: WeightConversionTask, hf_state, ctx: ConversionContext, allowed: Sequence[str]):
         """Converts one owned task straight into its parameter(s); None when an allowed mismatch skipped it.
 
@@ -98,7 +88,7 @@ class ImportLoop:
         try:
             hf, ctx = self._read_hf(task, hf_state, ctx)
             targets = task.local_tensors
-            got = self._expected_shape(task, hf, ctx)
+            got = task.mapping.megatron_shape(shapes_of(hf), ctx)  # the shape contract: no op call
         except Exception as e:
             raise conversion_error(e, where) from e
         want = tuple(targets[0].shape)

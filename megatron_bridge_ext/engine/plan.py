@@ -6,8 +6,8 @@ shape of its shard on each rank; the bytes each rank holds; keys that nothing ma
 the peak memory of each rank during import and of the destination rank during export.
 
 The Megatron side is a whole model built on the ``meta`` device (no memory, no data) at TP1 PP1: it gives the exact
-set of parameter names and their owning modules (layouts). Shard shapes come from the mappings themselves run on meta
-tensors for each rank (the op wrappers' fake kernels and the geometry module); layers are placed on pipeline stages
+set of parameter names and their owning modules (layouts). Shard shapes come from the mappings' shape contract
+(``megatron_shape``, from the geometry module) for each rank; layers are placed on pipeline stages
 and experts on expert-parallel ranks by megatron's even split, ranks numbered in megatron's order (tp fastest, pp
 slowest).
 """
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
-from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
+from megatron_bridge_ext.mappings import EXPERTS, ConversionContext, shapes_of, with_copies
 from megatron_bridge_ext.mcore.config import padded_vocab_size
 from megatron_bridge_ext.mcore.layout import detect_layout
 from megatron_bridge_ext.mcore.names import local_params
@@ -102,8 +102,8 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
         raise ValueError(f"num_moe_experts = {experts} is not divisible by --ep {ep}")
     chunks = _meta_model(model_bridge, hf_config)
     registry = model_bridge.registry
-    tied = bool(target.share_embeddings_and_output_weights)
-    embedding_copy = tied or bool(target.mtp_num_layers)  # the last stage keeps a copy of the embedding
+    copies = model_bridge._hf_copies(chunks, src.keys())  # a stored tied output layer: a copy of the embedding
+    embedding_copy = bool(target.share_embeddings_and_output_weights) or bool(target.mtp_num_layers)  # the last stage keeps a copy of the embedding
     meta_state = {k: torch.empty(src.shape(k), dtype=src.dtype(k), device="meta") for k in src.keys()}
     hf_vocab = getattr(hf_config, "vocab_size", None)
     padded = padded_vocab_size(target.vocab_size, tp, target.make_vocab_size_divisible_by)
@@ -130,13 +130,15 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
                 continue
             groups_done.add(group)
             mapping = mapping.for_experts(experts)  # type: ignore[attr-defined]
+        elif name in copies:  # a stored tied output layer: a copy of the embedding
+            mapping = with_copies(mapping, copies[name])
         needed = mapping.hf_names
         absent = [k for k in needed if k not in meta_state]
         if absent:
             missing_hf.extend(f"{k} (for {group or name})" for k in absent)
             continue
         used_hf.update(needed)
-        hf = model_bridge.maybe_modify_loaded_hf_weight(mapping.hf_param, meta_state)
+        hf = shapes_of(model_bridge.maybe_modify_loaded_hf_weight(mapping.hf_param, meta_state))
         hf_bytes = sum(src.nbytes(k) for k in needed)
         layout = mapping.layout or detect_layout(p.module, p.tensor, name)
         dtype = target.params_dtype
@@ -147,7 +149,7 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
                 for t_rank in range(etp_n):
                     ctx = ConversionContext(tp_size=etp_n, tp_rank=t_rank, ep_size=ep, ep_rank=e_rank, config=target,
                                             hf_vocab_size=hf_vocab, padded_vocab_size=padded, layout=EXPERTS)
-                    one = mapping.expert_shard_shape(hf, ctx)  # type: ignore[attr-defined]
+                    one = mapping.megatron_shape(hf, ctx)  # the shape contract
                     shape = [experts // ep, *one]
                     shards[f"ep{e_rank}/etp{t_rank}"] = shape
                     nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
@@ -160,8 +162,7 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
             for t_rank in range(tp):
                 ctx = ConversionContext(tp_size=tp, tp_rank=t_rank, config=target, hf_vocab_size=hf_vocab,
                                         padded_vocab_size=padded, layout=layout)
-                meta_in = hf if isinstance(hf, dict) else hf
-                shape = list(mapping.hf_to_megatron(meta_in, ctx).shape)
+                shape = list(mapping.megatron_shape(hf, ctx))  # the shape contract
                 shards[f"tp{t_rank}"] = shape
                 nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
                 for pp_rank, _ in places:
@@ -171,8 +172,7 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
         rows.append({"hf": needed, "megatron": group or name, "mapping": type(mapping).__name__, "layout": layout,
                      "stages": [f"pp{a}" + (f".chunk{b}" if vpp_n > 1 else "") for a, b in places],
                      "dtype": str(dtype).replace("torch.", ""), "shards": shards})
-    unmapped_hf = [k for k in src.keys() if k not in used_hf
-                   and not (k == model_bridge.tied_output_hf_name and tied)]
+    unmapped_hf = [k for k in src.keys() if k not in used_hf]
 
     layout_d = {"tp": tp, "pp": pp, "vpp": vpp if vpp_n > 1 else None, "ep": ep, "etp": etp}
     world = math.lcm(tp * pp, etp_n * ep * pp)  # the smallest world megatron accepts for the layout

@@ -13,8 +13,11 @@ from megatron_bridge_ext.mappings.base import (
     ROW,
     ConversionContext,
     HFParam,
+    HFShapes,
     HFWeights,
     MegatronParamMapping,
+    Shape,
+    shapes_of,
 )
 from megatron_bridge_ext.mappings.experts import ExpertFC1Mapping, ExpertFC2Mapping, ExpertMapping
 from megatron_bridge_ext.mappings.linear import (
@@ -29,7 +32,7 @@ from megatron_bridge_ext.mappings.mlp import FusedGatedMLPMapping, GatedMLPMappi
 
 __all__ = [
     "COLUMN", "ROW", "REPLICATED", "EXPERTS", "LAYOUTS",
-    "ConversionContext", "MegatronParamMapping", "HFParam", "HFWeights",
+    "ConversionContext", "MegatronParamMapping", "HFParam", "HFWeights", "HFShapes", "Shape", "shapes_of",
     "ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "CopiesMapping",
     "with_copies", "QKVMapping", "KVMapping", "ConcatenatedQKVMapping",
     "GatedMLPMapping", "FusedGatedMLPMapping",

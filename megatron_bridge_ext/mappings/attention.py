@@ -42,6 +42,14 @@ def _hf_rows(ctx, output_gate: bool) -> Tuple[int, int]:
     return g.q_rows, g.kv_rows
 
 
+def _packed_shape(op: str, ctx, output_gate: bool, rest: Sequence[int], heads: Optional[int] = None) -> Tuple[int, ...]:
+    """This TP rank's packed ``[G*P/tp, ...]`` (``heads == 0``: the KV-only ``[2*G*d/tp, ...]``)."""
+    h, groups, d = attention_dims(ctx)
+    g = geometry.qkv_geometry(op, h if heads is None else heads, groups, d, output_gate, tp_size=ctx.tp_size,
+                              tp_rank=ctx.tp_rank)
+    return (g.shard_rows(ctx.tp_size), *rest)
+
+
 class QKVMapping(MegatronParamMapping):
     """HF ``q_proj``/``k_proj``/``v_proj`` <-> Megatron fused ``linear_qkv`` (weights or biases, output gate optional)."""
 
@@ -64,6 +72,15 @@ class QKVMapping(MegatronParamMapping):
         return ops.qkv_pack(q, k, v, num_heads=heads, num_query_groups=groups, head_dim=d,
                             tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, output_gate=self.output_gate, out=out)
 
+    def megatron_shape(self, hf, ctx):
+        return _packed_shape(self.megatron_param, ctx, self.output_gate, hf["q"][1:])
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        q_rows, kv_rows = _hf_rows(ctx, self.output_gate)
+        rest = tuple(shard[1:])
+        return {self.hf_param["q"]: (q_rows, *rest), self.hf_param["k"]: (kv_rows, *rest),
+                self.hf_param["v"]: (kv_rows, *rest)}
+
     def megatron_to_hf(self, shards, ctx):
         q_rows, kv_rows = _hf_rows(ctx, self.output_gate)
         rest = tuple(shards[0].shape[1:])
@@ -84,6 +101,14 @@ class KVMapping(MegatronParamMapping):
         _, groups, d = attention_dims(ctx)
         return ops.kv_pack(hf["k"], hf["v"], num_query_groups=groups, head_dim=d, tp_size=ctx.tp_size,
                            tp_rank=ctx.tp_rank, out=out)
+
+    def megatron_shape(self, hf, ctx):
+        return _packed_shape(self.megatron_param, ctx, False, hf["k"][1:], heads=0)
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        _, groups, d = attention_dims(ctx)
+        rest = tuple(shard[1:])
+        return {self.hf_param["k"]: (groups * d, *rest), self.hf_param["v"]: (groups * d, *rest)}
 
     def megatron_to_hf(self, shards, ctx):
         _, groups, d = attention_dims(ctx)
@@ -107,6 +132,13 @@ class ConcatenatedQKVMapping(MegatronParamMapping):
         heads, groups, d = attention_dims(ctx)
         return ops.qkv_pack_fused(single(hf, self), num_heads=heads, num_query_groups=groups, head_dim=d,
                                   tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, output_gate=self.output_gate, out=out)
+
+    def megatron_shape(self, hf, ctx):
+        return _packed_shape(self.megatron_param, ctx, self.output_gate, single(hf, self)[1:])
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        q_rows, kv_rows = _hf_rows(ctx, self.output_gate)
+        return {self.hf_param: (q_rows + 2 * kv_rows, *shard[1:])}
 
     def megatron_to_hf(self, shards, ctx):
         q_rows, kv_rows = _hf_rows(ctx, self.output_gate)

@@ -21,9 +21,13 @@ import torch
 
 HFParam = Union[str, Dict[str, str]]
 HFWeights = Union[torch.Tensor, Dict[str, torch.Tensor]]
+Shape = Tuple[int, ...]
+#: the shapes of a mapping's HF tensors, structured as its ``hf`` argument: one shape, or role -> shape (a list of
+#: shapes for a role that lists one tensor per expert)
+HFShapes = Union[Shape, Dict[str, Union[Shape, List[Shape]]]]
 
 __all__ = ["COLUMN", "ROW", "REPLICATED", "EXPERTS", "LAYOUTS", "ConversionContext", "MegatronParamMapping",
-           "HFParam", "HFWeights"]
+           "HFParam", "HFWeights", "HFShapes", "Shape", "shapes_of"]
 
 #: Tensor-parallel layouts of a Megatron parameter. ``experts`` is a layer's routed experts as one stacked tensor per
 #: (EP, expert-TP) rank (see :mod:`megatron_bridge_ext.mappings.experts`).
@@ -110,6 +114,37 @@ class MegatronParamMapping:
         """HF tensors from the tensors of every shard holder (one tensor for a replicated parameter)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement megatron_to_hf")
 
+    # ---- the shape contract: what the conversions make, from shapes alone (geometry, no data, no op call) --------
+
+    def megatron_shape(self, hf: HFShapes, ctx: ConversionContext) -> Shape:
+        """The shape of this rank's Megatron tensor that :meth:`hf_to_megatron` makes from HF tensors of shapes
+        ``hf`` (structured as its ``hf`` argument; :func:`shapes_of`); for a layer's experts, one local expert's.
+
+        Every mapping of this package computes it from :mod:`megatron_bridge_ext.geometry`. The default, for
+        mappings defined elsewhere, runs :meth:`hf_to_megatron` on meta tensors.
+
+        Raises:
+            ValueError: shapes the layout cannot split (named), as :meth:`hf_to_megatron` would.
+        """
+        def meta(x):
+            if isinstance(x, dict):
+                return {k: meta(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [meta(v) for v in x]
+            return torch.empty(x, device="meta")
+
+        return tuple(self.hf_to_megatron(meta(hf), ctx).shape)
+
+    def hf_shapes(self, shard: Shape, num_shards: int, ctx: ConversionContext) -> Dict[str, Shape]:
+        """HF name -> shape of what :meth:`megatron_to_hf` makes from ``num_shards`` shards of shape ``shard`` (one
+        for a replicated parameter), in the order it yields them.
+
+        Every mapping of this package computes it from :mod:`megatron_bridge_ext.geometry`. The default, for
+        mappings defined elsewhere, runs :meth:`megatron_to_hf` on meta tensors.
+        """
+        shards = [torch.empty(shard, device="meta")] * num_shards
+        return {name: tuple(t.shape) for name, t in self.megatron_to_hf(shards, ctx).items()}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(megatron_param={self.megatron_param!r}, hf_param={self.hf_param!r})"
 
@@ -138,3 +173,13 @@ def attention_dims(ctx: ConversionContext):
     groups = cfg.num_query_groups or heads
     head_dim = cfg.kv_channels or cfg.hidden_size // heads
     return heads, groups, head_dim
+
+
+def shapes_of(hf: Any) -> HFShapes:
+    """The shapes of HF tensors as a mapping takes them (a tensor, a quantized weight as stored: the shape of the
+    parameter it stands for, a list per expert, a dict by role)."""
+    if isinstance(hf, dict):
+        return {role: shapes_of(v) for role, v in hf.items()}
+    if isinstance(hf, (list, tuple)):
+        return [tuple(v.shape) for v in hf]
+    return tuple(hf.shape)

@@ -37,8 +37,8 @@ ExpertNames = Union[str, List[str]]
 class ExpertMapping(MegatronParamMapping):
     """Base of the routed-expert mappings (a layer's experts as one task).
 
-    Subclasses implement ``expert_shard_shape(hf, ctx)`` (the shape of one local expert's parameter), besides the
-    two conversions.
+    Subclasses implement the two conversions and the shape contract (``megatron_shape``: one local expert's
+    parameter; ``hf_shapes``: from the stacked ``[E/ep, ...]`` shard of one holder).
     """
 
     layout = EXPERTS
@@ -83,19 +83,6 @@ class ExpertMapping(MegatronParamMapping):
         if isinstance(value, torch.Tensor):
             return list(value.unbind(0))
         return list(value)  # type: ignore[arg-type]
-
-
-def _shapes_only(hf: Dict[str, object]) -> Dict[str, object]:
-    """``hf`` with each quantized weight (``ops.QuantizedWeight``) as a meta tensor of the parameter it stands for:
-    enough for the shape arithmetic."""
-    def meta(v):
-        if isinstance(v, ops.QuantizedWeight):
-            return torch.empty(v.shape, dtype=v.dtype, device="meta")
-        if isinstance(v, (list, tuple)):
-            return [meta(x) for x in v]
-        return v
-
-    return {role: meta(v) for role, v in hf.items()}
 
 
 def _stacked(shards: Sequence) -> List[torch.Tensor]:
@@ -144,11 +131,22 @@ class ExpertFC1Mapping(ExpertMapping):
             return ops.expert_fc1_views(hf["gate_up"], interleaved=self.interleaved, transposed=self.transposed)
         return self._expert_views(hf, "gate"), self._expert_views(hf, "up")
 
-    def expert_shard_shape(self, hf, ctx) -> Tuple[int, ...]:
-        """Shape of one local expert's ``linear_fc1`` on this rank for these HF tensors."""
-        gate, _ = self._gate_up(_shapes_only(hf))
-        return geometry.expert_fc1_shard_shape(self.megatron_param, len(gate), tuple(gate[0].shape), ctx.ep_size,
-                                               ctx.ep_rank, ctx.tp_size, ctx.tp_rank)[1:]
+    def megatron_shape(self, hf, ctx) -> Tuple[int, ...]:
+        """Shape of one local expert's ``linear_fc1`` on this rank for HF tensors of these shapes."""
+        if self.fused:
+            fused = hf["gate_up"]
+            num, gate = fused[0], geometry.gate_up_half_shape(self.megatron_param, fused[1:], self.transposed)
+        else:
+            num, gate = len(hf["gate"]), hf["gate"][0]
+        return geometry.expert_fc1_shard_shape(self.megatron_param, num, tuple(gate), ctx.ep_size, ctx.ep_rank,
+                                               ctx.tp_size, ctx.tp_rank)[1:]
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        half = geometry.expert_fc1_expert_shape(self.megatron_param, shard, ctx.ep_size, ctx.tp_size)
+        num_experts = shard[0] * ctx.ep_size
+        if self.fused:
+            return {self.hf_param["gate_up"]: (num_experts, *geometry.fused_gate_up_shape(half, self.transposed))}
+        return {name: half for pair in zip(self.hf_param["gate"], self.hf_param["up"]) for name in pair}
 
     def hf_to_megatron(self, hf, ctx, out=None):
         split = dict(ep_size=ctx.ep_size, ep_rank=ctx.ep_rank, etp_size=ctx.tp_size, etp_rank=ctx.tp_rank)
@@ -218,11 +216,25 @@ class ExpertFC2Mapping(ExpertMapping):
             return ops.expert_fc2_views(hf["down_fused"], transposed=self.transposed)
         return self._expert_views(hf, "down")
 
-    def expert_shard_shape(self, hf, ctx) -> Tuple[int, ...]:
-        """Shape of one local expert's ``linear_fc2`` on this rank for these HF tensors."""
-        down = self._down(_shapes_only(hf))
-        return geometry.expert_fc2_shard_shape(self.megatron_param, len(down), tuple(down[0].shape), ctx.ep_size,
-                                               ctx.ep_rank, ctx.tp_size, ctx.tp_rank)[1:]
+    def megatron_shape(self, hf, ctx) -> Tuple[int, ...]:
+        """Shape of one local expert's ``linear_fc2`` on this rank for HF tensors of these shapes."""
+        if self.fused:
+            fused = hf["down_fused"]
+            num, down = fused[0], tuple(fused[1:])
+            if self.transposed and len(down) == 2:
+                down = down[::-1]
+        else:
+            num, down = len(hf["down"]), tuple(hf["down"][0])
+        return geometry.expert_fc2_shard_shape(self.megatron_param, num, down, ctx.ep_size, ctx.ep_rank,
+                                               ctx.tp_size, ctx.tp_rank)[1:]
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        down = geometry.expert_fc2_expert_shape(self.megatron_param, shard, ctx.ep_size, ctx.tp_size)
+        if self.fused:
+            if self.transposed and len(down) == 2:
+                down = down[::-1]
+            return {self.hf_param["down_fused"]: (shard[0] * ctx.ep_size, *down)}
+        return {name: down for name in self.hf_param["down"]}
 
     def hf_to_megatron(self, hf, ctx, out=None):
         split = dict(ep_size=ctx.ep_size, ep_rank=ctx.ep_rank, etp_size=ctx.tp_size, etp_rank=ctx.tp_rank)

@@ -9,7 +9,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_bridge_ext import geometry, ops
-from megatron_bridge_ext.mappings.base import COLUMN, REPLICATED, ROW, ConversionContext, MegatronParamMapping, single, write
+from megatron_bridge_ext.mappings.base import (COLUMN, REPLICATED, ROW, ConversionContext, MegatronParamMapping, single,
+                                               write)
 
 __all__ = ["ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "CopiesMapping",
            "with_copies", "is_vocab"]
@@ -37,6 +38,12 @@ class ReplicatedMapping(MegatronParamMapping):
     def megatron_to_hf(self, shards, ctx):
         return {self.hf_param: shards[0]}
 
+    def megatron_shape(self, hf, ctx):
+        return tuple(single(hf, self))
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        return {self.hf_param: tuple(shard)}
+
 
 class ColumnParallelMapping(MegatronParamMapping):
     """Split dim 0 into ``tp`` chunks (QKV/fc1 without packing, embeddings, output layer).
@@ -57,16 +64,7 @@ class ColumnParallelMapping(MegatronParamMapping):
                                      "tensor_model_parallel_size", ctx.tp_size)
             return ops.fp8_block_dequant(hf.weight, hf.scale, block_size=hf.block_size, dtype=hf.dtype,
                                          tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, tp_dim=0, out=out)
-        if hf.dim() == 0:
-            raise ValueError(f"{self.megatron_param}: column-parallel tensor {self.hf_param} is a scalar")
-        rows = hf.shape[0]
-        if is_vocab(self.megatron_param) and ctx.padded_vocab_size is not None:
-            rows = max(rows, ctx.padded_vocab_size)
-        if rows % ctx.tp_size:
-            raise ValueError(
-                f"{self.megatron_param}: HF tensor {self.hf_param} has {rows} rows, not divisible by "
-                f"tensor_model_parallel_size = {ctx.tp_size}"
-            )
+        rows = self._rows(tuple(hf.shape), ctx)
         local_rows = rows // ctx.tp_size
         if out is None and ctx.tp_size == 1 and rows == hf.shape[0] and hf.is_contiguous():
             return hf  # the whole tensor, unpadded: nothing to copy (a caller with a destination passes ``out``)
@@ -83,10 +81,35 @@ class ColumnParallelMapping(MegatronParamMapping):
             out.narrow(0, valid, local_rows - valid).zero_()
         return out
 
-    def megatron_to_hf(self, shards, ctx):
-        rows = sum(s.shape[0] for s in shards)
+    def _rows(self, shape, ctx) -> int:
+        """The rows split over TP: the HF tensor's, or Megatron's padded vocabulary."""
+        if len(shape) == 0:
+            raise ValueError(f"{self.megatron_param}: column-parallel tensor {self.hf_param} is a scalar")
+        rows = shape[0]
+        if is_vocab(self.megatron_param) and ctx.padded_vocab_size is not None:
+            rows = max(rows, ctx.padded_vocab_size)
+        if rows % ctx.tp_size:
+            raise ValueError(
+                f"{self.megatron_param}: HF tensor {self.hf_param} has {rows} rows, not divisible by "
+                f"tensor_model_parallel_size = {ctx.tp_size}"
+            )
+        return rows
+
+    def _hf_rows(self, rows: int, ctx) -> int:
+        """The HF rows of gathered Megatron rows (the padded vocabulary trimmed)."""
         if is_vocab(self.megatron_param) and ctx.hf_vocab_size is not None:
-            rows = min(rows, ctx.hf_vocab_size)
+            return min(rows, ctx.hf_vocab_size)
+        return rows
+
+    def megatron_shape(self, hf, ctx):
+        shape = tuple(single(hf, self))
+        return (self._rows(shape, ctx) // ctx.tp_size, *shape[1:])
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        return {self.hf_param: (self._hf_rows(shard[0] * num_shards, ctx), *shard[1:])}
+
+    def megatron_to_hf(self, shards, ctx):
+        rows = self._hf_rows(sum(s.shape[0] for s in shards), ctx)
         if len(shards) == 1 and rows == shards[0].shape[0]:
             return {self.hf_param: shards[0]}
         full = ctx.empty((rows, *shards[0].shape[1:]), shards[0])
@@ -117,15 +140,26 @@ class RowParallelMapping(MegatronParamMapping):
                                          tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, tp_dim=1, out=out)
         if hf.dim() < 2:
             return write(hf, out) if out is not None else hf.contiguous()
-        if hf.shape[1] % ctx.tp_size:
+        shape = self.megatron_shape(tuple(hf.shape), ctx)  # checks the split
+        if out is None:
+            out = hf.new_empty(shape)
+        return ops.shard_copy(hf, out, mesh_shape=[ctx.tp_size], mesh_coord=[ctx.tp_rank], shard_dims=[1])
+
+    def megatron_shape(self, hf, ctx):
+        shape = tuple(single(hf, self))
+        if len(shape) < 2:
+            return shape
+        if shape[1] % ctx.tp_size:
             raise ValueError(
-                f"{self.megatron_param}: HF tensor {self.hf_param} has {hf.shape[1]} columns, not divisible by "
+                f"{self.megatron_param}: HF tensor {self.hf_param} has {shape[1]} columns, not divisible by "
                 f"tensor_model_parallel_size = {ctx.tp_size}"
             )
-        cols = hf.shape[1] // ctx.tp_size
-        if out is None:
-            out = hf.new_empty((hf.shape[0], cols, *hf.shape[2:]))
-        return ops.shard_copy(hf, out, mesh_shape=[ctx.tp_size], mesh_coord=[ctx.tp_rank], shard_dims=[1])
+        return (shape[0], shape[1] // ctx.tp_size, *shape[2:])
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        if len(shard) < 2 or num_shards == 1:
+            return {self.hf_param: tuple(shard)}
+        return {self.hf_param: (shard[0], shard[1] * num_shards, *shard[2:])}
 
     def megatron_to_hf(self, shards, ctx):
         if shards[0].dim() < 2 or len(shards) == 1:
@@ -153,6 +187,12 @@ class AutoMapping(MegatronParamMapping):
 
     def megatron_to_hf(self, shards, ctx):
         return self._delegate(ctx).megatron_to_hf(shards, ctx)
+
+    def megatron_shape(self, hf, ctx):
+        return self._delegate(ctx).megatron_shape(hf, ctx)
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        return self._delegate(ctx).hf_shapes(shard, num_shards, ctx)
 
 
 class CopiesMapping(MegatronParamMapping):
@@ -202,6 +242,15 @@ class CopiesMapping(MegatronParamMapping):
                     f"{rows}; Megatron holds one tensor for both, so converting would lose one of them"
                 )
         return result
+
+    def megatron_shape(self, hf, ctx):
+        if not isinstance(hf, dict):
+            raise ValueError(f"{self!r} expects its HF tensors by role, got one tensor")
+        return self._main().megatron_shape(hf["main"], ctx)
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        shape = self._main().hf_shapes(shard, num_shards, ctx)[self.hf_param["main"]]
+        return {name: shape for name in self.hf_param.values()}
 
     @property
     def copies(self) -> List[str]:

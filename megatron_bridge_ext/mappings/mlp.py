@@ -7,7 +7,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from megatron_bridge_ext import ops
+from megatron_bridge_ext import geometry, ops
 from megatron_bridge_ext.mappings.base import COLUMN, MegatronParamMapping, single
 
 __all__ = ["GatedMLPMapping", "FusedGatedMLPMapping"]
@@ -42,6 +42,14 @@ class GatedMLPMapping(MegatronParamMapping):
         gate, up = ops.dequantized(gate), ops.dequantized(up)
         return ops.gate_up_pack(gate, up, tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, out=out)
 
+    def megatron_shape(self, hf, ctx):
+        gate = hf["gate"]
+        return (geometry.gate_up_shard_rows(self.megatron_param, gate[0], ctx.tp_size, ctx.tp_rank), *gate[1:])
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        half = (shard[0] // 2 * num_shards, *shard[1:])
+        return {self.hf_param["gate"]: half, self.hf_param["up"]: half}
+
     def megatron_to_hf(self, shards, ctx):
         if len(shards) == 1 and shards[0].is_contiguous():
             # one shard [gate; up]: both HF tensors are contiguous views of it, nothing to copy (the engine clones
@@ -75,10 +83,16 @@ class FusedGatedMLPMapping(MegatronParamMapping):
         return ops.gate_up_pack_fused(single(hf, self), tp_size=ctx.tp_size, tp_rank=ctx.tp_rank,
                                       interleaved=self.interleaved, transposed=self.transposed, out=out)
 
+    def megatron_shape(self, hf, ctx):
+        half = geometry.gate_up_half_shape(self.megatron_param, single(hf, self), self.transposed)
+        return (geometry.gate_up_shard_rows(self.megatron_param, half[0], ctx.tp_size, ctx.tp_rank), *half[1:])
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        return {self.hf_param: geometry.fused_gate_up_shape((shard[0] // 2 * num_shards, *shard[1:]),
+                                                            self.transposed)}
+
     def megatron_to_hf(self, shards, ctx):
-        rows, *rest = _hf_shape(shards)
-        shape = [rest[0], 2 * rows] if self.transposed and rest else [2 * rows, *rest]
-        fused = ctx.empty(shape, shards[0])
+        fused = ctx.empty(geometry.fused_gate_up_shape(_hf_shape(shards), self.transposed), shards[0])
         gate, up = ops.gate_up_views(fused, interleaved=self.interleaved, transposed=self.transposed)
         _unpack_shards_into(shards, gate, up)  # one pass, straight into the fused tensor's views
         return {self.hf_param: fused}
