@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -29,11 +28,9 @@ from megatron_bridge_ext.mcore.config import padded_vocab_size
 from megatron_bridge_ext.mcore.layout import detect_layout
 from megatron_bridge_ext.mcore.names import local_params
 from megatron_bridge_ext.mcore.topology import Topology
+from megatron_bridge_ext.naming import decoder_layer, is_embedding
 
 __all__ = ["conversion_plan"]
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.mlp\.experts\.(?:local_experts\.(\d+)\.|linear_fc\d\.weight(\d+)$)")
 
 
 def _meta_model(model_bridge: MegatronModelBridge, hf_config: Any) -> List[torch.nn.Module]:
@@ -57,12 +54,12 @@ def _stage_of(name: str, num_layers: int, pp: int, vpp: int, embedding_copy: boo
     """(pp rank, chunk) holding a global parameter (two places for the embedding when the last stage keeps a copy:
     a tied output layer, multi-token-prediction layers); MTP layers are on the last stage."""
     stages = pp * vpp
-    m = _LAYER.match(name)
-    if m is not None:
+    layer = decoder_layer(name)
+    if layer is not None:
         per = num_layers // stages
-        s = int(m.group(1)) // per
+        s = layer // per
         return [(s % pp, s // pp)]
-    if name.startswith("embedding."):
+    if is_embedding(name):
         places = [(0, 0)]
         if embedding_copy and pp > 1:  # the last stage keeps a copy (a tied output layer, or for its MTP layers)
             places.append((pp - 1, vpp - 1))

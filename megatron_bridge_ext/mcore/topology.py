@@ -9,12 +9,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_bridge_ext.naming import is_routed_expert
+
 __all__ = ["Topology", "comm_device", "current_parallel_sizes", "is_routed_expert"]
-
-
-def is_routed_expert(name: str) -> bool:
-    """Routed-expert tensors (sharded over EP and expert-TP); shared experts are dense."""
-    return ".mlp.experts." in name
 
 
 @dataclass(frozen=True)
