@@ -12,7 +12,7 @@ from megatron_bridge_ext import ops
 from megatron_bridge_ext.mcore.topology import Topology
 from megatron_bridge_ext.naming import is_embedding, is_extra_state, is_mtp, is_output_layer, layer_number, unwrap_name
 
-__all__ = ["LocalParam", "as_chunks", "unwrap_name", "unwrap_model", "local_params", "model_config",
+__all__ = ["LocalParam", "ModelView", "as_chunks", "unwrap_name", "unwrap_model", "local_params", "model_config",
            "padded_vocab_size_of", "is_tied", "is_embedding_copy"]
 
 Chunks = Union[torch.nn.Module, Sequence[torch.nn.Module]]
@@ -131,3 +131,51 @@ def is_tied(chunks: Sequence[torch.nn.Module]) -> bool:
     return bool(getattr(m, "share_embeddings_and_output_weights",
                         getattr(cfg, "share_embeddings_and_output_weights", False)))
 
+
+class ModelView:
+    """This rank's chunks seen once for one call (an import, an export, a plan): the walk of their tensors
+    (:func:`local_params`) is made here, once, and every step of the call reads it.
+
+    Args:
+        model: a model chunk or the list of virtual-pipeline chunks.
+        topo: this rank's place in the layout (default: :meth:`Topology.current`).
+        skip_tied_output: as in :func:`local_params`.
+
+    Attributes:
+        chunks: the chunks, as a list.
+        topo: the topology the global names were made under.
+        params: every parameter and persistent buffer of this rank, with its global name, in walk order.
+    """
+
+    def __init__(self, model: Chunks, topo: Optional[Topology] = None, *, skip_tied_output: bool = True) -> None:
+        self.chunks = as_chunks(model)
+        self.topo = Topology.current() if topo is None else topo
+        self.params: List[LocalParam] = list(local_params(self.chunks, self.topo, skip_tied_output=skip_tied_output))
+        self._by_global: Optional[Dict[str, LocalParam]] = None
+
+    @property
+    def by_global(self) -> Dict[str, LocalParam]:
+        """Global name -> the local parameter."""
+        if self._by_global is None:
+            self._by_global = {p.global_name: p for p in self.params}
+        return self._by_global
+
+    def local_name(self, global_name: str) -> Optional[str]:
+        """The unwrapped local name of a global parameter on this rank (None where this rank does not hold it)."""
+        p = self.by_global.get(global_name)
+        return None if p is None else p.local_name
+
+    @property
+    def config(self) -> Any:
+        """The model's TransformerConfig (None when the chunk carries none)."""
+        return model_config(self.chunks)
+
+    @property
+    def padded_vocab_size(self) -> Optional[int]:
+        """Megatron's padded vocabulary size of the model (None when unknown)."""
+        return padded_vocab_size_of(self.chunks)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the model shares its embedding with the output layer."""
+        return is_tied(self.chunks)
