@@ -14,7 +14,8 @@ A megatron-core ``GPTModel`` names its tensors by module path:
 
 The compiled name ops (``csrc/cpu/names.cpp``: ``torch.ops.bridge.param_sort_key``, ``local_to_global_name`` and the
 sort of ``gather_param_names``) implement :func:`sort_key` and :func:`local_to_global` by hand, for speed on ~10^5
-names; the functions here are their statement in Python, and ``tests/test_names.py`` checks that both agree.
+names; the functions here are their statement in Python, and the name tests (``test_names.py``) check that both
+agree.
 """
 
 from __future__ import annotations
