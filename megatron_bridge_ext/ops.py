@@ -490,12 +490,14 @@ def gather_param_names(names: Sequence[str], group: Optional["torch.distributed.
 
 
 def param_sort_key(name: str) -> Tuple[int, int]:
-    """``(layer, expert)`` of a global parameter name, -1 where absent (the reference ordering key)."""
+    """``(layer, expert)`` of a global parameter name, -1 where absent (the reference ordering key; the rule:
+    :func:`megatron_bridge_ext.naming.sort_key`)."""
     return tuple(_ops.param_sort_key.default(name))
 
 
 def local_to_global_name(name: str, layer_offset: int = 0, expert_offset: int = 0) -> str:
-    """Rewrite a local Megatron name to its global name (first layer index + offset, expert index + offset)."""
+    """Rewrite a local Megatron name to its global name (first layer index + offset, expert index + offset; the rule:
+    :func:`megatron_bridge_ext.naming.local_to_global`)."""
     return _ops.local_to_global_name.default(name, layer_offset, expert_offset)
 
 

@@ -18,18 +18,11 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_bridge_ext.mappings import HFParam, MegatronParamMapping
+from megatron_bridge_ext.naming import LAYER_NORM_ALIASES, layer_norm_alias
 
 __all__ = ["MegatronMappingRegistry", "LAYER_NORM_ALIASES"]
 
 _TOKEN = re.compile(r"\*\*|\*")
-
-#: Transformer Engine fused layer-norm names <-> the non-fused (local spec) names, as name suffixes.
-LAYER_NORM_ALIASES: Tuple[Tuple[str, str], ...] = (
-    ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
-    ("self_attention.linear_qkv.layer_norm_bias", "input_layernorm.bias"),
-    ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),
-    ("mlp.linear_fc1.layer_norm_bias", "pre_mlp_layernorm.bias"),
-)
 
 
 @dataclass(frozen=True)
@@ -121,17 +114,6 @@ class _Compiled:
         return resolved
 
 
-def _alias_of(name: str) -> Optional[str]:
-    """The other spelling of a layer-norm parameter name (fused <-> non-fused), or None."""
-    for fused, plain in LAYER_NORM_ALIASES:
-        for a, b in ((fused, plain), (plain, fused)):
-            if name == a:
-                return b
-            if name.endswith("." + a):
-                return name[: len(name) - len(a)] + b
-    return None
-
-
 class MegatronMappingRegistry:
     """An ordered set of parameter mappings with cached, wildcard-aware lookups in both directions.
 
@@ -181,7 +163,8 @@ class MegatronMappingRegistry:
 
         A fused layer-norm name (``...self_attention.linear_qkv.layer_norm_weight``) is also answered by a mapping
         registered for its non-fused spelling (``...input_layernorm.weight``) and vice versa (likewise
-        ``mlp.linear_fc1.layer_norm_*`` <-> ``pre_mlp_layernorm.*``); an explicit mapping always wins.
+        ``mlp.linear_fc1.layer_norm_*`` <-> ``pre_mlp_layernorm.*``; the pairs are
+        :data:`megatron_bridge_ext.naming.LAYER_NORM_ALIASES`); an explicit mapping always wins.
         """
         try:
             return self._meg_cache[megatron_param_name]
@@ -189,7 +172,7 @@ class MegatronMappingRegistry:
             pass
         result = self._match_megatron(megatron_param_name)
         if result is None:
-            alias = _alias_of(megatron_param_name)
+            alias = layer_norm_alias(megatron_param_name)
             if alias is not None:
                 found = self._match_megatron(alias)
                 if found is not None:

@@ -239,3 +239,28 @@ def test_local_to_global_rejects_negative_index():
 def test_gather_param_names_unknown_group():
     with pytest.raises(RuntimeError, match="'no_such_group'"):
         torch.ops.bridge.gather_param_names(["decoder.layers.0.w"], "no_such_group", None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# megatron_bridge_ext.naming: the Python statement of the rules the compiled ops implement
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@_settings
+@given(any_name, _offset, _offset)
+def test_naming_states_the_rules_of_the_compiled_ops(name, layer_offset, expert_offset):
+    from megatron_bridge_ext import naming
+
+    assert naming.sort_key(name) == ops.param_sort_key(name)
+    assert naming.local_to_global(name, layer_offset, expert_offset) == ops.local_to_global_name(
+        name, layer_offset, expert_offset)
+
+
+def test_naming_rejects_a_negative_index():
+    from megatron_bridge_ext import naming
+
+    name = "decoder.layers.2.mlp.experts.linear_fc1.weight1"
+    with pytest.raises(ValueError, match=r"layer index 2 \+ offset -3 is negative .*" + re.escape(name)):
+        naming.local_to_global(name, -3, 0)
+    with pytest.raises(ValueError, match=r"expert index 1 \+ offset -2 is negative"):
+        naming.local_to_global(name, 0, -2)

@@ -3,7 +3,9 @@
 cli -> auto_bridge -> engine -> registry -> mappings -> ops -> the compiled library; engine -> mcore and engine -> io.
 Mappings are pure tensor transforms (no torch.distributed, no megatron); io knows nothing of mappings or the engine
 (it reads quantized files with the ops);
-``parallel_state`` appears only under mcore/.
+``parallel_state`` appears only under mcore/. ``naming`` (the rules of Megatron parameter names, pure string rules)
+depends on nothing, so that every room that reads or builds a Megatron name (mappings, registry, mcore, engine, cli)
+takes the rules from it.
 """
 
 from __future__ import annotations
@@ -21,19 +23,20 @@ NAME = "megatron_bridge_ext"
 ALLOWED: Dict[str, Set[str]] = {
     "_C": set(),
     "geometry": set(),
+    "naming": set(),
     "ops": {"geometry", "_C"},
-    "mappings": {"ops", "geometry"},
-    "registry": {"mappings"},
+    "mappings": {"ops", "geometry", "naming"},
+    "registry": {"mappings", "naming"},
     "dispatch": set(),
     "io": {"ops", "geometry"},  # a block-quantized source is read dequantized by the kernels (io/quantized.py)
-    "mcore": {"ops", "geometry", "mappings", "io"},  # mappings: the layout names only (checked below); io: the
-    # Megatron checkpoint layout (mcore.checkpoint builds the sharded state dicts it writes)
-    "engine": {"ops", "geometry", "mappings", "registry", "dispatch", "mcore", "io"},
+    "mcore": {"ops", "geometry", "naming", "mappings", "io"},  # mappings: the layout names only (checked below); io:
+    # the Megatron checkpoint layout (mcore.checkpoint builds the sharded state dicts it writes)
+    "engine": {"ops", "geometry", "naming", "mappings", "registry", "dispatch", "mcore", "io"},
     "models": {"engine", "mappings", "registry", "mcore"},
     "auto_bridge": {"engine", "io", "mcore", "dispatch", "models"},
     "launch": set(),
     "testing": {"io", "mcore"},
-    "cli": {"auto_bridge", "launch", "testing", "io", "mcore", "engine", "dispatch"},
+    "cli": {"auto_bridge", "launch", "testing", "io", "mcore", "engine", "dispatch", "naming"},
     "__init__": {"_C", "ops", "auto_bridge", "engine", "registry", "io", "dispatch"},
     "__main__": {"cli"},
 }

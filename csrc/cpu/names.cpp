@@ -1,5 +1,12 @@
 // Parameter names: the (layer, expert) sort key, local -> global renaming, and the ordered name list gathered over a
 // c10d process group (section 5 of conversion_semantics.md). Parsing is hand-written: these run on ~10^5 names.
+//
+// These kernels mirror the Python home of Megatron's naming rules, megatron_bridge_ext/naming.py (keep both in step;
+// test_names.py checks that they agree):
+//   sort_key / param_sort_key_cpu (and the order of gather_param_names_cpu)  <->  naming.sort_key
+//   local_to_global_name_cpu                                                 <->  naming.local_to_global
+// The other naming rules (decoder / MTP layer indices, routed experts, vocabulary tensors, TE fused-norm spellings,
+// wrapper prefixes) live in naming.py only.
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>

@@ -142,10 +142,11 @@ def _stream_chunks(info: Any, config: Any, ckpt: Any, described_by: str) -> Tupl
     from megatron_bridge_ext.mcore.model_builder import build_model_chunks
     from megatron_bridge_ext.mcore.stream import CheckpointParams
     from megatron_bridge_ext.mcore.versions import check_opt_in_layouts
+    from megatron_bridge_ext.naming import WORD_EMBEDDINGS
 
     if info.args is not None:
         check_opt_in_layouts(info.args, f"{info.path} (its Megatron-LM args)")
-    embedding = ckpt.tensors.get("embedding.word_embeddings.weight")
+    embedding = ckpt.tensors.get(WORD_EMBEDDINGS)
     if embedding is not None and config.vocab_size and embedding.shape[0] >= config.vocab_size:
         # the rows the writer padded to (any multiple of its TP size): the model is built with the same rows
         config = dataclasses.replace(config, make_vocab_size_divisible_by=int(embedding.shape[0]))

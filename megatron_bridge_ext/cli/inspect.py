@@ -71,6 +71,7 @@ def describe_megatron(path: str, *, checksums: bool = False) -> Dict[str, Any]:
     from megatron_bridge_ext.io.megatron_checkpoint import (BRIDGE_KEY, open_checkpoint, read_checkpoint_info,
                                                             side_files_dir)
     from megatron_bridge_ext.mcore.checkpoint import _FLOAT8, extra_state_with_content
+    from megatron_bridge_ext.naming import EXTRA_STATE
 
     info = read_checkpoint_info(path)
     with open_checkpoint(path) as ckpt:
@@ -85,7 +86,7 @@ def describe_megatron(path: str, *, checksums: bool = False) -> Dict[str, Any]:
         quantized = sorted(t.key for t in ckpt.tensors.values() if t.dtype in _FLOAT8)
         fp8_state = extra_state_with_content(ckpt)
     manifest = sums.read_manifest(info.path)
-    extra = sorted(k for k in objects if k.endswith("._extra_state"))
+    extra = sorted(k for k in objects if k.endswith("." + EXTRA_STATE))
     if isinstance(bridge, dict) and info.model_config is not None:
         spec = bridge.get("spec", "local")  # written before --spec existed: the local spec's keys
     elif any(k.rsplit(".", 2)[-2] in _TE_ONLY_EXTRA_STATE for k in extra):

@@ -16,13 +16,13 @@ context that every conversion error carries.
 from __future__ import annotations
 
 import fnmatch
-import re
 from types import SimpleNamespace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from megatron_bridge_ext.mappings import COLUMN, ConversionContext, MegatronParamMapping
+from megatron_bridge_ext.naming import VOCAB_TENSORS, decoder_layer, layer_param
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = [
@@ -46,8 +46,6 @@ KNOWN_NON_WEIGHTS: Tuple[str, ...] = (ROTARY_INV_FREQ,)
 #: a stored inverse frequency may differ from the recomputed one by this many units in the last place of its dtype
 #: (transformers versions computed it with slightly different float formulas); an edited rope is far beyond it
 INV_FREQ_ULPS = 4
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 def _is_positive_int(x: Any) -> bool:
@@ -112,10 +110,9 @@ def check_config_against_tensors(kwargs: Mapping[str, Any], registry: MegatronMa
         mapping = registry.hf_to_megatron_lookup(name)
         if mapping is None:
             continue
-        m = _LAYER.match(mapping.megatron_param)
-        if m is None:
+        layer = decoder_layer(mapping.megatron_param)
+        if layer is None:
             continue
-        layer = int(m.group(1))
         layers.setdefault(layer, name)
         expert = getattr(mapping, "expert", None)
         per_expert = expert is not None and name not in (
@@ -134,7 +131,7 @@ def check_config_against_tensors(kwargs: Mapping[str, Any], registry: MegatronMa
         )
 
     vocab, hidden = kwargs.get("vocab_size"), kwargs.get("hidden_size")
-    for megatron_name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    for megatron_name in VOCAB_TENSORS:
         mapping = registry.megatron_to_hf_lookup(megatron_name)
         if mapping is None:
             continue
@@ -153,9 +150,9 @@ def check_config_against_tensors(kwargs: Mapping[str, Any], registry: MegatronMa
     d = kwargs.get("kv_channels")
     if heads and groups and d:
         for layer in sorted(layers):
-            mapping = registry.megatron_to_hf_lookup(f"decoder.layers.{layer}.self_attention.linear_qkv.weight")
+            mapping = registry.megatron_to_hf_lookup(layer_param(layer, "self_attention.linear_qkv.weight"))
             if mapping is None:
-                mapping = registry.megatron_to_hf_lookup(f"decoder.layers.{layer}.self_attention.linear_kv.weight")
+                mapping = registry.megatron_to_hf_lookup(layer_param(layer, "self_attention.linear_kv.weight"))
             _check_attention_rows(mapping, heads, groups, d, hidden, state, where, file_of)
 
     want_experts = kwargs.get("num_moe_experts")

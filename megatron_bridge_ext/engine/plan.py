@@ -9,65 +9,31 @@ The Megatron side is a whole model built on the ``meta`` device (no memory, no d
 set of parameter names and their owning modules (layouts). Shard shapes come from the mappings' shape contract
 (``megatron_shape``, from the geometry module) for each rank; layers are placed on pipeline stages
 and experts on expert-parallel ranks by megatron's even split, ranks numbered in megatron's order (tp fastest, pp
-slowest).
+slowest): :mod:`megatron_bridge_ext.mcore.topology` (``stages_of``, ``layout_ranks``) works both out from the sizes.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext, shapes_of, with_copies
 from megatron_bridge_ext.mcore.config import padded_vocab_size
 from megatron_bridge_ext.mcore.layout import detect_layout
-from megatron_bridge_ext.mcore.names import local_params
-from megatron_bridge_ext.mcore.topology import Topology
+from megatron_bridge_ext.mcore.names import ModelView
+from megatron_bridge_ext.mcore.topology import Topology, layout_ranks, stages_of
 
 __all__ = ["conversion_plan"]
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.mlp\.experts\.(?:local_experts\.(\d+)\.|linear_fc\d\.weight(\d+)$)")
 
 
 def _meta_model(model_bridge: MegatronModelBridge, hf_config: Any) -> List[torch.nn.Module]:
     """The whole model on the meta device (TP1 PP1, in a one-process world of its own when there is none)."""
-    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, init_parallel
+    from megatron_bridge_ext.mcore.model_builder import build_meta_model
 
-    if not dist.is_initialized():
-        tmp = tempfile.mkdtemp(prefix="bridge_plan_")
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=0,
-                                world_size=1)
-    elif dist.get_world_size() != 1:
-        raise RuntimeError("conversion_plan builds its meta model in a one-process world; call it outside a job's "
-                           f"world (this one has {dist.get_world_size()} ranks)")
-    init_parallel(tp=1, pp=1)
-    config = model_bridge.transformer_config(hf_config, tensor_model_parallel_size=1)
-    with torch.device("meta"):
-        return build_model_chunks(config)
-
-
-def _stage_of(name: str, num_layers: int, pp: int, vpp: int, embedding_copy: bool) -> List[Tuple[int, int]]:
-    """(pp rank, chunk) holding a global parameter (two places for the embedding when the last stage keeps a copy:
-    a tied output layer, multi-token-prediction layers); MTP layers are on the last stage."""
-    stages = pp * vpp
-    m = _LAYER.match(name)
-    if m is not None:
-        per = num_layers // stages
-        s = int(m.group(1)) // per
-        return [(s % pp, s // pp)]
-    if name.startswith("embedding."):
-        places = [(0, 0)]
-        if embedding_copy and pp > 1:  # the last stage keeps a copy (a tied output layer, or for its MTP layers)
-            places.append((pp - 1, vpp - 1))
-        return places
-    return [(pp - 1, vpp - 1)]  # final norm, output layer
+    return build_meta_model(lambda: model_bridge.transformer_config(hf_config, tensor_model_parallel_size=1),
+                            "conversion_plan builds its meta model")
 
 
 def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp: int = 1, pp: int = 1,
@@ -108,7 +74,7 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
     hf_vocab = getattr(hf_config, "vocab_size", None)
     padded = padded_vocab_size(target.vocab_size, tp, target.make_vocab_size_divisible_by)
 
-    params = list(local_params(chunks, Topology()))
+    params = ModelView(chunks, Topology()).params
     rows: List[Dict[str, Any]] = []
     unmapped_megatron: List[str] = []
     missing_hf: List[str] = []
@@ -142,7 +108,7 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
         hf_bytes = sum(src.nbytes(k) for k in needed)
         layout = mapping.layout or detect_layout(p.module, p.tensor, name)
         dtype = target.params_dtype
-        places = _stage_of(name, num_layers, pp, vpp_n, embedding_copy)
+        places = stages_of(name, num_layers, pp, vpp_n, embedding_copy)
         shards: Dict[str, List[int]] = {}
         if group is not None:
             for e_rank in range(ep):
@@ -175,18 +141,14 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
     unmapped_hf = [k for k in src.keys() if k not in used_hf]
 
     layout_d = {"tp": tp, "pp": pp, "vpp": vpp if vpp_n > 1 else None, "ep": ep, "etp": etp}
-    world = math.lcm(tp * pp, etp_n * ep * pp)  # the smallest world megatron accepts for the layout
+    places_of_ranks = layout_ranks(tp, pp, ep, etp_n)  # the smallest world megatron accepts for the layout
+    world = len(places_of_ranks)
     ranks = []
-    per_pp = world // pp
     biggest_task = max((sum(src.nbytes(k) for k in r["hf"]) for r in rows), default=0)
-    for r in range(world):
-        pp_rank = r // per_pp
-        q = r % per_pp
-        tp_rank, etp_rank, ep_rank = r % tp, q % etp_n, (q // etp_n) % ep
-        nbytes = dense.get((pp_rank, tp_rank), 0) + expert_bytes.get((pp_rank, ep_rank, etp_rank), 0)
-        peak = nbytes + max(read_max.get((pp_rank, tp_rank), 0),
-                            expert_read_max.get((pp_rank, ep_rank, etp_rank), 0))
-        ranks.append({"rank": r, "pp": pp_rank, "tp": tp_rank, "ep": ep_rank, "etp": etp_rank, "bytes": nbytes,
+    for rp in places_of_ranks:
+        nbytes = dense.get((rp.pp, rp.tp), 0) + expert_bytes.get((rp.pp, rp.ep, rp.etp), 0)
+        peak = nbytes + max(read_max.get((rp.pp, rp.tp), 0), expert_read_max.get((rp.pp, rp.ep, rp.etp), 0))
+        ranks.append({"rank": rp.rank, "pp": rp.pp, "tp": rp.tp, "ep": rp.ep, "etp": rp.etp, "bytes": nbytes,
                       "import_peak_bytes": peak})
     bucket_bytes = min(bucket_bytes, src.total_size)  # a bucket never holds more than the whole model
     export_peak = (ranks[0]["bytes"] if ranks else 0) + 2 * bucket_bytes + biggest_task

@@ -29,6 +29,7 @@ from megatron_bridge_ext.engine.tasks import build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets
 from megatron_bridge_ext.mcore.names import as_chunks
 from megatron_bridge_ext.mcore.topology import Topology, comm_device
+from megatron_bridge_ext.naming import is_extra_state
 
 __all__ = ["WeightSyncPlan"]
 
@@ -40,7 +41,7 @@ def _tensors(chunks: Sequence[torch.nn.Module]) -> List[Tuple[str, torch.Tensor]
     out = []
     for vp, chunk in enumerate(chunks):
         for name, t in chunk.state_dict(keep_vars=True).items():
-            if isinstance(t, torch.Tensor) and "_extra_state" not in name:
+            if isinstance(t, torch.Tensor) and not is_extra_state(name):
                 out.append((f"{vp}/{name}", t))
     return out
 

@@ -11,14 +11,10 @@ import torch
 from megatron_bridge_ext import geometry, ops
 from megatron_bridge_ext.mappings.base import (COLUMN, REPLICATED, ROW, ConversionContext, MegatronParamMapping, single,
                                                write)
+from megatron_bridge_ext.naming import is_vocab
 
 __all__ = ["ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "CopiesMapping",
            "with_copies", "is_vocab"]
-
-
-def is_vocab(name: str) -> bool:
-    """Whether a Megatron parameter holds vocabulary rows (padded on import, trimmed on export)."""
-    return name.endswith("word_embeddings.weight") or name.endswith("output_layer.weight")
 
 
 class ReplicatedMapping(MegatronParamMapping):

@@ -10,11 +10,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_bridge_ext.mcore.names import is_embedding_copy, is_tied, model_config, unwrap_model
+from megatron_bridge_ext.naming import WORD_EMBEDDINGS
 
 __all__ = ["broadcast_tied_embeddings", "is_tied", "TIED_EMBEDDING"]
 
 #: the Megatron parameter that a tied output layer copies
-TIED_EMBEDDING = "embedding.word_embeddings.weight"
+TIED_EMBEDDING = WORD_EMBEDDINGS
 
 
 def broadcast_tied_embeddings(chunks: Sequence[torch.nn.Module]) -> None:

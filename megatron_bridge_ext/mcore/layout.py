@@ -8,6 +8,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from megatron_bridge_ext.mappings.base import COLUMN, REPLICATED, ROW
+from megatron_bridge_ext.naming import is_fused_norm_param
 
 __all__ = ["detect_layout", "register_module_layout"]
 
@@ -41,7 +42,7 @@ def detect_layout(module: Optional[torch.nn.Module], param: Optional[torch.Tenso
         return COLUMN if getattr(param, "partition_dim", 0) == 0 else ROW
     if param is not None and hasattr(param, "tensor_model_parallel"):
         return REPLICATED
-    if leaf.startswith("layer_norm"):
+    if is_fused_norm_param(param_name):
         return REPLICATED
     if module is not None:
         for cls in type(module).__mro__:

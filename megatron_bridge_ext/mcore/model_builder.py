@@ -9,7 +9,7 @@ process without CUDA, :func:`build_gpt_model` first applies what megatron-core n
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 from megatron.core import parallel_state
@@ -37,10 +37,11 @@ from megatron_bridge_ext.mcore.modules import (
     scale_embeddings,
     softcap_output_logits,
 )
+from megatron_bridge_ext.mcore.topology import one_process_world
 from megatron_bridge_ext.mcore.versions import replace_submodules, spec_submodules
 
-__all__ = ["build_gpt_model", "build_model_chunks", "gpt_layer_spec", "moe_layer_pattern", "init_parallel",
-           "destroy_parallel"]
+__all__ = ["build_gpt_model", "build_model_chunks", "build_meta_model", "gpt_layer_spec", "moe_layer_pattern",
+           "init_parallel", "destroy_parallel"]
 
 
 def init_parallel(tp: int, pp: int, vpp: Optional[int] = None, ep: int = 1, etp: Optional[int] = None,
@@ -311,3 +312,19 @@ def build_model_chunks(config: GPTConfig, vocab_size: Optional[int] = None,
     if vpp is None:
         return [build_gpt_model(config, vocab_size, max_seq_len)]
     return [build_gpt_model(config, vocab_size, max_seq_len, vp_stage=v) for v in range(vpp)]
+
+
+def build_meta_model(make_config: Callable[[], GPTConfig], what: str) -> List[GPTModel]:
+    """The whole model on the ``meta`` device (no memory, no data) at TP1 PP1: the parallel state is set up over a
+    one-process world, of its own when torch.distributed has none
+    (:func:`~megatron_bridge_ext.mcore.topology.one_process_world`), then ``make_config()`` is called (a config reads
+    its parallel sizes from that state) and the model built from it.
+
+    Raises:
+        RuntimeError: the process is a rank of a larger world (``what`` says what needs a one-process one).
+    """
+    one_process_world(what)
+    init_parallel(tp=1, pp=1)
+    config = make_config()
+    with torch.device("meta"):
+        return build_model_chunks(config)

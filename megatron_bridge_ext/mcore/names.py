@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -11,11 +10,10 @@ import torch
 
 from megatron_bridge_ext import ops
 from megatron_bridge_ext.mcore.topology import Topology
+from megatron_bridge_ext.naming import is_embedding, is_extra_state, is_mtp, is_output_layer, layer_number, unwrap_name
 
-__all__ = ["LocalParam", "as_chunks", "unwrap_name", "unwrap_model", "local_params", "model_config",
+__all__ = ["LocalParam", "ModelView", "as_chunks", "unwrap_name", "unwrap_model", "local_params", "model_config",
            "padded_vocab_size_of", "is_tied", "is_embedding_copy"]
-
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 Chunks = Union[torch.nn.Module, Sequence[torch.nn.Module]]
 
@@ -44,16 +42,6 @@ def as_chunks(model: Chunks) -> List[torch.nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def unwrap_name(name: str) -> str:
-    """Strips ``module.`` prefixes (DDP / Float16Module wrappers) and ``._checkpoint_wrapped_module.``."""
-    if not isinstance(name, str):
-        raise ValueError(f"parameter name must be a string, got {type(name).__name__}")
-    name = name.replace("._checkpoint_wrapped_module.", ".")
-    while name.startswith("module."):
-        name = name[len("module."):]
-    return name
-
-
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The innermost model under ``.module`` wrappers."""
     while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
@@ -74,7 +62,7 @@ def padded_vocab_size_of(chunks: Sequence[torch.nn.Module]) -> Optional[int]:
 def _local_tensors(chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
     for name, value in chunk.state_dict(keep_vars=True).items():
-        if "_extra_state" in name or not isinstance(value, torch.Tensor):
+        if is_extra_state(name) or not isinstance(value, torch.Tensor):
             continue
         out[unwrap_name(name)] = value
     return out
@@ -116,16 +104,15 @@ def local_params(chunks: Sequence[torch.nn.Module], topo: Topology, *, skip_tied
         index_map = _layer_index_map(model)
         embedding_copy = is_embedding_copy(model)
         for local, tensor in _local_tensors(chunk).items():
-            if embedding_copy and local.startswith("embedding."):
+            if embedding_copy and is_embedding(local):
                 continue
             layer_offset = 0
-            m = _LAYER_RE.search(local)
-            if m is not None and topo.pp_size > 1 and not local.startswith("mtp."):
-                li = int(m.group(1))
+            li = layer_number(local)
+            if li is not None and topo.pp_size > 1 and not is_mtp(local):
                 layer_offset = index_map.get(li, li) - li
             global_name = ops.local_to_global_name(local, layer_offset, expert_offset) if (
                 layer_offset or expert_offset) else local
-            if skip_tied_output and tied and "output_layer" in global_name:
+            if skip_tied_output and tied and is_output_layer(global_name):
                 continue
             yield LocalParam(vp, local, global_name, tensor, _module_of(model, local))
 
@@ -143,3 +130,52 @@ def is_tied(chunks: Sequence[torch.nn.Module]) -> bool:
     cfg = getattr(m, "config", None)
     return bool(getattr(m, "share_embeddings_and_output_weights",
                         getattr(cfg, "share_embeddings_and_output_weights", False)))
+
+
+class ModelView:
+    """This rank's chunks seen once for one call (an import, an export, a plan): the walk of their tensors
+    (:func:`local_params`) is made here, once, and every step of the call reads it.
+
+    Args:
+        model: a model chunk or the list of virtual-pipeline chunks.
+        topo: this rank's place in the layout (default: :meth:`Topology.current`).
+        skip_tied_output: as in :func:`local_params`.
+
+    Attributes:
+        chunks: the chunks, as a list.
+        topo: the topology the global names were made under.
+        params: every parameter and persistent buffer of this rank, with its global name, in walk order.
+    """
+
+    def __init__(self, model: Chunks, topo: Optional[Topology] = None, *, skip_tied_output: bool = True) -> None:
+        self.chunks = as_chunks(model)
+        self.topo = Topology.current() if topo is None else topo
+        self.params: List[LocalParam] = list(local_params(self.chunks, self.topo, skip_tied_output=skip_tied_output))
+        self._by_global: Optional[Dict[str, LocalParam]] = None
+
+    @property
+    def by_global(self) -> Dict[str, LocalParam]:
+        """Global name -> the local parameter."""
+        if self._by_global is None:
+            self._by_global = {p.global_name: p for p in self.params}
+        return self._by_global
+
+    def local_name(self, global_name: str) -> Optional[str]:
+        """The unwrapped local name of a global parameter on this rank (None where this rank does not hold it)."""
+        p = self.by_global.get(global_name)
+        return None if p is None else p.local_name
+
+    @property
+    def config(self) -> Any:
+        """The model's TransformerConfig (None when the chunk carries none)."""
+        return model_config(self.chunks)
+
+    @property
+    def padded_vocab_size(self) -> Optional[int]:
+        """Megatron's padded vocabulary size of the model (None when unknown)."""
+        return padded_vocab_size_of(self.chunks)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the model shares its embedding with the output layer."""
+        return is_tied(self.chunks)

@@ -28,8 +28,10 @@ offsets produces the same checkpoint with :func:`te_layout`.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from megatron_bridge_ext.naming import (EXTRA_STATE, KV_LATENT_NORM, MTP_LAYERS, PRE_MLP_NORM, Q_LATENT_NORM,
+                                        fused_norm_key, mtp_layer, plain_norm_key, split_layer_key)
 
 __all__ = [
     "SPECS",
@@ -45,7 +47,6 @@ __all__ = [
 
 #: the layer specs ``import --spec`` writes the keys of
 SPECS = ("te", "local")
-EXTRA_STATE = "_extra_state"
 #: the last name of every module that a TE layer spec builds from a TE class (and so saves ``_extra_state``):
 #: TE linears (fused with a norm or not), TE norms, and TE's core attention
 TE_MODULES = frozenset({
@@ -54,11 +55,6 @@ TE_MODULES = frozenset({
     "input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm", "final_layernorm", "post_layernorm",
     "enorm", "hnorm", "eh_proj", "core_attention",
 })
-# decoder layers, stacked (``decoder.layers.``) or one key per layer (``decoder.layers.3.``: megatron-core's
-# non-homogeneous layers), and multi-token-prediction layers (``mtp.layers.0.transformer_layer.``)
-_LAYER_KEY = re.compile(r"^(?P<prefix>decoder\.layers\.(?:(?P<layer>\d+)\.)?|mtp\.layers\.(?P<mtp>\d+)\."
-                        r"transformer_layer\.)(?P<rest>.*)$")
-_MTP_LAYER = re.compile(r"^mtp\.layers\.(\d+)\.")
 
 
 def empty_extra_state():
@@ -86,12 +82,12 @@ def layer_kinds(config: Any) -> Tuple[List[bool], bool]:
     return [bool(p) for p in _moe_pattern(config)], bool(getattr(config, "multi_latent_attention", False))
 
 
-def _kind_of(config: Any, layer: Optional[str], mtp: Optional[str], key: str) -> Tuple[bool, bool]:
+def _kind_of(config: Any, layer: Optional[int], mtp: Optional[int], key: str) -> Tuple[bool, bool]:
     moe, mla = layer_kinds(config)
     if mtp is not None:
         return moe[-1], mla
     if layer is not None:
-        index = int(layer)
+        index = layer
         if index >= len(moe):
             raise ValueError(f"{key}: layer {index}, but the config has {len(moe)} layers")
         return moe[index], mla
@@ -101,29 +97,25 @@ def _kind_of(config: Any, layer: Optional[str], mtp: Optional[str], key: str) ->
     return moe[0], mla
 
 
-def _replace_prefix(rest: str, old: str, new: str) -> str:
-    return new + rest[len(old):] if rest.startswith(old) else rest
-
-
 def te_tensor_key(key: str, config: Any) -> str:
     """The key a TE-spec model saves a tensor under, for the key a local-spec model of ``config`` saves it under.
 
     Raises:
         ValueError: a layer index outside the config, or a stacked key in a model that mixes layer kinds.
     """
-    m = _LAYER_KEY.match(key)
-    if m is None:
+    k = split_layer_key(key)
+    if k is None:
         return key
-    moe, mla = _kind_of(config, m.group("layer"), m.group("mtp"), key)
-    rest = m.group("rest")
+    moe, mla = _kind_of(config, k.layer, k.mtp, key)
+    rest = k.rest
     if mla:
-        rest = _replace_prefix(rest, "self_attention.q_layernorm.", "self_attention.linear_q_up_proj.layer_norm_")
-        rest = _replace_prefix(rest, "self_attention.kv_layernorm.", "self_attention.linear_kv_up_proj.layer_norm_")
+        rest = fused_norm_key(rest, Q_LATENT_NORM)
+        rest = fused_norm_key(rest, KV_LATENT_NORM)
         if not moe:
-            rest = _replace_prefix(rest, "pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")
+            rest = fused_norm_key(rest, PRE_MLP_NORM)
     elif moe:
-        rest = _replace_prefix(rest, "mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm.")
-    return m.group("prefix") + rest
+        rest = plain_norm_key(rest, PRE_MLP_NORM)
+    return k.prefix + rest
 
 
 def te_module_of(key: str) -> Optional[str]:
@@ -153,9 +145,9 @@ def te_extra_state_modules(te_tensor_keys: Iterable[str], mtp_plain_state: Optio
         module = te_module_of(key)
         if module is not None:
             modules.add(module)
-        m = _MTP_LAYER.match(key) if mtp_plain_state else None
-        if m is not None:
-            modules.add(f"mtp.layers.{m.group(1)}.transformer_layer.self_attention.core_attention")
+        mtp = mtp_layer(key) if mtp_plain_state else None
+        if mtp is not None:
+            modules.add(f"{MTP_LAYERS}{mtp}.transformer_layer.self_attention.core_attention")
     return sorted(modules)
 
 

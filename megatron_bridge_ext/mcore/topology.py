@@ -1,20 +1,23 @@
 """This rank's place in Megatron's parallel layout, read from ``parallel_state`` (the only reader of it besides the
-other ``mcore`` modules)."""
+other ``mcore`` modules); and, for a layout no process group holds (the ``inspect`` plan), megatron's placement of
+ranks, layers and embeddings worked out from the sizes alone.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Topology", "comm_device", "current_parallel_sizes", "is_routed_expert"]
+from megatron_bridge_ext.naming import decoder_layer, is_embedding, is_routed_expert
 
-
-def is_routed_expert(name: str) -> bool:
-    """Routed-expert tensors (sharded over EP and expert-TP); shared experts are dense."""
-    return ".mlp.experts." in name
+__all__ = ["Topology", "comm_device", "current_parallel_sizes", "is_routed_expert", "layout_world_size",
+           "RankPlace", "layout_ranks", "stages_of", "one_process_world"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,60 @@ def current_parallel_sizes() -> Dict[str, Any]:
 
 def layout_world_size(tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -> int:
     """The smallest world megatron accepts for a layout: a multiple of tp*pp and of etp*ep*pp (etp defaults to tp)."""
-    import math
-
     return math.lcm(tp * pp, (etp or tp) * ep * pp)
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    """A global rank's pipeline, tensor-parallel, expert-parallel and expert-tensor-parallel ranks."""
+
+    rank: int
+    pp: int
+    tp: int
+    ep: int
+    etp: int
+
+
+def layout_ranks(tp: int, pp: int, ep: int = 1, etp: Optional[int] = None) -> List[RankPlace]:
+    """Every rank of the smallest world of a layout (:func:`layout_world_size`), placed in megatron's order: tp
+    fastest, pp slowest; within a pipeline stage the expert ranks go etp fastest, then ep."""
+    etp = etp or tp
+    world = layout_world_size(tp, pp, ep, etp)
+    per_pp = world // pp
+    return [RankPlace(r, r // per_pp, r % tp, (r % per_pp // etp) % ep, r % per_pp % etp) for r in range(world)]
+
+
+def stages_of(name: str, num_layers: int, pp: int, vpp: int, embedding_copy: bool) -> List[Tuple[int, int]]:
+    """(pp rank, virtual-pipeline chunk) holding a global parameter under megatron's even split of ``num_layers``
+    decoder layers over ``pp * vpp`` stages (chunk ``c`` of rank ``r`` is stage ``c * pp + r``).
+
+    The embedding is on the first stage, and on the last as well when it keeps a copy (``embedding_copy``: a tied
+    output layer, multi-token-prediction layers); everything else outside the decoder layers (final norm, output
+    layer, MTP layers) is on the last stage.
+    """
+    layer = decoder_layer(name)
+    if layer is not None:
+        s = layer // (num_layers // (pp * vpp))
+        return [(s % pp, s // pp)]
+    if is_embedding(name):
+        places = [(0, 0)]
+        if embedding_copy and pp > 1:  # the last stage keeps a copy (a tied output layer, or for its MTP layers)
+            places.append((pp - 1, vpp - 1))
+        return places
+    return [(pp - 1, vpp - 1)]  # final norm, output layer
+
+
+def one_process_world(what: str) -> None:
+    """A one-process gloo world of its own (a ``file://`` rendezvous in a temporary directory) when torch.distributed
+    has none; an existing one-process world is kept.
+
+    Raises:
+        RuntimeError: the process is a rank of a larger world (``what`` says what needs a one-process one).
+    """
+    if not dist.is_initialized():
+        tmp = tempfile.mkdtemp(prefix="bridge_plan_")
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=0,
+                                world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError(f"{what} in a one-process world; call it outside a job's world (this one has "
+                           f"{dist.get_world_size()} ranks)")
