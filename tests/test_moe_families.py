@@ -21,13 +21,8 @@ from megatron_bridge_ext.mappings import (  # noqa: E402
     ExpertFC1Mapping,
     MegatronParamMapping,
 )
-from megatron_bridge_ext.models.common import (  # noqa: E402
-    PER_EXPERT,
-    ExpertLayout,
-    MTPLayers,
-    detect_expert_layout,
-    layer_mappings_at,
-)
+from megatron_bridge_ext.models.moe import PER_EXPERT, ExpertLayout, detect_expert_layout  # noqa: E402
+from megatron_bridge_ext.models.mtp import MTPLayers, layer_mappings_at  # noqa: E402
 from megatron_bridge_ext.mcore.versions import mtp_layer_module  # noqa: E402
 from megatron_bridge_ext.registry import MegatronMappingRegistry  # noqa: E402
 

@@ -93,10 +93,9 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
     # ----------------------------------------------------------------------------------------------------------------
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
-        """``GPTConfig`` fields for an HF config (object or dict); families extend it (``super()`` then update)."""
-        from megatron_bridge_ext.mcore.config import common_megatron_kwargs
-
-        return common_megatron_kwargs(hf_config)
+        """``GPTConfig`` fields for an HF config (object or dict); families compose them from the pieces of
+        ``models.hf_config`` (and ``models.moe`` / ``models.mtp``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement hf_config_to_megatron_kwargs")
 
     def transformer_config(self, hf_config: Any, **overrides: Any):
         """Megatron ``GPTConfig`` for an HF config; ``overrides`` (any TransformerConfig field) are applied last.
@@ -110,12 +109,11 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
         return build_gpt_config(self.hf_config_to_megatron_kwargs(hf_config), overrides)
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
-        """The HF ``config.json`` (as a dict) of a Megatron ``GPTConfig``; families extend it."""
-        from megatron_bridge_ext.mcore.config import common_hf_fields
-
+        """The HF ``config.json`` (as a dict) of a Megatron ``GPTConfig``: here its ``architectures`` and
+        ``model_type``; families add the fields they compose from the reverses of their ``models.hf_config`` pieces."""
         if self.hf_architecture is None or self.hf_model_type is None:
             raise NotImplementedError(f"{type(self).__name__} sets no hf_architecture / hf_model_type")
-        return {"architectures": [self.hf_architecture], "model_type": self.hf_model_type, **common_hf_fields(config)}
+        return {"architectures": [self.hf_architecture], "model_type": self.hf_model_type}
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         """The parameter mappings of this architecture (for ``self.hf_layout`` where the family has several)."""

@@ -1,5 +1,7 @@
 """Per-model bridges: one file per model family (config translation both ways + mapping table); importing this
-package registers them."""
+package registers them. The families compose both from the building blocks beside them: ``tables`` (dense mapping
+tables), ``moe`` (expert layouts, experts, routers, MoE patterns), ``mtp`` (multi-token-prediction layers) and
+``hf_config`` (HF ``config.json`` <-> ``GPTConfig`` fields)."""
 
 from megatron_bridge_ext.models import (  # noqa: F401
     deepseek_v3,

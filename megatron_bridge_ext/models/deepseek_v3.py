@@ -15,7 +15,7 @@ and the rest routed experts with shared experts, sigmoid routing.
 - Dense / MoE layers: megatron ``moe_layer_freq`` as a list, built as a heterogeneous block spec.
 - Multi-token-prediction layers (HF layers ``num_hidden_layers + i``): converted when the checkpoint holds them
   (read from the keys, ``detect_hf_layout``; transformers' config says ``num_nextn_predict_layers = 1`` either way),
-  as megatron-core's ``mtp.layers.i`` (see ``models.common.mtp_mappings``).
+  as megatron-core's ``mtp.layers.i`` (see ``models.mtp.mtp_mappings``).
 
 HF experts: one tensor per expert (what ``save_pretrained`` writes; the default) or fused, read from the keys.
 
@@ -27,13 +27,17 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
-from megatron_bridge_ext.mcore.config import common_megatron_kwargs, config_get, yarn_hf_fields
-from megatron_bridge_ext.models.common import (
-    GPT_MODEL, H, PER_EXPERT, RoutedExpertsWithMTP, activation_func, activation_name, embedding_mappings,
-    first_k_dense_hf_field, first_k_dense_pattern, gated_mlp_mappings, mla_mappings, moe_hf_fields,
-    moe_runtime_kwargs, mtp_kwargs, mtp_mappings, routed_expert_mappings, router_mappings, shared_expert_mappings,
-    shared_expert_size, sigmoid_router_hf_fields, sigmoid_router_kwargs,
+from megatron_bridge_ext.models.hf_config import (
+    activation_hf_fields, config_get, dtype_kwargs, gated_activation_kwargs, model_size_hf_fields, model_size_kwargs,
+    rms_norm_hf_fields, rms_norm_kwargs, rope_settings, yarn_hf_fields,
 )
+from megatron_bridge_ext.models.moe import (
+    PER_EXPERT, first_k_dense_hf_field, first_k_dense_pattern, moe_hf_fields, moe_runtime_kwargs,
+    routed_expert_mappings, router_mappings, shared_expert_mappings, shared_expert_size, sigmoid_router_hf_fields,
+    sigmoid_router_kwargs,
+)
+from megatron_bridge_ext.models.mtp import RoutedExpertsWithMTP, mtp_kwargs, mtp_mappings
+from megatron_bridge_ext.models.tables import GPT_MODEL, H, embedding_mappings, gated_mlp_mappings, mla_mappings
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = ["DeepseekV3Bridge", "mla_megatron_kwargs", "mla_hf_fields"]
@@ -59,12 +63,16 @@ def mla_megatron_kwargs(hf_config: Any, family: str) -> Dict[str, Any]:
     if not config_get(hf_config, "rope_interleave", True):
         raise ValueError(f"{family}: rope_interleave=False is not supported (megatron-core 0.16.1's MLA always rotates "
                          "interleaved pairs of the rope channels)")
-    kw = common_megatron_kwargs(hf_config, yarn=True)
-    if kw.pop("rope_scaling", False) or kw.pop("seq_len_interpolation_factor", None) is not None:
+    size = model_size_kwargs(hf_config)  # position_embedding_type "rope": GPTModel builds no RoPE for MLA
+    rope = rope_settings(hf_config, yarn=True)
+    dtype = dtype_kwargs(hf_config)
+    if rope.get("rope_scaling", False) or rope.get("seq_len_interpolation_factor") is not None:
         raise ValueError(f"{family}: llama3 / linear rope scaling is not supported with multi-latent attention "
                          f"(rope parameters {config_get(hf_config, 'rope_parameters')})")
-    yarn = {k: kw.pop(k) for k in list(kw) if k.startswith("yarn_")}
-    kw["position_embedding_type"] = "rope"  # GPTModel builds no RoPE for MLA; the attention has its own
+    # the attention's own RoPE: the base and partial rotation here, YaRN as MLA's fields below
+    rotary = {k: v for k, v in rope.items() if k in ("rotary_base", "rotary_percent")}
+    yarn = {k: v for k, v in rope.items() if k.startswith("yarn_")}
+    kw = {**size, **rotary, **dtype}
     v_head_dim = int(config_get(hf_config, "v_head_dim"))
     q_lora = config_get(hf_config, "q_lora_rank")
     kw.update(
@@ -141,10 +149,8 @@ class DeepseekV3Bridge(RoutedExpertsWithMTP, MegatronModelBridge):
         shared = shared_expert_size(hf_config, family)
         pattern = first_k_dense_pattern(hf_config)
         kw.update(
-            normalization="RMSNorm",
-            layernorm_epsilon=float(config_get(hf_config, "rms_norm_eps", 1e-6)),
-            gated_linear_unit=True,
-            activation_func=activation_func(config_get(hf_config, "hidden_act", "silu"), family),
+            **rms_norm_kwargs(hf_config),
+            **gated_activation_kwargs(hf_config, family),
             add_bias_linear=False,
             add_qkv_bias=False,
             **moe_runtime_kwargs(config_get(hf_config, "n_routed_experts"),
@@ -168,11 +174,11 @@ class DeepseekV3Bridge(RoutedExpertsWithMTP, MegatronModelBridge):
         if shared % config.moe_ffn_hidden_size or config.moe_shared_expert_gate:
             raise ValueError(f"{family}: shared experts of {shared} (gate {config.moe_shared_expert_gate}) are not a "
                              f"whole number of ungated experts of {config.moe_ffn_hidden_size}")
-        hf = super().megatron_to_hf_config(config)
-        hf.pop("head_dim")  # DeepseekV3Config sets head_dim = qk_rope_head_dim itself
+        # DeepseekV3Config sets head_dim = qk_rope_head_dim itself; MLA writes its own rope_parameters
+        hf = {**super().megatron_to_hf_config(config), **model_size_hf_fields(config, head_dim=False)}
         hf.update(
-            rms_norm_eps=config.layernorm_epsilon,
-            hidden_act=activation_name(config.activation_func),
+            **rms_norm_hf_fields(config),
+            **activation_hf_fields(config),
             n_shared_experts=shared // config.moe_ffn_hidden_size,
             first_k_dense_replace=first_k_dense_hf_field(config, family),
             num_nextn_predict_layers=config.mtp_num_layers or 0,

@@ -18,11 +18,20 @@ import math
 from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
-from megatron_bridge_ext.mcore.config import common_megatron_kwargs, config_get, window_hf_fields, window_settings
-from megatron_bridge_ext.models.common import (
+from megatron_bridge_ext.models.hf_config import (
+    activation_hf_fields,
+    common_megatron_kwargs,
+    config_get,
+    gated_activation_kwargs,
+    model_size_hf_fields,
+    rms_norm_hf_fields,
+    rms_norm_kwargs,
+    rope_hf_fields,
+    window_hf_fields,
+    window_settings,
+)
+from megatron_bridge_ext.models.tables import (
     GPT_MODEL,
-    activation_func,
-    activation_name,
     attention_mappings,
     embedding_mappings,
     gated_mlp_mappings,
@@ -66,21 +75,24 @@ class Gemma2Bridge(MegatronModelBridge):
         return out
 
     def _common_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        """Sizes, RoPE and dtype (Gemma 3: its per-layer-type RoPE)."""
         return common_megatron_kwargs(hf_config)
+
+    def _rope_hf_fields(self, config: Any) -> Dict[str, Any]:
+        """The reverse of :meth:`_common_kwargs`' RoPE."""
+        return rope_hf_fields(config)
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         self._refuse_unsupported(hf_config)
         family = type(self).__name__
         kw = self._common_kwargs(hf_config)
         kw.update(
-            normalization="RMSNorm",
-            layernorm_epsilon=float(config_get(hf_config, "rms_norm_eps", 1e-6)),
+            **rms_norm_kwargs(hf_config),
             layernorm_zero_centered_gamma=True,
             post_self_attn_layernorm=True,
             post_mlp_layernorm=True,
-            gated_linear_unit=True,
-            activation_func=activation_func(config_get(hf_config, "hidden_activation", "gelu_pytorch_tanh"), family,
-                                            allowed=GELU_ACTIVATIONS, field="hidden_activation"),
+            **gated_activation_kwargs(hf_config, family, field="hidden_activation", default="gelu_pytorch_tanh",
+                                      allowed=GELU_ACTIVATIONS),
             add_bias_linear=False,
             add_qkv_bias=False,
             softmax_scale=float(config_get(hf_config, "query_pre_attn_scalar", kw["kv_channels"])) ** -0.5,
@@ -106,24 +118,26 @@ class Gemma2Bridge(MegatronModelBridge):
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         self._check_megatron(config)
         family = type(self).__name__
-        hf = super().megatron_to_hf_config(config)
+        hf = {**super().megatron_to_hf_config(config), **model_size_hf_fields(config), **self._rope_hf_fields(config)}
         scale = config.softmax_scale if config.softmax_scale is not None else config.kv_channels ** -0.5
         scalar = 1.0 / (scale * scale)
         if abs(scalar - round(scalar)) > 1e-6 * scalar:
             raise ValueError(f"{family}: softmax_scale={scale} is not 1/sqrt(n) for an integer query_pre_attn_scalar "
                              f"(1/scale^2 = {scalar})")
+        activation = activation_hf_fields(config, "hidden_activation")
+        window = window_hf_fields(config, family)
+        if window["sliding_window"] is None:  # HF Gemma builds a sliding-window mask even when no layer uses it
+            window = {**window, "sliding_window": config.seq_length}
         hf.update(
-            rms_norm_eps=config.layernorm_epsilon,
-            hidden_activation=activation_name(config.activation_func),
+            **rms_norm_hf_fields(config),
+            **activation,
             attention_bias=False,
             query_pre_attn_scalar=int(round(scalar)),
             # written also when None: HF Gemma 2's defaults (50.0 / 30.0) would change the model
             attn_logit_softcapping=config.attn_logit_softcapping,
             final_logit_softcapping=config.final_logit_softcapping,
-            **window_hf_fields(config, family),
+            **window,
         )
-        if hf["sliding_window"] is None:  # HF Gemma builds a sliding-window mask even when no layer uses it
-            hf["sliding_window"] = config.seq_length
         return hf
 
     def mapping_registry(self) -> MegatronMappingRegistry:

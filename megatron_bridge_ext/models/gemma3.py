@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.config import (
+from megatron_bridge_ext.models.gemma2 import Gemma2Bridge
+from megatron_bridge_ext.models.hf_config import (
     FULL,
     SLIDING,
     common_megatron_kwargs,
@@ -22,7 +23,7 @@ from megatron_bridge_ext.mcore.config import (
     rope_hf_fields,
     rope_settings,
 )
-from megatron_bridge_ext.models.common import (
+from megatron_bridge_ext.models.tables import (
     GPT_MODEL,
     attention_mappings,
     embedding_mappings,
@@ -30,7 +31,6 @@ from megatron_bridge_ext.models.common import (
     post_norm_mappings,
     qk_norm_mappings,
 )
-from megatron_bridge_ext.models.gemma2 import Gemma2Bridge
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = ["Gemma3Bridge"]
@@ -58,22 +58,21 @@ class Gemma3Bridge(Gemma2Bridge):
                 kw["local_rotary_base"] = local["rotary_base"]
         return kw
 
-    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
-        kw = super().hf_config_to_megatron_kwargs(hf_config)
-        kw["qk_layernorm"] = True
-        return kw
-
-    def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
-        if not config.qk_layernorm:
-            raise ValueError(f"{type(self).__name__}: qk_layernorm=False; Gemma 3 always normalises queries and keys")
-        hf = super().megatron_to_hf_config(config)
+    def _rope_hf_fields(self, config: Any) -> Dict[str, Any]:
         full = rope_hf_fields(config)["rope_parameters"]
         if config.local_rotary_base is None:
             sliding = dict(full)
         else:
             sliding = {"rope_type": "default", "rope_theta": float(config.local_rotary_base)}
-        hf.update(rope_parameters={FULL: full, SLIDING: sliding}, use_bidirectional_attention=False)
-        return hf
+        return {"rope_parameters": {FULL: full, SLIDING: sliding}}
+
+    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        return {**super().hf_config_to_megatron_kwargs(hf_config), "qk_layernorm": True}
+
+    def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
+        if not config.qk_layernorm:
+            raise ValueError(f"{type(self).__name__}: qk_layernorm=False; Gemma 3 always normalises queries and keys")
+        return {**super().megatron_to_hf_config(config), "use_bidirectional_attention": False}
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(), *qk_norm_mappings(),

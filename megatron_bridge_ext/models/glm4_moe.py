@@ -13,12 +13,18 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
-from megatron_bridge_ext.mcore.config import common_megatron_kwargs, config_get
-from megatron_bridge_ext.models.common import (
-    GPT_MODEL, H, PER_EXPERT, RoutedExpertsWithMTP, activation_func, activation_name, attention_mappings,
-    embedding_mappings, first_k_dense_hf_field, first_k_dense_pattern, gated_mlp_mappings, moe_hf_fields,
-    moe_runtime_kwargs, mtp_kwargs, mtp_mappings, qk_norm_mappings, routed_expert_mappings, router_mappings,
-    shared_expert_mappings, shared_expert_size, sigmoid_router_hf_fields, sigmoid_router_kwargs,
+from megatron_bridge_ext.models.hf_config import (
+    activation_hf_fields, common_hf_fields, common_megatron_kwargs, config_get, gated_activation_kwargs,
+    rms_norm_hf_fields, rms_norm_kwargs,
+)
+from megatron_bridge_ext.models.moe import (
+    PER_EXPERT, first_k_dense_hf_field, first_k_dense_pattern, moe_hf_fields, moe_runtime_kwargs,
+    routed_expert_mappings, router_mappings, shared_expert_mappings, shared_expert_size, sigmoid_router_hf_fields,
+    sigmoid_router_kwargs,
+)
+from megatron_bridge_ext.models.mtp import RoutedExpertsWithMTP, mtp_kwargs, mtp_mappings
+from megatron_bridge_ext.models.tables import (
+    GPT_MODEL, H, attention_mappings, embedding_mappings, gated_mlp_mappings, qk_norm_mappings,
 )
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
@@ -38,12 +44,10 @@ class Glm4MoeBridge(RoutedExpertsWithMTP, MegatronModelBridge):
         shared = shared_expert_size(hf_config, family)
         pattern = first_k_dense_pattern(hf_config)
         kw.update(
-            normalization="RMSNorm",
-            layernorm_epsilon=float(config_get(hf_config, "rms_norm_eps", 1e-5)),
-            gated_linear_unit=True,
-            activation_func=activation_func(config_get(hf_config, "hidden_act", "silu"), family),
+            **rms_norm_kwargs(hf_config, default_eps=1e-5),
+            **gated_activation_kwargs(hf_config, family),
             add_bias_linear=False,
-            add_qkv_bias=bool(config_get(hf_config, "attention_bias", False)),
+            add_qkv_bias=bool(config_get(hf_config, "attention_bias", False)),  # q/k/v biases only
             qk_layernorm=bool(config_get(hf_config, "use_qk_norm", False)),
             **moe_runtime_kwargs(config_get(hf_config, "n_routed_experts"),
                                  config_get(hf_config, "num_experts_per_tok"),
@@ -66,10 +70,10 @@ class Glm4MoeBridge(RoutedExpertsWithMTP, MegatronModelBridge):
         if shared % config.moe_ffn_hidden_size or config.moe_shared_expert_gate:
             raise ValueError(f"{family}: shared experts of {shared} (gate {config.moe_shared_expert_gate}) are not a "
                              f"whole number of ungated experts of {config.moe_ffn_hidden_size}")
-        hf = super().megatron_to_hf_config(config)
+        hf = {**super().megatron_to_hf_config(config), **common_hf_fields(config)}
         hf.update(
-            rms_norm_eps=config.layernorm_epsilon,
-            hidden_act=activation_name(config.activation_func),
+            **rms_norm_hf_fields(config),
+            **activation_hf_fields(config),
             attention_bias=bool(config.add_qkv_bias),
             use_qk_norm=bool(config.qk_layernorm),
             n_shared_experts=shared // config.moe_ffn_hidden_size,

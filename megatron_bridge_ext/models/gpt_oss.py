@@ -21,17 +21,22 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
-from megatron_bridge_ext.mcore.config import (
+from megatron_bridge_ext.mcore.config import quick_gelu
+from megatron_bridge_ext.models.hf_config import (
+    common_hf_fields,
     common_megatron_kwargs,
     config_get,
-    quick_gelu,
+    rms_norm_hf_fields,
+    rms_norm_kwargs,
     window_hf_fields,
     window_settings,
 )
-from megatron_bridge_ext.models.common import (
-    ExpertLayout, GPT_MODEL, H, attention_mappings, embedding_mappings, family_expert_layout, moe_hf_fields,
-    moe_runtime_kwargs, pre_mlp_norm_mappings, routed_expert_mappings, router_mappings, sink_mappings,
+from megatron_bridge_ext.models.moe import (
+    ExpertLayout, family_expert_layout, moe_hf_fields, moe_runtime_kwargs, routed_expert_mappings, router_mappings,
     softmax_router_hf_fields, softmax_router_kwargs,
+)
+from megatron_bridge_ext.models.tables import (
+    GPT_MODEL, H, attention_mappings, embedding_mappings, pre_mlp_norm_mappings, sink_mappings,
 )
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
@@ -60,8 +65,7 @@ class GptOssBridge(MegatronModelBridge):
         limit = config_get(hf_config, "swiglu_limit", 7.0)
         kw = common_megatron_kwargs(hf_config, yarn=True)
         kw.update(
-            normalization="RMSNorm",
-            layernorm_epsilon=float(config_get(hf_config, "rms_norm_eps", 1e-5)),
+            **rms_norm_kwargs(hf_config, default_eps=1e-5),
             gated_linear_unit=True,
             activation_func=quick_gelu,
             glu_linear_offset=1.0,
@@ -95,12 +99,12 @@ class GptOssBridge(MegatronModelBridge):
             if getattr(config, f) != want}
         if wrong:
             raise ValueError(f"{family}: these Megatron settings have no GPT-OSS equivalent: {wrong}")
-        hf = super().megatron_to_hf_config(config)
+        hf = {**super().megatron_to_hf_config(config), **common_hf_fields(config)}
         router = softmax_router_hf_fields(config, family)
         if not router["norm_topk_prob"]:
             raise ValueError(f"{family}: moe_router_pre_softmax=True; GPT-OSS takes a softmax over the top-k logits")
         hf.update(
-            rms_norm_eps=config.layernorm_epsilon,
+            **rms_norm_hf_fields(config),
             attention_bias=True,
             swiglu_alpha=QUICK_GELU_ALPHA,
             swiglu_limit=config.activation_func_clamp_value,

@@ -1,20 +1,25 @@
 """Llama (``LlamaForCausalLM``): GQA attention, SwiGLU MLP, RMSNorm, RoPE (with HF rope scaling), tied or untied
-embeddings. The base of the Llama-like families."""
+embeddings. The base of the Llama-like families, which share its mapping table and compose their configs from the
+same pieces (``models.hf_config``)."""
 
 from __future__ import annotations
 
 from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
-from megatron_bridge_ext.mcore.config import config_get
-from megatron_bridge_ext.models.common import (
-    GPT_MODEL,
-    activation_func,
-    activation_name,
-    attention_mappings,
-    embedding_mappings,
-    gated_mlp_mappings,
+from megatron_bridge_ext.models.hf_config import (
+    activation_hf_fields,
+    check_linear_biases,
+    common_megatron_kwargs,
+    gated_activation_kwargs,
+    linear_bias_hf_fields,
+    linear_bias_kwargs,
+    model_size_hf_fields,
+    rms_norm_hf_fields,
+    rms_norm_kwargs,
+    rope_hf_fields,
 )
+from megatron_bridge_ext.models.tables import GPT_MODEL, attention_mappings, embedding_mappings, gated_mlp_mappings
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = ["LlamaBridge"]
@@ -26,35 +31,30 @@ class LlamaBridge(MegatronModelBridge):
 
     hf_model_type = "llama"
 
-    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
-        kw = super().hf_config_to_megatron_kwargs(hf_config)
+    def dense_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        """What the Llama-like families read alike: sizes, RoPE, dtype, RMSNorm and the gated activation (HF
+        ``hidden_act``); each adds its biases, windows, q/k norms or experts.
+
+        Raises:
+            ValueError: ``attention_bias`` != ``mlp_bias`` (megatron's ``add_bias_linear`` covers both), an
+                unsupported activation or RoPE (named).
+        """
         family = type(self).__name__
-        attn_bias = bool(config_get(hf_config, "attention_bias", False))
-        mlp_bias = bool(config_get(hf_config, "mlp_bias", False))
-        if attn_bias != mlp_bias:
-            raise ValueError(
-                f"{family}: attention_bias={attn_bias} with mlp_bias={mlp_bias} cannot be expressed (megatron's "
-                "add_bias_linear covers q/k/v, o_proj and the MLP together)"
-            )
-        kw.update(
-            normalization="RMSNorm",
-            layernorm_epsilon=float(config_get(hf_config, "rms_norm_eps", 1e-6)),
-            gated_linear_unit=True,
-            activation_func=activation_func(config_get(hf_config, "hidden_act", "silu"), family),
-            add_bias_linear=attn_bias,
-            add_qkv_bias=attn_bias,
-        )
-        return kw
+        kw = common_megatron_kwargs(hf_config)
+        check_linear_biases(hf_config, family)
+        return {**kw, **rms_norm_kwargs(hf_config), **gated_activation_kwargs(hf_config, family)}
+
+    def dense_hf_fields(self, config: Any, *, head_dim: bool = True) -> Dict[str, Any]:
+        """The reverse of :meth:`dense_megatron_kwargs`, with the architecture and model type (``head_dim``: write
+        HF ``head_dim``)."""
+        return {**super().megatron_to_hf_config(config), **model_size_hf_fields(config, head_dim=head_dim),
+                **rope_hf_fields(config), **rms_norm_hf_fields(config), **activation_hf_fields(config)}
+
+    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        return {**self.dense_megatron_kwargs(hf_config), **linear_bias_kwargs(hf_config, type(self).__name__)}
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
-        hf = super().megatron_to_hf_config(config)
-        hf.update(
-            rms_norm_eps=config.layernorm_epsilon,
-            hidden_act=activation_name(config.activation_func),
-            attention_bias=bool(config.add_bias_linear),
-            mlp_bias=bool(config.add_bias_linear),
-        )
-        return hf
+        return {**self.dense_hf_fields(config), **linear_bias_hf_fields(config)}
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(), *gated_mlp_mappings())

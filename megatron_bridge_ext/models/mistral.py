@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.config import uniform_window_hf_field, window_settings
-from megatron_bridge_ext.models.common import GPT_MODEL
+from megatron_bridge_ext.models.hf_config import refuse_biases, uniform_window_hf_field, window_settings
 from megatron_bridge_ext.models.llama import LlamaBridge
+from megatron_bridge_ext.models.tables import GPT_MODEL
 
 __all__ = ["MistralBridge"]
 
@@ -23,16 +23,10 @@ class MistralBridge(LlamaBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         kw = super().hf_config_to_megatron_kwargs(hf_config)
-        kw.update(window_settings(hf_config, type(self).__name__))
-        return kw
+        return {**kw, **window_settings(hf_config, type(self).__name__)}
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
-        hf = super().megatron_to_hf_config(config)
         family = type(self).__name__
-        if config.add_bias_linear or config.add_qkv_bias:
-            raise ValueError(f"{family}: add_bias_linear={config.add_bias_linear}, add_qkv_bias={config.add_qkv_bias}"
-                             ": Mistral has no biases")
-        for key in ("attention_bias", "mlp_bias"):
-            hf.pop(key)
-        hf["sliding_window"] = uniform_window_hf_field(config, family)
-        return hf
+        hf = self.dense_hf_fields(config)
+        refuse_biases(config, family, "Mistral")
+        return {**hf, "sliding_window": uniform_window_hf_field(config, family)}

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.config import config_get, uniform_window_hf_field, window_settings
-from megatron_bridge_ext.models.common import (
+from megatron_bridge_ext.models.hf_config import config_get, refuse_biases, uniform_window_hf_field, window_settings
+from megatron_bridge_ext.models.llama import LlamaBridge
+from megatron_bridge_ext.models.tables import (
     GPT_MODEL,
     embedding_mappings,
     fused_gated_mlp_mappings,
     fused_qkv_attention_mappings,
 )
-from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = ["Phi3Bridge"]
@@ -47,21 +47,15 @@ class Phi3Bridge(LlamaBridge):
                 "supported: megatron-core 0.16.1's RotaryEmbedding has no per-dimension rescaling factors"
             )
         kw = super().hf_config_to_megatron_kwargs(hf_config)  # Phi-3 has no biases (attention_bias unset)
-        kw.update(window_settings(hf_config, family))
-        return kw
+        return {**kw, **window_settings(hf_config, family)}
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
-        hf = super().megatron_to_hf_config(config)
+        hf = self.dense_hf_fields(config, head_dim=False)  # Phi-3 derives head_dim from hidden_size / heads
         family = type(self).__name__
-        if config.add_bias_linear or config.add_qkv_bias:
-            raise ValueError(f"{family}: add_bias_linear={config.add_bias_linear}, add_qkv_bias={config.add_qkv_bias}"
-                             ": Phi-3 has no biases")
-        for key in ("attention_bias", "mlp_bias"):
-            hf.pop(key)
-        if hf["head_dim"] != config.hidden_size // config.num_attention_heads:
+        refuse_biases(config, family, "Phi-3")
+        if config.kv_channels != config.hidden_size // config.num_attention_heads:
             raise ValueError(f"{family}: kv_channels={config.kv_channels} != hidden_size / num_attention_heads = "
                              f"{config.hidden_size // config.num_attention_heads}; Phi-3 derives head_dim from them")
-        hf.pop("head_dim")
         hf.update(sliding_window=uniform_window_hf_field(config, family),
                   original_max_position_embeddings=config.seq_length)
         if config.vocab_size <= _HF_DEFAULT_PAD_TOKEN_ID:  # Phi3Config's default pad id would be outside the vocabulary

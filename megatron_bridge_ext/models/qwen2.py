@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.config import window_settings
-from megatron_bridge_ext.models.common import GPT_MODEL, qwen_window_hf_fields
+from megatron_bridge_ext.models.hf_config import qwen_window_hf_fields, window_settings
 from megatron_bridge_ext.models.llama import LlamaBridge
+from megatron_bridge_ext.models.tables import GPT_MODEL
 
 __all__ = ["Qwen2Bridge"]
 
@@ -19,13 +19,9 @@ class Qwen2Bridge(LlamaBridge):
     hf_model_type = "qwen2"
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
-        kw = super().hf_config_to_megatron_kwargs(hf_config)
-        kw.update(add_qkv_bias=True, add_bias_linear=False, **window_settings(hf_config, type(self).__name__))
-        return kw
+        kw = self.dense_megatron_kwargs(hf_config)
+        return {**kw, "add_qkv_bias": True, "add_bias_linear": False, **window_settings(hf_config, type(self).__name__)}
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
-        hf = super().megatron_to_hf_config(config)
-        for key in ("attention_bias", "mlp_bias"):  # Qwen2's q/k/v biases are implied by the architecture
-            hf.pop(key)
-        hf.update(qwen_window_hf_fields(config, type(self).__name__))
-        return hf
+        # Qwen2's q/k/v biases are implied by the architecture: no bias fields
+        return {**self.dense_hf_fields(config), **qwen_window_hf_fields(config, type(self).__name__)}

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.config import config_get, window_settings
-from megatron_bridge_ext.models.common import (
-    GPT_MODEL, H, PER_EXPERT, attention_mappings, embedding_mappings, family_expert_layout, gated_mlp_mappings,
-    moe_hf_fields, moe_runtime_kwargs, qwen_moe_pattern, qwen_moe_pattern_hf_fields, qwen_window_hf_fields,
+from megatron_bridge_ext.models.hf_config import config_get, qwen_window_hf_fields, window_settings
+from megatron_bridge_ext.models.llama import LlamaBridge
+from megatron_bridge_ext.models.moe import (
+    PER_EXPERT, family_expert_layout, moe_hf_fields, moe_runtime_kwargs, qwen_moe_pattern, qwen_moe_pattern_hf_fields,
     routed_expert_mappings, router_mappings, shared_expert_mappings, softmax_router_hf_fields, softmax_router_kwargs,
 )
-from megatron_bridge_ext.models.llama import LlamaBridge
+from megatron_bridge_ext.models.tables import GPT_MODEL, H, attention_mappings, embedding_mappings, gated_mlp_mappings
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = ["Qwen2MoeBridge"]
@@ -32,13 +32,13 @@ class Qwen2MoeBridge(LlamaBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        kw = super().hf_config_to_megatron_kwargs(hf_config)
+        kw = self.dense_megatron_kwargs(hf_config)
         shared = int(config_get(hf_config, "shared_expert_intermediate_size", 0) or 0)
         if shared <= 0:
             raise ValueError(f"{family}: shared_expert_intermediate_size={shared}; Qwen2-MoE's shared expert needs a "
                              "positive size")
         kw.update(
-            add_qkv_bias=bool(config_get(hf_config, "qkv_bias", True)),
+            add_qkv_bias=bool(config_get(hf_config, "qkv_bias", True)),  # q/k/v biases only
             add_bias_linear=False,
             **window_settings(hf_config, family),
             **moe_runtime_kwargs(config_get(hf_config, "num_experts"), config_get(hf_config, "num_experts_per_tok"),
@@ -57,9 +57,7 @@ class Qwen2MoeBridge(LlamaBridge):
             raise ValueError(f"{family}: moe_shared_expert_intermediate_size="
                              f"{config.moe_shared_expert_intermediate_size}, moe_shared_expert_gate="
                              f"{config.moe_shared_expert_gate}; Qwen2-MoE has a gated shared expert")
-        hf = super().megatron_to_hf_config(config)
-        for key in ("attention_bias", "mlp_bias"):
-            hf.pop(key)
+        hf = self.dense_hf_fields(config)
         hf.update(qkv_bias=bool(config.add_qkv_bias),
                   shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
                   **moe_hf_fields(config, "num_experts"), **softmax_router_hf_fields(config, family),

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.config import window_settings
-from megatron_bridge_ext.models.common import (
+from megatron_bridge_ext.models.hf_config import qwen_window_hf_fields, window_settings
+from megatron_bridge_ext.models.llama import LlamaBridge
+from megatron_bridge_ext.models.tables import (
     GPT_MODEL,
     attention_mappings,
     embedding_mappings,
     gated_mlp_mappings,
     qk_norm_mappings,
-    qwen_window_hf_fields,
 )
-from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = ["Qwen3Bridge"]
@@ -30,16 +29,15 @@ class Qwen3Bridge(LlamaBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         kw = super().hf_config_to_megatron_kwargs(hf_config)  # attention_bias needs MLP biases Qwen3 lacks: refused
-        kw.update(qk_layernorm=True, **window_settings(hf_config, type(self).__name__))
-        return kw
+        return {**kw, "qk_layernorm": True, **window_settings(hf_config, type(self).__name__)}
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
-        hf = super().megatron_to_hf_config(config)
+        hf = self.dense_hf_fields(config)
         if not config.qk_layernorm:
             raise ValueError(f"{type(self).__name__}: qk_layernorm=False; Qwen3 always normalises queries and keys")
-        hf.pop("mlp_bias")  # Qwen3's attention_bias covers q/k/v and o_proj; it has no MLP biases
-        hf.update(qwen_window_hf_fields(config, type(self).__name__))
-        return hf
+        # Qwen3's attention_bias covers q/k/v and o_proj; it has no MLP biases
+        return {**hf, "attention_bias": bool(config.add_bias_linear),
+                **qwen_window_hf_fields(config, type(self).__name__)}
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(), *qk_norm_mappings(),

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.config import config_get, uniform_window_hf_field, window_settings
-from megatron_bridge_ext.models.common import (
-    GPT_MODEL, PER_EXPERT, attention_mappings, embedding_mappings, family_expert_layout, gated_mlp_mappings,
-    moe_hf_fields, moe_runtime_kwargs, qk_norm_mappings, qwen_moe_pattern, qwen_moe_pattern_hf_fields,
+from megatron_bridge_ext.models.hf_config import config_get, uniform_window_hf_field, window_settings
+from megatron_bridge_ext.models.llama import LlamaBridge
+from megatron_bridge_ext.models.moe import (
+    PER_EXPERT, family_expert_layout, moe_hf_fields, moe_runtime_kwargs, qwen_moe_pattern, qwen_moe_pattern_hf_fields,
     routed_expert_mappings, router_mappings, softmax_router_hf_fields, softmax_router_kwargs,
 )
-from megatron_bridge_ext.models.llama import LlamaBridge
+from megatron_bridge_ext.models.tables import (
+    GPT_MODEL, attention_mappings, embedding_mappings, gated_mlp_mappings, qk_norm_mappings,
+)
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = ["Qwen3MoeBridge"]
@@ -33,23 +35,24 @@ class Qwen3MoeBridge(LlamaBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         kw = super().hf_config_to_megatron_kwargs(hf_config)  # attention_bias needs MLP biases Qwen3 lacks: refused
-        kw.update(
-            qk_layernorm=True,
+        return {
+            **kw,
+            "qk_layernorm": True,
             **window_settings(hf_config, type(self).__name__),  # use_sliding_window: every layer
             **moe_runtime_kwargs(config_get(hf_config, "num_experts"), config_get(hf_config, "num_experts_per_tok"),
                                  config_get(hf_config, "moe_intermediate_size"), qwen_moe_pattern(hf_config)),
             **softmax_router_kwargs(bool(config_get(hf_config, "norm_topk_prob", False))),
-        )
-        return kw
+        }
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
         if not config.qk_layernorm:
             raise ValueError(f"{family}: qk_layernorm=False; Qwen3-MoE always normalises queries and keys")
-        hf = super().megatron_to_hf_config(config)
-        hf.pop("mlp_bias")
+        hf = self.dense_hf_fields(config)
         window = uniform_window_hf_field(config, family)
-        hf.update(use_sliding_window=window is not None, sliding_window=window,
+        # Qwen3's attention_bias covers q/k/v and o_proj; it has no MLP biases
+        hf.update(attention_bias=bool(config.add_bias_linear), use_sliding_window=window is not None,
+                  sliding_window=window,
                   **moe_hf_fields(config, "num_experts"), **softmax_router_hf_fields(config, family),
                   **qwen_moe_pattern_hf_fields(config))
         return hf
