@@ -22,10 +22,9 @@ from megatron_bridge_ext.engine.progress import progress
 from megatron_bridge_ext.engine.tasks import ConversionTasks, GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
 from megatron_bridge_ext.engine.transport import Scratch, Transport
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
-from megatron_bridge_ext.mcore.embeddings import TIED_EMBEDDING, is_tied
 from megatron_bridge_ext.mcore.layout import detect_layout
-from megatron_bridge_ext.mcore.names import LocalParam, as_chunks, model_config, padded_vocab_size_of
-from megatron_bridge_ext.mcore.topology import Topology, is_routed_expert
+from megatron_bridge_ext.mcore.names import LocalParam, ModelView, as_chunks, model_config
+from megatron_bridge_ext.naming import WORD_EMBEDDINGS, is_routed_expert
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 logger = logging.getLogger(__name__)
@@ -250,21 +249,20 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
         chunks = as_chunks(megatron_model)
         return self._tasks(hf_keys, chunks, hf_keys if hf_keys is not None else stored_keys)
 
-    def _hf_copies(self, chunks: Sequence[torch.nn.Module], stored_keys: Optional[Iterable[str]]
-                   ) -> Dict[str, List[str]]:
+    def _hf_copies(self, view: ModelView, stored_keys: Optional[Iterable[str]]) -> Dict[str, List[str]]:
         """Global Megatron name -> HF names that hold copies of its tensor in the checkpoint: with tied embeddings,
         the output layer a checkpoint stores (``lm_head.weight``) is a copy of the embedding."""
-        if stored_keys is None or not is_tied(chunks):
+        if stored_keys is None or not view.tied:
             return {}
         keys = stored_keys if isinstance(stored_keys, (set, frozenset, dict)) else set(stored_keys)
-        return {TIED_EMBEDDING: [self.tied_output_hf_name]} if self.tied_output_hf_name in keys else {}
+        return {WORD_EMBEDDINGS: [self.tied_output_hf_name]} if self.tied_output_hf_name in keys else {}
 
     def _tasks(self, hf_keys, chunks, stored_keys=None) -> ConversionTasks:
         self.use_hf_layout_for_model(chunks)
-        copies = self._hf_copies(chunks, stored_keys)
-        tasks, meta = build_tasks(chunks, Topology.current(), self.global_order, hf_keys, type(self).__name__,
-                                  copies)
-        return ConversionTasks(tasks, meta, self.hf_layout, copies)
+        view = ModelView(chunks)  # the one walk of the model for this call
+        copies = self._hf_copies(view, stored_keys)
+        tasks, meta = build_tasks(view, self.global_order, hf_keys, type(self).__name__, copies)
+        return ConversionTasks(tasks, meta, self.hf_layout, copies, view)
 
     def _reuse_tasks(self, given: Optional[Sequence[WeightConversionTask]], chunks: Sequence[torch.nn.Module],
                      stored_keys: Optional[Iterable[str]] = None) -> ConversionTasks:
@@ -272,13 +270,14 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
         tasks built now."""
         self.use_hf_layout_for_model(chunks)
         if isinstance(given, ConversionTasks) and given.layout == self.hf_layout and (
-                stored_keys is None or given.fits(self.hf_layout, self._hf_copies(chunks, stored_keys))):
+                stored_keys is None or given.fits(self.hf_layout, self._hf_copies(given.view, stored_keys))):
             return given
         return self._tasks(None, chunks, stored_keys)
 
-    def _context(self, task: WeightConversionTask, topo: Topology, hf_config: Any, chunks) -> ConversionContext:
+    def _context(self, task: WeightConversionTask, view: ModelView, hf_config: Any) -> ConversionContext:
+        topo = view.topo
         index, count, _ = topo.shard_of(task.members[0] if task.is_group else task.global_param_name)
-        model_cfg = model_config(chunks)
+        model_cfg = view.config
         hf_vocab = getattr(hf_config, "vocab_size", None)
         if hf_vocab is None:  # no HF config: the unpadded vocabulary the Megatron config carries
             hf_vocab = getattr(model_cfg, "vocab_size", None)
@@ -289,15 +288,15 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
             ep_rank=topo.ep_rank if is_routed_expert(task.global_param_name) else 0,
             config=model_cfg,
             hf_vocab_size=hf_vocab,
-            padded_vocab_size=padded_vocab_size_of(chunks),
+            padded_vocab_size=view.padded_vocab_size,
             layout=task.layout,
         )
 
-    def _export_context(self, task: WeightConversionTask, meta: ParamMeta, num_shards: int, topo: Topology,
-                        hf_config: Any, chunks) -> ConversionContext:
+    def _export_context(self, task: WeightConversionTask, meta: ParamMeta, num_shards: int, view: ModelView,
+                        hf_config: Any) -> ConversionContext:
         """The context of unpacking a task's gathered shards: a dense task's shard count is its TP size (1 for a
         replicated tensor); an expert group keeps the expert-parallel sizes."""
-        ctx = self._context(task, topo, hf_config, chunks)
+        ctx = self._context(task, view, hf_config)
         ctx.tp_rank = 0
         if meta.layout != EXPERTS:
             ctx.tp_size = num_shards

@@ -22,7 +22,7 @@ from megatron_bridge_ext.engine.tasks import ParamMeta, WeightConversionTask
 from megatron_bridge_ext.engine.transport import BucketPlan, ExpertsToLoad, Scratch, cut_buckets, shard_storages
 from megatron_bridge_ext.io.protocols import TensorSource, as_source
 from megatron_bridge_ext.mappings import ConversionContext
-from megatron_bridge_ext.mcore.names import as_chunks
+from megatron_bridge_ext.mcore.names import ModelView, as_chunks
 from megatron_bridge_ext.mcore.topology import Topology
 
 __all__ = ["ExportLoop", "BucketConverter", "HFWeightTuple", "DEFAULT_BUCKET_BYTES", "hf_specs_of"]
@@ -53,8 +53,7 @@ class BucketConverter:
 
     Args:
         bridge: the family's bridge (contexts, the post-processing hook).
-        chunks: this rank's model chunks.
-        topo: the topology the buckets were planned for.
+        view: this rank's model, seen once (its topology is the one the buckets were planned for).
         hf_config: the HF config (vocabulary size), or None.
         state: the HF source whose dtypes are restored, or None.
         copy: every tensor is a fresh tensor. False: a tensor that needs no conversion may be a view of the
@@ -67,13 +66,13 @@ class BucketConverter:
             many bytes.
     """
 
-    def __init__(self, bridge: Any, chunks: Sequence[torch.nn.Module], topo: Topology, hf_config: Any = None,
+    def __init__(self, bridge: Any, view: ModelView, hf_config: Any = None,
                  state: Optional[TensorSource] = None, *, copy: bool = True, hold: str = "item", cpu: bool = False,
                  quantization: Optional[FP8Export] = None, scratch: Optional[Scratch] = None,
                  max_run_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         if hold not in ("item", "bucket"):
             raise ValueError(f"hold must be 'item' or 'bucket', got {hold!r}")
-        self.bridge, self.chunks, self.topo, self.hf_config = bridge, chunks, topo, hf_config
+        self.bridge, self.view, self.hf_config = bridge, view, hf_config
         self.state = state
         self.copy, self.hold, self.cpu = copy, hold, cpu
         self.quantization = quantization
@@ -84,7 +83,7 @@ class BucketConverter:
                 ) -> ConversionContext:
         """The context of unpacking a task's gathered shards (in the converter's memory when ``copy`` is off)."""
         shards = num_shards if num_shards is not None else (len(meta.senders) if meta.sharded else 1)
-        ctx = self.bridge._export_context(task, meta, shards, self.topo, self.hf_config, self.chunks)
+        ctx = self.bridge._export_context(task, meta, shards, self.view, self.hf_config)
         if not self.copy:
             ctx.alloc = self.scratch.alloc
         return ctx
@@ -146,7 +145,7 @@ class ExportLoop:
         """
         chunks = as_chunks(megatron_model)
         tasks = self._reuse_tasks(conversion_tasks, chunks)
-        converter = BucketConverter(self, chunks, Topology.current(), hf_config)
+        converter = BucketConverter(self, tasks.view, hf_config)
         specs: Dict[str, Any] = {}
         for task in tasks:
             m = tasks.meta[task.global_param_name]
@@ -200,7 +199,7 @@ class ExportLoop:
     def _stream_to_hf(self, watch: Watch, megatron_model, hf_pretrained, bucket_bytes, dst, show_progress, hf_config,
                       conversion_tasks, copy, cpu, materialize=None, quantization=None) -> Iterator[HFWeightTuple]:
         chunks = as_chunks(megatron_model)
-        topo = Topology.current()
+        topo = Topology.current()  # checked against dst before the collective name exchange
         config = hf_config if hf_config is not None else getattr(hf_pretrained, "config", None)
         state = as_source(getattr(hf_pretrained, "state", None))
         if bucket_bytes <= 0:
@@ -219,7 +218,7 @@ class ExportLoop:
         plans = [BucketPlan.make(b, tasks.meta, topo, dst_rank, everyone)
                  for b in cut_buckets(tasks, tasks.meta, bucket_bytes)]
         show = self.show_progress if show_progress is None else show_progress
-        converter = BucketConverter(self, chunks, topo, config, state, copy=copy, hold="item", cpu=cpu,
+        converter = BucketConverter(self, tasks.view, config, state, copy=copy, hold="item", cpu=cpu,
                                     quantization=quantization, scratch=self._scratch, max_run_bytes=bucket_bytes)
         stream = self._transport.stream(plans, topo, dst_rank, everyone, watch=watch, materialize=materialize)
         for plan, views in progress(stream, "Exporting HF weights", show, total=len(plans)):

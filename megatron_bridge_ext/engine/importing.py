@@ -27,12 +27,11 @@ from megatron_bridge_ext.engine.checks import (
     unused_hf_tensors,
 )
 from megatron_bridge_ext.engine.progress import progress
-from megatron_bridge_ext.engine.tasks import WeightConversionTask
+from megatron_bridge_ext.engine.tasks import ConversionTasks, WeightConversionTask
 from megatron_bridge_ext.io.protocols import TensorSource, as_source, is_quantized_source
 from megatron_bridge_ext.mappings import ConversionContext, shapes_of
 from megatron_bridge_ext.mcore.embeddings import broadcast_tied_embeddings
-from megatron_bridge_ext.mcore.names import as_chunks
-from megatron_bridge_ext.mcore.topology import Topology
+from megatron_bridge_ext.mcore.names import ModelView, as_chunks
 
 __all__ = ["ImportLoop", "MegatronWeightTuple"]
 
@@ -185,7 +184,6 @@ class ImportLoop:
             self.use_hf_layout_of(state, hf_pretrained.config)
             tasks = self._tasks(state.keys(), chunks, state.keys())
             self._check_unused(state, tasks, chunks, allowed_unused_hf_params, hf_pretrained.config)
-            topo = Topology.current()
             allowed = list(allowed_mismatched_params or [])
             owned = [t for t in tasks if t.owned]
             show = self.show_progress if show_progress is None else show_progress
@@ -193,7 +191,7 @@ class ImportLoop:
                 for task in progress(owned, "Loading HF weights", show):
                     watch.set_phase(f"import: {task.global_param_name}")
                     watch.check()  # a peer's failure stops this rank within a slice
-                    ctx = self._context(task, topo, hf_pretrained.config, chunks)
+                    ctx = self._context(task, tasks.view, hf_pretrained.config)
                     self._convert_one(task, state, ctx, allowed)
                     state.release(task.mapping.hf_names)
                 watch.barrier("import: converted")  # every rank converted before the tied-embedding broadcast
@@ -222,19 +220,14 @@ class ImportLoop:
         tasks = conversion_tasks if conversion_tasks is not None and not changed else self._tasks(
             state.keys(), chunks, state.keys())
         self._check_unused(state, tasks, chunks, allowed_unused_hf_params, hf_pretrained.config)
-        topo = Topology.current()
-        local_names = {}
-        if any(t.is_group for t in tasks):
-            from megatron_bridge_ext.mcore.names import local_params
-
-            local_names = {p.global_name: p.local_name for p in local_params(chunks, topo)}
+        view = tasks.view if isinstance(tasks, ConversionTasks) else ModelView(chunks)
         with torch.no_grad():
             for task in tasks:
                 if not task.owned or (select is not None and not select(task)):
                     continue
-                ctx = self._context(task, topo, hf_pretrained.config, chunks)
+                ctx = self._context(task, view, hf_pretrained.config)
                 names = task.mapping.hf_names
-                mine = [n for n in task.members if n in local_names] if task.is_group else []
+                mine = [n for n in task.members if n in view.by_global] if task.is_group else []
                 runs = _expert_runs(task, ctx, max_group_bytes) if task.is_group else 1
                 for run in range(runs):
                     run_ctx = ctx
@@ -256,7 +249,7 @@ class ImportLoop:
                     else:
                         per = len(mine) // runs
                         for name, tensor in zip(mine[run * per:(run + 1) * per], converted.unbind(0)):
-                            yield MegatronWeightTuple(local_names[name], tensor, task.vp_stage)
+                            yield MegatronWeightTuple(view.local_name(name), tensor, task.vp_stage)
                     del converted, hf
                     state.release(names)
 

@@ -68,13 +68,14 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
         raise ValueError(f"num_moe_experts = {experts} is not divisible by --ep {ep}")
     chunks = _meta_model(model_bridge, hf_config)
     registry = model_bridge.registry
-    copies = model_bridge._hf_copies(chunks, src.keys())  # a stored tied output layer: a copy of the embedding
+    view = ModelView(chunks, Topology())
+    copies = model_bridge._hf_copies(view, src.keys())  # a stored tied output layer: a copy of the embedding
     embedding_copy = bool(target.share_embeddings_and_output_weights) or bool(target.mtp_num_layers)  # the last stage keeps a copy of the embedding
     meta_state = {k: torch.empty(src.shape(k), dtype=src.dtype(k), device="meta") for k in src.keys()}
     hf_vocab = getattr(hf_config, "vocab_size", None)
     padded = padded_vocab_size(target.vocab_size, tp, target.make_vocab_size_divisible_by)
 
-    params = ModelView(chunks, Topology()).params
+    params = view.params
     rows: List[Dict[str, Any]] = []
     unmapped_megatron: List[str] = []
     missing_hf: List[str] = []

@@ -27,7 +27,7 @@ from megatron_bridge_ext.engine.peers import Watch, watched
 from megatron_bridge_ext.engine.quantize import export_quantization
 from megatron_bridge_ext.engine.tasks import build_tasks
 from megatron_bridge_ext.engine.transport import BucketPlan, Scratch, Transport, cut_buckets
-from megatron_bridge_ext.mcore.names import as_chunks
+from megatron_bridge_ext.mcore.names import ModelView, as_chunks
 from megatron_bridge_ext.mcore.topology import Topology, comm_device
 from megatron_bridge_ext.naming import is_extra_state
 
@@ -131,11 +131,12 @@ class WeightSyncPlan:
         if global_order:
             self.bridge.global_order.invalidate()  # names and metadata exchanged afresh (collective)
             self.global_builds += 1
-        tasks, meta = build_tasks(self.chunks, topo, self.bridge.global_order, None, type(self.bridge).__name__)
+        view = ModelView(self.chunks, topo)  # the one walk of the model for this build
+        tasks, meta = build_tasks(view, self.bridge.global_order, None, type(self.bridge).__name__)
         plans = [BucketPlan.make(b, meta, topo, dst, everyone) for b in cut_buckets(tasks, meta, self.bucket_bytes)]
         receiving = everyone or topo.rank == dst
         # the one export consumer (as the export's and the save's), holding each bucket until the next one
-        converter = BucketConverter(self.bridge, self.chunks, topo, self.hf_config, copy=self.copy, hold="bucket",
+        converter = BucketConverter(self.bridge, view, self.hf_config, copy=self.copy, hold="bucket",
                                     quantization=self.quantization, scratch=self._scratch,
                                     max_run_bytes=self.bucket_bytes)
         contexts = [[converter.context(task, m) for task, m in plan.layout] if receiving else None

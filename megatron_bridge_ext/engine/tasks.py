@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megatron_bridge_ext import ops
 from megatron_bridge_ext.mappings import COLUMN, EXPERTS, REPLICATED, ROW, MegatronParamMapping, with_copies
-from megatron_bridge_ext.mcore.names import LocalParam, local_params, model_config
+from megatron_bridge_ext.mcore.names import LocalParam, ModelView, local_params
 from megatron_bridge_ext.mcore.topology import Topology
 from megatron_bridge_ext.mcore.versions import check_opt_in_layouts
 from megatron_bridge_ext.registry import MegatronMappingRegistry
@@ -195,23 +195,24 @@ def _group_meta(group: str, members: Sequence[str], meta: Dict[str, ParamMeta], 
 class ConversionTasks(List[WeightConversionTask]):
     """The tasks of one model in the global order (a list), with what they were built for: their metadata
     (``meta``: global name -> :class:`ParamMeta`, expert groups included), the mapping table's HF layout
-    (``layout``) and the HF copies added to mappings (``copies``: global Megatron name -> HF names, e.g. a stored
-    tied output layer). Built once per call and passed down; a call reuses them while all three still hold."""
+    (``layout``), the HF copies added to mappings (``copies``: global Megatron name -> HF names, e.g. a stored
+    tied output layer) and the model view they were built from (``view``: the walk of the model, its config and
+    padded vocabulary, made once). Built once per call and passed down; a call reuses them while all still hold."""
 
     def __init__(self, tasks: Iterable[WeightConversionTask], meta: Dict[str, ParamMeta], layout: Any,
-                 copies: Mapping[str, Sequence[str]]) -> None:
+                 copies: Mapping[str, Sequence[str]], view: ModelView) -> None:
         super().__init__(tasks)
         self.meta = meta
         self.layout = layout
         self.copies = {k: tuple(v) for k, v in copies.items()}
+        self.view = view
 
     def fits(self, layout: Any, copies: Mapping[str, Sequence[str]]) -> bool:
         return self.layout == layout and self.copies == {k: tuple(v) for k, v in copies.items()}
 
 
 def build_tasks(
-    chunks: Sequence[torch.nn.Module],
-    topo: Topology,
+    view: ModelView,
     order: GlobalOrder,
     hf_keys: Optional[Iterable[str]],
     bridge_name: str,
@@ -228,12 +229,13 @@ def build_tasks(
             checkpoint lacks; a layout setting of the model this package does not convert
             (``mcore.versions.check_opt_in_layouts``; on every rank, before any collective).
     """
-    check_opt_in_layouts(model_config(chunks), f"{bridge_name}: the Megatron model")
-    entries = list(local_params(chunks, topo))
+    chunks, topo = view.chunks, view.topo
+    check_opt_in_layouts(view.config, f"{bridge_name}: the Megatron model")
+    entries = view.params
     names, meta = order.get(chunks, topo, entries)
     owned = {p.global_name: p for p in entries}
     keys = None if hf_keys is None else (hf_keys if isinstance(hf_keys, (set, frozenset, dict)) else set(hf_keys))
-    cfg = model_config(chunks)
+    cfg = view.config
     registry = order.registry
 
     # routed experts: one task per (layer, kind), members in global expert order

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -165,17 +167,17 @@ class ModelView:
         p = self.by_global.get(global_name)
         return None if p is None else p.local_name
 
-    @property
+    @functools.cached_property
     def config(self) -> Any:
         """The model's TransformerConfig (None when the chunk carries none)."""
         return model_config(self.chunks)
 
-    @property
+    @functools.cached_property
     def padded_vocab_size(self) -> Optional[int]:
         """Megatron's padded vocabulary size of the model (None when unknown)."""
         return padded_vocab_size_of(self.chunks)
 
-    @property
+    @functools.cached_property
     def tied(self) -> bool:
         """Whether the model shares its embedding with the output layer."""
         return is_tied(self.chunks)
