@@ -124,6 +124,28 @@ def test_reads_what_megatron_core_wrote(written, version, tmp_path):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_checkpoint_is_a_tensor_source(written, version, tmp_path):
+    """A torch_dist checkpoint read through the declared source interface (io/protocols.py): its keys, global
+    tensors, dtypes, shapes and files, as megatron-core wrote them."""
+    from megatron_bridge_ext.io.protocols import TensorSource
+
+    d = _fixture(written, version, tmp_path)
+    exp = _expected(d)
+    with TorchDistCheckpoint(d) as ckpt:
+        assert isinstance(ckpt, TensorSource)
+        assert set(ckpt.keys()) == set(ckpt) == {"w.a", "w.grid", "w.stack", "w.ints"} and len(ckpt) == 4
+        for key in ckpt.keys():
+            got = ckpt[key]
+            assert got.dtype == exp[key].dtype == ckpt.dtype(key) and torch.equal(got, exp[key]), key
+            assert ckpt.shape(key) == tuple(exp[key].shape)
+            assert all(f.endswith(".distcp") for f in ckpt.file_of(key).split(", ")), ckpt.file_of(key)
+            ckpt.release([key])
+        assert "w.obj" not in ckpt
+        with pytest.raises(KeyError, match="holds no tensor 'w.nope'"):
+            ckpt.dtype("w.nope")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_any_global_slice_from_the_chunks_it_overlaps(written, version, tmp_path):
     """read_slice assembles [offsets, offsets + sizes) from whichever stored chunks overlap it (the streaming
     converter's access: no model, global coordinates)."""

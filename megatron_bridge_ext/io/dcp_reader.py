@@ -990,6 +990,41 @@ class TorchDistCheckpoint:
         names = {c.file for t in self.tensors.values() for c in t.chunks} | {o.file for o in self.objects.values()}
         return sorted(names)
 
+    # -- as a tensor source (megatron_bridge_ext.io.protocols.TensorSource), keyed by the checkpoint's keys ---------
+
+    def keys(self) -> List[str]:
+        return list(self.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tensors
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        """The whole tensor ``key`` at its global shape (:meth:`read_tensor`)."""
+        return self.read_tensor(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensor(key).dtype
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return tuple(self.tensor(key).shape)
+
+    def file_of(self, key: str) -> str:
+        """The file(s) holding the chunks of tensor ``key`` (plain names, comma-separated)."""
+        return ", ".join(sorted({c.file for c in self.tensor(key).chunks}))
+
+    def release(self, keys: Any) -> None:
+        """Nothing is kept per tensor but the last chunk read: it is dropped."""
+        self._cached = None
+
+    def release_tensor(self, tensor: torch.Tensor) -> None:
+        pass
+
 
 def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
