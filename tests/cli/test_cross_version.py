@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 from megatron_bridge_ext.mcore.versions import installed_megatron_core  # noqa: E402
 from megatron_bridge_ext.testing.parity import compare_checkpoints  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV_VAR = "MBE_MCORE_PYTHONS"
 OLD, NEW = "0.16.1", "0.19.2"
 LLAMA = dict(vocab_size=1003, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
