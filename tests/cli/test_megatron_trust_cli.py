@@ -28,6 +28,7 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.testing.parity import compare_checkpoints  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, which holds dcp_fixture_writer.py
 ROOT = os.path.dirname(TESTS)
@@ -60,13 +61,7 @@ def _python_019():
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("trust") / "hf")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-    model.save_pretrained(path, safe_serialization=True)
+    make_tiny_checkpoint(path, "Llama", LLAMA, seed=0)  # random norms, the rest as transformers initialises it
     return path
 
 
