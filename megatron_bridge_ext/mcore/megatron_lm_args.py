@@ -9,7 +9,7 @@ of the installed megatron-core (:mod:`.megatron_lm_arg_defaults`: ``core_v0.16.1
 ``megatron/training`` the megatron-core 0.19.2 wheel ships). megatron-core 0.16.1's wheel has no
 ``megatron.training``, and 0.19.2's does not import on Python 3.11 (it uses ``typing.override``); so the package
 never depends on it, and the table is regenerated, and checked against the live parser where it imports
-(``tests/test_megatron_lm_args.py``), with::
+(``tests/mcore/test_megatron_lm_args.py``), with::
 
     python -m megatron_bridge_ext.mcore.megatron_lm_args --write-table
 

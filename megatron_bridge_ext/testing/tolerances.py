@@ -11,7 +11,7 @@ a tolerance, stated here once and used beside each assertion:
   same bytes (e.g. fused expert tensors that transformers holds in another layout). Only the reduction order can
   differ: a few ulps per op, ~1e-7 .. 1e-6 on the tiny test models' logits (measured: 2.4e-7 and 3.6e-7 for the
   fused-expert reloads on an AVX-512 machine). A real difference in the model (one wrong expert, a changed norm
-  epsilon or rope setting) moves the logits by 1e-4 or more; ``tests/test_config_roundtrip.py`` shows it for the
+  epsilon or rope setting) moves the logits by 1e-4 or more; ``tests/models/test_config_roundtrip.py`` shows it for the
   smallest such change.
 - :data:`MEGATRON_VS_HF_ATOL` (1e-4): a megatron-core model against the transformers model it was converted from. Two
   implementations of the same maths: megatron fuses the QKV and gate/up GEMMs, computes RoPE, the softmax and the

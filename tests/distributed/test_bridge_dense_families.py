@@ -31,6 +31,8 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -81,24 +83,10 @@ def _make_checkpoint(path: str, ckpt: str, seed: int) -> None:
     """Random weights from a fixed seed; norms random too (Gemma's around 0: they are stored as w of 1 + w); sharp
     attention (q/k std 0.3) so that windows and RoPE visibly change the logits."""
     config_prefix, arch, overrides = CHECKPOINTS[ckpt]
-    torch.manual_seed(seed)
-    config = getattr(transformers, f"{config_prefix}Config")(**{**BASE, **overrides})
-    model = getattr(transformers, f"{arch}ForCausalLM")(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0 if arch.startswith("Gemma") else 1.0, 0.3)
-            elif any(s in name for s in ("q_proj", "k_proj", "qkv_proj")):
-                p.normal_(0.0, 0.3)
-            else:
-                p.normal_(0.0, 0.08)
-    model.float().save_pretrained(path, safe_serialization=True)
-
-
-def _hf_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(tokens, use_cache=False).logits.float()
+    make_tiny_checkpoint(path, config_prefix, {**BASE, **overrides}, seed, arch=arch,
+                         norm=(0.0 if arch.startswith("Gemma") else 1.0, 0.3),
+                         rules=[(lambda name: any(s in name for s in ("q_proj", "k_proj", "qkv_proj")), 0.0, 0.3)],
+                         rest=(0.0, 0.08))
 
 
 def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: str, layouts: list) -> dict:
@@ -139,7 +127,7 @@ def world_results(tmp_path_factory):
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
     results = spawn_local(_worker, 4, (ckpts, tokens, out_root, LAYOUTS), timeout=900)[0]
-    hf = {ckpt: _hf_logits(path, tokens) for ckpt, path in ckpts.items()}
+    hf = {ckpt: hf_logits(path, tokens) for ckpt, path in ckpts.items()}
     return ckpts, out_root, results, hf, tokens
 
 
@@ -182,7 +170,7 @@ def test_export_without_source_loads_in_transformers(world_results, name):
     config = transformers.AutoConfig.from_pretrained(out)
     assert config.architectures == [_arch(ckpt)]
     assert type(config) is type(transformers.AutoConfig.from_pretrained(ckpts[ckpt]))
-    diff = (_hf_logits(out, tokens) - hf[ckpt]).abs().max().item()
+    diff = (hf_logits(out, tokens) - hf[ckpt]).abs().max().item()
     assert diff <= SAME_MODEL_ATOL, f"{name}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 
 

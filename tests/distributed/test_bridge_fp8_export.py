@@ -32,6 +32,8 @@ from reference import fp8_quant  # noqa: E402  (tests/reference.py: the plain-to
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import randomise, save_transformers_bf16, tiny_hf_model  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -58,27 +60,11 @@ SOURCE_QC = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic
 FP8_LOGITS_RTOL = 0.08
 
 
-def _randomise(model) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.05)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.3)
-
-
 def _make(root: str, family: str, seed: int) -> str:
     """transformers' own bf16 checkpoint (``from_pretrained(dtype=bf16)``: DeepSeek-V3's routers stay fp32)."""
     prefix, overrides = {"qwen3": ("Qwen3", QWEN3), "deepseek_v3": ("DeepseekV3", DEEPSEEK)}[family]
-    torch.manual_seed(seed)
-    model = getattr(transformers, f"{prefix}ForCausalLM")(getattr(transformers, f"{prefix}Config")(
-        **{**BASE, **overrides}))
-    _randomise(model)
-    fp32 = os.path.join(root, f"{family}_fp32")
-    model.save_pretrained(fp32)
-    path = os.path.join(root, family)
-    transformers.AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16).save_pretrained(path)
-    return path
+    model = randomise(tiny_hf_model(prefix, {**BASE, **overrides}, seed), rest=(0.0, 0.05), correction_bias=0.3)
+    return save_transformers_bf16(model, os.path.join(root, family))  # the fp32 one beside it: {family}_fp32
 
 
 def _with_source_qc(src: str, dst: str) -> str:
@@ -277,12 +263,6 @@ def test_a_plain_export_drops_the_source_quantization_config(world):
     assert set(a) == set(b) and all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
 
 
-def _logits(path, tokens):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(tokens, use_cache=False).logits.float()
-
-
 def _write_dequantized(fp8_dir: str, block, dst: str) -> str:
     """The FP8 export dequantized in plain torch (fp32(w) * fp32(scale of its block)) into an fp32 checkpoint without
     a quantization_config: what the FP8 checkpoint means."""
@@ -312,11 +292,11 @@ def test_transformers_loads_the_fp8_export(world, name, tmp_path):
     _, out_root, _ = world
     family, _, block = FP8_EXPORTS[name]
     tokens = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
-    got = _logits(os.path.join(out_root, name), tokens)
-    meant = _logits(_write_dequantized(os.path.join(out_root, name), block or (128, 128), str(tmp_path / "deq")),
+    got = hf_logits(os.path.join(out_root, name), tokens)
+    meant = hf_logits(_write_dequantized(os.path.join(out_root, name), block or (128, 128), str(tmp_path / "deq")),
                     tokens)
     assert (got - meant).abs().max().item() <= SAME_MODEL_ATOL
-    want = _logits(os.path.join(out_root, f"{family}_plain"), tokens)
+    want = hf_logits(os.path.join(out_root, f"{family}_plain"), tokens)
     rel = ((got - want).norm() / want.norm()).item()
     assert 0 < rel <= FP8_LOGITS_RTOL, f"{name}: ||fp8 - bf16|| / ||bf16|| = {rel:.4f}"
 

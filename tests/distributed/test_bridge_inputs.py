@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import tiny_hf_model  # noqa: E402
 
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
@@ -31,8 +32,7 @@ WEIGHTS = "model.safetensors"
 
 
 def _llama(path: str, **overrides) -> str:
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**BASE, **overrides})).save_pretrained(path)
+    tiny_hf_model("Llama", {**BASE, **overrides}, seed=0).save_pretrained(path)
     return path
 
 
@@ -140,9 +140,7 @@ def test_heads_times_head_dim_disagreeing_with_the_tensors(good, tmp_path):
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("inputs") / "mixtral")
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(**{**BASE, "num_local_experts": 2, "num_experts_per_tok": 1})
-    transformers.MixtralForCausalLM(cfg).save_pretrained(path)
+    tiny_hf_model("Mixtral", {**BASE, "num_local_experts": 2, "num_experts_per_tok": 1}, seed=0).save_pretrained(path)
     return path
 
 

@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 BASE = dict(
@@ -56,22 +58,9 @@ LAYOUTS = [
 
 
 def _make_checkpoint(path: str, overrides: dict, dtype: torch.dtype, seed: int, arch: str = "Llama") -> None:
-    torch.manual_seed(seed)
-    config = getattr(transformers, f"{arch}Config")(**{**BASE, **overrides})
-    model = getattr(transformers, f"{arch}ForCausalLM")(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-            elif name.endswith(".bias"):  # HF initialises biases to zero: make them visible
-                p.normal_(0.0, 0.1)
-    model.to(dtype).save_pretrained(path, safe_serialization=True)
-
-
-def _hf_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(tokens).logits.float()
+    # random norms; HF initialises biases to zero: make them visible
+    make_tiny_checkpoint(path, arch, {**BASE, **overrides}, seed, dtype=dtype,
+                         rules=[(lambda name: name.endswith(".bias"), 0.0, 0.1)])
 
 
 def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: str, layouts: list) -> dict:
@@ -158,7 +147,7 @@ def world_results(tmp_path_factory):
     results = per_rank[0]
     for r in per_rank[1:]:
         results.update({k: v for k, v in r.items() if k.startswith(("dst", "bad_head"))})
-    hf = {key: _hf_logits(path, tokens) for key, path in ckpts.items() if key not in ("bf16", "tied_bad_head")}
+    hf = {key: hf_logits(path, tokens) for key, path in ckpts.items() if key not in ("bf16", "tied_bad_head")}
     return ckpts, out_root, results, hf
 
 
@@ -234,6 +223,6 @@ def test_export_without_source_loads_in_transformers(world_results, name):
         for key in want:
             assert src[key].dtype == dst[key].dtype and torch.equal(src[key], dst[key]), key
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    got = _hf_logits(out, tokens)
+    got = hf_logits(out, tokens)
     diff = (got - hf[ckpt]).abs().max().item()
     assert diff <= SAME_MODEL_ATOL, f"{name}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)

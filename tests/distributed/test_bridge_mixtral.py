@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL  # noqa: E402
 
 CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -77,13 +78,7 @@ def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out_root: st
 def moe_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixtral")
     ckpt = str(root / "hf")
-    torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**CONFIG))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-    model.save_pretrained(ckpt)
+    model = make_tiny_checkpoint(ckpt, "Mixtral", CONFIG, seed=0)  # random norms
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hf_logits = model.eval()(tokens).logits.float()

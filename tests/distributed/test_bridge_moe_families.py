@@ -53,6 +53,8 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import randomise, tiny_hf_model  # noqa: E402
 from megatron_bridge_ext.mcore.versions import mtp_layer_module  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
@@ -112,9 +114,7 @@ def _etp(family: str, tp: int) -> int:
 
 def _make_checkpoint(path: str, family: str, seed: int):
     prefix, overrides = FAMILIES[family]
-    torch.manual_seed(seed)
-    config = getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides})
-    model = getattr(transformers, f"{prefix}ForCausalLM")(config).float().eval()
+    model = tiny_hf_model(prefix, {**BASE, **overrides}, seed).float().eval()
     _randomise(model)
     model.save_pretrained(path, safe_serialization=True)
     return model
@@ -158,17 +158,8 @@ def _write_fused(src: str, dst: str, fc1_t: bool, fc2_t: bool, gpt_oss: bool) ->
 
 
 def _randomise(module: torch.nn.Module) -> None:
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-            elif "sinks" in name:
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, 0.15)  # router weights and biases included
-        for name, b in module.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.3)
+    randomise(module, (1.0, 0.2), rules=[(lambda name: "sinks" in name, 0.0, 1.0)],
+              rest=(0.0, 0.15), correction_bias=0.3)  # router weights and biases included
 
 
 def _write_mtp(src: str, dst: str, model, seed: int):
@@ -634,12 +625,6 @@ def _grouped_check(AutoBridge, ckpts, chunks, sd, family, ep_rank, ep, etp_rank,
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _hf_logits(path, tokens):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(tokens, use_cache=False).logits.float()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     transformers.logging.set_verbosity_error()
@@ -748,7 +733,7 @@ def test_fused_checkpoint_round_trips_to_itself(world, family, variant):
     if (family, variant) in HF_LOADABLE:  # transformers reads our fused tensors as its own: same model
         # same class, same bytes; transformers holds the fused experts in another memory layout than the per-expert
         # model, so only the GEMMs' reduction order differs (testing/tolerances.py)
-        diff = (_hf_logits(ckpts[family][variant], tokens) - hf[family]).abs().max().item()
+        diff = (hf_logits(ckpts[family][variant], tokens) - hf[family]).abs().max().item()
         assert diff <= SAME_MODEL_ATOL, f"{family}-{variant}: max |logit diff| {diff:.3e}"
 
 
@@ -780,7 +765,7 @@ def test_export_without_source_loads_in_transformers(world, family):
     _assert_same_tensors(ckpts[family]["native"], out)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["architectures"] == [_arch(family)]
-    diff = (_hf_logits(out, tokens) - hf[family]).abs().max().item()
+    diff = (hf_logits(out, tokens) - hf[family]).abs().max().item()
     assert diff <= SAME_MODEL_ATOL, f"{family}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 
 
@@ -844,7 +829,7 @@ def test_mtp_export_without_source(world, family):
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["num_nextn_predict_layers"] == 1 and cfg["num_hidden_layers"] == MTP
-    diff = (_hf_logits(out, tokens) - hf[family]).abs().max().item()
+    diff = (hf_logits(out, tokens) - hf[family]).abs().max().item()
     assert diff <= SAME_MODEL_ATOL, f"{family}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 
 

@@ -28,6 +28,8 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,13 +44,7 @@ BASE = dict(
 
 
 def _make_checkpoint(path: str) -> None:
-    torch.manual_seed(3)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**BASE))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-    model.save_pretrained(path, safe_serialization=True)
+    make_tiny_checkpoint(path, "Llama", BASE, seed=3)  # random norms, the rest as transformers initialises it
 
 
 def _plain_load_logits(root: str, tp: int, pp: int, vpp, tokens):
@@ -214,10 +210,7 @@ def world(tmp_path_factory):
         families[fam] = str(root / f"src_{fam}")
         _make_family(families[fam], fam, seed=10 + i)
     per_rank = spawn_local(_worker, 2, (src, str(root), tokens, families), timeout=600)
-    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = model(tokens).logits.float()
-    return root, per_rank, ref
+    return root, per_rank, hf_logits(src, tokens)
 
 
 @pytest.mark.parametrize("case", ["tp2->tp1", "tp2->pp2", "pp2vpp2->tp2"])
@@ -365,10 +358,8 @@ def test_every_dense_family_rebuilds_from_its_stored_config(world, family):
     """The model rebuilt at PP2 from the config stored in the checkpoint (no HF directory) has the HF model's
     logits: every model-defining field (Gemma 2's soft-caps included) survived config_to_dict / config_from_dict."""
     root, per_rank, _ = world
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(root / f"src_{family}"), dtype=torch.float32)
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = model.eval()(tokens, use_cache=False).logits.float()
+    want = hf_logits(str(root / f"src_{family}"), tokens)
     for rank, out in enumerate(per_rank):
         diff = (out[f"{family}_logits"] - want).abs().max().item()
         assert diff <= MEGATRON_VS_HF_ATOL, f"{family} rank {rank}: max |logit diff| {diff:.3e}"

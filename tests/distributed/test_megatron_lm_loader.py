@@ -210,21 +210,17 @@ def _word_level_tokenizer(vocab_size: int):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     pytest.importorskip("megatron.core")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from megatron_bridge_ext.cli.import_hf import import_checkpoint
+    from megatron_bridge_ext.testing.parity import hf_logits
+    from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint
 
     python = _mlm_python()
     root = str(tmp_path_factory.mktemp("mlm_loader"))
     hf, tokens = {}, {}
     for name, cls, cfg, seed in (("llama", "Llama", LLAMA, 0), ("mixtral", "Mixtral", MIXTRAL, 1)):
-        torch.manual_seed(seed)
-        model = getattr(transformers, f"{cls}ForCausalLM")(getattr(transformers, f"{cls}Config")(**cfg))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "norm" in n:
-                    p.normal_(1.0, 0.1)
         hf[name] = os.path.join(root, f"hf_{name}")
-        model.float().save_pretrained(hf[name], safe_serialization=True)
+        make_tiny_checkpoint(hf[name], cls, cfg, seed)  # random norms, the rest as transformers initialises it
         if name == "llama":  # a tokenizer of the model's 97 ids, which import keeps beside the checkpoint
             _word_level_tokenizer(cfg["vocab_size"]).save_pretrained(hf[name])
         tokens[name] = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(seed))
@@ -235,11 +231,7 @@ def runs(tmp_path_factory):
     proc = subprocess.run([python, os.path.abspath(__file__), root], capture_output=True, text=True, env=env,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    expected = {}
-    for name in ("llama", "mixtral"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(hf[name], dtype=torch.float32).eval()
-        with torch.no_grad():
-            expected[name] = model(tokens[name], use_cache=False).logits.float()
+    expected = {name: hf_logits(hf[name], tokens[name]) for name in ("llama", "mixtral")}
     return root, expected, python
 
 

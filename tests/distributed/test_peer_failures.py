@@ -23,6 +23,7 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.launch import WorkerError, spawn_local  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import tiny_hf_model  # noqa: E402
 
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
@@ -132,8 +133,7 @@ def _world(tmp_path, ckpt, scenarios, **kw):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("peer_failures") / "hf")
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**BASE)).save_pretrained(path)
+    tiny_hf_model("Llama", BASE, seed=0).save_pretrained(path)
     return path
 
 

@@ -34,6 +34,7 @@ pytest.importorskip("accelerate")  # transformers loads FP8 / MXFP4 checkpoints 
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import randomise, save_transformers_bf16, tiny_hf_model  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, max_abs_diff  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,18 +79,8 @@ LAYOUT_CASES = [(case, name) for case, (_, _, layouts, _, _) in CASES.items() fo
 def _make_bf16(path: str, model: str, seed: int) -> None:
     """transformers' own bf16 checkpoint of a random tiny model (its fp32-kept router tensors included)."""
     prefix, overrides = MODELS[model]
-    torch.manual_seed(seed)
-    config = getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides})
-    net = getattr(transformers, f"{prefix}ForCausalLM")(config).float().eval()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0.0, 0.15)
-        for name, b in net.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.3)
-    fp32 = path + "_fp32"
-    net.save_pretrained(fp32)
-    transformers.AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16).save_pretrained(path)
+    net = tiny_hf_model(prefix, {**BASE, **overrides}, seed).float().eval()
+    save_transformers_bf16(randomise(net, (1.0, 0.2), rest=(0.0, 0.15), correction_bias=0.3), path)
 
 
 def _hf_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:

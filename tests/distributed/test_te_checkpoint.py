@@ -64,7 +64,7 @@ CASES = {
 
 def _make_checkpoints(root: str) -> dict:
     """The tiny transformers checkpoints of the families' own end-to-end tests (random weights, fixed seeds)."""
-    import transformers
+    from megatron_bridge_ext.testing.tiny_models import tiny_hf_model
 
     sys.path.insert(0, HERE)
     import test_bridge_dense_families as dense
@@ -82,8 +82,7 @@ def _make_checkpoints(root: str) -> dict:
         elif name in dense.CHECKPOINTS:
             dense._make_checkpoint(path, name, seed=2)
         elif name == "mixtral":
-            torch.manual_seed(3)
-            model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**mixtral.CONFIG))
+            model = tiny_hf_model("Mixtral", mixtral.CONFIG, seed=3)
             moe._randomise(model)
             model.save_pretrained(path, safe_serialization=True)
         elif name.endswith("_mtp"):

@@ -28,9 +28,10 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.testing.parity import compare_checkpoints  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, which holds dcp_fixture_writer.py
+ROOT = os.path.dirname(TESTS)
 LLAMA = dict(vocab_size=211, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
              tie_word_embeddings=False)
@@ -60,13 +61,7 @@ def _python_019():
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("trust") / "hf")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-    model.save_pretrained(path, safe_serialization=True)
+    make_tiny_checkpoint(path, "Llama", LLAMA, seed=0)  # random norms, the rest as transformers initialises it
     return path
 
 
@@ -217,7 +212,7 @@ def test_plain_megatron_core_019_save_reads_here(llama, tmp_path):
     manifest): inspect says so, export with --hf-source is bit-exact, verify passes."""
     py = _python_019()
     root = str(tmp_path / "plain019")
-    res = subprocess.run([py, os.path.join(HERE, "dcp_fixture_writer.py"), "model", llama, root],
+    res = subprocess.run([py, os.path.join(TESTS, "dcp_fixture_writer.py"), "model", llama, root],
                          capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     res = _cli("inspect", root, "--json", "-")

@@ -18,6 +18,8 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from megatron_bridge_ext.testing.tiny_models import tiny_hf_model  # noqa: E402
+
 CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5,
               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
@@ -33,8 +35,7 @@ def _make_checkpoint(path: str) -> None:
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                      unk_token="<unk>")
     tokenizer.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG))
+    model = tiny_hf_model("Llama", CONFIG, seed=0)
     model.generation_config = transformers.GenerationConfig(bos_token_id=1, eos_token_id=2, max_new_tokens=8,
                                                             do_sample=False)
     model.save_pretrained(path, safe_serialization=True)

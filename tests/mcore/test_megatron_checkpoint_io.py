@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -32,7 +34,8 @@ DERIVED = {"init_method", "output_layer_init_method", "embedding_init_method"}
 
 def _family_configs():
     """Our three configs and every case of the config round-trip test (all supported families and features)."""
-    from test_config_roundtrip import ARCH, CASES, TINY
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models"))
+    from test_config_roundtrip import ARCH, CASES, TINY  # tests/models/test_config_roundtrip.py
 
     out = {f"{arch}": (arch, cfg) for arch, cfg in CONFIGS.items()}
     for case, (prefix, overrides) in CASES.items():

@@ -22,15 +22,15 @@ import sys
 from typing import Dict
 
 import pytest
-import torch
 
 pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.mcore.versions import installed_megatron_core  # noqa: E402
 from megatron_bridge_ext.testing.parity import compare_checkpoints  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV_VAR = "MBE_MCORE_PYTHONS"
 OLD, NEW = "0.16.1", "0.19.2"
 LLAMA = dict(vocab_size=1003, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
@@ -123,15 +123,7 @@ def _read(python: str, paths) -> dict:
 
 def _make(path: str, name: str) -> str:
     prefix, config, *_ = MODELS[name]
-    torch.manual_seed(7)
-    model = getattr(transformers, f"{prefix}ForCausalLM")(getattr(transformers, f"{prefix}Config")(**config))
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in pname else p.normal_(0.0, 0.1)
-        for bname, b in model.named_buffers():
-            if bname.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.3)
-    model.float().save_pretrained(path, safe_serialization=True)
+    make_tiny_checkpoint(path, prefix, config, seed=7, rest=(0.0, 0.1), correction_bias=0.3)
     return path
 
 

@@ -18,10 +18,11 @@ import torch
 pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
-from megatron_bridge_ext.testing.parity import compare_checkpoints  # noqa: E402
+from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLAMA = dict(vocab_size=1003, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
              tie_word_embeddings=False)
@@ -51,20 +52,8 @@ def _quiet(res: subprocess.CompletedProcess) -> None:
 
 
 def _make(path: str, arch: str, config: dict, seed: int) -> str:
-    torch.manual_seed(seed)
-    model = getattr(transformers, f"{arch}ForCausalLM")(getattr(transformers, f"{arch}Config")(**config))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.1)
-    model.save_pretrained(path, safe_serialization=True)
+    make_tiny_checkpoint(path, arch, config, seed)  # random norms, the rest as transformers initialises it
     return path
-
-
-def _logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +100,7 @@ def test_export_without_the_hf_source_is_bit_exact(llama, imported, tmp_path):
     assert cmp["same_keys"] and cmp["bit_exact"], cmp
     tokens = torch.randint(0, 1003, (2, 10), generator=torch.Generator().manual_seed(5))
     # the bytes are equal (above); two loads of them may still reduce in another order (testing/tolerances.py)
-    diff = max_abs_diff(_logits(out, tokens), _logits(src, tokens))
+    diff = max_abs_diff(hf_logits(out, tokens), hf_logits(src, tokens))
     assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
     again = _cli("export", meg, out)  # an existing checkpoint is never replaced silently
     assert again.returncode != 0 and "--overwrite" in again.stderr

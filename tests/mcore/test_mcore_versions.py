@@ -100,7 +100,7 @@ def _pyproject() -> dict:
     import pathlib
     import sys
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    path = pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml"
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -164,7 +164,7 @@ def test_an_unsupported_megatron_core_fails_with_one_error_before_megatron_is_im
         "import importlib.metadata\n"
         "print('INSTALLED', importlib.metadata.version('megatron-core'))\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != SKIP_VERSION_CHECK_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(fake), root, env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)

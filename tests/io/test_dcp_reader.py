@@ -32,8 +32,8 @@ from megatron_bridge_ext.io.dcp_reader import (  # noqa: E402
     sharded_object_key,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, which holds dcp_fixture_writer.py
+ROOT = os.path.dirname(TESTS)
 VERSIONS = ("0.16.1", "0.19.2")
 
 
@@ -65,7 +65,7 @@ def written(pythons, tmp_path_factory):
         d = str(tmp_path_factory.mktemp(f"dcp_{version}") / "ckpt")
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-        res = subprocess.run([pythons[version], os.path.join(HERE, "dcp_fixture_writer.py"), "tensors", d],
+        res = subprocess.run([pythons[version], os.path.join(TESTS, "dcp_fixture_writer.py"), "tensors", d],
                              capture_output=True, text=True, timeout=600, env=env)
         assert res.returncode == 0, res.stdout + res.stderr
         out[version] = d

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CU_SOURCES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
 PLAN_HOST = ROOT / "tests" / "cuda_host" / "copy_plan_host.cu"

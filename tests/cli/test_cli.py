@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("megatron.core")
 pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

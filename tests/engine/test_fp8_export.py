@@ -2,7 +2,7 @@
 ``quantization_block_size`` on ``save_hf_pretrained``, ``WeightSyncPlan``, ``export_checkpoint`` and the ``export``
 command are checked before anything is read, exchanged or written, and each refusal names the setting and the value;
 which HF tensors are quantized; the refusal of a weight that cannot be quantized. The exports themselves are tested in
-``tests/distributed/test_bridge_fp8_export.py`` and ``tests/test_converter_cli.py``."""
+``tests/distributed/test_bridge_fp8_export.py`` and ``tests/cli/test_converter_cli.py``."""
 
 from __future__ import annotations
 
