@@ -270,7 +270,7 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
         tasks built now."""
         self.use_hf_layout_for_model(chunks)
         if isinstance(given, ConversionTasks) and given.layout == self.hf_layout and (
-                stored_keys is None or given.fits(self.hf_layout, self._hf_copies(given.view, stored_keys))):
+                stored_keys is None or given.has_copies(self._hf_copies(given.view, stored_keys))):
             return given
         return self._tasks(None, chunks, stored_keys)
 

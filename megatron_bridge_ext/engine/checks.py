@@ -29,6 +29,7 @@ __all__ = [
     "KNOWN_NON_WEIGHTS",
     "check_raw_config",
     "check_config_against_tensors",
+    "short_names",
     "unused_hf_tensors",
     "ROTARY_INV_FREQ",
     "reference_inv_freqs",
@@ -307,6 +308,12 @@ def check_dtype_class(hf_names: Sequence[str], hf_dtypes: Sequence[torch.dtype],
 
 
 _SAME_TYPE = (ValueError, TypeError, RuntimeError, IndexError, KeyError, NotImplementedError, AssertionError)
+
+
+def short_names(names: Sequence[str], limit: int = 4) -> str:
+    """HF names for a message: the first ``limit``, and how many there are when more."""
+    names = list(names)
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} tensors)" if len(names) > limit else "")
 
 
 def conversion_error(exc: BaseException, context: str) -> BaseException:

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 
 import torch
 
-from megatron_bridge_ext.engine.checks import conversion_error, dtype_class
+from megatron_bridge_ext.engine.checks import conversion_error, dtype_class, short_names
 from megatron_bridge_ext.engine.peers import Watch, watched
 from megatron_bridge_ext.engine.progress import progress
 from megatron_bridge_ext.engine.quantize import FP8Export
@@ -121,7 +121,7 @@ class BucketConverter:
                         items = [q for name, t in items for q in self.quantization.convert(name, t, ctx.alloc)]
                 except Exception as e:
                     raise conversion_error(e, f"export of Megatron {task.global_param_name} -> HF "
-                                              f"{_short(task.mapping.hf_names)} ({type(task.mapping).__name__})"
+                                              f"{short_names(task.mapping.hf_names)} ({type(task.mapping).__name__})"
                                            ) from e
                 storages = shard_storages(run) if self.copy else ()
                 for name, tensor in items:
@@ -246,11 +246,6 @@ def _export_runs(task: WeightConversionTask, shards: Any, ctx: ConversionContext
         sub = mapping.with_names(mapping.megatron_param, names)
         sub.num_experts = hi - lo
         yield sub, [shards.load(lo, hi)]
-
-
-def _short(names: Sequence[str], limit: int = 4) -> str:
-    names = list(names)
-    return ", ".join(names[:limit]) + (f" ... ({len(names)} tensors)" if len(names) > limit else "")
 
 
 def _to_hf_dtype(name: str, tensor: torch.Tensor, state: Optional[TensorSource]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from megatron_bridge_ext.engine.checks import (
     check_dtype_class,
     check_rotary_inv_freq,
     conversion_error,
+    short_names,
     unused_hf_tensors,
 )
 from megatron_bridge_ext.engine.progress import progress
@@ -83,7 +84,7 @@ class ImportLoop:
             The error of a mapping or an op, with the HF name(s), the Megatron name and the file in front.
         """
         names = task.mapping.hf_names
-        where = f"HF {_short(names)} in {_files_of(hf_state, names)} -> Megatron {task.global_param_name}"
+        where = f"HF {short_names(names)} in {_files_of(hf_state, names)} -> Megatron {task.global_param_name}"
         try:
             hf, ctx = self._read_hf(task, hf_state, ctx)
             targets = task.local_tensors
@@ -242,7 +243,7 @@ class ImportLoop:
                     except Exception as e:
                         if getattr(e, "bridge_context", False):
                             raise
-                        raise conversion_error(e, f"HF {_short(names)} in {_files_of(state, names)} -> Megatron "
+                        raise conversion_error(e, f"HF {short_names(names)} in {_files_of(state, names)} -> Megatron "
                                                   f"{task.global_param_name}") from e
                     if not task.is_group:
                         yield MegatronWeightTuple(task.param_name, converted, task.vp_stage)
@@ -310,11 +311,6 @@ def _all_tensors(hf: Any) -> List[torch.Tensor]:
     for v in values:
         out.extend(v if isinstance(v, (list, tuple)) else [v])
     return out
-
-
-def _short(names: Sequence[str], limit: int = 4) -> str:
-    names = list(names)
-    return ", ".join(names[:limit]) + (f" ... ({len(names)} tensors)" if len(names) > limit else "")
 
 
 def _files_of(state: TensorSource, names: Sequence[str]) -> str:

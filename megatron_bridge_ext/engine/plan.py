@@ -70,7 +70,8 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
     registry = model_bridge.registry
     view = ModelView(chunks, Topology())
     copies = model_bridge._hf_copies(view, src.keys())  # a stored tied output layer: a copy of the embedding
-    embedding_copy = bool(target.share_embeddings_and_output_weights) or bool(target.mtp_num_layers)  # the last stage keeps a copy of the embedding
+    # the last stage keeps a copy of the embedding (a tied output layer, or for its MTP layers)
+    embedding_copy = bool(target.share_embeddings_and_output_weights) or bool(target.mtp_num_layers)
     meta_state = {k: torch.empty(src.shape(k), dtype=src.dtype(k), device="meta") for k in src.keys()}
     hf_vocab = getattr(hf_config, "vocab_size", None)
     padded = padded_vocab_size(target.vocab_size, tp, target.make_vocab_size_divisible_by)

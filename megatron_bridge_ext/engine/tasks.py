@@ -207,8 +207,9 @@ class ConversionTasks(List[WeightConversionTask]):
         self.copies = {k: tuple(v) for k, v in copies.items()}
         self.view = view
 
-    def fits(self, layout: Any, copies: Mapping[str, Sequence[str]]) -> bool:
-        return self.layout == layout and self.copies == {k: tuple(v) for k, v in copies.items()}
+    def has_copies(self, copies: Mapping[str, Sequence[str]]) -> bool:
+        """Whether they were built with exactly these HF copies."""
+        return self.copies == {k: tuple(v) for k, v in copies.items()}
 
 
 def build_tasks(

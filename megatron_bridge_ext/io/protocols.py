@@ -4,11 +4,13 @@
 Sources: :class:`~megatron_bridge_ext.io.hf_source.SafeTensorsSource` (memory-mapped safetensors),
 :class:`~megatron_bridge_ext.io.quantized.QuantizedSource` (a block-quantized release, read dequantized or as
 stored), :class:`~megatron_bridge_ext.io.dcp_reader.TorchDistCheckpoint` (a Megatron ``torch_dist`` checkpoint,
-keyed by its own keys, tensors at their global shapes). A plain mapping of tensors (e.g. a state dict in a test or a live job) is adapted by :func:`as_source`.
+keyed by its own keys, tensors at their global shapes). A plain mapping of tensors (e.g. a state dict in a test or a
+live job) is adapted by :func:`as_source`.
 
-Sinks: :class:`~megatron_bridge_ext.io.hf_writer.SafeTensorsWriter` (HF shards), the weight-sync consumer (a
-caller's list per bucket) and the DCP writer of the streamed import (:mod:`megatron_bridge_ext.mcore.stream`, items
-with their storage metadata, see :class:`~megatron_bridge_ext.io.dcp_writer.StreamingDcpWriter`).
+Sink: :class:`~megatron_bridge_ext.io.hf_writer.SafeTensorsWriter` (HF shards). The weight sync hands whole buckets
+to its caller, and the DCP writer of the streamed import
+(:class:`~megatron_bridge_ext.io.dcp_writer.StreamingDcpWriter`) takes DCP write items with their storage metadata,
+not HF-named tensors: neither is a :class:`TensorSink`.
 """
 
 from __future__ import annotations
