@@ -68,8 +68,11 @@ def roundtrip(ckpt: str, out_dir: str, *, tp: int = 2, pp: int = 1, vpp: Optiona
 
         dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         # safetensors only: transformers never falls back to the pickle weights of the directory
-        model = AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True, local_files_only=True,
-                                                     **{dtype_kw: torch.float32})
+        from megatron_bridge_ext.io.hf_checkpoint import hf_config_of
+
+        # the config as the converter reads it (a model type of CONFIG_ALIASES through its aliased class)
+        model = AutoModelForCausalLM.from_pretrained(ckpt, config=hf_config_of(ckpt), use_safetensors=True,
+                                                     local_files_only=True, **{dtype_kw: torch.float32})
         model.eval()
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=g)

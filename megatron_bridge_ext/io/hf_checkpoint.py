@@ -16,9 +16,14 @@ from megatron_bridge_ext.io.safetensors import CONFIG_NAME, read_json_object
 from megatron_bridge_ext.io import staging
 from megatron_bridge_ext.io.staging import _TEMP_RE, interrupted_save_hint, is_weight_file, no_space_error
 
-__all__ = ["HFCheckpoint", "read_hf_config", "architectures_of", "side_files", "copy_side_files"]
+__all__ = ["HFCheckpoint", "read_hf_config", "architectures_of", "hf_config_of", "CONFIG_ALIASES", "side_files",
+           "copy_side_files"]
 
-
+#: ``model_type`` values of released checkpoints that transformers has no config class for, mapped to the model type
+#: whose class reads them: the release's own architecture is that model's (Kimi-K2 is DeepSeek-V3 at 384 experts,
+#: ``architectures: ["DeepseekV3ForCausalLM"]``, its ``auto_map`` pointing at code in the checkpoint). The config is
+#: built from config.json by that class; the checkpoint's own code is never imported (``trust_remote_code`` stays off).
+CONFIG_ALIASES = {"kimi_k2": "deepseek_v3"}
 
 def read_hf_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The raw ``config.json`` of a checkpoint directory, as written (before transformers fills in defaults).
@@ -47,6 +52,29 @@ def architectures_of(raw_config: Mapping[str, Any], where: str) -> List[str]:
         raise ValueError(f"{where}: 'architectures' is {archs!r}; expected a non-empty list of class names (it "
                          "chooses the bridge)")
     return list(archs)
+
+
+def hf_config_of(path: Union[str, os.PathLike], raw_config: Optional[Mapping[str, Any]] = None) -> Any:
+    """The transformers config of a checkpoint directory, without running any code of the checkpoint.
+
+    A ``model_type`` transformers knows is read by ``AutoConfig`` (``trust_remote_code=False``); one of
+    :data:`CONFIG_ALIASES` is built from the raw config.json by the aliased model's config class (``auto_map`` and
+    the model type dropped: the result is that model's config, which transformers' model classes accept).
+
+    Raises:
+        ValueError: an unknown ``model_type`` (named, with the file), from transformers.
+    """
+    path = os.fspath(path)
+    raw = read_hf_config(path) if raw_config is None else raw_config
+    alias = CONFIG_ALIASES.get(raw.get("model_type"))
+    if alias is None:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "transformers_version")}
+    return CONFIG_MAPPING[alias](**fields)
 
 
 @dataclass
@@ -90,9 +118,7 @@ class HFCheckpoint:
             plain.close()
             raise
         try:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            config = hf_config_of(path, raw)
         except BaseException:
             state.close()
             raise

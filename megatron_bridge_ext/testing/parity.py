@@ -12,11 +12,14 @@ __all__ = ["hf_logits", "compare_checkpoints", "compare_megatron_checkpoints"]
 
 
 def hf_logits(path: str, input_ids: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of the transformers model saved at ``path`` (no cache)."""
+    """fp32 logits of the transformers model saved at ``path`` (no cache); the config read as the converter reads it
+    (:func:`~megatron_bridge_ext.io.hf_checkpoint.hf_config_of`: a Kimi-K2 config.json as DeepSeek-V3's)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 local_files_only=True).eval()
+    from megatron_bridge_ext.io.hf_checkpoint import hf_config_of
+
+    model = AutoModelForCausalLM.from_pretrained(path, config=hf_config_of(path), dtype=torch.float32,
+                                                 use_safetensors=True, local_files_only=True).eval()
     with torch.no_grad():
         return model(input_ids=input_ids, use_cache=False).logits.float()
 
