@@ -21,7 +21,8 @@ import argparse
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["add_arguments", "run", "export_checkpoint", "check_source_agrees", "model_config_for"]
+__all__ = ["add_arguments", "run", "export_checkpoint", "check_source_agrees", "model_config_for",
+           "stream_chunks"]
 
 # fields that may differ between an HF source and a checkpoint trained from it: the dtype is cast on export
 _DTYPE_FIELDS = ("params_dtype", "bf16", "fp16")
@@ -131,7 +132,7 @@ def kept_side_files(info: Any) -> Tuple[Optional[str], Dict[str, Any]]:
     return side, extra
 
 
-def _stream_chunks(info: Any, config: Any, ckpt: Any, described_by: str) -> Tuple[List[Any], Any]:
+def stream_chunks(info: Any, config: Any, ckpt: Any, described_by: str) -> Tuple[List[Any], Any]:
     """Meta-device chunks of the checkpoint's model at TP 1 (vocabulary rows as stored) and the reader that fills
     their parameters bucket by bucket (:class:`megatron_bridge_ext.mcore.stream.CheckpointParams`)."""
     import dataclasses
@@ -190,7 +191,7 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
             from megatron_bridge_ext.io.megatron_checkpoint import open_checkpoint
 
             with open_checkpoint(meg_dir) as ckpt:
-                chunks, params = _stream_chunks(info, config, ckpt, described_by)
+                chunks, params = stream_chunks(info, config, ckpt, described_by)
                 fp8_state = extra_state_with_content(ckpt)  # reported; never applied
                 read_s = clock()
                 summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync,

@@ -5,7 +5,14 @@ The Megatron checkpoint is loaded at the given layout (default TP1 PP1) through 
 memory, tensor by tensor, and every HF tensor is compared bit for bit (``torch.equal`` in the checkpoint's dtype: an
 HF tensor of another dtype is cast to it first, as import does). Then the Megatron model's logits on a few fixed
 batches are compared with the HF model's own (transformers, fp32). Prints a table; exits 1 naming every mismatching
-tensor. With ``--checksums`` every file of the checkpoint is first checked against its manifest (``integrity.json``,
+tensor.
+
+``--no-logits`` without a layout streams instead, as ``export`` does: one process, no model built, each bucket of
+parameters read from the checkpoint's files (the chunks each HF tensor needs), converted, compared and dropped, so
+memory is bounded by the bucket (``--bucket-bytes``) plus the largest tensor whatever the model's size
+(``--via-model`` loads the model anyway; the logits always need it).
+
+With ``--checksums`` every file of the checkpoint is first checked against its manifest (``integrity.json``,
 megatron-core's ``verify_integrity`` format), each changed, missing or added file named; with the Megatron checkpoint
 alone, that is all it checks.
 """
@@ -31,10 +38,18 @@ def _tokens(vocab: int, batches: int, batch: int, seq_len: int, seed: int) -> Li
 
 def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, Any], logits: bool,
             batches: int, seq_len: int, show: bool, verbose: bool,
-            verify_checksums: bool = False) -> Optional[Dict[str, Any]]:
-    from megatron_bridge_ext.cli.common import load_checkpoint_chunks, phase, timed, worker_setup
+            verify_checksums: bool = False, stream: bool = False,
+            bucket_bytes: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    import contextlib
 
-    device = worker_setup(verbose)
+    from megatron_bridge_ext.cli.common import (load_checkpoint_chunks, phase, quiet_third_party, timed,
+                                                worker_setup)
+
+    if stream:  # no model runs and nothing moves between ranks: one process, no CPU patches needed
+        quiet_third_party(verbose)
+        device = torch.device("cpu")
+    else:
+        device = worker_setup(verbose)
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.io.checksums import IntegrityError
     from megatron_bridge_ext.io.megatron_checkpoint import check_checksums, read_checkpoint_info
@@ -65,41 +80,39 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
             if diff:
                 raise ValueError(f"{hf_dir} does not describe the model in {info.path} (its Megatron-LM args): "
                                  + "; ".join(diff).replace(", config ", ", HF "))
-        chunks = load_checkpoint_chunks(info, config, device, show, described_by)
+        opened = contextlib.ExitStack()
+        materialize = None
+        if stream:
+            from megatron_bridge_ext.cli.export import stream_chunks
+            from megatron_bridge_ext.io.megatron_checkpoint import open_checkpoint
+
+            ckpt = opened.enter_context(open_checkpoint(meg_dir))
+            chunks, materialize = stream_chunks(info, config, ckpt, described_by)
+        else:
+            chunks = load_checkpoint_chunks(info, config, device, show, described_by)
         load_s = clock()
         src = bridge.hf_pretrained.state
-        dtype = config.params_dtype
         rows: Dict[str, Any] = {"mismatched": [], "missing": [], "unexpected": [], "compared": 0, "bytes": 0,
                                 "dtype_cast": 0}
-        seen = set()
         # the tasks with the source's copies (a stored tied lm_head.weight is exported as a copy of the embedding)
         tasks = bridge.model_bridge.build_conversion_tasks(None, chunks, stored_keys=src.keys())
-        stream = bridge.model_bridge.stream_weights_megatron_to_hf(chunks, None, hf_config=bridge.hf_config,
-                                                                   dst=0, copy=False, show_progress=show,
-                                                                   conversion_tasks=tasks)
-        for name, tensor in stream:  # rank 0 only receives
-            seen.add(name)
-            if name not in src:
-                rows["unexpected"].append(name)
-                continue
-            ref = src[name]
-            if ref.dtype != tensor.dtype:
-                rows["dtype_cast"] += 1
-                ref = ref.to(tensor.dtype)
-            rows["compared"] += 1
-            rows["bytes"] += tensor.numel() * tensor.element_size()
-            if ref.shape != tensor.shape or not torch.equal(ref, tensor):
-                diff = "shape %s vs %s" % (tuple(ref.shape), tuple(tensor.shape)) if ref.shape != tensor.shape \
-                    else f"{int((ref != tensor).sum())} of {ref.numel()} values differ"
-                rows["mismatched"].append(f"{name} ({diff})")
+        extra = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
+        with opened:
+            exported = bridge.model_bridge.stream_weights_megatron_to_hf(
+                chunks, None, hf_config=bridge.hf_config, dst=0, copy=False, show_progress=show,
+                conversion_tasks=tasks, materialize=materialize, **extra)
+            seen = _compare(exported, src, rows).pop("seen")
         if rank == 0:
             rows["missing"] = [name for name in src.keys() if name not in seen]
         compare_s = clock() - load_s
         result: Dict[str, Any] = {"rows": rows, "load_s": load_s, "compare_s": compare_s, "info": info.path,
-                                  "dtype": str(dtype).replace("torch.", ""), "tensors": len(src)}
+                                  "dtype": str(config.params_dtype).replace("torch.", ""), "tensors": len(src),
+                                  "streamed": stream}
+        if materialize is not None:
+            result["bytes_read"] = materialize.bytes_read
         if verify_checksums:
             result["checksums"] = checked
-        if logits:
+        if logits and not stream:
             batch_list = _tokens(bridge.hf_config.vocab_size, batches, 2, seq_len, seed=1234)
             with phase("Megatron forward on the fixed batches", show):
                 meg = [megatron_logits(chunks, t) for t in batch_list]
@@ -114,6 +127,30 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
         return result if rank == 0 else None
     finally:
         destroy_parallel()
+
+
+def _compare(exported: Any, src: Any, rows: Dict[str, Any]) -> Dict[str, Any]:
+    """Every ``(name, tensor)`` of ``exported`` against the HF source's tensor of that name (``torch.equal`` in the
+    exported dtype: an HF tensor of another dtype is cast to it first, as import does); returns ``rows`` filled in,
+    with ``seen`` (the names exported)."""
+    seen = set()
+    for name, tensor in exported:  # rank 0 only receives
+        seen.add(name)
+        if name not in src:
+            rows["unexpected"].append(name)
+            continue
+        ref = src[name]
+        if ref.dtype != tensor.dtype:
+            rows["dtype_cast"] += 1
+            ref = ref.to(tensor.dtype)
+        rows["compared"] += 1
+        rows["bytes"] += tensor.numel() * tensor.element_size()
+        if ref.shape != tensor.shape or not torch.equal(ref, tensor):
+            diff = "shape %s vs %s" % (tuple(ref.shape), tuple(tensor.shape)) if ref.shape != tensor.shape \
+                else f"{int((ref != tensor).sum())} of {ref.numel()} values differ"
+            rows["mismatched"].append(f"{name} ({diff})")
+    rows["seen"] = seen
+    return rows
 
 
 def verify_checksums(meg_dir: str) -> Dict[str, Any]:
@@ -144,23 +181,45 @@ def verify_checkpoint(hf_dir: str, meg_dir: str, *, tp: int = 1, pp: int = 1, vp
                       ep: int = 1, etp: Optional[int] = None, logits: bool = True, batches: int = 3,
                       seq_len: int = 16, atol: Optional[float] = None, show: bool = False, verbose: bool = False,
                       timeout: float = 3600.0, backend: Optional[str] = None,
-                      checksums: bool = False) -> Dict[str, Any]:
+                      checksums: bool = False, via_model: Optional[bool] = None,
+                      bucket_bytes: Optional[int] = None) -> Dict[str, Any]:
     """Compare an HF checkpoint with a Megatron checkpoint (first its files with its manifest, with ``checksums``);
-    returns rank 0's result with ``ok``."""
-    from megatron_bridge_ext.cli.common import run_world, world_size_for
+    returns rank 0's result with ``ok``.
+
+    Args:
+        via_model: load the checkpoint into a model built at the layout (local processes; memory: the whole model)
+            instead of streaming it (one process, no model: each bucket of parameters read from the files, converted,
+            compared and dropped). Default: the stream when no logits are asked for, no layout other than TP1 PP1
+            EP1 is given and not under torchrun; else the model. The logits need the model.
+        bucket_bytes: parameter bytes converted per step (the stream's memory bound besides the largest tensor).
+
+    Raises:
+        ValueError: ``via_model=False`` with logits or with a layout (both need the model).
+    """
+    from megatron_bridge_ext.cli.common import run_in_process, run_world, under_torchrun, world_size_for
     from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info, resolve_checkpoint
 
+    if bucket_bytes is not None and (not isinstance(bucket_bytes, int) or bucket_bytes <= 0):
+        raise ValueError(f"verify: bucket_bytes = {bucket_bytes!r}, expected a positive number of bytes")
+    layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
+    laid_out = world_size_for(layout) > 1 or (vpp or 1) > 1
+    if via_model is None:
+        via_model = logits or laid_out or under_torchrun()
+    if not via_model and (logits or laid_out):
+        raise ValueError("verify: the streamed comparison reads at TP1 PP1 EP1 without a model; "
+                         + ("the logits need the model (pass --no-logits, or drop the stream)" if logits else
+                            f"the layout {layout} applies to the model path (--via-model)"))
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"HF checkpoint directory {hf_dir!r} does not exist (missing)")
     if checksums:
         resolve_checkpoint(meg_dir)  # the ranks check the files against the manifest before reading any
     else:
         read_checkpoint_info(meg_dir)  # its structure and its common state, before starting any process
-    layout = {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp}
-    results = run_world(_worker, world_size_for(layout),
-                        (hf_dir, meg_dir, layout, logits, batches, seq_len, show, verbose, checksums),
-                        timeout=timeout, backend=backend)
-    res = results[0]
+    args = (hf_dir, meg_dir, layout, logits, batches, seq_len, show, verbose, checksums, not via_model, bucket_bytes)
+    if via_model:
+        res = run_world(_worker, world_size_for(layout), args, timeout=timeout, backend=backend)[0]
+    else:
+        res = run_in_process(_worker, args)
     if res is None:  # not rank 0 under torchrun
         return {"ok": True}
     if "checksum_problems" in res:
@@ -202,6 +261,7 @@ def report(res: Dict[str, Any], title: str) -> None:
         ("checkpoint dtype", res["dtype"] + (f" ({r['dtype_cast']} HF tensors cast to it)" if r["dtype_cast"] else "")),
         ("HF tensors", str(res["tensors"])),
         ("compared", f"{r['compared']} ({r['bytes']:,} bytes)"),
+        *([("streamed (no model)", f"{res['bytes_read']:,} bytes read")] if res.get("streamed") else []),
         ("bit-exact", "yes" if not r["mismatched"] else f"NO: {len(r['mismatched'])} tensor(s) differ"),
         ("missing from the Megatron checkpoint", str(len(r["missing"]))),
         ("not in the HF checkpoint", str(len(r["unexpected"]))),
@@ -231,7 +291,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checksums", action="store_true",
                         help="check every file of the Megatron checkpoint against its checksum manifest "
                              "(integrity.json) first")
-    parser.add_argument("--no-logits", action="store_true", help="compare the tensors only")
+    parser.add_argument("--no-logits", action="store_true",
+                        help="compare the tensors only; without a layout this streams (one process, no model, "
+                             "memory bounded by --bucket-bytes plus the largest tensor)")
+    parser.add_argument("--via-model", action="store_true",
+                        help="load the checkpoint into a model built at the layout even with --no-logits")
+    parser.add_argument("--bucket-bytes", type=int, default=None, metavar="N",
+                        help="parameter bytes converted per step (default 256 MiB)")
     parser.add_argument("--batches", type=int, default=3, help="fixed batches for the logits comparison")
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--atol", type=float, default=None,
@@ -255,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
             res = verify_checkpoint(hf_dir, meg_dir, **layout_of(args), logits=not args.no_logits,
                                     batches=args.batches, seq_len=args.seq_len, atol=args.atol,
                                     show=show_progress(args), verbose=args.verbose, timeout=args.timeout,
-                                    backend=args.backend, checksums=args.checksums)
+                                    backend=args.backend, checksums=args.checksums,
+                                    via_model=True if args.via_model else None, bucket_bytes=args.bucket_bytes)
             title = f"verify {hf_dir} against {meg_dir}"
     except Exception as e:  # noqa: BLE001
         return fail(e, args.verbose)

@@ -163,6 +163,45 @@ def test_verify_passes_then_names_the_changed_tensor(llama, imported, tmp_path):
     assert "FAIL" in res.stdout
 
 
+def test_streamed_verify_reads_without_a_model(llama, imported, tmp_path):
+    """``verify --no-logits`` streams: one process reads the checkpoint's files bucket by bucket (no model, every
+    stored byte read once), compares every tensor and names the changed one, as the model path does; with a layout it
+    loads the model (``--tp 2``), and a stream that asks for logits is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    _, src = llama
+    _, meg = imported
+    good = _cli("verify", src, meg, "--no-logits", "--bucket-bytes", str(256 << 10))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "PASS" in good.stdout and "streamed (no model)" in good.stdout, good.stdout
+    assert "max |logit diff|" not in good.stdout, good.stdout
+    _quiet(good)
+    stored = sum(os.path.getsize(os.path.join(meg, "iter_0000000", f)) for f in os.listdir(os.path.join(
+        meg, "iter_0000000")) if f.endswith(".distcp"))
+    read = re.search(r"streamed \(no model\)\s*│\s*([\d,]+) bytes read", good.stdout)
+    read = int(read.group(1).replace(",", ""))
+    assert 0 < read <= stored, (read, stored)  # each stored chunk once at most (fp32 here: nothing is cast)
+    laid_out = _cli("verify", src, meg, "--no-logits", "--tp", "2")
+    assert laid_out.returncode == 0 and "PASS" in laid_out.stdout and "streamed (no model)" not in laid_out.stdout, \
+        laid_out.stdout + laid_out.stderr
+    bad = str(tmp_path / "hf_bad")
+    shutil.copytree(src, bad)
+    tensors = load_file(os.path.join(bad, "model.safetensors"))
+    tensors["model.layers.1.self_attn.k_proj.weight"][5, 2] -= 0.5
+    save_file(tensors, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
+    res = _cli("verify", bad, meg, "--no-logits")
+    assert res.returncode == 1 and "streamed (no model)" in res.stdout, res.stdout + res.stderr
+    mismatches = [ln for ln in res.stdout.splitlines() if ln.startswith("MISMATCH")]
+    assert mismatches == ["MISMATCH model.layers.1.self_attn.k_proj.weight (1 of 4096 values differ)"], res.stdout
+
+
+def test_streamed_verify_refuses_logits():
+    from megatron_bridge_ext.cli.verify import verify_checkpoint
+
+    with pytest.raises(ValueError, match="the logits need the model"):
+        verify_checkpoint(ROOT, ROOT, via_model=False)
+
+
 def test_under_torchrun_in_bf16(llama, tmp_path):
     """The same commands under torchrun (2 processes, gloo): the world torchrun started, one summary line. Imported
     with --dtype bf16 from fp32, the checkpoint holds bf16 only (norms included, as a bf16 training model has them),
