@@ -40,10 +40,11 @@ full layers' ``rope_type``             converts: ``rotary_proportion`` (frequenc
 ``attention_bias``                     refused (as Gemma 2 / 3: q/k/v/o biases without MLP biases)
 ====================================  ==============================================================================
 
-Released Gemma 4 checkpoints set at least one refused feature (``global_head_dim`` 512 differs from ``head_dim``
-256 in all of them; the E2B / E4B models have per-layer embeddings and kv sharing, the 26B-A4B experts), so none of
-them converts; configurations without those features (a Gemma 4 with one head size) convert with their weights
-bit-exact both ways.
+transformers' own defaults (its docs cite google/gemma-4-e2b-it: per-layer input embeddings of 256, full layers of
+head_dim 512 = ``global_head_dim`` against 256) and the 26B-A4B model its expert-parallel plan names (experts,
+``num_global_key_value_heads``) fall under these refusals; as far as transformers' code shows, every released Gemma 4
+checkpoint does (their config.json files were not available to check). A Gemma 4 with one head size and none of the
+refused features converts, its weights bit-exact both ways.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ the Megatron config) load in transformers with the source model's logits.
 What each checkpoint exercises:
 - gemma4: what Gemma 4 adds over Gemma 3 and converts: plain (not zero-centred) RMSNorms, the weightless value norm
   (``v_norm``), a random ``layer_scalar`` per layer, attention scaling 1.0, full-attention layers with proportional
-  RoPE (``partial_rotary_factor`` 0.25, theta 1e4) and sliding layers with their own base (100, window 5 < 12
-  tokens), final logit soft-capping (1.5 on logits up to ~1.5), tied embeddings, head_dim 24 != hidden / heads;
+  RoPE (``partial_rotary_factor`` 0.25, theta 1e4, ``factor`` 2) and sliding layers with their own base (100,
+  window 5 < 12 tokens), final logit soft-capping (1.5 on logits up to ~1.5), tied embeddings, head_dim 24 != hidden / heads;
 - gemma4_plain: one default RoPE for both layer types, no soft-capping, untied embeddings.
 ``test_gemma4_features_bite`` shows on the HF model that each of layer_scalar, v_norm and the proportional RoPE
 moves the logits far beyond the tolerance, so a Megatron model missing one could not pass.
@@ -37,7 +37,7 @@ BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_l
             num_key_value_heads=2, head_dim=24, global_head_dim=24, hidden_size_per_layer_input=0,
             max_position_embeddings=128, rms_norm_eps=1e-5, sliding_window=5,
             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
-PROPORTIONAL = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 10000.0}
+PROPORTIONAL = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 10000.0, "factor": 2.0}
 CHECKPOINTS = {
     "gemma4": dict(final_logit_softcapping=1.5,
                    rope_parameters={"full_attention": PROPORTIONAL,
