@@ -8,37 +8,38 @@ per-layer-type RoPE (``rope_parameters[layer_type]``), ``final_logit_softcapping
 
 What is new, and what this bridge does with it:
 
-====================================  ==============================================================================
-Gemma 4 (HF)                          here
-====================================  ==============================================================================
-RMSNorm ``x * w`` (not ``x * (1+w)``)  converts: ``layernorm_zero_centered_gamma=False`` (local norms)
-``v_norm`` (RMSNorm, no weight)        converts: ``value_rms_norm`` (``ValueNormSelfAttention``)
-``layer_scalar`` (one number / layer)  converts: ``layer_output_scalar`` (``ScaledOutputTransformerLayer``),
-                                       mapped to ``decoder.layers.N.layer_scalar``
-attention ``scaling = 1.0``            converts: ``softmax_scale=1.0`` (no ``query_pre_attn_scalar``)
-full layers' ``rope_type``             converts: ``rotary_proportion`` (frequencies ``theta ** (-2i / head_dim)`` on
-``"proportional"``                     the first ``partial_rotary_factor`` of the pairs, 0 on the rest; HF's
-                                       ``factor`` as ``seq_len_interpolation_factor``), ``proportional_rope``
-``attn_logit_softcapping``             gone from Gemma 4 (nothing to convert)
-``use_double_wide_mlp``                accepted: it doubles the MLP of kv-shared layers only, which are refused
-``per_layer_config``: another          refused: megatron's ``TransformerConfig`` has one ``kv_channels`` and one
-``head_dim`` (``global_head_dim``) /   ``num_query_groups`` for every layer (HF derives these overrides for the
-``num_key_value_heads``                full-attention layers unless ``global_head_dim`` equals ``head_dim``)
+========================================  ============================================================================
+Gemma 4 (HF)                              here
+========================================  ============================================================================
+RMSNorm ``x * w`` (not ``x * (1+w)``)     converts: ``layernorm_zero_centered_gamma=False`` (local norms)
+``v_norm`` (RMSNorm, no weight)           converts: ``value_rms_norm`` (``ValueNormSelfAttention``)
+``layer_scalar`` (one number / layer)     converts: ``layer_output_scalar`` (``ScaledOutputTransformerLayer``),
+                                          mapped to ``decoder.layers.N.layer_scalar``
+attention ``scaling = 1.0``               converts: ``softmax_scale=1.0`` (no ``query_pre_attn_scalar``)
+full layers' ``rope_type``                converts: ``rotary_proportion`` (frequencies ``theta ** (-2i / head_dim)`` on
+``"proportional"``                        the first ``partial_rotary_factor`` of the pairs, 0 on the rest; HF's
+                                          ``factor`` as ``seq_len_interpolation_factor``), ``proportional_rope``
+``attn_logit_softcapping``                gone from Gemma 4 (nothing to convert)
+``use_double_wide_mlp``                   accepted: it doubles the MLP of kv-shared layers only, which are refused
+``per_layer_config``: another             refused: megatron's ``TransformerConfig`` has one ``kv_channels`` and one
+``head_dim`` (``global_head_dim``) /      ``num_query_groups`` for every layer (HF derives these overrides for the
+``num_key_value_heads``                   full-attention layers unless ``global_head_dim`` equals ``head_dim``)
 (``num_global_key_value_heads``)
-``num_kv_shared_layers`` > 0           refused: later layers reuse earlier layers' keys / values (and have no k/v
-(``kv_sharing_modes``)                 projections); a megatron layer computes its own
-``hidden_size_per_layer_input`` > 0    refused: per-layer input embeddings (``embed_tokens_per_layer``,
-(PLE)                                  ``per_layer_model_projection``, a gated residual in every layer) are a second
-                                       input stream that megatron's decoder layers do not take
-``attention_k_eq_v``                   refused: full layers use the key projection as values (no ``v_proj``); it
-                                       would need ``k_proj`` copied into ``linear_qkv``'s value rows and kept equal
-``enable_moe_block``                   refused: a dense MLP and routed experts side by side, each with its own
-                                       pre / post norms, and a router with its own norm, scale and
-                                       ``per_expert_scale``; megatron's MoE layer has one pre-norm and adds shared
-                                       experts unnormalised
-``use_bidirectional_attention``        refused: ``GPTModel`` is causal
-``attention_bias``                     refused (as Gemma 2 / 3: q/k/v/o biases without MLP biases)
-====================================  ==============================================================================
+``num_kv_shared_layers`` > 0              refused: later layers reuse earlier layers' keys / values (and have no k/v
+(``kv_sharing_modes``)                    projections); a megatron layer computes its own
+``hidden_size_per_layer_input`` > 0       refused: per-layer input embeddings (``embed_tokens_per_layer``,
+(PLE)                                     ``per_layer_model_projection``, a gated residual in every layer) are a second
+                                          input stream that megatron's decoder layers do not take
+``attention_k_eq_v``                      refused: full layers use the key projection as values (no ``v_proj``); it
+                                          would need ``k_proj`` copied into ``linear_qkv``'s value rows and kept equal
+``enable_moe_block``                      refused: a dense MLP and routed experts side by side, each with its own
+                                          pre / post norms, and a router with its own norm, scale and
+                                          ``per_expert_scale``; megatron's MoE layer has one pre-norm and adds shared
+                                          experts unnormalised
+``use_bidirectional_attention``           ``"all"`` refused: ``GPTModel`` is causal; ``"vision"`` accepted (only image
+                                          tokens attend both ways, and the text model sees none; export writes None)
+``attention_bias``                        refused (as Gemma 2 / 3: q/k/v/o biases without MLP biases)
+========================================  ============================================================================
 
 transformers' own defaults (its docs cite google/gemma-4-e2b-it: per-layer input embeddings of 256, full layers of
 head_dim 512 = ``global_head_dim`` against 256) and the 26B-A4B model its expert-parallel plan names (experts,
@@ -94,7 +95,6 @@ REFUSED = {
     "attention_k_eq_v": "full-attention layers that use the key projection as values (no v_proj) are not supported",
     "enable_moe_block": "a dense MLP and routed experts side by side, each with its own norms, and a router with its "
                         "own norm, scale and per_expert_scale cannot be expressed by megatron's MoE layer",
-    "use_bidirectional_attention": "GPTModel is causal",
     "attention_bias": "q/k/v and o_proj biases without MLP biases cannot be expressed (megatron's add_bias_linear "
                       "covers both)",
 }
@@ -124,6 +124,10 @@ class Gemma4Bridge(MegatronModelBridge):
             value = config_get(hf_config, field)
             if value:
                 raise ValueError(f"{family}: {field}={value!r} is not supported: {why}")
+        bidirectional = config_get(hf_config, "use_bidirectional_attention")
+        if bidirectional not in (None, "vision"):  # "vision": image tokens only, which the text model never sees
+            raise ValueError(f"{family}: use_bidirectional_attention={bidirectional!r} is not supported: GPTModel is "
+                             "causal")
         per_layer = sorted(getattr(hf_config, "per_layer_attributes", None) or ())
         if per_layer:
             layers = hf_config.per_layer_config

@@ -41,6 +41,8 @@ CASES = {
         "sliding_attention": SLIDING_DEFAULT}),
     # doubles the MLP of kv-shared layers only: no layer is one here, so the model is Gemma 4's without it
     "double_wide_mlp_without_kv_sharing": dict(use_double_wide_mlp=True),
+    # bidirectional among image tokens only: the text model is causal with it
+    "bidirectional_vision": dict(use_bidirectional_attention="vision"),
 }
 MEGATRON_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                    "kv_channels", "layernorm_epsilon", "normalization", "layernorm_zero_centered_gamma",
@@ -128,7 +130,6 @@ def test_dict_form_reads_like_the_config_object():
      r"Gemma4Bridge: enable_moe_block=True is not supported: a dense MLP and routed experts side by side"),
     (dict(use_bidirectional_attention="all"),
      r"use_bidirectional_attention='all' is not supported: GPTModel is causal"),
-    (dict(use_bidirectional_attention="vision"), r"use_bidirectional_attention='vision' is not supported"),
     (dict(attention_bias=True), r"Gemma4Bridge: attention_bias=True is not supported"),
     (dict(final_logit_softcapping=-30.0), r"Gemma4Bridge: final_logit_softcapping=-30\.0 is not a positive number"),
     (dict(hidden_activation="silu"), r"hidden_activation='silu' is not supported \(supported: gelu_pytorch_tanh, "
