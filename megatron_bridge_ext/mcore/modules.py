@@ -400,9 +400,11 @@ class ScaledOutputTransformerLayer(TransformerLayer):
         return output * self.layer_scalar.to(output.dtype), context
 
 
-def proportional_rotary_inv_freq(head_dim: int, base: float, proportion: float) -> torch.Tensor:
+def proportional_rotary_inv_freq(head_dim: int, base: float, proportion: float,
+                                 device: Optional[torch.device] = None) -> torch.Tensor:
     """HF's proportional RoPE frequencies (``rope_type="proportional"``): ``head_dim / 2`` of them, the first
-    ``int(proportion * head_dim // 2)`` equal to ``base ** (-2i / head_dim)``, the others 0 (not rotated).
+    ``int(proportion * head_dim // 2)`` equal to ``base ** (-2i / head_dim)``, the others 0 (not rotated); fp32, on
+    ``device`` (default: torch's current default device).
 
     Raises:
         ValueError: ``proportion`` outside [0, 1] or an odd ``head_dim``.
@@ -411,8 +413,8 @@ def proportional_rotary_inv_freq(head_dim: int, base: float, proportion: float) 
         raise ValueError(f"proportional_rotary_inv_freq: proportion={proportion!r} must lie in [0, 1] and "
                          f"head_dim={head_dim} be even")
     angles = int(proportion * head_dim // 2)
-    rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim))
-    return torch.cat((rotated, torch.zeros(head_dim // 2 - angles, dtype=torch.float32)))
+    rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64, device=device).float() / head_dim))
+    return torch.cat((rotated, torch.zeros(head_dim // 2 - angles, dtype=torch.float32, device=device)))
 
 
 def proportional_rope(model: torch.nn.Module, proportion: float) -> None:
@@ -431,5 +433,6 @@ def proportional_rope(model: torch.nn.Module, proportion: float) -> None:
     if type(rope) is not RotaryEmbedding or rope.inv_freq.numel() != head_dim // 2 or rope.rotary_interleaved:
         raise ValueError(f"proportional_rope: needs a non-interleaved RotaryEmbedding over all {head_dim} channels, "
                          f"the model has {type(rope).__name__} with {rope.inv_freq.numel()} frequencies")
-    rope.inv_freq = proportional_rotary_inv_freq(head_dim, model.config.rotary_base, proportion).to(
-        rope.inv_freq.device)
+    # on the device megatron chose (CPU with use_cpu_initialization, also while a meta model is built)
+    rope.inv_freq = proportional_rotary_inv_freq(head_dim, model.config.rotary_base, proportion,
+                                                 device=rope.inv_freq.device)
