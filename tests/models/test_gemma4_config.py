@@ -2,8 +2,9 @@
 
 Round trip: HF config -> Megatron GPTConfig -> HF config.json; transformers builds a model from the regenerated
 config, which with the original model's weights gives the original logits (within ``SAME_MODEL_ATOL``), and whose
-Megatron config is the same again. Refusals: every Gemma 4 feature megatron's GPTModel cannot hold (see the docstring
-of ``megatron_bridge_ext/models/gemma4.py``), each named with its value. No process group needed."""
+Megatron config is the same again. The proportional frequencies and the value norm equal transformers' bit for bit.
+Refusals: every Gemma 4 feature megatron's GPTModel cannot hold (see the docstring of
+``megatron_bridge_ext/models/gemma4.py``), each named with its value. No process group needed."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def test_hf_megatron_hf_config_gives_the_same_model(case):
         assert getattr(again, field) == getattr(megatron_config, field), field
 
 
-def test_released_rope_reads_as_proportional():
+def test_transformers_default_rope_reads_as_proportional():
     """HF's default Gemma 4 RoPE: proportional on full layers (0.25 of the pairs, theta 1e6), base 1e4 on sliding
     layers."""
     cfg = get_model_bridge(ARCH).transformer_config(_config())
@@ -171,3 +172,26 @@ def test_megatron_settings_without_gemma4_equivalent_are_refused(change, match):
     config = dataclasses.replace(bridge.transformer_config(_config()), **change)
     with pytest.raises(ValueError, match=match):
         bridge.megatron_to_hf_config(config)
+
+
+@pytest.mark.parametrize("head_dim,proportion", [(16, 0.25), (24, 0.25), (24, 0.5), (16, 1.0), (512, 0.25)])
+def test_proportional_frequencies_are_transformers(head_dim, proportion):
+    """``proportional_rotary_inv_freq`` (what ``proportional_rope`` gives megatron's rotary embedding) equals the
+    full-attention inverse frequencies of transformers' Gemma 4 rotary embedding, bit for bit."""
+    from megatron_bridge_ext.mcore.modules import proportional_rotary_inv_freq
+
+    config = _config(head_dim=head_dim, global_head_dim=head_dim, rope_parameters={
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": proportion, "rope_theta": 1e6},
+        "sliding_attention": SLIDING_DEFAULT})
+    hf = transformers.models.gemma4.modeling_gemma4.Gemma4TextRotaryEmbedding(config).full_attention_inv_freq
+    assert torch.equal(proportional_rotary_inv_freq(head_dim, 1e6, proportion), hf)
+
+
+def test_value_norm_is_transformers_v_norm():
+    """The value norm of ``ValueNormSelfAttention`` equals transformers' weightless ``Gemma4RMSNorm``, bit for bit."""
+    from megatron_bridge_ext.mcore.modules import _unit_rms_norm
+
+    v = torch.randn(5, 2, 3, 16, generator=torch.Generator().manual_seed(0)) * 3
+    hf = transformers.models.gemma4.modeling_gemma4.Gemma4RMSNorm(16, eps=1e-6, with_scale=False)
+    assert torch.equal(_unit_rms_norm(v, 1e-6), hf(v))
+    assert torch.equal(_unit_rms_norm(v.bfloat16(), 1e-6), hf(v.bfloat16()))
