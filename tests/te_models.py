@@ -9,8 +9,11 @@ spec cannot express is swapped in, as Megatron Bridge does it:
 - a norm after attention / the MLP (Gemma 2 / 3: ``post_self_attn_layernorm`` / ``post_mlp_layernorm``):
   ``linear_proj`` / ``linear_fc2`` are a ``TERowParallelLinear`` with a ``TENorm`` child ``post_layernorm``
   (Megatron Bridge's ``TERowParallelLinearLayerNorm``);
-- the rest of this package's modules change no parameter (soft-capped or per-layer-type RoPE attention, fp32 router
-  weights, embedding scale, output soft-cap) and are left out: the keys are what is compared here.
+- a learned scalar on each layer's output (Gemma 4: ``layer_output_scalar``): the layer is this package's
+  ``ScaledOutputTransformerLayer`` (a ``TransformerLayer`` with a ``layer_scalar`` parameter, any submodules);
+- the rest of this package's modules change no parameter (soft-capped, per-layer-type RoPE or value-normalising
+  attention, proportional RoPE, fp32 router weights, embedding scale, output soft-cap) and are left out: the keys are
+  what is compared here.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ def te_block_spec(config, vp_stage: Optional[int] = None):
                                        vp_stage=vp_stage)
     if getattr(config, "post_self_attn_layernorm", False) or getattr(config, "post_mlp_layernorm", False):
         block = dataclasses.replace(block, layer_specs=[_layer_with_post_norms(s, config) for s in block.layer_specs])
+    if getattr(config, "layer_output_scalar", False):
+        from megatron_bridge_ext.mcore.modules import ScaledOutputTransformerLayer
+
+        block = dataclasses.replace(block, layer_specs=[dataclasses.replace(s, module=ScaledOutputTransformerLayer)
+                                                        for s in block.layer_specs])
     return block
 
 

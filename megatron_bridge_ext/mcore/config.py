@@ -76,6 +76,14 @@ class GPTConfig(TransformerConfig):
     softmax (Gemma 2's ``attn_logit_softcapping``); None: no capping."""
     final_logit_softcapping: Optional[float] = None
     """Soft-cap the output logits: ``cap * tanh(logits / cap)`` (Gemma's ``final_logit_softcapping``); None: none."""
+    rotary_proportion: Optional[float] = None
+    """Proportional RoPE on the model's rotary embedding (Gemma 4's ``rope_type="proportional"``): of the
+    ``kv_channels / 2`` channel pairs, the first ``int(p * kv_channels // 2)`` turn at ``rotary_base **
+    (-2i / kv_channels)`` and the others not at all; None: megatron's RoPE (``rotary_percent``)."""
+    value_rms_norm: bool = False
+    """RMS-normalise the values per head, without a weight, before the core attention (Gemma 4's ``v_norm``)."""
+    layer_output_scalar: bool = False
+    """Each decoder layer multiplies its output by a learned scalar, ``layer_scalar`` (Gemma 4)."""
 
 
 @dataclass

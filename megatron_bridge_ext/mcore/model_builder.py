@@ -33,7 +33,10 @@ from megatron_bridge_ext.mcore.modules import (
     LocalRMSNorm,
     MLADotProductAttention,
     PostNormRowParallelLinear,
+    ScaledOutputTransformerLayer,
     SoftCapDotProductAttention,
+    ValueNormSelfAttention,
+    proportional_rope,
     scale_embeddings,
     softcap_output_logits,
 )
@@ -181,6 +184,8 @@ def build_gpt_model(
         scale_embeddings(model, config.embedding_scale)
     if config.final_logit_softcapping is not None:
         softcap_output_logits(model, config.final_logit_softcapping)
+    if config.rotary_proportion is not None:
+        proportional_rope(model, config.rotary_proportion)
     model.unpadded_vocab_size = vocab_size
     return model.eval()
 
@@ -219,6 +224,9 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
       (and :class:`LatentRMSNorm` latent norms when ``latent_layernorm_epsilon`` differs from
       ``layernorm_epsilon``);
     - ``moe_router_fp32_weight``: the MoE layers' router is a :class:`FP32WeightRouter`.
+    - ``value_rms_norm``: the attention is :class:`ValueNormSelfAttention`; ``layer_output_scalar``: the layer is
+      a :class:`ScaledOutputTransformerLayer` (``rotary_proportion`` is set on the built model by
+      :func:`build_gpt_model`).
 
     Dense and MoE layers mixed (``moe_layer_freq`` with zeros, e.g. DeepSeek-V3's ``first_k_dense_replace``) or
     zero-centred norms give a ``TransformerBlockSubmodules`` with this stage's layer specs (as megatron's
@@ -254,8 +262,10 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     zero_centered = bool(config.layernorm_zero_centered_gamma)
     fp32_router = bool(num_experts and config.moe_router_fp32_weight)
     softcap = config.attn_logit_softcapping is not None
+    value_norm = bool(config.value_rms_norm)
     if not (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
-            or config.local_rotary_base is not None or mla or softcap or fp32_router):
+            or config.local_rotary_base is not None or mla or softcap or fp32_router or value_norm
+            or config.layer_output_scalar):
         return spec
     latent_eps = getattr(config, "latent_layernorm_epsilon", None)
     if (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm) and \
@@ -285,9 +295,12 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     if config.post_self_attn_layernorm:
         attn_subs["linear_proj"] = PostNormRowParallelLinear
     attn = replace_submodules(attn, **attn_subs)
-    if config.local_rotary_base is not None:
-        if mla:
-            raise ValueError("gpt_layer_spec: local_rotary_base with multi-latent attention is not supported")
+    if (config.local_rotary_base is not None or value_norm) and mla:
+        raise ValueError("gpt_layer_spec: local_rotary_base / value_rms_norm with multi-latent attention is not "
+                         "supported")
+    if value_norm:
+        attn = dataclasses.replace(attn, module=ValueNormSelfAttention)
+    elif config.local_rotary_base is not None:
         attn = dataclasses.replace(attn, module=LayerTypeRopeSelfAttention)
     mlp = layer.mlp
     if config.post_mlp_layernorm:
@@ -299,7 +312,10 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     layer_subs = dict(self_attention=attn, mlp=mlp)
     if zero_centered:
         layer_subs.update(input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm)
-    return replace_submodules(spec, **layer_subs)
+    spec = replace_submodules(spec, **layer_subs)
+    if config.layer_output_scalar:
+        spec = dataclasses.replace(spec, module=ScaledOutputTransformerLayer)
+    return spec
 
 
 def build_model_chunks(config: GPTConfig, vocab_size: Optional[int] = None,

@@ -31,7 +31,16 @@ module                             what it adds
                                    :func:`softcap_output_logits`
 ``FP32WeightRouter``               ``TopKRouter`` whose weight (and bias) stay fp32 whatever ``params_dtype`` is
                                    (``config.moe_router_fp32_weight``; HF DeepSeek-V3 / GLM-4.5 keep theirs in fp32)
+``ValueNormSelfAttention``         :class:`LayerTypeRopeSelfAttention` whose values are RMS-normalised per head
+                                   without a weight (``config.value_rms_norm``, Gemma 4's ``v_norm``); no
+                                   parameters of its own
+``ScaledOutputTransformerLayer``   ``TransformerLayer`` whose output is multiplied by its learned ``layer_scalar``
+                                   (one number; ``config.layer_output_scalar``, Gemma 4)
+``proportional_rope``              (a function) gives ``GPTModel``'s rotary embedding Gemma 4's proportional
+                                   frequencies (``config.rotary_proportion``), set by ``build_gpt_model``
 =================================  ===============================================================================
+
+Gemma 4 needs the last three (with the non-zero-centred norms, post norms and soft-capped logits above).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import is_layer_window_attention
 
 __all__ = [
@@ -65,6 +75,10 @@ __all__ = [
     "SoftCapOutputLayer",
     "softcap_output_logits",
     "FP32WeightRouter",
+    "ValueNormSelfAttention",
+    "ScaledOutputTransformerLayer",
+    "proportional_rotary_inv_freq",
+    "proportional_rope",
 ]
 
 
@@ -346,3 +360,79 @@ class FP32WeightRouter(TopKRouter):
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         return super().gating(input.to(self.weight.dtype))
+
+
+def _unit_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight over the last dimension, in fp32 and cast back, as HF Gemma 4's ``v_norm``
+    (``x * (mean(x^2) + eps) ** -0.5``)."""
+    xf = x.float()
+    return (xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
+
+
+class ValueNormSelfAttention(LayerTypeRopeSelfAttention):
+    """:class:`LayerTypeRopeSelfAttention` (plain ``SelfAttention`` without ``config.local_rotary_base``) whose
+    values are RMS-normalised per head, without a weight, with ``config.layernorm_epsilon``, before the core
+    attention (HF Gemma 4's ``v_norm``). No parameters of its own.
+
+    Raises:
+        ValueError: at the forward, when the fused q/k/v path (``split_qkv=False``) hands over unsplit tensors.
+    """
+
+    def get_query_key_value_tensors(self, *args: Any, **kwargs: Any):
+        out = super().get_query_key_value_tensors(*args, **kwargs)
+        if not isinstance(out, tuple) or len(out) < 3:
+            raise ValueError(f"{type(self).__name__}: value_rms_norm needs split query / key / value tensors, got "
+                             f"{type(out).__name__} (fused_single_qkv_rope is not supported)")
+        query, key, value, *rest = out
+        return (query, key, _unit_rms_norm(value, self.config.layernorm_epsilon), *rest)
+
+
+class ScaledOutputTransformerLayer(TransformerLayer):
+    """``TransformerLayer`` whose output hidden states are multiplied by ``layer_scalar`` (a parameter of one
+    element, starting at 1; HF Gemma 4's ``layer_scalar`` buffer), after both residual adds."""
+
+    def __init__(self, config: Any, submodules: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, submodules, *args, **kwargs)
+        self.layer_scalar = torch.nn.Parameter(torch.ones(1, dtype=config.params_dtype))
+
+    def forward(self, *args: Any, **kwargs: Any):
+        output, context = super().forward(*args, **kwargs)
+        return output * self.layer_scalar.to(output.dtype), context
+
+
+def proportional_rotary_inv_freq(head_dim: int, base: float, proportion: float,
+                                 device: Optional[torch.device] = None) -> torch.Tensor:
+    """HF's proportional RoPE frequencies (``rope_type="proportional"``): ``head_dim / 2`` of them, the first
+    ``int(proportion * head_dim // 2)`` equal to ``base ** (-2i / head_dim)``, the others 0 (not rotated); fp32, on
+    ``device`` (default: torch's current default device).
+
+    Raises:
+        ValueError: ``proportion`` outside [0, 1] or an odd ``head_dim``.
+    """
+    if not 0.0 <= proportion <= 1.0 or head_dim % 2:
+        raise ValueError(f"proportional_rotary_inv_freq: proportion={proportion!r} must lie in [0, 1] and "
+                         f"head_dim={head_dim} be even")
+    angles = int(proportion * head_dim // 2)
+    rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64, device=device).float() / head_dim))
+    return torch.cat((rotated, torch.zeros(head_dim // 2 - angles, dtype=torch.float32, device=device)))
+
+
+def proportional_rope(model: torch.nn.Module, proportion: float) -> None:
+    """Give ``model.rotary_pos_emb`` (megatron's ``RotaryEmbedding`` over all ``kv_channels``) the frequencies of
+    :func:`proportional_rotary_inv_freq`: megatron rotates channel ``j`` with ``j + kv_channels / 2`` at frequency
+    ``j``, as HF does, and a zero frequency leaves that pair as it is. Call before the first forward (megatron
+    caches the rotary embedding per length). A no-op on a model without a rotary embedding.
+
+    Raises:
+        ValueError: the rotary embedding is of another class or covers part of the channels (``rotary_percent``).
+    """
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None:
+        return
+    head_dim = model.config.kv_channels
+    if type(rope) is not RotaryEmbedding or rope.inv_freq.numel() != head_dim // 2 or rope.rotary_interleaved:
+        raise ValueError(f"proportional_rope: needs a non-interleaved RotaryEmbedding over all {head_dim} channels, "
+                         f"the model has {type(rope).__name__} with {rope.inv_freq.numel()} frequencies")
+    # on the device megatron chose (CPU with use_cpu_initialization, also while a meta model is built)
+    rope.inv_freq = proportional_rotary_inv_freq(head_dim, model.config.rotary_base, proportion,
+                                                 device=rope.inv_freq.device)

@@ -20,7 +20,7 @@ from megatron_bridge_ext.mappings import (
 
 __all__ = ["L", "H", "GPT_MODEL", "embedding_mappings", "attention_mappings", "fused_qkv_attention_mappings",
            "qk_norm_mappings", "pre_mlp_norm_mappings", "gated_mlp_mappings", "fused_gated_mlp_mappings",
-           "post_norm_mappings", "mla_mappings", "sink_mappings"]
+           "post_norm_mappings", "layer_scalar_mappings", "mla_mappings", "sink_mappings"]
 
 L = "decoder.layers.*"
 H = "model.layers.*"
@@ -113,6 +113,12 @@ def post_norm_mappings(post_attn: str = "post_attention_layernorm",
         AutoMapping(f"{L}.self_attention.linear_proj.post_layernorm.weight", f"{H}.{post_attn}.weight"),
         AutoMapping(f"{L}.mlp.linear_fc2.post_layernorm.weight", f"{H}.{post_mlp}.weight"),
     ]
+
+
+def layer_scalar_mappings(name: str = "layer_scalar") -> List[MegatronParamMapping]:
+    """One learned number per layer multiplying its output (Gemma 4's ``layer_scalar``; megatron
+    ``ScaledOutputTransformerLayer``), replicated."""
+    return [AutoMapping(f"{L}.layer_scalar", f"{H}.{name}")]
 
 
 def mla_mappings(attn: str = "self_attn") -> List[MegatronParamMapping]:

@@ -52,6 +52,7 @@ CASES = {
     "qwen3": (DENSE_W, DENSE_R, False),
     "gemma2": (DENSE_W, DENSE_R, False),
     "gemma3": (DENSE_W, DENSE_R, False),
+    "gemma4": (DENSE_W, DENSE_R, False),
     "phi3": (DENSE_W, DENSE_R, False),
     "mixtral": (MOE_W, dict(tp=2, pp=1), True),
     "qwen3_moe": (MOE_W, dict(tp=2, pp=1), True),
@@ -71,6 +72,7 @@ def _make_checkpoints(root: str) -> dict:
     import test_bridge_llama as llama
     import test_bridge_mixtral as mixtral
     import test_bridge_moe_families as moe
+    import test_gemma4 as gemma4
 
     paths = {}
     for name in CASES:
@@ -81,6 +83,8 @@ def _make_checkpoints(root: str) -> dict:
                                    arch="Qwen2" if name == "qwen2" else "Llama")
         elif name in dense.CHECKPOINTS:
             dense._make_checkpoint(path, name, seed=2)
+        elif name == "gemma4":
+            gemma4._make_checkpoint(path, name, seed=2)
         elif name == "mixtral":
             model = tiny_hf_model("Mixtral", mixtral.CONFIG, seed=3)
             moe._randomise(model)

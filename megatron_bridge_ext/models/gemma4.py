@@ -1,0 +1,261 @@
+"""Gemma 4 text (``Gemma4ForCausalLM``, ``model_type`` ``gemma4_text``), against Gemma 3 text (transformers 5.24's
+``modeling_gemma4.py`` / ``configuration_gemma4.py``; what megatron-core 0.16.1 and 0.19.2's ``GPTModel`` can hold).
+
+What Gemma 4 keeps from Gemma 3 and converts the same way: GeGLU MLP (``hidden_activation``), sandwich norms
+(``post_attention_layernorm`` / ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm``), per-head q/k norms,
+embeddings scaled by sqrt(hidden_size), the sliding / full layer pattern (``layer_types``, ``sliding_window``),
+per-layer-type RoPE (``rope_parameters[layer_type]``), ``final_logit_softcapping``, tied embeddings.
+
+What is new, and what this bridge does with it:
+
+========================================  ============================================================================
+Gemma 4 (HF)                              here
+========================================  ============================================================================
+RMSNorm ``x * w`` (not ``x * (1+w)``)     converts: ``layernorm_zero_centered_gamma=False`` (local norms)
+``v_norm`` (RMSNorm, no weight)           converts: ``value_rms_norm`` (``ValueNormSelfAttention``)
+``layer_scalar`` (one number / layer)     converts: ``layer_output_scalar`` (``ScaledOutputTransformerLayer``),
+                                          mapped to ``decoder.layers.N.layer_scalar``
+attention ``scaling = 1.0``               converts: ``softmax_scale=1.0`` (no ``query_pre_attn_scalar``)
+full layers' ``rope_type``                converts: ``rotary_proportion`` (frequencies ``theta ** (-2i / head_dim)`` on
+``"proportional"``                        the first ``partial_rotary_factor`` of the pairs, 0 on the rest; HF's
+                                          ``factor`` as ``seq_len_interpolation_factor``), ``proportional_rope``
+``attn_logit_softcapping``                gone from Gemma 4 (nothing to convert)
+``use_double_wide_mlp``                   accepted: it doubles the MLP of kv-shared layers only, which are refused
+``per_layer_config``: another             refused: megatron's ``TransformerConfig`` has one ``kv_channels`` and one
+``head_dim`` (``global_head_dim``) /      ``num_query_groups`` for every layer (HF derives these overrides for the
+``num_key_value_heads``                   full-attention layers unless ``global_head_dim`` equals ``head_dim``)
+(``num_global_key_value_heads``)
+``num_kv_shared_layers`` > 0              refused: later layers reuse earlier layers' keys / values (and have no k/v
+(``kv_sharing_modes``)                    projections); a megatron layer computes its own
+``hidden_size_per_layer_input`` > 0       refused: per-layer input embeddings (``embed_tokens_per_layer``,
+(PLE)                                     ``per_layer_model_projection``, a gated residual in every layer) are a second
+                                          input stream that megatron's decoder layers do not take
+``attention_k_eq_v``                      refused: full layers use the key projection as values (no ``v_proj``); it
+                                          would need ``k_proj`` copied into ``linear_qkv``'s value rows and kept equal
+``enable_moe_block``                      refused: a dense MLP and routed experts side by side, each with its own
+                                          pre / post norms, and a router with its own norm, scale and
+                                          ``per_expert_scale``; megatron's MoE layer has one pre-norm and adds shared
+                                          experts unnormalised
+``use_bidirectional_attention``           ``"all"`` refused: ``GPTModel`` is causal; ``"vision"`` accepted (only image
+                                          tokens attend both ways, and the text model sees none; export writes None)
+``attention_bias``                        refused (as Gemma 2 / 3: q/k/v/o biases without MLP biases)
+========================================  ============================================================================
+
+transformers' own defaults (its docs cite google/gemma-4-e2b-it: per-layer input embeddings of 256, full layers of
+head_dim 512 = ``global_head_dim`` against 256) and the 26B-A4B model its expert-parallel plan names (experts,
+``num_global_key_value_heads``) fall under these refusals; as far as transformers' code shows, every released Gemma 4
+checkpoint does (their config.json files were not available to check). A Gemma 4 with one head size and none of the
+refused features converts, its weights bit-exact both ways.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping
+
+from megatron_bridge_ext.engine import MegatronModelBridge
+from megatron_bridge_ext.models.gemma2 import GELU_ACTIVATIONS
+from megatron_bridge_ext.models.hf_config import (
+    FULL,
+    SLIDING,
+    activation_hf_fields,
+    config_get,
+    dtype_kwargs,
+    gated_activation_kwargs,
+    model_size_hf_fields,
+    model_size_kwargs,
+    per_layer_type_rope,
+    rms_norm_hf_fields,
+    rms_norm_kwargs,
+    rope_hf_fields,
+    rope_settings,
+    window_hf_fields,
+    window_settings,
+)
+from megatron_bridge_ext.models.tables import (
+    GPT_MODEL,
+    attention_mappings,
+    embedding_mappings,
+    gated_mlp_mappings,
+    layer_scalar_mappings,
+    post_norm_mappings,
+    qk_norm_mappings,
+)
+from megatron_bridge_ext.registry import MegatronMappingRegistry
+
+__all__ = ["Gemma4Bridge"]
+
+#: HF fields whose truthy values build what GPTModel cannot hold (see the module docstring), with the reason
+REFUSED = {
+    "num_kv_shared_layers": "layers that reuse earlier layers' keys and values (kv sharing) cannot be expressed: each "
+                            "megatron layer computes its own",
+    "hidden_size_per_layer_input": "per-layer input embeddings (embed_tokens_per_layer, per_layer_model_projection "
+                                   "and a gated per-layer residual) cannot be expressed: megatron's decoder layers "
+                                   "take one hidden-state stream",
+    "attention_k_eq_v": "full-attention layers that use the key projection as values (no v_proj) are not supported",
+    "enable_moe_block": "a dense MLP and routed experts side by side, each with its own norms, and a router with its "
+                        "own norm, scale and per_expert_scale cannot be expressed by megatron's MoE layer",
+    "attention_bias": "q/k/v and o_proj biases without MLP biases cannot be expressed (megatron's add_bias_linear "
+                      "covers both)",
+}
+#: HF rope parameters of a proportional RoPE that this bridge reads
+PROPORTIONAL_KEYS = {"rope_type", "rope_theta", "partial_rotary_factor", "factor"}
+
+
+def _as_hf_config(hf_config: Any) -> Any:
+    """An HF config object: a dict form goes through ``Gemma4TextConfig``, which derives the per-layer overrides
+    (``global_head_dim``, ``num_global_key_value_heads``) that decide whether the model converts."""
+    if not isinstance(hf_config, Mapping):
+        return hf_config
+    import transformers
+
+    return transformers.Gemma4TextConfig(**{k: v for k, v in hf_config.items() if k != "model_type"})
+
+
+@MegatronModelBridge.register_bridge(source="Gemma4ForCausalLM", target=GPT_MODEL)
+class Gemma4Bridge(MegatronModelBridge):
+    """HF Gemma4ForCausalLM (text) <-> Megatron-Core GPTModel (with the local-spec modules of ``mcore/modules.py``)."""
+
+    hf_model_type = "gemma4_text"
+
+    def _refuse_unsupported(self, hf_config: Any) -> None:
+        family = type(self).__name__
+        for field, why in REFUSED.items():
+            value = config_get(hf_config, field)
+            if value:
+                raise ValueError(f"{family}: {field}={value!r} is not supported: {why}")
+        bidirectional = config_get(hf_config, "use_bidirectional_attention")
+        if bidirectional not in (None, "vision"):  # "vision": image tokens only, which the text model never sees
+            raise ValueError(f"{family}: use_bidirectional_attention={bidirectional!r} is not supported: GPTModel is "
+                             "causal")
+        per_layer = sorted(getattr(hf_config, "per_layer_attributes", None) or ())
+        if per_layer:
+            layers = hf_config.per_layer_config
+            values = {a: sorted({getattr(layers[i], a) for i in range(len(layers))}) for a in per_layer}
+            raise ValueError(f"{family}: per_layer_config gives layers different {per_layer} (values {values}; HF "
+                             "sets global_head_dim / num_global_key_value_heads on full-attention layers): megatron's "
+                             "TransformerConfig has one kv_channels and one num_query_groups for every layer")
+
+    def _rope_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        """The model's RoPE from ``rope_parameters["full_attention"]``, the sliding layers' base as
+        ``local_rotary_base`` where the two differ."""
+        family = type(self).__name__
+        per_type = per_layer_type_rope(hf_config)
+        if per_type is None or FULL not in per_type:
+            raise ValueError(f"{family}: rope_parameters={config_get(hf_config, 'rope_parameters')!r} must be keyed "
+                             f"by layer type, with a {FULL!r} entry")
+        full = per_type[FULL]
+        if full.get("rope_type", "default") == "proportional":
+            extra = sorted(set(full) - PROPORTIONAL_KEYS)
+            if extra:
+                raise ValueError(f"{family}: rope_parameters[{FULL!r}] = {full} has keys {extra} that proportional "
+                                 "RoPE does not read")
+            kw: Dict[str, Any] = {"rotary_base": float(full["rope_theta"]),
+                                  "rotary_proportion": float(full.get("partial_rotary_factor") or 1.0)}
+            factor = float(full.get("factor", 1.0))
+            if factor != 1.0:
+                kw["seq_len_interpolation_factor"] = factor
+        else:
+            kw = rope_settings({"rope_parameters": full})
+            if "rotary_percent" in kw:
+                raise ValueError(f"{family}: rope_parameters[{FULL!r}] = {full}: partial_rotary_factor is read by "
+                                 "proportional RoPE only")
+        if SLIDING in per_type:
+            local = rope_settings({"rope_parameters": per_type[SLIDING]})
+            if set(local) != {"rotary_base"}:
+                raise ValueError(f"{family}: rope_parameters[{SLIDING!r}] = {per_type[SLIDING]} is not supported: "
+                                 "sliding layers take a rope base only (rope_type 'default')")
+            if set(kw) != {"rotary_base"} or local["rotary_base"] != kw["rotary_base"]:
+                kw["local_rotary_base"] = local["rotary_base"]
+        return kw
+
+    def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        hf_config = _as_hf_config(hf_config)
+        self._refuse_unsupported(hf_config)
+        family = type(self).__name__
+        kw = {**model_size_kwargs(hf_config), **self._rope_kwargs(hf_config), **dtype_kwargs(hf_config)}
+        cap = config_get(hf_config, "final_logit_softcapping")
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+                raise ValueError(f"{family}: final_logit_softcapping={cap!r} is not a positive number (None: no "
+                                 "capping)")
+            kw["final_logit_softcapping"] = float(cap)
+        kw.update(
+            **rms_norm_kwargs(hf_config),
+            layernorm_zero_centered_gamma=False,
+            post_self_attn_layernorm=True,
+            post_mlp_layernorm=True,
+            qk_layernorm=True,
+            value_rms_norm=True,
+            layer_output_scalar=True,
+            **gated_activation_kwargs(hf_config, family, field="hidden_activation", default="gelu_pytorch_tanh",
+                                      allowed=GELU_ACTIVATIONS),
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            softmax_scale=1.0,
+            embedding_scale=kw["hidden_size"] ** 0.5,
+            **window_settings(hf_config, family),
+        )
+        return kw
+
+    def _check_megatron(self, config: Any) -> None:
+        wrong = {}
+        for field, want in (("normalization", "RMSNorm"), ("layernorm_zero_centered_gamma", False),
+                            ("post_self_attn_layernorm", True), ("post_mlp_layernorm", True), ("qk_layernorm", True),
+                            ("value_rms_norm", True), ("layer_output_scalar", True), ("gated_linear_unit", True),
+                            ("add_bias_linear", False), ("add_qkv_bias", False), ("softmax_scale", 1.0),
+                            ("embedding_scale", config.hidden_size ** 0.5), ("attn_logit_softcapping", None),
+                            ("rotary_percent", 1.0)):
+            if getattr(config, field) != want:
+                wrong[field] = (getattr(config, field), want)
+        if wrong:
+            raise ValueError(f"{type(self).__name__}: these Megatron settings have no {self.hf_architecture} "
+                             f"equivalent (field: (got, expected)): {wrong}")
+
+    def _rope_hf_fields(self, config: Any) -> Dict[str, Any]:
+        if config.rotary_proportion is None:
+            full = rope_hf_fields(config)["rope_parameters"]
+        else:
+            if config.rope_scaling or config.position_embedding_type != "rope":
+                raise ValueError(f"{type(self).__name__}: rotary_proportion={config.rotary_proportion} with "
+                                 f"rope_scaling={config.rope_scaling} / position_embedding_type="
+                                 f"{config.position_embedding_type!r} has no HF equivalent")
+            full = {"rope_type": "proportional", "partial_rotary_factor": float(config.rotary_proportion),
+                    "rope_theta": float(config.rotary_base)}
+            if config.seq_len_interpolation_factor is not None:
+                full["factor"] = float(config.seq_len_interpolation_factor)
+        if config.local_rotary_base is None:
+            sliding = dict(full)
+        else:
+            sliding = {"rope_type": "default", "rope_theta": float(config.local_rotary_base)}
+        return {"rope_parameters": {FULL: full, SLIDING: sliding}}
+
+    def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
+        self._check_megatron(config)
+        family = type(self).__name__
+        window = window_hf_fields(config, family)
+        if window["layer_types"][-1] != FULL:  # HF Gemma 4 turns a last sliding layer into a full one
+            raise ValueError(f"{family}: the last layer slides (window_attn_skip_freq="
+                             f"{config.window_attn_skip_freq}); Gemma 4's last layer is a full-attention layer")
+        if window["sliding_window"] is None:  # HF Gemma builds a sliding-window mask even when no layer uses it
+            window = {**window, "sliding_window": config.seq_length}
+        return {
+            **super().megatron_to_hf_config(config), **model_size_hf_fields(config), **self._rope_hf_fields(config),
+            **rms_norm_hf_fields(config), **activation_hf_fields(config, "hidden_activation"), **window,
+            "attention_bias": False,
+            "final_logit_softcapping": config.final_logit_softcapping,
+            # every layer has the same head size and kv heads (an empty per_layer_config: HF's default would give
+            # the full-attention layers head_dim 512)
+            "per_layer_config": {},
+            "hidden_size_per_layer_input": 0,
+            "num_kv_shared_layers": 0,
+            "attention_k_eq_v": False,
+            "enable_moe_block": False,
+            "use_double_wide_mlp": False,
+            "use_bidirectional_attention": None,
+        }
+
+    def mapping_registry(self) -> MegatronMappingRegistry:
+        return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(), *qk_norm_mappings(),
+                                       *gated_mlp_mappings(pre_norm="pre_feedforward_layernorm"),
+                                       *post_norm_mappings(), *layer_scalar_mappings())

@@ -1,0 +1,190 @@
+"""End to end on real parts for Gemma 4 text (``Gemma4ForCausalLM``): transformers checkpoints from tiny configs
+(random weights incl. norms and ``layer_scalar``, fixed seed) -> AutoBridge -> megatron-core GPTModel chunks (CPU,
+gloo) -> HF, at TP2, PP2, PP2+VPP2 and TP2xPP2, all in ONE spawned world of 4 ranks.
+
+For each layout: the Megatron logits against the HF model's own (fp32, max |diff| <= 1e-4) and the exported
+checkpoint against the source (key set, dtypes, torch.equal). Exports without the source checkpoint (config.json from
+the Megatron config) load in transformers with the source model's logits.
+Megatron torch_dist checkpoints of the ``gemma4`` checkpoint (written from the model and streamed, TE keys) are
+proved in ``tests/distributed/test_te_checkpoint.py``.
+
+What each checkpoint exercises:
+- gemma4: what Gemma 4 adds over Gemma 3 and converts: plain (not zero-centred) RMSNorms, the weightless value norm
+  (``v_norm``), a random ``layer_scalar`` per layer, attention scaling 1.0, full-attention layers with proportional
+  RoPE (``partial_rotary_factor`` 0.25, theta 1e4, ``factor`` 2) and sliding layers with their own base (100,
+  window 5 < 12 tokens), final logit soft-capping (1.5 on logits up to ~1.5), tied embeddings, head_dim 24 !=
+  hidden / heads;
+- gemma4_plain: one default RoPE for both layer types, no soft-capping, untied embeddings.
+``test_gemma4_features_bite`` shows on the HF model that each of layer_scalar, v_norm and the proportional RoPE
+moves the logits far beyond the tolerance, so a Megatron model missing one could not pass.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+transformers = pytest.importorskip("transformers")
+
+from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
+from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import randomise, tiny_hf_model  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+
+VOCAB = 97
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=24, global_head_dim=24, hidden_size_per_layer_input=0,
+            max_position_embeddings=128, rms_norm_eps=1e-5, sliding_window=5,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+PROPORTIONAL = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 10000.0, "factor": 2.0}
+CHECKPOINTS = {
+    "gemma4": dict(final_logit_softcapping=1.5,
+                   rope_parameters={"full_attention": PROPORTIONAL,
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
+    "gemma4_plain": dict(final_logit_softcapping=None, tie_word_embeddings=False,
+                         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+}
+# name, tp, pp, vpp, checkpoint
+LAYOUTS = [
+    ("gemma4_tp2", 2, 1, None, "gemma4"),
+    ("gemma4_pp2", 1, 2, None, "gemma4"),
+    ("gemma4_pp2vpp2", 1, 2, 2, "gemma4"),
+    ("gemma4_tp2pp2", 2, 2, None, "gemma4"),
+    ("gemma4_plain_tp2", 2, 1, None, "gemma4_plain"),
+]
+NO_SOURCE = {"gemma4_pp2vpp2", "gemma4_tp2pp2", "gemma4_plain_tp2"}
+ARCH = "Gemma4ForCausalLM"
+
+
+def _make_checkpoint(path: str, ckpt: str, seed: int) -> None:
+    """Random weights from a fixed seed: norms N(1, 0.3) (Gemma 4's norms multiply by w), sharp attention (q/k std
+    0.3) so that windows and RoPE visibly change the logits, and each layer's ``layer_scalar`` (a buffer
+    transformers saves) drawn from U(0.5, 1.5)."""
+    model = tiny_hf_model("Gemma4Text", {**BASE, **CHECKPOINTS[ckpt]}, seed, arch="Gemma4")
+    randomise(model, (1.0, 0.3), rules=[(lambda name: "q_proj" in name or "k_proj" in name, 0.0, 0.3)],
+              rest=(0.0, 0.08))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.layer_scalar.uniform_(0.5, 1.5)
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: str, layouts: list) -> dict:
+    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    import torch.distributed as dist
+
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.mcore.forward import megatron_logits
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
+
+    results = {}
+    for name, tp, pp, vpp, ckpt in layouts:
+        init_parallel(tp=tp, pp=pp, vpp=vpp)
+        bridge = AutoBridge.from_hf_pretrained(ckpts[ckpt])
+        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
+        logits = megatron_logits(chunks, tokens)
+        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=96 * 1024,
+                                  bucket_bytes=64 * 1024, show_progress=False)
+        if name in NO_SOURCE:
+            AutoBridge.from_architecture(ARCH).save_hf_pretrained(
+                chunks, os.path.join(out_root, f"{name}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
+        if rank == 0:
+            results[name] = logits
+        destroy_parallel()
+        dist.barrier()
+    return results
+
+
+@pytest.fixture(scope="module")
+def world_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma4")
+    ckpts = {}
+    for i, ckpt in enumerate(CHECKPOINTS):
+        ckpts[ckpt] = str(root / f"hf_{ckpt}")
+        _make_checkpoint(ckpts[ckpt], ckpt, seed=40 + i)
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    out_root = str(root / "out")
+    results = spawn_local(_worker, 4, (ckpts, tokens, out_root, LAYOUTS), timeout=600)[0]
+    hf = {ckpt: hf_logits(path, tokens) for ckpt, path in ckpts.items()}
+    return ckpts, out_root, results, hf, tokens
+
+
+@pytest.mark.parametrize("name,tp,pp,vpp,ckpt", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+def test_logits_match_hf(world_results, name, tp, pp, vpp, ckpt):
+    _, _, results, hf, _ = world_results
+    got = results[name]
+    assert got.shape == hf[ckpt].shape, (got.shape, hf[ckpt].shape)
+    diff = (got - hf[ckpt]).abs().max().item()
+    assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
+
+
+def _assert_same_tensors(src_dir: str, dst_dir: str) -> None:
+    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
+        want = set(src.keys())
+        assert set(dst.keys()) == want, set(dst.keys()) ^ want
+        for key in want:
+            a, b = src[key], dst[key]
+            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
+            assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("name,tp,pp,vpp,ckpt", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+def test_round_trip_bit_exact(world_results, name, tp, pp, vpp, ckpt):
+    ckpts, out_root, _, _, _ = world_results
+    with SafeTensorsSource(ckpts[ckpt]) as src:  # the layer scalars travel too
+        assert {f"model.layers.{i}.layer_scalar" for i in range(BASE["num_hidden_layers"])} <= set(src.keys())
+    _assert_same_tensors(ckpts[ckpt], os.path.join(out_root, name))
+    assert os.path.exists(os.path.join(out_root, name, "config.json"))
+
+
+@pytest.mark.parametrize("name", sorted(NO_SOURCE))
+def test_export_without_source_loads_in_transformers(world_results, name):
+    """config.json from the Megatron config, tensors from the mappings: transformers builds Gemma4ForCausalLM from
+    it (one head size: an empty per_layer_config) and reproduces the source model's logits."""
+    ckpts, out_root, _, hf, tokens = world_results
+    ckpt = next(layout[4] for layout in LAYOUTS if layout[0] == name)
+    out = os.path.join(out_root, f"{name}_nosource")
+    _assert_same_tensors(ckpts[ckpt], out)
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert config.architectures == [ARCH]
+    assert type(config) is transformers.Gemma4TextConfig
+    assert not config.per_layer_attributes
+    diff = (hf_logits(out, tokens) - hf[ckpt]).abs().max().item()
+    assert diff <= SAME_MODEL_ATOL, f"{name}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
+
+
+def _without_layer_scalar(model):
+    for layer in model.model.layers:
+        layer.layer_scalar.fill_(1.0)
+
+
+def _without_v_norm(model):
+    for layer in model.model.layers:
+        layer.self_attn.v_norm = torch.nn.Identity()
+
+
+def _default_rope(model):
+    emb = model.model.rotary_emb
+    head_dim = BASE["head_dim"]
+    theta = PROPORTIONAL["rope_theta"]
+    emb.full_attention_inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+
+
+@pytest.mark.parametrize("change", [_without_layer_scalar, _without_v_norm, _default_rope],
+                         ids=["layer_scalar", "v_norm", "proportional_rope"])
+def test_gemma4_features_bite(world_results, change):
+    """Each Gemma 4 feature the Megatron model reproduces changes the HF model's logits by far more than the 1e-4
+    tolerance: a conversion that dropped it could not pass test_logits_match_hf."""
+    ckpts, _, _, hf, tokens = world_results
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpts["gemma4"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        change(model)
+        changed = model(tokens, use_cache=False).logits.float()
+    assert (changed - hf["gemma4"]).abs().max().item() > 100 * MEGATRON_VS_HF_ATOL

@@ -1,0 +1,197 @@
+"""Gemma 4 text's config translation both ways, and what it refuses by name.
+
+Round trip: HF config -> Megatron GPTConfig -> HF config.json; transformers builds a model from the regenerated
+config, which with the original model's weights gives the original logits (within ``SAME_MODEL_ATOL``), and whose
+Megatron config is the same again. The proportional frequencies and the value norm equal transformers' bit for bit.
+Refusals: every Gemma 4 feature megatron's GPTModel cannot hold (see the docstring of
+``megatron_bridge_ext/models/gemma4.py``), each named with its value. No process group needed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+transformers = pytest.importorskip("transformers")
+
+import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
+from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+
+ARCH = "Gemma4ForCausalLM"
+# one head size for every layer (global_head_dim = head_dim) and no per-layer input embeddings: what converts
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, global_head_dim=16, hidden_size_per_layer_input=0,
+            max_position_embeddings=128, rms_norm_eps=3e-6, initializer_range=0.03, sliding_window=5,
+            layer_types=["sliding_attention", "full_attention"])
+SLIDING_DEFAULT = {"rope_type": "default", "rope_theta": 10000.0}
+PROPORTIONAL = {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e5}
+CASES = {
+    # HF's default rope_parameters: proportional RoPE (0.25, theta 1e6) on full layers, theta 1e4 on sliding ones
+    "default_rope": dict(final_logit_softcapping=30.0),
+    "proportional_factor": dict(rope_parameters={
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e5,
+                           "factor": 2.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
+    "one_rope_untied_gelu": dict(tie_word_embeddings=False, hidden_activation="gelu", rope_parameters={
+        "full_attention": SLIDING_DEFAULT, "sliding_attention": SLIDING_DEFAULT}),
+    "linear_rope_full_layers_only": dict(layer_types=["full_attention"] * 2, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+        "sliding_attention": SLIDING_DEFAULT}),
+    # doubles the MLP of kv-shared layers only: no layer is one here, so the model is Gemma 4's without it
+    "double_wide_mlp_without_kv_sharing": dict(use_double_wide_mlp=True),
+    # bidirectional among image tokens only: the text model is causal with it
+    "bidirectional_vision": dict(use_bidirectional_attention="vision"),
+}
+MEGATRON_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                   "kv_channels", "layernorm_epsilon", "normalization", "layernorm_zero_centered_gamma",
+                   "rotary_base", "rotary_percent", "rotary_proportion", "seq_len_interpolation_factor",
+                   "rope_scaling", "local_rotary_base", "share_embeddings_and_output_weights", "vocab_size",
+                   "window_size", "window_attn_skip_freq", "qk_layernorm", "value_rms_norm", "layer_output_scalar",
+                   "softmax_scale", "embedding_scale", "post_self_attn_layernorm", "post_mlp_layernorm",
+                   "activation_func", "gated_linear_unit", "add_bias_linear", "add_qkv_bias",
+                   "final_logit_softcapping", "attn_logit_softcapping", "params_dtype")
+
+
+def _config(**overrides):
+    return transformers.Gemma4TextConfig(**{**TINY, **overrides})
+
+
+def _model(config):
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.3)
+        for layer in model.model.layers:
+            layer.layer_scalar.uniform_(0.5, 1.5)
+    return model
+
+
+def _logits(model):
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hf_megatron_hf_config_gives_the_same_model(case):
+    model = _model(_config(**CASES[case]))
+    bridge = get_model_bridge(ARCH)
+    megatron_config = bridge.transformer_config(model.config)
+    assert megatron_config.value_rms_norm and megatron_config.layer_output_scalar
+    assert megatron_config.softmax_scale == 1.0
+    regenerated = bridge.megatron_to_hf_config(megatron_config)
+    assert regenerated["architectures"] == [ARCH]
+    config2 = transformers.AutoConfig.for_model(**regenerated)
+    assert type(config2) is transformers.Gemma4TextConfig
+    assert not config2.per_layer_attributes  # one head size: the empty per_layer_config survived
+    model2 = transformers.AutoModelForCausalLM.from_config(config2).float().eval()
+    assert type(model2) is transformers.Gemma4ForCausalLM
+    model2.load_state_dict(model.state_dict(), strict=True)
+    diff = max_abs_diff(_logits(model2), _logits(model))
+    assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
+    again = bridge.transformer_config(config2)
+    for field in MEGATRON_FIELDS:
+        assert getattr(again, field) == getattr(megatron_config, field), field
+
+
+def test_transformers_default_rope_reads_as_proportional():
+    """HF's default Gemma 4 RoPE: proportional on full layers (0.25 of the pairs, theta 1e6), base 1e4 on sliding
+    layers."""
+    cfg = get_model_bridge(ARCH).transformer_config(_config())
+    assert (cfg.rotary_proportion, cfg.rotary_base, cfg.local_rotary_base) == (0.25, 1e6, 1e4)
+    assert cfg.rotary_percent == 1.0 and cfg.seq_len_interpolation_factor is None
+
+
+def test_dict_form_reads_like_the_config_object():
+    bridge = get_model_bridge(ARCH)
+    config = _config(**CASES["proportional_factor"])
+    a = bridge.transformer_config(config)
+    b = bridge.transformer_config(config.to_dict())
+    for field in MEGATRON_FIELDS:
+        assert getattr(a, field) == getattr(b, field), field
+
+
+@pytest.mark.parametrize("overrides,match", [
+    # transformers' defaults: full-attention layers get head_dim = global_head_dim (512) through per_layer_config
+    (dict(global_head_dim=512),
+     r"Gemma4Bridge: per_layer_config gives layers different \['head_dim'\] \(values \{'head_dim': \[16, 512\]\}"),
+    (dict(per_layer_config={1: {"num_key_value_heads": 1}}),
+     r"per_layer_config gives layers different \['num_key_value_heads'\] .*one kv_channels and one num_query_groups"),
+    (dict(hidden_size_per_layer_input=256), r"Gemma4Bridge: hidden_size_per_layer_input=256 is not supported: "
+                                            r"per-layer input embeddings"),
+    (dict(num_kv_shared_layers=1), r"Gemma4Bridge: num_kv_shared_layers=1 is not supported: layers that reuse"),
+    (dict(attention_k_eq_v=True), r"Gemma4Bridge: attention_k_eq_v=True is not supported: full-attention layers "
+                                  r"that use the key projection as values"),
+    (dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),
+     r"Gemma4Bridge: enable_moe_block=True is not supported: a dense MLP and routed experts side by side"),
+    (dict(use_bidirectional_attention="all"),
+     r"use_bidirectional_attention='all' is not supported: GPTModel is causal"),
+    (dict(attention_bias=True), r"Gemma4Bridge: attention_bias=True is not supported"),
+    (dict(final_logit_softcapping=-30.0), r"Gemma4Bridge: final_logit_softcapping=-30\.0 is not a positive number"),
+    (dict(hidden_activation="silu"), r"hidden_activation='silu' is not supported \(supported: gelu_pytorch_tanh, "
+                                     r"gelu\)"),
+    (dict(rope_parameters={"full_attention": SLIDING_DEFAULT,
+                           "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+     r"rope_parameters\['sliding_attention'\] = .* sliding layers take a rope base only"),
+    (dict(rope_parameters={"full_attention": {**SLIDING_DEFAULT, "partial_rotary_factor": 0.5},
+                           "sliding_attention": SLIDING_DEFAULT}),
+     r"rope_parameters\['full_attention'\] = .*partial_rotary_factor is read by proportional RoPE only"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
+                                              "original_max_position_embeddings": 64},
+                           "sliding_attention": SLIDING_DEFAULT}), r"unsupported rope type 'yarn'"),
+    (dict(rope_parameters={"full_attention": {**PROPORTIONAL, "beta_fast": 32.0},
+                           "sliding_attention": SLIDING_DEFAULT}),
+     r"rope_parameters\['full_attention'\] = .* has keys \['beta_fast'\] that proportional RoPE does not read"),
+])
+def test_settings_megatron_cannot_express_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        get_model_bridge(ARCH).transformer_config(_config(**overrides))
+
+
+def test_transformers_default_config_is_refused_by_name():
+    """A Gemma4TextConfig left at transformers' defaults (the shape of the released E2B model: per-layer input
+    embeddings of 256, full layers with head_dim 512) names the first feature GPTModel cannot hold."""
+    with pytest.raises(ValueError, match=r"hidden_size_per_layer_input=256"):
+        get_model_bridge(ARCH).transformer_config(transformers.Gemma4TextConfig(num_hidden_layers=2))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(value_rms_norm=False), r"'value_rms_norm': \(False, True\)"),
+    (dict(layer_output_scalar=False), r"'layer_output_scalar': \(False, True\)"),
+    (dict(softmax_scale=0.25), r"'softmax_scale': \(0\.25, 1\.0\)"),
+    (dict(layernorm_zero_centered_gamma=True), r"'layernorm_zero_centered_gamma': \(True, False\)"),
+    (dict(window_attn_skip_freq=[0, 1]), r"the last layer slides \(window_attn_skip_freq=\[0, 1\]\)"),
+])
+def test_megatron_settings_without_gemma4_equivalent_are_refused(change, match):
+    bridge = get_model_bridge(ARCH)
+    config = dataclasses.replace(bridge.transformer_config(_config()), **change)
+    with pytest.raises(ValueError, match=match):
+        bridge.megatron_to_hf_config(config)
+
+
+@pytest.mark.parametrize("head_dim,proportion", [(16, 0.25), (24, 0.25), (24, 0.5), (16, 1.0), (512, 0.25)])
+def test_proportional_frequencies_are_transformers(head_dim, proportion):
+    """``proportional_rotary_inv_freq`` (what ``proportional_rope`` gives megatron's rotary embedding) equals the
+    full-attention inverse frequencies of transformers' Gemma 4 rotary embedding, bit for bit."""
+    from megatron_bridge_ext.mcore.modules import proportional_rotary_inv_freq
+
+    config = _config(head_dim=head_dim, global_head_dim=head_dim, rope_parameters={
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": proportion, "rope_theta": 1e6},
+        "sliding_attention": SLIDING_DEFAULT})
+    hf = transformers.models.gemma4.modeling_gemma4.Gemma4TextRotaryEmbedding(config).full_attention_inv_freq
+    assert torch.equal(proportional_rotary_inv_freq(head_dim, 1e6, proportion), hf)
+
+
+def test_value_norm_is_transformers_v_norm():
+    """The value norm of ``ValueNormSelfAttention`` equals transformers' weightless ``Gemma4RMSNorm``, bit for bit."""
+    from megatron_bridge_ext.mcore.modules import _unit_rms_norm
+
+    v = torch.randn(5, 2, 3, 16, generator=torch.Generator().manual_seed(0)) * 3
+    hf = transformers.models.gemma4.modeling_gemma4.Gemma4RMSNorm(16, eps=1e-6, with_scale=False)
+    assert torch.equal(_unit_rms_norm(v, 1e-6), hf(v))
+    assert torch.equal(_unit_rms_norm(v.bfloat16(), 1e-6), hf(v.bfloat16()))
