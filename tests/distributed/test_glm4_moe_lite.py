@@ -1,0 +1,291 @@
+"""GLM-4.7-Flash (``Glm4MoeLiteForCausalLM``) end to end on real parts: a transformers checkpoint from a tiny config
+(random weights, norms, router weights and correction biases included, fixed seed) -> AutoBridge -> megatron-core
+GPTModel chunks on CPU / gloo -> HF, at TP2, PP2, TP2 x PP2, EP2, TP2 x EP2 (expert-TP 2) and PP2 x VPP2, all in ONE
+spawned world of 4 ranks.
+
+The model: MLA with a q LoRA (``q_lora_rank`` set, as released), latent norms at epsilon 1e-6 and the other norms at
+``rms_norm_eps`` 1e-5 (transformers' default for the family), interleaved RoPE on the rope channels, 4 layers whose
+``mlp_layer_types`` are dense / sparse / dense / sparse (a dense layer after an MoE layer: not DeepSeek-V3's
+``first_k_dense_replace``), 6 routed experts (3 per expert-parallel rank) behind the sigmoid router with its fp32
+``e_score_correction_bias`` and routed scaling, one shared expert, untied output layer, a vocabulary that needs
+padding.
+
+Multi-token prediction: the released checkpoint holds one MTP layer after its decoder layers (transformers skips it on
+load); the test writes one into the checkpoint (HF layer ``num_hidden_layers``: a transformers MoE decoder layer with
+random weights, random ``enorm`` / ``hnorm`` / ``eh_proj`` / ``shared_head.norm``, ``embed_tokens`` /
+``shared_head.head`` copies of the main tensors), and every layout but PP2 x VPP2 converts it; PP2 x VPP2 (one
+layer per virtual stage) reads transformers' own save, which has none.
+
+For each layout: Megatron logits against the transformers model's own (fp32, max |diff| <= 1e-4); the MTP logits
+against a plain reference (``eh_proj([enorm(embed(shifted ids)); hnorm(final hidden)])`` through the transformers
+decoder layer, then ``shared_head``); at the expert-parallel layouts every local expert against a plain-torch slice
+of the HF tensors of its *global* expert; the export against the source (key set, dtypes, ``torch.equal``). From
+TP2 x PP2, an export without the source (``AutoBridge.from_architecture``) that equals the source and that
+transformers loads with the source model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+transformers = pytest.importorskip("transformers")
+
+from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
+from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint, randomise  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+
+ARCH = "Glm4MoeLiteForCausalLM"
+E, F = 6, 24
+CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=80, moe_intermediate_size=F, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=4, n_routed_experts=E, num_experts_per_tok=2,
+              n_shared_experts=1, routed_scaling_factor=1.8, n_group=1, topk_group=1, q_lora_rank=24,
+              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, rms_norm_eps=1e-5,
+              max_position_embeddings=64, tie_word_embeddings=False,
+              mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+MTP = CONFIG["num_hidden_layers"]  # HF index of the MTP layer
+SPARSE = [i for i, t in enumerate(CONFIG["mlp_layer_types"]) if t == "sparse"]
+# name, tp, pp, vpp, ep, checkpoint
+LAYOUTS = [("tp2", 2, 1, None, 1, "mtp"), ("pp2", 1, 2, None, 1, "mtp"), ("tp2pp2", 2, 2, None, 1, "mtp"),
+           ("ep2", 1, 1, None, 2, "mtp"), ("tp2ep2", 2, 1, None, 2, "mtp"), ("pp2vpp2", 1, 2, 2, 1, "native")]
+NO_SOURCE = "tp2pp2"
+
+
+def _randomise(module: torch.nn.Module) -> None:
+    randomise(module, (1.0, 0.2), rest=(0.0, 0.15), correction_bias=0.3)
+
+
+def _write_mtp(src: str, dst: str, model, seed: int):
+    """A copy of ``src`` with one MTP layer (HF layer MTP): a transformers MoE decoder layer's tensors (random; one
+    tensor per expert, like the rest of the file), random enorm / hnorm / eh_proj / shared_head.norm, copies of the
+    embedding and lm_head, and ``num_nextn_predict_layers = 1`` in config.json. Returns (decoder layer, MTP
+    tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    layer = type(model.model.layers[SPARSE[-1]])(model.config, SPARSE[-1]).float().eval()
+    _randomise(layer)
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    p, d = f"model.layers.{MTP}", CONFIG["hidden_size"]
+    mtp = {}
+    for k, v in layer.state_dict().items():
+        if k == "mlp.experts.gate_up_proj":  # [E, 2F, D] = [gate; up] per expert
+            for e in range(E):
+                mtp[f"{p}.mlp.experts.{e}.gate_proj.weight"] = v[e, :F].clone()
+                mtp[f"{p}.mlp.experts.{e}.up_proj.weight"] = v[e, F:].clone()
+        elif k == "mlp.experts.down_proj":  # [E, D, F]
+            for e in range(E):
+                mtp[f"{p}.mlp.experts.{e}.down_proj.weight"] = v[e].clone()
+        else:
+            mtp[f"{p}.{k}"] = v.clone()
+    mtp[f"{p}.enorm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    mtp[f"{p}.hnorm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    mtp[f"{p}.eh_proj.weight"] = 0.15 * torch.randn(d, 2 * d)
+    mtp[f"{p}.shared_head.norm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    mtp[f"{p}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    mtp[f"{p}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    assert not set(mtp) & set(sd)
+    os.makedirs(dst, exist_ok=True)
+    save_file({**sd, **mtp}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["num_nextn_predict_layers"] = 1
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return layer, mtp
+
+
+def _mtp_reference_logits(model, layer, mtp, tokens):
+    """The MTP module in plain torch around the transformers decoder layer: the ids shifted left by one (the last
+    position id 0, as megatron-core fills it), ``eh_proj([enorm(embed(ids)); hnorm(h)])`` with ``h`` the main
+    model's final (normed) hidden states, the decoder layer (causal, positions 0..s-1), ``shared_head``."""
+    p, d = f"model.layers.{MTP}", CONFIG["hidden_size"]
+
+    def norm(key):
+        m = type(model.model.norm)(d, eps=model.config.rms_norm_eps)
+        m.weight.data.copy_(mtp[key])
+        return m
+
+    b, s = tokens.shape
+    with torch.no_grad():
+        h = model.model(tokens).last_hidden_state
+        ids = torch.roll(tokens, -1, dims=1)
+        ids[:, -1] = 0
+        x = torch.cat([norm(f"{p}.enorm.weight")(model.model.embed_tokens(ids)), norm(f"{p}.hnorm.weight")(h)], -1)
+        x = x @ mtp[f"{p}.eh_proj.weight"].t()
+        pos = torch.arange(s).unsqueeze(0).expand(b, s)
+        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
+        out = out[0] if isinstance(out, tuple) else out
+        return (norm(f"{p}.shared_head.norm.weight")(out) @ mtp[f"{p}.shared_head.head.weight"].t()).float()
+
+
+def _check_experts(chunks, sd, ep_rank, ep, etp_rank, etp):
+    """(mismatches, local MoE layers) of this rank's sequential experts (decoder and MTP layers) against the HF
+    tensors of their global expert ``ep_rank * E / ep + e``, sliced for the expert-TP rank: fc1 ``[gate_t; up_t]``,
+    fc2 the t-th column block."""
+    bad, layers = [], 0
+    for chunk in chunks:
+        found = [(layer.layer_number - 1, layer.mlp) for layer in chunk.decoder.layers]
+        mtp = getattr(chunk, "mtp", None)
+        if mtp is not None:
+            found += [(MTP + i, getattr(m, next(n for n in ("transformer_layer", "mtp_model_layer")
+                                                if hasattr(m, n))).mlp) for i, m in enumerate(mtp.layers)]
+        for hf_layer, mlp in found:
+            experts = getattr(mlp, "experts", None)
+            if experts is None:
+                continue
+            layers += 1
+            for e, expert in enumerate(experts.local_experts):
+                g = ep_rank * (E // ep) + e
+                p = f"model.layers.{hf_layer}.mlp.experts.{g}"
+                gate, up, down = (sd[f"{p}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+                f = gate.shape[0] // etp
+                rows = slice(etp_rank * f, (etp_rank + 1) * f)
+                want = {"linear_fc1.weight": torch.cat([gate[rows], up[rows]]), "linear_fc2.weight": down[:, rows]}
+                for name, w in want.items():
+                    if not torch.equal(expert.get_parameter(name), w):
+                        bad.append(f"HF layer {hf_layer} local expert {e} (global {g}) {name}")
+    return bad, layers
+
+
+def _worker(rank, world, ckpts, tokens, out_root):
+    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from safetensors.torch import load_file
+
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.mcore.forward import megatron_logits_with_mtp
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
+
+    sd = load_file(os.path.join(ckpts["mtp"], "model.safetensors"))  # a plain reading of the file
+    results = {}
+    for name, tp, pp, vpp, ep, ckpt in LAYOUTS:
+        init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp if ep > 1 else None)
+        bridge = AutoBridge.from_hf_pretrained(ckpts[ckpt])
+        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
+        logits, mtp_logits = megatron_logits_with_mtp(chunks, tokens)
+        r = {"logits": logits, "mtp_logits": mtp_logits}
+        if ep > 1:
+            r["bad_experts"], r["moe_layers"] = _check_experts(
+                chunks, sd, ps.get_expert_model_parallel_rank(), ep, ps.get_expert_tensor_parallel_rank(), tp)
+        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=256 * 1024,
+                                  bucket_bytes=64 * 1024, show_progress=False)
+        if name == NO_SOURCE:
+            AutoBridge.from_architecture(ARCH).save_hf_pretrained(chunks, os.path.join(out_root, "nosource"),
+                                                                  bucket_bytes=64 * 1024, show_progress=False)
+        if rank != 0:
+            r.pop("logits"), r.pop("mtp_logits")
+        results[name] = r
+        destroy_parallel()
+        dist.barrier()
+    return results
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    transformers.logging.set_verbosity_error()
+    root = tmp_path_factory.mktemp("glm4_moe_lite")
+    tokens = torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    native = str(root / "hf_native")
+    model = make_tiny_checkpoint(native, "Glm4MoeLite", CONFIG, seed=31, norm=(1.0, 0.2), rest=(0.0, 0.15),
+                                 correction_bias=0.3).eval()
+    with torch.no_grad():
+        hf = model(tokens, use_cache=False).logits.float()
+    ckpts = {"native": native, "mtp": str(root / "hf_mtp")}
+    layer, mtp = _write_mtp(native, ckpts["mtp"], model, seed=41)
+    hf_mtp = _mtp_reference_logits(model, layer, mtp, tokens)
+    out_root = str(root / "out")
+    per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=900)
+    return ckpts, out_root, per_rank, hf, hf_mtp, tokens
+
+
+IDS = [layout[0] for layout in LAYOUTS]
+
+
+def _assert_same_tensors(src_dir, dst_dir):
+    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
+        assert set(src.keys()) == set(dst.keys()), sorted(set(src.keys()) ^ set(dst.keys()))[:6]
+        for key in src.keys():
+            assert src[key].dtype == dst[key].dtype, (key, src[key].dtype, dst[key].dtype)
+            assert torch.equal(src[key], dst[key]), key
+
+
+def test_the_checkpoint_has_what_the_tests_claim(world):
+    """Random norms (latent ones included), non-zero correction biases, a dense layer after an MoE layer, one MTP
+    layer in the MTP checkpoint and none in transformers' own save."""
+    ckpts, _, _, _, _, _ = world
+    with SafeTensorsSource(ckpts["mtp"]) as src:
+        keys = set(src.keys())
+        for key in ("model.layers.1.self_attn.q_a_layernorm.weight", "model.layers.0.self_attn.kv_a_layernorm.weight",
+                    "model.layers.3.post_attention_layernorm.weight", "model.norm.weight"):
+            assert (src[key] - 1.0).abs().max().item() > 0.1, key
+        assert src["model.layers.3.mlp.gate.e_score_correction_bias"].abs().max().item() > 0.1
+        assert src["model.layers.3.mlp.gate.weight"].dtype == torch.float32
+    assert "model.layers.2.mlp.gate_proj.weight" in keys and "model.layers.1.mlp.gate.weight" in keys
+    assert "model.layers.2.mlp.gate.weight" not in keys
+    assert f"model.layers.{MTP}.eh_proj.weight" in keys and f"model.layers.{MTP}.mlp.experts.5.up_proj.weight" in keys
+    with SafeTensorsSource(ckpts["native"]) as src:
+        assert not any(k.startswith(f"model.layers.{MTP}.") for k in src.keys())
+
+
+@pytest.mark.parametrize("name,tp,pp,vpp,ep,ckpt", LAYOUTS, ids=IDS)
+def test_logits_match_hf(world, name, tp, pp, vpp, ep, ckpt):
+    _, _, per_rank, hf, _, _ = world
+    diff = (per_rank[0][name]["logits"] - hf).abs().max().item()
+    assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
+
+
+@pytest.mark.parametrize("name,tp,pp,vpp,ep,ckpt", LAYOUTS, ids=IDS)
+def test_mtp_logits_match_the_reference(world, name, tp, pp, vpp, ep, ckpt):
+    """One MTP depth from the MTP checkpoint, against the plain reference; none from transformers' own save."""
+    _, _, per_rank, _, hf_mtp, _ = world
+    got = per_rank[0][name]["mtp_logits"]
+    if ckpt == "native":
+        assert got == []
+        return
+    assert len(got) == 1
+    diff = (got[0] - hf_mtp).abs().max().item()
+    assert diff <= MEGATRON_VS_HF_ATOL and hf_mtp.abs().max().item() > 1.0, f"{name}: MTP max |diff| {diff:.3e}"
+
+
+@pytest.mark.parametrize("name,tp,pp,vpp,ep,ckpt", [c for c in LAYOUTS if c[4] > 1], ids=[c[0] for c in LAYOUTS
+                                                                                         if c[4] > 1])
+def test_local_experts_are_the_hf_global_experts(world, name, tp, pp, vpp, ep, ckpt):
+    """Every rank holds the two sparse decoder layers and the MTP layer, 3 of the 6 experts each, and local expert e
+    on expert-parallel rank r is HF expert e + 3 r, sliced for its expert-TP rank."""
+    _, _, per_rank, _, _, _ = world
+    for rank, r in enumerate(per_rank):
+        res = r[name]
+        assert res["moe_layers"] == len(SPARSE) + 1 and res["bad_experts"] == [], (rank, res)
+
+
+@pytest.mark.parametrize("name,tp,pp,vpp,ep,ckpt", LAYOUTS, ids=IDS)
+def test_round_trip_bit_exact(world, name, tp, pp, vpp, ep, ckpt):
+    ckpts, out_root, _, _, _, _ = world
+    _assert_same_tensors(ckpts[ckpt], os.path.join(out_root, name))
+
+
+def test_export_without_source_loads_in_transformers(world):
+    """From TP2 x PP2 without a source: the tensors of the MTP checkpoint, a config.json with the layer pattern and
+    the MTP layer, and transformers loads it with the source model's logits."""
+    ckpts, out_root, _, hf, _, tokens = world
+    out = os.path.join(out_root, "nosource")
+    _assert_same_tensors(ckpts["mtp"], out)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["architectures"] == [ARCH] and cfg["model_type"] == "glm4_moe_lite"
+    assert cfg["mlp_layer_types"] == CONFIG["mlp_layer_types"] and cfg["num_nextn_predict_layers"] == 1
+    assert cfg["num_hidden_layers"] == MTP and cfg["q_lora_rank"] == CONFIG["q_lora_rank"]
+    diff = (hf_logits(out, tokens) - hf).abs().max().item()
+    assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
