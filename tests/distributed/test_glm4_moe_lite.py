@@ -1,7 +1,7 @@
 """GLM-4.7-Flash (``Glm4MoeLiteForCausalLM``) end to end on real parts: a transformers checkpoint from a tiny config
 (random weights, norms, router weights and correction biases included, fixed seed) -> AutoBridge -> megatron-core
-GPTModel chunks on CPU / gloo -> HF, at TP2, PP2, TP2 x PP2, EP2, TP2 x EP2 (expert-TP 2) and PP2 x VPP2, all in ONE
-spawned world of 4 ranks.
+GPTModel chunks on CPU / gloo -> HF, at TP2, PP2, TP2 x PP2, EP2, TP2 x EP2 (expert-TP 2), PP2 x EP2 and PP2 x VPP2,
+all in ONE spawned world of 4 ranks.
 
 The model: MLA with a q LoRA (``q_lora_rank`` set, as released), latent norms at epsilon 1e-6 and the other norms at
 ``rms_norm_eps`` 1e-5 (transformers' default for the family), interleaved RoPE on the rope channels, 4 layers whose
@@ -20,14 +20,20 @@ For each layout: Megatron logits against the transformers model's own (fp32, max
 against a plain reference (``eh_proj([enorm(embed(shifted ids)); hnorm(final hidden)])`` through the transformers
 decoder layer, then ``shared_head``); at the expert-parallel layouts every local expert against a plain-torch slice
 of the HF tensors of its *global* expert; the export against the source (key set, dtypes, ``torch.equal``). From
-TP2 x PP2, an export without the source (``AutoBridge.from_architecture``) that equals the source and that
+PP2 x EP2, an export without the source (``AutoBridge.from_architecture``) that equals the source and that
 transformers loads with the source model's logits.
+
+Fused experts: a copy of the MTP checkpoint with each layer's experts as transformers' fused tensors
+(``gate_up_proj`` ``[E, 2F, D]``, ``down_proj`` ``[E, D, F]``), imported at TP2 x EP2, gives exactly the Megatron
+parameters of the per-expert checkpoint on every rank and exports back to itself; transformers loads it with the
+per-expert model's logits (the writer is right).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -54,8 +60,10 @@ MTP = CONFIG["num_hidden_layers"]  # HF index of the MTP layer
 SPARSE = [i for i, t in enumerate(CONFIG["mlp_layer_types"]) if t == "sparse"]
 # name, tp, pp, vpp, ep, checkpoint
 LAYOUTS = [("tp2", 2, 1, None, 1, "mtp"), ("pp2", 1, 2, None, 1, "mtp"), ("tp2pp2", 2, 2, None, 1, "mtp"),
-           ("ep2", 1, 1, None, 2, "mtp"), ("tp2ep2", 2, 1, None, 2, "mtp"), ("pp2vpp2", 1, 2, 2, 1, "native")]
-NO_SOURCE = "tp2pp2"
+           ("ep2", 1, 1, None, 2, "mtp"), ("tp2ep2", 2, 1, None, 2, "mtp"), ("pp2ep2", 1, 2, None, 2, "mtp"),
+           ("pp2vpp2", 1, 2, 2, 1, "native")]
+NO_SOURCE = "pp2ep2"
+FUSED_AT = "tp2ep2"  # where the fused checkpoint is imported too
 
 
 def _randomise(module: torch.nn.Module) -> None:
@@ -100,6 +108,27 @@ def _write_mtp(src: str, dst: str, model, seed: int):
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg, f)
     return layer, mtp
+
+
+def _write_fused(src: str, dst: str) -> None:
+    """A copy of ``src`` whose experts are fused tensors per layer: ``gate_up_proj`` ``[E, 2F, D]`` ([gate; up] rows
+    per expert) and ``down_proj`` ``[E, D, F]``, transformers' own orientation."""
+    from safetensors.torch import load_file, save_file
+
+    out, experts = {}, {}
+    for k, v in load_file(os.path.join(src, "model.safetensors")).items():
+        parts = k.split(".")
+        if ".mlp.experts." in k:
+            experts.setdefault(int(parts[2]), {})[(int(parts[5]), parts[6])] = v
+        else:
+            out[k] = v
+    for layer, t in experts.items():
+        p = f"model.layers.{layer}.mlp.experts"
+        out[f"{p}.gate_up_proj"] = torch.stack([torch.cat([t[(e, "gate_proj")], t[(e, "up_proj")]]) for e in range(E)])
+        out[f"{p}.down_proj"] = torch.stack([t[(e, "down_proj")] for e in range(E)])
+    os.makedirs(dst, exist_ok=True)
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
 
 
 def _mtp_reference_logits(model, layer, mtp, tokens):
@@ -181,6 +210,18 @@ def _worker(rank, world, ckpts, tokens, out_root):
                 chunks, sd, ps.get_expert_model_parallel_rank(), ep, ps.get_expert_tensor_parallel_rank(), tp)
         bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=256 * 1024,
                                   bucket_bytes=64 * 1024, show_progress=False)
+        if name == FUSED_AT:
+            mine = {f"{i}:{k}": v for i, c in enumerate(chunks) for k, v in c.state_dict().items()
+                    if "_extra_state" not in k}
+            fused_bridge = AutoBridge.from_hf_pretrained(ckpts["fused"])
+            fused = fused_bridge.to_megatron_model(params_dtype=torch.float32)
+            theirs = {f"{i}:{k}": v for i, c in enumerate(fused) for k, v in c.state_dict().items()
+                      if "_extra_state" not in k}
+            r["fused_differs"] = sorted(set(mine) ^ set(theirs)) + sorted(
+                k for k in set(mine) & set(theirs) if not torch.equal(mine[k], theirs[k]))
+            r["fused_params"] = len(theirs)
+            fused_bridge.save_hf_pretrained(fused, os.path.join(out_root, "fused"), bucket_bytes=64 * 1024,
+                                            show_progress=False)
         if name == NO_SOURCE:
             AutoBridge.from_architecture(ARCH).save_hf_pretrained(chunks, os.path.join(out_root, "nosource"),
                                                                   bucket_bytes=64 * 1024, show_progress=False)
@@ -202,8 +243,9 @@ def world(tmp_path_factory):
                                  correction_bias=0.3).eval()
     with torch.no_grad():
         hf = model(tokens, use_cache=False).logits.float()
-    ckpts = {"native": native, "mtp": str(root / "hf_mtp")}
+    ckpts = {"native": native, "mtp": str(root / "hf_mtp"), "fused": str(root / "hf_fused")}
     layer, mtp = _write_mtp(native, ckpts["mtp"], model, seed=41)
+    _write_fused(ckpts["mtp"], ckpts["fused"])
     hf_mtp = _mtp_reference_logits(model, layer, mtp, tokens)
     out_root = str(root / "out")
     per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=900)
@@ -262,12 +304,12 @@ def test_mtp_logits_match_the_reference(world, name, tp, pp, vpp, ep, ckpt):
 @pytest.mark.parametrize("name,tp,pp,vpp,ep,ckpt", [c for c in LAYOUTS if c[4] > 1], ids=[c[0] for c in LAYOUTS
                                                                                          if c[4] > 1])
 def test_local_experts_are_the_hf_global_experts(world, name, tp, pp, vpp, ep, ckpt):
-    """Every rank holds the two sparse decoder layers and the MTP layer, 3 of the 6 experts each, and local expert e
-    on expert-parallel rank r is HF expert e + 3 r, sliced for its expert-TP rank."""
+    """Local expert e on expert-parallel rank r is HF expert e + 3 r, sliced for its expert-TP rank, in the two
+    sparse decoder layers and the MTP layer (one of them on the first pipeline stage, two on the last)."""
     _, _, per_rank, _, _, _ = world
     for rank, r in enumerate(per_rank):
-        res = r[name]
-        assert res["moe_layers"] == len(SPARSE) + 1 and res["bad_experts"] == [], (rank, res)
+        assert r[name]["moe_layers"] > 0 and r[name]["bad_experts"] == [], (rank, r[name])
+    assert sum(r[name]["moe_layers"] for r in per_rank) == (len(SPARSE) + 1) * len(per_rank) // pp
 
 
 @pytest.mark.parametrize("name,tp,pp,vpp,ep,ckpt", LAYOUTS, ids=IDS)
@@ -276,8 +318,23 @@ def test_round_trip_bit_exact(world, name, tp, pp, vpp, ep, ckpt):
     _assert_same_tensors(ckpts[ckpt], os.path.join(out_root, name))
 
 
+def test_fused_checkpoint_gives_the_per_expert_parameters_and_round_trips(world):
+    ckpts, out_root, per_rank, hf, _, tokens = world
+    with SafeTensorsSource(ckpts["fused"]) as src:
+        keys = set(src.keys())
+    assert f"model.layers.{MTP}.mlp.experts.gate_up_proj" in keys and not any(".experts.0." in k for k in keys)
+    for rank, r in enumerate(per_rank):
+        res = r[FUSED_AT]
+        assert res["fused_params"] > 0 and res["fused_differs"] == [], (rank, res["fused_differs"][:6])
+    _assert_same_tensors(ckpts["fused"], os.path.join(out_root, "fused"))
+    # transformers reads the fused tensors as its own (the MTP layer apart, which it skips): the same model; the
+    # fused experts only change the GEMMs' reduction order (testing/tolerances.py)
+    diff = (hf_logits(ckpts["fused"], tokens) - hf).abs().max().item()
+    assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
+
+
 def test_export_without_source_loads_in_transformers(world):
-    """From TP2 x PP2 without a source: the tensors of the MTP checkpoint, a config.json with the layer pattern and
+    """From PP2 x EP2 without a source: the tensors of the MTP checkpoint, a config.json with the layer pattern and
     the MTP layer, and transformers loads it with the source model's logits."""
     ckpts, out_root, _, hf, _, tokens = world
     out = os.path.join(out_root, "nosource")
