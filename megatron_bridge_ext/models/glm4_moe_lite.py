@@ -14,9 +14,9 @@
   ``n_shared_experts`` ungated shared experts; router weights fp32 in bf16 models.
 - Multi-token-prediction layers (HF layers ``num_hidden_layers + i``; the released checkpoint holds layer 47, which
   transformers skips on load): converted when the checkpoint holds them, read from the keys
-  (``num_nextn_predict_layers``, a field transformers keeps as written). HF's config says nothing of their MLP kind;
-  megatron-core builds them like the last decoder layer, and a checkpoint whose MTP layer is of the other kind fails
-  on the tensors no mapping uses (named).
+  (``num_nextn_predict_layers``, a field transformers keeps as written). HF's config says nothing of their MLP kind
+  (the keys do: a router ``mlp.gate.weight`` or not); megatron-core builds them like the last decoder layer, so an
+  MTP layer of the other kind is refused by name.
 
 HF experts: one tensor per expert (what ``save_pretrained`` writes; the default) or fused, read from the keys.
 
@@ -26,7 +26,7 @@ Not converted: ``attention_bias=True``, ``rope_interleave=False``, ``partial_rot
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping
 
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.models.deepseek_v3 import mla_hf_fields, mla_megatron_kwargs
@@ -81,7 +81,7 @@ def mlp_layer_types_hf_field(config: Any) -> List[str]:
 
 def _partial_rotary_factor(hf_config: Any) -> float:
     params = config_get(hf_config, "rope_parameters")
-    partial = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    partial = params.get("partial_rotary_factor") if isinstance(params, Mapping) else None
     if partial is None:
         partial = config_get(hf_config, "partial_rotary_factor")
     return 1.0 if partial is None else float(partial)
@@ -93,6 +93,27 @@ class Glm4MoeLiteBridge(RoutedExpertsWithMTP, MegatronModelBridge):
 
     hf_model_type = "glm4_moe_lite"
     default_hf_layout = PER_EXPERT
+
+    def detect_hf_layout(self, hf_state, hf_config):
+        """The expert layout and MTP layers (``RoutedExpertsWithMTP``), each MTP layer of the last decoder layer's
+        kind.
+
+        Raises:
+            ValueError: an MTP layer with routed experts after a dense last layer, or the reverse (named).
+        """
+        layout = super().detect_hf_layout(hf_state, hf_config)
+        if layout.mtp is not None:
+            family = type(self).__name__
+            last = "sparse" if mlp_layer_types_pattern(hf_config, family)[-1] else "dense"
+            keys = set(hf_state.keys())
+            for n in range(layout.mtp.first, layout.mtp.first + layout.mtp.count):
+                kind = "sparse" if f"model.layers.{n}.mlp.gate.weight" in keys else "dense"
+                if kind != last:
+                    raise ValueError(f"{family}: the checkpoint's multi-token-prediction layer model.layers.{n} is "
+                                     f"{kind} (mlp.gate.weight {'present' if kind == 'sparse' else 'absent'}) but the "
+                                     f"last decoder layer is {last} (mlp_layer_types[-1]); megatron-core builds the "
+                                     "MTP layers like the last decoder layer")
+        return layout
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         family = type(self).__name__
@@ -114,7 +135,7 @@ class Glm4MoeLiteBridge(RoutedExpertsWithMTP, MegatronModelBridge):
                                  config_get(hf_config, "moe_intermediate_size"), pattern),
             **sigmoid_router_kwargs(hf_config, family),
         )
-        if self.hf_layout.mtp is not None:  # built like the last decoder layer (see the module docstring)
+        if self.hf_layout.mtp is not None:  # of the last decoder layer's kind (detect_hf_layout)
             kw["mtp_num_layers"] = self.hf_layout.mtp.count
         if shared:
             kw["moe_shared_expert_intermediate_size"] = shared

@@ -108,12 +108,15 @@ def test_the_released_sizes_read_as_transformers_builds_them():
     assert got.rope_type == "rope" and got.rotary_base == hf.rope_parameters["rope_theta"]
 
 
-def _mtp_keys(layers=3, mtp=3):
+def _mtp_keys(layers=3, mtp=3, moe=True):
+    """Meta tensors of a checkpoint's names: layers 0 .. layers-1 and an MTP layer at ``mtp`` (with a router when
+    ``moe``, else a dense MLP)."""
     keys = {"model.embed_tokens.weight": (97, 64)}
     for layer in (*range(layers), mtp):
         keys[f"model.layers.{layer}.input_layernorm.weight"] = (64,)
     for name in ("eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
         keys[f"model.layers.{mtp}.{name}"] = (64,)
+    keys[f"model.layers.{mtp}.mlp.{'gate.weight' if moe else 'gate_proj.weight'}"] = (64,)
     return {k: torch.empty(v, device="meta") for k, v in keys.items()}
 
 
@@ -133,6 +136,20 @@ def test_mtp_layers_come_from_the_checkpoint_keys():
         bridge.detect_hf_layout(_mtp_keys(), _config())
     bridge.use_hf_layout_of({}, cfg)
     assert bridge.transformer_config(cfg).mtp_num_layers is None
+
+
+@pytest.mark.parametrize("types,moe", [(["dense", "sparse", "dense"], True), (["dense", "sparse", "sparse"], False)])
+def test_an_mtp_layer_of_another_kind_than_the_last_layer_is_refused_by_name(types, moe):
+    """megatron-core builds MTP layers like the last decoder layer; transformers' config does not say what HF's MTP
+    layer is, its keys do."""
+    bridge = get_model_bridge(ARCH)
+    cfg = _config(mlp_layer_types=types, num_nextn_predict_layers=1)
+    kind, last = ("sparse", "dense") if moe else ("dense", "sparse")
+    with pytest.raises(ValueError, match=rf"Glm4MoeLiteBridge: the checkpoint's multi-token-prediction layer "
+                                         rf"model\.layers\.3 is {kind} \(mlp\.gate\.weight "
+                                         rf"{'present' if moe else 'absent'}\) but the last decoder layer is {last}"):
+        bridge.detect_hf_layout(_mtp_keys(moe=moe), cfg)
+    assert bridge.detect_hf_layout(_mtp_keys(moe=not moe), cfg).mtp == MTPLayers(first=3, count=1)
 
 
 @pytest.mark.parametrize("overrides,match", [
