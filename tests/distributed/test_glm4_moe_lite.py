@@ -27,6 +27,10 @@ Fused experts: a copy of the MTP checkpoint with each layer's experts as transfo
 (``gate_up_proj`` ``[E, 2F, D]``, ``down_proj`` ``[E, D, F]``), imported at TP2 x EP2, gives exactly the Megatron
 parameters of the per-expert checkpoint on every rank and exports back to itself; transformers loads it with the
 per-expert model's logits (the writer is right).
+
+bf16: transformers' own bf16 save keeps ``mlp.gate.weight`` and ``e_score_correction_bias`` fp32; at TP2 x EP2 the
+Megatron routers hold them fp32, equal to the file's, every other parameter but the norms is bf16, and the export is
+the file, dtypes included.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ transformers = pytest.importorskip("transformers")
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
-from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint, randomise  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import (  # noqa: E402
+    make_tiny_checkpoint, randomise, save_transformers_bf16,
+)
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 ARCH = "Glm4MoeLiteForCausalLM"
@@ -62,6 +68,7 @@ SPARSE = [i for i, t in enumerate(CONFIG["mlp_layer_types"]) if t == "sparse"]
 LAYOUTS = [("tp2", 2, 1, None, 1, "mtp"), ("pp2", 1, 2, None, 1, "mtp"), ("tp2pp2", 2, 2, None, 1, "mtp"),
            ("ep2", 1, 1, None, 2, "mtp"), ("tp2ep2", 2, 1, None, 2, "mtp"), ("pp2ep2", 1, 2, None, 2, "mtp"),
            ("pp2vpp2", 1, 2, 2, 1, "native")]
+BF16 = ("bf16_tp2ep2", 2, 1, None, 2, "bf16")  # transformers' own bf16 save, params_dtype from config.json
 NO_SOURCE = "pp2ep2"
 FUSED_AT = "tp2ep2"  # where the fused checkpoint is imported too
 
@@ -185,6 +192,28 @@ def _check_experts(chunks, sd, ep_rank, ep, etp_rank, etp):
     return bad, layers
 
 
+def _check_routers(chunks, sd):
+    """(mismatches, routers seen): every router weight and expert bias is fp32 and equals the HF tensor; the other
+    floating parameters are bf16, but the norms (megatron-core's local-spec norms are fp32 whatever params_dtype is)."""
+    bad, seen = [], 0
+    for chunk in chunks:
+        for name, tensor in chunk.state_dict().items():
+            if "_extra_state" in name:
+                continue
+            kind = "weight" if name.endswith(".mlp.router.weight") else \
+                "e_score_correction_bias" if name.endswith(".mlp.router.expert_bias") else None
+            if kind is None:
+                if "norm" not in name and tensor.dtype != torch.bfloat16:
+                    bad.append(f"{name}: {tensor.dtype}")
+                continue
+            seen += 1
+            layer = chunk.decoder.layers[int(name.split(".")[2])].layer_number - 1
+            hf = sd[f"model.layers.{layer}.mlp.gate.{kind}"]
+            if tensor.dtype != torch.float32 or hf.dtype != torch.float32 or not torch.equal(tensor, hf):
+                bad.append(f"{name}: {tensor.dtype} vs HF {hf.dtype}")
+    return bad, seen
+
+
 def _worker(rank, world, ckpts, tokens, out_root):
     from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
@@ -230,6 +259,14 @@ def _worker(rank, world, ckpts, tokens, out_root):
         results[name] = r
         destroy_parallel()
         dist.barrier()
+    name, tp, pp, vpp, ep, ckpt = BF16
+    bf16 = load_file(os.path.join(ckpts[ckpt], "model.safetensors"))
+    init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp)
+    bridge = AutoBridge.from_hf_pretrained(ckpts[ckpt])
+    chunks = bridge.to_megatron_model()  # params_dtype from config.json: bf16
+    results[name] = _check_routers(chunks, bf16)
+    bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), bucket_bytes=64 * 1024, show_progress=False)
+    destroy_parallel()
     return results
 
 
@@ -246,6 +283,7 @@ def world(tmp_path_factory):
     ckpts = {"native": native, "mtp": str(root / "hf_mtp"), "fused": str(root / "hf_fused")}
     layer, mtp = _write_mtp(native, ckpts["mtp"], model, seed=41)
     _write_fused(ckpts["mtp"], ckpts["fused"])
+    ckpts["bf16"] = save_transformers_bf16(model, str(root / "hf_bf16"))
     hf_mtp = _mtp_reference_logits(model, layer, mtp, tokens)
     out_root = str(root / "out")
     per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=900)
@@ -331,6 +369,15 @@ def test_fused_checkpoint_gives_the_per_expert_parameters_and_round_trips(world)
     # fused experts only change the GEMMs' reduction order (testing/tolerances.py)
     diff = (hf_logits(ckpts["fused"], tokens) - hf).abs().max().item()
     assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
+
+
+def test_bf16_round_trip_keeps_fp32_routers(world):
+    ckpts, out_root, per_rank, _, _, _ = world
+    name = BF16[0]
+    for rank, r in enumerate(per_rank):
+        bad, seen = r[name]
+        assert bad == [] and seen == 2 * len(SPARSE), (rank, bad[:6], seen)  # weight and bias per sparse layer
+    _assert_same_tensors(ckpts[BF16[5]], os.path.join(out_root, name))
 
 
 def test_export_without_source_loads_in_transformers(world):
