@@ -86,9 +86,12 @@ def test_hf_megatron_hf_config_gives_the_same_model(case):
 
 
 def test_the_released_sizes_read_as_transformers_builds_them():
-    """transformers' defaults for the family are GLM-4.7-Flash's sizes; every Megatron field is read off the HF
-    config (and the module transformers builds from it)."""
-    hf = transformers.Glm4MoeLiteConfig()
+    """transformers' defaults for the family are GLM-4.7-Flash's sizes; the released config.json also carries fields
+    the class does not declare (DeepSeek-V3's first_k_dense_replace, partial_rotary_factor 1.0,
+    num_nextn_predict_layers, topk_method), which agree. Every Megatron field is read off the HF config (and the
+    module transformers builds from it)."""
+    hf = transformers.Glm4MoeLiteConfig(first_k_dense_replace=1, partial_rotary_factor=1.0, num_nextn_predict_layers=1,
+                                        topk_method="noaux_tc", rope_theta=1000000)
     got = get_model_bridge(ARCH).transformer_config(hf)
     assert got.multi_latent_attention and got.num_layers == hf.num_hidden_layers
     assert (got.q_lora_rank, got.kv_lora_rank, got.qk_head_dim, got.qk_pos_emb_head_dim, got.v_head_dim) == (
