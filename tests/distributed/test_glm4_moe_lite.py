@@ -77,6 +77,13 @@ def _randomise(module: torch.nn.Module) -> None:
     randomise(module, (1.0, 0.2), rest=(0.0, 0.15), correction_bias=0.3)
 
 
+def _make_checkpoint(path: str, seed: int):
+    """The tiny transformers checkpoint (``CONFIG``, random weights incl. norms and correction biases, no MTP layer);
+    returns the model. Also the maker of ``tests/distributed/test_te_checkpoint.py``'s case."""
+    return make_tiny_checkpoint(path, "Glm4MoeLite", CONFIG, seed=seed, norm=(1.0, 0.2), rest=(0.0, 0.15),
+                                correction_bias=0.3).eval()
+
+
 def _write_mtp(src: str, dst: str, model, seed: int):
     """A copy of ``src`` with one MTP layer (HF layer MTP): a transformers MoE decoder layer's tensors (random; one
     tensor per expert, like the rest of the file), random enorm / hnorm / eh_proj / shared_head.norm, copies of the
@@ -276,8 +283,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("glm4_moe_lite")
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     native = str(root / "hf_native")
-    model = make_tiny_checkpoint(native, "Glm4MoeLite", CONFIG, seed=31, norm=(1.0, 0.2), rest=(0.0, 0.15),
-                                 correction_bias=0.3).eval()
+    model = _make_checkpoint(native, seed=31)
     with torch.no_grad():
         hf = model(tokens, use_cache=False).logits.float()
     ckpts = {"native": native, "mtp": str(root / "hf_mtp"), "fused": str(root / "hf_fused")}
