@@ -102,6 +102,17 @@ class _Compiled:
             hf = {role: pat.fill(captures) for role, pat in self.hf.items()}
         return self.mapping.with_names(meg, hf)
 
+    def resolve_hf(self, pat: _Pattern, captures: Sequence[str]) -> MegatronParamMapping:
+        """The mapping resolved from an HF name that ``pat`` (one of its HF patterns) matched with ``captures``. A
+        fused expert tensor (its pattern one wildcard short of the Megatron name's: no expert index) resolves to its
+        layer's group, the expert index left open and no ``expert`` set."""
+        if self.grouped and pat.n_wildcards == self.megatron.n_wildcards - 1:
+            open_expert = [*captures, "*"]
+            hf = {role: p.fill(captures if p.n_wildcards == len(captures) else open_expert)
+                  for role, p in self.hf.items()}
+            return self.mapping.with_names(self.megatron.fill(open_expert), hf)
+        return self.resolve(captures)
+
     def _resolve_group(self, captures: Sequence[str]) -> MegatronParamMapping:
         """An expert mapping resolved to its layer's group: the expert index (last capture) stays a wildcard."""
         *outer, expert = captures
@@ -129,7 +140,7 @@ class MegatronMappingRegistry:
         # Exact (wildcard-free) names -> first mapping spelling them; wildcard mappings scanned in order.
         self._meg_exact: Dict[str, _Compiled] = {}
         self._meg_wild: List[_Compiled] = []
-        self._hf_exact: Dict[str, _Compiled] = {}
+        self._hf_exact: Dict[str, Tuple[_Compiled, _Pattern]] = {}
         self._hf_wild: List[Tuple[_Compiled, _Pattern]] = []
         for c in self._compiled:
             if c.megatron.regex is None:
@@ -138,7 +149,7 @@ class MegatronMappingRegistry:
                 self._meg_wild.append(c)
             for pat in c.hf.values():
                 if pat.regex is None:
-                    self._hf_exact.setdefault(pat.text, c)
+                    self._hf_exact.setdefault(pat.text, (c, pat))
                 else:
                     self._hf_wild.append((c, pat))
         self._meg_cache: Dict[str, Optional[MegatronParamMapping]] = {}
@@ -191,14 +202,14 @@ class MegatronMappingRegistry:
         exact = self._hf_exact.get(hf_param_name)
         result: Optional[MegatronParamMapping] = None
         for c, pat in self._hf_wild:
-            if exact is not None and c.order > exact.order:
+            if exact is not None and c.order > exact[0].order:
                 break
             m = pat.regex.fullmatch(hf_param_name)  # type: ignore[union-attr]
             if m is not None:
-                result = c.resolve(m.groups())
+                result = c.resolve_hf(pat, m.groups())
                 break
         if result is None and exact is not None:
-            result = exact.resolve(())
+            result = exact[0].resolve_hf(exact[1], ())
         self._hf_cache[hf_param_name] = result
         return result
 

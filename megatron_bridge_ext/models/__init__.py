@@ -9,6 +9,7 @@ from megatron_bridge_ext.models import (  # noqa: F401
     gemma3,
     gemma4,
     glm4_moe,
+    glm4_moe_lite,
     gpt_oss,
     llama,
     mistral,
@@ -20,5 +21,20 @@ from megatron_bridge_ext.models import (  # noqa: F401
     qwen3_moe,
 )
 
-__all__ = ["deepseek_v3", "gemma2", "gemma3", "gemma4", "glm4_moe", "gpt_oss", "llama", "mistral", "mixtral", "phi3", "qwen2",
-           "qwen2_moe", "qwen3", "qwen3_moe"]
+__all__ = [
+    "deepseek_v3",
+    "gemma2",
+    "gemma3",
+    "gemma4",
+    "glm4_moe",
+    "glm4_moe_lite",
+    "gpt_oss",
+    "llama",
+    "mistral",
+    "mixtral",
+    "phi3",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+]

@@ -19,7 +19,8 @@ Two spawned worlds of 2 ranks:
 
 Layouts: dense families written at TP2, read at PP2; MoE families written at EP2, read at TP2 (expert-TP 2, GPT-OSS 1)
 or, with multi-token prediction, at PP2 (the MTP layer on the last stage); Mixtral and Qwen3-MoE are read into TE's
-grouped-GEMM experts (``TEGroupedMLP``) as well.
+grouped-GEMM experts (``TEGroupedMLP``) as well. ``ARCHITECTURES`` names each case's HF architecture; together they
+must be ``AutoBridge.list_supported_models()`` (a family without a case fails ``test_cases_cover_every_...``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,26 @@ CASES = {
     "gpt_oss": (dict(tp=1, pp=1, ep=2, etp=1), dict(tp=2, pp=1, etp=1), False),
     "deepseek_v3_mtp": (MOE_W, dict(tp=1, pp=2), False),
     "glm4_moe_mtp": (MOE_W, dict(tp=1, pp=2), False),
+    "glm4_moe_lite_mtp": (MOE_W, dict(tp=1, pp=2), False),
+}
+# case -> the HF architecture its checkpoint is (one line per case: families added on other branches merge as added
+# lines); test_cases_cover_every_supported_architecture holds it to CASES and AutoBridge.list_supported_models()
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "gemma4": "Gemma4ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v3_mtp": "DeepseekV3ForCausalLM",
+    "glm4_moe_mtp": "Glm4MoeForCausalLM",
+    "glm4_moe_lite_mtp": "Glm4MoeLiteForCausalLM",
 }
 
 
@@ -69,6 +90,7 @@ def _make_checkpoints(root: str) -> dict:
 
     sys.path.insert(0, HERE)
     import test_bridge_dense_families as dense
+    import test_glm4_moe_lite as glm4_moe_lite
     import test_bridge_llama as llama
     import test_bridge_mixtral as mixtral
     import test_bridge_moe_families as moe
@@ -89,6 +111,9 @@ def _make_checkpoints(root: str) -> dict:
             model = tiny_hf_model("Mixtral", mixtral.CONFIG, seed=3)
             moe._randomise(model)
             model.save_pretrained(path, safe_serialization=True)
+        elif name == "glm4_moe_lite_mtp":  # its own test's model (a dense layer between MoE layers) and MTP layer
+            model = glm4_moe_lite._make_checkpoint(path + "_base", seed=4)
+            glm4_moe_lite._write_mtp(path + "_base", path, model, seed=5)
         elif name.endswith("_mtp"):
             family = name[:-len("_mtp")]
             model = moe._make_checkpoint(path + "_base", family, seed=4)
@@ -170,6 +195,8 @@ def _write_worker(rank: int, world: int, paths: dict, root: str) -> dict:
     for name, (write, read, _) in CASES.items():
         bridge = AutoBridge.from_hf_pretrained(paths[name])
         arch = bridge.hf_config.architectures[0]
+        if arch != ARCHITECTURES[name]:
+            raise AssertionError(f"case {name}: the checkpoint is a {arch}, ARCHITECTURES says {ARCHITECTURES[name]}")
         init_parallel(**write)
         chunks = bridge.to_megatron_model(params_dtype=torch.float32)
         with open(os.path.join(paths[name], "config.json")) as f:
@@ -350,6 +377,17 @@ def results(tmp_path_factory):
         out.update(r)
     out["root"], out["paths"] = root, paths
     return out
+
+
+def test_cases_cover_every_supported_architecture():
+    """Every architecture ``AutoBridge`` converts has a case here (a new family must add one: the import proofs above
+    claim every family), and every case is named with the architecture its checkpoint is (checked on load)."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    assert sorted(ARCHITECTURES) == sorted(CASES), sorted(set(ARCHITECTURES) ^ set(CASES))
+    covered, supported = set(ARCHITECTURES.values()), set(AutoBridge.list_supported_models())
+    assert covered == supported, {"without a case": sorted(supported - covered),
+                                  "not supported": sorted(covered - supported)}
 
 
 def test_local_spec_keeps_the_local_keys(results):
@@ -536,7 +574,7 @@ def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
         _assert_same_tensors(out, results["paths"][name])
 
 
-MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp"]
+MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "glm4_moe_lite_mtp"]
 
 
 @pytest.mark.parametrize("name", MOE_CASES)

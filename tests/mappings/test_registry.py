@@ -127,6 +127,31 @@ def test_hf_to_megatron_lookup():
     assert reg.hf_to_megatron_lookup("nothing.here") is None
 
 
+def test_fused_expert_tensors_resolve_to_their_layer_group():
+    """A fused HF expert tensor (no expert index in its name) resolves to its layer's expert group with the expert
+    index left open, whether its pattern has a layer wildcard (decoder layers) or none (an MTP layer's, spelled
+    out); per-expert names still carry their expert."""
+    from megatron_bridge_ext.mappings import ExpertFC1Mapping, ExpertFC2Mapping
+
+    reg = MegatronMappingRegistry(
+        ExpertFC1Mapping("mtp.layers.0.mlp.experts.local_experts.*.linear_fc1.weight",
+                         gate_up="model.layers.4.mlp.experts.gate_up_proj"),
+        ExpertFC1Mapping("decoder.layers.*.mlp.experts.local_experts.*.linear_fc1.weight",
+                         gate_up="model.layers.*.mlp.experts.gate_up_proj"),
+        ExpertFC2Mapping("decoder.layers.*.mlp.experts.local_experts.*.linear_fc2.weight",
+                         "model.layers.*.mlp.experts.*.down_proj.weight"),
+    )
+    for name, megatron in (("model.layers.2.mlp.experts.gate_up_proj",
+                            "decoder.layers.2.mlp.experts.local_experts.*.linear_fc1.weight"),
+                           ("model.layers.4.mlp.experts.gate_up_proj",
+                            "mtp.layers.0.mlp.experts.local_experts.*.linear_fc1.weight")):
+        m = reg.hf_to_megatron_lookup(name)
+        assert m.megatron_param == megatron and m.hf_param == {"gate_up": name}
+        assert getattr(m, "expert", None) is None
+    m = reg.hf_to_megatron_lookup("model.layers.2.mlp.experts.5.down_proj.weight")
+    assert m.megatron_param == "decoder.layers.2.mlp.experts.local_experts.*.linear_fc2.weight" and m.expert == 5
+
+
 def test_first_registered_match_wins():
     reg = MegatronMappingRegistry(
         Special("decoder.layers.0.mlp.linear_fc1.weight", "special.fc1"),

@@ -92,7 +92,7 @@ def test_the_stored_namespace_has_every_argument_and_the_models_values():
 
 
 MUST_READ_BACK = ("llama", "llama_tied_llama3", "qwen2", "mixtral", "mistral_window", "qwen3_sliding_layers", "phi3",
-                  "qwen3_moe", "qwen2_moe", "deepseek_v3_no_q_lora", "glm4_moe")
+                  "qwen3_moe", "qwen2_moe", "deepseek_v3_no_q_lora", "glm4_moe", "glm4_moe_lite")
 
 
 def test_every_family_reads_back_from_its_args_or_is_refused_by_name():

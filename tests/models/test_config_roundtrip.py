@@ -92,6 +92,13 @@ CASES = {
                                  routed_scaling_factor=1.5,
                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                   "partial_rotary_factor": 0.5})),
+    # MLA + GLM-4.5's router, an MoE layer before a dense one; norms at the latent norms' 1e-6 (Megatron-LM's args
+    # read it back: tests/mcore/test_megatron_lm_args.py)
+    "glm4_moe_lite": ("Glm4MoeLite", dict(
+        head_dim=None, num_key_value_heads=4, n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+        q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_shared_experts=1,
+        routed_scaling_factor=1.8, rms_norm_eps=1e-6, mlp_layer_types=["sparse", "dense"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
     "gpt_oss": ("GptOss", dict(intermediate_size=32, num_local_experts=6, num_experts_per_tok=2, sliding_window=4,
                                swiglu_limit=1.5,
                                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,

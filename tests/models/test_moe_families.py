@@ -100,6 +100,8 @@ EXPERT_NAMES = {
                               "model.layers.3.mlp.experts.gate_up_proj"),
     "Qwen2MoeForCausalLM": ("model.layers.3.mlp.experts.5.gate_proj.weight", "model.layers.3.mlp.experts.gate_up_proj"),
     "Glm4MoeForCausalLM": ("model.layers.3.mlp.experts.5.gate_proj.weight", "model.layers.3.mlp.experts.gate_up_proj"),
+    "Glm4MoeLiteForCausalLM": ("model.layers.3.mlp.experts.5.gate_proj.weight",
+                               "model.layers.3.mlp.experts.gate_up_proj"),
     "GptOssForCausalLM": ("model.layers.3.mlp.experts.5.gate_proj.weight", "model.layers.3.mlp.experts.gate_up_proj"),
 }
 
@@ -230,7 +232,10 @@ def test_mtp_layers_that_disagree_with_the_config_are_refused_by_name(arch, pref
         bridge.detect_hf_layout(_state(_mtp_keys(2)), _config(prefix, **overrides, num_nextn_predict_layers=0))
 
 
-@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"])
+MLA_ARCHS = ("DeepseekV3ForCausalLM", "Glm4MoeLiteForCausalLM")  # multi-latent attention
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM"])
 @pytest.mark.parametrize("experts", [PER_EXPERT, ExpertLayout(fused=True)])
 def test_mtp_mapping_table(arch, experts):
     """MTP layer 0 of a 2-layer model is HF layer 2: every per-layer mapping re-addressed, MTP's own tensors, the
@@ -241,7 +246,7 @@ def test_mtp_mapping_table(arch, experts):
     bridge.hf_layout = dataclasses.replace(experts, mtp=MTPLayers(first=2, count=1))
     reg = bridge.registry
     t = f"mtp.layers.0.{mtp_layer_module()}"  # the installed megatron-core's name
-    attn = ({"linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight"} if arch.startswith("Deepseek") else
+    attn = ({"linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight"} if arch in MLA_ARCHS else
             {"linear_qkv.weight": {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
                                    "v": "self_attn.v_proj.weight"}})
     want = {
