@@ -317,7 +317,8 @@ def args_disagreements(args: Any, config: Any) -> List[str]:
 
 #: GPTConfig fields of this package's families that no Megatron-LM argument carries
 _NOT_IN_ARGS = ("attn_logit_softcapping", "final_logit_softcapping", "embedding_scale", "post_self_attn_layernorm",
-                "post_mlp_layernorm", "local_rotary_base", "softmax_scale")
+                "post_mlp_layernorm", "local_rotary_base", "softmax_scale", "pre_layernorms",
+                "qk_layernorm_whole_projection")
 
 
 def _not_in_args(config: Any) -> List[str]:
