@@ -7,8 +7,9 @@ neither its ``DotProductAttention`` nor its output layer has soft-capping (``cap
 scores / the logits. Gemma 2 / Gemma 3 need all of them. Its local ``DotProductAttention`` has no ``k_channels`` /
 ``v_channels`` arguments, which multi-latent attention (DeepSeek-V3) passes (queries / keys of ``qk_head_dim +
 qk_pos_emb_head_dim`` channels, values of ``v_head_dim``). Its ``q_layernorm`` / ``k_layernorm`` normalise each
-head on its own (OLMo 2 / OLMoE normalise the whole projection), and every layer has its pre-norms. ``model_builder.gpt_layer_spec`` puts these modules into
-the spec only when the config asks for the feature, so the other families build exactly megatron-core's local spec.
+head on its own (OLMo 2 / OLMoE normalise the whole projection), and every layer has its pre-norms (OLMo 2 has
+none). ``model_builder.gpt_layer_spec`` puts these modules into the spec only when the config asks for the feature,
+so the other families build exactly megatron-core's local spec.
 
 =================================  ===============================================================================
 module                             what it adds
@@ -165,9 +166,9 @@ class WholeProjectionRMSNorm(torch.nn.Module):
         tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() \
             else 1
         if heads % tp:
-            raise ValueError(f"{name}: {self.heads_field}={heads} is not a multiple of tensor_model_parallel_size={tp}: "
-                             "a norm over the whole projection needs whole heads on each TP rank (megatron-core "
-                             "replicates key heads when there are fewer than TP ranks)")
+            raise ValueError(f"{name}: {self.heads_field}={heads} is not a multiple of "
+                             f"tensor_model_parallel_size={tp}: a norm over the whole projection needs whole heads "
+                             "on each TP rank (megatron-core replicates key heads when there are fewer than TP ranks)")
         self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
         self.head_dim = hidden_size
         self.local_heads = heads // tp

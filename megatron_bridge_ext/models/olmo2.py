@@ -14,7 +14,8 @@ Olmo 3 adds sliding-window / full-attention layers (``layer_types``, ``sliding_w
 (``rope_parameters["full_attention"]`` / ``["sliding_attention"]``; a sliding base that differs becomes
 ``local_rotary_base``). Refused with named errors: ``attention_bias`` (q/k/v and o_proj biases without MLP biases),
 sliding-layer RoPE other than a base, YaRN on the full layers (megatron applies YaRN's attention factor on every
-layer), a ``head_dim`` other than ``hidden_size // num_attention_heads`` (see :func:`check_olmo_head_dim`).
+layer). A ``head_dim`` other than ``hidden_size // num_attention_heads`` converts (HF sizes the projections, the q / k
+norms and RoPE from it); export writes it only then.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.models.hf_config import (
+    FULL,
     activation_hf_fields,
     common_megatron_kwargs,
     config_get,
@@ -30,6 +32,7 @@ from megatron_bridge_ext.models.hf_config import (
     layer_type_rope_hf_fields,
     layer_type_rope_kwargs,
     model_size_hf_fields,
+    per_layer_type_rope,
     rms_norm_hf_fields,
     rms_norm_kwargs,
     rope_hf_fields,
@@ -46,27 +49,12 @@ from megatron_bridge_ext.models.tables import (
 )
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
-__all__ = ["Olmo2Bridge", "Olmo3Bridge", "check_olmo_head_dim", "WHOLE_QK_NORMS"]
+__all__ = ["Olmo2Bridge", "Olmo3Bridge", "WHOLE_QK_NORMS", "check_whole_qk_norms"]
 
 #: the GPTConfig fields of q / k norms over the whole projection (OLMo 2, Olmo 3, OLMoE)
 WHOLE_QK_NORMS = {"qk_layernorm": True, "qk_layernorm_whole_projection": True}
 #: OLMo 2 / Olmo 3's norm placement
 POST_NORMS = {"pre_layernorms": False, "post_self_attn_layernorm": True, "post_mlp_layernorm": True}
-
-
-def check_olmo_head_dim(hf_config: Any, family: str) -> None:
-    """HF OLMo families size their q / k norms from ``hidden_size // num_attention_heads``-wide heads (OLMoE's
-    ``q_norm`` is ``hidden_size`` wide) while their attention reads ``head_dim`` when a config carries one: a
-    ``head_dim`` other than ``hidden_size // num_attention_heads`` gives no consistent model.
-
-    Raises:
-        ValueError: naming ``head_dim`` and the width the family implies.
-    """
-    head_dim = config_get(hf_config, "head_dim")
-    derived = int(config_get(hf_config, "hidden_size")) // int(config_get(hf_config, "num_attention_heads"))
-    if head_dim is not None and int(head_dim) != derived:
-        raise ValueError(f"{family}: head_dim={head_dim} is not supported: the family's heads are hidden_size // "
-                         f"num_attention_heads = {derived} wide")
 
 
 def check_whole_qk_norms(config: Any, family: str) -> None:
@@ -79,18 +67,6 @@ def check_whole_qk_norms(config: Any, family: str) -> None:
         raise ValueError(f"{family}: qk_layernorm={config.qk_layernorm}, qk_layernorm_whole_projection="
                          f"{config.qk_layernorm_whole_projection}; the HF model normalises queries and keys over the "
                          "whole projection (both True)")
-
-
-def check_head_dim_derived(config: Any, family: str) -> None:
-    """The Megatron heads are ``hidden_size // num_attention_heads`` wide (the reverse of :func:`check_olmo_head_dim`).
-
-    Raises:
-        ValueError: naming ``kv_channels`` and the width HF would derive.
-    """
-    derived = config.hidden_size // config.num_attention_heads
-    if config.kv_channels != derived:
-        raise ValueError(f"{family}: kv_channels={config.kv_channels} has no HF equivalent (HF derives head_dim = "
-                         f"hidden_size // num_attention_heads = {derived})")
 
 
 @MegatronModelBridge.register_bridge(source="Olmo2ForCausalLM", target=GPT_MODEL)
@@ -113,7 +89,6 @@ class Olmo2Bridge(MegatronModelBridge):
         if config_get(hf_config, "attention_bias", False):
             raise ValueError(f"{family}: attention_bias=True cannot be expressed (q/k/v and o_proj biases without MLP "
                              "biases; megatron's add_bias_linear covers both)")
-        check_olmo_head_dim(hf_config, family)
         kw = self._common_kwargs(hf_config)
         kw.update(**rms_norm_kwargs(hf_config, default_eps=1e-5), **POST_NORMS, **WHOLE_QK_NORMS,
                   **gated_activation_kwargs(hf_config, family), add_bias_linear=False, add_qkv_bias=False)
@@ -134,7 +109,6 @@ class Olmo2Bridge(MegatronModelBridge):
             raise ValueError(f"{family}: these Megatron settings have no {self.hf_architecture} equivalent "
                              f"(field: (got, expected)): {wrong}")
         check_whole_qk_norms(config, family)
-        check_head_dim_derived(config, family)
 
     def _window_hf_fields(self, config: Any) -> Dict[str, Any]:
         """HF window fields of the config (Olmo 3); OLMo 2 has no sliding window."""
@@ -145,7 +119,9 @@ class Olmo2Bridge(MegatronModelBridge):
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         self._check_megatron(config)
-        return {**super().megatron_to_hf_config(config), **model_size_hf_fields(config, head_dim=False),
+        # HF derives head_dim (hidden_size // num_attention_heads) unless the config carries one
+        derived = config.kv_channels == config.hidden_size // config.num_attention_heads
+        return {**super().megatron_to_hf_config(config), **model_size_hf_fields(config, head_dim=not derived),
                 **self._rope_hf_fields(config), **rms_norm_hf_fields(config), **activation_hf_fields(config),
                 "attention_bias": False, **self._window_hf_fields(config)}
 
@@ -162,6 +138,11 @@ class Olmo3Bridge(Olmo2Bridge):
     hf_model_type = "olmo3"
 
     def _common_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        full = (per_layer_type_rope(hf_config) or {}).get(FULL) or {}
+        if full.get("rope_type") == "yarn":
+            raise ValueError(f"{type(self).__name__}: rope_parameters[{FULL!r}] rope_type 'yarn' is not supported: "
+                             "HF Olmo 3 applies YaRN (and its attention factor) to the full-attention layers only, "
+                             "megatron-core's YaRN to every layer")
         return layer_type_rope_kwargs(hf_config, type(self).__name__)
 
     def _rope_hf_fields(self, config: Any) -> Dict[str, Any]:

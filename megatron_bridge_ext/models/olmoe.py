@@ -29,12 +29,7 @@ from megatron_bridge_ext.models.moe import (
     softmax_router_hf_fields,
     softmax_router_kwargs,
 )
-from megatron_bridge_ext.models.olmo2 import (
-    WHOLE_QK_NORMS,
-    check_head_dim_derived,
-    check_olmo_head_dim,
-    check_whole_qk_norms,
-)
+from megatron_bridge_ext.models.olmo2 import WHOLE_QK_NORMS, check_whole_qk_norms
 from megatron_bridge_ext.models.tables import (
     GPT_MODEL,
     attention_mappings,
@@ -45,6 +40,20 @@ from megatron_bridge_ext.models.tables import (
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
 __all__ = ["OlmoeBridge"]
+
+
+def _check_hf_head_dim(hf_config: Any, family: str) -> None:
+    """HF OLMoE sizes ``q_norm`` by ``hidden_size`` and ``k_norm`` by ``hidden_size // num_attention_heads``-wide
+    heads while its projections read ``head_dim`` when a config carries one: another ``head_dim`` gives no model.
+
+    Raises:
+        ValueError: naming ``head_dim`` and the width the family implies.
+    """
+    head_dim = config_get(hf_config, "head_dim")
+    derived = int(config_get(hf_config, "hidden_size")) // int(config_get(hf_config, "num_attention_heads"))
+    if head_dim is not None and int(head_dim) != derived:
+        raise ValueError(f"{family}: head_dim={head_dim} is not supported: OLMoE's q / k norms are sized for "
+                         f"hidden_size // num_attention_heads = {derived}-wide heads")
 
 
 @LlamaBridge.register_bridge(source="OlmoeForCausalLM", target=GPT_MODEL)
@@ -63,7 +72,7 @@ class OlmoeBridge(LlamaBridge):
                 raise ValueError(f"{family}: {field}={value!r} is not supported (None: "
                                  + ("no clamping of q / k / v" if field == "clip_qkv" else
                                     "HF OLMoE applies a window with flash attention only") + ")")
-        check_olmo_head_dim(hf_config, family)
+        _check_hf_head_dim(hf_config, family)
         kw = super().hf_config_to_megatron_kwargs(hf_config)  # attention_bias needs MLP biases OLMoE lacks: refused
         return {
             **kw,
@@ -77,7 +86,10 @@ class OlmoeBridge(LlamaBridge):
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
         check_whole_qk_norms(config, family)
-        check_head_dim_derived(config, family)
+        derived = config.hidden_size // config.num_attention_heads
+        if config.kv_channels != derived:
+            raise ValueError(f"{family}: kv_channels={config.kv_channels} has no OLMoE equivalent (HF derives "
+                             f"head_dim = hidden_size // num_attention_heads = {derived})")
         if config.window_size:
             raise ValueError(f"{family}: window_size={tuple(config.window_size)} has no OLMoE equivalent")
         if config.add_bias_linear or config.add_qkv_bias:

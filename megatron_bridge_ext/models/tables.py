@@ -20,8 +20,8 @@ from megatron_bridge_ext.mappings import (
 )
 
 __all__ = ["L", "H", "GPT_MODEL", "embedding_mappings", "attention_mappings", "fused_qkv_attention_mappings",
-           "qk_norm_mappings", "whole_qk_norm_mappings", "pre_mlp_norm_mappings", "gated_mlp_mappings", "fused_gated_mlp_mappings",
-           "post_norm_mappings", "mla_mappings", "sink_mappings"]
+           "qk_norm_mappings", "whole_qk_norm_mappings", "pre_mlp_norm_mappings", "gated_mlp_mappings",
+           "fused_gated_mlp_mappings", "post_norm_mappings", "mla_mappings", "sink_mappings"]
 
 L = "decoder.layers.*"
 H = "model.layers.*"
