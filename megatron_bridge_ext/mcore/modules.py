@@ -24,7 +24,8 @@ module                             what it adds
                                    ``k_layernorm``: its weight is split by heads over TP like the q / k rows, the
                                    sum of squares is all-reduced over the TP group (:class:`WholeProjectionRMSNorm`)
 ``LayerTypeRopeSelfAttention``     ``SelfAttention`` whose sliding-window layers use their own rotary base
-                                   (``config.local_rotary_base``); full-attention layers use the model's RoPE
+                                   (``config.local_rotary_base``, without YaRN's attention factor); full-attention
+                                   layers use the model's RoPE
 ``ScaledLanguageModelEmbedding``   the embedding output multiplied by ``config.embedding_scale`` in its own dtype
 ``MLADotProductAttention``         ``DotProductAttention`` accepting ``k_channels`` / ``v_channels`` (the output
                                    width is ``v_channels`` per head); no parameters of its own
@@ -42,6 +43,7 @@ module                             what it adds
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Optional
 
@@ -215,12 +217,27 @@ class WholeKeyRMSNorm(WholeProjectionRMSNorm):
     heads_field = "num_query_groups"
 
 
+def _without_yarn(config: Any) -> Any:
+    """A shallow copy of ``config`` as an instance of its first base class without YaRN fields (``GPTConfig`` for a
+    ``YarnGPTConfig``): megatron decides whether to apply YaRN's attention factor by ``hasattr(config,
+    "yarn_rotary_scaling_factor")``."""
+    plain = copy.copy(config)
+    plain.__class__ = next(c for c in type(config).__mro__ if not hasattr(c, "yarn_rotary_scaling_factor"))
+    for name in [n for n in vars(plain) if n.startswith("yarn_")]:
+        delattr(plain, name)
+    return plain
+
+
 class LayerTypeRopeSelfAttention(SelfAttention):
     """``SelfAttention`` with a separate rotary base on sliding-window layers (``config.local_rotary_base``).
 
     Layers for which megatron's ``is_layer_window_attention`` holds get their own ``RotaryEmbedding`` (same
     ``kv_channels`` and ``rotary_percent``, no scaling) and use it in place of the model's, for the same positions;
-    the other layers use the rotary embedding ``GPTModel`` passes in.
+    the other layers use the rotary embedding ``GPTModel`` passes in. With YaRN on the model's RoPE (Olmo 3's full
+    layers) the sliding layers also rotate without YaRN's attention factor (HF applies it with the scaled RoPE
+    only): megatron-core 0.16.1 reads that factor from ``self.config`` in each forward (a ``YarnGPTConfig`` has
+    one), 0.19.2 from ``self._yarn_concentration_factor`` cached at construction; these layers get a copy of the
+    config without the ``yarn_*`` fields and a cached factor of 1.
     """
 
     def __init__(self, config: Any, submodules: Any, layer_number: int, *args: Any, **kwargs: Any) -> None:
@@ -236,6 +253,9 @@ class LayerTypeRopeSelfAttention(SelfAttention):
                 rotary_base=base,
                 use_cpu_initialization=config.use_cpu_initialization,
             )
+            if hasattr(config, "yarn_rotary_scaling_factor"):
+                self.config = _without_yarn(config)
+                self._yarn_concentration_factor = 1.0
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor], *args: Any,
                 rotary_pos_emb: Any = None, **kwargs: Any):

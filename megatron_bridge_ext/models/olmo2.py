@@ -11,11 +11,13 @@ differences in the norms.
   key heads than TP ranks megatron replicates key heads; that is refused, named, when the model is built or converted.
 
 Olmo 3 adds sliding-window / full-attention layers (``layer_types``, ``sliding_window``) and per-layer-type RoPE
-(``rope_parameters["full_attention"]`` / ``["sliding_attention"]``; a sliding base that differs becomes
-``local_rotary_base``). Refused with named errors: ``attention_bias`` (q/k/v and o_proj biases without MLP biases),
-sliding-layer RoPE other than a base, YaRN on the full layers (megatron applies YaRN's attention factor on every
-layer). A ``head_dim`` other than ``hidden_size // num_attention_heads`` converts (HF sizes the projections, the q / k
-norms and RoPE from it); export writes it only then.
+(``rope_parameters["full_attention"]`` / ``["sliding_attention"]``): the full layers' RoPE is the model's (default,
+linear, or YaRN as the released checkpoints extend their context: megatron ``position_embedding_type="yarn"``), the
+sliding layers rotate with their own unscaled base (``local_rotary_base``, ``LayerTypeRopeSelfAttention``, which
+keeps YaRN's attention factor off them as HF does). Refused with named errors: ``attention_bias`` (q/k/v and o_proj
+biases without MLP biases), sliding-layer RoPE other than a base, fewer key heads than TP ranks. A ``head_dim``
+other than ``hidden_size // num_attention_heads`` converts (HF sizes the projections, the q / k norms and RoPE from
+it); export writes it only then.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.models.hf_config import (
-    FULL,
     activation_hf_fields,
     common_megatron_kwargs,
     config_get,
@@ -32,7 +33,6 @@ from megatron_bridge_ext.models.hf_config import (
     layer_type_rope_hf_fields,
     layer_type_rope_kwargs,
     model_size_hf_fields,
-    per_layer_type_rope,
     rms_norm_hf_fields,
     rms_norm_kwargs,
     rope_hf_fields,
@@ -138,12 +138,8 @@ class Olmo3Bridge(Olmo2Bridge):
     hf_model_type = "olmo3"
 
     def _common_kwargs(self, hf_config: Any) -> Dict[str, Any]:
-        full = (per_layer_type_rope(hf_config) or {}).get(FULL) or {}
-        if full.get("rope_type") == "yarn":
-            raise ValueError(f"{type(self).__name__}: rope_parameters[{FULL!r}] rope_type 'yarn' is not supported: "
-                             "HF Olmo 3 applies YaRN (and its attention factor) to the full-attention layers only, "
-                             "megatron-core's YaRN to every layer")
-        return layer_type_rope_kwargs(hf_config, type(self).__name__)
+        # released Olmo 3 checkpoints extend their context with YaRN on the full-attention layers only
+        return layer_type_rope_kwargs(hf_config, type(self).__name__, yarn=True)
 
     def _rope_hf_fields(self, config: Any) -> Dict[str, Any]:
         return layer_type_rope_hf_fields(config)

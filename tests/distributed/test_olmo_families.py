@@ -7,6 +7,8 @@ ranks.
   half ``q_norm``'s width), untied; TP2, PP2 + VPP2, TP2 x PP2.
 - olmo3: OLMo 2 plus sliding (window 5 < 12 tokens) / full layers and per-layer-type RoPE (full layers theta 1e6 with
   linear scaling, sliding layers theta 1e4: ``local_rotary_base``), tied embeddings; TP2, PP2, TP2 x PP2.
+- olmo3yarn: as released Olmo 3 checkpoints, YaRN (factor 4, explicit attention factor) on the full layers only,
+  unscaled RoPE of the same theta on the sliding ones (3 sliding : 1 full); TP2, PP2 + VPP2.
 - olmoe: pre norms, 6 experts top-2 without ``norm_topk_prob`` (megatron's softmax before the top-k), whole-projection
   q/k norms with GQA; EP2 and TP2 x EP2 (expert-TP 2).
 
@@ -21,6 +23,7 @@ ranks (TP4, 2 key heads) is refused by name when the model is built.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -47,6 +50,13 @@ CHECKPOINTS = {
                             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
                                                                 "rope_theta": 1000000.0},
                                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    # as the released Olmo 3 checkpoints: YaRN (explicit attention_factor) on the full layers only, one rope theta,
+    # the default 3 sliding : 1 full pattern
+    "olmo3yarn": ("Olmo3", dict(sliding_window=5, rope_parameters={
+        "full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0, "beta_fast": 32.0,
+                           "beta_slow": 1.0, "original_max_position_embeddings": 32,
+                           "attention_factor": 0.1 * math.log(4.0) + 1.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0}})),
     "olmoe": ("Olmoe", dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False)),
 }
 # name, tp, pp, vpp, ep, checkpoint
@@ -57,10 +67,12 @@ LAYOUTS = [
     ("olmo3_tp2", 2, 1, None, 1, "olmo3"),
     ("olmo3_pp2", 1, 2, None, 1, "olmo3"),
     ("olmo3_tp2pp2", 2, 2, None, 1, "olmo3"),
+    ("olmo3yarn_tp2", 2, 1, None, 1, "olmo3yarn"),
+    ("olmo3yarn_pp2vpp2", 1, 2, 2, 1, "olmo3yarn"),
     ("olmoe_ep2", 1, 1, None, 2, "olmoe"),
     ("olmoe_tp2ep2", 2, 1, None, 2, "olmoe"),
 ]
-NO_SOURCE = {"olmo2_tp2pp2", "olmo3_pp2", "olmoe_tp2ep2"}
+NO_SOURCE = {"olmo2_tp2pp2", "olmo3_pp2", "olmo3yarn_tp2", "olmoe_tp2ep2"}
 # layout written as a torch_dist checkpoint -> (tp, pp, ep) it is read at
 DIST = {"olmo2_tp2": (1, 2, 1), "olmoe_tp2ep2": (1, 1, 2)}
 

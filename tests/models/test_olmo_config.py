@@ -5,6 +5,7 @@ transformers' own norm, and the head-sharded norm mapping's split and refusals."
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -30,6 +31,10 @@ CASES = {
     "olmo3_two_ropes": ("Olmo3", dict(sliding_window=5, layer_types=[SLIDING, FULL, FULL, SLIDING], rope_parameters={
         FULL: {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
         SLIDING: {"rope_type": "default", "rope_theta": 10000.0}})),
+    "olmo3_yarn_full_layers": ("Olmo3", dict(sliding_window=5, rope_parameters={
+        FULL: {"rope_type": "yarn", "factor": 4.0, "rope_theta": 500000.0, "original_max_position_embeddings": 32,
+               "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 0.1 * math.log(4.0) + 1.0},
+        SLIDING: {"rope_type": "default", "rope_theta": 500000.0}})),
     "olmo3_full_only": ("Olmo3", dict(sliding_window=5, layer_types=[FULL] * 4)),
     "olmo3_sliding_only": ("Olmo3", dict(sliding_window=3, layer_types=[SLIDING] * 4)),
     "olmoe": ("Olmoe", dict(intermediate_size=32, num_experts=6, num_experts_per_tok=2)),
@@ -41,7 +46,7 @@ FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
           "vocab_size", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "qk_layernorm_whole_projection",
           "pre_layernorms", "post_self_attn_layernorm", "post_mlp_layernorm", "window_size", "window_attn_skip_freq",
           "local_rotary_base", "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq",
-          "moe_router_pre_softmax", "moe_router_score_function")
+          "moe_router_pre_softmax", "moe_router_score_function", "position_embedding_type")
 
 
 def _config(prefix: str, **overrides):
@@ -97,9 +102,13 @@ def test_olmo3_sliding_base_becomes_local_rotary_base():
         FULL: {"rope_type": "default", "rope_theta": 1e6},
         SLIDING: {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}), r"rope_parameters\['sliding_attention'\]"),
     ("Olmo3ForCausalLM", "Olmo3", dict(sliding_window=5, rope_parameters={
-        FULL: {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_position_embeddings": 32},
-        SLIDING: {"rope_type": "default", "rope_theta": 1e6}}),
-     r"Olmo3Bridge: rope_parameters\['full_attention'\] rope_type 'yarn' is not supported"),
+        FULL: {"rope_type": "default", "rope_theta": 1e6},
+        SLIDING: {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_position_embeddings": 32}}),
+     r"Olmo3Bridge: rope_parameters\['sliding_attention'\] = .* is not supported"),
+    ("Olmo3ForCausalLM", "Olmo3", dict(sliding_window=5, rope_parameters={
+        FULL: {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6, "original_max_position_embeddings": 32,
+               "attention_factor": 1.5},
+        SLIDING: {"rope_type": "default", "rope_theta": 1e6}}), r"yarn attention_factor=1\.5 differs"),
     ("Olmo3ForCausalLM", "Olmo3", dict(sliding_window=None, layer_types=[SLIDING, FULL, FULL, FULL]),
      r"sliding_window is None"),
     ("OlmoeForCausalLM", "Olmoe", dict(num_experts=4, num_experts_per_tok=2, clip_qkv=8.0),
