@@ -16,8 +16,9 @@ For each layout: the Megatron logits against the HF model's own (fp32, max |diff
 weights against its heads' slice of the HF ``q_norm`` / ``k_norm`` (plain torch); the exported checkpoint against the
 source (key set, dtypes, torch.equal). One export per family without the source that transformers loads with the
 same logits. A ``torch_dist`` checkpoint written at TP2 (OLMo 2) and TP2 x EP2 (OLMoE) and read at another layout from
-its stored config gives the HF logits again (the norms' sharded state dicts are TP-sharded). Fewer key heads than TP
-ranks (TP4, 2 key heads) is refused by name when the model is built.
+its stored config gives the HF logits again (the norms' sharded state dicts are TP-sharded). At OLMo 2 TP2 the q / k
+norm weight gradients of a loss over the logits are transformers' (the all-reduce's backward). Fewer key heads than
+TP ranks (TP4, 2 key heads) is refused by name when the model is built.
 """
 
 from __future__ import annotations
@@ -105,6 +106,38 @@ def _norm_slices(chunks, sd, tp_rank: int, tp: int) -> list:
     return bad if seen else ["no layers"]
 
 
+GRAD_LAYOUT = "olmo2_tp2"  # where the q / k norm gradients are checked
+
+
+def _loss_weights(tokens: torch.Tensor) -> torch.Tensor:
+    """Fixed random weights of the test loss ``sum(logits * w)`` (one per logit)."""
+    return torch.randn(*tokens.shape, BASE["vocab_size"], generator=torch.Generator().manual_seed(7))
+
+
+def _norm_grads(chunk, tokens: torch.Tensor, tp_rank: int, tp: int) -> dict:
+    """Gradients of this rank's q / k norm weights of the loss ``sum(logits * w)`` summed over the TP ranks' vocabulary
+    shards (each rank backpropagates its shard's share; the padded columns have weight 0)."""
+    b, s = tokens.shape
+    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
+    chunk.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        logits = chunk(input_ids=tokens, position_ids=position_ids, attention_mask=mask)  # [b, s, padded vocab / tp]
+        local = logits.shape[-1]
+        w = torch.nn.functional.pad(_loss_weights(tokens), (0, local * tp - BASE["vocab_size"]))
+        (logits.float() * w[..., tp_rank * local:(tp_rank + 1) * local]).sum().backward()
+    return {f"{layer.layer_number - 1}.{meg}": getattr(layer.self_attention, meg).weight.grad.clone()
+            for layer in chunk.decoder.layers for meg in ("q_layernorm", "k_layernorm")}
+
+
+def _hf_norm_grads(path: str, tokens: torch.Tensor) -> dict:
+    """The same loss's gradients of HF ``q_norm`` / ``k_norm`` (whole tensors)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    (model(tokens, use_cache=False).logits * _loss_weights(tokens)).sum().backward()
+    return {f"{i}.{meg}": getattr(layer.self_attn, hf).weight.grad.clone() for i, layer in enumerate(model.model.layers)
+            for meg, hf in (("q_layernorm", "q_norm"), ("k_layernorm", "k_norm"))}
+
+
 def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: str) -> dict:
     from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
@@ -128,6 +161,9 @@ def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: 
         chunks = bridge.to_megatron_model(params_dtype=torch.float32)
         r = {"logits": megatron_logits(chunks, tokens),
              "norms": _norm_slices(chunks, sd, ps.get_tensor_model_parallel_rank(), tp)}
+        if name == GRAD_LAYOUT:
+            r["grads"] = _norm_grads(chunks[0], tokens, ps.get_tensor_model_parallel_rank(), tp)
+            r["tp_rank"] = ps.get_tensor_model_parallel_rank()
         bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=96 * 1024,
                                   bucket_bytes=64 * 1024, show_progress=False)
         if name in NO_SOURCE:
@@ -168,6 +204,7 @@ def world(tmp_path_factory):
     out_root = str(root / "out")
     per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=900)
     hf = {ckpt: hf_logits(path, tokens) for ckpt, path in ckpts.items()}
+    hf["grads"] = _hf_norm_grads(ckpts[next(layout[5] for layout in LAYOUTS if layout[0] == GRAD_LAYOUT)], tokens)
     return ckpts, out_root, per_rank, hf, tokens
 
 
@@ -188,6 +225,23 @@ def test_qk_norm_weights_are_split_by_heads(world, name, tp, pp, vpp, ep, ckpt):
     _, _, per_rank, _, _ = world
     for rank, r in enumerate(per_rank):
         assert r[name]["norms"] == [], (rank, r[name]["norms"][:4])
+
+
+def test_qk_norm_gradients_match_hf(world):
+    """Training through the TP all-reduce: at TP2 each rank's q / k norm weight gradients of a loss over the logits
+    are its heads' rows of transformers' gradients (the all-reduce's backward sums the ranks' contributions)."""
+    _, _, per_rank, hf, _ = world
+    tp = next(layout[1] for layout in LAYOUTS if layout[0] == GRAD_LAYOUT)
+    for rank, r in enumerate(per_rank):
+        res = r[GRAD_LAYOUT]
+        assert sorted(res["grads"]) == sorted(hf["grads"]), rank
+        for key, got in res["grads"].items():
+            full = hf["grads"][key]
+            rows = full.shape[0] // tp
+            want = full[res["tp_rank"] * rows:(res["tp_rank"] + 1) * rows]
+            scale = full.abs().max().item()
+            diff = (got - want).abs().max().item()
+            assert scale > 1e-3 and diff <= 1e-4 * max(1.0, scale), (rank, key, diff, scale)
 
 
 def _assert_same_tensors(src_dir: str, dst_dir: str) -> None:
