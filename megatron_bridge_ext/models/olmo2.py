@@ -22,10 +22,12 @@ it); export writes it only then.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.models.hf_config import (
+    FULL,
+    SLIDING,
     activation_hf_fields,
     common_megatron_kwargs,
     config_get,
@@ -49,7 +51,8 @@ from megatron_bridge_ext.models.tables import (
 )
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
-__all__ = ["Olmo2Bridge", "Olmo3Bridge", "WHOLE_QK_NORMS", "check_whole_qk_norms"]
+__all__ = ["Olmo2Bridge", "Olmo3Bridge", "WHOLE_QK_NORMS", "check_whole_qk_norms",
+           "olmo3_config_as_transformers_reads_it"]
 
 #: the GPTConfig fields of q / k norms over the whole projection (OLMo 2, Olmo 3, OLMoE)
 WHOLE_QK_NORMS = {"qk_layernorm": True, "qk_layernorm_whole_projection": True}
@@ -131,6 +134,29 @@ class Olmo2Bridge(MegatronModelBridge):
                                        *post_norm_mappings())
 
 
+#: HF Olmo3Config's defaults of the fields below (transformers 5.24)
+OLMO3_DEFAULT_THETA, OLMO3_DEFAULT_WINDOW = 500000.0, 4096
+
+
+def olmo3_config_as_transformers_reads_it(hf_config: Any) -> Any:
+    """A raw Olmo 3 ``config.json`` dict with what transformers' ``Olmo3Config`` derives from it: without
+    ``rope_parameters`` its ``rope_theta`` / ``rope_scaling`` (the released files' form) are the full-attention layers'
+    RoPE and the sliding layers get the same theta unscaled (``convert_rope_params_to_dict``); without
+    ``layer_types`` every fourth layer is a full-attention one, the others slide; ``sliding_window`` defaults to
+    4096. Config objects (transformers has derived them) are returned as they are."""
+    if not isinstance(hf_config, Mapping):
+        return hf_config
+    out = dict(hf_config)
+    if config_get(hf_config, "rope_parameters") is None:
+        theta = float(config_get(hf_config, "rope_theta", OLMO3_DEFAULT_THETA))
+        full = {"rope_type": "default", **dict(config_get(hf_config, "rope_scaling") or {}), "rope_theta": theta}
+        out["rope_parameters"] = {FULL: full, SLIDING: {"rope_type": "default", "rope_theta": theta}}
+    if config_get(hf_config, "layer_types") is None:
+        out["layer_types"] = [SLIDING if (i + 1) % 4 else FULL for i in range(int(hf_config["num_hidden_layers"]))]
+    out.setdefault("sliding_window", OLMO3_DEFAULT_WINDOW)
+    return out
+
+
 @Olmo2Bridge.register_bridge(source="Olmo3ForCausalLM", target=GPT_MODEL)
 class Olmo3Bridge(Olmo2Bridge):
     """HF Olmo3ForCausalLM <-> Megatron-Core GPTModel: OLMo 2 with sliding / full layers and per-layer-type RoPE."""
@@ -145,6 +171,7 @@ class Olmo3Bridge(Olmo2Bridge):
         return layer_type_rope_hf_fields(config)
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
+        hf_config = olmo3_config_as_transformers_reads_it(hf_config)
         return {**super().hf_config_to_megatron_kwargs(hf_config),
                 **window_settings(hf_config, type(self).__name__)}
 

@@ -89,6 +89,21 @@ def test_hf_megatron_hf_config_gives_the_same_model(case):
         assert getattr(again, field) == getattr(megatron_config, field), field
 
 
+def test_olmo3_raw_config_json_reads_as_transformers_does():
+    """A released-style config.json dict (``rope_theta`` + YaRN ``rope_scaling``, no ``rope_parameters``; here no
+    ``layer_types`` either) gives the Megatron config of transformers' Olmo3Config read from it: YaRN on the full
+    layers, the theta unscaled on the sliding ones, every fourth layer a full one."""
+    raw = {**TINY, "model_type": "olmo3", "sliding_window": 5, "rope_theta": 500000.0,
+           "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                            "attention_factor": 0.1 * math.log(4.0) + 1.0, "beta_fast": 32.0, "beta_slow": 1.0}}
+    bridge = get_model_bridge("Olmo3ForCausalLM")
+    from_raw = bridge.transformer_config(raw)
+    from_transformers = bridge.transformer_config(transformers.AutoConfig.for_model(**raw))
+    assert (from_raw.position_embedding_type, from_raw.local_rotary_base) == ("yarn", 500000.0)
+    for field in FIELDS + ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings"):
+        assert getattr(from_raw, field) == getattr(from_transformers, field), field
+
+
 def test_olmo3_sliding_base_becomes_local_rotary_base():
     cfg = get_model_bridge("Olmo3ForCausalLM").transformer_config(_config("Olmo3", **CASES["olmo3_two_ropes"][1]))
     assert (cfg.rotary_base, cfg.seq_len_interpolation_factor, cfg.local_rotary_base) == (1e6, 2.0, 1e4)
