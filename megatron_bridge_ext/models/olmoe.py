@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.models.hf_config import config_get
+from megatron_bridge_ext.models.hf_config import config_get, rms_norm_kwargs
 from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.models.moe import (
     PER_EXPERT,
@@ -76,6 +76,7 @@ class OlmoeBridge(LlamaBridge):
         kw = super().hf_config_to_megatron_kwargs(hf_config)  # attention_bias needs MLP biases OLMoE lacks: refused
         return {
             **kw,
+            **rms_norm_kwargs(hf_config, default_eps=1e-5),  # OlmoeConfig's default (Llama's is 1e-6)
             **WHOLE_QK_NORMS,
             **moe_runtime_kwargs(config_get(hf_config, "num_experts"), config_get(hf_config, "num_experts_per_tok"),
                                  config_get(hf_config, "intermediate_size"),

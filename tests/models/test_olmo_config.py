@@ -104,6 +104,17 @@ def test_olmo3_raw_config_json_reads_as_transformers_does():
         assert getattr(from_raw, field) == getattr(from_transformers, field), field
 
 
+@pytest.mark.parametrize("prefix,extra", [("Olmo2", {}), ("Olmoe", dict(num_experts=4, num_experts_per_tok=2))])
+def test_a_minimal_config_json_takes_transformers_defaults(prefix, extra):
+    """A config.json dict without ``rms_norm_eps`` / rope fields reads as transformers' config of it does."""
+    raw = {k: v for k, v in {**TINY, **extra, "model_type": prefix.lower()}.items() if k != "rms_norm_eps"}
+    bridge = get_model_bridge(f"{prefix}ForCausalLM")
+    from_raw = bridge.transformer_config(raw)
+    from_transformers = bridge.transformer_config(transformers.AutoConfig.for_model(**raw))
+    for field in FIELDS:
+        assert getattr(from_raw, field) == getattr(from_transformers, field), field
+
+
 def test_olmo3_sliding_base_becomes_local_rotary_base():
     cfg = get_model_bridge("Olmo3ForCausalLM").transformer_config(_config("Olmo3", **CASES["olmo3_two_ropes"][1]))
     assert (cfg.rotary_base, cfg.seq_len_interpolation_factor, cfg.local_rotary_base) == (1e6, 2.0, 1e4)
