@@ -1,5 +1,5 @@
-"""Attention: HF q/k/v (separate, or one fused ``qkv`` tensor) <-> Megatron's fused ``linear_qkv``, and k/v <->
-``linear_kv`` (section 1 of the semantics)."""
+"""Attention: HF q/k/v (separate, or one fused ``qkv`` tensor) <-> Megatron's fused ``linear_qkv``, k/v <->
+``linear_kv`` (section 1 of the semantics), and norms over a whole q or k projection, split by heads."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import torch
 
 from megatron_bridge_ext import geometry, ops
 from megatron_bridge_ext.mappings.base import COLUMN, MegatronParamMapping, attention_dims, single
+from megatron_bridge_ext.mappings.linear import ColumnParallelMapping
 
-__all__ = ["QKVMapping", "KVMapping", "ConcatenatedQKVMapping"]
+__all__ = ["QKVMapping", "KVMapping", "ConcatenatedQKVMapping", "HeadShardedNormMapping"]
 
 
 def _unpack_shards_into(shards: Sequence[torch.Tensor], heads: int, groups: int, d: int, output_gate: bool,
@@ -147,3 +148,62 @@ class ConcatenatedQKVMapping(MegatronParamMapping):
                                                                                               kv_rows)
         _unpack_shards_into(shards, *attention_dims(ctx), self.output_gate, q, k, v, ctx)  # one pass, straight into the fused tensor
         return {self.hf_param: fused}
+
+
+class HeadShardedNormMapping(ColumnParallelMapping):
+    """A norm weight over a whole query or key projection (HF OLMo 2 ``q_norm`` ``[H*d]`` / ``k_norm`` ``[G*d]``) <->
+    TP rank t's slice of it, the weights of its heads (``[H/tp*d]`` / ``[G/tp*d]``, rows in HF head order as
+    megatron's query / key heads are): a column split checked against the heads, so a split that would cut a head
+    or give a rank the wrong heads is refused.
+
+    Args:
+        megatron_param, hf_param: the names.
+        heads: ``"q"`` (``num_attention_heads``) or ``"k"`` (``num_query_groups``).
+
+    Raises:
+        ValueError: an HF tensor that is not ``heads * head_dim`` long, or heads that the TP size does not divide
+            (fewer key heads than TP ranks: megatron replicates each key head over tp / G ranks), named.
+    """
+
+    def __init__(self, megatron_param: str, hf_param: str, heads: str = "q") -> None:
+        if heads not in ("q", "k"):
+            raise ValueError(f"HeadShardedNormMapping({megatron_param!r}): heads must be 'q' or 'k', got {heads!r}")
+        super().__init__(megatron_param, hf_param)
+        self.heads = heads
+
+    def _heads(self, ctx) -> Tuple[int, int]:
+        """(head count, head_dim), checked against the TP size."""
+        h, g, d = attention_dims(ctx)
+        n, field = (h, "num_attention_heads") if self.heads == "q" else (g, "num_query_groups")
+        if n % ctx.tp_size:
+            raise ValueError(f"{self.megatron_param}: {field} = {n} is not a multiple of tensor_model_parallel_size = "
+                             f"{ctx.tp_size}: the norm over the whole {self.heads} projection ({self.hf_param}) needs "
+                             "whole heads on each TP rank")
+        return n, d
+
+    def _check_rows(self, shape, ctx) -> None:
+        n, d = self._heads(ctx)
+        if tuple(shape) != (n * d,):
+            raise ValueError(f"{self.megatron_param}: HF tensor {self.hf_param} has shape {list(shape)}, expected "
+                             f"[{n * d}] ({'num_attention_heads' if self.heads == 'q' else 'num_query_groups'} {n} "
+                             f"x head_dim {d})")
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        self._check_rows(tuple(single(hf, self).shape), ctx)
+        return super().hf_to_megatron(hf, ctx, out)
+
+    def megatron_shape(self, hf, ctx):
+        self._check_rows(tuple(single(hf, self)), ctx)
+        return super().megatron_shape(hf, ctx)
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        n, d = self._heads(ctx)
+        return {self.hf_param: (n * d,)}
+
+    def megatron_to_hf(self, shards, ctx):
+        n, d = self._heads(ctx)
+        rows = sum(s.shape[0] for s in shards)
+        if rows != n * d:
+            raise ValueError(f"{self.megatron_param}: {len(shards)} shard(s) hold {rows} rows, expected {n * d} "
+                             f"({self.heads} heads {n} x head_dim {d})")
+        return super().megatron_to_hf(shards, ctx)

@@ -66,6 +66,12 @@ class GPTConfig(TransformerConfig):
     """A norm on the attention output before the residual add (Gemma's ``post_attention_layernorm``)."""
     post_mlp_layernorm: bool = False
     """A norm on the MLP output before the residual add (Gemma's ``post_feedforward_layernorm``)."""
+    pre_layernorms: bool = True
+    """Norms before attention and before the MLP (``input_layernorm`` / ``pre_mlp_layernorm``); False: none, the
+    post-norm placement of OLMo 2 / Olmo 3 (norms on the sublayer outputs only, ``post_*_layernorm``)."""
+    qk_layernorm_whole_projection: bool = False
+    """With ``qk_layernorm``: the q / k norms are RMSNorms over the whole projection (all heads together, one weight
+    of ``heads * head_dim``; OLMo 2 / Olmo 3 / OLMoE), not one per head."""
     local_rotary_base: Optional[float] = None
     """RoPE base of the sliding-window layers when it differs from ``rotary_base`` (Gemma 3); None: one RoPE."""
     moe_router_fp32_weight: bool = False

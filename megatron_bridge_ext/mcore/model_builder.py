@@ -37,6 +37,8 @@ from megatron_bridge_ext.mcore.modules import (
     SoftCapDotProductAttention,
     ValueNormSelfAttention,
     proportional_rope,
+    WholeKeyRMSNorm,
+    WholeQueryRMSNorm,
     scale_embeddings,
     softcap_output_logits,
 )
@@ -217,6 +219,9 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
     - ``layernorm_zero_centered_gamma``: every norm (input, pre-MLP, q/k, final) is a :class:`LocalRMSNorm`;
     - ``post_self_attn_layernorm`` / ``post_mlp_layernorm``: ``linear_proj`` / ``linear_fc2`` are
       :class:`PostNormRowParallelLinear`;
+    - ``pre_layernorms=False``: no ``input_layernorm`` / ``pre_mlp_layernorm`` (``IdentityOp``; dense layers only);
+    - ``qk_layernorm_whole_projection``: the q / k norms are :class:`WholeQueryRMSNorm` / :class:`WholeKeyRMSNorm`
+      (one norm over all heads, TP-sharded weight);
     - ``local_rotary_base``: the attention is :class:`LayerTypeRopeSelfAttention`;
     - ``attn_logit_softcapping``: the core attention is :class:`SoftCapDotProductAttention` (the output layer's
       ``final_logit_softcapping`` is set on the built model by :func:`build_gpt_model`);
@@ -234,7 +239,8 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
 
     Raises:
         ValueError: a combination these modules do not cover (zero-centred LayerNorm, post-MLP norm with experts,
-            attention soft-capping with multi-latent attention or flash decoding).
+            attention soft-capping with multi-latent attention or flash decoding, whole-projection q/k norms without
+            ``qk_layernorm`` or with multi-latent attention, no pre-norms with experts).
     """
     pattern = moe_layer_pattern(config)
     zero_centered = bool(config.layernorm_zero_centered_gamma)
@@ -263,9 +269,11 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     fp32_router = bool(num_experts and config.moe_router_fp32_weight)
     softcap = config.attn_logit_softcapping is not None
     value_norm = bool(config.value_rms_norm)
+    whole_qk = bool(config.qk_layernorm_whole_projection)
+    no_pre_norms = not config.pre_layernorms
     if not (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
             or config.local_rotary_base is not None or mla or softcap or fp32_router or value_norm
-            or config.layer_output_scalar):
+            or config.layer_output_scalar or whole_qk or no_pre_norms):
         return spec
     latent_eps = getattr(config, "latent_layernorm_epsilon", None)
     if (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm) and \
@@ -292,6 +300,15 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
         for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
             if getattr(spec_submodules(attn), name, IdentityOp) is not IdentityOp:
                 attn_subs[name] = LocalRMSNorm
+    if whole_qk:
+        if not config.qk_layernorm or mla:
+            raise ValueError(f"gpt_layer_spec: qk_layernorm_whole_projection=True needs qk_layernorm=True and no "
+                             f"multi-latent attention (got qk_layernorm={config.qk_layernorm}, "
+                             f"multi_latent_attention={mla})")
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"gpt_layer_spec: qk_layernorm_whole_projection needs normalization='RMSNorm', got "
+                             f"{config.normalization!r}")
+        attn_subs.update(q_layernorm=WholeQueryRMSNorm, k_layernorm=WholeKeyRMSNorm)
     if config.post_self_attn_layernorm:
         attn_subs["linear_proj"] = PostNormRowParallelLinear
     attn = replace_submodules(attn, **attn_subs)
@@ -312,6 +329,10 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     layer_subs = dict(self_attention=attn, mlp=mlp)
     if zero_centered:
         layer_subs.update(input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm)
+    if no_pre_norms:
+        if num_experts:  # megatron's MoE layer normalises its input in pre_mlp_layernorm; HF post-norm MoE: none
+            raise ValueError("gpt_layer_spec: pre_layernorms=False with routed experts is not supported")
+        layer_subs.update(input_layernorm=IdentityOp, pre_mlp_layernorm=IdentityOp)
     spec = replace_submodules(spec, **layer_subs)
     if config.layer_output_scalar:
         spec = dataclasses.replace(spec, module=ScaledOutputTransformerLayer)

@@ -6,8 +6,10 @@ after attention or after the MLP; ``GPTModel`` has one rotary embedding for ever
 neither its ``DotProductAttention`` nor its output layer has soft-capping (``cap * tanh(x / cap)``) of the attention
 scores / the logits. Gemma 2 / Gemma 3 need all of them. Its local ``DotProductAttention`` has no ``k_channels`` /
 ``v_channels`` arguments, which multi-latent attention (DeepSeek-V3) passes (queries / keys of ``qk_head_dim +
-qk_pos_emb_head_dim`` channels, values of ``v_head_dim``). ``model_builder.gpt_layer_spec`` puts these modules into
-the spec only when the config asks for the feature, so the other families build exactly megatron-core's local spec.
+qk_pos_emb_head_dim`` channels, values of ``v_head_dim``). Its ``q_layernorm`` / ``k_layernorm`` normalise each
+head on its own (OLMo 2 / OLMoE normalise the whole projection), and every layer has its pre-norms (OLMo 2 has
+none). ``model_builder.gpt_layer_spec`` puts these modules into the spec only when the config asks for the feature,
+so the other families build exactly megatron-core's local spec.
 
 =================================  ===============================================================================
 module                             what it adds
@@ -17,8 +19,13 @@ module                             what it adds
 ``PostNormRowParallelLinear``      ``RowParallelLinear`` followed by a norm of its (TP-reduced) output; its weight is
                                    ``<linear>.post_layernorm.weight`` (Gemma's ``post_attention_layernorm`` /
                                    ``post_feedforward_layernorm``, the names Megatron Bridge uses)
+``WholeQueryRMSNorm`` /            RMSNorm over a whole query / key projection (all heads together, as OLMo 2's
+``WholeKeyRMSNorm``                ``q_norm`` / ``k_norm``), in place of the per-head ``q_layernorm`` /
+                                   ``k_layernorm``: its weight is split by heads over TP like the q / k rows, the
+                                   sum of squares is all-reduced over the TP group (:class:`WholeProjectionRMSNorm`)
 ``LayerTypeRopeSelfAttention``     ``SelfAttention`` whose sliding-window layers use their own rotary base
-                                   (``config.local_rotary_base``); full-attention layers use the model's RoPE
+                                   (``config.local_rotary_base``, without YaRN's attention factor); full-attention
+                                   layers use the model's RoPE
 ``ScaledLanguageModelEmbedding``   the embedding output multiplied by ``config.embedding_scale`` in its own dtype
 ``MLADotProductAttention``         ``DotProductAttention`` accepting ``k_channels`` / ``v_channels`` (the output
                                    width is ``v_channels`` per head); no parameters of its own
@@ -45,25 +52,35 @@ Gemma 4 needs the last three (with the non-zero-centred norms, post norms and so
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Optional
 
 import torch
+import torch.distributed.nn.functional as dist_fn
+from megatron.core import parallel_state
 from megatron.core.fusions import fused_softmax
 from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax, SoftmaxOne
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_layer import TransformerLayer
-from megatron.core.transformer.utils import is_layer_window_attention
+from megatron.core.transformer.utils import is_layer_window_attention, make_sharded_tensors_for_checkpoint
 
 __all__ = [
     "LocalRMSNorm",
     "PostNormRowParallelLinear",
+    "WholeProjectionRMSNorm",
+    "WholeQueryRMSNorm",
+    "WholeKeyRMSNorm",
     "LayerTypeRopeSelfAttention",
     "ScaledLanguageModelEmbedding",
     "scale_embeddings",
@@ -132,12 +149,109 @@ class PostNormRowParallelLinear(RowParallelLinear):
         return self.post_layernorm(output), None
 
 
+class WholeProjectionRMSNorm(torch.nn.Module):
+    """RMSNorm over all heads of a query or key projection together (HF OLMo 2 / Olmo 3 / OLMoE ``q_norm`` /
+    ``k_norm``, applied to ``q_proj`` / ``k_proj`` outputs before the head split), built where megatron's
+    ``SelfAttention`` builds its per-head ``q_layernorm`` / ``k_layernorm``.
+
+    ``SelfAttention`` (megatron-core 0.16.1 and 0.19.2 alike) calls the norm on the split heads, ``[sq, b, heads, d]``
+    (this TP rank's heads), before RoPE, with ``hidden_size = d``. Each TP rank holds ``heads / tp`` consecutive heads
+    (HF order), so the norm's weight (``heads * d``) is split along dim 0 over TP like the q / k rows
+    (``tensor_model_parallel`` attributes: column layout; its sharded state dict says so, so ``torch_dist``
+    checkpoints save and load it at any layout). The mean square over the whole projection is the sum of squares
+    over the local heads, all-reduced over the TP group (an autograd-aware all-reduce: gradients flow to every
+    rank's inputs), divided by ``heads * d``; then as :class:`LocalRMSNorm`: fp32, ``x * rsqrt(ms + eps) * w``
+    (``1 + w`` with ``layernorm_zero_centered_gamma``), cast back to the input dtype.
+
+    Subclasses say whose heads: :class:`WholeQueryRMSNorm` (``num_attention_heads``), :class:`WholeKeyRMSNorm`
+    (``num_query_groups``). Any grouped-query model (e.g. MiniMax-M2) can use them.
+
+    Raises:
+        ValueError: a head count that the TP size does not divide (with fewer key heads than TP ranks megatron
+            replicates key heads, so a rank's heads are no slice of the projection), named.
+    """
+
+    heads_field = "num_attention_heads"
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if getattr(config, "normalization", "RMSNorm") != "RMSNorm":
+            raise ValueError(f"{name}: config.normalization is {config.normalization!r}, expected 'RMSNorm'")
+        heads = getattr(config, self.heads_field) or config.num_attention_heads
+        tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() \
+            else 1
+        if heads % tp:
+            raise ValueError(f"{name}: {self.heads_field}={heads} is not a multiple of "
+                             f"tensor_model_parallel_size={tp}: a norm over the whole projection needs whole heads "
+                             "on each TP rank (megatron-core replicates key heads when there are fewer than TP ranks)")
+        self.tp_group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+        self.head_dim = hidden_size
+        self.local_heads = heads // tp
+        self.total = heads * hidden_size
+        self.eps = eps
+        self.zero_centered_gamma = bool(config.layernorm_zero_centered_gamma)
+        init = torch.zeros if self.zero_centered_gamma else torch.ones
+        self.weight = torch.nn.Parameter(init(self.local_heads * hidden_size, dtype=config.params_dtype))
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(-2) != self.local_heads or x.size(-1) != self.head_dim:
+            raise ValueError(f"{type(self).__name__}: expected [..., {self.local_heads}, {self.head_dim}] (this rank's "
+                             f"heads, head_dim), got shape {tuple(x.shape)}")
+        xf = x.float()
+        squares = xf.pow(2).sum(dim=(-2, -1), keepdim=True)
+        if self.tp_group is not None:
+            squares = dist_fn.all_reduce(squares, group=self.tp_group)
+        out = xf * torch.rsqrt(squares / self.total + self.eps)
+        gamma = self.weight.float().view(self.local_heads, self.head_dim)
+        if self.zero_centered_gamma:
+            gamma = gamma + 1.0
+        return (out * gamma).type_as(x)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The weight as a TP-sharded tensor (axis 0), as ``ColumnParallelLinear``'s."""
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0},
+                                                   sharded_offsets)
+
+    def extra_repr(self) -> str:
+        return (f"{tuple(self.weight.shape)} of {self.total}, eps={self.eps}, "
+                f"zero_centered_gamma={self.zero_centered_gamma}")
+
+
+class WholeQueryRMSNorm(WholeProjectionRMSNorm):
+    """:class:`WholeProjectionRMSNorm` over the query heads (``num_attention_heads * head_dim``)."""
+
+    heads_field = "num_attention_heads"
+
+
+class WholeKeyRMSNorm(WholeProjectionRMSNorm):
+    """:class:`WholeProjectionRMSNorm` over the key heads (``num_query_groups * head_dim``)."""
+
+    heads_field = "num_query_groups"
+
+
+def _without_yarn(config: Any) -> Any:
+    """A shallow copy of ``config`` as an instance of its first base class without YaRN fields (``GPTConfig`` for a
+    ``YarnGPTConfig``): megatron decides whether to apply YaRN's attention factor by ``hasattr(config,
+    "yarn_rotary_scaling_factor")``."""
+    plain = copy.copy(config)
+    plain.__class__ = next(c for c in type(config).__mro__ if not hasattr(c, "yarn_rotary_scaling_factor"))
+    for name in [n for n in vars(plain) if n.startswith("yarn_")]:
+        delattr(plain, name)
+    return plain
+
+
 class LayerTypeRopeSelfAttention(SelfAttention):
     """``SelfAttention`` with a separate rotary base on sliding-window layers (``config.local_rotary_base``).
 
     Layers for which megatron's ``is_layer_window_attention`` holds get their own ``RotaryEmbedding`` (same
     ``kv_channels`` and ``rotary_percent``, no scaling) and use it in place of the model's, for the same positions;
-    the other layers use the rotary embedding ``GPTModel`` passes in.
+    the other layers use the rotary embedding ``GPTModel`` passes in. With YaRN on the model's RoPE (Olmo 3's full
+    layers) the sliding layers also rotate without YaRN's attention factor (HF applies it with the scaled RoPE
+    only): megatron-core 0.16.1 reads that factor from ``self.config`` in each forward (a ``YarnGPTConfig`` has
+    one), 0.19.2 from ``self._yarn_concentration_factor`` cached at construction; these layers get a copy of the
+    config without the ``yarn_*`` fields and a cached factor of 1.
     """
 
     def __init__(self, config: Any, submodules: Any, layer_number: int, *args: Any, **kwargs: Any) -> None:
@@ -153,6 +267,9 @@ class LayerTypeRopeSelfAttention(SelfAttention):
                 rotary_base=base,
                 use_cpu_initialization=config.use_cpu_initialization,
             )
+            if hasattr(config, "yarn_rotary_scaling_factor"):
+                self.config = _without_yarn(config)
+                self._yarn_concentration_factor = 1.0
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor], *args: Any,
                 rotary_pos_emb: Any = None, **kwargs: Any):

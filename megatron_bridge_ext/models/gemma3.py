@@ -15,14 +15,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from megatron_bridge_ext.models.gemma2 import Gemma2Bridge
-from megatron_bridge_ext.models.hf_config import (
-    FULL,
-    SLIDING,
-    common_megatron_kwargs,
-    per_layer_type_rope,
-    rope_hf_fields,
-    rope_settings,
-)
+from megatron_bridge_ext.models.hf_config import layer_type_rope_hf_fields, layer_type_rope_kwargs
 from megatron_bridge_ext.models.tables import (
     GPT_MODEL,
     attention_mappings,
@@ -43,28 +36,10 @@ class Gemma3Bridge(Gemma2Bridge):
     hf_model_type = "gemma3_text"
 
     def _common_kwargs(self, hf_config: Any) -> Dict[str, Any]:
-        per_type = per_layer_type_rope(hf_config)
-        if per_type is None:
-            return common_megatron_kwargs(hf_config)
-        kw = common_megatron_kwargs(hf_config, rope_layer_type=FULL)
-        if SLIDING in per_type:
-            local = rope_settings({"rope_parameters": per_type[SLIDING]})
-            extra = sorted(set(local) - {"rotary_base"})
-            if extra:
-                raise ValueError(f"{type(self).__name__}: rope_parameters[{SLIDING!r}] = {per_type[SLIDING]} is not "
-                                 "supported: sliding layers take a rope base only (rope_type 'default')")
-            global_scaled = "rope_scaling" in kw or "seq_len_interpolation_factor" in kw
-            if global_scaled or local["rotary_base"] != kw["rotary_base"]:
-                kw["local_rotary_base"] = local["rotary_base"]
-        return kw
+        return layer_type_rope_kwargs(hf_config, type(self).__name__)
 
     def _rope_hf_fields(self, config: Any) -> Dict[str, Any]:
-        full = rope_hf_fields(config)["rope_parameters"]
-        if config.local_rotary_base is None:
-            sliding = dict(full)
-        else:
-            sliding = {"rope_type": "default", "rope_theta": float(config.local_rotary_base)}
-        return {"rope_parameters": {FULL: full, SLIDING: sliding}}
+        return layer_type_rope_hf_fields(config)
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         return {**super().hf_config_to_megatron_kwargs(hf_config), "qk_layernorm": True}

@@ -25,6 +25,8 @@ __all__ = [
     "common_megatron_kwargs",
     "model_size_hf_fields",
     "common_hf_fields",
+    "layer_type_rope_kwargs",
+    "layer_type_rope_hf_fields",
     "rope_settings",
     "per_layer_type_rope",
     "rope_hf_fields",
@@ -407,6 +409,45 @@ def common_hf_fields(config: GPTConfig) -> Dict[str, Any]:
     """The HF ``config.json`` fields every decoder family with plain RoPE writes the same way from its Megatron
     config: :func:`model_size_hf_fields` and :func:`rope_hf_fields`."""
     return {**model_size_hf_fields(config), **rope_hf_fields(config)}
+
+
+def layer_type_rope_kwargs(hf_config: Any, family: str, *, yarn: bool = False) -> Dict[str, Any]:
+    """:func:`common_megatron_kwargs` of a family with per-layer-type RoPE (Gemma 3, Olmo 3): full-attention layers
+    use ``rope_parameters["full_attention"]`` (the model's RoPE: default, linear scaling, and with ``yarn`` YaRN),
+    sliding layers ``rope_parameters["sliding_attention"]``, a base only (``local_rotary_base`` when it differs or
+    the full layers' RoPE is scaled, built by ``mcore.modules.LayerTypeRopeSelfAttention``, which also keeps YaRN's
+    attention factor off the sliding layers). One set of rope parameters: the plain fields.
+
+    Raises:
+        ValueError: sliding-layer RoPE other than the default type, or full-layer RoPE that
+            :func:`rope_settings` refuses (YaRN without ``yarn``), named.
+    """
+    per_type = per_layer_type_rope(hf_config)
+    if per_type is None:
+        return common_megatron_kwargs(hf_config, yarn=yarn)
+    kw = common_megatron_kwargs(hf_config, rope_layer_type=FULL, yarn=yarn)
+    if SLIDING in per_type:
+        kind = per_type[SLIDING].get("rope_type", per_type[SLIDING].get("type", "default"))
+        local = rope_settings({"rope_parameters": per_type[SLIDING]}) if kind == "default" else {}
+        extra = sorted(set(local) - {"rotary_base"})
+        if kind != "default" or extra:
+            raise ValueError(f"{family}: rope_parameters[{SLIDING!r}] = {per_type[SLIDING]} is not supported: "
+                             "sliding layers take a rope base only (rope_type 'default')")
+        global_scaled = "rope_scaling" in kw or "seq_len_interpolation_factor" in kw or \
+            kw.get("position_embedding_type") == "yarn"
+        if global_scaled or local["rotary_base"] != kw["rotary_base"]:
+            kw["local_rotary_base"] = local["rotary_base"]
+    return kw
+
+
+def layer_type_rope_hf_fields(config: GPTConfig) -> Dict[str, Any]:
+    """HF per-layer-type ``rope_parameters`` (the reverse of :func:`layer_type_rope_kwargs`)."""
+    full = rope_hf_fields(config)["rope_parameters"]
+    if config.local_rotary_base is None:
+        sliding = dict(full)
+    else:
+        sliding = {"rope_type": "default", "rope_theta": float(config.local_rotary_base)}
+    return {"rope_parameters": {FULL: full, SLIDING: sliding}}
 
 
 def qwen_window_hf_fields(config: GPTConfig, family: str) -> Dict[str, Any]:

@@ -6,7 +6,7 @@ Names: ``L`` is a Megatron decoder layer, ``H`` an HF decoder layer (both with t
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from megatron_bridge_ext.mappings import (
     AutoMapping,
@@ -14,13 +14,14 @@ from megatron_bridge_ext.mappings import (
     ConcatenatedQKVMapping,
     FusedGatedMLPMapping,
     GatedMLPMapping,
+    HeadShardedNormMapping,
     MegatronParamMapping,
     QKVMapping,
 )
 
 __all__ = ["L", "H", "GPT_MODEL", "embedding_mappings", "attention_mappings", "fused_qkv_attention_mappings",
-           "qk_norm_mappings", "pre_mlp_norm_mappings", "gated_mlp_mappings", "fused_gated_mlp_mappings",
-           "post_norm_mappings", "layer_scalar_mappings", "mla_mappings", "sink_mappings"]
+           "qk_norm_mappings", "whole_qk_norm_mappings", "pre_mlp_norm_mappings", "gated_mlp_mappings",
+           "fused_gated_mlp_mappings", "post_norm_mappings", "layer_scalar_mappings", "mla_mappings", "sink_mappings"]
 
 L = "decoder.layers.*"
 H = "model.layers.*"
@@ -37,11 +38,14 @@ def embedding_mappings() -> List[MegatronParamMapping]:
     ]
 
 
-def attention_mappings(attn: str = "self_attn") -> List[MegatronParamMapping]:
-    """Input norm, fused q/k/v (weights and biases), output projection (weight and bias)."""
+def attention_mappings(attn: str = "self_attn", input_norm: Optional[str] = "input_layernorm"
+                       ) -> List[MegatronParamMapping]:
+    """Input norm (HF ``input_norm``; None: the model has none, OLMo 2), fused q/k/v (weights and biases), output
+    projection (weight and bias)."""
     a = f"{H}.{attn}"
+    norm = [] if input_norm is None else [AutoMapping(f"{L}.input_layernorm.weight", f"{H}.{input_norm}.weight")]
     return [
-        AutoMapping(f"{L}.input_layernorm.weight", f"{H}.input_layernorm.weight"),
+        *norm,
         QKVMapping(f"{L}.self_attention.linear_qkv.weight", q=f"{a}.q_proj.weight", k=f"{a}.k_proj.weight",
                    v=f"{a}.v_proj.weight"),
         QKVMapping(f"{L}.self_attention.linear_qkv.bias", q=f"{a}.q_proj.bias", k=f"{a}.k_proj.bias",
@@ -72,6 +76,18 @@ def qk_norm_mappings(attn: str = "self_attn", q: str = "q_norm", k: str = "k_nor
     ]
 
 
+def whole_qk_norm_mappings(attn: str = "self_attn", q: str = "q_norm", k: str = "k_norm"
+                           ) -> List[MegatronParamMapping]:
+    """Query / key norms over the whole projection (OLMo 2's ``q_norm`` ``[H*d]`` / ``k_norm`` ``[G*d]``; megatron
+    ``WholeQueryRMSNorm`` / ``WholeKeyRMSNorm`` under the ``q_layernorm`` / ``k_layernorm`` names), split by heads
+    over TP like the q / k rows."""
+    a = f"{H}.{attn}"
+    return [
+        HeadShardedNormMapping(f"{L}.self_attention.q_layernorm.weight", f"{a}.{q}.weight", heads="q"),
+        HeadShardedNormMapping(f"{L}.self_attention.k_layernorm.weight", f"{a}.{k}.weight", heads="k"),
+    ]
+
+
 def _pre_mlp_norm(pre_norm: str) -> MegatronParamMapping:
     return AutoMapping(f"{L}.pre_mlp_layernorm.weight", f"{H}.{pre_norm}.weight")
 
@@ -81,11 +97,13 @@ def pre_mlp_norm_mappings(pre_norm: str = "post_attention_layernorm") -> List[Me
     return [_pre_mlp_norm(pre_norm)]
 
 
-def gated_mlp_mappings(mlp: str = "mlp", pre_norm: str = "post_attention_layernorm") -> List[MegatronParamMapping]:
-    """Pre-MLP norm (HF ``pre_norm``), gated fc1 from gate/up (weights and biases), fc2 from down (weight, bias)."""
+def gated_mlp_mappings(mlp: str = "mlp", pre_norm: Optional[str] = "post_attention_layernorm"
+                       ) -> List[MegatronParamMapping]:
+    """Pre-MLP norm (HF ``pre_norm``; None: the model has none, OLMo 2), gated fc1 from gate/up (weights and
+    biases), fc2 from down (weight, bias)."""
     m = f"{H}.{mlp}"
     return [
-        _pre_mlp_norm(pre_norm),
+        *([] if pre_norm is None else [_pre_mlp_norm(pre_norm)]),
         GatedMLPMapping(f"{L}.mlp.linear_fc1.weight", gate=f"{m}.gate_proj.weight", up=f"{m}.up_proj.weight"),
         GatedMLPMapping(f"{L}.mlp.linear_fc1.bias", gate=f"{m}.gate_proj.bias", up=f"{m}.up_proj.bias"),
         AutoMapping(f"{L}.mlp.linear_fc2.weight", f"{m}.down_proj.weight"),

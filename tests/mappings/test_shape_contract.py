@@ -23,6 +23,7 @@ from megatron_bridge_ext.mappings import (
     ExpertFC2Mapping,
     FusedGatedMLPMapping,
     GatedMLPMapping,
+    HeadShardedNormMapping,
     KVMapping,
     QKVMapping,
     ReplicatedMapping,
@@ -60,6 +61,8 @@ def _dense_cases():
          {"q": _t(2 * q, HIDDEN), "k": _t(kv, HIDDEN), "v": _t(kv, HIDDEN)}, None),
         ("kv", KVMapping("l.linear_kv.weight", k="k", v="v"), {"k": _t(kv, HIDDEN), "v": _t(kv, HIDDEN)}, None),
         ("qkv_concatenated", ConcatenatedQKVMapping("l.linear_qkv.weight", "qkv"), _t(q + 2 * kv, HIDDEN), None),
+        ("q_norm_whole", HeadShardedNormMapping("l.q_layernorm.weight", "qn", heads="q"), _t(q), None),
+        ("k_norm_whole", HeadShardedNormMapping("l.k_layernorm.weight", "kn", heads="k"), _t(kv), None),
         ("gated_mlp", GatedMLPMapping("l.linear_fc1.weight", gate="g", up="u"),
          {"gate": _t(FFN, HIDDEN), "up": _t(FFN, HIDDEN)}, None),
         ("fused_mlp", FusedGatedMLPMapping("l.linear_fc1.weight", "gu"), _t(2 * FFN, HIDDEN), None),
@@ -82,6 +85,14 @@ def test_dense_mapping_shapes(case, tp):
         hf = {"main": main, "copy0": main.clone(), "copy1": main.clone()}
     ctxs = [ConversionContext(tp_size=tp, tp_rank=r, config=CONFIG, hf_vocab_size=37,
                               padded_vocab_size=40, layout=layout) for r in range(tp)]
+    if isinstance(mapping, HeadShardedNormMapping) and mapping.heads == "k" and G % tp:
+        # fewer key heads than TP ranks (megatron replicates them): refused, both ways
+        with pytest.raises(ValueError, match=f"num_query_groups = {G} is not a multiple of "
+                                             f"tensor_model_parallel_size = {tp}"):
+            mapping.megatron_shape(shapes_of(hf), ctxs[0])
+        with pytest.raises(ValueError, match="num_query_groups"):
+            mapping.hf_to_megatron(hf, ctxs[0])
+        return
     shards = []
     for ctx in ctxs:
         got = mapping.hf_to_megatron(hf, ctx)
