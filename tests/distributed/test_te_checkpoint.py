@@ -561,6 +561,25 @@ def test_inspect_tells_the_spec_the_fp8_state_and_quantized_weights(results):
 
 
 @pytest.mark.parametrize("name", list(CASES))
+def test_streamed_verify_and_inspect_of_each_family(results, name):
+    """``verify --no-logits`` without a model (one process reading the streamed checkpoint bucket by bucket) passes
+    against the source with every tensor compared; ``inspect`` plans every HF tensor of the family at the layout it
+    was written at, onto a Megatron parameter each, and leaves no parameter without its HF tensors."""
+    from megatron_bridge_ext.cli.inspect import plan
+    from megatron_bridge_ext.cli.verify import verify_checkpoint
+    from megatron_bridge_ext.io import SafeTensorsSource
+
+    src = results["paths"][name]
+    res = verify_checkpoint(src, os.path.join(results["root"], name, "stream"), logits=False)
+    with SafeTensorsSource(src) as hf:
+        keys = set(hf.keys())
+    assert res["ok"] and res["streamed"] and res["rows"]["compared"] == len(keys), res
+    p = plan(src, **CASES[name][0])
+    assert {k for row in p["rows"] for k in row["hf"]} == keys
+    assert p["unmapped_hf"] == [] and p["unmapped_megatron"] == [] and p["missing_hf"] == [], p
+
+
+@pytest.mark.parametrize("name", list(CASES))
 def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
     """``export`` without a model (one process: each bucket of parameters read from the DCP files, converted, written,
     dropped) of both checkpoints of a family: the streamed one and the model path's (written at TP2 or EP2, read here
