@@ -317,7 +317,8 @@ def args_disagreements(args: Any, config: Any) -> List[str]:
 
 #: GPTConfig fields of this package's families that no Megatron-LM argument carries
 _NOT_IN_ARGS = ("attn_logit_softcapping", "final_logit_softcapping", "embedding_scale", "post_self_attn_layernorm",
-                "post_mlp_layernorm", "local_rotary_base", "softmax_scale")
+                "post_mlp_layernorm", "local_rotary_base", "softmax_scale", "attention_chunk_size",
+                "attn_temperature_floor_scale", "attn_temperature_scale", "qk_norm_nope_layers")
 
 
 def _not_in_args(config: Any) -> List[str]:

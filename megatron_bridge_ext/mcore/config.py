@@ -76,6 +76,18 @@ class GPTConfig(TransformerConfig):
     softmax (Gemma 2's ``attn_logit_softcapping``); None: no capping."""
     final_logit_softcapping: Optional[float] = None
     """Soft-cap the output logits: ``cap * tanh(logits / cap)`` (Gemma's ``final_logit_softcapping``); None: none."""
+    attention_chunk_size: Optional[int] = None
+    """RoPE layers (those ``no_rope_freq`` does not mark) attend causally within chunks of this many positions
+    (``j <= i`` and ``j // chunk == i // chunk``; Llama 4's ``attention_chunk_size``); None: plain causal."""
+    attn_temperature_floor_scale: Optional[float] = None
+    """NoPE layers (``no_rope_freq``) scale the query at position ``p`` by ``1 + attn_temperature_scale *
+    log1p(floor((p + 1) / floor_scale))`` (Llama 4's ``attn_temperature_tuning`` / ``floor_scale``); None: no
+    scaling."""
+    attn_temperature_scale: float = 0.1
+    """The strength of that scaling (Llama 4's ``attn_scale``)."""
+    qk_norm_nope_layers: bool = True
+    """With ``qk_l2_norm``: whether NoPE layers (``no_rope_freq``) normalise queries and keys too (megatron-core's
+    spec: every layer); False: only the RoPE layers (Llama 4)."""
 
 
 @dataclass

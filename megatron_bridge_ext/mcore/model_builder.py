@@ -29,10 +29,12 @@ from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, prepare_cp
 from megatron_bridge_ext.mcore.modules import (
     FP32WeightRouter,
     LatentRMSNorm,
+    LayerTypeDotProductAttention,
     LayerTypeRopeSelfAttention,
     LocalRMSNorm,
     MLADotProductAttention,
     PostNormRowParallelLinear,
+    RopeLayerQKNormSelfAttention,
     SoftCapDotProductAttention,
     scale_embeddings,
     softcap_output_logits,
@@ -218,7 +220,11 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
     - ``multi_latent_attention``: megatron's MLA layer with :class:`MLADotProductAttention` as its core attention
       (and :class:`LatentRMSNorm` latent norms when ``latent_layernorm_epsilon`` differs from
       ``layernorm_epsilon``);
-    - ``moe_router_fp32_weight``: the MoE layers' router is a :class:`FP32WeightRouter`.
+    - ``moe_router_fp32_weight``: the MoE layers' router is a :class:`FP32WeightRouter`;
+    - ``qk_l2_norm``: megatron's parameter-free L2 q/k norm (its local spec's), on RoPE layers only with
+      ``qk_norm_nope_layers=False`` (:class:`RopeLayerQKNormSelfAttention`);
+    - ``attention_chunk_size`` / ``attn_temperature_floor_scale``: the core attention is
+      :class:`LayerTypeDotProductAttention` (chunked causal mask on RoPE layers, query temperature on NoPE layers).
 
     Dense and MoE layers mixed (``moe_layer_freq`` with zeros, e.g. DeepSeek-V3's ``first_k_dense_replace``) or
     zero-centred norms give a ``TransformerBlockSubmodules`` with this stage's layer specs (as megatron's
@@ -244,18 +250,23 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
 def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     """One layer's local spec (dense MLP or routed experts) with the modules the config asks for."""
     mla = bool(getattr(config, "multi_latent_attention", False))
+    l2_norm = {"qk_l2_norm": True} if config.qk_l2_norm else {}  # megatron's own L2Norm (no parameters)
     spec = get_gpt_layer_local_spec(
         num_experts=num_experts,
         moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm,
         multi_latent_attention=mla,
         normalization=config.normalization,
+        **l2_norm,
     )
     zero_centered = bool(config.layernorm_zero_centered_gamma)
     fp32_router = bool(num_experts and config.moe_router_fp32_weight)
     softcap = config.attn_logit_softcapping is not None
+    layer_type_attn = config.attention_chunk_size is not None or config.attn_temperature_floor_scale is not None
+    rope_layer_qk_norm = not config.qk_norm_nope_layers
     if not (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
-            or config.local_rotary_base is not None or mla or softcap or fp32_router):
+            or config.local_rotary_base is not None or mla or softcap or fp32_router or layer_type_attn
+            or rope_layer_qk_norm):
         return spec
     latent_eps = getattr(config, "latent_layernorm_epsilon", None)
     if (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm) and \
@@ -278,6 +289,13 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
             raise ValueError("gpt_layer_spec: attn_logit_softcapping with flash_decode=True is not supported "
                              "(megatron-core's decode step calls flash_attn_with_kvcache without a soft-cap)")
         attn_subs["core_attention"] = SoftCapDotProductAttention
+    if layer_type_attn:
+        if mla or softcap:
+            raise ValueError(f"gpt_layer_spec: attention_chunk_size={config.attention_chunk_size} / "
+                             f"attn_temperature_floor_scale={config.attn_temperature_floor_scale} with "
+                             f"multi_latent_attention={mla} or attn_logit_softcapping="
+                             f"{config.attn_logit_softcapping} is not supported")
+        attn_subs["core_attention"] = LayerTypeDotProductAttention
     if zero_centered:
         for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
             if getattr(spec_submodules(attn), name, IdentityOp) is not IdentityOp:
@@ -289,6 +307,11 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
         if mla:
             raise ValueError("gpt_layer_spec: local_rotary_base with multi-latent attention is not supported")
         attn = dataclasses.replace(attn, module=LayerTypeRopeSelfAttention)
+    if rope_layer_qk_norm:
+        if mla or config.local_rotary_base is not None:
+            raise ValueError("gpt_layer_spec: qk_norm_nope_layers=False with multi-latent attention or "
+                             f"local_rotary_base={config.local_rotary_base} is not supported")
+        attn = dataclasses.replace(attn, module=RopeLayerQKNormSelfAttention)
     mlp = layer.mlp
     if config.post_mlp_layernorm:
         if num_experts:
