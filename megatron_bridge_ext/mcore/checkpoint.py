@@ -318,7 +318,9 @@ def args_disagreements(args: Any, config: Any) -> List[str]:
 #: GPTConfig fields of this package's families that no Megatron-LM argument carries
 _NOT_IN_ARGS = ("attn_logit_softcapping", "final_logit_softcapping", "embedding_scale", "post_self_attn_layernorm",
                 "post_mlp_layernorm", "local_rotary_base", "softmax_scale", "attention_chunk_size",
-                "attn_temperature_floor_scale", "attn_temperature_scale", "qk_norm_nope_layers")
+                "attn_temperature_floor_scale", "attn_temperature_scale", "qk_norm_nope_layers",
+                "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+                "rope_scaling_original_max_position_embeddings")
 
 
 def _not_in_args(config: Any) -> List[str]:

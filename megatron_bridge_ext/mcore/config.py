@@ -85,6 +85,14 @@ class GPTConfig(TransformerConfig):
     scaling."""
     attn_temperature_scale: float = 0.1
     """The strength of that scaling (Llama 4's ``attn_scale``)."""
+    rope_scaling_low_freq_factor: Optional[float] = None
+    """With ``rope_scaling``: llama3 ``low_freq_factor`` (None: megatron-core's fixed 1); the three
+    ``rope_scaling_*`` fields below replace megatron's fixed llama3 parameters after the model is built
+    (``modules.set_llama3_rope_parameters``; Llama 4 Scout: 1 / 1 / 8192)."""
+    rope_scaling_high_freq_factor: Optional[float] = None
+    """With ``rope_scaling``: llama3 ``high_freq_factor`` (None: megatron-core's fixed 4)."""
+    rope_scaling_original_max_position_embeddings: Optional[int] = None
+    """With ``rope_scaling``: llama3 ``original_max_position_embeddings`` (None: megatron-core's fixed 8192)."""
     qk_norm_nope_layers: bool = True
     """With ``qk_l2_norm``: whether NoPE layers (``no_rope_freq``) normalise queries and keys too (megatron-core's
     spec: every layer); False: only the RoPE layers (Llama 4)."""

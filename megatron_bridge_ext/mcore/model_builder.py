@@ -37,6 +37,7 @@ from megatron_bridge_ext.mcore.modules import (
     RopeLayerQKNormSelfAttention,
     SoftCapDotProductAttention,
     scale_embeddings,
+    set_llama3_rope_parameters,
     softcap_output_logits,
 )
 from megatron_bridge_ext.mcore.topology import one_process_world
@@ -183,6 +184,10 @@ def build_gpt_model(
         scale_embeddings(model, config.embedding_scale)
     if config.final_logit_softcapping is not None:
         softcap_output_logits(model, config.final_logit_softcapping)
+    if config.rope_scaling and any(v is not None for v in (
+            config.rope_scaling_low_freq_factor, config.rope_scaling_high_freq_factor,
+            config.rope_scaling_original_max_position_embeddings)):
+        set_llama3_rope_parameters(model, config)
     model.unpadded_vocab_size = vocab_size
     return model.eval()
 

@@ -35,7 +35,8 @@ module                             what it adds
                                    (``config.attention_chunk_size``) and whose NoPE layers (``no_rope_freq``) scale
                                    the query by position (``config.attn_temperature_floor_scale``); Llama 4;
                                    ``RopeLayerQKNormSelfAttention`` drops the q/k norm on NoPE layers
-                                   (``config.qk_norm_nope_layers=False``)
+                                   (``config.qk_norm_nope_layers=False``); ``set_llama3_rope_parameters`` sets
+                                   llama3 RoPE factors megatron-core fixes (``config.rope_scaling_*``)
 =================================  ===============================================================================
 """
 
@@ -70,7 +71,7 @@ __all__ = [
     "SoftCapOutputLayer",
     "softcap_output_logits",
     "FP32WeightRouter",
-    "LayerTypeDotProductAttention", "RopeLayerQKNormSelfAttention",
+    "LayerTypeDotProductAttention", "RopeLayerQKNormSelfAttention", "set_llama3_rope_parameters",
 ]
 
 
@@ -496,4 +497,36 @@ class RopeLayerQKNormSelfAttention(SelfAttention):
                                      f"parameters ({type(norm).__name__}); only parameter-free norms (qk_l2_norm) "
                                      "can be left out")
                 setattr(self, name, None)
+
+
+def set_llama3_rope_parameters(model: torch.nn.Module, config: Any) -> None:
+    """Recompute ``model.rotary_pos_emb``'s frequencies with llama3 scaling whose ``low_freq_factor`` /
+    ``high_freq_factor`` / ``original_max_position_embeddings`` are ``config.rope_scaling_*`` (where set; megatron-core
+    builds its ``RotaryEmbedding`` with the fixed 1 / 4 / 8192): megatron's own ``_apply_scaling`` (transformers'
+    llama3 formula) on the unscaled frequencies of ``rotary_base``, ``kv_channels`` and ``rotary_percent``. Call it
+    on a freshly built model, before its first forward (megatron caches the embedding's output per instance and
+    sequence length). A no-op without ``rope_scaling`` or on a chunk without a rotary embedding.
+
+    Raises:
+        ValueError: the model's rotary embedding is of another class.
+    """
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None or not config.rope_scaling:
+        return
+    if type(rope) is not RotaryEmbedding:
+        raise ValueError(f"set_llama3_rope_parameters: llama3 factors need a RotaryEmbedding, the model has "
+                         f"{type(rope).__name__}")
+    low = config.rope_scaling_low_freq_factor
+    high = config.rope_scaling_high_freq_factor
+    original = config.rope_scaling_original_max_position_embeddings
+    dim = config.kv_channels
+    if config.rotary_percent < 1.0:
+        dim = int(dim * config.rotary_percent)
+    device = rope.inv_freq.device
+    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        inv_freq, factor=config.rope_scaling_factor,
+        low_freq_factor=1.0 if low is None else float(low),
+        high_freq_factor=4.0 if high is None else float(high),
+        original_max_position_embeddings=8192 if original is None else int(original))
 

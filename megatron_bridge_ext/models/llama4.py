@@ -22,13 +22,17 @@ Refused by name: ``num_experts_per_tok`` other than 1 (HF keeps the top-k sigmoi
 expert inputs by them; megatron-core applies probabilities to the input only with top-1 and renormalises top-k > 1
 sigmoid scores), ``attention_bias=True`` (megatron's ``add_bias_linear`` would add o_proj and MLP biases too),
 ``layer_types`` other than the ones HF derives (chunked exactly on the RoPE layers when ``attention_chunk_size`` is
-set), and llama3 RoPE scaling with frequency factors megatron-core does not fix (``models.hf_config.rope_settings``;
-the released Scout config's ``low_freq_factor = high_freq_factor = 1`` among them).
+set).
+
+llama3 RoPE scaling converts with any ``low_freq_factor`` / ``high_freq_factor`` / ``original_max_position_embeddings``
+(the released Scout config has 1 / 1 / 8192; megatron-core's ``RotaryEmbedding`` fixes 1 / 4 / 8192): the
+``rope_scaling_*`` fields of ``GPTConfig``, applied after the model is built
+(``mcore/modules.set_llama3_rope_parameters``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping, Tuple
 
 from megatron_bridge_ext.models.hf_config import config_get
 from megatron_bridge_ext.models.llama import LlamaBridge
@@ -71,6 +75,41 @@ def llama4_moe_pattern(hf_config: Any) -> List[int]:
     return [1 if i in set(int(x) for x in moe) else 0 for i in range(layers)]
 
 
+#: megatron-core's RotaryEmbedding builds llama3 scaling with these (GPTConfig's rope_scaling_* fields: None)
+MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_FIELDS = {"low_freq_factor": "rope_scaling_low_freq_factor", "high_freq_factor": "rope_scaling_high_freq_factor",
+                  "original_max_position_embeddings": "rope_scaling_original_max_position_embeddings"}
+
+
+class _Overridden:
+    """An HF config object with some fields replaced (read through ``config_get``)."""
+
+    def __init__(self, base: Any, fields: Mapping[str, Any]) -> None:
+        self._base, self._fields = base, dict(fields)
+
+    def __getattr__(self, name: str) -> Any:
+        fields = self.__dict__["_fields"]
+        return fields[name] if name in fields else getattr(self.__dict__["_base"], name)
+
+
+def llama3_rope_factors(hf_config: Any) -> Tuple[Any, Dict[str, Any]]:
+    """``(config, fields)``: for llama3 RoPE whose factors differ from megatron-core's fixed ones, the HF config
+    with megatron's factors (for the shared rope translation, which refuses others) and the ``GPTConfig``
+    ``rope_scaling_*`` fields holding the real ones; otherwise the config as it is and no fields."""
+    key = "rope_parameters"
+    params = config_get(hf_config, key)
+    if not isinstance(params, Mapping):
+        key, params = "rope_scaling", config_get(hf_config, "rope_scaling")
+    if not isinstance(params, Mapping) or params.get("rope_type", params.get("type")) != "llama3":
+        return hf_config, {}
+    fields = {_LLAMA3_FIELDS[k]: type(v)(params[k]) for k, v in MCORE_LLAMA3.items()
+              if params.get(k) is not None and float(params[k]) != float(v)}
+    if not fields:
+        return hf_config, {}
+    fixed = {key: {**params, **MCORE_LLAMA3}}
+    return ({**hf_config, **fixed} if isinstance(hf_config, Mapping) else _Overridden(hf_config, fixed)), fields
+
+
 def _int_field(value: Any, field: str, family: str) -> int:
     if isinstance(value, bool) or not float(value).is_integer():
         raise ValueError(f"{family}: {field}={value!r}; HF Llama 4 takes an integer")
@@ -104,7 +143,9 @@ class Llama4Bridge(LlamaBridge):
             raise ValueError(f"{family}: layer_types={list(types)} is not supported: megatron chunks the attention of "
                              f"exactly the RoPE layers when attention_chunk_size is set ({want_types} for "
                              f"no_rope_layers={[1 - n for n in nope]}, attention_chunk_size={chunk})")
-        kw = self.dense_megatron_kwargs(hf_config)  # sizes, RoPE (llama3 factors checked), RMSNorm, SwiGLU
+        rope_config, llama3 = llama3_rope_factors(hf_config)
+        kw = self.dense_megatron_kwargs(rope_config)  # sizes, RoPE, RMSNorm, SwiGLU
+        kw.update(llama3)
         experts = int(config_get(hf_config, "num_local_experts"))
         expert_ffn = int(config_get(hf_config, "intermediate_size"))
         kw.update(
@@ -158,6 +199,10 @@ class Llama4Bridge(LlamaBridge):
         floor = config.attn_temperature_floor_scale
         chunk = config.attention_chunk_size
         hf = self.dense_hf_fields(config)
+        rope = hf["rope_parameters"]
+        if rope.get("rope_type") == "llama3":
+            rope.update({k: type(v)(getattr(config, _LLAMA3_FIELDS[k])) for k, v in MCORE_LLAMA3.items()
+                         if getattr(config, _LLAMA3_FIELDS[k]) is not None})
         hf.update(
             intermediate_size=config.moe_ffn_hidden_size,
             intermediate_size_mlp=config.ffn_hidden_size,

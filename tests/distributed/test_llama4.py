@@ -5,7 +5,7 @@ at TP2, PP2, EP2 and TP2 x EP2 (expert-TP 2), all in ONE spawned world of 4 rank
 The tiny config makes every converted feature change the logits (``test_each_feature_changes_the_logits`` shows by
 how much): 4 layers covering each combination of RoPE / NoPE and MoE / dense (``no_rope_layers=[1, 0, 0, 1]``,
 ``interleave_moe_layer_step=2``: MoE layers 1 and 3), a chunk of 5 positions on the RoPE layers for a 12-token
-sequence, temperature tuning with ``floor_scale=2`` and ``attn_scale=0.5``, the L2 q/k norm (on RoPE layers only:
+sequence, Scout's llama3 RoPE factors (``low_freq_factor = high_freq_factor = 1``), temperature tuning with ``floor_scale=2`` and ``attn_scale=0.5``, the L2 q/k norm (on RoPE layers only:
 putting it on the NoPE layers too moves the logits), 6 routed experts (3 per expert-parallel rank), top-1 sigmoid
 routing on the expert input, a shared expert, and a dense MLP wider than the experts.
 
@@ -31,12 +31,16 @@ from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 ARCH = "Llama4ForCausalLM"
+# Llama 4 Scout's llama3 RoPE factors (low = high = 1: megatron-core fixes 1 / 4), its context cut to 16 positions so
+# that most frequencies are scaled
+SCOUT_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 16.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 1.0, "original_max_position_embeddings": 16}
 CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=24, intermediate_size_mlp=80, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
               rms_norm_eps=1e-5, num_local_experts=6, num_experts_per_tok=1, interleave_moe_layer_step=2,
               no_rope_layers=[1, 0, 0, 1], attention_chunk_size=5, attn_temperature_tuning=True, floor_scale=2,
               attn_scale=0.5, use_qk_norm=True, tie_word_embeddings=False,
-              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+              rope_parameters=SCOUT_ROPE)
 SEQ = 12
 # name, tp, pp, ep
 LAYOUTS = [("tp2", 2, 1, 1), ("pp2", 1, 2, 1), ("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2)]
@@ -157,6 +161,10 @@ def _without(model, feature: str):
     elif feature == "nope_layers":
         for layer in model.model.layers:
             layer.self_attn.use_rope = True
+    elif feature == "llama3_rope_factors":  # megatron-core's fixed llama3 factors in place of the config's
+        config.rope_parameters = {**config.rope_parameters, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192}
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
     elif feature == "shared_expert":
         for i in config.moe_layers:
             torch.nn.init.zeros_(model.model.layers[i].feed_forward.shared_expert.down_proj.weight)
@@ -164,7 +172,7 @@ def _without(model, feature: str):
 
 
 @pytest.mark.parametrize("feature", ["chunked_attention", "temperature_tuning", "rope_layers_only_qk_norm", "qk_norm",
-                                     "nope_layers", "shared_expert"])
+                                     "nope_layers", "llama3_rope_factors", "shared_expert"])
 def test_each_feature_changes_the_logits(world_results, feature):
     """The negative controls: the source model with one feature removed (or, for the q/k norm, put on every layer as
     megatron-core's own qk_l2_norm spec does) differs from the source's logits by far more than the tolerance, so a
