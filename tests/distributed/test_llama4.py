@@ -1,6 +1,6 @@
 """Llama 4 text (``Llama4ForCausalLM``) end to end on real parts: a transformers checkpoint from a tiny config (random
 weights, norms and routers included, fixed seed) -> AutoBridge -> megatron-core GPTModel chunks on CPU / gloo -> HF,
-at TP2, PP2, EP2 and TP2 x EP2 (expert-TP 2), all in ONE spawned world of 4 ranks.
+at TP2, EP2, TP2 x EP2 (expert-TP 2) and PP2 x EP2, all in ONE spawned world of 4 ranks.
 
 The tiny config makes every converted feature change the logits (``test_each_feature_changes_the_logits`` shows by
 how much): 4 layers covering each combination of RoPE / NoPE and MoE / dense (``no_rope_layers=[1, 0, 0, 1]``,
@@ -43,7 +43,7 @@ CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=24, intermediate_
               rope_parameters=SCOUT_ROPE)
 SEQ = 12
 # name, tp, pp, ep
-LAYOUTS = [("tp2", 2, 1, 1), ("pp2", 1, 2, 1), ("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2)]
+LAYOUTS = [("tp2", 2, 1, 1), ("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1, 2, 2)]
 NO_SOURCE = "tp2ep2"
 
 
