@@ -77,7 +77,8 @@ def llama4_moe_pattern(hf_config: Any) -> List[int]:
 
 #: megatron-core's RotaryEmbedding builds llama3 scaling with these (GPTConfig's rope_scaling_* fields: None)
 MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-_LLAMA3_FIELDS = {"low_freq_factor": "rope_scaling_low_freq_factor", "high_freq_factor": "rope_scaling_high_freq_factor",
+_LLAMA3_FIELDS = {"low_freq_factor": "rope_scaling_low_freq_factor",
+                  "high_freq_factor": "rope_scaling_high_freq_factor",
                   "original_max_position_embeddings": "rope_scaling_original_max_position_embeddings"}
 
 

@@ -5,9 +5,10 @@ at TP2, EP2, TP2 x EP2 (expert-TP 2) and PP2 x EP2, all in ONE spawned world of 
 The tiny config makes every converted feature change the logits (``test_each_feature_changes_the_logits`` shows by
 how much): 4 layers covering each combination of RoPE / NoPE and MoE / dense (``no_rope_layers=[1, 0, 0, 1]``,
 ``interleave_moe_layer_step=2``: MoE layers 1 and 3), a chunk of 5 positions on the RoPE layers for a 12-token
-sequence, Scout's llama3 RoPE factors (``low_freq_factor = high_freq_factor = 1``), temperature tuning with ``floor_scale=2`` and ``attn_scale=0.5``, the L2 q/k norm (on RoPE layers only:
-putting it on the NoPE layers too moves the logits), 6 routed experts (3 per expert-parallel rank), top-1 sigmoid
-routing on the expert input, a shared expert, and a dense MLP wider than the experts.
+sequence, Scout's llama3 RoPE factors (``low_freq_factor = high_freq_factor = 1``), temperature tuning with
+``floor_scale=2`` and ``attn_scale=0.5``, the L2 q/k norm (on RoPE layers only: putting it on the NoPE layers too
+moves the logits), 6 routed experts (3 per expert-parallel rank), top-1 sigmoid routing on the expert input, a shared
+expert, and a dense MLP wider than the experts.
 
 For each layout: Megatron logits against the transformers model's own (fp32, max |diff| <= 1e-4), the exported
 checkpoint against the source (key set, dtypes, torch.equal); at TP2 x EP2 an export without the source
