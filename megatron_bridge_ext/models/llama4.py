@@ -72,7 +72,8 @@ def llama4_moe_pattern(hf_config: Any) -> List[int]:
     bad = [i for i in moe if not 0 <= int(i) < layers]
     if bad:
         raise ValueError(f"Llama4Bridge: moe_layers {bad} outside 0..{layers - 1}")
-    return [1 if i in set(int(x) for x in moe) else 0 for i in range(layers)]
+    moe = {int(i) for i in moe}
+    return [1 if i in moe else 0 for i in range(layers)]
 
 
 #: megatron-core's RotaryEmbedding builds llama3 scaling with these (GPTConfig's rope_scaling_* fields: None)
