@@ -124,6 +124,9 @@ class Llama4Bridge(LlamaBridge):
     expert interleaved with dense layers)."""
 
     hf_model_type = "llama4_text"
+    # Megatron-LM's args say qk_l2_norm and no_rope_freq, not the chunked attention or the query temperature
+    not_in_megatron_lm_args = ("attention_chunk_size (chunked attention, set or not)",
+                               "attn_temperature_floor_scale / attn_temperature_scale (temperature tuning, set or not)")
     default_hf_layout = ExpertLayout(fused=True, fc1_transposed=True, fc2_transposed=True)
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:

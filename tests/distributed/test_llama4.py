@@ -48,6 +48,13 @@ LAYOUTS = [("tp2", 2, 1, 1), ("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1
 NO_SOURCE = "tp2ep2"
 
 
+def _make_checkpoint(path: str, seed: int = 7) -> None:
+    """The tiny Llama 4 checkpoint of this test (also written by ``test_te_checkpoint.py``): sharp attention (q/k std
+    0.3) and random norms, so that chunks, temperature and the q/k norm show."""
+    make_tiny_checkpoint(path, "Llama4Text", CONFIG, seed, arch="Llama4", norm=(1.0, 0.3),
+                         rules=[(lambda name: "q_proj" in name or "k_proj" in name, 0.0, 0.3)], rest=(0.0, 0.15))
+
+
 def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out_root: str, layouts: list) -> dict:
     from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
@@ -79,9 +86,7 @@ def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out_root: st
 def world_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama4")
     ckpt = str(root / "hf_llama4")
-    # sharp attention (q/k std 0.3) and random norms, so that chunks, temperature and the q/k norm show
-    make_tiny_checkpoint(ckpt, "Llama4Text", CONFIG, 7, arch="Llama4", norm=(1.0, 0.3),
-                         rules=[(lambda name: "q_proj" in name or "k_proj" in name, 0.0, 0.3)], rest=(0.0, 0.15))
+    _make_checkpoint(ckpt)
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
     results = spawn_local(_worker, 4, (ckpt, tokens, out_root, LAYOUTS), timeout=900)[0]

@@ -18,8 +18,12 @@ Two spawned worlds of 2 ranks:
    ``_extra_state`` (TE's own value without FP8 state).
 
 Layouts: dense families written at TP2, read at PP2; MoE families written at EP2, read at TP2 (expert-TP 2, GPT-OSS 1)
-or, with multi-token prediction, at PP2 (the MTP layer on the last stage); Mixtral and Qwen3-MoE are read into TE's
-grouped-GEMM experts (``TEGroupedMLP``) as well.
+or, with multi-token prediction, at PP2 (the MTP layer on the last stage); Mixtral, Qwen3-MoE and Llama 4 (MoE layers
+with a shared expert interleaved with dense ones, NoPE / chunked-RoPE attention, RoPE-layer q/k L2 norm) are read
+into TE's grouped-GEMM experts (``TEGroupedMLP``) as well.
+
+``test_every_supported_architecture_has_a_case``: the architectures of :data:`CASES` (:data:`CASE_ARCHITECTURES`)
+are exactly ``AutoBridge.list_supported_models()``, so that a new family cannot go without these proofs.
 """
 
 from __future__ import annotations
@@ -59,6 +63,24 @@ CASES = {
     "gpt_oss": (dict(tp=1, pp=1, ep=2, etp=1), dict(tp=2, pp=1, etp=1), False),
     "deepseek_v3_mtp": (MOE_W, dict(tp=1, pp=2), False),
     "glm4_moe_mtp": (MOE_W, dict(tp=1, pp=2), False),
+    "llama4": (MOE_W, dict(tp=2, pp=1), True),
+}
+# name -> the HF architecture of its checkpoint, one line per case (test_every_supported_architecture_has_a_case)
+CASE_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v3_mtp": "DeepseekV3ForCausalLM",
+    "glm4_moe_mtp": "Glm4MoeForCausalLM",
+    "llama4": "Llama4ForCausalLM",
 }
 
 
@@ -71,6 +93,7 @@ def _make_checkpoints(root: str) -> dict:
     import test_bridge_llama as llama
     import test_bridge_mixtral as mixtral
     import test_bridge_moe_families as moe
+    import test_llama4 as llama4
 
     paths = {}
     for name in CASES:
@@ -85,6 +108,8 @@ def _make_checkpoints(root: str) -> dict:
             model = tiny_hf_model("Mixtral", mixtral.CONFIG, seed=3)
             moe._randomise(model)
             model.save_pretrained(path, safe_serialization=True)
+        elif name == "llama4":
+            llama4._make_checkpoint(path, seed=7)
         elif name.endswith("_mtp"):
             family = name[:-len("_mtp")]
             model = moe._make_checkpoint(path + "_base", family, seed=4)
@@ -348,6 +373,22 @@ def results(tmp_path_factory):
     return out
 
 
+def test_every_supported_architecture_has_a_case():
+    """No world: every family the package converts is proved here, and every case names a supported family."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    assert set(CASE_ARCHITECTURES) == set(CASES), set(CASE_ARCHITECTURES) ^ set(CASES)
+    covered, supported = set(CASE_ARCHITECTURES.values()), set(AutoBridge.list_supported_models())
+    assert covered == supported, {"without a case": sorted(supported - covered),
+                                  "not supported": sorted(covered - supported)}
+
+
+def test_each_case_checkpoint_is_its_architecture(results):
+    for name, arch in CASE_ARCHITECTURES.items():
+        with open(os.path.join(results["paths"][name], "config.json")) as f:
+            assert json.load(f)["architectures"] == [arch], name
+
+
 def test_local_spec_keeps_the_local_keys(results):
     assert results["local_spec_diff"] == []
 
@@ -532,14 +573,15 @@ def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
         _assert_same_tensors(out, results["paths"][name])
 
 
-MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp"]
+MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "llama4"]
+FUSED_EXPERTS = ("gpt_oss", "llama4")  # HF stores each layer's experts as [E, ...] tensors
 
 
 @pytest.mark.parametrize("name", MOE_CASES)
 def test_streamed_export_reads_experts_in_runs(results, name, tmp_path, monkeypatch):
     """With a small ``bucket_bytes`` the streamed export reads a layer's experts a run at a time (one expert per run
-    here; fused HF expert tensors, GPT-OSS's, need the whole layer and read it at once) and is still the source's
-    tensors bit for bit."""
+    here; fused HF expert tensors, GPT-OSS's and Llama 4's, need the whole layer and read it at once) and is still the
+    source's tensors bit for bit."""
     from megatron_bridge_ext.cli.export import export_checkpoint
     from megatron_bridge_ext.engine.transport import ExpertsToLoad
 
@@ -557,7 +599,7 @@ def test_streamed_export_reads_experts_in_runs(results, name, tmp_path, monkeypa
     assert res["streamed"] is True
     _assert_same_tensors(out, results["paths"][name])
     assert loads, "no expert group was read"
-    if name == "gpt_oss":  # fused [E, ...] HF tensors: every layer's experts at once
+    if name in FUSED_EXPERTS:  # fused [E, ...] HF tensors: every layer's experts at once
         assert all(n == total for total, n in loads), loads
     else:
         assert all(n == 1 for _, n in loads), loads  # one expert per run at this budget

@@ -151,3 +151,31 @@ def test_megatron_settings_without_llama4_equivalent_are_refused(field, value, m
     setattr(cfg, field, value)
     with pytest.raises(ValueError, match=match):
         _bridge().megatron_to_hf_config(cfg)
+
+
+def test_megatron_lm_args_carry_the_layer_pattern_and_are_not_enough_alone():
+    """The Megatron-LM ``args`` a checkpoint stores say what Megatron-LM's arguments can (``--qk-l2-norm``,
+    ``--no-rope-freq``, ``--moe-apply-probs-on-input``), and a config read back with the HF source agrees with them;
+    without the source a Llama 4 is refused (chunked attention and temperature tuning are in no argument), naming
+    ``--hf-source``; args whose NoPE layers differ are named (an int ``--no-rope-freq`` compared as megatron-core
+    expands it)."""
+    from megatron_bridge_ext.mcore.checkpoint import args_disagreements, config_from_megatron_lm_args
+    from megatron_bridge_ext.mcore.megatron_lm_args import megatron_lm_namespace
+
+    for case in ("scout_like", "maverick_like"):
+        hf = transformers.Llama4TextConfig(**{**TINY, **CASES[case]})
+        config = _bridge().transformer_config(hf)
+        args = megatron_lm_namespace(config, {"tp": 1, "pp": 1, "world": 1})
+        assert args.qk_l2_norm is (case == "scout_like") and args.moe_apply_probs_on_input is True
+        assert args.no_rope_freq == [0, 0, 0, 1] == list(config.no_rope_freq)
+        assert args_disagreements(args, config) == []
+        with pytest.raises(ValueError, match=r"give the HF config with --hf-source"):
+            config_from_megatron_lm_args(args, _bridge(), where=case)
+        back = config_from_megatron_lm_args(args, _bridge(), hf_config=hf, where=case)
+        assert back.attention_chunk_size == config.attention_chunk_size and back.no_rope_freq == config.no_rope_freq
+    with pytest.raises(ValueError, match=r"attention_chunk_size \(chunked attention, set or not\)"):
+        config_from_megatron_lm_args(args, _bridge(), where="maverick_like")
+    args.no_rope_freq = 2
+    assert args_disagreements(args, config) == ["no_rope_freq: args [0, 1, 0, 1], config [0, 0, 0, 1]"]
+    args.no_rope_freq, args.qk_l2_norm = 4, True
+    assert args_disagreements(args, config) == ["qk_l2_norm: args True, config False"]
