@@ -12,8 +12,10 @@ spec cannot express is swapped in, as Megatron Bridge does it:
 - a learned scalar on each layer's output (Gemma 4: ``layer_output_scalar``): the layer is this package's
   ``ScaledOutputTransformerLayer`` (a ``TransformerLayer`` with a ``layer_scalar`` parameter, any submodules);
 - the rest of this package's modules change no parameter (soft-capped, per-layer-type RoPE or value-normalising
-  attention, proportional RoPE, fp32 router weights, embedding scale, output soft-cap) and are left out: the keys are
-  what is compared here.
+  attention, proportional RoPE, fp32 router weights, embedding scale, output soft-cap, Llama 4's chunked /
+  temperature-tuned attention and its q/k L2 norm on RoPE layers only) and are left out: the keys are what is compared
+  here. ``qk_l2_norm`` is passed on as Megatron-LM's GPT builder passes ``--qk-l2-norm`` (megatron-core's
+  parameter-free ``L2Norm`` on every layer).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def te_block_spec(config, vp_stage: Optional[int] = None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=config.normalization,
-                                       vp_stage=vp_stage)
+                                       qk_l2_norm=bool(getattr(config, "qk_l2_norm", False)), vp_stage=vp_stage)
     if getattr(config, "post_self_attn_layernorm", False) or getattr(config, "post_mlp_layernorm", False):
         block = dataclasses.replace(block, layer_specs=[_layer_with_post_norms(s, config) for s in block.layer_specs])
     if getattr(config, "layer_output_scalar", False):

@@ -64,6 +64,9 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
                                            "intermediate_size")
     #: fnmatch patterns of HF tensors an import may leave unused by default: buffers, not weights
     known_non_weights: Tuple[str, ...] = KNOWN_NON_WEIGHTS
+    #: features of the family that no Megatron-LM argument carries, set or not (a config rebuilt from a checkpoint's
+    #: Megatron-LM args alone would guess them): ``config_from_megatron_lm_args`` then asks for the HF source
+    not_in_megatron_lm_args: Tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self._registry: Optional[MegatronMappingRegistry] = None

@@ -277,7 +277,7 @@ _AGREE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
           "normalization", "layernorm_epsilon", "layernorm_zero_centered_gamma", "gated_linear_unit",
           "activation_func", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "position_embedding_type",
           "rotary_base", "rotary_percent", "share_embeddings_and_output_weights", "num_moe_experts",
-          "multi_latent_attention", "mtp_num_layers", "softmax_type")
+          "multi_latent_attention", "mtp_num_layers", "softmax_type", "qk_l2_norm", "no_rope_freq")
 _AGREE_MOE = ("moe_ffn_hidden_size", "moe_router_topk", "moe_shared_expert_intermediate_size",
               "moe_router_score_function", "moe_layer_freq", "moe_router_topk_scaling_factor",
               "moe_router_enable_expert_bias", "moe_router_num_groups", "moe_router_group_topk")
@@ -310,6 +310,8 @@ def args_disagreements(args: Any, config: Any) -> List[str]:
         a, b = fields[name], getattr(config, name, None)
         if name == "activation_func":
             a, b = getattr(a, "__name__", a), getattr(b, "__name__", b)
+        if name == "no_rope_freq" and isinstance(a, int) and not isinstance(a, bool) and a > 0:
+            a = [1 if (i + 1) % a == 0 else 0 for i in range(int(fields["num_layers"]))]  # as TransformerConfig does
         if not _same(a, b):
             out.append(f"{name}: args {a!r}, config {b!r}")
     return out
@@ -318,7 +320,10 @@ def args_disagreements(args: Any, config: Any) -> List[str]:
 #: GPTConfig fields of this package's families that no Megatron-LM argument carries
 _NOT_IN_ARGS = ("attn_logit_softcapping", "final_logit_softcapping", "embedding_scale", "post_self_attn_layernorm",
                 "post_mlp_layernorm", "local_rotary_base", "softmax_scale", "rotary_proportion", "value_rms_norm",
-                "layer_output_scalar", "pre_layernorms", "qk_layernorm_whole_projection")
+                "layer_output_scalar", "pre_layernorms", "qk_layernorm_whole_projection", "attention_chunk_size",
+                "attn_temperature_floor_scale", "attn_temperature_scale", "qk_norm_nope_layers",
+                "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+                "rope_scaling_original_max_position_embeddings")
 
 
 def _not_in_args(config: Any) -> List[str]:
@@ -368,7 +373,7 @@ def config_from_megatron_lm_args(args: Any, bridge: Any, *, hf_config: Any = Non
                              "the HF config with --hf-source") from e
     config = bridge.transformer_config(hf_config, **{"params_dtype": fields["params_dtype"], **overrides})
     if source != "--hf-source":
-        unsaid = _not_in_args(config)
+        unsaid = _not_in_args(config) + list(getattr(bridge, "not_in_megatron_lm_args", ()))
         if unsaid:
             raise ValueError(f"{where}: models of {source} have {', '.join(unsaid)}, which Megatron-LM's args cannot "
                              "say (their values would be guesses); give the HF config with --hf-source")

@@ -90,6 +90,26 @@ class GPTConfig(TransformerConfig):
     """RMS-normalise the values per head, without a weight, before the core attention (Gemma 4's ``v_norm``)."""
     layer_output_scalar: bool = False
     """Each decoder layer multiplies its output by a learned scalar, ``layer_scalar`` (Gemma 4)."""
+    attention_chunk_size: Optional[int] = None
+    """RoPE layers (those ``no_rope_freq`` does not mark) attend causally within chunks of this many positions
+    (``j <= i`` and ``j // chunk == i // chunk``; Llama 4's ``attention_chunk_size``); None: plain causal."""
+    attn_temperature_floor_scale: Optional[float] = None
+    """NoPE layers (``no_rope_freq``) scale the query at position ``p`` by ``1 + attn_temperature_scale *
+    log1p(floor((p + 1) / floor_scale))`` (Llama 4's ``attn_temperature_tuning`` / ``floor_scale``); None: no
+    scaling."""
+    attn_temperature_scale: float = 0.1
+    """The strength of that scaling (Llama 4's ``attn_scale``)."""
+    rope_scaling_low_freq_factor: Optional[float] = None
+    """With ``rope_scaling``: llama3 ``low_freq_factor`` (None: megatron-core's fixed 1); the three
+    ``rope_scaling_*`` fields below replace megatron's fixed llama3 parameters after the model is built
+    (``modules.set_llama3_rope_parameters``; Llama 4 Scout: 1 / 1 / 8192)."""
+    rope_scaling_high_freq_factor: Optional[float] = None
+    """With ``rope_scaling``: llama3 ``high_freq_factor`` (None: megatron-core's fixed 4)."""
+    rope_scaling_original_max_position_embeddings: Optional[int] = None
+    """With ``rope_scaling``: llama3 ``original_max_position_embeddings`` (None: megatron-core's fixed 8192)."""
+    qk_norm_nope_layers: bool = True
+    """With ``qk_l2_norm``: whether NoPE layers (``no_rope_freq``) normalise queries and keys too (megatron-core's
+    spec: every layer); False: only the RoPE layers (Llama 4)."""
 
 
 @dataclass

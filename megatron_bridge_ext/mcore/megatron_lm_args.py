@@ -52,6 +52,7 @@ ARCH_FIELDS = (
     "moe_router_group_topk", "moe_router_dtype", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
     "moe_grouped_gemm", "moe_token_dispatcher_type", "moe_apply_probs_on_input", "yarn_beta_fast", "yarn_beta_slow",
     "yarn_original_max_position_embeddings", "yarn_correction_range_round_to_int", "make_vocab_size_divisible_by",
+    "qk_l2_norm", "no_rope_freq",
 )
 
 _PLAIN = (bool, int, float, str, type(None))

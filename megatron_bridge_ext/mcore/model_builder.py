@@ -29,17 +29,20 @@ from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, prepare_cp
 from megatron_bridge_ext.mcore.modules import (
     FP32WeightRouter,
     LatentRMSNorm,
+    LayerTypeDotProductAttention,
     LayerTypeRopeSelfAttention,
     LocalRMSNorm,
     MLADotProductAttention,
     PostNormRowParallelLinear,
     ScaledOutputTransformerLayer,
+    RopeLayerQKNormSelfAttention,
     SoftCapDotProductAttention,
     ValueNormSelfAttention,
     proportional_rope,
     WholeKeyRMSNorm,
     WholeQueryRMSNorm,
     scale_embeddings,
+    set_llama3_rope_parameters,
     softcap_output_logits,
 )
 from megatron_bridge_ext.mcore.topology import one_process_world
@@ -188,6 +191,10 @@ def build_gpt_model(
         softcap_output_logits(model, config.final_logit_softcapping)
     if config.rotary_proportion is not None:
         proportional_rope(model, config.rotary_proportion)
+    if config.rope_scaling and any(v is not None for v in (
+            config.rope_scaling_low_freq_factor, config.rope_scaling_high_freq_factor,
+            config.rope_scaling_original_max_position_embeddings)):
+        set_llama3_rope_parameters(model, config)
     model.unpadded_vocab_size = vocab_size
     return model.eval()
 
@@ -231,7 +238,11 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
     - ``moe_router_fp32_weight``: the MoE layers' router is a :class:`FP32WeightRouter`.
     - ``value_rms_norm``: the attention is :class:`ValueNormSelfAttention`; ``layer_output_scalar``: the layer is
       a :class:`ScaledOutputTransformerLayer` (``rotary_proportion`` is set on the built model by
-      :func:`build_gpt_model`).
+      :func:`build_gpt_model`);
+    - ``qk_l2_norm``: megatron's parameter-free L2 q/k norm (its local spec's), on RoPE layers only with
+      ``qk_norm_nope_layers=False`` (:class:`RopeLayerQKNormSelfAttention`);
+    - ``attention_chunk_size`` / ``attn_temperature_floor_scale``: the core attention is
+      :class:`LayerTypeDotProductAttention` (chunked causal mask on RoPE layers, query temperature on NoPE layers).
 
     Dense and MoE layers mixed (``moe_layer_freq`` with zeros, e.g. DeepSeek-V3's ``first_k_dense_replace``) or
     zero-centred norms give a ``TransformerBlockSubmodules`` with this stage's layer specs (as megatron's
@@ -258,12 +269,14 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
 def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     """One layer's local spec (dense MLP or routed experts) with the modules the config asks for."""
     mla = bool(getattr(config, "multi_latent_attention", False))
+    l2_norm = {"qk_l2_norm": True} if config.qk_l2_norm else {}  # megatron's own L2Norm (no parameters)
     spec = get_gpt_layer_local_spec(
         num_experts=num_experts,
         moe_grouped_gemm=config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm,
         multi_latent_attention=mla,
         normalization=config.normalization,
+        **l2_norm,
     )
     zero_centered = bool(config.layernorm_zero_centered_gamma)
     fp32_router = bool(num_experts and config.moe_router_fp32_weight)
@@ -271,9 +284,11 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     value_norm = bool(config.value_rms_norm)
     whole_qk = bool(config.qk_layernorm_whole_projection)
     no_pre_norms = not config.pre_layernorms
+    layer_type_attn = config.attention_chunk_size is not None or config.attn_temperature_floor_scale is not None
+    rope_layer_qk_norm = not config.qk_norm_nope_layers
     if not (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
             or config.local_rotary_base is not None or mla or softcap or fp32_router or value_norm
-            or config.layer_output_scalar or whole_qk or no_pre_norms):
+            or config.layer_output_scalar or whole_qk or no_pre_norms or layer_type_attn or rope_layer_qk_norm):
         return spec
     latent_eps = getattr(config, "latent_layernorm_epsilon", None)
     if (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm) and \
@@ -296,6 +311,13 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
             raise ValueError("gpt_layer_spec: attn_logit_softcapping with flash_decode=True is not supported "
                              "(megatron-core's decode step calls flash_attn_with_kvcache without a soft-cap)")
         attn_subs["core_attention"] = SoftCapDotProductAttention
+    if layer_type_attn:
+        if mla or softcap:
+            raise ValueError(f"gpt_layer_spec: attention_chunk_size={config.attention_chunk_size} / "
+                             f"attn_temperature_floor_scale={config.attn_temperature_floor_scale} with "
+                             f"multi_latent_attention={mla} or attn_logit_softcapping="
+                             f"{config.attn_logit_softcapping} is not supported")
+        attn_subs["core_attention"] = LayerTypeDotProductAttention
     if zero_centered:
         for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
             if getattr(spec_submodules(attn), name, IdentityOp) is not IdentityOp:
@@ -319,6 +341,11 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
         attn = dataclasses.replace(attn, module=ValueNormSelfAttention)
     elif config.local_rotary_base is not None:
         attn = dataclasses.replace(attn, module=LayerTypeRopeSelfAttention)
+    if rope_layer_qk_norm:
+        if mla or config.local_rotary_base is not None:
+            raise ValueError("gpt_layer_spec: qk_norm_nope_layers=False with multi-latent attention or "
+                             f"local_rotary_base={config.local_rotary_base} is not supported")
+        attn = dataclasses.replace(attn, module=RopeLayerQKNormSelfAttention)
     mlp = layer.mlp
     if config.post_mlp_layernorm:
         if num_experts:

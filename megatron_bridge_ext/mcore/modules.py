@@ -45,6 +45,12 @@ module                             what it adds
                                    (one number; ``config.layer_output_scalar``, Gemma 4)
 ``proportional_rope``              (a function) gives ``GPTModel``'s rotary embedding Gemma 4's proportional
                                    frequencies (``config.rotary_proportion``), set by ``build_gpt_model``
+``LayerTypeDotProductAttention``   ``DotProductAttention`` whose RoPE layers attend causally within chunks
+                                   (``config.attention_chunk_size``) and whose NoPE layers (``no_rope_freq``) scale
+                                   the query by position (``config.attn_temperature_floor_scale``); Llama 4;
+                                   ``RopeLayerQKNormSelfAttention`` drops the q/k norm on NoPE layers
+                                   (``config.qk_norm_nope_layers=False``); ``set_llama3_rope_parameters`` sets
+                                   llama3 RoPE factors megatron-core fixes (``config.rope_scaling_*``)
 =================================  ===============================================================================
 
 Gemma 4 needs the last three (with the non-zero-centred norms, post norms and soft-capped logits above).
@@ -96,6 +102,7 @@ __all__ = [
     "ScaledOutputTransformerLayer",
     "proportional_rotary_inv_freq",
     "proportional_rope",
+    "LayerTypeDotProductAttention", "RopeLayerQKNormSelfAttention", "set_llama3_rope_parameters",
 ]
 
 
@@ -553,3 +560,180 @@ def proportional_rope(model: torch.nn.Module, proportion: float) -> None:
     # on the device megatron chose (CPU with use_cpu_initialization, also while a meta model is built)
     rope.inv_freq = proportional_rotary_inv_freq(head_dim, model.config.rotary_base, proportion,
                                                  device=rope.inv_freq.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Llama 4: per-layer-type attention (RoPE layers: chunked causal mask, q/k L2 norm; NoPE layers: query temperature)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def is_nope_layer(config: Any, layer_number: int) -> bool:
+    """Whether megatron skips RoPE on layer ``layer_number`` (1-based, global): ``config.no_rope_freq`` marks it
+    (megatron-core's ``__post_init__`` turns an int into the per-layer list)."""
+    freq = getattr(config, "no_rope_freq", None)
+    if not freq:
+        return False
+    if isinstance(freq, int):
+        return layer_number % freq == 0
+    return bool(freq[layer_number - 1])
+
+
+def chunked_causal_mask(sq: int, sk: int, chunk: int, device: Any = None) -> torch.Tensor:
+    """``[1, 1, sq, sk]`` bool mask, True where masked: query ``i`` (the last ``sq`` of ``sk`` positions) sees key
+    ``j`` iff ``j <= i`` and both lie in the same chunk of ``chunk`` positions (``j // chunk == i // chunk``), as
+    transformers' ``create_chunked_causal_mask``."""
+    q = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
+    k = torch.arange(sk, device=device).unsqueeze(0)
+    return ((k > q) | (torch.div(k, chunk, rounding_mode="floor") != torch.div(q, chunk, rounding_mode="floor"))
+            ).view(1, 1, sq, sk)
+
+
+class ChunkedCausalScaleMaskSoftmax(FusedScaleMaskSoftmax):
+    """``FusedScaleMaskSoftmax`` whose causal mask is :func:`chunked_causal_mask` (combined with a given mask).
+    Always the PyTorch path: the fused kernels build their own triangular mask. In fp16 / bf16 with
+    ``attention_softmax_in_fp32`` the softmax is taken in fp32."""
+
+    def __init__(self, *args: Any, chunk_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.window_size is not None:
+            raise ValueError(f"{type(self).__name__}: attention_chunk_size={chunk_size} with a sliding window "
+                             f"{self.window_size} is not supported")
+        self.chunk_size = int(chunk_size)
+
+    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor],
+                softmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: scores must be [b, np, sq, sk], got shape {tuple(input.shape)}")
+        return self.forward_torch_softmax(input, mask, softmax_offset)
+
+    def forward_torch_softmax(self, input: torch.Tensor, mask: Optional[torch.Tensor],
+                              softmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.input_in_float16 and self.softmax_in_fp32:
+            input = input.float()
+        if self.scale is not None:
+            input = input * self.scale
+        chunked = chunked_causal_mask(input.size(2), input.size(3), self.chunk_size, input.device)
+        mask = chunked if mask is None else (mask.bool() | chunked)
+        masked = self.mask_func(input, mask)
+        softmax = torch.nn.Softmax(dim=-1) if softmax_offset is None else \
+            SoftmaxOne(-1, softmax_offset.to(input.device))
+        probs = softmax(masked)
+        if self.input_in_float16 and self.softmax_in_fp32:
+            probs = probs.half() if self.input_in_fp16 else probs.bfloat16()
+        return probs
+
+    def extra_repr(self) -> str:
+        return f"chunk_size={self.chunk_size}, scale={self.scale}"
+
+
+def _positive(value: Any, field: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}: config.{field}={value!r} must be a positive number")
+    return value
+
+
+class LayerTypeDotProductAttention(DotProductAttention):
+    """``DotProductAttention`` that acts by layer type (``no_rope_freq``), as HF Llama 4's attention:
+
+    - RoPE layers with ``config.attention_chunk_size``: the causal mask is chunked (:func:`chunked_causal_mask`,
+      :class:`ChunkedCausalScaleMaskSoftmax`);
+    - NoPE layers with ``config.attn_temperature_floor_scale``: the query at position ``p`` is multiplied by
+      ``1 + attn_temperature_scale * log1p(floor((p + 1) / floor_scale))`` (computed in fp32, cast back to the
+      query's dtype) before the scores; positions are the last ``sq`` of the ``sk`` key positions.
+
+    No parameters of its own; other layers behave as the parent.
+    """
+
+    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str,
+                 **kwargs: Any) -> None:
+        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+        where = type(self).__name__
+        self.nope_layer = is_nope_layer(config, layer_number)
+        self.chunk_size: Optional[int] = None
+        chunk = getattr(config, "attention_chunk_size", None)
+        if chunk is not None and not self.nope_layer:
+            if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+                raise ValueError(f"{where}: config.attention_chunk_size={chunk!r} must be a positive integer")
+            self.chunk_size = chunk
+            parent = self.scale_mask_softmax
+            self.scale_mask_softmax = ChunkedCausalScaleMaskSoftmax(
+                input_in_fp16=parent.input_in_fp16,
+                input_in_bf16=parent.input_in_bf16,
+                attn_mask_type=parent.attn_mask_type,
+                scaled_masked_softmax_fusion=parent.scaled_masked_softmax_fusion,
+                mask_func=parent.mask_func,
+                softmax_in_fp32=parent.softmax_in_fp32,
+                scale=parent.scale,
+                window_size=parent.window_size,
+                chunk_size=chunk,
+            )
+        self.temperature_floor_scale: Optional[float] = None
+        floor = getattr(config, "attn_temperature_floor_scale", None)
+        if floor is not None and self.nope_layer:
+            self.temperature_floor_scale = float(_positive(floor, "attn_temperature_floor_scale", where))
+            self.temperature_scale = float(config.attn_temperature_scale)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], *args: Any, **kwargs: Any):
+        if self.temperature_floor_scale is not None:  # query [sq, b, np, hn], key [sk, b, ng, hn]
+            sq, sk = query.size(0), key.size(0)
+            positions = torch.arange(sk - sq, sk, device=query.device, dtype=torch.float32)
+            scales = torch.log1p(torch.floor((positions + 1.0) / self.temperature_floor_scale)) * \
+                self.temperature_scale + 1.0
+            query = (query * scales.view(sq, 1, 1, 1)).to(query.dtype)
+        return super().forward(query, key, value, attention_mask, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"nope_layer={self.nope_layer}, chunk_size={self.chunk_size}, "
+                f"temperature_floor_scale={self.temperature_floor_scale}")
+
+
+class RopeLayerQKNormSelfAttention(SelfAttention):
+    """``SelfAttention`` without q/k norms on NoPE layers (``no_rope_freq``) when ``config.qk_norm_nope_layers`` is
+    False: HF Llama 4 L2-normalises queries and keys on RoPE layers only (megatron's ``qk_l2_norm`` spec puts the
+    norm on every layer). The L2 norm has no parameters, so no parameter goes missing; a norm with a weight is
+    refused."""
+
+    def __init__(self, config: Any, submodules: Any, layer_number: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+        if not getattr(config, "qk_norm_nope_layers", True) and is_nope_layer(config, layer_number):
+            for name in ("q_layernorm", "k_layernorm"):
+                norm = getattr(self, name, None)
+                if norm is not None and any(True for _ in norm.parameters()):
+                    raise ValueError(f"{type(self).__name__}: qk_norm_nope_layers=False with a {name} that has "
+                                     f"parameters ({type(norm).__name__}); only parameter-free norms (qk_l2_norm) "
+                                     "can be left out")
+                setattr(self, name, None)
+
+
+def set_llama3_rope_parameters(model: torch.nn.Module, config: Any) -> None:
+    """Recompute ``model.rotary_pos_emb``'s frequencies with llama3 scaling whose ``low_freq_factor`` /
+    ``high_freq_factor`` / ``original_max_position_embeddings`` are ``config.rope_scaling_*`` (where set; megatron-core
+    builds its ``RotaryEmbedding`` with the fixed 1 / 4 / 8192): megatron's own ``_apply_scaling`` (transformers'
+    llama3 formula) on the unscaled frequencies of ``rotary_base``, ``kv_channels`` and ``rotary_percent``. Call it
+    on a freshly built model, before its first forward (megatron caches the embedding's output per instance and
+    sequence length). A no-op without ``rope_scaling`` or on a chunk without a rotary embedding.
+
+    Raises:
+        ValueError: the model's rotary embedding is of another class.
+    """
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None or not config.rope_scaling:
+        return
+    if type(rope) is not RotaryEmbedding:
+        raise ValueError(f"set_llama3_rope_parameters: llama3 factors need a RotaryEmbedding, the model has "
+                         f"{type(rope).__name__}")
+    low = config.rope_scaling_low_freq_factor
+    high = config.rope_scaling_high_freq_factor
+    original = config.rope_scaling_original_max_position_embeddings
+    dim = config.kv_channels
+    if config.rotary_percent < 1.0:
+        dim = int(dim * config.rotary_percent)
+    device = rope.inv_freq.device
+    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        inv_freq, factor=config.rope_scaling_factor,
+        low_freq_factor=1.0 if low is None else float(low),
+        high_freq_factor=4.0 if high is None else float(high),
+        original_max_position_embeddings=8192 if original is None else int(original))
+

@@ -18,9 +18,11 @@ Two spawned worlds of 2 ranks:
    ``_extra_state`` (TE's own value without FP8 state).
 
 Layouts: dense families written at TP2, read at PP2; MoE families written at EP2, read at TP2 (expert-TP 2, GPT-OSS 1)
-or, with multi-token prediction, at PP2 (the MTP layer on the last stage); Mixtral and Qwen3-MoE are read into TE's
-grouped-GEMM experts (``TEGroupedMLP``) as well. ``ARCHITECTURES`` names each case's HF architecture; together they
-must be ``AutoBridge.list_supported_models()`` (a family without a case fails ``test_cases_cover_every_...``).
+or, with multi-token prediction, at PP2 (the MTP layer on the last stage); Mixtral, Qwen3-MoE and Llama 4 (MoE layers
+with a shared expert interleaved with dense ones, NoPE / chunked-RoPE attention, RoPE-layer q/k L2 norm) are read
+into TE's grouped-GEMM experts (``TEGroupedMLP``) as well. ``ARCHITECTURES`` names each case's HF architecture;
+together they must be ``AutoBridge.list_supported_models()`` (a family without a case fails
+``test_cases_cover_every_...``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ CASES = {
     "deepseek_v3_mtp": (MOE_W, dict(tp=1, pp=2), False),
     "glm4_moe_mtp": (MOE_W, dict(tp=1, pp=2), False),
     "glm4_moe_lite_mtp": (MOE_W, dict(tp=1, pp=2), False),
+    "llama4": (MOE_W, dict(tp=2, pp=1), True),
 }
 # case -> the HF architecture its checkpoint is (one line per case: families added on other branches merge as added
 # lines); test_cases_cover_every_supported_architecture holds it to CASES and AutoBridge.list_supported_models()
@@ -81,6 +84,7 @@ ARCHITECTURES = {
     "deepseek_v3_mtp": "DeepseekV3ForCausalLM",
     "glm4_moe_mtp": "Glm4MoeForCausalLM",
     "glm4_moe_lite_mtp": "Glm4MoeLiteForCausalLM",
+    "llama4": "Llama4ForCausalLM",
 }
 
 
@@ -95,6 +99,7 @@ def _make_checkpoints(root: str) -> dict:
     import test_bridge_mixtral as mixtral
     import test_bridge_moe_families as moe
     import test_gemma4 as gemma4
+    import test_llama4 as llama4
 
     paths = {}
     for name in CASES:
@@ -114,6 +119,8 @@ def _make_checkpoints(root: str) -> dict:
         elif name == "glm4_moe_lite_mtp":  # its own test's model (a dense layer between MoE layers) and MTP layer
             model = glm4_moe_lite._make_checkpoint(path + "_base", seed=4)
             glm4_moe_lite._write_mtp(path + "_base", path, model, seed=5)
+        elif name == "llama4":
+            llama4._make_checkpoint(path, seed=7)
         elif name.endswith("_mtp"):
             family = name[:-len("_mtp")]
             model = moe._make_checkpoint(path + "_base", family, seed=4)
@@ -593,14 +600,15 @@ def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
         _assert_same_tensors(out, results["paths"][name])
 
 
-MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "glm4_moe_lite_mtp"]
+MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "glm4_moe_lite_mtp", "llama4"]
+FUSED_EXPERTS = ("gpt_oss", "llama4")  # HF stores each layer's experts as [E, ...] tensors
 
 
 @pytest.mark.parametrize("name", MOE_CASES)
 def test_streamed_export_reads_experts_in_runs(results, name, tmp_path, monkeypatch):
     """With a small ``bucket_bytes`` the streamed export reads a layer's experts a run at a time (one expert per run
-    here; fused HF expert tensors, GPT-OSS's, need the whole layer and read it at once) and is still the source's
-    tensors bit for bit."""
+    here; fused HF expert tensors, GPT-OSS's and Llama 4's, need the whole layer and read it at once) and is still the
+    source's tensors bit for bit."""
     from megatron_bridge_ext.cli.export import export_checkpoint
     from megatron_bridge_ext.engine.transport import ExpertsToLoad
 
@@ -618,7 +626,7 @@ def test_streamed_export_reads_experts_in_runs(results, name, tmp_path, monkeypa
     assert res["streamed"] is True
     _assert_same_tensors(out, results["paths"][name])
     assert loads, "no expert group was read"
-    if name == "gpt_oss":  # fused [E, ...] HF tensors: every layer's experts at once
+    if name in FUSED_EXPERTS:  # fused [E, ...] HF tensors: every layer's experts at once
         assert all(n == total for total, n in loads), loads
     else:
         assert all(n == 1 for _, n in loads), loads  # one expert per run at this budget

@@ -35,6 +35,7 @@ def test_supported_models_are_the_proven_families():
         "Glm4MoeForCausalLM",
         "Glm4MoeLiteForCausalLM",
         "GptOssForCausalLM",
+        "Llama4ForCausalLM",
         "LlamaForCausalLM",
         "MistralForCausalLM",
         "MixtralForCausalLM",
