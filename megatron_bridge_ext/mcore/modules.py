@@ -53,7 +53,8 @@ module                             what it adds
                                    llama3 RoPE factors megatron-core fixes (``config.rope_scaling_*``)
 =================================  ===============================================================================
 
-Gemma 4 needs the last three (with the non-zero-centred norms, post norms and soft-capped logits above).
+Gemma 4 needs ``ValueNormSelfAttention``, ``ScaledOutputTransformerLayer`` and ``proportional_rope`` (with the
+non-zero-centred norms, post norms and soft-capped logits above).
 """
 
 from __future__ import annotations
