@@ -318,7 +318,8 @@ def args_disagreements(args: Any, config: Any) -> List[str]:
 #: GPTConfig fields of this package's families that no Megatron-LM argument carries
 _NOT_IN_ARGS = ("attn_logit_softcapping", "final_logit_softcapping", "embedding_scale", "post_self_attn_layernorm",
                 "post_mlp_layernorm", "local_rotary_base", "softmax_scale", "rotary_proportion", "value_rms_norm",
-                "layer_output_scalar")
+                "layer_output_scalar", "full_attention_kv_channels", "full_attention_num_query_groups",
+                "full_attention_k_eq_v")
 
 
 def _not_in_args(config: Any) -> List[str]:

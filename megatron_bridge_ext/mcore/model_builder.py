@@ -184,7 +184,7 @@ def build_gpt_model(
         scale_embeddings(model, config.embedding_scale)
     if config.final_logit_softcapping is not None:
         softcap_output_logits(model, config.final_logit_softcapping)
-    if config.rotary_proportion is not None:
+    if config.rotary_proportion is not None or config.full_attention_kv_channels is not None:
         proportional_rope(model, config.rotary_proportion)
     model.unpadded_vocab_size = vocab_size
     return model.eval()
@@ -217,7 +217,8 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
     - ``layernorm_zero_centered_gamma``: every norm (input, pre-MLP, q/k, final) is a :class:`LocalRMSNorm`;
     - ``post_self_attn_layernorm`` / ``post_mlp_layernorm``: ``linear_proj`` / ``linear_fc2`` are
       :class:`PostNormRowParallelLinear`;
-    - ``local_rotary_base``: the attention is :class:`LayerTypeRopeSelfAttention`;
+    - ``local_rotary_base`` / ``full_attention_kv_channels`` / ``full_attention_num_query_groups``: the attention
+      is :class:`LayerTypeRopeSelfAttention` (full-attention layers of their own geometry);
     - ``attn_logit_softcapping``: the core attention is :class:`SoftCapDotProductAttention` (the output layer's
       ``final_logit_softcapping`` is set on the built model by :func:`build_gpt_model`);
     - ``multi_latent_attention``: megatron's MLA layer with :class:`MLADotProductAttention` as its core attention
@@ -263,7 +264,9 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     fp32_router = bool(num_experts and config.moe_router_fp32_weight)
     softcap = config.attn_logit_softcapping is not None
     value_norm = bool(config.value_rms_norm)
-    if not (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
+    per_layer_attention = config.full_attention_kv_channels is not None or \
+        config.full_attention_num_query_groups is not None
+    if not (per_layer_attention or zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
             or config.local_rotary_base is not None or mla or softcap or fp32_router or value_norm
             or config.layer_output_scalar):
         return spec
@@ -295,12 +298,12 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     if config.post_self_attn_layernorm:
         attn_subs["linear_proj"] = PostNormRowParallelLinear
     attn = replace_submodules(attn, **attn_subs)
-    if (config.local_rotary_base is not None or value_norm) and mla:
+    if (config.local_rotary_base is not None or value_norm or per_layer_attention) and mla:
         raise ValueError("gpt_layer_spec: local_rotary_base / value_rms_norm with multi-latent attention is not "
                          "supported")
     if value_norm:
         attn = dataclasses.replace(attn, module=ValueNormSelfAttention)
-    elif config.local_rotary_base is not None:
+    elif config.local_rotary_base is not None or per_layer_attention:
         attn = dataclasses.replace(attn, module=LayerTypeRopeSelfAttention)
     mlp = layer.mlp
     if config.post_mlp_layernorm:
