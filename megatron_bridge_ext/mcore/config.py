@@ -89,7 +89,9 @@ class GPTConfig(TransformerConfig):
     full_attention_kv_channels: Optional[int] = None
     """Head size of the full-attention layers (those ``window_size`` / ``window_attn_skip_freq`` leave unwindowed)
     when it differs from ``kv_channels`` (Gemma 4's ``global_head_dim``); the model's rotary embedding then spans
-    it and the sliding layers get their own. None: every layer has ``kv_channels``."""
+    it and the sliding layers get their own. None: every layer has ``kv_channels``. Set (or
+    ``full_attention_num_query_groups``), :func:`build_gpt_config` sets megatron's ``hetereogenous_dist_checkpoint``
+    (one checkpoint key per layer: layer-stacked keys need one shape for all layers)."""
     full_attention_num_query_groups: Optional[int] = None
     """Query groups (kv heads) of the full-attention layers when they differ from ``num_query_groups`` (Gemma 4's
     ``num_global_key_value_heads``); None: ``num_query_groups``."""
@@ -231,6 +233,10 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
             f"num_query_groups ({groups}, HF num_key_value_heads) is smaller than tensor_model_parallel_size ({tp}) "
             f"and does not divide it: megatron-core splits each query group over tp / num_query_groups ranks"
         )
+    if kw.get("full_attention_kv_channels") is not None or kw.get("full_attention_num_query_groups") is not None:
+        # layers of two geometries cannot share megatron's layer-stacked checkpoint keys ("decoder.layers.<name>"
+        # with the layer as a prepended axis): one key per layer ("decoder.layers.<i>.<name>")
+        kw["hetereogenous_dist_checkpoint"] = True
     full_groups = kw.get("full_attention_num_query_groups")
     if full_groups is not None and ((full_groups >= tp and full_groups % tp) or (full_groups < tp and tp % full_groups)):
         raise ValueError(

@@ -21,17 +21,23 @@ full layers' ``rope_type``                converts: ``rotary_proportion`` (frequ
                                           ``factor`` as ``seq_len_interpolation_factor``), ``proportional_rope``
 ``attn_logit_softcapping``                gone from Gemma 4 (nothing to convert)
 ``use_double_wide_mlp``                   accepted: it doubles the MLP of kv-shared layers only, which are refused
-``per_layer_config``: another             refused: megatron's ``TransformerConfig`` has one ``kv_channels`` and one
-``head_dim`` (``global_head_dim``) /      ``num_query_groups`` for every layer (HF derives these overrides for the
-``num_key_value_heads``                   full-attention layers unless ``global_head_dim`` equals ``head_dim``)
-(``num_global_key_value_heads``)
+``per_layer_config``: another             converts: ``full_attention_kv_channels`` / ``full_attention_num_query_groups``
+``head_dim`` (``global_head_dim``) /      (the full-attention layers' attention is built from
+``num_key_value_heads``                   ``dataclasses.replace(config, kv_channels=, num_query_groups=)``:
+(``num_global_key_value_heads``) on       ``LayerTypeRopeSelfAttention``; the model RoPE spans their head size,
+the full-attention layers                 sliding layers get their own); their q/k/v are mapping-table entries per
+                                          layer index with their (H, G, d) (``hf_layout``). Refused: overrides of
+                                          other attributes, or layers of one type with different geometries
 ``num_kv_shared_layers`` > 0              refused: later layers reuse earlier layers' keys / values (and have no k/v
 (``kv_sharing_modes``)                    projections); a megatron layer computes its own
 ``hidden_size_per_layer_input`` > 0       refused: per-layer input embeddings (``embed_tokens_per_layer``,
 (PLE)                                     ``per_layer_model_projection``, a gated residual in every layer) are a second
                                           input stream that megatron's decoder layers do not take
-``attention_k_eq_v``                      refused: full layers use the key projection as values (no ``v_proj``); it
-                                          would need ``k_proj`` copied into ``linear_qkv``'s value rows and kept equal
+``attention_k_eq_v``                      converts: ``full_attention_k_eq_v``; the full layers have no ``v_proj``:
+(full layers: keys' projection as         import packs ``k_proj`` as key and value rows of megatron's fused
+values, no ``v_proj``)                    ``linear_qkv`` (``KeyAsValueQKVMapping``); export checks the value rows
+                                          equal the key rows bit for bit, refuses by name otherwise, writes no
+                                          ``v_proj`` (see below)
 ``enable_moe_block``                      refused: a dense MLP and routed experts side by side, each with its own
                                           pre / post norms, and a router with its own norm, scale and
                                           ``per_expert_scale``; megatron's MoE layer has one pre-norm and adds shared
@@ -41,11 +47,18 @@ full layers' ``rope_type``                converts: ``rotary_proportion`` (frequ
 ``attention_bias``                        refused (as Gemma 2 / 3: q/k/v/o biases without MLP biases)
 ========================================  ============================================================================
 
-transformers' own defaults (its docs cite google/gemma-4-e2b-it: per-layer input embeddings of 256, full layers of
-head_dim 512 = ``global_head_dim`` against 256) and the 26B-A4B model its expert-parallel plan names (experts,
-``num_global_key_value_heads``) fall under these refusals; as far as transformers' code shows, every released Gemma 4
-checkpoint does (their config.json files were not available to check). A Gemma 4 with one head size and none of the
-refused features converts, its weights bit-exact both ways.
+transformers' own defaults (its docs cite google/gemma-4-e2b-it) are refused for their per-layer input embeddings
+(256); without them (``hidden_size_per_layer_input=0``, no kv sharing, no MoE block: the dense released shape) they
+convert: sliding layers of head_dim 256, full layers of head_dim 512 (and ``num_global_key_value_heads`` with k=v),
+weights bit-exact both ways (the ``gemma4_released`` checkpoint of ``tests/distributed/test_gemma4.py``).
+
+k=v and training: HF computes ``value = v_norm(k_proj(x))`` and ``key = rope(k_norm(k_proj(x)))``; with
+``linear_qkv``'s value rows equal to its key rows megatron's stock attention computes the same (the value norm and
+the key norm / RoPE act on their own copies of the same projection). The rows are a copy, not a tie: megatron's fused
+QKV weight cannot hold one parameter twice, and a module that reused the keys as values would change
+``linear_qkv``'s shape, the TE key set and every checkpoint of the layer. So a model trained in Megatron lets its value
+rows drift from its key rows (as if the two projections were untied) and has no k=v HF equivalent; the export says so
+by name instead of writing a different model. Fine-tuning that should stay k=v must tie the gradients of those rows.
 """
 
 from __future__ import annotations
