@@ -144,9 +144,9 @@ class KeyAsValueQKVMapping(MegatronParamMapping):
         _unpack_shards_into(shards, *_dims(self, ctx), False, q, k, v, ctx)
         if not torch.equal(k, v):
             diff = (k.float() - v.float()).abs().max().item()
-            raise ValueError(f"{self.megatron_param}: the value rows differ from the key rows (max |k - v| = {diff:g});"
-                             f" the HF layer ({self.hf_param['k']}) uses its key projection as values (attention_k_eq_v)"
-                             " and has no v_proj, so this Megatron model has no HF equivalent")
+            raise ValueError(f"{self.megatron_param}: the value rows differ from the key rows (max |k - v| = "
+                             f"{diff:g}); the HF layer ({self.hf_param['k']}) uses its key projection as values "
+                             "(attention_k_eq_v) and has no v_proj, so this Megatron model has no HF equivalent")
         return {self.hf_param["q"]: q, self.hf_param["k"]: k}
 
 

@@ -238,7 +238,8 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
         # with the layer as a prepended axis): one key per layer ("decoder.layers.<i>.<name>")
         kw["hetereogenous_dist_checkpoint"] = True
     full_groups = kw.get("full_attention_num_query_groups")
-    if full_groups is not None and ((full_groups >= tp and full_groups % tp) or (full_groups < tp and tp % full_groups)):
+    if full_groups is not None and (
+            (full_groups >= tp and full_groups % tp) or (full_groups < tp and tp % full_groups)):
         raise ValueError(
             f"full_attention_num_query_groups ({full_groups}, HF num_global_key_value_heads) must be a multiple or a "
             f"divisor of tensor_model_parallel_size ({tp}) (megatron-core splits the query groups over the TP ranks)"
