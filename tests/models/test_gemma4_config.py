@@ -258,3 +258,21 @@ def test_value_norm_is_transformers_v_norm():
     hf = transformers.models.gemma4.modeling_gemma4.Gemma4RMSNorm(16, eps=1e-6, with_scale=False)
     assert torch.equal(_unit_rms_norm(v, 1e-6), hf(v))
     assert torch.equal(_unit_rms_norm(v.bfloat16(), 1e-6), hf(v.bfloat16()))
+
+
+def test_full_layer_config_against_its_tensors_is_checked(tmp_path):
+    """Loading a checkpoint checks each full-attention layer's q/k against its own geometry (per_layer_config), and
+    names that layer's head size when they disagree."""
+    import json
+
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    _model(_config(**CASES["released_shape"])).save_pretrained(tmp_path, safe_serialization=True)
+    AutoBridge.from_hf_pretrained(str(tmp_path))  # agrees
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    raw["per_layer_config"]["2"]["head_dim"] = 24
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"num_attention_heads 4 x head_dim 24 = 96 rows of hidden_size 64, but "
+                                         r"model\.layers\.2\.self_attn\.q_proj\.weight .*has shape \[128, 64\]"):
+        AutoBridge.from_hf_pretrained(str(tmp_path))
