@@ -6,8 +6,9 @@ of 4 ranks.
 For each layout: the Megatron logits against the HF model's own (fp32, max |diff| <= 1e-4) and the exported
 checkpoint against the source (key set, dtypes, torch.equal). Exports without the source checkpoint (config.json from
 the Megatron config) load in transformers with the source model's logits.
-Megatron torch_dist checkpoints of the ``gemma4`` checkpoint (written from the model and streamed, TE keys) are
-proved in ``tests/distributed/test_te_checkpoint.py``.
+Megatron torch_dist checkpoints of the ``gemma4`` and ``gemma4_released`` checkpoints (written from the model and
+streamed, TE keys; the released shape with one checkpoint key per layer) are proved in
+``tests/distributed/test_te_checkpoint.py``.
 
 What each checkpoint exercises:
 - gemma4: what Gemma 4 adds over Gemma 3 and converts: plain (not zero-centred) RMSNorms, the weightless value norm
