@@ -11,6 +11,9 @@ spec cannot express is swapped in, as Megatron Bridge does it:
   (Megatron Bridge's ``TERowParallelLinearLayerNorm``);
 - a learned scalar on each layer's output (Gemma 4: ``layer_output_scalar``): the layer is this package's
   ``ScaledOutputTransformerLayer`` (a ``TransformerLayer`` with a ``layer_scalar`` parameter, any submodules);
+- full-attention layers of their own head size / kv heads (Gemma 4: ``full_attention_kv_channels`` /
+  ``full_attention_num_query_groups``): the self-attention is this package's ``LayerTypeRopeSelfAttention`` (built
+  from the layer's own config, TE submodules);
 - the rest of this package's modules change no parameter (soft-capped, per-layer-type RoPE or value-normalising
   attention, proportional RoPE, fp32 router weights, embedding scale, output soft-cap, Llama 4's chunked /
   temperature-tuned attention and its q/k L2 norm on RoPE layers only) and are left out: the keys are what is compared
@@ -69,6 +72,16 @@ def _layer_with_post_norms(layer_spec, config):
     return _with_submodules(layer_spec, **changes) if changes else layer_spec
 
 
+def _per_layer_attention(spec):
+    """The self-attention spec with this package's ``LayerTypeRopeSelfAttention`` as its module (full-attention
+    layers of their own head size / kv heads; TE submodules unchanged)."""
+    from megatron_bridge_ext.mcore.modules import LayerTypeRopeSelfAttention
+
+    if isinstance(spec, functools.partial):
+        return functools.partial(LayerTypeRopeSelfAttention, *spec.args, **spec.keywords)
+    return dataclasses.replace(spec, module=LayerTypeRopeSelfAttention)
+
+
 def te_block_spec(config, vp_stage: Optional[int] = None):
     """This stage's TE block spec for ``config`` (megatron-core's, plus the post norms of :mod:`te_models`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -77,6 +90,10 @@ def te_block_spec(config, vp_stage: Optional[int] = None):
                                        qk_l2_norm=bool(getattr(config, "qk_l2_norm", False)), vp_stage=vp_stage)
     if getattr(config, "post_self_attn_layernorm", False) or getattr(config, "post_mlp_layernorm", False):
         block = dataclasses.replace(block, layer_specs=[_layer_with_post_norms(s, config) for s in block.layer_specs])
+    if getattr(config, "full_attention_kv_channels", None) is not None or \
+            getattr(config, "full_attention_num_query_groups", None) is not None:
+        block = dataclasses.replace(block, layer_specs=[_with_submodules(s, self_attention=_per_layer_attention(
+            _submodules(s).self_attention)) for s in block.layer_specs])
     if getattr(config, "layer_output_scalar", False):
         from megatron_bridge_ext.mcore.modules import ScaledOutputTransformerLayer
 

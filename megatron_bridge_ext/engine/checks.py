@@ -178,6 +178,8 @@ def _check_attention_rows(mapping: Optional[MegatronParamMapping], heads: int, g
     if not all(isinstance(n, str) and n in state for n in names.values()):
         return  # a missing tensor is named by the task check
     stored = {role: tuple(state.shape(name)) for role, name in names.items()}
+    if getattr(mapping, "dims", None) is not None:  # a layer of its own geometry (e.g. Gemma 4's full layers)
+        heads, groups, d = mapping.dims
     config = SimpleNamespace(num_attention_heads=heads, num_query_groups=groups, kv_channels=d, hidden_size=hidden)
     ctx = ConversionContext(config=config, layout=COLUMN)  # linear_qkv / linear_kv are column-parallel
     try:

@@ -4,7 +4,9 @@ No mapping imports ``torch.distributed`` or megatron-core (``tests/test_package_
 resolves everything rank- and model-specific into the :class:`ConversionContext`.
 """
 
-from megatron_bridge_ext.mappings.attention import ConcatenatedQKVMapping, HeadShardedNormMapping, KVMapping, QKVMapping
+from megatron_bridge_ext.mappings.attention import (
+    ConcatenatedQKVMapping, HeadShardedNormMapping, KeyAsValueQKVMapping, KVMapping, QKVMapping,
+)
 from megatron_bridge_ext.mappings.base import (
     COLUMN,
     EXPERTS,
@@ -35,6 +37,7 @@ __all__ = [
     "ConversionContext", "MegatronParamMapping", "HFParam", "HFWeights", "HFShapes", "Shape", "shapes_of",
     "ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "CopiesMapping",
     "with_copies", "QKVMapping", "KVMapping", "ConcatenatedQKVMapping", "HeadShardedNormMapping",
+    "KeyAsValueQKVMapping",
     "GatedMLPMapping", "FusedGatedMLPMapping",
     "ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping",
 ]

@@ -11,7 +11,16 @@ from megatron_bridge_ext import geometry, ops
 from megatron_bridge_ext.mappings.base import COLUMN, MegatronParamMapping, attention_dims, single
 from megatron_bridge_ext.mappings.linear import ColumnParallelMapping
 
-__all__ = ["QKVMapping", "KVMapping", "ConcatenatedQKVMapping", "HeadShardedNormMapping"]
+__all__ = ["QKVMapping", "KVMapping", "ConcatenatedQKVMapping", "KeyAsValueQKVMapping", "HeadShardedNormMapping"]
+
+Dims = Optional[Tuple[int, int, int]]
+
+
+def _dims(mapping, ctx) -> Tuple[int, int, int]:
+    """(H, G, d) of a mapping: its own ``dims`` where the table gives them (a layer whose attention geometry differs
+    from the model config's, e.g. Gemma 4's full-attention layers), else the model config's."""
+    dims = getattr(mapping, "dims", None)
+    return tuple(dims) if dims is not None else attention_dims(ctx)
 
 
 def _unpack_shards_into(shards: Sequence[torch.Tensor], heads: int, groups: int, d: int, output_gate: bool,
@@ -37,32 +46,38 @@ def _unpack_shards_into(shards: Sequence[torch.Tensor], heads: int, groups: int,
                             v.narrow(0, t * kr, kr)))
 
 
-def _hf_rows(ctx, output_gate: bool) -> Tuple[int, int]:
-    heads, groups, d = attention_dims(ctx)
+def _hf_rows(ctx, output_gate: bool, dims: Dims = None) -> Tuple[int, int]:
+    heads, groups, d = dims if dims is not None else attention_dims(ctx)
     g = geometry.qkv_geometry("qkv", heads, groups, d, output_gate)
     return g.q_rows, g.kv_rows
 
 
-def _packed_shape(op: str, ctx, output_gate: bool, rest: Sequence[int], heads: Optional[int] = None) -> Tuple[int, ...]:
+def _packed_shape(op: str, ctx, output_gate: bool, rest: Sequence[int], heads: Optional[int] = None,
+                  dims: Dims = None) -> Tuple[int, ...]:
     """This TP rank's packed ``[G*P/tp, ...]`` (``heads == 0``: the KV-only ``[2*G*d/tp, ...]``)."""
-    h, groups, d = attention_dims(ctx)
+    h, groups, d = dims if dims is not None else attention_dims(ctx)
     g = geometry.qkv_geometry(op, h if heads is None else heads, groups, d, output_gate, tp_size=ctx.tp_size,
                               tp_rank=ctx.tp_rank)
     return (g.shard_rows(ctx.tp_size), *rest)
 
 
 class QKVMapping(MegatronParamMapping):
-    """HF ``q_proj``/``k_proj``/``v_proj`` <-> Megatron fused ``linear_qkv`` (weights or biases, output gate optional)."""
+    """HF ``q_proj``/``k_proj``/``v_proj`` <-> Megatron fused ``linear_qkv`` (weights or biases, output gate optional).
+
+    ``dims``: (H, G, d) of the layers this entry names, where they differ from the model config's (a table entry
+    for those layer indices, e.g. Gemma 4's full-attention layers); None: the model config's."""
 
     layout = COLUMN
     reads_quantized = True
 
-    def __init__(self, megatron_param: str, q: str, k: str, v: str, output_gate: bool = False) -> None:
+    def __init__(self, megatron_param: str, q: str, k: str, v: str, output_gate: bool = False,
+                 dims: Dims = None) -> None:
         super().__init__(megatron_param, {"q": q, "k": k, "v": v})
         self.output_gate = output_gate
+        self.dims = None if dims is None else tuple(int(x) for x in dims)
 
     def hf_to_megatron(self, hf, ctx, out=None):
-        heads, groups, d = attention_dims(ctx)
+        heads, groups, d = _dims(self, ctx)
         q, k, v = hf["q"], hf["k"], hf["v"]
         block = ops.fp8_blocks(q, k, v)
         if block is not None:  # dequantized straight into this rank's packed rows
@@ -74,20 +89,66 @@ class QKVMapping(MegatronParamMapping):
                             tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, output_gate=self.output_gate, out=out)
 
     def megatron_shape(self, hf, ctx):
-        return _packed_shape(self.megatron_param, ctx, self.output_gate, hf["q"][1:])
+        return _packed_shape(self.megatron_param, ctx, self.output_gate, hf["q"][1:], dims=self.dims)
 
     def hf_shapes(self, shard, num_shards, ctx):
-        q_rows, kv_rows = _hf_rows(ctx, self.output_gate)
+        q_rows, kv_rows = _hf_rows(ctx, self.output_gate, self.dims)
         rest = tuple(shard[1:])
         return {self.hf_param["q"]: (q_rows, *rest), self.hf_param["k"]: (kv_rows, *rest),
                 self.hf_param["v"]: (kv_rows, *rest)}
 
     def megatron_to_hf(self, shards, ctx):
-        q_rows, kv_rows = _hf_rows(ctx, self.output_gate)
+        q_rows, kv_rows = _hf_rows(ctx, self.output_gate, self.dims)
         rest = tuple(shards[0].shape[1:])
         q, k, v = (ctx.empty((rows, *rest), shards[0]) for rows in (q_rows, kv_rows, kv_rows))
-        _unpack_shards_into(shards, *attention_dims(ctx), self.output_gate, q, k, v, ctx)
+        _unpack_shards_into(shards, *_dims(self, ctx), self.output_gate, q, k, v, ctx)
         return {self.hf_param["q"]: q, self.hf_param["k"]: k, self.hf_param["v"]: v}
+
+
+class KeyAsValueQKVMapping(MegatronParamMapping):
+    """HF ``q_proj``/``k_proj`` of an attention whose keys' projection also gives the values (no ``v_proj``; Gemma 4's
+    ``attention_k_eq_v`` full-attention layers) <-> Megatron fused ``linear_qkv``.
+
+    Import packs ``k_proj`` as both the key and the value rows (the fused QKV op, as :class:`QKVMapping`), so the
+    Megatron layer computes exactly what HF does (the value norm / key norm then apply to their own copies). Export
+    unpacks all three and requires the value rows to equal the key rows bit for bit: a Megatron model trained apart
+    has its value rows drift from its key rows and no HF equivalent, which is refused by name (no ``v_proj`` is
+    written). ``dims`` as :class:`QKVMapping`'s.
+    """
+
+    layout = COLUMN
+
+    def __init__(self, megatron_param: str, q: str, k: str, dims: Dims = None) -> None:
+        super().__init__(megatron_param, {"q": q, "k": k})
+        self.output_gate = False
+        self.dims = None if dims is None else tuple(int(x) for x in dims)
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        heads, groups, d = _dims(self, ctx)
+        q, k = ops.dequantized([hf["q"], hf["k"]])
+        return ops.qkv_pack(q, k, k, num_heads=heads, num_query_groups=groups, head_dim=d, tp_size=ctx.tp_size,
+                            tp_rank=ctx.tp_rank, out=out)
+
+    def megatron_shape(self, hf, ctx):
+        return _packed_shape(self.megatron_param, ctx, False, hf["q"][1:], dims=self.dims)
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        q_rows, kv_rows = _hf_rows(ctx, False, self.dims)
+        rest = tuple(shard[1:])
+        return {self.hf_param["q"]: (q_rows, *rest), self.hf_param["k"]: (kv_rows, *rest)}
+
+    def megatron_to_hf(self, shards, ctx):
+        q_rows, kv_rows = _hf_rows(ctx, False, self.dims)
+        rest = tuple(shards[0].shape[1:])
+        q, k = (ctx.empty((rows, *rest), shards[0]) for rows in (q_rows, kv_rows))
+        v = shards[0].new_empty((kv_rows, *rest))  # checked, never written out
+        _unpack_shards_into(shards, *_dims(self, ctx), False, q, k, v, ctx)
+        if not torch.equal(k, v):
+            diff = (k.float() - v.float()).abs().max().item()
+            raise ValueError(f"{self.megatron_param}: the value rows differ from the key rows (max |k - v| = "
+                             f"{diff:g}); the HF layer ({self.hf_param['k']}) uses its key projection as values "
+                             "(attention_k_eq_v) and has no v_proj, so this Megatron model has no HF equivalent")
+        return {self.hf_param["q"]: q, self.hf_param["k"]: k}
 
 
 class KVMapping(MegatronParamMapping):

@@ -323,7 +323,8 @@ _NOT_IN_ARGS = ("attn_logit_softcapping", "final_logit_softcapping", "embedding_
                 "layer_output_scalar", "pre_layernorms", "qk_layernorm_whole_projection", "attention_chunk_size",
                 "attn_temperature_floor_scale", "attn_temperature_scale", "qk_norm_nope_layers",
                 "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
-                "rope_scaling_original_max_position_embeddings")
+                "rope_scaling_original_max_position_embeddings",
+                "full_attention_kv_channels", "full_attention_num_query_groups", "full_attention_k_eq_v")
 
 
 def _not_in_args(config: Any) -> List[str]:

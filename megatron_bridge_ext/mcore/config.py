@@ -38,6 +38,8 @@ __all__ = [
     "PARALLEL_FIELDS",
     "config_to_dict",
     "config_from_dict",
+    "full_attention_layers",
+    "layer_attention_dims",
 ]
 
 
@@ -110,6 +112,19 @@ class GPTConfig(TransformerConfig):
     qk_norm_nope_layers: bool = True
     """With ``qk_l2_norm``: whether NoPE layers (``no_rope_freq``) normalise queries and keys too (megatron-core's
     spec: every layer); False: only the RoPE layers (Llama 4)."""
+    full_attention_kv_channels: Optional[int] = None
+    """Head size of the full-attention layers (those ``window_size`` / ``window_attn_skip_freq`` leave unwindowed)
+    when it differs from ``kv_channels`` (Gemma 4's ``global_head_dim``); the model's rotary embedding then spans
+    it and the sliding layers get their own. None: every layer has ``kv_channels``. Set (or
+    ``full_attention_num_query_groups``), :func:`build_gpt_config` sets megatron's ``hetereogenous_dist_checkpoint``
+    (one checkpoint key per layer: layer-stacked keys need one shape for all layers)."""
+    full_attention_num_query_groups: Optional[int] = None
+    """Query groups (kv heads) of the full-attention layers when they differ from ``num_query_groups`` (Gemma 4's
+    ``num_global_key_value_heads``); None: ``num_query_groups``."""
+    full_attention_k_eq_v: bool = False
+    """The full-attention layers' HF checkpoint has no value projection: its keys' projection serves as values
+    (Gemma 4's ``attention_k_eq_v``). The Megatron model keeps megatron's fused ``linear_qkv`` with value rows
+    equal to the key rows (filled on import, checked on export); the model itself computes as any other."""
 
 
 @dataclass
@@ -244,7 +259,40 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
             f"num_query_groups ({groups}, HF num_key_value_heads) is smaller than tensor_model_parallel_size ({tp}) "
             f"and does not divide it: megatron-core splits each query group over tp / num_query_groups ranks"
         )
+    if kw.get("full_attention_kv_channels") is not None or kw.get("full_attention_num_query_groups") is not None:
+        # layers of two geometries cannot share megatron's layer-stacked checkpoint keys ("decoder.layers.<name>"
+        # with the layer as a prepended axis): one key per layer ("decoder.layers.<i>.<name>")
+        kw["hetereogenous_dist_checkpoint"] = True
+    full_groups = kw.get("full_attention_num_query_groups")
+    if full_groups is not None and (
+            (full_groups >= tp and full_groups % tp) or (full_groups < tp and tp % full_groups)):
+        raise ValueError(
+            f"full_attention_num_query_groups ({full_groups}, HF num_global_key_value_heads) must be a multiple or a "
+            f"divisor of tensor_model_parallel_size ({tp}) (megatron-core splits the query groups over the TP ranks)"
+        )
     return cls(**kw)
+
+
+def full_attention_layers(config: Any) -> list:
+    """0-based indices of the decoder layers without a sliding window (megatron's ``is_layer_window_attention``)."""
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    return [i for i in range(config.num_layers)
+            if not is_layer_window_attention(config.window_size, config.window_attn_skip_freq, i + 1)]
+
+
+def layer_attention_dims(config: Any, layer: Optional[int] = None):
+    """(H, G, d) of decoder layer ``layer`` (0-based; None: the model's ``num_query_groups`` / ``kv_channels``):
+    a full-attention layer takes ``full_attention_num_query_groups`` / ``full_attention_kv_channels`` where set."""
+    heads = config.num_attention_heads
+    groups = config.num_query_groups or heads
+    head_dim = config.kv_channels or config.hidden_size // heads
+    full_d = getattr(config, "full_attention_kv_channels", None)
+    full_g = getattr(config, "full_attention_num_query_groups", None)
+    if layer is not None and (full_d is not None or full_g is not None) and layer in full_attention_layers(config):
+        groups = full_g if full_g is not None else groups
+        head_dim = full_d if full_d is not None else head_dim
+    return heads, groups, head_dim
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ def build_gpt_model(
         scale_embeddings(model, config.embedding_scale)
     if config.final_logit_softcapping is not None:
         softcap_output_logits(model, config.final_logit_softcapping)
-    if config.rotary_proportion is not None:
+    if config.rotary_proportion is not None or config.full_attention_kv_channels is not None:
         proportional_rope(model, config.rotary_proportion)
     if config.rope_scaling and any(v is not None for v in (
             config.rope_scaling_low_freq_factor, config.rope_scaling_high_freq_factor,
@@ -229,7 +229,8 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
     - ``pre_layernorms=False``: no ``input_layernorm`` / ``pre_mlp_layernorm`` (``IdentityOp``; dense layers only);
     - ``qk_layernorm_whole_projection``: the q / k norms are :class:`WholeQueryRMSNorm` / :class:`WholeKeyRMSNorm`
       (one norm over all heads, TP-sharded weight);
-    - ``local_rotary_base``: the attention is :class:`LayerTypeRopeSelfAttention`;
+    - ``local_rotary_base`` / ``full_attention_kv_channels`` / ``full_attention_num_query_groups``: the attention
+      is :class:`LayerTypeRopeSelfAttention` (full-attention layers of their own geometry);
     - ``attn_logit_softcapping``: the core attention is :class:`SoftCapDotProductAttention` (the output layer's
       ``final_logit_softcapping`` is set on the built model by :func:`build_gpt_model`);
     - ``multi_latent_attention``: megatron's MLA layer with :class:`MLADotProductAttention` as its core attention
@@ -286,7 +287,9 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     no_pre_norms = not config.pre_layernorms
     layer_type_attn = config.attention_chunk_size is not None or config.attn_temperature_floor_scale is not None
     rope_layer_qk_norm = not config.qk_norm_nope_layers
-    if not (zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
+    per_layer_attention = config.full_attention_kv_channels is not None or \
+        config.full_attention_num_query_groups is not None
+    if not (per_layer_attention or zero_centered or config.post_self_attn_layernorm or config.post_mlp_layernorm
             or config.local_rotary_base is not None or mla or softcap or fp32_router or value_norm
             or config.layer_output_scalar or whole_qk or no_pre_norms or layer_type_attn or rope_layer_qk_norm):
         return spec
@@ -334,12 +337,12 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     if config.post_self_attn_layernorm:
         attn_subs["linear_proj"] = PostNormRowParallelLinear
     attn = replace_submodules(attn, **attn_subs)
-    if (config.local_rotary_base is not None or value_norm) and mla:
+    if (config.local_rotary_base is not None or value_norm or per_layer_attention) and mla:
         raise ValueError("gpt_layer_spec: local_rotary_base / value_rms_norm with multi-latent attention is not "
                          "supported")
     if value_norm:
         attn = dataclasses.replace(attn, module=ValueNormSelfAttention)
-    elif config.local_rotary_base is not None:
+    elif config.local_rotary_base is not None or per_layer_attention:
         attn = dataclasses.replace(attn, module=LayerTypeRopeSelfAttention)
     if rope_layer_qk_norm:
         if mla or config.local_rotary_base is not None:

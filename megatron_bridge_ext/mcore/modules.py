@@ -25,7 +25,8 @@ module                             what it adds
                                    sum of squares is all-reduced over the TP group (:class:`WholeProjectionRMSNorm`)
 ``LayerTypeRopeSelfAttention``     ``SelfAttention`` whose sliding-window layers use their own rotary base
                                    (``config.local_rotary_base``, without YaRN's attention factor); full-attention
-                                   layers use the model's RoPE
+                                   layers use the model's RoPE and may have their own head size / kv heads
+                                   (``full_attention_kv_channels`` / ``full_attention_num_query_groups``, Gemma 4)
 ``ScaledLanguageModelEmbedding``   the embedding output multiplied by ``config.embedding_scale`` in its own dtype
 ``MLADotProductAttention``         ``DotProductAttention`` accepting ``k_channels`` / ``v_channels`` (the output
                                    width is ``v_channels`` per head); no parameters of its own
@@ -60,6 +61,7 @@ non-zero-centred norms, post norms and soft-capped logits above).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -251,23 +253,37 @@ def _without_yarn(config: Any) -> Any:
 
 
 class LayerTypeRopeSelfAttention(SelfAttention):
-    """``SelfAttention`` with a separate rotary base on sliding-window layers (``config.local_rotary_base``).
+    """``SelfAttention`` with a separate rotary base on sliding-window layers (``config.local_rotary_base``), and
+    full-attention layers of their own head size / kv heads (``config.full_attention_kv_channels`` /
+    ``full_attention_num_query_groups``, Gemma 4's ``global_head_dim`` / ``num_global_key_value_heads``).
 
-    Layers for which megatron's ``is_layer_window_attention`` holds get their own ``RotaryEmbedding`` (same
-    ``kv_channels`` and ``rotary_percent``, no scaling) and use it in place of the model's, for the same positions;
-    the other layers use the rotary embedding ``GPTModel`` passes in. With YaRN on the model's RoPE (Olmo 3's full
-    layers) the sliding layers also rotate without YaRN's attention factor (HF applies it with the scaled RoPE
-    only): megatron-core 0.16.1 reads that factor from ``self.config`` in each forward (a ``YarnGPTConfig`` has
-    one), 0.19.2 from ``self._yarn_concentration_factor`` cached at construction; these layers get a copy of the
-    config without the ``yarn_*`` fields and a cached factor of 1.
+    A full-attention layer (megatron's ``is_layer_window_attention`` false) with such overrides is built from
+    ``dataclasses.replace(config, kv_channels=..., num_query_groups=...)``: its ``linear_qkv``, q / k norms, core
+    attention and ``linear_proj`` (input width) all take the layer's geometry from that config, as megatron builds
+    them, and its checkpoint shapes follow; it uses the model's rotary embedding, which then spans
+    ``full_attention_kv_channels`` (:func:`proportional_rope`). Sliding-window layers get their own
+    ``RotaryEmbedding`` (``kv_channels``, ``rotary_percent``, no scaling; base ``local_rotary_base``, or the model's
+    ``rotary_base`` when only the head sizes differ) and use it in place of the model's, for the same positions;
+    the other layers use the rotary embedding ``GPTModel`` passes in.
+    With YaRN on the model's RoPE (Olmo 3's full layers) the sliding layers also rotate without YaRN's attention
+    factor (HF applies it with the scaled RoPE only): megatron-core 0.16.1 reads that factor from ``self.config`` in
+    each forward (a ``YarnGPTConfig`` has one), 0.19.2 from ``self._yarn_concentration_factor`` cached at
+    construction; these layers get a copy of the config without the ``yarn_*`` fields and a cached factor of 1.
     """
 
     def __init__(self, config: Any, submodules: Any, layer_number: int, *args: Any, **kwargs: Any) -> None:
+        sliding = is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number)
+        full_d = getattr(config, "full_attention_kv_channels", None)
+        full_g = getattr(config, "full_attention_num_query_groups", None)
+        if not sliding and (full_d is not None or full_g is not None):
+            config = dataclasses.replace(config, kv_channels=full_d if full_d is not None else config.kv_channels,
+                                         num_query_groups=full_g if full_g is not None else config.num_query_groups)
         super().__init__(config, submodules, layer_number, *args, **kwargs)
         self.local_rotary_pos_emb: Optional[RotaryEmbedding] = None
         base = getattr(config, "local_rotary_base", None)
-        if base is not None and is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
-                                                          layer_number):
+        if base is None and full_d is not None:
+            base = config.rotary_base
+        if base is not None and sliding:
             self.local_rotary_pos_emb = RotaryEmbedding(
                 kv_channels=config.kv_channels,
                 rotary_percent=getattr(config, "rotary_percent", 1.0),
@@ -542,24 +558,35 @@ def proportional_rotary_inv_freq(head_dim: int, base: float, proportion: float,
     return torch.cat((rotated, torch.zeros(head_dim // 2 - angles, dtype=torch.float32, device=device)))
 
 
-def proportional_rope(model: torch.nn.Module, proportion: float) -> None:
+def proportional_rope(model: torch.nn.Module, proportion: Optional[float]) -> None:
     """Give ``model.rotary_pos_emb`` (megatron's ``RotaryEmbedding`` over all ``kv_channels``) the frequencies of
-    :func:`proportional_rotary_inv_freq`: megatron rotates channel ``j`` with ``j + kv_channels / 2`` at frequency
-    ``j``, as HF does, and a zero frequency leaves that pair as it is. Call before the first forward (megatron
-    caches the rotary embedding per length). A no-op on a model without a rotary embedding.
+    :func:`proportional_rotary_inv_freq` over the full-attention layers' head size (``full_attention_kv_channels``
+    where set, else ``kv_channels``): megatron rotates channel ``j`` with ``j + head_dim / 2`` at frequency ``j``, as
+    HF does, and a zero frequency leaves that pair as it is. ``proportion`` None: every pair turns (1.0; megatron's
+    own frequencies, ``base ** (-2i / head_dim)``, for a head size other than ``kv_channels``). Call before the first
+    forward (megatron caches the rotary embedding per length). A no-op on a model without a rotary embedding.
 
     Raises:
-        ValueError: the rotary embedding is of another class or covers part of the channels (``rotary_percent``).
+        ValueError: the rotary embedding is of another class or covers part of the channels (``rotary_percent``), or
+            llama3 scaling (``rope_scaling``) with another head size.
     """
     rope = getattr(model, "rotary_pos_emb", None)
     if rope is None:
         return
-    head_dim = model.config.kv_channels
+    config = model.config
+    head_dim = config.kv_channels
     if type(rope) is not RotaryEmbedding or rope.inv_freq.numel() != head_dim // 2 or rope.rotary_interleaved:
         raise ValueError(f"proportional_rope: needs a non-interleaved RotaryEmbedding over all {head_dim} channels, "
                          f"the model has {type(rope).__name__} with {rope.inv_freq.numel()} frequencies")
+    full_d = getattr(config, "full_attention_kv_channels", None)
+    if full_d is not None:
+        if getattr(config, "rope_scaling", False):
+            raise ValueError("proportional_rope: rope_scaling (llama3) with full_attention_kv_channels is not "
+                             "supported")
+        head_dim = full_d
     # on the device megatron chose (CPU with use_cpu_initialization, also while a meta model is built)
-    rope.inv_freq = proportional_rotary_inv_freq(head_dim, model.config.rotary_base, proportion,
+    rope.inv_freq = proportional_rotary_inv_freq(head_dim, config.rotary_base,
+                                                 1.0 if proportion is None else proportion,
                                                  device=rope.inv_freq.device)
 
 

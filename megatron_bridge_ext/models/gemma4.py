@@ -21,17 +21,23 @@ full layers' ``rope_type``                converts: ``rotary_proportion`` (frequ
                                           ``factor`` as ``seq_len_interpolation_factor``), ``proportional_rope``
 ``attn_logit_softcapping``                gone from Gemma 4 (nothing to convert)
 ``use_double_wide_mlp``                   accepted: it doubles the MLP of kv-shared layers only, which are refused
-``per_layer_config``: another             refused: megatron's ``TransformerConfig`` has one ``kv_channels`` and one
-``head_dim`` (``global_head_dim``) /      ``num_query_groups`` for every layer (HF derives these overrides for the
-``num_key_value_heads``                   full-attention layers unless ``global_head_dim`` equals ``head_dim``)
-(``num_global_key_value_heads``)
+``per_layer_config``: another             converts: ``full_attention_kv_channels`` / ``full_attention_num_query_groups``
+``head_dim`` (``global_head_dim``) /      (the full-attention layers' attention is built from
+``num_key_value_heads``                   ``dataclasses.replace(config, kv_channels=, num_query_groups=)``:
+(``num_global_key_value_heads``) on       ``LayerTypeRopeSelfAttention``; the model RoPE spans their head size,
+the full-attention layers                 sliding layers get their own); their q/k/v are mapping-table entries per
+                                          layer index with their (H, G, d) (``hf_layout``). Refused: overrides of
+                                          other attributes, or layers of one type with different geometries
 ``num_kv_shared_layers`` > 0              refused: later layers reuse earlier layers' keys / values (and have no k/v
 (``kv_sharing_modes``)                    projections); a megatron layer computes its own
 ``hidden_size_per_layer_input`` > 0       refused: per-layer input embeddings (``embed_tokens_per_layer``,
 (PLE)                                     ``per_layer_model_projection``, a gated residual in every layer) are a second
                                           input stream that megatron's decoder layers do not take
-``attention_k_eq_v``                      refused: full layers use the key projection as values (no ``v_proj``); it
-                                          would need ``k_proj`` copied into ``linear_qkv``'s value rows and kept equal
+``attention_k_eq_v``                      converts: ``full_attention_k_eq_v``; the full layers have no ``v_proj``:
+(full layers: keys' projection as         import packs ``k_proj`` as key and value rows of megatron's fused
+values, no ``v_proj``)                    ``linear_qkv`` (``KeyAsValueQKVMapping``); export checks the value rows
+                                          equal the key rows bit for bit, refuses by name otherwise, writes no
+                                          ``v_proj`` (see below)
 ``enable_moe_block``                      refused: a dense MLP and routed experts side by side, each with its own
                                           pre / post norms, and a router with its own norm, scale and
                                           ``per_expert_scale``; megatron's MoE layer has one pre-norm and adds shared
@@ -41,19 +47,28 @@ full layers' ``rope_type``                converts: ``rotary_proportion`` (frequ
 ``attention_bias``                        refused (as Gemma 2 / 3: q/k/v/o biases without MLP biases)
 ========================================  ============================================================================
 
-transformers' own defaults (its docs cite google/gemma-4-e2b-it: per-layer input embeddings of 256, full layers of
-head_dim 512 = ``global_head_dim`` against 256) and the 26B-A4B model its expert-parallel plan names (experts,
-``num_global_key_value_heads``) fall under these refusals; as far as transformers' code shows, every released Gemma 4
-checkpoint does (their config.json files were not available to check). A Gemma 4 with one head size and none of the
-refused features converts, its weights bit-exact both ways.
+transformers' own defaults (its docs cite google/gemma-4-e2b-it) are refused for their per-layer input embeddings
+(256); without them (``hidden_size_per_layer_input=0``, no kv sharing, no MoE block: the dense released shape) they
+convert: sliding layers of head_dim 256, full layers of head_dim 512 (and ``num_global_key_value_heads`` with k=v),
+weights bit-exact both ways (the ``gemma4_released`` checkpoint of ``tests/distributed/test_gemma4.py``).
+
+k=v and training: HF computes ``value = v_norm(k_proj(x))`` and ``key = rope(k_norm(k_proj(x)))``; with
+``linear_qkv``'s value rows equal to its key rows megatron's stock attention computes the same (the value norm and
+the key norm / RoPE act on their own copies of the same projection). The rows are a copy, not a tie: megatron's fused
+QKV weight cannot hold one parameter twice, and a module that reused the keys as values would change
+``linear_qkv``'s shape, the TE key set and every checkpoint of the layer. So a model trained in Megatron lets its value
+rows drift from its key rows (as if the two projections were untied) and has no k=v HF equivalent; the export says so
+by name instead of writing a different model. Fine-tuning that should stay k=v must tie the gradients of those rows.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Hashable, Mapping, Optional, Tuple
 
 from megatron_bridge_ext.engine import MegatronModelBridge
+from megatron_bridge_ext.mappings import KeyAsValueQKVMapping, QKVMapping
+from megatron_bridge_ext.mcore.config import full_attention_layers, layer_attention_dims
 from megatron_bridge_ext.models.gemma2 import GELU_ACTIVATIONS
 from megatron_bridge_ext.models.hf_config import (
     FULL,
@@ -92,7 +107,6 @@ REFUSED = {
     "hidden_size_per_layer_input": "per-layer input embeddings (embed_tokens_per_layer, per_layer_model_projection "
                                    "and a gated per-layer residual) cannot be expressed: megatron's decoder layers "
                                    "take one hidden-state stream",
-    "attention_k_eq_v": "full-attention layers that use the key projection as values (no v_proj) are not supported",
     "enable_moe_block": "a dense MLP and routed experts side by side, each with its own norms, and a router with its "
                         "own norm, scale and per_expert_scale cannot be expressed by megatron's MoE layer",
     "attention_bias": "q/k/v and o_proj biases without MLP biases cannot be expressed (megatron's add_bias_linear "
@@ -128,13 +142,7 @@ class Gemma4Bridge(MegatronModelBridge):
         if bidirectional not in (None, "vision"):  # "vision": image tokens only, which the text model never sees
             raise ValueError(f"{family}: use_bidirectional_attention={bidirectional!r} is not supported: GPTModel is "
                              "causal")
-        per_layer = sorted(getattr(hf_config, "per_layer_attributes", None) or ())
-        if per_layer:
-            layers = hf_config.per_layer_config
-            values = {a: sorted({getattr(layers[i], a) for i in range(len(layers))}) for a in per_layer}
-            raise ValueError(f"{family}: per_layer_config gives layers different {per_layer} (values {values}; HF "
-                             "sets global_head_dim / num_global_key_value_heads on full-attention layers): megatron's "
-                             "TransformerConfig has one kv_channels and one num_query_groups for every layer")
+        _attention_geometry(hf_config, family)  # refuses per-layer overrides it cannot express
 
     def _rope_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         """The model's RoPE from ``rope_parameters["full_attention"]``, the sliding layers' base as
@@ -173,7 +181,17 @@ class Gemma4Bridge(MegatronModelBridge):
         hf_config = _as_hf_config(hf_config)
         self._refuse_unsupported(hf_config)
         family = type(self).__name__
-        kw = {**model_size_kwargs(hf_config), **self._rope_kwargs(hf_config), **dtype_kwargs(hf_config)}
+        (sliding_d, sliding_g), (full_d, full_g), _ = _attention_geometry(hf_config, family)
+        # the sizes from a flat view: a config with per-layer overrides refuses reading head_dim globally
+        flat = {k: v for k, v in hf_config.to_dict().items() if k != "per_layer_config"}
+        flat.update(head_dim=sliding_d, num_key_value_heads=sliding_g)
+        kw = {**model_size_kwargs(flat), **self._rope_kwargs(hf_config), **dtype_kwargs(hf_config)}
+        if full_d != sliding_d:
+            kw["full_attention_kv_channels"] = full_d
+        if full_g != sliding_g:
+            kw["full_attention_num_query_groups"] = full_g
+        if config_get(hf_config, "attention_k_eq_v"):
+            kw["full_attention_k_eq_v"] = True
         cap = config_get(hf_config, "final_logit_softcapping")
         if cap is not None:
             if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
@@ -244,18 +262,103 @@ class Gemma4Bridge(MegatronModelBridge):
             **rms_norm_hf_fields(config), **activation_hf_fields(config, "hidden_activation"), **window,
             "attention_bias": False,
             "final_logit_softcapping": config.final_logit_softcapping,
-            # every layer has the same head size and kv heads (an empty per_layer_config: HF's default would give
-            # the full-attention layers head_dim 512)
-            "per_layer_config": {},
+            # always written: without it HF gives the full-attention layers head_dim 512
+            "per_layer_config": _per_layer_config_hf(config, window["layer_types"]),
             "hidden_size_per_layer_input": 0,
             "num_kv_shared_layers": 0,
-            "attention_k_eq_v": False,
+            "attention_k_eq_v": bool(config.full_attention_k_eq_v),
             "enable_moe_block": False,
             "use_double_wide_mlp": False,
             "use_bidirectional_attention": None,
         }
 
+    # ---- the full-attention layers' q/k/v: a mapping table entry per layer index (``hf_layout``) -----------------
+
+    def detect_hf_layout(self, hf_state: Any, hf_config: Any) -> Optional[Hashable]:
+        """The full-attention layers' own q/k/v geometry and k=v, from the HF config (:func:`_layout`)."""
+        hf_config = _as_hf_config(hf_config)
+        family = type(self).__name__
+        (sd, sg), (fd, fg), k_eq_v = _attention_geometry(hf_config, family)
+        types = list(config_get(hf_config, "layer_types"))
+        full = tuple(i for i, t in enumerate(types) if t == FULL)
+        heads = int(config_get(hf_config, "num_attention_heads"))
+        return _layout(full, (heads, fg, fd), (heads, sg, sd), bool(k_eq_v))
+
+    def hf_layout_for_model(self, config: Any) -> Optional[Hashable]:
+        """The same from the Megatron config (``full_attention_*`` fields, the full layers from its window
+        pattern), so an export without a source writes what the model holds."""
+        full = tuple(full_attention_layers(config))
+        base = layer_attention_dims(config)
+        dims = layer_attention_dims(config, full[0]) if full else base
+        return _layout(full, dims, base, bool(getattr(config, "full_attention_k_eq_v", False)))
+
     def mapping_registry(self) -> MegatronMappingRegistry:
-        return MegatronMappingRegistry(*embedding_mappings(), *attention_mappings(), *qk_norm_mappings(),
+        per_layer = []
+        if self.hf_layout is not None:  # exact names first: they win over the wildcard entries below
+            _, full, dims, k_eq_v = self.hf_layout
+            for i in full:
+                meg, a = f"decoder.layers.{i}.self_attention.linear_qkv.weight", f"model.layers.{i}.self_attn"
+                if k_eq_v:
+                    per_layer.append(KeyAsValueQKVMapping(meg, q=f"{a}.q_proj.weight", k=f"{a}.k_proj.weight",
+                                                          dims=dims))
+                else:
+                    per_layer.append(QKVMapping(meg, q=f"{a}.q_proj.weight", k=f"{a}.k_proj.weight",
+                                                v=f"{a}.v_proj.weight", dims=dims))
+        return MegatronMappingRegistry(*per_layer, *embedding_mappings(), *attention_mappings(), *qk_norm_mappings(),
                                        *gated_mlp_mappings(pre_norm="pre_feedforward_layernorm"),
                                        *post_norm_mappings(), *layer_scalar_mappings())
+
+
+#: per-layer attributes of HF's ``per_layer_config`` that this bridge converts (on the full-attention layers)
+PER_LAYER_ATTRIBUTES = {"head_dim", "num_key_value_heads"}
+
+
+def _attention_geometry(hf_config: Any, family: str) -> Tuple[Tuple[int, int], Tuple[int, int], bool]:
+    """``((head_dim, kv heads) of the sliding layers, the same of the full-attention layers, attention_k_eq_v)`` from
+    HF's resolved ``per_layer_config`` (``global_head_dim`` / ``num_global_key_value_heads`` land there); a model
+    without sliding layers gives its full layers' geometry twice.
+
+    Raises:
+        ValueError: per-layer overrides of other attributes, or layers of one type that differ among themselves.
+    """
+    attrs = set(getattr(hf_config, "per_layer_attributes", None) or ())
+    other = sorted(attrs - PER_LAYER_ATTRIBUTES)
+    if other:
+        raise ValueError(f"{family}: per_layer_config overrides {other} per layer: only head_dim and "
+                         "num_key_value_heads (of the full-attention layers) are supported")
+    n = int(config_get(hf_config, "num_hidden_layers"))
+    types = list(config_get(hf_config, "layer_types") or [FULL] * n)
+    layers = hf_config.per_layer_config if attrs else [hf_config] * n
+    by_type: Dict[str, set] = {}
+    for i, t in enumerate(types):
+        by_type.setdefault(t, set()).add((int(layers[i].head_dim), int(layers[i].num_key_value_heads)))
+    for t, geo in by_type.items():
+        if len(geo) != 1:
+            raise ValueError(f"{family}: per_layer_config gives the {t} layers different (head_dim, "
+                             f"num_key_value_heads) {sorted(geo)}: megatron builds one geometry per layer type")
+    full = next(iter(by_type[FULL])) if FULL in by_type else next(iter(by_type[SLIDING]))
+    sliding = next(iter(by_type[SLIDING])) if SLIDING in by_type else full
+    return sliding, full, bool(config_get(hf_config, "attention_k_eq_v"))
+
+
+def _layout(full: Tuple[int, ...], dims: Tuple[int, int, int], base: Tuple[int, int, int],
+            k_eq_v: bool) -> Optional[Hashable]:
+    """``("per_layer_attention", full-layer indices, their (H, G, d), k=v)`` where the full-attention layers need
+    their own q/k/v entries (another geometry or k=v), else None (the wildcard entries serve every layer)."""
+    if not full or (tuple(dims) == tuple(base) and not k_eq_v):
+        return None
+    return ("per_layer_attention", tuple(full), tuple(int(x) for x in dims), bool(k_eq_v))
+
+
+def _per_layer_config_hf(config: Any, layer_types: Any) -> Dict[str, Dict[str, int]]:
+    """HF's ``per_layer_config`` of a Megatron config: the full-attention layers' ``head_dim`` /
+    ``num_key_value_heads`` where they differ from the model's (empty: one geometry)."""
+    over: Dict[str, int] = {}
+    if config.full_attention_kv_channels is not None and config.full_attention_kv_channels != config.kv_channels:
+        over["head_dim"] = int(config.full_attention_kv_channels)
+    groups = config.num_query_groups or config.num_attention_heads
+    if config.full_attention_num_query_groups is not None and config.full_attention_num_query_groups != groups:
+        over["num_key_value_heads"] = int(config.full_attention_num_query_groups)
+    if not over:
+        return {}
+    return {str(i): dict(over) for i, t in enumerate(layer_types) if t == FULL}

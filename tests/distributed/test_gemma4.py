@@ -1,12 +1,14 @@
 """End to end on real parts for Gemma 4 text (``Gemma4ForCausalLM``): transformers checkpoints from tiny configs
 (random weights incl. norms and ``layer_scalar``, fixed seed) -> AutoBridge -> megatron-core GPTModel chunks (CPU,
-gloo) -> HF, at TP2, PP2, PP2+VPP2 and TP2xPP2, all in ONE spawned world of 4 ranks.
+gloo) -> HF, at TP2, PP2, PP2+VPP2 and TP2xPP2 (the released shape at TP2, PP2, TP2xPP2), all in ONE spawned world
+of 4 ranks.
 
 For each layout: the Megatron logits against the HF model's own (fp32, max |diff| <= 1e-4) and the exported
 checkpoint against the source (key set, dtypes, torch.equal). Exports without the source checkpoint (config.json from
 the Megatron config) load in transformers with the source model's logits.
-Megatron torch_dist checkpoints of the ``gemma4`` checkpoint (written from the model and streamed, TE keys) are
-proved in ``tests/distributed/test_te_checkpoint.py``.
+Megatron torch_dist checkpoints of the ``gemma4`` and ``gemma4_released`` checkpoints (written from the model and
+streamed, TE keys; the released shape with one checkpoint key per layer) are proved in
+``tests/distributed/test_te_checkpoint.py``.
 
 What each checkpoint exercises:
 - gemma4: what Gemma 4 adds over Gemma 3 and converts: plain (not zero-centred) RMSNorms, the weightless value norm
@@ -14,7 +16,11 @@ What each checkpoint exercises:
   RoPE (``partial_rotary_factor`` 0.25, theta 1e4, ``factor`` 2) and sliding layers with their own base (100,
   window 5 < 12 tokens), final logit soft-capping (1.5 on logits up to ~1.5), tied embeddings, head_dim 24 !=
   hidden / heads;
-- gemma4_plain: one default RoPE for both layer types, no soft-capping, untied embeddings.
+- gemma4_plain: one default RoPE for both layer types, no soft-capping, untied embeddings;
+- gemma4_released: the released dense shape scaled down: full-attention layers with their own head size
+  (``global_head_dim`` 32 against 16) and kv heads (``num_global_key_value_heads`` 1 against 2, fewer than TP
+  ranks), ``attention_k_eq_v`` (no ``v_proj``: the keys' projection fills ``linear_qkv``'s value rows), 6 layers in
+  a 2:1 sliding / full pattern, proportional RoPE over the full layers' 32 channels.
 ``test_gemma4_features_bite`` shows on the HF model that each of layer_scalar, v_norm and the proportional RoPE
 moves the logits far beyond the tolerance, so a Megatron model missing one could not pass.
 """
@@ -48,6 +54,14 @@ CHECKPOINTS = {
     "gemma4_plain": dict(final_logit_softcapping=None, tie_word_embeddings=False,
                          rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                           "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # the released dense shape, scaled down: full-attention layers of their own head size (global_head_dim 32 vs
+    # 16) and kv heads (num_global_key_value_heads 1 vs 2; 1 < tp 2: a query group split over the TP ranks), keys
+    # used as values (attention_k_eq_v: no v_proj), a 2:1 sliding / full pattern over 6 layers
+    "gemma4_released": dict(num_hidden_layers=6, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                            attention_k_eq_v=True, final_logit_softcapping=1.5,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                            rope_parameters={"full_attention": PROPORTIONAL,
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
 }
 # name, tp, pp, vpp, checkpoint
 LAYOUTS = [
@@ -56,8 +70,11 @@ LAYOUTS = [
     ("gemma4_pp2vpp2", 1, 2, 2, "gemma4"),
     ("gemma4_tp2pp2", 2, 2, None, "gemma4"),
     ("gemma4_plain_tp2", 2, 1, None, "gemma4_plain"),
+    ("released_tp2", 2, 1, None, "gemma4_released"),
+    ("released_pp2", 1, 2, None, "gemma4_released"),
+    ("released_tp2pp2", 2, 2, None, "gemma4_released"),
 ]
-NO_SOURCE = {"gemma4_pp2vpp2", "gemma4_tp2pp2", "gemma4_plain_tp2"}
+NO_SOURCE = {"gemma4_pp2vpp2", "gemma4_tp2pp2", "gemma4_plain_tp2", "released_tp2", "released_tp2pp2"}
 ARCH = "Gemma4ForCausalLM"
 
 
@@ -147,7 +164,8 @@ def test_round_trip_bit_exact(world_results, name, tp, pp, vpp, ckpt):
 @pytest.mark.parametrize("name", sorted(NO_SOURCE))
 def test_export_without_source_loads_in_transformers(world_results, name):
     """config.json from the Megatron config, tensors from the mappings: transformers builds Gemma4ForCausalLM from
-    it (one head size: an empty per_layer_config) and reproduces the source model's logits."""
+    it (one head size: an empty per_layer_config; the released shape: the full layers' head_dim / kv heads, k=v
+    without v_proj) and reproduces the source model's logits."""
     ckpts, out_root, _, hf, tokens = world_results
     ckpt = next(layout[4] for layout in LAYOUTS if layout[0] == name)
     out = os.path.join(out_root, f"{name}_nosource")
@@ -155,7 +173,13 @@ def test_export_without_source_loads_in_transformers(world_results, name):
     config = transformers.AutoConfig.from_pretrained(out)
     assert config.architectures == [ARCH]
     assert type(config) is transformers.Gemma4TextConfig
-    assert not config.per_layer_attributes
+    if ckpt == "gemma4_released":
+        assert config.per_layer_attributes == {"head_dim", "num_key_value_heads"} and config.attention_k_eq_v
+        full = [i for i, t in enumerate(config.layer_types) if t == "full_attention"]
+        assert [(config.per_layer_config[i].head_dim, config.per_layer_config[i].num_key_value_heads)
+                for i in range(len(config.layer_types))] == [(32, 1) if i in full else (16, 2) for i in range(6)]
+    else:
+        assert not config.per_layer_attributes
     diff = (hf_logits(out, tokens) - hf[ckpt]).abs().max().item()
     assert diff <= SAME_MODEL_ATOL, f"{name}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 

@@ -56,6 +56,7 @@ CASES = {
     "gemma2": (DENSE_W, DENSE_R, False),
     "gemma3": (DENSE_W, DENSE_R, False),
     "gemma4": (DENSE_W, DENSE_R, False),
+    "gemma4_released": (DENSE_W, DENSE_R, False),
     "phi3": (DENSE_W, DENSE_R, False),
     "mixtral": (MOE_W, dict(tp=2, pp=1), True),
     "qwen3_moe": (MOE_W, dict(tp=2, pp=1), True),
@@ -110,7 +111,7 @@ def _make_checkpoints(root: str) -> dict:
                                    arch="Qwen2" if name == "qwen2" else "Llama")
         elif name in dense.CHECKPOINTS:
             dense._make_checkpoint(path, name, seed=2)
-        elif name == "gemma4":
+        elif name in ("gemma4", "gemma4_released"):
             gemma4._make_checkpoint(path, name, seed=2)
         elif name == "mixtral":
             model = tiny_hf_model("Mixtral", mixtral.CONFIG, seed=3)
