@@ -20,9 +20,11 @@ Two spawned worlds of 2 ranks:
 Layouts: dense families written at TP2, read at PP2; MoE families written at EP2, read at TP2 (expert-TP 2, GPT-OSS 1)
 or, with multi-token prediction, at PP2 (the MTP layer on the last stage); Mixtral, Qwen3-MoE and Llama 4 (MoE layers
 with a shared expert interleaved with dense ones, NoPE / chunked-RoPE attention, RoPE-layer q/k L2 norm) are read
-into TE's grouped-GEMM experts (``TEGroupedMLP``) as well. ``ARCHITECTURES`` names each case's HF architecture;
-together they must be ``AutoBridge.list_supported_models()`` (a family without a case fails
-``test_cases_cover_every_...``).
+into TE's grouped-GEMM experts (``TEGroupedMLP``) as well. OLMo 2 / Olmo 3 (post norms only, whole-projection q / k
+norms) and OLMoE (whole-projection q / k norms) use ``tests/distributed/test_olmo_families.py``'s checkpoints; their
+TE-spec model is described in ``tests/te_models.py``. ``ARCHITECTURES`` names each case's HF architecture; together
+they must be ``AutoBridge.list_supported_models()`` (a family without a case fails
+``test_cases_cover_every_supported_architecture``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ CASES = {
     "gemma4": (DENSE_W, DENSE_R, False),
     "gemma4_released": (DENSE_W, DENSE_R, False),
     "phi3": (DENSE_W, DENSE_R, False),
+    "olmo2": (DENSE_W, DENSE_R, False),
+    "olmo3": (DENSE_W, DENSE_R, False),
     "mixtral": (MOE_W, dict(tp=2, pp=1), True),
     "qwen3_moe": (MOE_W, dict(tp=2, pp=1), True),
     "qwen2_moe": (MOE_W, dict(tp=2, pp=1), False),
@@ -66,6 +70,7 @@ CASES = {
     "glm4_moe_mtp": (MOE_W, dict(tp=1, pp=2), False),
     "glm4_moe_lite_mtp": (MOE_W, dict(tp=1, pp=2), False),
     "llama4": (MOE_W, dict(tp=2, pp=1), True),
+    "olmoe": (MOE_W, dict(tp=2, pp=1), False),
 }
 # case -> the HF architecture its checkpoint is (one line per case: families added on other branches merge as added
 # lines); test_cases_cover_every_supported_architecture holds it to CASES and AutoBridge.list_supported_models()
@@ -77,7 +82,10 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "gemma4": "Gemma4ForCausalLM",
+    "gemma4_released": "Gemma4ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "olmo3": "Olmo3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -86,6 +94,7 @@ ARCHITECTURES = {
     "glm4_moe_mtp": "Glm4MoeForCausalLM",
     "glm4_moe_lite_mtp": "Glm4MoeLiteForCausalLM",
     "llama4": "Llama4ForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 
 
@@ -101,12 +110,15 @@ def _make_checkpoints(root: str) -> dict:
     import test_bridge_moe_families as moe
     import test_gemma4 as gemma4
     import test_llama4 as llama4
+    import test_olmo_families as olmo
 
     paths = {}
     for name in CASES:
         path = os.path.join(root, f"hf_{name}")
         paths[name] = path
-        if name in ("llama", "qwen2"):
+        if name in olmo.CHECKPOINTS:  # OLMo 2 / Olmo 3 (post norms) and OLMoE: whole-projection q/k norms with GQA
+            olmo._make_checkpoint(path, name, seed=7)
+        elif name in ("llama", "qwen2"):
             llama._make_checkpoint(path, {"vocab_size": 97} if name == "llama" else {}, torch.float32, seed=1,
                                    arch="Qwen2" if name == "qwen2" else "Llama")
         elif name in dense.CHECKPOINTS:
@@ -601,7 +613,8 @@ def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
         _assert_same_tensors(out, results["paths"][name])
 
 
-MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "glm4_moe_lite_mtp", "llama4"]
+MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "glm4_moe_lite_mtp", "llama4",
+             "olmoe"]
 FUSED_EXPERTS = ("gpt_oss", "llama4")  # HF stores each layer's experts as [E, ...] tensors
 
 
