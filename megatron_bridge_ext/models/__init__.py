@@ -10,6 +10,7 @@ from megatron_bridge_ext.models import (  # noqa: F401
     glm4_moe,
     gpt_oss,
     llama,
+    minimax_m2,
     mistral,
     mixtral,
     olmo2,
@@ -21,5 +22,5 @@ from megatron_bridge_ext.models import (  # noqa: F401
     qwen3_moe,
 )
 
-__all__ = ["deepseek_v3", "gemma2", "gemma3", "glm4_moe", "gpt_oss", "llama", "mistral", "mixtral", "olmo2", "olmoe",
-           "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"]
+__all__ = ["deepseek_v3", "gemma2", "gemma3", "glm4_moe", "gpt_oss", "llama", "minimax_m2", "mistral", "mixtral",
+           "olmo2", "olmoe", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"]
