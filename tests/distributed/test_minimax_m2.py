@@ -9,7 +9,9 @@ router with ``e_score_correction_bias``; layouts EP2, TP2 x EP2 (expert-TP 2), P
 
 For each layout: the Megatron logits against transformers' own (fp32, max |diff| <= 1e-4) and the exported
 checkpoint against the source (key set, dtypes, torch.equal). One export without the source that transformers loads
-with the same logits.
+with the same logits. transformers' own bf16 save of the checkpoint (gate weights and correction biases bf16: HF
+keeps no MiniMax-M2 tensor in fp32) converts at EP2 with bf16 router weights equal to the file's and exports back to
+itself bit for bit.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
-from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint, save_transformers_bf16  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 ARCH = "MiniMaxM2ForCausalLM"
@@ -40,7 +42,24 @@ LAYOUTS = [("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1, 2, 2)]
 NO_SOURCE = "pp2ep2"
 
 
-def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out_root: str) -> dict:
+def _routers(chunks, sd: dict) -> list:
+    """Mismatches of the Megatron routers (weight and correction bias) against the HF file's tensors, dtypes included
+    (the bias is megatron's fp32 buffer: the file's bf16 values, widened)."""
+    bad, seen = [], 0
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            i, router = layer.layer_number - 1, layer.mlp.router
+            hf = f"model.layers.{i}.block_sparse_moe"
+            seen += 1
+            if router.weight.dtype != torch.bfloat16 or not torch.equal(router.weight, sd[f"{hf}.gate.weight"]):
+                bad.append(f"layer {i} router.weight {router.weight.dtype}")
+            if router.expert_bias.dtype != torch.float32 or not torch.equal(
+                    router.expert_bias, sd[f"{hf}.e_score_correction_bias"].float()):
+                bad.append(f"layer {i} router.expert_bias {router.expert_bias.dtype}")
+    return bad if seen else ["no layers"]
+
+
+def _worker(rank: int, world: int, ckpt: str, bf16: str, tokens: torch.Tensor, out_root: str) -> dict:
     from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
@@ -63,6 +82,14 @@ def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out_root: st
                 chunks, os.path.join(out_root, f"{name}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
         destroy_parallel()
         dist.barrier()
+    init_parallel(tp=1, pp=1, ep=2)
+    with SafeTensorsSource(bf16) as src:
+        sd = {k: src[k].clone() for k in src.keys() if "block_sparse_moe.e_score" in k or "gate.weight" in k}
+    bridge = AutoBridge.from_hf_pretrained(bf16)
+    chunks = bridge.to_megatron_model()  # params_dtype from config.json: bf16
+    results["bf16_routers"] = _routers(chunks, sd)
+    bridge.save_hf_pretrained(chunks, os.path.join(out_root, "bf16_ep2"), bucket_bytes=64 * 1024, show_progress=False)
+    destroy_parallel()
     return results
 
 
@@ -71,13 +98,14 @@ def world(tmp_path_factory):
     transformers.logging.set_verbosity_error()
     root = tmp_path_factory.mktemp("minimax_m2")
     ckpt = str(root / "hf")
-    make_tiny_checkpoint(ckpt, "MiniMaxM2", CONFIG, seed=52, norm=(1.0, 0.3), correction_bias=0.5,
+    model = make_tiny_checkpoint(ckpt, "MiniMaxM2", CONFIG, seed=52, norm=(1.0, 0.3), correction_bias=0.5,
                          rules=[(lambda name: any(s in name for s in ("q_proj", "k_proj")), 0.0, 0.3)],
                          rest=(0.0, 0.1))
+    bf16 = save_transformers_bf16(model, str(root / "hf_bf16"))
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
-    per_rank = spawn_local(_worker, 4, (ckpt, tokens, out_root), timeout=600)
-    return ckpt, out_root, per_rank, hf_logits(ckpt, tokens), tokens
+    per_rank = spawn_local(_worker, 4, (ckpt, bf16, tokens, out_root), timeout=600)
+    return ckpt, out_root, per_rank, hf_logits(ckpt, tokens), tokens, bf16
 
 
 def test_checkpoint_is_the_release_layout(world):
@@ -94,7 +122,7 @@ def test_checkpoint_is_the_release_layout(world):
 
 @pytest.mark.parametrize("name,tp,pp,ep", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
 def test_logits_match_hf(world, name, tp, pp, ep):
-    _, _, per_rank, hf, _ = world
+    _, _, per_rank, hf, _, _ = world
     got = per_rank[0][name]
     assert got.shape == hf.shape, (got.shape, hf.shape)
     diff = (got - hf).abs().max().item()
@@ -112,12 +140,12 @@ def _assert_same_tensors(src_dir: str, dst_dir: str) -> None:
 
 @pytest.mark.parametrize("name", [layout[0] for layout in LAYOUTS])
 def test_round_trip_bit_exact(world, name):
-    ckpt, out_root, _, _, _ = world
+    ckpt, out_root, _, _, _, _ = world
     _assert_same_tensors(ckpt, os.path.join(out_root, name))
 
 
 def test_export_without_source_loads_in_transformers(world):
-    ckpt, out_root, _, hf, tokens = world
+    ckpt, out_root, _, hf, tokens, _ = world
     out = os.path.join(out_root, f"{NO_SOURCE}_nosource")
     _assert_same_tensors(ckpt, out)
     with open(os.path.join(out, "config.json")) as f:
@@ -127,3 +155,14 @@ def test_export_without_source_loads_in_transformers(world):
     assert type(config) is transformers.MiniMaxM2Config
     diff = (hf_logits(out, tokens) - hf).abs().max().item()
     assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
+
+
+def test_bf16_round_trip_keeps_router_dtypes(world):
+    """transformers' bf16 save: the Megatron routers hold the file's bf16 gate weights (no fp32 copy, unlike
+    DeepSeek-V3) and its correction biases in megatron's fp32 buffer; the export is the source, dtypes included."""
+    _, out_root, per_rank, _, _, bf16 = world
+    with SafeTensorsSource(bf16) as src:
+        assert src["model.layers.0.block_sparse_moe.gate.weight"].dtype == torch.bfloat16
+    for rank, r in enumerate(per_rank):
+        assert r["bf16_routers"] == [], (rank, r["bf16_routers"][:4])
+    _assert_same_tensors(bf16, os.path.join(out_root, "bf16_ep2"))
