@@ -4,8 +4,9 @@ over the whole projection (HF ``q_norm`` ``[H*d]``, ``k_norm`` ``[G*d]``, ``head
 each head's ``head_dim`` channels, halves rotated: megatron ``rotary_percent``) and on every layer a mixture of
 SwiGLU experts behind a sigmoid router: top-k chosen on sigmoid scores + ``e_score_correction_bias`` (megatron
 ``moe_router_enable_expert_bias``), weights from the plain scores renormalised over the top-k (megatron always
-renormalises sigmoid weights), no groups, no routed scaling, no shared experts. Router scores in fp32 as HF takes
-them; the gate weight stays in the model's dtype (HF keeps no MiniMax-M2 tensor in fp32).
+renormalises sigmoid weights), no groups, no routed scaling, no shared experts. The gate weight stays in the
+model's dtype (HF keeps no MiniMax-M2 tensor in fp32); megatron takes the router logits and scores in fp32, HF the
+logits in the model's dtype and the scores in fp32 (equal in fp32 models; bf16 logits may differ by their rounding).
 
 HF checkpoints (the release and transformers' ``save_pretrained``, which writes the release's names) hold Mixtral's
 per-expert ``block_sparse_moe.experts.{e}.w1/w3/w2`` (gate, up, down), the router ``block_sparse_moe.gate`` and the

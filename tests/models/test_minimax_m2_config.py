@@ -125,6 +125,12 @@ def test_settings_megatron_cannot_express_are_refused(overrides, match):
         get_model_bridge(ARCH).transformer_config(raw)
 
 
+def test_refused_from_a_transformers_config_object_too():
+    """transformers keeps the release's extra fields as attributes of MiniMaxM2Config: refused the same way."""
+    with pytest.raises(ValueError, match=r"MiniMaxM2Bridge: scoring_func='softmax' is not supported"):
+        get_model_bridge(ARCH).transformer_config(_config(scoring_func="softmax"))
+
+
 @pytest.mark.parametrize("overrides,match", [
     (dict(qk_layernorm_whole_projection=False), r"qk_layernorm=True, qk_layernorm_whole_projection=False"),
     (dict(moe_router_score_function="softmax", moe_router_enable_expert_bias=False),
