@@ -19,12 +19,14 @@ setting and value): ``use_qk_norm=False``, ``qk_norm_type`` other than ``"per_la
 ``topk_group`` > 1), ``routed_scaling_factor`` != 1, ``shared_intermediate_size`` > 0, linear-attention layers
 (``attn_type_list`` entries 0), a ``sliding_window`` / ``attn_window_size``, ``layernorm_full_attention_beta`` /
 ``layernorm_mlp_beta`` != 1, and ``rotary_dim`` disagreeing with ``partial_rotary_factor``. Multi-token prediction
-(``use_mtp`` / ``num_mtp_modules``): transformers builds no MTP layers, so the fields are accepted and a checkpoint
-holding MTP tensors is refused by the import's unused-tensor check, naming them.
+(``use_mtp`` / ``num_mtp_modules``, fields of MiniMax's own config code): transformers builds no MTP layers, so the
+fields are accepted; a checkpoint holding MTP tensors (names with ``mtp``, or layers from ``num_hidden_layers`` on) is
+refused, naming the fields and a tensor.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, Mapping
 
 from megatron_bridge_ext.models.hf_config import config_get
@@ -54,6 +56,7 @@ __all__ = ["MiniMaxM2Bridge"]
 #: MiniMaxM2Config's rope theta when a raw config.json gives none
 DEFAULT_ROPE_THETA = 5000000.0
 _MOE = f"{H}.block_sparse_moe"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def _one(value: Any) -> bool:
@@ -146,6 +149,23 @@ class MiniMaxM2Bridge(LlamaBridge):
         hf.update(**moe_hf_fields(config, "num_local_experts", ffn_field="intermediate_size"),
                   rotary_dim=int(config.kv_channels * config.rotary_percent))
         return hf
+
+    def detect_hf_layout(self, hf_state: Mapping[str, Any], hf_config: Any) -> Any:
+        """One layout (per-expert tensors); checks that the checkpoint holds no multi-token-prediction tensors.
+
+        Raises:
+            ValueError: tensors whose names hold ``mtp`` or of layers from ``num_hidden_layers`` on, naming
+                ``use_mtp`` / ``num_mtp_modules`` and one of them.
+        """
+        layers = int(config_get(hf_config, "num_hidden_layers"))
+        extra = sorted(k for k in hf_state.keys()
+                       if "mtp" in k or ((m := _LAYER.match(k)) is not None and int(m.group(1)) >= layers))
+        if extra:
+            raise ValueError(f"{type(self).__name__}: use_mtp={config_get(hf_config, 'use_mtp')!r}, num_mtp_modules="
+                             f"{config_get(hf_config, 'num_mtp_modules')!r}: the checkpoint holds {len(extra)} "
+                             f"multi-token-prediction tensor(s) (e.g. {extra[0]}) that transformers' MiniMax-M2 does "
+                             "not build; not converted")
+        return PER_EXPERT
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         return MegatronMappingRegistry(

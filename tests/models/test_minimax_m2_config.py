@@ -4,6 +4,8 @@ release-style config.json read as transformers reads it, and the settings refuse
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -123,6 +125,21 @@ def test_settings_megatron_cannot_express_are_refused(overrides, match):
     raw = {**TINY, "model_type": "minimax_m2", "rope_theta": 5000000.0, **overrides}
     with pytest.raises(ValueError, match=match):
         get_model_bridge(ARCH).transformer_config(raw)
+
+
+@pytest.mark.parametrize("key", ["model.mtp_modules.0.eh_proj.weight", "model.layers.3.self_attn.q_proj.weight"])
+def test_checkpoint_with_mtp_tensors_is_refused(key):
+    """MiniMax's own config code has use_mtp / num_mtp_modules; transformers builds no MTP layers, so a checkpoint
+    holding their tensors (a name with ``mtp``, or a layer past ``num_hidden_layers`` = 3; the names here are
+    stand-ins) is refused by name rather than converted without them. Without such tensors the per-expert layout is
+    used."""
+    bridge = get_model_bridge(ARCH)
+    raw = {**TINY, "model_type": "minimax_m2", "use_mtp": True, "num_mtp_modules": 3}
+    ok = {"model.layers.2.block_sparse_moe.experts.0.w1.weight": None, "lm_head.weight": None}
+    assert bridge.detect_hf_layout(ok, raw) is bridge.default_hf_layout
+    with pytest.raises(ValueError, match=r"MiniMaxM2Bridge: use_mtp=True, num_mtp_modules=3: the checkpoint holds 1 "
+                                         rf"multi-token-prediction tensor\(s\) \(e\.g\. {re.escape(key)}\)"):
+        bridge.detect_hf_layout({**ok, key: None}, raw)
 
 
 def test_refused_from_a_transformers_config_object_too():
