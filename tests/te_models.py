@@ -6,9 +6,15 @@ The layer specs are megatron-core's own (``get_gpt_decoder_block_spec(config, us
 ``get_gpt_mtp_block_spec(..., use_transformer_engine=True)`` for multi-token prediction); only what megatron-core's TE
 spec cannot express is swapped in, as Megatron Bridge does it:
 
-- a norm after attention / the MLP (Gemma 2 / 3: ``post_self_attn_layernorm`` / ``post_mlp_layernorm``):
-  ``linear_proj`` / ``linear_fc2`` are a ``TERowParallelLinear`` with a ``TENorm`` child ``post_layernorm``
-  (Megatron Bridge's ``TERowParallelLinearLayerNorm``);
+- a norm after attention / the MLP (Gemma 2 / 3, OLMo 2 / Olmo 3: ``post_self_attn_layernorm`` /
+  ``post_mlp_layernorm``): ``linear_proj`` / ``linear_fc2`` are a ``TERowParallelLinear`` with a ``TENorm`` child
+  ``post_layernorm`` (Megatron Bridge's ``TERowParallelLinearLayerNorm``);
+- no norm before attention / the MLP (OLMo 2 / Olmo 3: ``pre_layernorms=False``): ``linear_qkv`` / ``linear_fc1``
+  are TE's plain ``TEColumnParallelLinear`` (no fused input norm, so no ``layer_norm_weight``);
+- query / key norms over the whole projection (OLMo 2 / Olmo 3 / OLMoE: ``qk_layernorm_whole_projection``): TE's
+  attention with this package's ``WholeQueryRMSNorm`` / ``WholeKeyRMSNorm`` (``mcore/modules.py``) as
+  ``q_layernorm`` / ``k_layernorm`` in place of TE's per-head ``TENorm`` (no TE class normalises a whole
+  projection; they save their TP-sharded weight and no ``_extra_state``);
 - the rest of this package's modules change no parameter (soft-capped or per-layer-type RoPE attention, fp32 router
   weights, embedding scale, output soft-cap) and are left out: the keys are what is compared here.
 """
@@ -54,24 +60,51 @@ def _with_submodules(spec, **changes):
     return dataclasses.replace(spec, submodules=subs)
 
 
-def _layer_with_post_norms(layer_spec, config):
+def _swaps(config) -> bool:
+    return bool(getattr(config, "post_self_attn_layernorm", False) or getattr(config, "post_mlp_layernorm", False)
+                or not getattr(config, "pre_layernorms", True)
+                or getattr(config, "qk_layernorm_whole_projection", False))
+
+
+def _layer_with_package_modules(layer_spec, config):
+    """The layer spec with what megatron-core's TE spec cannot express swapped in (see the module docstring)."""
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
     layer = _submodules(layer_spec)
-    changes = {}
+    attn, mlp = {}, {}
     if config.post_self_attn_layernorm:
-        changes["self_attention"] = _with_submodules(layer.self_attention, linear_proj=_post_norm_linear())
+        attn["linear_proj"] = _post_norm_linear()
+    if getattr(config, "qk_layernorm_whole_projection", False):
+        from megatron_bridge_ext.mcore.modules import WholeKeyRMSNorm, WholeQueryRMSNorm
+
+        attn.update(q_layernorm=WholeQueryRMSNorm, k_layernorm=WholeKeyRMSNorm)
+    mlp_module = layer.mlp.func if isinstance(layer.mlp, functools.partial) else layer.mlp.module
+    moe = isinstance(mlp_module, type) and issubclass(mlp_module, MoELayer)
+    if not getattr(config, "pre_layernorms", True):
+        if moe:  # as the local spec (model_builder.gpt_layer_spec): MoE layers normalise in pre_mlp_layernorm
+            raise ValueError("te_models: pre_layernorms=False with routed experts is not supported")
+        attn["linear_qkv"] = TEColumnParallelLinear
+        mlp["linear_fc1"] = TEColumnParallelLinear
     if config.post_mlp_layernorm:
-        changes["mlp"] = _with_submodules(layer.mlp, linear_fc2=_post_norm_linear())
+        mlp["linear_fc2"] = _post_norm_linear()
+    changes = {}
+    if attn:
+        changes["self_attention"] = _with_submodules(layer.self_attention, **attn)
+    if mlp:
+        changes["mlp"] = _with_submodules(layer.mlp, **mlp)
     return _with_submodules(layer_spec, **changes) if changes else layer_spec
 
 
 def te_block_spec(config, vp_stage: Optional[int] = None):
-    """This stage's TE block spec for ``config`` (megatron-core's, plus the post norms of :mod:`te_models`)."""
+    """This stage's TE block spec for ``config`` (megatron-core's, plus the swaps of :mod:`te_models`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=config.normalization,
                                        vp_stage=vp_stage)
-    if getattr(config, "post_self_attn_layernorm", False) or getattr(config, "post_mlp_layernorm", False):
-        block = dataclasses.replace(block, layer_specs=[_layer_with_post_norms(s, config) for s in block.layer_specs])
+    if _swaps(config):
+        block = dataclasses.replace(block, layer_specs=[_layer_with_package_modules(s, config)
+                                                        for s in block.layer_specs])
     return block
 
 

@@ -102,9 +102,10 @@ def to_te_sharded_state_dict(state: Dict[str, Any], config: Any, *, extra_state:
         return state
     # one object per TE module and layer / expert position, sharded like the module's tensors (their leading
     # offsets); a module without tensors (a multi-token-prediction layer's core attention) is not stacked: (1,)
-    grids: Dict[str, List[List[Any]]] = {m: [] for m in te_extra_state_modules(t.key for t in tensors)}
+    grids: Dict[str, List[List[Any]]] = {m: [] for m in te_extra_state_modules((t.key for t in tensors),
+                                                                              config=config)}
     for item in tensors:
-        module = te_module_of(item.key)
+        module = te_module_of(item.key, config)
         if module not in grids:
             continue
         if isinstance(item, ShardedTensorFactory):  # its offsets are those of the tensors it builds

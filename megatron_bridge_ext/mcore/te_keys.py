@@ -21,6 +21,12 @@ it builds (``tests/distributed/test_te_checkpoint.py``):
    megatron-core's local linear layers already store such objects (holding None); the norms, and the core attention
    of GPT-OSS (learnable softmax offset) and of multi-token-prediction layers, are TE-only. A TE model loaded with
    ``strict=StrictHandling.RAISE_ALL`` needs every one of them.
+3. **Modules of this package in a TE spec.** Query / key norms over the whole projection (OLMo 2 / Olmo 3 / OLMoE,
+   ``qk_layernorm_whole_projection``) have no TE class: a TE-spec model of such a config builds this package's
+   ``WholeQueryRMSNorm`` / ``WholeKeyRMSNorm`` as ``q_layernorm`` / ``k_layernorm`` (in TE's attention), which save
+   their TP-sharded weight and no ``_extra_state`` (:func:`te_module_of` with the config). Without pre-norms
+   (``pre_layernorms=False``, OLMo 2 / Olmo 3) ``linear_qkv`` / ``linear_fc1`` are TE's plain column-parallel linear:
+   the same keys, no ``layer_norm_weight`` (the local spec has no ``input_layernorm`` / ``pre_mlp_layernorm`` either).
 
 A streaming writer that knows the local keys, their global shapes and how many leading dimensions are layer / expert
 offsets produces the same checkpoint with :func:`te_layout`.
@@ -37,6 +43,7 @@ __all__ = [
     "SPECS",
     "EXTRA_STATE",
     "TE_MODULES",
+    "WHOLE_PROJECTION_NORMS",
     "empty_extra_state",
     "layer_kinds",
     "te_tensor_key",
@@ -118,31 +125,40 @@ def te_tensor_key(key: str, config: Any) -> str:
     return k.prefix + rest
 
 
-def te_module_of(key: str) -> Optional[str]:
+#: modules that a TE-spec model of a config with ``qk_layernorm_whole_projection`` builds from this package's classes
+#: (``WholeQueryRMSNorm`` / ``WholeKeyRMSNorm``: no TE class normalises a whole projection), not from TE's
+WHOLE_PROJECTION_NORMS = frozenset({"q_layernorm", "k_layernorm"})
+
+
+def te_module_of(key: str, config: Any = None) -> Optional[str]:
     """The TE module (key prefix) a TE-spec tensor key belongs to, or None when its module is not a TE class
-    (embedding, output layer, router, shared-expert gate)."""
+    (embedding, output layer, router, shared-expert gate; with a ``config`` whose q / k norms are over the whole
+    projection, ``qk_layernorm_whole_projection``: the q / k norms, this package's modules)."""
     if "." not in key:
         return None
     module, leaf = key.rsplit(".", 1)
     name = module.rsplit(".", 1)[-1]
     if name not in TE_MODULES or leaf == EXTRA_STATE:
         return None
+    if name in WHOLE_PROJECTION_NORMS and getattr(config, "qk_layernorm_whole_projection", False):
+        return None
     return module
 
 
-def te_extra_state_modules(te_tensor_keys: Iterable[str], mtp_plain_state: Optional[bool] = None) -> List[str]:
+def te_extra_state_modules(te_tensor_keys: Iterable[str], mtp_plain_state: Optional[bool] = None,
+                           config: Any = None) -> List[str]:
     """Every TE module that saves ``_extra_state``, given the TE-spec tensor keys (sorted): the modules holding a
-    tensor, and, when the MTP block saves its layers' plain state dicts too (``mtp_plain_state``; default: whether
-    the installed megatron-core's does, :func:`~megatron_bridge_ext.mcore.versions.mtp_block_saves_plain_state`),
-    each multi-token-prediction layer's core attention (TE's ``DotProductAttention`` has ``_extra_state`` although
-    it holds no tensor)."""
+    tensor (:func:`te_module_of` with ``config``), and, when the MTP block saves its layers' plain state dicts too
+    (``mtp_plain_state``; default: whether the installed megatron-core's does,
+    :func:`~megatron_bridge_ext.mcore.versions.mtp_block_saves_plain_state`), each multi-token-prediction layer's
+    core attention (TE's ``DotProductAttention`` has ``_extra_state`` although it holds no tensor)."""
     if mtp_plain_state is None:
         from megatron_bridge_ext.mcore.versions import mtp_block_saves_plain_state
 
         mtp_plain_state = mtp_block_saves_plain_state()
     modules = set()
     for key in te_tensor_keys:
-        module = te_module_of(key)
+        module = te_module_of(key, config)
         if module is not None:
             modules.add(module)
         mtp = mtp_layer(key) if mtp_plain_state else None
@@ -159,7 +175,7 @@ def te_layout(local_tensors: Mapping[str, Tuple[Sequence[int], int]], config: An
         local_tensors: local-spec tensor key -> (global shape, number of leading dimensions that are layer / expert
             offsets: 1 for stacked layers, +1 for routed experts, 0 for a key of its own).
         config: the model config (``num_layers``, ``num_moe_experts``, ``moe_layer_freq``,
-            ``multi_latent_attention``).
+            ``multi_latent_attention``, ``qk_layernorm_whole_projection``).
 
     Returns:
         (TE tensor key -> global shape, ``<module>._extra_state`` -> global shape of its object grid).
@@ -171,8 +187,8 @@ def te_layout(local_tensors: Mapping[str, Tuple[Sequence[int], int]], config: An
         if te_key in tensors and tensors[te_key] != tuple(shape):
             raise ValueError(f"{te_key}: two local keys map to it with shapes {tensors[te_key]} and {tuple(shape)}")
         tensors[te_key] = tuple(shape)
-        module = te_module_of(te_key)
+        module = te_module_of(te_key, config)
         if module is not None:
             grid.setdefault(module, tuple(shape[:prepend]) or (1,))
-    objects = {f"{m}.{EXTRA_STATE}": grid.get(m, (1,)) for m in te_extra_state_modules(tensors)}
+    objects = {f"{m}.{EXTRA_STATE}": grid.get(m, (1,)) for m in te_extra_state_modules(tensors, config=config)}
     return tensors, objects

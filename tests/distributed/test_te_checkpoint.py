@@ -19,7 +19,10 @@ Two spawned worlds of 2 ranks:
 
 Layouts: dense families written at TP2, read at PP2; MoE families written at EP2, read at TP2 (expert-TP 2, GPT-OSS 1)
 or, with multi-token prediction, at PP2 (the MTP layer on the last stage); Mixtral and Qwen3-MoE are read into TE's
-grouped-GEMM experts (``TEGroupedMLP``) as well.
+grouped-GEMM experts (``TEGroupedMLP``) as well. OLMo 2 / Olmo 3 (post norms only, whole-projection q / k norms) and
+OLMoE (whole-projection q / k norms) use ``tests/distributed/test_olmo_families.py``'s checkpoints; their TE-spec model
+is described in ``tests/te_models.py``. ``ARCHITECTURES`` names each case's HF architecture: every supported
+architecture has a case (``test_cases_cover_every_supported_architecture``).
 """
 
 from __future__ import annotations
@@ -53,12 +56,34 @@ CASES = {
     "gemma2": (DENSE_W, DENSE_R, False),
     "gemma3": (DENSE_W, DENSE_R, False),
     "phi3": (DENSE_W, DENSE_R, False),
+    "olmo2": (DENSE_W, DENSE_R, False),
+    "olmo3": (DENSE_W, DENSE_R, False),
     "mixtral": (MOE_W, dict(tp=2, pp=1), True),
     "qwen3_moe": (MOE_W, dict(tp=2, pp=1), True),
     "qwen2_moe": (MOE_W, dict(tp=2, pp=1), False),
     "gpt_oss": (dict(tp=1, pp=1, ep=2, etp=1), dict(tp=2, pp=1, etp=1), False),
     "deepseek_v3_mtp": (MOE_W, dict(tp=1, pp=2), False),
     "glm4_moe_mtp": (MOE_W, dict(tp=1, pp=2), False),
+    "olmoe": (MOE_W, dict(tp=2, pp=1), False),
+}
+# case -> the HF architecture of its checkpoint (one line per case)
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "olmo3": "Olmo3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v3_mtp": "DeepseekV3ForCausalLM",
+    "glm4_moe_mtp": "Glm4MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 
 
@@ -71,12 +96,15 @@ def _make_checkpoints(root: str) -> dict:
     import test_bridge_llama as llama
     import test_bridge_mixtral as mixtral
     import test_bridge_moe_families as moe
+    import test_olmo_families as olmo
 
     paths = {}
     for name in CASES:
         path = os.path.join(root, f"hf_{name}")
         paths[name] = path
-        if name in ("llama", "qwen2"):
+        if name in olmo.CHECKPOINTS:  # OLMo 2 / Olmo 3 (post norms) and OLMoE: whole-projection q/k norms with GQA
+            olmo._make_checkpoint(path, name, seed=7)
+        elif name in ("llama", "qwen2"):
             llama._make_checkpoint(path, {"vocab_size": 97} if name == "llama" else {}, torch.float32, seed=1,
                                    arch="Qwen2" if name == "qwen2" else "Llama")
         elif name in dense.CHECKPOINTS:
@@ -348,6 +376,14 @@ def results(tmp_path_factory):
     return out
 
 
+def test_cases_cover_every_supported_architecture():
+    """Every architecture with a registered bridge has a case here (a new family needs its TE checkpoint proof)."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    assert sorted(ARCHITECTURES) == sorted(CASES)
+    assert sorted(set(ARCHITECTURES.values())) == sorted(AutoBridge.list_supported_models())
+
+
 def test_local_spec_keeps_the_local_keys(results):
     assert results["local_spec_diff"] == []
 
@@ -532,7 +568,7 @@ def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
         _assert_same_tensors(out, results["paths"][name])
 
 
-MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp"]
+MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "olmoe"]
 
 
 @pytest.mark.parametrize("name", MOE_CASES)
