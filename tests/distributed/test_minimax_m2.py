@@ -42,6 +42,13 @@ LAYOUTS = [("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1, 2, 2)]
 NO_SOURCE = "pp2ep2"
 
 
+def _make_checkpoint(path: str, seed: int) -> torch.nn.Module:
+    """The tiny checkpoint (fp32) at ``path``; returns the transformers model (also used by test_te_checkpoint)."""
+    return make_tiny_checkpoint(path, "MiniMaxM2", CONFIG, seed, norm=(1.0, 0.3), correction_bias=0.5,
+                                rules=[(lambda name: any(s in name for s in ("q_proj", "k_proj")), 0.0, 0.3)],
+                                rest=(0.0, 0.1))
+
+
 def _routers(chunks, sd: dict) -> list:
     """Mismatches of the Megatron routers (weight and correction bias) against the HF file's tensors, dtypes included
     (the bias is megatron's fp32 buffer: the file's bf16 values, widened)."""
@@ -98,9 +105,7 @@ def world(tmp_path_factory):
     transformers.logging.set_verbosity_error()
     root = tmp_path_factory.mktemp("minimax_m2")
     ckpt = str(root / "hf")
-    model = make_tiny_checkpoint(ckpt, "MiniMaxM2", CONFIG, seed=52, norm=(1.0, 0.3), correction_bias=0.5,
-                         rules=[(lambda name: any(s in name for s in ("q_proj", "k_proj")), 0.0, 0.3)],
-                         rest=(0.0, 0.1))
+    model = _make_checkpoint(ckpt, seed=52)
     bf16 = save_transformers_bf16(model, str(root / "hf_bf16"))
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")

@@ -20,9 +20,10 @@ Two spawned worlds of 2 ranks:
 Layouts: dense families written at TP2, read at PP2; MoE families written at EP2, read at TP2 (expert-TP 2, GPT-OSS 1)
 or, with multi-token prediction, at PP2 (the MTP layer on the last stage); Mixtral and Qwen3-MoE are read into TE's
 grouped-GEMM experts (``TEGroupedMLP``) as well. OLMo 2 / Olmo 3 (post norms only, whole-projection q / k norms) and
-OLMoE (whole-projection q / k norms) use ``tests/distributed/test_olmo_families.py``'s checkpoints; their TE-spec model
-is described in ``tests/te_models.py``. ``ARCHITECTURES`` names each case's HF architecture: every supported
-architecture has a case (``test_cases_cover_every_supported_architecture``).
+OLMoE (whole-projection q / k norms) use ``tests/distributed/test_olmo_families.py``'s checkpoints, MiniMax-M2
+(whole-projection q / k norms, sigmoid router with correction bias) ``tests/distributed/test_minimax_m2.py``'s; their
+TE-spec model is described in ``tests/te_models.py``. ``ARCHITECTURES`` names each case's HF architecture: every
+supported architecture has a case (``test_cases_cover_every_supported_architecture``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ CASES = {
     "deepseek_v3_mtp": (MOE_W, dict(tp=1, pp=2), False),
     "glm4_moe_mtp": (MOE_W, dict(tp=1, pp=2), False),
     "olmoe": (MOE_W, dict(tp=2, pp=1), False),
+    "minimax_m2": (MOE_W, dict(tp=2, pp=1), False),
 }
 # case -> the HF architecture of its checkpoint (one line per case)
 ARCHITECTURES = {
@@ -84,6 +86,7 @@ ARCHITECTURES = {
     "deepseek_v3_mtp": "DeepseekV3ForCausalLM",
     "glm4_moe_mtp": "Glm4MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "minimax_m2": "MiniMaxM2ForCausalLM",
 }
 
 
@@ -96,13 +99,16 @@ def _make_checkpoints(root: str) -> dict:
     import test_bridge_llama as llama
     import test_bridge_mixtral as mixtral
     import test_bridge_moe_families as moe
+    import test_minimax_m2 as minimax
     import test_olmo_families as olmo
 
     paths = {}
     for name in CASES:
         path = os.path.join(root, f"hf_{name}")
         paths[name] = path
-        if name in olmo.CHECKPOINTS:  # OLMo 2 / Olmo 3 (post norms) and OLMoE: whole-projection q/k norms with GQA
+        if name == "minimax_m2":  # whole-projection q/k norms, head_dim != hidden / heads, sigmoid router with bias
+            minimax._make_checkpoint(path, seed=7)
+        elif name in olmo.CHECKPOINTS:  # OLMo 2 / Olmo 3 (post norms) and OLMoE: whole-projection q/k norms with GQA
             olmo._make_checkpoint(path, name, seed=7)
         elif name in ("llama", "qwen2"):
             llama._make_checkpoint(path, {"vocab_size": 97} if name == "llama" else {}, torch.float32, seed=1,
@@ -568,7 +574,7 @@ def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
         _assert_same_tensors(out, results["paths"][name])
 
 
-MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "olmoe"]
+MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "olmoe", "minimax_m2"]
 
 
 @pytest.mark.parametrize("name", MOE_CASES)
