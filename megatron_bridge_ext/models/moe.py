@@ -150,13 +150,15 @@ def routed_expert_mappings(layout: ExpertLayout, *, experts: str = f"{H}.mlp.exp
     return out
 
 
-def router_mappings(gate: str = f"{H}.mlp.gate") -> List[MegatronParamMapping]:
+def router_mappings(gate: str = f"{H}.mlp.gate", correction_bias: Optional[str] = None
+                    ) -> List[MegatronParamMapping]:
     """The router (replicated): weight, bias (GPT-OSS) and the fp32 routing-correction bias (megatron
-    ``router.expert_bias``, HF ``e_score_correction_bias``; kept in its dtype)."""
+    ``router.expert_bias``, HF ``e_score_correction_bias``, under the gate unless ``correction_bias`` names it
+    elsewhere, e.g. MiniMax-M2's ``block_sparse_moe.e_score_correction_bias``; kept in its dtype)."""
     return [
         ReplicatedMapping(f"{L}.mlp.router.weight", f"{gate}.weight"),
         ReplicatedMapping(f"{L}.mlp.router.bias", f"{gate}.bias"),
-        ReplicatedMapping(f"{L}.mlp.router.expert_bias", f"{gate}.e_score_correction_bias"),
+        ReplicatedMapping(f"{L}.mlp.router.expert_bias", correction_bias or f"{gate}.e_score_correction_bias"),
     ]
 
 
@@ -225,12 +227,13 @@ def softmax_router_hf_fields(config: Any, family: str) -> Dict[str, Any]:
     return {"norm_topk_prob": not config.moe_router_pre_softmax}
 
 
-def sigmoid_router_kwargs(hf_config: Any, family: str) -> Dict[str, Any]:
+def sigmoid_router_kwargs(hf_config: Any, family: str, *, fp32_weight: bool = True) -> Dict[str, Any]:
     """DeepSeek-V3 / GLM-4.5 routing: sigmoid scores, top-k chosen on scores + ``e_score_correction_bias`` (megatron
     ``moe_router_enable_expert_bias``, an fp32 buffer) within the ``topk_group`` best of ``n_group`` expert groups
     (a group's score: the sum of its two best), weights from the plain scores renormalised and multiplied by
-    ``routed_scaling_factor``; router logits in fp32 (as HF computes them), and the router weight kept in fp32 in
-    bf16 models, as HF keeps it (``mcore.modules.FP32WeightRouter``).
+    ``routed_scaling_factor``; router logits in fp32 (as HF computes them), and (``fp32_weight``) the router weight
+    kept in fp32 in bf16 models, as HF DeepSeek-V3 / GLM-4.5 keep it (``mcore.modules.FP32WeightRouter``; MiniMax-M2
+    keeps its gate in the model's dtype).
 
     Raises:
         ValueError: ``norm_topk_prob=False`` with top-k > 1 (megatron renormalises sigmoid weights always), or groups
@@ -247,7 +250,7 @@ def sigmoid_router_kwargs(hf_config: Any, family: str) -> Dict[str, Any]:
         moe_router_enable_expert_bias=True,
         moe_router_topk_scaling_factor=float(config_get(hf_config, "routed_scaling_factor", 1.0) or 1.0),
         moe_router_dtype="fp32",
-        moe_router_fp32_weight=True,  # HF keeps mlp.gate.weight in fp32 (_keep_in_fp32_modules_strict)
+        moe_router_fp32_weight=fp32_weight,  # HF DeepSeek-V3 / GLM-4.5: _keep_in_fp32_modules_strict
     )
     if groups > 1:
         if topk // group_topk != 2:

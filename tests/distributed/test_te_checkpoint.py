@@ -21,9 +21,10 @@ Layouts: dense families written at TP2, read at PP2; MoE families written at EP2
 or, with multi-token prediction, at PP2 (the MTP layer on the last stage); Mixtral, Qwen3-MoE and Llama 4 (MoE layers
 with a shared expert interleaved with dense ones, NoPE / chunked-RoPE attention, RoPE-layer q/k L2 norm) are read
 into TE's grouped-GEMM experts (``TEGroupedMLP``) as well. OLMo 2 / Olmo 3 (post norms only, whole-projection q / k
-norms) and OLMoE (whole-projection q / k norms) use ``tests/distributed/test_olmo_families.py``'s checkpoints; their
-TE-spec model is described in ``tests/te_models.py``. ``ARCHITECTURES`` names each case's HF architecture; together
-they must be ``AutoBridge.list_supported_models()`` (a family without a case fails
+norms) and OLMoE (whole-projection q / k norms) use ``tests/distributed/test_olmo_families.py``'s checkpoints,
+MiniMax-M2 (whole-projection q / k norms, sigmoid router with correction bias)
+``tests/distributed/test_minimax_m2.py``'s; their TE-spec model is described in ``tests/te_models.py``. ``ARCHITECTURES`` names each case's HF architecture;
+together they must be ``AutoBridge.list_supported_models()`` (a family without a case fails
 ``test_cases_cover_every_supported_architecture``).
 """
 
@@ -71,6 +72,7 @@ CASES = {
     "glm4_moe_lite_mtp": (MOE_W, dict(tp=1, pp=2), False),
     "llama4": (MOE_W, dict(tp=2, pp=1), True),
     "olmoe": (MOE_W, dict(tp=2, pp=1), False),
+    "minimax_m2": (MOE_W, dict(tp=2, pp=1), False),
 }
 # case -> the HF architecture its checkpoint is (one line per case: families added on other branches merge as added
 # lines); test_cases_cover_every_supported_architecture holds it to CASES and AutoBridge.list_supported_models()
@@ -95,6 +97,7 @@ ARCHITECTURES = {
     "glm4_moe_lite_mtp": "Glm4MoeLiteForCausalLM",
     "llama4": "Llama4ForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "minimax_m2": "MiniMaxM2ForCausalLM",
 }
 
 
@@ -110,13 +113,16 @@ def _make_checkpoints(root: str) -> dict:
     import test_bridge_moe_families as moe
     import test_gemma4 as gemma4
     import test_llama4 as llama4
+    import test_minimax_m2 as minimax
     import test_olmo_families as olmo
 
     paths = {}
     for name in CASES:
         path = os.path.join(root, f"hf_{name}")
         paths[name] = path
-        if name in olmo.CHECKPOINTS:  # OLMo 2 / Olmo 3 (post norms) and OLMoE: whole-projection q/k norms with GQA
+        if name == "minimax_m2":  # whole-projection q/k norms, head_dim != hidden / heads, sigmoid router with bias
+            minimax._make_checkpoint(path, seed=7)
+        elif name in olmo.CHECKPOINTS:  # OLMo 2 / Olmo 3 (post norms) and OLMoE: whole-projection q/k norms with GQA
             olmo._make_checkpoint(path, name, seed=7)
         elif name in ("llama", "qwen2"):
             llama._make_checkpoint(path, {"vocab_size": 97} if name == "llama" else {}, torch.float32, seed=1,
@@ -614,7 +620,7 @@ def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
 
 
 MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "glm4_moe_lite_mtp", "llama4",
-             "olmoe"]
+             "olmoe", "minimax_m2"]
 FUSED_EXPERTS = ("gpt_oss", "llama4")  # HF stores each layer's experts as [E, ...] tensors
 
 

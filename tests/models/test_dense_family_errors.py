@@ -37,6 +37,7 @@ def test_supported_models_are_the_proven_families():
         "GptOssForCausalLM",
         "Llama4ForCausalLM",
         "LlamaForCausalLM",
+        "MiniMaxM2ForCausalLM",
         "MistralForCausalLM",
         "MixtralForCausalLM",
         "Olmo2ForCausalLM",
