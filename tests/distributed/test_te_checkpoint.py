@@ -23,9 +23,9 @@ with a shared expert interleaved with dense ones, NoPE / chunked-RoPE attention,
 into TE's grouped-GEMM experts (``TEGroupedMLP``) as well. OLMo 2 / Olmo 3 (post norms only, whole-projection q / k
 norms) and OLMoE (whole-projection q / k norms) use ``tests/distributed/test_olmo_families.py``'s checkpoints,
 MiniMax-M2 (whole-projection q / k norms, sigmoid router with correction bias)
-``tests/distributed/test_minimax_m2.py``'s; their TE-spec model is described in ``tests/te_models.py``. ``ARCHITECTURES`` names each case's HF architecture;
-together they must be ``AutoBridge.list_supported_models()`` (a family without a case fails
-``test_cases_cover_every_supported_architecture``).
+``tests/distributed/test_minimax_m2.py``'s; their TE-spec model is described in ``tests/te_models.py``.
+``ARCHITECTURES`` names each case's HF architecture; together they must be ``AutoBridge.list_supported_models()`` (a
+family without a case fails ``test_cases_cover_every_supported_architecture``).
 """
 
 from __future__ import annotations
