@@ -44,7 +44,7 @@ CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=24, intermediate_
               rope_parameters=SCOUT_ROPE)
 SEQ = 12
 # name, tp, pp, ep
-LAYOUTS = [("tp2", 2, 1, 1), ("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1, 2, 2)]
+LAYOUTS = [("tp2", 2, 1, 1), ("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1, 2, 2), ("tp2pp2", 2, 2, 1)]
 NO_SOURCE = "tp2ep2"
 
 

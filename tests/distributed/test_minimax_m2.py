@@ -38,7 +38,7 @@ CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=24, num_hidden_la
                                                                                "rope_theta": 50000.0},
               pad_token_id=None, eos_token_id=None, bos_token_id=None)
 # name, tp, pp, ep
-LAYOUTS = [("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1, 2, 2)]
+LAYOUTS = [("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1, 2, 2), ("tp2pp2", 2, 2, 1)]
 NO_SOURCE = "pp2ep2"
 
 

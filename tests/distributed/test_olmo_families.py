@@ -72,6 +72,8 @@ LAYOUTS = [
     ("olmo3yarn_pp2vpp2", 1, 2, 2, 1, "olmo3yarn"),
     ("olmoe_ep2", 1, 1, None, 2, "olmoe"),
     ("olmoe_tp2ep2", 2, 1, None, 2, "olmoe"),
+    ("olmoe_pp2ep2", 1, 2, None, 2, "olmoe"),
+    ("olmoe_tp2pp2", 2, 2, None, 1, "olmoe"),
 ]
 NO_SOURCE = {"olmo2_tp2pp2", "olmo3_pp2", "olmo3yarn_tp2", "olmoe_tp2ep2"}
 # layout written as a torch_dist checkpoint -> (tp, pp, ep) it is read at
