@@ -215,6 +215,12 @@ _RUNTIME_DEFAULTS: Dict[str, Any] = dict(
 )
 
 
+#: TransformerConfig fields with which megatron-core splits the layers unevenly over the pipeline stages
+_UNEVEN_PIPELINE_FIELDS = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+                           "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                           "account_for_loss_in_pipeline_split")
+
+
 def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) -> GPTConfig:
     """A ``GPTConfig`` from a family's kwargs and the caller's overrides (applied last), with checks.
 
@@ -226,8 +232,8 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
 
     Raises:
         ValueError: an opt-in layout of megatron-core 0.17+ this package does not convert
-            (``versions.check_opt_in_layouts``), unknown override names, or heads / query groups that the
-            tensor-parallel size cannot split.
+            (``versions.check_opt_in_layouts``), unknown override names, heads / query groups that the
+            tensor-parallel size cannot split, or layers that the (virtual) pipeline stages cannot share evenly.
     """
     check_opt_in_layouts({**kwargs, **overrides}, "model config")
     cls = config_class({**kwargs, **overrides})
@@ -258,6 +264,15 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
         raise ValueError(
             f"num_query_groups ({groups}, HF num_key_value_heads) is smaller than tensor_model_parallel_size ({tp}) "
             f"and does not divide it: megatron-core splits each query group over tp / num_query_groups ranks"
+        )
+    pp = int(kw.get("pipeline_model_parallel_size", 1) or 1)
+    vpp = int(kw.get("virtual_pipeline_model_parallel_size") or 1)
+    uneven = any(kw.get(f) for f in _UNEVEN_PIPELINE_FIELDS)  # megatron-core places the layers itself then
+    if not uneven and kw["num_layers"] % (pp * vpp):
+        raise ValueError(
+            f"num_layers ({kw['num_layers']}, HF num_hidden_layers) is not divisible by pipeline_model_parallel_size "
+            f"({pp}) x virtual_pipeline_model_parallel_size ({vpp}): megatron-core gives every (virtual) pipeline "
+            "stage the same number of layers"
         )
     if kw.get("full_attention_kv_channels") is not None or kw.get("full_attention_num_query_groups") is not None:
         # layers of two geometries cannot share megatron's layer-stacked checkpoint keys ("decoder.layers.<name>"

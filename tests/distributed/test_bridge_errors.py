@@ -95,6 +95,10 @@ def _worker(rank: int, world: int, paths: dict, out_root: str) -> dict:
     res["heads_tp"] = _capture(lambda: good.transformer_config(tensor_model_parallel_size=4, num_attention_heads=6))
     res["groups_tp"] = _capture(lambda: good.transformer_config(tensor_model_parallel_size=4, num_query_groups=3,
                                                                 num_attention_heads=12, kv_channels=4))
+    # layers the pipeline stages cannot share evenly (megatron-core asserts at the build, naming neither size)
+    res["layers_pp"] = _capture(lambda: good.transformer_config(pipeline_model_parallel_size=3))
+    res["layers_vpp"] = _capture(lambda: good.transformer_config(pipeline_model_parallel_size=2,
+                                                                 virtual_pipeline_model_parallel_size=4))
 
     # the opt-in layouts of megatron-core 0.17-0.19 this package does not convert: refused at import (the override)
     # and at export (a model whose config carries the setting), naming it and what to do instead
@@ -193,6 +197,15 @@ def test_heads_not_divisible_by_tp(errors):
     assert kind == "ValueError" and "num_attention_heads (6)" in msg and "tensor_model_parallel_size (4)" in msg
     kind, msg = errors["groups_tp"]
     assert kind == "ValueError" and "num_query_groups (3" in msg and "tensor_model_parallel_size (4)" in msg
+
+
+def test_layers_not_divisible_by_pipeline_stages(errors):
+    kind, msg = errors["layers_pp"]
+    assert kind == "ValueError" and "num_layers (2, HF num_hidden_layers)" in msg and \
+        "pipeline_model_parallel_size (3) x virtual_pipeline_model_parallel_size (1)" in msg, msg
+    kind, msg = errors["layers_vpp"]
+    assert kind == "ValueError" and "pipeline_model_parallel_size (2) x virtual_pipeline_model_parallel_size (4)" in \
+        msg, msg
 
 
 def test_failed_export_leaves_no_complete_looking_checkpoint(errors):
