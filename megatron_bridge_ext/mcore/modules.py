@@ -96,6 +96,7 @@ __all__ = [
     "MLADotProductAttention",
     "LatentRMSNorm",
     "soft_cap",
+    "TorchScaleMaskSoftmax",
     "SoftCapScaleMaskSoftmax",
     "SoftCapDotProductAttention",
     "SoftCapOutputLayer",
@@ -372,19 +373,28 @@ def _check_cap(value: Any, field: str, where: str) -> float:
     return float(value)
 
 
-class SoftCapScaleMaskSoftmax(FusedScaleMaskSoftmax):
-    """``FusedScaleMaskSoftmax`` that soft-caps the scores once they are fully scaled, before the mask and the
-    softmax (where HF Gemma's eager attention caps them).
+class TorchScaleMaskSoftmax(FusedScaleMaskSoftmax):
+    """``FusedScaleMaskSoftmax`` that always takes the PyTorch path (the fused kernels scale and mask inside), with
+    two hooks for its subclasses: :meth:`scores` (the fully scaled scores, before the mask) and :meth:`mask_for`
+    (the mask applied). The body is megatron-core 0.16.1's ``forward_torch_softmax``; the mask builders are looked
+    up in ``fused_softmax`` when called, as there (``cpu_compat`` replaces them on CPU processes). In fp16 / bf16 with
+    ``attention_softmax_in_fp32`` the scores, hooks and softmax are in fp32."""
 
-    The scores arrive multiplied by ``DotProductAttention.softmax_scale``; with ``apply_query_key_layer_scaling``
-    that scale is divided by the layer number and this module's ``scale`` (the layer number) multiplies it back
-    first, so the cap always sees ``q.k * softmax_scale``. Always the PyTorch path: the fused softmax kernels scale
-    and mask inside and have no cap. In fp16 / bf16 with ``attention_softmax_in_fp32`` the cap is taken in fp32.
-    """
+    def scores(self, input: torch.Tensor) -> torch.Tensor:
+        """The scaled scores before the mask (identity here)."""
+        return input
 
-    def __init__(self, *args: Any, softcap: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.softcap = _check_cap(softcap, "attn_logit_softcapping", type(self).__name__)
+    def mask_for(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The mask for scores ``input`` [b, np, sq, sk]: megatron's sliding-window or causal mask (as its torch
+        path builds them) when none is given, else ``mask``."""
+        sq, sk = input.size(2), input.size(3)
+        if self.window_size is not None:
+            return fused_softmax.get_sliding_window_causal_mask(sq, sk, self.window_size)
+        if self.attn_mask_type == AttnMaskType.causal and mask is None and sq > 1:
+            if sq != sk:
+                raise ValueError(f"{type(self).__name__}: a causal mask needs sq == sk, got {sq} and {sk}")
+            return fused_softmax.get_default_causal_mask(sq)
+        return mask
 
     def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor],
                 softmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -394,20 +404,12 @@ class SoftCapScaleMaskSoftmax(FusedScaleMaskSoftmax):
 
     def forward_torch_softmax(self, input: torch.Tensor, mask: Optional[torch.Tensor],
                               softmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # megatron-core 0.16.1's forward_torch_softmax with the cap between the scaling and the mask; the mask
-        # builders are looked up in fused_softmax when called, as there (cpu_compat replaces them on CPU processes)
         if self.input_in_float16 and self.softmax_in_fp32:
             input = input.float()
         if self.scale is not None:
             input = input * self.scale
-        input = soft_cap(input, self.softcap)
-        sq, sk = input.size(2), input.size(3)
-        if self.window_size is not None:
-            mask = fused_softmax.get_sliding_window_causal_mask(sq, sk, self.window_size)
-        elif self.attn_mask_type == AttnMaskType.causal and mask is None and sq > 1:
-            if sq != sk:
-                raise ValueError(f"{type(self).__name__}: a causal mask needs sq == sk, got {sq} and {sk}")
-            mask = fused_softmax.get_default_causal_mask(sq)
+        input = self.scores(input)
+        mask = self.mask_for(input, mask)
         masked = self.mask_func(input, mask) if mask is not None else input
         softmax = torch.nn.Softmax(dim=-1) if softmax_offset is None else \
             SoftmaxOne(-1, softmax_offset.to(input.device))
@@ -415,6 +417,24 @@ class SoftCapScaleMaskSoftmax(FusedScaleMaskSoftmax):
         if self.input_in_float16 and self.softmax_in_fp32:
             probs = probs.half() if self.input_in_fp16 else probs.bfloat16()
         return probs
+
+
+class SoftCapScaleMaskSoftmax(TorchScaleMaskSoftmax):
+    """Soft-caps the scores once they are fully scaled, before the mask and the softmax (where HF Gemma's eager
+    attention caps them).
+
+    The scores arrive multiplied by ``DotProductAttention.softmax_scale``; with ``apply_query_key_layer_scaling``
+    that scale is divided by the layer number and this module's ``scale`` (the layer number) multiplies it back
+    first, so the cap always sees ``q.k * softmax_scale``. In fp16 / bf16 with ``attention_softmax_in_fp32`` the cap
+    is taken in fp32.
+    """
+
+    def __init__(self, *args: Any, softcap: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.softcap = _check_cap(softcap, "attn_logit_softcapping", type(self).__name__)
+
+    def scores(self, input: torch.Tensor) -> torch.Tensor:
+        return soft_cap(input, self.softcap)
 
     def extra_repr(self) -> str:
         return f"softcap={self.softcap}, scale={self.scale}, window_size={self.window_size}"
@@ -616,9 +636,8 @@ def chunked_causal_mask(sq: int, sk: int, chunk: int, device: Any = None) -> tor
             ).view(1, 1, sq, sk)
 
 
-class ChunkedCausalScaleMaskSoftmax(FusedScaleMaskSoftmax):
-    """``FusedScaleMaskSoftmax`` whose causal mask is :func:`chunked_causal_mask` (combined with a given mask).
-    Always the PyTorch path: the fused kernels build their own triangular mask. In fp16 / bf16 with
+class ChunkedCausalScaleMaskSoftmax(TorchScaleMaskSoftmax):
+    """Its causal mask is :func:`chunked_causal_mask` (combined with a given mask). In fp16 / bf16 with
     ``attention_softmax_in_fp32`` the softmax is taken in fp32."""
 
     def __init__(self, *args: Any, chunk_size: int, **kwargs: Any) -> None:
@@ -628,27 +647,9 @@ class ChunkedCausalScaleMaskSoftmax(FusedScaleMaskSoftmax):
                              f"{self.window_size} is not supported")
         self.chunk_size = int(chunk_size)
 
-    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor],
-                softmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if input.dim() != 4:
-            raise ValueError(f"{type(self).__name__}: scores must be [b, np, sq, sk], got shape {tuple(input.shape)}")
-        return self.forward_torch_softmax(input, mask, softmax_offset)
-
-    def forward_torch_softmax(self, input: torch.Tensor, mask: Optional[torch.Tensor],
-                              softmax_offset: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.input_in_float16 and self.softmax_in_fp32:
-            input = input.float()
-        if self.scale is not None:
-            input = input * self.scale
+    def mask_for(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         chunked = chunked_causal_mask(input.size(2), input.size(3), self.chunk_size, input.device)
-        mask = chunked if mask is None else (mask.bool() | chunked)
-        masked = self.mask_func(input, mask)
-        softmax = torch.nn.Softmax(dim=-1) if softmax_offset is None else \
-            SoftmaxOne(-1, softmax_offset.to(input.device))
-        probs = softmax(masked)
-        if self.input_in_float16 and self.softmax_in_fp32:
-            probs = probs.half() if self.input_in_fp16 else probs.bfloat16()
-        return probs
+        return chunked if mask is None else (mask.bool() | chunked)
 
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}, scale={self.scale}"
