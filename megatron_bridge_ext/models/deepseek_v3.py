@@ -28,13 +28,16 @@ from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.models.hf_config import (
+    RMSNORM_GLU_NO_BIAS,
     activation_hf_fields, config_get, dtype_kwargs, gated_activation_kwargs, model_size_hf_fields, model_size_kwargs,
+    refuse_megatron_settings,
     rms_norm_hf_fields, rms_norm_kwargs, rope_settings, yarn_hf_fields,
 )
 from megatron_bridge_ext.models.moe import (
     PER_EXPERT, first_k_dense_hf_field, first_k_dense_pattern, moe_hf_fields, moe_runtime_kwargs,
     routed_expert_mappings, router_mappings, shared_expert_mappings, shared_expert_size, sigmoid_router_hf_fields,
     sigmoid_router_kwargs,
+    ungated_shared_experts_hf_field,
 )
 from megatron_bridge_ext.models.mtp import RoutedExpertsWithMTP, mtp_kwargs, mtp_mappings
 from megatron_bridge_ext.models.tables import GPT_MODEL, H, embedding_mappings, gated_mlp_mappings, mla_mappings
@@ -165,21 +168,14 @@ class DeepseekV3Bridge(RoutedExpertsWithMTP, MegatronModelBridge):
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        wrong = {f: getattr(config, f) for f, want in (("normalization", "RMSNorm"), ("gated_linear_unit", True),
-                                                         ("add_bias_linear", False), ("add_qkv_bias", False))
-                 if getattr(config, f) != want}
-        if wrong:
-            raise ValueError(f"{family}: these Megatron settings have no DeepSeek-V3 equivalent: {wrong}")
-        shared = config.moe_shared_expert_intermediate_size or 0
-        if shared % config.moe_ffn_hidden_size or config.moe_shared_expert_gate:
-            raise ValueError(f"{family}: shared experts of {shared} (gate {config.moe_shared_expert_gate}) are not a "
-                             f"whole number of ungated experts of {config.moe_ffn_hidden_size}")
+        refuse_megatron_settings(config, family, "DeepSeek-V3", RMSNORM_GLU_NO_BIAS)
+        n_shared = ungated_shared_experts_hf_field(config, family)
         # DeepseekV3Config sets head_dim = qk_rope_head_dim itself; MLA writes its own rope_parameters
         hf = {**super().megatron_to_hf_config(config), **model_size_hf_fields(config, head_dim=False)}
         hf.update(
             **rms_norm_hf_fields(config),
             **activation_hf_fields(config),
-            n_shared_experts=shared // config.moe_ffn_hidden_size,
+            n_shared_experts=n_shared,
             first_k_dense_replace=first_k_dense_hf_field(config, family),
             num_nextn_predict_layers=config.mtp_num_layers or 0,
             **mla_hf_fields(config, family),

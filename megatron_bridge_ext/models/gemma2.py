@@ -19,11 +19,13 @@ from typing import Any, Dict
 
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.models.hf_config import (
+    RMSNORM_GLU_NO_BIAS,
     activation_hf_fields,
     common_megatron_kwargs,
     config_get,
     gated_activation_kwargs,
     model_size_hf_fields,
+    refuse_megatron_settings,
     rms_norm_hf_fields,
     rms_norm_kwargs,
     rope_hf_fields,
@@ -104,16 +106,9 @@ class Gemma2Bridge(MegatronModelBridge):
 
     def _check_megatron(self, config: Any) -> None:
         family = type(self).__name__
-        wrong = {}
-        for field, want in (("normalization", "RMSNorm"), ("layernorm_zero_centered_gamma", True),
-                            ("post_self_attn_layernorm", True), ("post_mlp_layernorm", True),
-                            ("gated_linear_unit", True), ("add_bias_linear", False), ("add_qkv_bias", False),
-                            ("embedding_scale", config.hidden_size ** 0.5)):
-            if getattr(config, field) != want:
-                wrong[field] = (getattr(config, field), want)
-        if wrong:
-            raise ValueError(f"{family}: these Megatron settings have no {self.hf_architecture} equivalent "
-                             f"(field: (got, expected)): {wrong}")
+        refuse_megatron_settings(config, family, self.hf_architecture, (
+            *RMSNORM_GLU_NO_BIAS, ("layernorm_zero_centered_gamma", True), ("post_self_attn_layernorm", True),
+            ("post_mlp_layernorm", True), ("embedding_scale", config.hidden_size ** 0.5)), show_expected=True)
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         self._check_megatron(config)

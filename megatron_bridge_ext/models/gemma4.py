@@ -72,6 +72,7 @@ from megatron_bridge_ext.mcore.config import full_attention_layers, layer_attent
 from megatron_bridge_ext.models.gemma2 import GELU_ACTIVATIONS
 from megatron_bridge_ext.models.hf_config import (
     FULL,
+    RMSNORM_GLU_NO_BIAS,
     SLIDING,
     activation_hf_fields,
     config_get,
@@ -80,6 +81,7 @@ from megatron_bridge_ext.models.hf_config import (
     model_size_hf_fields,
     model_size_kwargs,
     per_layer_type_rope,
+    refuse_megatron_settings,
     rms_norm_hf_fields,
     rms_norm_kwargs,
     rope_hf_fields,
@@ -217,18 +219,11 @@ class Gemma4Bridge(MegatronModelBridge):
         return kw
 
     def _check_megatron(self, config: Any) -> None:
-        wrong = {}
-        for field, want in (("normalization", "RMSNorm"), ("layernorm_zero_centered_gamma", False),
-                            ("post_self_attn_layernorm", True), ("post_mlp_layernorm", True), ("qk_layernorm", True),
-                            ("value_rms_norm", True), ("layer_output_scalar", True), ("gated_linear_unit", True),
-                            ("add_bias_linear", False), ("add_qkv_bias", False), ("softmax_scale", 1.0),
-                            ("embedding_scale", config.hidden_size ** 0.5), ("attn_logit_softcapping", None),
-                            ("rotary_percent", 1.0)):
-            if getattr(config, field) != want:
-                wrong[field] = (getattr(config, field), want)
-        if wrong:
-            raise ValueError(f"{type(self).__name__}: these Megatron settings have no {self.hf_architecture} "
-                             f"equivalent (field: (got, expected)): {wrong}")
+        refuse_megatron_settings(config, type(self).__name__, self.hf_architecture, (
+            *RMSNORM_GLU_NO_BIAS, ("layernorm_zero_centered_gamma", False), ("post_self_attn_layernorm", True),
+            ("post_mlp_layernorm", True), ("qk_layernorm", True), ("value_rms_norm", True),
+            ("layer_output_scalar", True), ("softmax_scale", 1.0), ("embedding_scale", config.hidden_size ** 0.5),
+            ("attn_logit_softcapping", None), ("rotary_percent", 1.0)), show_expected=True)
 
     def _rope_hf_fields(self, config: Any) -> Dict[str, Any]:
         if config.rotary_proportion is None:

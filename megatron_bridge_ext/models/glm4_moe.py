@@ -15,12 +15,14 @@ from typing import Any, Dict
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.models.hf_config import (
     activation_hf_fields, common_hf_fields, common_megatron_kwargs, config_get, gated_activation_kwargs,
+    refuse_megatron_settings,
     rms_norm_hf_fields, rms_norm_kwargs,
 )
 from megatron_bridge_ext.models.moe import (
     PER_EXPERT, first_k_dense_hf_field, first_k_dense_pattern, moe_hf_fields, moe_runtime_kwargs,
     routed_expert_mappings, router_mappings, shared_expert_mappings, shared_expert_size, sigmoid_router_hf_fields,
     sigmoid_router_kwargs,
+    ungated_shared_experts_hf_field,
 )
 from megatron_bridge_ext.models.mtp import RoutedExpertsWithMTP, mtp_kwargs, mtp_mappings
 from megatron_bridge_ext.models.tables import (
@@ -61,22 +63,16 @@ class Glm4MoeBridge(RoutedExpertsWithMTP, MegatronModelBridge):
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        wrong = {f: getattr(config, f) for f, want in (("normalization", "RMSNorm"), ("gated_linear_unit", True),
-                                                         ("add_bias_linear", False))
-                 if getattr(config, f) != want}
-        if wrong:
-            raise ValueError(f"{family}: these Megatron settings have no GLM-4.5 equivalent: {wrong}")
-        shared = config.moe_shared_expert_intermediate_size or 0
-        if shared % config.moe_ffn_hidden_size or config.moe_shared_expert_gate:
-            raise ValueError(f"{family}: shared experts of {shared} (gate {config.moe_shared_expert_gate}) are not a "
-                             f"whole number of ungated experts of {config.moe_ffn_hidden_size}")
+        refuse_megatron_settings(config, family, "GLM-4.5", (("normalization", "RMSNorm"), ("gated_linear_unit", True),
+                                                             ("add_bias_linear", False)))
+        n_shared = ungated_shared_experts_hf_field(config, family)
         hf = {**super().megatron_to_hf_config(config), **common_hf_fields(config)}
         hf.update(
             **rms_norm_hf_fields(config),
             **activation_hf_fields(config),
             attention_bias=bool(config.add_qkv_bias),
             use_qk_norm=bool(config.qk_layernorm),
-            n_shared_experts=shared // config.moe_ffn_hidden_size,
+            n_shared_experts=n_shared,
             first_k_dense_replace=first_k_dense_hf_field(config, family),
             num_nextn_predict_layers=config.mtp_num_layers or 0,
             **moe_hf_fields(config, "n_routed_experts"),

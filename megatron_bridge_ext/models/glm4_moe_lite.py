@@ -31,12 +31,15 @@ from typing import Any, Dict, List, Mapping
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.models.deepseek_v3 import mla_hf_fields, mla_megatron_kwargs
 from megatron_bridge_ext.models.hf_config import (
+    RMSNORM_GLU_NO_BIAS,
     activation_hf_fields, config_get, gated_activation_kwargs, model_size_hf_fields, rms_norm_hf_fields,
+    refuse_megatron_settings,
     rms_norm_kwargs,
 )
 from megatron_bridge_ext.models.moe import (
     PER_EXPERT, megatron_moe_pattern, moe_hf_fields, moe_runtime_kwargs, routed_expert_mappings, router_mappings,
     shared_expert_mappings, shared_expert_size, sigmoid_router_hf_fields, sigmoid_router_kwargs,
+    ungated_shared_experts_hf_field,
 )
 from megatron_bridge_ext.models.mtp import RoutedExpertsWithMTP, mtp_mappings
 from megatron_bridge_ext.models.tables import GPT_MODEL, H, embedding_mappings, gated_mlp_mappings, mla_mappings
@@ -143,22 +146,14 @@ class Glm4MoeLiteBridge(RoutedExpertsWithMTP, MegatronModelBridge):
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        wrong = {f: getattr(config, f) for f, want in (("normalization", "RMSNorm"), ("gated_linear_unit", True),
-                                                         ("add_bias_linear", False), ("add_qkv_bias", False),
-                                                         ("rotary_percent", 1.0))
-                 if getattr(config, f) != want}
-        if wrong:
-            raise ValueError(f"{family}: these Megatron settings have no GLM-4.7-Flash equivalent: {wrong}")
-        shared = config.moe_shared_expert_intermediate_size or 0
-        if shared % config.moe_ffn_hidden_size or config.moe_shared_expert_gate:
-            raise ValueError(f"{family}: shared experts of {shared} (gate {config.moe_shared_expert_gate}) are not a "
-                             f"whole number of ungated experts of {config.moe_ffn_hidden_size}")
+        refuse_megatron_settings(config, family, "GLM-4.7-Flash", (*RMSNORM_GLU_NO_BIAS, ("rotary_percent", 1.0)))
+        n_shared = ungated_shared_experts_hf_field(config, family)
         # Glm4MoeLiteConfig maps head_dim to qk_rope_head_dim itself; MLA writes its own rope_parameters
         hf = {**super().megatron_to_hf_config(config), **model_size_hf_fields(config, head_dim=False)}
         hf.update(
             **rms_norm_hf_fields(config),
             **activation_hf_fields(config),
-            n_shared_experts=shared // config.moe_ffn_hidden_size,
+            n_shared_experts=n_shared,
             mlp_layer_types=mlp_layer_types_hf_field(config),
             num_nextn_predict_layers=config.mtp_num_layers or 0,
             **mla_hf_fields(config, family),

@@ -26,6 +26,7 @@ from megatron_bridge_ext.models.hf_config import (
     common_hf_fields,
     common_megatron_kwargs,
     config_get,
+    refuse_megatron_settings,
     rms_norm_hf_fields,
     rms_norm_kwargs,
     window_hf_fields,
@@ -93,12 +94,9 @@ class GptOssBridge(MegatronModelBridge):
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        wrong = {f: getattr(config, f) for f, want in (
+        refuse_megatron_settings(config, family, "GPT-OSS", (
             ("normalization", "RMSNorm"), ("gated_linear_unit", True), ("activation_func", quick_gelu),
-            ("glu_linear_offset", 1.0), ("add_bias_linear", True), ("softmax_type", "learnable"))
-            if getattr(config, f) != want}
-        if wrong:
-            raise ValueError(f"{family}: these Megatron settings have no GPT-OSS equivalent: {wrong}")
+            ("glu_linear_offset", 1.0), ("add_bias_linear", True), ("softmax_type", "learnable")))
         hf = {**super().megatron_to_hf_config(config), **common_hf_fields(config)}
         router = softmax_router_hf_fields(config, family)
         if not router["norm_topk_prob"]:

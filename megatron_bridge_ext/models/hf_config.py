@@ -9,7 +9,7 @@ No piece writes a field that another family would have to remove.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from megatron_bridge_ext.mcore.config import YARN_FIELDS, GPTConfig
 
 __all__ = [
+    "RMSNORM_GLU_NO_BIAS",
+    "refuse_megatron_settings",
     "SLIDING",
     "FULL",
     "config_get",
@@ -566,3 +568,32 @@ def refuse_biases(config: GPTConfig, family: str, model: str) -> None:
     if config.add_bias_linear or config.add_qkv_bias:
         raise ValueError(f"{family}: add_bias_linear={config.add_bias_linear}, add_qkv_bias={config.add_qkv_bias}"
                          f": {model} has no biases")
+
+
+#: the Megatron settings of a model with RMSNorm, a gated MLP and no linear biases, for
+#: :func:`refuse_megatron_settings`
+RMSNORM_GLU_NO_BIAS = (("normalization", "RMSNorm"), ("gated_linear_unit", True), ("add_bias_linear", False),
+                       ("add_qkv_bias", False))
+
+
+def refuse_megatron_settings(config: GPTConfig, family: str, model: str, expected: Iterable[Tuple[str, Any]] = (),
+                             *, also: Optional[Mapping[str, Tuple[Any, Any]]] = None,
+                             wrong: Optional[Mapping[str, Any]] = None, show_expected: bool = False) -> None:
+    """For the export's config: the Megatron settings an HF model has no equivalent of.
+
+    Args:
+        expected: ``(field, wanted value)`` pairs read from ``config``.
+        also: ``field -> (got, wanted)`` pairs the caller computed (a normalised value).
+        wrong: ``field -> got`` already judged unsupported by the caller (a condition other than equality).
+        show_expected: name each wrong field as ``(got, expected)`` instead of its value alone.
+
+    Raises:
+        ValueError: naming every wrong field and its value, the family and the HF model.
+    """
+    checks = {f: (getattr(config, f), want) for f, want in expected}
+    checks.update(also or {})
+    found = {f: ((got, want) if show_expected else got) for f, (got, want) in checks.items() if got != want}
+    found.update(wrong or {})
+    if found:
+        detail = " (field: (got, expected))" if show_expected else ""
+        raise ValueError(f"{family}: these Megatron settings have no {model} equivalent{detail}: {found}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Tuple
 
-from megatron_bridge_ext.models.hf_config import config_get
+from megatron_bridge_ext.models.hf_config import config_get, refuse_megatron_settings
 from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.models.moe import (
     ExpertLayout, detect_expert_layout, megatron_moe_pattern, moe_runtime_kwargs, routed_expert_mappings,
@@ -176,12 +176,7 @@ class Llama4Bridge(LlamaBridge):
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        wrong = {f: getattr(config, f) for f, want in (
-            ("normalization", "RMSNorm"), ("gated_linear_unit", True), ("add_bias_linear", False),
-            ("add_qkv_bias", False), ("rotary_interleaved", True), ("qk_layernorm", False),
-            ("moe_router_score_function", "sigmoid"), ("moe_router_topk", 1), ("moe_apply_probs_on_input", True),
-            ("moe_router_enable_expert_bias", False), ("moe_shared_expert_gate", False))
-            if getattr(config, f) != want}
+        wrong = {}
         if not config.num_moe_experts:
             wrong["num_moe_experts"] = config.num_moe_experts
         elif config.moe_shared_expert_intermediate_size != config.moe_ffn_hidden_size:
@@ -189,8 +184,11 @@ class Llama4Bridge(LlamaBridge):
         scaling = config.moe_router_topk_scaling_factor
         if scaling not in (None, 1.0):
             wrong["moe_router_topk_scaling_factor"] = scaling
-        if wrong:
-            raise ValueError(f"{family}: these Megatron settings have no Llama 4 equivalent: {wrong}")
+        refuse_megatron_settings(config, family, "Llama 4", (
+            ("normalization", "RMSNorm"), ("gated_linear_unit", True), ("add_bias_linear", False),
+            ("add_qkv_bias", False), ("rotary_interleaved", True), ("qk_layernorm", False),
+            ("moe_router_score_function", "sigmoid"), ("moe_router_topk", 1), ("moe_apply_probs_on_input", True),
+            ("moe_router_enable_expert_bias", False), ("moe_shared_expert_gate", False)), wrong=wrong)
         layers = config.num_layers
         freq = config.no_rope_freq
         nope = ([1 if (i + 1) % freq == 0 else 0 for i in range(layers)] if isinstance(freq, int)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Mapping
 
-from megatron_bridge_ext.models.hf_config import config_get
+from megatron_bridge_ext.models.hf_config import config_get, refuse_megatron_settings
 from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.models.moe import (
     PER_EXPERT,
@@ -133,18 +133,14 @@ class MiniMaxM2Bridge(LlamaBridge):
         family = type(self).__name__
         check_whole_qk_norms(config, family)
         sigmoid_router_hf_fields(config, family)  # sigmoid scores with a correction bias, else refused
-        unsupported = {
-            "add_bias_linear": (config.add_bias_linear, False),
-            "add_qkv_bias": (config.add_qkv_bias, False),
+        refuse_megatron_settings(config, family, "MiniMax-M2", (
+            ("add_bias_linear", False), ("add_qkv_bias", False)), also={
             "window_size": (tuple(config.window_size) if config.window_size else None, None),
             "moe_layer_freq": (config.moe_layer_freq, 1),
             "moe_shared_expert_intermediate_size": (config.moe_shared_expert_intermediate_size, None),
             "moe_router_num_groups": (config.moe_router_num_groups or None, None),
             "moe_router_topk_scaling_factor": (float(config.moe_router_topk_scaling_factor or 1.0), 1.0),
-        }
-        wrong = {k: got for k, (got, want) in unsupported.items() if got != want}
-        if wrong:
-            raise ValueError(f"{family}: these Megatron settings have no MiniMax-M2 equivalent: {wrong}")
+        })
         hf = self.dense_hf_fields(config)
         hf.update(**moe_hf_fields(config, "num_local_experts", ffn_field="intermediate_size"),
                   rotary_dim=int(config.kv_channels * config.rotary_percent))

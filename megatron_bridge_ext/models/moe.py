@@ -27,7 +27,7 @@ __all__ = ["ExpertLayout", "PER_EXPERT", "detect_expert_layout", "family_expert_
            "router_mappings", "shared_expert_mappings", "moe_runtime_kwargs", "moe_hf_fields", "megatron_moe_pattern",
            "softmax_router_kwargs", "softmax_router_hf_fields", "sigmoid_router_kwargs", "sigmoid_router_hf_fields",
            "qwen_moe_pattern", "qwen_moe_pattern_hf_fields", "first_k_dense_pattern", "first_k_dense_hf_field",
-           "shared_expert_size"]
+           "shared_expert_size", "ungated_shared_experts_hf_field"]
 
 @dataclass(frozen=True)
 class ExpertLayout:
@@ -332,3 +332,17 @@ def family_expert_layout(bridge: Any, hf_state: Mapping[str, Any], hf_config: An
     return detect_expert_layout(hf_state, type(bridge).__name__, hidden_size=config_get(hf_config, "hidden_size"),
                                 expert_ffn=config_get(hf_config, ffn_field),
                                 num_experts=config_get(hf_config, experts_field), default=bridge.default_hf_layout)
+
+
+def ungated_shared_experts_hf_field(config: Any, family: str) -> int:
+    """HF ``n_shared_experts`` (DeepSeek-V3, GLM-4.5 layouts): Megatron's shared-expert width as a whole number of
+    routed experts, ungated.
+
+    Raises:
+        ValueError: a width that is not a multiple of ``moe_ffn_hidden_size``, or a shared-expert gate.
+    """
+    shared = config.moe_shared_expert_intermediate_size or 0
+    if shared % config.moe_ffn_hidden_size or config.moe_shared_expert_gate:
+        raise ValueError(f"{family}: shared experts of {shared} (gate {config.moe_shared_expert_gate}) are not a "
+                         f"whole number of ungated experts of {config.moe_ffn_hidden_size}")
+    return shared // config.moe_ffn_hidden_size

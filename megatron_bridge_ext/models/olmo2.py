@@ -27,6 +27,7 @@ from typing import Any, Dict, Mapping
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.models.hf_config import (
     FULL,
+    RMSNORM_GLU_NO_BIAS,
     SLIDING,
     activation_hf_fields,
     common_megatron_kwargs,
@@ -35,6 +36,7 @@ from megatron_bridge_ext.models.hf_config import (
     layer_type_rope_hf_fields,
     layer_type_rope_kwargs,
     model_size_hf_fields,
+    refuse_megatron_settings,
     rms_norm_hf_fields,
     rms_norm_kwargs,
     rope_hf_fields,
@@ -99,18 +101,12 @@ class Olmo2Bridge(MegatronModelBridge):
 
     def _check_megatron(self, config: Any) -> None:
         family = type(self).__name__
-        wrong = {}
-        for field, want in (("normalization", "RMSNorm"), ("layernorm_zero_centered_gamma", False),
-                            ("gated_linear_unit", True), ("add_bias_linear", False), ("add_qkv_bias", False),
-                            ("embedding_scale", None), ("attn_logit_softcapping", None),
-                            ("final_logit_softcapping", None), *POST_NORMS.items()):
-            if getattr(config, field) != want:
-                wrong[field] = (getattr(config, field), want)
-        if config.softmax_scale is not None and config.softmax_scale != config.kv_channels ** -0.5:
-            wrong["softmax_scale"] = (config.softmax_scale, None)
-        if wrong:
-            raise ValueError(f"{family}: these Megatron settings have no {self.hf_architecture} equivalent "
-                             f"(field: (got, expected)): {wrong}")
+        scale = config.softmax_scale
+        refuse_megatron_settings(config, family, self.hf_architecture, (
+            *RMSNORM_GLU_NO_BIAS, ("layernorm_zero_centered_gamma", False), ("embedding_scale", None),
+            ("attn_logit_softcapping", None), ("final_logit_softcapping", None), *POST_NORMS.items()),
+            also={"softmax_scale": (None if scale == config.kv_channels ** -0.5 else scale, None)},
+            show_expected=True)
         check_whole_qk_norms(config, family)
 
     def _window_hf_fields(self, config: Any) -> Dict[str, Any]:
