@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 import torch
 
@@ -101,7 +101,7 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
             exported = bridge.model_bridge.stream_weights_megatron_to_hf(
                 chunks, None, hf_config=bridge.hf_config, dst=0, copy=False, show_progress=show,
                 conversion_tasks=tasks, materialize=materialize, **extra)
-            seen = _compare(exported, src, rows).pop("seen")
+            seen = _compare(exported, src, rows)
         if rank == 0:
             rows["missing"] = [name for name in src.keys() if name not in seen]
         compare_s = clock() - load_s
@@ -129,10 +129,10 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
         destroy_parallel()
 
 
-def _compare(exported: Any, src: Any, rows: Dict[str, Any]) -> Dict[str, Any]:
+def _compare(exported: Any, src: Any, rows: Dict[str, Any]) -> Set[str]:
     """Every ``(name, tensor)`` of ``exported`` against the HF source's tensor of that name (``torch.equal`` in the
-    exported dtype: an HF tensor of another dtype is cast to it first, as import does); returns ``rows`` filled in,
-    with ``seen`` (the names exported)."""
+    exported dtype: an HF tensor of another dtype is cast to it first, as import does), counted into ``rows``;
+    returns the names exported."""
     seen = set()
     for name, tensor in exported:  # rank 0 only receives
         seen.add(name)
@@ -149,8 +149,7 @@ def _compare(exported: Any, src: Any, rows: Dict[str, Any]) -> Dict[str, Any]:
             diff = "shape %s vs %s" % (tuple(ref.shape), tuple(tensor.shape)) if ref.shape != tensor.shape \
                 else f"{int((ref != tensor).sum())} of {ref.numel()} values differ"
             rows["mismatched"].append(f"{name} ({diff})")
-    rows["seen"] = seen
-    return rows
+    return seen
 
 
 def verify_checksums(meg_dir: str) -> Dict[str, Any]:
