@@ -332,6 +332,7 @@ class AutoBridge:
                     if getattr(e, "bridge_context", False) or isinstance(e, OSError):
                         raise
                     raise conversion_error(e, f"writing HF tensor {name} to {staged.target}") from e
+                tensor = None  # written: not held while the stream makes the next one
             summary = writer.close()
         watch.set_phase("save_hf_pretrained: swap")
         summary.update(staged.commit())

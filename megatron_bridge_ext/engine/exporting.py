@@ -226,6 +226,8 @@ class ExportLoop:
                 continue
             for name, tensor in converter.convert(plan, views):
                 yield HFWeightTuple(name, tensor)
+            # nothing of this bucket is held while the next one is made (the streamed export reads it then)
+            name = tensor = views = None
 
 
 def _export_runs(task: WeightConversionTask, shards: Any, ctx: ConversionContext, max_bytes: int

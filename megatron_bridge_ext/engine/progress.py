@@ -23,4 +23,5 @@ def progress(items: Iterable[Any], description: str, show: bool, total: Optional
         tid = bar.add_task(description, total=total)
         for item in items:
             yield item
+            item = None  # not held while the next item is made (a bucket of the streamed export: memory bound)
             bar.advance(tid)

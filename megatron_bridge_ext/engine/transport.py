@@ -306,10 +306,9 @@ class Transport:
                     if task.is_group:  # a layer's experts: read by the consumer, in runs (ExpertsToLoad)
                         views.append(ExpertsToLoad(materialize, task.local_tensors))
                         continue
-                    values = materialize.load(task.local_tensors)
-                    views.append([values[0].view(m.shape)])
+                    views.append([materialize.load(task.local_tensors)[0].view(m.shape)])
                 yield plan, views
-                del views
+                views.clear()  # the consumer's reference too: nothing of this bucket is held while the next is read
                 continue
             if plan.direct:  # the destination owns the whole bucket: hand out the parameters themselves
                 yield plan, [[task.param_weight.detach()] for task, _ in plan.layout]

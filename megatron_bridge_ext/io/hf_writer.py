@@ -483,8 +483,10 @@ def save_hf_tensors(
                 task = progress.add_task("saving HF tensors", total=len(expected))
                 for name, tensor in named_tensors:
                     writer.add(name, tensor)
+                    tensor = None  # written: not held while the next one is made
                     progress.advance(task)
         else:
             for name, tensor in named_tensors:
                 writer.add(name, tensor)
+                tensor = None  # written: not held while the next one is made
         return writer.close()
