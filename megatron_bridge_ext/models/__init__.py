@@ -5,6 +5,7 @@ tables), ``moe`` (expert layouts, experts, routers, MoE patterns), ``mtp`` (mult
 
 from megatron_bridge_ext.models import (  # noqa: F401
     deepseek_v3,
+    deepseek_v32,
     gemma2,
     gemma3,
     gemma4,
@@ -27,6 +28,7 @@ from megatron_bridge_ext.models import (  # noqa: F401
 
 __all__ = [
     "deepseek_v3",
+    "deepseek_v32",
     "gemma2",
     "gemma3",
     "gemma4",
