@@ -29,7 +29,7 @@ from typing import Any, Dict, List
 
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.mappings import MegatronParamMapping, ReplicatedMapping
-from megatron_bridge_ext.mcore.versions import installed_megatron_core, megatron_core_version
+from megatron_bridge_ext.mcore.versions import require_megatron_core_for
 from megatron_bridge_ext.models.glm4_moe_lite import Glm4MoeLiteBridge
 from megatron_bridge_ext.models.hf_config import config_get
 from megatron_bridge_ext.models.moe import first_k_dense_hf_field, router_mappings, routed_expert_mappings, \
@@ -53,12 +53,8 @@ def require_dsa_megatron_core(architecture: str) -> None:
     Raises:
         ValueError: megatron-core older than 0.19 (naming the architecture and the installed version).
     """
-    version = megatron_core_version()
-    if version < DSA_MIN_MEGATRON_CORE:
-        installed = installed_megatron_core() or ".".join(map(str, version))
-        raise ValueError(f"{architecture}: DeepSeek sparse attention (experimental_attention_variant='dsa') needs "
-                         f"megatron-core >= {'.'.join(map(str, DSA_MIN_MEGATRON_CORE))}; megatron-core {installed} "
-                         "is installed")
+    require_megatron_core_for(DSA_MIN_MEGATRON_CORE, architecture,
+                              "DeepSeek sparse attention (experimental_attention_variant='dsa')")
 
 
 def dsa_megatron_kwargs(hf_config: Any, family: str, *, rope_interleaved: bool) -> Dict[str, Any]:
