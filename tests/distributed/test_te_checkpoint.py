@@ -80,6 +80,7 @@ CASES = {
 # (its AbsorbedMLA needs sequence parallelism at TP > 1)
 DSA_CASES = {
     "deepseek_v32_mtp": (MOE_W, dict(tp=1, pp=2), False),
+    "glm_moe_dsa": (MOE_W, dict(tp=1, pp=2), False),  # top-k sharing: each stage starts on a full layer
 }
 HAS_DSA = megatron_core_version() >= (0, 19, 0)
 if HAS_DSA:
@@ -109,6 +110,7 @@ ARCHITECTURES = {
     "olmoe": "OlmoeForCausalLM",
     "minimax_m2": "MiniMaxM2ForCausalLM",
     "deepseek_v32_mtp": "DeepseekV32ForCausalLM",
+    "glm_moe_dsa": "GlmMoeDsaForCausalLM",
 }
 
 
@@ -156,6 +158,10 @@ def _make_checkpoints(root: str) -> dict:
 
             model = deepseek_v32._make_checkpoint(path + "_base", seed=4)
             deepseek_v32._write_mtp(path + "_base", path, model, seed=5)
+        elif name == "glm_moe_dsa":  # its own test's model: indexers in the full layers only (top-k sharing)
+            import test_glm_moe_dsa as glm_moe_dsa
+
+            glm_moe_dsa._make_checkpoint(path, seed=4)
         elif name.endswith("_mtp"):
             family = name[:-len("_mtp")]
             model = moe._make_checkpoint(path + "_base", family, seed=4)
@@ -443,9 +449,10 @@ def test_dsa_families_refused_before_0_19(name, tmp_path):
 
     sys.path.insert(0, HERE)
     import test_deepseek_v32 as deepseek_v32
+    import test_glm_moe_dsa as glm_moe_dsa
 
     path = str(tmp_path / "hf")
-    deepseek_v32._make_checkpoint(path, seed=4)
+    {"deepseek_v32_mtp": deepseek_v32, "glm_moe_dsa": glm_moe_dsa}[name]._make_checkpoint(path, seed=4)
     with pytest.raises(ValueError, match=rf"{ARCHITECTURES[name]}: .*megatron-core >= 0\.19\.0; megatron-core "
                                          rf"{installed_megatron_core()} is installed"):
         AutoBridge.from_hf_pretrained(path).save_megatron_checkpoint(str(tmp_path / "out"), spec="te")

@@ -35,6 +35,7 @@ def test_supported_models_are_the_proven_families():
         "Gemma4ForCausalLM",
         "Glm4MoeForCausalLM",
         "Glm4MoeLiteForCausalLM",
+        "GlmMoeDsaForCausalLM",
         "GptOssForCausalLM",
         "Llama4ForCausalLM",
         "LlamaForCausalLM",
