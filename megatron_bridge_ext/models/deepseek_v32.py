@@ -19,8 +19,9 @@ DeepSeek sparse attention (DSA): a lightning indexer per layer picks the ``index
 - AbsorbedMLA needs sequence parallelism at TP > 1: :meth:`DeepseekV32Bridge.transformer_config` turns it on.
 
 Not converted: megatron-core < 0.19, ``index_topk`` sharing across layers (GLM-MoE-DSA's), an indexer loss
-(training only), the MLA refusals of DeepSeek-V3 (``attention_bias``, YaRN ``truncate=False``). In bf16 models HF
-keeps ``indexer.weights_proj`` fp32; the converted Megatron parameter takes the model's dtype.
+(training only), the MLA refusals of DeepSeek-V3 (``attention_bias``, YaRN ``truncate=False``). transformers keeps
+``indexer.weights_proj`` fp32 in fp16 models only (``_keep_in_fp32_modules``; bf16 models hold it bf16, as the
+converted model does); an fp16 conversion gives it the model's dtype.
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.mcore.versions import megatron_core_version  # noqa: E402
 from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
-from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint, randomise  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import (  # noqa: E402
+    make_tiny_checkpoint, randomise, save_transformers_bf16,
+)
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 ARCH = "DeepseekV32ForCausalLM"
@@ -57,6 +59,7 @@ INDEXER = {"linear_wq_b.weight": "wq_b.weight", "linear_wk.weight": "wk.weight",
 LAYOUTS = [("tp2", 2, 1, None, 1), ("pp2", 1, 2, None, 1), ("tp2pp2", 2, 2, None, 1), ("ep2", 1, 1, None, 2),
            ("tp2ep2", 2, 1, None, 2), ("pp2ep2", 1, 2, None, 2), ("pp2vpp2", 1, 2, 2, 1)]
 NO_SOURCE = "pp2ep2"
+BF16 = ("bf16_tp2ep2", 2, 1, None, 2)  # transformers' own bf16 save, params_dtype from config.json
 IDS = [layout[0] for layout in LAYOUTS]
 
 needs_dsa = pytest.mark.skipif(not HAS_DSA, reason="megatron-core < 0.19 has no DSA (the refusal is tested below)")
@@ -183,7 +186,27 @@ def _check_experts(chunks, sd, ep_rank, ep, etp_rank, etp):
     return bad, layers
 
 
-def _worker(rank, world, ckpt, tokens, out_root):
+def _check_fp32_kept(chunks, sd):
+    """(mismatches, fp32 tensors seen): the router weights / expert biases are fp32 and equal the file's; every other
+    floating parameter but the norms (the indexers' included) is bf16."""
+    bad, seen = [], 0
+    for chunk in chunks:
+        for n, layer in _layers(chunk):
+            want = {"mlp.router.weight": f"model.layers.{n}.mlp.gate.weight",
+                    "mlp.router.expert_bias": f"model.layers.{n}.mlp.gate.e_score_correction_bias"}
+            for name, tensor in list(layer.named_parameters()) + list(layer.named_buffers()):
+                if name in want:
+                    seen += 1
+                    hf = sd[want[name]]
+                    if tensor.dtype != torch.float32 or hf.dtype != torch.float32 or not torch.equal(tensor, hf):
+                        bad.append(f"layer {n} {name}: {tensor.dtype} vs HF {hf.dtype}")
+                elif "norm" not in name and tensor.is_floating_point() and tensor.dtype != torch.bfloat16 and \
+                        "expert_bias" not in name and "local_tokens_per_expert" not in name:
+                    bad.append(f"layer {n} {name}: {tensor.dtype}")
+    return bad, seen
+
+
+def _worker(rank, world, ckpt, tokens, out_root, bf16_ckpt):
     from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
@@ -217,6 +240,13 @@ def _worker(rank, world, ckpt, tokens, out_root):
         results[name] = r
         destroy_parallel()
         dist.barrier()
+    name, tp, pp, vpp, ep = BF16
+    init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp)
+    bridge = AutoBridge.from_hf_pretrained(bf16_ckpt)
+    chunks = bridge.to_megatron_model()  # params_dtype from config.json: bf16
+    results[name] = _check_fp32_kept(chunks, load_file(os.path.join(bf16_ckpt, "model.safetensors")))
+    bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), bucket_bytes=64 * 1024, show_progress=False)
+    destroy_parallel()
     return results
 
 
@@ -238,8 +268,9 @@ def world(tmp_path_factory):
     layer, mtp = _write_mtp(native, ckpt, model, seed=41)
     hf_mtp = _mtp_reference_logits(model, layer, mtp, tokens)
     out_root = str(root / "out")
-    per_rank = spawn_local(_worker, 4, (ckpt, tokens, out_root), timeout=900) if HAS_DSA else None
-    return ckpt, out_root, per_rank, hf, dense, hf_mtp, tokens
+    bf16 = save_transformers_bf16(model, str(root / "hf_bf16"))
+    per_rank = spawn_local(_worker, 4, (ckpt, tokens, out_root, bf16), timeout=900) if HAS_DSA else None
+    return ckpt, out_root, per_rank, hf, dense, hf_mtp, tokens, bf16
 
 
 def _assert_same_tensors(src_dir, dst_dir):
@@ -253,7 +284,7 @@ def _assert_same_tensors(src_dir, dst_dir):
 def test_the_checkpoint_has_what_the_tests_claim(world):
     """Random latent and indexer norms (the LayerNorm bias non-zero), an indexer in every layer and the MTP layer,
     and a top-k that changes transformers' logits (the sparse selection is exercised)."""
-    ckpt, _, _, hf, dense, _, _ = world
+    ckpt, _, _, hf, dense, _, _, _ = world
     with SafeTensorsSource(ckpt) as src:
         keys = set(src.keys())
         for key in ("model.layers.1.self_attn.q_a_layernorm.weight", "model.layers.0.self_attn.indexer.k_norm.weight",
@@ -270,7 +301,7 @@ def test_the_checkpoint_has_what_the_tests_claim(world):
 @needs_dsa
 @pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
 def test_logits_match_hf(world, name, tp, pp, vpp, ep):
-    _, _, per_rank, hf, _, _, _ = world
+    _, _, per_rank, hf, _, _, _, _ = world
     diff = (per_rank[0][name]["logits"] - hf).abs().max().item()
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
     assert per_rank[0][name]["sequence_parallel"] == (tp > 1)  # AbsorbedMLA's requirement at TP > 1
@@ -279,7 +310,7 @@ def test_logits_match_hf(world, name, tp, pp, vpp, ep):
 @needs_dsa
 @pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
 def test_mtp_logits_match_the_reference(world, name, tp, pp, vpp, ep):
-    _, _, per_rank, _, _, hf_mtp, _ = world
+    _, _, per_rank, _, _, hf_mtp, _, _ = world
     got = per_rank[0][name]["mtp_logits"]
     assert len(got) == 1
     diff = (got[0] - hf_mtp).abs().max().item()
@@ -290,7 +321,7 @@ def test_mtp_logits_match_the_reference(world, name, tp, pp, vpp, ep):
 @pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
 def test_indexer_is_replicated_on_every_rank(world, name, tp, pp, vpp, ep):
     """Every rank holds the whole HF indexer tensors of its layers (decoder and MTP): 5 layers over pp stages."""
-    _, _, per_rank, _, _, _, _ = world
+    _, _, per_rank, _, _, _, _, _ = world
     for rank, r in enumerate(per_rank):
         bad, seen = r[name]["indexers"]
         assert seen > 0 and bad == [], (rank, bad[:6])
@@ -301,7 +332,7 @@ def test_indexer_is_replicated_on_every_rank(world, name, tp, pp, vpp, ep):
 @pytest.mark.parametrize("name,tp,pp,vpp,ep", [c for c in LAYOUTS if c[4] > 1], ids=[c[0] for c in LAYOUTS
                                                                                    if c[4] > 1])
 def test_local_experts_are_the_hf_global_experts(world, name, tp, pp, vpp, ep):
-    _, _, per_rank, _, _, _, _ = world
+    _, _, per_rank, _, _, _, _, _ = world
     for rank, r in enumerate(per_rank):
         bad, layers = r[name]["experts"]
         assert layers > 0 and bad == [], (rank, bad[:6])
@@ -311,13 +342,13 @@ def test_local_experts_are_the_hf_global_experts(world, name, tp, pp, vpp, ep):
 @needs_dsa
 @pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
 def test_round_trip_bit_exact(world, name, tp, pp, vpp, ep):
-    ckpt, out_root, _, _, _, _, _ = world
+    ckpt, out_root, _, _, _, _, _, _ = world
     _assert_same_tensors(ckpt, os.path.join(out_root, name))
 
 
 @needs_dsa
 def test_export_without_source_loads_in_transformers(world):
-    ckpt, out_root, _, hf, _, _, tokens = world
+    ckpt, out_root, _, hf, _, _, tokens, _ = world
     out = os.path.join(out_root, "nosource")
     _assert_same_tensors(ckpt, out)
     with open(os.path.join(out, "config.json")) as f:
@@ -327,6 +358,21 @@ def test_export_without_source_loads_in_transformers(world):
     assert cfg["first_k_dense_replace"] == 1 and cfg["num_nextn_predict_layers"] == 1
     diff = (hf_logits(out, tokens) - hf).abs().max().item()
     assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
+
+
+@needs_dsa
+def test_bf16_round_trip_keeps_fp32_routers(world):
+    """transformers' own bf16 save keeps the routers fp32 and the indexer bf16 (its ``_keep_in_fp32_modules``
+    ``indexer.weights_proj`` applies to fp16 only): at TP2 x EP2 the Megatron routers are fp32, equal to the file's,
+    the rest bf16 (norms apart), and the export is the file, dtypes included."""
+    _, out_root, per_rank, _, _, _, _, bf16 = world
+    with SafeTensorsSource(bf16) as src:
+        assert src["model.layers.1.self_attn.indexer.weights_proj.weight"].dtype == torch.bfloat16
+        assert src["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    for rank, r in enumerate(per_rank):
+        bad, seen = r[BF16[0]]
+        assert bad == [] and seen == 2 * len(SPARSE), (rank, bad[:6], seen)  # routers: weight + bias
+    _assert_same_tensors(bf16, os.path.join(out_root, BF16[0]))
 
 
 @pytest.mark.skipif(HAS_DSA, reason="megatron-core >= 0.19 converts the family (the tests above)")
