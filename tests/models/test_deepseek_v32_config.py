@@ -155,3 +155,25 @@ def test_refused_before_megatron_core_0_19():
         bridge.transformer_config(_config())
     with pytest.raises(ValueError, match=refusal):
         bridge.megatron_to_hf_config(None)
+
+
+@needs_dsa
+def test_megatron_lm_args_carry_the_dsa_settings_and_read_back():
+    """The Megatron-LM ``args`` stored with an imported checkpoint carry the DSA fields (what
+    ``--use-checkpoint-args`` rebuilds the model from), and a config read back from them (``--hf-architecture``)
+    is the same config."""
+    from megatron_bridge_ext.mcore.checkpoint import config_from_megatron_lm_args
+    from megatron_bridge_ext.mcore.config import config_to_dict
+    from megatron_bridge_ext.mcore.megatron_lm_args import megatron_lm_namespace
+
+    bridge = get_model_bridge(ARCH)
+    config = bridge.transformer_config(_config(rms_norm_eps=1e-6))
+    args = megatron_lm_namespace(config, {"tp": 1, "pp": 1, "world": 1})
+    assert args.experimental_attention_variant == "dsa"
+    assert (args.dsa_indexer_n_heads, args.dsa_indexer_head_dim, args.dsa_indexer_topk) == (4, 16, 7)
+    assert not args.dsa_indexer_rotate_activation and args.dsa_indexer_k_norm_epsilon == 1e-6
+    back = config_from_megatron_lm_args(args, bridge, where="deepseek_v32")
+    a, b = config_to_dict(config), config_to_dict(back)
+    diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)
+            and k not in ("init_method", "output_layer_init_method", "embedding_init_method")}
+    assert not diff, diff
