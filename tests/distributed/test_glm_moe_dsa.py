@@ -18,12 +18,17 @@ tensors; the export against the source (key set, dtypes, ``torch.equal``). From 
 source that equals the source and that transformers loads with the source model's logits (``indexer_types``
 included). PP2 x VPP2 (one layer per virtual stage: stages starting on shared layers) is refused by name in
 ``tests/models/test_glm_moe_dsa_config.py``.
+
+Multi-token prediction: a second checkpoint with every indexer full (transformers' default schedule) and one MTP
+layer (a transformers GLM-5 MoE decoder layer with its indexer; ``test_deepseek_v32.py``'s writer and plain
+reference), at TP2 x EP2 and PP2 x VPP2: logits, MTP logits and the bit-exact round trip.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -55,6 +60,9 @@ INDEXER = {"linear_wq_b.weight": "wq_b.weight", "linear_wk.weight": "wk.weight",
 LAYOUTS = [("tp2", 2, 1, None, 1), ("pp2", 1, 2, None, 1), ("tp2pp2", 2, 2, None, 1), ("ep2", 1, 1, None, 2),
            ("tp2ep2", 2, 1, None, 2), ("pp2ep2", 1, 2, None, 2)]
 NO_SOURCE = "pp2ep2"
+# every indexer full (transformers' default schedule) with a multi-token-prediction layer: also at PP2 x VPP2
+FULL_MTP = {k: v for k, v in CONFIG.items() if k not in ("index_topk_freq", "index_skip_topk_offset")}
+MTP_LAYOUTS = [("mtp_tp2ep2", 2, 1, None, 2), ("mtp_pp2vpp2", 1, 2, 2, 1)]
 IDS = [layout[0] for layout in LAYOUTS]
 
 needs_dsa = pytest.mark.skipif(not HAS_DSA, reason="megatron-core < 0.19 has no DSA (the refusal is tested below)")
@@ -106,7 +114,7 @@ def _check_experts(chunks, sd, ep_rank, ep, etp_rank, etp):
     return bad, layers
 
 
-def _worker(rank, world, ckpt, tokens, out_root):
+def _worker(rank, world, ckpt, tokens, out_root, mtp_ckpt):
     from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
@@ -115,7 +123,7 @@ def _worker(rank, world, ckpt, tokens, out_root):
     from safetensors.torch import load_file
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.mcore.forward import megatron_logits
+    from megatron_bridge_ext.mcore.forward import megatron_logits, megatron_logits_with_mtp
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
     sd = load_file(os.path.join(ckpt, "model.safetensors"))  # a plain reading of the file
@@ -137,6 +145,15 @@ def _worker(rank, world, ckpt, tokens, out_root):
         if rank != 0:
             r.pop("logits")
         results[name] = r
+        destroy_parallel()
+        dist.barrier()
+    for name, tp, pp, vpp, ep in MTP_LAYOUTS:
+        init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp if ep > 1 else None)
+        bridge = AutoBridge.from_hf_pretrained(mtp_ckpt)
+        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
+        logits, mtp_logits = megatron_logits_with_mtp(chunks, tokens)
+        results[name] = {"logits": logits, "mtp_logits": mtp_logits} if rank == 0 else {}
+        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), bucket_bytes=64 * 1024, show_progress=False)
         destroy_parallel()
         dist.barrier()
     return results
@@ -165,9 +182,21 @@ def world(tmp_path_factory):
             if layer.self_attn.indexer is not None:
                 layer.self_attn.indexer.index_topk = CONFIG["index_topk"]
         own = unshared(tokens, use_cache=False).logits.float()
+    # the all-full model with one MTP layer (test_deepseek_v32's writer and reference: a transformers MoE decoder
+    # layer of this family with its indexer, random enorm / hnorm / eh_proj / shared_head.norm)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_deepseek_v32 as deepseek_v32
+
+    full = _make_checkpoint(str(root / "hf_full"), seed=33, config=FULL_MTP)
+    mtp_ckpt = str(root / "hf_full_mtp")
+    layer, mtp = deepseek_v32._write_mtp(str(root / "hf_full"), mtp_ckpt, full, seed=43)
+    with torch.no_grad():
+        full_hf = full(tokens, use_cache=False).logits.float()
+    full_mtp = deepseek_v32._mtp_reference_logits(full, layer, mtp, tokens)
     out_root = str(root / "out")
-    per_rank = spawn_local(_worker, 4, (ckpt, tokens, out_root), timeout=900) if HAS_DSA else None
-    return ckpt, out_root, per_rank, hf, dense, own, missing, tokens
+    per_rank = spawn_local(_worker, 4, (ckpt, tokens, out_root, mtp_ckpt), timeout=900) if HAS_DSA else None
+    world = (ckpt, out_root, per_rank, hf, dense, own, missing, tokens)
+    return world + ((mtp_ckpt, full_hf, full_mtp),)
 
 
 def _assert_same_tensors(src_dir, dst_dir):
@@ -181,7 +210,7 @@ def _assert_same_tensors(src_dir, dst_dir):
 def test_the_checkpoint_has_what_the_tests_claim(world):
     """Indexers in the full layers only, a random k_norm with a non-zero bias, and both the sparsity and the
     sharing change transformers' logits."""
-    ckpt, _, _, hf, dense, own, missing, _ = world
+    ckpt, _, _, hf, dense, own, missing, _, _ = world
     with open(os.path.join(ckpt, "config.json")) as f:
         assert json.load(f)["indexer_types"] == TYPES
     with SafeTensorsSource(ckpt) as src:
@@ -197,7 +226,7 @@ def test_the_checkpoint_has_what_the_tests_claim(world):
 @needs_dsa
 @pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
 def test_logits_match_hf(world, name, tp, pp, vpp, ep):
-    _, _, per_rank, hf, _, _, _, _ = world
+    _, _, per_rank, hf, _, _, _, _, _ = world
     diff = (per_rank[0][name]["logits"] - hf).abs().max().item()
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
     assert per_rank[0][name]["sharing"] == (2, 1)
@@ -206,7 +235,7 @@ def test_logits_match_hf(world, name, tp, pp, vpp, ep):
 @needs_dsa
 @pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
 def test_indexers_are_replicated_in_the_full_layers_only(world, name, tp, pp, vpp, ep):
-    _, _, per_rank, _, _, _, _, _ = world
+    _, _, per_rank, _, _, _, _, _, _ = world
     for rank, r in enumerate(per_rank):
         bad, full, shared = r[name]["indexers"]
         assert bad == [] and full == shared == 2 // pp, (rank, bad[:6], full, shared)
@@ -216,7 +245,7 @@ def test_indexers_are_replicated_in_the_full_layers_only(world, name, tp, pp, vp
 @pytest.mark.parametrize("name,tp,pp,vpp,ep", [c for c in LAYOUTS if c[4] > 1], ids=[c[0] for c in LAYOUTS
                                                                                    if c[4] > 1])
 def test_local_experts_are_the_hf_global_experts(world, name, tp, pp, vpp, ep):
-    _, _, per_rank, _, _, _, _, _ = world
+    _, _, per_rank, _, _, _, _, _, _ = world
     for rank, r in enumerate(per_rank):
         bad, layers = r[name]["experts"]
         assert layers > 0 and bad == [], (rank, bad[:6])
@@ -226,13 +255,13 @@ def test_local_experts_are_the_hf_global_experts(world, name, tp, pp, vpp, ep):
 @needs_dsa
 @pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
 def test_round_trip_bit_exact(world, name, tp, pp, vpp, ep):
-    ckpt, out_root, _, _, _, _, _, _ = world
+    ckpt, out_root, _, _, _, _, _, _, _ = world
     _assert_same_tensors(ckpt, os.path.join(out_root, name))
 
 
 @needs_dsa
 def test_export_without_source_loads_in_transformers(world):
-    ckpt, out_root, _, hf, _, _, _, tokens = world
+    ckpt, out_root, _, hf, _, _, _, tokens, _ = world
     out = os.path.join(out_root, "nosource")
     _assert_same_tensors(ckpt, out)
     with open(os.path.join(out, "config.json")) as f:
@@ -241,6 +270,24 @@ def test_export_without_source_loads_in_transformers(world):
     assert cfg["indexer_types"] == TYPES and cfg["index_topk"] == 5 and cfg["num_nextn_predict_layers"] == 0
     diff = (hf_logits(out, tokens) - hf).abs().max().item()
     assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
+
+
+@needs_dsa
+@pytest.mark.parametrize("name,tp,pp,vpp,ep", MTP_LAYOUTS, ids=[c[0] for c in MTP_LAYOUTS])
+def test_all_full_model_with_mtp_layer(world, name, tp, pp, vpp, ep):
+    """Every indexer full (no sharing) and one MTP layer with its indexer: logits and MTP logits against
+    transformers and the plain MTP reference, and the bit-exact round trip (PP2 x VPP2 too: no shared layer can
+    start a stage)."""
+    _, out_root, per_rank, _, _, _, _, _, (mtp_ckpt, full_hf, full_mtp) = world
+    r = per_rank[0][name]
+    diff = (r["logits"] - full_hf).abs().max().item()
+    assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e}"
+    assert len(r["mtp_logits"]) == 1
+    diff = (r["mtp_logits"][0] - full_mtp).abs().max().item()
+    assert diff <= MEGATRON_VS_HF_ATOL and full_mtp.abs().max().item() > 1.0, f"{name}: MTP max |diff| {diff:.3e}"
+    with SafeTensorsSource(mtp_ckpt) as src:
+        assert "model.layers.4.self_attn.indexer.wq_b.weight" in src.keys()
+    _assert_same_tensors(mtp_ckpt, os.path.join(out_root, name))
 
 
 @pytest.mark.skipif(HAS_DSA, reason="megatron-core >= 0.19 converts the family (the tests above)")
