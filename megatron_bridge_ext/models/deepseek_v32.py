@@ -16,7 +16,7 @@ DeepSeek sparse attention (DSA): a lightning indexer per layer picks the ``index
   megatron's rotation needs ``fast_hadamard_transform`` and bf16 inputs).
 - MLP pattern: ``mlp_layer_types`` (what transformers builds), which must agree with ``first_k_dense_replace``
   (``glm4_moe_lite.mlp_layer_types_pattern``); MTP layers read from the keys, each of the last decoder layer's kind.
-- AbsorbedMLA needs sequence parallelism at TP > 1: :meth:`DeepseekV32Bridge.transformer_config` turns it on.
+- AbsorbedMLA needs sequence parallelism at TP > 1: ``mcore.config.build_gpt_config`` turns it on for DSA configs.
 
 Not converted: megatron-core < 0.19, ``index_topk`` sharing across layers (GLM-MoE-DSA's), an indexer loss
 (training only), the MLA refusals of DeepSeek-V3 (``attention_bias``, YaRN ``truncate=False``). transformers keeps
@@ -115,13 +115,12 @@ def indexer_mappings(attn: str = "self_attn") -> List[MegatronParamMapping]:
 
 
 class DSABridgeMixin:
-    """Config hooks of the DSA families: the megatron-core version check and sequence parallelism at TP > 1
-    (megatron's ``AbsorbedMLASelfAttention`` asserts it). Listed before the bridge classes."""
+    """Config hooks of the DSA families: the megatron-core version check, both ways (sequence parallelism at TP > 1,
+    which megatron's ``AbsorbedMLASelfAttention`` asserts, is set by ``mcore.config.build_gpt_config`` for every
+    DSA config, a stored one included). Listed before the bridge classes."""
 
     def transformer_config(self, hf_config: Any, **overrides: Any):
         require_dsa_megatron_core(self.hf_architecture or type(self).__name__)
-        if int(overrides.get("tensor_model_parallel_size", 1) or 1) > 1:
-            overrides.setdefault("sequence_parallel", True)
         return super().transformer_config(hf_config, **overrides)
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:

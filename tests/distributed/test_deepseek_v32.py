@@ -375,6 +375,20 @@ def test_bf16_round_trip_keeps_fp32_routers(world):
     _assert_same_tensors(bf16, os.path.join(out_root, BF16[0]))
 
 
+@needs_dsa
+def test_streamed_import_then_export_at_another_layout_is_the_source(world, tmp_path):
+    """``import`` as the command line runs it by default (streamed by 2 ranks, TE spec keys, layout EP2 recorded),
+    then ``export`` at TP2 x PP2 (the stored config read at TP2: sequence parallel, as DSA needs): the source,
+    bit-exact, MTP layer included."""
+    from megatron_bridge_ext.cli.export import export_checkpoint
+    from megatron_bridge_ext.cli.import_hf import import_checkpoint
+
+    ckpt = world[0]
+    import_checkpoint(ckpt, str(tmp_path / "mg"), ep=2, ranks=2, backend="gloo")
+    export_checkpoint(str(tmp_path / "mg"), str(tmp_path / "hf"), tp=2, pp=2, backend="gloo")
+    _assert_same_tensors(ckpt, str(tmp_path / "hf"))
+
+
 @pytest.mark.skipif(HAS_DSA, reason="megatron-core >= 0.19 converts the family (the tests above)")
 def test_refused_before_megatron_core_0_19(world):
     from megatron_bridge_ext.auto_bridge import AutoBridge
