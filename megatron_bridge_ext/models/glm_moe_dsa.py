@@ -9,7 +9,8 @@
   ``index_skip_topk_offset``; another pattern is refused naming ``indexer_types``. Megatron builds no indexer in a
   shared layer either, so the indexer mappings meet only the full layers' tensors.
 - Pipeline stages: a shared layer needs its source layer earlier on the same (virtual) stage (megatron-core keeps
-  the top-k per forward of one stage); a layout whose stage starts with a shared layer is refused by name.
+  the top-k per forward of one stage); a layout whose stage starts with a shared layer, or an uneven split, is
+  refused by name.
 - Multi-token-prediction layers convert with every indexer full; with sharing they are refused (HF's
   ``indexer_types`` has no entry for them, and megatron would number them past the decoder layers).
 
@@ -82,6 +83,13 @@ class GlmMoeDsaBridge(DeepseekV32Bridge):
         config = super().transformer_config(hf_config, **overrides)
         freq = config.dsa_indexer_topk_freq
         if freq > 1:
+            uneven = {f: getattr(config, f, None) for f in ("num_layers_in_first_pipeline_stage",
+                                                             "num_layers_in_last_pipeline_stage",
+                                                             "pipeline_model_parallel_layout")
+                      if getattr(config, f, None)}
+            if uneven:
+                raise ValueError(f"{type(self).__name__}: cross-layer top-k sharing (dsa_indexer_topk_freq={freq}) "
+                                 f"with an uneven pipeline split {uneven} is not supported")
             types = indexer_types_of(config.num_layers, freq, config.dsa_indexer_skip_topk_offset)
             stages = config.pipeline_model_parallel_size * (config.virtual_pipeline_model_parallel_size or 1)
             per = config.num_layers // stages

@@ -118,6 +118,9 @@ def test_a_pipeline_stage_starting_on_a_shared_layer_is_refused():
                                          r"virtual_pipeline_model_parallel_size=None starts \(virtual\) stages at the "
                                          r"shared layers \[3\]"):
         bridge.transformer_config(hf, pipeline_model_parallel_size=2)
+    with pytest.raises(ValueError, match=r"GlmMoeDsaBridge: cross-layer top-k sharing \(dsa_indexer_topk_freq=2\) "
+                                         r"with an uneven pipeline split \{'num_layers_in_first_pipeline_stage': 2\}"):
+        bridge.transformer_config(hf, pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=2)
 
 
 @needs_dsa
