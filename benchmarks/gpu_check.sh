@@ -7,6 +7,8 @@
 # The Transformer Engine step (benchmarks/te_check.py: import checkpoints written on the CPU, loaded into real TE
 # models with strict=RAISE_ALL at TP1 and TP2, logits against transformers) also needs transformer_engine;
 # GPU_CHECK_TE=0 skips it, GPU_CHECK_TE_LAYOUTS=1 reads at TP1 only.
+# The DSA step (benchmarks/dsa_check.py: DeepSeek-V3.2 / GLM-5 checkpoints imported on the CPU, loaded into megatron's
+# TE DSA model, logits against transformers) needs megatron-core >= 0.19 and transformer_engine; GPU_CHECK_DSA=0 skips.
 # Exits non-zero on the first failing step; prints everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +74,15 @@ if [[ "${GPU_CHECK_TE:-1}" != "0" ]]; then
     exit 1
   fi
   "$PYTHON" benchmarks/te_check.py --layouts "${GPU_CHECK_TE_LAYOUTS:-1,2}"
+fi
+
+if [[ "${GPU_CHECK_DSA:-1}" != "0" ]]; then
+  step "DeepSeek sparse attention (DeepSeek-V3.2, GLM-5): imported checkpoints in megatron's TE DSA model, logits vs transformers"
+  if ! "$PYTHON" -c "import megatron.core, transformers, transformer_engine" 2>/dev/null; then
+    echo "gpu_check: megatron-core, transformers or transformer_engine is not importable by $PYTHON; install them or set GPU_CHECK_DSA=0"
+    exit 1
+  fi
+  "$PYTHON" benchmarks/dsa_check.py --layouts "${GPU_CHECK_DSA_LAYOUTS:-1,2}"
 fi
 
 echo; echo "gpu_check: all steps passed"

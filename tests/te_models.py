@@ -118,6 +118,12 @@ def te_block_spec(config, vp_stage: Optional[int] = None):
     """This stage's TE block spec for ``config`` (megatron-core's, plus the swaps of :mod:`te_models`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    if getattr(config, "experimental_attention_variant", None) == "dsa":  # megatron-core >= 0.19: its own TE spec
+        from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
+            get_transformer_block_with_experimental_attention_variant_spec,
+        )
+
+        return get_transformer_block_with_experimental_attention_variant_spec(config, vp_stage=vp_stage)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=config.normalization,
                                        qk_l2_norm=bool(getattr(config, "qk_l2_norm", False)), vp_stage=vp_stage)
     if _swaps(config):

@@ -250,6 +250,8 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
     if kw.get("pipeline_model_parallel_size", 1) > 1 and kw.get("pipeline_dtype") is None:
         kw["pipeline_dtype"] = kw["params_dtype"]
     tp = int(kw.get("tensor_model_parallel_size", 1) or 1)
+    if kw.get("experimental_attention_variant") == "dsa" and "sequence_parallel" not in overrides:
+        kw["sequence_parallel"] = tp > 1  # megatron-core's DSA attention (AbsorbedMLA) asserts it at TP > 1
     if kw["num_attention_heads"] % tp:
         raise ValueError(
             f"num_attention_heads ({kw['num_attention_heads']}) must be a multiple of tensor_model_parallel_size ({tp})"

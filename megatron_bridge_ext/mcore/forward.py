@@ -141,7 +141,9 @@ def _forward(chunks, input_ids, vocab_size, broadcast) -> Tuple[Optional[torch.T
             continue
         model = models[stage // pp]
         if stage > 0:
-            hidden = torch.empty(s, b, config.hidden_size, dtype=dtype)
+            # the stage's output: [s, b, h], or this rank's [s / tp, b, h] with sequence parallelism
+            local = s // parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else s
+            hidden = torch.empty(local, b, config.hidden_size, dtype=dtype)
             dist.recv(hidden, src=pp_ranks[(stage - 1) % pp])
             model.set_input_tensor(hidden)
         else:

@@ -166,6 +166,10 @@ def build_gpt_model(
     # decoder layer's spec (megatron-core's choice); None on the other stages
     mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage) if (
         config.mtp_num_layers) else None
+    if _is_dsa(config):
+        from megatron_bridge_ext.mcore.sparse_attention import local_norm_mtp_block_spec
+
+        mtp_spec = local_norm_mtp_block_spec(mtp_spec)
     with cuda_moves_disabled():  # a no-op where CUDA is available
         model = GPTModel(
             config=config,
@@ -233,6 +237,8 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
       is :class:`LayerTypeRopeSelfAttention` (full-attention layers of their own geometry);
     - ``attn_logit_softcapping``: the core attention is :class:`SoftCapDotProductAttention` (the output layer's
       ``final_logit_softcapping`` is set on the built model by :func:`build_gpt_model`);
+    - ``experimental_attention_variant="dsa"``: megatron's DSA attention on local modules
+      (:func:`.sparse_attention.dsa_attention_spec`);
     - ``multi_latent_attention``: megatron's MLA layer with :class:`MLADotProductAttention` as its core attention
       (and :class:`LatentRMSNorm` latent norms when ``latent_layernorm_epsilon`` differs from
       ``layernorm_epsilon``);
@@ -255,7 +261,8 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
             ``qk_layernorm`` or with multi-latent attention, no pre-norms with experts).
     """
     pattern = moe_layer_pattern(config)
-    zero_centered = bool(config.layernorm_zero_centered_gamma)
+    # zero-centred norms, or DSA (sequence parallel, which megatron's torch norms refuse): LocalRMSNorm everywhere
+    zero_centered = bool(config.layernorm_zero_centered_gamma) or _is_dsa(config)
     moe_spec = _layer_spec(config, config.num_moe_experts) if any(pattern) else None
     dense_spec = _layer_spec(config, None) if not all(pattern) else None
     if not zero_centered and (moe_spec is None or dense_spec is None):
@@ -265,6 +272,10 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count],
                                       layer_norm=LocalRMSNorm if zero_centered else LayerNormImpl)
+
+
+def _is_dsa(config: GPTConfig) -> bool:
+    return getattr(config, "experimental_attention_variant", None) == "dsa"  # megatron-core >= 0.19
 
 
 def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
@@ -337,6 +348,10 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     if config.post_self_attn_layernorm:
         attn_subs["linear_proj"] = PostNormRowParallelLinear
     attn = replace_submodules(attn, **attn_subs)
+    if _is_dsa(config):
+        from megatron_bridge_ext.mcore.sparse_attention import dsa_attention_spec
+
+        attn = dsa_attention_spec(config)
     if (config.local_rotary_base is not None or value_norm or per_layer_attention) and mla:
         raise ValueError("gpt_layer_spec: local_rotary_base / value_rms_norm with multi-latent attention is not "
                          "supported")
@@ -357,7 +372,7 @@ def _layer_spec(config: GPTConfig, num_experts: Optional[int]) -> ModuleSpec:
     if fp32_router:
         mlp = replace_submodules(mlp, router=FP32WeightRouter)
     layer_subs = dict(self_attention=attn, mlp=mlp)
-    if zero_centered:
+    if zero_centered or _is_dsa(config):
         layer_subs.update(input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm)
     if no_pre_norms:
         if num_experts:  # megatron's MoE layer normalises its input in pre_mlp_layernorm; HF post-norm MoE: none

@@ -45,6 +45,7 @@ __all__ = [
     "TE_MODULES",
     "WHOLE_PROJECTION_NORMS",
     "empty_extra_state",
+    "is_dsa",
     "layer_kinds",
     "te_tensor_key",
     "te_module_of",
@@ -61,6 +62,8 @@ TE_MODULES = frozenset({
     "linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj",
     "input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm", "final_layernorm", "post_layernorm",
     "enorm", "hnorm", "eh_proj", "core_attention",
+    # DeepSeek sparse attention (megatron-core >= 0.19): the standalone kv latent norm and the indexer's modules
+    "kv_layernorm", "linear_wq_b", "linear_wk", "k_norm", "linear_weights_proj",
 })
 
 
@@ -81,6 +84,11 @@ def _moe_pattern(config: Any) -> List[int]:
     if isinstance(freq, (list, tuple)) and len(freq) == layers:
         return [int(bool(x)) for x in freq]
     raise ValueError(f"moe_layer_freq {freq!r} does not describe {layers} layers")
+
+
+def is_dsa(config: Any) -> bool:
+    """Whether ``config`` has DeepSeek sparse attention (megatron-core >= 0.19 ``experimental_attention_variant``)."""
+    return getattr(config, "experimental_attention_variant", None) == "dsa"
 
 
 def layer_kinds(config: Any) -> Tuple[List[bool], bool]:
@@ -115,7 +123,9 @@ def te_tensor_key(key: str, config: Any) -> str:
         return key
     moe, mla = _kind_of(config, k.layer, k.mtp, key)
     rest = k.rest
-    if mla:
+    if is_dsa(config):  # megatron's TE DSA spec: standalone input / latent norms, the dense pre-MLP norm fused
+        rest = fused_norm_key(rest, PRE_MLP_NORM) if not moe else plain_norm_key(rest, PRE_MLP_NORM)
+    elif mla:
         rest = fused_norm_key(rest, Q_LATENT_NORM)
         rest = fused_norm_key(rest, KV_LATENT_NORM)
         if not moe:
@@ -151,7 +161,8 @@ def te_extra_state_modules(te_tensor_keys: Iterable[str], mtp_plain_state: Optio
     tensor (:func:`te_module_of` with ``config``), and, when the MTP block saves its layers' plain state dicts too
     (``mtp_plain_state``; default: whether the installed megatron-core's does,
     :func:`~megatron_bridge_ext.mcore.versions.mtp_block_saves_plain_state`), each multi-token-prediction layer's
-    core attention (TE's ``DotProductAttention`` has ``_extra_state`` although it holds no tensor)."""
+    core attention (TE's ``DotProductAttention`` has ``_extra_state`` although it holds no tensor; a DSA model's core
+    attention is megatron's ``DSAttention``, which has none)."""
     if mtp_plain_state is None:
         from megatron_bridge_ext.mcore.versions import mtp_block_saves_plain_state
 
@@ -161,7 +172,7 @@ def te_extra_state_modules(te_tensor_keys: Iterable[str], mtp_plain_state: Optio
         module = te_module_of(key, config)
         if module is not None:
             modules.add(module)
-        mtp = mtp_layer(key) if mtp_plain_state else None
+        mtp = mtp_layer(key) if mtp_plain_state and not is_dsa(config) else None
         if mtp is not None:
             modules.add(f"{MTP_LAYERS}{mtp}.transformer_layer.self_attention.core_attention")
     return sorted(modules)

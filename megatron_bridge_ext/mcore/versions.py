@@ -40,6 +40,7 @@ __all__ = [
     "parse_version",
     "installed_megatron_core",
     "megatron_core_version",
+    "require_megatron_core_for",
     "check_megatron_core_version",
     "require_supported_megatron_core",
     "spec_submodules",
@@ -162,6 +163,20 @@ def megatron_core_minor() -> str:
     """The installed megatron-core's ``major.minor`` (``"0.19"``): the key of per-release tables."""
     major, minor, _ = megatron_core_version()
     return f"{major}.{minor}"
+
+
+def require_megatron_core_for(minimum: Tuple[int, int, int], architecture: str, feature: str) -> None:
+    """Refuse ``architecture`` when the installed megatron-core is older than ``minimum`` (its ``feature`` is not
+    there).
+
+    Raises:
+        ValueError: naming the architecture, the feature, the minimum and the installed version.
+    """
+    version = megatron_core_version()
+    if version < tuple(minimum):
+        installed = installed_megatron_core() or ".".join(map(str, version))
+        raise ValueError(f"{architecture}: {feature} needs megatron-core >= {'.'.join(map(str, minimum))}; "
+                         f"megatron-core {installed} is installed")
 
 
 def release_for_installed(releases: Iterable[str]) -> str:

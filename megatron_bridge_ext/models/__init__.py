@@ -5,11 +5,13 @@ tables), ``moe`` (expert layouts, experts, routers, MoE patterns), ``mtp`` (mult
 
 from megatron_bridge_ext.models import (  # noqa: F401
     deepseek_v3,
+    deepseek_v32,
     gemma2,
     gemma3,
     gemma4,
     glm4_moe,
     glm4_moe_lite,
+    glm_moe_dsa,
     gpt_oss,
     llama,
     llama4,
@@ -27,11 +29,13 @@ from megatron_bridge_ext.models import (  # noqa: F401
 
 __all__ = [
     "deepseek_v3",
+    "deepseek_v32",
     "gemma2",
     "gemma3",
     "gemma4",
     "glm4_moe",
     "glm4_moe_lite",
+    "glm_moe_dsa",
     "gpt_oss",
     "llama",
     "llama4",

@@ -44,6 +44,7 @@ if importlib.util.find_spec("transformers") is None:
     pytest.skip("transformers is not installed", allow_module_level=True)
 
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402  (imports no megatron module)
+from megatron_bridge_ext.mcore.versions import megatron_core_version  # noqa: E402  (reads the distribution metadata)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -74,6 +75,16 @@ CASES = {
     "olmoe": (MOE_W, dict(tp=2, pp=1), False),
     "minimax_m2": (MOE_W, dict(tp=2, pp=1), False),
 }
+# DeepSeek sparse attention (megatron-core >= 0.19; refused before, test_dsa_families_refused_before_0_19): the TE
+# model is megatron-core's own DSA spec (get_transformer_block_with_experimental_attention_variant_spec), read at PP2
+# (its AbsorbedMLA needs sequence parallelism at TP > 1)
+DSA_CASES = {
+    "deepseek_v32_mtp": (MOE_W, dict(tp=1, pp=2), False),
+    "glm_moe_dsa": (MOE_W, dict(tp=1, pp=2), False),  # top-k sharing: each stage starts on a full layer
+}
+HAS_DSA = megatron_core_version() >= (0, 19, 0)
+if HAS_DSA:
+    CASES.update(DSA_CASES)
 # case -> the HF architecture its checkpoint is (one line per case: families added on other branches merge as added
 # lines); test_cases_cover_every_supported_architecture holds it to CASES and AutoBridge.list_supported_models()
 ARCHITECTURES = {
@@ -98,6 +109,8 @@ ARCHITECTURES = {
     "llama4": "Llama4ForCausalLM",
     "olmoe": "OlmoeForCausalLM",
     "minimax_m2": "MiniMaxM2ForCausalLM",
+    "deepseek_v32_mtp": "DeepseekV32ForCausalLM",
+    "glm_moe_dsa": "GlmMoeDsaForCausalLM",
 }
 
 
@@ -140,6 +153,15 @@ def _make_checkpoints(root: str) -> dict:
             glm4_moe_lite._write_mtp(path + "_base", path, model, seed=5)
         elif name == "llama4":
             llama4._make_checkpoint(path, seed=7)
+        elif name == "deepseek_v32_mtp":  # its own test's model (indexers, top-k below the length) and MTP layer
+            import test_deepseek_v32 as deepseek_v32
+
+            model = deepseek_v32._make_checkpoint(path + "_base", seed=4)
+            deepseek_v32._write_mtp(path + "_base", path, model, seed=5)
+        elif name == "glm_moe_dsa":  # its own test's model: indexers in the full layers only (top-k sharing)
+            import test_glm_moe_dsa as glm_moe_dsa
+
+            glm_moe_dsa._make_checkpoint(path, seed=4)
         elif name.endswith("_mtp"):
             family = name[:-len("_mtp")]
             model = moe._make_checkpoint(path + "_base", family, seed=4)
@@ -410,10 +432,30 @@ def test_cases_cover_every_supported_architecture():
     claim every family), and every case is named with the architecture its checkpoint is (checked on load)."""
     from megatron_bridge_ext.auto_bridge import AutoBridge
 
-    assert sorted(ARCHITECTURES) == sorted(CASES), sorted(set(ARCHITECTURES) ^ set(CASES))
+    cases = {**CASES, **DSA_CASES}
+    assert sorted(ARCHITECTURES) == sorted(cases), sorted(set(ARCHITECTURES) ^ set(cases))
     covered, supported = set(ARCHITECTURES.values()), set(AutoBridge.list_supported_models())
     assert covered == supported, {"without a case": sorted(supported - covered),
                                   "not supported": sorted(covered - supported)}
+
+
+@pytest.mark.skipif(HAS_DSA, reason="megatron-core >= 0.19 converts the DSA families (their CASES above)")
+@pytest.mark.parametrize("name", list(DSA_CASES))
+def test_dsa_families_refused_before_0_19(name, tmp_path):
+    """Under megatron-core < 0.19 a DSA checkpoint is refused by name, with the installed version, before anything
+    is built (the streamed import included)."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.mcore.versions import installed_megatron_core
+
+    sys.path.insert(0, HERE)
+    import test_deepseek_v32 as deepseek_v32
+    import test_glm_moe_dsa as glm_moe_dsa
+
+    path = str(tmp_path / "hf")
+    {"deepseek_v32_mtp": deepseek_v32, "glm_moe_dsa": glm_moe_dsa}[name]._make_checkpoint(path, seed=4)
+    with pytest.raises(ValueError, match=rf"{ARCHITECTURES[name]}: .*megatron-core >= 0\.19\.0; megatron-core "
+                                         rf"{installed_megatron_core()} is installed"):
+        AutoBridge.from_hf_pretrained(path).save_megatron_checkpoint(str(tmp_path / "out"), spec="te")
 
 
 def test_local_spec_keeps_the_local_keys(results):

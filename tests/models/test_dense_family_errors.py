@@ -28,12 +28,14 @@ def _config(prefix: str, **overrides):
 
 def test_supported_models_are_the_proven_families():
     assert AutoBridge.list_supported_models() == [
+        "DeepseekV32ForCausalLM",
         "DeepseekV3ForCausalLM",
         "Gemma2ForCausalLM",
         "Gemma3ForCausalLM",
         "Gemma4ForCausalLM",
         "Glm4MoeForCausalLM",
         "Glm4MoeLiteForCausalLM",
+        "GlmMoeDsaForCausalLM",
         "GptOssForCausalLM",
         "Llama4ForCausalLM",
         "LlamaForCausalLM",
