@@ -133,6 +133,7 @@ class DeepseekV32Bridge(DSABridgeMixin, Glm4MoeLiteBridge):
     """HF DeepseekV32ForCausalLM <-> Megatron-Core GPTModel with DSA (MLA + indexer) and MoE layers."""
 
     hf_model_type = "deepseek_v32"
+    hf_model_name = "DeepSeek-V3.2"
     indexer_rope_interleaved = False
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:

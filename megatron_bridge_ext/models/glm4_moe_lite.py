@@ -95,6 +95,7 @@ class Glm4MoeLiteBridge(RoutedExpertsWithMTP, MegatronModelBridge):
     """HF Glm4MoeLiteForCausalLM <-> Megatron-Core GPTModel with multi-latent attention and MoE layers."""
 
     hf_model_type = "glm4_moe_lite"
+    hf_model_name = "GLM-4.7-Flash"  # in the export's refusals
     default_hf_layout = PER_EXPERT
 
     def detect_hf_layout(self, hf_state, hf_config):
@@ -146,7 +147,7 @@ class Glm4MoeLiteBridge(RoutedExpertsWithMTP, MegatronModelBridge):
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        refuse_megatron_settings(config, family, "GLM-4.7-Flash", (*RMSNORM_GLU_NO_BIAS, ("rotary_percent", 1.0)))
+        refuse_megatron_settings(config, family, self.hf_model_name, (*RMSNORM_GLU_NO_BIAS, ("rotary_percent", 1.0)))
         n_shared = ungated_shared_experts_hf_field(config, family)
         # Glm4MoeLiteConfig maps head_dim to qk_rope_head_dim itself; MLA writes its own rope_parameters
         hf = {**super().megatron_to_hf_config(config), **model_size_hf_fields(config, head_dim=False)}

@@ -62,6 +62,7 @@ class GlmMoeDsaBridge(DeepseekV32Bridge):
     """HF GlmMoeDsaForCausalLM <-> Megatron-Core GPTModel with DSA (interleaved indexer RoPE, top-k sharing)."""
 
     hf_model_type = "glm_moe_dsa"
+    hf_model_name = "GLM-5"
     indexer_rope_interleaved = True
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:

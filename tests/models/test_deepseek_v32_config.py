@@ -129,6 +129,7 @@ def test_hf_settings_without_a_megatron_equivalent_are_refused(overrides, match)
     (dict(dsa_indexer_k_norm_epsilon=1e-5), r"dsa_indexer_k_norm_epsilon': 1e-05"),
     (dict(dsa_indexer_k_norm_fp32=True), r"dsa_indexer_k_norm_fp32': True"),
     (dict(moe_layer_freq=[1, 0, 1]), r"HF has dense layers only before the first MoE layer"),
+    (dict(add_qkv_bias=True), r"no DeepSeek-V3\.2 equivalent: \{'add_qkv_bias': True\}"),
 ])
 def test_megatron_settings_without_an_hf_equivalent_are_refused(changes, match):
     bridge = get_model_bridge(ARCH)

@@ -128,6 +128,7 @@ def test_a_pipeline_stage_starting_on_a_shared_layer_is_refused():
     (dict(dsa_indexer_rope_interleaved=False), r"dsa_indexer_rope_interleaved': False"),
     (dict(mtp_num_layers=1), r"multi-token-prediction layers with cross-layer top-k sharing "
                              r"\(dsa_indexer_topk_freq=2\) are not converted"),
+    (dict(add_qkv_bias=True), r"no GLM-5 equivalent: \{'add_qkv_bias': True\}"),
 ])
 def test_megatron_settings_without_an_hf_equivalent_are_refused(changes, match):
     bridge = get_model_bridge(ARCH)
