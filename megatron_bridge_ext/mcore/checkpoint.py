@@ -446,6 +446,17 @@ def _check_stored(requested: Mapping[str, Any], meta: Mapping[str, Any], where: 
                          + "; ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else ""))
 
 
+def _stored_keys(item: Any) -> List[str]:
+    """The checkpoint keys a sharded item is stored under: a factory's are those of the tensors it builds (megatron's
+    Mamba mixer stores ``in_proj.weight`` as ``in_proj.weight.z`` / ``.x`` / ``.B`` / ``.C`` / ``.dt``)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(item, ShardedTensorFactory):
+        return sorted({t.key for t in nested_values(item.build()) if isinstance(t, ShardedTensor)})
+    return [item.key]
+
+
 def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str, stored_keys: Optional[Iterable[str]] = None) -> str:
     """Whose keys a Megatron checkpoint holds for these chunks: ``"te"`` (a Transformer Engine layer spec: what
     ``import`` writes by default and Megatron-LM trains with) or ``"local"``; decided from the tensor keys alone
@@ -459,8 +470,8 @@ def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str, stored_keys: O
     chunks = as_chunks(chunks)
     config = model_config(chunks)
     stored = set(ckpt_io.tensor_metadata(path) if stored_keys is None else stored_keys)
-    local = {t.key for t in _sharded_items(sharded_model_state(chunks, "local", extra_state=False))
-             if not isinstance(t, ShardedObject)}
+    local = {key for t in _sharded_items(sharded_model_state(chunks, "local", extra_state=False))
+             if not isinstance(t, ShardedObject) for key in _stored_keys(t)}
     lacking = {"te": sorted({te_tensor_key(k, config) for k in local} - stored), "local": sorted(local - stored)}
     votes: List[Any] = [lacking]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

@@ -45,6 +45,8 @@ __all__ = [
     "spec_submodules",
     "megatron_core_minor",
     "release_for_installed",
+    "has_hybrid_model",
+    "require_hybrid_model",
     "mtp_block_saves_plain_state",
     "replace_submodules",
     "OPT_IN_LAYOUT_SETTINGS",
@@ -162,6 +164,27 @@ def megatron_core_minor() -> str:
     """The installed megatron-core's ``major.minor`` (``"0.19"``): the key of per-release tables."""
     major, minor, _ = megatron_core_version()
     return f"{major}.{minor}"
+
+
+#: the first megatron-core release with ``megatron.core.models.hybrid`` (HybridModel and its layer symbols)
+HYBRID_MODEL_RELEASE = (0, 19, 0)
+
+
+def has_hybrid_model() -> bool:
+    """Whether the installed megatron-core has ``megatron.core.models.hybrid.HybridModel`` (0.19 and later)."""
+    return megatron_core_version() >= HYBRID_MODEL_RELEASE
+
+
+def require_hybrid_model(architecture: str) -> None:
+    """Refuse a hybrid (Mamba / attention) architecture under a megatron-core without ``HybridModel``.
+
+    Raises:
+        ValueError: naming the architecture, the megatron-core it needs and the installed one.
+    """
+    if not has_hybrid_model():
+        installed = installed_megatron_core() or ".".join(map(str, megatron_core_version()))
+        raise ValueError(f"{architecture}: hybrid Mamba / attention models need megatron-core >= 0.19 "
+                         f"(megatron.core.models.hybrid.HybridModel); installed: megatron-core {installed}")
 
 
 def release_for_installed(releases: Iterable[str]) -> str:
