@@ -22,7 +22,8 @@ Building a hybrid model needs three things a CPU process (or a GPU one without `
 
 The Mamba forward itself (``mamba_split_conv1d_scan_combined`` / ``mamba_chunk_scan_combined``) is Triton / CUDA
 only (megatron has no torch fallback for the scan): a model built here runs its Mamba layers only where ``mamba_ssm``
-is installed.
+is installed, or with a scan put in ``mamba_mixer.mamba_chunk_scan_combined`` and ``use_mamba_mem_eff_path=False``
+(``tests/distributed/test_nemotron_h.py`` uses transformers' torch ``mamba2_chunk_scan``).
 """
 
 from __future__ import annotations

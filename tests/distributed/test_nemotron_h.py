@@ -9,8 +9,12 @@ Checkpoints (transformers' NemotronHForCausalLM from tiny configs, every tensor 
 - ``tied``: pattern ``M*-M`` with ``tie_word_embeddings=True``, which transformers' NemotronH ignores (its
   ``_tied_weights_keys`` is empty: ``lm_head`` is its own tensor, checked here): untied in Megatron too; TP2 x PP2.
 - ``dense``: pattern ``*-*-`` (no Mamba layer), TP2: its logits are compared with transformers' (the attention and
-  MLP layers, norms, embedding and output run on CPU; megatron's Mamba scan is Triton / CUDA only, so the Mamba
-  layers are proven tensor by tensor, not by a forward here).
+  MLP layers, norms, embedding and output run on CPU as megatron-core has them).
+- ``scan``: ``hybrid``'s pattern with ``time_step_min=0`` (transformers clamps the time step there, megatron does
+  not), TP2 and PP2: logits against transformers' with megatron's Mamba mixer running its non-fused path
+  (``use_mamba_mem_eff_path=False``) and transformers' torch scan ``mamba2_chunk_scan`` standing in for
+  ``mamba_ssm``'s Triton ``mamba_chunk_scan_combined`` (megatron has no torch scan): the scan is the same function on
+  both sides, everything around it (in_proj split, conv1d, gated group norm, out_proj, TP all-reduce) is megatron's.
 
 For each layout, on every rank: every parameter of every chunk equals (``torch.equal``) a plain-torch reading of the
 HF tensors written here (:func:`_expected`: ``in_proj`` split into z / x / B / C / dt and each chunked over TP,
@@ -53,6 +57,8 @@ CHECKPOINTS = {
     "hybrid": dict(pattern="M-*-M*M-"),
     "tied": dict(pattern="M*-M", tie_word_embeddings=True),
     "dense": dict(pattern="*-*-"),
+    # HF clamps the Mamba time step at time_step_min from below, megatron's kernels do not: 0 for the logits check
+    "scan": dict(pattern="M-*-M*M-", time_step_min=0.0),
 }
 # name, tp, pp, vpp, checkpoint
 LAYOUTS = [
@@ -62,14 +68,20 @@ LAYOUTS = [
     ("hybrid_tp2pp2", 2, 2, None, "hybrid"),
     ("tied_tp2pp2", 2, 2, None, "tied"),
     ("dense_tp2", 2, 1, None, "dense"),
+    ("scan_tp2", 2, 1, None, "scan"),
+    ("scan_pp2", 1, 2, None, "scan"),
 ]
 NO_SOURCE = "hybrid_tp2pp2"
-LOGITS = {"dense_tp2"}
+LOGITS = {"dense_tp2", "scan_tp2", "scan_pp2"}
 DIST = ("hybrid_tp2", (1, 2))  # written at TP2, read at PP2
 
 
+#: config.json fields written after the save (transformers' weight initialisation takes log(time_step_min))
+AFTER_SAVE = ("time_step_min",)
+
+
 def _config(ckpt: str) -> dict:
-    spec = dict(CHECKPOINTS[ckpt])
+    spec = {k: v for k, v in CHECKPOINTS[ckpt].items() if k not in AFTER_SAVE}
     pattern = spec.pop("pattern")
     return {**BASE, **spec, "layers_block_type": [SYMBOL_TYPES[s] for s in pattern]}
 
@@ -77,6 +89,12 @@ def _config(ckpt: str) -> dict:
 def _make_checkpoint(path: str, ckpt: str, seed: int) -> None:
     make_tiny_checkpoint(path, "NemotronH", _config(ckpt), seed, norm=(1.0, 0.3), rest=(0.0, 0.1),
                          rules=[(lambda n: n.endswith(("A_log", ".D", "dt_bias")), 0.5, 0.3)])
+    late = {k: v for k, v in CHECKPOINTS[ckpt].items() if k in AFTER_SAVE}
+    if late:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({**config, **late}, f, indent=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,8 +158,14 @@ def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: 
     from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()
+    import megatron.core.ssm.mamba_mixer as mamba_mixer
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    from transformers.models.nemotron_h import modeling_nemotron_h
+
+    # megatron's Mamba scan is mamba_ssm's Triton kernel: transformers' torch scan (same arguments) stands in for it,
+    # so that the rest of megatron's mixer (in_proj split, torch conv1d, gated group norm, out_proj) runs on the CPU
+    mamba_mixer.mamba_chunk_scan_combined = modeling_nemotron_h.mamba2_chunk_scan
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
@@ -156,7 +180,9 @@ def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: 
             sd = {k: src[k].clone() for k in src.keys()}
         init_parallel(tp=tp, pp=pp, vpp=vpp)
         bridge = AutoBridge.from_hf_pretrained(ckpts[ckpt])
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
+        # the logits layouts run megatron's non-fused Mamba path (_ssm_prefill: conv1d, scan, norm apart)
+        chunks = bridge.to_megatron_model(params_dtype=torch.float32,
+                                          **({"use_mamba_mem_eff_path": False} if name in LOGITS else {}))
         r = {"params": _check_params(chunks, sd, tp, ps.get_tensor_model_parallel_rank()),
              "kind": type(chunks[0]).__name__}
         if name in LOGITS:
@@ -257,7 +283,10 @@ def test_every_parameter_is_the_plain_torch_reading(world, name, tp, pp, vpp, ck
 
 
 @pytest.mark.parametrize("name", sorted(LOGITS))
-def test_logits_match_transformers_without_mamba_layers(world, name):
+def test_logits_match_transformers(world, name):
+    """``dense``: megatron-core's attention and MLP layers as they are. ``scan``: Mamba layers too, megatron's mixer
+    with transformers' torch scan standing in for the Triton one (the same function on both sides: what is compared is
+    everything around it, megatron's split of in_proj, its convolution, gated group norm and out_proj at TP2 / PP2)."""
     ckpts, _, per_rank, tokens = world
     ckpt = next(layout[4] for layout in LAYOUTS if layout[0] == name)
     want = hf_logits(ckpts[ckpt], tokens)
