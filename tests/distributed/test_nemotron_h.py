@@ -8,6 +8,9 @@ Checkpoints (transformers' NemotronHForCausalLM from tiny configs, every tensor 
   untied; TP2, PP2, PP2 + VPP2 (megatron's explicit '|' stages), TP2 x PP2.
 - ``tied``: pattern ``M*-M`` with ``tie_word_embeddings=True``, which transformers' NemotronH ignores (its
   ``_tied_weights_keys`` is empty: ``lm_head`` is its own tensor, checked here): untied in Megatron too; TP2 x PP2.
+- ``bf16``: pattern ``M*-M`` saved in bf16, TP2 with ``params_dtype=bf16``: megatron keeps ``A_log`` / ``D`` (its
+  mixer's choice) and the torch norms in fp32 (the bf16 values widened exactly), every other parameter is bf16, and
+  the export gives the bf16 source back bit-exact.
 - ``dense``: pattern ``*-*-`` (no Mamba layer), TP2: its logits are compared with transformers' (the attention and
   MLP layers, norms, embedding and output run on CPU as megatron-core has them).
 - ``scan``: ``hybrid``'s pattern with ``time_step_min=0`` (transformers clamps the time step there, megatron does
@@ -59,6 +62,7 @@ CHECKPOINTS = {
     "dense": dict(pattern="*-*-"),
     # HF clamps the Mamba time step at time_step_min from below, megatron's kernels do not: 0 for the logits check
     "scan": dict(pattern="M-*-M*M-", time_step_min=0.0),
+    "bf16": dict(pattern="M*-M", dtype=torch.bfloat16),
 }
 # name, tp, pp, vpp, checkpoint
 LAYOUTS = [
@@ -70,6 +74,7 @@ LAYOUTS = [
     ("dense_tp2", 2, 1, None, "dense"),
     ("scan_tp2", 2, 1, None, "scan"),
     ("scan_pp2", 1, 2, None, "scan"),
+    ("bf16_tp2", 2, 1, None, "bf16"),
 ]
 NO_SOURCE = "hybrid_tp2pp2"
 LOGITS = {"dense_tp2", "scan_tp2", "scan_pp2"}
@@ -78,17 +83,20 @@ DIST = ("hybrid_tp2", (1, 2))  # written at TP2, read at PP2
 
 #: config.json fields written after the save (transformers' weight initialisation takes log(time_step_min))
 AFTER_SAVE = ("time_step_min",)
+#: fields of CHECKPOINTS that are no config fields
+NOT_CONFIG = ("pattern", "dtype") + AFTER_SAVE
 
 
 def _config(ckpt: str) -> dict:
-    spec = {k: v for k, v in CHECKPOINTS[ckpt].items() if k not in AFTER_SAVE}
-    pattern = spec.pop("pattern")
+    spec = {k: v for k, v in CHECKPOINTS[ckpt].items() if k not in NOT_CONFIG}
+    pattern = CHECKPOINTS[ckpt]["pattern"]
     return {**BASE, **spec, "layers_block_type": [SYMBOL_TYPES[s] for s in pattern]}
 
 
 def _make_checkpoint(path: str, ckpt: str, seed: int) -> None:
     make_tiny_checkpoint(path, "NemotronH", _config(ckpt), seed, norm=(1.0, 0.3), rest=(0.0, 0.1),
-                         rules=[(lambda n: n.endswith(("A_log", ".D", "dt_bias")), 0.5, 0.3)])
+                         rules=[(lambda n: n.endswith(("A_log", ".D", "dt_bias")), 0.5, 0.3)],
+                         dtype=CHECKPOINTS[ckpt].get("dtype", torch.float32))
     late = {k: v for k, v in CHECKPOINTS[ckpt].items() if k in AFTER_SAVE}
     if late:
         with open(os.path.join(path, "config.json")) as f:
@@ -149,8 +157,12 @@ def _check_params(chunks, sd: dict, tp: int, tp_rank: int) -> dict:
             layer = layer_of[int(name.split(".")[2])] if name.startswith("decoder.layers.") else -1
             want = _expected(name, layer, sd, tp, tp_rank, chunk.vocab_size)
             checked += 1
-            if p.shape != want.shape or not torch.equal(p.detach(), want):
-                bad.append(f"{name} (layer {layer}) {list(p.shape)} vs {list(want.shape)}")
+            # megatron keeps A_log and D in fp32 whatever params_dtype is, and torch's norms are built in fp32: a
+            # bf16 HF value widened exactly (the export narrows it back)
+            wide = p.dtype == torch.float32 and (name.endswith(("mixer.A_log", "mixer.D")) or "norm" in name)
+            if p.shape != want.shape or (p.dtype != want.dtype and not wide) or \
+                    not torch.equal(p.detach(), want.to(p.dtype)):
+                bad.append(f"{name} (layer {layer}) {list(p.shape)} {p.dtype} vs {list(want.shape)} {want.dtype}")
     return {"bad": bad, "checked": checked}
 
 
@@ -181,7 +193,7 @@ def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: 
         init_parallel(tp=tp, pp=pp, vpp=vpp)
         bridge = AutoBridge.from_hf_pretrained(ckpts[ckpt])
         # the logits layouts run megatron's non-fused Mamba path (_ssm_prefill: conv1d, scan, norm apart)
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32,
+        chunks = bridge.to_megatron_model(params_dtype=CHECKPOINTS[ckpt].get("dtype", torch.float32),
                                           **({"use_mamba_mem_eff_path": False} if name in LOGITS else {}))
         r = {"params": _check_params(chunks, sd, tp, ps.get_tensor_model_parallel_rank()),
              "kind": type(chunks[0]).__name__}
