@@ -86,6 +86,19 @@ def hf_layer_pattern(hf_config: Any, family: str) -> str:
     return pattern
 
 
+#: the older config.json names of NemotronH fields (transformers' NemotronHConfig reads them too)
+LEGACY_NAMES = {"n_groups": "mamba_n_groups", "conv_kernel": "mamba_d_conv", "chunk_size": "mamba_chunk_size",
+                "use_conv_bias": "mamba_conv_bias"}
+
+
+def _hf_field(hf_config: Any, field: str, default: Any) -> Any:
+    """A field of an HF config object or config.json dict, read under its older name where only that is set."""
+    value = config_get(hf_config, field)
+    if value is None and field in LEGACY_NAMES:
+        value = config_get(hf_config, LEGACY_NAMES[field])
+    return default if value is None else value
+
+
 def _refuse_unconverted(pattern: str, family: str, field: str) -> None:
     for i, s in enumerate(pattern):
         if s not in CONVERTED:
@@ -120,7 +133,7 @@ class NemotronHBridge(MegatronModelBridge):
         defaults = {"num_nextn_predict_layers": 0, "use_bias": False, "mlp_bias": False, "attention_bias": False,
                     "use_conv_bias": True, "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2"}
         for field, (want, why) in refused.items():
-            value = config_get(hf_config, field, defaults[field])
+            value = _hf_field(hf_config, field, defaults[field])
             if field == "num_nextn_predict_layers":
                 value = int(value or 0)
             if value != want:
@@ -129,7 +142,7 @@ class NemotronHBridge(MegatronModelBridge):
         if "M" in pattern and eps != MIXER_NORM_EPS:
             raise ValueError(f"{family}: layer_norm_epsilon={eps} is not supported with Mamba layers: megatron's "
                              f"MambaMixer fixes its gated norm's epsilon at {MIXER_NORM_EPS}")
-        heads, groups = int(config_get(hf_config, "mamba_num_heads", 128)), int(config_get(hf_config, "n_groups", 8))
+        heads, groups = int(config_get(hf_config, "mamba_num_heads", 128)), int(_hf_field(hf_config, "n_groups", 8))
         if heads % groups:
             raise ValueError(f"{family}: mamba_num_heads={heads} is not a multiple of n_groups={groups}")
         from megatron.core.activations import squared_relu
@@ -165,8 +178,8 @@ class NemotronHBridge(MegatronModelBridge):
             mamba_head_dim=int(config_get(hf_config, "mamba_head_dim", 64)),
             mamba_num_groups=groups,
             mamba_num_heads=heads,
-            mamba_conv_kernel=int(config_get(hf_config, "conv_kernel", 4)),
-            mamba_chunk_size=int(config_get(hf_config, "chunk_size", 128)),
+            mamba_conv_kernel=int(_hf_field(hf_config, "conv_kernel", 4)),
+            mamba_chunk_size=int(_hf_field(hf_config, "chunk_size", 128)),
         )
         return {**kw, **dtype_kwargs(hf_config)}
 

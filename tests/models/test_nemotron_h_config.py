@@ -95,7 +95,8 @@ def test_round_trip_both_ways():
 
 def test_released_config_form():
     """The released config.json form: ``hybrid_override_pattern`` with ``num_hidden_layers``; legacy layer-type
-    names (``mamba`` / ``attention``) read as transformers remaps them."""
+    names (``mamba`` / ``attention``) and field names (``mamba_n_groups``, ``mamba_d_conv``, ...) read as
+    transformers reads them."""
     bridge = _bridge()
     raw = {k: v for k, v in TINY.items() if k != "layers_block_type"}
     released = {**raw, "hybrid_override_pattern": PATTERN, "num_hidden_layers": 6}
@@ -104,6 +105,12 @@ def test_released_config_form():
     assert bridge.hf_config_to_megatron_kwargs(released)["hybrid_layer_pattern"] == PATTERN
     legacy = {**raw, "layers_block_type": ["mamba", "mlp", "attention", "mlp", "mamba", "mlp"]}
     assert bridge.hf_config_to_megatron_kwargs(legacy)["hybrid_layer_pattern"] == PATTERN
+    older = {k: v for k, v in released.items() if k not in ("n_groups", "conv_kernel", "chunk_size")}
+    older.update(mamba_n_groups=2, mamba_d_conv=3, mamba_chunk_size=16)  # the older field names
+    kw = bridge.hf_config_to_megatron_kwargs(older)
+    assert (kw["mamba_num_groups"], kw["mamba_conv_kernel"], kw["mamba_chunk_size"]) == (2, 3, 16)
+    with pytest.raises(ValueError, match=r"use_conv_bias=False is not supported"):
+        bridge.hf_config_to_megatron_kwargs({**older, "mamba_conv_bias": False})
     with pytest.raises(ValueError, match=r"num_hidden_layers=5 but hybrid_override_pattern='M-\*-M-' has 6 layers"):
         bridge.hf_config_to_megatron_kwargs({**released, "num_hidden_layers": 5})
     with pytest.raises(ValueError, match=r"hybrid_override_pattern='M-X' has unknown symbols \['X'\]"):
