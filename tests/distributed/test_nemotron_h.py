@@ -389,3 +389,17 @@ def test_transformer_engine_keys_are_refused_by_name(world):
             assert got.startswith("spec='te': the Transformer Engine keys of hybrid models (hybrid_layer_pattern="
                                   "'M-*-M*M-') are not written or read yet; use spec='local'"), (rank, got)
     assert not os.path.exists(os.path.join(out_root, f"{DIST[0]}_dist_te", "iter_0000000"))
+
+
+@pytest.mark.parametrize("via_model", [False, True], ids=["stream", "model"])
+def test_export_of_the_torch_dist_checkpoint_is_bit_exact(world, via_model, tmp_path):
+    """``export`` of the streamed checkpoint with its HF source, streamed (no model, TP1) and through a model at
+    TP2 x PP2 (local gloo ranks): the source's tensors back, bit-exact."""
+    from megatron_bridge_ext.cli.export import export_checkpoint
+
+    ckpts, out_root, _, _ = world
+    out = str(tmp_path / "hf")
+    layout = dict(tp=2, pp=2) if via_model else {}
+    export_checkpoint(os.path.join(out_root, "hybrid_stream"), out, hf_source=ckpts["hybrid"], backend="gloo",
+                      via_model=via_model, timeout=600, **layout)
+    _assert_same_tensors(ckpts["hybrid"], out)
