@@ -149,16 +149,17 @@ class NemotronHBridge(MegatronModelBridge):
 
         hidden = int(config_get(hf_config, "hidden_size"))
         attn_heads = int(config_get(hf_config, "num_attention_heads"))
-        kv_heads, head_dim = config_get(hf_config, "num_key_value_heads"), config_get(hf_config, "head_dim")
+        # a config.json without these fields gets transformers' NemotronHConfig defaults (5.24)
+        kv_heads, head_dim = config_get(hf_config, "num_key_value_heads", 8), config_get(hf_config, "head_dim", 128)
         kw: Dict[str, Any] = dict(
             num_layers=len(pattern),
             hybrid_layer_pattern=pattern,
             is_hybrid_model=True,
             hidden_size=hidden,
-            ffn_hidden_size=int(config_get(hf_config, "intermediate_size", 4 * hidden)),
+            ffn_hidden_size=int(config_get(hf_config, "intermediate_size", 21504)),
             num_attention_heads=attn_heads,
             num_query_groups=int(kv_heads) if kv_heads is not None else attn_heads,
-            kv_channels=int(head_dim) if head_dim is not None else hidden // attn_heads,
+            kv_channels=int(head_dim),
             init_method_std=float(config_get(hf_config, "initializer_range", 0.02)),
             hidden_dropout=0.0,
             attention_dropout=float(config_get(hf_config, "attention_dropout", 0.0) or 0.0),
