@@ -9,6 +9,9 @@
 # GPU_CHECK_TE=0 skips it, GPU_CHECK_TE_LAYOUTS=1 reads at TP1 only.
 # The DSA step (benchmarks/dsa_check.py: DeepSeek-V3.2 / GLM-5 checkpoints imported on the CPU, loaded into megatron's
 # TE DSA model, logits against transformers) needs megatron-core >= 0.19 and transformer_engine; GPU_CHECK_DSA=0 skips.
+# The hybrid step (benchmarks/hybrid_check.py: a tiny NemotronH Mamba / attention / MLP checkpoint imported into
+# megatron-core's HybridModel at TP1 and TP2, logits against transformers) needs megatron-core >= 0.19 and mamba_ssm
+# (megatron's Mamba scan is Triton only); GPU_CHECK_HYBRID=0 skips it.
 # Exits non-zero on the first failing step; prints everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,6 +86,15 @@ if [[ "${GPU_CHECK_DSA:-1}" != "0" ]]; then
     exit 1
   fi
   "$PYTHON" benchmarks/dsa_check.py --layouts "${GPU_CHECK_DSA_LAYOUTS:-1,2}"
+fi
+
+if [[ "${GPU_CHECK_HYBRID:-1}" != "0" ]]; then
+  step "NemotronH hybrid (Mamba-2 / attention / MLP) logits against transformers (TP1 and TP2)"
+  if ! "$PYTHON" -c "import megatron.core, transformers, mamba_ssm" 2>/dev/null; then
+    echo "gpu_check: megatron-core, transformers or mamba_ssm is not importable by $PYTHON; install them or set GPU_CHECK_HYBRID=0"
+    exit 1
+  fi
+  "$PYTHON" benchmarks/hybrid_check.py --layouts "${GPU_CHECK_HYBRID_LAYOUTS:-1,2}"
 fi
 
 echo; echo "gpu_check: all steps passed"

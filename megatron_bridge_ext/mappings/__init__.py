@@ -30,6 +30,7 @@ from megatron_bridge_ext.mappings.linear import (
     RowParallelMapping,
     with_copies,
 )
+from megatron_bridge_ext.mappings.mamba import MambaSplitMapping
 from megatron_bridge_ext.mappings.mlp import FusedGatedMLPMapping, GatedMLPMapping
 
 __all__ = [
@@ -38,6 +39,6 @@ __all__ = [
     "ReplicatedMapping", "ColumnParallelMapping", "RowParallelMapping", "AutoMapping", "CopiesMapping",
     "with_copies", "QKVMapping", "KVMapping", "ConcatenatedQKVMapping", "HeadShardedNormMapping",
     "KeyAsValueQKVMapping",
-    "GatedMLPMapping", "FusedGatedMLPMapping",
+    "GatedMLPMapping", "FusedGatedMLPMapping", "MambaSplitMapping",
     "ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping",
 ]

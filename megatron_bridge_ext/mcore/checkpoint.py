@@ -23,6 +23,7 @@ from megatron_bridge_ext.mcore.config import (
     config_to_dict,
 )
 from megatron_bridge_ext.mcore.cpu_compat import dist_checkpoint_cpu_patches
+from megatron_bridge_ext.mcore.hybrid_builder import is_hybrid_config
 from megatron_bridge_ext.mcore.names import as_chunks, model_config, unwrap_model
 from megatron_bridge_ext.mcore.te_keys import (
     EXTRA_STATE,
@@ -124,6 +125,20 @@ def to_te_sharded_state_dict(state: Dict[str, Any], config: Any, *, extra_state:
     return state
 
 
+def _refuse_te_hybrid(spec: str, config: Any) -> None:
+    """Transformer Engine keys of hybrid models are not written or read (megatron-core's TE ``hybrid_stack_spec``
+    fuses each layer's norm into ``mixer.in_proj`` / ``mlp.linear_fc1`` / ``self_attention.linear_qkv`` and saves
+    ``_extra_state`` objects this package does not describe for them yet).
+
+    Raises:
+        ValueError: ``spec="te"`` with a hybrid config, naming the pattern and the spec that works.
+    """
+    if spec == "te" and is_hybrid_config(config):
+        raise ValueError(f"spec='te': the Transformer Engine keys of hybrid models (hybrid_layer_pattern="
+                         f"{config.hybrid_layer_pattern!r}) are not written or read yet; use spec='local' (import "
+                         "--spec local)")
+
+
 def sharded_model_state(chunks: Sequence[torch.nn.Module], spec: str = "local", *, extra_state: bool = True,
                         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """``{"model": sd}`` or ``{"model0": sd0, ...}``: each chunk's ``sharded_state_dict`` (global tensor keys; the
@@ -140,6 +155,7 @@ def sharded_model_state(chunks: Sequence[torch.nn.Module], spec: str = "local", 
     if spec not in SPECS:
         raise ValueError(f"spec must be one of {SPECS}, got {spec!r}")
     chunks = as_chunks(chunks)
+    _refuse_te_hybrid(spec, model_config(chunks))
     md = _content_metadata() if metadata is None else {**metadata, **{
         "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}}
     out = {}
@@ -446,6 +462,17 @@ def _check_stored(requested: Mapping[str, Any], meta: Mapping[str, Any], where: 
                          + "; ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else ""))
 
 
+def _stored_keys(item: Any) -> List[str]:
+    """The checkpoint keys a sharded item is stored under: a factory's are those of the tensors it builds (megatron's
+    Mamba mixer stores ``in_proj.weight`` as ``in_proj.weight.z`` / ``.x`` / ``.B`` / ``.C`` / ``.dt``)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(item, ShardedTensorFactory):
+        return sorted({t.key for t in nested_values(item.build()) if isinstance(t, ShardedTensor)})
+    return [item.key]
+
+
 def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str, stored_keys: Optional[Iterable[str]] = None) -> str:
     """Whose keys a Megatron checkpoint holds for these chunks: ``"te"`` (a Transformer Engine layer spec: what
     ``import`` writes by default and Megatron-LM trains with) or ``"local"``; decided from the tensor keys alone
@@ -459,17 +486,18 @@ def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str, stored_keys: O
     chunks = as_chunks(chunks)
     config = model_config(chunks)
     stored = set(ckpt_io.tensor_metadata(path) if stored_keys is None else stored_keys)
-    local = {t.key for t in _sharded_items(sharded_model_state(chunks, "local", extra_state=False))
-             if not isinstance(t, ShardedObject)}
+    local = {key for t in _sharded_items(sharded_model_state(chunks, "local", extra_state=False))
+             if not isinstance(t, ShardedObject) for key in _stored_keys(t)}
     lacking = {"te": sorted({te_tensor_key(k, config) for k in local} - stored), "local": sorted(local - stored)}
+    order = ("local",) if is_hybrid_config(config) else ("te", "local")  # hybrid: local keys only (_refuse_te_hybrid)
     votes: List[Any] = [lacking]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         votes = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(votes, lacking)
-    for spec in ("te", "local"):
+    for spec in order:
         if not any(v[spec] for v in votes):
             return spec
-    spec = min(("te", "local"), key=lambda s: sum(len(v[s]) for v in votes))
+    spec = min(order, key=lambda s: sum(len(v[s]) for v in votes))
     names = sorted({k for v in votes for k in v[spec]})
     raise ValueError(f"{path}: the checkpoint lacks {len(names)} tensor(s) this model needs (closest: the "
                      f"{'Transformer Engine' if spec == 'te' else 'local'} spec's keys): {names[:20]}"

@@ -29,6 +29,7 @@ __all__ = [
     "GPTConfig",
     "YarnGPTConfig",
     "MLAGPTConfig",
+    "HybridGPTConfig",
     "YARN_FIELDS",
     "config_class",
     "padded_vocab_size",
@@ -159,9 +160,27 @@ class MLAGPTConfig(GPTConfig, MLATransformerConfig):
     there whatever ``rms_norm_eps`` is); None: ``layernorm_epsilon``."""
 
 
+@dataclass
+class HybridGPTConfig(GPTConfig):
+    """``GPTConfig`` of a hybrid model (megatron-core >= 0.19 ``HybridModel``: Mamba-2 / attention / MLP layers,
+    NemotronH), built by ``mcore.hybrid_builder`` instead of a ``GPTModel``. The Mamba sizes are
+    ``TransformerConfig``'s own ``mamba_*`` fields."""
+
+    hybrid_layer_pattern: Optional[str] = None
+    """One symbol per decoder layer (megatron's ``hybrid_layer_allocation.Symbols``: ``M`` Mamba, ``*`` attention,
+    ``-`` MLP), without pipeline separators (placed when the model is built)."""
+    mamba_conv_kernel: int = 4
+    """Width of the Mamba layers' causal depthwise convolution (``MambaMixer``'s ``d_conv``)."""
+    mamba_chunk_size: int = 128
+    """Chunk size of the Mamba layers' scan (``MambaMixer``'s ``chunk_size``)."""
+
+
 def config_class(kwargs: Mapping[str, Any]) -> type:
-    """The ``GPTConfig`` class for a model's fields: :class:`MLAGPTConfig` with ``multi_latent_attention``,
-    :class:`YarnGPTConfig` with ``position_embedding_type="yarn"``, else :class:`GPTConfig`."""
+    """The ``GPTConfig`` class for a model's fields: :class:`HybridGPTConfig` with a ``hybrid_layer_pattern``,
+    :class:`MLAGPTConfig` with ``multi_latent_attention``, :class:`YarnGPTConfig` with
+    ``position_embedding_type="yarn"``, else :class:`GPTConfig`."""
+    if kwargs.get("hybrid_layer_pattern"):
+        return HybridGPTConfig
     if kwargs.get("multi_latent_attention"):
         return MLAGPTConfig
     if kwargs.get("position_embedding_type") == "yarn":

@@ -388,8 +388,13 @@ def build_model_chunks(config: GPTConfig, vocab_size: Optional[int] = None,
                        max_seq_len: Optional[int] = None) -> List[GPTModel]:
     """Build this rank's GPTModel chunk(s): one per virtual pipeline stage (vp_stage 0..vpp-1), else one.
 
-    Virtual stage ``s`` of the whole model lives on pp rank ``s % pp`` as chunk ``s // pp``.
+    Virtual stage ``s`` of the whole model lives on pp rank ``s % pp`` as chunk ``s // pp``. A hybrid config (one
+    with a ``hybrid_layer_pattern``) gives megatron-core's HybridModel chunks instead (:mod:`.hybrid_builder`).
     """
+    from megatron_bridge_ext.mcore.hybrid_builder import build_hybrid_chunks, is_hybrid_config
+
+    if is_hybrid_config(config):
+        return build_hybrid_chunks(config, vocab_size, max_seq_len)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     if vpp is None:
         return [build_gpt_model(config, vocab_size, max_seq_len)]

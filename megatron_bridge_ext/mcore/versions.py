@@ -46,6 +46,8 @@ __all__ = [
     "spec_submodules",
     "megatron_core_minor",
     "release_for_installed",
+    "has_hybrid_model",
+    "require_hybrid_model",
     "mtp_block_saves_plain_state",
     "replace_submodules",
     "OPT_IN_LAYOUT_SETTINGS",
@@ -177,6 +179,25 @@ def require_megatron_core_for(minimum: Tuple[int, int, int], architecture: str, 
         installed = installed_megatron_core() or ".".join(map(str, version))
         raise ValueError(f"{architecture}: {feature} needs megatron-core >= {'.'.join(map(str, minimum))}; "
                          f"megatron-core {installed} is installed")
+
+
+#: the first megatron-core release with ``megatron.core.models.hybrid`` (HybridModel and its layer symbols)
+HYBRID_MODEL_RELEASE = (0, 19, 0)
+
+
+def has_hybrid_model() -> bool:
+    """Whether the installed megatron-core has ``megatron.core.models.hybrid.HybridModel`` (0.19 and later)."""
+    return megatron_core_version() >= HYBRID_MODEL_RELEASE
+
+
+def require_hybrid_model(architecture: str) -> None:
+    """Refuse a hybrid (Mamba / attention) architecture under a megatron-core without ``HybridModel``.
+
+    Raises:
+        ValueError: naming the architecture, the megatron-core it needs and the installed one.
+    """
+    require_megatron_core_for(HYBRID_MODEL_RELEASE, architecture,
+                              "the hybrid Mamba / attention model (megatron.core.models.hybrid.HybridModel)")
 
 
 def release_for_installed(releases: Iterable[str]) -> str:

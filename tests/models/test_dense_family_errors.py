@@ -42,6 +42,7 @@ def test_supported_models_are_the_proven_families():
         "MiniMaxM2ForCausalLM",
         "MistralForCausalLM",
         "MixtralForCausalLM",
+        "NemotronHForCausalLM",
         "Olmo2ForCausalLM",
         "Olmo3ForCausalLM",
         "OlmoeForCausalLM",

@@ -1,0 +1,405 @@
+"""NemotronH (Mamba-2 / attention / squared-ReLU MLP layers) -> megatron-core HybridModel chunks (CPU, gloo) -> HF,
+all in ONE spawned world of 4 ranks (megatron-core >= 0.19; under 0.16.1 the family's named refusal).
+
+Checkpoints (transformers' NemotronHForCausalLM from tiny configs, every tensor redrawn at random: norms N(1, 0.3),
+``A_log`` / ``D`` / ``dt_bias`` / convolution included, so that a component read from the wrong rows moves a value):
+
+- ``hybrid``: pattern ``M-*-M*M-`` (Mamba 8 heads of 8 in 2 groups of state 8, GQA attention 4 / 2 heads of 16),
+  untied; TP2, PP2, PP2 + VPP2 (megatron's explicit '|' stages), TP2 x PP2.
+- ``tied``: pattern ``M*-M`` with ``tie_word_embeddings=True``, which transformers' NemotronH ignores (its
+  ``_tied_weights_keys`` is empty: ``lm_head`` is its own tensor, checked here): untied in Megatron too; TP2 x PP2.
+- ``bf16``: pattern ``M*-M`` saved in bf16, TP2 with ``params_dtype=bf16``: megatron keeps ``A_log`` / ``D`` (its
+  mixer's choice) and the torch norms in fp32 (the bf16 values widened exactly), every other parameter is bf16, and
+  the export gives the bf16 source back bit-exact.
+- ``dense``: pattern ``*-*-`` (no Mamba layer), TP2: its logits are compared with transformers' (the attention and
+  MLP layers, norms, embedding and output run on CPU as megatron-core has them).
+- ``scan``: ``hybrid``'s pattern with ``time_step_min=0`` (transformers clamps the time step there, megatron does
+  not), TP2 and PP2: logits against transformers' with megatron's Mamba mixer running its non-fused path
+  (``use_mamba_mem_eff_path=False``) and transformers' torch scan ``mamba2_chunk_scan`` standing in for
+  ``mamba_ssm``'s Triton ``mamba_chunk_scan_combined`` (megatron has no torch scan): the scan is the same function on
+  both sides, everything around it (in_proj split, conv1d, gated group norm, out_proj, TP all-reduce) is megatron's.
+
+For each layout, on every rank: every parameter of every chunk equals (``torch.equal``) a plain-torch reading of the
+HF tensors written here (:func:`_expected`: ``in_proj`` split into z / x / B / C / dt and each chunked over TP,
+the convolution over x / B / C, per-head vectors and the gated norm chunked, ``out_proj`` / ``o_proj`` /
+``down_proj`` chunked by columns, q / k / v interleaved per query group, the vocabulary padded); no parameter is left
+unchecked. The export is bit-exact against the source (key set, dtypes, torch.equal). One export without the source
+loads in transformers with the source's layer types and tensors. A ``torch_dist`` checkpoint written at TP2 is read
+at PP2 from its stored config with every parameter again equal to the HF reading; the streamed conversion (no live
+model) writes the same tensors and reads back at TP2 x PP2 likewise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+transformers = pytest.importorskip("transformers")
+
+from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
+from megatron_bridge_ext.launch import spawn_local  # noqa: E402
+from megatron_bridge_ext.mcore.versions import has_hybrid_model  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+
+HAS_HYBRID = has_hybrid_model()
+ARCH = "NemotronHForCausalLM"
+HEADS, GROUPS, HEAD_DIM = 4, 2, 16
+M_HEADS, M_HEAD_DIM, M_GROUPS, M_STATE = 8, 8, 2, 8
+BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=HEADS,
+            num_key_value_heads=GROUPS, head_dim=HEAD_DIM, mamba_num_heads=M_HEADS, mamba_head_dim=M_HEAD_DIM,
+            n_groups=M_GROUPS, ssm_state_size=M_STATE, conv_kernel=4, chunk_size=8, max_position_embeddings=128,
+            layer_norm_epsilon=1e-5, pad_token_id=None, eos_token_id=None, bos_token_id=None)
+SYMBOL_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+CHECKPOINTS = {
+    "hybrid": dict(pattern="M-*-M*M-"),
+    "tied": dict(pattern="M*-M", tie_word_embeddings=True),
+    "dense": dict(pattern="*-*-"),
+    # HF clamps the Mamba time step at time_step_min from below, megatron's kernels do not: 0 for the logits check
+    "scan": dict(pattern="M-*-M*M-", time_step_min=0.0),
+    "bf16": dict(pattern="M*-M", dtype=torch.bfloat16),
+}
+# name, tp, pp, vpp, checkpoint
+LAYOUTS = [
+    ("hybrid_tp2", 2, 1, None, "hybrid"),
+    ("hybrid_pp2", 1, 2, None, "hybrid"),
+    ("hybrid_pp2vpp2", 1, 2, 2, "hybrid"),
+    ("hybrid_tp2pp2", 2, 2, None, "hybrid"),
+    ("tied_tp2pp2", 2, 2, None, "tied"),
+    ("dense_tp2", 2, 1, None, "dense"),
+    ("scan_tp2", 2, 1, None, "scan"),
+    ("scan_pp2", 1, 2, None, "scan"),
+    ("bf16_tp2", 2, 1, None, "bf16"),
+]
+NO_SOURCE = "hybrid_tp2pp2"
+LOGITS = {"dense_tp2", "scan_tp2", "scan_pp2"}
+DIST = ("hybrid_tp2", (1, 2))  # written at TP2, read at PP2
+
+
+#: config.json fields written after the save (transformers' weight initialisation takes log(time_step_min))
+AFTER_SAVE = ("time_step_min",)
+#: fields of CHECKPOINTS that are no config fields
+NOT_CONFIG = ("pattern", "dtype") + AFTER_SAVE
+
+
+def _config(ckpt: str) -> dict:
+    spec = {k: v for k, v in CHECKPOINTS[ckpt].items() if k not in NOT_CONFIG}
+    pattern = CHECKPOINTS[ckpt]["pattern"]
+    return {**BASE, **spec, "layers_block_type": [SYMBOL_TYPES[s] for s in pattern]}
+
+
+def _make_checkpoint(path: str, ckpt: str, seed: int) -> None:
+    make_tiny_checkpoint(path, "NemotronH", _config(ckpt), seed, norm=(1.0, 0.3), rest=(0.0, 0.1),
+                         rules=[(lambda n: n.endswith(("A_log", ".D", "dt_bias")), 0.5, 0.3)],
+                         dtype=CHECKPOINTS[ckpt].get("dtype", torch.float32))
+    late = {k: v for k, v in CHECKPOINTS[ckpt].items() if k in AFTER_SAVE}
+    if late:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({**config, **late}, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plain-torch reading of the HF tensors (written from transformers' and megatron-core's module code, not from the
+# package's mappings)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _split_chunk(t: torch.Tensor, sizes, tp: int, r: int) -> torch.Tensor:
+    """Components of ``sizes`` rows laid end to end, each chunked over TP; rank r's pieces concatenated."""
+    return torch.cat([part.chunk(tp, 0)[r] for part in torch.split(t, sizes, 0)], 0)
+
+
+def _expected(local_name: str, layer: int, sd: dict, tp: int, r: int, padded_vocab: int) -> torch.Tensor:
+    d_inner, gn = M_HEADS * M_HEAD_DIM, M_GROUPS * M_STATE
+    hf = f"backbone.layers.{layer}."
+    if local_name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        src = sd["backbone.embeddings.weight" if local_name.startswith("embedding") else "lm_head.weight"]
+        padded = torch.cat([src, src.new_zeros(padded_vocab - src.shape[0], src.shape[1])])
+        return padded.chunk(tp, 0)[r]
+    if local_name == "decoder.final_norm.weight":
+        return sd["backbone.norm_f.weight"]
+    leaf = local_name.split(".", 3)[3]  # after decoder.layers.<i>.
+    if leaf in ("norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight"):
+        return sd[hf + "norm.weight"]
+    if leaf == "mixer.in_proj.weight":
+        return _split_chunk(sd[hf + "mixer.in_proj.weight"], [d_inner, d_inner, gn, gn, M_HEADS], tp, r)
+    if leaf in ("mixer.conv1d_weight", "mixer.conv1d_bias"):
+        return _split_chunk(sd[hf + "mixer.conv1d." + leaf.rsplit("_", 1)[1]], [d_inner, gn, gn], tp, r)
+    if leaf in ("mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.norm.weight"):
+        return sd[hf + leaf].chunk(tp, 0)[r]
+    if leaf in ("mixer.out_proj.weight", "mlp.linear_fc2.weight", "self_attention.linear_proj.weight"):
+        name = {"mixer.out_proj.weight": "mixer.out_proj.weight", "mlp.linear_fc2.weight": "mixer.down_proj.weight",
+                "self_attention.linear_proj.weight": "mixer.o_proj.weight"}[leaf]
+        return sd[hf + name].chunk(tp, 1)[r]
+    if leaf == "mlp.linear_fc1.weight":
+        return sd[hf + "mixer.up_proj.weight"].chunk(tp, 0)[r]
+    if leaf == "self_attention.linear_qkv.weight":
+        q, k, v = (sd[hf + f"mixer.{p}_proj.weight"] for p in "qkv")
+        hidden = q.shape[1]
+        per_group = torch.cat([q.view(GROUPS, HEADS // GROUPS * HEAD_DIM, hidden), k.view(GROUPS, HEAD_DIM, hidden),
+                               v.view(GROUPS, HEAD_DIM, hidden)], 1)
+        return per_group.reshape(-1, hidden).chunk(tp, 0)[r]
+    raise KeyError(local_name)
+
+
+def _check_params(chunks, sd: dict, tp: int, tp_rank: int) -> dict:
+    """Every parameter of this rank against :func:`_expected`: mismatches and the number checked."""
+    bad, checked = [], 0
+    for chunk in chunks:
+        layer_of = {i: layer.layer_number - 1 for i, layer in enumerate(chunk.decoder.layers)}
+        for name, p in chunk.named_parameters():
+            layer = layer_of[int(name.split(".")[2])] if name.startswith("decoder.layers.") else -1
+            want = _expected(name, layer, sd, tp, tp_rank, chunk.vocab_size)
+            checked += 1
+            # megatron keeps A_log and D in fp32 whatever params_dtype is, and torch's norms are built in fp32: a
+            # bf16 HF value widened exactly (the export narrows it back)
+            wide = p.dtype == torch.float32 and (name.endswith(("mixer.A_log", "mixer.D")) or "norm" in name)
+            if p.shape != want.shape or (p.dtype != want.dtype and not wide) or \
+                    not torch.equal(p.detach(), want.to(p.dtype)):
+                bad.append(f"{name} (layer {layer}) {list(p.shape)} {p.dtype} vs {list(want.shape)} {want.dtype}")
+    return {"bad": bad, "checked": checked}
+
+
+def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: str) -> dict:
+    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
+
+    apply_cpu_patches()
+    import megatron.core.ssm.mamba_mixer as mamba_mixer
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from transformers.models.nemotron_h import modeling_nemotron_h
+
+    # megatron's Mamba scan is mamba_ssm's Triton kernel: transformers' torch scan (same arguments) stands in for it,
+    # so that the rest of megatron's mixer (in_proj split, torch conv1d, gated group norm, out_proj) runs on the CPU
+    mamba_mixer.mamba_chunk_scan_combined = modeling_nemotron_h.mamba2_chunk_scan
+
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
+    from megatron_bridge_ext.mcore.checkpoint import (cast_to_params_dtype, config_from_checkpoint,
+                                                      load_megatron_checkpoint, save_megatron_checkpoint)
+    from megatron_bridge_ext.mcore.forward import megatron_logits
+    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
+
+    results = {}
+    for name, tp, pp, vpp, ckpt in LAYOUTS:
+        with SafeTensorsSource(ckpts[ckpt]) as src:
+            sd = {k: src[k].clone() for k in src.keys()}
+        init_parallel(tp=tp, pp=pp, vpp=vpp)
+        bridge = AutoBridge.from_hf_pretrained(ckpts[ckpt])
+        # the logits layouts run megatron's non-fused Mamba path (_ssm_prefill: conv1d, scan, norm apart)
+        chunks = bridge.to_megatron_model(params_dtype=CHECKPOINTS[ckpt].get("dtype", torch.float32),
+                                          **({"use_mamba_mem_eff_path": False} if name in LOGITS else {}))
+        r = {"params": _check_params(chunks, sd, tp, ps.get_tensor_model_parallel_rank()),
+             "kind": type(chunks[0]).__name__}
+        if name in LOGITS:
+            r["logits"] = megatron_logits(chunks, tokens)
+        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=96 * 1024,
+                                  bucket_bytes=64 * 1024, show_progress=False)
+        if name == NO_SOURCE:
+            AutoBridge.from_architecture(ARCH).save_hf_pretrained(
+                chunks, os.path.join(out_root, f"{name}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
+        if name == DIST[0]:
+            path = os.path.join(out_root, f"{name}_dist")
+            save_megatron_checkpoint(cast_to_params_dtype(chunks), path, architecture=ARCH, spec="local")
+            try:  # the default spec: Transformer Engine keys, not written for hybrid models yet
+                save_megatron_checkpoint(chunks, path + "_te", architecture=ARCH)
+                r["te"] = "written"
+            except ValueError as e:
+                r["te"] = str(e)
+            tp2, pp2 = DIST[1]
+            init_parallel(tp=tp2, pp=pp2)
+            info = read_checkpoint_info(path)
+            loaded = cast_to_params_dtype(build_model_chunks(config_from_checkpoint(info)))
+            for chunk in loaded:  # poison: the load must write every parameter
+                for p in chunk.parameters():
+                    p.data.fill_(float("nan"))
+            load_megatron_checkpoint(loaded, info.path)
+            r["dist"] = _check_params(loaded, sd, tp2, ps.get_tensor_model_parallel_rank())
+        results[name] = r
+        destroy_parallel()
+        dist.barrier()
+    # the streamed conversion (no model built but one on the meta device; the 4 ranks share the tensors), recording
+    # TP2; read back at TP2 x PP2
+    from megatron_bridge_ext.testing.parity import compare_megatron_checkpoints
+
+    stream = os.path.join(out_root, "hybrid_stream")
+    AutoBridge.from_hf_pretrained(ckpts["hybrid"]).save_megatron_checkpoint(
+        stream, spec="local", dtype=torch.float32, layout=dict(tp=2, pp=1), file_bytes=64 << 10,
+        buffer_bytes=16 << 10)
+    if rank == 0:  # the stored args differ (world size): tensors and objects compared
+        results["stream_diff"] = [d for d in compare_megatron_checkpoints(
+            stream, os.path.join(out_root, f"{DIST[0]}_dist")) if not d.startswith("common ")]
+    try:
+        AutoBridge.from_hf_pretrained(ckpts["hybrid"]).save_megatron_checkpoint(
+            os.path.join(out_root, "hybrid_stream_te"), spec="te", dtype=torch.float32)
+        results["stream_te"] = "written"
+    except ValueError as e:
+        results["stream_te"] = str(e)
+    init_parallel(tp=2, pp=2)
+    info = read_checkpoint_info(stream)
+    loaded = cast_to_params_dtype(build_model_chunks(config_from_checkpoint(info)))
+    for chunk in loaded:
+        for p in chunk.parameters():
+            p.data.fill_(float("nan"))
+    load_megatron_checkpoint(loaded, info.path)
+    with SafeTensorsSource(ckpts["hybrid"]) as src:
+        sd = {k: src[k].clone() for k in src.keys()}
+    results["stream_load"] = _check_params(loaded, sd, 2, ps.get_tensor_model_parallel_rank())
+    destroy_parallel()
+    # Mamba heads / groups that TP cannot split: refused by name before megatron asserts
+    init_parallel(tp=4, pp=1)
+    try:
+        AutoBridge.from_hf_pretrained(ckpts["hybrid"]).transformer_config(tensor_model_parallel_size=4)
+        results["tp4"] = "built"
+    except ValueError as e:
+        results["tp4"] = str(e)
+    destroy_parallel()
+    return results
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    if not HAS_HYBRID:
+        pytest.skip("megatron-core < 0.19 has no HybridModel (the refusal is tested in test_nemotron_h_refused_*)")
+    transformers.logging.set_verbosity_error()
+    root = tmp_path_factory.mktemp("nemotron_h")
+    ckpts = {}
+    for i, ckpt in enumerate(CHECKPOINTS):
+        ckpts[ckpt] = str(root / f"hf_{ckpt}")
+        _make_checkpoint(ckpts[ckpt], ckpt, seed=50 + i)
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    out_root = str(root / "out")
+    per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=900)
+    return ckpts, out_root, per_rank, tokens
+
+
+IDS = [layout[0] for layout in LAYOUTS]
+
+
+@pytest.mark.parametrize("name,tp,pp,vpp,ckpt", LAYOUTS, ids=IDS)
+def test_every_parameter_is_the_plain_torch_reading(world, name, tp, pp, vpp, ckpt):
+    _, _, per_rank, _ = world
+    n_layers = len(CHECKPOINTS[ckpt]["pattern"])
+    total = 0
+    for rank, r in enumerate(per_rank):
+        assert r[name]["kind"] == "HybridModel", (rank, r[name]["kind"])
+        assert r[name]["params"]["bad"] == [], (rank, r[name]["params"]["bad"][:4])
+        total += r[name]["params"]["checked"]
+    assert total >= (4 // (tp * pp)) * (n_layers + 2), (name, total)  # every rank checked its share
+
+
+@pytest.mark.parametrize("name", sorted(LOGITS))
+def test_logits_match_transformers(world, name):
+    """``dense``: megatron-core's attention and MLP layers as they are. ``scan``: Mamba layers too, megatron's mixer
+    with transformers' torch scan standing in for the Triton one (the same function on both sides: what is compared is
+    everything around it, megatron's split of in_proj, its convolution, gated group norm and out_proj at TP2 / PP2)."""
+    ckpts, _, per_rank, tokens = world
+    ckpt = next(layout[4] for layout in LAYOUTS if layout[0] == name)
+    want = hf_logits(ckpts[ckpt], tokens)
+    got = per_rank[0][name]["logits"]
+    assert got.shape == want.shape
+    diff = (got - want).abs().max().item()
+    assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e}"
+
+
+def _assert_same_tensors(src_dir: str, dst_dir: str) -> None:
+    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
+        assert set(dst.keys()) == set(src.keys()), set(dst.keys()) ^ set(src.keys())
+        for key in src.keys():
+            a, b = src[key], dst[key]
+            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
+            assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("name,tp,pp,vpp,ckpt", LAYOUTS, ids=IDS)
+def test_round_trip_bit_exact(world, name, tp, pp, vpp, ckpt):
+    ckpts, out_root, _, _ = world
+    _assert_same_tensors(ckpts[ckpt], os.path.join(out_root, name))
+
+
+def test_export_without_source_loads_in_transformers(world):
+    ckpts, out_root, _, tokens = world
+    ckpt = next(layout[4] for layout in LAYOUTS if layout[0] == NO_SOURCE)
+    out = os.path.join(out_root, f"{NO_SOURCE}_nosource")
+    _assert_same_tensors(ckpts[ckpt], out)
+    with open(os.path.join(out, "config.json")) as f:
+        written = json.load(f)
+    assert written["architectures"] == [ARCH] and written["hybrid_override_pattern"] == CHECKPOINTS[ckpt]["pattern"]
+    config = transformers.AutoConfig.from_pretrained(out)
+    source = transformers.AutoConfig.from_pretrained(ckpts[ckpt])
+    assert type(config) is type(source)
+    assert config.layers_block_type == source.layers_block_type
+    for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size", "conv_kernel", "chunk_size",
+                  "layer_norm_epsilon", "mlp_hidden_act", "tie_word_embeddings", "vocab_size"):
+        assert getattr(config, field) == getattr(source, field), field
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with SafeTensorsSource(ckpts[ckpt]) as src:
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, src[key.replace("model.", "backbone.", 1)]), key
+    diff = (hf_logits(out, tokens) - hf_logits(ckpts[ckpt], tokens)).abs().max().item()
+    assert diff <= SAME_MODEL_ATOL
+
+
+def test_torch_dist_checkpoint_reads_at_another_layout(world):
+    _, _, per_rank, _ = world
+    for rank, r in enumerate(per_rank):
+        assert r[DIST[0]]["dist"]["bad"] == [], (rank, r[DIST[0]]["dist"]["bad"][:4])
+        assert r[DIST[0]]["dist"]["checked"] > 0, rank
+
+
+def test_mamba_heads_tp_cannot_split_are_refused(world):
+    _, _, per_rank, _ = world
+    for rank, r in enumerate(per_rank):
+        assert "n_groups=2 is not divisible by tensor_model_parallel_size=4" in r["tp4"], (rank, r["tp4"])
+
+
+def test_tie_word_embeddings_is_ignored_as_transformers_does(world):
+    """transformers' NemotronH keeps ``lm_head`` apart from the embedding even with ``tie_word_embeddings=True``;
+    the conversion above (``tied_tp2pp2``) read the output layer from ``lm_head`` and exported both tensors."""
+    ckpts, _, _, _ = world
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpts["tied"], dtype=torch.float32)
+    assert model.config.tie_word_embeddings is True
+    assert model.lm_head.weight.data_ptr() != model.model.embeddings.weight.data_ptr()
+    assert not torch.equal(model.lm_head.weight, model.model.embeddings.weight)
+
+
+def test_streamed_checkpoint_equals_the_model_path_and_reads_back(world):
+    """The streamed ``torch_dist`` conversion (``AutoBridge.save_megatron_checkpoint``, no live model) holds the
+    tensors the model path saved at TP2 (the mixer's split keys included), and read at TP2 x PP2 every parameter is
+    the plain-torch reading of the HF tensors."""
+    _, _, per_rank, _ = world
+    assert per_rank[0]["stream_diff"] == [], per_rank[0]["stream_diff"][:10]
+    for rank, r in enumerate(per_rank):
+        assert r["stream_load"]["bad"] == [] and r["stream_load"]["checked"] > 0, (rank, r["stream_load"]["bad"][:4])
+
+
+def test_transformer_engine_keys_are_refused_by_name(world):
+    """Saving a hybrid model with Transformer Engine keys (the default spec), from the model or streamed, is refused
+    naming the pattern and ``spec='local'``; nothing is written."""
+    _, out_root, per_rank, _ = world
+    for rank, r in enumerate(per_rank):
+        for got in (r[DIST[0]]["te"], r["stream_te"]):
+            assert got.startswith("spec='te': the Transformer Engine keys of hybrid models (hybrid_layer_pattern="
+                                  "'M-*-M*M-') are not written or read yet; use spec='local'"), (rank, got)
+    assert not os.path.exists(os.path.join(out_root, f"{DIST[0]}_dist_te", "iter_0000000"))
+
+
+@pytest.mark.parametrize("via_model", [False, True], ids=["stream", "model"])
+def test_export_of_the_torch_dist_checkpoint_is_bit_exact(world, via_model, tmp_path):
+    """``export`` of the streamed checkpoint with its HF source, streamed (no model, TP1) and through a model at
+    TP2 x PP2 (local gloo ranks): the source's tensors back, bit-exact."""
+    from megatron_bridge_ext.cli.export import export_checkpoint
+
+    ckpts, out_root, _, _ = world
+    out = str(tmp_path / "hf")
+    layout = dict(tp=2, pp=2) if via_model else {}
+    export_checkpoint(os.path.join(out_root, "hybrid_stream"), out, hf_source=ckpts["hybrid"], backend="gloo",
+                      via_model=via_model, timeout=600, **layout)
+    _assert_same_tensors(ckpts["hybrid"], out)

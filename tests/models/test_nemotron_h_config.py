@@ -1,0 +1,168 @@
+"""NemotronH without a process group: the config translation both ways (transformers' own NemotronHConfig read back
+from the exported fields; a Megatron config rebuilt from the export equals the first), the released config form
+(``hybrid_override_pattern`` / ``num_hidden_layers``, legacy layer-type names), the settings refused by name in each
+direction, and the refusal under a megatron-core without ``HybridModel`` (0.16.1: every test here asserts it)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("megatron.core")
+transformers = pytest.importorskip("transformers")
+
+import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
+from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
+from megatron_bridge_ext.mcore import versions  # noqa: E402
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=3,
+            chunk_size=16, max_position_embeddings=256, initializer_range=0.03, layer_norm_epsilon=1e-5,
+            layers_block_type=["linear_attention", "mlp", "full_attention", "mlp", "linear_attention", "mlp"])
+PATTERN = "M-*-M-"
+#: HF fields the Megatron config carries (the rest are HF-only: time steps, caches, MoE sizes of absent layers)
+CARRIED = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+           "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size", "conv_kernel", "chunk_size",
+           "max_position_embeddings", "initializer_range", "layer_norm_epsilon", "layers_block_type", "mlp_hidden_act",
+           "mamba_hidden_act", "use_bias", "use_conv_bias", "mlp_bias", "attention_bias", "num_hidden_layers")
+
+
+def _bridge():
+    return get_model_bridge("NemotronHForCausalLM")
+
+
+def _hf(**overrides):
+    return transformers.NemotronHConfig(**{**TINY, **overrides})
+
+
+def _refused_here(call) -> bool:
+    """Under a megatron-core without HybridModel every conversion is refused by name (True: asserted, done)."""
+    if versions.has_hybrid_model():
+        return False
+    with pytest.raises(ValueError, match=r"NemotronHForCausalLM: the hybrid Mamba / attention model .*HybridModel\) "
+                                         r"needs megatron-core >= 0\.19\.0; megatron-core 0\.16\.\d+ is installed"):
+        call()
+    return True
+
+
+def test_refusal_names_the_architecture_and_the_installed_version(monkeypatch):
+    """Whatever is installed: with megatron-core 0.16.1 reported, the family refuses, naming both versions."""
+    monkeypatch.setattr(versions, "megatron_core_version", lambda: (0, 16, 1))
+    monkeypatch.setattr(versions, "installed_megatron_core", lambda: "0.16.1")
+    with pytest.raises(ValueError, match=r"^NemotronHForCausalLM: the hybrid Mamba / attention model "
+                                         r"\(megatron\.core\.models\.hybrid\.HybridModel\) needs megatron-core >= "
+                                         r"0\.19\.0; megatron-core 0\.16\.1 is installed$"):
+        _bridge().hf_config_to_megatron_kwargs(_hf())
+
+
+def test_hf_to_megatron_fields():
+    bridge = _bridge()
+    if _refused_here(lambda: bridge.transformer_config(_hf())):
+        return
+    from megatron.core.activations import squared_relu
+
+    config = bridge.transformer_config(_hf())
+    assert type(config).__name__ == "HybridGPTConfig"
+    assert (config.hybrid_layer_pattern, config.num_layers, config.is_hybrid_model) == (PATTERN, 6, True)
+    assert (config.mamba_num_heads, config.mamba_head_dim, config.mamba_num_groups, config.mamba_state_dim) == \
+        (8, 8, 2, 8)
+    assert (config.mamba_conv_kernel, config.mamba_chunk_size) == (3, 16)
+    assert (config.num_query_groups, config.kv_channels, config.ffn_hidden_size) == (2, 16, 96)
+    assert config.activation_func is squared_relu and not config.gated_linear_unit
+    assert config.position_embedding_type == "none" and config.normalization == "RMSNorm"
+    assert config.share_embeddings_and_output_weights is False
+
+
+def test_round_trip_both_ways():
+    """HF -> Megatron -> HF: transformers' NemotronHConfig built from the exported fields has the source's values;
+    Megatron -> HF -> Megatron: the rebuilt config equals the first (as stored data)."""
+    from megatron_bridge_ext.mcore.config import config_to_dict
+
+    bridge = _bridge()
+    source = _hf()
+    if _refused_here(lambda: bridge.transformer_config(source)):
+        return
+    config = bridge.transformer_config(source)
+    exported = bridge.megatron_to_hf_config(config)
+    assert exported["architectures"] == ["NemotronHForCausalLM"] and exported["model_type"] == "nemotron_h"
+    assert exported["hybrid_override_pattern"] == PATTERN and exported["num_hidden_layers"] == 6
+    fields = {k: v for k, v in exported.items() if k not in ("architectures", "model_type")}
+    back = transformers.NemotronHConfig(**fields)
+    for field in CARRIED:
+        assert getattr(back, field) == getattr(source, field), field
+    assert config_to_dict(bridge.transformer_config(back)) == config_to_dict(config)
+    assert config_to_dict(bridge.transformer_config(exported)) == config_to_dict(config)  # the raw dict form too
+
+
+def test_released_config_form():
+    """The released config.json form: ``hybrid_override_pattern`` with ``num_hidden_layers``; legacy layer-type
+    names (``mamba`` / ``attention``) and field names (``mamba_n_groups``, ``mamba_d_conv``, ...) read as
+    transformers reads them."""
+    bridge = _bridge()
+    raw = {k: v for k, v in TINY.items() if k != "layers_block_type"}
+    released = {**raw, "hybrid_override_pattern": PATTERN, "num_hidden_layers": 6}
+    if _refused_here(lambda: bridge.hf_config_to_megatron_kwargs(released)):
+        return
+    assert bridge.hf_config_to_megatron_kwargs(released)["hybrid_layer_pattern"] == PATTERN
+    legacy = {**raw, "layers_block_type": ["mamba", "mlp", "attention", "mlp", "mamba", "mlp"]}
+    assert bridge.hf_config_to_megatron_kwargs(legacy)["hybrid_layer_pattern"] == PATTERN
+    older = {k: v for k, v in released.items() if k not in ("n_groups", "conv_kernel", "chunk_size")}
+    older.update(mamba_n_groups=2, mamba_d_conv=3, mamba_chunk_size=16)  # the older field names
+    kw = bridge.hf_config_to_megatron_kwargs(older)
+    assert (kw["mamba_num_groups"], kw["mamba_conv_kernel"], kw["mamba_chunk_size"]) == (2, 3, 16)
+    with pytest.raises(ValueError, match=r"use_conv_bias=False is not supported"):
+        bridge.hf_config_to_megatron_kwargs({**older, "mamba_conv_bias": False})
+    with pytest.raises(ValueError, match=r"num_hidden_layers=5 but hybrid_override_pattern='M-\*-M-' has 6 layers"):
+        bridge.hf_config_to_megatron_kwargs({**released, "num_hidden_layers": 5})
+    with pytest.raises(ValueError, match=r"hybrid_override_pattern='M-X' has unknown symbols \['X'\]"):
+        bridge.hf_config_to_megatron_kwargs({**raw, "hybrid_override_pattern": "M-X"})
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(layers_block_type=["linear_attention", "moe", "full_attention", "mlp"]),
+     r"layer 1 is a mixture-of-experts layer \('E', HF 'moe'; Nemotron 3\), which is not converted"),
+    (dict(num_nextn_predict_layers=1), r"num_nextn_predict_layers=1 is not supported \(0 only: multi-token"),
+    (dict(use_bias=True), r"use_bias=True is not supported \(False only: megatron's MambaMixer has no in_proj"),
+    (dict(mlp_bias=True), r"mlp_bias=True is not supported"),
+    (dict(attention_bias=True), r"attention_bias=True is not supported"),
+    (dict(use_conv_bias=False), r"use_conv_bias=False is not supported \(True only"),
+    (dict(mamba_hidden_act="gelu"), r"mamba_hidden_act='gelu' is not supported \('silu' only"),
+    (dict(mlp_hidden_act="silu"), r"mlp_hidden_act='silu' is not supported \('relu2' only"),
+    (dict(layer_norm_epsilon=1e-6), r"layer_norm_epsilon=1e-06 is not supported with Mamba layers: megatron's "
+                                    r"MambaMixer fixes its gated norm's epsilon at 1e-05"),
+    (dict(mamba_num_heads=6, n_groups=4), r"mamba_num_heads=6 is not a multiple of n_groups=4"),
+], ids=["moe_layer", "mtp", "use_bias", "mlp_bias", "attention_bias", "no_conv_bias", "mamba_act", "mlp_act",
+        "eps", "heads_groups"])
+def test_hf_settings_refused_by_name(overrides, match):
+    bridge = _bridge()
+    hf = {**TINY, **overrides}  # as config.json (transformers would reject some before the bridge sees them)
+    if _refused_here(lambda: bridge.hf_config_to_megatron_kwargs(hf)):
+        return
+    with pytest.raises(ValueError, match=r"^NemotronHBridge: .*" + match):
+        bridge.hf_config_to_megatron_kwargs(hf)
+
+
+def test_tp_that_cannot_split_the_mamba_heads_is_refused_by_name():
+    bridge = _bridge()
+    if _refused_here(lambda: bridge.transformer_config(_hf())):
+        return
+    with pytest.raises(ValueError, match=r"n_groups=2 is not divisible by tensor_model_parallel_size=4 \(megatron's "
+                                         r"MambaMixer gives each TP rank whole heads and groups\)"):
+        bridge.transformer_config(_hf(), tensor_model_parallel_size=4)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(share_embeddings_and_output_weights=True), r"'share_embeddings_and_output_weights': \(True, False\)"),
+    (dict(normalization="LayerNorm"), r"'normalization': \('LayerNorm', 'RMSNorm'\)"),
+    (dict(gated_linear_unit=True), r"'gated_linear_unit': \(True, False\)"),
+    (dict(add_bias_linear=True), r"'add_bias_linear': \(True, False\)"),
+    (dict(position_embedding_type="rope"), r"'position_embedding_type': \('rope', 'none'\)"),
+    (dict(hybrid_layer_pattern="M-*E-M"), r"hybrid_layer_pattern='M-\*E-M': layer 3 is a mixture-of-experts"),
+    (dict(hybrid_layer_pattern="M-*G-M"), r"hybrid_layer_pattern='M-\*G-M': layer 3 is a 'G' layer"),
+], ids=["tied", "layernorm", "gated", "bias", "rope", "moe", "gated_delta_net"])
+def test_megatron_settings_without_an_hf_equivalent_are_refused(overrides, match):
+    bridge = _bridge()
+    if _refused_here(lambda: bridge.transformer_config(_hf())):
+        return
+    config = bridge.transformer_config(_hf(), **overrides)
+    with pytest.raises(ValueError, match=match):
+        bridge.megatron_to_hf_config(config)
