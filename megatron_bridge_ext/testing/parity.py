@@ -1,14 +1,16 @@
-"""Parity helpers: an HF model's own logits, and a tensor-by-tensor comparison of two HF checkpoints."""
+"""Parity helpers: an HF model's own logits, a tensor-by-tensor comparison of two HF (or Megatron) checkpoints, and
+a config's round trip HF -> Megatron -> HF."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from megatron_bridge_ext.io import SafeTensorsSource
 
-__all__ = ["hf_logits", "compare_checkpoints", "compare_megatron_checkpoints"]
+__all__ = ["hf_logits", "compare_checkpoints", "compare_megatron_checkpoints", "ConfigRoundTrip", "config_round_trip"]
 
 
 def hf_logits(path: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -111,3 +113,52 @@ def compare_megatron_checkpoints(a: str, b: str, *, values: bool = True) -> List
             elif ca[key] != cb[key]:
                 out.append(f"common {key}: a {ca[key]!r:.120} b {cb[key]!r:.120}")
     return out
+
+
+@dataclasses.dataclass
+class ConfigRoundTrip:
+    """What :func:`config_round_trip` found (the test asserts on it).
+
+    Attributes:
+        megatron: the bridge's Megatron config of the model's HF config.
+        regenerated: the HF config dict the bridge writes back from ``megatron``.
+        config: transformers' config built from ``regenerated`` (``AutoConfig.for_model``).
+        model: transformers' model built from ``config`` holding the original model's weights (strict load).
+        logit_diff: ``max |logits(model) - logits(original)|`` on fixed random tokens (fp32).
+        again: the bridge's Megatron config of ``config``.
+    """
+
+    megatron: Any
+    regenerated: Dict[str, Any]
+    config: Any
+    model: torch.nn.Module
+    logit_diff: float
+    again: Any
+
+    def changed(self, fields: Sequence[str]) -> List[str]:
+        """The Megatron config fields whose value differs between ``megatron`` and ``again``."""
+        return [f for f in fields if getattr(self.again, f) != getattr(self.megatron, f)]
+
+
+def config_round_trip(model: torch.nn.Module, bridge: Any, *, seq: int = 24,
+                      attn_implementation: Optional[str] = None) -> ConfigRoundTrip:
+    """HF config -> Megatron config -> HF config -> transformers model with ``model``'s weights -> Megatron config.
+
+    Args:
+        model: a transformers causal LM (fp32, eval) whose config the round trip starts from.
+        bridge: the family's model bridge (``transformer_config`` / ``megatron_to_hf_config``).
+        seq: length of the two rows of token ids (``randint(0, vocab)`` from seed 1) the logits are compared on.
+        attn_implementation: the regenerated model's attention implementation (default transformers').
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    megatron = bridge.transformer_config(model.config)
+    regenerated = bridge.megatron_to_hf_config(megatron)
+    config = AutoConfig.for_model(**regenerated)
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model2 = AutoModelForCausalLM.from_config(config, **kw).float().eval()
+    model2.load_state_dict(model.state_dict(), strict=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model2(ids, use_cache=False).logits.float() - model(ids, use_cache=False).logits.float()).abs().max()
+    return ConfigRoundTrip(megatron, regenerated, config, model2, float(diff), bridge.transformer_config(config))
