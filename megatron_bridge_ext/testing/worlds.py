@@ -33,6 +33,8 @@ class Layout:
         no_source: an architecture to export the chunks as without the source checkpoint too (into
             ``{name}_nosource``), or None.
         max_shard_bytes: the export's shard size (None: the writer's default).
+        before_import: callables ``hook(rank, layout)`` run after the parallel state is set up, right before the
+            import (e.g. to reset a call counter).
         checks: callables ``check(run: LayoutRun) -> dict`` merged into the layout's results, after the forward and
             before the export; the results of a rank are pickled back to the test.
         after_export: the same, after the export(s) (e.g. a checkpoint written and read at another layout).
@@ -49,6 +51,7 @@ class Layout:
     logits: Optional[str] = "plain"
     no_source: Optional[str] = None
     max_shard_bytes: Optional[int] = None
+    before_import: Sequence[Callable[[int, "Layout"], None]] = ()
     checks: Sequence[Callable[["LayoutRun"], Dict[str, Any]]] = ()
     after_export: Sequence[Callable[["LayoutRun"], Dict[str, Any]]] = ()
 
@@ -96,6 +99,8 @@ def run_layouts(rank: int, world: int, ckpts: Dict[str, Any], layouts: Sequence[
     for layout in layouts:
         init_parallel(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, ep=layout.ep, etp=layout.etp)
         bridge = AutoBridge.from_hf_pretrained(ckpts[layout.ckpt])
+        for hook in layout.before_import:
+            hook(rank, layout)
         chunks = bridge.to_megatron_model(**({} if layout.dtype is None else {"params_dtype": layout.dtype}))
         r: Dict[str, Any] = {}
         if layout.logits == "plain":

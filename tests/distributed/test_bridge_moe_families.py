@@ -40,6 +40,7 @@ in a bf16 model; the Megatron routers keep both fp32 (equal to the file's) and t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -52,11 +53,11 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import randomise, tiny_hf_model  # noqa: E402
 from megatron_bridge_ext.mcore.versions import mtp_layer_module  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
 E, F, FFN = 6, 24, 80  # 2F != hidden and F != hidden: fused orientations are told apart by their shapes
 BASE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -443,136 +444,152 @@ def _params(chunks):
     return {f"{i}:{k}": v for i, c in enumerate(chunks) for k, v in c.state_dict().items() if "_extra_state" not in k}
 
 
-def _worker(rank, world, ckpts, tokens, out_root):
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
+def _flat(ckpts: dict) -> dict:
+    """The world's checkpoints by ``family/variant`` (native, the fused ones, mtp, bf16, bad_copy)."""
+    return {f"{family}/{variant}": path for family, variants in ckpts.items() for variant, path in variants.items()}
 
-    apply_cpu_patches()
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
+def _family(run) -> str:
+    return run.layout.ckpt.split("/")[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _file(path: str) -> dict:
+    """A checkpoint's tensors (once per rank and checkpoint)."""
+    with SafeTensorsSource(path) as src:
+        return {k: src[k].clone() for k in src.keys()}
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_file(path: str) -> dict:
+    """A plain reading of a checkpoint's single file (safetensors' own loader; once per rank and checkpoint)."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+_CALLS = {}  # this rank's counter of the fused expert ops, installed by the first layout
+
+
+def _reset_calls(rank, layout) -> None:
+    """Counts every call of the fused expert ops in this rank, by op name, from here on."""
     from megatron_bridge_ext import ops
-    from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.mcore.forward import megatron_logits
-    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
-
     from megatron_bridge_ext.testing.calls import count_calls
 
-    # every call of the fused expert ops in this rank, by op name
-    calls = count_calls(ops, ("expert_pack_fc1", "expert_pack_fc2", "expert_unpack_fc1", "expert_unpack_fc2"))
-
-    def save(bridge, chunks, name):
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=256 * 1024,
-                                  bucket_bytes=64 * 1024, show_progress=False)
-
-    results = {}
-    for family in FAMILIES:
-        with SafeTensorsSource(ckpts[family]["native"]) as src:
-            sd = {k: src[k].clone() for k in src.keys()}
-        for name, tp, pp, ep in LAYOUTS:
-            key = f"{family}_{name}"
-            etp = _etp(family, tp)
-            init_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
-            ep_rank, etp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
-            bridge = AutoBridge.from_hf_pretrained(ckpts[family]["native"])
-            calls.clear()
-            chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-            imported = dict(calls)
-            moe_layers = len({layer for layer, _, _ in _local_experts(chunks)})
-            r = {"bad_experts": _check_experts(chunks, sd, family, ep_rank, ep, etp_rank, etp),
-                 "moe_layers": moe_layers, "logits": megatron_logits(chunks, tokens)}
-            calls.clear()
-            save(bridge, chunks, key)
-            r["calls"] = (imported, dict(calls))
-            if name == "tp2ep2":
-                mine = _params(chunks)
-                for variant in FUSED.get(family, {}):
-                    fused_bridge = AutoBridge.from_hf_pretrained(ckpts[family][variant])
-                    calls.clear()
-                    fused_chunks = fused_bridge.to_megatron_model(params_dtype=torch.float32)
-                    fused_calls = dict(calls)
-                    theirs = _params(fused_chunks)
-                    r[f"{variant}_same"] = sorted(k for k in mine if k not in theirs or
-                                                  not torch.equal(mine[k], theirs[k])) or (set(mine) == set(theirs))
-                    r[f"{variant}_calls"] = fused_calls
-                    streamed = {n: t for n, t, _ in fused_bridge.model_bridge.stream_weights_hf_to_megatron(
-                        fused_bridge.hf_pretrained, fused_chunks)}  # the generator variant, same tensors
-                    local = {k.split(":", 1)[1]: v for k, v in theirs.items()}
-                    r[f"{variant}_streamed"] = set(streamed) == set(local) and all(
-                        torch.equal(streamed[k], local[k]) for k in local)
-                    save(fused_bridge, fused_chunks, f"{family}_{variant}")
-                if family == GROUPED_FAMILY:
-                    r["grouped"] = _grouped_check(AutoBridge, ckpts[family], chunks, sd, family, ep_rank, ep,
-                                                  etp_rank, etp, rank)
-            if name == "pp2ep2":
-                AutoBridge.from_architecture(_arch(family)).save_hf_pretrained(
-                    chunks, os.path.join(out_root, f"{family}_nosource"), bucket_bytes=64 * 1024,
-                    show_progress=False)
-            if rank != 0:
-                r.pop("logits")
-            results[key] = r
-            destroy_parallel()
-            dist.barrier()
-    results.update(_mtp_worker(rank, ckpts, tokens, out_root, save))
-    return results
+    if "counter" not in _CALLS:
+        _CALLS["counter"] = count_calls(ops, ("expert_pack_fc1", "expert_pack_fc2", "expert_unpack_fc1",
+                                              "expert_unpack_fc2"))
+    _CALLS["counter"].clear()
 
 
-def _mtp_worker(rank, ckpts, tokens, out_root, save):
-    """The MTP checkpoints (fp32 at every layout, bf16 at EP2 and PP2 x EP2), then the refused copy (last: the failed
-    import leaves the world without further collectives)."""
-    from safetensors.torch import load_file
-    import torch.distributed as dist
+def _experts(run) -> dict:
+    """The import's op calls, then every local expert against the HF slice of its global expert."""
+    from megatron.core import parallel_state as ps
+
+    calls = _CALLS["counter"]
+    imported = dict(calls)
+    sd = _file(run.ckpts[run.layout.ckpt])
+    bad = _check_experts(run.chunks, sd, _family(run), ps.get_expert_model_parallel_rank(), run.layout.ep,
+                         ps.get_expert_tensor_parallel_rank(), run.layout.etp)
+    calls.clear()
+    return {"bad_experts": bad, "moe_layers": len({layer for layer, _, _ in _local_experts(run.chunks)}),
+            "imported": imported}
+
+
+def _exported(run) -> dict:
+    """The op calls of the export with the source (this check runs first after it)."""
+    return {"exported": dict(_CALLS["counter"])}
+
+
+def _fused_variants(run) -> dict:
+    """Each fused copy of the family imported at this layout: the same Megatron parameters, one pack call per
+    layer, the generator variant's tensors; exported back."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    family, calls, r = _family(run), _CALLS["counter"], {}
+    mine = _params(run.chunks)
+    for variant in FUSED.get(family, {}):
+        fused_bridge = AutoBridge.from_hf_pretrained(run.ckpts[f"{family}/{variant}"])
+        calls.clear()
+        fused_chunks = fused_bridge.to_megatron_model(params_dtype=torch.float32)
+        fused_calls = dict(calls)
+        theirs = _params(fused_chunks)
+        r[f"{variant}_same"] = sorted(k for k in mine if k not in theirs or
+                                      not torch.equal(mine[k], theirs[k])) or (set(mine) == set(theirs))
+        r[f"{variant}_calls"] = fused_calls
+        streamed = {n: t for n, t, _ in fused_bridge.model_bridge.stream_weights_hf_to_megatron(
+            fused_bridge.hf_pretrained, fused_chunks)}  # the generator variant, same tensors
+        local = {k.split(":", 1)[1]: v for k, v in theirs.items()}
+        r[f"{variant}_streamed"] = set(streamed) == set(local) and all(
+            torch.equal(streamed[k], local[k]) for k in local)
+        run.save(fused_bridge, fused_chunks, f"{family}_{variant}")
+    return r
+
+
+def _grouped(run) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    family = _family(run)
+    variants = {v: run.ckpts[f"{family}/{v}"] for v in ("native", "fused")}
+    return {"grouped": _grouped_check(AutoBridge, variants, run.chunks, _file(run.ckpts[run.layout.ckpt]), family,
+                                      ps.get_expert_model_parallel_rank(), run.layout.ep,
+                                      ps.get_expert_tensor_parallel_rank(), run.layout.etp, run.rank)}
+
+
+def _nosource(run) -> dict:
+    """The export without a source (after the counted export: its op calls are not the export's)."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    family = _family(run)
+    AutoBridge.from_architecture(_arch(family)).save_hf_pretrained(
+        run.chunks, os.path.join(run.out_root, f"{family}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
+    return {}
+
+
+def _mtp_checks(run) -> dict:
+    from megatron.core import parallel_state as ps
+
+    r = {"pp_rank": ps.get_pipeline_model_parallel_rank()}
+    if run.layout.tp == 1:
+        r["bad"], r["seen"] = _check_mtp(run.chunks, _plain_file(run.ckpts[run.layout.ckpt]), _family(run),
+                                         ps.get_expert_model_parallel_rank(), run.layout.ep)
+    return r
+
+
+def _mtp_sync(run) -> dict:
+    """A WeightSyncPlan without a source either: the table follows the model, the MTP layer and its copies too."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.engine import WeightSyncPlan
+
+    sd = _plain_file(run.ckpts[run.layout.ckpt])
+    plan = WeightSyncPlan(AutoBridge.from_architecture(_arch(_family(run))).model_bridge, run.chunks,
+                          bucket_bytes=64 * 1024, dst=0)
+    synced = {n: t for bucket in plan.sync() for n, t in bucket}
+    return {"sync": sorted(set(synced) ^ set(sd)) or [k for k in sd if not torch.equal(synced[k], sd[k])]}
+
+
+def _bf16_routers(run) -> dict:
+    return dict(zip(("bad", "seen"), _check_routers(run.chunks, _plain_file(run.ckpts[run.layout.ckpt]))))
+
+
+def _refusals(rank, ckpts, tokens, out_root) -> dict:
+    """Last (a failed import leaves the world without further collectives): the MTP copy that differs from the
+    main tensor, and a model built without MTP layers from a checkpoint with one."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.mcore.forward import megatron_logits_with_mtp
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
     results = {}
-    for family in MTP_FAMILIES:
-        sd = load_file(os.path.join(ckpts[family]["mtp"], "model.safetensors"))  # plain reading of the file
-        for name, tp, pp, ep in LAYOUTS:
-            key = f"{family}_mtp_{name}"
-            init_parallel(tp=tp, pp=pp, ep=ep, etp=tp)
-            bridge = AutoBridge.from_hf_pretrained(ckpts[family]["mtp"])
-            chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-            logits, mtp_logits = megatron_logits_with_mtp(chunks, tokens)
-            r = {"pp_rank": ps.get_pipeline_model_parallel_rank(), "logits": logits, "mtp_logits": mtp_logits}
-            if tp == 1:
-                r["bad"], r["seen"] = _check_mtp(chunks, sd, family, ps.get_expert_model_parallel_rank(), ep)
-            save(bridge, chunks, key)
-            if name == "pp2ep2":
-                AutoBridge.from_architecture(_arch(family)).save_hf_pretrained(
-                    chunks, os.path.join(out_root, f"{family}_mtp_nosource"), bucket_bytes=64 * 1024,
-                    show_progress=False)
-                plan = WeightSyncPlan(AutoBridge.from_architecture(_arch(family)).model_bridge, chunks,
-                                      bucket_bytes=64 * 1024, dst=0)  # no source either: the table follows the model
-                synced = {n: t for bucket in plan.sync() for n, t in bucket}
-                r["sync"] = sorted(set(synced) ^ set(sd)) or [k for k in sd if not torch.equal(synced[k], sd[k])]
-            if rank != 0:
-                r.pop("logits"), r.pop("mtp_logits"), r.pop("sync", None)
-            results[key] = r
-            destroy_parallel()
-            dist.barrier()
-        bf16 = load_file(os.path.join(ckpts[family]["bf16"], "model.safetensors"))
-        for name, tp, pp, ep in BF16_LAYOUTS:
-            key = f"{family}_bf16_{name}"
-            init_parallel(tp=tp, pp=pp, ep=ep, etp=tp)
-            bridge = AutoBridge.from_hf_pretrained(ckpts[family]["bf16"])
-            chunks = bridge.to_megatron_model()  # params_dtype from config.json: bf16
-            r = dict(zip(("bad", "seen"), _check_routers(chunks, bf16)))
-            save(bridge, chunks, key)
-            results[key] = r
-            destroy_parallel()
-            dist.barrier()
     init_parallel(tp=1, pp=1, ep=2, etp=1)
     try:
-        AutoBridge.from_hf_pretrained(ckpts["deepseek_v3"]["bad_copy"]).to_megatron_model(params_dtype=torch.float32)
+        AutoBridge.from_hf_pretrained(ckpts["deepseek_v3/bad_copy"]).to_megatron_model(params_dtype=torch.float32)
         results["bad_copy"] = "imported"
     except Exception as e:  # every rank holds the embedding: each fails on its own or names the first failing rank
         results["bad_copy"] = f"{type(e).__name__}: {e}"
     # a model built without MTP layers: the MTP tensors are unused (named), unless allowed on purpose
-    bridge = AutoBridge.from_hf_pretrained(ckpts["deepseek_v3"]["mtp"])
+    bridge = AutoBridge.from_hf_pretrained(ckpts["deepseek_v3/mtp"])
     try:
         bridge.to_megatron_model(params_dtype=torch.float32, mtp_num_layers=None)
         results["mtp_off"] = "imported"
@@ -583,6 +600,30 @@ def _mtp_worker(rank, ckpts, tokens, out_root, save):
     results["mtp_off_logits"] = megatron_logits_with_mtp(chunks, tokens)
     destroy_parallel()
     return results
+
+
+def _layouts() -> list:
+    """The world's layouts in order: each family at each layout, then per MTP family the MTP checkpoint at each
+    layout and the bf16 one at EP2 and PP2 x EP2."""
+    out = []
+    for family in FAMILIES:
+        for name, tp, pp, ep in LAYOUTS:
+            after = (_exported,) + ((_fused_variants,) if name == "tp2ep2" else ()) + \
+                ((_grouped,) if name == "tp2ep2" and family == GROUPED_FAMILY else ()) + \
+                ((_nosource,) if name == "pp2ep2" else ())
+            out.append(Layout(f"{family}_{name}", f"{family}/native", tp=tp, pp=pp, ep=ep, etp=_etp(family, tp),
+                              max_shard_bytes=256 * 1024, before_import=(_reset_calls,), checks=(_experts,),
+                              after_export=after))
+    for family in MTP_FAMILIES:
+        for name, tp, pp, ep in LAYOUTS:
+            out.append(Layout(f"{family}_mtp_{name}", f"{family}/mtp", tp=tp, pp=pp, ep=ep, etp=tp, logits="mtp",
+                              max_shard_bytes=256 * 1024, checks=(_mtp_checks,),
+                              no_source=_arch(family) if name == "pp2ep2" else None,
+                              after_export=(_mtp_sync,) if name == "pp2ep2" else ()))
+        for name, tp, pp, ep in BF16_LAYOUTS:
+            out.append(Layout(f"{family}_bf16_{name}", f"{family}/bf16", tp=tp, pp=pp, ep=ep, etp=tp, dtype=None,
+                              logits=None, max_shard_bytes=256 * 1024, checks=(_bf16_routers,)))
+    return out
 
 
 def _grouped_check(AutoBridge, ckpts, chunks, sd, family, ep_rank, ep, etp_rank, etp, rank):
@@ -651,7 +692,7 @@ def world(tmp_path_factory):
     ckpts["deepseek_v3"]["bad_copy"] = str(root / "hf_deepseek_v3_bad_copy")
     _write_bad_copy(ckpts["deepseek_v3"]["mtp"], ckpts["deepseek_v3"]["bad_copy"])
     out_root = str(root / "out")
-    per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=1500)
+    per_rank = spawn_layouts(_flat(ckpts), _layouts(), tokens, out_root, timeout=1500, tail=_refusals)
     return ckpts, out_root, per_rank, hf, tokens
 
 
@@ -703,7 +744,7 @@ def test_experts_convert_with_one_op_call_per_layer(world, family, name, tp, pp,
     assert sum(r[f"{family}_{name}"]["moe_layers"] for r in per_rank) == total * 4 // pp
     for rank, r in enumerate(per_rank):
         res = r[f"{family}_{name}"]
-        imported, exported = res["calls"]
+        imported, exported = res["imported"], res["exported"]
         local = res["moe_layers"] * kinds
         assert imported == {"expert_pack_fc1": local, "expert_pack_fc2": local}, (rank, imported)
         unpacks = family == "gpt_oss" or _etp(family, tp) > 1  # GPT-OSS's native experts are fused tensors
@@ -824,7 +865,7 @@ def test_mtp_export_without_source(world, family):
     WeightSyncPlan), config.json says so, and transformers loads the main model with the source's logits."""
     ckpts, out_root, per_rank, hf, tokens = world
     assert per_rank[0][f"{family}_mtp_pp2ep2"]["sync"] == []
-    out = os.path.join(out_root, f"{family}_mtp_nosource")
+    out = os.path.join(out_root, f"{family}_mtp_pp2ep2_nosource")
     _assert_same_tensors(ckpts[family]["mtp"], out)
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
