@@ -10,7 +10,8 @@ import torch
 
 from megatron_bridge_ext.io import SafeTensorsSource
 
-__all__ = ["hf_logits", "compare_checkpoints", "compare_megatron_checkpoints", "ConfigRoundTrip", "config_round_trip"]
+__all__ = ["hf_logits", "mtp_reference_logits", "compare_checkpoints", "compare_megatron_checkpoints",
+           "ConfigRoundTrip", "config_round_trip"]
 
 
 def hf_logits(path: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -24,6 +25,34 @@ def hf_logits(path: str, input_ids: torch.Tensor) -> torch.Tensor:
                                                  use_safetensors=True, local_files_only=True).eval()
     with torch.no_grad():
         return model(input_ids=input_ids, use_cache=False).logits.float()
+
+
+def mtp_reference_logits(model: torch.nn.Module, layer: torch.nn.Module, mtp: Dict[str, torch.Tensor],
+                         tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of a DeepSeek-V3-style multi-token-prediction layer (HF layer ``num_hidden_layers``, tensors
+    ``mtp`` as :func:`~megatron_bridge_ext.testing.tiny_models.write_mtp_layer` writes them) in plain torch around
+    the transformers decoder ``layer``: the ids shifted left by one (the last position id 0, as megatron-core fills
+    it), ``eh_proj([enorm(embed(ids)); hnorm(h)])`` with ``h`` the main ``model``'s final (normed) hidden states, the
+    decoder layer (causal, positions 0..s-1), ``shared_head``."""
+    p, d = f"model.layers.{model.config.num_hidden_layers}", model.config.hidden_size
+
+    def norm(key):
+        m = type(model.model.norm)(d, eps=model.config.rms_norm_eps)
+        m.weight.data.copy_(mtp[key])
+        return m
+
+    b, s = tokens.shape
+    with torch.no_grad():
+        h = model.model(tokens).last_hidden_state
+        ids = torch.roll(tokens, -1, dims=1)
+        ids[:, -1] = 0
+        x = torch.cat([norm(f"{p}.enorm.weight")(model.model.embed_tokens(ids)), norm(f"{p}.hnorm.weight")(h)], -1)
+        x = x @ mtp[f"{p}.eh_proj.weight"].t()
+        pos = torch.arange(s).unsqueeze(0).expand(b, s)
+        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
+        out = out[0] if isinstance(out, tuple) else out
+        return (norm(f"{p}.shared_head.norm.weight")(out) @ mtp[f"{p}.shared_head.head.weight"].t()).float()
 
 
 def compare_checkpoints(a: str, b: str) -> Dict[str, Any]:

@@ -53,8 +53,8 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
-from megatron_bridge_ext.testing.tiny_models import randomise, tiny_hf_model  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits, mtp_reference_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import randomise, tiny_hf_model, write_mtp_layer  # noqa: E402
 from megatron_bridge_ext.mcore.versions import mtp_layer_module  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
@@ -167,65 +167,16 @@ def _write_mtp(src: str, dst: str, model, seed: int):
     """A copy of ``src`` with one multi-token-prediction layer (HF layer MTP): the tensors of a transformers decoder
     layer of that index (random; experts one tensor per expert, like the rest of the file), random enorm / hnorm /
     eh_proj / shared_head.norm, and copies of the embedding and lm_head. Returns (decoder layer, MTP tensors)."""
-    from safetensors.torch import load_file, save_file
-
     torch.manual_seed(seed)
     layer = type(model.model.layers[-1])(model.config, MTP).float().eval()
     _randomise(layer)
-    sd = load_file(os.path.join(src, "model.safetensors"))
-    p, d = f"model.layers.{MTP}", BASE["hidden_size"]
-    mtp = {}
-    for k, v in layer.state_dict().items():
-        if k == "mlp.experts.gate_up_proj":  # [E, 2F, D] = [gate; up] per expert
-            for e in range(E):
-                mtp[f"{p}.mlp.experts.{e}.gate_proj.weight"] = v[e, :F].clone()
-                mtp[f"{p}.mlp.experts.{e}.up_proj.weight"] = v[e, F:].clone()
-        elif k == "mlp.experts.down_proj":  # [E, D, F]
-            for e in range(E):
-                mtp[f"{p}.mlp.experts.{e}.down_proj.weight"] = v[e].clone()
-        else:
-            assert ".experts." not in k, k
-            mtp[f"{p}.{k}"] = v.clone()
-    mtp[f"{p}.enorm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.hnorm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.eh_proj.weight"] = 0.15 * torch.randn(d, 2 * d)
-    mtp[f"{p}.shared_head.norm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
-    mtp[f"{p}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
-    assert not set(mtp) & set(sd)
-    os.makedirs(dst, exist_ok=True)
-    save_file({**sd, **mtp}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    mtp = write_mtp_layer(src, dst, layer, MTP)
     for name in os.listdir(src):
         if name.endswith(".json") and "index" not in name:
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
     with open(os.path.join(dst, "config.json")) as f:
         assert json.load(f).get("num_nextn_predict_layers", 1) == 1  # transformers' default, kept as written
     return layer, mtp
-
-
-def _mtp_reference_logits(model, layer, mtp, tokens):
-    """DeepSeek-V3's MTP module in plain torch around the transformers decoder layer: the ids shifted left by one
-    (the last position id 0, as megatron-core fills it), ``eh_proj([enorm(embed(ids)); hnorm(h)])`` with ``h`` the
-    main model's final (normed) hidden states, the decoder layer (causal, positions 0..s-1), ``shared_head``."""
-    p, d = f"model.layers.{MTP}", BASE["hidden_size"]
-
-    def norm(key):
-        m = type(model.model.norm)(d, eps=model.config.rms_norm_eps)
-        m.weight.data.copy_(mtp[key])
-        return m
-
-    b, s = tokens.shape
-    with torch.no_grad():
-        h = model.model(tokens).last_hidden_state
-        ids = torch.roll(tokens, -1, dims=1)
-        ids[:, -1] = 0
-        x = torch.cat([norm(f"{p}.enorm.weight")(model.model.embed_tokens(ids)), norm(f"{p}.hnorm.weight")(h)], -1)
-        x = x @ mtp[f"{p}.eh_proj.weight"].t()
-        pos = torch.arange(s).unsqueeze(0).expand(b, s)
-        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
-        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
-        out = out[0] if isinstance(out, tuple) else out
-        return (norm(f"{p}.shared_head.norm.weight")(out) @ mtp[f"{p}.shared_head.head.weight"].t()).float()
 
 
 def _fp32_in_bf16(name: str) -> bool:
@@ -686,7 +637,7 @@ def world(tmp_path_factory):
         model = transformers.AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32).eval()
         ckpts[family]["mtp"] = str(root / f"hf_{family}_mtp")
         layer, mtp = _write_mtp(native, ckpts[family]["mtp"], model, seed=40 + len(family))
-        hf[f"{family}_mtp"] = _mtp_reference_logits(model, layer, mtp, tokens)
+        hf[f"{family}_mtp"] = mtp_reference_logits(model, layer, mtp, tokens)
         ckpts[family]["bf16"] = str(root / f"hf_{family}_bf16")
         _write_bf16(native, ckpts[family]["mtp"], ckpts[family]["bf16"])
     ckpts["deepseek_v3"]["bad_copy"] = str(root / "hf_deepseek_v3_bad_copy")

@@ -46,9 +46,9 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits, mtp_reference_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import (  # noqa: E402
-    make_tiny_checkpoint, randomise, save_transformers_bf16,
+    make_tiny_checkpoint, randomise, save_transformers_bf16, write_mtp_layer,
 )
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
 from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
@@ -84,33 +84,10 @@ def _write_mtp(src: str, dst: str, model, seed: int):
     tensor per expert, like the rest of the file), random enorm / hnorm / eh_proj / shared_head.norm, copies of the
     embedding and lm_head, and ``num_nextn_predict_layers = 1`` in config.json. Returns (decoder layer, MTP
     tensors)."""
-    from safetensors.torch import load_file, save_file
-
     torch.manual_seed(seed)
     layer = type(model.model.layers[SPARSE[-1]])(model.config, SPARSE[-1]).float().eval()
     _randomise(layer)
-    sd = load_file(os.path.join(src, "model.safetensors"))
-    p, d = f"model.layers.{MTP}", CONFIG["hidden_size"]
-    mtp = {}
-    for k, v in layer.state_dict().items():
-        if k == "mlp.experts.gate_up_proj":  # [E, 2F, D] = [gate; up] per expert
-            for e in range(E):
-                mtp[f"{p}.mlp.experts.{e}.gate_proj.weight"] = v[e, :F].clone()
-                mtp[f"{p}.mlp.experts.{e}.up_proj.weight"] = v[e, F:].clone()
-        elif k == "mlp.experts.down_proj":  # [E, D, F]
-            for e in range(E):
-                mtp[f"{p}.mlp.experts.{e}.down_proj.weight"] = v[e].clone()
-        else:
-            mtp[f"{p}.{k}"] = v.clone()
-    mtp[f"{p}.enorm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.hnorm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.eh_proj.weight"] = 0.15 * torch.randn(d, 2 * d)
-    mtp[f"{p}.shared_head.norm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
-    mtp[f"{p}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
-    assert not set(mtp) & set(sd)
-    os.makedirs(dst, exist_ok=True)
-    save_file({**sd, **mtp}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    mtp = write_mtp_layer(src, dst, layer, MTP)
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
     cfg["num_nextn_predict_layers"] = 1
@@ -138,31 +115,6 @@ def _write_fused(src: str, dst: str) -> None:
     os.makedirs(dst, exist_ok=True)
     save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
-
-
-def _mtp_reference_logits(model, layer, mtp, tokens):
-    """The MTP module in plain torch around the transformers decoder layer: the ids shifted left by one (the last
-    position id 0, as megatron-core fills it), ``eh_proj([enorm(embed(ids)); hnorm(h)])`` with ``h`` the main
-    model's final (normed) hidden states, the decoder layer (causal, positions 0..s-1), ``shared_head``."""
-    p, d = f"model.layers.{MTP}", CONFIG["hidden_size"]
-
-    def norm(key):
-        m = type(model.model.norm)(d, eps=model.config.rms_norm_eps)
-        m.weight.data.copy_(mtp[key])
-        return m
-
-    b, s = tokens.shape
-    with torch.no_grad():
-        h = model.model(tokens).last_hidden_state
-        ids = torch.roll(tokens, -1, dims=1)
-        ids[:, -1] = 0
-        x = torch.cat([norm(f"{p}.enorm.weight")(model.model.embed_tokens(ids)), norm(f"{p}.hnorm.weight")(h)], -1)
-        x = x @ mtp[f"{p}.eh_proj.weight"].t()
-        pos = torch.arange(s).unsqueeze(0).expand(b, s)
-        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
-        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
-        out = out[0] if isinstance(out, tuple) else out
-        return (norm(f"{p}.shared_head.norm.weight")(out) @ mtp[f"{p}.shared_head.head.weight"].t()).float()
 
 
 def _check_experts(chunks, sd, ep_rank, ep, etp_rank, etp):
@@ -275,7 +227,7 @@ def world(tmp_path_factory):
     layer, mtp = _write_mtp(native, ckpts["mtp"], model, seed=41)
     _write_fused(ckpts["mtp"], ckpts["fused"])
     ckpts["bf16"] = save_transformers_bf16(model, str(root / "hf_bf16"))
-    hf_mtp = _mtp_reference_logits(model, layer, mtp, tokens)
+    hf_mtp = mtp_reference_logits(model, layer, mtp, tokens)
     out_root = str(root / "out")
     per_rank = spawn_layouts(ckpts, LAYOUTS + [BF16], tokens, out_root)
     return ckpts, out_root, per_rank, hf, hf_mtp, tokens
