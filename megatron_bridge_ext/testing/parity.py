@@ -1,14 +1,17 @@
-"""Parity helpers: an HF model's own logits, and a tensor-by-tensor comparison of two HF checkpoints."""
+"""Parity helpers: an HF model's own logits, a tensor-by-tensor comparison of two HF (or Megatron) checkpoints, and
+a config's round trip HF -> Megatron -> HF."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from megatron_bridge_ext.io import SafeTensorsSource
 
-__all__ = ["hf_logits", "compare_checkpoints", "compare_megatron_checkpoints"]
+__all__ = ["hf_logits", "mtp_reference_logits", "compare_checkpoints", "compare_megatron_checkpoints",
+           "ConfigRoundTrip", "config_round_trip"]
 
 
 def hf_logits(path: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -22,6 +25,34 @@ def hf_logits(path: str, input_ids: torch.Tensor) -> torch.Tensor:
                                                  use_safetensors=True, local_files_only=True).eval()
     with torch.no_grad():
         return model(input_ids=input_ids, use_cache=False).logits.float()
+
+
+def mtp_reference_logits(model: torch.nn.Module, layer: torch.nn.Module, mtp: Dict[str, torch.Tensor],
+                         tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of a DeepSeek-V3-style multi-token-prediction layer (HF layer ``num_hidden_layers``, tensors
+    ``mtp`` as :func:`~megatron_bridge_ext.testing.tiny_models.write_mtp_layer` writes them) in plain torch around
+    the transformers decoder ``layer``: the ids shifted left by one (the last position id 0, as megatron-core fills
+    it), ``eh_proj([enorm(embed(ids)); hnorm(h)])`` with ``h`` the main ``model``'s final (normed) hidden states, the
+    decoder layer (causal, positions 0..s-1), ``shared_head``."""
+    p, d = f"model.layers.{model.config.num_hidden_layers}", model.config.hidden_size
+
+    def norm(key):
+        m = type(model.model.norm)(d, eps=model.config.rms_norm_eps)
+        m.weight.data.copy_(mtp[key])
+        return m
+
+    b, s = tokens.shape
+    with torch.no_grad():
+        h = model.model(tokens).last_hidden_state
+        ids = torch.roll(tokens, -1, dims=1)
+        ids[:, -1] = 0
+        x = torch.cat([norm(f"{p}.enorm.weight")(model.model.embed_tokens(ids)), norm(f"{p}.hnorm.weight")(h)], -1)
+        x = x @ mtp[f"{p}.eh_proj.weight"].t()
+        pos = torch.arange(s).unsqueeze(0).expand(b, s)
+        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
+        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
+        out = out[0] if isinstance(out, tuple) else out
+        return (norm(f"{p}.shared_head.norm.weight")(out) @ mtp[f"{p}.shared_head.head.weight"].t()).float()
 
 
 def compare_checkpoints(a: str, b: str) -> Dict[str, Any]:
@@ -111,3 +142,52 @@ def compare_megatron_checkpoints(a: str, b: str, *, values: bool = True) -> List
             elif ca[key] != cb[key]:
                 out.append(f"common {key}: a {ca[key]!r:.120} b {cb[key]!r:.120}")
     return out
+
+
+@dataclasses.dataclass
+class ConfigRoundTrip:
+    """What :func:`config_round_trip` found (the test asserts on it).
+
+    Attributes:
+        megatron: the bridge's Megatron config of the model's HF config.
+        regenerated: the HF config dict the bridge writes back from ``megatron``.
+        config: transformers' config built from ``regenerated`` (``AutoConfig.for_model``).
+        model: transformers' model built from ``config`` holding the original model's weights (strict load).
+        logit_diff: ``max |logits(model) - logits(original)|`` on fixed random tokens (fp32).
+        again: the bridge's Megatron config of ``config``.
+    """
+
+    megatron: Any
+    regenerated: Dict[str, Any]
+    config: Any
+    model: torch.nn.Module
+    logit_diff: float
+    again: Any
+
+    def changed(self, fields: Sequence[str]) -> List[str]:
+        """The Megatron config fields whose value differs between ``megatron`` and ``again``."""
+        return [f for f in fields if getattr(self.again, f) != getattr(self.megatron, f)]
+
+
+def config_round_trip(model: torch.nn.Module, bridge: Any, *, seq: int = 24,
+                      attn_implementation: Optional[str] = None) -> ConfigRoundTrip:
+    """HF config -> Megatron config -> HF config -> transformers model with ``model``'s weights -> Megatron config.
+
+    Args:
+        model: a transformers causal LM (fp32, eval) whose config the round trip starts from.
+        bridge: the family's model bridge (``transformer_config`` / ``megatron_to_hf_config``).
+        seq: length of the two rows of token ids (``randint(0, vocab)`` from seed 1) the logits are compared on.
+        attn_implementation: the regenerated model's attention implementation (default transformers').
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    megatron = bridge.transformer_config(model.config)
+    regenerated = bridge.megatron_to_hf_config(megatron)
+    config = AutoConfig.for_model(**regenerated)
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model2 = AutoModelForCausalLM.from_config(config, **kw).float().eval()
+    model2.load_state_dict(model.state_dict(), strict=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model2(ids, use_cache=False).logits.float() - model(ids, use_cache=False).logits.float()).abs().max()
+    return ConfigRoundTrip(megatron, regenerated, config, model2, float(diff), bridge.transformer_config(config))

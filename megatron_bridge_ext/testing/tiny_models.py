@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["TINY_LLAMA", "make_tiny_llama", "tiny_hf_model", "randomise", "make_tiny_checkpoint",
-           "save_transformers_bf16"]
+           "save_transformers_bf16", "write_mtp_layer"]
 
 TINY_LLAMA = dict(
     vocab_size=1003,  # odd on purpose: exercises vocabulary padding and trimming
@@ -117,3 +117,54 @@ def make_tiny_llama(path: str, seed: int = 0, dtype: torch.dtype = torch.float32
     randomise(model)  # norms only, drawn in ``dtype``
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def write_mtp_layer(src: str, dst: str, layer: torch.nn.Module, index: int) -> Dict[str, torch.Tensor]:
+    """Write ``dst/model.safetensors``: the tensors of ``src/model.safetensors`` plus one DeepSeek-V3-style
+    multi-token-prediction layer at HF layer ``index`` (config files are the caller's).
+
+    The MTP layer: the transformers decoder ``layer``'s tensors (fused experts ``gate_up_proj`` ``[E, 2F, D]`` and
+    ``down_proj`` ``[E, D, F]`` written one tensor per expert), then ``enorm`` / ``hnorm`` N(1, 0.2), ``eh_proj``
+    N(0, 0.15) and ``shared_head.norm`` N(1, 0.2) drawn in that order from the current torch seed, and copies of
+    ``model.embed_tokens`` and ``lm_head`` as its ``embed_tokens`` / ``shared_head.head``.
+
+    Returns:
+        The MTP layer's tensors (HF names).
+
+    Raises:
+        ValueError: a layer tensor under ``.experts.`` other than the two fused ones, or an MTP name already in
+            ``src``.
+    """
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    p = f"model.layers.{index}"
+    d = sd["model.embed_tokens.weight"].shape[1]
+    mtp: Dict[str, torch.Tensor] = {}
+    for k, v in layer.state_dict().items():
+        if k == "mlp.experts.gate_up_proj":  # [E, 2F, D] = [gate; up] per expert
+            f = v.shape[1] // 2
+            for e in range(v.shape[0]):
+                mtp[f"{p}.mlp.experts.{e}.gate_proj.weight"] = v[e, :f].clone()
+                mtp[f"{p}.mlp.experts.{e}.up_proj.weight"] = v[e, f:].clone()
+        elif k == "mlp.experts.down_proj":  # [E, D, F]
+            for e in range(v.shape[0]):
+                mtp[f"{p}.mlp.experts.{e}.down_proj.weight"] = v[e].clone()
+        elif ".experts." in k:
+            raise ValueError(f"write_mtp_layer: layer tensor {k} {list(v.shape)} is in no expert layout it knows")
+        else:
+            mtp[f"{p}.{k}"] = v.clone()
+    mtp[f"{p}.enorm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    mtp[f"{p}.hnorm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    mtp[f"{p}.eh_proj.weight"] = 0.15 * torch.randn(d, 2 * d)
+    mtp[f"{p}.shared_head.norm.weight"] = 1.0 + 0.2 * torch.randn(d)
+    mtp[f"{p}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
+    mtp[f"{p}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
+    clash = sorted(set(mtp) & set(sd))
+    if clash:
+        raise ValueError(f"write_mtp_layer: {src} already holds MTP tensors of layer {index}: {clash[:4]}")
+    os.makedirs(dst, exist_ok=True)
+    save_file({**sd, **mtp}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return mtp

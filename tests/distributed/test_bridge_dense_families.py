@@ -29,11 +29,10 @@ import torch
 pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
-from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
@@ -54,27 +53,6 @@ CHECKPOINTS = {
                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 0.5})),
 }
-# name, tp, pp, vpp, checkpoint
-LAYOUTS = [
-    ("mistral_tp2", 2, 1, None, "mistral"),
-    ("mistral_pp2vpp2", 1, 2, 2, "mistral"),
-    ("mistral_tp2pp2", 2, 2, None, "mistral"),
-    ("qwen3_tp2", 2, 1, None, "qwen3"),
-    ("qwen3_pp2", 1, 2, None, "qwen3"),
-    ("qwen3_tp2pp2", 2, 2, None, "qwen3"),
-    ("gemma2_tp2", 2, 1, None, "gemma2"),
-    ("gemma2_pp2", 1, 2, None, "gemma2"),
-    ("gemma2_tp2pp2", 2, 2, None, "gemma2"),
-    ("gemma3_tp2", 2, 1, None, "gemma3"),
-    ("gemma3_pp2vpp2", 1, 2, 2, "gemma3"),
-    ("gemma3_tp2pp2", 2, 2, None, "gemma3"),
-    ("phi3_tp2", 2, 1, None, "phi3"),
-    ("phi3_pp2", 1, 2, None, "phi3"),
-    ("phi3_tp2pp2", 2, 2, None, "phi3"),
-]
-NO_SOURCE = {"mistral_tp2pp2", "qwen3_tp2pp2", "gemma2_tp2pp2", "gemma3_pp2vpp2", "phi3_tp2pp2"}
-
-
 def _arch(ckpt: str) -> str:
     return f"{CHECKPOINTS[ckpt][1]}ForCausalLM"
 
@@ -89,32 +67,24 @@ def _make_checkpoint(path: str, ckpt: str, seed: int) -> None:
                          rest=(0.0, 0.08))
 
 
-def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: str, layouts: list) -> dict:
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
+def _layout(ckpt: str, suffix: str, tp: int, pp: int, vpp=None) -> Layout:
+    name = f"{ckpt}_{suffix}"
+    return Layout(name, ckpt, tp=tp, pp=pp, vpp=vpp, max_shard_bytes=96 * 1024,
+                  no_source=_arch(ckpt) if name in NO_SOURCE else None)
 
-    apply_cpu_patches()
-    import torch.distributed as dist
 
-    from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.mcore.forward import megatron_logits
-    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
-
-    results = {}
-    for name, tp, pp, vpp, ckpt in layouts:
-        init_parallel(tp=tp, pp=pp, vpp=vpp)
-        bridge = AutoBridge.from_hf_pretrained(ckpts[ckpt])
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-        logits = megatron_logits(chunks, tokens)
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=96 * 1024,
-                                  bucket_bytes=64 * 1024, show_progress=False)
-        if name in NO_SOURCE:
-            AutoBridge.from_architecture(_arch(ckpt)).save_hf_pretrained(
-                chunks, os.path.join(out_root, f"{name}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
-        if rank == 0:
-            results[name] = logits
-        destroy_parallel()
-        dist.barrier()
-    return results
+NO_SOURCE = {"mistral_tp2pp2", "qwen3_tp2pp2", "gemma2_tp2pp2", "gemma3_pp2vpp2", "phi3_tp2pp2"}
+LAYOUTS = [
+    _layout("mistral", "tp2", 2, 1), _layout("mistral", "pp2vpp2", 1, 2, 2),
+    _layout("mistral", "tp2pp2", 2, 2),
+    _layout("qwen3", "tp2", 2, 1), _layout("qwen3", "pp2", 1, 2), _layout("qwen3", "tp2pp2", 2, 2),
+    _layout("gemma2", "tp2", 2, 1), _layout("gemma2", "pp2", 1, 2), _layout("gemma2", "tp2pp2", 2, 2),
+    _layout("gemma3", "tp2", 2, 1), _layout("gemma3", "pp2vpp2", 1, 2, 2),
+    _layout("gemma3", "tp2pp2", 2, 2),
+    _layout("phi3", "tp2", 2, 1), _layout("phi3", "pp2", 1, 2), _layout("phi3", "tp2pp2", 2, 2),
+]
+CASES = [(layout.name, layout.ckpt) for layout in LAYOUTS]
+IDS = [layout.name for layout in LAYOUTS]
 
 
 @pytest.fixture(scope="module")
@@ -126,32 +96,25 @@ def world_results(tmp_path_factory):
         _make_checkpoint(ckpts[ckpt], ckpt, seed=10 + i)
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
-    results = spawn_local(_worker, 4, (ckpts, tokens, out_root, LAYOUTS), timeout=900)[0]
+    results = spawn_layouts(ckpts, LAYOUTS, tokens, out_root)[0]
     hf = {ckpt: hf_logits(path, tokens) for ckpt, path in ckpts.items()}
     return ckpts, out_root, results, hf, tokens
 
 
-@pytest.mark.parametrize("name,tp,pp,vpp,ckpt", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_logits_match_hf(world_results, name, tp, pp, vpp, ckpt):
+@pytest.mark.parametrize("name,ckpt", CASES, ids=IDS)
+def test_logits_match_hf(world_results, name, ckpt):
     _, _, results, hf, _ = world_results
-    got = results[name]
-    assert got.shape == hf[ckpt].shape, (got.shape, hf[ckpt].shape)
-    diff = (got - hf[ckpt]).abs().max().item()
+    diff = max_abs_diff(results[name]["logits"], hf[ckpt])  # shapes checked too
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
 
 
-def _assert_same_tensors(src_dir: str, dst_dir: str, keys=None) -> None:
-    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
-        want = set(src.keys()) if keys is None else keys
-        assert set(dst.keys()) == want, set(dst.keys()) ^ want
-        for key in want:
-            a, b = src[key], dst[key]
-            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
-            assert torch.equal(a, b), key
+def _assert_same_tensors(src_dir: str, dst_dir: str) -> None:
+    cmp = compare_checkpoints(src_dir, dst_dir)  # key set, dtypes, shapes, torch.equal
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
 
 
-@pytest.mark.parametrize("name,tp,pp,vpp,ckpt", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_round_trip_bit_exact(world_results, name, tp, pp, vpp, ckpt):
+@pytest.mark.parametrize("name,ckpt", CASES, ids=IDS)
+def test_round_trip_bit_exact(world_results, name, ckpt):
     ckpts, out_root, _, _, _ = world_results
     _assert_same_tensors(ckpts[ckpt], os.path.join(out_root, name))
     assert os.path.exists(os.path.join(out_root, name, "config.json"))
@@ -162,15 +125,13 @@ def test_export_without_source_loads_in_transformers(world_results, name):
     """config.json from the Megatron config (the family's megatron_to_hf_config), tensors from the mappings:
     transformers builds the same architecture from it and reproduces the source model's logits."""
     ckpts, out_root, _, hf, tokens = world_results
-    ckpt = next(layout[4] for layout in LAYOUTS if layout[0] == name)
+    ckpt = dict(CASES)[name]
     out = os.path.join(out_root, f"{name}_nosource")
-    with SafeTensorsSource(ckpts[ckpt]) as src:
-        keys = set(src.keys())
-    _assert_same_tensors(ckpts[ckpt], out, keys)
+    _assert_same_tensors(ckpts[ckpt], out)
     config = transformers.AutoConfig.from_pretrained(out)
     assert config.architectures == [_arch(ckpt)]
     assert type(config) is type(transformers.AutoConfig.from_pretrained(ckpts[ckpt]))
-    diff = (hf_logits(out, tokens) - hf[ckpt]).abs().max().item()
+    diff = max_abs_diff(hf_logits(out, tokens), hf[ckpt])
     assert diff <= SAME_MODEL_ATOL, f"{name}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 
 

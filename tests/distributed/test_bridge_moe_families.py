@@ -40,6 +40,7 @@ in a bf16 model; the Megatron routers keep both fp32 (equal to the file's) and t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -52,11 +53,11 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
-from megatron_bridge_ext.testing.tiny_models import randomise, tiny_hf_model  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits, mtp_reference_logits  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import randomise, tiny_hf_model, write_mtp_layer  # noqa: E402
 from megatron_bridge_ext.mcore.versions import mtp_layer_module  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
 E, F, FFN = 6, 24, 80  # 2F != hidden and F != hidden: fused orientations are told apart by their shapes
 BASE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -166,65 +167,16 @@ def _write_mtp(src: str, dst: str, model, seed: int):
     """A copy of ``src`` with one multi-token-prediction layer (HF layer MTP): the tensors of a transformers decoder
     layer of that index (random; experts one tensor per expert, like the rest of the file), random enorm / hnorm /
     eh_proj / shared_head.norm, and copies of the embedding and lm_head. Returns (decoder layer, MTP tensors)."""
-    from safetensors.torch import load_file, save_file
-
     torch.manual_seed(seed)
     layer = type(model.model.layers[-1])(model.config, MTP).float().eval()
     _randomise(layer)
-    sd = load_file(os.path.join(src, "model.safetensors"))
-    p, d = f"model.layers.{MTP}", BASE["hidden_size"]
-    mtp = {}
-    for k, v in layer.state_dict().items():
-        if k == "mlp.experts.gate_up_proj":  # [E, 2F, D] = [gate; up] per expert
-            for e in range(E):
-                mtp[f"{p}.mlp.experts.{e}.gate_proj.weight"] = v[e, :F].clone()
-                mtp[f"{p}.mlp.experts.{e}.up_proj.weight"] = v[e, F:].clone()
-        elif k == "mlp.experts.down_proj":  # [E, D, F]
-            for e in range(E):
-                mtp[f"{p}.mlp.experts.{e}.down_proj.weight"] = v[e].clone()
-        else:
-            assert ".experts." not in k, k
-            mtp[f"{p}.{k}"] = v.clone()
-    mtp[f"{p}.enorm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.hnorm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.eh_proj.weight"] = 0.15 * torch.randn(d, 2 * d)
-    mtp[f"{p}.shared_head.norm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
-    mtp[f"{p}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
-    assert not set(mtp) & set(sd)
-    os.makedirs(dst, exist_ok=True)
-    save_file({**sd, **mtp}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    mtp = write_mtp_layer(src, dst, layer, MTP)
     for name in os.listdir(src):
         if name.endswith(".json") and "index" not in name:
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
     with open(os.path.join(dst, "config.json")) as f:
         assert json.load(f).get("num_nextn_predict_layers", 1) == 1  # transformers' default, kept as written
     return layer, mtp
-
-
-def _mtp_reference_logits(model, layer, mtp, tokens):
-    """DeepSeek-V3's MTP module in plain torch around the transformers decoder layer: the ids shifted left by one
-    (the last position id 0, as megatron-core fills it), ``eh_proj([enorm(embed(ids)); hnorm(h)])`` with ``h`` the
-    main model's final (normed) hidden states, the decoder layer (causal, positions 0..s-1), ``shared_head``."""
-    p, d = f"model.layers.{MTP}", BASE["hidden_size"]
-
-    def norm(key):
-        m = type(model.model.norm)(d, eps=model.config.rms_norm_eps)
-        m.weight.data.copy_(mtp[key])
-        return m
-
-    b, s = tokens.shape
-    with torch.no_grad():
-        h = model.model(tokens).last_hidden_state
-        ids = torch.roll(tokens, -1, dims=1)
-        ids[:, -1] = 0
-        x = torch.cat([norm(f"{p}.enorm.weight")(model.model.embed_tokens(ids)), norm(f"{p}.hnorm.weight")(h)], -1)
-        x = x @ mtp[f"{p}.eh_proj.weight"].t()
-        pos = torch.arange(s).unsqueeze(0).expand(b, s)
-        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
-        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
-        out = out[0] if isinstance(out, tuple) else out
-        return (norm(f"{p}.shared_head.norm.weight")(out) @ mtp[f"{p}.shared_head.head.weight"].t()).float()
 
 
 def _fp32_in_bf16(name: str) -> bool:
@@ -443,136 +395,152 @@ def _params(chunks):
     return {f"{i}:{k}": v for i, c in enumerate(chunks) for k, v in c.state_dict().items() if "_extra_state" not in k}
 
 
-def _worker(rank, world, ckpts, tokens, out_root):
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
+def _flat(ckpts: dict) -> dict:
+    """The world's checkpoints by ``family/variant`` (native, the fused ones, mtp, bf16, bad_copy)."""
+    return {f"{family}/{variant}": path for family, variants in ckpts.items() for variant, path in variants.items()}
 
-    apply_cpu_patches()
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
+def _family(run) -> str:
+    return run.layout.ckpt.split("/")[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _file(path: str) -> dict:
+    """A checkpoint's tensors (once per rank and checkpoint)."""
+    with SafeTensorsSource(path) as src:
+        return {k: src[k].clone() for k in src.keys()}
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_file(path: str) -> dict:
+    """A plain reading of a checkpoint's single file (safetensors' own loader; once per rank and checkpoint)."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+_CALLS = {}  # this rank's counter of the fused expert ops, installed by the first layout
+
+
+def _reset_calls(rank, layout) -> None:
+    """Counts every call of the fused expert ops in this rank, by op name, from here on."""
     from megatron_bridge_ext import ops
-    from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.mcore.forward import megatron_logits
-    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
-
     from megatron_bridge_ext.testing.calls import count_calls
 
-    # every call of the fused expert ops in this rank, by op name
-    calls = count_calls(ops, ("expert_pack_fc1", "expert_pack_fc2", "expert_unpack_fc1", "expert_unpack_fc2"))
-
-    def save(bridge, chunks, name):
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=256 * 1024,
-                                  bucket_bytes=64 * 1024, show_progress=False)
-
-    results = {}
-    for family in FAMILIES:
-        with SafeTensorsSource(ckpts[family]["native"]) as src:
-            sd = {k: src[k].clone() for k in src.keys()}
-        for name, tp, pp, ep in LAYOUTS:
-            key = f"{family}_{name}"
-            etp = _etp(family, tp)
-            init_parallel(tp=tp, pp=pp, ep=ep, etp=etp)
-            ep_rank, etp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
-            bridge = AutoBridge.from_hf_pretrained(ckpts[family]["native"])
-            calls.clear()
-            chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-            imported = dict(calls)
-            moe_layers = len({layer for layer, _, _ in _local_experts(chunks)})
-            r = {"bad_experts": _check_experts(chunks, sd, family, ep_rank, ep, etp_rank, etp),
-                 "moe_layers": moe_layers, "logits": megatron_logits(chunks, tokens)}
-            calls.clear()
-            save(bridge, chunks, key)
-            r["calls"] = (imported, dict(calls))
-            if name == "tp2ep2":
-                mine = _params(chunks)
-                for variant in FUSED.get(family, {}):
-                    fused_bridge = AutoBridge.from_hf_pretrained(ckpts[family][variant])
-                    calls.clear()
-                    fused_chunks = fused_bridge.to_megatron_model(params_dtype=torch.float32)
-                    fused_calls = dict(calls)
-                    theirs = _params(fused_chunks)
-                    r[f"{variant}_same"] = sorted(k for k in mine if k not in theirs or
-                                                  not torch.equal(mine[k], theirs[k])) or (set(mine) == set(theirs))
-                    r[f"{variant}_calls"] = fused_calls
-                    streamed = {n: t for n, t, _ in fused_bridge.model_bridge.stream_weights_hf_to_megatron(
-                        fused_bridge.hf_pretrained, fused_chunks)}  # the generator variant, same tensors
-                    local = {k.split(":", 1)[1]: v for k, v in theirs.items()}
-                    r[f"{variant}_streamed"] = set(streamed) == set(local) and all(
-                        torch.equal(streamed[k], local[k]) for k in local)
-                    save(fused_bridge, fused_chunks, f"{family}_{variant}")
-                if family == GROUPED_FAMILY:
-                    r["grouped"] = _grouped_check(AutoBridge, ckpts[family], chunks, sd, family, ep_rank, ep,
-                                                  etp_rank, etp, rank)
-            if name == "pp2ep2":
-                AutoBridge.from_architecture(_arch(family)).save_hf_pretrained(
-                    chunks, os.path.join(out_root, f"{family}_nosource"), bucket_bytes=64 * 1024,
-                    show_progress=False)
-            if rank != 0:
-                r.pop("logits")
-            results[key] = r
-            destroy_parallel()
-            dist.barrier()
-    results.update(_mtp_worker(rank, ckpts, tokens, out_root, save))
-    return results
+    if "counter" not in _CALLS:
+        _CALLS["counter"] = count_calls(ops, ("expert_pack_fc1", "expert_pack_fc2", "expert_unpack_fc1",
+                                              "expert_unpack_fc2"))
+    _CALLS["counter"].clear()
 
 
-def _mtp_worker(rank, ckpts, tokens, out_root, save):
-    """The MTP checkpoints (fp32 at every layout, bf16 at EP2 and PP2 x EP2), then the refused copy (last: the failed
-    import leaves the world without further collectives)."""
-    from safetensors.torch import load_file
-    import torch.distributed as dist
+def _experts(run) -> dict:
+    """The import's op calls, then every local expert against the HF slice of its global expert."""
+    from megatron.core import parallel_state as ps
+
+    calls = _CALLS["counter"]
+    imported = dict(calls)
+    sd = _file(run.ckpts[run.layout.ckpt])
+    bad = _check_experts(run.chunks, sd, _family(run), ps.get_expert_model_parallel_rank(), run.layout.ep,
+                         ps.get_expert_tensor_parallel_rank(), run.layout.etp)
+    calls.clear()
+    return {"bad_experts": bad, "moe_layers": len({layer for layer, _, _ in _local_experts(run.chunks)}),
+            "imported": imported}
+
+
+def _exported(run) -> dict:
+    """The op calls of the export with the source (this check runs first after it)."""
+    return {"exported": dict(_CALLS["counter"])}
+
+
+def _fused_variants(run) -> dict:
+    """Each fused copy of the family imported at this layout: the same Megatron parameters, one pack call per
+    layer, the generator variant's tensors; exported back."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    family, calls, r = _family(run), _CALLS["counter"], {}
+    mine = _params(run.chunks)
+    for variant in FUSED.get(family, {}):
+        fused_bridge = AutoBridge.from_hf_pretrained(run.ckpts[f"{family}/{variant}"])
+        calls.clear()
+        fused_chunks = fused_bridge.to_megatron_model(params_dtype=torch.float32)
+        fused_calls = dict(calls)
+        theirs = _params(fused_chunks)
+        r[f"{variant}_same"] = sorted(k for k in mine if k not in theirs or
+                                      not torch.equal(mine[k], theirs[k])) or (set(mine) == set(theirs))
+        r[f"{variant}_calls"] = fused_calls
+        streamed = {n: t for n, t, _ in fused_bridge.model_bridge.stream_weights_hf_to_megatron(
+            fused_bridge.hf_pretrained, fused_chunks)}  # the generator variant, same tensors
+        local = {k.split(":", 1)[1]: v for k, v in theirs.items()}
+        r[f"{variant}_streamed"] = set(streamed) == set(local) and all(
+            torch.equal(streamed[k], local[k]) for k in local)
+        run.save(fused_bridge, fused_chunks, f"{family}_{variant}")
+    return r
+
+
+def _grouped(run) -> dict:
     from megatron.core import parallel_state as ps
 
     from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    family = _family(run)
+    variants = {v: run.ckpts[f"{family}/{v}"] for v in ("native", "fused")}
+    return {"grouped": _grouped_check(AutoBridge, variants, run.chunks, _file(run.ckpts[run.layout.ckpt]), family,
+                                      ps.get_expert_model_parallel_rank(), run.layout.ep,
+                                      ps.get_expert_tensor_parallel_rank(), run.layout.etp, run.rank)}
+
+
+def _nosource(run) -> dict:
+    """The export without a source (after the counted export: its op calls are not the export's)."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    family = _family(run)
+    AutoBridge.from_architecture(_arch(family)).save_hf_pretrained(
+        run.chunks, os.path.join(run.out_root, f"{family}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
+    return {}
+
+
+def _mtp_checks(run) -> dict:
+    from megatron.core import parallel_state as ps
+
+    r = {"pp_rank": ps.get_pipeline_model_parallel_rank()}
+    if run.layout.tp == 1:
+        r["bad"], r["seen"] = _check_mtp(run.chunks, _plain_file(run.ckpts[run.layout.ckpt]), _family(run),
+                                         ps.get_expert_model_parallel_rank(), run.layout.ep)
+    return r
+
+
+def _mtp_sync(run) -> dict:
+    """A WeightSyncPlan without a source either: the table follows the model, the MTP layer and its copies too."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.engine import WeightSyncPlan
+
+    sd = _plain_file(run.ckpts[run.layout.ckpt])
+    plan = WeightSyncPlan(AutoBridge.from_architecture(_arch(_family(run))).model_bridge, run.chunks,
+                          bucket_bytes=64 * 1024, dst=0)
+    synced = {n: t for bucket in plan.sync() for n, t in bucket}
+    return {"sync": sorted(set(synced) ^ set(sd)) or [k for k in sd if not torch.equal(synced[k], sd[k])]}
+
+
+def _bf16_routers(run) -> dict:
+    return dict(zip(("bad", "seen"), _check_routers(run.chunks, _plain_file(run.ckpts[run.layout.ckpt]))))
+
+
+def _refusals(rank, ckpts, tokens, out_root) -> dict:
+    """Last (a failed import leaves the world without further collectives): the MTP copy that differs from the
+    main tensor, and a model built without MTP layers from a checkpoint with one."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
     from megatron_bridge_ext.mcore.forward import megatron_logits_with_mtp
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
     results = {}
-    for family in MTP_FAMILIES:
-        sd = load_file(os.path.join(ckpts[family]["mtp"], "model.safetensors"))  # plain reading of the file
-        for name, tp, pp, ep in LAYOUTS:
-            key = f"{family}_mtp_{name}"
-            init_parallel(tp=tp, pp=pp, ep=ep, etp=tp)
-            bridge = AutoBridge.from_hf_pretrained(ckpts[family]["mtp"])
-            chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-            logits, mtp_logits = megatron_logits_with_mtp(chunks, tokens)
-            r = {"pp_rank": ps.get_pipeline_model_parallel_rank(), "logits": logits, "mtp_logits": mtp_logits}
-            if tp == 1:
-                r["bad"], r["seen"] = _check_mtp(chunks, sd, family, ps.get_expert_model_parallel_rank(), ep)
-            save(bridge, chunks, key)
-            if name == "pp2ep2":
-                AutoBridge.from_architecture(_arch(family)).save_hf_pretrained(
-                    chunks, os.path.join(out_root, f"{family}_mtp_nosource"), bucket_bytes=64 * 1024,
-                    show_progress=False)
-                plan = WeightSyncPlan(AutoBridge.from_architecture(_arch(family)).model_bridge, chunks,
-                                      bucket_bytes=64 * 1024, dst=0)  # no source either: the table follows the model
-                synced = {n: t for bucket in plan.sync() for n, t in bucket}
-                r["sync"] = sorted(set(synced) ^ set(sd)) or [k for k in sd if not torch.equal(synced[k], sd[k])]
-            if rank != 0:
-                r.pop("logits"), r.pop("mtp_logits"), r.pop("sync", None)
-            results[key] = r
-            destroy_parallel()
-            dist.barrier()
-        bf16 = load_file(os.path.join(ckpts[family]["bf16"], "model.safetensors"))
-        for name, tp, pp, ep in BF16_LAYOUTS:
-            key = f"{family}_bf16_{name}"
-            init_parallel(tp=tp, pp=pp, ep=ep, etp=tp)
-            bridge = AutoBridge.from_hf_pretrained(ckpts[family]["bf16"])
-            chunks = bridge.to_megatron_model()  # params_dtype from config.json: bf16
-            r = dict(zip(("bad", "seen"), _check_routers(chunks, bf16)))
-            save(bridge, chunks, key)
-            results[key] = r
-            destroy_parallel()
-            dist.barrier()
     init_parallel(tp=1, pp=1, ep=2, etp=1)
     try:
-        AutoBridge.from_hf_pretrained(ckpts["deepseek_v3"]["bad_copy"]).to_megatron_model(params_dtype=torch.float32)
+        AutoBridge.from_hf_pretrained(ckpts["deepseek_v3/bad_copy"]).to_megatron_model(params_dtype=torch.float32)
         results["bad_copy"] = "imported"
     except Exception as e:  # every rank holds the embedding: each fails on its own or names the first failing rank
         results["bad_copy"] = f"{type(e).__name__}: {e}"
     # a model built without MTP layers: the MTP tensors are unused (named), unless allowed on purpose
-    bridge = AutoBridge.from_hf_pretrained(ckpts["deepseek_v3"]["mtp"])
+    bridge = AutoBridge.from_hf_pretrained(ckpts["deepseek_v3/mtp"])
     try:
         bridge.to_megatron_model(params_dtype=torch.float32, mtp_num_layers=None)
         results["mtp_off"] = "imported"
@@ -583,6 +551,30 @@ def _mtp_worker(rank, ckpts, tokens, out_root, save):
     results["mtp_off_logits"] = megatron_logits_with_mtp(chunks, tokens)
     destroy_parallel()
     return results
+
+
+def _layouts() -> list:
+    """The world's layouts in order: each family at each layout, then per MTP family the MTP checkpoint at each
+    layout and the bf16 one at EP2 and PP2 x EP2."""
+    out = []
+    for family in FAMILIES:
+        for name, tp, pp, ep in LAYOUTS:
+            after = (_exported,) + ((_fused_variants,) if name == "tp2ep2" else ()) + \
+                ((_grouped,) if name == "tp2ep2" and family == GROUPED_FAMILY else ()) + \
+                ((_nosource,) if name == "pp2ep2" else ())
+            out.append(Layout(f"{family}_{name}", f"{family}/native", tp=tp, pp=pp, ep=ep, etp=_etp(family, tp),
+                              max_shard_bytes=256 * 1024, before_import=(_reset_calls,), checks=(_experts,),
+                              after_export=after))
+    for family in MTP_FAMILIES:
+        for name, tp, pp, ep in LAYOUTS:
+            out.append(Layout(f"{family}_mtp_{name}", f"{family}/mtp", tp=tp, pp=pp, ep=ep, etp=tp, logits="mtp",
+                              max_shard_bytes=256 * 1024, checks=(_mtp_checks,),
+                              no_source=_arch(family) if name == "pp2ep2" else None,
+                              after_export=(_mtp_sync,) if name == "pp2ep2" else ()))
+        for name, tp, pp, ep in BF16_LAYOUTS:
+            out.append(Layout(f"{family}_bf16_{name}", f"{family}/bf16", tp=tp, pp=pp, ep=ep, etp=tp, dtype=None,
+                              logits=None, max_shard_bytes=256 * 1024, checks=(_bf16_routers,)))
+    return out
 
 
 def _grouped_check(AutoBridge, ckpts, chunks, sd, family, ep_rank, ep, etp_rank, etp, rank):
@@ -645,13 +637,13 @@ def world(tmp_path_factory):
         model = transformers.AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32).eval()
         ckpts[family]["mtp"] = str(root / f"hf_{family}_mtp")
         layer, mtp = _write_mtp(native, ckpts[family]["mtp"], model, seed=40 + len(family))
-        hf[f"{family}_mtp"] = _mtp_reference_logits(model, layer, mtp, tokens)
+        hf[f"{family}_mtp"] = mtp_reference_logits(model, layer, mtp, tokens)
         ckpts[family]["bf16"] = str(root / f"hf_{family}_bf16")
         _write_bf16(native, ckpts[family]["mtp"], ckpts[family]["bf16"])
     ckpts["deepseek_v3"]["bad_copy"] = str(root / "hf_deepseek_v3_bad_copy")
     _write_bad_copy(ckpts["deepseek_v3"]["mtp"], ckpts["deepseek_v3"]["bad_copy"])
     out_root = str(root / "out")
-    per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=1500)
+    per_rank = spawn_layouts(_flat(ckpts), _layouts(), tokens, out_root, timeout=1500, tail=_refusals)
     return ckpts, out_root, per_rank, hf, tokens
 
 
@@ -703,7 +695,7 @@ def test_experts_convert_with_one_op_call_per_layer(world, family, name, tp, pp,
     assert sum(r[f"{family}_{name}"]["moe_layers"] for r in per_rank) == total * 4 // pp
     for rank, r in enumerate(per_rank):
         res = r[f"{family}_{name}"]
-        imported, exported = res["calls"]
+        imported, exported = res["imported"], res["exported"]
         local = res["moe_layers"] * kinds
         assert imported == {"expert_pack_fc1": local, "expert_pack_fc2": local}, (rank, imported)
         unpacks = family == "gpt_oss" or _etp(family, tp) > 1  # GPT-OSS's native experts are fused tensors
@@ -824,7 +816,7 @@ def test_mtp_export_without_source(world, family):
     WeightSyncPlan), config.json says so, and transformers loads the main model with the source's logits."""
     ckpts, out_root, per_rank, hf, tokens = world
     assert per_rank[0][f"{family}_mtp_pp2ep2"]["sync"] == []
-    out = os.path.join(out_root, f"{family}_mtp_nosource")
+    out = os.path.join(out_root, f"{family}_mtp_pp2ep2_nosource")
     _assert_same_tensors(ckpts[family]["mtp"], out)
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)

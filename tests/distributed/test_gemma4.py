@@ -36,10 +36,10 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import randomise, tiny_hf_model  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
 VOCAB = 97
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -63,19 +63,27 @@ CHECKPOINTS = {
                             rope_parameters={"full_attention": PROPORTIONAL,
                                              "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}),
 }
-# name, tp, pp, vpp, checkpoint
-LAYOUTS = [
-    ("gemma4_tp2", 2, 1, None, "gemma4"),
-    ("gemma4_pp2", 1, 2, None, "gemma4"),
-    ("gemma4_pp2vpp2", 1, 2, 2, "gemma4"),
-    ("gemma4_tp2pp2", 2, 2, None, "gemma4"),
-    ("gemma4_plain_tp2", 2, 1, None, "gemma4_plain"),
-    ("released_tp2", 2, 1, None, "gemma4_released"),
-    ("released_pp2", 1, 2, None, "gemma4_released"),
-    ("released_tp2pp2", 2, 2, None, "gemma4_released"),
-]
 NO_SOURCE = {"gemma4_pp2vpp2", "gemma4_tp2pp2", "gemma4_plain_tp2", "released_tp2", "released_tp2pp2"}
 ARCH = "Gemma4ForCausalLM"
+
+
+def _layout(name: str, ckpt: str, tp: int, pp: int, vpp=None) -> Layout:
+    return Layout(name, ckpt, tp=tp, pp=pp, vpp=vpp, max_shard_bytes=96 * 1024,
+                  no_source=ARCH if name in NO_SOURCE else None)
+
+
+LAYOUTS = [
+    _layout("gemma4_tp2", "gemma4", 2, 1),
+    _layout("gemma4_pp2", "gemma4", 1, 2),
+    _layout("gemma4_pp2vpp2", "gemma4", 1, 2, 2),
+    _layout("gemma4_tp2pp2", "gemma4", 2, 2),
+    _layout("gemma4_plain_tp2", "gemma4_plain", 2, 1),
+    _layout("released_tp2", "gemma4_released", 2, 1),
+    _layout("released_pp2", "gemma4_released", 1, 2),
+    _layout("released_tp2pp2", "gemma4_released", 2, 2),
+]
+CASES = [(layout.name, layout.ckpt) for layout in LAYOUTS]
+IDS = [layout.name for layout in LAYOUTS]
 
 
 def _make_checkpoint(path: str, ckpt: str, seed: int) -> None:
@@ -91,34 +99,6 @@ def _make_checkpoint(path: str, ckpt: str, seed: int) -> None:
     model.save_pretrained(path, safe_serialization=True)
 
 
-def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: str, layouts: list) -> dict:
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
-
-    apply_cpu_patches()
-    import torch.distributed as dist
-
-    from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.mcore.forward import megatron_logits
-    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
-
-    results = {}
-    for name, tp, pp, vpp, ckpt in layouts:
-        init_parallel(tp=tp, pp=pp, vpp=vpp)
-        bridge = AutoBridge.from_hf_pretrained(ckpts[ckpt])
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-        logits = megatron_logits(chunks, tokens)
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=96 * 1024,
-                                  bucket_bytes=64 * 1024, show_progress=False)
-        if name in NO_SOURCE:
-            AutoBridge.from_architecture(ARCH).save_hf_pretrained(
-                chunks, os.path.join(out_root, f"{name}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
-        if rank == 0:
-            results[name] = logits
-        destroy_parallel()
-        dist.barrier()
-    return results
-
-
 @pytest.fixture(scope="module")
 def world_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("gemma4")
@@ -128,32 +108,25 @@ def world_results(tmp_path_factory):
         _make_checkpoint(ckpts[ckpt], ckpt, seed=40 + i)
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
-    results = spawn_local(_worker, 4, (ckpts, tokens, out_root, LAYOUTS), timeout=600)[0]
+    results = spawn_layouts(ckpts, LAYOUTS, tokens, out_root, timeout=600)[0]
     hf = {ckpt: hf_logits(path, tokens) for ckpt, path in ckpts.items()}
     return ckpts, out_root, results, hf, tokens
 
 
-@pytest.mark.parametrize("name,tp,pp,vpp,ckpt", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_logits_match_hf(world_results, name, tp, pp, vpp, ckpt):
+@pytest.mark.parametrize("name,ckpt", CASES, ids=IDS)
+def test_logits_match_hf(world_results, name, ckpt):
     _, _, results, hf, _ = world_results
-    got = results[name]
-    assert got.shape == hf[ckpt].shape, (got.shape, hf[ckpt].shape)
-    diff = (got - hf[ckpt]).abs().max().item()
+    diff = max_abs_diff(results[name]["logits"], hf[ckpt])  # shapes checked too
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
 
 
 def _assert_same_tensors(src_dir: str, dst_dir: str) -> None:
-    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
-        want = set(src.keys())
-        assert set(dst.keys()) == want, set(dst.keys()) ^ want
-        for key in want:
-            a, b = src[key], dst[key]
-            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
-            assert torch.equal(a, b), key
+    cmp = compare_checkpoints(src_dir, dst_dir)  # key set, dtypes, shapes, torch.equal
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
 
 
-@pytest.mark.parametrize("name,tp,pp,vpp,ckpt", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_round_trip_bit_exact(world_results, name, tp, pp, vpp, ckpt):
+@pytest.mark.parametrize("name,ckpt", CASES, ids=IDS)
+def test_round_trip_bit_exact(world_results, name, ckpt):
     ckpts, out_root, _, _, _ = world_results
     with SafeTensorsSource(ckpts[ckpt]) as src:  # the layer scalars travel too
         assert {f"model.layers.{i}.layer_scalar" for i in range(BASE["num_hidden_layers"])} <= set(src.keys())
@@ -167,7 +140,7 @@ def test_export_without_source_loads_in_transformers(world_results, name):
     it (one head size: an empty per_layer_config; the released shape: the full layers' head_dim / kv heads, k=v
     without v_proj) and reproduces the source model's logits."""
     ckpts, out_root, _, hf, tokens = world_results
-    ckpt = next(layout[4] for layout in LAYOUTS if layout[0] == name)
+    ckpt = dict(CASES)[name]
     out = os.path.join(out_root, f"{name}_nosource")
     _assert_same_tensors(ckpts[ckpt], out)
     config = transformers.AutoConfig.from_pretrained(out)
@@ -180,7 +153,7 @@ def test_export_without_source_loads_in_transformers(world_results, name):
                 for i in range(len(config.layer_types))] == [(32, 1) if i in full else (16, 2) for i in range(6)]
     else:
         assert not config.per_layer_attributes
-    diff = (hf_logits(out, tokens) - hf[ckpt]).abs().max().item()
+    diff = max_abs_diff(hf_logits(out, tokens), hf[ckpt])
     assert diff <= SAME_MODEL_ATOL, f"{name}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 
 

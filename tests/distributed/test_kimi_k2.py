@@ -28,9 +28,9 @@ import torch
 pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(TESTS)
@@ -38,8 +38,6 @@ sys.path.insert(0, TESTS)
 from kimi_k2_checkpoints import RELEASED, TINY, write_kimi_checkpoint  # noqa: E402
 from quantized_checkpoints import write_fp8  # noqa: E402
 
-# name, tp, pp, ep
-LAYOUTS = [("ep2", 1, 1, 2), ("ep4", 1, 1, 4), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1, 2, 2)]
 NO_SOURCE = "pp2ep2"
 FP8_LAYOUT = "tp2ep2"
 
@@ -48,37 +46,23 @@ def _params(chunks):
     return {f"{i}:{n}": p.detach() for i, c in enumerate(chunks) for n, p in c.named_parameters()}
 
 
-def _worker(rank, world, ckpts, tokens, out_root):
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
-
-    apply_cpu_patches()
-    import torch.distributed as dist
-
+def _fp8_as_twin(run) -> dict:
+    """Every Megatron parameter imported from the FP8 copy against the one imported from its dequantized twin."""
     from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.mcore.forward import megatron_logits
-    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
-    out = {}
-    for name, tp, pp, ep in LAYOUTS:
-        init_parallel(tp=tp, pp=pp, ep=ep, etp=tp)
-        bridge = AutoBridge.from_hf_pretrained(ckpts["kimi"])
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-        logits = megatron_logits(chunks, tokens)
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), bucket_bytes=64 << 10, show_progress=False)
-        if name == NO_SOURCE:
-            AutoBridge.from_architecture("DeepseekV3ForCausalLM").save_hf_pretrained(
-                chunks, os.path.join(out_root, f"{name}_nosource"), bucket_bytes=64 << 10, show_progress=False)
-        if name == FP8_LAYOUT:
-            got = _params(AutoBridge.from_hf_pretrained(ckpts["fp8"]).to_megatron_model(params_dtype=torch.float32))
-            want = _params(AutoBridge.from_hf_pretrained(ckpts["fp8_twin"]).to_megatron_model(
-                params_dtype=torch.float32))
-            out["fp8"] = {"keys": sorted(got) == sorted(want), "n": len(want),
-                          "differ": sorted(k for k in want if k in got and not torch.equal(got[k], want[k]))}
-        if rank == 0:
-            out[name] = logits
-        destroy_parallel()
-        dist.barrier()
-    return out
+    got = _params(AutoBridge.from_hf_pretrained(run.ckpts["fp8"]).to_megatron_model(params_dtype=torch.float32))
+    want = _params(AutoBridge.from_hf_pretrained(run.ckpts["fp8_twin"]).to_megatron_model(params_dtype=torch.float32))
+    return {"fp8": {"keys": sorted(got) == sorted(want), "n": len(want),
+                    "differ": sorted(k for k in want if k in got and not torch.equal(got[k], want[k]))}}
+
+
+def _layout(name, tp, pp, ep):
+    return Layout(name, "kimi", tp=tp, pp=pp, ep=ep, etp=tp,
+                  no_source="DeepseekV3ForCausalLM" if name == NO_SOURCE else None,
+                  after_export=(_fp8_as_twin,) if name == FP8_LAYOUT else ())
+
+
+LAYOUTS = [_layout("ep2", 1, 1, 2), _layout("ep4", 1, 1, 4), _layout("tp2ep2", 2, 1, 2), _layout("pp2ep2", 1, 2, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +74,7 @@ def world(tmp_path_factory):
     write_fp8(ckpts["kimi"], ckpts["fp8"], ckpts["fp8_twin"], (8, 8), "transformers")
     tokens = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
-    results = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=900)
+    results = spawn_layouts(ckpts, LAYOUTS, tokens, out_root)
     return ckpts, out_root, results, hf_logits(ckpts["kimi"], tokens), tokens
 
 
@@ -106,14 +90,14 @@ def test_the_checkpoint_is_in_the_release_form(world):
         assert json.load(f)["quantization_config"]["quant_method"] == "fp8"
 
 
-@pytest.mark.parametrize("name", [layout[0] for layout in LAYOUTS])
+@pytest.mark.parametrize("name", [layout.name for layout in LAYOUTS])
 def test_logits_match_transformers(world, name):
     _, _, results, hf, _ = world
-    diff = max_abs_diff(results[0][name], hf)
+    diff = max_abs_diff(results[0][name]["logits"], hf)
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e}"
 
 
-@pytest.mark.parametrize("name", [layout[0] for layout in LAYOUTS])
+@pytest.mark.parametrize("name", [layout.name for layout in LAYOUTS])
 def test_round_trip_bit_exact_with_the_release_files(world, name):
     ckpts, out_root, _, _, _ = world
     out = os.path.join(out_root, name)
@@ -136,7 +120,7 @@ def test_export_without_source_loads_in_transformers(world):
 
 
 def test_fp8_release_imports_as_its_dequantized_twin(world):
-    res = [r["fp8"] for r in world[2]]
+    res = [r[FP8_LAYOUT]["fp8"] for r in world[2]]
     for rank, r in enumerate(res):
         assert r["keys"] and r["n"] > 0 and r["differ"] == [], (rank, r)
 

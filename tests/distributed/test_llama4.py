@@ -26,10 +26,10 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
 ARCH = "Llama4ForCausalLM"
 # Llama 4 Scout's llama3 RoPE factors (low = high = 1: megatron-core fixes 1 / 4), its context cut to 16 positions so
@@ -43,9 +43,11 @@ CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=24, intermediate_
               attn_scale=0.5, use_qk_norm=True, tie_word_embeddings=False,
               rope_parameters=SCOUT_ROPE)
 SEQ = 12
-# name, tp, pp, ep
-LAYOUTS = [("tp2", 2, 1, 1), ("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1, 2, 2), ("tp2pp2", 2, 2, 1)]
+LAYOUTS = [Layout("tp2", "llama4", tp=2, etp=2), Layout("ep2", "llama4", ep=2, etp=1),
+           Layout("tp2ep2", "llama4", tp=2, ep=2, etp=2, no_source=ARCH),
+           Layout("pp2ep2", "llama4", pp=2, ep=2, etp=1), Layout("tp2pp2", "llama4", tp=2, pp=2, etp=2)]
 NO_SOURCE = "tp2ep2"
+IDS = [layout.name for layout in LAYOUTS]
 
 
 def _make_checkpoint(path: str, seed: int = 7) -> None:
@@ -55,33 +57,6 @@ def _make_checkpoint(path: str, seed: int = 7) -> None:
                          rules=[(lambda name: "q_proj" in name or "k_proj" in name, 0.0, 0.3)], rest=(0.0, 0.15))
 
 
-def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor, out_root: str, layouts: list) -> dict:
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
-
-    apply_cpu_patches()
-    import torch.distributed as dist
-
-    from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.mcore.forward import megatron_logits
-    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
-
-    results = {}
-    for name, tp, pp, ep in layouts:
-        init_parallel(tp=tp, pp=pp, ep=ep, etp=tp)
-        bridge = AutoBridge.from_hf_pretrained(ckpt)
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-        logits = megatron_logits(chunks, tokens)
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), bucket_bytes=64 * 1024, show_progress=False)
-        if name == NO_SOURCE:
-            AutoBridge.from_architecture(ARCH).save_hf_pretrained(
-                chunks, os.path.join(out_root, f"{name}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
-        if rank == 0:
-            results[name] = logits
-        destroy_parallel()
-        dist.barrier()
-    return results
-
-
 @pytest.fixture(scope="module")
 def world_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama4")
@@ -89,7 +64,7 @@ def world_results(tmp_path_factory):
     _make_checkpoint(ckpt)
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
-    results = spawn_local(_worker, 4, (ckpt, tokens, out_root, LAYOUTS), timeout=900)[0]
+    results = spawn_layouts({"llama4": ckpt}, LAYOUTS, tokens, out_root)[0]
     return ckpt, out_root, results, hf_logits(ckpt, tokens), tokens
 
 
@@ -107,28 +82,18 @@ def test_the_checkpoint_has_every_feature(world_results):
         assert list(src["model.layers.2.feed_forward.gate_proj.weight"].shape) == [80, 64]
 
 
-@pytest.mark.parametrize("name,tp,pp,ep", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_logits_match_hf(world_results, name, tp, pp, ep):
+@pytest.mark.parametrize("name", IDS)
+def test_logits_match_hf(world_results, name):
     _, _, results, hf, _ = world_results
-    got = results[name]
-    assert got.shape == hf.shape, (got.shape, hf.shape)
-    diff = (got - hf).abs().max().item()
+    diff = max_abs_diff(results[name]["logits"], hf)  # shapes checked too
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
 
 
-def _assert_same_tensors(src_dir: str, dst_dir: str) -> None:
-    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
-        assert set(dst.keys()) == set(src.keys()), set(dst.keys()) ^ set(src.keys())
-        for key in src.keys():
-            a, b = src[key], dst[key]
-            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
-            assert torch.equal(a, b), key
-
-
-@pytest.mark.parametrize("name,tp,pp,ep", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_round_trip_bit_exact(world_results, name, tp, pp, ep):
+@pytest.mark.parametrize("name", IDS)
+def test_round_trip_bit_exact(world_results, name):
     ckpt, out_root, _, _, _ = world_results
-    _assert_same_tensors(ckpt, os.path.join(out_root, name))
+    cmp = compare_checkpoints(ckpt, os.path.join(out_root, name))  # key set, dtypes, shapes, torch.equal
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
     assert os.path.exists(os.path.join(out_root, name, "config.json"))
 
 
@@ -137,14 +102,15 @@ def test_export_without_source_loads_in_transformers(world_results):
     expert layout: transformers builds the same model from it and reproduces the source model's logits."""
     ckpt, out_root, _, hf, tokens = world_results
     out = os.path.join(out_root, f"{NO_SOURCE}_nosource")
-    _assert_same_tensors(ckpt, out)
+    cmp = compare_checkpoints(ckpt, out)
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
     config = transformers.AutoConfig.from_pretrained(out)
     source = transformers.AutoConfig.from_pretrained(ckpt)
     assert config.architectures == [ARCH] and type(config) is type(source)
     for field in ("no_rope_layers", "moe_layers", "layer_types", "attention_chunk_size", "floor_scale", "attn_scale",
                   "attn_temperature_tuning", "use_qk_norm", "intermediate_size", "intermediate_size_mlp"):
         assert getattr(config, field) == getattr(source, field), field
-    diff = (hf_logits(out, tokens) - hf).abs().max().item()
+    diff = max_abs_diff(hf_logits(out, tokens), hf)
     assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 
 

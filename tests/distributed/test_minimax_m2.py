@@ -26,10 +26,10 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint, save_transformers_bf16  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
 ARCH = "MiniMaxM2ForCausalLM"
 CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
@@ -37,8 +37,6 @@ CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=24, num_hidden_la
               max_position_embeddings=128, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default",
                                                                                "rope_theta": 50000.0},
               pad_token_id=None, eos_token_id=None, bos_token_id=None)
-# name, tp, pp, ep
-LAYOUTS = [("ep2", 1, 1, 2), ("tp2ep2", 2, 1, 2), ("pp2ep2", 1, 2, 2), ("tp2pp2", 2, 2, 1)]
 NO_SOURCE = "pp2ep2"
 
 
@@ -66,38 +64,22 @@ def _routers(chunks, sd: dict) -> list:
     return bad if seen else ["no layers"]
 
 
-def _worker(rank: int, world: int, ckpt: str, bf16: str, tokens: torch.Tensor, out_root: str) -> dict:
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
-
-    apply_cpu_patches()
-    import torch.distributed as dist
-
-    from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.mcore.forward import megatron_logits
-    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
-
-    results = {}
-    for name, tp, pp, ep in LAYOUTS:
-        init_parallel(tp=tp, pp=pp, ep=ep, etp=tp)
-        bridge = AutoBridge.from_hf_pretrained(ckpt)
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-        results[name] = megatron_logits(chunks, tokens)
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=96 * 1024,
-                                  bucket_bytes=64 * 1024, show_progress=False)
-        if name == NO_SOURCE:
-            AutoBridge.from_architecture(ARCH).save_hf_pretrained(
-                chunks, os.path.join(out_root, f"{name}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
-        destroy_parallel()
-        dist.barrier()
-    init_parallel(tp=1, pp=1, ep=2)
-    with SafeTensorsSource(bf16) as src:
+def _bf16_routers(run) -> dict:
+    with SafeTensorsSource(run.ckpts[run.layout.ckpt]) as src:
         sd = {k: src[k].clone() for k in src.keys() if "block_sparse_moe.e_score" in k or "gate.weight" in k}
-    bridge = AutoBridge.from_hf_pretrained(bf16)
-    chunks = bridge.to_megatron_model()  # params_dtype from config.json: bf16
-    results["bf16_routers"] = _routers(chunks, sd)
-    bridge.save_hf_pretrained(chunks, os.path.join(out_root, "bf16_ep2"), bucket_bytes=64 * 1024, show_progress=False)
-    destroy_parallel()
-    return results
+    return {"routers": _routers(run.chunks, sd)}
+
+
+def _layout(name, tp, pp, ep):
+    return Layout(name, "hf", tp=tp, pp=pp, ep=ep, etp=tp, max_shard_bytes=96 * 1024,
+                  no_source=ARCH if name == NO_SOURCE else None)
+
+
+LAYOUTS = [_layout("ep2", 1, 1, 2), _layout("tp2ep2", 2, 1, 2), _layout("pp2ep2", 1, 2, 2),
+           _layout("tp2pp2", 2, 2, 1)]
+IDS = [layout.name for layout in LAYOUTS]
+# transformers' bf16 save at EP2, params_dtype from config.json: bf16
+BF16 = Layout("bf16_ep2", "bf16", ep=2, dtype=None, logits=None, checks=(_bf16_routers,))
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +91,7 @@ def world(tmp_path_factory):
     bf16 = save_transformers_bf16(model, str(root / "hf_bf16"))
     tokens = torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
-    per_rank = spawn_local(_worker, 4, (ckpt, bf16, tokens, out_root), timeout=600)
+    per_rank = spawn_layouts({"hf": ckpt, "bf16": bf16}, LAYOUTS + [BF16], tokens, out_root, timeout=600)
     return ckpt, out_root, per_rank, hf_logits(ckpt, tokens), tokens, bf16
 
 
@@ -125,25 +107,19 @@ def test_checkpoint_is_the_release_layout(world):
     assert bias.shape == (6,) and bias.abs().max() > 0.1
 
 
-@pytest.mark.parametrize("name,tp,pp,ep", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_logits_match_hf(world, name, tp, pp, ep):
+@pytest.mark.parametrize("name", IDS)
+def test_logits_match_hf(world, name):
     _, _, per_rank, hf, _, _ = world
-    got = per_rank[0][name]
-    assert got.shape == hf.shape, (got.shape, hf.shape)
-    diff = (got - hf).abs().max().item()
+    diff = max_abs_diff(per_rank[0][name]["logits"], hf)  # shapes checked too
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
 
 
 def _assert_same_tensors(src_dir: str, dst_dir: str) -> None:
-    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
-        assert set(dst.keys()) == set(src.keys()), set(dst.keys()) ^ set(src.keys())
-        for key in src.keys():
-            a, b = src[key], dst[key]
-            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
-            assert torch.equal(a, b), key
+    cmp = compare_checkpoints(src_dir, dst_dir)  # key set, dtypes, shapes, torch.equal
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
 
 
-@pytest.mark.parametrize("name", [layout[0] for layout in LAYOUTS])
+@pytest.mark.parametrize("name", IDS)
 def test_round_trip_bit_exact(world, name):
     ckpt, out_root, _, _, _, _ = world
     _assert_same_tensors(ckpt, os.path.join(out_root, name))
@@ -158,7 +134,7 @@ def test_export_without_source_loads_in_transformers(world):
     assert written["architectures"] == [ARCH] and written["rotary_dim"] == CONFIG["rotary_dim"]
     config = transformers.AutoConfig.from_pretrained(out)
     assert type(config) is transformers.MiniMaxM2Config
-    diff = (hf_logits(out, tokens) - hf).abs().max().item()
+    diff = max_abs_diff(hf_logits(out, tokens), hf)
     assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 
 
@@ -169,5 +145,5 @@ def test_bf16_round_trip_keeps_router_dtypes(world):
     with SafeTensorsSource(bf16) as src:
         assert src["model.layers.0.block_sparse_moe.gate.weight"].dtype == torch.bfloat16
     for rank, r in enumerate(per_rank):
-        assert r["bf16_routers"] == [], (rank, r["bf16_routers"][:4])
+        assert r["bf16_ep2"]["routers"] == [], (rank, r["bf16_ep2"]["routers"][:4])
     _assert_same_tensors(bf16, os.path.join(out_root, "bf16_ep2"))

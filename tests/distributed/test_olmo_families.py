@@ -34,10 +34,10 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, pad_token_id=None,
@@ -60,26 +60,6 @@ CHECKPOINTS = {
         "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0}})),
     "olmoe": ("Olmoe", dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2, norm_topk_prob=False)),
 }
-# name, tp, pp, vpp, ep, checkpoint
-LAYOUTS = [
-    ("olmo2_tp2", 2, 1, None, 1, "olmo2"),
-    ("olmo2_pp2vpp2", 1, 2, 2, 1, "olmo2"),
-    ("olmo2_tp2pp2", 2, 2, None, 1, "olmo2"),
-    ("olmo3_tp2", 2, 1, None, 1, "olmo3"),
-    ("olmo3_pp2", 1, 2, None, 1, "olmo3"),
-    ("olmo3_tp2pp2", 2, 2, None, 1, "olmo3"),
-    ("olmo3yarn_tp2", 2, 1, None, 1, "olmo3yarn"),
-    ("olmo3yarn_pp2vpp2", 1, 2, 2, 1, "olmo3yarn"),
-    ("olmoe_ep2", 1, 1, None, 2, "olmoe"),
-    ("olmoe_tp2ep2", 2, 1, None, 2, "olmoe"),
-    ("olmoe_pp2ep2", 1, 2, None, 2, "olmoe"),
-    ("olmoe_tp2pp2", 2, 2, None, 1, "olmoe"),
-]
-NO_SOURCE = {"olmo2_tp2pp2", "olmo3_pp2", "olmo3yarn_tp2", "olmoe_tp2ep2"}
-# layout written as a torch_dist checkpoint -> (tp, pp, ep) it is read at
-DIST = {"olmo2_tp2": (1, 2, 1), "olmoe_tp2ep2": (1, 1, 2)}
-
-
 def _arch(ckpt: str) -> str:
     return f"{CHECKPOINTS[ckpt][0]}ForCausalLM"
 
@@ -140,58 +120,81 @@ def _hf_norm_grads(path: str, tokens: torch.Tensor) -> dict:
             for meg, hf in (("q_layernorm", "q_norm"), ("k_layernorm", "k_norm"))}
 
 
-def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: str) -> dict:
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
-
-    apply_cpu_patches()
-    import torch.distributed as dist
+def _norms(run) -> dict:
     from megatron.core import parallel_state as ps
 
-    from megatron_bridge_ext.auto_bridge import AutoBridge
+    with SafeTensorsSource(run.ckpts[run.layout.ckpt]) as src:
+        sd = {k: src[k].clone() for k in src.keys() if "_norm." in k}
+    r = {"norms": _norm_slices(run.chunks, sd, ps.get_tensor_model_parallel_rank(), run.layout.tp)}
+    if run.layout.name == GRAD_LAYOUT:
+        r["grads"] = _norm_grads(run.chunks[0], run.tokens, ps.get_tensor_model_parallel_rank(), run.layout.tp)
+        r["tp_rank"] = ps.get_tensor_model_parallel_rank()
+    return r
+
+
+def _dist(run) -> dict:
+    """The chunks written as a ``torch_dist`` checkpoint, read at the layout ``DIST`` names: its logits."""
     from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
     from megatron_bridge_ext.mcore.checkpoint import (cast_to_params_dtype, config_from_checkpoint,
                                                       load_megatron_checkpoint, save_megatron_checkpoint)
     from megatron_bridge_ext.mcore.forward import megatron_logits
-    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
+    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, init_parallel
 
-    results = {}
-    for name, tp, pp, vpp, ep, ckpt in LAYOUTS:
-        with SafeTensorsSource(ckpts[ckpt]) as src:
-            sd = {k: src[k].clone() for k in src.keys() if "_norm." in k}
-        init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp if ep > 1 else None)
-        bridge = AutoBridge.from_hf_pretrained(ckpts[ckpt])
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-        r = {"logits": megatron_logits(chunks, tokens),
-             "norms": _norm_slices(chunks, sd, ps.get_tensor_model_parallel_rank(), tp)}
-        if name == GRAD_LAYOUT:
-            r["grads"] = _norm_grads(chunks[0], tokens, ps.get_tensor_model_parallel_rank(), tp)
-            r["tp_rank"] = ps.get_tensor_model_parallel_rank()
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=96 * 1024,
-                                  bucket_bytes=64 * 1024, show_progress=False)
-        if name in NO_SOURCE:
-            AutoBridge.from_architecture(_arch(ckpt)).save_hf_pretrained(
-                chunks, os.path.join(out_root, f"{name}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
-        if name in DIST:
-            path = os.path.join(out_root, f"{name}_dist")
-            save_megatron_checkpoint(cast_to_params_dtype(chunks), path, architecture=_arch(ckpt), spec="local")
-            tp2, pp2, ep2 = DIST[name]
-            init_parallel(tp=tp2, pp=pp2, ep=ep2)
-            info = read_checkpoint_info(path)
-            loaded = cast_to_params_dtype(build_model_chunks(config_from_checkpoint(info)))
-            load_megatron_checkpoint(loaded, info.path)
-            r["dist_logits"] = megatron_logits(loaded, tokens)
-        results[name] = r
-        destroy_parallel()
-        dist.barrier()
-    # fewer key heads (2) than TP ranks (4): megatron would replicate key heads, the key norm has no slice to hold
+    name = run.layout.name
+    path = os.path.join(run.out_root, f"{name}_dist")
+    save_megatron_checkpoint(cast_to_params_dtype(run.chunks), path, architecture=_arch(run.layout.ckpt),
+                             spec="local")
+    tp2, pp2, ep2 = DIST[name]
+    init_parallel(tp=tp2, pp=pp2, ep=ep2)
+    info = read_checkpoint_info(path)
+    loaded = cast_to_params_dtype(build_model_chunks(config_from_checkpoint(info)))
+    load_megatron_checkpoint(loaded, info.path)
+    return {"dist_logits": megatron_logits(loaded, run.tokens)}
+
+
+def _tp4(rank: int, ckpts: dict, tokens: torch.Tensor, out_root: str) -> dict:
+    """Fewer key heads (2) than TP ranks (4): megatron would replicate key heads, the key norm has no slice to hold."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
+
     init_parallel(tp=4, pp=1)
     try:
         AutoBridge.from_hf_pretrained(ckpts["olmo2"]).to_megatron_model(params_dtype=torch.float32)
-        results["tp4"] = "built"
+        out = "built"
     except ValueError as e:
-        results["tp4"] = str(e)
+        out = str(e)
     destroy_parallel()
-    return results
+    return {"tp4": out}
+
+
+NO_SOURCE = {"olmo2_tp2pp2", "olmo3_pp2", "olmo3yarn_tp2", "olmoe_tp2ep2"}
+# layout written as a torch_dist checkpoint -> (tp, pp, ep) it is read at
+DIST = {"olmo2_tp2": (1, 2, 1), "olmoe_tp2ep2": (1, 1, 2)}
+
+
+def _layout(name: str, tp: int, pp: int, vpp, ep: int, ckpt: str) -> Layout:
+    return Layout(name, ckpt, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp if ep > 1 else None, max_shard_bytes=96 * 1024,
+                  no_source=_arch(ckpt) if name in NO_SOURCE else None, checks=(_norms,),
+                  after_export=(_dist,) if name in DIST else ())
+
+
+LAYOUTS = [
+    _layout("olmo2_tp2", 2, 1, None, 1, "olmo2"),
+    _layout("olmo2_pp2vpp2", 1, 2, 2, 1, "olmo2"),
+    _layout("olmo2_tp2pp2", 2, 2, None, 1, "olmo2"),
+    _layout("olmo3_tp2", 2, 1, None, 1, "olmo3"),
+    _layout("olmo3_pp2", 1, 2, None, 1, "olmo3"),
+    _layout("olmo3_tp2pp2", 2, 2, None, 1, "olmo3"),
+    _layout("olmo3yarn_tp2", 2, 1, None, 1, "olmo3yarn"),
+    _layout("olmo3yarn_pp2vpp2", 1, 2, 2, 1, "olmo3yarn"),
+    _layout("olmoe_ep2", 1, 1, None, 2, "olmoe"),
+    _layout("olmoe_tp2ep2", 2, 1, None, 2, "olmoe"),
+    _layout("olmoe_pp2ep2", 1, 2, None, 2, "olmoe"),
+    _layout("olmoe_tp2pp2", 2, 2, None, 1, "olmoe"),
+]
+BY_NAME = {layout.name: layout for layout in LAYOUTS}
+CASES = [(layout.name, layout.ckpt) for layout in LAYOUTS]
+IDS = [layout.name for layout in LAYOUTS]
 
 
 @pytest.fixture(scope="module")
@@ -204,26 +207,21 @@ def world(tmp_path_factory):
         _make_checkpoint(ckpts[ckpt], ckpt, seed=30 + i)
     tokens = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
-    per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=900)
+    per_rank = spawn_layouts(ckpts, LAYOUTS, tokens, out_root, tail=_tp4)
     hf = {ckpt: hf_logits(path, tokens) for ckpt, path in ckpts.items()}
-    hf["grads"] = _hf_norm_grads(ckpts[next(layout[5] for layout in LAYOUTS if layout[0] == GRAD_LAYOUT)], tokens)
+    hf["grads"] = _hf_norm_grads(ckpts[BY_NAME[GRAD_LAYOUT].ckpt], tokens)
     return ckpts, out_root, per_rank, hf, tokens
 
 
-IDS = [layout[0] for layout in LAYOUTS]
-
-
-@pytest.mark.parametrize("name,tp,pp,vpp,ep,ckpt", LAYOUTS, ids=IDS)
-def test_logits_match_hf(world, name, tp, pp, vpp, ep, ckpt):
+@pytest.mark.parametrize("name,ckpt", CASES, ids=IDS)
+def test_logits_match_hf(world, name, ckpt):
     _, _, per_rank, hf, _ = world
-    got = per_rank[0][name]["logits"]
-    assert got.shape == hf[ckpt].shape, (got.shape, hf[ckpt].shape)
-    diff = (got - hf[ckpt]).abs().max().item()
+    diff = max_abs_diff(per_rank[0][name]["logits"], hf[ckpt])  # shapes checked too
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
 
 
-@pytest.mark.parametrize("name,tp,pp,vpp,ep,ckpt", LAYOUTS, ids=IDS)
-def test_qk_norm_weights_are_split_by_heads(world, name, tp, pp, vpp, ep, ckpt):
+@pytest.mark.parametrize("name", IDS)
+def test_qk_norm_weights_are_split_by_heads(world, name):
     _, _, per_rank, _, _ = world
     for rank, r in enumerate(per_rank):
         assert r[name]["norms"] == [], (rank, r[name]["norms"][:4])
@@ -233,7 +231,7 @@ def test_qk_norm_gradients_match_hf(world):
     """Training through the TP all-reduce: at TP2 each rank's q / k norm weight gradients of a loss over the logits
     are its heads' rows of transformers' gradients (the all-reduce's backward sums the ranks' contributions)."""
     _, _, per_rank, hf, _ = world
-    tp = next(layout[1] for layout in LAYOUTS if layout[0] == GRAD_LAYOUT)
+    tp = BY_NAME[GRAD_LAYOUT].tp
     for rank, r in enumerate(per_rank):
         res = r[GRAD_LAYOUT]
         assert sorted(res["grads"]) == sorted(hf["grads"]), rank
@@ -247,16 +245,12 @@ def test_qk_norm_gradients_match_hf(world):
 
 
 def _assert_same_tensors(src_dir: str, dst_dir: str) -> None:
-    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
-        assert set(dst.keys()) == set(src.keys()), set(dst.keys()) ^ set(src.keys())
-        for key in src.keys():
-            a, b = src[key], dst[key]
-            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
-            assert torch.equal(a, b), key
+    cmp = compare_checkpoints(src_dir, dst_dir)  # key set, dtypes, shapes, torch.equal
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
 
 
-@pytest.mark.parametrize("name,tp,pp,vpp,ep,ckpt", LAYOUTS, ids=IDS)
-def test_round_trip_bit_exact(world, name, tp, pp, vpp, ep, ckpt):
+@pytest.mark.parametrize("name,ckpt", CASES, ids=IDS)
+def test_round_trip_bit_exact(world, name, ckpt):
     ckpts, out_root, _, _, _ = world
     _assert_same_tensors(ckpts[ckpt], os.path.join(out_root, name))
 
@@ -264,14 +258,14 @@ def test_round_trip_bit_exact(world, name, tp, pp, vpp, ep, ckpt):
 @pytest.mark.parametrize("name", sorted(NO_SOURCE))
 def test_export_without_source_loads_in_transformers(world, name):
     ckpts, out_root, _, hf, tokens = world
-    ckpt = next(layout[5] for layout in LAYOUTS if layout[0] == name)
+    ckpt = BY_NAME[name].ckpt
     out = os.path.join(out_root, f"{name}_nosource")
     _assert_same_tensors(ckpts[ckpt], out)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["architectures"] == [_arch(ckpt)]
     config = transformers.AutoConfig.from_pretrained(out)
     assert type(config) is type(transformers.AutoConfig.from_pretrained(ckpts[ckpt]))
-    diff = (hf_logits(out, tokens) - hf[ckpt]).abs().max().item()
+    diff = max_abs_diff(hf_logits(out, tokens), hf[ckpt])
     assert diff <= SAME_MODEL_ATOL, f"{name}: max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
 
 
@@ -280,8 +274,8 @@ def test_torch_dist_checkpoint_reads_at_another_layout(world, name):
     """Written at TP2 from the local spec, read at TP1 (PP2 / EP2): the q / k norm weights were saved as TP shards of
     the whole-projection tensor, so the model read back has the HF logits."""
     _, _, per_rank, hf, _ = world
-    ckpt = next(layout[5] for layout in LAYOUTS if layout[0] == name)
-    diff = (per_rank[0][name]["dist_logits"] - hf[ckpt]).abs().max().item()
+    ckpt = BY_NAME[name].ckpt
+    diff = max_abs_diff(per_rank[0][name]["dist_logits"], hf[ckpt])
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e}"
 
 

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
+from megatron_bridge_ext.testing.parity import config_round_trip  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -109,6 +110,25 @@ CASES = {
 ARCH = {"Gemma3Text": "Gemma3"}
 
 
+FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+          "layernorm_epsilon", "rotary_base", "rope_scaling", "rope_scaling_factor", "seq_len_interpolation_factor",
+          "share_embeddings_and_output_weights", "vocab_size", "add_bias_linear", "add_qkv_bias", "num_moe_experts",
+          "moe_router_topk", "params_dtype", "window_size", "window_attn_skip_freq", "qk_layernorm",
+          "layernorm_zero_centered_gamma", "softmax_scale", "embedding_scale", "post_self_attn_layernorm",
+          "post_mlp_layernorm", "local_rotary_base", "rotary_percent", "activation_func", "gated_linear_unit",
+          "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_score_function", "moe_router_pre_softmax",
+          "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor", "moe_router_num_groups",
+          "moe_router_group_topk", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "softmax_type",
+          "glu_linear_offset", "activation_func_clamp_value", "position_embedding_type", "attn_logit_softcapping",
+          "final_logit_softcapping")
+# compared where the Megatron config has them
+MLA_YARN_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
+                   "rotary_scaling_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
+                   "original_max_position_embeddings", "latent_layernorm_epsilon", "yarn_rotary_scaling_factor",
+                   "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale",
+                   "yarn_mscale_all_dim", "yarn_correction_range_round_to_int")
+
+
 def _model(arch: str, overrides: dict):
     config = getattr(transformers, f"{arch}Config")(**{k: v for k, v in {**TINY, **overrides}.items()
                                                        if v is not None or k != "head_dim"})
@@ -146,39 +166,14 @@ def test_the_tolerance_sees_a_changed_norm_epsilon():
 def test_hf_megatron_hf_config_gives_the_same_model(case):
     arch, overrides = CASES[case]
     model = _model(arch, overrides)
-    bridge = get_model_bridge(f"{ARCH.get(arch, arch)}ForCausalLM")
-    megatron_config = bridge.transformer_config(model.config)
-    regenerated = bridge.megatron_to_hf_config(megatron_config)
-    assert regenerated["architectures"] == [f"{ARCH.get(arch, arch)}ForCausalLM"]
-    config2 = transformers.AutoConfig.for_model(**regenerated)
-    assert type(config2) is type(model.config)
-    model2 = transformers.AutoModelForCausalLM.from_config(
-        config2, attn_implementation=model.config._attn_implementation).float().eval()
-    model2.load_state_dict(model.state_dict(), strict=True)
-    diff = max_abs_diff(_logits(model2), _logits(model))
-    assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
+    rt = config_round_trip(model, get_model_bridge(f"{ARCH.get(arch, arch)}ForCausalLM"),
+                           attn_implementation=model.config._attn_implementation)
+    assert rt.regenerated["architectures"] == [f"{ARCH.get(arch, arch)}ForCausalLM"]
+    assert type(rt.config) is type(model.config)
+    assert rt.logit_diff <= SAME_MODEL_ATOL, f"max |logit diff| {rt.logit_diff:.3e}"  # same class and weights
     # and the Megatron config of the regenerated HF config is the same again (MLA / YaRN fields included)
-    again = bridge.transformer_config(config2)
-    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                  "kv_channels", "layernorm_epsilon", "rotary_base", "rope_scaling", "rope_scaling_factor",
-                  "seq_len_interpolation_factor", "share_embeddings_and_output_weights", "vocab_size",
-                  "add_bias_linear", "add_qkv_bias", "num_moe_experts", "moe_router_topk", "params_dtype",
-                  "window_size", "window_attn_skip_freq", "qk_layernorm", "layernorm_zero_centered_gamma",
-                  "softmax_scale", "embedding_scale", "post_self_attn_layernorm", "post_mlp_layernorm",
-                  "local_rotary_base", "rotary_percent", "activation_func", "gated_linear_unit",
-                  "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_score_function", "moe_router_pre_softmax",
-                  "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor", "moe_router_num_groups",
-                  "moe_router_group_topk", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
-                  "softmax_type", "glu_linear_offset", "activation_func_clamp_value", "position_embedding_type",
-                  "attn_logit_softcapping", "final_logit_softcapping"):
-        assert getattr(again, field) == getattr(megatron_config, field), field
-    extra = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
-                         "rope_type", "rotary_scaling_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
-                         "original_max_position_embeddings", "latent_layernorm_epsilon", "yarn_rotary_scaling_factor",
-                         "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale",
-                         "yarn_mscale_all_dim", "yarn_correction_range_round_to_int") if hasattr(megatron_config, f)]
-    for field in extra:
-        assert getattr(again, field) == getattr(megatron_config, field), field
+    assert rt.changed(FIELDS) == []
+    assert rt.changed([f for f in MLA_YARN_FIELDS if hasattr(rt.megatron, f)]) == []
 
 
 def test_megatron_config_without_vocab_size_is_refused():

@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.parity import config_round_trip  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL  # noqa: E402
 
 ARCH = "Gemma4ForCausalLM"
 # one head size for every layer (global_head_dim = head_dim) and no per-layer input embeddings: what converts
@@ -87,35 +88,21 @@ def _model(config):
     return model
 
 
-def _logits(model):
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hf_megatron_hf_config_gives_the_same_model(case):
     model = _model(_config(**CASES[case]))
-    bridge = get_model_bridge(ARCH)
-    megatron_config = bridge.transformer_config(model.config)
-    assert megatron_config.value_rms_norm and megatron_config.layer_output_scalar
-    assert megatron_config.softmax_scale == 1.0
-    regenerated = bridge.megatron_to_hf_config(megatron_config)
-    assert regenerated["architectures"] == [ARCH]
-    config2 = transformers.AutoConfig.for_model(**regenerated)
-    assert type(config2) is transformers.Gemma4TextConfig
+    rt = config_round_trip(model, get_model_bridge(ARCH))
+    assert rt.megatron.value_rms_norm and rt.megatron.layer_output_scalar
+    assert rt.megatron.softmax_scale == 1.0
+    assert rt.regenerated["architectures"] == [ARCH]
+    assert type(rt.config) is transformers.Gemma4TextConfig
     # the per-layer geometry survives (one head size: an empty per_layer_config), and k=v
-    assert config2.per_layer_attributes == model.config.per_layer_attributes
-    assert _geometry(config2) == _geometry(model.config)
-    assert config2.attention_k_eq_v == model.config.attention_k_eq_v
-    model2 = transformers.AutoModelForCausalLM.from_config(config2).float().eval()
-    assert type(model2) is transformers.Gemma4ForCausalLM
-    model2.load_state_dict(model.state_dict(), strict=True)
-    diff = max_abs_diff(_logits(model2), _logits(model))
-    assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
-    again = bridge.transformer_config(config2)
-    for field in MEGATRON_FIELDS:
-        assert getattr(again, field) == getattr(megatron_config, field), field
+    assert rt.config.per_layer_attributes == model.config.per_layer_attributes
+    assert _geometry(rt.config) == _geometry(model.config)
+    assert rt.config.attention_k_eq_v == model.config.attention_k_eq_v
+    assert type(rt.model) is transformers.Gemma4ForCausalLM
+    assert rt.logit_diff <= SAME_MODEL_ATOL, f"max |logit diff| {rt.logit_diff:.3e}"
+    assert rt.changed(MEGATRON_FIELDS) == []
 
 
 def test_transformers_default_rope_reads_as_proportional():

@@ -16,7 +16,8 @@ import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
 from megatron_bridge_ext.models.moe import PER_EXPERT, ExpertLayout  # noqa: E402
 from megatron_bridge_ext.models.mtp import MTPLayers  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.parity import config_round_trip  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL  # noqa: E402
 
 ARCH = "Glm4MoeLiteForCausalLM"
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -25,6 +26,14 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_laye
             qk_nope_head_dim=16, v_head_dim=12)
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "beta_fast": 32.0, "beta_slow": 1.0}
+FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+          "layernorm_epsilon", "latent_layernorm_epsilon", "rotary_base", "rotary_percent",
+          "share_embeddings_and_output_weights", "vocab_size", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+          "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "rotary_scaling_factor", "mscale", "mscale_all_dim",
+          "beta_fast", "beta_slow", "original_max_position_embeddings", "num_moe_experts", "moe_router_topk",
+          "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_score_function", "moe_router_enable_expert_bias",
+          "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk",
+          "moe_shared_expert_intermediate_size", "params_dtype")
 CASES = {
     # transformers' defaults: first layer dense, rms_norm_eps 1e-5 (latent norms 1e-6), one shared expert
     "defaults": dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
@@ -53,36 +62,15 @@ def _model(overrides):
     return model
 
 
-def _logits(model) -> torch.Tensor:
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hf_megatron_hf_config_gives_the_same_model(case):
     model = _model(CASES[case])
-    bridge = get_model_bridge(ARCH)
-    megatron_config = bridge.transformer_config(model.config)
-    regenerated = bridge.megatron_to_hf_config(megatron_config)
-    assert regenerated["architectures"] == [ARCH]
-    config2 = transformers.AutoConfig.for_model(**regenerated)
-    assert type(config2) is transformers.Glm4MoeLiteConfig
-    assert config2.mlp_layer_types == model.config.mlp_layer_types
-    model2 = transformers.AutoModelForCausalLM.from_config(config2).float().eval()
-    model2.load_state_dict(model.state_dict(), strict=True)
-    diff = max_abs_diff(_logits(model2), _logits(model))
-    assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"  # same class and weights (tolerances.py)
-    again = bridge.transformer_config(config2)
-    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                  "kv_channels", "layernorm_epsilon", "latent_layernorm_epsilon", "rotary_base", "rotary_percent",
-                  "share_embeddings_and_output_weights", "vocab_size", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
-                  "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "rotary_scaling_factor", "mscale",
-                  "mscale_all_dim", "beta_fast", "beta_slow", "original_max_position_embeddings", "num_moe_experts",
-                  "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq", "moe_router_score_function",
-                  "moe_router_enable_expert_bias", "moe_router_topk_scaling_factor", "moe_router_num_groups",
-                  "moe_router_group_topk", "moe_shared_expert_intermediate_size", "params_dtype"):
-        assert getattr(again, field) == getattr(megatron_config, field), field
+    rt = config_round_trip(model, get_model_bridge(ARCH))
+    assert rt.regenerated["architectures"] == [ARCH]
+    assert type(rt.config) is transformers.Glm4MoeLiteConfig
+    assert rt.config.mlp_layer_types == model.config.mlp_layer_types
+    assert rt.logit_diff <= SAME_MODEL_ATOL, f"max |logit diff| {rt.logit_diff:.3e}"  # same class and weights
+    assert rt.changed(FIELDS) == []
 
 
 def test_the_released_sizes_read_as_transformers_builds_them():

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
-from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.parity import config_round_trip  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL  # noqa: E402
 
 ARCH = "Llama4ForCausalLM"
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=24, intermediate_size_mlp=80, num_hidden_layers=4,
@@ -22,6 +23,14 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=24, intermediate_si
             num_local_experts=4, num_experts_per_tok=1, initializer_range=0.03)
 SCOUT_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
               "high_freq_factor": 1.0, "original_max_position_embeddings": 16}
+FIELDS = ("num_layers", "ffn_hidden_size", "moe_ffn_hidden_size", "moe_layer_freq", "no_rope_freq", "qk_l2_norm",
+          "qk_norm_nope_layers", "qk_layernorm", "attention_chunk_size", "attn_temperature_floor_scale",
+          "attn_temperature_scale", "rotary_interleaved", "rotary_base", "rope_scaling", "rope_scaling_factor",
+          "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+          "rope_scaling_original_max_position_embeddings", "moe_router_score_function", "moe_router_topk",
+          "moe_apply_probs_on_input", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+          "num_moe_experts", "layernorm_epsilon", "share_embeddings_and_output_weights", "add_bias_linear",
+          "add_qkv_bias")
 CASES = {
     # Scout-like: MoE on every layer, a NoPE layer every 4th (HF's default), chunks, temperature, q/k norm
     "scout_like": dict(attention_chunk_size=5, floor_scale=3, attn_scale=0.3, rope_parameters=SCOUT_ROPE),
@@ -46,12 +55,6 @@ def _model(overrides: dict):
     return model
 
 
-def _logits(model) -> torch.Tensor:
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
 def _bridge():
     return get_model_bridge(ARCH)
 
@@ -59,32 +62,17 @@ def _bridge():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hf_megatron_hf_config_gives_the_same_model(case):
     model = _model(CASES[case])
-    bridge = _bridge()
-    megatron_config = bridge.transformer_config(model.config)
-    regenerated = bridge.megatron_to_hf_config(megatron_config)
-    assert regenerated["architectures"] == [ARCH]
-    config2 = transformers.AutoConfig.for_model(**regenerated)
-    assert type(config2) is type(model.config)
+    rt = config_round_trip(model, _bridge())
+    assert rt.regenerated["architectures"] == [ARCH]
+    assert type(rt.config) is type(model.config)
     for field in ("no_rope_layers", "moe_layers", "layer_types", "use_qk_norm", "attention_chunk_size",
                   "attn_temperature_tuning", "intermediate_size", "intermediate_size_mlp", "num_local_experts",
                   "rope_parameters", "tie_word_embeddings"):
-        assert getattr(config2, field) == getattr(model.config, field), field
+        assert getattr(rt.config, field) == getattr(model.config, field), field
     if model.config.attn_temperature_tuning:
-        assert (config2.floor_scale, config2.attn_scale) == (model.config.floor_scale, model.config.attn_scale)
-    model2 = transformers.AutoModelForCausalLM.from_config(config2).float().eval()
-    model2.load_state_dict(model.state_dict(), strict=True)
-    diff = max_abs_diff(_logits(model2), _logits(model))
-    assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
-    again = bridge.transformer_config(config2)
-    for field in ("num_layers", "ffn_hidden_size", "moe_ffn_hidden_size", "moe_layer_freq", "no_rope_freq",
-                  "qk_l2_norm", "qk_norm_nope_layers", "qk_layernorm", "attention_chunk_size",
-                  "attn_temperature_floor_scale", "attn_temperature_scale", "rotary_interleaved", "rotary_base",
-                  "rope_scaling", "rope_scaling_factor", "rope_scaling_low_freq_factor",
-                  "rope_scaling_high_freq_factor", "rope_scaling_original_max_position_embeddings",
-                  "moe_router_score_function", "moe_router_topk", "moe_apply_probs_on_input",
-                  "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "num_moe_experts",
-                  "layernorm_epsilon", "share_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias"):
-        assert getattr(again, field) == getattr(megatron_config, field), field
+        assert (rt.config.floor_scale, rt.config.attn_scale) == (model.config.floor_scale, model.config.attn_scale)
+    assert rt.logit_diff <= SAME_MODEL_ATOL, f"max |logit diff| {rt.logit_diff:.3e}"
+    assert rt.changed(FIELDS) == []
 
 
 def test_megatron_fields_say_what_hf_does():

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.parity import config_round_trip  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL  # noqa: E402
 
 ARCH = "MiniMaxM2ForCausalLM"
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -51,33 +52,20 @@ def _model(overrides: dict):
     return model
 
 
-def _logits(model) -> torch.Tensor:
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hf_megatron_hf_config_gives_the_same_model(case):
     model = _model(CASES[case])
-    bridge = get_model_bridge(ARCH)
-    cfg = bridge.transformer_config(model.config)
+    rt = config_round_trip(model, get_model_bridge(ARCH))
+    cfg = rt.megatron
     assert cfg.qk_layernorm and cfg.qk_layernorm_whole_projection and cfg.pre_layernorms
     assert int(cfg.kv_channels * cfg.rotary_percent) == model.config.rotary_dim
     assert (cfg.moe_router_score_function, cfg.moe_router_enable_expert_bias) == ("sigmoid", True)
     assert not cfg.moe_router_fp32_weight and not cfg.add_bias_linear
-    regenerated = bridge.megatron_to_hf_config(cfg)
-    assert regenerated["architectures"] == [ARCH]
-    assert regenerated["rotary_dim"] == model.config.rotary_dim
-    config2 = transformers.AutoConfig.for_model(**regenerated)
-    assert type(config2) is type(model.config)
-    model2 = transformers.AutoModelForCausalLM.from_config(config2).float().eval()
-    model2.load_state_dict(model.state_dict(), strict=True)
-    diff = max_abs_diff(_logits(model2), _logits(model))
-    assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
-    again = bridge.transformer_config(config2)
-    for field in FIELDS:
-        assert getattr(again, field) == getattr(cfg, field), field
+    assert rt.regenerated["architectures"] == [ARCH]
+    assert rt.regenerated["rotary_dim"] == model.config.rotary_dim
+    assert type(rt.config) is type(model.config)
+    assert rt.logit_diff <= SAME_MODEL_ATOL, f"max |logit diff| {rt.logit_diff:.3e}"
+    assert rt.changed(FIELDS) == []
 
 
 def test_release_style_config_json_reads_as_transformers_does():

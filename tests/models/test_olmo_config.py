@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
 from megatron_bridge_ext.mappings import ConversionContext, HeadShardedNormMapping  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.parity import config_round_trip  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=3e-6, initializer_range=0.03,
@@ -62,31 +63,17 @@ def _model(prefix: str, overrides: dict):
     return model
 
 
-def _logits(model) -> torch.Tensor:
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hf_megatron_hf_config_gives_the_same_model(case):
     prefix, overrides = CASES[case]
     model = _model(prefix, overrides)
-    bridge = get_model_bridge(f"{prefix}ForCausalLM")
-    megatron_config = bridge.transformer_config(model.config)
-    assert megatron_config.qk_layernorm and megatron_config.qk_layernorm_whole_projection
-    assert megatron_config.pre_layernorms == (prefix == "Olmoe")
-    regenerated = bridge.megatron_to_hf_config(megatron_config)
-    assert regenerated["architectures"] == [f"{prefix}ForCausalLM"]
-    config2 = transformers.AutoConfig.for_model(**regenerated)
-    assert type(config2) is type(model.config)
-    model2 = transformers.AutoModelForCausalLM.from_config(config2).float().eval()
-    model2.load_state_dict(model.state_dict(), strict=True)
-    diff = max_abs_diff(_logits(model2), _logits(model))
-    assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
-    again = bridge.transformer_config(config2)
-    for field in FIELDS:
-        assert getattr(again, field) == getattr(megatron_config, field), field
+    rt = config_round_trip(model, get_model_bridge(f"{prefix}ForCausalLM"))
+    assert rt.megatron.qk_layernorm and rt.megatron.qk_layernorm_whole_projection
+    assert rt.megatron.pre_layernorms == (prefix == "Olmoe")
+    assert rt.regenerated["architectures"] == [f"{prefix}ForCausalLM"]
+    assert type(rt.config) is type(model.config)
+    assert rt.logit_diff <= SAME_MODEL_ATOL, f"max |logit diff| {rt.logit_diff:.3e}"
+    assert rt.changed(FIELDS) == []
 
 
 def test_olmo3_raw_config_json_reads_as_transformers_does():
