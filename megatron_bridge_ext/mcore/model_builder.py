@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_bridge_ext.mcore.config import GPTConfig, padded_vocab_size
 from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, prepare_cpu_process, seed_model_parallel_rng
+from megatron_bridge_ext.mcore.linear_attention import gdn_block_spec, is_gated_delta_net
 from megatron_bridge_ext.mcore.modules import (
     FP32WeightRouter,
     LatentRMSNorm,
@@ -255,6 +256,8 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
             ``qk_layernorm`` or with multi-latent attention, no pre-norms with experts).
     """
     pattern = moe_layer_pattern(config)
+    if is_gated_delta_net(config):  # linear-attention layers (megatron-core >= 0.19): mcore.linear_attention
+        return gdn_block_spec(config, vp_stage, _layer_spec, pattern)
     zero_centered = bool(config.layernorm_zero_centered_gamma)
     moe_spec = _layer_spec(config, config.num_moe_experts) if any(pattern) else None
     dense_spec = _layer_spec(config, None) if not all(pattern) else None

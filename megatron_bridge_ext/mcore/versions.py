@@ -53,6 +53,8 @@ __all__ = [
     "drop_runtime_only_fields",
     "common_state_in_checkpoint_files",
     "mtp_layer_module",
+    "has_gated_delta_net",
+    "require_gated_delta_net",
 ]
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -192,6 +194,25 @@ def mtp_block_saves_plain_state() -> bool:
     0.19 the block saves only its layers' own sharded state dicts, and that object is not in the checkpoint."""
     return megatron_core_version() < (0, 19, 0)
 
+
+
+def has_gated_delta_net() -> bool:
+    """Whether the installed megatron-core's ``GPTModel`` builds gated delta-net (linear attention) layers
+    (``experimental_attention_variant="gated_delta_net"``, ``megatron.core.ssm.gated_delta_net``): 0.19 on."""
+    return megatron_core_version() >= (0, 19, 0)
+
+
+def require_gated_delta_net(architecture: str) -> None:
+    """Refuse a model with gated delta-net layers under a megatron-core without them (0.16).
+
+    Raises:
+        ValueError: naming ``architecture``, the version needed and the installed one.
+    """
+    if not has_gated_delta_net():
+        installed = installed_megatron_core() or ".".join(map(str, megatron_core_version()))
+        raise ValueError(f"{architecture}: gated delta-net (linear attention) layers need megatron-core >= 0.19 "
+                         f"(GPTModel with experimental_attention_variant='gated_delta_net'); the installed "
+                         f"megatron-core is {installed}")
 
 @functools.lru_cache(maxsize=None)
 def mtp_layer_module() -> str:

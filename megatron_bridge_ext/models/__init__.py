@@ -23,6 +23,7 @@ from megatron_bridge_ext.models import (  # noqa: F401
     qwen2_moe,
     qwen3,
     qwen3_moe,
+    qwen3_next,
 )
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "qwen2_moe",
     "qwen3",
     "qwen3_moe",
+    "qwen3_next",
 ]

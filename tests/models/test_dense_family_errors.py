@@ -48,6 +48,7 @@ def test_supported_models_are_the_proven_families():
         "Qwen2MoeForCausalLM",
         "Qwen3ForCausalLM",
         "Qwen3MoeForCausalLM",
+        "Qwen3NextForCausalLM",
     ]
 
 
