@@ -8,7 +8,8 @@ the same layers with local modules (:func:`gdn_block_spec`), which ``model_build
 config:
 
 - a linear-attention layer: the local layer of the config (its ``input_layernorm`` a separate norm where TE fuses it
-  into ``in_proj`` as ``in_proj.layer_norm_weight``) with :class:`LocalGatedDeltaNet` as ``self_attention``:
+  into ``in_proj``: its checkpoint key is TE's ``in_proj.layer_norm_weight``, as the local spec saves a softmax layer's
+  under ``linear_qkv.layer_norm_weight``) with :class:`LocalGatedDeltaNet` as ``self_attention``:
   ``in_proj`` a ``ColumnParallelLinear``, ``out_norm`` a :class:`~.modules.LocalRMSNorm` (zero-centred with
   ``layernorm_zero_centered_gamma``, as TE's norm of megatron's spec is), ``out_proj`` a ``RowParallelLinear``;
 - a full-attention layer: the config's local layer (``attention_output_gate``, q/k norms, zero-centred norms ...).
@@ -134,7 +135,7 @@ def gdn_block_spec(config: Any, vp_stage: Optional[int], layer_spec: Callable[[A
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from megatron_bridge_ext.mcore.modules import LocalRMSNorm
-    from megatron_bridge_ext.mcore.versions import replace_submodules
+    from megatron_bridge_ext.mcore.versions import replace_submodules, spec_submodules
 
     if not is_gated_delta_net(config):
         raise ValueError("gdn_block_spec: the config has no experimental_attention_variant='gated_delta_net'")
@@ -147,8 +148,10 @@ def gdn_block_spec(config: Any, vp_stage: Optional[int], layer_spec: Callable[[A
         key = (is_linear, is_moe)
         if key not in cache:
             spec = layer_spec(config, config.num_moe_experts if is_moe else None)
-            if is_linear:
-                spec = replace_submodules(spec, self_attention=gdn)
+            if is_linear:  # TE fuses the input norm into in_proj: the checkpoint key is in_proj's
+                keys = dict(spec_submodules(spec).sharded_state_dict_keys_map or {})
+                keys["input_layernorm."] = "self_attention.in_proj.layer_norm_"
+                spec = replace_submodules(spec, self_attention=gdn, sharded_state_dict_keys_map=keys)
             cache[key] = spec
         specs.append(cache[key])
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)

@@ -61,6 +61,7 @@ TE_MODULES = frozenset({
     "linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj",
     "input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm", "final_layernorm", "post_layernorm",
     "enorm", "hnorm", "eh_proj", "core_attention",
+    "in_proj", "out_proj", "out_norm",  # gated delta-net (megatron-core 0.19): TE linears and its gated output norm
 })
 
 

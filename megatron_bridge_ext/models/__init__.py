@@ -24,6 +24,8 @@ from megatron_bridge_ext.models import (  # noqa: F401
     qwen3,
     qwen3_moe,
     qwen3_next,
+    qwen3_5,
+    qwen3_5_moe,
 )
 
 __all__ = [
@@ -47,4 +49,6 @@ __all__ = [
     "qwen3",
     "qwen3_moe",
     "qwen3_next",
+    "qwen3_5",
+    "qwen3_5_moe",
 ]

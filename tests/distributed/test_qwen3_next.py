@@ -64,10 +64,11 @@ needs_gdn = pytest.mark.skipif(not HAS_GDN, reason="gated delta-net needs megatr
                                "suite, and this version's refusal is test_megatron_core_version_gate")
 
 
-def make_checkpoint(path: str, seed: int, prefix: str = "Qwen3Next", config=None):
+def make_checkpoint(path: str, seed: int, prefix: str = "Qwen3Next", arch=None, config=None):
     """The tiny transformers checkpoint: zero-centred norms N(0, 0.3), gated norms N(1, 0.2), the rest N(0, 0.15)
-    (A_log, dt_bias, conv1d included); returns the model. Also the maker of ``test_te_checkpoint.py``'s case."""
-    model = tiny_hf_model(prefix, config or CONFIG, seed)
+    (A_log, dt_bias, conv1d included); returns the model. Also the maker of ``test_te_checkpoint.py``'s case and
+    (other ``prefix`` / ``arch`` / ``config``) of ``test_qwen3_5.py``'s."""
+    model = tiny_hf_model(prefix, config or CONFIG, seed, arch)
     randomise(model, (0.0, 0.3), rest=(0.0, 0.15))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -151,8 +152,8 @@ def _expected(name: str, sd, layer: int, tp: int, t: int, ep: int, r: int, etp: 
     raise KeyError(f"no plain reading of {name}")
 
 
-def _check_parameters(chunks, sd, tp, t, ep, r, etp, et):
-    """(mismatches, parameters compared) of this rank's chunks against :func:`_expected`."""
+def _check_parameters(chunks, sd, tp, t, ep, r, etp, et, expected=None):
+    """(mismatches, parameters compared) of this rank's chunks against :func:`_expected` (or ``expected``)."""
     bad, seen = [], 0
     for chunk in chunks:
         for name, tensor in chunk.state_dict().items():
@@ -161,7 +162,7 @@ def _check_parameters(chunks, sd, tp, t, ep, r, etp, et):
             layer = None
             if name.startswith("decoder.layers."):
                 layer = chunk.decoder.layers[int(name.split(".")[2])].layer_number - 1
-            want = _expected(name, sd, layer, tp, t, ep, r, etp, et, tuple(tensor.shape))
+            want = (expected or _expected)(name, sd, layer, tp, t, ep, r, etp, et, tuple(tensor.shape))
             seen += 1
             if tuple(want.shape) != tuple(tensor.shape) or not torch.equal(want.to(tensor.dtype), tensor):
                 bad.append(f"{name} (HF layer {layer})")
