@@ -70,6 +70,22 @@ def _sharded_items(state: Any) -> List[Any]:
     return [v for v in nested_values(state) if isinstance(v, ShardedBase)]
 
 
+def tensor_keys(items: Iterable[Any]) -> List[str]:
+    """The checkpoint keys of sharded items' tensors: a ``ShardedTensor``'s key, the keys of the tensors a
+    ``ShardedTensorFactory`` builds (megatron-core 0.19's gated delta-net saves ``in_proj.weight`` / ``conv1d.weight``
+    as one tensor per section: ``<key>.query``, ``<key>.key``, ...); objects are left out."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    out = []
+    for item in items:
+        if isinstance(item, ShardedTensorFactory):
+            out += [v.key for v in nested_values(item.build()) if isinstance(v, ShardedTensor)]
+        elif not isinstance(item, ShardedObject):
+            out.append(item.key)
+    return out
+
+
 def to_te_sharded_state_dict(state: Dict[str, Any], config: Any, *, extra_state: bool = True) -> Dict[str, Any]:
     """A local-spec chunk's sharded state dict as a Transformer Engine (TE) spec model of ``config`` saves it, in
     place (see :mod:`megatron_bridge_ext.mcore.te_keys`): tensor keys renamed (:func:`te_tensor_key`); with
@@ -454,13 +470,10 @@ def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str, stored_keys: O
     Raises:
         ValueError: neither spec's keys are all in the checkpoint, naming what the closer one lacks.
     """
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     chunks = as_chunks(chunks)
     config = model_config(chunks)
     stored = set(ckpt_io.tensor_metadata(path) if stored_keys is None else stored_keys)
-    local = {t.key for t in _sharded_items(sharded_model_state(chunks, "local", extra_state=False))
-             if not isinstance(t, ShardedObject)}
+    local = set(tensor_keys(_sharded_items(sharded_model_state(chunks, "local", extra_state=False))))
     lacking = {"te": sorted({te_tensor_key(k, config) for k in local} - stored), "local": sorted(local - stored)}
     votes: List[Any] = [lacking]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

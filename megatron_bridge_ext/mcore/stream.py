@@ -233,7 +233,11 @@ class CheckpointParams:
         spec = checkpoint_spec(chunks, ckpt.path, stored_keys=ckpt.tensors)
         state = sharded_model_state(chunks, spec, extra_state=False)
         items = [t for t in nested_values(state) if isinstance(t, (ShardedTensor, ShardedTensorFactory))]
-        requested = {t.key: t for t in items}
+        requested: Dict[str, Any] = {}  # by stored key: a factory's pieces each (gated delta-net in_proj / conv1d)
+        for t in items:
+            pieces = [t] if isinstance(t, ShardedTensor) else [
+                v for v in nested_values(t.build()) if isinstance(v, ShardedTensor)]
+            requested.update({v.key: v for v in pieces})
         _check_stored(requested, ckpt.tensors, ckpt.path, described_by)
         missing = sorted(set(requested) - set(ckpt.tensors))
         if missing:
