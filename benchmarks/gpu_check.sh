@@ -7,6 +7,9 @@
 # The Transformer Engine step (benchmarks/te_check.py: import checkpoints written on the CPU, loaded into real TE
 # models with strict=RAISE_ALL at TP1 and TP2, logits against transformers) also needs transformer_engine;
 # GPU_CHECK_TE=0 skips it, GPU_CHECK_TE_LAYOUTS=1 reads at TP1 only.
+# The gated delta-net step (benchmarks/gdn_check.py: Qwen3-Next / Qwen3.5 imported on the CPU, read into TE models whose
+# GatedDeltaNet runs megatron-core's fla kernels, logits against transformers) also needs megatron-core >= 0.19 and
+# flash-linear-attention; GPU_CHECK_GDN=0 skips it.
 # Exits non-zero on the first failing step; prints everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +75,15 @@ if [[ "${GPU_CHECK_TE:-1}" != "0" ]]; then
     exit 1
   fi
   "$PYTHON" benchmarks/te_check.py --layouts "${GPU_CHECK_TE_LAYOUTS:-1,2}"
+fi
+
+if [[ "${GPU_CHECK_GDN:-1}" != "0" ]]; then
+  step "gated delta-net families (Qwen3-Next, Qwen3.5): megatron's fla kernels in TE models vs transformers logits"
+  if ! "$PYTHON" -c "import megatron.core, transformers, transformer_engine, fla" 2>/dev/null; then
+    echo "gdn_check: megatron-core, transformers, transformer_engine or fla (flash-linear-attention) is not importable by $PYTHON; install them or set GPU_CHECK_GDN=0"
+    exit 1
+  fi
+  "$PYTHON" benchmarks/gdn_check.py --layouts "${GPU_CHECK_GDN_LAYOUTS:-1,2}"
 fi
 
 echo; echo "gpu_check: all steps passed"

@@ -58,7 +58,8 @@ class Qwen3_5MoeBridge(LlamaBridge):
             raise ValueError(f"{family}: the router does not renormalise the top-k probabilities; Qwen3.5 MoE always "
                              "does (HF has no norm_topk_prob)")
         hf = self.dense_hf_fields(config)
-        hf.update(**gdn_hf_fields(config), **moe_hf_fields(config, "num_experts"), **check_shared_expert(config, family))
+        hf.update(**gdn_hf_fields(config), **moe_hf_fields(config, "num_experts"),
+                  **check_shared_expert(config, family))
         return hf
 
     def detect_hf_layout(self, hf_state, hf_config):

@@ -17,7 +17,7 @@ For each layout:
   and TP2;
 - the export against the source (key set, dtypes, ``torch.equal``).
 From PP2, an export without the source (``AutoBridge.from_architecture``) that transformers loads with the source
-model's logits.
+model's logits. A checkpoint with the release's multi-token-prediction tensors (``mtp.*``) is refused, naming them.
 
 Under megatron-core < 0.19 the family is refused by name (``test_megatron_core_version_gate``); the world tests run
 in the 0.19 suite.
@@ -203,6 +203,13 @@ def _worker(rank, world, ckpt, tokens, out_root):
         results[name] = r
         destroy_parallel()
         dist.barrier()
+    init_parallel(tp=2, pp=1)  # a checkpoint with the release's multi-token-prediction tensors: refused, named
+    try:
+        AutoBridge.from_hf_pretrained(ckpt + "_mtp").to_megatron_model(params_dtype=torch.float32)
+        results["mtp_refusal"] = None
+    except ValueError as e:
+        results["mtp_refusal"] = str(e)
+    destroy_parallel()
     return results
 
 
@@ -215,9 +222,23 @@ def world(tmp_path_factory):
     model = make_checkpoint(ckpt, seed=37)
     with torch.no_grad():
         hf = model(tokens, use_cache=False).logits.float()
+    _write_mtp(ckpt, ckpt + "_mtp")
     out_root = str(root / "out")
     per_rank = spawn_local(_worker, 4, (ckpt, tokens, out_root), timeout=900)
     return ckpt, out_root, per_rank, hf, tokens
+
+
+def _write_mtp(src: str, dst: str) -> None:
+    """A copy of ``src`` with two tensors of the released checkpoints' MTP module (``mtp.fc``, ``mtp.norm``)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    sd.update({"mtp.fc.weight": torch.randn(64, 128), "mtp.norm.weight": torch.randn(64)})
+    os.makedirs(dst, exist_ok=True)
+    save_file(sd, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
 
 
 def _assert_same_tensors(src_dir, dst_dir):
@@ -297,3 +318,13 @@ def test_export_without_source_loads_in_transformers(world):
     assert cfg["layer_types"] == CONFIG["layer_types"] and cfg["mlp_only_layers"] == [2]
     diff = (hf_logits(out, tokens) - hf).abs().max().item()
     assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
+
+
+@needs_gdn
+def test_multi_token_prediction_tensors_are_refused_by_name(world):
+    """The released checkpoints' ``mtp.*`` tensors are not converted (transformers skips them too): import refuses,
+    naming them, rather than dropping them."""
+    for rank, r in enumerate(world[2]):
+        msg = r["mtp_refusal"]
+        assert msg is not None and "used by no mapping" in msg, (rank, msg)
+        assert "mtp.fc.weight" in msg and "mtp.norm.weight" in msg, (rank, msg)
