@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     from megatron_bridge_ext.mcore.versions import has_gated_delta_net
 
     if not has_gated_delta_net():
-        print("gdn_check: the installed megatron-core has no gated delta-net (needs >= 0.19)")
+        print("gdn_check: the gated delta-net families convert with megatron-core >= 0.19 only")
         return 1
     failures = 0
     with tempfile.TemporaryDirectory(prefix="gdn_check_") as root:

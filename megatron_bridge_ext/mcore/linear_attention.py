@@ -28,8 +28,8 @@ own torch paths (``F.conv1d`` and ``torch_chunk_gated_delta_rule``, its determin
 copy of the config) with a torch L2 norm of q and k (``fla``'s ``l2norm``: ``x * rsqrt(sum(x^2) + 1e-6)``), put in
 megatron's module in place of the missing import. Where ``fla`` is installed nothing is changed.
 
-megatron-core 0.16.1 has neither the module nor the config fields: ``versions.require_gated_delta_net`` refuses by
-name.
+Under megatron-core < 0.19 the families are refused by name (``versions.require_gated_delta_net``): 0.16.1 has an
+earlier ``GatedDeltaNet`` module (the same parameters) that this package neither builds nor tests.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def torch_l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-6, output_dtype
 
 
 def _gdn_class() -> type:
-    """:class:`LocalGatedDeltaNet`, defined on first use (megatron-core 0.16.1 has no ``GatedDeltaNet``)."""
+    """:class:`LocalGatedDeltaNet`, defined on first use (megatron-core >= 0.19's ``ssm.gated_delta_net`` package)."""
     global _GDN_CLASS
     if _GDN_CLASS is not None:
         return _GDN_CLASS

@@ -245,6 +245,9 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
       ``qk_norm_nope_layers=False`` (:class:`RopeLayerQKNormSelfAttention`);
     - ``attention_chunk_size`` / ``attn_temperature_floor_scale``: the core attention is
       :class:`LayerTypeDotProductAttention` (chunked causal mask on RoPE layers, query temperature on NoPE layers).
+    - ``experimental_attention_variant="gated_delta_net"`` (megatron-core >= 0.19): the block spec of
+      :func:`~.linear_attention.gdn_block_spec` (megatron's ``GatedDeltaNet`` on the layers ``linear_attention_freq``
+      marks, these layer specs elsewhere).
 
     Dense and MoE layers mixed (``moe_layer_freq`` with zeros, e.g. DeepSeek-V3's ``first_k_dense_replace``) or
     zero-centred norms give a ``TransformerBlockSubmodules`` with this stage's layer specs (as megatron's

@@ -197,22 +197,25 @@ def mtp_block_saves_plain_state() -> bool:
 
 
 def has_gated_delta_net() -> bool:
-    """Whether the installed megatron-core's ``GPTModel`` builds gated delta-net (linear attention) layers
-    (``experimental_attention_variant="gated_delta_net"``, ``megatron.core.ssm.gated_delta_net``): 0.19 on."""
+    """Whether this package converts gated delta-net (linear attention) models under the installed megatron-core:
+    0.19 on (``GPTModel`` with ``experimental_attention_variant="gated_delta_net"``, the ``ssm/gated_delta_net``
+    package). megatron-core 0.16.1 has an earlier ``GatedDeltaNet`` (one module, the same parameters) that this package
+    neither builds nor tests: there the families are refused."""
     return megatron_core_version() >= (0, 19, 0)
 
 
 def require_gated_delta_net(architecture: str) -> None:
-    """Refuse a model with gated delta-net layers under a megatron-core without them (0.16).
+    """Refuse a model with gated delta-net layers under a megatron-core older than 0.19 (see
+    :func:`has_gated_delta_net`).
 
     Raises:
         ValueError: naming ``architecture``, the version needed and the installed one.
     """
     if not has_gated_delta_net():
         installed = installed_megatron_core() or ".".join(map(str, megatron_core_version()))
-        raise ValueError(f"{architecture}: gated delta-net (linear attention) layers need megatron-core >= 0.19 "
-                         f"(GPTModel with experimental_attention_variant='gated_delta_net'); the installed "
-                         f"megatron-core is {installed}")
+        raise ValueError(f"{architecture}: this package converts gated delta-net (linear attention) layers with "
+                         f"megatron-core >= 0.19 only (GPTModel with experimental_attention_variant="
+                         f"'gated_delta_net'); the installed megatron-core is {installed}")
 
 @functools.lru_cache(maxsize=None)
 def mtp_layer_module() -> str:
