@@ -17,7 +17,8 @@ For each layout:
   and TP2;
 - the export against the source (key set, dtypes, ``torch.equal``).
 From PP2, an export without the source (``AutoBridge.from_architecture``) that transformers loads with the source
-model's logits. A checkpoint with the release's multi-token-prediction tensors (``mtp.*``) is refused, naming them.
+model's logits. transformers' own bf16 save at TP2 (bf16 parameters, bit-exact export). A checkpoint with the
+release's multi-token-prediction tensors (``mtp.*``) is refused, naming them.
 
 Under megatron-core < 0.19 the family is refused by name (``test_megatron_core_version_gate``); the world tests run
 in the 0.19 suite.
@@ -38,7 +39,7 @@ from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.mcore.versions import has_gated_delta_net, installed_megatron_core  # noqa: E402
 from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
-from megatron_bridge_ext.testing.tiny_models import randomise, tiny_hf_model  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import randomise, save_transformers_bf16, tiny_hf_model  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 ARCH = "Qwen3NextForCausalLM"
@@ -65,7 +66,8 @@ needs_gdn = pytest.mark.skipif(not HAS_GDN, reason="gated delta-net needs megatr
 
 
 def make_checkpoint(path: str, seed: int, prefix: str = "Qwen3Next", arch=None, config=None):
-    """The tiny transformers checkpoint: zero-centred norms N(0, 0.3), gated norms N(1, 0.2), the rest N(0, 0.15)
+    """The tiny transformers checkpoint: zero-centred norms N(0, 0.3), gated norms N(1, 0.2) in [0.5, 2], the rest
+    N(0, 0.15)
     (A_log, dt_bias, conv1d included); returns the model. Also the maker of ``test_te_checkpoint.py``'s case and
     (other ``prefix`` / ``arch`` / ``config``) of ``test_qwen3_5.py``'s."""
     model = tiny_hf_model(prefix, config or CONFIG, seed, arch)
@@ -73,7 +75,7 @@ def make_checkpoint(path: str, seed: int, prefix: str = "Qwen3Next", arch=None, 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("linear_attn.norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                p.copy_((1.0 + 0.2 * torch.randn_like(p)).clamp(0.5, 2.0))  # where w - 1 is exact (Sterbenz)
     model.save_pretrained(path, safe_serialization=True)
     return model.eval()
 
@@ -203,6 +205,12 @@ def _worker(rank, world, ckpt, tokens, out_root):
         results[name] = r
         destroy_parallel()
         dist.barrier()
+    init_parallel(tp=2, pp=1)  # transformers' own bf16 save: params_dtype from config.json, the same bytes back
+    bridge = AutoBridge.from_hf_pretrained(ckpt + "_bf16")
+    chunks = bridge.to_megatron_model()
+    results["bf16_dtypes"] = sorted({str(p.dtype) for c in chunks for n, p in c.named_parameters() if "norm" not in n})
+    bridge.save_hf_pretrained(chunks, os.path.join(out_root, "bf16_tp2"), bucket_bytes=64 * 1024, show_progress=False)
+    destroy_parallel()
     init_parallel(tp=2, pp=1)  # a checkpoint with the release's multi-token-prediction tensors: refused, named
     try:
         AutoBridge.from_hf_pretrained(ckpt + "_mtp").to_megatron_model(params_dtype=torch.float32)
@@ -223,6 +231,7 @@ def world(tmp_path_factory):
     with torch.no_grad():
         hf = model(tokens, use_cache=False).logits.float()
     _write_mtp(ckpt, ckpt + "_mtp")
+    save_transformers_bf16(model, ckpt + "_bf16")
     out_root = str(root / "out")
     per_rank = spawn_local(_worker, 4, (ckpt, tokens, out_root), timeout=900)
     return ckpt, out_root, per_rank, hf, tokens
@@ -250,8 +259,9 @@ def _assert_same_tensors(src_dir, dst_dir):
 
 
 def test_megatron_core_version_gate(tmp_path):
-    """megatron-core >= 0.19: the config has the gated delta-net pattern of HF's layer_types; below: a ValueError
-    naming the architecture, the version needed and the installed one."""
+    """megatron-core >= 0.19: the config has the gated delta-net pattern of HF's layer_types, and a TP size that would
+    split a delta-net head is refused by name; below: a ValueError naming the architecture, the version needed and
+    the installed one."""
     from megatron_bridge_ext.auto_bridge import AutoBridge
 
     transformers.logging.set_verbosity_error()
@@ -268,6 +278,9 @@ def test_megatron_core_version_gate(tmp_path):
     assert (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
             cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim) == (HK, HV, DK, DV, K)
     assert cfg.moe_shared_expert_gate and cfg.moe_layer_freq == [1, 1, 0, 1]
+    with pytest.raises(ValueError, match=r"linear_num_key_heads \(2, HF linear_num_key_heads\) must be a multiple of "
+                                         r"tensor_model_parallel_size \(4\)"):
+        AutoBridge.from_hf_pretrained(ckpt).transformer_config(tensor_model_parallel_size=4)
 
 
 @needs_gdn
@@ -328,3 +341,14 @@ def test_multi_token_prediction_tensors_are_refused_by_name(world):
         msg = r["mtp_refusal"]
         assert msg is not None and "used by no mapping" in msg, (rank, msg)
         assert "mtp.fc.weight" in msg and "mtp.norm.weight" in msg, (rank, msg)
+
+
+@needs_gdn
+def test_bf16_round_trip_bit_exact(world):
+    """transformers' own bf16 save (every tensor bf16, ``A_log`` included), imported at TP2 with ``params_dtype``
+    from config.json: bf16 parameters (megatron's local norms stay fp32), and the export is the file, dtypes
+    included (the gated norm's ``w - 1`` is exact for its weights in [0.5, 2])."""
+    ckpt, out_root, per_rank, _, _ = world
+    for rank, r in enumerate(per_rank):
+        assert r["bf16_dtypes"] == ["torch.bfloat16"], (rank, r["bf16_dtypes"])
+    _assert_same_tensors(ckpt + "_bf16", os.path.join(out_root, "bf16_tp2"))
