@@ -53,6 +53,9 @@ ARCH_FIELDS = (
     "moe_grouped_gemm", "moe_token_dispatcher_type", "moe_apply_probs_on_input", "yarn_beta_fast", "yarn_beta_slow",
     "yarn_original_max_position_embeddings", "yarn_correction_range_round_to_int", "make_vocab_size_divisible_by",
     "qk_l2_norm", "no_rope_freq",
+    # gated delta-net (megatron-core >= 0.19; Megatron-LM's --experimental-attention-variant, --linear-*)
+    "experimental_attention_variant", "linear_attention_freq", "linear_conv_kernel_dim", "linear_key_head_dim",
+    "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
 )
 
 _PLAIN = (bool, int, float, str, type(None))
