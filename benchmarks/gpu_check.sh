@@ -12,6 +12,9 @@
 # The hybrid step (benchmarks/hybrid_check.py: a tiny NemotronH Mamba / attention / MLP checkpoint imported into
 # megatron-core's HybridModel at TP1 and TP2, logits against transformers) needs megatron-core >= 0.19 and mamba_ssm
 # (megatron's Mamba scan is Triton only); GPU_CHECK_HYBRID=0 skips it.
+# The gated delta-net step (benchmarks/gdn_check.py: Qwen3-Next / Qwen3.5 imported on the CPU, read into TE models whose
+# GatedDeltaNet runs megatron-core's fla kernels, logits against transformers) also needs megatron-core >= 0.19 and
+# flash-linear-attention; GPU_CHECK_GDN=0 skips it.
 # Exits non-zero on the first failing step; prints everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,6 +98,15 @@ if [[ "${GPU_CHECK_HYBRID:-1}" != "0" ]]; then
     exit 1
   fi
   "$PYTHON" benchmarks/hybrid_check.py --layouts "${GPU_CHECK_HYBRID_LAYOUTS:-1,2}"
+fi
+
+if [[ "${GPU_CHECK_GDN:-1}" != "0" ]]; then
+  step "gated delta-net families (Qwen3-Next, Qwen3.5): megatron's fla kernels in TE models vs transformers logits"
+  if ! "$PYTHON" -c "import megatron.core, transformers, transformer_engine, fla" 2>/dev/null; then
+    echo "gdn_check: megatron-core, transformers, transformer_engine or fla (flash-linear-attention) is not importable by $PYTHON; install them or set GPU_CHECK_GDN=0"
+    exit 1
+  fi
+  "$PYTHON" benchmarks/gdn_check.py --layouts "${GPU_CHECK_GDN_LAYOUTS:-1,2}"
 fi
 
 echo; echo "gpu_check: all steps passed"

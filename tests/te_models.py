@@ -4,7 +4,8 @@ the same model. Test and check support only; runs with real TE (on a GPU) or wit
 
 The layer specs are megatron-core's own (``get_gpt_decoder_block_spec(config, use_transformer_engine=True)``, and
 ``get_gpt_mtp_block_spec(..., use_transformer_engine=True)`` for multi-token prediction); only what megatron-core's TE
-spec cannot express is swapped in, as Megatron Bridge does it:
+spec cannot express is swapped in, as Megatron Bridge does it (gated delta-net models, megatron-core 0.19: megatron's
+own ``get_transformer_block_with_experimental_attention_variant_spec``, see ``_gdn_block_spec``):
 
 - a norm after attention / the MLP (Gemma 2 / 3, OLMo 2 / Olmo 3: ``post_self_attn_layernorm`` /
   ``post_mlp_layernorm``): ``linear_proj`` / ``linear_fc2`` are a ``TERowParallelLinear`` with a ``TENorm`` child
@@ -114,6 +115,28 @@ def _per_layer_attention(spec):
     return dataclasses.replace(spec, module=LayerTypeRopeSelfAttention)
 
 
+def _gdn_block_spec(config, vp_stage: Optional[int]):
+    """megatron-core 0.19's TE block spec of a gated delta-net model
+    (``get_transformer_block_with_experimental_attention_variant_spec``: ``GatedDeltaNet`` with a TE
+    ``in_proj`` that holds the input norm, a TE ``out_norm`` and ``out_proj``), its ``GatedDeltaNet`` built as this
+    package's ``LocalGatedDeltaNet`` (the same module and parameters; it builds without the ``fla`` kernels)."""
+    from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
+        get_transformer_block_with_experimental_attention_variant_spec,
+    )
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+
+    from megatron_bridge_ext.mcore.linear_attention import _gdn_class
+
+    block = get_transformer_block_with_experimental_attention_variant_spec(config, vp_stage=vp_stage)
+    specs = []
+    for spec in block.layer_specs:
+        attn = _submodules(spec).self_attention
+        if getattr(attn, "module", None) is GatedDeltaNet:
+            spec = _with_submodules(spec, self_attention=dataclasses.replace(attn, module=_gdn_class()))
+        specs.append(spec)
+    return dataclasses.replace(block, layer_specs=specs)
+
+
 def te_block_spec(config, vp_stage: Optional[int] = None):
     """This stage's TE block spec for ``config`` (megatron-core's, plus the swaps of :mod:`te_models`)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -124,6 +147,8 @@ def te_block_spec(config, vp_stage: Optional[int] = None):
         )
 
         return get_transformer_block_with_experimental_attention_variant_spec(config, vp_stage=vp_stage)
+    if getattr(config, "experimental_attention_variant", None) == "gated_delta_net":
+        return _gdn_block_spec(config, vp_stage)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=config.normalization,
                                        qk_l2_norm=bool(getattr(config, "qk_l2_norm", False)), vp_stage=vp_stage)
     if _swaps(config):

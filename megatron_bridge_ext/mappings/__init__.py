@@ -21,6 +21,9 @@ from megatron_bridge_ext.mappings.base import (
     Shape,
     shapes_of,
 )
+from megatron_bridge_ext.mappings.gated_delta_net import (
+    GDNConv1dMapping, GDNInProjMapping, GDNSplitInProjMapping, ZeroCenteredNormMapping,
+)
 from megatron_bridge_ext.mappings.experts import ExpertFC1Mapping, ExpertFC2Mapping, ExpertMapping
 from megatron_bridge_ext.mappings.linear import (
     AutoMapping,
@@ -41,4 +44,5 @@ __all__ = [
     "KeyAsValueQKVMapping",
     "GatedMLPMapping", "FusedGatedMLPMapping", "MambaSplitMapping",
     "ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping",
+    "GDNInProjMapping", "GDNSplitInProjMapping", "GDNConv1dMapping", "ZeroCenteredNormMapping",
 ]

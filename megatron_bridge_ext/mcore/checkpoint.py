@@ -71,6 +71,23 @@ def _sharded_items(state: Any) -> List[Any]:
     return [v for v in nested_values(state) if isinstance(v, ShardedBase)]
 
 
+def tensor_keys(items: Iterable[Any]) -> List[str]:
+    """The checkpoint keys of sharded items' tensors: a ``ShardedTensor``'s key, the keys of the tensors a
+    ``ShardedTensorFactory`` builds (megatron-core 0.19's gated delta-net saves ``in_proj.weight`` / ``conv1d.weight``
+    as one tensor per section: ``<key>.query``, ``<key>.key``, ...; its Mamba mixer ``in_proj.weight`` as
+    ``.z`` / ``.x`` / ``.B`` / ``.C`` / ``.dt``); objects are left out."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    out = []
+    for item in items:
+        if isinstance(item, ShardedTensorFactory):
+            out += [v.key for v in nested_values(item.build()) if isinstance(v, ShardedTensor)]
+        elif not isinstance(item, ShardedObject):
+            out.append(item.key)
+    return out
+
+
 def to_te_sharded_state_dict(state: Dict[str, Any], config: Any, *, extra_state: bool = True) -> Dict[str, Any]:
     """A local-spec chunk's sharded state dict as a Transformer Engine (TE) spec model of ``config`` saves it, in
     place (see :mod:`megatron_bridge_ext.mcore.te_keys`): tensor keys renamed (:func:`te_tensor_key`); with
@@ -462,17 +479,6 @@ def _check_stored(requested: Mapping[str, Any], meta: Mapping[str, Any], where: 
                          + "; ".join(shapes[:10]) + (" ..." if len(shapes) > 10 else ""))
 
 
-def _stored_keys(item: Any) -> List[str]:
-    """The checkpoint keys a sharded item is stored under: a factory's are those of the tensors it builds (megatron's
-    Mamba mixer stores ``in_proj.weight`` as ``in_proj.weight.z`` / ``.x`` / ``.B`` / ``.C`` / ``.dt``)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    if isinstance(item, ShardedTensorFactory):
-        return sorted({t.key for t in nested_values(item.build()) if isinstance(t, ShardedTensor)})
-    return [item.key]
-
-
 def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str, stored_keys: Optional[Iterable[str]] = None) -> str:
     """Whose keys a Megatron checkpoint holds for these chunks: ``"te"`` (a Transformer Engine layer spec: what
     ``import`` writes by default and Megatron-LM trains with) or ``"local"``; decided from the tensor keys alone
@@ -481,13 +487,10 @@ def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str, stored_keys: O
     Raises:
         ValueError: neither spec's keys are all in the checkpoint, naming what the closer one lacks.
     """
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     chunks = as_chunks(chunks)
     config = model_config(chunks)
     stored = set(ckpt_io.tensor_metadata(path) if stored_keys is None else stored_keys)
-    local = {key for t in _sharded_items(sharded_model_state(chunks, "local", extra_state=False))
-             if not isinstance(t, ShardedObject) for key in _stored_keys(t)}
+    local = set(tensor_keys(_sharded_items(sharded_model_state(chunks, "local", extra_state=False))))
     lacking = {"te": sorted({te_tensor_key(k, config) for k in local} - stored), "local": sorted(local - stored)}
     order = ("local",) if is_hybrid_config(config) else ("te", "local")  # hybrid: local keys only (_refuse_te_hybrid)
     votes: List[Any] = [lacking]

@@ -286,6 +286,11 @@ def build_gpt_config(kwargs: Mapping[str, Any], overrides: Mapping[str, Any]) ->
             f"num_query_groups ({groups}, HF num_key_value_heads) is smaller than tensor_model_parallel_size ({tp}) "
             f"and does not divide it: megatron-core splits each query group over tp / num_query_groups ranks"
         )
+    for field in ("linear_num_key_heads", "linear_num_value_heads"):
+        heads = kw.get(field)  # gated delta-net (megatron-core >= 0.19): each TP rank holds whole key / value heads
+        if heads and kw.get("experimental_attention_variant") == "gated_delta_net" and heads % tp:
+            raise ValueError(f"{field} ({heads}, HF {field}) must be a multiple of tensor_model_parallel_size "
+                             f"({tp}): megatron-core's gated delta-net gives each TP rank whole heads")
     pp = int(kw.get("pipeline_model_parallel_size", 1) or 1)
     vpp = int(kw.get("virtual_pipeline_model_parallel_size") or 1)
     uneven = any(kw.get(f) for f in _UNEVEN_PIPELINE_FIELDS)  # megatron-core places the layers itself then

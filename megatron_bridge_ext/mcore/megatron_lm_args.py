@@ -53,11 +53,14 @@ ARCH_FIELDS = (
     "moe_grouped_gemm", "moe_token_dispatcher_type", "moe_apply_probs_on_input", "yarn_beta_fast", "yarn_beta_slow",
     "yarn_original_max_position_embeddings", "yarn_correction_range_round_to_int", "make_vocab_size_divisible_by",
     "qk_l2_norm", "no_rope_freq",
-    # DeepSeek sparse attention (megatron-core >= 0.19)
-    "experimental_attention_variant", "dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk",
+    # DeepSeek sparse attention (megatron-core >= 0.19; --experimental-attention-variant dsa)
+    "dsa_indexer_n_heads", "dsa_indexer_head_dim", "dsa_indexer_topk",
     "dsa_indexer_topk_freq", "dsa_indexer_skip_topk_offset", "dsa_indexer_rope_interleaved",
     "dsa_indexer_rotate_activation", "dsa_indexer_scoring_relu", "dsa_indexer_k_norm_epsilon",
     "dsa_indexer_k_norm_fp32",
+    # gated delta-net (megatron-core >= 0.19; Megatron-LM's --experimental-attention-variant, --linear-*)
+    "experimental_attention_variant", "linear_attention_freq", "linear_conv_kernel_dim", "linear_key_head_dim",
+    "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
 )
 
 _PLAIN = (bool, int, float, str, type(None))

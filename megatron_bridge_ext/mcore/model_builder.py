@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_bridge_ext.mcore.config import GPTConfig, padded_vocab_size
 from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled, prepare_cpu_process, seed_model_parallel_rng
+from megatron_bridge_ext.mcore.linear_attention import gdn_block_spec, is_gated_delta_net
 from megatron_bridge_ext.mcore.modules import (
     FP32WeightRouter,
     LatentRMSNorm,
@@ -250,6 +251,9 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
       ``qk_norm_nope_layers=False`` (:class:`RopeLayerQKNormSelfAttention`);
     - ``attention_chunk_size`` / ``attn_temperature_floor_scale``: the core attention is
       :class:`LayerTypeDotProductAttention` (chunked causal mask on RoPE layers, query temperature on NoPE layers).
+    - ``experimental_attention_variant="gated_delta_net"`` (megatron-core >= 0.19): the block spec of
+      :func:`~.linear_attention.gdn_block_spec` (megatron's ``GatedDeltaNet`` on the layers ``linear_attention_freq``
+      marks, these layer specs elsewhere).
 
     Dense and MoE layers mixed (``moe_layer_freq`` with zeros, e.g. DeepSeek-V3's ``first_k_dense_replace``) or
     zero-centred norms give a ``TransformerBlockSubmodules`` with this stage's layer specs (as megatron's
@@ -261,6 +265,8 @@ def gpt_layer_spec(config: GPTConfig, vp_stage: Optional[int] = None
             ``qk_layernorm`` or with multi-latent attention, no pre-norms with experts).
     """
     pattern = moe_layer_pattern(config)
+    if is_gated_delta_net(config):  # linear-attention layers (megatron-core >= 0.19): mcore.linear_attention
+        return gdn_block_spec(config, vp_stage, _layer_spec, pattern)
     # zero-centred norms, or DSA (sequence parallel, which megatron's torch norms refuse): LocalRMSNorm everywhere
     zero_centered = bool(config.layernorm_zero_centered_gamma) or _is_dsa(config)
     moe_spec = _layer_spec(config, config.num_moe_experts) if any(pattern) else None

@@ -233,12 +233,13 @@ class CheckpointParams:
         spec = checkpoint_spec(chunks, ckpt.path, stored_keys=ckpt.tensors)
         state = sharded_model_state(chunks, spec, extra_state=False)
         items = [t for t in nested_values(state) if isinstance(t, (ShardedTensor, ShardedTensorFactory))]
-        # stored key -> item: a factory's pieces under their own keys (megatron's Mamba mixer stores in_proj.weight
-        # as in_proj.weight.z / .x / .B / .C / .dt)
-        requested = {}
+        # stored key -> item: a factory's pieces under their own keys (megatron-core 0.19's gated delta-net stores
+        # in_proj / conv1d per section, its Mamba mixer in_proj.weight as in_proj.weight.z / .x / .B / .C / .dt)
+        requested: Dict[str, Any] = {}
         for t in items:
-            pieces = nested_values(t.build()) if isinstance(t, ShardedTensorFactory) else [t]
-            requested.update({p.key: p for p in pieces if isinstance(p, ShardedTensor)} or {t.key: t})
+            pieces = [t] if isinstance(t, ShardedTensor) else [
+                v for v in nested_values(t.build()) if isinstance(v, ShardedTensor)]
+            requested.update({v.key: v for v in pieces})
         _check_stored(requested, ckpt.tensors, ckpt.path, described_by)
         missing = sorted(set(requested) - set(ckpt.tensors))
         if missing:

@@ -64,6 +64,7 @@ TE_MODULES = frozenset({
     "enorm", "hnorm", "eh_proj", "core_attention",
     # DeepSeek sparse attention (megatron-core >= 0.19): the standalone kv latent norm and the indexer's modules
     "kv_layernorm", "linear_wq_b", "linear_wk", "k_norm", "linear_weights_proj",
+    "in_proj", "out_proj", "out_norm",  # gated delta-net (megatron-core 0.19): TE linears and its gated output norm
 })
 
 

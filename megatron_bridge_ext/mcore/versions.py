@@ -56,6 +56,8 @@ __all__ = [
     "drop_runtime_only_fields",
     "common_state_in_checkpoint_files",
     "mtp_layer_module",
+    "has_gated_delta_net",
+    "require_gated_delta_net",
 ]
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,6 +229,30 @@ def mtp_block_saves_plain_state() -> bool:
     the ``_extra_state`` of each MTP layer's core attention, a TE ``DotProductAttention`` holding no tensor. From
     0.19 the block saves only its layers' own sharded state dicts, and that object is not in the checkpoint."""
     return megatron_core_version() < (0, 19, 0)
+
+
+#: the first megatron-core release whose gated delta-net (``ssm/gated_delta_net``) this package builds
+GATED_DELTA_NET_RELEASE = (0, 19, 0)
+
+
+def has_gated_delta_net() -> bool:
+    """Whether this package converts gated delta-net (linear attention) models under the installed megatron-core:
+    0.19 on (``GPTModel`` with ``experimental_attention_variant="gated_delta_net"``, the ``ssm/gated_delta_net``
+    package). megatron-core 0.16.1 has an earlier ``GatedDeltaNet`` (one module, the same parameters) that this package
+    neither builds nor tests: there the families are refused."""
+    return megatron_core_version() >= GATED_DELTA_NET_RELEASE
+
+
+def require_gated_delta_net(architecture: str) -> None:
+    """Refuse a model with gated delta-net layers under a megatron-core older than 0.19 (see
+    :func:`has_gated_delta_net`).
+
+    Raises:
+        ValueError: naming ``architecture``, the version needed and the installed one.
+    """
+    require_megatron_core_for(GATED_DELTA_NET_RELEASE, architecture,
+                              "gated delta-net (linear attention) layers, converted by this package into GPTModel with "
+                              "experimental_attention_variant='gated_delta_net',")
 
 
 @functools.lru_cache(maxsize=None)

@@ -44,7 +44,11 @@ if importlib.util.find_spec("transformers") is None:
     pytest.skip("transformers is not installed", allow_module_level=True)
 
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402  (imports no megatron module)
-from megatron_bridge_ext.mcore.versions import megatron_core_version  # noqa: E402  (reads the distribution metadata)
+from megatron_bridge_ext.mcore.versions import (  # noqa: E402  (reads the distribution metadata)
+    has_gated_delta_net,
+    installed_megatron_core,
+    megatron_core_version,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -85,6 +89,16 @@ DSA_CASES = {
 HAS_DSA = megatron_core_version() >= (0, 19, 0)
 if HAS_DSA:
     CASES.update(DSA_CASES)
+# gated delta-net families (megatron-core >= 0.19; below it they are refused by name,
+# test_gated_delta_net_families_need_megatron_core_0_19): tests/distributed/test_qwen3_next.py's and test_qwen3_5.py's
+# checkpoints, read into megatron's own experimental-attention-variant TE spec (tests/te_models.py)
+GDN_CASES = {
+    "qwen3_next": (MOE_W, dict(tp=2, pp=1), False),
+    "qwen3_5": (DENSE_W, DENSE_R, False),
+    "qwen3_5_moe": (MOE_W, dict(tp=2, pp=1), False),
+}
+if has_gated_delta_net():
+    CASES.update(GDN_CASES)
 # case -> the HF architecture its checkpoint is (one line per case: families added on other branches merge as added
 # lines); test_cases_cover_every_supported_architecture holds it to CASES and AutoBridge.list_supported_models()
 ARCHITECTURES = {
@@ -112,6 +126,9 @@ ARCHITECTURES = {
     "deepseek_v32_mtp": "DeepseekV32ForCausalLM",
     "glm_moe_dsa": "GlmMoeDsaForCausalLM",
     "nemotron_h": "NemotronHForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
+    "qwen3_5": "Qwen3_5ForCausalLM",
+    "qwen3_5_moe": "Qwen3_5MoeForCausalLM",
 }
 # cases whose Transformer Engine checkpoint is refused by name instead of written (not in CASES): the hybrid
 # (Mamba / attention) models, whose TE keys (megatron-core's hybrid_stack_spec) are not described yet; under a
@@ -133,12 +150,18 @@ def _make_checkpoints(root: str) -> dict:
     import test_llama4 as llama4
     import test_minimax_m2 as minimax
     import test_olmo_families as olmo
+    import test_qwen3_5 as qwen3_5
+    import test_qwen3_next as qwen3_next
 
     paths = {}
     for name in CASES:
         path = os.path.join(root, f"hf_{name}")
         paths[name] = path
-        if name == "minimax_m2":  # whole-projection q/k norms, head_dim != hidden / heads, sigmoid router with bias
+        if name == "qwen3_next":  # gated delta-net + gated attention, MoE with a gated shared expert
+            qwen3_next.make_checkpoint(path, seed=7)
+        elif name in ("qwen3_5", "qwen3_5_moe"):  # split delta-net projections
+            qwen3_5.make_checkpoint(path, "dense" if name == "qwen3_5" else "moe", seed=7)
+        elif name == "minimax_m2":  # whole-projection q/k norms, head_dim != hidden / heads, sigmoid router with bias
             minimax._make_checkpoint(path, seed=7)
         elif name in olmo.CHECKPOINTS:  # OLMo 2 / Olmo 3 (post norms) and OLMoE: whole-projection q/k norms with GQA
             olmo._make_checkpoint(path, name, seed=7)
@@ -286,6 +309,7 @@ def _local_name(te_name: str) -> str:
     if m:  # TE grouped-GEMM experts: one tensor per local expert
         return f"{m.group(1)}.mlp.experts.local_experts.{m.group(4)}.linear_fc{m.group(2)}.{m.group(3)}"
     for te, local in ((".self_attention.linear_qkv.layer_norm_", ".input_layernorm."),
+                      (".self_attention.in_proj.layer_norm_", ".input_layernorm."),  # gated delta-net layers
                       (".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm."),
                       (".self_attention.linear_q_up_proj.layer_norm_", ".self_attention.q_layernorm."),
                       (".self_attention.linear_kv_up_proj.layer_norm_", ".self_attention.kv_layernorm.")):
@@ -437,9 +461,10 @@ def test_cases_cover_every_supported_architecture():
     claim every family), and every case is named with the architecture its checkpoint is (checked on load)."""
     from megatron_bridge_ext.auto_bridge import AutoBridge
 
-    cases = set(CASES) | set(DSA_CASES) | TE_REFUSED
+    # the DSA and gated delta-net cases below megatron-core 0.19: their refusal (below)
+    cases = set(CASES) | set(DSA_CASES) | set(GDN_CASES) | TE_REFUSED
     assert sorted(ARCHITECTURES) == sorted(cases), sorted(set(ARCHITECTURES) ^ cases)
-    assert not TE_REFUSED & (set(CASES) | set(DSA_CASES))
+    assert not TE_REFUSED & (set(CASES) | set(DSA_CASES) | set(GDN_CASES))
     covered, supported = set(ARCHITECTURES.values()), set(AutoBridge.list_supported_models())
     assert covered == supported, {"without a case": sorted(supported - covered),
                                   "not supported": sorted(covered - supported)}
@@ -462,6 +487,29 @@ def test_dsa_families_refused_before_0_19(name, tmp_path):
     with pytest.raises(ValueError, match=rf"{ARCHITECTURES[name]}: .*megatron-core >= 0\.19\.0; megatron-core "
                                          rf"{installed_megatron_core()} is installed"):
         AutoBridge.from_hf_pretrained(path).save_megatron_checkpoint(str(tmp_path / "out"), spec="te")
+@pytest.mark.parametrize("name", list(GDN_CASES))
+def test_gated_delta_net_families_need_megatron_core_0_19(name, tmp_path):
+    """From megatron-core 0.19 the gated delta-net families are cases above; below it ``import`` (the streamed
+    writer, no model) refuses them naming the architecture, the version they need and the installed one."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    if has_gated_delta_net():
+        assert name in CASES
+        return
+    sys.path.insert(0, HERE)
+    import test_qwen3_5 as qwen3_5
+    import test_qwen3_next as qwen3_next
+
+    path = str(tmp_path / "hf")
+    if name == "qwen3_next":
+        qwen3_next.make_checkpoint(path, seed=7)
+    else:
+        qwen3_5.make_checkpoint(path, "dense" if name == "qwen3_5" else "moe", seed=7)
+    with pytest.raises(ValueError, match=rf"{ARCHITECTURES[name]}: .*needs megatron-core >= 0\.19\.0; megatron-core "
+                                         rf"{installed_megatron_core()} is installed"):
+        AutoBridge.from_hf_pretrained(path).save_megatron_checkpoint(str(tmp_path / "out"), spec="te",
+                                                                     dtype=torch.float32, layout=DENSE_W)
+    assert not os.path.exists(tmp_path / "out" / "iter_0000000")
 
 
 def test_local_spec_keeps_the_local_keys(results):
@@ -669,6 +717,7 @@ def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
 
 MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "glm4_moe_lite_mtp", "llama4",
              "olmoe", "minimax_m2"]
+MOE_CASES += [name for name in ("qwen3_next", "qwen3_5_moe") if name in CASES]
 FUSED_EXPERTS = ("gpt_oss", "llama4")  # HF stores each layer's experts as [E, ...] tensors
 
 

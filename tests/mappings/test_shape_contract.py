@@ -23,12 +23,16 @@ from megatron_bridge_ext.mappings import (
     ExpertFC2Mapping,
     FusedGatedMLPMapping,
     GatedMLPMapping,
+    GDNConv1dMapping,
+    GDNInProjMapping,
+    GDNSplitInProjMapping,
     HeadShardedNormMapping,
     KVMapping,
     KeyAsValueQKVMapping,
     QKVMapping,
     ReplicatedMapping,
     RowParallelMapping,
+    ZeroCenteredNormMapping,
     shapes_of,
 )
 
@@ -171,3 +175,60 @@ def test_contract_errors_name_the_tensor():
     with pytest.raises(ValueError, match=r"l.linear_qkv.weight.*num_query_groups = 2 is not divisible by tp_size = 3"):
         QKVMapping("l.linear_qkv.weight", q="q", k="k", v="v").megatron_shape(
             {"q": (32, HIDDEN), "k": (8, HIDDEN), "v": (8, HIDDEN)}, ctx)
+
+
+# gated delta-net (Qwen3-Next / Qwen3.5): 4 key heads of 3, 8 value heads of 5 (r = 2), conv kernel 4
+GDN = SimpleNamespace(linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=3,
+                      linear_value_head_dim=5)
+GDN_QK, GDN_V, GDN_HV = 4 * 3, 8 * 5, 8
+
+
+def _gdn_cases():
+    return [
+        ("in_proj_qkvz_ba", GDNInProjMapping("l.in_proj.weight", qkvz="qkvz", ba="ba"),
+         {"qkvz": _t(2 * GDN_QK + 2 * GDN_V, HIDDEN), "ba": _t(2 * GDN_HV, HIDDEN)}),
+        ("in_proj_split", GDNSplitInProjMapping("l.in_proj.weight", qkv="qkv", z="z", b="b", a="a"),
+         {"qkv": _t(2 * GDN_QK + GDN_V, HIDDEN), "z": _t(GDN_V, HIDDEN), "b": _t(GDN_HV, HIDDEN),
+          "a": _t(GDN_HV, HIDDEN)}),
+        ("conv1d", GDNConv1dMapping("l.conv1d.weight", "conv"), _t(2 * GDN_QK + GDN_V, 1, 4)),
+        ("zero_centered_norm", ZeroCenteredNormMapping("l.out_norm.weight", "norm"),
+         (1.0 + 0.2 * _t(5)).clamp(0.5, 2.0)),
+    ]
+
+
+GDN_CASES = _gdn_cases()
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("case", GDN_CASES, ids=[c[0] for c in GDN_CASES])
+def test_gated_delta_net_mapping_shapes(case, tp):
+    """Declared shapes are made ones, and the HF tensors come back bit for bit at every TP size (the gated norm's
+    weights drawn in [0.5, 2], where ``w - 1`` is exact)."""
+    _, mapping, hf = case
+    replicated = isinstance(mapping, ZeroCenteredNormMapping)
+    ctxs = [ConversionContext(tp_size=tp, tp_rank=r, config=GDN) for r in range(tp)]
+    shards = []
+    for ctx in ctxs:
+        got = mapping.hf_to_megatron(hf, ctx)
+        assert mapping.megatron_shape(shapes_of(hf), ctx) == tuple(got.shape), ctx
+        shards.append(got.clone())
+    if replicated:
+        shards = shards[:1]
+    ctx = ConversionContext(tp_size=len(shards), tp_rank=0, config=GDN)
+    out = mapping.megatron_to_hf(shards, ctx)
+    declared = mapping.hf_shapes(tuple(shards[0].shape), len(shards), ctx)
+    assert list(declared) == list(out), (list(declared), list(out))
+    assert declared == {name: tuple(t.shape) for name, t in out.items()}
+    originals = hf if isinstance(hf, dict) else {None: hf}
+    for role, name in (mapping.hf_param.items() if isinstance(mapping.hf_param, dict) else [(None, mapping.hf_param)]):
+        assert torch.equal(out[name], originals[role]), name
+
+
+def test_gated_delta_net_heads_must_split_over_tp():
+    ctx = ConversionContext(tp_size=8, tp_rank=0, config=GDN)
+    with pytest.raises(ValueError, match=r"l.conv1d.weight: linear_num_key_heads = 4 is not divisible by "
+                                         r"tensor_model_parallel_size = 8"):
+        GDNConv1dMapping("l.conv1d.weight", "conv").megatron_shape((2 * GDN_QK + GDN_V, 1, 4), ctx)
+    with pytest.raises(ValueError, match=r"HF tensor qkvz has shape \[10, 16\], expected 104 rows"):
+        GDNInProjMapping("l.in_proj.weight", qkvz="qkvz", ba="ba").hf_to_megatron(
+            {"qkvz": _t(10, HIDDEN), "ba": _t(2 * GDN_HV, HIDDEN)}, ConversionContext(config=GDN))

@@ -13,6 +13,7 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
+from megatron_bridge_ext.mcore.versions import has_gated_delta_net  # noqa: E402
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
 from megatron_bridge_ext.testing.parity import config_round_trip  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
@@ -106,8 +107,21 @@ CASES = {
                                                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                                 "original_max_position_embeddings": 16})),
 }
+# gated delta-net families (megatron-core >= 0.19; below it they are refused: tests/distributed/test_qwen3_next.py)
+GDN = dict(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=3, linear_key_head_dim=8,
+           linear_value_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4,
+           rope_parameters={"rope_type": "default", "rope_theta": 50000.0, "partial_rotary_factor": 0.5})
+if has_gated_delta_net():
+    CASES.update({
+        "qwen3_next": ("Qwen3Next", dict(GDN, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, mlp_only_layers=[1],
+                                         norm_topk_prob=False)),
+        "qwen3_5": ("Qwen3_5Text", dict(GDN)),
+        "qwen3_5_moe": ("Qwen3_5MoeText", dict(GDN, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                               shared_expert_intermediate_size=48)),
+    })
 # HF class prefix -> architecture (Gemma 3's text-only config class is Gemma3TextConfig)
-ARCH = {"Gemma3Text": "Gemma3"}
+ARCH = {"Gemma3Text": "Gemma3", "Qwen3_5Text": "Qwen3_5", "Qwen3_5MoeText": "Qwen3_5Moe"}
 
 
 FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
@@ -126,7 +140,9 @@ MLA_YARN_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_hea
                    "rotary_scaling_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
                    "original_max_position_embeddings", "latent_layernorm_epsilon", "yarn_rotary_scaling_factor",
                    "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale",
-                   "yarn_mscale_all_dim", "yarn_correction_range_round_to_int")
+                   "yarn_mscale_all_dim", "yarn_correction_range_round_to_int", "attention_output_gate",
+                   "experimental_attention_variant", "linear_attention_freq", "linear_conv_kernel_dim",
+                   "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads")
 
 
 def _model(arch: str, overrides: dict):
