@@ -56,6 +56,9 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
     #: architecture defaults to the name the bridge is registered under
     hf_architecture: Optional[str] = None
     hf_model_type: Optional[str] = None
+    #: the oldest megatron-core release this family converts with (its layers are not in older ones: the family
+    #: refuses itself there, naming the version); None: every supported release. ``list-models`` reports it.
+    min_megatron_core: Optional[Tuple[int, int, int]] = None
     #: the HF tensor layout :meth:`mapping_registry` builds for until a source checkpoint says otherwise (see
     #: :meth:`detect_hf_layout`); None for families with one layout
     default_hf_layout: Optional[Hashable] = None

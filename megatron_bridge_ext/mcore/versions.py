@@ -169,6 +169,16 @@ def megatron_core_minor() -> str:
     return f"{major}.{minor}"
 
 
+def unmet_megatron_core(minimum: Optional[Tuple[int, int, int]]) -> Optional[str]:
+    """``"needs megatron-core >= X; Y is installed"`` when the installed megatron-core is older than ``minimum``, else
+    None (also for no minimum)."""
+    version = megatron_core_version()
+    if minimum is None or version >= tuple(minimum):
+        return None
+    installed = installed_megatron_core() or ".".join(map(str, version))
+    return f"needs megatron-core >= {'.'.join(map(str, minimum))}; {installed} is installed"
+
+
 def require_megatron_core_for(minimum: Tuple[int, int, int], architecture: str, feature: str) -> None:
     """Refuse ``architecture`` when the installed megatron-core is older than ``minimum`` (its ``feature`` is not
     there).

@@ -104,8 +104,10 @@ def mla_megatron_kwargs(hf_config: Any, family: str) -> Dict[str, Any]:
     return kw
 
 
-def mla_hf_fields(config: Any, family: str) -> Dict[str, Any]:
-    """HF MLA fields (ranks, head dims, ``rope_parameters``) of an ``MLAGPTConfig`` (the reverse).
+def mla_hf_fields(config: Any, family: str, *, rope_interleave_field: bool = True) -> Dict[str, Any]:
+    """HF MLA fields (ranks, head dims, ``rope_parameters``) of an ``MLAGPTConfig`` (the reverse);
+    ``rope_interleave=True`` among them unless ``rope_interleave_field`` is False (configs without the field, whose
+    MLA rope always rotates interleaved pairs: DeepSeek-V3.2).
 
     Raises:
         ValueError: a Megatron setting HF cannot express (named).
@@ -136,7 +138,8 @@ def mla_hf_fields(config: Any, family: str) -> Dict[str, Any]:
     return dict(q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
                 qk_nope_head_dim=config.qk_head_dim, qk_rope_head_dim=config.qk_pos_emb_head_dim,
                 v_head_dim=config.v_head_dim, num_key_value_heads=config.num_attention_heads,
-                rope_parameters=params, rope_interleave=True, attention_bias=False)
+                rope_parameters=params, attention_bias=False,
+                **({"rope_interleave": True} if rope_interleave_field else {}))
 
 
 @MegatronModelBridge.register_bridge(source="DeepseekV3ForCausalLM", target=GPT_MODEL)

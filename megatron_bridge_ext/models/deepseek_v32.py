@@ -132,8 +132,11 @@ class DSABridgeMixin:
 class DeepseekV32Bridge(DSABridgeMixin, Glm4MoeLiteBridge):
     """HF DeepseekV32ForCausalLM <-> Megatron-Core GPTModel with DSA (MLA + indexer) and MoE layers."""
 
+    min_megatron_core = DSA_MIN_MEGATRON_CORE
+
     hf_model_type = "deepseek_v32"
     hf_model_name = "DeepSeek-V3.2"
+    hf_rope_interleave_field = False  # DeepseekV32Config has no such field: the MLA rope is always interleaved
     indexer_rope_interleaved = False
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
@@ -146,7 +149,6 @@ class DeepseekV32Bridge(DSABridgeMixin, Glm4MoeLiteBridge):
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
         hf = super().megatron_to_hf_config(config)
-        hf.pop("rope_interleave", None)  # DeepseekV32Config has no such field: the MLA rope is always interleaved
         hf.update(first_k_dense_replace=first_k_dense_hf_field(config, family),
                   **dsa_hf_fields(config, family, rope_interleaved=self.indexer_rope_interleaved))
         return hf

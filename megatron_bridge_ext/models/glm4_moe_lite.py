@@ -96,6 +96,8 @@ class Glm4MoeLiteBridge(RoutedExpertsWithMTP, MegatronModelBridge):
 
     hf_model_type = "glm4_moe_lite"
     hf_model_name = "GLM-4.7-Flash"  # in the export's refusals
+    #: whether the HF config has ``rope_interleave`` (written True: the MLA rope rotates interleaved pairs)
+    hf_rope_interleave_field = True
     default_hf_layout = PER_EXPERT
 
     def detect_hf_layout(self, hf_state, hf_config):
@@ -157,7 +159,7 @@ class Glm4MoeLiteBridge(RoutedExpertsWithMTP, MegatronModelBridge):
             n_shared_experts=n_shared,
             mlp_layer_types=mlp_layer_types_hf_field(config),
             num_nextn_predict_layers=config.mtp_num_layers or 0,
-            **mla_hf_fields(config, family),
+            **mla_hf_fields(config, family, rope_interleave_field=self.hf_rope_interleave_field),
             **moe_hf_fields(config, "n_routed_experts"),
             **sigmoid_router_hf_fields(config, family),
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from megatron_bridge_ext.mcore.versions import GATED_DELTA_NET_RELEASE
 from megatron_bridge_ext.models.gated_delta_net import (
     check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
 )
@@ -29,6 +30,8 @@ __all__ = ["Qwen3_5Bridge"]
 @LlamaBridge.register_bridge(source="Qwen3_5ForCausalLM", target=GPT_MODEL)
 class Qwen3_5Bridge(LlamaBridge):
     """HF Qwen3_5ForCausalLM <-> Megatron-Core GPTModel with gated delta-net layers and dense MLPs."""
+
+    min_megatron_core = GATED_DELTA_NET_RELEASE
 
     hf_model_type = "qwen3_5_text"
 

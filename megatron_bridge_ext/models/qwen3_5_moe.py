@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from megatron_bridge_ext.mcore.versions import GATED_DELTA_NET_RELEASE
 from megatron_bridge_ext.models.gated_delta_net import (
     check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
 )
@@ -32,6 +33,8 @@ __all__ = ["Qwen3_5MoeBridge"]
 @LlamaBridge.register_bridge(source="Qwen3_5MoeForCausalLM", target=GPT_MODEL)
 class Qwen3_5MoeBridge(LlamaBridge):
     """HF Qwen3_5MoeForCausalLM <-> Megatron-Core GPTModel with gated delta-net layers and MoE MLPs."""
+
+    min_megatron_core = GATED_DELTA_NET_RELEASE
 
     hf_model_type = "qwen3_5_moe_text"
     default_hf_layout = PER_EXPERT

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from megatron_bridge_ext.mcore.versions import GATED_DELTA_NET_RELEASE
 from megatron_bridge_ext.models.gated_delta_net import (
     check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
 )
@@ -52,6 +53,8 @@ def check_shared_expert(config: Any, family: str) -> Dict[str, Any]:
 @LlamaBridge.register_bridge(source="Qwen3NextForCausalLM", target=GPT_MODEL)
 class Qwen3NextBridge(LlamaBridge):
     """HF Qwen3NextForCausalLM <-> Megatron-Core GPTModel with gated delta-net layers and MoE MLPs."""
+
+    min_megatron_core = GATED_DELTA_NET_RELEASE
 
     hf_model_type = "qwen3_next"
     default_hf_layout = PER_EXPERT
