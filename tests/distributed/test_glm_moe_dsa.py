@@ -39,7 +39,7 @@ transformers = pytest.importorskip("transformers")
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.mcore.versions import megatron_core_version  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import hf_logits, mtp_reference_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
@@ -182,8 +182,8 @@ def world(tmp_path_factory):
             if layer.self_attn.indexer is not None:
                 layer.self_attn.indexer.index_topk = CONFIG["index_topk"]
         own = unshared(tokens, use_cache=False).logits.float()
-    # the all-full model with one MTP layer (test_deepseek_v32's writer and reference: a transformers MoE decoder
-    # layer of this family with its indexer, random enorm / hnorm / eh_proj / shared_head.norm)
+    # the all-full model with one MTP layer (test_deepseek_v32's writer: a transformers MoE decoder layer of this
+    # family with its indexer, random enorm / hnorm / eh_proj / shared_head.norm) and its plain reference
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import test_deepseek_v32 as deepseek_v32
 
@@ -192,7 +192,7 @@ def world(tmp_path_factory):
     layer, mtp = deepseek_v32._write_mtp(str(root / "hf_full"), mtp_ckpt, full, seed=43)
     with torch.no_grad():
         full_hf = full(tokens, use_cache=False).logits.float()
-    full_mtp = deepseek_v32._mtp_reference_logits(full, layer, mtp, tokens)
+    full_mtp = mtp_reference_logits(full, layer, mtp, tokens)
     out_root = str(root / "out")
     per_rank = spawn_local(_worker, 4, (ckpt, tokens, out_root, mtp_ckpt), timeout=900) if HAS_DSA else None
     world = (ckpt, out_root, per_rank, hf, dense, own, missing, tokens)
