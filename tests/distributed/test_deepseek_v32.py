@@ -33,7 +33,9 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.mcore.versions import megatron_core_version  # noqa: E402
-from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits, mtp_reference_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import (  # noqa: E402
+    compare_checkpoints, hf_logits, local_expert_mismatches, mtp_reference_logits,
+)
 from megatron_bridge_ext.testing.tiny_models import (  # noqa: E402
     make_tiny_checkpoint, randomise, save_transformers_bf16, write_mtp_layer,
 )
@@ -111,30 +113,6 @@ def _check_indexers(chunks, sd):
     return bad, seen
 
 
-def _check_experts(chunks, sd, ep_rank, ep, etp_rank, etp):
-    """(mismatches, local MoE layers) of this rank's experts (decoder and MTP layers) against the HF tensors of their
-    global expert ``ep_rank * E / ep + e``, sliced for the expert-TP rank: fc1 ``[gate_t; up_t]``, fc2 the t-th column
-    block. Also ``test_glm_moe_dsa.py``'s."""
-    bad, layers = [], 0
-    for chunk in chunks:
-        for hf_layer, layer in _layers(chunk):
-            experts = getattr(layer.mlp, "experts", None)
-            if experts is None:
-                continue
-            layers += 1
-            for e, expert in enumerate(experts.local_experts):
-                g = ep_rank * (E // ep) + e
-                p = f"model.layers.{hf_layer}.mlp.experts.{g}"
-                gate, up, down = (sd[f"{p}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-                f = gate.shape[0] // etp
-                rows = slice(etp_rank * f, (etp_rank + 1) * f)
-                want = {"linear_fc1.weight": torch.cat([gate[rows], up[rows]]), "linear_fc2.weight": down[:, rows]}
-                for name, w in want.items():
-                    if not torch.equal(expert.get_parameter(name), w):
-                        bad.append(f"HF layer {hf_layer} local expert {e} (global {g}) {name}")
-    return bad, layers
-
-
 def _check_fp32_kept(chunks, sd):
     """(mismatches, fp32 tensors seen): the router weights / expert biases are fp32 and equal the file's; every other
     floating parameter but the norms (the indexers' included) is bf16."""
@@ -168,10 +146,13 @@ def _indexers(run) -> dict:
 
 
 def _experts(run) -> dict:
+    """Every local expert (decoder and MTP layers) against the HF tensors of its global expert; also
+    ``test_glm_moe_dsa.py``'s."""
     from megatron.core import parallel_state as ps
 
-    return {"experts": _check_experts(run.chunks, _file(run), ps.get_expert_model_parallel_rank(), run.layout.ep,
-                                      ps.get_expert_tensor_parallel_rank(), run.layout.tp)}
+    return {"experts": local_expert_mismatches(run.chunks, _file(run), E, ps.get_expert_model_parallel_rank(),
+                                               run.layout.ep, ps.get_expert_tensor_parallel_rank(), run.layout.tp,
+                                               mtp_index=MTP)}
 
 
 def _fp32_kept(run) -> dict:
