@@ -4,14 +4,14 @@ a config's round trip HF -> Megatron -> HF."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from megatron_bridge_ext.io import SafeTensorsSource
 
-__all__ = ["hf_logits", "mtp_reference_logits", "compare_checkpoints", "compare_megatron_checkpoints",
-           "ConfigRoundTrip", "config_round_trip"]
+__all__ = ["hf_logits", "mtp_reference_logits", "local_expert_mismatches", "compare_checkpoints",
+           "compare_megatron_checkpoints", "ConfigRoundTrip", "config_round_trip"]
 
 
 def hf_logits(path: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -53,6 +53,47 @@ def mtp_reference_logits(model: torch.nn.Module, layer: torch.nn.Module, mtp: Di
         out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
         out = out[0] if isinstance(out, tuple) else out
         return (norm(f"{p}.shared_head.norm.weight")(out) @ mtp[f"{p}.shared_head.head.weight"].t()).float()
+
+
+def local_expert_mismatches(chunks: Sequence[torch.nn.Module], sd: Dict[str, torch.Tensor], n_experts: int,
+                            ep_rank: int, ep: int, etp_rank: int, etp: int,
+                            mtp_index: Optional[int] = None) -> Tuple[List[str], int]:
+    """This rank's sequential experts against a plain reading ``sd`` of the HF tensors (one tensor per expert,
+    DeepSeek-V3 names): local expert ``e`` on expert-parallel rank ``ep_rank`` is global expert
+    ``ep_rank * n_experts / ep + e``, sliced for expert-TP rank ``etp_rank`` of ``etp``: ``linear_fc1`` is
+    ``[gate_t; up_t]``, ``linear_fc2`` the t-th column block of ``down_proj`` (``torch.equal``).
+
+    Args:
+        mtp_index: the HF layer index of the first multi-token-prediction layer, whose experts the chunks' MTP layers
+            hold (None: decoder layers only).
+
+    Returns:
+        (mismatches, MoE layers seen on this rank).
+    """
+    bad: List[str] = []
+    layers = 0
+    for chunk in chunks:
+        found = [(layer.layer_number - 1, layer) for layer in chunk.decoder.layers]
+        mtp = getattr(chunk, "mtp", None)
+        if mtp is not None and mtp_index is not None:
+            found += [(mtp_index + i, getattr(m, next(n for n in ("transformer_layer", "mtp_model_layer")
+                                                      if hasattr(m, n)))) for i, m in enumerate(mtp.layers)]
+        for hf_layer, layer in found:
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is None:
+                continue
+            layers += 1
+            for e, expert in enumerate(experts.local_experts):
+                g = ep_rank * (n_experts // ep) + e
+                p = f"model.layers.{hf_layer}.mlp.experts.{g}"
+                gate, up, down = (sd[f"{p}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+                f = gate.shape[0] // etp
+                rows = slice(etp_rank * f, (etp_rank + 1) * f)
+                want = {"linear_fc1.weight": torch.cat([gate[rows], up[rows]]), "linear_fc2.weight": down[:, rows]}
+                for name, w in want.items():
+                    if not torch.equal(expert.get_parameter(name), w):
+                        bad.append(f"HF layer {hf_layer} local expert {e} (global {g}) {name}")
+    return bad, layers
 
 
 def compare_checkpoints(a: str, b: str) -> Dict[str, Any]:

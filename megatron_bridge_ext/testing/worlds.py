@@ -38,6 +38,8 @@ class Layout:
         checks: callables ``check(run: LayoutRun) -> dict`` merged into the layout's results, after the forward and
             before the export; the results of a rank are pickled back to the test.
         after_export: the same, after the export(s) (e.g. a checkpoint written and read at another layout).
+        model_kwargs: further keyword arguments of ``to_megatron_model`` (config overrides such as
+            ``use_mamba_mem_eff_path=False``), or None.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Layout:
     before_import: Sequence[Callable[[int, "Layout"], None]] = ()
     checks: Sequence[Callable[["LayoutRun"], Dict[str, Any]]] = ()
     after_export: Sequence[Callable[["LayoutRun"], Dict[str, Any]]] = ()
+    model_kwargs: Optional[Dict[str, Any]] = None
 
 
 @dataclasses.dataclass
@@ -101,7 +104,8 @@ def run_layouts(rank: int, world: int, ckpts: Dict[str, Any], layouts: Sequence[
         bridge = AutoBridge.from_hf_pretrained(ckpts[layout.ckpt])
         for hook in layout.before_import:
             hook(rank, layout)
-        chunks = bridge.to_megatron_model(**({} if layout.dtype is None else {"params_dtype": layout.dtype}))
+        chunks = bridge.to_megatron_model(**({} if layout.dtype is None else {"params_dtype": layout.dtype}),
+                                          **(layout.model_kwargs or {}))
         r: Dict[str, Any] = {}
         if layout.logits == "plain":
             logits = megatron_logits(chunks, tokens)

@@ -32,13 +32,15 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.mcore.versions import megatron_core_version  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
-from megatron_bridge_ext.testing.tiny_models import (  # noqa: E402
-    make_tiny_checkpoint, randomise, save_transformers_bf16,
+from megatron_bridge_ext.testing.parity import (  # noqa: E402
+    compare_checkpoints, hf_logits, local_expert_mismatches, mtp_reference_logits,
 )
-from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import (  # noqa: E402
+    make_tiny_checkpoint, randomise, save_transformers_bf16, write_mtp_layer,
+)
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
 ARCH = "DeepseekV32ForCausalLM"
 PREFIX = "DeepseekV32"
@@ -55,12 +57,7 @@ MTP = CONFIG["num_hidden_layers"]  # HF index of the MTP layer
 SPARSE = [1, 2, 3]
 INDEXER = {"linear_wq_b.weight": "wq_b.weight", "linear_wk.weight": "wk.weight", "k_norm.weight": "k_norm.weight",
            "k_norm.bias": "k_norm.bias", "linear_weights_proj.weight": "weights_proj.weight"}
-# name, tp, pp, vpp, ep
-LAYOUTS = [("tp2", 2, 1, None, 1), ("pp2", 1, 2, None, 1), ("tp2pp2", 2, 2, None, 1), ("ep2", 1, 1, None, 2),
-           ("tp2ep2", 2, 1, None, 2), ("pp2ep2", 1, 2, None, 2), ("pp2vpp2", 1, 2, 2, 1)]
 NO_SOURCE = "pp2ep2"
-BF16 = ("bf16_tp2ep2", 2, 1, None, 2)  # transformers' own bf16 save, params_dtype from config.json
-IDS = [layout[0] for layout in LAYOUTS]
 
 needs_dsa = pytest.mark.skipif(not HAS_DSA, reason="megatron-core < 0.19 has no DSA (the refusal is tested below)")
 
@@ -80,63 +77,16 @@ def _write_mtp(src: str, dst: str, model, seed: int):
     """A copy of ``src`` with one MTP layer (HF layer MTP): a transformers MoE decoder layer's tensors (random, its
     indexer included; one tensor per expert), random enorm / hnorm / eh_proj / shared_head.norm, copies of the
     embedding and lm_head, ``num_nextn_predict_layers = 1`` in config.json. Returns (decoder layer, MTP tensors)."""
-    from safetensors.torch import load_file, save_file
-
     torch.manual_seed(seed)
     layer = type(model.model.layers[SPARSE[-1]])(model.config, SPARSE[-1]).float().eval()
     _randomise(layer)
-    sd = load_file(os.path.join(src, "model.safetensors"))
-    p, d = f"model.layers.{MTP}", CONFIG["hidden_size"]
-    mtp = {}
-    for k, v in layer.state_dict().items():
-        if k == "mlp.experts.gate_up_proj":  # [E, 2F, D] = [gate; up] per expert
-            for e in range(E):
-                mtp[f"{p}.mlp.experts.{e}.gate_proj.weight"] = v[e, :F].clone()
-                mtp[f"{p}.mlp.experts.{e}.up_proj.weight"] = v[e, F:].clone()
-        elif k == "mlp.experts.down_proj":  # [E, D, F]
-            for e in range(E):
-                mtp[f"{p}.mlp.experts.{e}.down_proj.weight"] = v[e].clone()
-        else:
-            mtp[f"{p}.{k}"] = v.clone()
-    mtp[f"{p}.enorm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.hnorm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.eh_proj.weight"] = 0.15 * torch.randn(d, 2 * d)
-    mtp[f"{p}.shared_head.norm.weight"] = 1.0 + 0.2 * torch.randn(d)
-    mtp[f"{p}.embed_tokens.weight"] = sd["model.embed_tokens.weight"].clone()
-    mtp[f"{p}.shared_head.head.weight"] = sd["lm_head.weight"].clone()
-    assert not set(mtp) & set(sd)
-    os.makedirs(dst, exist_ok=True)
-    save_file({**sd, **mtp}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    mtp = write_mtp_layer(src, dst, layer, MTP)
     with open(os.path.join(src, "config.json")) as f:
         cfg = json.load(f)
     cfg["num_nextn_predict_layers"] = 1
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg, f)
     return layer, mtp
-
-
-def _mtp_reference_logits(model, layer, mtp, tokens):
-    """The MTP module in plain torch around the transformers decoder layer (ids shifted left by one, the last
-    position id 0; ``eh_proj([enorm(embed(ids)); hnorm(h)])``; the layer, causal; ``shared_head``)."""
-    p, d = f"model.layers.{MTP}", CONFIG["hidden_size"]
-
-    def norm(key):
-        m = type(model.model.norm)(d, eps=model.config.rms_norm_eps)
-        m.weight.data.copy_(mtp[key])
-        return m
-
-    b, s = tokens.shape
-    with torch.no_grad():
-        h = model.model(tokens).last_hidden_state
-        ids = torch.roll(tokens, -1, dims=1)
-        ids[:, -1] = 0
-        x = torch.cat([norm(f"{p}.enorm.weight")(model.model.embed_tokens(ids)), norm(f"{p}.hnorm.weight")(h)], -1)
-        x = x @ mtp[f"{p}.eh_proj.weight"].t()
-        pos = torch.arange(s).unsqueeze(0).expand(b, s)
-        mask = torch.full((s, s), float("-inf")).triu(1)[None, None]
-        out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
-        out = out[0] if isinstance(out, tuple) else out
-        return (norm(f"{p}.shared_head.norm.weight")(out) @ mtp[f"{p}.shared_head.head.weight"].t()).float()
 
 
 def _layers(chunk):
@@ -163,29 +113,6 @@ def _check_indexers(chunks, sd):
     return bad, seen
 
 
-def _check_experts(chunks, sd, ep_rank, ep, etp_rank, etp):
-    """(mismatches, local MoE layers) of this rank's experts against the HF tensors of their global expert
-    ``ep_rank * E / ep + e``, sliced for the expert-TP rank: fc1 ``[gate_t; up_t]``, fc2 the t-th column block."""
-    bad, layers = [], 0
-    for chunk in chunks:
-        for hf_layer, layer in _layers(chunk):
-            experts = getattr(layer.mlp, "experts", None)
-            if experts is None:
-                continue
-            layers += 1
-            for e, expert in enumerate(experts.local_experts):
-                g = ep_rank * (E // ep) + e
-                p = f"model.layers.{hf_layer}.mlp.experts.{g}"
-                gate, up, down = (sd[f"{p}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-                f = gate.shape[0] // etp
-                rows = slice(etp_rank * f, (etp_rank + 1) * f)
-                want = {"linear_fc1.weight": torch.cat([gate[rows], up[rows]]), "linear_fc2.weight": down[:, rows]}
-                for name, w in want.items():
-                    if not torch.equal(expert.get_parameter(name), w):
-                        bad.append(f"HF layer {hf_layer} local expert {e} (global {g}) {name}")
-    return bad, layers
-
-
 def _check_fp32_kept(chunks, sd):
     """(mismatches, fp32 tensors seen): the router weights / expert biases are fp32 and equal the file's; every other
     floating parameter but the norms (the indexers' included) is bf16."""
@@ -206,48 +133,46 @@ def _check_fp32_kept(chunks, sd):
     return bad, seen
 
 
-def _worker(rank, world, ckpt, tokens, out_root, bf16_ckpt):
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
-
-    apply_cpu_patches()
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+def _file(run) -> dict:
+    """A plain reading of the layout's checkpoint file."""
     from safetensors.torch import load_file
 
-    from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.mcore.forward import megatron_logits_with_mtp
-    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
+    return load_file(os.path.join(run.ckpts[run.layout.ckpt], "model.safetensors"))
 
-    sd = load_file(os.path.join(ckpt, "model.safetensors"))  # a plain reading of the file
-    results = {}
-    for name, tp, pp, vpp, ep in LAYOUTS:
-        init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp if ep > 1 else None)
-        bridge = AutoBridge.from_hf_pretrained(ckpt)
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-        logits, mtp_logits = megatron_logits_with_mtp(chunks, tokens)
-        r = {"logits": logits, "mtp_logits": mtp_logits, "indexers": _check_indexers(chunks, sd),
-             "sequence_parallel": chunks[0].config.sequence_parallel}
-        if ep > 1:
-            r["experts"] = _check_experts(chunks, sd, ps.get_expert_model_parallel_rank(), ep,
-                                          ps.get_expert_tensor_parallel_rank(), tp)
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=256 * 1024,
-                                  bucket_bytes=64 * 1024, show_progress=False)
-        if name == NO_SOURCE:
-            AutoBridge.from_architecture(ARCH).save_hf_pretrained(chunks, os.path.join(out_root, "nosource"),
-                                                                  bucket_bytes=64 * 1024, show_progress=False)
-        if rank != 0:
-            r.pop("logits"), r.pop("mtp_logits")
-        results[name] = r
-        destroy_parallel()
-        dist.barrier()
-    name, tp, pp, vpp, ep = BF16
-    init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp)
-    bridge = AutoBridge.from_hf_pretrained(bf16_ckpt)
-    chunks = bridge.to_megatron_model()  # params_dtype from config.json: bf16
-    results[name] = _check_fp32_kept(chunks, load_file(os.path.join(bf16_ckpt, "model.safetensors")))
-    bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), bucket_bytes=64 * 1024, show_progress=False)
-    destroy_parallel()
-    return results
+
+def _indexers(run) -> dict:
+    return {"indexers": _check_indexers(run.chunks, _file(run)),
+            "sequence_parallel": run.chunks[0].config.sequence_parallel}
+
+
+def _experts(run) -> dict:
+    """Every local expert (decoder and MTP layers) against the HF tensors of its global expert; also
+    ``test_glm_moe_dsa.py``'s."""
+    from megatron.core import parallel_state as ps
+
+    return {"experts": local_expert_mismatches(run.chunks, _file(run), E, ps.get_expert_model_parallel_rank(),
+                                               run.layout.ep, ps.get_expert_tensor_parallel_rank(), run.layout.tp,
+                                               mtp_index=MTP)}
+
+
+def _fp32_kept(run) -> dict:
+    return {"fp32_kept": _check_fp32_kept(run.chunks, _file(run))}
+
+
+def _layout(name: str, tp: int, pp: int, vpp, ep: int) -> Layout:
+    return Layout(name, "mtp", tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp if ep > 1 else None, logits="mtp",
+                  max_shard_bytes=256 * 1024, no_source=ARCH if name == NO_SOURCE else None,
+                  checks=(_indexers, _experts) if ep > 1 else (_indexers,))
+
+
+LAYOUTS = [_layout("tp2", 2, 1, None, 1), _layout("pp2", 1, 2, None, 1), _layout("tp2pp2", 2, 2, None, 1),
+           _layout("ep2", 1, 1, None, 2), _layout("tp2ep2", 2, 1, None, 2), _layout("pp2ep2", 1, 2, None, 2),
+           _layout("pp2vpp2", 1, 2, 2, 1)]
+BY_NAME = {layout.name: layout for layout in LAYOUTS}
+IDS = [layout.name for layout in LAYOUTS]
+EP_IDS = [layout.name for layout in LAYOUTS if layout.ep > 1]
+# transformers' own bf16 save, params_dtype from config.json
+BF16 = Layout("bf16_tp2ep2", "bf16", tp=2, ep=2, etp=2, dtype=None, logits=None, checks=(_fp32_kept,))
 
 
 @pytest.fixture(scope="module")
@@ -264,21 +189,18 @@ def world(tmp_path_factory):
         dense = model(tokens, use_cache=False).logits.float()
         for layer in model.model.layers:
             layer.self_attn.indexer.index_topk = CONFIG["index_topk"]
-    ckpt = str(root / "hf_mtp")
-    layer, mtp = _write_mtp(native, ckpt, model, seed=41)
-    hf_mtp = _mtp_reference_logits(model, layer, mtp, tokens)
+    ckpts = {"mtp": str(root / "hf_mtp")}
+    layer, mtp = _write_mtp(native, ckpts["mtp"], model, seed=41)
+    hf_mtp = mtp_reference_logits(model, layer, mtp, tokens)
     out_root = str(root / "out")
-    bf16 = save_transformers_bf16(model, str(root / "hf_bf16"))
-    per_rank = spawn_local(_worker, 4, (ckpt, tokens, out_root, bf16), timeout=900) if HAS_DSA else None
-    return ckpt, out_root, per_rank, hf, dense, hf_mtp, tokens, bf16
+    ckpts["bf16"] = save_transformers_bf16(model, str(root / "hf_bf16"))
+    per_rank = spawn_layouts(ckpts, LAYOUTS + [BF16], tokens, out_root) if HAS_DSA else None
+    return ckpts["mtp"], out_root, per_rank, hf, dense, hf_mtp, tokens, ckpts["bf16"]
 
 
 def _assert_same_tensors(src_dir, dst_dir):
-    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
-        assert set(src.keys()) == set(dst.keys()), sorted(set(src.keys()) ^ set(dst.keys()))[:6]
-        for key in src.keys():
-            assert src[key].dtype == dst[key].dtype, (key, src[key].dtype, dst[key].dtype)
-            assert torch.equal(src[key], dst[key]), key
+    cmp = compare_checkpoints(src_dir, dst_dir)  # key set, dtypes, shapes, torch.equal
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
 
 
 def test_the_checkpoint_has_what_the_tests_claim(world):
@@ -299,49 +221,48 @@ def test_the_checkpoint_has_what_the_tests_claim(world):
 
 
 @needs_dsa
-@pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
-def test_logits_match_hf(world, name, tp, pp, vpp, ep):
+@pytest.mark.parametrize("name", IDS)
+def test_logits_match_hf(world, name):
     _, _, per_rank, hf, _, _, _, _ = world
-    diff = (per_rank[0][name]["logits"] - hf).abs().max().item()
+    diff = max_abs_diff(per_rank[0][name]["logits"], hf)
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
-    assert per_rank[0][name]["sequence_parallel"] == (tp > 1)  # AbsorbedMLA's requirement at TP > 1
+    assert per_rank[0][name]["sequence_parallel"] == (BY_NAME[name].tp > 1)  # AbsorbedMLA's requirement at TP > 1
 
 
 @needs_dsa
-@pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
-def test_mtp_logits_match_the_reference(world, name, tp, pp, vpp, ep):
+@pytest.mark.parametrize("name", IDS)
+def test_mtp_logits_match_the_reference(world, name):
     _, _, per_rank, _, _, hf_mtp, _, _ = world
     got = per_rank[0][name]["mtp_logits"]
     assert len(got) == 1
-    diff = (got[0] - hf_mtp).abs().max().item()
+    diff = max_abs_diff(got[0], hf_mtp)
     assert diff <= MEGATRON_VS_HF_ATOL and hf_mtp.abs().max().item() > 1.0, f"{name}: MTP max |diff| {diff:.3e}"
 
 
 @needs_dsa
-@pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
-def test_indexer_is_replicated_on_every_rank(world, name, tp, pp, vpp, ep):
+@pytest.mark.parametrize("name", IDS)
+def test_indexer_is_replicated_on_every_rank(world, name):
     """Every rank holds the whole HF indexer tensors of its layers (decoder and MTP): 5 layers over pp stages."""
     _, _, per_rank, _, _, _, _, _ = world
     for rank, r in enumerate(per_rank):
         bad, seen = r[name]["indexers"]
         assert seen > 0 and bad == [], (rank, bad[:6])
-    assert sum(r[name]["indexers"][1] for r in per_rank) == (MTP + 1) * len(per_rank) // pp
+    assert sum(r[name]["indexers"][1] for r in per_rank) == (MTP + 1) * len(per_rank) // BY_NAME[name].pp
 
 
 @needs_dsa
-@pytest.mark.parametrize("name,tp,pp,vpp,ep", [c for c in LAYOUTS if c[4] > 1], ids=[c[0] for c in LAYOUTS
-                                                                                   if c[4] > 1])
-def test_local_experts_are_the_hf_global_experts(world, name, tp, pp, vpp, ep):
+@pytest.mark.parametrize("name", EP_IDS)
+def test_local_experts_are_the_hf_global_experts(world, name):
     _, _, per_rank, _, _, _, _, _ = world
     for rank, r in enumerate(per_rank):
         bad, layers = r[name]["experts"]
         assert layers > 0 and bad == [], (rank, bad[:6])
-    assert sum(r[name]["experts"][1] for r in per_rank) == (len(SPARSE) + 1) * len(per_rank) // pp
+    assert sum(r[name]["experts"][1] for r in per_rank) == (len(SPARSE) + 1) * len(per_rank) // BY_NAME[name].pp
 
 
 @needs_dsa
-@pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
-def test_round_trip_bit_exact(world, name, tp, pp, vpp, ep):
+@pytest.mark.parametrize("name", IDS)
+def test_round_trip_bit_exact(world, name):
     ckpt, out_root, _, _, _, _, _, _ = world
     _assert_same_tensors(ckpt, os.path.join(out_root, name))
 
@@ -349,14 +270,14 @@ def test_round_trip_bit_exact(world, name, tp, pp, vpp, ep):
 @needs_dsa
 def test_export_without_source_loads_in_transformers(world):
     ckpt, out_root, _, hf, _, _, tokens, _ = world
-    out = os.path.join(out_root, "nosource")
+    out = os.path.join(out_root, f"{NO_SOURCE}_nosource")
     _assert_same_tensors(ckpt, out)
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["architectures"] == [ARCH] and cfg["model_type"] == "deepseek_v32"
     assert (cfg["index_topk"], cfg["index_head_dim"], cfg["index_n_heads"]) == (5, 16, 4)
     assert cfg["first_k_dense_replace"] == 1 and cfg["num_nextn_predict_layers"] == 1
-    diff = (hf_logits(out, tokens) - hf).abs().max().item()
+    diff = max_abs_diff(hf_logits(out, tokens), hf)
     assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
 
 
@@ -370,9 +291,9 @@ def test_bf16_round_trip_keeps_fp32_routers(world):
         assert src["model.layers.1.self_attn.indexer.weights_proj.weight"].dtype == torch.bfloat16
         assert src["model.layers.1.mlp.gate.weight"].dtype == torch.float32
     for rank, r in enumerate(per_rank):
-        bad, seen = r[BF16[0]]
+        bad, seen = r[BF16.name]["fp32_kept"]
         assert bad == [] and seen == 2 * len(SPARSE), (rank, bad[:6], seen)  # routers: weight + bias
-    _assert_same_tensors(bf16, os.path.join(out_root, BF16[0]))
+    _assert_same_tensors(bf16, os.path.join(out_root, BF16.name))
 
 
 @needs_dsa

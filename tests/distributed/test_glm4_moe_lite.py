@@ -46,7 +46,9 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits, mtp_reference_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import (  # noqa: E402
+    compare_checkpoints, hf_logits, local_expert_mismatches, mtp_reference_logits,
+)
 from megatron_bridge_ext.testing.tiny_models import (  # noqa: E402
     make_tiny_checkpoint, randomise, save_transformers_bf16, write_mtp_layer,
 )
@@ -117,35 +119,6 @@ def _write_fused(src: str, dst: str) -> None:
     shutil.copy(os.path.join(src, "config.json"), os.path.join(dst, "config.json"))
 
 
-def _check_experts(chunks, sd, ep_rank, ep, etp_rank, etp):
-    """(mismatches, local MoE layers) of this rank's sequential experts (decoder and MTP layers) against the HF
-    tensors of their global expert ``ep_rank * E / ep + e``, sliced for the expert-TP rank: fc1 ``[gate_t; up_t]``,
-    fc2 the t-th column block."""
-    bad, layers = [], 0
-    for chunk in chunks:
-        found = [(layer.layer_number - 1, layer.mlp) for layer in chunk.decoder.layers]
-        mtp = getattr(chunk, "mtp", None)
-        if mtp is not None:
-            found += [(MTP + i, getattr(m, next(n for n in ("transformer_layer", "mtp_model_layer")
-                                                if hasattr(m, n))).mlp) for i, m in enumerate(mtp.layers)]
-        for hf_layer, mlp in found:
-            experts = getattr(mlp, "experts", None)
-            if experts is None:
-                continue
-            layers += 1
-            for e, expert in enumerate(experts.local_experts):
-                g = ep_rank * (E // ep) + e
-                p = f"model.layers.{hf_layer}.mlp.experts.{g}"
-                gate, up, down = (sd[f"{p}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-                f = gate.shape[0] // etp
-                rows = slice(etp_rank * f, (etp_rank + 1) * f)
-                want = {"linear_fc1.weight": torch.cat([gate[rows], up[rows]]), "linear_fc2.weight": down[:, rows]}
-                for name, w in want.items():
-                    if not torch.equal(expert.get_parameter(name), w):
-                        bad.append(f"HF layer {hf_layer} local expert {e} (global {g}) {name}")
-    return bad, layers
-
-
 def _check_routers(chunks, sd):
     """(mismatches, routers seen): every router weight and expert bias is fp32 and equals the HF tensor; the other
     floating parameters are bf16, but the norms (megatron-core's local-spec norms are fp32 whatever params_dtype is)."""
@@ -173,8 +146,8 @@ def _experts(run) -> dict:
     from safetensors.torch import load_file
 
     sd = load_file(os.path.join(run.ckpts["mtp"], "model.safetensors"))  # a plain reading of the file
-    bad, layers = _check_experts(run.chunks, sd, ps.get_expert_model_parallel_rank(), run.layout.ep,
-                                 ps.get_expert_tensor_parallel_rank(), run.layout.tp)
+    bad, layers = local_expert_mismatches(run.chunks, sd, E, ps.get_expert_model_parallel_rank(), run.layout.ep,
+                                          ps.get_expert_tensor_parallel_rank(), run.layout.tp, mtp_index=MTP)
     return {"bad_experts": bad, "moe_layers": layers}
 
 

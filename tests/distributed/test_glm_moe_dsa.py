@@ -20,8 +20,8 @@ included). PP2 x VPP2 (one layer per virtual stage: stages starting on shared la
 ``tests/models/test_glm_moe_dsa_config.py``.
 
 Multi-token prediction: a second checkpoint with every indexer full (transformers' default schedule) and one MTP
-layer (a transformers GLM-5 MoE decoder layer with its indexer; ``test_deepseek_v32.py``'s writer and plain
-reference), at TP2 x EP2 and PP2 x VPP2: logits, MTP logits and the bit-exact round trip.
+layer (a transformers GLM-5 MoE decoder layer with its indexer; ``test_deepseek_v32.py``'s writer, the plain
+reference of ``testing.parity``), at TP2 x EP2 and PP2 x VPP2: logits, MTP logits and the bit-exact round trip.
 """
 
 from __future__ import annotations
@@ -37,11 +37,14 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.mcore.versions import megatron_core_version  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits, mtp_reference_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_deepseek_v32 as deepseek_v32  # noqa: E402  (the MTP writer and the expert check)
 
 ARCH = "GlmMoeDsaForCausalLM"
 HAS_DSA = megatron_core_version() >= (0, 19, 0)
@@ -56,14 +59,9 @@ CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=80, moe_intermedi
 TYPES = ["full", "shared", "full", "shared"]
 INDEXER = {"linear_wq_b.weight": "wq_b.weight", "linear_wk.weight": "wk.weight", "k_norm.weight": "k_norm.weight",
            "k_norm.bias": "k_norm.bias", "linear_weights_proj.weight": "weights_proj.weight"}
-# name, tp, pp, vpp, ep
-LAYOUTS = [("tp2", 2, 1, None, 1), ("pp2", 1, 2, None, 1), ("tp2pp2", 2, 2, None, 1), ("ep2", 1, 1, None, 2),
-           ("tp2ep2", 2, 1, None, 2), ("pp2ep2", 1, 2, None, 2)]
 NO_SOURCE = "pp2ep2"
 # every indexer full (transformers' default schedule) with a multi-token-prediction layer: also at PP2 x VPP2
 FULL_MTP = {k: v for k, v in CONFIG.items() if k not in ("index_topk_freq", "index_skip_topk_offset")}
-MTP_LAYOUTS = [("mtp_tp2ep2", 2, 1, None, 2), ("mtp_pp2vpp2", 1, 2, 2, 1)]
-IDS = [layout[0] for layout in LAYOUTS]
 
 needs_dsa = pytest.mark.skipif(not HAS_DSA, reason="megatron-core < 0.19 has no DSA (the refusal is tested below)")
 
@@ -93,70 +91,26 @@ def _check_indexers(chunks, sd):
     return bad, full, shared
 
 
-def _check_experts(chunks, sd, ep_rank, ep, etp_rank, etp):
-    bad, layers = [], 0
-    for chunk in chunks:
-        for layer in chunk.decoder.layers:
-            experts = getattr(layer.mlp, "experts", None)
-            if experts is None:
-                continue
-            layers += 1
-            for e, expert in enumerate(experts.local_experts):
-                g = ep_rank * (E // ep) + e
-                p = f"model.layers.{layer.layer_number - 1}.mlp.experts.{g}"
-                gate, up, down = (sd[f"{p}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
-                f = gate.shape[0] // etp
-                rows = slice(etp_rank * f, (etp_rank + 1) * f)
-                want = {"linear_fc1.weight": torch.cat([gate[rows], up[rows]]), "linear_fc2.weight": down[:, rows]}
-                for name, w in want.items():
-                    if not torch.equal(expert.get_parameter(name), w):
-                        bad.append(f"{p} {name}")
-    return bad, layers
+def _indexers(run) -> dict:
+    return {"indexers": _check_indexers(run.chunks, deepseek_v32._file(run)),
+            "sharing": (run.chunks[0].config.dsa_indexer_topk_freq, run.chunks[0].config.dsa_indexer_skip_topk_offset)}
 
 
-def _worker(rank, world, ckpt, tokens, out_root, mtp_ckpt):
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
+def _layout(name: str, tp: int, pp: int, vpp, ep: int) -> Layout:
+    return Layout(name, "main", tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp if ep > 1 else None,
+                  max_shard_bytes=256 * 1024, no_source=ARCH if name == NO_SOURCE else None,
+                  checks=(_indexers, deepseek_v32._experts) if ep > 1 else (_indexers,))
 
-    apply_cpu_patches()
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from safetensors.torch import load_file
 
-    from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.mcore.forward import megatron_logits, megatron_logits_with_mtp
-    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
+def _mtp_layout(name: str, tp: int, pp: int, vpp, ep: int) -> Layout:
+    return Layout(name, "mtp", tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp if ep > 1 else None, logits="mtp")
 
-    sd = load_file(os.path.join(ckpt, "model.safetensors"))  # a plain reading of the file
-    results = {}
-    for name, tp, pp, vpp, ep in LAYOUTS:
-        init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp if ep > 1 else None)
-        bridge = AutoBridge.from_hf_pretrained(ckpt)
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-        r = {"logits": megatron_logits(chunks, tokens), "indexers": _check_indexers(chunks, sd),
-             "sharing": (chunks[0].config.dsa_indexer_topk_freq, chunks[0].config.dsa_indexer_skip_topk_offset)}
-        if ep > 1:
-            r["experts"] = _check_experts(chunks, sd, ps.get_expert_model_parallel_rank(), ep,
-                                          ps.get_expert_tensor_parallel_rank(), tp)
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=256 * 1024,
-                                  bucket_bytes=64 * 1024, show_progress=False)
-        if name == NO_SOURCE:
-            AutoBridge.from_architecture(ARCH).save_hf_pretrained(chunks, os.path.join(out_root, "nosource"),
-                                                                  bucket_bytes=64 * 1024, show_progress=False)
-        if rank != 0:
-            r.pop("logits")
-        results[name] = r
-        destroy_parallel()
-        dist.barrier()
-    for name, tp, pp, vpp, ep in MTP_LAYOUTS:
-        init_parallel(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=tp if ep > 1 else None)
-        bridge = AutoBridge.from_hf_pretrained(mtp_ckpt)
-        chunks = bridge.to_megatron_model(params_dtype=torch.float32)
-        logits, mtp_logits = megatron_logits_with_mtp(chunks, tokens)
-        results[name] = {"logits": logits, "mtp_logits": mtp_logits} if rank == 0 else {}
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), bucket_bytes=64 * 1024, show_progress=False)
-        destroy_parallel()
-        dist.barrier()
-    return results
+
+LAYOUTS = [_layout("tp2", 2, 1, None, 1), _layout("pp2", 1, 2, None, 1), _layout("tp2pp2", 2, 2, None, 1),
+           _layout("ep2", 1, 1, None, 2), _layout("tp2ep2", 2, 1, None, 2), _layout("pp2ep2", 1, 2, None, 2)]
+MTP_LAYOUTS = [_mtp_layout("mtp_tp2ep2", 2, 1, None, 2), _mtp_layout("mtp_pp2vpp2", 1, 2, 2, 1)]
+BY_NAME = {layout.name: layout for layout in LAYOUTS}
+IDS = [layout.name for layout in LAYOUTS]
 
 
 @pytest.fixture(scope="module")
@@ -182,29 +136,24 @@ def world(tmp_path_factory):
             if layer.self_attn.indexer is not None:
                 layer.self_attn.indexer.index_topk = CONFIG["index_topk"]
         own = unshared(tokens, use_cache=False).logits.float()
-    # the all-full model with one MTP layer (test_deepseek_v32's writer and reference: a transformers MoE decoder
-    # layer of this family with its indexer, random enorm / hnorm / eh_proj / shared_head.norm)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import test_deepseek_v32 as deepseek_v32
-
+    # the all-full model with one MTP layer (test_deepseek_v32's writer: a transformers MoE decoder layer of this
+    # family with its indexer, random enorm / hnorm / eh_proj / shared_head.norm) and its plain reference
     full = _make_checkpoint(str(root / "hf_full"), seed=33, config=FULL_MTP)
     mtp_ckpt = str(root / "hf_full_mtp")
     layer, mtp = deepseek_v32._write_mtp(str(root / "hf_full"), mtp_ckpt, full, seed=43)
     with torch.no_grad():
         full_hf = full(tokens, use_cache=False).logits.float()
-    full_mtp = deepseek_v32._mtp_reference_logits(full, layer, mtp, tokens)
+    full_mtp = mtp_reference_logits(full, layer, mtp, tokens)
     out_root = str(root / "out")
-    per_rank = spawn_local(_worker, 4, (ckpt, tokens, out_root, mtp_ckpt), timeout=900) if HAS_DSA else None
+    per_rank = spawn_layouts({"main": ckpt, "mtp": mtp_ckpt}, LAYOUTS + MTP_LAYOUTS, tokens, out_root) \
+        if HAS_DSA else None
     world = (ckpt, out_root, per_rank, hf, dense, own, missing, tokens)
     return world + ((mtp_ckpt, full_hf, full_mtp),)
 
 
 def _assert_same_tensors(src_dir, dst_dir):
-    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
-        assert set(src.keys()) == set(dst.keys()), sorted(set(src.keys()) ^ set(dst.keys()))[:6]
-        for key in src.keys():
-            assert src[key].dtype == dst[key].dtype, (key, src[key].dtype, dst[key].dtype)
-            assert torch.equal(src[key], dst[key]), key
+    cmp = compare_checkpoints(src_dir, dst_dir)  # key set, dtypes, shapes, torch.equal
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
 
 
 def test_the_checkpoint_has_what_the_tests_claim(world):
@@ -224,37 +173,37 @@ def test_the_checkpoint_has_what_the_tests_claim(world):
 
 
 @needs_dsa
-@pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
-def test_logits_match_hf(world, name, tp, pp, vpp, ep):
+@pytest.mark.parametrize("name", IDS)
+def test_logits_match_hf(world, name):
     _, _, per_rank, hf, _, _, _, _, _ = world
-    diff = (per_rank[0][name]["logits"] - hf).abs().max().item()
+    diff = max_abs_diff(per_rank[0][name]["logits"], hf)
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e} > {MEGATRON_VS_HF_ATOL:.0e}"
     assert per_rank[0][name]["sharing"] == (2, 1)
 
 
 @needs_dsa
-@pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
-def test_indexers_are_replicated_in_the_full_layers_only(world, name, tp, pp, vpp, ep):
+@pytest.mark.parametrize("name", IDS)
+def test_indexers_are_replicated_in_the_full_layers_only(world, name):
     _, _, per_rank, _, _, _, _, _, _ = world
+    pp = BY_NAME[name].pp
     for rank, r in enumerate(per_rank):
         bad, full, shared = r[name]["indexers"]
         assert bad == [] and full == shared == 2 // pp, (rank, bad[:6], full, shared)
 
 
 @needs_dsa
-@pytest.mark.parametrize("name,tp,pp,vpp,ep", [c for c in LAYOUTS if c[4] > 1], ids=[c[0] for c in LAYOUTS
-                                                                                   if c[4] > 1])
-def test_local_experts_are_the_hf_global_experts(world, name, tp, pp, vpp, ep):
+@pytest.mark.parametrize("name", [layout.name for layout in LAYOUTS if layout.ep > 1])
+def test_local_experts_are_the_hf_global_experts(world, name):
     _, _, per_rank, _, _, _, _, _, _ = world
     for rank, r in enumerate(per_rank):
         bad, layers = r[name]["experts"]
         assert layers > 0 and bad == [], (rank, bad[:6])
-    assert sum(r[name]["experts"][1] for r in per_rank) == 3 * len(per_rank) // pp
+    assert sum(r[name]["experts"][1] for r in per_rank) == 3 * len(per_rank) // BY_NAME[name].pp
 
 
 @needs_dsa
-@pytest.mark.parametrize("name,tp,pp,vpp,ep", LAYOUTS, ids=IDS)
-def test_round_trip_bit_exact(world, name, tp, pp, vpp, ep):
+@pytest.mark.parametrize("name", IDS)
+def test_round_trip_bit_exact(world, name):
     ckpt, out_root, _, _, _, _, _, _, _ = world
     _assert_same_tensors(ckpt, os.path.join(out_root, name))
 
@@ -262,28 +211,28 @@ def test_round_trip_bit_exact(world, name, tp, pp, vpp, ep):
 @needs_dsa
 def test_export_without_source_loads_in_transformers(world):
     ckpt, out_root, _, hf, _, _, _, tokens, _ = world
-    out = os.path.join(out_root, "nosource")
+    out = os.path.join(out_root, f"{NO_SOURCE}_nosource")
     _assert_same_tensors(ckpt, out)
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["architectures"] == [ARCH] and cfg["model_type"] == "glm_moe_dsa"
     assert cfg["indexer_types"] == TYPES and cfg["index_topk"] == 5 and cfg["num_nextn_predict_layers"] == 0
-    diff = (hf_logits(out, tokens) - hf).abs().max().item()
+    diff = max_abs_diff(hf_logits(out, tokens), hf)
     assert diff <= SAME_MODEL_ATOL, f"max |logit diff| {diff:.3e}"
 
 
 @needs_dsa
-@pytest.mark.parametrize("name,tp,pp,vpp,ep", MTP_LAYOUTS, ids=[c[0] for c in MTP_LAYOUTS])
-def test_all_full_model_with_mtp_layer(world, name, tp, pp, vpp, ep):
+@pytest.mark.parametrize("name", [layout.name for layout in MTP_LAYOUTS])
+def test_all_full_model_with_mtp_layer(world, name):
     """Every indexer full (no sharing) and one MTP layer with its indexer: logits and MTP logits against
     transformers and the plain MTP reference, and the bit-exact round trip (PP2 x VPP2 too: no shared layer can
     start a stage)."""
     _, out_root, per_rank, _, _, _, _, _, (mtp_ckpt, full_hf, full_mtp) = world
     r = per_rank[0][name]
-    diff = (r["logits"] - full_hf).abs().max().item()
+    diff = max_abs_diff(r["logits"], full_hf)
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e}"
     assert len(r["mtp_logits"]) == 1
-    diff = (r["mtp_logits"][0] - full_mtp).abs().max().item()
+    diff = max_abs_diff(r["mtp_logits"][0], full_mtp)
     assert diff <= MEGATRON_VS_HF_ATOL and full_mtp.abs().max().item() > 1.0, f"{name}: MTP max |diff| {diff:.3e}"
     with SafeTensorsSource(mtp_ckpt) as src:
         assert "model.layers.4.self_attn.indexer.wq_b.weight" in src.keys()

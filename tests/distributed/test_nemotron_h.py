@@ -41,11 +41,11 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.launch import spawn_local  # noqa: E402
 from megatron_bridge_ext.mcore.versions import has_hybrid_model  # noqa: E402
-from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
+from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
-from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
+from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
+from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
 HAS_HYBRID = has_hybrid_model()
 ARCH = "NemotronHForCausalLM"
@@ -64,18 +64,6 @@ CHECKPOINTS = {
     "scan": dict(pattern="M-*-M*M-", time_step_min=0.0),
     "bf16": dict(pattern="M*-M", dtype=torch.bfloat16),
 }
-# name, tp, pp, vpp, checkpoint
-LAYOUTS = [
-    ("hybrid_tp2", 2, 1, None, "hybrid"),
-    ("hybrid_pp2", 1, 2, None, "hybrid"),
-    ("hybrid_pp2vpp2", 1, 2, 2, "hybrid"),
-    ("hybrid_tp2pp2", 2, 2, None, "hybrid"),
-    ("tied_tp2pp2", 2, 2, None, "tied"),
-    ("dense_tp2", 2, 1, None, "dense"),
-    ("scan_tp2", 2, 1, None, "scan"),
-    ("scan_pp2", 1, 2, None, "scan"),
-    ("bf16_tp2", 2, 1, None, "bf16"),
-]
 NO_SOURCE = "hybrid_tp2pp2"
 LOGITS = {"dense_tp2", "scan_tp2", "scan_pp2"}
 DIST = ("hybrid_tp2", (1, 2))  # written at TP2, read at PP2
@@ -166,68 +154,74 @@ def _check_params(chunks, sd: dict, tp: int, tp_rank: int) -> dict:
     return {"bad": bad, "checked": checked}
 
 
-def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: str) -> dict:
-    from megatron_bridge_ext.mcore.cpu_compat import apply_cpu_patches
+def _hf_tensors(path: str) -> dict:
+    with SafeTensorsSource(path) as src:
+        return {k: src[k].clone() for k in src.keys()}
 
-    apply_cpu_patches()
-    import megatron.core.ssm.mamba_mixer as mamba_mixer
-    import torch.distributed as dist
+
+def _read_back(path: str, sd: dict, tp: int, pp: int) -> dict:
+    """The ``torch_dist`` checkpoint at ``path`` read at TP ``tp`` x PP ``pp`` from its stored config into NaN-poisoned
+    chunks (the load must write every parameter), checked against :func:`_expected`."""
     from megatron.core import parallel_state as ps
+
+    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
+    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, config_from_checkpoint
+    from megatron_bridge_ext.mcore.checkpoint import load_megatron_checkpoint
+    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, init_parallel
+
+    init_parallel(tp=tp, pp=pp)
+    info = read_checkpoint_info(path)
+    loaded = cast_to_params_dtype(build_model_chunks(config_from_checkpoint(info)))
+    for chunk in loaded:
+        for p in chunk.parameters():
+            p.data.fill_(float("nan"))
+    load_megatron_checkpoint(loaded, info.path)
+    return _check_params(loaded, sd, tp, ps.get_tensor_model_parallel_rank())
+
+
+def _torch_scan(rank: int, layout) -> None:
+    """megatron's Mamba scan is mamba_ssm's Triton kernel: transformers' torch scan (same arguments) stands in for
+    it, so that the rest of megatron's mixer (in_proj split, torch conv1d, gated group norm, out_proj) runs on the
+    CPU."""
+    import megatron.core.ssm.mamba_mixer as mamba_mixer
     from transformers.models.nemotron_h import modeling_nemotron_h
 
-    # megatron's Mamba scan is mamba_ssm's Triton kernel: transformers' torch scan (same arguments) stands in for it,
-    # so that the rest of megatron's mixer (in_proj split, torch conv1d, gated group norm, out_proj) runs on the CPU
     mamba_mixer.mamba_chunk_scan_combined = modeling_nemotron_h.mamba2_chunk_scan
 
-    from megatron_bridge_ext.auto_bridge import AutoBridge
-    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
-    from megatron_bridge_ext.mcore.checkpoint import (cast_to_params_dtype, config_from_checkpoint,
-                                                      load_megatron_checkpoint, save_megatron_checkpoint)
-    from megatron_bridge_ext.mcore.forward import megatron_logits
-    from megatron_bridge_ext.mcore.model_builder import build_model_chunks, destroy_parallel, init_parallel
 
-    results = {}
-    for name, tp, pp, vpp, ckpt in LAYOUTS:
-        with SafeTensorsSource(ckpts[ckpt]) as src:
-            sd = {k: src[k].clone() for k in src.keys()}
-        init_parallel(tp=tp, pp=pp, vpp=vpp)
-        bridge = AutoBridge.from_hf_pretrained(ckpts[ckpt])
-        # the logits layouts run megatron's non-fused Mamba path (_ssm_prefill: conv1d, scan, norm apart)
-        chunks = bridge.to_megatron_model(params_dtype=CHECKPOINTS[ckpt].get("dtype", torch.float32),
-                                          **({"use_mamba_mem_eff_path": False} if name in LOGITS else {}))
-        r = {"params": _check_params(chunks, sd, tp, ps.get_tensor_model_parallel_rank()),
-             "kind": type(chunks[0]).__name__}
-        if name in LOGITS:
-            r["logits"] = megatron_logits(chunks, tokens)
-        bridge.save_hf_pretrained(chunks, os.path.join(out_root, name), max_shard_bytes=96 * 1024,
-                                  bucket_bytes=64 * 1024, show_progress=False)
-        if name == NO_SOURCE:
-            AutoBridge.from_architecture(ARCH).save_hf_pretrained(
-                chunks, os.path.join(out_root, f"{name}_nosource"), bucket_bytes=64 * 1024, show_progress=False)
-        if name == DIST[0]:
-            path = os.path.join(out_root, f"{name}_dist")
-            save_megatron_checkpoint(cast_to_params_dtype(chunks), path, architecture=ARCH, spec="local")
-            try:  # the default spec: Transformer Engine keys, not written for hybrid models yet
-                save_megatron_checkpoint(chunks, path + "_te", architecture=ARCH)
-                r["te"] = "written"
-            except ValueError as e:
-                r["te"] = str(e)
-            tp2, pp2 = DIST[1]
-            init_parallel(tp=tp2, pp=pp2)
-            info = read_checkpoint_info(path)
-            loaded = cast_to_params_dtype(build_model_chunks(config_from_checkpoint(info)))
-            for chunk in loaded:  # poison: the load must write every parameter
-                for p in chunk.parameters():
-                    p.data.fill_(float("nan"))
-            load_megatron_checkpoint(loaded, info.path)
-            r["dist"] = _check_params(loaded, sd, tp2, ps.get_tensor_model_parallel_rank())
-        results[name] = r
-        destroy_parallel()
-        dist.barrier()
-    # the streamed conversion (no model built but one on the meta device; the 4 ranks share the tensors), recording
-    # TP2; read back at TP2 x PP2
+def _params(run) -> dict:
+    from megatron.core import parallel_state as ps
+
+    sd = _hf_tensors(run.ckpts[run.layout.ckpt])
+    return {"params": _check_params(run.chunks, sd, run.layout.tp, ps.get_tensor_model_parallel_rank()),
+            "kind": type(run.chunks[0]).__name__}
+
+
+def _dist(run) -> dict:
+    """A ``torch_dist`` checkpoint (local spec) written here and read at DIST's other layout; the default (TE) spec
+    refused or written."""
+    from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, save_megatron_checkpoint
+
+    r = {}
+    path = os.path.join(run.out_root, f"{run.layout.name}_dist")
+    save_megatron_checkpoint(cast_to_params_dtype(run.chunks), path, architecture=ARCH, spec="local")
+    try:  # the default spec: Transformer Engine keys, not written for hybrid models yet
+        save_megatron_checkpoint(run.chunks, path + "_te", architecture=ARCH)
+        r["te"] = "written"
+    except ValueError as e:
+        r["te"] = str(e)
+    r["dist"] = _read_back(path, _hf_tensors(run.ckpts[run.layout.ckpt]), *DIST[1])
+    return r
+
+
+def _tail(rank: int, ckpts: dict, tokens: torch.Tensor, out_root: str) -> dict:
+    """The streamed conversion (no model built but one on the meta device; the 4 ranks share the tensors), recording
+    TP2; read back at TP2 x PP2; Mamba heads / groups that TP cannot split refused by name."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+    from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
     from megatron_bridge_ext.testing.parity import compare_megatron_checkpoints
 
+    results = {}
     stream = os.path.join(out_root, "hybrid_stream")
     AutoBridge.from_hf_pretrained(ckpts["hybrid"]).save_megatron_checkpoint(
         stream, spec="local", dtype=torch.float32, layout=dict(tp=2, pp=1), file_bytes=64 << 10,
@@ -241,16 +235,7 @@ def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: 
         results["stream_te"] = "written"
     except ValueError as e:
         results["stream_te"] = str(e)
-    init_parallel(tp=2, pp=2)
-    info = read_checkpoint_info(stream)
-    loaded = cast_to_params_dtype(build_model_chunks(config_from_checkpoint(info)))
-    for chunk in loaded:
-        for p in chunk.parameters():
-            p.data.fill_(float("nan"))
-    load_megatron_checkpoint(loaded, info.path)
-    with SafeTensorsSource(ckpts["hybrid"]) as src:
-        sd = {k: src[k].clone() for k in src.keys()}
-    results["stream_load"] = _check_params(loaded, sd, 2, ps.get_tensor_model_parallel_rank())
+    results["stream_load"] = _read_back(stream, _hf_tensors(ckpts["hybrid"]), 2, 2)
     destroy_parallel()
     # Mamba heads / groups that TP cannot split: refused by name before megatron asserts
     init_parallel(tp=4, pp=1)
@@ -261,6 +246,30 @@ def _worker(rank: int, world: int, ckpts: dict, tokens: torch.Tensor, out_root: 
         results["tp4"] = str(e)
     destroy_parallel()
     return results
+
+
+def _layout(name: str, tp: int, pp: int, vpp, ckpt: str) -> Layout:
+    """The logits layouts run megatron's non-fused Mamba path (_ssm_prefill: conv1d, scan, norm apart)."""
+    return Layout(name, ckpt, tp=tp, pp=pp, vpp=vpp, dtype=CHECKPOINTS[ckpt].get("dtype", torch.float32),
+                  model_kwargs={"use_mamba_mem_eff_path": False} if name in LOGITS else None,
+                  logits="plain" if name in LOGITS else None, no_source=ARCH if name == NO_SOURCE else None,
+                  max_shard_bytes=96 * 1024, before_import=(_torch_scan,), checks=(_params,),
+                  after_export=(_dist,) if name == DIST[0] else ())
+
+
+LAYOUTS = [
+    _layout("hybrid_tp2", 2, 1, None, "hybrid"),
+    _layout("hybrid_pp2", 1, 2, None, "hybrid"),
+    _layout("hybrid_pp2vpp2", 1, 2, 2, "hybrid"),
+    _layout("hybrid_tp2pp2", 2, 2, None, "hybrid"),
+    _layout("tied_tp2pp2", 2, 2, None, "tied"),
+    _layout("dense_tp2", 2, 1, None, "dense"),
+    _layout("scan_tp2", 2, 1, None, "scan"),
+    _layout("scan_pp2", 1, 2, None, "scan"),
+    _layout("bf16_tp2", 2, 1, None, "bf16"),
+]
+BY_NAME = {layout.name: layout for layout in LAYOUTS}
+IDS = [layout.name for layout in LAYOUTS]
 
 
 @pytest.fixture(scope="module")
@@ -275,23 +284,21 @@ def world(tmp_path_factory):
         _make_checkpoint(ckpts[ckpt], ckpt, seed=50 + i)
     tokens = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     out_root = str(root / "out")
-    per_rank = spawn_local(_worker, 4, (ckpts, tokens, out_root), timeout=900)
+    per_rank = spawn_layouts(ckpts, LAYOUTS, tokens, out_root, tail=_tail)
     return ckpts, out_root, per_rank, tokens
 
 
-IDS = [layout[0] for layout in LAYOUTS]
-
-
-@pytest.mark.parametrize("name,tp,pp,vpp,ckpt", LAYOUTS, ids=IDS)
-def test_every_parameter_is_the_plain_torch_reading(world, name, tp, pp, vpp, ckpt):
+@pytest.mark.parametrize("name", IDS)
+def test_every_parameter_is_the_plain_torch_reading(world, name):
     _, _, per_rank, _ = world
-    n_layers = len(CHECKPOINTS[ckpt]["pattern"])
+    layout = BY_NAME[name]
+    n_layers = len(CHECKPOINTS[layout.ckpt]["pattern"])
     total = 0
     for rank, r in enumerate(per_rank):
         assert r[name]["kind"] == "HybridModel", (rank, r[name]["kind"])
         assert r[name]["params"]["bad"] == [], (rank, r[name]["params"]["bad"][:4])
         total += r[name]["params"]["checked"]
-    assert total >= (4 // (tp * pp)) * (n_layers + 2), (name, total)  # every rank checked its share
+    assert total >= (4 // (layout.tp * layout.pp)) * (n_layers + 2), (name, total)  # every rank checked its share
 
 
 @pytest.mark.parametrize("name", sorted(LOGITS))
@@ -300,32 +307,27 @@ def test_logits_match_transformers(world, name):
     with transformers' torch scan standing in for the Triton one (the same function on both sides: what is compared is
     everything around it, megatron's split of in_proj, its convolution, gated group norm and out_proj at TP2 / PP2)."""
     ckpts, _, per_rank, tokens = world
-    ckpt = next(layout[4] for layout in LAYOUTS if layout[0] == name)
-    want = hf_logits(ckpts[ckpt], tokens)
+    want = hf_logits(ckpts[BY_NAME[name].ckpt], tokens)
     got = per_rank[0][name]["logits"]
     assert got.shape == want.shape
-    diff = (got - want).abs().max().item()
+    diff = max_abs_diff(got, want)
     assert diff <= MEGATRON_VS_HF_ATOL, f"{name}: max |logit diff| {diff:.3e}"
 
 
 def _assert_same_tensors(src_dir: str, dst_dir: str) -> None:
-    with SafeTensorsSource(src_dir) as src, SafeTensorsSource(dst_dir) as dst:
-        assert set(dst.keys()) == set(src.keys()), set(dst.keys()) ^ set(src.keys())
-        for key in src.keys():
-            a, b = src[key], dst[key]
-            assert a.dtype == b.dtype, (key, a.dtype, b.dtype)
-            assert torch.equal(a, b), key
+    cmp = compare_checkpoints(src_dir, dst_dir)  # key set, dtypes, shapes, torch.equal
+    assert cmp["same_keys"] and cmp["bit_exact"], cmp
 
 
-@pytest.mark.parametrize("name,tp,pp,vpp,ckpt", LAYOUTS, ids=IDS)
-def test_round_trip_bit_exact(world, name, tp, pp, vpp, ckpt):
+@pytest.mark.parametrize("name", IDS)
+def test_round_trip_bit_exact(world, name):
     ckpts, out_root, _, _ = world
-    _assert_same_tensors(ckpts[ckpt], os.path.join(out_root, name))
+    _assert_same_tensors(ckpts[BY_NAME[name].ckpt], os.path.join(out_root, name))
 
 
 def test_export_without_source_loads_in_transformers(world):
     ckpts, out_root, _, tokens = world
-    ckpt = next(layout[4] for layout in LAYOUTS if layout[0] == NO_SOURCE)
+    ckpt = BY_NAME[NO_SOURCE].ckpt
     out = os.path.join(out_root, f"{NO_SOURCE}_nosource")
     _assert_same_tensors(ckpts[ckpt], out)
     with open(os.path.join(out, "config.json")) as f:
@@ -343,7 +345,7 @@ def test_export_without_source_loads_in_transformers(world):
     with SafeTensorsSource(ckpts[ckpt]) as src:
         for key, value in model.state_dict().items():
             assert torch.equal(value, src[key.replace("model.", "backbone.", 1)]), key
-    diff = (hf_logits(out, tokens) - hf_logits(ckpts[ckpt], tokens)).abs().max().item()
+    diff = max_abs_diff(hf_logits(out, tokens), hf_logits(ckpts[ckpt], tokens))
     assert diff <= SAME_MODEL_ATOL
 
 
