@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     import transformers
 
     from megatron_bridge_ext.cli.import_hf import import_checkpoint
-    from megatron_bridge_ext.launch import spawn_local
+    from _logits_check import check_layouts
     from megatron_bridge_ext.mcore.versions import has_gated_delta_net
 
     if not has_gated_delta_net():
@@ -112,20 +112,8 @@ def main(argv=None) -> int:
             tokens = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 expected = hf(tokens, use_cache=False).logits.float()
-            for tp in (int(x) for x in args.layouts.split(",")):
-                backend = "nccl" if torch.cuda.device_count() >= tp else "gloo"
-                what = f"{name} TP{tp} ({backend})"
-                try:
-                    res = spawn_local(_worker, tp, (os.path.join(root, name), tokens), backend=backend, timeout=900)
-                except Exception as e:  # noqa: BLE001  (reported; the other checks still run)
-                    failures += 1
-                    print(f"FAIL {what}: {str(e).strip().splitlines()[-1]}")
-                    continue
-                diff = float((res[0]["logits"] - expected).abs().max())
-                ok = diff <= args.atol
-                failures += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {what}: layers {res[0]['attention']}, max |logit diff| vs "
-                      f"transformers {diff:.2e} (atol {args.atol:g})")
+            failures += check_layouts(name, args.layouts, _worker, (os.path.join(root, name), tokens), expected,
+                                      args.atol, lambda r: f"layers {r['attention']}")
     print("gdn_check: all checks passed" if not failures else f"gdn_check: {failures} check(s) failed")
     return 1 if failures else 0
 

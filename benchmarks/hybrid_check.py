@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     import test_nemotron_h as nemotron_h
     import transformers
 
-    from megatron_bridge_ext.launch import spawn_local
+    from _logits_check import check_layouts
     from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint
 
     failures = 0
@@ -86,20 +86,8 @@ def main(argv=None) -> int:
         with torch.no_grad():
             expected = hf(tokens.cuda(), use_cache=False).logits.float().cpu()
         del hf
-        for tp in (int(x) for x in args.layouts.split(",")):
-            backend = "nccl" if torch.cuda.device_count() >= tp else "gloo"
-            what = f"NemotronH {nemotron_h.CHECKPOINTS['hybrid']['pattern']} TP{tp} ({backend})"
-            try:
-                res = spawn_local(_worker, tp, (path, tokens), backend=backend, timeout=900)
-            except Exception as e:  # noqa: BLE001  (reported; the other layouts still run)
-                failures += 1
-                print(f"FAIL {what}: {str(e).strip().splitlines()[-1]}")
-                continue
-            diff = float((res[0]["logits"] - expected).abs().max())
-            ok = diff <= args.atol
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {what}: {res[0]['model']}, max |logit diff| vs transformers "
-                  f"{diff:.2e} (atol {args.atol:g})")
+        failures += check_layouts(f"NemotronH {nemotron_h.CHECKPOINTS['hybrid']['pattern']}", args.layouts, _worker,
+                                  (path, tokens), expected, args.atol, lambda r: r["model"])
     print("hybrid_check: all checks passed" if not failures else f"hybrid_check: {failures} check(s) failed")
     return 1 if failures else 0
 

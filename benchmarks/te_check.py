@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     import transformers
 
     from megatron_bridge_ext.cli.import_hf import import_checkpoint
-    from megatron_bridge_ext.launch import spawn_local
+    from _logits_check import check_layouts
 
     failures = 0
     with tempfile.TemporaryDirectory(prefix="te_check_") as root:
@@ -123,22 +123,10 @@ def main(argv=None) -> int:
             tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 expected = hf(tokens, use_cache=False).logits.float()
-            for tp in (int(x) for x in args.layouts.split(",")):
-                for grouped in ((False, True) if name == "mixtral" else (False,)):
-                    backend = "nccl" if torch.cuda.device_count() >= tp else "gloo"
-                    what = f"{name} TP{tp}{' grouped experts' if grouped else ''} ({backend})"
-                    try:
-                        res = spawn_local(_worker, tp, (os.path.join(root, name), tokens, grouped), backend=backend,
-                                          timeout=900)
-                    except Exception as e:  # noqa: BLE001  (reported; the other checks still run)
-                        failures += 1
-                        print(f"FAIL {what}: {str(e).strip().splitlines()[-1]}")
-                        continue
-                    diff = float((res[0]["logits"] - expected).abs().max())
-                    ok = diff <= args.atol
-                    failures += not ok
-                    print(f"{'ok  ' if ok else 'FAIL'} {what}: RAISE_ALL load into {res[0]['te']} modules, "
-                          f"max |logit diff| vs transformers {diff:.2e} (atol {args.atol:g})")
+            for grouped in ((False, True) if name == "mixtral" else (False,)):
+                failures += check_layouts(f"{name}{' grouped experts' if grouped else ''}", args.layouts, _worker,
+                                          (os.path.join(root, name), tokens, grouped), expected, args.atol,
+                                          lambda r: f"RAISE_ALL load into {r['te']} modules")
     print("te_check: all checks passed" if not failures else f"te_check: {failures} check(s) failed")
     return 1 if failures else 0
 
