@@ -137,6 +137,8 @@ class RowParallelMapping(MegatronParamMapping):
         if hf.dim() < 2:
             return write(hf, out) if out is not None else hf.contiguous()
         shape = self.megatron_shape(tuple(hf.shape), ctx)  # checks the split
+        if out is None and ctx.tp_size == 1 and hf.is_contiguous():
+            return hf  # the whole tensor: nothing to copy (a caller with a destination passes ``out``)
         if out is None:
             out = hf.new_empty(shape)
         return ops.shard_copy(hf, out, mesh_shape=[ctx.tp_size], mesh_coord=[ctx.tp_rank], shard_dims=[1])
