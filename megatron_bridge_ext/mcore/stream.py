@@ -203,6 +203,55 @@ def plan_stream(chunks: Sequence[torch.nn.Module], *, spec: str, common: Mapping
     return plan
 
 
+def _concatenated_rows(factory: Any, pieces: Any, ckpt: Any,
+                       probes: Dict[Any, Optional[List[int]]]) -> Optional[List[Tuple[Any, int, int]]]:
+    """``[(piece, first row, rows)]`` when the factory's merge puts its pieces (sharded tensors of one stored dtype,
+    in ``nested_values`` order) one after the other along the first axis, unchanged (megatron-core's SwiGLU
+    ``linear_fc1``: ``[gate; up]``; its split ``in_proj`` sections); else None (the merge runs as megatron-core runs
+    it). Checked by running the merge itself on stand-ins filled with each piece's number (expanded scalars), once per
+    merge function, closure values and shapes."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    flat = list(nested_values(pieces))
+    if not flat or not all(isinstance(p, ShardedTensor) for p in flat):
+        return None
+    shapes = [tuple(p.local_shape) for p in flat]
+    target = tuple(factory.data.shape)
+    if any(len(s) != len(target) or s[1:] != target[1:] for s in shapes) or sum(s[0] for s in shapes) != target[0]:
+        return None
+    if len({ckpt.tensors[p.key].dtype for p in flat if p.key in ckpt.tensors}) != 1:
+        return None
+    fn = factory.merge_fn
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    cells = tuple(c.cell_contents if isinstance(c.cell_contents, (int, float, str, bool, tuple, type(None)))
+                  else id(c.cell_contents) for c in (fn.__closure__ or ()))
+    key = (code, cells, tuple(shapes), target)
+    if key not in probes:
+        probes[key] = None
+        marks = {id(p): torch.full((), float(i + 1)).expand(p.local_shape) for i, p in enumerate(flat)}
+        try:
+            merged = fn(dict_list_map_outplace(lambda x: marks[id(x)] if isinstance(x, ShardedTensor) else x,
+                                               pieces))
+        except Exception:  # noqa: BLE001  (a merge that needs real data: it runs as it is)
+            merged = None
+        if isinstance(merged, torch.Tensor) and tuple(merged.shape) == target:
+            starts, row = [], 0
+            for i, s in enumerate(shapes):
+                if not bool((merged.narrow(0, row, s[0]) == float(i + 1)).all()):
+                    break
+                starts.append(row)
+                row += s[0]
+            else:
+                probes[key] = starts
+    starts = probes[key]
+    if starts is None:
+        return None
+    return [(p, start, s[0]) for p, start, s in zip(flat, starts, shapes)]
+
+
 class CheckpointParams:
     """The parameters of meta-device chunks (one process, TP 1) read from an open ``torch_dist`` checkpoint on
     demand: :meth:`load` returns the given parameters' stored values (the slices of the stored tensors megatron-core
@@ -251,31 +300,48 @@ class CheckpointParams:
                              f"{described_by} does not have: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
         self._read: Dict[int, Callable[[], torch.Tensor]] = {}
 
-        def slice_of(t: Any) -> Callable[[], torch.Tensor]:
+        def slice_of(t: Any) -> Callable[..., torch.Tensor]:
             key, offsets = t.key, tuple(t.global_offset)
             sizes = (1,) * t.prepend_axis_num + tuple(t.local_shape)
             shape = tuple(t.local_shape)
 
-            def read() -> torch.Tensor:
-                value = self.ckpt.read_slice(key, offsets, sizes).view(shape)
+            def read(out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                value = self.ckpt.read_slice(key, offsets, sizes, out=None if out is None else out.view(sizes))
+                value = value.view(shape)
                 self.bytes_read += value.numel() * value.element_size()
                 return value
 
             return read
 
+        probes: Dict[Any, Optional[List[int]]] = {}
         for t in items:
             if isinstance(t, ShardedTensor):
                 self._read[id(t.data)] = slice_of(t)
-            else:
-                factory = t
-                pieces = factory.build()
+                continue
+            factory = t
+            pieces = factory.build()
+            rows = _concatenated_rows(factory, pieces, ckpt, probes)
+            if rows is not None:
+                # the merge is a concatenation of the pieces' rows: each piece is read straight into its rows
+                parts = [(slice_of(p), start, n) for p, start, n in rows]
+                dtype = ckpt.tensors[rows[0][0].key].dtype
+                shape = tuple(factory.data.shape)
 
-                def merged(factory: Any = factory, pieces: Any = pieces) -> torch.Tensor:
-                    loaded = dict_list_map_outplace(
-                        lambda x: slice_of(x)() if isinstance(x, ShardedTensor) else x, pieces)
-                    return factory.merge_fn(loaded)
+                def into_rows(parts: Any = parts, dtype: Any = dtype, shape: Any = shape) -> torch.Tensor:
+                    out = torch.empty(shape, dtype=dtype)
+                    for read, start, n in parts:
+                        read(out.narrow(0, start, n))
+                    return out
 
-                self._read[id(factory.data)] = merged
+                self._read[id(factory.data)] = into_rows
+                continue
+
+            def merged(factory: Any = factory, pieces: Any = pieces) -> torch.Tensor:
+                loaded = dict_list_map_outplace(
+                    lambda x: slice_of(x)() if isinstance(x, ShardedTensor) else x, pieces)
+                return factory.merge_fn(loaded)
+
+            self._read[id(factory.data)] = merged
 
     def load(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The stored values of these parameters (fresh tensors in the parameters' dtypes)."""
