@@ -1,8 +1,6 @@
 """``python -m megatron_bridge_ext``: see :mod:`megatron_bridge_ext.cli`."""
 
-import sys
-
-from megatron_bridge_ext.cli import main
+from megatron_bridge_ext.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -222,6 +222,7 @@ class AutoBridge:
         quantization: Optional[str] = None,
         quantization_rule: Optional[str] = None,
         quantization_block_size: Optional[Sequence[int]] = None,
+        before_commit: Optional[Callable[[], Any]] = None,
     ) -> Optional[Dict[str, Any]]:
         """Write the model as an HF checkpoint (config.json and other small files, sharded safetensors).
 
@@ -252,6 +253,10 @@ class AutoBridge:
         gives the same bytes) or ``"deepseek"``. Without a quantization, a ``quantization_config`` in the source's
         ``config.json`` is not written (the weights are not quantized).
 
+        ``before_commit``: called on rank 0 once every file is written (and fsynced), before the swap; an exception
+        from it aborts the save like any other failure (the streamed export's check of its source's checksums, run
+        beside the conversion).
+
         Returns:
             On rank 0, a summary dict (``files``, ``total_size``, ``index``, ``missing``, ``replaced``, ``carried``,
             ``cleaned``, ``not_exported``: source tensors no mapping produces, such as allowed non-weights); None
@@ -275,7 +280,7 @@ class AutoBridge:
             try:
                 watch.barrier("save_hf_pretrained: start")  # rank 0's refusal reaches every rank here
                 summary = self._save(model, staged, watch, max_shard_bytes, bucket_bytes, strict, show_progress,
-                                     fsync, side_files, config_extra, materialize, quant)
+                                     fsync, side_files, config_extra, materialize, quant, before_commit)
                 watch.barrier("save_hf_pretrained: committed")  # every rank returns only once rank 0 swapped it in
             except BaseException:
                 if staged is not None:
@@ -286,7 +291,8 @@ class AutoBridge:
     def _save(self, model, staged: Optional[StagedCheckpoint], watch, max_shard_bytes: int, bucket_bytes: int,
               strict: bool, show_progress: Optional[bool], fsync: bool, side_files: Optional[str] = None,
               config_extra: Optional[Dict[str, Any]] = None, materialize: Any = None,
-              quant: Optional[FP8Export] = None) -> Optional[Dict[str, Any]]:
+              quant: Optional[FP8Export] = None,
+              before_commit: Optional[Callable[[], Any]] = None) -> Optional[Dict[str, Any]]:
         watch.set_phase("save_hf_pretrained: conversion tasks")
         src = self.hf_pretrained.state if self.hf_pretrained is not None else None
         # collective: every rank builds them, once, with the source's copies (a stored tied output layer)
@@ -334,6 +340,9 @@ class AutoBridge:
                     raise conversion_error(e, f"writing HF tensor {name} to {staged.target}") from e
                 tensor = None  # written: not held while the stream makes the next one
             summary = writer.close()
+        if before_commit is not None:
+            watch.set_phase("save_hf_pretrained: before the swap")
+            before_commit()
         watch.set_phase("save_hf_pretrained: swap")
         summary.update(staged.commit())
         summary["not_exported"] = not_exported

@@ -32,6 +32,7 @@ __all__ = [
     "is_rank0",
     "timed",
     "DTYPES",
+    "eager_functions",
 ]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -102,6 +103,25 @@ def quiet_third_party(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
     for name in ("megatron", "megatron.core", "transformers", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def eager_functions() -> Iterator[None]:
+    """While a streamed conversion runs (no model runs, no kernel is compiled): ``torch.compile(fn)`` returns ``fn``
+    itself. megatron-core wraps its fused functions in ``torch.compile`` when its modules are imported, and making
+    that wrapper imports torch's compiler stack (``torch._inductor``, ``torch._dynamo``): about 1 s of every
+    conversion's start-up for functions a conversion never calls. Functions wrapped meanwhile stay eager (plain
+    PyTorch, the same results); ``torch.compile`` itself is restored on exit."""
+    real = torch.compile
+
+    def eager(model: Any = None, **kwargs: Any) -> Any:
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = eager  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.compile = real  # type: ignore[assignment]
 
 
 def worker_setup(verbose: bool) -> torch.device:

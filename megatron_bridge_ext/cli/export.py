@@ -160,6 +160,19 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
             show: bool, verbose: bool, fsync: bool, verify_checksums: bool = True,
             hf_architecture: Optional[str] = None, stream: bool = False,
             save_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    args = (rank, world, meg_dir, out_dir, layout, hf_source, show, verbose, fsync, verify_checksums,
+            hf_architecture, stream, save_kwargs)
+    if not stream:
+        return _export(*args)
+    from megatron_bridge_ext.cli.common import eager_functions
+
+    with eager_functions():  # no model runs
+        return _export(*args)
+
+
+def _export(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str, Any], hf_source: Optional[str],
+            show: bool, verbose: bool, fsync: bool, verify_checksums: bool, hf_architecture: Optional[str],
+            stream: bool, save_kwargs: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     from megatron_bridge_ext.cli.common import load_checkpoint_chunks, phase, quiet_third_party, timed, worker_setup
 
     if stream:  # no model runs and nothing moves between ranks: one process, no CPU patches needed
@@ -171,7 +184,7 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
         device = worker_setup(verbose)
     import torch.distributed as dist
 
-    from megatron_bridge_ext.io.megatron_checkpoint import check_checksums, read_checkpoint_info
+    from megatron_bridge_ext.io.megatron_checkpoint import ChecksumCheck, check_checksums, read_checkpoint_info
     from megatron_bridge_ext.mcore.checkpoint import extra_state_with_content
     from megatron_bridge_ext.mcore.model_builder import destroy_parallel, init_parallel
 
@@ -180,24 +193,40 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
     try:
         clock = timed()
         checked = None
-        if verify_checksums:
+        beside = None
+        if verify_checksums and stream:
+            # one process: the files are checked beside the conversion, and the output is swapped in only if they
+            # match (a mismatch aborts the save: nothing is written to out_dir)
+            beside = ChecksumCheck(meg_dir)
+        elif verify_checksums:
             with phase(f"Checking {meg_dir} against its checksum manifest", show):
                 checked = check_checksums(meg_dir, required=False)
-        checksum_s = clock()
-        info = read_checkpoint_info(meg_dir)
-        bridge, config, described_by = model_config_for(info, hf_source, hf_architecture)
-        side, extra = (None, None) if hf_source is not None else kept_side_files(info)
+        checksum_s = checked_at = clock()
         if stream:
             from megatron_bridge_ext.io.megatron_checkpoint import open_checkpoint
 
-            with open_checkpoint(meg_dir) as ckpt:
-                chunks, params = stream_chunks(info, config, ckpt, described_by)
-                fp8_state = extra_state_with_content(ckpt)  # reported; never applied
-                read_s = clock()
-                summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync,
-                                                    side_files=side, config_extra=extra, materialize=params,
-                                                    **(save_kwargs or {}))
+            try:
+                info = read_checkpoint_info(meg_dir)
+                bridge, config, described_by = model_config_for(info, hf_source, hf_architecture)
+                side, extra = (None, None) if hf_source is not None else kept_side_files(info)
+                with open_checkpoint(meg_dir) as ckpt:
+                    chunks, params = stream_chunks(info, config, ckpt, described_by)
+                    fp8_state = extra_state_with_content(ckpt)  # reported; never applied
+                    read_s = clock()
+                    summary = bridge.save_hf_pretrained(
+                        chunks, out_dir, show_progress=show, fsync=fsync, side_files=side, config_extra=extra,
+                        materialize=params, before_commit=None if beside is None else beside.result,
+                        **(save_kwargs or {}))
+            except BaseException:
+                if beside is not None:
+                    beside.result()  # files that differ from the manifest explain any failure: named first
+                raise
+            if beside is not None:
+                checked, checksum_s = beside.result(), beside.seconds
         else:
+            info = read_checkpoint_info(meg_dir)
+            bridge, config, described_by = model_config_for(info, hf_source, hf_architecture)
+            side, extra = (None, None) if hf_source is not None else kept_side_files(info)
             chunks = load_checkpoint_chunks(info, config, device, show, described_by)
             fp8_state = extra_state_with_content(info.path) if rank == 0 else []  # reported; never applied
             dist.barrier()
@@ -205,9 +234,9 @@ def _worker(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
             summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync, side_files=side,
                                                 config_extra=extra, **(save_kwargs or {}))
         dist.barrier()
-        return {"summary": summary, "read_s": read_s - checksum_s, "total_s": clock(), "source": info.path,
-                "checksums": checked, "checksum_s": checksum_s, "config_from": described_by, "fp8_state": fp8_state,
-                "streamed": stream}
+        return {"summary": summary, "read_s": read_s - checked_at, "total_s": clock(), "source": info.path,
+                "checksums": checked, "checksum_s": checksum_s, "checksums_beside": beside is not None,
+                "config_from": described_by, "fp8_state": fp8_state, "streamed": stream}
     finally:
         destroy_parallel()
 
@@ -347,8 +376,9 @@ def run(args: argparse.Namespace) -> int:
     if is_rank0():
         where = " ".join(f"{k.upper()}={v}" for k, v in layout.items() if v is not None)
         sums = ("checksums skipped" if args.no_checksums else "no checksum manifest" if res["checksums"] is None
-                else f"{res['checksums']} files match their checksums ({res['checksum_s']:.2f} s)")
-        rest = res["total_s"] - res["read_s"] - res["checksum_s"]
+                else f"{res['checksums']} files match their checksums ({res['checksum_s']:.2f} s"
+                f"{', beside the conversion' if res.get('checksums_beside') else ''})")
+        rest = res["total_s"] - res["read_s"] - (0.0 if res.get("checksums_beside") else res["checksum_s"])
         if res.get("streamed"):
             detail = f"[streamed, no model; {sums}; setup {res['read_s']:.2f} s, read + convert + HF write {rest:.2f} s]"
         else:

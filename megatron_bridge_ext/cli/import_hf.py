@@ -74,15 +74,16 @@ def _worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, 
 def _stream_worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, Any], dtype: Optional[str],
                    overwrite: bool, show: bool, verbose: bool, spec: str, buffer_bytes: Optional[int],
                    resume: bool, file_bytes: Optional[int] = None) -> Dict[str, Any]:
-    from megatron_bridge_ext.cli.common import DTYPES, quiet_third_party
+    from megatron_bridge_ext.cli.common import DTYPES, eager_functions, quiet_third_party
 
     quiet_third_party(verbose)  # no model runs: megatron-core's CPU patches are not needed
-    from megatron_bridge_ext.auto_bridge import AutoBridge
+    with eager_functions():
+        from megatron_bridge_ext.auto_bridge import AutoBridge
 
-    return AutoBridge.from_hf_pretrained(hf_dir).save_megatron_checkpoint(
-        out_dir, spec=spec, dtype=None if dtype is None else DTYPES[dtype], layout=layout, buffer_bytes=buffer_bytes,
-        overwrite=overwrite, resume=resume, show_progress=show and rank == 0,
-        **({} if file_bytes is None else {"file_bytes": file_bytes}))
+        return AutoBridge.from_hf_pretrained(hf_dir).save_megatron_checkpoint(
+            out_dir, spec=spec, dtype=None if dtype is None else DTYPES[dtype], layout=layout,
+            buffer_bytes=buffer_bytes, overwrite=overwrite, resume=resume, show_progress=show and rank == 0,
+            **({} if file_bytes is None else {"file_bytes": file_bytes}))
 
 
 def import_checkpoint(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,

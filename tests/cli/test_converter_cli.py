@@ -308,3 +308,70 @@ def test_inspect_plan(llama, tmp_path):
     stage1 = 2 * layer + D + V // 2 * D
     assert [r["bytes"] for r in plan["ranks"]] == [4 * stage0, 4 * stage0, 4 * stage1, 4 * stage1]
     assert all(r["import_peak_bytes"] >= r["bytes"] for r in plan["ranks"])
+
+
+def test_streamed_conversions_do_not_load_the_compiler_stack(llama, tmp_path):
+    """The streamed import and export run no model, so megatron-core's ``torch.compile``-wrapped fused functions
+    stay eager there: torch's compiler stack (``torch._inductor``, ~1 s of start-up) is never imported, and the
+    round trip is still bit-exact."""
+    _, src = llama
+    meg, out = str(tmp_path / "meg"), str(tmp_path / "hf")
+    for args in (["import", src, meg], ["export", meg, out]):
+        res = subprocess.run([sys.executable, "-X", "importtime", "-m", "megatron_bridge_ext", *args, "--quiet"],
+                             capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+        assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+        imported_modules = {ln.split("|")[-1].strip() for ln in res.stderr.splitlines() if ln.startswith("import time")}
+        assert "megatron.core" in imported_modules and "torch._inductor" not in imported_modules, args
+    assert compare_checkpoints(src, out)["bit_exact"]
+
+
+def test_eager_functions_restores_torch_compile():
+    from megatron_bridge_ext.cli.common import eager_functions
+
+    real = torch.compile
+
+    def f(x):
+        return x + 1
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with eager_functions():
+            assert torch.compile(f) is f and torch.compile(mode="max-autotune")(f) is f
+            raise RuntimeError("inside")
+    assert torch.compile is real
+
+
+def test_the_command_flushes_its_output_and_keeps_its_exit_status(tmp_path):
+    """The command exits without the interpreter's teardown: what it printed into a pipe still arrives whole, and
+    a failure still exits with status 1 and its message."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    res = subprocess.run([sys.executable, "-m", "megatron_bridge_ext", "list-models"], capture_output=True,
+                         text=True, timeout=300, env=_env(), cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert all(arch in res.stdout for arch in AutoBridge.list_supported_models()), res.stdout
+    res = _cli("import", str(tmp_path / "missing"), str(tmp_path / "out"))
+    assert res.returncode == 1 and "does not exist" in res.stderr, res.stdout + res.stderr
+
+
+def test_checksum_check_beside_the_conversion_names_a_changed_file(imported, tmp_path):
+    """The streamed export's checksum check (on its own thread, beside the conversion) finds what the collective
+    check finds: every file of the manifest, a flipped byte named by its file, no manifest said as None."""
+    from megatron_bridge_ext.io.checksums import MANIFEST_NAME, IntegrityError
+    from megatron_bridge_ext.io.megatron_checkpoint import ChecksumCheck, check_checksums, resolve_checkpoint
+
+    _, meg = imported
+    assert ChecksumCheck(meg).result() == check_checksums(meg, required=True) > 0
+    bad = str(tmp_path / "bad")
+    shutil.copytree(meg, bad)
+    sub, _ = resolve_checkpoint(bad)
+    name = max((n for n in os.listdir(sub) if n.endswith(".distcp")),
+               key=lambda n: os.path.getsize(os.path.join(sub, n)))
+    with open(os.path.join(sub, name), "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(IntegrityError, match=re.escape(name)):
+        ChecksumCheck(bad).result()
+    os.remove(os.path.join(sub, MANIFEST_NAME))
+    assert ChecksumCheck(bad).result() is None
