@@ -123,18 +123,24 @@ def make_source(kind: str, path: str, layers: int) -> Dict[str, Any]:
                 q = f"{p}mlp.experts.{x}."
                 shapes.update({q + "gate_proj.weight": (f, h), q + "up_proj.weight": (f, h),
                                q + "down_proj.weight": (h, f)})
+    elif kind == "deepseek-v3-slice":
+        from bench_quantized import _config, _shapes
+
+        cfg = _config(256)  # one dense and one MoE layer of the release's 256 routed experts (+ the shared one)
+        shapes = _shapes(256)
     else:
         raise ValueError(f"unknown model {kind!r}")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(cfg, fh, indent=2)
     g = torch.Generator().manual_seed(0)
-    with SafeTensorsWriter(path, {k: (s, torch.bfloat16) for k, s in shapes.items()}, max_shard_bytes=4 * GiB) as w:
+    dtypes = {k: torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16 for k in shapes}
+    with SafeTensorsWriter(path, {k: (s, dtypes[k]) for k, s in shapes.items()}, max_shard_bytes=4 * GiB) as w:
         for k, s in shapes.items():
-            t = torch.empty(s, dtype=torch.bfloat16)
+            t = torch.empty(s, dtype=dtypes[k])
             t.normal_(0, 0.02, generator=g) if len(s) > 1 else t.normal_(1.0, 0.1, generator=g)
             w.add(k, t)
-    largest = max(int(torch.Size(s).numel()) * 2 for s in shapes.values())
+    largest = max(int(torch.Size(s).numel()) * dtypes[k].itemsize for k, s in shapes.items())
     return {"bytes": dir_bytes(path, ".safetensors"), "tensors": len(shapes), "largest": largest}
 
 
@@ -160,8 +166,9 @@ def measure(label: str, args: List[str], drop: bool, floor: float) -> Dict[str, 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="llama-1b", choices=["llama-1b", "qwen3-235b-slice"])
-    ap.add_argument("--layers", type=int, default=None, help="decoder layers (llama-1b: 22, the slice: 4)")
+    ap.add_argument("--model", default="llama-1b", choices=["llama-1b", "qwen3-235b-slice", "deepseek-v3-slice"])
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (llama-1b: 22, the Qwen3 slice: 4; the DeepSeek-V3 slice has 2)")
     ap.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts of the streamed import")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-via-model", action="store_true", help="skip the model path (memory: the whole model)")
@@ -169,8 +176,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--drop-caches", action="store_true", help=f"drop the page cache before each step ({DROP_CACHES})")
     ap.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--digest-source", action="store_true",
+                    help="before the export, keep only each source tensor's SHA-256 and remove the source files (a "
+                         "disk that holds two copies of the model, not three); the export is compared by digest")
     a = ap.parse_args(argv)
-    layers = a.layers or (22 if a.model == "llama-1b" else 4)
+    if a.digest_source and a.repeats != 1:
+        raise ValueError("--digest-source removes the source after the first export: use it with --repeats 1")
+    layers = a.layers or {"llama-1b": 22, "qwen3-235b-slice": 4, "deepseek-v3-slice": 2}[a.model]
     work = a.dir or tempfile.mkdtemp(prefix="bench_stream_")
     os.makedirs(work, exist_ok=True)
     results: Dict[str, Any] = {"model": a.model, "layers": layers, "runs": []}
@@ -207,9 +219,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not a.no_export:
                 hf2 = os.path.join(work, "hf2")
                 shutil.rmtree(hf2, ignore_errors=True)
+                digests = None
+                if a.digest_source:
+                    digests = tensor_digests(src)
+                    shutil.rmtree(src)
                 run["steps"].append(measure("export (stream)", ["export", out, hf2, "--quiet"], a.drop_caches,
                                             floor))
-                exact = _same(src, hf2)
+                exact = _same(src, hf2) if digests is None else tensor_digests(hf2) == digests
                 print(f"    export bit-exact to the source: {exact}", flush=True)
                 run["export_exact"] = exact
                 shutil.rmtree(hf2, ignore_errors=True)
@@ -228,6 +244,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         if a.dir is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def tensor_digests(path: str) -> Dict[str, Any]:
+    """``{name: (dtype, shape, SHA-256 of the bytes)}`` of every tensor of an HF checkpoint."""
+    import hashlib
+
+    import torch
+
+    from megatron_bridge_ext.io import SafeTensorsSource
+
+    out = {}
+    with SafeTensorsSource(path) as src:
+        for k in src.keys():
+            t = src[k]
+            out[k] = (str(t.dtype), tuple(t.shape), hashlib.sha256(
+                t.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest())
+            src.release(k)
+    return out
 
 
 def _same(a: str, b: str) -> bool:
