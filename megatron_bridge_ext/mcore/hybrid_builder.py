@@ -81,9 +81,10 @@ class GatedRMSNorm(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def hybrid_construction() -> Iterator[None]:
-    """While a hybrid model is constructed: the ``mamba_ssm`` stand-ins (where ``mamba_ssm`` is missing) and the
-    local final norm (see the module docstring); everything is restored on exit."""
+def hybrid_construction(local_final_norm: bool = True) -> Iterator[None]:
+    """While a hybrid model is constructed: the ``mamba_ssm`` stand-ins (where ``mamba_ssm`` is missing) and, with
+    ``local_final_norm``, the local final norm (see the module docstring; False keeps megatron's ``TENorm``, for a
+    Transformer Engine model); everything is restored on exit."""
     import megatron.core.models.hybrid.hybrid_block as hybrid_block
     import megatron.core.ssm.mamba_mixer as mamba_mixer
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -92,7 +93,8 @@ def hybrid_construction() -> Iterator[None]:
     if not mamba_mixer.HAVE_MAMBA_SSM:
         mamba_mixer.HAVE_MAMBA_SSM = True
         mamba_mixer.ExtendedRMSNorm = GatedRMSNorm
-    hybrid_block.TENorm = WrappedTorchNorm
+    if local_final_norm:
+        hybrid_block.TENorm = WrappedTorchNorm
     try:
         yield
     finally:
