@@ -21,6 +21,10 @@ own ``get_transformer_block_with_experimental_attention_variant_spec``, see ``_g
 - full-attention layers of their own head size / kv heads (Gemma 4: ``full_attention_kv_channels`` /
   ``full_attention_num_query_groups``): the self-attention is this package's ``LayerTypeRopeSelfAttention`` (built
   from the layer's own config, TE submodules);
+- hybrid models (NemotronH, megatron-core 0.19 ``HybridModel``): megatron-core's own TE hybrid spec
+  (``hybrid_layer_specs.hybrid_stack_spec``, Megatron-LM's default for hybrid models; :func:`te_hybrid_stack_spec`),
+  with ``mamba_ssm``'s gated norm as this package's torch ``GatedRMSNorm`` where ``mamba_ssm`` is missing (the same
+  parameter and checkpoint entry);
 - the rest of this package's modules change no parameter (soft-capped, per-layer-type RoPE or value-normalising
   attention, proportional RoPE, fp32 router weights, embedding scale, output soft-cap, Llama 4's chunked /
   temperature-tuned attention and its q/k L2 norm on RoPE layers only) and are left out: the keys are what is compared

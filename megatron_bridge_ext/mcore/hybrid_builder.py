@@ -7,7 +7,9 @@ fused into the first linear: ``mixer.in_proj.layer_norm_weight``, ``mlp.linear_f
 ``self_attention.linear_qkv.layer_norm_weight``). :func:`hybrid_stack_spec` is its local counterpart, which runs on
 CPU and GPU alike: the norms are modules of their own (``norm`` of a Mamba layer, ``pre_mlp_layernorm`` of an MLP
 layer, ``input_layernorm`` of an attention layer; megatron's ``WrappedTorchNorm``), the linears megatron's
-``ColumnParallelLinear`` / ``RowParallelLinear``, the attention megatron's ``DotProductAttention``.
+``ColumnParallelLinear`` / ``RowParallelLinear``, the attention megatron's ``DotProductAttention``. Checkpoints are
+written and read with either spec's keys: ``mcore.te_keys`` renames the standalone norms to the TE spec's fused ones
+and adds its ``_extra_state`` objects (``spec="te"``, the default).
 
 Building a hybrid model needs three things a CPU process (or a GPU one without ``mamba_ssm``) lacks, supplied by
 :func:`hybrid_construction` while the model is built and restored after:
