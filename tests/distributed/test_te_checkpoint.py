@@ -24,6 +24,10 @@ into TE's grouped-GEMM experts (``TEGroupedMLP``) as well. OLMo 2 / Olmo 3 (post
 norms) and OLMoE (whole-projection q / k norms) use ``tests/distributed/test_olmo_families.py``'s checkpoints,
 MiniMax-M2 (whole-projection q / k norms, sigmoid router with correction bias)
 ``tests/distributed/test_minimax_m2.py``'s; their TE-spec model is described in ``tests/te_models.py``.
+NemotronH (megatron-core >= 0.19; ``tests/distributed/test_nemotron_h.py``'s ``M-*-M*M-`` checkpoint, written at TP2,
+read at PP2) is read into megatron-core's own TE ``HybridModel`` (``hybrid_layer_specs.hybrid_stack_spec``: each
+layer's pre-norm fused into ``mixer.in_proj`` / ``linear_qkv`` / ``linear_fc1``, the final norm TE's), and a
+Megatron-LM-style save of that model is exported from its hybrid args.
 ``ARCHITECTURES`` names each case's HF architecture; together they must be ``AutoBridge.list_supported_models()`` (a
 family without a case fails ``test_cases_cover_every_supported_architecture``).
 """
