@@ -21,6 +21,10 @@ own ``get_transformer_block_with_experimental_attention_variant_spec``, see ``_g
 - full-attention layers of their own head size / kv heads (Gemma 4: ``full_attention_kv_channels`` /
   ``full_attention_num_query_groups``): the self-attention is this package's ``LayerTypeRopeSelfAttention`` (built
   from the layer's own config, TE submodules);
+- hybrid models (NemotronH, megatron-core 0.19 ``HybridModel``): megatron-core's own TE hybrid spec
+  (``hybrid_layer_specs.hybrid_stack_spec``, Megatron-LM's default for hybrid models; :func:`te_hybrid_stack_spec`),
+  with ``mamba_ssm``'s gated norm as this package's torch ``GatedRMSNorm`` where ``mamba_ssm`` is missing (the same
+  parameter and checkpoint entry);
 - the rest of this package's modules change no parameter (soft-capped, per-layer-type RoPE or value-normalising
   attention, proportional RoPE, fp32 router weights, embedding scale, output soft-cap, Llama 4's chunked /
   temperature-tuned attention and its q/k L2 norm on RoPE layers only) and are left out: the keys are what is compared
@@ -34,7 +38,7 @@ import dataclasses
 import functools
 from typing import List, Optional
 
-__all__ = ["te_block_spec", "build_te_chunks"]
+__all__ = ["te_block_spec", "te_hybrid_stack_spec", "build_te_chunks"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,9 +170,60 @@ def te_block_spec(config, vp_stage: Optional[int] = None):
     return block
 
 
+def te_hybrid_stack_spec(config):
+    """megatron-core's own TE hybrid spec (``hybrid_layer_specs.hybrid_stack_spec``, what Megatron-LM's
+    ``HybridModelBuilder`` builds by default: each pre-norm fused into ``mixer.in_proj`` / ``self_attention.linear_qkv``
+    / ``mlp.linear_fc1``, ``TENorm`` final norm), with the Mamba mixer given the config's convolution width and scan
+    chunk (``d_conv`` / ``chunk_size``, as ``mcore.hybrid_builder.hybrid_stack_spec`` passes them)."""
+    from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
+
+    subs = hybrid_stack_spec.submodules
+    mamba = subs.mamba_layer
+    mixer = dataclasses.replace(mamba.submodules.mixer, params={"d_conv": config.mamba_conv_kernel,
+                                                                 "chunk_size": config.mamba_chunk_size})
+    mamba = dataclasses.replace(mamba, submodules=dataclasses.replace(mamba.submodules, mixer=mixer))
+    return dataclasses.replace(hybrid_stack_spec, submodules=dataclasses.replace(subs, mamba_layer=mamba))
+
+
+def _build_te_hybrid_chunks(config, vocab_size: int) -> List:
+    """This rank's TE-spec ``HybridModel`` chunk(s) (megatron-core >= 0.19), built as
+    ``mcore.hybrid_builder.build_hybrid_model`` builds the local ones (the same pipeline segments) but from
+    :func:`te_hybrid_stack_spec`; ``mamba_ssm``'s gated norm is this package's torch stand-in where it is missing
+    (the same parameter), the final norm stays megatron's ``TENorm``."""
+    from megatron.core import parallel_state
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    from megatron_bridge_ext.mcore.config import padded_vocab_size
+    from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled
+    from megatron_bridge_ext.mcore.hybrid_builder import hybrid_construction, pipeline_pattern
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for vp_stage in (range(vpp) if vpp else [None]):
+        with cuda_moves_disabled(), hybrid_construction(local_final_norm=False):
+            model = HybridModel(
+                config=config, hybrid_stack_spec=te_hybrid_stack_spec(config),
+                vocab_size=padded_vocab_size(vocab_size, tp, config.make_vocab_size_divisible_by),
+                max_sequence_length=config.seq_length,
+                hybrid_layer_pattern=pipeline_pattern(config.hybrid_layer_pattern, pp, vpp),
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                parallel_output=True, share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+                position_embedding_type=config.position_embedding_type, rotary_percent=config.rotary_percent,
+                rotary_base=config.rotary_base, seq_len_interpolation_factor=config.seq_len_interpolation_factor,
+                vp_stage=vp_stage,
+            )
+        model.unpadded_vocab_size = vocab_size
+        chunks.append(model.eval())
+    return chunks
+
+
 def build_te_chunks(config, vocab_size: Optional[int] = None, device=None) -> List:
     """This rank's TE-spec GPTModel chunk(s) under the current parallel state (one per virtual stage), moved to
-    ``device`` when given (built on the CPU: ``use_cpu_initialization``)."""
+    ``device`` when given (built on the CPU: ``use_cpu_initialization``); a hybrid config (``hybrid_layer_pattern``)
+    gives ``HybridModel`` chunks of megatron-core's TE hybrid spec (:func:`te_hybrid_stack_spec`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -177,6 +232,9 @@ def build_te_chunks(config, vocab_size: Optional[int] = None, device=None) -> Li
     from megatron_bridge_ext.mcore.cpu_compat import cuda_moves_disabled
 
     vocab_size = config.vocab_size if vocab_size is None else vocab_size
+    if getattr(config, "hybrid_layer_pattern", None):
+        chunks = _build_te_hybrid_chunks(config, vocab_size)
+        return [c.to(device) for c in chunks] if device is not None else chunks
     tp = parallel_state.get_tensor_model_parallel_world_size()
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     chunks = []

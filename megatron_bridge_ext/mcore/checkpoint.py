@@ -23,7 +23,6 @@ from megatron_bridge_ext.mcore.config import (
     config_to_dict,
 )
 from megatron_bridge_ext.mcore.cpu_compat import dist_checkpoint_cpu_patches
-from megatron_bridge_ext.mcore.hybrid_builder import is_hybrid_config
 from megatron_bridge_ext.mcore.names import as_chunks, model_config, unwrap_model
 from megatron_bridge_ext.mcore.te_keys import (
     EXTRA_STATE,
@@ -142,20 +141,6 @@ def to_te_sharded_state_dict(state: Dict[str, Any], config: Any, *, extra_state:
     return state
 
 
-def _refuse_te_hybrid(spec: str, config: Any) -> None:
-    """Transformer Engine keys of hybrid models are not written or read (megatron-core's TE ``hybrid_stack_spec``
-    fuses each layer's norm into ``mixer.in_proj`` / ``mlp.linear_fc1`` / ``self_attention.linear_qkv`` and saves
-    ``_extra_state`` objects this package does not describe for them yet).
-
-    Raises:
-        ValueError: ``spec="te"`` with a hybrid config, naming the pattern and the spec that works.
-    """
-    if spec == "te" and is_hybrid_config(config):
-        raise ValueError(f"spec='te': the Transformer Engine keys of hybrid models (hybrid_layer_pattern="
-                         f"{config.hybrid_layer_pattern!r}) are not written or read yet; use spec='local' (import "
-                         "--spec local)")
-
-
 def sharded_model_state(chunks: Sequence[torch.nn.Module], spec: str = "local", *, extra_state: bool = True,
                         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """``{"model": sd}`` or ``{"model0": sd0, ...}``: each chunk's ``sharded_state_dict`` (global tensor keys; the
@@ -172,7 +157,6 @@ def sharded_model_state(chunks: Sequence[torch.nn.Module], spec: str = "local", 
     if spec not in SPECS:
         raise ValueError(f"spec must be one of {SPECS}, got {spec!r}")
     chunks = as_chunks(chunks)
-    _refuse_te_hybrid(spec, model_config(chunks))
     md = _content_metadata() if metadata is None else {**metadata, **{
         "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}}
     out = {}
@@ -305,8 +289,8 @@ def config_from_checkpoint(info: "ckpt_io.MegatronCheckpointInfo", **overrides: 
     return config_from_dict(info.model_config, overrides)
 
 
-#: the model-defining fields a Megatron-LM ``args`` namespace and a config must agree on (MoE / MLA ones when the
-#: model has experts / multi-latent attention)
+#: the model-defining fields a Megatron-LM ``args`` namespace and a config must agree on (MoE / MLA / hybrid ones when
+#: the model has experts / multi-latent attention / a hybrid layer pattern)
 _AGREE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
           "normalization", "layernorm_epsilon", "layernorm_zero_centered_gamma", "gated_linear_unit",
           "activation_func", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "position_embedding_type",
@@ -316,6 +300,8 @@ _AGREE_MOE = ("moe_ffn_hidden_size", "moe_router_topk", "moe_shared_expert_inter
               "moe_router_score_function", "moe_layer_freq", "moe_router_topk_scaling_factor",
               "moe_router_enable_expert_bias", "moe_router_num_groups", "moe_router_group_topk")
 _AGREE_MLA = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+_AGREE_HYBRID = ("hybrid_layer_pattern", "is_hybrid_model", "mamba_state_dim", "mamba_head_dim", "mamba_num_groups",
+                 "mamba_num_heads")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -337,11 +323,13 @@ def args_disagreements(args: Any, config: Any) -> List[str]:
         names += _AGREE_MOE
     if fields.get("multi_latent_attention") or getattr(config, "multi_latent_attention", False):
         names += _AGREE_MLA
+    if fields.get("hybrid_layer_pattern") or getattr(config, "hybrid_layer_pattern", None):
+        names += _AGREE_HYBRID
     out = []
     for name in names:
-        if name not in fields:
+        if name not in fields and name != "hybrid_layer_pattern":  # a pattern on one side only: different models
             continue
-        a, b = fields[name], getattr(config, name, None)
+        a, b = fields.get(name), getattr(config, name, None)
         if name == "activation_func":
             a, b = getattr(a, "__name__", a), getattr(b, "__name__", b)
         if name == "no_rope_freq" and isinstance(a, int) and not isinstance(a, bool) and a > 0:
@@ -492,7 +480,7 @@ def checkpoint_spec(chunks: Sequence[torch.nn.Module], path: str, stored_keys: O
     stored = set(ckpt_io.tensor_metadata(path) if stored_keys is None else stored_keys)
     local = set(tensor_keys(_sharded_items(sharded_model_state(chunks, "local", extra_state=False))))
     lacking = {"te": sorted({te_tensor_key(k, config) for k in local} - stored), "local": sorted(local - stored)}
-    order = ("local",) if is_hybrid_config(config) else ("te", "local")  # hybrid: local keys only (_refuse_te_hybrid)
+    order = ("te", "local")
     votes: List[Any] = [lacking]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         votes = [None] * torch.distributed.get_world_size()

@@ -7,7 +7,9 @@ fused into the first linear: ``mixer.in_proj.layer_norm_weight``, ``mlp.linear_f
 ``self_attention.linear_qkv.layer_norm_weight``). :func:`hybrid_stack_spec` is its local counterpart, which runs on
 CPU and GPU alike: the norms are modules of their own (``norm`` of a Mamba layer, ``pre_mlp_layernorm`` of an MLP
 layer, ``input_layernorm`` of an attention layer; megatron's ``WrappedTorchNorm``), the linears megatron's
-``ColumnParallelLinear`` / ``RowParallelLinear``, the attention megatron's ``DotProductAttention``.
+``ColumnParallelLinear`` / ``RowParallelLinear``, the attention megatron's ``DotProductAttention``. Checkpoints are
+written and read with either spec's keys: ``mcore.te_keys`` renames the standalone norms to the TE spec's fused ones
+and adds its ``_extra_state`` objects (``spec="te"``, the default).
 
 Building a hybrid model needs three things a CPU process (or a GPU one without ``mamba_ssm``) lacks, supplied by
 :func:`hybrid_construction` while the model is built and restored after:
@@ -81,9 +83,10 @@ class GatedRMSNorm(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def hybrid_construction() -> Iterator[None]:
-    """While a hybrid model is constructed: the ``mamba_ssm`` stand-ins (where ``mamba_ssm`` is missing) and the
-    local final norm (see the module docstring); everything is restored on exit."""
+def hybrid_construction(local_final_norm: bool = True) -> Iterator[None]:
+    """While a hybrid model is constructed: the ``mamba_ssm`` stand-ins (where ``mamba_ssm`` is missing) and, with
+    ``local_final_norm``, the local final norm (see the module docstring; False keeps megatron's ``TENorm``, for a
+    Transformer Engine model); everything is restored on exit."""
     import megatron.core.models.hybrid.hybrid_block as hybrid_block
     import megatron.core.ssm.mamba_mixer as mamba_mixer
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -92,7 +95,8 @@ def hybrid_construction() -> Iterator[None]:
     if not mamba_mixer.HAVE_MAMBA_SSM:
         mamba_mixer.HAVE_MAMBA_SSM = True
         mamba_mixer.ExtendedRMSNorm = GatedRMSNorm
-    hybrid_block.TENorm = WrappedTorchNorm
+    if local_final_norm:
+        hybrid_block.TENorm = WrappedTorchNorm
     try:
         yield
     finally:

@@ -17,7 +17,13 @@ Which values the model decides: the arguments Megatron-LM copies into its ``Tran
 (``core_transformer_config_from_args``) for the architecture (:data:`ARCH_FIELDS`), plus those it derives
 (:func:`model_args`: ``num_experts``, ``swiglu`` / ``quick_geglu``, ``group_query_attention``,
 ``untie_embeddings_and_output_weights``, ``max_position_embeddings``, ``use_rope_scaling``, the vocabulary and its
-padding, the dtype, the parallel sizes, ``transformer_impl``).
+padding, the dtype, the parallel sizes, ``transformer_impl``; for a hybrid model, ``hybrid_layer_pattern``).
+
+Hybrid models (NemotronH): Megatron-LM builds a ``HybridModel`` when ``args.hybrid_layer_pattern`` is set
+(``megatron.training.utils.is_hybrid_model``); ``core_transformer_config_from_args`` then sets ``is_hybrid_model`` and
+copies the ``mamba_*`` sizes. Megatron-LM has no argument for the Mamba convolution width or scan chunk: its TE
+hybrid spec builds megatron's ``MambaMixer`` defaults (``d_conv`` 4, ``chunk_size`` 128), which a config read back
+from args gets (``mamba_conv_kernel`` / ``mamba_chunk_size`` of the family's defaults).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 __all__ = [
     "ARCH_FIELDS",
+    "HYBRID_PATTERN_ARGS",
     "megatron_lm_defaults",
     "model_args",
     "megatron_lm_namespace",
@@ -61,7 +68,14 @@ ARCH_FIELDS = (
     # gated delta-net (megatron-core >= 0.19; Megatron-LM's --experimental-attention-variant, --linear-*)
     "experimental_attention_variant", "linear_attention_freq", "linear_conv_kernel_dim", "linear_key_head_dim",
     "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+    # hybrid Mamba models (megatron-core >= 0.19 HybridModel; Megatron-LM's load_args_from_checkpoint reads the four
+    # sizes, is_hybrid_model is TransformerConfig's)
+    "is_hybrid_model", "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
 )
+#: the Megatron-LM arguments naming a hybrid model's layer pattern: ``--hybrid-layer-pattern`` (megatron-core 0.19's
+#: Megatron-LM, "the sole indicator that a hybrid model is being run"), and its deprecated older name, which that
+#: Megatron-LM forwards to it (``validate_args``, ``load_args_from_checkpoint``)
+HYBRID_PATTERN_ARGS = ("hybrid_layer_pattern", "hybrid_override_pattern")
 
 _PLAIN = (bool, int, float, str, type(None))
 _TABLE_HEADER = '''"""Generated: the default of every Megatron-LM argument (``megatron.training.arguments.add_megatron_arguments``
@@ -173,6 +187,11 @@ def model_args(config: Any, parallel: Mapping[str, Any], *, spec: str = "te",
         transformer_impl="transformer_engine" if spec == "te" else "local",
         ckpt_format="torch_dist", use_dist_ckpt=True, use_mcore_models=True,
     )
+    if not config.add_bias_linear:  # as Megatron-LM's validate_args stores it (no bias: no bias-GeLU fusion)
+        out["bias_gelu_fusion"] = False
+    pattern = getattr(config, "hybrid_layer_pattern", None)
+    if pattern:
+        out.update(is_hybrid_model=True, hybrid_layer_pattern=pattern)
     if tokenizer:
         out.update(tokenizer)
     return out
@@ -184,7 +203,10 @@ def megatron_lm_namespace(config: Any, parallel: Mapping[str, Any], *, iteration
     :func:`model_args`, then what ``save_checkpoint`` would have set for a checkpoint without optimizer or RNG state
     at ``iteration`` (``no_save_optim`` / ``no_save_rng``, counters at 0)."""
     args, _ = megatron_lm_defaults()
-    args.update(model_args(config, parallel, spec=spec, tokenizer=tokenizer))
+    model = model_args(config, parallel, spec=spec, tokenizer=tokenizer)
+    if "hybrid_layer_pattern" in model and "hybrid_layer_pattern" not in args:  # an older Megatron-LM's name
+        model["hybrid_override_pattern"] = model.pop("hybrid_layer_pattern")
+    args.update(model)
     args.update(no_save_optim=True, no_save_rng=True, iteration=iteration, consumed_train_samples=0,
                 skipped_train_samples=0, consumed_valid_samples=0, rank=0)
     return argparse.Namespace(**args)
@@ -215,6 +237,11 @@ def config_fields_from_args(args: Any) -> Dict[str, Any]:
         out["num_query_groups"] = out["num_attention_heads"]
     if get("num_experts"):
         out["num_moe_experts"] = get("num_experts")
+    pattern = next((get(n) for n in HYBRID_PATTERN_ARGS if get(n)), None)
+    if pattern:  # a hybrid model (Megatron-LM's is_hybrid_model(args)); the Mamba sizes are in ARCH_FIELDS
+        out.update(hybrid_layer_pattern=pattern, is_hybrid_model=True)
+    else:
+        out = {k: v for k, v in out.items() if not k.startswith("mamba_") and k != "is_hybrid_model"}
     if get("multi_latent_attention", False):  # Megatron-LM's latent q / kv norms use the model's epsilon
         out["latent_layernorm_epsilon"] = get("layernorm_epsilon")
     activation: Callable = F.gelu

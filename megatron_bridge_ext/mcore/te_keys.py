@@ -28,6 +28,19 @@ it builds (``tests/distributed/test_te_checkpoint.py``):
    (``pre_layernorms=False``, OLMo 2 / Olmo 3) ``linear_qkv`` / ``linear_fc1`` are TE's plain column-parallel linear:
    the same keys, no ``layer_norm_weight`` (the local spec has no ``input_layernorm`` / ``pre_mlp_layernorm`` either).
 
+4. **Hybrid models** (megatron-core >= 0.19 ``HybridModel``, NemotronH; a config with a ``hybrid_layer_pattern``).
+   Their layers are not stacked (one key per layer, ``decoder.layers.{i}.``), and this package builds them from a
+   local spec with standalone pre-norms (``mcore.hybrid_builder``) without a key map. megatron-core's TE
+   ``hybrid_stack_spec`` (``models/hybrid/hybrid_layer_specs.py``) fuses each layer's pre-norm into its first linear
+   (``TELayerNormColumnParallelLinear``): a Mamba layer's ``norm.`` is ``mixer.in_proj.layer_norm_`` (the layer's
+   ``norm`` is an ``IdentityOp``), an attention layer's ``input_layernorm.`` is
+   ``self_attention.linear_qkv.layer_norm_``, an MLP layer's ``pre_mlp_layernorm.`` is ``mlp.linear_fc1.layer_norm_``
+   (:func:`te_tensor_key`, by the layer's symbol in the pattern). The stack's final norm is TE's ``TENorm``
+   (``decoder.final_norm``, an ``_extra_state`` of its own); ``mixer.in_proj`` / ``mixer.out_proj`` are TE linears;
+   the mixer's gated norm (``mixer.norm``, ``mamba_ssm``'s ``RMSNormGated``), its convolution and per-head vectors
+   are not TE modules, and TE's core attention saves nothing without a learnable softmax offset. Each ``_extra_state``
+   is a ``(1,)`` grid (no stacked layers).
+
 A streaming writer that knows the local keys, their global shapes and how many leading dimensions are layer / expert
 offsets produces the same checkpoint with :func:`te_layout`.
 """
@@ -36,13 +49,15 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from megatron_bridge_ext.naming import (EXTRA_STATE, KV_LATENT_NORM, MTP_LAYERS, PRE_MLP_NORM, Q_LATENT_NORM,
-                                        fused_norm_key, mtp_layer, plain_norm_key, split_layer_key)
+from megatron_bridge_ext.naming import (EXTRA_STATE, INPUT_NORM, KV_LATENT_NORM, MTP_LAYERS, PRE_MLP_NORM,
+                                        Q_LATENT_NORM, fused_norm_key, mtp_layer, plain_norm_key, split_layer_key)
 
 __all__ = [
     "SPECS",
     "EXTRA_STATE",
     "TE_MODULES",
+    "MAMBA_NORM",
+    "HYBRID_FUSED_NORMS",
     "WHOLE_PROJECTION_NORMS",
     "empty_extra_state",
     "is_dsa",
@@ -65,7 +80,14 @@ TE_MODULES = frozenset({
     # DeepSeek sparse attention (megatron-core >= 0.19): the standalone kv latent norm and the indexer's modules
     "kv_layernorm", "linear_wq_b", "linear_wk", "k_norm", "linear_weights_proj",
     "in_proj", "out_proj", "out_norm",  # gated delta-net (megatron-core 0.19): TE linears and its gated output norm
+    # (Mamba mixers of hybrid models: in_proj / out_proj too)
+    "final_norm",  # the final norm of a hybrid model's stack (megatron-core 0.19 HybridStack: TENorm)
 })
+#: a Mamba layer's pre-norm: standalone in the local hybrid spec, fused into ``mixer.in_proj`` in the TE one
+MAMBA_NORM = ("norm.", "mixer.in_proj.layer_norm_")
+#: the pre-norm of each hybrid layer symbol (megatron's ``hybrid_layer_allocation.Symbols``) that the TE hybrid spec
+#: fuses into the layer's first linear
+HYBRID_FUSED_NORMS = {"M": MAMBA_NORM, "*": INPUT_NORM, "-": PRE_MLP_NORM}
 
 
 def empty_extra_state():
@@ -122,6 +144,9 @@ def te_tensor_key(key: str, config: Any) -> str:
     k = split_layer_key(key)
     if k is None:
         return key
+    pattern = getattr(config, "hybrid_layer_pattern", None)
+    if pattern:
+        return k.prefix + _hybrid_te_rest(key, k, pattern)
     moe, mla = _kind_of(config, k.layer, k.mtp, key)
     rest = k.rest
     if is_dsa(config):  # megatron's TE DSA spec: standalone input / latent norms, the dense pre-MLP norm fused
@@ -134,6 +159,21 @@ def te_tensor_key(key: str, config: Any) -> str:
     elif moe:
         rest = plain_norm_key(rest, PRE_MLP_NORM)
     return k.prefix + rest
+
+
+def _hybrid_te_rest(key: str, k: Any, pattern: str) -> str:
+    """A hybrid model's layer key (the part after ``decoder.layers.{i}.``) as the TE hybrid spec names it."""
+    if k.layer is None or k.mtp is not None:
+        raise ValueError(f"{key}: not a key of one layer of a hybrid model (hybrid_layer_pattern={pattern!r}: "
+                         "megatron-core saves its layers one key per layer, and no multi-token-prediction layers here)")
+    if k.layer >= len(pattern):
+        raise ValueError(f"{key}: layer {k.layer}, but hybrid_layer_pattern={pattern!r} has {len(pattern)} layers")
+    norm = HYBRID_FUSED_NORMS.get(pattern[k.layer])
+    if norm is None:
+        raise ValueError(f"{key}: layer {k.layer} is a {pattern[k.layer]!r} layer of hybrid_layer_pattern="
+                         f"{pattern!r}, whose Transformer Engine keys are not described (described: "
+                         f"{', '.join(repr(s) for s in HYBRID_FUSED_NORMS)})")
+    return fused_norm_key(k.rest, norm)
 
 
 #: modules that a TE-spec model of a config with ``qk_layernorm_whole_projection`` builds from this package's classes

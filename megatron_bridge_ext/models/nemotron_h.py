@@ -20,6 +20,12 @@ Per layer kind (Megatron ``decoder.layers.{i}.`` <- HF ``backbone.layers.{i}.``)
 plus ``embedding.word_embeddings`` <- ``backbone.embeddings``, ``decoder.final_norm`` <- ``backbone.norm_f``,
 ``output_layer`` <- ``lm_head``.
 
+These are the local spec's keys (``import --spec local``). The default ``--spec te`` writes (and export reads)
+megatron-core's Transformer Engine hybrid spec's, where each layer's norm is fused into its first linear
+(``mixer.in_proj.layer_norm_weight``, ``self_attention.linear_qkv.layer_norm_weight``,
+``mlp.linear_fc1.layer_norm_weight``) and TE modules save ``_extra_state`` (``mcore.te_keys``); the stored
+Megatron-LM ``args`` carry ``hybrid_layer_pattern`` and the ``mamba_*`` sizes.
+
 Refused with named errors: megatron-core < 0.19 (no hybrid model), MoE layers ('E', Nemotron 3: not converted yet),
 multi-token-prediction layers (``num_nextn_predict_layers``), biases (``use_bias``, ``mlp_bias``,
 ``attention_bias``), no convolution bias (``use_conv_bias=False``: megatron's mixer always has one), activations

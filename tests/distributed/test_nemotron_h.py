@@ -24,9 +24,12 @@ HF tensors written here (:func:`_expected`: ``in_proj`` split into z / x / B / C
 the convolution over x / B / C, per-head vectors and the gated norm chunked, ``out_proj`` / ``o_proj`` /
 ``down_proj`` chunked by columns, q / k / v interleaved per query group, the vocabulary padded); no parameter is left
 unchecked. The export is bit-exact against the source (key set, dtypes, torch.equal). One export without the source
-loads in transformers with the source's layer types and tensors. A ``torch_dist`` checkpoint written at TP2 is read
-at PP2 from its stored config with every parameter again equal to the HF reading; the streamed conversion (no live
-model) writes the same tensors and reads back at TP2 x PP2 likewise.
+loads in transformers with the source's layer types and tensors. ``torch_dist`` checkpoints written at TP2, with the
+local spec's keys and with the default Transformer Engine spec's (megatron-core's TE hybrid spec: each layer's
+pre-norm fused into its first linear; the keys proved against megatron's own TE ``HybridModel`` in
+``test_te_checkpoint.py``), are read at PP2 from their stored config with every parameter again equal to the HF
+reading; the streamed conversion (no live model) writes the same checkpoints (each spec) and reads back at TP2 x PP2
+likewise; both streamed checkpoints export back bit-exact, streamed and through a model.
 """
 
 from __future__ import annotations
@@ -198,19 +201,20 @@ def _params(run) -> dict:
 
 
 def _dist(run) -> dict:
-    """A ``torch_dist`` checkpoint (local spec) written here and read at DIST's other layout; the default (TE) spec
-    refused or written."""
+    """``torch_dist`` checkpoints written here, of the local spec and of the default Transformer Engine spec (the
+    keys of megatron-core's TE hybrid spec), each read at DIST's other layout."""
+    from megatron_bridge_ext.io.megatron_checkpoint import tensor_metadata
     from megatron_bridge_ext.mcore.checkpoint import cast_to_params_dtype, save_megatron_checkpoint
 
     r = {}
     path = os.path.join(run.out_root, f"{run.layout.name}_dist")
-    save_megatron_checkpoint(cast_to_params_dtype(run.chunks), path, architecture=ARCH, spec="local")
-    try:  # the default spec: Transformer Engine keys, not written for hybrid models yet
-        save_megatron_checkpoint(run.chunks, path + "_te", architecture=ARCH)
-        r["te"] = "written"
-    except ValueError as e:
-        r["te"] = str(e)
-    r["dist"] = _read_back(path, _hf_tensors(run.ckpts[run.layout.ckpt]), *DIST[1])
+    chunks = cast_to_params_dtype(run.chunks)
+    save_megatron_checkpoint(chunks, path, architecture=ARCH, spec="local")
+    save_megatron_checkpoint(chunks, path + "_te", architecture=ARCH)  # the default spec
+    r["te_keys"] = sorted(tensor_metadata(os.path.join(path + "_te", "iter_0000000")))
+    sd = _hf_tensors(run.ckpts[run.layout.ckpt])
+    r["dist"] = _read_back(path, sd, *DIST[1])
+    r["dist_te"] = _read_back(path + "_te", sd, *DIST[1])
     return r
 
 
@@ -229,13 +233,14 @@ def _tail(rank: int, ckpts: dict, tokens: torch.Tensor, out_root: str) -> dict:
     if rank == 0:  # the stored args differ (world size): tensors and objects compared
         results["stream_diff"] = [d for d in compare_megatron_checkpoints(
             stream, os.path.join(out_root, f"{DIST[0]}_dist")) if not d.startswith("common ")]
-    try:
-        AutoBridge.from_hf_pretrained(ckpts["hybrid"]).save_megatron_checkpoint(
-            os.path.join(out_root, "hybrid_stream_te"), spec="te", dtype=torch.float32)
-        results["stream_te"] = "written"
-    except ValueError as e:
-        results["stream_te"] = str(e)
+    stream_te = os.path.join(out_root, "hybrid_stream_te")  # the default spec (Transformer Engine keys)
+    AutoBridge.from_hf_pretrained(ckpts["hybrid"]).save_megatron_checkpoint(
+        stream_te, dtype=torch.float32, layout=dict(tp=2, pp=1), file_bytes=64 << 10, buffer_bytes=16 << 10)
+    if rank == 0:
+        results["stream_te_diff"] = [d for d in compare_megatron_checkpoints(
+            stream_te, os.path.join(out_root, f"{DIST[0]}_dist_te")) if not d.startswith("common ")]
     results["stream_load"] = _read_back(stream, _hf_tensors(ckpts["hybrid"]), 2, 2)
+    results["stream_te_load"] = _read_back(stream_te, _hf_tensors(ckpts["hybrid"]), 2, 2)
     destroy_parallel()
     # Mamba heads / groups that TP cannot split: refused by name before megatron asserts
     init_parallel(tp=4, pp=1)
@@ -349,11 +354,13 @@ def test_export_without_source_loads_in_transformers(world):
     assert diff <= SAME_MODEL_ATOL
 
 
-def test_torch_dist_checkpoint_reads_at_another_layout(world):
+@pytest.mark.parametrize("spec", ["local", "te"])
+def test_torch_dist_checkpoint_reads_at_another_layout(world, spec):
     _, _, per_rank, _ = world
+    key = "dist" if spec == "local" else "dist_te"
     for rank, r in enumerate(per_rank):
-        assert r[DIST[0]]["dist"]["bad"] == [], (rank, r[DIST[0]]["dist"]["bad"][:4])
-        assert r[DIST[0]]["dist"]["checked"] > 0, rank
+        assert r[DIST[0]][key]["bad"] == [], (rank, r[DIST[0]][key]["bad"][:4])
+        assert r[DIST[0]][key]["checked"] > 0, rank
 
 
 def test_mamba_heads_tp_cannot_split_are_refused(world):
@@ -382,26 +389,38 @@ def test_streamed_checkpoint_equals_the_model_path_and_reads_back(world):
         assert r["stream_load"]["bad"] == [] and r["stream_load"]["checked"] > 0, (rank, r["stream_load"]["bad"][:4])
 
 
-def test_transformer_engine_keys_are_refused_by_name(world):
-    """Saving a hybrid model with Transformer Engine keys (the default spec), from the model or streamed, is refused
-    naming the pattern and ``spec='local'``; nothing is written."""
-    _, out_root, per_rank, _ = world
+def test_transformer_engine_checkpoint_fuses_each_layers_norm(world):
+    """The default spec writes megatron-core's TE hybrid keys (``test_te_checkpoint.py`` proves them against the TE
+    hybrid model itself): each layer's pre-norm is the ``layer_norm_weight`` of its first linear, by the layer's
+    symbol in ``M-*-M*M-``; no standalone pre-norm is left; the streamed import writes the model path's checkpoint
+    (tensors, bytes, ``_extra_state`` objects) and reads back at TP2 x PP2 as the plain-torch reading."""
+    _, _, per_rank, _ = world
+    keys = per_rank[0][DIST[0]]["te_keys"]
+    fused = {"M": "mixer.in_proj.layer_norm_weight", "*": "self_attention.linear_qkv.layer_norm_weight",
+             "-": "mlp.linear_fc1.layer_norm_weight"}
+    pattern = CHECKPOINTS["hybrid"]["pattern"]
+    for i, symbol in enumerate(pattern):
+        assert f"decoder.layers.{i}.{fused[symbol]}" in keys, (i, symbol)
+    layer_norms = [k for k in keys if k.startswith("decoder.layers.") and k.split(".", 3)[3] in (
+        "norm.weight", "input_layernorm.weight", "pre_mlp_layernorm.weight")]
+    assert layer_norms == [] and "decoder.final_norm.weight" in keys
+    assert per_rank[0]["stream_te_diff"] == [], per_rank[0]["stream_te_diff"][:10]
     for rank, r in enumerate(per_rank):
-        for got in (r[DIST[0]]["te"], r["stream_te"]):
-            assert got.startswith("spec='te': the Transformer Engine keys of hybrid models (hybrid_layer_pattern="
-                                  "'M-*-M*M-') are not written or read yet; use spec='local'"), (rank, got)
-    assert not os.path.exists(os.path.join(out_root, f"{DIST[0]}_dist_te", "iter_0000000"))
+        assert r["stream_te_load"]["bad"] == [] and r["stream_te_load"]["checked"] > 0, (
+            rank, r["stream_te_load"]["bad"][:4])
 
 
+@pytest.mark.parametrize("spec", ["local", "te"])
 @pytest.mark.parametrize("via_model", [False, True], ids=["stream", "model"])
-def test_export_of_the_torch_dist_checkpoint_is_bit_exact(world, via_model, tmp_path):
-    """``export`` of the streamed checkpoint with its HF source, streamed (no model, TP1) and through a model at
-    TP2 x PP2 (local gloo ranks): the source's tensors back, bit-exact."""
+def test_export_of_the_torch_dist_checkpoint_is_bit_exact(world, via_model, spec, tmp_path):
+    """``export`` of the streamed checkpoint (local spec, and the default Transformer Engine spec) with its HF source,
+    streamed (no model, TP1) and through a model at TP2 x PP2 (local gloo ranks): the source's tensors back,
+    bit-exact."""
     from megatron_bridge_ext.cli.export import export_checkpoint
 
     ckpts, out_root, _, _ = world
     out = str(tmp_path / "hf")
     layout = dict(tp=2, pp=2) if via_model else {}
-    export_checkpoint(os.path.join(out_root, "hybrid_stream"), out, hf_source=ckpts["hybrid"], backend="gloo",
-                      via_model=via_model, timeout=600, **layout)
+    export_checkpoint(os.path.join(out_root, "hybrid_stream" if spec == "local" else "hybrid_stream_te"), out,
+                      hf_source=ckpts["hybrid"], backend="gloo", via_model=via_model, timeout=600, **layout)
     _assert_same_tensors(ckpts["hybrid"], out)

@@ -24,6 +24,10 @@ into TE's grouped-GEMM experts (``TEGroupedMLP``) as well. OLMo 2 / Olmo 3 (post
 norms) and OLMoE (whole-projection q / k norms) use ``tests/distributed/test_olmo_families.py``'s checkpoints,
 MiniMax-M2 (whole-projection q / k norms, sigmoid router with correction bias)
 ``tests/distributed/test_minimax_m2.py``'s; their TE-spec model is described in ``tests/te_models.py``.
+NemotronH (megatron-core >= 0.19; ``tests/distributed/test_nemotron_h.py``'s ``M-*-M*M-`` checkpoint, written at TP2,
+read at PP2) is read into megatron-core's own TE ``HybridModel`` (``hybrid_layer_specs.hybrid_stack_spec``: each
+layer's pre-norm fused into ``mixer.in_proj`` / ``linear_qkv`` / ``linear_fc1``, the final norm TE's), and a
+Megatron-LM-style save of that model is exported from its hybrid args.
 ``ARCHITECTURES`` names each case's HF architecture; together they must be ``AutoBridge.list_supported_models()`` (a
 family without a case fails ``test_cases_cover_every_supported_architecture``).
 """
@@ -46,6 +50,7 @@ if importlib.util.find_spec("transformers") is None:
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402  (imports no megatron module)
 from megatron_bridge_ext.mcore.versions import (  # noqa: E402  (reads the distribution metadata)
     has_gated_delta_net,
+    has_hybrid_model,
     installed_megatron_core,
     megatron_core_version,
 )
@@ -99,6 +104,15 @@ GDN_CASES = {
 }
 if has_gated_delta_net():
     CASES.update(GDN_CASES)
+# hybrid Mamba / attention / MLP models (megatron-core >= 0.19 HybridModel; below it NemotronH is refused by name,
+# test_te_checkpoint_of_hybrid_is_refused_below_0_19): tests/distributed/test_nemotron_h.py's checkpoint, read into
+# megatron-core's own TE hybrid spec (hybrid_layer_specs.hybrid_stack_spec, tests/te_models.py)
+HYBRID_CASES = {
+    "nemotron_h": (DENSE_W, DENSE_R, False),
+}
+HAS_HYBRID = has_hybrid_model()
+if HAS_HYBRID:
+    CASES.update(HYBRID_CASES)
 # case -> the HF architecture its checkpoint is (one line per case: families added on other branches merge as added
 # lines); test_cases_cover_every_supported_architecture holds it to CASES and AutoBridge.list_supported_models()
 ARCHITECTURES = {
@@ -130,10 +144,6 @@ ARCHITECTURES = {
     "qwen3_5": "Qwen3_5ForCausalLM",
     "qwen3_5_moe": "Qwen3_5MoeForCausalLM",
 }
-# cases whose Transformer Engine checkpoint is refused by name instead of written (not in CASES): the hybrid
-# (Mamba / attention) models, whose TE keys (megatron-core's hybrid_stack_spec) are not described yet; under a
-# megatron-core without HybridModel (0.16.1) the family itself is refused (test_te_checkpoint_of_hybrid_is_refused)
-TE_REFUSED = {"nemotron_h"}
 
 
 def _make_checkpoints(root: str) -> dict:
@@ -186,6 +196,10 @@ def _make_checkpoints(root: str) -> dict:
 
             model = deepseek_v32._make_checkpoint(path + "_base", seed=4)
             deepseek_v32._write_mtp(path + "_base", path, model, seed=5)
+        elif name == "nemotron_h":  # its own test's checkpoint: Mamba, attention and MLP layers (M-*-M*M-)
+            import test_nemotron_h as nemotron_h
+
+            nemotron_h._make_checkpoint(path, "hybrid", seed=7)
         elif name == "glm_moe_dsa":  # its own test's model: indexers in the full layers only (top-k sharing)
             import test_glm_moe_dsa as glm_moe_dsa
 
@@ -310,6 +324,7 @@ def _local_name(te_name: str) -> str:
         return f"{m.group(1)}.mlp.experts.local_experts.{m.group(4)}.linear_fc{m.group(2)}.{m.group(3)}"
     for te, local in ((".self_attention.linear_qkv.layer_norm_", ".input_layernorm."),
                       (".self_attention.in_proj.layer_norm_", ".input_layernorm."),  # gated delta-net layers
+                      (".mixer.in_proj.layer_norm_", ".norm."),  # Mamba layers of hybrid models
                       (".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm."),
                       (".self_attention.linear_q_up_proj.layer_norm_", ".self_attention.q_layernorm."),
                       (".self_attention.linear_kv_up_proj.layer_norm_", ".self_attention.kv_layernorm.")):
@@ -394,7 +409,8 @@ def _te_worker(rank: int, world: int, root: str) -> dict:
 # TE-model checkpoints saved by megatron-core's own dist_checkpointing.save with only what Megatron-LM stores (its
 # args, no config of this package), for export: family/variant -> HF architecture
 MLM_FIXTURES = {k: v for k, v in {"llama/sequential": "LlamaForCausalLM", "qwen3_moe/grouped": "Qwen3MoeForCausalLM",
-                                  "deepseek_v3_mtp/sequential": "DeepseekV3ForCausalLM"}.items()
+                                  "deepseek_v3_mtp/sequential": "DeepseekV3ForCausalLM",
+                                  "nemotron_h/sequential": "NemotronHForCausalLM"}.items()
                 if k.split("/")[0] in CASES}
 FP8_STATE = {"recipe": "DelayedScaling(fp8_format=HYBRID, amax_history_len=1024)", "scale_fwd": [448.0, 448.0, 1.0],
              "amax_history_fwd": [[0.25, 0.5, 1.0]], "extra_fp8_variables": {"num_gemms": 1}}
@@ -461,10 +477,9 @@ def test_cases_cover_every_supported_architecture():
     claim every family), and every case is named with the architecture its checkpoint is (checked on load)."""
     from megatron_bridge_ext.auto_bridge import AutoBridge
 
-    # the DSA and gated delta-net cases below megatron-core 0.19: their refusal (below)
-    cases = set(CASES) | set(DSA_CASES) | set(GDN_CASES) | TE_REFUSED
+    # the DSA, gated delta-net and hybrid cases below megatron-core 0.19: their refusal (below)
+    cases = set(CASES) | set(DSA_CASES) | set(GDN_CASES) | set(HYBRID_CASES)
     assert sorted(ARCHITECTURES) == sorted(cases), sorted(set(ARCHITECTURES) ^ cases)
-    assert not TE_REFUSED & (set(CASES) | set(DSA_CASES) | set(GDN_CASES))
     covered, supported = set(ARCHITECTURES.values()), set(AutoBridge.list_supported_models())
     assert covered == supported, {"without a case": sorted(supported - covered),
                                   "not supported": sorted(covered - supported)}
@@ -586,6 +601,17 @@ def test_export_of_a_megatron_lm_te_checkpoint_with_its_architecture(results, ca
                             hf_architecture=MLM_FIXTURES[case])
     assert res["config_from"].startswith("the checkpoint's Megatron-LM args") and res["fp8_state"] == []
     _assert_same_tensors(str(tmp_path / "out"), results["paths"][name])
+    if name == "nemotron_h":  # the hybrid args (hybrid_layer_pattern, mamba_*) said the layer pattern and sizes
+        import transformers
+
+        got, src = (transformers.AutoConfig.from_pretrained(d) for d in (str(tmp_path / "out"),
+                                                                          results["paths"][name]))
+        # Megatron-LM has no argument for the scan chunk (its TE hybrid spec builds megatron's default, 128)
+        for key in ("layers_block_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                    "intermediate_size", "vocab_size", "mamba_num_heads", "mamba_head_dim", "n_groups",
+                    "ssm_state_size", "conv_kernel", "layer_norm_epsilon", "mlp_hidden_act"):
+            assert getattr(got, key) == getattr(src, key), key
+        return
     with open(tmp_path / "out" / "config.json") as f:
         got = json.load(f)
     with open(os.path.join(results["paths"][name], "config.json")) as f:
@@ -765,23 +791,17 @@ def _refused_worker(rank: int, world: int, path: str, root: str) -> str:
         return str(e)
 
 
-@pytest.mark.parametrize("case", sorted(TE_REFUSED))
-def test_te_checkpoint_of_hybrid_is_refused(case, tmp_path):
-    """``import --spec te`` of a hybrid architecture: refused by name, nothing written (megatron-core >= 0.19: the TE
-    hybrid keys; below: the family, naming the megatron-core it needs and the installed one)."""
-    from megatron_bridge_ext.mcore.versions import has_hybrid_model
-
+@pytest.mark.skipif(HAS_HYBRID, reason="megatron-core >= 0.19 converts NemotronH (HYBRID_CASES above)")
+@pytest.mark.parametrize("case", sorted(HYBRID_CASES))
+def test_te_checkpoint_of_hybrid_is_refused_below_0_19(case, tmp_path):
+    """``import --spec te`` of a hybrid architecture under a megatron-core without ``HybridModel``: the family is
+    refused by name, naming the megatron-core it needs and the installed one; nothing written."""
     sys.path.insert(0, HERE)
     import test_nemotron_h as nemotron_h
 
     path = str(tmp_path / f"hf_{case}")
     nemotron_h._make_checkpoint(path, "hybrid", seed=7)
     got = spawn_local(_refused_worker, 1, (path, str(tmp_path)), timeout=300)[0]
-    if has_hybrid_model():
-        assert got.startswith("spec='te': the Transformer Engine keys of hybrid models (hybrid_layer_pattern="
-                              f"'{nemotron_h.CHECKPOINTS['hybrid']['pattern']}') are not written or read yet; use "
-                              "spec='local'"), got
-    else:
-        assert got.startswith(f"{ARCHITECTURES[case]}: the hybrid Mamba / attention model"), got
-        assert "needs megatron-core >= 0.19.0; megatron-core 0.16" in got, got
+    assert got.startswith(f"{ARCHITECTURES[case]}: the hybrid Mamba / attention model"), got
+    assert "needs megatron-core >= 0.19.0; megatron-core 0.16" in got, got
     assert not os.path.exists(os.path.join(tmp_path, "te", "iter_0000000"))

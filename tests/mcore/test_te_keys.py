@@ -1,5 +1,6 @@
 """``te_keys`` (no model built): q / k norms over the whole projection (OLMo 2 / Olmo 3 / OLMoE) are this package's
-modules in a TE-spec model, not TE's, so they save no ``_extra_state``; per-head q / k norms (TE's ``TENorm``) do."""
+modules in a TE-spec model, not TE's, so they save no ``_extra_state``; per-head q / k norms (TE's ``TENorm``) do.
+Hybrid (NemotronH) layers fuse their pre-norm by their pattern symbol."""
 
 from __future__ import annotations
 
@@ -39,3 +40,55 @@ def test_per_head_qk_norms_are_te_norms():
     assert objects["decoder.layers.self_attention.k_layernorm._extra_state"] == (4,)
     key = "decoder.layers.self_attention.q_layernorm.weight"
     assert te_module_of(key) == key[:-len(".weight")]
+
+
+def _hybrid(pattern: str) -> SimpleNamespace:
+    return SimpleNamespace(num_layers=len(pattern), num_moe_experts=None, multi_latent_attention=False,
+                           hybrid_layer_pattern=pattern)
+
+
+def test_hybrid_layers_fuse_their_pre_norm_by_symbol():
+    """megatron-core's TE hybrid spec (``hybrid_layer_specs.hybrid_stack_spec``): each layer's pre-norm is the
+    ``layer_norm_weight`` of its first linear, chosen by the layer's symbol; other keys keep their names; every module
+    is a layer of its own, so each ``_extra_state`` is a ``(1,)`` grid (the proof against megatron's TE model itself is
+    ``tests/distributed/test_te_checkpoint.py``)."""
+    from megatron_bridge_ext.mcore.te_keys import te_tensor_key
+
+    config = _hybrid("M*-")
+    local = {
+        "decoder.layers.0.norm.weight": ((64,), 0),
+        "decoder.layers.0.mixer.in_proj.weight": ((280, 64), 0),
+        "decoder.layers.0.mixer.norm.weight": ((64,), 0),
+        "decoder.layers.0.mixer.out_proj.weight": ((64, 64), 0),
+        "decoder.layers.1.input_layernorm.weight": ((64,), 0),
+        "decoder.layers.1.self_attention.linear_qkv.weight": ((128, 64), 0),
+        "decoder.layers.2.pre_mlp_layernorm.weight": ((64,), 0),
+        "decoder.layers.2.mlp.linear_fc1.weight": ((96, 64), 0),
+        "decoder.final_norm.weight": ((64,), 0),
+    }
+    tensors, objects = te_layout(local, config)
+    assert sorted(tensors) == sorted([
+        "decoder.layers.0.mixer.in_proj.layer_norm_weight", "decoder.layers.0.mixer.in_proj.weight",
+        "decoder.layers.0.mixer.norm.weight", "decoder.layers.0.mixer.out_proj.weight",
+        "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.1.self_attention.linear_qkv.weight",
+        "decoder.layers.2.mlp.linear_fc1.layer_norm_weight", "decoder.layers.2.mlp.linear_fc1.weight",
+        "decoder.final_norm.weight"])
+    assert objects == {f"{m}._extra_state": (1,) for m in (
+        "decoder.layers.0.mixer.in_proj", "decoder.layers.0.mixer.out_proj",
+        "decoder.layers.1.self_attention.linear_qkv", "decoder.layers.2.mlp.linear_fc1", "decoder.final_norm")}
+    assert te_tensor_key("decoder.layers.0.input_layernorm.weight", config) == "decoder.layers.0.input_layernorm.weight"
+
+
+def test_hybrid_keys_outside_the_pattern_are_refused_by_name():
+    import pytest
+
+    from megatron_bridge_ext.mcore.te_keys import te_tensor_key
+
+    with pytest.raises(ValueError, match=r"decoder\.layers\.3\.norm\.weight: layer 3, but hybrid_layer_pattern='M\*-'"
+                                         r" has 3 layers"):
+        te_tensor_key("decoder.layers.3.norm.weight", _hybrid("M*-"))
+    with pytest.raises(ValueError, match=r"layer 1 is a 'E' layer of hybrid_layer_pattern='ME'"):
+        te_tensor_key("decoder.layers.1.pre_mlp_layernorm.weight", _hybrid("ME"))
+    with pytest.raises(ValueError, match=r"not a key of one layer of a hybrid model"):
+        te_tensor_key("decoder.layers.norm.weight", _hybrid("M"))
