@@ -11,12 +11,19 @@ For each checkpoint:
   conversion time is reported apart, the rest being start-up (interpreter, imports);
 * ``import --via-model``: the model path at TP1 (the previous default), same measurement;
 * ``export``: ``export OUT HF2`` (streamed) and ``export OUT HF3 --via-model``, same measurement;
-* peak RSS: the largest resident set of any process of the command (``getrusage`` of its waited-for children).
+* peak RSS: the largest resident set of any process of the command (``getrusage`` of its waited-for children);
+* with ``--mb-python PATH`` (Megatron Bridge 0.6.2's environment), after ours and on the same source: NVIDIA Megatron
+  Bridge's own offline conversion, ``AutoBridge.import_ckpt`` (HF -> megatron-core ``torch_dist`` checkpoint) and
+  ``AutoBridge.export_ckpt`` (-> HF), each a fresh process of ``benchmarks/bench_mb_ckpt.py`` (one rank, gloo, every
+  written file fsynced before it exits; its docstring says which CPU shims it needs), measured the same way, page
+  cache dropped before each with ``--drop-caches``; then the ratios ours / Megatron Bridge (wall and conversion
+  alone) and Megatron Bridge's round trip checked per tensor against the source (not timed).
 
 Ratios: each command's time / (read + write) of the same run; the start-up-free ratio uses the CLI's own time.
 
     sudo python benchmarks/bench_stream.py --drop-caches                    # 1.1B Llama, 1 / 2 / 4 ranks
     sudo python benchmarks/bench_stream.py --drop-caches --model qwen3-235b-slice --layers 4 --no-via-model
+    sudo python benchmarks/bench_stream.py --drop-caches --mb-python /work/venv-mb062/bin/python  # + Megatron Bridge
 """
 
 from __future__ import annotations
@@ -49,15 +56,19 @@ print(json.dumps({"rc": p.returncode, "wall": wall, "maxrss_kib": resource.getru
 """
 
 
-def run_cli(args: List[str]) -> Dict[str, Any]:
-    """One CLI command in a fresh wrapper process: wall clock and the peak RSS of its processes."""
-    r = subprocess.run([sys.executable, "-c", _RUN, sys.executable, "-m", "megatron_bridge_ext", *args],
-                       capture_output=True, text=True)
+def run_cmd(cmd: List[str], env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """One command in a fresh wrapper process: wall clock and the peak RSS of its processes."""
+    r = subprocess.run([sys.executable, "-c", _RUN, *cmd], capture_output=True, text=True, env=env)
     res = json.loads(r.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{res['out']}\n{res['err']}")
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res['out']}\n{res['err']}")
     res["peak_rss"] = res["maxrss_kib"] * 1024
     return res
+
+
+def run_cli(args: List[str]) -> Dict[str, Any]:
+    """One CLI command (``python -m megatron_bridge_ext ARGS``), see :func:`run_cmd`."""
+    return run_cmd([sys.executable, "-m", "megatron_bridge_ext", *args])
 
 
 def cold_read(path: str) -> float:
@@ -97,10 +108,13 @@ def make_source(kind: str, path: str, layers: int) -> Dict[str, Any]:
 
     from megatron_bridge_ext.io import SafeTensorsWriter
 
-    if kind == "llama-1b":
+    if kind in ("llama-1b", "llama-tiny"):
         from bench_convert import hf_shapes, llama_config
 
         cfg = llama_config(layers)
+        if kind == "llama-tiny":  # the same layout at toy sizes: for checking the commands, not for timings
+            cfg.update({"vocab_size": 512, "hidden_size": 128, "intermediate_size": 352, "num_attention_heads": 8,
+                        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256})
         shapes = hf_shapes(cfg)
     elif kind == "qwen3-235b-slice":
         cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 4096,
@@ -164,11 +178,78 @@ def measure(label: str, args: List[str], drop: bool, floor: float) -> Dict[str, 
     return out
 
 
+MB_SCRIPT = os.path.join(HERE, "bench_mb_ckpt.py")
+
+
+def _mb_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.pop("PYTHONPATH", None)  # Megatron Bridge's environment sees none of this project
+    return env
+
+
+def measure_mb(label: str, mb_python: str, args: List[str], drop: bool, floor: float) -> Dict[str, Any]:
+    """One ``bench_mb_ckpt.py`` command (Megatron Bridge's import_ckpt / export_ckpt) measured like :func:`measure`:
+    a fresh process, wall clock from its start to its exit (every written file fsynced inside)."""
+    if drop:
+        drop_page_cache(None)
+    r = run_cmd([mb_python, MB_SCRIPT, *args], env=_mb_env())
+    inner = json.loads(r["out"].strip().splitlines()[-1])["convert_s"]
+    out = {"label": label, "wall_s": r["wall"], "cli_s": inner, "peak_rss": r["peak_rss"],
+           "x_floor": r["wall"] / floor, "x_floor_no_startup": inner / floor}
+    print(f"  {label:34s} {r['wall']:7.2f} s  (conversion {inner:6.2f} s, start-up {r['wall'] - inner:5.2f} s)  "
+          f"{out['x_floor']:.2f}x read+write  {out['x_floor_no_startup']:.2f}x without start-up  peak RSS "
+          f"{r['peak_rss'] / GiB:.2f} GiB", flush=True)
+    return out
+
+
+def _ratio_line(ours: Dict[str, Any], mb: Dict[str, Any]) -> str:
+    return (f"    {ours['label']} / {mb['label']}: wall {ours['wall_s'] / mb['wall_s']:.3f}x, "
+            f"conversion {(ours['cli_s'] or float('nan')) / mb['cli_s']:.3f}x")
+
+
+def run_mb(a: Any, src: str, work: str, run: Dict[str, Any], floor: float) -> None:
+    """Megatron Bridge's offline import_ckpt / export_ckpt on the same source, after ours; ratios ours / MB."""
+    meg = os.path.join(work, "mb_meg")
+    shutil.rmtree(meg, ignore_errors=True)
+    imp = measure_mb("Megatron Bridge import_ckpt", a.mb_python, ["import", src, meg, "--no-tokenizer"],
+                     a.drop_caches, floor)
+    run["steps"].append(imp)
+    mb = {"import": imp, "megatron_bytes": dir_bytes(meg)}
+    for step in run["steps"]:
+        if step["label"].startswith("import"):
+            print(_ratio_line(step, imp), flush=True)
+    if not a.no_export:
+        hf2 = os.path.join(work, "mb_hf2")
+        shutil.rmtree(hf2, ignore_errors=True)
+        exp = measure_mb("Megatron Bridge export_ckpt", a.mb_python,
+                         ["export", meg, hf2, "--hf", src, "--no-tokenizer"], a.drop_caches, floor)
+        run["steps"].append(exp)
+        mb["export"] = exp
+        for step in run["steps"]:
+            if step["label"].startswith("export"):
+                print(_ratio_line(step, exp), flush=True)
+        v = subprocess.run([a.mb_python, MB_SCRIPT, "verify", src, hf2], capture_output=True, text=True,
+                           env=_mb_env())
+        if v.returncode not in (0, 2):
+            raise RuntimeError(f"bench_mb_ckpt.py verify failed:\n{v.stdout}\n{v.stderr}")
+        res = json.loads(v.stdout.strip().splitlines()[-1])
+        print(f"    Megatron Bridge round trip exact (torch.equal per tensor in the source dtype): {res['exact']}; "
+              f"missing/extra {res['missing'][:4]}, differing {res['values'][:4]}; same values in another dtype: "
+              f"{len(res['dtype_only'])} {res['dtype_only'][:4]}", flush=True)
+        mb["roundtrip"] = res
+        shutil.rmtree(hf2, ignore_errors=True)
+    shutil.rmtree(meg, ignore_errors=True)
+    run["mb"] = mb
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="llama-1b", choices=["llama-1b", "qwen3-235b-slice", "deepseek-v3-slice"])
+    ap.add_argument("--model", default="llama-1b",
+                    choices=["llama-1b", "llama-tiny", "qwen3-235b-slice", "deepseek-v3-slice"],
+                    help="llama-tiny: toy sizes, to check the commands (not for timings)")
     ap.add_argument("--layers", type=int, default=None,
-                    help="decoder layers (llama-1b: 22, the Qwen3 slice: 4; the DeepSeek-V3 slice has 2)")
+                    help="decoder layers (llama-1b: 22, llama-tiny: 2, the Qwen3 slice: 4; the DeepSeek-V3 slice: 2)")
     ap.add_argument("--ranks", default="1,2,4", help="comma-separated rank counts of the streamed import")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-via-model", action="store_true", help="skip the model path (memory: the whole model)")
@@ -179,10 +260,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--digest-source", action="store_true",
                     help="before the export, keep only each source tensor's SHA-256 and remove the source files (a "
                          "disk that holds two copies of the model, not three); the export is compared by digest")
+    ap.add_argument("--mb-python", default=None, metavar="PATH",
+                    help="Megatron Bridge's Python (e.g. /work/venv-mb062/bin/python): after ours, time its "
+                         "AutoBridge.import_ckpt / export_ckpt on the same files (benchmarks/bench_mb_ckpt.py)")
     a = ap.parse_args(argv)
-    if a.digest_source and a.repeats != 1:
-        raise ValueError("--digest-source removes the source after the first export: use it with --repeats 1")
-    layers = a.layers or {"llama-1b": 22, "qwen3-235b-slice": 4, "deepseek-v3-slice": 2}[a.model]
+    if a.digest_source and (a.repeats != 1 or a.mb_python):
+        ap.error("--digest-source removes the source after the first export: use it with --repeats 1 and without "
+                 "--mb-python")
+    if a.mb_python and a.model in ("qwen3-235b-slice", "deepseek-v3-slice"):
+        ap.error("--mb-python: the Megatron Bridge comparison runs the Llama checkpoints only")
+    layers = a.layers or {"llama-1b": 22, "llama-tiny": 2, "qwen3-235b-slice": 4, "deepseek-v3-slice": 2}[a.model]
     work = a.dir or tempfile.mkdtemp(prefix="bench_stream_")
     os.makedirs(work, exist_ok=True)
     results: Dict[str, Any] = {"model": a.model, "layers": layers, "runs": []}
@@ -234,6 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                              "--via-model"], a.drop_caches,
                                                 floor))
                     shutil.rmtree(hf2, ignore_errors=True)
+            if a.mb_python:
+                run_mb(a, src, work, run, floor)
             results["runs"].append(run)
         print("bound: peak RSS <= 1 GiB + the largest tensor = "
               f"{(GiB + info['largest']) / GiB:.2f} GiB (the streamed steps)")
