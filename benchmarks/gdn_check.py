@@ -97,9 +97,9 @@ def main(argv=None) -> int:
 
     from megatron_bridge_ext.cli.import_hf import import_checkpoint
     from _logits_check import check_layouts
-    from megatron_bridge_ext.mcore.versions import has_gated_delta_net
+    from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19, unmet_megatron_core
 
-    if not has_gated_delta_net():
+    if unmet_megatron_core(MEGATRON_CORE_0_19):
         print("gdn_check: the gated delta-net families convert with megatron-core >= 0.19 only")
         return 1
     failures = 0

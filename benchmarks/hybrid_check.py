@@ -64,9 +64,9 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"hybrid_check: mamba_ssm does not import ({e}); megatron-core's Mamba layers need it to run")
         return 1
-    from megatron_bridge_ext.mcore.versions import has_hybrid_model
+    from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19, unmet_megatron_core
 
-    if not has_hybrid_model():
+    if unmet_megatron_core(MEGATRON_CORE_0_19):
         print("hybrid_check: megatron-core < 0.19 has no HybridModel (NemotronH is refused there)")
         return 1
     import test_nemotron_h as nemotron_h

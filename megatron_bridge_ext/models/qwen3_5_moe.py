@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.versions import GATED_DELTA_NET_RELEASE
 from megatron_bridge_ext.models.gated_delta_net import (
-    check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
+    GatedDeltaNetFamily, check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
 )
 from megatron_bridge_ext.models.hf_config import config_get
 from megatron_bridge_ext.models.llama import LlamaBridge
@@ -31,10 +30,8 @@ __all__ = ["Qwen3_5MoeBridge"]
 
 
 @LlamaBridge.register_bridge(source="Qwen3_5MoeForCausalLM", target=GPT_MODEL)
-class Qwen3_5MoeBridge(LlamaBridge):
+class Qwen3_5MoeBridge(GatedDeltaNetFamily, LlamaBridge):
     """HF Qwen3_5MoeForCausalLM <-> Megatron-Core GPTModel with gated delta-net layers and MoE MLPs."""
-
-    min_megatron_core = GATED_DELTA_NET_RELEASE
 
     hf_model_type = "qwen3_5_moe_text"
     default_hf_layout = PER_EXPERT
@@ -42,7 +39,8 @@ class Qwen3_5MoeBridge(LlamaBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        gdn = gdn_megatron_kwargs(hf_config, family, "Qwen3_5MoeForCausalLM")
+        self.require_megatron_core()
+        gdn = gdn_megatron_kwargs(hf_config, family)
         layers = int(config_get(hf_config, "num_hidden_layers"))
         return {
             **super().hf_config_to_megatron_kwargs(hf_config), **gdn,

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.versions import GATED_DELTA_NET_RELEASE
 from megatron_bridge_ext.models.gated_delta_net import (
-    check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
+    GatedDeltaNetFamily, check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
 )
 from megatron_bridge_ext.models.hf_config import config_get
 from megatron_bridge_ext.models.llama import LlamaBridge
@@ -51,10 +50,8 @@ def check_shared_expert(config: Any, family: str) -> Dict[str, Any]:
 
 
 @LlamaBridge.register_bridge(source="Qwen3NextForCausalLM", target=GPT_MODEL)
-class Qwen3NextBridge(LlamaBridge):
+class Qwen3NextBridge(GatedDeltaNetFamily, LlamaBridge):
     """HF Qwen3NextForCausalLM <-> Megatron-Core GPTModel with gated delta-net layers and MoE MLPs."""
-
-    min_megatron_core = GATED_DELTA_NET_RELEASE
 
     hf_model_type = "qwen3_next"
     default_hf_layout = PER_EXPERT
@@ -62,7 +59,8 @@ class Qwen3NextBridge(LlamaBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        gdn = gdn_megatron_kwargs(hf_config, family, "Qwen3NextForCausalLM")
+        self.require_megatron_core()
+        gdn = gdn_megatron_kwargs(hf_config, family)
         kw = super().hf_config_to_megatron_kwargs(hf_config)
         return {
             **kw, **gdn,

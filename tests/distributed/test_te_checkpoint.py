@@ -45,9 +45,10 @@ if importlib.util.find_spec("transformers") is None:
 
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402  (imports no megatron module)
 from megatron_bridge_ext.mcore.versions import (  # noqa: E402  (reads the distribution metadata)
-    has_gated_delta_net,
+    MEGATRON_CORE_0_19,
     installed_megatron_core,
     megatron_core_version,
+    unmet_megatron_core,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -97,7 +98,7 @@ GDN_CASES = {
     "qwen3_5": (DENSE_W, DENSE_R, False),
     "qwen3_5_moe": (MOE_W, dict(tp=2, pp=1), False),
 }
-if has_gated_delta_net():
+if not unmet_megatron_core(MEGATRON_CORE_0_19):
     CASES.update(GDN_CASES)
 # case -> the HF architecture its checkpoint is (one line per case: families added on other branches merge as added
 # lines); test_cases_cover_every_supported_architecture holds it to CASES and AutoBridge.list_supported_models()
@@ -493,7 +494,7 @@ def test_gated_delta_net_families_need_megatron_core_0_19(name, tmp_path):
     writer, no model) refuses them naming the architecture, the version they need and the installed one."""
     from megatron_bridge_ext.auto_bridge import AutoBridge
 
-    if has_gated_delta_net():
+    if not unmet_megatron_core(MEGATRON_CORE_0_19):
         assert name in CASES
         return
     sys.path.insert(0, HERE)
@@ -769,15 +770,13 @@ def _refused_worker(rank: int, world: int, path: str, root: str) -> str:
 def test_te_checkpoint_of_hybrid_is_refused(case, tmp_path):
     """``import --spec te`` of a hybrid architecture: refused by name, nothing written (megatron-core >= 0.19: the TE
     hybrid keys; below: the family, naming the megatron-core it needs and the installed one)."""
-    from megatron_bridge_ext.mcore.versions import has_hybrid_model
-
     sys.path.insert(0, HERE)
     import test_nemotron_h as nemotron_h
 
     path = str(tmp_path / f"hf_{case}")
     nemotron_h._make_checkpoint(path, "hybrid", seed=7)
     got = spawn_local(_refused_worker, 1, (path, str(tmp_path)), timeout=300)[0]
-    if has_hybrid_model():
+    if not unmet_megatron_core(MEGATRON_CORE_0_19):
         assert got.startswith("spec='te': the Transformer Engine keys of hybrid models (hybrid_layer_pattern="
                               f"'{nemotron_h.CHECKPOINTS['hybrid']['pattern']}') are not written or read yet; use "
                               "spec='local'"), got
