@@ -14,15 +14,15 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from megatron_bridge_ext.models.gated_delta_net import (
-    GatedDeltaNetFamily, check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
+    GatedDeltaNetFamily, check_gdn_config, gated_attention_mappings, gdn_mappings, gdn_megatron_kwargs,
 )
 from megatron_bridge_ext.models.hf_config import config_get
 from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.models.moe import (
-    PER_EXPERT, family_expert_layout, megatron_moe_pattern, moe_hf_fields, moe_runtime_kwargs, routed_expert_mappings,
-    router_mappings, shared_expert_mappings, softmax_router_hf_fields, softmax_router_kwargs,
+    PER_EXPERT, family_expert_layout, megatron_moe_pattern, routed_expert_mappings, router_mappings,
+    shared_expert_mappings, softmax_router_hf_fields,
 )
-from megatron_bridge_ext.models.qwen3_next import check_shared_expert, shared_expert_kwargs
+from megatron_bridge_ext.models.qwen3_next import gdn_moe_hf_fields, gdn_moe_kwargs
 from megatron_bridge_ext.models.tables import GPT_MODEL, H, embedding_mappings, pre_mlp_norm_mappings
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
@@ -42,13 +42,8 @@ class Qwen3_5MoeBridge(GatedDeltaNetFamily, LlamaBridge):
         self.require_megatron_core()
         gdn = gdn_megatron_kwargs(hf_config, family)
         layers = int(config_get(hf_config, "num_hidden_layers"))
-        return {
-            **super().hf_config_to_megatron_kwargs(hf_config), **gdn,
-            **moe_runtime_kwargs(config_get(hf_config, "num_experts"), config_get(hf_config, "num_experts_per_tok"),
-                                 config_get(hf_config, "moe_intermediate_size"), [1] * layers),
-            **softmax_router_kwargs(True),
-            **shared_expert_kwargs(hf_config, family),
-        }
+        return {**super().hf_config_to_megatron_kwargs(hf_config), **gdn,
+                **gdn_moe_kwargs(hf_config, family, [1] * layers, True)}
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
@@ -58,10 +53,7 @@ class Qwen3_5MoeBridge(GatedDeltaNetFamily, LlamaBridge):
         if not softmax_router_hf_fields(config, family).get("norm_topk_prob", False):
             raise ValueError(f"{family}: the router does not renormalise the top-k probabilities; Qwen3.5 MoE always "
                              "does (HF has no norm_topk_prob)")
-        hf = self.dense_hf_fields(config)
-        hf.update(**gdn_hf_fields(config), **moe_hf_fields(config, "num_experts"),
-                  **check_shared_expert(config, family))
-        return hf
+        return {**self.dense_hf_fields(config), **gdn_moe_hf_fields(config, family)}
 
     def detect_hf_layout(self, hf_state, hf_config):
         return family_expert_layout(self, hf_state, hf_config, experts_field="num_experts")
