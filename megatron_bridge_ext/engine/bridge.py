@@ -62,7 +62,7 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
     #: reports it.
     min_megatron_core: Optional[Tuple[int, int, int]] = None
     #: what of ``min_megatron_core`` the family needs (its layers), named in the refusal
-    min_megatron_core_feature: str = "its layers"
+    min_megatron_core_feature: str = "the family"
     #: the HF tensor layout :meth:`mapping_registry` builds for until a source checkpoint says otherwise (see
     #: :meth:`detect_hf_layout`); None for families with one layout
     default_hf_layout: Optional[Hashable] = None
