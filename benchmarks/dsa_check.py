@@ -17,17 +17,15 @@ per check; exits non-zero when megatron-core is older than 0.19, a load fails or
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import _logits_check as lc
+
+from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19
 
 
 def _make_checkpoints(root: str) -> dict:
@@ -43,81 +41,28 @@ def _make_checkpoints(root: str) -> dict:
 
 
 def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> dict:
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-    from te_models import build_te_chunks
+    from megatron.core import parallel_state
 
-    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
-    from megatron_bridge_ext.mcore.checkpoint import config_from_checkpoint
-    from megatron_bridge_ext.mcore.model_builder import init_parallel
-
-    torch.cuda.set_device(rank % torch.cuda.device_count() if dist.get_backend() == "nccl" else 0)
-    init_parallel(tp=world, pp=1)
-    info = read_checkpoint_info(ckpt)
-    config = config_from_checkpoint(info, sequence_parallel=world > 1)
-    chunk = build_te_chunks(config, device=torch.device("cuda", torch.cuda.current_device()))[0]
-    for p in chunk.parameters():
-        p.data.fill_(float("nan"))
-    md = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict(metadata=md)}, info.path,
-                                     strict=StrictHandling.RAISE_ALL)
-    res = chunk.load_state_dict(loaded["model"], strict=False)
-    left = [k for k in res.missing_keys if not k.endswith(".core_attention._extra_state")] + res.unexpected_keys
-    if left:
-        raise RuntimeError(f"load_state_dict left {left[:10]}")
-    chunk.eval()
-    device = torch.device("cuda", torch.cuda.current_device())
-    ids = tokens.to(device)
-    pos = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
-    mask = torch.triu(torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool, device=device), diagonal=1)
-    with torch.no_grad():  # the causal mask as the CPU proofs pass it (mcore/forward.py): True = masked
-        out = chunk(input_ids=ids, position_ids=pos, attention_mask=mask)  # [b, s, vocab / tp]
-    group = parallel_state.get_tensor_model_parallel_group()
-    parts = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, out.contiguous(), group=group)
-    logits = torch.cat(parts, dim=-1)[..., :chunk.unpadded_vocab_size].float().cpu()
+    device = lc.init_rank(rank, world)
+    chunk = lc.load_te_chunk(ckpt, device, sequence_parallel=world > 1)
+    logits = lc.tp_logits(chunk, tokens, chunk.unpadded_vocab_size, parallel_state.get_tensor_model_parallel_group(),
+                          causal_mask=True)
     attn = chunk.decoder.layers[0].self_attention
     return {"logits": logits, "attention": f"{type(attn).__name__} / {type(attn.core_attention).__name__}"}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layouts", default="1,2", help="TP sizes to read the checkpoints at (default 1,2)")
-    parser.add_argument("--atol", type=float, default=1e-3, help="max |logit difference| against transformers")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("dsa_check: no GPU (torch.cuda.is_available() is False)")
+    args = lc.parse_args(__doc__, argv)
+    if not lc.preflight("dsa_check", ["transformer_engine"], MEGATRON_CORE_0_19, "DeepSeek sparse attention"):
         return 1
-    from megatron_bridge_ext.mcore.versions import megatron_core_version
-
-    if megatron_core_version() < (0, 19, 0):
-        print(f"dsa_check: megatron-core {megatron_core_version()} has no DeepSeek sparse attention (needs >= 0.19)")
-        return 1
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError as e:
-        print(f"dsa_check: Transformer Engine does not import ({e}); install transformer-engine[pytorch]")
-        return 1
-    import transformers
-
-    from megatron_bridge_ext.cli.import_hf import import_checkpoint
-    from _logits_check import check_layouts
-
     failures = 0
     with tempfile.TemporaryDirectory(prefix="dsa_check_") as root:
-        paths = _make_checkpoints(root)
-        for name, path in paths.items():
-            import_checkpoint(path, os.path.join(root, name), ep=2, backend="gloo")
-            print(f"import {name} at EP2 (CPU, gloo, --spec te, streamed): written")
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            tokens = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                expected = hf(tokens, use_cache=False).logits.float()
-            failures += check_layouts(name, args.layouts, _worker, (os.path.join(root, name), tokens), expected,
-                                      args.atol, lambda r: f"RAISE_ALL load into {r['attention']}")
-    print("dsa_check: all checks passed" if not failures else f"dsa_check: {failures} check(s) failed")
-    return 1 if failures else 0
+        for name, path in _make_checkpoints(root).items():
+            ckpt = lc.import_te(path, os.path.join(root, name), name, ep=2)
+            tokens, expected = lc.hf_reference(path, 12)
+            failures += lc.check_layouts(name, args.layouts, _worker, (ckpt, tokens), expected, args.atol,
+                                         lambda r: f"RAISE_ALL load into {r['attention']}")
+    return lc.finish("dsa_check", failures)
 
 
 if __name__ == "__main__":

@@ -20,19 +20,17 @@ megatron's ``fla`` kernels and TE's GEMMs on the GPU against transformers' torch
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, os.path.join(ROOT, "tests", "distributed"))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import _logits_check as lc
 
-# name -> (maker, import layout)
+from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19
+
+# name -> import layout
 FAMILIES = {"qwen3_next": dict(ep=2), "qwen3_5": dict(tp=2), "qwen3_5_moe": dict(ep=2)}
 
 
@@ -49,73 +47,29 @@ def _make_checkpoint(root: str, name: str) -> str:
 
 
 def _worker(rank: int, world: int, ckpt: str, tokens: torch.Tensor) -> dict:
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-    from te_check import _te_logits
-    from te_models import build_te_chunks
+    from megatron.core import parallel_state
 
-    from megatron_bridge_ext.io.megatron_checkpoint import read_checkpoint_info
-    from megatron_bridge_ext.mcore.checkpoint import config_from_checkpoint
-    from megatron_bridge_ext.mcore.model_builder import init_parallel
-
-    torch.cuda.set_device(rank % torch.cuda.device_count() if dist.get_backend() == "nccl" else 0)
-    init_parallel(tp=world, pp=1)
-    info = read_checkpoint_info(ckpt)
-    config = config_from_checkpoint(info)
-    chunk = build_te_chunks(config, device=torch.device("cuda", torch.cuda.current_device()))[0]
-    for p in chunk.parameters():
-        p.data.fill_(float("nan"))
-    md = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict(metadata=md)}, info.path,
-                                     strict=StrictHandling.RAISE_ALL)
-    res = chunk.load_state_dict(loaded["model"], strict=False)
-    left = [k for k in res.missing_keys if not k.endswith(".core_attention._extra_state")] + res.unexpected_keys
-    if left:
-        raise RuntimeError(f"load_state_dict left {left[:10]}")
-    chunk.eval()
+    device = lc.init_rank(rank, world)
+    chunk = lc.load_te_chunk(ckpt, device)
     gdn = [type(layer.self_attention).__name__ for layer in chunk.decoder.layers]
-    logits = _te_logits(chunk, tokens, chunk.unpadded_vocab_size, parallel_state.get_tensor_model_parallel_group())
+    logits = lc.tp_logits(chunk, tokens, chunk.unpadded_vocab_size, parallel_state.get_tensor_model_parallel_group())
     return {"logits": logits, "attention": gdn}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layouts", default="1,2", help="TP sizes to read the checkpoints at (default 1,2)")
-    parser.add_argument("--atol", type=float, default=2e-3, help="max |logit difference| against transformers")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gdn_check: no GPU (torch.cuda.is_available() is False)")
-        return 1
-    for module, what in (("transformer_engine", "transformer-engine[pytorch]"), ("fla", "flash-linear-attention")):
-        try:
-            __import__(module)
-        except ImportError as e:
-            print(f"gdn_check: {module} does not import ({e}); install {what}")
-            return 1
-    import transformers
-
-    from megatron_bridge_ext.cli.import_hf import import_checkpoint
-    from _logits_check import check_layouts
-    from megatron_bridge_ext.mcore.versions import has_gated_delta_net
-
-    if not has_gated_delta_net():
-        print("gdn_check: the gated delta-net families convert with megatron-core >= 0.19 only")
+    args = lc.parse_args(__doc__, argv, atol=2e-3)
+    if not lc.preflight("gdn_check", ["transformer_engine", "fla"], MEGATRON_CORE_0_19,
+                        "the gated delta-net families"):
         return 1
     failures = 0
     with tempfile.TemporaryDirectory(prefix="gdn_check_") as root:
         for name, layout in FAMILIES.items():
             path = _make_checkpoint(root, name)
-            import_checkpoint(path, os.path.join(root, name), **layout, backend="gloo")
-            print(f"import {name} at {layout} (CPU, gloo, --spec te): written")
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-            tokens = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                expected = hf(tokens, use_cache=False).logits.float()
-            failures += check_layouts(name, args.layouts, _worker, (os.path.join(root, name), tokens), expected,
-                                      args.atol, lambda r: f"layers {r['attention']}")
-    print("gdn_check: all checks passed" if not failures else f"gdn_check: {failures} check(s) failed")
-    return 1 if failures else 0
+            ckpt = lc.import_te(path, os.path.join(root, name), name, **layout)
+            tokens, expected = lc.hf_reference(path, 16)
+            failures += lc.check_layouts(name, args.layouts, _worker, (ckpt, tokens), expected, args.atol,
+                                         lambda r: f"layers {r['attention']}")
+    return lc.finish("gdn_check", failures)
 
 
 if __name__ == "__main__":

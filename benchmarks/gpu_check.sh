@@ -73,40 +73,26 @@ if [[ "${GPU_CHECK_E2E:-1}" != "0" ]]; then
   "$PYTHON" benchmarks/bench_convert.py --device cuda --layouts 1x1 --layers "${GPU_CHECK_LAYERS:-22}"
 fi
 
-if [[ "${GPU_CHECK_TE:-1}" != "0" ]]; then
-  step "import checkpoints in real Transformer Engine models (dense and MoE, TP1 and TP2, strict RAISE_ALL)"
-  if ! "$PYTHON" -c "import megatron.core, transformers, transformer_engine" 2>/dev/null; then
-    echo "gpu_check: megatron-core, transformers or transformer_engine is not importable by $PYTHON; install them or set GPU_CHECK_TE=0"
+# The logits checks (imported checkpoints in megatron-core models on the GPU, logits against transformers), one row
+# each: script (benchmarks/<script>.py) | switch (<switch>=0 skips it, <switch>_LAYOUTS sets its --layouts, default
+# 1,2) | the modules it needs | what it checks.
+LOGITS_CHECKS=(
+  "te_check|GPU_CHECK_TE|megatron.core, transformers, transformer_engine|Transformer Engine models, dense and MoE"
+  "dsa_check|GPU_CHECK_DSA|megatron.core, transformers, transformer_engine|DeepSeek sparse attention, TE DSA model"
+  "hybrid_check|GPU_CHECK_HYBRID|megatron.core, transformers, mamba_ssm|NemotronH hybrid (Mamba-2 / attention / MLP)"
+  "gdn_check|GPU_CHECK_GDN|megatron.core, transformers, transformer_engine, fla|gated delta-net, megatron's fla kernels"
+)
+for row in "${LOGITS_CHECKS[@]}"; do
+  IFS='|' read -r script switch modules title <<<"$row"
+  if [[ "${!switch:-1}" == "0" ]]; then continue; fi
+  layouts="${switch}_LAYOUTS"
+  layouts="${!layouts:-1,2}"
+  step "$script: $title, logits against transformers (TP $layouts)"
+  if ! "$PYTHON" -c "import $modules" 2>/dev/null; then
+    echo "gpu_check: $script needs $modules, not all importable by $PYTHON; install them or set $switch=0"
     exit 1
   fi
-  "$PYTHON" benchmarks/te_check.py --layouts "${GPU_CHECK_TE_LAYOUTS:-1,2}"
-fi
-
-if [[ "${GPU_CHECK_DSA:-1}" != "0" ]]; then
-  step "DeepSeek sparse attention (DeepSeek-V3.2, GLM-5): imported checkpoints in megatron's TE DSA model, logits vs transformers"
-  if ! "$PYTHON" -c "import megatron.core, transformers, transformer_engine" 2>/dev/null; then
-    echo "gpu_check: megatron-core, transformers or transformer_engine is not importable by $PYTHON; install them or set GPU_CHECK_DSA=0"
-    exit 1
-  fi
-  "$PYTHON" benchmarks/dsa_check.py --layouts "${GPU_CHECK_DSA_LAYOUTS:-1,2}"
-fi
-
-if [[ "${GPU_CHECK_HYBRID:-1}" != "0" ]]; then
-  step "NemotronH hybrid (Mamba-2 / attention / MLP) logits against transformers (TP1 and TP2)"
-  if ! "$PYTHON" -c "import megatron.core, transformers, mamba_ssm" 2>/dev/null; then
-    echo "gpu_check: megatron-core, transformers or mamba_ssm is not importable by $PYTHON; install them or set GPU_CHECK_HYBRID=0"
-    exit 1
-  fi
-  "$PYTHON" benchmarks/hybrid_check.py --layouts "${GPU_CHECK_HYBRID_LAYOUTS:-1,2}"
-fi
-
-if [[ "${GPU_CHECK_GDN:-1}" != "0" ]]; then
-  step "gated delta-net families (Qwen3-Next, Qwen3.5): megatron's fla kernels in TE models vs transformers logits"
-  if ! "$PYTHON" -c "import megatron.core, transformers, transformer_engine, fla" 2>/dev/null; then
-    echo "gdn_check: megatron-core, transformers, transformer_engine or fla (flash-linear-attention) is not importable by $PYTHON; install them or set GPU_CHECK_GDN=0"
-    exit 1
-  fi
-  "$PYTHON" benchmarks/gdn_check.py --layouts "${GPU_CHECK_GDN_LAYOUTS:-1,2}"
-fi
+  "$PYTHON" "benchmarks/$script.py" --layouts "$layouts"
+done
 
 echo; echo "gpu_check: all steps passed"

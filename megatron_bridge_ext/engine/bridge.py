@@ -24,6 +24,7 @@ from megatron_bridge_ext.engine.transport import Scratch, Transport
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
 from megatron_bridge_ext.mcore.layout import detect_layout
 from megatron_bridge_ext.mcore.names import LocalParam, ModelView, as_chunks, model_config
+from megatron_bridge_ext.mcore.versions import require_megatron_core_for, unmet_megatron_core
 from megatron_bridge_ext.naming import WORD_EMBEDDINGS, is_routed_expert
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
@@ -57,8 +58,11 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
     hf_architecture: Optional[str] = None
     hf_model_type: Optional[str] = None
     #: the oldest megatron-core release this family converts with (its layers are not in older ones: the family
-    #: refuses itself there, naming the version); None: every supported release. ``list-models`` reports it.
+    #: refuses itself there, see :meth:`require_megatron_core`); None: every supported release. ``list-models``
+    #: reports it.
     min_megatron_core: Optional[Tuple[int, int, int]] = None
+    #: what of ``min_megatron_core`` the family needs (its layers), named in the refusal
+    min_megatron_core_feature: str = "the family"
     #: the HF tensor layout :meth:`mapping_registry` builds for until a source checkpoint says otherwise (see
     #: :meth:`detect_hf_layout`); None for families with one layout
     default_hf_layout: Optional[Hashable] = None
@@ -83,6 +87,24 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
         #: ``$MEGATRON_BRIDGE_PEER_TIMEOUT``, else 600); see :mod:`megatron_bridge_ext.engine.peers`
         self.peer_timeout: Optional[float] = None
 
+    @classmethod
+    def unmet_megatron_core(cls) -> Optional[str]:
+        """``"needs megatron-core >= X; Y is installed"`` when the installed megatron-core is older than the family's
+        :attr:`min_megatron_core`, else None."""
+        return unmet_megatron_core(cls.min_megatron_core)
+
+    def require_megatron_core(self) -> None:
+        """Refuse the family under a megatron-core older than its :attr:`min_megatron_core` (checked by
+        :meth:`transformer_config`, and by the families' own config translations that can run without it).
+
+        Raises:
+            ValueError: naming the architecture, :attr:`min_megatron_core_feature`, the release needed and the
+                installed one.
+        """
+        if self.min_megatron_core is not None:
+            require_megatron_core_for(self.min_megatron_core, self.hf_architecture or type(self).__name__,
+                                      self.min_megatron_core_feature)
+
     def watch(self, name: str) -> Watch:
         """The failure watch of a collective operation (the running one when nested)."""
         return current_watch() or Watch(name, self.peer_timeout)
@@ -106,11 +128,13 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
         """Megatron ``GPTConfig`` for an HF config; ``overrides`` (any TransformerConfig field) are applied last.
 
         Raises:
-            ValueError: settings megatron-core cannot express (named), unknown override names, or sizes the
-                parallel layout cannot split.
+            ValueError: a megatron-core older than the family's :attr:`min_megatron_core` (see
+                :meth:`require_megatron_core`), settings megatron-core cannot express (named), unknown override
+                names, or sizes the parallel layout cannot split.
         """
         from megatron_bridge_ext.mcore.config import build_gpt_config
 
+        self.require_megatron_core()
         return build_gpt_config(self.hf_config_to_megatron_kwargs(hf_config), overrides)
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
-from megatron_bridge_ext.mcore.versions import require_hybrid_model
+from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19, require_megatron_core_for
 
 __all__ = ["is_hybrid_config", "GatedRMSNorm", "hybrid_construction", "hybrid_stack_spec", "pipeline_pattern",
            "build_hybrid_model", "build_hybrid_chunks"]
@@ -182,7 +182,7 @@ def build_hybrid_model(config, vocab_size: Optional[int] = None, max_seq_len: Op
     Raises:
         ValueError: megatron-core < 0.19, or a config that does not match the parallel state.
     """
-    require_hybrid_model("HybridModel")
+    require_megatron_core_for(MEGATRON_CORE_0_19, "HybridModel", "megatron.core.models.hybrid")
     from megatron.core import parallel_state
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 

@@ -28,8 +28,9 @@ own torch paths (``F.conv1d`` and ``torch_chunk_gated_delta_rule``, its determin
 copy of the config) with a torch L2 norm of q and k (``fla``'s ``l2norm``: ``x * rsqrt(sum(x^2) + 1e-6)``), put in
 megatron's module in place of the missing import. Where ``fla`` is installed nothing is changed.
 
-Under megatron-core < 0.19 the families are refused by name (``versions.require_gated_delta_net``): 0.16.1 has an
-earlier ``GatedDeltaNet`` module (the same parameters) that this package neither builds nor tests.
+Under megatron-core < 0.19 the families are refused by name (their bridges' ``min_megatron_core``,
+``versions.MEGATRON_CORE_0_19``): 0.16.1 has an earlier ``GatedDeltaNet`` module (the same parameters) that this
+package neither builds nor tests.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from megatron_bridge_ext.mcore.versions import require_gated_delta_net
+from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19, require_megatron_core_for
 
-__all__ = ["require_gated_delta_net", "is_gated_delta_net", "linear_attention_pattern",
+__all__ = ["is_gated_delta_net", "linear_attention_pattern",
            "gdn_block_spec", "torch_l2norm"]
 
 
@@ -139,7 +140,7 @@ def gdn_block_spec(config: Any, vp_stage: Optional[int], layer_spec: Callable[[A
 
     if not is_gated_delta_net(config):
         raise ValueError("gdn_block_spec: the config has no experimental_attention_variant='gated_delta_net'")
-    require_gated_delta_net("gated delta-net model")
+    require_megatron_core_for(MEGATRON_CORE_0_19, "gated delta-net model", "megatron-core's ssm/gated_delta_net")
     linear = linear_attention_pattern(config)
     gdn = _gdn_attention_spec(config)
     cache = {}

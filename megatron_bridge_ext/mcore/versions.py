@@ -40,14 +40,14 @@ __all__ = [
     "parse_version",
     "installed_megatron_core",
     "megatron_core_version",
+    "unmet_megatron_core",
     "require_megatron_core_for",
     "check_megatron_core_version",
     "require_supported_megatron_core",
     "spec_submodules",
     "megatron_core_minor",
     "release_for_installed",
-    "has_hybrid_model",
-    "require_hybrid_model",
+    "MEGATRON_CORE_0_19",
     "mtp_block_saves_plain_state",
     "replace_submodules",
     "OPT_IN_LAYOUT_SETTINGS",
@@ -56,8 +56,6 @@ __all__ = [
     "drop_runtime_only_fields",
     "common_state_in_checkpoint_files",
     "mtp_layer_module",
-    "has_gated_delta_net",
-    "require_gated_delta_net",
 ]
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -169,6 +167,13 @@ def megatron_core_minor() -> str:
     return f"{major}.{minor}"
 
 
+#: the first megatron-core release with the layers of the hybrid (``megatron.core.models.hybrid.HybridModel``), gated
+#: delta-net (``ssm/gated_delta_net``) and DeepSeek sparse attention (``experimental_attention_variant="dsa"``)
+#: families: their bridges' ``min_megatron_core`` (0.16.1 has an earlier ``GatedDeltaNet`` module, with the same
+#: parameters, that this package neither builds nor tests)
+MEGATRON_CORE_0_19 = (0, 19, 0)
+
+
 def unmet_megatron_core(minimum: Optional[Tuple[int, int, int]]) -> Optional[str]:
     """``"needs megatron-core >= X; Y is installed"`` when the installed megatron-core is older than ``minimum``, else
     None (also for no minimum)."""
@@ -191,25 +196,6 @@ def require_megatron_core_for(minimum: Tuple[int, int, int], architecture: str, 
         installed = installed_megatron_core() or ".".join(map(str, version))
         raise ValueError(f"{architecture}: {feature} needs megatron-core >= {'.'.join(map(str, minimum))}; "
                          f"megatron-core {installed} is installed")
-
-
-#: the first megatron-core release with ``megatron.core.models.hybrid`` (HybridModel and its layer symbols)
-HYBRID_MODEL_RELEASE = (0, 19, 0)
-
-
-def has_hybrid_model() -> bool:
-    """Whether the installed megatron-core has ``megatron.core.models.hybrid.HybridModel`` (0.19 and later)."""
-    return megatron_core_version() >= HYBRID_MODEL_RELEASE
-
-
-def require_hybrid_model(architecture: str) -> None:
-    """Refuse a hybrid (Mamba / attention) architecture under a megatron-core without ``HybridModel``.
-
-    Raises:
-        ValueError: naming the architecture, the megatron-core it needs and the installed one.
-    """
-    require_megatron_core_for(HYBRID_MODEL_RELEASE, architecture,
-                              "the hybrid Mamba / attention model (megatron.core.models.hybrid.HybridModel)")
 
 
 def release_for_installed(releases: Iterable[str]) -> str:
@@ -239,30 +225,6 @@ def mtp_block_saves_plain_state() -> bool:
     the ``_extra_state`` of each MTP layer's core attention, a TE ``DotProductAttention`` holding no tensor. From
     0.19 the block saves only its layers' own sharded state dicts, and that object is not in the checkpoint."""
     return megatron_core_version() < (0, 19, 0)
-
-
-#: the first megatron-core release whose gated delta-net (``ssm/gated_delta_net``) this package builds
-GATED_DELTA_NET_RELEASE = (0, 19, 0)
-
-
-def has_gated_delta_net() -> bool:
-    """Whether this package converts gated delta-net (linear attention) models under the installed megatron-core:
-    0.19 on (``GPTModel`` with ``experimental_attention_variant="gated_delta_net"``, the ``ssm/gated_delta_net``
-    package). megatron-core 0.16.1 has an earlier ``GatedDeltaNet`` (one module, the same parameters) that this package
-    neither builds nor tests: there the families are refused."""
-    return megatron_core_version() >= GATED_DELTA_NET_RELEASE
-
-
-def require_gated_delta_net(architecture: str) -> None:
-    """Refuse a model with gated delta-net layers under a megatron-core older than 0.19 (see
-    :func:`has_gated_delta_net`).
-
-    Raises:
-        ValueError: naming ``architecture``, the version needed and the installed one.
-    """
-    require_megatron_core_for(GATED_DELTA_NET_RELEASE, architecture,
-                              "gated delta-net (linear attention) layers, converted by this package into GPTModel with "
-                              "experimental_attention_variant='gated_delta_net',")
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,7 +3,8 @@ DeepSeek sparse attention (DSA): a lightning indexer per layer picks the ``index
 
 - Megatron: megatron-core >= 0.19's ``experimental_attention_variant="dsa"`` (``AbsorbedMLASelfAttention`` around
   ``DSAttention`` and its ``DSAIndexer``, built from local modules by ``mcore.sparse_attention``); under an older
-  megatron-core the family is refused by name (:func:`require_dsa_megatron_core`).
+  megatron-core the family is refused by name (its ``min_megatron_core``, see
+  ``MegatronModelBridge.require_megatron_core``).
 - Indexer (HF ``self_attn.indexer.*``, megatron ``self_attention.core_attention.indexer.*``): ``wq_b``
   ``[index_n_heads * index_head_dim, q_lora_rank]`` (``linear_wq_b``), ``wk`` ``[index_head_dim, hidden]``
   (``linear_wk``), ``k_norm`` a LayerNorm with bias at epsilon 1e-6 (``dsa_indexer_k_norm_epsilon``),
@@ -30,7 +31,7 @@ from typing import Any, Dict, List
 
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.mappings import MegatronParamMapping, ReplicatedMapping
-from megatron_bridge_ext.mcore.versions import require_megatron_core_for
+from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19
 from megatron_bridge_ext.models.glm4_moe_lite import Glm4MoeLiteBridge
 from megatron_bridge_ext.models.hf_config import config_get
 from megatron_bridge_ext.models.moe import first_k_dense_hf_field, router_mappings, routed_expert_mappings, \
@@ -39,23 +40,10 @@ from megatron_bridge_ext.models.mtp import mtp_mappings
 from megatron_bridge_ext.models.tables import GPT_MODEL, H, L, embedding_mappings, gated_mlp_mappings, mla_mappings
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
-__all__ = ["DeepseekV32Bridge", "DSA_MIN_MEGATRON_CORE", "HF_INDEXER_K_NORM_EPS", "dsa_hf_fields",
-           "dsa_megatron_kwargs", "indexer_mappings", "require_dsa_megatron_core"]
+__all__ = ["DeepseekV32Bridge", "HF_INDEXER_K_NORM_EPS", "dsa_hf_fields", "dsa_megatron_kwargs", "indexer_mappings"]
 
-#: the first megatron-core release whose GPTModel builds DeepSeek sparse attention
-DSA_MIN_MEGATRON_CORE = (0, 19, 0)
 #: HF builds the indexer's ``k_norm`` (a LayerNorm) with this epsilon, whatever ``rms_norm_eps`` is
 HF_INDEXER_K_NORM_EPS = 1e-6
-
-
-def require_dsa_megatron_core(architecture: str) -> None:
-    """Refuse a DSA architecture under a megatron-core without DeepSeek sparse attention.
-
-    Raises:
-        ValueError: megatron-core older than 0.19 (naming the architecture and the installed version).
-    """
-    require_megatron_core_for(DSA_MIN_MEGATRON_CORE, architecture,
-                              "DeepSeek sparse attention (experimental_attention_variant='dsa')")
 
 
 def dsa_megatron_kwargs(hf_config: Any, family: str, *, rope_interleaved: bool) -> Dict[str, Any]:
@@ -115,24 +103,22 @@ def indexer_mappings(attn: str = "self_attn") -> List[MegatronParamMapping]:
 
 
 class DSABridgeMixin:
-    """Config hooks of the DSA families: the megatron-core version check, both ways (sequence parallelism at TP > 1,
-    which megatron's ``AbsorbedMLASelfAttention`` asserts, is set by ``mcore.config.build_gpt_config`` for every
-    DSA config, a stored one included). Listed before the bridge classes."""
+    """Config hook of the DSA families: the megatron-core version check on export, before the MLA families' checks
+    read the config (``transformer_config`` checks it on import; sequence parallelism at TP > 1, which megatron's
+    ``AbsorbedMLASelfAttention`` asserts, is set by ``mcore.config.build_gpt_config`` for every DSA config, a stored
+    one included). Listed before the bridge classes."""
 
-    def transformer_config(self, hf_config: Any, **overrides: Any):
-        require_dsa_megatron_core(self.hf_architecture or type(self).__name__)
-        return super().transformer_config(hf_config, **overrides)
+    min_megatron_core = MEGATRON_CORE_0_19
+    min_megatron_core_feature = "DeepSeek sparse attention (experimental_attention_variant='dsa')"
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
-        require_dsa_megatron_core(self.hf_architecture or type(self).__name__)
+        self.require_megatron_core()
         return super().megatron_to_hf_config(config)
 
 
 @MegatronModelBridge.register_bridge(source="DeepseekV32ForCausalLM", target=GPT_MODEL)
 class DeepseekV32Bridge(DSABridgeMixin, Glm4MoeLiteBridge):
     """HF DeepseekV32ForCausalLM <-> Megatron-Core GPTModel with DSA (MLA + indexer) and MoE layers."""
-
-    min_megatron_core = DSA_MIN_MEGATRON_CORE
 
     hf_model_type = "deepseek_v32"
     hf_model_name = "DeepSeek-V3.2"
@@ -141,7 +127,7 @@ class DeepseekV32Bridge(DSABridgeMixin, Glm4MoeLiteBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        require_dsa_megatron_core(self.hf_architecture or family)
+        self.require_megatron_core()
         kw = super().hf_config_to_megatron_kwargs(hf_config)
         kw.update(dsa_megatron_kwargs(hf_config, family, rope_interleaved=self.indexer_rope_interleaved))
         return kw

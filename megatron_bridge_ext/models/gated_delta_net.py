@@ -8,7 +8,8 @@ per head ``[query; gate]``) with per-head q / k RMSNorms; every RMSNorm but the 
 zero-centred (HF ``x * (1 + w)``, megatron ``layernorm_zero_centered_gamma``, the weight as stored); partial RoPE
 (``partial_rotary_factor``, megatron ``rotary_percent``).
 
-Under megatron-core 0.16.1 every family refuses by name (:func:`~..mcore.linear_attention.require_gated_delta_net`).
+Under megatron-core 0.16.1 every family refuses by name (:class:`GatedDeltaNetFamily`: the families'
+``min_megatron_core``, checked by ``MegatronModelBridge.require_megatron_core``).
 """
 
 from __future__ import annotations
@@ -28,16 +29,26 @@ from megatron_bridge_ext.mappings.gated_delta_net import (
     GDNSplitInProjMapping,
     ZeroCenteredNormMapping,
 )
-from megatron_bridge_ext.mcore.linear_attention import linear_attention_pattern, require_gated_delta_net
+from megatron_bridge_ext.mcore.linear_attention import linear_attention_pattern
+from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19
 from megatron_bridge_ext.models.hf_config import config_get
 from megatron_bridge_ext.models.tables import H, L
 
-__all__ = ["LINEAR", "FULL", "gdn_megatron_kwargs", "gdn_hf_fields", "gated_attention_mappings",
+__all__ = ["GatedDeltaNetFamily", "LINEAR", "FULL", "gdn_megatron_kwargs", "gdn_hf_fields", "gated_attention_mappings",
            "gdn_mappings", "check_gdn_config"]
 
 LINEAR, FULL = "linear_attention", "full_attention"
 _LINEAR_FIELDS = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
                   "linear_num_value_heads")
+
+
+class GatedDeltaNetFamily:
+    """The megatron-core the gated delta-net families need (listed before their bridge class; the families call
+    ``self.require_megatron_core()`` before :func:`gdn_megatron_kwargs`)."""
+
+    min_megatron_core = MEGATRON_CORE_0_19
+    min_megatron_core_feature = ("gated delta-net (linear attention) layers (megatron-core's ssm/gated_delta_net, "
+                                 "GPTModel with experimental_attention_variant='gated_delta_net')")
 
 
 def _layer_types(hf_config: Any, family: str) -> List[str]:
@@ -53,14 +64,14 @@ def _layer_types(hf_config: Any, family: str) -> List[str]:
     return types
 
 
-def gdn_megatron_kwargs(hf_config: Any, family: str, architecture: str) -> Dict[str, Any]:
-    """The gated delta-net, gated attention and zero-centred norm fields of a family's ``GPTConfig``.
+def gdn_megatron_kwargs(hf_config: Any, family: str) -> Dict[str, Any]:
+    """The gated delta-net, gated attention and zero-centred norm fields of a family's ``GPTConfig`` (the family
+    checks its megatron-core first: :class:`GatedDeltaNetFamily`).
 
     Raises:
-        ValueError: megatron-core < 0.19 (named with the installed version), ``layer_types`` other than linear /
-            full attention per layer, ``attention_bias``, an activation other than silu, missing linear fields.
+        ValueError: ``layer_types`` other than linear / full attention per layer, ``attention_bias``, an activation
+            other than silu, missing linear fields.
     """
-    require_gated_delta_net(architecture)
     if config_get(hf_config, "attention_bias", False):
         raise ValueError(f"{family}: attention_bias=True is not supported (the gated delta-net layers have no "
                          "biases and megatron's add_bias_linear covers both)")

@@ -45,7 +45,7 @@ from typing import Any, Dict, List
 from megatron_bridge_ext.engine import MegatronModelBridge
 from megatron_bridge_ext.mappings import AutoMapping, ColumnParallelMapping, QKVMapping, RowParallelMapping
 from megatron_bridge_ext.mappings.mamba import CONV_PARTS, IN_PROJ_PARTS, MambaSplitMapping
-from megatron_bridge_ext.mcore.versions import HYBRID_MODEL_RELEASE
+from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19
 from megatron_bridge_ext.models.hf_config import config_get, dtype_kwargs, dtype_name
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
@@ -118,16 +118,15 @@ def _refuse_unconverted(pattern: str, family: str, field: str) -> None:
 class NemotronHBridge(MegatronModelBridge):
     """HF NemotronHForCausalLM <-> Megatron-Core HybridModel (Mamba-2 / attention / squared-ReLU MLP layers)."""
 
-    min_megatron_core = HYBRID_MODEL_RELEASE
+    min_megatron_core = MEGATRON_CORE_0_19
+    min_megatron_core_feature = "the hybrid Mamba / attention model (megatron.core.models.hybrid.HybridModel)"
 
     hf_model_type = "nemotron_h"
     required_hf_fields = ("hidden_size", "num_attention_heads", "vocab_size")
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
-        from megatron_bridge_ext.mcore.versions import HYBRID_MODEL_RELEASE, require_hybrid_model
-
         family = type(self).__name__
-        require_hybrid_model("NemotronHForCausalLM")
+        self.require_megatron_core()
         pattern = hf_layer_pattern(hf_config, family)
         _refuse_unconverted(pattern, family, "layer pattern")
         refused = {

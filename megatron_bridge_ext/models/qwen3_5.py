@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.versions import GATED_DELTA_NET_RELEASE
 from megatron_bridge_ext.models.gated_delta_net import (
-    check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
+    GatedDeltaNetFamily, check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
 )
 from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.models.tables import GPT_MODEL, embedding_mappings, gated_mlp_mappings
@@ -28,15 +27,14 @@ __all__ = ["Qwen3_5Bridge"]
 
 
 @LlamaBridge.register_bridge(source="Qwen3_5ForCausalLM", target=GPT_MODEL)
-class Qwen3_5Bridge(LlamaBridge):
+class Qwen3_5Bridge(GatedDeltaNetFamily, LlamaBridge):
     """HF Qwen3_5ForCausalLM <-> Megatron-Core GPTModel with gated delta-net layers and dense MLPs."""
-
-    min_megatron_core = GATED_DELTA_NET_RELEASE
 
     hf_model_type = "qwen3_5_text"
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
-        gdn = gdn_megatron_kwargs(hf_config, type(self).__name__, "Qwen3_5ForCausalLM")
+        self.require_megatron_core()
+        gdn = gdn_megatron_kwargs(hf_config, type(self).__name__)
         return {**super().hf_config_to_megatron_kwargs(hf_config), **gdn}
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.versions import GATED_DELTA_NET_RELEASE
 from megatron_bridge_ext.models.gated_delta_net import (
-    check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
+    GatedDeltaNetFamily, check_gdn_config, gated_attention_mappings, gdn_mappings, gdn_megatron_kwargs,
 )
 from megatron_bridge_ext.models.hf_config import config_get
 from megatron_bridge_ext.models.llama import LlamaBridge
 from megatron_bridge_ext.models.moe import (
-    PER_EXPERT, family_expert_layout, megatron_moe_pattern, moe_hf_fields, moe_runtime_kwargs, routed_expert_mappings,
-    router_mappings, shared_expert_mappings, softmax_router_hf_fields, softmax_router_kwargs,
+    PER_EXPERT, family_expert_layout, megatron_moe_pattern, routed_expert_mappings, router_mappings,
+    shared_expert_mappings, softmax_router_hf_fields,
 )
-from megatron_bridge_ext.models.qwen3_next import check_shared_expert, shared_expert_kwargs
+from megatron_bridge_ext.models.qwen3_next import gdn_moe_hf_fields, gdn_moe_kwargs
 from megatron_bridge_ext.models.tables import GPT_MODEL, H, embedding_mappings, pre_mlp_norm_mappings
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
@@ -31,10 +30,8 @@ __all__ = ["Qwen3_5MoeBridge"]
 
 
 @LlamaBridge.register_bridge(source="Qwen3_5MoeForCausalLM", target=GPT_MODEL)
-class Qwen3_5MoeBridge(LlamaBridge):
+class Qwen3_5MoeBridge(GatedDeltaNetFamily, LlamaBridge):
     """HF Qwen3_5MoeForCausalLM <-> Megatron-Core GPTModel with gated delta-net layers and MoE MLPs."""
-
-    min_megatron_core = GATED_DELTA_NET_RELEASE
 
     hf_model_type = "qwen3_5_moe_text"
     default_hf_layout = PER_EXPERT
@@ -42,15 +39,11 @@ class Qwen3_5MoeBridge(LlamaBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        gdn = gdn_megatron_kwargs(hf_config, family, "Qwen3_5MoeForCausalLM")
+        self.require_megatron_core()
+        gdn = gdn_megatron_kwargs(hf_config, family)
         layers = int(config_get(hf_config, "num_hidden_layers"))
-        return {
-            **super().hf_config_to_megatron_kwargs(hf_config), **gdn,
-            **moe_runtime_kwargs(config_get(hf_config, "num_experts"), config_get(hf_config, "num_experts_per_tok"),
-                                 config_get(hf_config, "moe_intermediate_size"), [1] * layers),
-            **softmax_router_kwargs(True),
-            **shared_expert_kwargs(hf_config, family),
-        }
+        return {**super().hf_config_to_megatron_kwargs(hf_config), **gdn,
+                **gdn_moe_kwargs(hf_config, family, [1] * layers, True)}
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
@@ -60,10 +53,7 @@ class Qwen3_5MoeBridge(LlamaBridge):
         if not softmax_router_hf_fields(config, family).get("norm_topk_prob", False):
             raise ValueError(f"{family}: the router does not renormalise the top-k probabilities; Qwen3.5 MoE always "
                              "does (HF has no norm_topk_prob)")
-        hf = self.dense_hf_fields(config)
-        hf.update(**gdn_hf_fields(config), **moe_hf_fields(config, "num_experts"),
-                  **check_shared_expert(config, family))
-        return hf
+        return {**self.dense_hf_fields(config), **gdn_moe_hf_fields(config, family)}
 
     def detect_hf_layout(self, hf_state, hf_config):
         return family_expert_layout(self, hf_state, hf_config, experts_field="num_experts")

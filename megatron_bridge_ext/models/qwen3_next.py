@@ -16,9 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from megatron_bridge_ext.mcore.versions import GATED_DELTA_NET_RELEASE
 from megatron_bridge_ext.models.gated_delta_net import (
-    check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
+    GatedDeltaNetFamily, check_gdn_config, gated_attention_mappings, gdn_hf_fields, gdn_mappings, gdn_megatron_kwargs,
 )
 from megatron_bridge_ext.models.hf_config import config_get
 from megatron_bridge_ext.models.llama import LlamaBridge
@@ -50,11 +49,27 @@ def check_shared_expert(config: Any, family: str) -> Dict[str, Any]:
     return {"shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size}
 
 
-@LlamaBridge.register_bridge(source="Qwen3NextForCausalLM", target=GPT_MODEL)
-class Qwen3NextBridge(LlamaBridge):
-    """HF Qwen3NextForCausalLM <-> Megatron-Core GPTModel with gated delta-net layers and MoE MLPs."""
+def gdn_moe_kwargs(hf_config: Any, family: str, moe_pattern: Any, norm_topk_prob: bool) -> Dict[str, Any]:
+    """The MoE fields of the gated delta-net MoE families (Qwen3-Next, Qwen3.5 MoE): routed experts where
+    ``moe_pattern`` says, behind a softmax top-k router (``norm_topk_prob``: renormalised top-k), and a gated shared
+    expert."""
+    return {
+        **moe_runtime_kwargs(config_get(hf_config, "num_experts"), config_get(hf_config, "num_experts_per_tok"),
+                             config_get(hf_config, "moe_intermediate_size"), moe_pattern),
+        **softmax_router_kwargs(norm_topk_prob),
+        **shared_expert_kwargs(hf_config, family),
+    }
 
-    min_megatron_core = GATED_DELTA_NET_RELEASE
+
+def gdn_moe_hf_fields(config: Any, family: str) -> Dict[str, Any]:
+    """HF fields of a Megatron config's gated delta-net layers, routed experts and gated shared expert (the families
+    write the router and the MoE pattern each in their own way)."""
+    return {**gdn_hf_fields(config), **moe_hf_fields(config, "num_experts"), **check_shared_expert(config, family)}
+
+
+@LlamaBridge.register_bridge(source="Qwen3NextForCausalLM", target=GPT_MODEL)
+class Qwen3NextBridge(GatedDeltaNetFamily, LlamaBridge):
+    """HF Qwen3NextForCausalLM <-> Megatron-Core GPTModel with gated delta-net layers and MoE MLPs."""
 
     hf_model_type = "qwen3_next"
     default_hf_layout = PER_EXPERT
@@ -62,24 +77,17 @@ class Qwen3NextBridge(LlamaBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        gdn = gdn_megatron_kwargs(hf_config, family, "Qwen3NextForCausalLM")
+        self.require_megatron_core()
+        gdn = gdn_megatron_kwargs(hf_config, family)
         kw = super().hf_config_to_megatron_kwargs(hf_config)
-        return {
-            **kw, **gdn,
-            **moe_runtime_kwargs(config_get(hf_config, "num_experts"), config_get(hf_config, "num_experts_per_tok"),
-                                 config_get(hf_config, "moe_intermediate_size"), qwen_moe_pattern(hf_config)),
-            **softmax_router_kwargs(bool(config_get(hf_config, "norm_topk_prob", False))),
-            **shared_expert_kwargs(hf_config, family),
-        }
+        return {**kw, **gdn, **gdn_moe_kwargs(hf_config, family, qwen_moe_pattern(hf_config),
+                                              bool(config_get(hf_config, "norm_topk_prob", False)))}
 
     def megatron_to_hf_config(self, config: Any) -> Dict[str, Any]:
         family = type(self).__name__
         check_gdn_config(config, family)
-        hf = self.dense_hf_fields(config)
-        hf.update(**gdn_hf_fields(config), **moe_hf_fields(config, "num_experts"),
-                  **softmax_router_hf_fields(config, family), **qwen_moe_pattern_hf_fields(config),
-                  **check_shared_expert(config, family))
-        return hf
+        return {**self.dense_hf_fields(config), **gdn_moe_hf_fields(config, family),
+                **softmax_router_hf_fields(config, family), **qwen_moe_pattern_hf_fields(config)}
 
     def detect_hf_layout(self, hf_state, hf_config):
         return family_expert_layout(self, hf_state, hf_config, experts_field="num_experts")

@@ -18,7 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import WorkerError  # noqa: E402
-from megatron_bridge_ext.mcore.versions import has_gated_delta_net, installed_megatron_core  # noqa: E402
+from megatron_bridge_ext.mcore.versions import (  # noqa: E402
+    MEGATRON_CORE_0_19, installed_megatron_core, unmet_megatron_core,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "distributed"))
 import test_qwen3_next  # noqa: E402
@@ -35,7 +37,7 @@ def test_import_verify_export(arch, tmp_path):
     transformers.logging.set_verbosity_error()
     src, meg, out = str(tmp_path / "hf"), str(tmp_path / "megatron"), str(tmp_path / "out")
     FAMILIES[arch](src)
-    if not has_gated_delta_net():
+    if unmet_megatron_core(MEGATRON_CORE_0_19):
         with pytest.raises((ValueError, WorkerError), match=rf"{arch}: .*needs megatron-core >= 0\.19\.0; "
                                                             rf"megatron-core {installed_megatron_core()} is installed"):
             import_checkpoint(src, meg, tp=2, ranks=2)

@@ -44,13 +44,13 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
-from megatron_bridge_ext.mcore.versions import has_hybrid_model  # noqa: E402
+from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19, unmet_megatron_core  # noqa: E402
 from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
 from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
-HAS_HYBRID = has_hybrid_model()
+HAS_HYBRID = unmet_megatron_core(MEGATRON_CORE_0_19) is None
 ARCH = "NemotronHForCausalLM"
 HEADS, GROUPS, HEAD_DIM = 4, 2, 16
 M_HEADS, M_HEAD_DIM, M_GROUPS, M_STATE = 8, 8, 2, 8

@@ -33,14 +33,16 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
-from megatron_bridge_ext.mcore.versions import has_gated_delta_net, installed_megatron_core  # noqa: E402
+from megatron_bridge_ext.mcore.versions import (  # noqa: E402
+    MEGATRON_CORE_0_19, installed_megatron_core, unmet_megatron_core,
+)
 from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_qwen3_next as nxt  # noqa: E402
 
-HAS_GDN = has_gated_delta_net()
+HAS_GDN = unmet_megatron_core(MEGATRON_CORE_0_19) is None
 BASE = {k: v for k, v in nxt.CONFIG.items() if k not in (
     "moe_intermediate_size", "shared_expert_intermediate_size", "num_experts", "num_experts_per_tok",
     "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "partial_rotary_factor")}

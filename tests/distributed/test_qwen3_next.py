@@ -37,13 +37,15 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402
-from megatron_bridge_ext.mcore.versions import has_gated_delta_net, installed_megatron_core  # noqa: E402
+from megatron_bridge_ext.mcore.versions import (  # noqa: E402
+    MEGATRON_CORE_0_19, installed_megatron_core, unmet_megatron_core,
+)
 from megatron_bridge_ext.testing.parity import hf_logits  # noqa: E402
 from megatron_bridge_ext.testing.tiny_models import randomise, save_transformers_bf16, tiny_hf_model  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL  # noqa: E402
 
 ARCH = "Qwen3NextForCausalLM"
-HAS_GDN = has_gated_delta_net()
+HAS_GDN = unmet_megatron_core(MEGATRON_CORE_0_19) is None
 E = 4
 HK, HV, DK, DV, K = 2, 4, 8, 12, 4
 HEADS, GROUPS, HEAD_DIM = 4, 2, 16

@@ -49,10 +49,10 @@ if importlib.util.find_spec("transformers") is None:
 
 from megatron_bridge_ext.launch import spawn_local  # noqa: E402  (imports no megatron module)
 from megatron_bridge_ext.mcore.versions import (  # noqa: E402  (reads the distribution metadata)
-    has_gated_delta_net,
-    has_hybrid_model,
+    MEGATRON_CORE_0_19,
     installed_megatron_core,
     megatron_core_version,
+    unmet_megatron_core,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,7 +102,7 @@ GDN_CASES = {
     "qwen3_5": (DENSE_W, DENSE_R, False),
     "qwen3_5_moe": (MOE_W, dict(tp=2, pp=1), False),
 }
-if has_gated_delta_net():
+if not unmet_megatron_core(MEGATRON_CORE_0_19):
     CASES.update(GDN_CASES)
 # hybrid Mamba / attention / MLP models (megatron-core >= 0.19 HybridModel; below it NemotronH is refused by name,
 # test_te_checkpoint_of_hybrid_is_refused_below_0_19): tests/distributed/test_nemotron_h.py's checkpoint, read into
@@ -110,7 +110,7 @@ if has_gated_delta_net():
 HYBRID_CASES = {
     "nemotron_h": (DENSE_W, DENSE_R, False),
 }
-HAS_HYBRID = has_hybrid_model()
+HAS_HYBRID = not unmet_megatron_core(MEGATRON_CORE_0_19)
 if HAS_HYBRID:
     CASES.update(HYBRID_CASES)
 # case -> the HF architecture its checkpoint is (one line per case: families added on other branches merge as added
@@ -508,7 +508,7 @@ def test_gated_delta_net_families_need_megatron_core_0_19(name, tmp_path):
     writer, no model) refuses them naming the architecture, the version they need and the installed one."""
     from megatron_bridge_ext.auto_bridge import AutoBridge
 
-    if has_gated_delta_net():
+    if not unmet_megatron_core(MEGATRON_CORE_0_19):
         assert name in CASES
         return
     sys.path.insert(0, HERE)

@@ -13,7 +13,7 @@ pytest.importorskip("megatron.core")
 transformers = pytest.importorskip("transformers")
 
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
-from megatron_bridge_ext.mcore.versions import has_gated_delta_net  # noqa: E402
+from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19, unmet_megatron_core  # noqa: E402
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
 from megatron_bridge_ext.testing.parity import config_round_trip  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
@@ -111,7 +111,7 @@ CASES = {
 GDN = dict(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=3, linear_key_head_dim=8,
            linear_value_head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4,
            rope_parameters={"rope_type": "default", "rope_theta": 50000.0, "partial_rotary_factor": 0.5})
-if has_gated_delta_net():
+if unmet_megatron_core(MEGATRON_CORE_0_19) is None:
     CASES.update({
         "qwen3_next": ("Qwen3Next", dict(GDN, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=48, mlp_only_layers=[1],

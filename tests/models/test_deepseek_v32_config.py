@@ -16,17 +16,13 @@ transformers = pytest.importorskip("transformers")
 
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
-from megatron_bridge_ext.mcore.versions import installed_megatron_core, megatron_core_version  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
 
+from dsa_config_shared import HAS_DSA, TINY_DSA, assert_refused_before_megatron_core_0_19, needs_dsa  # noqa: E402
+from dsa_config_shared import logits as _logits  # noqa: E402
+
 ARCH = "DeepseekV32ForCausalLM"
-HAS_DSA = megatron_core_version() >= (0, 19, 0)
-needs_dsa = pytest.mark.skipif(not HAS_DSA, reason="megatron-core < 0.19 has no DSA (the refusal is tested below)")
-TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=128, initializer_range=0.03, n_routed_experts=6,
-            num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=16, v_head_dim=12, n_group=1, topk_group=1, index_topk=7, index_head_dim=16,
-            index_n_heads=4, first_k_dense_replace=1)
+TINY = dict(TINY_DSA, num_hidden_layers=3, n_group=1, topk_group=1)
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "beta_fast": 32.0, "beta_slow": 1.0}
 CASES = {
@@ -55,12 +51,6 @@ def _model(overrides):
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.1)
     return model
-
-
-def _logits(model) -> torch.Tensor:
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
 
 
 @needs_dsa
@@ -149,13 +139,7 @@ def test_a_megatron_model_without_dsa_is_refused():
 
 @pytest.mark.skipif(HAS_DSA, reason="megatron-core >= 0.19 converts the family (the tests above)")
 def test_refused_before_megatron_core_0_19():
-    refusal = rf"{ARCH}: DeepSeek sparse attention .*needs megatron-core >= 0\.19\.0; megatron-core " \
-        rf"{installed_megatron_core()} is installed"
-    bridge = get_model_bridge(ARCH)
-    with pytest.raises(ValueError, match=refusal):
-        bridge.transformer_config(_config())
-    with pytest.raises(ValueError, match=refusal):
-        bridge.megatron_to_hf_config(None)
+    assert_refused_before_megatron_core_0_19(ARCH, _config)
 
 
 @needs_dsa

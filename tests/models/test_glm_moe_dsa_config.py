@@ -17,17 +17,13 @@ transformers = pytest.importorskip("transformers")
 
 import megatron_bridge_ext.models  # noqa: E402,F401  (registers the bridges)
 from megatron_bridge_ext.dispatch import get_model_bridge  # noqa: E402
-from megatron_bridge_ext.mcore.versions import installed_megatron_core, megatron_core_version  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
 
+from dsa_config_shared import HAS_DSA, TINY_DSA, assert_refused_before_megatron_core_0_19, needs_dsa  # noqa: E402
+from dsa_config_shared import logits as _logits  # noqa: E402
+
 ARCH = "GlmMoeDsaForCausalLM"
-HAS_DSA = megatron_core_version() >= (0, 19, 0)
-needs_dsa = pytest.mark.skipif(not HAS_DSA, reason="megatron-core < 0.19 has no DSA (the refusal is tested below)")
-TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=128, initializer_range=0.03, n_routed_experts=6,
-            num_experts_per_tok=2, moe_intermediate_size=32, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
-            qk_nope_head_dim=16, v_head_dim=12, index_topk=7, index_head_dim=16, index_n_heads=4,
-            first_k_dense_replace=1)
+TINY = dict(TINY_DSA, num_hidden_layers=6)
 CASES = {
     # transformers' default schedule: index_topk_freq 1 (every layer full)
     "all_full": ({}, (1, 0)),
@@ -40,12 +36,6 @@ CASES = {
 
 def _config(**overrides):
     return transformers.GlmMoeDsaConfig(**{**TINY, **overrides})
-
-
-def _logits(model) -> torch.Tensor:
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
 
 
 @needs_dsa
@@ -139,10 +129,4 @@ def test_megatron_settings_without_an_hf_equivalent_are_refused(changes, match):
 
 @pytest.mark.skipif(HAS_DSA, reason="megatron-core >= 0.19 converts the family (the tests above)")
 def test_refused_before_megatron_core_0_19():
-    refusal = rf"{ARCH}: DeepSeek sparse attention .*needs megatron-core >= 0\.19\.0; megatron-core " \
-        rf"{installed_megatron_core()} is installed"
-    bridge = get_model_bridge(ARCH)
-    with pytest.raises(ValueError, match=refusal):
-        bridge.transformer_config(_config())
-    with pytest.raises(ValueError, match=refusal):
-        bridge.megatron_to_hf_config(None)
+    assert_refused_before_megatron_core_0_19(ARCH, _config)

@@ -36,7 +36,7 @@ def _hf(**overrides):
 
 def _refused_here(call) -> bool:
     """Under a megatron-core without HybridModel every conversion is refused by name (True: asserted, done)."""
-    if versions.has_hybrid_model():
+    if not versions.unmet_megatron_core(versions.MEGATRON_CORE_0_19):
         return False
     with pytest.raises(ValueError, match=r"NemotronHForCausalLM: the hybrid Mamba / attention model .*HybridModel\) "
                                          r"needs megatron-core >= 0\.19\.0; megatron-core 0\.16\.\d+ is installed"):
