@@ -4,9 +4,9 @@ mixture of experts in every layer: routed SwiGLU experts behind a softmax top-k 
 top-k probabilities (HF has no ``norm_topk_prob`` field: megatron ``moe_router_pre_softmax=False``) and a shared
 expert scaled by ``sigmoid(shared_expert_gate(x))``. Needs megatron-core >= 0.19 (refused by name below it).
 
-HF experts: one tensor per expert (``save_pretrained``; the default) or fused, read from the keys. Not converted: the
-vision-language ``Qwen3_5MoeForConditionalGeneration`` checkpoints and the ``mtp.*`` tensors (refused by the engine
-naming them).
+HF experts: one tensor per expert (``save_pretrained``; the default) or fused, read from the keys. The released
+vision-language ``Qwen3_5MoeForConditionalGeneration`` checkpoints are ``models.qwen3_5_vl``'s; a text-only checkpoint
+holding ``mtp.*`` tensors is refused by the engine naming them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Qwen3_5MoeBridge(LlamaBridge):
 
     def hf_config_to_megatron_kwargs(self, hf_config: Any) -> Dict[str, Any]:
         family = type(self).__name__
-        gdn = gdn_megatron_kwargs(hf_config, family, "Qwen3_5MoeForCausalLM")
+        gdn = gdn_megatron_kwargs(hf_config, family, self.hf_architecture)
         layers = int(config_get(hf_config, "num_hidden_layers"))
         return {
             **super().hf_config_to_megatron_kwargs(hf_config), **gdn,
