@@ -4,12 +4,13 @@ language models, a 2-block vision tower; random weights, fixed seeds) plus a mul
 (``mtp.*``, as the releases hold them: transformers skips them on load) -> AutoBridge -> megatron-core 0.19 GPTModel
 chunks (CPU, gloo) -> HF, all in ONE spawned world of 4 ranks.
 
-Layouts: dense at TP2 and PP2, MoE at EP2 and PP2. For each: every Megatron parameter on every rank against a
-plain-torch reading of the HF tensors (``test_qwen3_5._expected`` on the checkpoint's ``model.language_model.*``
-tensors read under their text-only names), the Megatron logits against transformers' own forward of the
-ConditionalGeneration model on text-only input (fp32, max |diff| <= 1e-4), and the export with the source against the
-source: every tensor, vision tower and MTP layer included (carried), ``torch.equal``, dtypes, key set. An export
-without the source is refused by name; so is the import under megatron-core < 0.19.
+Layouts: dense at TP2 and PP2, MoE at EP2 and PP2, and at EP2 the MoE checkpoint with each layer's experts fused
+(``experts.gate_up_proj`` / ``experts.down_proj``, as transformers holds them). For each: every Megatron parameter on
+every rank against a plain-torch reading of the HF tensors (``test_qwen3_5._expected`` on the checkpoint's
+``model.language_model.*`` tensors read under their text-only names), the Megatron logits against transformers' own
+forward of the ConditionalGeneration model on text-only input (fp32, max |diff| <= 1e-4), and the export with the
+source against the source: every tensor, vision tower and MTP layer included (carried), ``torch.equal``, dtypes, key
+set, ``config.json``. An export without the source is refused by name; so is the import under megatron-core < 0.19.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, in_cha
 FAMILIES = {"dense": ("Qwen3_5", "Qwen3_5ForConditionalGeneration"),
             "moe": ("Qwen3_5Moe", "Qwen3_5MoeForConditionalGeneration")}
 LAYOUTS = [Layout("dense_tp2", "dense", tp=2), Layout("dense_pp2", "dense", pp=2),
-           Layout("moe_ep2", "moe", ep=2, etp=1), Layout("moe_pp2", "moe", pp=2)]
+           Layout("moe_ep2", "moe", ep=2, etp=1), Layout("moe_pp2", "moe", pp=2),
+           Layout("moe_fused_ep2", "moe_fused", ep=2, etp=1)]
+#: checkpoint -> the checkpoint whose tensors it holds (under other names: the fused experts)
+SAME_TENSORS = {"dense": "dense", "moe": "moe", "moe_fused": "moe"}
 IDS = [layout.name for layout in LAYOUTS]
 
 needs_gdn = pytest.mark.skipif(not HAS_GDN, reason="gated delta-net needs megatron-core >= 0.19: these run in the 0.19 "
@@ -77,6 +81,33 @@ def make_checkpoint(path: str, family: str, seed: int):
     return model.eval()
 
 
+def write_fused_experts(src: str, dst: str) -> None:
+    """``dst``: ``src`` (config files and tensors) with each layer's experts as transformers holds them in memory,
+    ``mlp.experts.gate_up_proj`` ``[E, 2F, D]`` (``[gate; up]`` per expert) and ``mlp.experts.down_proj``
+    ``[E, D, F]``, instead of one tensor per expert."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    per = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    out, experts = {}, {}
+    for k, v in sd.items():
+        m = per.match(k)
+        if m is None:
+            out[k] = v
+        else:
+            experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = v
+    for prefix, t in experts.items():
+        n = 1 + max(e for e, _ in t)
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([t[(e, "gate_proj")], t[(e, "up_proj")]])
+                                                     for e in range(n)])
+        out[f"{prefix}.down_proj"] = torch.stack([t[(e, "down_proj")] for e in range(n)])
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+
+
 def text_reading(ckpt: str):
     """The checkpoint's language-model tensors under their text-only names (``model.language_model.X`` ->
     ``model.X``), ``lm_head.weight`` as it is: the plain reading ``test_qwen3_5._expected`` indexes."""
@@ -94,7 +125,8 @@ def _parameters(run):
 
     lay = run.layout
     bad, seen = nxt._check_parameters(
-        run.chunks, text_reading(run.ckpts[lay.ckpt]), lay.tp, ps.get_tensor_model_parallel_rank(), lay.ep,
+        run.chunks, text_reading(run.ckpts[SAME_TENSORS[lay.ckpt]]), lay.tp, ps.get_tensor_model_parallel_rank(),
+        lay.ep,
         ps.get_expert_model_parallel_rank(), lay.etp or lay.tp, ps.get_expert_tensor_parallel_rank(),
         expected=q35._expected)
     gdn = sum(type(layer.self_attention).__name__ == "LocalGatedDeltaNet" for c in run.chunks
@@ -113,6 +145,12 @@ def world(tmp_path_factory):
         model = make_checkpoint(ckpts[family], family, seed=51 + i)
         with torch.no_grad():
             hf[family] = model(input_ids=tokens, use_cache=False).logits.float()
+    ckpts["moe_fused"] = str(root / "hf_moe_fused")
+    write_fused_experts(ckpts["moe"], ckpts["moe_fused"])
+    with torch.no_grad():  # transformers reads the fused experts as its own
+        fused = getattr(transformers, "Qwen3_5MoeForConditionalGeneration").from_pretrained(
+            ckpts["moe_fused"], dtype=torch.float32)
+        hf["moe_fused"] = fused.eval()(input_ids=tokens, use_cache=False).logits.float()
     out_root = str(root / "out")
     layouts = [Layout(**{**vars(layout), "checks": (_parameters,)}) for layout in LAYOUTS]
     per_rank = spawn_layouts(ckpts, layouts, tokens, out_root)
@@ -182,6 +220,11 @@ def test_the_checkpoints_have_what_the_tests_claim(world):
         assert not any(k.startswith("model.layers.") for k in keys)
     with SafeTensorsSource(ckpts["moe"]) as src:
         assert LM + "layers.1.mlp.experts.3.up_proj.weight" in set(src.keys())
+    with SafeTensorsSource(ckpts["moe_fused"]) as src:
+        keys = set(src.keys())
+        assert tuple(src[LM + "layers.1.mlp.experts.gate_up_proj"].shape) == (nxt.E, 2 * 24, q35.BASE["hidden_size"])
+    assert not any(".experts.0." in k for k in keys)
+    assert torch.equal(world[3]["moe_fused"], world[3]["moe"])  # transformers: the same model
 
 
 @needs_gdn
