@@ -4,8 +4,9 @@ language models, a 2-block vision tower; random weights, fixed seeds) plus a mul
 (``mtp.*``, as the releases hold them: transformers skips them on load) -> AutoBridge -> megatron-core 0.19 GPTModel
 chunks (CPU, gloo) -> HF, all in ONE spawned world of 4 ranks.
 
-Layouts: dense at TP2 and PP2, MoE at EP2 and PP2, and at EP2 the MoE checkpoint with each layer's experts fused
-(``experts.gate_up_proj`` / ``experts.down_proj``, as transformers holds them). For each: every Megatron parameter on
+Layouts: dense at TP2 and PP2, MoE at EP2 and PP2, at EP2 the MoE checkpoint with each layer's experts fused
+(``experts.gate_up_proj`` / ``experts.down_proj``, as transformers holds them), and at TP2 a dense one with tied
+embeddings (no ``lm_head.weight`` stored, as in the small releases). For each: every Megatron parameter on
 every rank against a plain-torch reading of the HF tensors (``test_qwen3_5._expected`` on the checkpoint's
 ``model.language_model.*`` tensors read under their text-only names), the Megatron logits against transformers' own
 forward of the ConditionalGeneration model on text-only input (fp32, max |diff| <= 1e-4), and the export with the
@@ -44,24 +45,26 @@ FAMILIES = {"dense": ("Qwen3_5", "Qwen3_5ForConditionalGeneration"),
             "moe": ("Qwen3_5Moe", "Qwen3_5MoeForConditionalGeneration")}
 LAYOUTS = [Layout("dense_tp2", "dense", tp=2), Layout("dense_pp2", "dense", pp=2),
            Layout("moe_ep2", "moe", ep=2, etp=1), Layout("moe_pp2", "moe", pp=2),
-           Layout("moe_fused_ep2", "moe_fused", ep=2, etp=1)]
+           Layout("moe_fused_ep2", "moe_fused", ep=2, etp=1), Layout("dense_tied_tp2", "dense_tied", tp=2)]
 #: checkpoint -> the checkpoint whose tensors it holds (under other names: the fused experts)
-SAME_TENSORS = {"dense": "dense", "moe": "moe", "moe_fused": "moe"}
+SAME_TENSORS = {"dense": "dense", "moe": "moe", "moe_fused": "moe", "dense_tied": "dense_tied"}
 IDS = [layout.name for layout in LAYOUTS]
 
 needs_gdn = pytest.mark.skipif(not HAS_GDN, reason="gated delta-net needs megatron-core >= 0.19: these run in the 0.19 "
                                "suite, and this version's refusal is test_megatron_core_version_gate")
 
 
-def make_checkpoint(path: str, family: str, seed: int):
-    """The family's tiny vision-language checkpoint plus ``mtp.*`` tensors; returns the model (without them)."""
+def make_checkpoint(path: str, family: str, seed: int, tied: bool = False):
+    """The family's tiny vision-language checkpoint plus ``mtp.*`` tensors; returns the model (without them). With
+    ``tied`` the output layer is the embedding (``tie_word_embeddings``, as the small releases have it: transformers
+    then stores no ``lm_head.weight``)."""
     from safetensors.torch import load_file, save_file
 
     prefix, _ = FAMILIES[family]
-    text = dict(q35.FAMILIES[family][2])
+    text = dict(q35.FAMILIES[family][2], tie_word_embeddings=tied)
     torch.manual_seed(seed)
     cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=dict(VISION),
-                                                   tie_word_embeddings=False)
+                                                   tie_word_embeddings=tied)
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(cfg)
     randomise(model, (0.0, 0.3), rest=(0.0, 0.15))
     with torch.no_grad():
@@ -115,7 +118,8 @@ def text_reading(ckpt: str):
 
     sd = load_file(os.path.join(ckpt, "model.safetensors"))
     out = {"model." + k[len(LM):]: v for k, v in sd.items() if k.startswith(LM)}
-    out["lm_head.weight"] = sd["lm_head.weight"]
+    if "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd["lm_head.weight"]
     return out
 
 
@@ -145,6 +149,10 @@ def world(tmp_path_factory):
         model = make_checkpoint(ckpts[family], family, seed=51 + i)
         with torch.no_grad():
             hf[family] = model(input_ids=tokens, use_cache=False).logits.float()
+    ckpts["dense_tied"] = str(root / "hf_dense_tied")
+    with torch.no_grad():
+        hf["dense_tied"] = make_checkpoint(ckpts["dense_tied"], "dense", seed=53, tied=True)(
+            input_ids=tokens, use_cache=False).logits.float()
     ckpts["moe_fused"] = str(root / "hf_moe_fused")
     write_fused_experts(ckpts["moe"], ckpts["moe_fused"])
     with torch.no_grad():  # transformers reads the fused experts as its own
@@ -225,6 +233,8 @@ def test_the_checkpoints_have_what_the_tests_claim(world):
         assert tuple(src[LM + "layers.1.mlp.experts.gate_up_proj"].shape) == (nxt.E, 2 * 24, q35.BASE["hidden_size"])
     assert not any(".experts.0." in k for k in keys)
     assert torch.equal(world[3]["moe_fused"], world[3]["moe"])  # transformers: the same model
+    with SafeTensorsSource(ckpts["dense_tied"]) as src:
+        assert "lm_head.weight" not in set(src.keys()) and "mtp.fc.weight" in set(src.keys())
 
 
 @needs_gdn
