@@ -120,10 +120,9 @@ class _VisionLanguage:
                          f"{self.hf_source_needed}")
 
     def detect_hf_layout(self, hf_state, hf_config):
-        parent = super()  # type: ignore[misc]
-        if not hasattr(parent, "detect_hf_layout"):
-            return None
-        return parent.detect_hf_layout(_TextKeys(hf_state), self.language_model_config(hf_config))
+        # the text family's key reading (the expert layout) on the language model's tensors, text-only names
+        return super().detect_hf_layout(_TextKeys(hf_state),  # type: ignore[misc]
+                                        self.language_model_config(hf_config))
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         text = super().mapping_registry()  # type: ignore[misc]
