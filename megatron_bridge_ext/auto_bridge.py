@@ -15,7 +15,10 @@ from megatron_bridge_ext.engine.quantize import FP8Export, export_quantization, 
 from megatron_bridge_ext.io import CONFIG_NAME, SafeTensorsWriter
 from megatron_bridge_ext.io.staging import StagedCheckpoint
 from megatron_bridge_ext.io.hf_source import refuse_pickle_only
-from megatron_bridge_ext.io.hf_checkpoint import HFCheckpoint, architectures_of, copy_side_files, read_hf_config
+from megatron_bridge_ext.io.hf_checkpoint import (
+    CARRIED_TENSORS, HFCheckpoint, architectures_of, carried_names, copy_side_files, read_hf_config,
+)
+from megatron_bridge_ext.io.hf_source import SafeTensorsSource
 from megatron_bridge_ext.mcore.topology import current_parallel_sizes
 
 __all__ = ["AutoBridge", "HFCheckpoint"]
@@ -87,6 +90,7 @@ class AutoBridge:
             raise ValueError(f"{where}: {e}") from None
         bridge.check_hf_config(raw, where)
         ckpt = HFCheckpoint.open(path, raw_config=raw)
+        ckpt.config = bridge.language_model_config(ckpt.config)
         bridge.check_hf_checkpoint(ckpt)
         return cls(ckpt, bridge)
 
@@ -259,7 +263,8 @@ class AutoBridge:
 
         Returns:
             On rank 0, a summary dict (``files``, ``total_size``, ``index``, ``missing``, ``replaced``, ``carried``,
-            ``cleaned``, ``not_exported``: source tensors no mapping produces, such as allowed non-weights); None
+            ``cleaned``, ``not_exported``: source tensors no mapping produces, such as allowed non-weights,
+            ``carried_tensors``: the source's tensors of the bridge's ``carried_hf_params``, written unchanged); None
             elsewhere.
 
         Raises:
@@ -270,6 +275,12 @@ class AutoBridge:
         quant = export_quantization(quantization, quantization_rule, quantization_block_size,
                                     where="AutoBridge.save_hf_pretrained")
         out_dir = os.fspath(out_dir)
+        if self.hf_pretrained is None and self.model_bridge.hf_source_needed and _carried_file(side_files) is None:
+            # every rank refuses alike, before anything is exchanged
+            raise ValueError(f"AutoBridge.save_hf_pretrained: {type(self.model_bridge).__name__} exports only with "
+                             "its source checkpoint (from_hf_pretrained) or the side files an import kept beside a "
+                             f"Megatron checkpoint (side_files=iter_.../hf, holding {CARRIED_TENSORS}): "
+                             f"{self.model_bridge.hf_source_needed}")
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         with self.model_bridge.watch("save_hf_pretrained") as watch:
             staged = None
@@ -308,14 +319,23 @@ class AutoBridge:
                 pass
             return None
         not_exported: List[str] = []
+        carried: List[str] = []
+        carried_src: Optional[SafeTensorsSource] = None
         if self.hf_pretrained is None:
             expected = self.model_bridge.hf_tensor_specs(model, conversion_tasks=tasks)
+            kept_file = _carried_file(side_files) if self.model_bridge.carried_hf_params else None
+            if kept_file is not None:  # the carried tensors an import kept beside the Megatron checkpoint
+                carried_src = SafeTensorsSource(kept_file)
+                carried = list(carried_src.keys())
+                expected.update({k: (carried_src.shape(k), carried_src.dtype(k)) for k in carried})
         else:
             # Plan shards in the order tensors will arrive, so each shard is written as soon as possible.
             order = [name for task in tasks for name in task.mapping.hf_names]
             produced = set(order)
             not_exported = [k for k in src.keys() if k not in produced]  # allowed non-weights: nothing maps them
-            expected = {k: (src.shape(k), src.dtype(k)) for k in order if k in src}
+            carried = _carried(self.model_bridge, not_exported)
+            not_exported = [k for k in not_exported if k not in set(carried)]
+            expected = {k: (src.shape(k), src.dtype(k)) for k in order + carried if k in src}
         kept = [(k, shape) for k, (shape, _) in expected.items()]
         if quant is not None:
             expected = quant.expand_specs(expected)
@@ -325,7 +345,11 @@ class AutoBridge:
         if self.hf_pretrained is None:
             if side_files is not None:  # the source's tokenizer etc.; config.json is written from the model next
                 copy_side_files(side_files, staged.path, fsync=fsync)
-            self._write_config(model, staged.path, fsync=fsync, extra=config_extra, quant=quant, kept=kept)
+            if carried_src is not None and self.model_bridge.hf_source_needed:
+                # the family's config.json only its source can write (a vision_config): the kept one, as it is
+                _describe_weights(os.path.join(staged.path, CONFIG_NAME), quant, kept, fsync)
+            else:
+                self._write_config(model, staged.path, fsync=fsync, extra=config_extra, quant=quant, kept=kept)
         else:
             copy_side_files(self.hf_pretrained.path, staged.path, fsync=fsync)
             _describe_weights(os.path.join(staged.path, CONFIG_NAME), quant, kept, fsync)
@@ -339,13 +363,19 @@ class AutoBridge:
                         raise
                     raise conversion_error(e, f"writing HF tensor {name} to {staged.target}") from e
                 tensor = None  # written: not held while the stream makes the next one
+            held = src if carried_src is None else carried_src
+            for name in carried:  # the source's carried tensors (a vision tower), unchanged, one at a time
+                writer.add(name, held[name])
             summary = writer.close()
+        if carried_src is not None:
+            carried_src.close()
         if before_commit is not None:
             watch.set_phase("save_hf_pretrained: before the swap")
             before_commit()
         watch.set_phase("save_hf_pretrained: swap")
         summary.update(staged.commit())
         summary["not_exported"] = not_exported
+        summary["carried_tensors"] = carried
         summary["files"] = [os.path.join(staged.target, os.path.basename(f)) for f in summary["files"]]
         if summary.get("index"):
             summary["index"] = os.path.join(staged.target, os.path.basename(summary["index"]))
@@ -359,6 +389,19 @@ class AutoBridge:
         config = self.model_bridge.megatron_to_hf_config(model_config(as_chunks(model)))
         config.update(extra or {})
         _write_json(os.path.join(out_dir, CONFIG_NAME), with_quantization_config(config, quant, kept), fsync)
+
+
+def _carried(bridge: MegatronModelBridge, names: Sequence[str]) -> List[str]:
+    """The names the bridge carries (``carried_hf_params``), in their order."""
+    return carried_names(names, bridge.carried_hf_params)
+
+
+def _carried_file(side_files: Optional[str]) -> Optional[str]:
+    """The carried tensors an import kept in a side-file directory (its :data:`CARRIED_TENSORS`), or None."""
+    if side_files is None:
+        return None
+    path = os.path.join(os.fspath(side_files), CARRIED_TENSORS)
+    return path if os.path.isfile(path) else None
 
 
 def _write_json(path: str, data: Dict[str, Any], fsync: bool) -> None:

@@ -63,7 +63,8 @@ def _worker(rank: int, world: int, hf_dir: str, out_dir: str, layout: Dict[str, 
         read_s = clock()
         with phase(f"Writing the Megatron checkpoint to {out_dir}", show):
             path = save_megatron_checkpoint(chunks, out_dir, architecture=bridge.hf_config.architectures[0],
-                                            hf_config=hf_config, overwrite=overwrite, spec=spec, side_files=hf_dir)
+                                            hf_config=hf_config, overwrite=overwrite, spec=spec, side_files=hf_dir,
+                                            carried=bridge.model_bridge.carried_hf_params)
         src = bridge.hf_pretrained.state
         return {"path": path, "tensors": len(src), "bytes": src.total_size, "read_s": read_s, "total_s": clock(),
                 "dtype": str(chunks[0].config.params_dtype).replace("torch.", "")}

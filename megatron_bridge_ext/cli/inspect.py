@@ -196,6 +196,7 @@ def _print(p: Dict[str, Any], keys: Optional[int]) -> None:
     console.print(f"export peak on the destination rank (est.: its parameters + 2 buckets of "
                   f"{_gib(p['bucket_bytes'])} + the largest task): {_gib(p['export_peak_bytes_rank0'])}")
     for title, names in (("HF keys nothing maps", p["unmapped_hf"]),
+                         ("HF tensors carried unchanged (not converted)", p.get("carried_hf", [])),
                          ("Megatron parameters nothing maps", p["unmapped_megatron"]),
                          ("HF tensors a mapping needs that the checkpoint lacks", p["missing_hf"])):
         console.print(f"{title}: {len(names)}" + ("" if not names else ": " + ", ".join(names[:20])

@@ -102,6 +102,8 @@ def _worker(rank: int, world: int, hf_dir: str, meg_dir: str, layout: Dict[str, 
                 chunks, None, hf_config=bridge.hf_config, dst=0, copy=False, show_progress=show,
                 conversion_tasks=tasks, materialize=materialize, **extra)
             seen = _compare(exported, src, rows)
+        if rank == 0 and bridge.model_bridge.carried_hf_params:
+            seen |= _compare_carried(info.path, src, rows)
         if rank == 0:
             rows["missing"] = [name for name in src.keys() if name not in seen]
         compare_s = clock() - load_s
@@ -150,6 +152,21 @@ def _compare(exported: Any, src: Any, rows: Dict[str, Any]) -> Set[str]:
                 else f"{int((ref != tensor).sum())} of {ref.numel()} values differ"
             rows["mismatched"].append(f"{name} ({diff})")
     return seen
+
+
+def _compare_carried(meg_dir: str, src: Any, rows: Dict[str, Any]) -> Set[str]:
+    """The carried tensors ``import`` kept beside the checkpoint (``hf/carried.safetensors``) against the source's,
+    as :func:`_compare` does; returns their names (none without the file: the source's are then missing)."""
+    from megatron_bridge_ext.io import SafeTensorsSource
+    from megatron_bridge_ext.io.hf_checkpoint import CARRIED_TENSORS
+    from megatron_bridge_ext.io.megatron_checkpoint import side_files_dir
+
+    side = side_files_dir(meg_dir)
+    path = None if side is None else os.path.join(side, CARRIED_TENSORS)
+    if path is None or not os.path.isfile(path):
+        return set()
+    with SafeTensorsSource(path) as kept:
+        return _compare(((name, kept[name]) for name in kept.keys()), src, rows)
 
 
 def verify_checksums(meg_dir: str) -> Dict[str, Any]:

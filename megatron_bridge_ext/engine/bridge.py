@@ -74,6 +74,11 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
     #: features of the family that no Megatron-LM argument carries, set or not (a config rebuilt from a checkpoint's
     #: Megatron-LM args alone would guess them): ``config_from_megatron_lm_args`` then asks for the HF source
     not_in_megatron_lm_args: Tuple[str, ...] = ()
+    #: fnmatch patterns of HF tensors the family carries rather than converts (a vision-language checkpoint's vision
+    #: tower): an import leaves them out of the Megatron model, an export with the source writes them back unchanged
+    carried_hf_params: Tuple[str, ...] = ()
+    #: why an export needs the source checkpoint (refused without one, before anything is exchanged); None: it does not
+    hf_source_needed: Optional[str] = None
 
     def __init__(self) -> None:
         self._registry: Optional[MegatronMappingRegistry] = None
@@ -143,6 +148,11 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
         if self.hf_architecture is None or self.hf_model_type is None:
             raise NotImplementedError(f"{type(self).__name__} sets no hf_architecture / hf_model_type")
         return {"architectures": [self.hf_architecture], "model_type": self.hf_model_type}
+
+    def language_model_config(self, hf_config: Any) -> Any:
+        """The config the family reads its fields from (``AutoBridge.hf_config``): the checkpoint's config, or the
+        language model's part of a vision-language config."""
+        return hf_config
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         """The parameter mappings of this architecture (for ``self.hf_layout`` where the family has several)."""

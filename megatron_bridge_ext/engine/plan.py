@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
+from megatron_bridge_ext.io.hf_checkpoint import carried_names
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext, shapes_of, with_copies
 from megatron_bridge_ext.mcore.config import padded_vocab_size
 from megatron_bridge_ext.mcore.layout import detect_layout
@@ -140,7 +141,8 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
         rows.append({"hf": needed, "megatron": group or name, "mapping": type(mapping).__name__, "layout": layout,
                      "stages": [f"pp{a}" + (f".chunk{b}" if vpp_n > 1 else "") for a, b in places],
                      "dtype": str(dtype).replace("torch.", ""), "shards": shards})
-    unmapped_hf = [k for k in src.keys() if k not in used_hf]
+    carried_hf = carried_names([k for k in src.keys() if k not in used_hf], model_bridge.carried_hf_params)
+    unmapped_hf = [k for k in src.keys() if k not in used_hf and k not in set(carried_hf)]
 
     layout_d = {"tp": tp, "pp": pp, "vpp": vpp if vpp_n > 1 else None, "ep": ep, "etp": etp}
     places_of_ranks = layout_ranks(tp, pp, ep, etp_n)  # the smallest world megatron accepts for the layout
@@ -158,6 +160,7 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
         "hf_dir": getattr(hf_pretrained, "path", None), "architecture": hf_config.architectures[0], "layout": layout_d, "world": world,
         "hf_tensors": len(src), "hf_bytes": src.total_size, "dtype": str(target.params_dtype).replace("torch.", ""),
         "padded_vocab_size": padded, "rows": rows, "ranks": ranks,
-        "unmapped_hf": unmapped_hf, "unmapped_megatron": unmapped_megatron, "missing_hf": missing_hf,
+        "unmapped_hf": unmapped_hf, "carried_hf": carried_hf, "unmapped_megatron": unmapped_megatron,
+        "missing_hf": missing_hf,
         "export_peak_bytes_rank0": export_peak, "bucket_bytes": bucket_bytes,
     }

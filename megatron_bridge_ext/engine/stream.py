@@ -389,7 +389,8 @@ def stream_hf_to_megatron(
                     os.remove(p)
         if dist.is_initialized():
             dist.barrier()
-        path = ckpt_io.complete_partial(partial, out_dir, iteration, side_files=hf_dir, digests=digests)
+        path = ckpt_io.complete_partial(partial, out_dir, iteration, side_files=hf_dir, digests=digests,
+                                        carried=bridge.model_bridge.carried_hf_params)
         src = hf.state
         return {"path": path, "tensors": len(src), "bytes": src.total_size, "written_bytes": converted_bytes,
                 "kept_files": len(kept), "resume_problems": problems, "convert_s": convert_s,

@@ -17,7 +17,11 @@ from megatron_bridge_ext.io import staging
 from megatron_bridge_ext.io.staging import _TEMP_RE, interrupted_save_hint, is_weight_file, no_space_error
 
 __all__ = ["HFCheckpoint", "read_hf_config", "architectures_of", "hf_config_of", "CONFIG_ALIASES", "side_files",
-           "copy_side_files"]
+           "copy_side_files", "CARRIED_TENSORS", "carried_names", "write_carried"]
+
+#: the side file of a Megatron checkpoint's ``hf/`` directory holding the source's carried tensors (a
+#: vision-language checkpoint's vision tower: what the family does not convert), for an export without the source
+CARRIED_TENSORS = "carried.safetensors"
 
 #: ``model_type`` values of released checkpoints that transformers has no config class for, mapped to the model type
 #: whose class reads them: the release's own architecture is that model's (Kimi-K2 is DeepSeek-V3 at 384 experts,
@@ -162,4 +166,24 @@ def copy_side_files(src_dir: str, out_dir: str, fsync: bool = True) -> List[str]
                 raise no_space_error(e, dst, needed, f"side file {name}") from None
             raise
     staging._crash_point("after_side_files")
+    return names
+
+
+def carried_names(names: Any, patterns: Any) -> List[str]:
+    """The names matching one of the fnmatch ``patterns``, in their order."""
+    import fnmatch
+
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def write_carried(src_dir: str, out_dir: str, patterns: Any) -> List[str]:
+    """Write the tensors of the checkpoint ``src_dir`` matching ``patterns`` unchanged into
+    ``out_dir/``:data:`CARRIED_TENSORS` (nothing when none match); returns their names."""
+    from safetensors.torch import save_file
+
+    with SafeTensorsSource(src_dir) as src:
+        names = carried_names(src.keys(), patterns)
+        if names:
+            save_file({n: src[n].contiguous() for n in names}, os.path.join(out_dir, CARRIED_TENSORS),
+                      metadata={"format": "pt"})
     return names

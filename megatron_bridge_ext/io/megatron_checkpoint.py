@@ -37,7 +37,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -251,6 +251,7 @@ def save_distributed_checkpoint(
     common: Optional[Mapping[str, Any]] = None,
     overwrite: bool = False,
     side_files: Optional[str] = None,
+    carried: Sequence[str] = (),
 ) -> str:
     """Write a sharded state dict as ``root/iter_{iteration:07d}`` and point the tracker at it (collective).
 
@@ -264,6 +265,7 @@ def save_distributed_checkpoint(
         side_files: an HF checkpoint directory whose files other than weights (tokenizer, generation config, chat
             template, config.json) rank 0 copies into ``iter_.../hf/`` (:data:`HF_SIDE_DIR`) before the iteration
             directory is renamed into place.
+        carried: fnmatch patterns of the source tensors kept there too, unchanged (:func:`complete_partial`).
 
     The checkpoint gets a checksum manifest (``integrity.json``, megatron-core's ``verify_integrity`` format) of every
     file written, hashed by all ranks, before it is renamed into place.
@@ -290,7 +292,7 @@ def save_distributed_checkpoint(
     dist_checkpointing.save(state, partial, content_metadata=dict(CONTENT_METADATA))
     if dist.is_initialized():
         dist.barrier()
-    complete_partial(partial, root, iteration, side_files=side_files)
+    complete_partial(partial, root, iteration, side_files=side_files, carried=carried)
     return final
 
 
@@ -330,8 +332,9 @@ def begin_partial(root: str, iteration: int, *, overwrite: bool, resume: bool = 
 
 
 def complete_partial(partial: str, root: str, iteration: int, *, side_files: Optional[str] = None,
-                     digests: Optional[Mapping[str, str]] = None) -> str:
-    """Finish a staged checkpoint (collective): copy the HF side files into ``partial/hf``, write the checksum manifest
+                     digests: Optional[Mapping[str, str]] = None, carried: Sequence[str] = ()) -> str:
+    """Finish a staged checkpoint (collective): copy the HF side files into ``partial/hf`` (and the source's tensors
+    matching the fnmatch patterns ``carried`` into ``partial/hf/carried.safetensors``), write the checksum manifest
     (``digests`` of files already hashed while written are not read again), then move it into place as
     ``root/iter_{iteration}`` (an existing one is replaced only now) and point the tracker at it.
 
@@ -343,7 +346,7 @@ def complete_partial(partial: str, root: str, iteration: int, *, side_files: Opt
         error = None
         if _rank() == 0:
             try:
-                _copy_side_files(side_files, os.path.join(partial, HF_SIDE_DIR))
+                _copy_side_files(side_files, os.path.join(partial, HF_SIDE_DIR), carried)
             except OSError as e:  # every rank raises it; the .partial directory is never a complete checkpoint
                 error = f"copying the HF side files of {side_files} into {partial}: {e}"
         error = _agree(error)
@@ -492,11 +495,13 @@ def _size(path: str) -> int:
         return 0
 
 
-def _copy_side_files(src: str, dst: str) -> None:
-    from megatron_bridge_ext.io.hf_checkpoint import copy_side_files
+def _copy_side_files(src: str, dst: str, carried: Sequence[str] = ()) -> None:
+    from megatron_bridge_ext.io.hf_checkpoint import copy_side_files, write_carried
 
     os.makedirs(dst, exist_ok=True)
     copy_side_files(src, dst)
+    if carried:
+        write_carried(src, dst, carried)
 
 
 def side_files_dir(path: str) -> Optional[str]:

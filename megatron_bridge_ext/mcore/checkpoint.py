@@ -205,6 +205,7 @@ def save_megatron_checkpoint(
     spec: str = "te",
     tokenizer: Optional[Mapping[str, Any]] = None,
     side_files: Optional[str] = None,
+    carried: Sequence[str] = (),
 ) -> str:
     """Write this rank's chunks as a Megatron-LM distributed checkpoint (collective; see
     :mod:`megatron_bridge_ext.io.megatron_checkpoint` for the layout).
@@ -223,6 +224,8 @@ def save_megatron_checkpoint(
             tokenizer, ``HuggingFaceTokenizer`` at the copy kept beside the checkpoint.
         side_files: the HF checkpoint directory whose side files (tokenizer, generation config, chat template,
             config.json) are kept in ``iter_.../hf/`` (export without an HF source restores them).
+        carried: fnmatch patterns of the source's tensors the family carries (the bridge's ``carried_hf_params``),
+            kept unchanged in ``iter_.../hf/carried.safetensors``.
 
     Returns:
         The iteration directory.
@@ -233,7 +236,8 @@ def save_megatron_checkpoint(
                                hf_config=hf_config, iteration=iteration, spec=spec, tokenizer=tokenizer,
                                side_files=side_files)
     return ckpt_io.save_distributed_checkpoint(sharded_model_state(chunks, spec), root, iteration=iteration,
-                                               common=common, overwrite=overwrite, side_files=side_files)
+                                               common=common, overwrite=overwrite, side_files=side_files,
+                                               carried=carried)
 
 
 def checkpoint_common(config: Any, parallel: Mapping[str, Any], root: str, *, architecture: str,

@@ -30,6 +30,7 @@ from megatron_bridge_ext.models import (  # noqa: F401
     qwen3_next,
     qwen3_5,
     qwen3_5_moe,
+    qwen3_5_vl,
 )
 
 __all__ = [
@@ -58,4 +59,5 @@ __all__ = [
     "qwen3_next",
     "qwen3_5",
     "qwen3_5_moe",
+    "qwen3_5_vl",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "SLIDING",
     "FULL",
     "config_get",
+    "LanguageModelConfig",
     "model_size_kwargs",
     "dtype_kwargs",
     "common_megatron_kwargs",
@@ -73,6 +74,41 @@ def config_get(cfg: Any, name: str, default: Any = None) -> Any:
     if isinstance(cfg, Mapping):
         return cfg.get(name, default)
     return getattr(cfg, name, default)
+
+
+class LanguageModelConfig:
+    """The language model's config of a vision-language HF config (object or dict with a ``text_config``): its
+    fields are ``text_config``'s, except :attr:`OWN` (the checkpoint's architecture and model type, and the
+    ``tie_word_embeddings`` transformers ties the checkpoint's ``lm_head`` by), which are the outer config's; a field
+    ``text_config`` leaves unset (None) is the outer config's (e.g. ``dtype``).
+
+    Raises:
+        ValueError: an outer config without a ``text_config`` (naming ``family``).
+    """
+
+    OWN = ("architectures", "model_type", "tie_word_embeddings", "text_config", "vision_config")
+
+    def __init__(self, outer: Any, family: str) -> None:
+        text = config_get(outer, "text_config")
+        if text is None:
+            raise ValueError(f"{family}: the config has no text_config (a vision-language config holds the language "
+                             "model's config there)")
+        object.__setattr__(self, "outer", outer)
+        object.__setattr__(self, "text", text)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        missing = object()
+        text = missing if name in self.OWN else config_get(self.text, name, missing)
+        if text is not missing and text is not None:
+            return text
+        outer = config_get(self.outer, name, missing)
+        if outer is not missing and (outer is not None or text is missing):
+            return outer
+        if text is not missing:
+            return text
+        raise AttributeError(f"{name!r}: neither the config nor its text_config has it")
 
 
 def per_layer_type_rope(hf_config: Any) -> Optional[Dict[str, Dict[str, Any]]]:

@@ -7,9 +7,8 @@ channel order) / ``in_proj_z`` / ``in_proj_b`` / ``in_proj_a`` (``mappings.gated
 and the rotary embedding is multimodal RoPE (``mrope_section``): for text every section has the same positions, so it
 is the plain (partial) RoPE megatron computes.
 
-Not converted: the vision-language ``Qwen3_5ForConditionalGeneration`` checkpoints (``model.language_model.*``,
-``model.visual.*``) and the multi-token-prediction tensors (``mtp.*``) are not mapped, so such a checkpoint is refused
-by the engine naming them.
+The released vision-language ``Qwen3_5ForConditionalGeneration`` checkpoints are ``models.qwen3_5_vl``'s. A
+text-only checkpoint holding multi-token-prediction tensors (``mtp.*``) is refused by the engine naming them.
 """
 
 from __future__ import annotations

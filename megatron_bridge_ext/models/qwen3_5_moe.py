@@ -4,9 +4,9 @@ mixture of experts in every layer: routed SwiGLU experts behind a softmax top-k 
 top-k probabilities (HF has no ``norm_topk_prob`` field: megatron ``moe_router_pre_softmax=False``) and a shared
 expert scaled by ``sigmoid(shared_expert_gate(x))``. Needs megatron-core >= 0.19 (refused by name below it).
 
-HF experts: one tensor per expert (``save_pretrained``; the default) or fused, read from the keys. Not converted: the
-vision-language ``Qwen3_5MoeForConditionalGeneration`` checkpoints and the ``mtp.*`` tensors (refused by the engine
-naming them).
+HF experts: one tensor per expert (``save_pretrained``; the default) or fused, read from the keys. The released
+vision-language ``Qwen3_5MoeForConditionalGeneration`` checkpoints are ``models.qwen3_5_vl``'s; a text-only checkpoint
+holding ``mtp.*`` tensors is refused by the engine naming them.
 """
 
 from __future__ import annotations

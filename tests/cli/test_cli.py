@@ -20,7 +20,8 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 # the families whose layers only megatron-core 0.19 has (gated delta-net, Mamba hybrid, DeepSeek sparse attention)
-NEED_0_19 = {"Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "NemotronHForCausalLM",
+NEED_0_19 = {"Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM", "Qwen3_5ForConditionalGeneration",
+             "Qwen3_5MoeForConditionalGeneration", "NemotronHForCausalLM",
              "DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM"}
 
 

@@ -101,6 +101,8 @@ GDN_CASES = {
     "qwen3_next": (MOE_W, dict(tp=2, pp=1), False),
     "qwen3_5": (DENSE_W, DENSE_R, False),
     "qwen3_5_moe": (MOE_W, dict(tp=2, pp=1), False),
+    "qwen3_5_vl": (DENSE_W, DENSE_R, False),
+    "qwen3_5_moe_vl": (MOE_W, dict(tp=2, pp=1), False),
 }
 if not unmet_megatron_core(MEGATRON_CORE_0_19):
     CASES.update(GDN_CASES)
@@ -143,6 +145,8 @@ ARCHITECTURES = {
     "qwen3_next": "Qwen3NextForCausalLM",
     "qwen3_5": "Qwen3_5ForCausalLM",
     "qwen3_5_moe": "Qwen3_5MoeForCausalLM",
+    "qwen3_5_vl": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe_vl": "Qwen3_5MoeForConditionalGeneration",
 }
 
 
@@ -171,6 +175,10 @@ def _make_checkpoints(root: str) -> dict:
             qwen3_next.make_checkpoint(path, seed=7)
         elif name in ("qwen3_5", "qwen3_5_moe"):  # split delta-net projections
             qwen3_5.make_checkpoint(path, "dense" if name == "qwen3_5" else "moe", seed=7)
+        elif name in ("qwen3_5_vl", "qwen3_5_moe_vl"):  # vision-language: vision tower and MTP layer carried
+            import test_qwen3_5_vl as qwen3_5_vl
+
+            qwen3_5_vl.make_checkpoint(path, "dense" if name == "qwen3_5_vl" else "moe", seed=7)
         elif name == "minimax_m2":  # whole-projection q/k norms, head_dim != hidden / heads, sigmoid router with bias
             minimax._make_checkpoint(path, seed=7)
         elif name in olmo.CHECKPOINTS:  # OLMo 2 / Olmo 3 (post norms) and OLMoE: whole-projection q/k norms with GQA
@@ -292,7 +300,8 @@ def _write_worker(rank: int, world: int, paths: dict, root: str) -> dict:
         with open(os.path.join(paths[name], "config.json")) as f:
             hf_config = json.load(f)
         save_megatron_checkpoint(chunks, os.path.join(root, name, "te"), architecture=arch, hf_config=hf_config,
-                                 side_files=paths[name])  # what import --via-model writes
+                                 side_files=paths[name],  # what import --via-model writes
+                                 carried=bridge.model_bridge.carried_hf_params)
         if name == "llama":  # --spec local: the local chunks' own keys, as before
             local = os.path.join(root, name, "local")
             save_megatron_checkpoint(chunks, local, architecture=arch, spec="local")
@@ -518,6 +527,10 @@ def test_gated_delta_net_families_need_megatron_core_0_19(name, tmp_path):
     path = str(tmp_path / "hf")
     if name == "qwen3_next":
         qwen3_next.make_checkpoint(path, seed=7)
+    elif name.endswith("_vl"):
+        import test_qwen3_5_vl as qwen3_5_vl
+
+        qwen3_5_vl.make_checkpoint(path, "dense" if name == "qwen3_5_vl" else "moe", seed=7)
     else:
         qwen3_5.make_checkpoint(path, "dense" if name == "qwen3_5" else "moe", seed=7)
     with pytest.raises(ValueError, match=rf"{ARCHITECTURES[name]}: .*needs megatron-core >= 0\.19\.0; megatron-core "
@@ -723,7 +736,9 @@ def test_streamed_verify_and_inspect_of_each_family(results, name):
         keys = set(hf.keys())
     assert res["ok"] and res["streamed"] and res["rows"]["compared"] == len(keys), res
     p = plan(src, **CASES[name][0])
-    assert {k for row in p["rows"] for k in row["hf"]} == keys
+    carried = set(p["carried_hf"])  # the vision-language families' vision tower and MTP layer, kept unchanged
+    assert carried == ({k for k in keys if k.startswith(("model.visual.", "mtp."))} if name.endswith("_vl") else set())
+    assert {k for row in p["rows"] for k in row["hf"]} == keys - carried
     assert p["unmapped_hf"] == [] and p["unmapped_megatron"] == [] and p["missing_hf"] == [], p
 
 
@@ -743,7 +758,7 @@ def test_streamed_export_of_each_family_is_bit_exact(results, name, tmp_path):
 
 MOE_CASES = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3_mtp", "glm4_moe_lite_mtp", "llama4",
              "olmoe", "minimax_m2"]
-MOE_CASES += [name for name in ("qwen3_next", "qwen3_5_moe") if name in CASES]
+MOE_CASES += [name for name in ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_vl") if name in CASES]
 FUSED_EXPERTS = ("gpt_oss", "llama4")  # HF stores each layer's experts as [E, ...] tensors
 
 

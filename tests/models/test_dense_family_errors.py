@@ -53,7 +53,9 @@ def test_supported_models_are_the_proven_families():
         "Qwen3MoeForCausalLM",
         "Qwen3NextForCausalLM",
         "Qwen3_5ForCausalLM",
+        "Qwen3_5ForConditionalGeneration",
         "Qwen3_5MoeForCausalLM",
+        "Qwen3_5MoeForConditionalGeneration",
     ]
 
 
