@@ -368,14 +368,16 @@ def complete_partial(partial: str, root: str, iteration: int, *, side_files: Opt
     return final
 
 
-def _hash_share(directory: str, names: List[str]) -> Dict[str, Optional[str]]:
-    """Digests of ``names`` in ``directory``, the files dealt out to the ranks by size (collective); every rank gets
-    them all."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+def _hash_share(directory: str, names: List[str], collective: bool = True,
+                threads: Optional[int] = None) -> Dict[str, Optional[str]]:
+    """Digests of ``names`` in ``directory``, largest first; ``collective``: the files dealt out to the ranks by size,
+    and every rank gets them all."""
+    world = dist.get_world_size() if collective and dist.is_initialized() else 1
+    rank = _rank() if world > 1 else 0
     by_size = sorted(names, key=lambda n: -os.path.getsize(os.path.join(directory, n))
                      if os.path.isfile(os.path.join(directory, n)) else 0)
-    threads = max(1, (os.cpu_count() or 1) // world)
-    mine = checksums.digests(directory, by_size[_rank()::world], threads=threads)
+    threads = threads or max(1, (os.cpu_count() or 1) // world)
+    mine = checksums.digests(directory, by_size[rank::world], threads=threads)
     if world == 1:
         return mine
     parts: List[Any] = [None] * world
@@ -414,9 +416,11 @@ def has_checksums(path: str) -> bool:
     return os.path.isfile(os.path.join(sub, checksums.MANIFEST_NAME))
 
 
-def check_checksums(path: str, *, required: bool) -> Optional[int]:
-    """Check a checkpoint's files against its manifest (collective: the ranks hash a share each, and all raise the
-    same error). Returns the number of files checked, or None when there is no manifest and ``required`` is False.
+def check_checksums(path: str, *, required: bool, collective: bool = True,
+                    threads: Optional[int] = None) -> Optional[int]:
+    """Check a checkpoint's files against its manifest (``collective``: the ranks hash a share each, and all raise
+    the same error; else this process hashes every file, ``threads`` files at a time, default a thread per core).
+    Returns the number of files checked, or None when there is no manifest and ``required`` is False.
 
     Raises:
         FileNotFoundError: no manifest and ``required``.
@@ -429,7 +433,7 @@ def check_checksums(path: str, *, required: bool) -> Optional[int]:
             raise FileNotFoundError(f"{sub}: no {checksums.MANIFEST_NAME}; the checkpoint was written without a "
                                     "checksum manifest, so --checksums cannot check it")
         return None
-    problems = checksums.compare(manifest, _hash_share(sub, sorted(manifest)),
+    problems = checksums.compare(manifest, _hash_share(sub, sorted(manifest), collective, threads),
                                  checksums.present_files(sub, manifest))
     if problems:
         raise checksums.IntegrityError(f"{sub}: {len(problems)} file(s) differ from its {checksums.MANIFEST_NAME}: "
@@ -460,17 +464,8 @@ class ChecksumCheck:
         import time
 
         start = time.perf_counter()
-        try:
-            sub, _ = resolve_checkpoint(self.path)
-            manifest = checksums.read_manifest(sub)
-            if manifest is not None:
-                found = checksums.digests(sub, sorted(manifest, key=lambda n: -_size(os.path.join(sub, n))))
-                problems = checksums.compare(manifest, found, checksums.present_files(sub, manifest))
-                if problems:
-                    raise checksums.IntegrityError(
-                        f"{sub}: {len(problems)} file(s) differ from its {checksums.MANIFEST_NAME}: "
-                        + "; ".join(problems), problems)
-                self._checked = len(manifest)
+        try:  # one thread: the conversion has the other cores
+            self._checked = check_checksums(self.path, required=False, collective=False, threads=1)
         except BaseException as e:  # noqa: BLE001  (raised by result)
             self._error = e
         finally:
@@ -486,13 +481,6 @@ class ChecksumCheck:
         if self._error is not None:
             raise self._error
         return self._checked
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
 def _copy_side_files(src: str, dst: str, carried: Sequence[str] = ()) -> None:
