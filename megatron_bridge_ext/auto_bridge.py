@@ -16,7 +16,7 @@ from megatron_bridge_ext.io import CONFIG_NAME, SafeTensorsWriter
 from megatron_bridge_ext.io.staging import StagedCheckpoint
 from megatron_bridge_ext.io.hf_source import refuse_pickle_only
 from megatron_bridge_ext.io.hf_checkpoint import (
-    CARRIED_TENSORS, HFCheckpoint, architectures_of, carried_names, copy_side_files, read_hf_config,
+    CARRIED_TENSORS, HFCheckpoint, architectures_of, copy_side_files, read_hf_config,
 )
 from megatron_bridge_ext.io.hf_source import SafeTensorsSource
 from megatron_bridge_ext.mcore.topology import current_parallel_sizes
@@ -333,8 +333,9 @@ class AutoBridge:
             order = [name for task in tasks for name in task.mapping.hf_names]
             produced = set(order)
             not_exported = [k for k in src.keys() if k not in produced]  # allowed non-weights: nothing maps them
-            carried = _carried(self.model_bridge, not_exported)
-            not_exported = [k for k in not_exported if k not in set(carried)]
+            carried = self.model_bridge.carried_hf(not_exported)
+            kept_apart = set(carried)
+            not_exported = [k for k in not_exported if k not in kept_apart]
             expected = {k: (src.shape(k), src.dtype(k)) for k in order + carried if k in src}
         kept = [(k, shape) for k, (shape, _) in expected.items()]
         if quant is not None:
@@ -389,11 +390,6 @@ class AutoBridge:
         config = self.model_bridge.megatron_to_hf_config(model_config(as_chunks(model)))
         config.update(extra or {})
         _write_json(os.path.join(out_dir, CONFIG_NAME), with_quantization_config(config, quant, kept), fsync)
-
-
-def _carried(bridge: MegatronModelBridge, names: Sequence[str]) -> List[str]:
-    """The names the bridge carries (``carried_hf_params``), in their order."""
-    return carried_names(names, bridge.carried_hf_params)
 
 
 def _carried_file(side_files: Optional[str]) -> Optional[str]:

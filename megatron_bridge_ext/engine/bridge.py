@@ -21,6 +21,7 @@ from megatron_bridge_ext.engine.peers import Watch, current_watch
 from megatron_bridge_ext.engine.progress import progress
 from megatron_bridge_ext.engine.tasks import ConversionTasks, GlobalOrder, ParamMeta, WeightConversionTask, build_tasks
 from megatron_bridge_ext.engine.transport import Scratch, Transport
+from megatron_bridge_ext.io.hf_checkpoint import carried_names
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext
 from megatron_bridge_ext.mcore.layout import detect_layout
 from megatron_bridge_ext.mcore.names import LocalParam, ModelView, as_chunks, model_config
@@ -109,6 +110,10 @@ class MegatronModelBridge(ImportLoop, ExportLoop):
         if self.min_megatron_core is not None:
             require_megatron_core_for(self.min_megatron_core, self.hf_architecture or type(self).__name__,
                                       self.min_megatron_core_feature)
+
+    def carried_hf(self, names: Iterable[str]) -> List[str]:
+        """The names among ``names`` the family carries (:attr:`carried_hf_params`), in their order."""
+        return carried_names(names, self.carried_hf_params)
 
     def watch(self, name: str) -> Watch:
         """The failure watch of a collective operation (the running one when nested)."""

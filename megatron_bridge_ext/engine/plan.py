@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megatron_bridge_ext.engine.bridge import DEFAULT_BUCKET_BYTES, MegatronModelBridge
-from megatron_bridge_ext.io.hf_checkpoint import carried_names
 from megatron_bridge_ext.mappings import EXPERTS, ConversionContext, shapes_of, with_copies
 from megatron_bridge_ext.mcore.config import padded_vocab_size
 from megatron_bridge_ext.mcore.layout import detect_layout
@@ -141,8 +140,10 @@ def conversion_plan(model_bridge: MegatronModelBridge, hf_pretrained: Any, *, tp
         rows.append({"hf": needed, "megatron": group or name, "mapping": type(mapping).__name__, "layout": layout,
                      "stages": [f"pp{a}" + (f".chunk{b}" if vpp_n > 1 else "") for a, b in places],
                      "dtype": str(dtype).replace("torch.", ""), "shards": shards})
-    carried_hf = carried_names([k for k in src.keys() if k not in used_hf], model_bridge.carried_hf_params)
-    unmapped_hf = [k for k in src.keys() if k not in used_hf and k not in set(carried_hf)]
+    unused_hf = [k for k in src.keys() if k not in used_hf]
+    carried_hf = model_bridge.carried_hf(unused_hf)
+    carried_set = set(carried_hf)
+    unmapped_hf = [k for k in unused_hf if k not in carried_set]
 
     layout_d = {"tp": tp, "pp": pp, "vpp": vpp if vpp_n > 1 else None, "ep": ep, "etp": etp}
     places_of_ranks = layout_ranks(tp, pp, ep, etp_n)  # the smallest world megatron accepts for the layout
