@@ -100,6 +100,15 @@ class _VisionLanguage:
                         "import kept")
     required_text_fields: Tuple[str, ...] = ()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # from the text family (the base after this one): its required fields are text_config's, its known
+        # non-weights stay allowed beside the carried tensors
+        super().__init_subclass__(**kwargs)
+        text = next(b for b in cls.__bases__ if b is not _VisionLanguage)
+        cls.required_hf_fields = ()
+        cls.required_text_fields = text.required_hf_fields
+        cls.known_non_weights = text.known_non_weights + CARRIED
+
     def language_model_config(self, hf_config: Any) -> Any:
         if isinstance(hf_config, LanguageModelConfig):
             return hf_config
@@ -135,9 +144,6 @@ class Qwen3_5VLBridge(_VisionLanguage, Qwen3_5Bridge):
     carried)."""
 
     hf_model_type = "qwen3_5"
-    required_hf_fields: Tuple[str, ...] = ()
-    required_text_fields = Qwen3_5Bridge.required_hf_fields
-    known_non_weights = Qwen3_5Bridge.known_non_weights + CARRIED
 
 
 @Qwen3_5MoeBridge.register_bridge(source="Qwen3_5MoeForConditionalGeneration", target=GPT_MODEL)
@@ -146,6 +152,3 @@ class Qwen3_5MoeVLBridge(_VisionLanguage, Qwen3_5MoeBridge):
     carried)."""
 
     hf_model_type = "qwen3_5_moe"
-    required_hf_fields: Tuple[str, ...] = ()
-    required_text_fields = Qwen3_5MoeBridge.required_hf_fields
-    known_non_weights = Qwen3_5MoeBridge.known_non_weights + CARRIED
