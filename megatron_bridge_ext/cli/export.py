@@ -202,13 +202,13 @@ def _export(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
             with phase(f"Checking {meg_dir} against its checksum manifest", show):
                 checked = check_checksums(meg_dir, required=False)
         checksum_s = checked_at = clock()
-        if stream:
-            from megatron_bridge_ext.io.megatron_checkpoint import open_checkpoint
+        try:
+            info = read_checkpoint_info(meg_dir)
+            bridge, config, described_by = model_config_for(info, hf_source, hf_architecture)
+            side, extra = (None, None) if hf_source is not None else kept_side_files(info)
+            if stream:
+                from megatron_bridge_ext.io.megatron_checkpoint import open_checkpoint
 
-            try:
-                info = read_checkpoint_info(meg_dir)
-                bridge, config, described_by = model_config_for(info, hf_source, hf_architecture)
-                side, extra = (None, None) if hf_source is not None else kept_side_files(info)
                 with open_checkpoint(meg_dir) as ckpt:
                     chunks, params = stream_chunks(info, config, ckpt, described_by)
                     fp8_state = extra_state_with_content(ckpt)  # reported; never applied
@@ -217,22 +217,19 @@ def _export(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
                         chunks, out_dir, show_progress=show, fsync=fsync, side_files=side, config_extra=extra,
                         materialize=params, before_commit=None if beside is None else beside.result,
                         **(save_kwargs or {}))
-            except BaseException:
-                if beside is not None:
-                    beside.result()  # files that differ from the manifest explain any failure: named first
-                raise
+            else:
+                chunks = load_checkpoint_chunks(info, config, device, show, described_by)
+                fp8_state = extra_state_with_content(info.path) if rank == 0 else []  # reported; never applied
+                dist.barrier()
+                read_s = clock()
+                summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync,
+                                                    side_files=side, config_extra=extra, **(save_kwargs or {}))
+        except BaseException:
             if beside is not None:
-                checked, checksum_s = beside.result(), beside.seconds
-        else:
-            info = read_checkpoint_info(meg_dir)
-            bridge, config, described_by = model_config_for(info, hf_source, hf_architecture)
-            side, extra = (None, None) if hf_source is not None else kept_side_files(info)
-            chunks = load_checkpoint_chunks(info, config, device, show, described_by)
-            fp8_state = extra_state_with_content(info.path) if rank == 0 else []  # reported; never applied
-            dist.barrier()
-            read_s = clock()
-            summary = bridge.save_hf_pretrained(chunks, out_dir, show_progress=show, fsync=fsync, side_files=side,
-                                                config_extra=extra, **(save_kwargs or {}))
+                beside.result()  # files that differ from the manifest explain any failure: named first
+            raise
+        if beside is not None:
+            checked, checksum_s = beside.result(), beside.seconds
         dist.barrier()
         return {"summary": summary, "read_s": read_s - checked_at, "total_s": clock(), "source": info.path,
                 "checksums": checked, "checksum_s": checksum_s, "checksums_beside": beside is not None,
