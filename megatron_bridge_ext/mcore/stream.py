@@ -284,10 +284,11 @@ class CheckpointParams:
         items = [t for t in nested_values(state) if isinstance(t, (ShardedTensor, ShardedTensorFactory))]
         # stored key -> item: a factory's pieces under their own keys (megatron-core 0.19's gated delta-net stores
         # in_proj / conv1d per section, its Mamba mixer in_proj.weight as in_proj.weight.z / .x / .B / .C / .dt)
+        built = {id(t): t.build() for t in items if isinstance(t, ShardedTensorFactory)}  # each factory's pieces
         requested: Dict[str, Any] = {}
         for t in items:
             pieces = [t] if isinstance(t, ShardedTensor) else [
-                v for v in nested_values(t.build()) if isinstance(v, ShardedTensor)]
+                v for v in nested_values(built[id(t)]) if isinstance(v, ShardedTensor)]
             requested.update({v.key: v for v in pieces})
         _check_stored(requested, ckpt.tensors, ckpt.path, described_by)
         missing = sorted(set(requested) - set(ckpt.tensors))
@@ -319,7 +320,7 @@ class CheckpointParams:
                 self._read[id(t.data)] = slice_of(t)
                 continue
             factory = t
-            pieces = factory.build()
+            pieces = built[id(factory)]
             rows = _concatenated_rows(factory, pieces, ckpt, probes)
             if rows is not None:
                 # the merge is a concatenation of the pieces' rows: each piece is read straight into its rows
