@@ -137,22 +137,29 @@ def world(tmp_path_factory):
     return ckpts, out_root, per_rank, hf, tokens
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_megatron_core_version_gate(tmp_path, family):
-    """megatron-core >= 0.19: the config has the gated delta-net pattern; below: a ValueError naming the
-    architecture, the version needed and the installed one."""
+def config_or_refusal(ckpt: str, arch: str):
+    """megatron-core >= 0.19: the checkpoint's ``TransformerConfig``; below: None, once the import is checked to be
+    refused naming the architecture, the release it needs and the installed one."""
     from megatron_bridge_ext.auto_bridge import AutoBridge
 
-    transformers.logging.set_verbosity_error()
-    ckpt = str(tmp_path / "hf")
-    make_checkpoint(ckpt, family, seed=1)
-    arch = FAMILIES[family][1]
     if not HAS_GDN:
         with pytest.raises(ValueError, match=rf"{arch}: .*needs megatron-core >= 0\.19\.0; megatron-core "
                                              f"{installed_megatron_core()} is installed"):
             AutoBridge.from_hf_pretrained(ckpt).transformer_config()
+        return None
+    return AutoBridge.from_hf_pretrained(ckpt).transformer_config()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_megatron_core_version_gate(tmp_path, family):
+    """megatron-core >= 0.19: the config has the gated delta-net pattern; below: a ValueError naming the
+    architecture, the version needed and the installed one."""
+    transformers.logging.set_verbosity_error()
+    ckpt = str(tmp_path / "hf")
+    make_checkpoint(ckpt, family, seed=1)
+    cfg = config_or_refusal(ckpt, FAMILIES[family][1])
+    if cfg is None:
         return
-    cfg = AutoBridge.from_hf_pretrained(ckpt).transformer_config()
     assert cfg.experimental_attention_variant == "gated_delta_net" and cfg.linear_attention_freq == [1, 0, 1, 0]
     assert cfg.attention_output_gate and cfg.layernorm_zero_centered_gamma and cfg.rotary_percent == 0.25
     assert (cfg.num_moe_experts, cfg.moe_shared_expert_gate) == ((nxt.E, True) if family == "moe" else (None, False))
