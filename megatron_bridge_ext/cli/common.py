@@ -173,18 +173,16 @@ def run_world(fn: Callable[..., Any], world: int, args: Sequence[Any], *, timeou
 def run_in_process(fn: Callable[..., Any], args: Sequence[Any]) -> Any:
     """``fn(0, 1, *args)`` in this process, in a one-process gloo group of its own (or in the process group this
     process already has): the streamed conversions, which need no local world (and no second interpreter start)."""
-    import tempfile
-
     import torch.distributed as dist
 
     if dist.is_initialized():
         return fn(dist.get_rank(), dist.get_world_size(), *args)
-    with tempfile.TemporaryDirectory(prefix="bridge_stream_") as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rdzv')}", rank=0, world_size=1)
-        try:
-            return fn(0, 1, *args)
-        finally:
-            dist.destroy_process_group()
+    # an in-memory store: no rendezvous file (the command may leave through os._exit, past any cleanup)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        return fn(0, 1, *args)
+    finally:
+        dist.destroy_process_group()
 
 
 def is_rank0() -> bool:

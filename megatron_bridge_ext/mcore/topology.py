@@ -6,8 +6,6 @@ ranks, layers and embeddings worked out from the sizes alone.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -162,9 +160,8 @@ def one_process_world(what: str) -> None:
         RuntimeError: the process is a rank of a larger world (``what`` says what needs a one-process one).
     """
     if not dist.is_initialized():
-        tmp = tempfile.mkdtemp(prefix="bridge_plan_")
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=0,
-                                world_size=1)
+        # an in-memory store: a one-process world needs no rendezvous file (nothing left in the temporary directory)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     elif dist.get_world_size() != 1:
         raise RuntimeError(f"{what} in a one-process world; call it outside a job's world (this one has "
                            f"{dist.get_world_size()} ranks)")

@@ -313,15 +313,19 @@ def test_inspect_plan(llama, tmp_path):
 def test_streamed_conversions_do_not_load_the_compiler_stack(llama, tmp_path):
     """The streamed import and export run no model, so megatron-core's ``torch.compile``-wrapped fused functions
     stay eager there: torch's compiler stack (``torch._inductor``, ~1 s of start-up) is never imported, and the
-    round trip is still bit-exact."""
+    round trip is still bit-exact. Neither command leaves anything in the temporary directory (their one-process
+    world has no rendezvous file)."""
     _, src = llama
-    meg, out = str(tmp_path / "meg"), str(tmp_path / "hf")
+    meg, out, tmp = str(tmp_path / "meg"), str(tmp_path / "hf"), tmp_path / "tmp"
+    tmp.mkdir()
     for args in (["import", src, meg], ["export", meg, out]):
         res = subprocess.run([sys.executable, "-X", "importtime", "-m", "megatron_bridge_ext", *args, "--quiet"],
-                             capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+                             capture_output=True, text=True, timeout=600, env={**_env(), "TMPDIR": str(tmp)},
+                             cwd=ROOT)
         assert res.returncode == 0, res.stdout + res.stderr[-3000:]
         imported_modules = {ln.split("|")[-1].strip() for ln in res.stderr.splitlines() if ln.startswith("import time")}
         assert "megatron.core" in imported_modules and "torch._inductor" not in imported_modules, args
+        assert sorted(os.listdir(tmp)) == [], args
     assert compare_checkpoints(src, out)["bit_exact"]
 
 
