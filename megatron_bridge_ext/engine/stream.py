@@ -23,13 +23,10 @@ are not all in them.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import json
 import os
 import pickle
-import queue
-import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -41,6 +38,7 @@ from megatron_bridge_ext.io.checksums import file_digest
 from megatron_bridge_ext.io.dcp_writer import (DEFAULT_BUFFER_BYTES, DEFAULT_FILE_BYTES, StreamingDcpWriter,
                                                WrittenFile, write_metadata)
 from megatron_bridge_ext.io.protocols import as_source
+from megatron_bridge_ext.io.read_ahead import ReadAhead
 
 __all__ = ["stream_hf_to_megatron", "JOURNAL_NAME", "DEFAULT_BUFFER_BYTES"]
 
@@ -166,71 +164,14 @@ def _progress(total: int, show: bool):
     return bar, tid
 
 
-class _ReadAhead:
-    """Keeps the disk reading ahead of the conversion: while task ``i`` converts, the HF tensors of the tasks after
-    it, up to ``window`` bytes of them, are asked for (the source's ``read_ahead``: the kernel reads them into the
-    page cache on its own) by a thread of its own, so that the conversion finds them in memory instead of waiting
-    for each page to come from disk, and the reads overlap the writes. Asks nothing of a source without
-    ``read_ahead`` (one not backed by files)."""
-
-    def __init__(self, source: Any, names: Sequence[Sequence[str]], window: int) -> None:
-        self._ask = getattr(source, "read_ahead", None)
-        self._size = getattr(source, "nbytes", None)
-        self._keys: List[Tuple[int, str, int]] = []  # (task position, HF name, bytes), in conversion order
-        if self._ask is not None and self._size is not None:
-            seen: Set[str] = set()
-            for pos, keys in enumerate(names):
-                for k in keys:
-                    if k in source and k not in seen:
-                        seen.add(k)
-                        self._keys.append((pos, k, int(self._size(k))))
-        self._window = max(1, int(window))
-        self._next = 0  # the first key not asked for yet
-        self._positions = [p for p, _, _ in self._keys]
-        self._before = [0]  # bytes of the keys before each one
-        for _, _, n in self._keys:
-            self._before.append(self._before[-1] + n)
-        self._queue: "queue.Queue[Optional[List[str]]]" = queue.Queue()
-        self._thread: Optional[threading.Thread] = None
-        if self._keys:
-            self._thread = threading.Thread(target=self._run, name="hf-read-ahead", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            keys = self._queue.get()
-            if keys is None:
-                self._queue.task_done()
-                return
-            try:
-                self._ask(keys)
-            except OSError:  # a hint only: the conversion reads the tensors itself either way
-                pass
-            finally:
-                self._queue.task_done()
-
-    def at(self, pos: int) -> None:
-        """Task ``pos`` (a position in ``names``) converts now: ask for its tensors not asked for yet and for the
-        next ones, up to ``window`` bytes past it."""
-        if self._thread is None:
-            return
-        past = bisect.bisect_right(self._positions, pos)  # the first key of a later task
-        batch = []
-        while self._next < len(self._keys):
-            p, k, _ = self._keys[self._next]
-            if p > pos and self._before[self._next] - self._before[past] >= self._window:
-                break
-            if p >= pos:
-                batch.append(k)
-            self._next += 1
-        if batch:
-            self._queue.put(batch)
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+def _hf_read_ahead(source: Any, names: Sequence[Sequence[str]], window: int) -> ReadAhead:
+    """The HF tensors of the tasks (``names``, in conversion order) read ahead of the conversion
+    (:class:`~megatron_bridge_ext.io.read_ahead.ReadAhead`); nothing for a source without ``read_ahead`` (not
+    backed by files)."""
+    ask, size = getattr(source, "read_ahead", None), getattr(source, "nbytes", None)
+    if ask is None or size is None:
+        return ReadAhead(lambda items: None, [], window)
+    return ReadAhead(ask, [[(k, size(k)) for k in keys if k in source] for keys in names], window)
 
 
 def _share(tasks: Sequence[Any], plan: Any, by_id: Mapping[int, Tuple[int, str]], world: int
@@ -395,7 +336,7 @@ def stream_hf_to_megatron(
                                     on_written=as_source(hf.state).release_tensor)
         written: Set[Tuple[str, Tuple[int, ...]]] = set()
         converted_bytes = 0
-        ahead = _ReadAhead(as_source(hf.state), [t.mapping.hf_names for t in order], max(1, buffer_bytes // 2))
+        ahead = _hf_read_ahead(as_source(hf.state), [t.mapping.hf_names for t in order], max(1, buffer_bytes // 2))
         try:
             if rank == 0:
                 for item, data in plan.byte_items:

@@ -250,14 +250,22 @@ class Transport:
         ``materialize`` (optional; one-rank exports of a model whose parameters live on the meta device) has
         ``load(parameters) -> values``: each bucket's values are read just before it is handed out, in place of the
         parameters, and dropped once the consumer asks for the next bucket; a layer's experts come as an
-        :class:`ExpertsToLoad`, which the consumer reads a run of experts at a time.
+        :class:`ExpertsToLoad`, which the consumer reads a run of experts at a time. If it also has
+        ``expect(parameters)`` / ``stop_read_ahead()``, it is told the order of the loads first (to read ahead of
+        them) and stopped at the end.
         """
         watch = watch if watch is not None else Watch("export")
+        expect = getattr(materialize, "expect", None)
+        if expect is not None:  # the order of the loads: the source reads ahead of them
+            expect([t for plan in plans for task, _ in plan.layout for t in task.local_tensors])
         try:
             yield from self._stream(plans, topo, dst, everyone, watch, materialize)
         except BaseException:
             self.release()
             raise
+        finally:
+            if expect is not None:
+                materialize.stop_read_ahead()
 
     def _stream(self, plans, topo, dst, everyone, watch, materialize=None):
         device = comm_device()  # NCCL moves CUDA buffers, gloo CPU ones

@@ -51,12 +51,15 @@ import math
 import os
 import pickle
 import sys
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from megatron_bridge_ext.io.read_ahead import will_need
 
 __all__ = [
     "METADATA_NAME",
@@ -628,6 +631,9 @@ class TorchDistCheckpoint:
             raise FileNotFoundError(f"torch_dist checkpoint directory {self.path!r} does not exist")
         self.backend = read_backend(self.path)
         self._files: Dict[str, Any] = {}
+        self._ahead_fds: Dict[str, int] = {}  # read-only descriptors for read_ahead (any thread)
+        self._ahead_lock = threading.Lock()
+        self._ahead_closed = False
         self._cached: Optional[Tuple[ChunkEntry, torch.Tensor]] = None
         self._raw: Dict[ChunkEntry, Optional[_RawTensor]] = {}
         md = self._read_metadata()
@@ -787,12 +793,34 @@ class TorchDistCheckpoint:
             f = self._files[name] = open(self._where(name), "rb")
         return f
 
+    def read_ahead(self, chunks: Sequence[ChunkEntry]) -> int:
+        """Ask the kernel to start reading these chunks' bytes into the page cache now, without waiting
+        (:func:`~megatron_bridge_ext.io.read_ahead.will_need`): the streamed export calls it, on a thread of its own,
+        for the next parameters' chunks while it converts the current ones. Nothing is read into this process.
+        Returns the bytes asked for (none once closed)."""
+        total = 0
+        for chunk in chunks:
+            with self._ahead_lock:  # close() waits: a descriptor stays open while it is used
+                if self._ahead_closed:
+                    break
+                fd = self._ahead_fds.get(chunk.file)
+                if fd is None:
+                    fd = self._ahead_fds[chunk.file] = os.open(self._where(chunk.file), os.O_RDONLY)
+                will_need(fd, chunk.offset, chunk.length)
+            total += chunk.length
+        return total
+
     def close(self) -> None:
         """Close the files opened for reading."""
         for f in self._files.values():
             f.close()
         self._files.clear()
         self._cached = None
+        with self._ahead_lock:
+            for fd in self._ahead_fds.values():
+                os.close(fd)
+            self._ahead_fds.clear()
+            self._ahead_closed = True
 
     def __enter__(self) -> "TorchDistCheckpoint":
         return self

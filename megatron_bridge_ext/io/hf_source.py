@@ -40,6 +40,7 @@ from megatron_bridge_ext.io.safetensors import (
     read_header,
     read_json_object,
 )
+from megatron_bridge_ext.io.read_ahead import will_need
 from megatron_bridge_ext.io.staging import interrupted_save_hint
 
 __all__ = ["SafeTensorsSource", "PICKLE_SUFFIXES", "pickle_weight_files", "refuse_pickle_only", "entry_path"]
@@ -101,11 +102,6 @@ def entry_path(root: str, name: Any, where: str) -> str:
         kind = "a broken symlink" if not os.path.exists(path) else "not a regular file"
         raise ValueError(f"{where}: {path} is {kind}")
     return path
-
-
-#: the bytes of one ``POSIX_FADV_WILLNEED`` request of :meth:`SafeTensorsSource.read_ahead` (Linux reads no more than
-#: the larger of the device's read-ahead and its largest request per call)
-_READ_AHEAD_PIECE = 1 << 20
 
 
 class SafeTensorsSource(Mapping[str, torch.Tensor]):
@@ -393,9 +389,7 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
                 fd = self._fds.get(e.shard)
                 if fd is None:
                     fd = self._fds[e.shard] = os.open(self._files[e.shard], os.O_RDONLY)
-                # one call reads at most the device's read-ahead / request size (often 128 KiB to 8 MiB)
-                for at in range(e.start, e.end, _READ_AHEAD_PIECE):
-                    os.posix_fadvise(fd, at, min(_READ_AHEAD_PIECE, e.end - at), os.POSIX_FADV_WILLNEED)
+                will_need(fd, e.start, e.end - e.start)
             total += e.end - e.start
         return total
 

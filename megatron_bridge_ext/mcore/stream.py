@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from megatron_bridge_ext.io import megatron_checkpoint as ckpt_io
+from megatron_bridge_ext.io.read_ahead import READ_AHEAD_WINDOW, ReadAhead
 from megatron_bridge_ext.mcore.cpu_compat import dist_checkpoint_cpu_patches
 from megatron_bridge_ext.mcore.names import as_chunks, unwrap_model
 from megatron_bridge_ext.mcore.versions import common_state_in_checkpoint_files
@@ -300,11 +301,15 @@ class CheckpointParams:
             raise ValueError(f"{ckpt.path}: the checkpoint holds {len(unknown)} tensor(s) the model of "
                              f"{described_by} does not have: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
         self._read: Dict[int, Callable[[], torch.Tensor]] = {}
+        self._chunks: Dict[int, List[Any]] = {}  # parameter -> the stored chunks its read covers
+        self._position: Dict[int, int] = {}
+        self._ahead: Optional[ReadAhead] = None
 
-        def slice_of(t: Any) -> Callable[..., torch.Tensor]:
+        def slice_of(t: Any, param: Any) -> Callable[..., torch.Tensor]:
             key, offsets = t.key, tuple(t.global_offset)
             sizes = (1,) * t.prepend_axis_num + tuple(t.local_shape)
             shape = tuple(t.local_shape)
+            self._chunks.setdefault(id(param), []).extend(ckpt.tensors[key].overlapping(offsets, sizes))
 
             def read(out: Optional[torch.Tensor] = None) -> torch.Tensor:
                 value = self.ckpt.read_slice(key, offsets, sizes, out=None if out is None else out.view(sizes))
@@ -317,14 +322,14 @@ class CheckpointParams:
         probes: Dict[Any, Optional[List[int]]] = {}
         for t in items:
             if isinstance(t, ShardedTensor):
-                self._read[id(t.data)] = slice_of(t)
+                self._read[id(t.data)] = slice_of(t, t.data)
                 continue
             factory = t
             pieces = built[id(factory)]
             rows = _concatenated_rows(factory, pieces, ckpt, probes)
             if rows is not None:
                 # the merge is a concatenation of the pieces' rows: each piece is read straight into its rows
-                parts = [(slice_of(p), start, n) for p, start, n in rows]
+                parts = [(slice_of(p, factory.data), start, n) for p, start, n in rows]
                 dtype = ckpt.tensors[rows[0][0].key].dtype
                 shape = tuple(factory.data.shape)
 
@@ -337,15 +342,37 @@ class CheckpointParams:
                 self._read[id(factory.data)] = into_rows
                 continue
 
-            def merged(factory: Any = factory, pieces: Any = pieces) -> torch.Tensor:
+            reads = {id(x): slice_of(x, factory.data) for x in nested_values(pieces) if isinstance(x, ShardedTensor)}
+
+            def merged(factory: Any = factory, pieces: Any = pieces, reads: Any = reads) -> torch.Tensor:
                 loaded = dict_list_map_outplace(
-                    lambda x: slice_of(x)() if isinstance(x, ShardedTensor) else x, pieces)
+                    lambda x: reads[id(x)]() if isinstance(x, ShardedTensor) else x, pieces)
                 return factory.merge_fn(loaded)
 
             self._read[id(factory.data)] = merged
 
+    def expect(self, order: Sequence[torch.Tensor], window: int = READ_AHEAD_WINDOW) -> None:
+        """The parameters in the order :meth:`load` will be asked for them: from now on each load first has the
+        stored chunks of the next parameters, up to ``window`` bytes, read ahead
+        (:class:`~megatron_bridge_ext.io.read_ahead.ReadAhead`). Ends any earlier read-ahead."""
+        self.stop_read_ahead()
+        self._position = {}
+        for i, t in enumerate(order):
+            self._position.setdefault(id(t), i)
+        units = [[(c, c.length) for c in self._chunks.get(id(t), ())] for t in order]
+        self._ahead = ReadAhead(self.ckpt.read_ahead, units, window)
+
+    def stop_read_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.close()
+
     def load(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The stored values of these parameters (fresh tensors in the parameters' dtypes)."""
+        if self._ahead is not None and tensors:
+            pos = self._position.get(id(tensors[0]))
+            if pos is not None:
+                self._ahead.at(pos)
         out = []
         for t in tensors:
             read = self._read.get(id(t))

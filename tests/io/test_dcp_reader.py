@@ -145,6 +145,26 @@ def test_checkpoint_is_a_tensor_source(written, version, tmp_path):
             ckpt.dtype("w.nope")
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux)")
+def test_read_ahead_brings_the_chunks_into_the_page_cache(written, tmp_path):
+    """``read_ahead`` (the streamed export's, on a thread of its own) gets the asked chunks' bytes into the page
+    cache, returns their size, and asks for nothing once the checkpoint is closed."""
+    from page_cache import wait_cached
+
+    d = _fixture(written, sorted(written)[-1] if written else VERSIONS[-1], tmp_path)
+    for name in os.listdir(d):
+        if name.endswith(".distcp"):
+            with open(os.path.join(d, name), "rb") as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with TorchDistCheckpoint(d) as ckpt:
+        chunks = ckpt.tensors["w.grid"].chunks
+        assert ckpt.read_ahead(chunks) == sum(c.length for c in chunks)
+        for c in chunks:
+            path = os.path.join(d, c.file)
+            assert wait_cached(path, c.offset, c.offset + c.length) >= 0.99, c
+    assert ckpt.read_ahead(chunks) == 0
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_any_global_slice_from_the_chunks_it_overlaps(written, version, tmp_path):
     """read_slice assembles [offsets, offsets + sizes) from whichever stored chunks overlap it (the streaming

@@ -506,34 +506,13 @@ def test_written_checkpoint_loads_in_transformers(tmp_path):
         assert torch.equal(v, state[k]), k
 
 
-def _cached_fraction(path: str, start: int, end: int) -> float:
-    """The fraction of the file's pages in ``[start, end)`` that are in the page cache (``mincore`` of a map)."""
-    import ctypes
-    import mmap as mmap_mod
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap_mod.PAGESIZE
-    lo, hi = start // page * page, -(-end // page) * page
-    with open(path, "rb") as f:
-        mm = mmap_mod.mmap(f.fileno(), 0, access=mmap_mod.ACCESS_COPY)
-    try:
-        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-        n = (hi - lo) // page
-        vec = (ctypes.c_ubyte * n)()
-        if libc.mincore(ctypes.c_void_p(base + lo), ctypes.c_size_t(hi - lo), vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore")
-        return sum(v & 1 for v in vec) / n
-    finally:
-        del base
-        mm.close()
-
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux)")
 def test_read_ahead_fills_the_page_cache_not_the_process(tmp_path):
     """``read_ahead`` starts the disk reads of the named tensors (their pages reach the page cache, the other
     tensor's do not) without mapping anything into the process; unknown names are ignored; after ``close`` it asks
     for nothing."""
-    import time
+    from page_cache import cached_fraction, wait_cached
 
     a, b = torch.arange(4 << 20, dtype=torch.float32), torch.arange(4 << 20, dtype=torch.float32) * 2  # 16 MiB each
     path = str(tmp_path / "two.safetensors")
@@ -547,14 +526,11 @@ def test_read_ahead_fills_the_page_cache_not_the_process(tmp_path):
         os.close(fd)
     with SafeTensorsSource(path) as src:
         ea, eb = src._entry("a"), src._entry("b")
-        evictable = _cached_fraction(real, eb.start, eb.end) < 0.5
+        evictable = cached_fraction(real, eb.start, eb.end) < 0.5
         assert src.read_ahead(["b", "not-a-tensor"]) == eb.end - eb.start
-        deadline = time.monotonic() + 20
-        while _cached_fraction(real, eb.start, eb.end) < 0.99 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _cached_fraction(real, eb.start, eb.end) >= 0.99
+        assert wait_cached(real, eb.start, eb.end) >= 0.99
         if evictable:  # "a" was not asked for (a page at the boundary may come with "b")
-            assert _cached_fraction(real, ea.start, ea.end) < 0.5
+            assert cached_fraction(real, ea.start, ea.end) < 0.5
         assert _mapping_rss_kb(real) == 0  # nothing mapped into the process
         assert torch.equal(src["b"], b)
     assert src.read_ahead(["a"]) == 0
