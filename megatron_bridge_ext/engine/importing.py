@@ -34,9 +34,43 @@ from megatron_bridge_ext.mappings import ConversionContext, shapes_of
 from megatron_bridge_ext.mcore.embeddings import broadcast_tied_embeddings
 from megatron_bridge_ext.mcore.names import ModelView, as_chunks
 
-__all__ = ["ImportLoop", "MegatronWeightTuple"]
+__all__ = ["ImportLoop", "MegatronWeightTuple", "RowPieces"]
 
 Model = Union[torch.nn.Module, Sequence[torch.nn.Module]]
+
+
+class RowPieces:
+    """A converted Megatron tensor given as tensors whose rows, one after the other, are its rows (views of the HF
+    tensors: :meth:`~megatron_bridge_ext.mappings.base.MegatronParamMapping.hf_to_megatron_rows`), for a consumer
+    that writes it in row ranges; :meth:`rows` is a view where the range lies in one piece, :meth:`tensor` the whole
+    (a concatenation)."""
+
+    def __init__(self, pieces: Sequence[torch.Tensor]) -> None:
+        self.pieces = list(pieces)
+        first = self.pieces[0]
+        self.shape = torch.Size((sum(p.shape[0] for p in self.pieces), *first.shape[1:]))
+        self.dtype = first.dtype
+        self._whole: Optional[torch.Tensor] = None
+
+    def to(self, dtype: torch.dtype) -> "RowPieces":
+        return self if dtype == self.dtype else RowPieces([p.to(dtype) for p in self.pieces])
+
+    def rows(self, start: int, n: int) -> torch.Tensor:
+        """Rows ``[start, start + n)``: a view of a piece when they lie in one, else their concatenation."""
+        parts, at = [], 0
+        for p in self.pieces:
+            lo, hi = max(start, at), min(start + n, at + p.shape[0])
+            if lo < hi:
+                parts.append(p.narrow(0, lo - at, hi - lo))
+            at += p.shape[0]
+        if sum(t.shape[0] for t in parts) != n:
+            raise ValueError(f"rows [{start}, {start + n}) are outside a tensor of {self.shape[0]} rows")
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def tensor(self) -> torch.Tensor:
+        if self._whole is None:
+            self._whole = torch.cat(self.pieces)
+        return self._whole
 
 
 class MegatronWeightTuple(NamedTuple):
@@ -208,13 +242,16 @@ class ImportLoop:
         allowed_unused_hf_params: Optional[Sequence[str]] = None,
         select: Optional[Any] = None,
         max_group_bytes: Optional[int] = None,
+        row_pieces: bool = False,
     ) -> Iterator[MegatronWeightTuple]:
         """Generator variant: yields this rank's converted tensors (fresh tensors; the model is not modified).
 
         ``select(task)`` (optional) picks the owned tasks to convert (the unused-tensor check still covers them all);
         the HF tensors of each converted task are released from memory once it is done (where the source can).
         ``max_group_bytes`` (optional): a layer's local experts are converted in runs of at most that many bytes
-        (whole experts, a divisor of the local count) instead of in one op call, so that memory holds one run."""
+        (whole experts, a divisor of the local count) instead of in one op call, so that memory holds one run.
+        ``row_pieces``: a parameter whose mapping gives it as row pieces (``hf_to_megatron_rows``) comes as a
+        :class:`RowPieces` of views of the HF tensors instead of a converted tensor."""
         chunks = as_chunks(megatron_model)
         state = as_source(hf_pretrained.state)
         changed = self.use_hf_layout_of(state, hf_pretrained.config)
@@ -239,7 +276,10 @@ class ImportLoop:
                         hf, run_ctx = self._read_hf(task, state, run_ctx)
                         check_dtype_class(names, [t.dtype for t in _all_tensors(hf)], task.local_tensors[0].dtype,
                                           task.global_param_name, lambda n: _files_of(state, [n]))
-                        converted = task.mapping.hf_to_megatron(hf, run_ctx)
+                        pieces = None
+                        if row_pieces and not task.is_group:
+                            pieces = task.mapping.hf_to_megatron_rows(hf, run_ctx)
+                        converted = RowPieces(pieces) if pieces else task.mapping.hf_to_megatron(hf, run_ctx)
                     except Exception as e:
                         if getattr(e, "bridge_context", False):
                             raise

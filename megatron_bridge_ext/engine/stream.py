@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_bridge_ext.engine.importing import RowPieces
 from megatron_bridge_ext.io import megatron_checkpoint as ckpt_io
 from megatron_bridge_ext.io.checksums import file_digest
 from megatron_bridge_ext.io.dcp_writer import (DEFAULT_BUFFER_BYTES, DEFAULT_FILE_BYTES, StreamingDcpWriter,
@@ -345,7 +346,7 @@ def stream_hf_to_megatron(
                         writer.put(item, data)
             for name, tensor, vp_stage in model_bridge.stream_weights_hf_to_megatron(
                     hf, chunks, conversion_tasks=tasks, allowed_unused_hf_params=allowed_unused_hf_params,
-                    select=next_task, max_group_bytes=max(1, buffer_bytes // 2)):
+                    select=next_task, max_group_bytes=max(1, buffer_bytes // 2), row_pieces=True):
                 key = (int(vp_stage or 0), name)
                 target = plan.params.get(key)
                 if target is None:
@@ -359,7 +360,12 @@ def stream_hf_to_megatron(
                     where = _where(ti.item.index)
                     if where in done_items:
                         continue
-                    writer.put(ti.item, ti.cut(value))
+                    if isinstance(value, RowPieces):
+                        # rows of the HF tensors written as they are (gate / up at TP 1): no concatenation
+                        data = value.rows(*ti.rows).reshape(ti.sizes) if ti.rows else ti.cut(value.tensor())
+                    else:
+                        data = ti.cut(value)
+                    writer.put(ti.item, data)
                     written.add(where)
                     converted_bytes += ti.nbytes
                 del tensor, value

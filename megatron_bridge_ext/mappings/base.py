@@ -114,6 +114,13 @@ class MegatronParamMapping:
         """HF tensors from the tensors of every shard holder (one tensor for a replicated parameter)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement megatron_to_hf")
 
+    def hf_to_megatron_rows(self, hf: HFWeights, ctx: ConversionContext) -> Optional[List[torch.Tensor]]:
+        """This rank's Megatron tensor as tensors whose rows, one after the other, are its rows (views of the HF
+        tensors, nothing copied), where the mapping can give it so; None otherwise (the default). A caller that
+        needs only some rows (the streamed import writing the stored pieces of a gated ``linear_fc1``) then reads
+        them without the concatenation :meth:`hf_to_megatron` makes."""
+        return None
+
     # ---- the shape contract: what the conversions make, from shapes alone (geometry, no data, no op call) --------
 
     def megatron_shape(self, hf: HFShapes, ctx: ConversionContext) -> Shape:

@@ -42,6 +42,14 @@ class GatedMLPMapping(MegatronParamMapping):
         gate, up = ops.dequantized(gate), ops.dequantized(up)
         return ops.gate_up_pack(gate, up, tp_size=ctx.tp_size, tp_rank=ctx.tp_rank, out=out)
 
+    def hf_to_megatron_rows(self, hf, ctx):
+        """At TP 1, ``[gate; up]`` is the two HF tensors one after the other: they are the rows."""
+        gate, up = hf["gate"], hf["up"]
+        if ctx.tp_size != 1 or not all(isinstance(t, torch.Tensor) for t in (gate, up)) or \
+                gate.shape != up.shape or gate.dtype != up.dtype or gate.dim() < 1:
+            return None
+        return [gate, up]
+
     def megatron_shape(self, hf, ctx):
         gate = hf["gate"]
         return (geometry.gate_up_shard_rows(self.megatron_param, gate[0], ctx.tp_size, ctx.tp_rank), *gate[1:])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import io
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -39,12 +40,17 @@ class TensorItem:
         key: the stored tensor key (a ShardedTensor key of megatron-core).
         cut: the parameter's value -> this chunk's data (a factory's piece, the prepended axes added).
         nbytes: the chunk's size in bytes.
+        rows: ``(first row, rows)`` where the chunk is those rows of the parameter's value (a piece of a factory
+            whose merge concatenates its pieces' rows, e.g. the SwiGLU ``linear_fc1``'s gate and up), else None.
+        sizes: the chunk's shape (the prepended axes included).
     """
 
     item: Any
     key: str
     cut: Callable[[torch.Tensor], torch.Tensor]
     nbytes: int
+    rows: Optional[Tuple[int, int]] = None
+    sizes: Tuple[int, ...] = ()
 
 
 @dataclass
@@ -149,6 +155,8 @@ def plan_stream(chunks: Sequence[torch.nn.Module], *, spec: str, common: Mapping
             item.replica_id = 0
     # where each stored chunk comes from: (key, global offset) -> (parameter, piece of it)
     sources: Dict[Tuple[str, Tuple[int, ...]], Tuple[Tuple[int, str], Callable[[torch.Tensor], torch.Tensor]]] = {}
+    row_ranges: Dict[Tuple[str, Tuple[int, ...]], Tuple[int, int]] = {}
+    probes: Dict[Any, Optional[List[int]]] = {}
     for item in nested_values(state):
         if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
             owner = by_id.get(id(item.data))
@@ -159,10 +167,16 @@ def plan_stream(chunks: Sequence[torch.nn.Module], *, spec: str, common: Mapping
             if isinstance(item, ShardedTensor):
                 sources[(item.key, tuple(item.global_offset))] = (owner, lambda v: v)
             else:
-                for t in nested_values(item.build()):
+                built = item.build()
+                for t in nested_values(built):
                     if isinstance(t, ShardedTensor):
                         where = (t.key, tuple(t.global_offset))
                         sources[where] = (owner, _factory_piece(item, where))
+                # a merge that concatenates the pieces' rows: its build cuts the value into those rows
+                stored = SimpleNamespace(tensors={t.key: SimpleNamespace(dtype=t.data.dtype)
+                                                  for t in nested_values(built) if isinstance(t, ShardedTensor)})
+                for t, start, n in _concatenated_rows(item, built, stored, probes) or ():
+                    row_ranges[(t.key, tuple(t.global_offset))] = (start, n)
 
     full: Dict[str, Any] = dict(state)
     full.update({"checkpoint_version": ckpt_io.CHECKPOINT_VERSION, "iteration": int(iteration)})
@@ -200,7 +214,8 @@ def plan_stream(chunks: Sequence[torch.nn.Module], *, spec: str, common: Mapping
         sizes = tuple(int(s) for s in w.tensor_data.chunk.sizes)
         dtype = w.tensor_data.properties.dtype
         nbytes = int(torch.Size(sizes).numel()) * torch.empty((), dtype=dtype).element_size()
-        plan.tensor_items.setdefault(owner, []).append(TensorItem(w, fqn, _shape_cut(sizes, piece), nbytes))
+        plan.tensor_items.setdefault(owner, []).append(TensorItem(w, fqn, _shape_cut(sizes, piece), nbytes,
+                                                                  row_ranges.get((fqn, offsets)), sizes))
     return plan
 
 

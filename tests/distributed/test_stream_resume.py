@@ -149,3 +149,56 @@ def test_four_ranks_write_the_checkpoint_one_rank_writes(source, tmp_path):
     files = sorted(n for n in os.listdir(four["path"]) if n.endswith(".distcp"))
     assert {n.split("_")[2] for n in files} == {"0", "1", "2", "3"}, files  # every rank wrote its share
     assert compare_megatron_checkpoints(four["path"], one["path"]) == []
+
+
+def test_gate_and_up_rows_are_written_from_the_hf_tensors(source, tmp_path, monkeypatch):
+    """At TP 1 megatron-core stores a SwiGLU ``linear_fc1`` as its gate rows and its up rows: the streamed import
+    writes each straight from the memory of the HF ``gate_proj`` / ``up_proj`` tensor (no ``[gate; up]`` made), and
+    the stored tensor is ``[gate; up]`` of the HF files, layer by layer."""
+    import torch
+
+    from megatron_bridge_ext.io.dcp_writer import StreamingDcpWriter
+    from megatron_bridge_ext.io.hf_source import SafeTensorsSource
+
+    root, hf = source
+    views, puts = {}, []
+    getitem, put = SafeTensorsSource.__getitem__, StreamingDcpWriter.put
+
+    def recording_getitem(self, key):
+        t = getitem(self, key)
+        views[key] = (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        return t
+
+    def recording_put(self, item, data):
+        if isinstance(data, torch.Tensor):
+            puts.append((item.index.fqn, tuple(item.index.offset), data.data_ptr()))
+        return put(self, item, data)
+
+    monkeypatch.setattr(SafeTensorsSource, "__getitem__", recording_getitem)
+    monkeypatch.setattr(StreamingDcpWriter, "put", recording_put)
+    streamed = _stream(hf, str(tmp_path / "streamed"))
+    monkeypatch.undo()
+
+    def inside(ptr, name):
+        lo, hi = views[name]
+        return lo <= ptr < hi
+
+    fc1 = sorted((off, ptr) for fqn, off, ptr in puts if fqn.endswith("mlp.linear_fc1.weight"))
+    ffn = CONFIG["intermediate_size"]
+    assert len(fc1) == 2 * LAYERS, fc1
+    for layer, row, ptr in ((off[0], off[1], ptr) for off, ptr in fc1):
+        part = "gate_proj" if row == 0 else "up_proj"
+        assert row in (0, ffn) and inside(ptr, f"model.layers.{layer}.mlp.{part}.weight"), (layer, row, part)
+    # the stored rows are the HF tensors' (read back with the restricted reader, against the files read plainly)
+    from safetensors.torch import load_file
+
+    from megatron_bridge_ext.io.dcp_reader import TorchDistCheckpoint
+
+    files = [os.path.join(hf, n) for n in os.listdir(hf) if n.endswith(".safetensors")]
+    hf_tensors = {k: v for f in files for k, v in load_file(f).items()}
+    with TorchDistCheckpoint(streamed["path"]) as ckpt:
+        stored = ckpt.read_tensor("decoder.layers.mlp.linear_fc1.weight")
+    for layer in range(LAYERS):
+        want = torch.cat([hf_tensors[f"model.layers.{layer}.mlp.gate_proj.weight"],
+                          hf_tensors[f"model.layers.{layer}.mlp.up_proj.weight"]])
+        assert torch.equal(stored[layer], want), layer
