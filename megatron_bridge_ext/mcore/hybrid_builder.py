@@ -147,8 +147,35 @@ def hybrid_stack_spec(config):
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                 linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add))
-    return ModuleSpec(module=HybridStack,
-                      submodules=HybridStackSubmodules(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp))
+    layers = dict(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp)
+    if "E" in (config.hybrid_layer_pattern or ""):
+        layers["moe_layer"] = _moe_layer_spec(config)
+    return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(**layers))
+
+
+def _moe_layer_spec(config):
+    """The local spec of an 'E' layer: megatron's ``MoETransformerLayer`` (what its TE hybrid spec builds) with a
+    standalone ``pre_mlp_layernorm`` and the local GPT spec's MoE module (router, sequential or grouped experts,
+    shared experts; the router a :class:`~.modules.FP32WeightRouter` with ``config.moe_router_fp32_weight``)."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayerSubmodules
+
+    from megatron_bridge_ext.mcore.modules import FP32WeightRouter
+    from megatron_bridge_ext.mcore.versions import replace_submodules, spec_submodules
+
+    if not config.num_moe_experts:
+        raise ValueError(f"hybrid_layer_pattern={config.hybrid_layer_pattern!r} has 'E' layers but "
+                         f"num_moe_experts={config.num_moe_experts}")
+    moe = spec_submodules(get_gpt_layer_local_spec(num_experts=config.num_moe_experts,
+                                                   moe_grouped_gemm=config.moe_grouped_gemm)).mlp
+    if config.moe_router_fp32_weight:
+        moe = replace_submodules(moe, router=FP32WeightRouter)
+    return ModuleSpec(module=MoETransformerLayer,
+                      submodules=TransformerLayerSubmodules(pre_mlp_layernorm=WrappedTorchNorm, mlp=moe,
+                                                            mlp_bda=get_bias_dropout_add))
 
 
 def pipeline_pattern(pattern: str, pp: int, vpp: Optional[int]) -> str:
