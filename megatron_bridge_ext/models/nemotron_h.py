@@ -1,6 +1,6 @@
 """NemotronH (``NemotronHForCausalLM``): a hybrid of Mamba-2 layers ('M', HF ``linear_attention``), attention layers
-('*', ``full_attention``, no positional embedding) and squared-ReLU MLP layers ('-', ``mlp``: ``up_proj`` /
-``down_proj``, not gated), each a pre-norm block (HF ``backbone.layers.{i}.norm`` + ``mixer``) -> megatron-core's
+('*', ``full_attention``, no positional embedding), squared-ReLU MLP layers ('-', ``mlp``: ``up_proj`` /
+``down_proj``, not gated) and mixture-of-experts layers ('E', ``moe``: Nemotron 3), each a pre-norm block (HF ``backbone.layers.{i}.norm`` + ``mixer``) -> megatron-core's
 ``HybridModel`` (megatron-core >= 0.19; ``mcore.hybrid_builder``). The layer pattern is HF ``layers_block_type``
 (transformers' saved form) or ``hybrid_override_pattern`` (the released configs'), megatron's
 ``hybrid_layer_pattern`` with the same letters; export writes ``hybrid_override_pattern`` and ``num_hidden_layers``.
@@ -16,6 +16,17 @@ Per layer kind (Megatron ``decoder.layers.{i}.`` <- HF ``backbone.layers.{i}.``)
   ``mixer.q_proj`` / ``k_proj`` / ``v_proj``; ``self_attention.linear_proj.weight`` <- ``mixer.o_proj``.
 - MLP: ``pre_mlp_layernorm.weight`` <- ``norm.weight``; ``mlp.linear_fc1`` / ``linear_fc2`` <- ``mixer.up_proj`` /
   ``down_proj``.
+- MoE (megatron's ``MoETransformerLayer``): ``pre_mlp_layernorm.weight`` <- ``norm.weight``; ``mlp.router.weight``
+  (fp32, as HF keeps ``gate.weight``) / ``mlp.router.expert_bias`` <- ``mixer.gate.weight`` /
+  ``mixer.gate.e_score_correction_bias``; routed experts (local spec: ``mlp.experts.local_experts.{e}.linear_fc1`` /
+  ``linear_fc2``; grouped ``linear_fc1.weight{e}`` alike) <- ``mixer.experts.{e}.up_proj`` / ``down_proj`` (one tensor
+  per expert, what ``save_pretrained`` writes; non-gated: ``linear_fc1`` is ``up_proj``, rows over expert-TP,
+  ``mappings.experts.ExpertUpMapping``); ``mlp.shared_experts.linear_fc1`` / ``linear_fc2`` <-
+  ``mixer.shared_experts.up_proj`` / ``down_proj``. Routing is DeepSeek-V3's (``moe.sigmoid_router_kwargs``): sigmoid
+  scores, top-k on scores + correction bias within the ``topk_group`` best of ``n_group`` groups (a group scored by
+  its top-2), the plain scores of the chosen experts renormalised (``norm_topk_prob``) and multiplied by
+  ``routed_scaling_factor``; the shared expert's output is added unscaled. Experts use the model's activation
+  (``mlp_hidden_act="relu2"``) and megatron's ``gated_linear_unit=False``.
 
 plus ``embedding.word_embeddings`` <- ``backbone.embeddings``, ``decoder.final_norm`` <- ``backbone.norm_f``,
 ``output_layer`` <- ``lm_head``.
@@ -24,9 +35,13 @@ These are the local spec's keys (``import --spec local``). The default ``--spec 
 megatron-core's Transformer Engine hybrid spec's, where each layer's norm is fused into its first linear
 (``mixer.in_proj.layer_norm_weight``, ``self_attention.linear_qkv.layer_norm_weight``,
 ``mlp.linear_fc1.layer_norm_weight``) and TE modules save ``_extra_state`` (``mcore.te_keys``); the stored
-Megatron-LM ``args`` carry ``hybrid_layer_pattern`` and the ``mamba_*`` sizes.
+Megatron-LM ``args`` carry ``hybrid_layer_pattern``, the ``mamba_*`` sizes and (with 'E' layers) ``num_experts`` and the
+``moe_*`` settings. An 'E' layer's TE keys are the local spec's (a standalone ``pre_mlp_layernorm``, ``TENorm``).
 
-Refused with named errors: megatron-core < 0.19 (no hybrid model), MoE layers ('E', Nemotron 3: not converted yet),
+Refused with named errors: megatron-core < 0.19 (no hybrid model), latent MoE (``moe_latent_size``, Nemotron 3
+Super: megatron-core 0.19's latent projections need Transformer Engine), MoE layers without a shared expert,
+``norm_topk_prob=False`` with top-k > 1 and top-1 with ``norm_topk_prob=True`` (megatron renormalises sigmoid weights
+exactly when top-k > 1), groups not scored by their top-2 (megatron scores by ``topk // topk_group``),
 multi-token-prediction layers (``num_nextn_predict_layers``), biases (``use_bias``, ``mlp_bias``,
 ``attention_bias``), no convolution bias (``use_conv_bias=False``: megatron's mixer always has one), activations
 other than ``mamba_hidden_act="silu"`` / ``mlp_hidden_act="relu2"``, ``layer_norm_epsilon`` other than 1e-5 with
@@ -35,7 +50,8 @@ pattern, head / group counts the mixer or TP cannot split. HF NemotronH never ti
 (``_tied_weights_keys`` is empty, whatever ``tie_word_embeddings`` says): the Megatron model is always untied and
 export writes ``tie_word_embeddings=False``. Not carried: HF clamps the Mamba time step from below at
 ``time_step_min`` in its forward (``dt_limit``); megatron's kernels use no lower limit; the fields HF's model does not
-read (``residual_in_fp32``, ``mamba_proj_bias``, ``sliding_window``, ``expand``, ``time_step_*``) are not converted.
+read (``residual_in_fp32``, ``mamba_proj_bias``, ``sliding_window``, ``expand``, ``time_step_*``, ``n_shared_experts``:
+HF builds one shared expert whatever it says, ``moe_shared_expert_overlap``) are not converted.
 """
 
 from __future__ import annotations
@@ -121,7 +137,7 @@ def _refuse_unconverted(pattern: str, family: str, field: str) -> None:
 
 @MegatronModelBridge.register_bridge(source="NemotronHForCausalLM", target=HYBRID_MODEL)
 class NemotronHBridge(MegatronModelBridge):
-    """HF NemotronHForCausalLM <-> Megatron-Core HybridModel (Mamba-2 / attention / squared-ReLU MLP layers)."""
+    """HF NemotronHForCausalLM <-> Megatron-Core HybridModel (Mamba-2 / attention / squared-ReLU MLP / MoE layers)."""
 
     min_megatron_core = MEGATRON_CORE_0_19
     min_megatron_core_feature = "the hybrid Mamba / attention model (megatron.core.models.hybrid.HybridModel)"
