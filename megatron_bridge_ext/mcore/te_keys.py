@@ -36,7 +36,8 @@ it builds (``tests/distributed/test_te_checkpoint.py``):
    ``norm`` is an ``IdentityOp``), an attention layer's ``input_layernorm.`` is
    ``self_attention.linear_qkv.layer_norm_``, an MLP layer's ``pre_mlp_layernorm.`` is ``mlp.linear_fc1.layer_norm_``
    (:func:`te_tensor_key`, by the layer's symbol in the pattern); an MoE layer ('E') keeps its standalone
-   ``pre_mlp_layernorm`` (``TENorm``) and the GPT MoE keys (router, experts, shared experts). The stack's final norm is TE's ``TENorm``
+   ``pre_mlp_layernorm`` (``TENorm``) and the GPT MoE keys (router, experts, shared experts). The stack's final
+   norm is TE's ``TENorm``
    (``decoder.final_norm``, an ``_extra_state`` of its own); ``mixer.in_proj`` / ``mixer.out_proj`` are TE linears;
    the mixer's gated norm (``mixer.norm``, ``mamba_ssm``'s ``RMSNormGated``), its convolution and per-head vectors
    are not TE modules, and TE's core attention saves nothing without a learnable softmax offset. Each ``_extra_state``

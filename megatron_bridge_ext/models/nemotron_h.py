@@ -1,9 +1,10 @@
 """NemotronH (``NemotronHForCausalLM``): a hybrid of Mamba-2 layers ('M', HF ``linear_attention``), attention layers
 ('*', ``full_attention``, no positional embedding), squared-ReLU MLP layers ('-', ``mlp``: ``up_proj`` /
-``down_proj``, not gated) and mixture-of-experts layers ('E', ``moe``: Nemotron 3), each a pre-norm block (HF ``backbone.layers.{i}.norm`` + ``mixer``) -> megatron-core's
-``HybridModel`` (megatron-core >= 0.19; ``mcore.hybrid_builder``). The layer pattern is HF ``layers_block_type``
-(transformers' saved form) or ``hybrid_override_pattern`` (the released configs'), megatron's
-``hybrid_layer_pattern`` with the same letters; export writes ``hybrid_override_pattern`` and ``num_hidden_layers``.
+``down_proj``, not gated) and mixture-of-experts layers ('E', ``moe``: Nemotron 3), each a pre-norm block (HF
+``backbone.layers.{i}.norm`` + ``mixer``) -> megatron-core's ``HybridModel`` (megatron-core >= 0.19;
+``mcore.hybrid_builder``). The layer pattern is HF ``layers_block_type`` (transformers' saved form) or
+``hybrid_override_pattern`` (the released configs'), megatron's ``hybrid_layer_pattern`` with the same letters;
+export writes ``hybrid_override_pattern`` and ``num_hidden_layers``.
 
 Per layer kind (Megatron ``decoder.layers.{i}.`` <- HF ``backbone.layers.{i}.``):
 
@@ -343,8 +344,8 @@ def moe_hf_config(config: Any, family: str) -> Dict[str, Any]:
         ValueError: settings HF's ``NemotronHMoE`` cannot express (named).
     """
     wrong = {}
-    for field, want in (("moe_shared_expert_gate", False), ("moe_latent_size", None),
-                        ("moe_router_fp32_weight", True)):
+    # (a router weight that is not fp32, e.g. from Megatron-LM args, exports in its dtype: transformers widens it)
+    for field, want in (("moe_shared_expert_gate", False), ("moe_latent_size", None)):
         if getattr(config, field, want) != want:
             wrong[field] = (getattr(config, field), want)
     if not config.moe_shared_expert_intermediate_size:

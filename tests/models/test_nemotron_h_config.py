@@ -180,7 +180,8 @@ def test_released_config_form():
     (dict(layer_norm_epsilon=1e-6), r"layer_norm_epsilon=1e-06 is not supported with Mamba layers: megatron's "
                                     r"MambaMixer fixes its gated norm's epsilon at 1e-05"),
     (dict(mamba_num_heads=6, n_groups=4), r"mamba_num_heads=6 is not a multiple of n_groups=4"),
-], ids=["moe_latent", "moe_no_shared", "moe_top1_norm", "moe_no_norm", "moe_group_score", "mtp", "use_bias", "mlp_bias", "attention_bias", "no_conv_bias", "mamba_act", "mlp_act",
+], ids=["moe_latent", "moe_no_shared", "moe_top1_norm", "moe_no_norm", "moe_group_score", "mtp", "use_bias",
+        "mlp_bias", "attention_bias", "no_conv_bias", "mamba_act", "mlp_act",
         "eps", "heads_groups"])
 def test_hf_settings_refused_by_name(overrides, match):
     bridge = _bridge()
@@ -208,12 +209,11 @@ def test_tp_that_cannot_split_the_mamba_heads_is_refused_by_name():
     (dict(position_embedding_type="rope"), r"'position_embedding_type': \('rope', 'none'\)"),
     (dict(hybrid_layer_pattern="M-*G-M"), r"hybrid_layer_pattern='M-\*G-M': layer 3 is a 'G' layer"),
     (dict(moe_shared_expert_gate=True), r"'moe_shared_expert_gate': \(True, False\)"),
-    (dict(moe_router_fp32_weight=False), r"'moe_router_fp32_weight': \(False, True\)"),
     (dict(moe_shared_expert_intermediate_size=None), r"'moe_shared_expert_intermediate_size': \(None, 'set'\)"),
     (dict(moe_router_score_function="softmax", moe_router_enable_expert_bias=False),
      r"moe_router_score_function='softmax'.*HF routes with sigmoid scores"),
-], ids=["tied", "layernorm", "gated", "bias", "rope", "gated_delta_net", "shared_gate", "router_dtype",
-        "no_shared_expert", "softmax_router"])
+], ids=["tied", "layernorm", "gated", "bias", "rope", "gated_delta_net", "shared_gate", "no_shared_expert",
+        "softmax_router"])
 def test_megatron_settings_without_an_hf_equivalent_are_refused(overrides, match):
     bridge = _bridge()
     if _refused_here(lambda: bridge.transformer_config(_hf())):
