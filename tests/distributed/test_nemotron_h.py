@@ -46,7 +46,7 @@ transformers = pytest.importorskip("transformers")
 from megatron_bridge_ext.io import SafeTensorsSource  # noqa: E402
 from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19, unmet_megatron_core  # noqa: E402
 from megatron_bridge_ext.testing.parity import compare_checkpoints, hf_logits  # noqa: E402
-from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint  # noqa: E402
+from megatron_bridge_ext.testing.tiny_models import make_tiny_checkpoint, save_transformers_bf16  # noqa: E402
 from megatron_bridge_ext.testing.tolerances import MEGATRON_VS_HF_ATOL, SAME_MODEL_ATOL, max_abs_diff  # noqa: E402
 from megatron_bridge_ext.testing.worlds import Layout, spawn_layouts  # noqa: E402
 
@@ -73,12 +73,15 @@ CHECKPOINTS = {
     "bf16": dict(pattern="M*-M", dtype=torch.bfloat16),
     "moe": dict(pattern="ME*EM-E*", **MOE),
     "moe_attn": dict(pattern="*E-E", **MOE),  # no Mamba layer: logits against transformers'
+    "moe_bf16": dict(pattern="*E-E", dtype=torch.bfloat16, **MOE),  # transformers' bf16: fp32 routers
 }
 NO_SOURCES = ("hybrid_tp2pp2", "moe_pp2ep2")
 LOGITS = {"dense_tp2", "scan_tp2", "scan_pp2", "moe_attn_tp2ep2", "moe_attn_pp2ep2"}
 #: torch_dist checkpoints written at the first layout, read at the second (tp, pp, ep)
 DIST = ("hybrid_tp2", (1, 2, 1))
 MOE_DIST = ("moe_tp2ep2", (1, 2, 2))
+#: layouts whose experts are also converted into grouped-GEMM parameter names
+GROUPED = ("moe_tp2ep2", "moe_pp2ep2")
 
 
 #: config.json fields written after the save (transformers' weight initialisation takes log(time_step_min))
@@ -94,9 +97,16 @@ def _config(ckpt: str) -> dict:
 
 
 def _make_checkpoint(path: str, ckpt: str, seed: int) -> None:
-    make_tiny_checkpoint(path, "NemotronH", _config(ckpt), seed, norm=(1.0, 0.3), rest=(0.0, 0.1),
-                         rules=[(lambda n: n.endswith(("A_log", ".D", "dt_bias")), 0.5, 0.3)],
-                         dtype=CHECKPOINTS[ckpt].get("dtype", torch.float32))
+    """The routers' correction biases drawn from N(0, 0.2) (they move the expert choice); a bf16 MoE checkpoint is
+    transformers' own (loaded from fp32 in bf16 and saved: the routers' weights and biases stay fp32)."""
+    dtype = CHECKPOINTS[ckpt].get("dtype", torch.float32)
+    moe = "E" in CHECKPOINTS[ckpt]["pattern"]
+    model = make_tiny_checkpoint(path, "NemotronH", _config(ckpt), seed, norm=(1.0, 0.3), rest=(0.0, 0.1),
+                                 rules=[(lambda n: n.endswith(("A_log", ".D", "dt_bias")), 0.5, 0.3)],
+                                 correction_bias=0.2 if moe else None,
+                                 dtype=torch.float32 if moe else dtype)
+    if moe and dtype != torch.float32:
+        save_transformers_bf16(model, path)
     late = {k: v for k, v in CHECKPOINTS[ckpt].items() if k in AFTER_SAVE}
     if late:
         with open(os.path.join(path, "config.json")) as f:
@@ -234,6 +244,60 @@ def _params(run) -> dict:
     return {"params": _check_params(run.chunks, sd), "kind": type(run.chunks[0]).__name__}
 
 
+class _Grouped(torch.nn.Module):
+    """Transformer Engine's grouped experts as parameters only: ``weight0 .. weight{n-1}``."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        for e, shape in enumerate(shapes):
+            self.register_parameter(f"weight{e}", torch.nn.Parameter(torch.full(tuple(shape), float("nan"))))
+
+
+def _grouped(run) -> dict:
+    """Grouped-GEMM names (``mlp.experts.linear_fc{1,2}.weight{e}``, TE's grouped experts; no kernel runs on CPU): a
+    module tree carrying exactly such parameters for this rank's MoE layers, loaded through the engine, equals the
+    sequential experts (themselves checked against the HF tensors) and exports the source's expert tensors."""
+    from megatron_bridge_ext.auto_bridge import AutoBridge
+
+    chunk = run.chunks[0]
+    root = torch.nn.Module()
+    root.config, root.vocab_size = chunk.config, chunk.vocab_size
+    root.decoder = torch.nn.Module()
+    root.decoder.layers = torch.nn.ModuleList()
+    pairs = []
+    for layer in chunk.decoder.layers:
+        mod = torch.nn.Module()
+        mod.layer_number = layer.layer_number
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if experts is not None:
+            mod.mlp = torch.nn.Module()
+            mod.mlp.experts = torch.nn.Module()
+            for fc in ("linear_fc1", "linear_fc2"):
+                setattr(mod.mlp.experts, fc, _Grouped([getattr(x, fc).weight.shape for x in experts.local_experts]))
+            pairs.append((layer, mod))
+        root.decoder.layers.append(mod)
+    path = run.ckpts[run.layout.ckpt]
+    bridge = AutoBridge.from_hf_pretrained(path)
+    others = [k for k in bridge.hf_pretrained.state.keys() if ".mixer.experts." not in k]
+    bridge.load_hf_weights([root], show_progress=False, allowed_unused_hf_params=others)
+    bad, checked = [], 0
+    for layer, mod in pairs:
+        for e, expert in enumerate(layer.mlp.experts.local_experts):
+            for fc in ("linear_fc1", "linear_fc2"):
+                checked += 1
+                if not torch.equal(getattr(getattr(mod.mlp.experts, fc), f"weight{e}"), getattr(expert, fc).weight):
+                    bad.append(f"layer {layer.layer_number - 1} {fc}.weight{e}")
+    exported = dict(bridge.model_bridge.stream_weights_megatron_to_hf([root], bridge.hf_pretrained,
+                                                                      bucket_bytes=16 * 1024, show_progress=False))
+    if run.rank == 0:
+        with SafeTensorsSource(path) as src:
+            experts = {k for k in src.keys() if ".mixer.experts." in k}
+            if set(exported) != experts:
+                bad.append(f"exported {sorted(set(exported) ^ experts)[:4]}")
+            bad += [f"exported {k} differs" for k in experts & set(exported) if not torch.equal(exported[k], src[k])]
+    return {"grouped": {"bad": bad, "checked": checked}}
+
+
 def _dist(run) -> dict:
     """``torch_dist`` checkpoints written here, of the local spec and of the default Transformer Engine spec (the
     keys of megatron-core's TE hybrid spec), each read at DIST's (MOE_DIST's) other layout."""
@@ -306,7 +370,8 @@ def _layout(name: str, tp: int, pp: int, vpp, ckpt: str, ep: int = 1, etp=None) 
                   dtype=CHECKPOINTS[ckpt].get("dtype", torch.float32),
                   model_kwargs={"use_mamba_mem_eff_path": False} if name in LOGITS else None,
                   logits="plain" if name in LOGITS else None, no_source=ARCH if name in NO_SOURCES else None,
-                  max_shard_bytes=96 * 1024, before_import=(_torch_scan,), checks=(_params,),
+                  max_shard_bytes=96 * 1024, before_import=(_torch_scan,),
+                  checks=(_params, _grouped) if name in GROUPED else (_params,),
                   after_export=(_dist,) if name in (DIST[0], MOE_DIST[0]) else ())
 
 
@@ -327,6 +392,7 @@ LAYOUTS = [
     _layout("moe_pp2ep2", 1, 2, None, "moe", ep=2),
     _layout("moe_attn_tp2ep2", 2, 1, None, "moe_attn", ep=2),
     _layout("moe_attn_pp2ep2", 1, 2, None, "moe_attn", ep=2),
+    _layout("moe_bf16_tp2ep2", 2, 1, None, "moe_bf16", ep=2),
 ]
 BY_NAME = {layout.name: layout for layout in LAYOUTS}
 IDS = [layout.name for layout in LAYOUTS]
@@ -525,3 +591,11 @@ def test_transformer_engine_keys_of_moe_layers(world):
             assert f"decoder.layers.{i}.{leaf}" in keys, (i, leaf)
         experts = sorted(k for k in keys if k.startswith(f"decoder.layers.{i}.mlp.experts."))
         assert experts and all("linear_fc" in k for k in experts), (i, experts)
+
+
+@pytest.mark.parametrize("name", GROUPED)
+def test_grouped_gemm_expert_names_through_the_engine(world, name):
+    _, _, per_rank, _ = world
+    for rank, r in enumerate(per_rank):
+        assert r[name]["grouped"]["bad"] == [], (rank, r[name]["grouped"]["bad"][:4])
+        assert r[name]["grouped"]["checked"] > 0, rank
