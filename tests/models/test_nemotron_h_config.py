@@ -135,6 +135,33 @@ def test_moe_fields_both_ways():
     assert bridge.megatron_to_hf_config(plain)["n_group"] == 1
 
 
+def test_released_moe_config_form():
+    """A config.json of the released Nemotron 3 Nano's form (its sizes: ``hybrid_override_pattern`` of Mamba / MoE /
+    attention layers, 128 experts of 1856, top-6 without expert groups, a shared expert of 3712, scaling 2.5, the
+    HF-only ``n_shared_experts`` / ``moe_shared_expert_overlap``) translates with no groups and back."""
+    bridge = _bridge()
+    pattern = ("ME" * 5 + "*") * 4 + "ME" * 4  # 52 layers: 24 Mamba, 24 MoE, 4 attention
+    released = dict(vocab_size=131072, hidden_size=2688, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+                    intermediate_size=1856, mamba_num_heads=64, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
+                    conv_kernel=4, chunk_size=128, layer_norm_epsilon=1e-5, hybrid_override_pattern=pattern,
+                    num_hidden_layers=len(pattern), n_routed_experts=128, num_experts_per_tok=6, n_group=1,
+                    topk_group=1, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
+                    routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1, moe_shared_expert_overlap=False,
+                    num_nextn_predict_layers=0, mlp_hidden_act="relu2", dtype="bfloat16")
+    if _refused_here(lambda: bridge.hf_config_to_megatron_kwargs(released)):
+        return
+    kw = bridge.hf_config_to_megatron_kwargs(released)
+    assert kw["hybrid_layer_pattern"] == pattern and kw["num_layers"] == 52
+    assert (kw["num_moe_experts"], kw["moe_router_topk"], kw["moe_ffn_hidden_size"],
+            kw["moe_shared_expert_intermediate_size"], kw["moe_router_topk_scaling_factor"]) == (128, 6, 1856, 3712, 2.5)
+    assert "moe_router_num_groups" not in kw and kw["moe_router_score_function"] == "sigmoid"
+    exported = bridge.megatron_to_hf_config(bridge.transformer_config(released))
+    for field in ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_intermediate_size",
+                  "moe_shared_expert_intermediate_size", "routed_scaling_factor", "norm_topk_prob",
+                  "hybrid_override_pattern"):
+        assert exported[field] == released[field], field
+
+
 def test_released_config_form():
     """The released config.json form: ``hybrid_override_pattern`` with ``num_hidden_layers``; legacy layer-type
     names (``mamba`` / ``attention``) and field names (``mamba_n_groups``, ``mamba_d_conv``, ...) read as
