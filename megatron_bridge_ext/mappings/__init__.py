@@ -24,7 +24,7 @@ from megatron_bridge_ext.mappings.base import (
 from megatron_bridge_ext.mappings.gated_delta_net import (
     GDNConv1dMapping, GDNInProjMapping, GDNSplitInProjMapping, ZeroCenteredNormMapping,
 )
-from megatron_bridge_ext.mappings.experts import ExpertFC1Mapping, ExpertFC2Mapping, ExpertMapping
+from megatron_bridge_ext.mappings.experts import ExpertFC1Mapping, ExpertFC2Mapping, ExpertMapping, ExpertUpMapping
 from megatron_bridge_ext.mappings.linear import (
     AutoMapping,
     ColumnParallelMapping,
@@ -43,6 +43,6 @@ __all__ = [
     "with_copies", "QKVMapping", "KVMapping", "ConcatenatedQKVMapping", "HeadShardedNormMapping",
     "KeyAsValueQKVMapping",
     "GatedMLPMapping", "FusedGatedMLPMapping", "MambaSplitMapping",
-    "ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping",
+    "ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping", "ExpertUpMapping",
     "GDNInProjMapping", "GDNSplitInProjMapping", "GDNConv1dMapping", "ZeroCenteredNormMapping",
 ]

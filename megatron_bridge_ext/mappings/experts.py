@@ -7,7 +7,8 @@ the layer's group (the expert index left as ``*``); the engine collects every ex
 calls :meth:`ExpertMapping.for_experts` with the model's expert count, which expands the HF names:
 
 - one HF tensor per expert: the HF names carry the expert index as their last wildcard
-  (``model.layers.*.mlp.experts.*.gate_proj.weight``), roles ``gate``/``up`` (fc1) or ``down`` (fc2);
+  (``model.layers.*.mlp.experts.*.gate_proj.weight``), roles ``gate``/``up`` (fc1) or ``down`` (fc2); non-gated
+  experts (NemotronH) have one fc1 role, ``up`` (:class:`ExpertUpMapping`);
 - fused HF tensors: one name per layer, without an expert wildcard (``model.layers.*.mlp.experts.gate_up_proj``
   ``[E, 2F, D]`` or ``[E, D, 2F]`` with ``transposed``; ``down_proj`` ``[E, D, F]`` or ``[E, F, D]``), roles
   ``gate_up`` (fc1) or ``down`` (fc2).
@@ -29,7 +30,7 @@ import torch
 from megatron_bridge_ext import geometry, ops
 from megatron_bridge_ext.mappings.base import EXPERTS, MegatronParamMapping
 
-__all__ = ["ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping"]
+__all__ = ["ExpertMapping", "ExpertFC1Mapping", "ExpertFC2Mapping", "ExpertUpMapping"]
 
 ExpertNames = Union[str, List[str]]
 
@@ -270,3 +271,62 @@ class ExpertFC2Mapping(ExpertMapping):
         down = ctx.empty((num_experts, *expert_shape), s)
         ops.expert_unpack_fc2(shards, ep_size=ctx.ep_size, etp_size=ctx.tp_size, out=list(down))
         return {name: down[e] for e, name in enumerate(self.hf_param["down"])}
+
+
+class ExpertUpMapping(ExpertMapping):
+    """Routed experts' non-gated ``linear_fc1`` (``gated_linear_unit=False``: NemotronH's squared-ReLU experts): one
+    HF ``up_proj`` ``[F, D]`` per expert, whose rows are sharded over expert-TP (``[F/etp, D]`` per local expert).
+
+    A row split of ``[F, D]`` is the column split of its transpose ``[D, F]``: the packing is
+    ``expert_pack_fc2`` / ``expert_unpack_fc2`` on transposed views of both sides (the ops take strided views and
+    copy transposed pairs tile by tile), one call per rank for the whole layer.
+
+    Args:
+        megatron_param: Megatron name with the expert index as its last wildcard.
+        up: per-expert HF name (expert index as its last wildcard).
+    """
+
+    def __init__(self, megatron_param: str, up: str) -> None:
+        super().__init__(megatron_param, {"up": up})
+
+    def _check_2d(self, shape: Sequence[int]) -> None:
+        if len(shape) != 2:
+            raise ValueError(f"{self.megatron_param}: non-gated expert up_proj {self.hf_param['up']} has shape "
+                             f"{list(shape)}, expected [F, D] (a weight; biases are not converted here)")
+
+    def megatron_shape(self, hf, ctx) -> Tuple[int, ...]:
+        """Shape of one local expert's ``linear_fc1`` ``[F/etp, D]`` on this rank for HF tensors of these shapes."""
+        num, up = len(hf["up"]), tuple(hf["up"][0])
+        self._check_2d(up)
+        _, d, f = geometry.expert_fc2_shard_shape(self.megatron_param, num, up[::-1], ctx.ep_size, ctx.ep_rank,
+                                                  ctx.tp_size, ctx.tp_rank)
+        return (f, d)
+
+    def hf_shapes(self, shard, num_shards, ctx):
+        self._check_2d(shard[1:])
+        up = (shard[1] * ctx.tp_size, shard[2])
+        return {name: up for name in self.hf_param["up"]}
+
+    def hf_to_megatron(self, hf, ctx, out=None):
+        up = self._expert_views(ops.dequantized(hf), "up")
+        self._check_2d(tuple(up[0].shape))
+        if out is None:
+            f, d = self.megatron_shape({"up": [tuple(u.shape) for u in up]}, ctx)
+            out = up[0].new_empty((len(up) // ctx.ep_size, f, d))
+        dst = out.transpose(1, 2) if isinstance(out, torch.Tensor) else [o.t() for o in out]
+        ops.expert_pack_fc2([u.t() for u in up], ep_size=ctx.ep_size, ep_rank=ctx.ep_rank, etp_size=ctx.tp_size,
+                            etp_rank=ctx.tp_rank, out=dst)
+        return out
+
+    def megatron_to_hf(self, shards, ctx):
+        per_expert = _per_expert(shards) if ctx.tp_size == 1 else None
+        if per_expert is not None:  # no expert-TP: expert e's up is its local parameter (holder e // E_local)
+            local, holders = per_expert
+            return {name: holders[e // local][e % local] for e, name in enumerate(self.hf_param["up"])}
+        shards = _stacked(shards)
+        s = shards[0]
+        self._check_2d(tuple(s.shape[1:]))
+        up = ctx.empty((s.shape[0] * ctx.ep_size, s.shape[1] * ctx.tp_size, s.shape[2]), s)
+        ops.expert_unpack_fc2([x.transpose(1, 2) for x in shards], ep_size=ctx.ep_size, etp_size=ctx.tp_size,
+                              out=[u.t() for u in up])
+        return {name: up[e] for e, name in enumerate(self.hf_param["up"])}

@@ -1,15 +1,17 @@
-"""Build megatron-core (>= 0.19) ``HybridModel`` chunks: Mamba-2 ('M'), attention ('*') and MLP ('-') layers in
-the order of ``config.hybrid_layer_pattern`` (NemotronH), the second kind of model the engine builds beside
+"""Build megatron-core (>= 0.19) ``HybridModel`` chunks: Mamba-2 ('M'), attention ('*'), MLP ('-') and MoE ('E')
+layers in the order of ``config.hybrid_layer_pattern`` (NemotronH), the second kind of model the engine builds beside
 ``GPTModel`` (:func:`~megatron_bridge_ext.mcore.model_builder.build_model_chunks` asks :func:`is_hybrid_config`).
 
 megatron-core ships only Transformer-Engine hybrid specs (``hybrid_layer_specs.hybrid_stack_spec``, every pre-norm
 fused into the first linear: ``mixer.in_proj.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``,
 ``self_attention.linear_qkv.layer_norm_weight``). :func:`hybrid_stack_spec` is its local counterpart, which runs on
 CPU and GPU alike: the norms are modules of their own (``norm`` of a Mamba layer, ``pre_mlp_layernorm`` of an MLP
-layer, ``input_layernorm`` of an attention layer; megatron's ``WrappedTorchNorm``), the linears megatron's
-``ColumnParallelLinear`` / ``RowParallelLinear``, the attention megatron's ``DotProductAttention``. Checkpoints are
-written and read with either spec's keys: ``mcore.te_keys`` renames the standalone norms to the TE spec's fused ones
-and adds its ``_extra_state`` objects (``spec="te"``, the default).
+layer and of an MoE layer, ``input_layernorm`` of an attention layer; megatron's ``WrappedTorchNorm``; an MoE layer is
+megatron's ``MoETransformerLayer`` with the local GPT spec's MoE module, as its TE hybrid spec builds it with TE
+modules), the linears megatron's ``ColumnParallelLinear`` / ``RowParallelLinear``, the attention megatron's
+``DotProductAttention``. Checkpoints are written and read with either spec's keys: ``mcore.te_keys`` renames the
+standalone norms to the TE spec's fused ones (an MoE layer's stays standalone) and adds its ``_extra_state`` objects
+(``spec="te"``, the default).
 
 Building a hybrid model needs three things a CPU process (or a GPU one without ``mamba_ssm``) lacks, supplied by
 :func:`hybrid_construction` while the model is built and restored after:
@@ -107,7 +109,8 @@ def hybrid_stack_spec(config):
     """The local (non-Transformer-Engine) ``HybridStack`` spec for ``config``: Mamba layers (``norm`` + mixer with
     ``in_proj`` / ``out_proj`` and ``d_conv`` = ``config.mamba_conv_kernel``, ``chunk_size`` =
     ``config.mamba_chunk_size``), attention layers (``input_layernorm`` + causal self-attention without RoPE unless
-    the config has one) and MLP layers (``pre_mlp_layernorm`` + ``linear_fc1`` / ``linear_fc2``)."""
+    the config has one), MLP layers (``pre_mlp_layernorm`` + ``linear_fc1`` / ``linear_fc2``) and, with 'E' in the
+    pattern, MoE layers (:func:`_moe_layer_spec`)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -147,8 +150,35 @@ def hybrid_stack_spec(config):
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                 linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add))
-    return ModuleSpec(module=HybridStack,
-                      submodules=HybridStackSubmodules(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp))
+    layers = dict(mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp)
+    if "E" in (config.hybrid_layer_pattern or ""):
+        layers["moe_layer"] = _moe_layer_spec(config)
+    return ModuleSpec(module=HybridStack, submodules=HybridStackSubmodules(**layers))
+
+
+def _moe_layer_spec(config):
+    """The local spec of an 'E' layer: megatron's ``MoETransformerLayer`` (what its TE hybrid spec builds) with a
+    standalone ``pre_mlp_layernorm`` and the local GPT spec's MoE module (router, sequential or grouped experts,
+    shared experts; the router a :class:`~.modules.FP32WeightRouter` with ``config.moe_router_fp32_weight``)."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_layer import MoETransformerLayer, TransformerLayerSubmodules
+
+    from megatron_bridge_ext.mcore.modules import FP32WeightRouter
+    from megatron_bridge_ext.mcore.versions import replace_submodules, spec_submodules
+
+    if not config.num_moe_experts:
+        raise ValueError(f"hybrid_layer_pattern={config.hybrid_layer_pattern!r} has 'E' layers but "
+                         f"num_moe_experts={config.num_moe_experts}")
+    moe = spec_submodules(get_gpt_layer_local_spec(num_experts=config.num_moe_experts,
+                                                   moe_grouped_gemm=config.moe_grouped_gemm)).mlp
+    if config.moe_router_fp32_weight:
+        moe = replace_submodules(moe, router=FP32WeightRouter)
+    return ModuleSpec(module=MoETransformerLayer,
+                      submodules=TransformerLayerSubmodules(pre_mlp_layernorm=WrappedTorchNorm, mlp=moe,
+                                                            mlp_bda=get_bias_dropout_add))
 
 
 def pipeline_pattern(pattern: str, pp: int, vpp: Optional[int]) -> str:

@@ -35,7 +35,9 @@ it builds (``tests/distributed/test_te_checkpoint.py``):
    (``TELayerNormColumnParallelLinear``): a Mamba layer's ``norm.`` is ``mixer.in_proj.layer_norm_`` (the layer's
    ``norm`` is an ``IdentityOp``), an attention layer's ``input_layernorm.`` is
    ``self_attention.linear_qkv.layer_norm_``, an MLP layer's ``pre_mlp_layernorm.`` is ``mlp.linear_fc1.layer_norm_``
-   (:func:`te_tensor_key`, by the layer's symbol in the pattern). The stack's final norm is TE's ``TENorm``
+   (:func:`te_tensor_key`, by the layer's symbol in the pattern); an MoE layer ('E') keeps its standalone
+   ``pre_mlp_layernorm`` (``TENorm``) and the GPT MoE keys (router, experts, shared experts). The stack's final
+   norm is TE's ``TENorm``
    (``decoder.final_norm``, an ``_extra_state`` of its own); ``mixer.in_proj`` / ``mixer.out_proj`` are TE linears;
    the mixer's gated norm (``mixer.norm``, ``mamba_ssm``'s ``RMSNormGated``), its convolution and per-head vectors
    are not TE modules, and TE's core attention saves nothing without a learnable softmax offset. Each ``_extra_state``
@@ -58,6 +60,7 @@ __all__ = [
     "TE_MODULES",
     "MAMBA_NORM",
     "HYBRID_FUSED_NORMS",
+    "HYBRID_UNFUSED",
     "WHOLE_PROJECTION_NORMS",
     "empty_extra_state",
     "is_dsa",
@@ -88,6 +91,10 @@ MAMBA_NORM = ("norm.", "mixer.in_proj.layer_norm_")
 #: the pre-norm of each hybrid layer symbol (megatron's ``hybrid_layer_allocation.Symbols``) that the TE hybrid spec
 #: fuses into the layer's first linear
 HYBRID_FUSED_NORMS = {"M": MAMBA_NORM, "*": INPUT_NORM, "-": PRE_MLP_NORM}
+#: hybrid layer symbols whose TE keys are the local spec's: an MoE layer ('E', megatron's ``MoETransformerLayer``)
+#: keeps a standalone ``pre_mlp_layernorm`` (``TENorm``: an ``_extra_state`` of its own), its experts are stacked
+#: alike (sequential or grouped-GEMM), its shared experts' linears are TE linears under the same names
+HYBRID_UNFUSED = frozenset({"E"})
 
 
 def empty_extra_state():
@@ -168,11 +175,13 @@ def _hybrid_te_rest(key: str, k: Any, pattern: str) -> str:
                          "megatron-core saves its layers one key per layer, and no multi-token-prediction layers here)")
     if k.layer >= len(pattern):
         raise ValueError(f"{key}: layer {k.layer}, but hybrid_layer_pattern={pattern!r} has {len(pattern)} layers")
+    if pattern[k.layer] in HYBRID_UNFUSED:
+        return k.rest
     norm = HYBRID_FUSED_NORMS.get(pattern[k.layer])
     if norm is None:
         raise ValueError(f"{key}: layer {k.layer} is a {pattern[k.layer]!r} layer of hybrid_layer_pattern="
                          f"{pattern!r}, whose Transformer Engine keys are not described (described: "
-                         f"{', '.join(repr(s) for s in HYBRID_FUSED_NORMS)})")
+                         f"{', '.join(repr(s) for s in [*HYBRID_FUSED_NORMS, *sorted(HYBRID_UNFUSED)])})")
     return fused_norm_key(k.rest, norm)
 
 

@@ -13,6 +13,7 @@ from megatron_bridge_ext.mappings import (
     AutoMapping,
     ExpertFC1Mapping,
     ExpertFC2Mapping,
+    ExpertUpMapping,
     GatedMLPMapping,
     MegatronParamMapping,
     ReplicatedMapping,
@@ -127,11 +128,19 @@ def detect_expert_layout(hf_state: Mapping[str, Any], family: str, *, hidden_siz
 
 def routed_expert_mappings(layout: ExpertLayout, *, experts: str = f"{H}.mlp.experts", gate: str = "gate_proj",
                            up: str = "up_proj", down: str = "down_proj", gate_up: str = "gate_up_proj",
-                           fused_down: str = "down_proj", interleaved: bool = False, bias: bool = False
-                           ) -> List[MegatronParamMapping]:
+                           fused_down: str = "down_proj", interleaved: bool = False, bias: bool = False,
+                           gated: bool = True) -> List[MegatronParamMapping]:
     """A layer's routed experts in ``layout``: sequential-expert names (``local_experts.{e}``, local spec) and
     grouped-GEMM names (``linear_fc1.weight{e}``, Transformer Engine spec), weights and (with ``bias``) biases.
-    Fused biases are ``<gate_up>_bias`` ``[E, 2F]`` and ``<fused_down>_bias`` ``[E, D]`` (GPT-OSS)."""
+    Fused biases are ``<gate_up>_bias`` ``[E, 2F]`` and ``<fused_down>_bias`` ``[E, D]`` (GPT-OSS). Non-gated
+    experts (``gated=False``, NemotronH) have one ``<up>`` tensor per expert as ``linear_fc1``.
+
+    Raises:
+        ValueError: non-gated experts in a fused layout or with biases (no family stores them so).
+    """
+    if not gated and (layout.fused or bias):
+        raise ValueError(f"non-gated routed experts are converted from one tensor per expert without biases, not "
+                         f"from {layout.describe()}{' with biases' if bias else ''}")
     out: List[MegatronParamMapping] = []
     suffixes = ("weight", "bias") if bias else ("weight",)
     for suffix in suffixes:
@@ -145,7 +154,8 @@ def routed_expert_mappings(layout: ExpertLayout, *, experts: str = f"{H}.mlp.exp
                 out.append(ExpertFC2Mapping(fc2, f"{experts}.{fused_down}{tail}", fused=True,
                                             transposed=layout.fc2_transposed))
             else:
-                out.append(ExpertFC1Mapping(fc1, gate=f"{experts}.*.{gate}.{suffix}", up=f"{experts}.*.{up}.{suffix}"))
+                out.append(ExpertFC1Mapping(fc1, gate=f"{experts}.*.{gate}.{suffix}", up=f"{experts}.*.{up}.{suffix}")
+                           if gated else ExpertUpMapping(fc1, f"{experts}.*.{up}.{suffix}"))
                 out.append(ExpertFC2Mapping(fc2, f"{experts}.*.{down}.{suffix}"))
     return out
 

@@ -1,9 +1,10 @@
 """NemotronH (``NemotronHForCausalLM``): a hybrid of Mamba-2 layers ('M', HF ``linear_attention``), attention layers
-('*', ``full_attention``, no positional embedding) and squared-ReLU MLP layers ('-', ``mlp``: ``up_proj`` /
-``down_proj``, not gated), each a pre-norm block (HF ``backbone.layers.{i}.norm`` + ``mixer``) -> megatron-core's
-``HybridModel`` (megatron-core >= 0.19; ``mcore.hybrid_builder``). The layer pattern is HF ``layers_block_type``
-(transformers' saved form) or ``hybrid_override_pattern`` (the released configs'), megatron's
-``hybrid_layer_pattern`` with the same letters; export writes ``hybrid_override_pattern`` and ``num_hidden_layers``.
+('*', ``full_attention``, no positional embedding), squared-ReLU MLP layers ('-', ``mlp``: ``up_proj`` /
+``down_proj``, not gated) and mixture-of-experts layers ('E', ``moe``: Nemotron 3), each a pre-norm block (HF
+``backbone.layers.{i}.norm`` + ``mixer``) -> megatron-core's ``HybridModel`` (megatron-core >= 0.19;
+``mcore.hybrid_builder``). The layer pattern is HF ``layers_block_type`` (transformers' saved form) or
+``hybrid_override_pattern`` (the released configs'), megatron's ``hybrid_layer_pattern`` with the same letters;
+export writes ``hybrid_override_pattern`` and ``num_hidden_layers``.
 
 Per layer kind (Megatron ``decoder.layers.{i}.`` <- HF ``backbone.layers.{i}.``):
 
@@ -16,6 +17,17 @@ Per layer kind (Megatron ``decoder.layers.{i}.`` <- HF ``backbone.layers.{i}.``)
   ``mixer.q_proj`` / ``k_proj`` / ``v_proj``; ``self_attention.linear_proj.weight`` <- ``mixer.o_proj``.
 - MLP: ``pre_mlp_layernorm.weight`` <- ``norm.weight``; ``mlp.linear_fc1`` / ``linear_fc2`` <- ``mixer.up_proj`` /
   ``down_proj``.
+- MoE (megatron's ``MoETransformerLayer``): ``pre_mlp_layernorm.weight`` <- ``norm.weight``; ``mlp.router.weight``
+  (fp32, as HF keeps ``gate.weight``) / ``mlp.router.expert_bias`` <- ``mixer.gate.weight`` /
+  ``mixer.gate.e_score_correction_bias``; routed experts (local spec: ``mlp.experts.local_experts.{e}.linear_fc1`` /
+  ``linear_fc2``; grouped ``linear_fc1.weight{e}`` alike) <- ``mixer.experts.{e}.up_proj`` / ``down_proj`` (one tensor
+  per expert, what ``save_pretrained`` writes; non-gated: ``linear_fc1`` is ``up_proj``, rows over expert-TP,
+  ``mappings.experts.ExpertUpMapping``); ``mlp.shared_experts.linear_fc1`` / ``linear_fc2`` <-
+  ``mixer.shared_experts.up_proj`` / ``down_proj``. Routing is DeepSeek-V3's (``moe.sigmoid_router_kwargs``): sigmoid
+  scores, top-k on scores + correction bias within the ``topk_group`` best of ``n_group`` groups (a group scored by
+  its top-2), the plain scores of the chosen experts renormalised (``norm_topk_prob``) and multiplied by
+  ``routed_scaling_factor``; the shared expert's output is added unscaled. Experts use the model's activation
+  (``mlp_hidden_act="relu2"``) and megatron's ``gated_linear_unit=False``.
 
 plus ``embedding.word_embeddings`` <- ``backbone.embeddings``, ``decoder.final_norm`` <- ``backbone.norm_f``,
 ``output_layer`` <- ``lm_head``.
@@ -24,9 +36,13 @@ These are the local spec's keys (``import --spec local``). The default ``--spec 
 megatron-core's Transformer Engine hybrid spec's, where each layer's norm is fused into its first linear
 (``mixer.in_proj.layer_norm_weight``, ``self_attention.linear_qkv.layer_norm_weight``,
 ``mlp.linear_fc1.layer_norm_weight``) and TE modules save ``_extra_state`` (``mcore.te_keys``); the stored
-Megatron-LM ``args`` carry ``hybrid_layer_pattern`` and the ``mamba_*`` sizes.
+Megatron-LM ``args`` carry ``hybrid_layer_pattern``, the ``mamba_*`` sizes and (with 'E' layers) ``num_experts`` and the
+``moe_*`` settings. An 'E' layer's TE keys are the local spec's (a standalone ``pre_mlp_layernorm``, ``TENorm``).
 
-Refused with named errors: megatron-core < 0.19 (no hybrid model), MoE layers ('E', Nemotron 3: not converted yet),
+Refused with named errors: megatron-core < 0.19 (no hybrid model), latent MoE (``moe_latent_size``, Nemotron 3
+Super: megatron-core 0.19's latent projections need Transformer Engine), MoE layers without a shared expert,
+``norm_topk_prob=False`` with top-k > 1 and top-1 with ``norm_topk_prob=True`` (megatron renormalises sigmoid weights
+exactly when top-k > 1), groups not scored by their top-2 (megatron scores by ``topk // topk_group``),
 multi-token-prediction layers (``num_nextn_predict_layers``), biases (``use_bias``, ``mlp_bias``,
 ``attention_bias``), no convolution bias (``use_conv_bias=False``: megatron's mixer always has one), activations
 other than ``mamba_hidden_act="silu"`` / ``mlp_hidden_act="relu2"``, ``layer_norm_epsilon`` other than 1e-5 with
@@ -35,7 +51,8 @@ pattern, head / group counts the mixer or TP cannot split. HF NemotronH never ti
 (``_tied_weights_keys`` is empty, whatever ``tie_word_embeddings`` says): the Megatron model is always untied and
 export writes ``tie_word_embeddings=False``. Not carried: HF clamps the Mamba time step from below at
 ``time_step_min`` in its forward (``dt_limit``); megatron's kernels use no lower limit; the fields HF's model does not
-read (``residual_in_fp32``, ``mamba_proj_bias``, ``sliding_window``, ``expand``, ``time_step_*``) are not converted.
+read (``residual_in_fp32``, ``mamba_proj_bias``, ``sliding_window``, ``expand``, ``time_step_*``, ``n_shared_experts``:
+HF builds one shared expert whatever it says, ``moe_shared_expert_overlap``) are not converted.
 """
 
 from __future__ import annotations
@@ -47,9 +64,14 @@ from megatron_bridge_ext.mappings import AutoMapping, ColumnParallelMapping, QKV
 from megatron_bridge_ext.mappings.mamba import CONV_PARTS, IN_PROJ_PARTS, MambaSplitMapping
 from megatron_bridge_ext.mcore.versions import MEGATRON_CORE_0_19
 from megatron_bridge_ext.models.hf_config import config_get, dtype_kwargs, dtype_name
+from megatron_bridge_ext.models.moe import (
+    PER_EXPERT, moe_hf_fields, moe_runtime_kwargs, routed_expert_mappings, router_mappings, sigmoid_router_hf_fields,
+    sigmoid_router_kwargs,
+)
 from megatron_bridge_ext.registry import MegatronMappingRegistry
 
-__all__ = ["NemotronHBridge", "HYBRID_MODEL", "LAYER_SYMBOLS", "hf_layer_pattern"]
+__all__ = ["NemotronHBridge", "HYBRID_MODEL", "LAYER_SYMBOLS", "hf_layer_pattern", "moe_megatron_kwargs",
+           "moe_hf_config"]
 
 #: the Megatron model class hybrid families build (megatron-core >= 0.19)
 HYBRID_MODEL = "megatron.core.models.hybrid.hybrid_model.HybridModel"
@@ -57,7 +79,7 @@ HYBRID_MODEL = "megatron.core.models.hybrid.hybrid_model.HybridModel"
 LAYER_SYMBOLS = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-",
                  "moe": "E"}
 #: the symbols this family converts
-CONVERTED = {"M": "Mamba", "*": "attention", "-": "MLP"}
+CONVERTED = {"M": "Mamba", "*": "attention", "-": "MLP", "E": "mixture of experts"}
 #: megatron's MambaMixer builds its gated norm with this epsilon whatever the config says
 MIXER_NORM_EPS = 1e-5
 
@@ -109,14 +131,14 @@ def _hf_field(hf_config: Any, field: str, default: Any) -> Any:
 def _refuse_unconverted(pattern: str, family: str, field: str) -> None:
     for i, s in enumerate(pattern):
         if s not in CONVERTED:
-            what = "a mixture-of-experts layer ('E', HF 'moe'; Nemotron 3)" if s == "E" else f"a {s!r} layer"
+            what = f"a {s!r} layer"
             raise ValueError(f"{family}: {field}={pattern!r}: layer {i} is {what}, which is not converted "
                              f"(converted: {', '.join(f'{k!r} {v}' for k, v in CONVERTED.items())})")
 
 
 @MegatronModelBridge.register_bridge(source="NemotronHForCausalLM", target=HYBRID_MODEL)
 class NemotronHBridge(MegatronModelBridge):
-    """HF NemotronHForCausalLM <-> Megatron-Core HybridModel (Mamba-2 / attention / squared-ReLU MLP layers)."""
+    """HF NemotronHForCausalLM <-> Megatron-Core HybridModel (Mamba-2 / attention / squared-ReLU MLP / MoE layers)."""
 
     min_megatron_core = MEGATRON_CORE_0_19
     min_megatron_core_feature = "the hybrid Mamba / attention model (megatron.core.models.hybrid.HybridModel)"
@@ -190,6 +212,8 @@ class NemotronHBridge(MegatronModelBridge):
             mamba_conv_kernel=int(_hf_field(hf_config, "conv_kernel", 4)),
             mamba_chunk_size=int(_hf_field(hf_config, "chunk_size", 128)),
         )
+        if "E" in pattern:
+            kw.update(moe_megatron_kwargs(hf_config, family))
         return {**kw, **dtype_kwargs(hf_config)}
 
     def transformer_config(self, hf_config: Any, **overrides: Any):
@@ -269,14 +293,75 @@ class NemotronHBridge(MegatronModelBridge):
         }
         if d_inner % config.hidden_size == 0:
             hf["expand"] = d_inner // config.hidden_size
+        if "E" in pattern:
+            hf.update(moe_hf_config(config, family))
         return hf
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         return MegatronMappingRegistry(*nemotron_h_mappings())
 
 
+def moe_megatron_kwargs(hf_config: Any, family: str) -> Dict[str, Any]:
+    """``HybridGPTConfig`` fields of the MoE layers ('E'): HF ``NemotronHMoE`` is ``n_routed_experts`` non-gated
+    squared-ReLU experts of ``moe_intermediate_size`` (the model's ``gated_linear_unit=False`` and activation),
+    DeepSeek-V3's sigmoid router (``moe.sigmoid_router_kwargs``: top-k on scores + ``e_score_correction_bias`` within
+    the ``topk_group`` best of ``n_group`` groups, weights renormalised, times ``routed_scaling_factor``; the gate
+    weight kept in fp32) and one shared expert of ``moe_shared_expert_intermediate_size`` added unscaled.
+
+    Raises:
+        ValueError: latent MoE (``moe_latent_size``), no shared expert, or a router megatron cannot express (named).
+    """
+    latent = config_get(hf_config, "moe_latent_size")
+    if latent is not None:
+        raise ValueError(f"{family}: moe_latent_size={latent} is not supported (latent MoE projections, Nemotron 3 "
+                         "Super: megatron-core 0.19's fc1_latent_proj / fc2_latent_proj need Transformer Engine and "
+                         "are not converted)")
+    shared = config_get(hf_config, "moe_shared_expert_intermediate_size", 7688)
+    if not shared:
+        raise ValueError(f"{family}: moe_shared_expert_intermediate_size={shared!r}: HF NemotronHMoE always has a "
+                         "shared expert of that width")
+    topk = int(config_get(hf_config, "num_experts_per_tok", 2))
+    if topk == 1 and config_get(hf_config, "norm_topk_prob", True):
+        raise ValueError(f"{family}: num_experts_per_tok=1 with norm_topk_prob=True is not supported (HF divides the "
+                         "one sigmoid weight by itself, megatron-core keeps a single top-k weight as it is)")
+    experts = config_get(hf_config, "n_routed_experts", 8)
+    # the router fields with transformers' NemotronHConfig defaults where config.json leaves them out
+    router = {"num_experts_per_tok": topk}
+    for field in ("norm_topk_prob", "n_group", "topk_group", "routed_scaling_factor"):
+        if config_get(hf_config, field) is not None:
+            router[field] = config_get(hf_config, field)
+    return dict(
+        **moe_runtime_kwargs(experts, topk, config_get(hf_config, "moe_intermediate_size", 7688), [1]),
+        **sigmoid_router_kwargs(router, family),
+        moe_shared_expert_intermediate_size=int(shared),
+    )
+
+
+def moe_hf_config(config: Any, family: str) -> Dict[str, Any]:
+    """HF NemotronH MoE fields of a Megatron config with 'E' layers (the reverse of :func:`moe_megatron_kwargs`).
+
+    Raises:
+        ValueError: settings HF's ``NemotronHMoE`` cannot express (named).
+    """
+    wrong = {}
+    # (a router weight that is not fp32, e.g. from Megatron-LM args, exports in its dtype: transformers widens it)
+    for field, want in (("moe_shared_expert_gate", False), ("moe_latent_size", None)):
+        if getattr(config, field, want) != want:
+            wrong[field] = (getattr(config, field), want)
+    if not config.moe_shared_expert_intermediate_size:
+        wrong["moe_shared_expert_intermediate_size"] = (config.moe_shared_expert_intermediate_size, "set")
+    if wrong:
+        raise ValueError(f"{family}: these Megatron MoE settings have no NemotronH equivalent "
+                         f"(field: (got, expected)): {wrong}")
+    router = sigmoid_router_hf_fields(config, family)
+    if config.moe_router_topk == 1:  # megatron keeps a single sigmoid weight as it is: HF's norm_topk_prob=False
+        router["norm_topk_prob"] = False
+    return {**moe_hf_fields(config, "n_routed_experts"), **router, "moe_latent_size": None,
+            "moe_shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size}
+
+
 def nemotron_h_mappings() -> List:
-    """Embedding, final norm and output layer, then the Mamba, attention and MLP layers' tensors."""
+    """Embedding, final norm and output layer, then the Mamba, attention, MLP and MoE layers' tensors."""
     mixer = f"{L}.mixer"
     return [
         AutoMapping("embedding.word_embeddings.weight", "backbone.embeddings.weight"),
@@ -301,4 +386,10 @@ def nemotron_h_mappings() -> List:
         AutoMapping(f"{L}.pre_mlp_layernorm.weight", f"{B}.norm.weight"),
         ColumnParallelMapping(f"{L}.mlp.linear_fc1.weight", f"{B}.mixer.up_proj.weight"),
         RowParallelMapping(f"{L}.mlp.linear_fc2.weight", f"{B}.mixer.down_proj.weight"),
+        # MoE layers (their pre_mlp_layernorm above): router, non-gated routed experts, one shared expert
+        *router_mappings(f"{B}.mixer.gate"),
+        *routed_expert_mappings(PER_EXPERT, experts=f"{B}.mixer.experts", gated=False),
+        ColumnParallelMapping(f"{L}.mlp.shared_experts.linear_fc1.weight", f"{B}.mixer.shared_experts.up_proj.weight"),
+        RowParallelMapping(f"{L}.mlp.shared_experts.linear_fc2.weight",
+                           f"{B}.mixer.shared_experts.down_proj.weight"),
     ]

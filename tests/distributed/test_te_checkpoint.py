@@ -27,7 +27,8 @@ MiniMax-M2 (whole-projection q / k norms, sigmoid router with correction bias)
 NemotronH (megatron-core >= 0.19; ``tests/distributed/test_nemotron_h.py``'s ``M-*-M*M-`` checkpoint, written at TP2,
 read at PP2) is read into megatron-core's own TE ``HybridModel`` (``hybrid_layer_specs.hybrid_stack_spec``: each
 layer's pre-norm fused into ``mixer.in_proj`` / ``linear_qkv`` / ``linear_fc1``, the final norm TE's), and a
-Megatron-LM-style save of that model is exported from its hybrid args.
+Megatron-LM-style save of that model is exported from its hybrid args; its MoE checkpoint (``ME*EM-E*``, written at
+EP2, read at TP2) likewise, its 'E' layers megatron's ``MoETransformerLayer`` with TE's grouped-GEMM experts.
 ``ARCHITECTURES`` names each case's HF architecture; together they must be ``AutoBridge.list_supported_models()`` (a
 family without a case fails ``test_cases_cover_every_supported_architecture``).
 """
@@ -111,6 +112,7 @@ if not unmet_megatron_core(MEGATRON_CORE_0_19):
 # megatron-core's own TE hybrid spec (hybrid_layer_specs.hybrid_stack_spec, tests/te_models.py)
 HYBRID_CASES = {
     "nemotron_h": (DENSE_W, DENSE_R, False),
+    "nemotron_h_moe": (MOE_W, dict(tp=2, pp=1), False),  # MoE layers (ME*EM-E*): TE's grouped-GEMM experts
 }
 HAS_HYBRID = not unmet_megatron_core(MEGATRON_CORE_0_19)
 if HAS_HYBRID:
@@ -142,6 +144,7 @@ ARCHITECTURES = {
     "deepseek_v32_mtp": "DeepseekV32ForCausalLM",
     "glm_moe_dsa": "GlmMoeDsaForCausalLM",
     "nemotron_h": "NemotronHForCausalLM",
+    "nemotron_h_moe": "NemotronHForCausalLM",
     "qwen3_next": "Qwen3NextForCausalLM",
     "qwen3_5": "Qwen3_5ForCausalLM",
     "qwen3_5_moe": "Qwen3_5MoeForCausalLM",
@@ -208,6 +211,10 @@ def _make_checkpoints(root: str) -> dict:
             import test_nemotron_h as nemotron_h
 
             nemotron_h._make_checkpoint(path, "hybrid", seed=7)
+        elif name == "nemotron_h_moe":  # its own test's MoE checkpoint: Mamba, attention, MLP and MoE layers
+            import test_nemotron_h as nemotron_h
+
+            nemotron_h._make_checkpoint(path, "moe", seed=7)
         elif name == "glm_moe_dsa":  # its own test's model: indexers in the full layers only (top-k sharing)
             import test_glm_moe_dsa as glm_moe_dsa
 
@@ -419,7 +426,8 @@ def _te_worker(rank: int, world: int, root: str) -> dict:
 # args, no config of this package), for export: family/variant -> HF architecture
 MLM_FIXTURES = {k: v for k, v in {"llama/sequential": "LlamaForCausalLM", "qwen3_moe/grouped": "Qwen3MoeForCausalLM",
                                   "deepseek_v3_mtp/sequential": "DeepseekV3ForCausalLM",
-                                  "nemotron_h/sequential": "NemotronHForCausalLM"}.items()
+                                  "nemotron_h/sequential": "NemotronHForCausalLM",
+                                  "nemotron_h_moe/sequential": "NemotronHForCausalLM"}.items()
                 if k.split("/")[0] in CASES}
 FP8_STATE = {"recipe": "DelayedScaling(fp8_format=HYBRID, amax_history_len=1024)", "scale_fwd": [448.0, 448.0, 1.0],
              "amax_history_fwd": [[0.25, 0.5, 1.0]], "extra_fp8_variables": {"num_gemms": 1}}
@@ -614,7 +622,7 @@ def test_export_of_a_megatron_lm_te_checkpoint_with_its_architecture(results, ca
                             hf_architecture=MLM_FIXTURES[case])
     assert res["config_from"].startswith("the checkpoint's Megatron-LM args") and res["fp8_state"] == []
     _assert_same_tensors(str(tmp_path / "out"), results["paths"][name])
-    if name == "nemotron_h":  # the hybrid args (hybrid_layer_pattern, mamba_*) said the layer pattern and sizes
+    if name.startswith("nemotron_h"):  # the hybrid args (hybrid_layer_pattern, mamba_*, MoE) said pattern and sizes
         import transformers
 
         got, src = (transformers.AutoConfig.from_pretrained(d) for d in (str(tmp_path / "out"),
@@ -622,7 +630,9 @@ def test_export_of_a_megatron_lm_te_checkpoint_with_its_architecture(results, ca
         # Megatron-LM has no argument for the scan chunk (its TE hybrid spec builds megatron's default, 128)
         for key in ("layers_block_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                     "intermediate_size", "vocab_size", "mamba_num_heads", "mamba_head_dim", "n_groups",
-                    "ssm_state_size", "conv_kernel", "layer_norm_epsilon", "mlp_hidden_act"):
+                    "ssm_state_size", "conv_kernel", "layer_norm_epsilon", "mlp_hidden_act", "n_routed_experts",
+                    "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size", "n_group",
+                    "topk_group", "norm_topk_prob", "routed_scaling_factor"):
             assert getattr(got, key) == getattr(src, key), key
         return
     with open(tmp_path / "out" / "config.json") as f:

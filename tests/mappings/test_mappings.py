@@ -14,6 +14,7 @@ from megatron_bridge_ext.mappings import (
     ColumnParallelMapping,
     ConcatenatedQKVMapping,
     ConversionContext,
+    ExpertUpMapping,
     GatedMLPMapping,
     KVMapping,
     QKVMapping,
@@ -89,6 +90,32 @@ def test_gated_mlp_mapping(tp):
         assert same(s, gate_up_shard(gate, up, tp, t))
     back = m.megatron_to_hf(shards, ConversionContext())
     assert same(back["g"], gate) and same(back["u"], up)
+
+
+@pytest.mark.parametrize("ep,etp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("stacked", [True, False], ids=["grouped", "sequential"])
+def test_non_gated_expert_fc1(ep, etp, stacked):
+    """NemotronH's non-gated experts: local expert e of EP rank r is global expert r * E/ep + e, rows chunked over
+    expert-TP (plain torch below); back to the E HF tensors bit-exact, from stacked or per-expert holders."""
+    E, F, D = 4, 6, 5
+    ups = [rand((F, D)) for _ in range(E)]
+    m = ExpertUpMapping("l.local_experts.*.linear_fc1.weight", "e.*.up_proj.weight").for_experts(E)
+    shards = []
+    for r in range(ep):
+        for t in range(etp):
+            ctx = ConversionContext(tp_size=etp, tp_rank=t, ep_size=ep, ep_rank=r)
+            want = [ups[r * E // ep + e].chunk(etp, 0)[t] for e in range(E // ep)]
+            if stacked:
+                got = m.hf_to_megatron({"up": ups}, ctx)
+                assert same(got, torch.stack(want))
+            else:
+                got = [torch.full((F // etp, D), float("nan"), dtype=ups[0].dtype) for _ in range(E // ep)]
+                m.hf_to_megatron({"up": ups}, ctx, out=got)
+                assert all(same(g, w) for g, w in zip(got, want))
+            shards.append(got)
+    back = m.megatron_to_hf(shards, ConversionContext(tp_size=etp, ep_size=ep))
+    assert list(back) == [f"e.{e}.up_proj.weight" for e in range(E)]
+    assert all(same(back[f"e.{e}.up_proj.weight"], ups[e]) for e in range(E))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 3])

@@ -21,6 +21,7 @@ from megatron_bridge_ext.mappings import (
     CopiesMapping,
     ExpertFC1Mapping,
     ExpertFC2Mapping,
+    ExpertUpMapping,
     FusedGatedMLPMapping,
     GatedMLPMapping,
     GDNConv1dMapping,
@@ -139,6 +140,8 @@ def _expert_cases():
          lambda: {"down_fused": _t(E, FFN, HIDDEN)}),
         ("fc2_bias", ExpertFC2Mapping("l.linear_fc2.bias*", "e.down_bias", fused=True),
          lambda: {"down_fused": _t(E, HIDDEN)}),
+        ("fc1_not_gated", ExpertUpMapping("l.local_experts.*.linear_fc1.weight", "e.*.u"),
+         lambda: {"up": [_t(FFN, HIDDEN) for _ in range(E)]}),
     ]
 
 

@@ -80,6 +80,35 @@ def test_hybrid_layers_fuse_their_pre_norm_by_symbol():
     assert te_tensor_key("decoder.layers.0.input_layernorm.weight", config) == "decoder.layers.0.input_layernorm.weight"
 
 
+def test_hybrid_moe_layers_keep_the_local_keys():
+    """An 'E' layer of the TE hybrid spec (megatron's ``MoETransformerLayer``): a standalone ``pre_mlp_layernorm``
+    (``TENorm``, ``_extra_state`` of its own), the router no TE module, the routed experts stacked on their expert
+    dimension (an ``_extra_state`` grid of ``(experts,)``), the shared experts' TE linears; the neighbouring MLP
+    layer still fuses its pre-norm."""
+    config = _hybrid("E-")
+    local = {
+        "decoder.layers.0.pre_mlp_layernorm.weight": ((64,), 0),
+        "decoder.layers.0.mlp.router.weight": ((8, 64), 0),
+        "decoder.layers.0.mlp.router.expert_bias": ((8,), 0),
+        "decoder.layers.0.mlp.experts.experts.linear_fc1.weight": ((8, 24, 64), 1),
+        "decoder.layers.0.mlp.experts.experts.linear_fc2.weight": ((8, 64, 24), 1),
+        "decoder.layers.0.mlp.shared_experts.linear_fc1.weight": ((40, 64), 0),
+        "decoder.layers.0.mlp.shared_experts.linear_fc2.weight": ((64, 40), 0),
+        "decoder.layers.1.pre_mlp_layernorm.weight": ((64,), 0),
+        "decoder.layers.1.mlp.linear_fc1.weight": ((96, 64), 0),
+    }
+    tensors, objects = te_layout(local, config)
+    assert sorted(tensors) == sorted([k for k in local if not k.startswith("decoder.layers.1.pre_mlp")] +
+                                     ["decoder.layers.1.mlp.linear_fc1.layer_norm_weight"])
+    assert objects == {
+        "decoder.layers.0.pre_mlp_layernorm._extra_state": (1,),
+        "decoder.layers.0.mlp.experts.experts.linear_fc1._extra_state": (8,),
+        "decoder.layers.0.mlp.experts.experts.linear_fc2._extra_state": (8,),
+        "decoder.layers.0.mlp.shared_experts.linear_fc1._extra_state": (1,),
+        "decoder.layers.0.mlp.shared_experts.linear_fc2._extra_state": (1,),
+        "decoder.layers.1.mlp.linear_fc1._extra_state": (1,)}
+
+
 def test_hybrid_keys_outside_the_pattern_are_refused_by_name():
     import pytest
 
@@ -88,7 +117,7 @@ def test_hybrid_keys_outside_the_pattern_are_refused_by_name():
     with pytest.raises(ValueError, match=r"decoder\.layers\.3\.norm\.weight: layer 3, but hybrid_layer_pattern='M\*-'"
                                          r" has 3 layers"):
         te_tensor_key("decoder.layers.3.norm.weight", _hybrid("M*-"))
-    with pytest.raises(ValueError, match=r"layer 1 is a 'E' layer of hybrid_layer_pattern='ME'"):
-        te_tensor_key("decoder.layers.1.pre_mlp_layernorm.weight", _hybrid("ME"))
+    with pytest.raises(ValueError, match=r"layer 1 is a 'G' layer of hybrid_layer_pattern='MG'"):
+        te_tensor_key("decoder.layers.1.pre_mlp_layernorm.weight", _hybrid("MG"))
     with pytest.raises(ValueError, match=r"not a key of one layer of a hybrid model"):
         te_tensor_key("decoder.layers.norm.weight", _hybrid("M"))

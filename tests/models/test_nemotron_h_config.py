@@ -19,6 +19,14 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_attention_h
             chunk_size=16, max_position_embeddings=256, initializer_range=0.03, layer_norm_epsilon=1e-5,
             layers_block_type=["linear_attention", "mlp", "full_attention", "mlp", "linear_attention", "mlp"])
 PATTERN = "M-*-M-"
+#: MoE layers (Nemotron 3): 8 experts in 4 groups, 4 per token from the best 2 groups, a shared expert
+MOE = dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe", "linear_attention", "mlp"],
+           n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2, moe_intermediate_size=24,
+           moe_shared_expert_intermediate_size=40, routed_scaling_factor=2.5, norm_topk_prob=True)
+MOE_PATTERN = "ME*EM-"
+#: the MoE fields the Megatron config carries
+MOE_CARRIED = ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_intermediate_size",
+               "moe_shared_expert_intermediate_size", "routed_scaling_factor", "norm_topk_prob", "moe_latent_size")
 #: HF fields the Megatron config carries (the rest are HF-only: time steps, caches, MoE sizes of absent layers)
 CARRIED = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
            "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size", "conv_kernel", "chunk_size",
@@ -93,6 +101,67 @@ def test_round_trip_both_ways():
     assert config_to_dict(bridge.transformer_config(exported)) == config_to_dict(config)  # the raw dict form too
 
 
+def test_moe_fields_both_ways():
+    """'E' layers (HF ``moe``): the sizes, the sigmoid group-limited router with correction bias (fp32 router weight
+    and logits, as HF keeps ``gate.weight``), non-gated squared-ReLU experts; exported back into transformers'
+    NemotronHConfig with the source's values, and the Megatron config rebuilt from the export equals the first."""
+    from megatron.core.activations import squared_relu
+
+    from megatron_bridge_ext.mcore.config import config_to_dict
+
+    bridge = _bridge()
+    source = _hf(**MOE)
+    if _refused_here(lambda: bridge.transformer_config(source)):
+        return
+    config = bridge.transformer_config(source)
+    assert config.hybrid_layer_pattern == MOE_PATTERN
+    assert (config.num_moe_experts, config.moe_router_topk, config.moe_ffn_hidden_size,
+            config.moe_shared_expert_intermediate_size) == (8, 4, 24, 40)
+    assert (config.moe_router_score_function, config.moe_router_enable_expert_bias, config.moe_router_num_groups,
+            config.moe_router_group_topk, config.moe_router_topk_scaling_factor) == ("sigmoid", True, 4, 2, 2.5)
+    assert config.moe_router_fp32_weight and config.moe_router_dtype == "fp32"
+    assert config.activation_func is squared_relu and not config.gated_linear_unit
+    assert config.moe_latent_size is None and not config.moe_shared_expert_gate
+    exported = bridge.megatron_to_hf_config(config)
+    assert exported["hybrid_override_pattern"] == MOE_PATTERN
+    back = transformers.NemotronHConfig(**{k: v for k, v in exported.items() if k not in ("architectures",
+                                                                                          "model_type")})
+    for field in CARRIED + MOE_CARRIED:
+        assert getattr(back, field) == getattr(source, field), field
+    assert config_to_dict(bridge.transformer_config(back)) == config_to_dict(config)
+    # without groups (the released Nano's n_group=1): no group-limited routing
+    plain = bridge.transformer_config(_hf(**{**MOE, "n_group": 1, "topk_group": 1}))
+    assert not plain.moe_router_num_groups and not plain.moe_router_group_topk
+    assert bridge.megatron_to_hf_config(plain)["n_group"] == 1
+
+
+def test_released_moe_config_form():
+    """A config.json of the released Nemotron 3 Nano's form (its sizes: ``hybrid_override_pattern`` of Mamba / MoE /
+    attention layers, 128 experts of 1856, top-6 without expert groups, a shared expert of 3712, scaling 2.5, the
+    HF-only ``n_shared_experts`` / ``moe_shared_expert_overlap``) translates with no groups and back."""
+    bridge = _bridge()
+    pattern = ("ME" * 5 + "*") * 4 + "ME" * 4  # 52 layers: 24 Mamba, 24 MoE, 4 attention
+    released = dict(vocab_size=131072, hidden_size=2688, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+                    intermediate_size=1856, mamba_num_heads=64, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
+                    conv_kernel=4, chunk_size=128, layer_norm_epsilon=1e-5, hybrid_override_pattern=pattern,
+                    num_hidden_layers=len(pattern), n_routed_experts=128, num_experts_per_tok=6, n_group=1,
+                    topk_group=1, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
+                    routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1, moe_shared_expert_overlap=False,
+                    num_nextn_predict_layers=0, mlp_hidden_act="relu2", dtype="bfloat16")
+    if _refused_here(lambda: bridge.hf_config_to_megatron_kwargs(released)):
+        return
+    kw = bridge.hf_config_to_megatron_kwargs(released)
+    assert kw["hybrid_layer_pattern"] == pattern and kw["num_layers"] == 52
+    assert (kw["num_moe_experts"], kw["moe_router_topk"], kw["moe_ffn_hidden_size"],
+            kw["moe_shared_expert_intermediate_size"], kw["moe_router_topk_scaling_factor"]) == (128, 6, 1856, 3712, 2.5)
+    assert "moe_router_num_groups" not in kw and kw["moe_router_score_function"] == "sigmoid"
+    exported = bridge.megatron_to_hf_config(bridge.transformer_config(released))
+    for field in ("n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_intermediate_size",
+                  "moe_shared_expert_intermediate_size", "routed_scaling_factor", "norm_topk_prob",
+                  "hybrid_override_pattern"):
+        assert exported[field] == released[field], field
+
+
 def test_released_config_form():
     """The released config.json form: ``hybrid_override_pattern`` with ``num_hidden_layers``; legacy layer-type
     names (``mamba`` / ``attention``) and field names (``mamba_n_groups``, ``mamba_d_conv``, ...) read as
@@ -118,8 +187,16 @@ def test_released_config_form():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(layers_block_type=["linear_attention", "moe", "full_attention", "mlp"]),
-     r"layer 1 is a mixture-of-experts layer \('E', HF 'moe'; Nemotron 3\), which is not converted"),
+    (dict(layers_block_type=["linear_attention", "moe", "full_attention", "mlp"], moe_latent_size=32),
+     r"moe_latent_size=32 is not supported \(latent MoE projections, Nemotron 3 Super"),
+    (dict(layers_block_type=["moe", "mlp"], moe_shared_expert_intermediate_size=0),
+     r"moe_shared_expert_intermediate_size=0: HF NemotronHMoE always has a shared expert"),
+    (dict(layers_block_type=["moe", "mlp"], num_experts_per_tok=1),
+     r"num_experts_per_tok=1 with norm_topk_prob=True is not supported"),
+    (dict(layers_block_type=["moe", "mlp"], num_experts_per_tok=2, norm_topk_prob=False),
+     r"norm_topk_prob=False with sigmoid routing and num_experts_per_tok=2 > 1 is not supported"),
+    (dict(layers_block_type=["moe", "mlp"], n_routed_experts=8, num_experts_per_tok=6, n_group=4, topk_group=2),
+     r"n_group=4 with num_experts_per_tok=6, topk_group=2: HF scores a group by its top-2 experts"),
     (dict(num_nextn_predict_layers=1), r"num_nextn_predict_layers=1 is not supported \(0 only: multi-token"),
     (dict(use_bias=True), r"use_bias=True is not supported \(False only: megatron's MambaMixer has no in_proj"),
     (dict(mlp_bias=True), r"mlp_bias=True is not supported"),
@@ -130,7 +207,8 @@ def test_released_config_form():
     (dict(layer_norm_epsilon=1e-6), r"layer_norm_epsilon=1e-06 is not supported with Mamba layers: megatron's "
                                     r"MambaMixer fixes its gated norm's epsilon at 1e-05"),
     (dict(mamba_num_heads=6, n_groups=4), r"mamba_num_heads=6 is not a multiple of n_groups=4"),
-], ids=["moe_layer", "mtp", "use_bias", "mlp_bias", "attention_bias", "no_conv_bias", "mamba_act", "mlp_act",
+], ids=["moe_latent", "moe_no_shared", "moe_top1_norm", "moe_no_norm", "moe_group_score", "mtp", "use_bias",
+        "mlp_bias", "attention_bias", "no_conv_bias", "mamba_act", "mlp_act",
         "eps", "heads_groups"])
 def test_hf_settings_refused_by_name(overrides, match):
     bridge = _bridge()
@@ -156,13 +234,18 @@ def test_tp_that_cannot_split_the_mamba_heads_is_refused_by_name():
     (dict(gated_linear_unit=True), r"'gated_linear_unit': \(True, False\)"),
     (dict(add_bias_linear=True), r"'add_bias_linear': \(True, False\)"),
     (dict(position_embedding_type="rope"), r"'position_embedding_type': \('rope', 'none'\)"),
-    (dict(hybrid_layer_pattern="M-*E-M"), r"hybrid_layer_pattern='M-\*E-M': layer 3 is a mixture-of-experts"),
     (dict(hybrid_layer_pattern="M-*G-M"), r"hybrid_layer_pattern='M-\*G-M': layer 3 is a 'G' layer"),
-], ids=["tied", "layernorm", "gated", "bias", "rope", "moe", "gated_delta_net"])
+    (dict(moe_shared_expert_gate=True), r"'moe_shared_expert_gate': \(True, False\)"),
+    (dict(moe_shared_expert_intermediate_size=None), r"'moe_shared_expert_intermediate_size': \(None, 'set'\)"),
+    (dict(moe_router_score_function="softmax", moe_router_enable_expert_bias=False),
+     r"moe_router_score_function='softmax'.*HF routes with sigmoid scores"),
+], ids=["tied", "layernorm", "gated", "bias", "rope", "gated_delta_net", "shared_gate", "no_shared_expert",
+        "softmax_router"])
 def test_megatron_settings_without_an_hf_equivalent_are_refused(overrides, match):
     bridge = _bridge()
     if _refused_here(lambda: bridge.transformer_config(_hf())):
         return
-    config = bridge.transformer_config(_hf(), **overrides)
+    source = _hf(**MOE) if any(k.startswith("moe_") for k in overrides) else _hf()
+    config = bridge.transformer_config(source, **overrides)
     with pytest.raises(ValueError, match=match):
         bridge.megatron_to_hf_config(config)
