@@ -133,6 +133,9 @@ class MiniMaxM2Bridge(LlamaBridge):
         family = type(self).__name__
         check_whole_qk_norms(config, family)
         sigmoid_router_hf_fields(config, family)  # sigmoid scores with a correction bias, else refused
+        if config.moe_router_topk == 1:
+            raise ValueError(f"{family}: moe_router_topk=1: MiniMax-M2 always renormalises its top-k weights (a "
+                             "single one becomes 1), megatron-core keeps a single sigmoid weight as it is")
         refuse_megatron_settings(config, family, "MiniMax-M2", (
             ("add_bias_linear", False), ("add_qkv_bias", False)), also={
             "window_size": (tuple(config.window_size) if config.window_size else None, None),

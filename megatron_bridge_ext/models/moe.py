@@ -246,13 +246,17 @@ def sigmoid_router_kwargs(hf_config: Any, family: str, *, fp32_weight: bool = Tr
     keeps its gate in the model's dtype).
 
     Raises:
-        ValueError: ``norm_topk_prob=False`` with top-k > 1 (megatron renormalises sigmoid weights always), or groups
+        ValueError: ``norm_topk_prob=False`` with top-k > 1 (megatron renormalises sigmoid weights always), top-1
+            with ``norm_topk_prob=True`` (megatron keeps a single weight as it is; HF divides it by itself), or groups
             whose score is not the sum of top-2 (megatron sums the top ``topk / topk_group``).
     """
     topk = int(config_get(hf_config, "num_experts_per_tok"))
     if not config_get(hf_config, "norm_topk_prob", True) and topk > 1:
         raise ValueError(f"{family}: norm_topk_prob=False with sigmoid routing and num_experts_per_tok={topk} > 1 is "
                          "not supported (megatron-core 0.16.1 always renormalises the top-k sigmoid weights)")
+    if topk == 1 and config_get(hf_config, "norm_topk_prob", True):
+        raise ValueError(f"{family}: num_experts_per_tok=1 with norm_topk_prob=True is not supported (HF divides the "
+                         "one sigmoid weight by itself, megatron-core keeps a single top-k weight as it is)")
     groups = int(config_get(hf_config, "n_group", 1) or 1)
     group_topk = int(config_get(hf_config, "topk_group", 1) or 1)
     kw: Dict[str, Any] = dict(
@@ -286,7 +290,8 @@ def sigmoid_router_hf_fields(config: Any, family: str) -> Dict[str, Any]:
     if groups > 1 and config.moe_router_topk // group_topk != 2:
         raise ValueError(f"{family}: moe_router_topk // moe_router_group_topk = {config.moe_router_topk // group_topk}"
                          "; HF scores a group by its top-2 experts")
-    return dict(n_group=groups, topk_group=group_topk, norm_topk_prob=True,
+    # megatron renormalises the top-k sigmoid weights when k > 1 and keeps a single one as it is
+    return dict(n_group=groups, topk_group=group_topk, norm_topk_prob=config.moe_router_topk > 1,
                 routed_scaling_factor=float(config.moe_router_topk_scaling_factor or 1.0))
 
 

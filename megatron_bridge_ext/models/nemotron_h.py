@@ -321,9 +321,6 @@ def moe_megatron_kwargs(hf_config: Any, family: str) -> Dict[str, Any]:
         raise ValueError(f"{family}: moe_shared_expert_intermediate_size={shared!r}: HF NemotronHMoE always has a "
                          "shared expert of that width")
     topk = int(config_get(hf_config, "num_experts_per_tok", 2))
-    if topk == 1 and config_get(hf_config, "norm_topk_prob", True):
-        raise ValueError(f"{family}: num_experts_per_tok=1 with norm_topk_prob=True is not supported (HF divides the "
-                         "one sigmoid weight by itself, megatron-core keeps a single top-k weight as it is)")
     experts = config_get(hf_config, "n_routed_experts", 8)
     # the router fields with transformers' NemotronHConfig defaults where config.json leaves them out
     router = {"num_experts_per_tok": topk}
@@ -354,8 +351,6 @@ def moe_hf_config(config: Any, family: str) -> Dict[str, Any]:
         raise ValueError(f"{family}: these Megatron MoE settings have no NemotronH equivalent "
                          f"(field: (got, expected)): {wrong}")
     router = sigmoid_router_hf_fields(config, family)
-    if config.moe_router_topk == 1:  # megatron keeps a single sigmoid weight as it is: HF's norm_topk_prob=False
-        router["norm_topk_prob"] = False
     return {**moe_hf_fields(config, "n_routed_experts"), **router, "moe_latent_size": None,
             "moe_shared_expert_intermediate_size": config.moe_shared_expert_intermediate_size}
 

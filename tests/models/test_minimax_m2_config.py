@@ -25,7 +25,7 @@ TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=32, num_hidden_laye
 CASES = {
     "partial_rope": {},
     "full_rope_tied": dict(rotary_dim=24, tie_word_embeddings=True, num_key_value_heads=4),
-    "linear_rope_top1": dict(num_experts_per_tok=1, rope_parameters={"rope_type": "linear", "factor": 2.0,
+    "linear_rope_top3": dict(num_experts_per_tok=3, rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                                       "rope_theta": 10000.0}),
 }
 FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "layernorm_epsilon",
@@ -96,6 +96,8 @@ def test_release_style_config_json_reads_as_transformers_does():
     (dict(scoring_func="softmax"), r"MiniMaxM2Bridge: scoring_func='softmax' is not supported"),
     (dict(use_routing_bias=False), r"MiniMaxM2Bridge: use_routing_bias=False is not supported"),
     (dict(norm_topk_prob=False), r"MiniMaxM2Bridge: norm_topk_prob=False is not supported"),
+    (dict(num_experts_per_tok=1), r"MiniMaxM2Bridge: num_experts_per_tok=1 with norm_topk_prob=True is not "
+                                  r"supported \(HF divides the one sigmoid weight by itself"),
     (dict(num_expert_group=2), r"MiniMaxM2Bridge: num_expert_group=2 is not supported"),
     (dict(n_group=2), r"MiniMaxM2Bridge: n_group=2 is not supported"),
     (dict(topk_group=2), r"MiniMaxM2Bridge: topk_group=2 is not supported"),
@@ -147,6 +149,7 @@ def test_refused_from_a_transformers_config_object_too():
     (dict(moe_shared_expert_intermediate_size=64), r"'moe_shared_expert_intermediate_size': 64"),
     (dict(moe_router_num_groups=2, moe_router_group_topk=1), r"'moe_router_num_groups': 2"),
     (dict(moe_router_topk_scaling_factor=2.5), r"'moe_router_topk_scaling_factor': 2\.5"),
+    (dict(moe_router_topk=1), r"moe_router_topk=1: MiniMax-M2 always renormalises its top-k weights"),
 ])
 def test_export_refuses_what_minimax_m2_cannot_express(overrides, match):
     bridge = get_model_bridge(ARCH)

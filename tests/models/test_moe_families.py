@@ -158,7 +158,10 @@ OSS = dict(intermediate_size=F, num_local_experts=4, num_experts_per_tok=2, head
         "truncate": False}), r"yarn truncate=False is not supported with multi-latent attention"),
     ("DeepseekV3ForCausalLM", "DeepseekV3", dict(DSV3, rope_parameters={
         "rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), r"llama3 / linear rope scaling is not supported"),
+    ("DeepseekV3ForCausalLM", "DeepseekV3", dict(DSV3, num_experts_per_tok=1),
+     r"num_experts_per_tok=1 with norm_topk_prob=True is not supported"),
     ("Glm4MoeForCausalLM", "Glm4Moe", dict(GLM, norm_topk_prob=False), r"norm_topk_prob=False"),
+    ("Glm4MoeForCausalLM", "Glm4Moe", dict(GLM, num_experts_per_tok=1), r"num_experts_per_tok=1 with norm_topk_prob"),
     ("Qwen2MoeForCausalLM", "Qwen2Moe", dict(num_experts=4, moe_intermediate_size=F, num_experts_per_tok=2,
                                              shared_expert_intermediate_size=0),
      r"shared_expert_intermediate_size=0"),
@@ -171,6 +174,22 @@ OSS = dict(intermediate_size=F, num_local_experts=4, num_experts_per_tok=2, head
 def test_unsupported_settings_are_refused_by_name(arch, prefix, overrides, match):
     with pytest.raises(ValueError, match=match):
         get_model_bridge(arch).transformer_config(_config(prefix, **overrides))
+
+
+@pytest.mark.parametrize("arch,prefix,overrides", [("DeepseekV3ForCausalLM", "DeepseekV3", DSV3),
+                                                    ("Glm4MoeForCausalLM", "Glm4Moe", GLM)])
+def test_a_single_sigmoid_weight_exports_as_not_renormalised(arch, prefix, overrides):
+    """megatron-core renormalises the top-k sigmoid weights only when k > 1 (``topk_routing_with_score_function``):
+    a top-1 router exports ``norm_topk_prob=False`` (HF then keeps the one weight as megatron does), and converts
+    back; top-2 exports ``norm_topk_prob=True``."""
+    bridge = get_model_bridge(arch)
+    one = bridge.megatron_to_hf_config(bridge.transformer_config(_config(prefix, **overrides), moe_router_topk=1))
+    assert one["norm_topk_prob"] is False and one["num_experts_per_tok"] == 1
+    back = bridge.transformer_config(_config(prefix, **{**overrides, "num_experts_per_tok": 1,
+                                                        "norm_topk_prob": False}))
+    assert back.moe_router_topk == 1
+    two = bridge.megatron_to_hf_config(bridge.transformer_config(_config(prefix, **overrides)))
+    assert two["norm_topk_prob"] is True
 
 
 def test_gpt_oss_refuses_expert_tensor_parallelism_but_takes_tp_with_etp1():
