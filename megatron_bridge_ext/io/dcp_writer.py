@@ -49,8 +49,8 @@ class WrittenFile:
 
 class _Hasher:
     """SHA-256 of a file as it is written, on a thread of its own: the writer hands over each written byte range,
-    the hasher reads it back (from the page cache) and hashes the ranges in order. hashlib releases the GIL, so
-    hashing runs beside the conversion and the writes instead of after each of them."""
+    the hasher starts its write-back to disk, reads it back (from the page cache) and hashes the ranges in order.
+    hashlib releases the GIL, so hashing runs beside the conversion and the writes instead of after each of them."""
 
     _PIECE = 8 << 20
 
@@ -75,6 +75,8 @@ class _Hasher:
                 if r is None:
                     return
                 offset, left = r
+                if start_writeback is not None:  # here, not on the writer: it blocks while the disk queue is full
+                    start_writeback(self._fd, offset, left)
                 while left > 0:
                     n = os.preadv(self._fd, [view[:min(left, self._PIECE)]], offset)
                     if n <= 0:
@@ -131,9 +133,7 @@ class _DcpFile(io.RawIOBase):
         """The bytes since the last item are complete: start their write-back, hash them."""
         start, nbytes = self._item_start, self._n - self._item_start
         if nbytes > 0:
-            if start_writeback is not None:
-                start_writeback(self._f.fileno(), start, nbytes)
-            self._hasher.add(start, nbytes)
+            self._hasher.add(start, nbytes)  # which starts their write-back first
         self._item_start = self._n
 
     def finish(self) -> str:

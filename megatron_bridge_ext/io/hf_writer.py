@@ -15,8 +15,10 @@ import errno
 import json
 import math
 import os
+import queue
 import shutil
 import sys
+import threading
 import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -65,13 +67,48 @@ def _writeback_starter():
 start_writeback = _writeback_starter()
 
 
+class _Flusher:
+    """Starts the write-back of written ranges on a thread of its own: ``sync_file_range`` blocks while the disk's
+    request queue is full, so called by the writer it would hold the conversion to the disk's write speed tensor by
+    tensor; here the writer only copies into the page cache and goes on (reading and converting the next tensors
+    while the disk writes). :meth:`drain` waits until every range handed over has been started (before an fsync or
+    a close of their file)."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.Queue[Optional[Tuple[int, int, int]]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="writeback", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            entry = self._queue.get()
+            try:
+                if entry is None:
+                    return
+                start_writeback(*entry)
+            finally:
+                self._queue.task_done()
+
+    def add(self, fd: int, offset: int, nbytes: int) -> None:
+        self._queue.put((fd, offset, nbytes))
+
+    def drain(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
 class _OpenShard:
     """A shard being written in place: header first, each tensor at its planned offset as soon as it arrives (its
-    write-back to disk started at once when the shard will be fsynced)."""
+    write-back to disk started at once, by ``flusher``'s thread, when the shard will be fsynced)."""
 
-    def __init__(self, tmp: str, specs, metadata: Mapping[str, str], fsync: bool = True) -> None:
+    def __init__(self, tmp: str, specs, metadata: Mapping[str, str], fsync: bool = True,
+                 flusher: Optional[_Flusher] = None) -> None:
         head, self.offsets, self.data_bytes = file_layout(specs, metadata)
         self.fsync = fsync
+        self.flusher = flusher
         self.tmp = tmp
         self.data_start = len(head)
         self.remaining = set(self.offsets)
@@ -88,11 +125,16 @@ class _OpenShard:
             while done < len(data):
                 done += os.pwrite(self.fd, data[done:], self.data_start + start + done)
             if self.fsync and start_writeback is not None:
-                start_writeback(self.fd, self.data_start + start, end - start)
+                if self.flusher is not None:
+                    self.flusher.add(self.fd, self.data_start + start, end - start)
+                else:
+                    start_writeback(self.fd, self.data_start + start, end - start)
         self.remaining.discard(name)
         return end - start
 
     def finish(self, final: str) -> None:
+        if self.flusher is not None:
+            self.flusher.drain()  # no range of this descriptor is left to start once it is closed
         if self.fsync:
             os.fsync(self.fd)
         os.close(self.fd)
@@ -101,6 +143,8 @@ class _OpenShard:
 
     def discard(self) -> None:
         if self.fd >= 0:
+            if self.flusher is not None:
+                self.flusher.drain()
             os.close(self.fd)
             self.fd = -1
         if os.path.exists(self.tmp):
@@ -187,6 +231,7 @@ class SafeTensorsWriter:
         self._shard_of: Dict[str, int] = {n: i for i, names in enumerate(plan) for n in names}
         self._file_names = [shard_name(i, len(plan)) for i in range(len(plan))]
         self._open: Dict[int, _OpenShard] = {}  # shards with at least one tensor written, not yet finished
+        self._flusher: Optional[_Flusher] = None  # started with the first shard that is fsynced
         self._received: set = set()
         self._shard_done = [False] * len(plan)
         self._weight_map: Dict[str, str] = {}
@@ -282,7 +327,9 @@ class SafeTensorsWriter:
             if open_shard is None:
                 tmp = os.path.join(self.work_dir, f".{self._file_names[shard]}.tmp-{os.getpid()}")
                 specs = [(n, *self._expected[n]) for n in self._plan[shard]]
-                open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata, self.fsync)
+                if self.fsync and start_writeback is not None and self._flusher is None:
+                    self._flusher = _Flusher()
+                open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata, self.fsync, self._flusher)
             self._bytes_written += open_shard.write(name, tensor)  # straight to its place: nothing is buffered
             self._received.add(name)
             if not open_shard.remaining:
@@ -365,7 +412,14 @@ class SafeTensorsWriter:
             if self._staged is not None:
                 self._staged.abort()
             raise
+        finally:
+            self._stop_flusher()
         return summary
+
+    def _stop_flusher(self) -> None:
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.close()
 
     def _close(self) -> Dict[str, Any]:
         missing = self.missing()
@@ -419,6 +473,7 @@ class SafeTensorsWriter:
         directory is removed: the output directory is left as it was."""
         self._closed = True
         self._discard_open()
+        self._stop_flusher()
         if self._staged is not None:
             self._staged.abort()
 
