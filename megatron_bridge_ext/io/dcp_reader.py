@@ -51,7 +51,6 @@ import math
 import os
 import pickle
 import sys
-import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tup
 
 import torch
 
-from megatron_bridge_ext.io.read_ahead import will_need
+from megatron_bridge_ext.io.read_ahead import WillNeedFiles
 
 __all__ = [
     "METADATA_NAME",
@@ -631,9 +630,7 @@ class TorchDistCheckpoint:
             raise FileNotFoundError(f"torch_dist checkpoint directory {self.path!r} does not exist")
         self.backend = read_backend(self.path)
         self._files: Dict[str, Any] = {}
-        self._ahead_fds: Dict[str, int] = {}  # read-only descriptors for read_ahead (any thread)
-        self._ahead_lock = threading.Lock()
-        self._ahead_closed = False
+        self._ahead = WillNeedFiles()  # read-only descriptors for read_ahead (any thread)
         self._cached: Optional[Tuple[ChunkEntry, torch.Tensor]] = None
         self._raw: Dict[ChunkEntry, Optional[_RawTensor]] = {}
         md = self._read_metadata()
@@ -800,13 +797,8 @@ class TorchDistCheckpoint:
         Returns the bytes asked for (none once closed)."""
         total = 0
         for chunk in chunks:
-            with self._ahead_lock:  # close() waits: a descriptor stays open while it is used
-                if self._ahead_closed:
-                    break
-                fd = self._ahead_fds.get(chunk.file)
-                if fd is None:
-                    fd = self._ahead_fds[chunk.file] = os.open(self._where(chunk.file), os.O_RDONLY)
-                will_need(fd, chunk.offset, chunk.length)
+            if not self._ahead.will_need(self._where(chunk.file), chunk.offset, chunk.length):
+                break
             total += chunk.length
         return total
 
@@ -816,11 +808,7 @@ class TorchDistCheckpoint:
             f.close()
         self._files.clear()
         self._cached = None
-        with self._ahead_lock:
-            for fd in self._ahead_fds.values():
-                os.close(fd)
-            self._ahead_fds.clear()
-            self._ahead_closed = True
+        self._ahead.close()
 
     def __enter__(self) -> "TorchDistCheckpoint":
         return self

@@ -23,7 +23,6 @@ import math
 import mmap
 import os
 import sys
-import threading
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -40,7 +39,7 @@ from megatron_bridge_ext.io.safetensors import (
     read_header,
     read_json_object,
 )
-from megatron_bridge_ext.io.read_ahead import will_need
+from megatron_bridge_ext.io.read_ahead import WillNeedFiles
 from megatron_bridge_ext.io.staging import interrupted_save_hint
 
 __all__ = ["SafeTensorsSource", "PICKLE_SUFFIXES", "pickle_weight_files", "refuse_pickle_only", "entry_path"]
@@ -126,8 +125,7 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
         self.index_metadata: Dict[str, Any] = {}
         self._mmaps: List[Optional[mmap.mmap]] = []
         self._bases: List[int] = []  # each map's address, for release_tensor
-        self._fds: Dict[int, int] = {}  # shard -> a read-only descriptor, for read_ahead
-        self._fd_lock = threading.Lock()
+        self._ahead = WillNeedFiles()  # read-only descriptors for read_ahead (any thread)
         self._closed = False
         if os.path.isfile(path):
             if path.endswith(PICKLE_SUFFIXES):
@@ -383,13 +381,8 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
             e = self._entries.get(key)
             if e is None or e.end <= e.start:
                 continue
-            with self._fd_lock:  # close() waits: the descriptor stays open while it is used
-                if self._closed:
-                    break
-                fd = self._fds.get(e.shard)
-                if fd is None:
-                    fd = self._fds[e.shard] = os.open(self._files[e.shard], os.O_RDONLY)
-                will_need(fd, e.start, e.end - e.start)
+            if not self._ahead.will_need(self._files[e.shard], e.start, e.end - e.start):
+                break
             total += e.end - e.start
         return total
 
@@ -413,11 +406,7 @@ class SafeTensorsSource(Mapping[str, torch.Tensor]):
 
     def close(self) -> None:
         """Releases the maps. Views already handed out stay valid: they keep their map alive until they die."""
-        with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-            self._closed = True
+        self._ahead.close()
         for i, mm in enumerate(self._mmaps):
             if mm is not None:
                 # Unmap now only when nothing else references the map (views hold a reference to it).

@@ -15,16 +15,15 @@ import errno
 import json
 import math
 import os
-import queue
 import shutil
 import sys
-import threading
 import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from megatron_bridge_ext.io import staging
+from megatron_bridge_ext.io.read_ahead import CallQueue
 from megatron_bridge_ext.io.staging import StagedCheckpoint, no_space_error
 from megatron_bridge_ext.io.safetensors import (
     ITEMSIZE,
@@ -67,37 +66,12 @@ def _writeback_starter():
 start_writeback = _writeback_starter()
 
 
-class _Flusher:
-    """Starts the write-back of written ranges on a thread of its own: ``sync_file_range`` blocks while the disk's
-    request queue is full, so called by the writer it would hold the conversion to the disk's write speed tensor by
-    tensor; here the writer only copies into the page cache and goes on (reading and converting the next tensors
-    while the disk writes). :meth:`drain` waits until every range handed over has been started (before an fsync or
-    a close of their file)."""
-
-    def __init__(self) -> None:
-        self._queue: "queue.Queue[Optional[Tuple[int, int, int]]]" = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="writeback", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            entry = self._queue.get()
-            try:
-                if entry is None:
-                    return
-                start_writeback(*entry)
-            finally:
-                self._queue.task_done()
-
-    def add(self, fd: int, offset: int, nbytes: int) -> None:
-        self._queue.put((fd, offset, nbytes))
-
-    def drain(self) -> None:
-        self._queue.join()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+def _flusher() -> CallQueue:
+    """A thread that starts the write-back of written ranges ``(fd, offset, nbytes)``: ``sync_file_range`` blocks while
+    the disk's request queue is full, so called by the writer it would hold the conversion to the disk's write speed
+    tensor by tensor; handed to this thread, the writer only copies into the page cache and goes on. ``join`` before an
+    fsync or a close of a file whose ranges were handed over."""
+    return CallQueue(lambda r: start_writeback(*r), "writeback")
 
 
 class _OpenShard:
@@ -105,7 +79,7 @@ class _OpenShard:
     write-back to disk started at once, by ``flusher``'s thread, when the shard will be fsynced)."""
 
     def __init__(self, tmp: str, specs, metadata: Mapping[str, str], fsync: bool = True,
-                 flusher: Optional[_Flusher] = None) -> None:
+                 flusher: Optional[CallQueue] = None) -> None:
         head, self.offsets, self.data_bytes = file_layout(specs, metadata)
         self.fsync = fsync
         self.flusher = flusher
@@ -126,7 +100,7 @@ class _OpenShard:
                 done += os.pwrite(self.fd, data[done:], self.data_start + start + done)
             if self.fsync and start_writeback is not None:
                 if self.flusher is not None:
-                    self.flusher.add(self.fd, self.data_start + start, end - start)
+                    self.flusher.put((self.fd, self.data_start + start, end - start))
                 else:
                     start_writeback(self.fd, self.data_start + start, end - start)
         self.remaining.discard(name)
@@ -134,7 +108,7 @@ class _OpenShard:
 
     def finish(self, final: str) -> None:
         if self.flusher is not None:
-            self.flusher.drain()  # no range of this descriptor is left to start once it is closed
+            self.flusher.join()  # no range of this descriptor is left to start once it is closed
         if self.fsync:
             os.fsync(self.fd)
         os.close(self.fd)
@@ -144,7 +118,7 @@ class _OpenShard:
     def discard(self) -> None:
         if self.fd >= 0:
             if self.flusher is not None:
-                self.flusher.drain()
+                self.flusher.join()
             os.close(self.fd)
             self.fd = -1
         if os.path.exists(self.tmp):
@@ -231,7 +205,7 @@ class SafeTensorsWriter:
         self._shard_of: Dict[str, int] = {n: i for i, names in enumerate(plan) for n in names}
         self._file_names = [shard_name(i, len(plan)) for i in range(len(plan))]
         self._open: Dict[int, _OpenShard] = {}  # shards with at least one tensor written, not yet finished
-        self._flusher: Optional[_Flusher] = None  # started with the first shard that is fsynced
+        self._flusher: Optional[CallQueue] = None  # started with the first shard that is fsynced
         self._received: set = set()
         self._shard_done = [False] * len(plan)
         self._weight_map: Dict[str, str] = {}
@@ -328,7 +302,7 @@ class SafeTensorsWriter:
                 tmp = os.path.join(self.work_dir, f".{self._file_names[shard]}.tmp-{os.getpid()}")
                 specs = [(n, *self._expected[n]) for n in self._plan[shard]]
                 if self.fsync and start_writeback is not None and self._flusher is None:
-                    self._flusher = _Flusher()
+                    self._flusher = _flusher()
                 open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata, self.fsync, self._flusher)
             self._bytes_written += open_shard.write(name, tensor)  # straight to its place: nothing is buffered
             self._received.add(name)

@@ -42,22 +42,43 @@ def test_window_past_the_current_position():
         assert asked.count("e") == 1 and len(asked) == len(set(asked)) == len(flat)  # each item once
     finally:
         ahead.close()
-    assert ahead._thread is None
+    assert not ahead._calls._thread.is_alive()
 
 
 def test_nothing_to_read_starts_no_thread_and_errors_are_hints():
     empty = ReadAhead(lambda items: None, [], 10)
     empty.at(0)
-    assert empty._thread is None
+    assert empty._calls is None
 
     def fails(items):
         raise OSError("no read-ahead here")
 
     ahead = ReadAhead(fails, [[("a", 1)], [("b", 1)]], 10)
-    thread = ahead._thread
+    thread = ahead._calls._thread
     ahead.at(0)  # everything is asked for at once: the thread ends by itself
     thread.join(timeout=10)
     assert not thread.is_alive()
+
+
+def test_call_queue_keeps_order_and_raises_what_it_was_not_told_to_ignore():
+    from megatron_bridge_ext.io.read_ahead import CallQueue
+
+    seen = []
+    calls = CallQueue(seen.append, "probe")
+    for i in range(100):
+        calls.put(i)
+    calls.join()
+    assert seen == list(range(100))
+    calls.close()
+    assert not calls._thread.is_alive()
+
+    def boom(item):
+        raise ValueError(f"bad item {item}")
+
+    failing = CallQueue(boom, "probe")
+    failing.put(7)
+    with pytest.raises(ValueError, match="bad item 7"):
+        failing.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise (Linux)")
