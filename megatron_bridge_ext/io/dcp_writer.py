@@ -5,7 +5,8 @@ dict in memory). :class:`StreamingDcpWriter` takes the items as they are produce
 tensor (or serialized bytes), queued for a writer thread while at most ``buffer_bytes`` are waiting (an item larger
 than that waits alone), and written with torch's own item serializer (``filesystem._write_item``: the bytes torch's
 ``FileSystemWriter`` and megatron-core's ``FileSystemWriterAsync`` write), so any DCP reader reads them. The files are
-``__{rank}_{n}.distcp``, a new one every ``file_bytes``; each is hashed (SHA-256) while it is written and fsynced when
+``__{rank}_{n}.distcp``, a new one every ``file_bytes``; each is written through a few reused staging buffers, hashed
+(SHA-256) from them and written past the page cache (:mod:`megatron_bridge_ext.io.direct_io`), and fsynced when
 closed, so the checksum manifest needs no second read, and a resumed conversion knows which files are complete.
 
 :func:`write_metadata` writes ``.metadata`` as torch's ``FileSystemWriter.finish`` does (the plan's metadata with the
@@ -24,11 +25,11 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
-from megatron_bridge_ext.io.hf_writer import start_writeback
+from megatron_bridge_ext.io.direct_io import DirectWriter, SequentialFile
 
 __all__ = ["StreamingDcpWriter", "WrittenFile", "write_metadata", "DEFAULT_BUFFER_BYTES", "DEFAULT_FILE_BYTES",
            "with_exact_storage"]
@@ -47,70 +48,15 @@ class WrittenFile:
     results: List[Any] = field(default_factory=list)
 
 
-class _Hasher:
-    """SHA-256 of a file as it is written, on a thread of its own: the writer hands over each written byte range,
-    the hasher starts its write-back to disk, reads it back (from the page cache) and hashes the ranges in order.
-    hashlib releases the GIL, so hashing runs beside the conversion and the writes instead of after each of them."""
-
-    _PIECE = 8 << 20
-
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
-        self._h = hashlib.sha256()
-        self._ranges: "queue.Queue[Optional[Tuple[int, int]]]" = queue.Queue()
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="dcp-hasher", daemon=True)
-        self._thread.start()
-
-    def add(self, offset: int, nbytes: int) -> None:
-        if nbytes > 0:
-            self._ranges.put((offset, nbytes))
-
-    def _run(self) -> None:
-        buf = bytearray(self._PIECE)
-        view = memoryview(buf)
-        try:
-            while True:
-                r = self._ranges.get()
-                if r is None:
-                    return
-                offset, left = r
-                if start_writeback is not None:  # here, not on the writer: it blocks while the disk queue is full
-                    start_writeback(self._fd, offset, left)
-                while left > 0:
-                    n = os.preadv(self._fd, [view[:min(left, self._PIECE)]], offset)
-                    if n <= 0:
-                        raise OSError(f"reading back the written bytes at offset {offset} to hash them gave {n}")
-                    self._h.update(view[:n])
-                    offset += n
-                    left -= n
-        except BaseException as e:  # noqa: BLE001  (raised by digest)
-            self._error = e
-
-    def digest(self) -> str:
-        self._ranges.put(None)
-        self._thread.join()
-        os.close(self._fd)
-        if self._error is not None:
-            raise self._error
-        return self._h.hexdigest()
-
-    def abandon(self) -> None:
-        self._ranges.put(None)
-        self._thread.join()
-        os.close(self._fd)
-
-
 class _DcpFile(io.RawIOBase):
-    """A ``.distcp`` file being written: ``tell`` counts the bytes (DCP's offsets), each item's write-back to disk is
-    started as soon as it is written (so that closing finds little left to flush), and a :class:`_Hasher` hashes it."""
+    """A ``.distcp`` file being written front to back (``torch.save`` writes to it): ``tell`` counts the bytes (DCP's
+    offsets); the bytes go through the writer's staging buffers, hashed (SHA-256) from memory in order and written
+    past the page cache where the file system allows (:class:`~megatron_bridge_ext.io.direct_io.SequentialFile`)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, direct: DirectWriter) -> None:
         super().__init__()
-        self._f = open(path, "wb", buffering=0)
-        self._hasher = _Hasher(path)
-        self._n = 0
-        self._item_start = 0
+        self._digest = hashlib.sha256()
+        self._file = SequentialFile(path, direct, self._digest)
 
     def writable(self) -> bool:
         return True
@@ -119,32 +65,18 @@ class _DcpFile(io.RawIOBase):
         return False
 
     def write(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        n = 0
-        while n < len(view):
-            n += self._f.write(view[n:])
-        self._n += n
-        return n
+        return self._file.write(b)
 
     def tell(self) -> int:
-        return self._n
-
-    def item_done(self) -> None:
-        """The bytes since the last item are complete: start their write-back, hash them."""
-        start, nbytes = self._item_start, self._n - self._item_start
-        if nbytes > 0:
-            self._hasher.add(start, nbytes)  # which starts their write-back first
-        self._item_start = self._n
+        return self._file.tell()
 
     def finish(self) -> str:
-        self.item_done()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        return self._hasher.digest()
+        """Write what is left, fsync, close; the file's SHA-256."""
+        self._file.finish()
+        return self._digest.hexdigest()
 
     def abandon(self) -> None:
-        self._f.close()
-        self._hasher.abandon()
+        self._file.abandon()
 
 
 def with_exact_storage(tensor: torch.Tensor) -> torch.Tensor:
@@ -210,6 +142,7 @@ class StreamingDcpWriter:
         self._next_file = first_file
         self._on_file, self._on_bytes, self._on_written = on_file, on_bytes, on_written
         self._write_item = _item_writer()
+        self._direct = DirectWriter()
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self._cond = threading.Condition()
         self._queued = 0
@@ -292,10 +225,9 @@ class StreamingDcpWriter:
                 if current is None:
                     name = f"__{self.rank}_{self._next_file}.distcp"
                     self._next_file += 1
-                    current = _DcpFile(os.path.join(self.directory, name))
+                    current = _DcpFile(os.path.join(self.directory, name), self._direct)
                     results = []
                 results.append(self._write_item(current, data, item, name))
-                current.item_done()
                 if self._on_written is not None and isinstance(data, torch.Tensor):
                     self._on_written(data)
                 del data
@@ -317,6 +249,7 @@ class StreamingDcpWriter:
         finally:
             if current is not None:
                 current.abandon()
+            self._direct.close()
             with self._cond:
                 self._cond.notify_all()
 

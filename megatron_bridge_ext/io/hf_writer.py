@@ -10,19 +10,18 @@ point, leaves the output directory as it was.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import math
 import os
 import shutil
-import sys
 import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from megatron_bridge_ext.io import staging
+from megatron_bridge_ext.io.direct_io import DirectWriter, direct_io_enabled, start_writeback
 from megatron_bridge_ext.io.read_ahead import CallQueue
 from megatron_bridge_ext.io.staging import StagedCheckpoint, no_space_error
 from megatron_bridge_ext.io.safetensors import (
@@ -41,31 +40,6 @@ from megatron_bridge_ext.io.safetensors import (
 __all__ = ["SafeTensorsWriter", "save_hf_tensors"]
 
 
-def _writeback_starter():
-    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)`` where the C library has it (Linux), else None.
-
-    Starting the write-back of each tensor as soon as it is written keeps the disk busy while the next tensors are
-    converted and gathered, so the final fsync of a shard finds little left to do.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-
-    def start(fd: int, offset: int, nbytes: int) -> None:
-        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE: initiate write-out, do not wait; advisory
-
-    return start
-
-
-start_writeback = _writeback_starter()
-
-
 def _flusher() -> CallQueue:
     """A thread that starts the write-back of written ranges ``(fd, offset, nbytes)``: ``sync_file_range`` blocks while
     the disk's request queue is full, so called by the writer it would hold the conversion to the disk's write speed
@@ -75,11 +49,13 @@ def _flusher() -> CallQueue:
 
 
 class _OpenShard:
-    """A shard being written in place: header first, each tensor at its planned offset as soon as it arrives (its
-    write-back to disk started at once, by ``flusher``'s thread, when the shard will be fsynced)."""
+    """A shard being written in place: header first, each tensor at its planned offset as soon as it arrives. When
+    the shard will be fsynced, its tensors go past the page cache through ``direct``'s staging buffers where the file
+    system allows (:mod:`megatron_bridge_ext.io.direct_io`), else through the page cache with their write-back started
+    at once by ``flusher``'s thread."""
 
     def __init__(self, tmp: str, specs, metadata: Mapping[str, str], fsync: bool = True,
-                 flusher: Optional[CallQueue] = None) -> None:
+                 flusher: Optional[CallQueue] = None, direct: Optional[DirectWriter] = None) -> None:
         head, self.offsets, self.data_bytes = file_layout(specs, metadata)
         self.fsync = fsync
         self.flusher = flusher
@@ -87,40 +63,65 @@ class _OpenShard:
         self.data_start = len(head)
         self.remaining = set(self.offsets)
         self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, self.data_start + self.data_bytes)
-        os.pwrite(self.fd, head, 0)
+        self.direct = direct
+        self.handle = None
+        try:
+            os.ftruncate(self.fd, self.data_start + self.data_bytes)
+            os.pwrite(self.fd, head, 0)
+            if direct is not None and fsync:
+                self.handle = direct.file(self.fd, tmp)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
-        """Writes ``tensor`` at its place; returns its bytes."""
+        """Writes ``tensor`` at its place (copied: the caller may free it at once); returns its bytes."""
         start, end = self.offsets[name]
         if end > start:
             data = tensor_bytes(tensor)
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self.fd, data[done:], self.data_start + start + done)
-            if self.fsync and start_writeback is not None:
-                if self.flusher is not None:
-                    self.flusher.put((self.fd, self.data_start + start, end - start))
-                else:
-                    start_writeback(self.fd, self.data_start + start, end - start)
+            at = self.data_start + start
+            if self.handle is not None and self.handle.dfd is not None:
+                self.direct.write_at(self.handle, at, data)
+            else:
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(self.fd, data[done:], at + done)
+                if self.fsync and start_writeback is not None:
+                    if self.flusher is not None:
+                        self.flusher.put((self.fd, at, end - start))
+                    else:
+                        start_writeback(self.fd, at, end - start)
         self.remaining.discard(name)
         return end - start
 
-    def finish(self, final: str) -> None:
+    def sync(self) -> None:
+        """Wait until every byte handed in is in the file (raises a failed write's error)."""
+        if self.handle is not None:
+            self.direct.join()
         if self.flusher is not None:
             self.flusher.join()  # no range of this descriptor is left to start once it is closed
+
+    def finish(self, final: str) -> None:
+        self.sync()
         if self.fsync:
             os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+        self._close_fds()
         os.replace(self.tmp, final)
+
+    def _close_fds(self) -> None:
+        if self.handle is not None:
+            self.handle.close_direct()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def discard(self) -> None:
         if self.fd >= 0:
-            if self.flusher is not None:
-                self.flusher.join()
-            os.close(self.fd)
-            self.fd = -1
+            try:
+                self.sync()
+            except OSError:
+                pass  # the shard is being thrown away; the error that led here is raised by the caller
+            self._close_fds()
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
 
@@ -206,6 +207,7 @@ class SafeTensorsWriter:
         self._file_names = [shard_name(i, len(plan)) for i in range(len(plan))]
         self._open: Dict[int, _OpenShard] = {}  # shards with at least one tensor written, not yet finished
         self._flusher: Optional[CallQueue] = None  # started with the first shard that is fsynced
+        self._direct: Optional[DirectWriter] = None  # its staging buffers and thread, likewise
         self._received: set = set()
         self._shard_done = [False] * len(plan)
         self._weight_map: Dict[str, str] = {}
@@ -303,7 +305,10 @@ class SafeTensorsWriter:
                 specs = [(n, *self._expected[n]) for n in self._plan[shard]]
                 if self.fsync and start_writeback is not None and self._flusher is None:
                     self._flusher = _flusher()
-                open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata, self.fsync, self._flusher)
+                if self.fsync and direct_io_enabled() and self._direct is None:
+                    self._direct = DirectWriter()
+                open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata, self.fsync, self._flusher,
+                                                            self._direct)
             self._bytes_written += open_shard.write(name, tensor)  # straight to its place: nothing is buffered
             self._received.add(name)
             if not open_shard.remaining:
@@ -339,6 +344,7 @@ class SafeTensorsWriter:
         """Non-strict close of a shard that misses tensors: rewrite it with only what arrived."""
         open_shard = self._open.pop(shard)
         names = [n for n in self._plan[shard] if n in self._received]
+        open_shard.sync()
         with open(open_shard.tmp, "rb") as f:
             blob = f.read()
         tensors = []
@@ -392,8 +398,13 @@ class SafeTensorsWriter:
 
     def _stop_flusher(self) -> None:
         flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            flusher.close()
+        direct, self._direct = self._direct, None
+        try:
+            if flusher is not None:
+                flusher.close()
+        finally:
+            if direct is not None:
+                direct.close()
 
     def _close(self) -> Dict[str, Any]:
         missing = self.missing()

@@ -352,7 +352,7 @@ def test_writer_round_trip_multi_shard(tmp_path, fsync):
         for k, t in tensors.items():
             assert _bits_equal(src[k], t)
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
-    assert not [t for t in threading.enumerate() if t.name == "writeback"]  # the write-back thread ended with close
+    assert not [t for t in threading.enumerate() if t.name in ("writeback", "direct-hash", "direct-write")]  # ended
 
 
 def test_writer_abort_ends_its_writeback_thread(tmp_path):
@@ -360,7 +360,7 @@ def test_writer_abort_ends_its_writeback_thread(tmp_path):
     w = SafeTensorsWriter(tmp_path / "out", _specs(tensors), max_shard_bytes=200, fsync=True)
     w.add(*next(iter(tensors.items())))
     w.abort()
-    assert not [t for t in threading.enumerate() if t.name == "writeback"]
+    assert not [t for t in threading.enumerate() if t.name in ("writeback", "direct-hash", "direct-write")]
     assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
 
 
