@@ -9,6 +9,7 @@ started it (with its traceback), or the rank that died (with its exit code or si
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import pickle
 import signal
@@ -42,6 +43,7 @@ def _worker(
     results: "mp.SimpleQueue",
     pg_timeout: Optional[float] = None,
 ) -> None:
+    gc.set_threshold(100_000, 50, 1000)  # the heavy imports ahead: as the CLI's process (megatron_bridge_ext.cli.entry)
     os.environ.update(env)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)

@@ -161,3 +161,14 @@ def test_same_file_as_megatron_core_and_each_accepts_the_others(tmp_path):
     with pytest.raises(checksums.IntegrityError) as e:
         checksums.verify_manifest(b)
     assert [p.split(":")[0] for p in e.value.problems] == [".metadata"]
+
+
+def test_file_digest_equals_hashlib(tmp_path):
+    """Mapped (non-empty files, across the 8 MiB pieces) or read (empty files): the digest of the bytes."""
+    from megatron_bridge_ext.io.checksums import _CHUNK, file_digest
+
+    for size in (0, 1, _CHUNK - 1, _CHUNK, 2 * _CHUNK + 12345):
+        data = os.urandom(size)
+        path = tmp_path / f"f{size}"
+        path.write_bytes(data)
+        assert file_digest(str(path)) == hashlib.sha256(data).hexdigest(), size
