@@ -55,7 +55,8 @@ class IntegrityError(ValueError):
 
 def file_digest(path: str) -> str:
     """The SHA-256 hex digest of a file, hashed in 8 MiB pieces straight from the page cache (a read-only map: no
-    copy into this process; hashlib releases the GIL on each piece); read into a buffer where it cannot be mapped."""
+    copy into this process, each piece unmapped once hashed; hashlib releases the GIL on each piece); read into a
+    buffer where it cannot be mapped."""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
@@ -69,6 +70,8 @@ def file_digest(path: str) -> str:
                 try:
                     for at in range(0, size, _CHUNK):
                         h.update(view[at:at + _CHUNK])
+                        if hasattr(m, "madvise"):  # unmapped again (the page cache keeps them): RSS stays one piece
+                            m.madvise(mmap.MADV_DONTNEED, at, min(_CHUNK, size - at))
                 finally:
                     view.release()
             finally:

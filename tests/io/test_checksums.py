@@ -172,3 +172,23 @@ def test_file_digest_equals_hashlib(tmp_path):
         path = tmp_path / f"f{size}"
         path.write_bytes(data)
         assert file_digest(str(path)) == hashlib.sha256(data).hexdigest(), size
+
+
+def test_file_digest_keeps_little_of_the_file_mapped(tmp_path):
+    """Hashing a file larger than a few pieces raises the process's peak RSS by about one piece, not the file (the
+    mapped pages count towards RSS until they are unmapped)."""
+    path = tmp_path / "big"
+    with open(path, "wb") as f:
+        for _ in range(24):
+            f.write(os.urandom(8 << 20))  # 192 MiB, in the page cache
+    code = (
+        "import resource, sys\n"
+        "from megatron_bridge_ext.io.checksums import file_digest\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "file_digest(sys.argv[1])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    grown_kib = int(out.stdout.strip().splitlines()[-1])
+    assert grown_kib < 48 * 1024, f"peak RSS grew by {grown_kib} KiB hashing a 192 MiB file"
