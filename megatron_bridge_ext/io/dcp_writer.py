@@ -2,10 +2,11 @@
 
 torch's and megatron-core's writers resolve every item of a plan before the first byte is written (the whole state
 dict in memory). :class:`StreamingDcpWriter` takes the items as they are produced: each is handed over with its
-tensor (or serialized bytes), queued for a writer thread while at most ``buffer_bytes`` are waiting (an item larger
-than that waits alone), and written with torch's own item serializer (``filesystem._write_item``: the bytes torch's
-``FileSystemWriter`` and megatron-core's ``FileSystemWriterAsync`` write), so any DCP reader reads them. The files are
-``__{rank}_{n}.distcp``, a new one every ``file_bytes``; each is written through a few reused staging buffers, hashed
+tensor (or serialized bytes), queued for the writer threads (two files written at once by default) while at most
+``buffer_bytes`` are waiting (an item larger than that waits alone), and written with torch's own item serializer
+(``filesystem._write_item``: the bytes torch's ``FileSystemWriter`` and megatron-core's ``FileSystemWriterAsync``
+write), so any DCP reader reads them. The files are ``__{rank}_{n}.distcp``, each lane starting a new one every
+``file_bytes``; each is written through a few reused staging buffers, hashed
 (SHA-256) from them and written past the page cache (:mod:`megatron_bridge_ext.io.direct_io`), and fsynced when
 closed, so the checksum manifest needs no second read, and a resumed conversion knows which files are complete.
 
@@ -32,10 +33,13 @@ import torch
 from megatron_bridge_ext.io.direct_io import DirectWriter, SequentialFile
 
 __all__ = ["StreamingDcpWriter", "WrittenFile", "write_metadata", "DEFAULT_BUFFER_BYTES", "DEFAULT_FILE_BYTES",
-           "with_exact_storage"]
+           "DEFAULT_LANES", "with_exact_storage"]
 
 DEFAULT_BUFFER_BYTES = 512 << 20
 DEFAULT_FILE_BYTES = 4 << 30
+
+#: files a writer writes at once (megatron-core's writer: ``thread_count`` 2 per rank)
+DEFAULT_LANES = 2
 
 
 @dataclass
@@ -116,51 +120,63 @@ def _item_writer() -> Callable[..., Any]:
 
 
 class StreamingDcpWriter:
-    """Writes DCP items to ``directory/__{rank}_{n}.distcp`` on a background thread, at most ``buffer_bytes`` queued.
+    """Writes DCP items to ``directory/__{rank}_{n}.distcp`` on background threads, at most ``buffer_bytes`` queued.
+
+    ``lanes`` files are written at once (as megatron-core's writer writes ``thread_count`` files per rank), each by a
+    thread of its own with its own staging buffers, hashing thread and writing thread: each item goes to the lane with
+    the fewest bytes waiting, so the serializing (torch's CRC-32 of every byte) and the hashing (SHA-256) of one lane
+    run beside the other's.
 
     Args:
         directory: the checkpoint directory (exists).
         rank: this writer's rank (the file names' first number).
-        buffer_bytes: bytes of items that may wait for the writer thread (an item larger than that waits alone).
-        file_bytes: a new file is started once the current one holds this many bytes.
-        first_file: the number of the first file (a resumed conversion continues after the files it kept).
-        on_file: called on the writer thread with each completed :class:`WrittenFile` (e.g. to record progress).
-        on_bytes: called on the writer thread with the byte count of each item written (progress).
-        on_written: called on the writer thread with each tensor once it is written (e.g. to drop the pages of a
-            memory-mapped source it was written from).
+        buffer_bytes: bytes of items that may wait for the writer threads (an item larger than that waits alone).
+        file_bytes: a lane starts a new file once its current one holds this many bytes.
+        first_file: the number of the first file (a resumed conversion continues after the files it kept); lane
+            ``l``'s ``k``-th file is number ``first_file + l + k * lanes``.
+        lanes: files written at once (>= 1).
+        on_file: called with each completed :class:`WrittenFile` (e.g. to record progress), one call at a time.
+        on_bytes: called with the byte count of each item written (progress), from the writer threads.
+        on_written: called with each tensor once it is written (e.g. to drop the pages of a memory-mapped source it
+            was written from), from the writer threads.
     """
 
     def __init__(self, directory: str, rank: int = 0, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-                 file_bytes: int = DEFAULT_FILE_BYTES, first_file: int = 0,
+                 file_bytes: int = DEFAULT_FILE_BYTES, first_file: int = 0, lanes: int = DEFAULT_LANES,
                  on_file: Optional[Callable[[WrittenFile], None]] = None,
                  on_bytes: Optional[Callable[[int], None]] = None,
                  on_written: Optional[Callable[[torch.Tensor], None]] = None) -> None:
-        if buffer_bytes < 1 or file_bytes < 1:
-            raise ValueError(f"buffer_bytes ({buffer_bytes}) and file_bytes ({file_bytes}) must be >= 1")
+        if buffer_bytes < 1 or file_bytes < 1 or lanes < 1:
+            raise ValueError(f"buffer_bytes ({buffer_bytes}), file_bytes ({file_bytes}) and lanes ({lanes}) must be "
+                             ">= 1")
         self.directory, self.rank = directory, rank
         self.buffer_bytes, self.file_bytes = buffer_bytes, file_bytes
-        self._next_file = first_file
+        self._first_file, self._lanes = first_file, lanes
         self._on_file, self._on_bytes, self._on_written = on_file, on_bytes, on_written
         self._write_item = _item_writer()
-        self._direct = DirectWriter()
-        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._queues: List["queue.Queue[Any]"] = [queue.Queue() for _ in range(lanes)]
+        self._lane_queued = [0] * lanes
         self._cond = threading.Condition()
+        self._file_lock = threading.Lock()
         self._queued = 0
         self._error: Optional[BaseException] = None
         self._files: List[WrittenFile] = []
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"dcp-writer-{rank}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(lane,), name=f"dcp-writer-{rank}.{lane}",
+                                          daemon=True) for lane in range(lanes)]
+        for t in self._threads:
+            t.start()
 
     @property
     def files(self) -> List[WrittenFile]:
         """The files completed so far."""
-        return list(self._files)
+        with self._file_lock:
+            return list(self._files)
 
     def put(self, item: Any, data: Union[torch.Tensor, io.BytesIO]) -> None:
         """Queue one write item (a DCP ``WriteItem``) with its data: a tensor of the item's chunk shape, or the
-        serialized bytes of a byte item. Blocks while the queue holds ``buffer_bytes``; raises the writer thread's
-        error, if it failed."""
+        serialized bytes of a byte item. Blocks while the queue holds ``buffer_bytes``; raises a writer thread's
+        error, if one failed."""
         if self._closed:
             raise RuntimeError("StreamingDcpWriter.put after close")
         if isinstance(data, torch.Tensor):
@@ -173,7 +189,9 @@ class StreamingDcpWriter:
                 self._cond.wait()
             self._raise()
             self._queued += nbytes
-        self._queue.put((item, data, nbytes))
+            lane = min(range(self._lanes), key=lambda i: self._lane_queued[i])
+            self._lane_queued[lane] += nbytes
+        self._queues[lane].put((item, data, nbytes))
 
     def wait_room(self, nbytes: int) -> None:
         """Block until ``nbytes`` more fit in the buffer (or nothing is queued): called before producing a tensor of
@@ -184,48 +202,55 @@ class StreamingDcpWriter:
             self._raise()
 
     def close(self) -> List[WrittenFile]:
-        """Write what is queued, complete (fsync) the last file and stop the thread; returns every file written.
+        """Write what is queued, complete (fsync) each lane's last file and stop the threads; returns every file
+        written.
 
         Raises:
-            OSError (or the writer's own error): a write failed; files completed before it are kept.
+            OSError (or a writer's own error): a write failed; files completed before it are kept.
         """
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-            self._thread.join()
+            for q in self._queues:
+                q.put(None)
+            for t in self._threads:
+                t.join()
         self._raise()
-        return list(self._files)
+        return self.files
 
     def abort(self) -> None:
-        """Stop without completing the current file (after an error elsewhere)."""
+        """Stop without completing the current files (after an error elsewhere)."""
         if not self._closed:
             self._closed = True
             with self._cond:
                 if self._error is None:
                     self._error = RuntimeError("aborted")
                 self._cond.notify_all()
-            self._queue.put(None)
-            self._thread.join()
+            for q in self._queues:
+                q.put(None)
+            for t in self._threads:
+                t.join()
 
     def _raise(self) -> None:
         if self._error is not None and str(self._error) != "aborted":
             raise self._error
 
-    def _run(self) -> None:
+    def _run(self, lane: int) -> None:
+        direct = DirectWriter()
         current: Optional[_DcpFile] = None
         name = ""
         results: List[Any] = []
+        made = 0
         try:
             while True:
-                entry = self._queue.get()
+                entry = self._queues[lane].get()
                 if entry is None or self._error is not None:
                     break
                 item, data, nbytes = entry
                 del entry  # the tensor must not outlive its write (the queue's tuple would keep it until the next)
                 if current is None:
-                    name = f"__{self.rank}_{self._next_file}.distcp"
-                    self._next_file += 1
-                    current = _DcpFile(os.path.join(self.directory, name), self._direct)
+                    name = f"__{self.rank}_{self._first_file + lane + made * self._lanes}.distcp"
+                    made += 1
+                    current = _DcpFile(os.path.join(self.directory, name), direct)
                     results = []
                 results.append(self._write_item(current, data, item, name))
                 if self._on_written is not None and isinstance(data, torch.Tensor):
@@ -233,6 +258,7 @@ class StreamingDcpWriter:
                 del data
                 with self._cond:
                     self._queued -= nbytes
+                    self._lane_queued[lane] -= nbytes
                     self._cond.notify_all()
                 if self._on_bytes is not None:
                     self._on_bytes(nbytes)
@@ -244,12 +270,13 @@ class StreamingDcpWriter:
                 current = None
         except BaseException as e:  # noqa: BLE001  (re-raised on the producer's thread)
             with self._cond:
-                self._error = e
+                if self._error is None or str(self._error) == "aborted":
+                    self._error = e
                 self._cond.notify_all()
         finally:
             if current is not None:
                 current.abandon()
-            self._direct.close()
+            direct.close()
             with self._cond:
                 self._cond.notify_all()
 
@@ -257,9 +284,10 @@ class StreamingDcpWriter:
         size = f.tell()
         digest = f.finish()
         done = WrittenFile(name, size, digest, results)
-        self._files.append(done)
-        if self._on_file is not None:
-            self._on_file(done)
+        with self._file_lock:
+            self._files.append(done)
+            if self._on_file is not None:
+                self._on_file(done)
 
 
 def write_metadata(directory: str, metadata: Any, results: Sequence[Any]) -> None:
