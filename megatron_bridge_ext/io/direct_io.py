@@ -172,10 +172,14 @@ class DirectWriter:
         self.check()
         return self._free.get()
 
-    def submit(self, f: _Direct, buf: mmap.mmap, nbytes: int, offset: int, digest: Any = None) -> None:
-        """Write ``buf[:nbytes]`` at ``offset`` of ``f`` (aligned) on the thread, after ``digest.update`` with it;
-        the buffer is free again afterwards."""
+    def submit(self, f: _Direct, buf: Tuple[mmap.mmap, int], nbytes: int, offset: int, digest: Any = None) -> None:
+        """Write ``buf[:nbytes]`` (a buffer from :meth:`take`) at ``offset`` of ``f`` (aligned) on the thread, after
+        ``digest.update`` with it; the buffer is free again afterwards."""
         self._hash.put((f, buf, nbytes, offset, digest))
+
+    def give_back(self, buf: Tuple[mmap.mmap, int]) -> None:
+        """Return a buffer from :meth:`take` unused."""
+        self._free.put(buf)
 
     def write_at(self, f: _Direct, offset: int, view: memoryview) -> None:
         """Write ``view`` at ``offset`` of ``f``: its whole aligned blocks through the staging buffers, its partial
@@ -195,8 +199,8 @@ class DirectWriter:
         src = _address(view) + (first - offset)
         for at in range(first, last, self.stage_bytes):
             n = min(self.stage_bytes, last - at)
-            buf, addr = self.take()
-            ctypes.memmove(addr, src + (at - first), n)
+            buf = self.take()
+            ctypes.memmove(buf[1], src + (at - first), n)
             self.submit(f, buf, n, at)
 
     def _hash_run(self) -> None:
@@ -211,7 +215,7 @@ class DirectWriter:
                 f, buf, nbytes, offset, digest = job
                 if digest is not None and self._error is None:
                     try:
-                        digest.update(memoryview(buf)[:nbytes])
+                        digest.update(memoryview(buf[0])[:nbytes])
                     except BaseException as e:  # noqa: BLE001  (raised by check / join)
                         self._error = self._error or e
                 self._work.put(job)
@@ -227,13 +231,13 @@ class DirectWriter:
                 f, buf, nbytes, offset, _ = job
                 try:
                     if self._error is None:
-                        f.write(memoryview(buf)[:nbytes], offset)
+                        f.write(memoryview(buf[0])[:nbytes], offset)
                 except BaseException as e:  # noqa: BLE001  (raised by check / join)
                     if isinstance(e, OSError) and e.filename is None:
                         e.filename = f.path
                     self._error = self._error or e
                 finally:
-                    self._free.put((buf, _address(buf)))
+                    self._free.put(buf)
             finally:
                 self._work.task_done()
 
@@ -242,10 +246,14 @@ class DirectWriter:
         if self._error is not None:
             raise self._error
 
-    def join(self) -> None:
-        """Wait until everything handed over is written; raise the threads' first error."""
+    def wait(self) -> None:
+        """Wait until everything handed over is written (or dropped after an error)."""
         self._hash.join()  # every buffer handed on to the writing thread
         self._work.join()
+
+    def join(self) -> None:
+        """Wait until everything handed over is written; raise the threads' first error."""
+        self.wait()
         self.check()
 
     def close(self) -> None:
@@ -279,8 +287,7 @@ class SequentialFile:
         except BaseException:
             os.close(fd)
             raise
-        self._buf: Optional[mmap.mmap] = None
-        self._addr = 0
+        self._buf: Optional[Tuple[mmap.mmap, int]] = None  # the staging buffer being filled, and its address
         self._fill = 0
         self._base = 0  # file offset of the buffer being filled
         self._n = 0
@@ -295,10 +302,10 @@ class SequentialFile:
         cap = self._w.stage_bytes
         while done < total:
             if self._buf is None:
-                self._buf, self._addr = self._w.take()
+                self._buf = self._w.take()
                 self._fill = 0
             k = min(total - done, cap - self._fill)
-            ctypes.memmove(self._addr + self._fill, src + done, k)
+            ctypes.memmove(self._buf[1] + self._fill, src + done, k)
             self._fill += k
             done += k
             if self._fill == cap:
@@ -325,11 +332,10 @@ class SequentialFile:
     def abandon(self) -> None:
         """Stop without completing the file (its buffers are returned once written; errors are dropped)."""
         if self._buf is not None:
-            self._w._free.put((self._buf, self._addr))
+            self._w.give_back(self._buf)
             self._buf = None
         try:
-            self._w._hash.join()
-            self._w._work.join()
+            self._w.wait()
         finally:
             self._close()
 
