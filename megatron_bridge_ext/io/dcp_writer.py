@@ -30,7 +30,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 
 import torch
 
-from megatron_bridge_ext.io.direct_io import DirectWriter, SequentialFile
+from megatron_bridge_ext.io.direct_io import STAGES, DirectWriter, SequentialFile
 
 __all__ = ["StreamingDcpWriter", "WrittenFile", "write_metadata", "DEFAULT_BUFFER_BYTES", "DEFAULT_FILE_BYTES",
            "DEFAULT_LANES", "with_exact_storage"]
@@ -235,7 +235,7 @@ class StreamingDcpWriter:
             raise self._error
 
     def _run(self, lane: int) -> None:
-        direct = DirectWriter()
+        direct = DirectWriter(stages=max(4, STAGES // len(self._queues)))  # the same staging memory, whatever the lanes
         current: Optional[_DcpFile] = None
         name = ""
         results: List[Any] = []

@@ -39,8 +39,9 @@ ALIGN = max(4096, mmap.PAGESIZE)
 #: bytes of one staging buffer
 STAGE_BYTES = 8 << 20
 
-#: staging buffers per writer (one being filled, the others being written)
-STAGES = 4
+#: staging buffers of one writer (one being filled, the others waiting or being written: enough to carry the writes
+#: on while the caller waits for its reads, and the reads while a write waits for the disk; 128 MiB in all)
+STAGES = 16
 
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP))
 
@@ -134,8 +135,9 @@ class DirectWriter:
     the files of one writer.
 
     :meth:`write_at` copies the whole aligned blocks of a range into the buffers (the caller's tensor may be freed at
-    once) and writes its partial end blocks itself, through the page cache; :meth:`join` waits until everything handed
-    over is written and raises the first error of the thread (e.g. ``ENOSPC``), naming the file.
+    once) and a copy of its partial end blocks, which the writing thread writes through the page cache; :meth:`join`
+    waits until everything handed over is written and raises the first error of the thread (e.g. ``ENOSPC``), naming
+    the file.
 
     Args:
         stage_bytes: bytes of one staging buffer (a multiple of :data:`ALIGN`).
@@ -172,36 +174,48 @@ class DirectWriter:
         self.check()
         return self._free.get()
 
-    def submit(self, f: _Direct, buf: Tuple[mmap.mmap, int], nbytes: int, offset: int, digest: Any = None) -> None:
+    def submit(self, f: _Direct, buf: Tuple[mmap.mmap, int], nbytes: int, offset: int, digest: Any = None,
+               what: str = "") -> None:
         """Write ``buf[:nbytes]`` (a buffer from :meth:`take`) at ``offset`` of ``f`` (aligned) on the thread, after
         ``digest.update`` with it; the buffer is free again afterwards."""
-        self._hash.put((f, buf, nbytes, offset, digest))
+        self._hash.put((f, buf, nbytes, offset, digest, what))
 
     def give_back(self, buf: Tuple[mmap.mmap, int]) -> None:
         """Return a buffer from :meth:`take` unused."""
         self._free.put(buf)
 
-    def write_at(self, f: _Direct, offset: int, view: memoryview) -> None:
-        """Write ``view`` at ``offset`` of ``f``: its whole aligned blocks through the staging buffers, its partial
-        end blocks through the page cache, now."""
+    def write_at(self, f: _Direct, offset: int, view: memoryview, what: str = "") -> None:
+        """Write ``view`` at ``offset`` of ``f`` on the thread (copied: the caller may free it at once): its whole
+        aligned blocks through the staging buffers, its partial end blocks through the page cache. ``what`` (e.g. the
+        tensor's name) is set as ``written_for`` on the error of a write of these bytes that fails."""
         view = memoryview(view).cast("B")
         end = offset + len(view)
         first = -(-offset // ALIGN) * ALIGN
         last = end // ALIGN * ALIGN
-        if f.dfd is None or last <= first:
+        if f.dfd is None:
             self.check()
             _pwrite_all(f.fd, view, offset)
             return
+        if last <= first:  # no whole block: a few KiB, copied and written on the thread
+            self._small(f, view, offset, what)
+            return
+        # The partial end blocks go through the page cache on the writing thread, never on the caller's: a buffered
+        # write to a file waits for the file's lock, which a direct write holds until its disk write completes.
         if first > offset:
-            _pwrite_all(f.fd, view[:first - offset], offset)
+            self._small(f, view[:first - offset], offset, what)
         if end > last:
-            _pwrite_all(f.fd, view[last - offset:], last)
+            self._small(f, view[last - offset:], last, what)
         src = _address(view) + (first - offset)
         for at in range(first, last, self.stage_bytes):
             n = min(self.stage_bytes, last - at)
             buf = self.take()
             ctypes.memmove(buf[1], src + (at - first), n)
-            self.submit(f, buf, n, at)
+            self.submit(f, buf, n, at, what=what)
+
+    def _small(self, f: _Direct, view: memoryview, offset: int, what: str) -> None:
+        """Hand a copy of a few bytes (less than two blocks) to the writing thread, written through the page cache."""
+        self.check()
+        self._hash.put((f, None, bytes(view), offset, None, what))
 
     def _hash_run(self) -> None:
         """Hashes each buffer that has a digest, in order, then passes it on to the writing thread: hashing and
@@ -212,7 +226,7 @@ class DirectWriter:
                 if job is None:
                     self._work.put(None)
                     return
-                f, buf, nbytes, offset, digest = job
+                f, buf, nbytes, offset, digest, _ = job
                 if digest is not None and self._error is None:
                     try:
                         digest.update(memoryview(buf[0])[:nbytes])
@@ -228,16 +242,23 @@ class DirectWriter:
             try:
                 if job is None:
                     return
-                f, buf, nbytes, offset, _ = job
+                f, buf, nbytes, offset, _, what = job
                 try:
                     if self._error is None:
-                        f.write(memoryview(buf[0])[:nbytes], offset)
+                        if buf is None:  # a few bytes of a partial block (``nbytes`` holds them)
+                            _pwrite_all(f.fd, memoryview(nbytes), offset)
+                        else:
+                            f.write(memoryview(buf[0])[:nbytes], offset)
                 except BaseException as e:  # noqa: BLE001  (raised by check / join)
-                    if isinstance(e, OSError) and e.filename is None:
-                        e.filename = f.path
+                    if isinstance(e, OSError):
+                        if e.filename is None:
+                            e.filename = f.path
+                        if what and getattr(e, "written_for", None) is None:
+                            e.written_for = what  # type: ignore[attr-defined]  (what the failed bytes belong to)
                     self._error = self._error or e
                 finally:
-                    self._free.put(buf)
+                    if buf is not None:
+                        self._free.put(buf)
             finally:
                 self._work.task_done()
 

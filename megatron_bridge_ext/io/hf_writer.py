@@ -81,7 +81,7 @@ class _OpenShard:
             data = tensor_bytes(tensor)
             at = self.data_start + start
             if self.handle is not None and self.handle.dfd is not None:
-                self.direct.write_at(self.handle, at, data)
+                self.direct.write_at(self.handle, at, data, what=f"tensor {name!r}")
             else:
                 done = 0
                 while done < len(data):
@@ -314,10 +314,13 @@ class SafeTensorsWriter:
             if not open_shard.remaining:
                 return self._finish_shard(shard)
         except OSError as e:
+            # a write handed to the writing thread fails later: the error names the bytes' own tensor and shard
+            failed = next((s for s, o in self._open.items() if o.tmp == e.filename), shard)
+            what = getattr(e, "written_for", None) or f"tensor {name!r}"
             self.abort()
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise no_space_error(e, os.path.join(self.out_dir, self._file_names[shard]),
-                                     self._planned_bytes - self._bytes_written, f"tensor {name!r}") from None
+                raise no_space_error(e, os.path.join(self.out_dir, self._file_names[failed]),
+                                     self._planned_bytes - self._bytes_written, what) from None
             raise
         except BaseException:
             self.abort()

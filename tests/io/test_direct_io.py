@@ -115,8 +115,18 @@ def test_direct_writes_leave_the_page_cache_alone(tmp_path):
 @pytest.mark.parametrize("direct", ["1", "0"])
 def test_write_at_any_order(tmp_path, monkeypatch, direct):
     """Ranges written in any order, at any offsets and lengths (aligned or not, smaller or larger than a buffer),
-    give the same file as plain writes into a bytearray."""
+    give the same file as plain writes into a bytearray. Where ``O_DIRECT`` is taken, the caller's thread writes
+    nothing itself, not even the partial end blocks (a buffered write would wait for the file's lock while a direct
+    write holds it)."""
     monkeypatch.setenv(direct_io.DIRECT_IO_ENV, direct)
+    writers = []
+    real = direct_io._pwrite_all
+
+    def recorded(fd, view, offset):
+        writers.append(threading.current_thread().name)
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(direct_io, "_pwrite_all", recorded)
     rng = random.Random(7)
     size = 20 * STAGE + 999
     cuts = sorted(set([0, size] + [rng.randrange(size) for _ in range(40)] + [ALIGN * 5, ALIGN * 9 + 1]))
@@ -139,6 +149,10 @@ def test_write_at_any_order(tmp_path, monkeypatch, direct):
         os.close(fd)
         w.close()
     assert open(path, "rb").read() == data
+    if direct == "1" and _takes_direct(tmp_path):
+        assert writers and set(writers) == {"direct-write"}, sorted(set(writers))
+    else:
+        assert threading.current_thread().name in writers
 
 
 def test_refused_direct_write_falls_back(tmp_path, monkeypatch):
