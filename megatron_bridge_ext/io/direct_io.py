@@ -26,8 +26,8 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["DirectWriter", "SequentialFile", "direct_io_enabled", "start_writeback", "DIRECT_IO_ENV", "ALIGN",
-           "STAGE_BYTES"]
+__all__ = ["DirectWriter", "SequentialFile", "direct_io_enabled", "pwrite_all", "start_writeback", "DIRECT_IO_ENV",
+           "ALIGN", "STAGE_BYTES"]
 
 #: set to ``0`` to write every file through the page cache
 DIRECT_IO_ENV = "MEGATRON_BRIDGE_DIRECT_IO"
@@ -81,7 +81,8 @@ def _address(view: Any) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    """All of ``view`` at ``offset`` of ``fd`` (``pwrite`` again after a short write)."""
     done = 0
     while done < len(view):
         n = os.pwrite(fd, view[done:], offset + done)
@@ -111,7 +112,7 @@ class _Direct:
         whole = n - n % ALIGN
         if self.dfd is not None and whole:
             try:
-                _pwrite_all(self.dfd, view[:whole], offset)
+                pwrite_all(self.dfd, view[:whole], offset)
             except OSError as e:
                 if e.errno not in _REFUSED:
                     raise
@@ -120,7 +121,7 @@ class _Direct:
         else:
             whole = 0
         if whole < n:
-            _pwrite_all(self.fd, view[whole:], offset + whole)
+            pwrite_all(self.fd, view[whole:], offset + whole)
             if self.dfd is None and start_writeback is not None:  # called on the writing thread, never the caller's
                 start_writeback(self.fd, offset + whole, n - whole)
 
@@ -194,7 +195,7 @@ class DirectWriter:
         last = end // ALIGN * ALIGN
         if f.dfd is None:
             self.check()
-            _pwrite_all(f.fd, view, offset)
+            pwrite_all(f.fd, view, offset)
             return
         if last <= first:  # no whole block: a few KiB, copied and written on the thread
             self._small(f, view, offset, what)
@@ -246,7 +247,7 @@ class DirectWriter:
                 try:
                     if self._error is None:
                         if buf is None:  # a few bytes of a partial block (``nbytes`` holds them)
-                            _pwrite_all(f.fd, memoryview(nbytes), offset)
+                            pwrite_all(f.fd, memoryview(nbytes), offset)
                         else:
                             f.write(memoryview(buf[0])[:nbytes], offset)
                 except BaseException as e:  # noqa: BLE001  (raised by check / join)

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from megatron_bridge_ext.io import staging
-from megatron_bridge_ext.io.direct_io import DirectWriter, direct_io_enabled, start_writeback
+from megatron_bridge_ext.io.direct_io import DirectWriter, direct_io_enabled, pwrite_all, start_writeback
 from megatron_bridge_ext.io.read_ahead import CallQueue
 from megatron_bridge_ext.io.staging import StagedCheckpoint, no_space_error
 from megatron_bridge_ext.io.safetensors import (
@@ -40,12 +40,29 @@ from megatron_bridge_ext.io.safetensors import (
 __all__ = ["SafeTensorsWriter", "save_hf_tensors"]
 
 
-def _flusher() -> CallQueue:
-    """A thread that starts the write-back of written ranges ``(fd, offset, nbytes)``: ``sync_file_range`` blocks while
-    the disk's request queue is full, so called by the writer it would hold the conversion to the disk's write speed
-    tensor by tensor; handed to this thread, the writer only copies into the page cache and goes on. ``join`` before an
-    fsync or a close of a file whose ranges were handed over."""
-    return CallQueue(lambda r: start_writeback(*r), "writeback")
+class _Flusher:
+    """Starts the write-back of written ranges ``(fd, offset, nbytes)`` on a thread of its own, started with the first
+    range (with ``O_DIRECT`` taken there is none): ``sync_file_range`` blocks while the disk's request queue is full,
+    so called by the writer it would hold the conversion to the disk's write speed tensor by tensor; handed to this
+    thread, the writer only copies into the page cache and goes on. ``join`` before an fsync or a close of a file
+    whose ranges were handed over."""
+
+    def __init__(self) -> None:
+        self._queue: Optional[CallQueue] = None
+
+    def put(self, job: Tuple[int, int, int]) -> None:
+        if self._queue is None:
+            self._queue = CallQueue(lambda r: start_writeback(*r), "writeback")
+        self._queue.put(job)
+
+    def join(self) -> None:
+        if self._queue is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        queue, self._queue = self._queue, None
+        if queue is not None:
+            queue.close()
 
 
 class _OpenShard:
@@ -55,7 +72,7 @@ class _OpenShard:
     at once by ``flusher``'s thread."""
 
     def __init__(self, tmp: str, specs, metadata: Mapping[str, str], fsync: bool = True,
-                 flusher: Optional[CallQueue] = None, direct: Optional[DirectWriter] = None) -> None:
+                 flusher: Optional[_Flusher] = None, direct: Optional[DirectWriter] = None) -> None:
         head, self.offsets, self.data_bytes = file_layout(specs, metadata)
         self.fsync = fsync
         self.flusher = flusher
@@ -83,9 +100,7 @@ class _OpenShard:
             if self.handle is not None and self.handle.dfd is not None:
                 self.direct.write_at(self.handle, at, data, what=f"tensor {name!r}")
             else:
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(self.fd, data[done:], at + done)
+                pwrite_all(self.fd, data, at)
                 if self.fsync and start_writeback is not None:
                     if self.flusher is not None:
                         self.flusher.put((self.fd, at, end - start))
@@ -206,7 +221,7 @@ class SafeTensorsWriter:
         self._shard_of: Dict[str, int] = {n: i for i, names in enumerate(plan) for n in names}
         self._file_names = [shard_name(i, len(plan)) for i in range(len(plan))]
         self._open: Dict[int, _OpenShard] = {}  # shards with at least one tensor written, not yet finished
-        self._flusher: Optional[CallQueue] = None  # started with the first shard that is fsynced
+        self._flusher: Optional[_Flusher] = None  # made with the first shard that is fsynced
         self._direct: Optional[DirectWriter] = None  # its staging buffers and thread, likewise
         self._received: set = set()
         self._shard_done = [False] * len(plan)
@@ -304,7 +319,7 @@ class SafeTensorsWriter:
                 tmp = os.path.join(self.work_dir, f".{self._file_names[shard]}.tmp-{os.getpid()}")
                 specs = [(n, *self._expected[n]) for n in self._plan[shard]]
                 if self.fsync and start_writeback is not None and self._flusher is None:
-                    self._flusher = _flusher()
+                    self._flusher = _Flusher()
                 if self.fsync and direct_io_enabled() and self._direct is None:
                     self._direct = DirectWriter()
                 open_shard = self._open[shard] = _OpenShard(tmp, specs, self.metadata, self.fsync, self._flusher,

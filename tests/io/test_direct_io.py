@@ -120,13 +120,13 @@ def test_write_at_any_order(tmp_path, monkeypatch, direct):
     write holds it)."""
     monkeypatch.setenv(direct_io.DIRECT_IO_ENV, direct)
     writers = []
-    real = direct_io._pwrite_all
+    real = direct_io.pwrite_all
 
     def recorded(fd, view, offset):
         writers.append(threading.current_thread().name)
         return real(fd, view, offset)
 
-    monkeypatch.setattr(direct_io, "_pwrite_all", recorded)
+    monkeypatch.setattr(direct_io, "pwrite_all", recorded)
     rng = random.Random(7)
     size = 20 * STAGE + 999
     cuts = sorted(set([0, size] + [rng.randrange(size) for _ in range(40)] + [ALIGN * 5, ALIGN * 9 + 1]))

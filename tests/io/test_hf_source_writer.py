@@ -355,6 +355,32 @@ def test_writer_round_trip_multi_shard(tmp_path, fsync):
     assert not [t for t in threading.enumerate() if t.name in ("writeback", "direct-hash", "direct-write")]  # ended
 
 
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_writer_starts_a_writeback_thread_only_for_page_cache_writes(tmp_path, monkeypatch, direct):
+    """Where the shards are written with O_DIRECT, no write-back thread is started (nothing would use it); written
+    through the page cache (``MEGATRON_BRIDGE_DIRECT_IO=0``), the write-back of each range starts on its own thread."""
+    from megatron_bridge_ext.io import direct_io
+
+    monkeypatch.setenv(direct_io.DIRECT_IO_ENV, direct)
+    probe = tmp_path / ".probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        takes_direct = True
+    except OSError:
+        takes_direct = False
+    tensors = {f"w{i}": torch.randn(64, 257).to(torch.bfloat16) for i in range(4)}
+    seen = set()
+    w = SafeTensorsWriter(tmp_path / "out", _specs(tensors), max_shard_bytes=1 << 20, fsync=True)
+    for k, t in tensors.items():
+        w.add(k, t)
+        seen |= {t.name for t in threading.enumerate()}
+    w.close()
+    assert ("writeback" in seen) == (direct == "0" or not takes_direct), sorted(seen)
+    with SafeTensorsSource(tmp_path / "out") as src:
+        assert all(_bits_equal(src[k], t) for k, t in tensors.items())
+
+
 def test_writer_abort_ends_its_writeback_thread(tmp_path):
     tensors = _sample()
     w = SafeTensorsWriter(tmp_path / "out", _specs(tensors), max_shard_bytes=200, fsync=True)
