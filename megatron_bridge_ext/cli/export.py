@@ -209,7 +209,7 @@ def _export(rank: int, world: int, meg_dir: str, out_dir: str, layout: Dict[str,
             if stream:
                 from megatron_bridge_ext.io.megatron_checkpoint import open_checkpoint
 
-                with open_checkpoint(meg_dir) as ckpt:
+                with open_checkpoint(meg_dir, map_chunks=True) as ckpt:
                     chunks, params = stream_chunks(info, config, ckpt, described_by)
                     fp8_state = extra_state_with_content(ckpt)  # reported; never applied
                     read_s = clock()

@@ -191,12 +191,21 @@ class ExpertsToLoad:
 
     def __init__(self, materialize: Any, tensors: Sequence[torch.Tensor]) -> None:
         self.materialize, self.tensors = materialize, list(tensors)
+        self._loaded: Sequence[torch.Tensor] = ()
 
     def __len__(self) -> int:  # one holder: the one rank
         return 1
 
     def load(self, lo: int = 0, hi: Optional[int] = None) -> List[torch.Tensor]:
-        return self.materialize.load(self.tensors[lo:hi])
+        """Experts ``[lo, hi)``; the run read before is done with (its pages, if mapped, are given back)."""
+        self.unload()
+        self._loaded = self.tensors[lo:hi]
+        return self.materialize.load(self._loaded)
+
+    def unload(self) -> None:
+        loaded, self._loaded = self._loaded, ()
+        if loaded and hasattr(self.materialize, "unload"):
+            self.materialize.unload(loaded)
 
     def runs(self, max_bytes: int) -> List[Tuple[int, int]]:
         """Consecutive ``[lo, hi)`` of whole experts of at most ``max_bytes`` each (at least one expert)."""
@@ -317,6 +326,8 @@ class Transport:
                     views.append([materialize.load(task.local_tensors)[0].view(m.shape)])
                 yield plan, views
                 views.clear()  # the consumer's reference too: nothing of this bucket is held while the next is read
+                if hasattr(materialize, "unload"):  # the bucket's values, if views of maps: their pages go back
+                    materialize.unload([t for task, _ in plan.layout for t in task.local_tensors])
                 continue
             if plan.direct:  # the destination owns the whole bucket: hand out the parameters themselves
                 yield plan, [[task.param_weight.detach()] for task, _ in plan.layout]

@@ -48,6 +48,7 @@ import functools
 import io
 import json
 import math
+import mmap
 import os
 import pickle
 import sys
@@ -618,14 +619,23 @@ class TorchDistCheckpoint:
 
     Use as a context manager (or call :meth:`close`): files are opened once and kept open while reading.
 
+    With ``map_chunks``, a whole stored chunk that is a plain tensor (what megatron-core writes) is returned by
+    :meth:`read_chunk` / :meth:`read_slice` without ``out`` as a view of a private map of its file: nothing is copied
+    and no fresh memory is touched (a fresh tensor's pages are zeroed by the kernel before the copy: on this
+    package's 2-core machine that cost more than the copy itself), the pages come from the page cache as the caller
+    touches them, writes to the view stay private to it, and :meth:`unmap` gives those pages back once the caller is
+    done with the chunk.
+
     Raises:
         FileNotFoundError: no directory, no ``metadata.json`` or no ``.metadata``.
         UnsafeCheckpointError: ``.metadata`` names a class outside :data:`METADATA_GLOBALS`.
         CheckpointFormatError: every structural fault, naming the file and the key.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, map_chunks: bool = False) -> None:
         self.path = os.fspath(path)
+        self.map_chunks = map_chunks
+        self._maps: Dict[str, mmap.mmap] = {}
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"torch_dist checkpoint directory {self.path!r} does not exist")
         self.backend = read_backend(self.path)
@@ -803,7 +813,14 @@ class TorchDistCheckpoint:
         return total
 
     def close(self) -> None:
-        """Close the files opened for reading."""
+        """Close the files opened for reading (a map still viewed by a returned tensor goes with its last view)."""
+        self._cached = None
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass
+        self._maps.clear()
         for f in self._files.values():
             f.close()
         self._files.clear()
@@ -895,6 +912,9 @@ class TorchDistCheckpoint:
                                                            TENSOR_GLOBALS, want_raw=True)
         if raw is not None:
             self._mismatch(chunk, raw.shape, raw.dtype)
+            start = chunk.offset + raw.data_offset
+            if out is None and self.map_chunks and raw.nbytes and start % _itemsize(raw.dtype) == 0:
+                return self._mapped(chunk, f, start, raw, path, what)  # not kept: a view costs nothing to make
             direct = out is not None and out.dtype == raw.dtype and out.is_contiguous() and out.device.type == "cpu"
             t = out if direct else torch.empty(raw.shape, dtype=raw.dtype)
             _read_into(f, chunk.offset + raw.data_offset, raw.nbytes, t, path, what)
@@ -928,6 +948,9 @@ class TorchDistCheckpoint:
             raise ValueError(f"{self.path}: slice at {list(offsets)} of size {list(sizes)} is outside {key}'s shape "
                              f"{list(entry.shape)}")
         if out is None:
+            chunks = entry.overlapping(offsets, sizes)
+            if self.map_chunks and len(chunks) == 1 and chunks[0].offsets == offsets and chunks[0].sizes == sizes:
+                return self.read_chunk(chunks[0])  # the whole chunk: a view of its map (see map_chunks)
             out = torch.empty(sizes, dtype=entry.dtype)
         elif tuple(out.shape) != sizes:
             raise ValueError(f"{self.path}: {key}: out has shape {list(out.shape)}, the slice {list(sizes)}")
@@ -946,6 +969,32 @@ class TorchDistCheckpoint:
             dst = out[tuple(slice(a - o, a - o + m) for a, o, m in zip(lo, offsets, n))]
             dst.copy_(src)
         return out
+
+    def _mapped(self, chunk: ChunkEntry, f: Any, start: int, raw: _RawTensor, path: str, what: str) -> torch.Tensor:
+        m = self._maps.get(chunk.file)
+        if m is None:
+            m = self._maps[chunk.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if start + raw.nbytes > len(m):
+            raise CheckpointFormatError(f"{path}: {what} ends after {max(0, len(m) - start)} of its {raw.nbytes} "
+                                        "bytes")
+        t = torch.frombuffer(m, dtype=raw.dtype, count=raw.nbytes // _itemsize(raw.dtype), offset=start)
+        return t.view(raw.shape)
+
+    def unmap(self, chunks: Sequence[ChunkEntry]) -> None:
+        """The caller is done with the views of these chunks (:meth:`read_chunk` with ``map_chunks``): their pages
+        are unmapped from this process (the page cache keeps them; a view touched again maps them again, as they are
+        in the file: private writes to them are dropped)."""
+        cached = self._cached
+        for chunk in chunks:
+            if cached is not None and cached[0] == chunk:
+                self._cached = cached = None
+            m = self._maps.get(chunk.file)
+            if m is None:
+                continue
+            lo = -(-chunk.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+            hi = min(chunk.offset + chunk.length, len(m)) // mmap.PAGESIZE * mmap.PAGESIZE
+            if hi > lo:
+                m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def read_tensor(self, key: str) -> torch.Tensor:
         """The whole tensor ``key``."""

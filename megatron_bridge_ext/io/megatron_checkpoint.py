@@ -171,9 +171,10 @@ class MegatronCheckpointInfo:
     args: Optional[argparse.Namespace]
 
 
-def open_checkpoint(path: str) -> TorchDistCheckpoint:
+def open_checkpoint(path: str, map_chunks: bool = False) -> TorchDistCheckpoint:
     """The checkpoint at ``path`` (root or iteration directory) opened with the restricted reader: its metadata read
-    without running anything and its structure checked (see :mod:`megatron_bridge_ext.io.dcp_reader`).
+    without running anything and its structure checked (see :mod:`megatron_bridge_ext.io.dcp_reader`);
+    ``map_chunks``: whole chunks are read as views of the files' maps (see :class:`TorchDistCheckpoint`).
 
     Raises:
         FileNotFoundError: see :func:`resolve_checkpoint`.
@@ -181,7 +182,7 @@ def open_checkpoint(path: str) -> TorchDistCheckpoint:
             and the key.
     """
     sub, _ = resolve_checkpoint(path)
-    return TorchDistCheckpoint(sub)
+    return TorchDistCheckpoint(sub, map_chunks=map_chunks)
 
 
 def read_checkpoint_info(path: str) -> MegatronCheckpointInfo:

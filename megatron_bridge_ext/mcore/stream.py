@@ -382,8 +382,15 @@ class CheckpointParams:
         if ahead is not None:
             ahead.close()
 
+    def unload(self, tensors: Sequence[torch.Tensor]) -> None:
+        """The caller is done with the values :meth:`load` gave for these parameters: where they are views of the
+        checkpoint's maps (``map_chunks``), their pages are given back."""
+        if getattr(self.ckpt, "map_chunks", False):
+            self.ckpt.unmap([c for t in tensors for c in self._chunks.get(id(t), ())])
+
     def load(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """The stored values of these parameters (fresh tensors in the parameters' dtypes)."""
+        """The stored values of these parameters, in the parameters' dtypes: fresh tensors, or (a checkpoint opened
+        with ``map_chunks``) views of its maps, valid until :meth:`unload`."""
         if self._ahead is not None and tensors:
             pos = self._position.get(id(tensors[0]))
             if pos is not None:

@@ -191,6 +191,77 @@ def test_any_global_slice_from_the_chunks_it_overlaps(written, version, tmp_path
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_mapped_chunks_read_what_megatron_core_wrote(written, version, tmp_path):
+    """``map_chunks``: every stored chunk, and every global slice, equal to what megatron-core was given; a write to
+    a mapped view leaves the file as it was; after ``unmap`` the same views still read the file's values; the views
+    outlive ``close``."""
+    import hashlib
+
+    d = _fixture(written, version, tmp_path)
+    exp = _expected(d)
+    files = sorted(f for f in os.listdir(d) if f.endswith(".distcp"))
+    digest = lambda: [hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest() for f in files]  # noqa: E731
+    before = digest()
+    views = []
+    with TorchDistCheckpoint(d, map_chunks=True) as ckpt:
+        for key, entry in ckpt.tensors.items():
+            for chunk in entry.chunks:
+                ref = exp[key][tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes))]
+                got = ckpt.read_chunk(chunk)
+                assert got.dtype == ref.dtype and torch.equal(got, ref), (key, chunk.offsets)
+                whole = ckpt.read_slice(key, chunk.offsets, chunk.sizes)
+                assert torch.equal(whole, ref), (key, chunk.offsets)
+                views.append((got, ref.clone()))
+            assert torch.equal(ckpt.read_tensor(key), exp[key]), key  # assembled from several chunks
+        for got, _ in views:
+            got.zero_()  # private to this process: the file does not change
+        assert digest() == before
+        with TorchDistCheckpoint(d) as fresh:
+            assert all(torch.equal(fresh.read_tensor(k), exp[k]) for k in exp if k in fresh.tensors)
+        ckpt.unmap([c for e in ckpt.tensors.values() for c in e.chunks])
+    assert digest() == before
+    for got, ref in views:  # still readable after close
+        assert got.shape == ref.shape
+
+
+def test_unmap_gives_the_pages_back(tmp_path):
+    """A large chunk read with ``map_chunks`` and touched is in the process's memory until ``unmap``, which gives
+    its pages back (the streamed export's memory stays one bucket); its values are those written."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from megatron_bridge_ext.io.dcp_writer import StreamingDcpWriter, write_metadata
+
+    d = str(tmp_path / "ckpt")
+    os.makedirs(d)
+    big = torch.arange(48 << 20, dtype=torch.int32).view(-1, 1024)  # 192 MiB
+    planner = DefaultSavePlanner()
+    planner.set_up_planner({"w.big": big}, is_coordinator=True)
+    plans, metadata = planner.create_global_plan([planner.create_local_plan()])
+    w = StreamingDcpWriter(d)
+    for item in planner.finish_plan(plans[0]).items:
+        w.put(item, planner.resolve_data(item))
+    write_metadata(d, metadata, [r for f in w.close() for r in f.results])
+    with open(os.path.join(d, "metadata.json"), "w") as f:
+        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                   "common_backend": "torch", "common_backend_version": 1}, f)
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    with TorchDistCheckpoint(d, map_chunks=True) as ckpt:
+        (chunk,) = ckpt.tensors["w.big"].chunks
+        view = ckpt.read_chunk(chunk)
+        base = rss()
+        assert torch.equal(view, big)  # touches every page
+        grown = rss() - base
+        ckpt.unmap([chunk])
+        given_back = base + grown - rss()
+    assert grown > 150 << 20, grown
+    assert given_back > 150 << 20, (grown, given_back)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_archives_of_other_forms_load_the_same(written, version, tmp_path):
     """A chunk that torch.save stored as a view into a larger storage, or transposed (not the plain contiguous form
     whose bytes are read directly) is loaded with torch.load(weights_only=True): the same values."""
