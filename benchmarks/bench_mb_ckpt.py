@@ -5,21 +5,50 @@ Runs in Megatron Bridge 0.6.2's environment (megatron-core 0.19.2, CPU build of 
 ``benchmarks/bench_reference.py``, plus what ``megatron.bridge.training``, whose checkpointing ``import_ckpt`` and
 ``export_ckpt`` use, imports: ``/work/venv-mb062/bin/pip install datasets megatron-energon hydra-core tensorboard``,
 installed as datasets 5.2.0, megatron-energon 7.4.1, hydra-core 1.3.8 (which moves omegaconf to 2.3.1), tensorboard
-2.21.0), in a single-process gloo world, what Megatron Bridge's ``examples/conversion/convert_checkpoints.py`` runs:
+2.21.0) or in Megatron Bridge 0.3.1's (below), in a single-process gloo world, what Megatron Bridge's
+``examples/conversion/convert_checkpoints.py`` of that release runs:
 
 * ``import HF MEG``: ``AutoBridge.import_ckpt(HF, MEG, torch_dtype=bfloat16)``: the HF model is loaded
   (``from_hf_pretrained``), converted (``to_megatron_model``: model built, HF weights loaded into it) and saved as a
   megatron-core ``torch_dist`` checkpoint (``save_megatron_model(..., low_memory_save=True)`` through Megatron
   Bridge's training checkpointing: ``MEG/iter_0000000/`` + ``run_config.yaml`` + ``latest_checkpointed_iteration.txt``);
-* ``export MEG HF2 --hf HF``: ``AutoBridge.from_auto_config(MEG, HF).export_ckpt(MEG, HF2, strict=True)``: the
-  checkpoint is loaded into a model (``load_megatron_model``) and written as HF safetensors + config
-  (``save_hf_pretrained``);
+* ``export MEG HF2 --hf HF``: 0.6.2: ``AutoBridge.from_auto_config(MEG, HF).export_ckpt(MEG, HF2, strict=True)``;
+  0.3.1, which has no ``from_auto_config``: ``AutoBridge.from_hf_pretrained(HF, trust_remote_code=True)
+  .export_ckpt(MEG, HF2, strict=True)`` (its example's export; the HF weights are not loaded, only the config and, for
+  ``strict``, the safetensors' names); picked by which of the two ``AutoBridge`` has. Either way the checkpoint is
+  loaded into a model (``load_megatron_model``) and written as HF safetensors + config (``save_hf_pretrained``);
 * ``verify HF HF2`` (not timed): per tensor ``torch.equal`` of HF2 with HF in the source dtype, names missing on
-  either side, and tensors equal in value but of another dtype listed apart.
+  either side, and tensors equal in value but of another dtype listed apart;
+* ``versions`` (not timed): the versions of Megatron Bridge, megatron-core, transformers and torch this Python
+  imports, as one JSON line (``bench_stream.py`` prints and records them).
 
 Each timed command then fsyncs every file and directory it wrote, and prints one JSON line: ``wall_s`` from the
 script's first line (before any import) to after the fsync, ``convert_s`` the same without the imports and shims
 (Megatron Bridge's call plus the fsync). The caller measures the process's own wall clock around it.
+
+Megatron Bridge 0.3.1 on megatron-core 0.16.1 (the newest megatron-core its ``megatron-core[dev,mlm]>=0.15.0a0,<0.17.0``
+allows), transformers 4.57.6 (it asks for ``transformers<5``), hydra-core 1.3.2 (``>1.3,<=1.3.2``); of its other
+declared dependencies only those an import failed on (the rest, Transformer Engine, mamba-ssm, causal-conv1d, wandb,
+mlflow, ..., are never imported on this path). Setup as run (Python 3.11.7; both wheels ask for Python >= 3.10, so
+``--ignore-requires-python`` changes nothing here)::
+
+    python3.11 -m venv /work/venv-mb031
+    /work/venv-mb031/bin/pip install torch==2.13.0                 # 2.13.0+cpu
+    /work/venv-mb031/bin/pip install --no-deps --ignore-requires-python megatron-bridge==0.3.1 megatron-core==0.16.1
+    /work/venv-mb031/bin/pip install numpy "packaging>=24.2" transformers==4.57.6 safetensors "einops~=0.8" rich \
+        "omegaconf>=2.3.0" "pyyaml>=6.0.2" "regex>=2024.11.6" "tqdm>=4.67.1" "six>=1.17.0" typing-extensions \
+        "hydra-core<=1.3.2,>1.3"
+    /work/venv-mb031/bin/pip install triton==3.9.0                 # megatron-core's mamba mixer imports triton
+    /work/venv-mb031/bin/pip install --no-deps nvidia-modelopt==0.47.0   # training.checkpointing imports modelopt
+    /work/venv-mb031/bin/pip install pydantic pulp scipy           # what modelopt imports
+    /work/venv-mb031/bin/pip install "datasets>=2.20.0" transformers==4.57.6
+    /work/venv-mb031/bin/pip install "tensorboard>=2.19.0"
+    /work/venv-mb031/bin/pip install psutil                        # megatron-core's async writer (in the save)
+
+installed as megatron-bridge 0.3.1, megatron-core 0.16.1, torch 2.13.0+cpu, transformers 4.57.6 (huggingface-hub
+0.36.2, tokenizers 0.22.2), safetensors 0.8.0, einops 0.8.2, numpy 2.4.6, hydra-core 1.3.2, omegaconf 2.3.1, triton
+3.9.0, nvidia-modelopt 0.47.0, pydantic 2.14.4, PuLP 3.3.2, scipy 1.17.1, datasets 5.0.1, tensorboard 2.21.0, psutil
+7.2.2 (megatron-energon, which 0.6.2 needs, is not imported by 0.3.1). No shim beyond 0.6.2's.
 
 What differs from the real (GPU) stack, all for running on a CPU-only machine, and the same as
 ``benchmarks/bench_reference.py`` (whose shims are imported, not copied): the ``typing.override`` shim (Python 3.11),
@@ -41,14 +70,15 @@ instantiated, a placeholder class raises if it is), megatron-core's CPU patches 
 * A checkpoint without tokenizer files (the benchmark's random ones) makes Megatron Bridge's tokenizer steps fail;
   ``--no-tokenizer`` (what ``bench_stream.py`` passes) drops the tokenizer path ``import_ckpt`` records and skips
   ``save_hf_pretrained``'s tokenizer copy, nothing else.
-* Megatron-core's local-spec torch norms keep fp32 weights, so a bf16 checkpoint's norms are exported as fp32 with
-  the same values (listed by ``verify`` as dtype changes).
+* A bf16 checkpoint comes back in bf16 in both versions (tiny Llama, every tensor; ``verify`` would list a tensor
+  exported in another dtype).
 
 Usage (``GLOO_SOCKET_IFNAME=lo``)::
 
     /work/venv-mb062/bin/python benchmarks/bench_mb_ckpt.py import HF MEG --no-tokenizer
     /work/venv-mb062/bin/python benchmarks/bench_mb_ckpt.py export MEG HF2 --hf HF --no-tokenizer
     /work/venv-mb062/bin/python benchmarks/bench_mb_ckpt.py verify HF HF2
+    /work/venv-mb031/bin/python benchmarks/bench_mb_ckpt.py import HF MEG --no-tokenizer    # the same for 0.3.1
 """
 
 import time
@@ -163,7 +193,10 @@ def cmd_export(meg: str, hf2: str, hf: str, no_tokenizer: bool) -> dict:
         # save_artifacts copies config, generation config and tokenizer: a checkpoint without one has none to copy
         PreTrainedCausalLM._load_tokenizer = lambda self: None  # type: ignore[method-assign]
     t0 = time.perf_counter()
-    bridge = AutoBridge.from_auto_config(meg, hf)
+    if hasattr(AutoBridge, "from_auto_config"):  # 0.6: the HF config synthesised from the checkpoint's + HF's
+        bridge = AutoBridge.from_auto_config(meg, hf)
+    else:  # 0.3.1 has no from_auto_config; its convert_checkpoints.py export builds the bridge from HF like this
+        bridge = AutoBridge.from_hf_pretrained(hf, trust_remote_code=True)
     bridge.export_ckpt(meg, hf2, show_progress=False, strict=True)
     files = fsync_tree(hf2)
     t1 = time.perf_counter()
@@ -176,6 +209,19 @@ def cmd_verify(src: str, dst: str) -> dict:
     res = verify(src, dst)
     return {"step": "verify", "exact": not res["missing"] and not res["values"], "missing": res["missing"],
             "values": res["values"], "dtype_only": res["dtype_only"]}
+
+
+def cmd_versions() -> dict:
+    """The distributions this Python imports (read from the environment, nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("megatron-bridge", "megatron-core", "transformers", "torch"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return {"step": "versions", **out}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -193,14 +239,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("verify", help="compare the exported HF directory with the source (not timed)")
     p.add_argument("src")
     p.add_argument("dst")
+    sub.add_parser("versions", help="the versions of Megatron Bridge, megatron-core, transformers and torch")
     a = ap.parse_args(argv)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if a.cmd == "import":
         res = cmd_import(a.hf, a.meg, a.no_tokenizer)
     elif a.cmd == "export":
         res = cmd_export(a.meg, a.hf2, a.hf, a.no_tokenizer)
-    else:
+    elif a.cmd == "verify":
         res = cmd_verify(a.src, a.dst)
+    else:
+        res = cmd_versions()
     print(json.dumps(res), flush=True)
     return 0 if res.get("exact", True) else 2
 

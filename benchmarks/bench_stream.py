@@ -12,8 +12,9 @@ For each checkpoint:
 * ``import --via-model``: the model path at TP1 (the previous default), same measurement;
 * ``export``: ``export OUT HF2`` (streamed) and ``export OUT HF3 --via-model``, same measurement;
 * peak RSS: the largest resident set of any process of the command (``getrusage`` of its waited-for children);
-* with ``--mb-python PATH`` (Megatron Bridge 0.6.2's environment), after ours and on the same source: NVIDIA Megatron
-  Bridge's own offline conversion, ``AutoBridge.import_ckpt`` (HF -> megatron-core ``torch_dist`` checkpoint) and
+* with ``--mb-python PATH`` (a Megatron Bridge environment: 0.6.2's or 0.3.1's, whose versions, read from it, are
+  printed, put in the labels and recorded), after ours and on the same source: NVIDIA Megatron Bridge's own offline
+  conversion, ``AutoBridge.import_ckpt`` (HF -> megatron-core ``torch_dist`` checkpoint) and
   ``AutoBridge.export_ckpt`` (-> HF), each a fresh process of ``benchmarks/bench_mb_ckpt.py`` (one rank, gloo, every
   written file fsynced before it exits; its docstring says which CPU shims it needs), measured the same way, page
   cache dropped before each with ``--drop-caches``; then the ratios ours / Megatron Bridge (wall and conversion
@@ -229,6 +230,16 @@ def measure_mb(label: str, mb_python: str, args: List[str], drop: bool, floor: f
     return out
 
 
+def mb_versions(mb_python: str) -> Dict[str, Optional[str]]:
+    """Megatron Bridge's, megatron-core's, transformers' and torch's versions in the ``--mb-python`` environment (not
+    timed)."""
+    r = subprocess.run([mb_python, MB_SCRIPT, "versions"], capture_output=True, text=True, env=_mb_env())
+    if r.returncode != 0:
+        raise RuntimeError(f"bench_mb_ckpt.py versions failed:\n{r.stdout}\n{r.stderr}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    return {k: res[k] for k in ("megatron-bridge", "megatron-core", "transformers", "torch")}
+
+
 def _ratio_line(ours: Dict[str, Any], mb: Dict[str, Any]) -> str:
     return (f"    {ours['label']} / {mb['label']}: wall {ours['wall_s'] / mb['wall_s']:.3f}x, "
             f"conversion {(ours['cli_s'] or float('nan')) / mb['cli_s']:.3f}x")
@@ -236,19 +247,23 @@ def _ratio_line(ours: Dict[str, Any], mb: Dict[str, Any]) -> str:
 
 def run_mb(a: Any, src: str, work: str, run: Dict[str, Any], floor: float) -> None:
     """Megatron Bridge's offline import_ckpt / export_ckpt on the same source, after ours; ratios ours / MB."""
+    versions = mb_versions(a.mb_python)
+    name = f"Megatron Bridge {versions['megatron-bridge']}"
+    print(f"  {name} on megatron-core {versions['megatron-core']}, transformers {versions['transformers']}, torch "
+          f"{versions['torch']} ({a.mb_python})", flush=True)
     meg = os.path.join(work, "mb_meg")
     shutil.rmtree(meg, ignore_errors=True)
-    imp = measure_mb("Megatron Bridge import_ckpt", a.mb_python, ["import", src, meg, "--no-tokenizer"],
+    imp = measure_mb(f"{name} import_ckpt", a.mb_python, ["import", src, meg, "--no-tokenizer"],
                      a.drop_caches, floor)
     run["steps"].append(imp)
-    mb = {"import": imp, "megatron_bytes": dir_bytes(meg)}
+    mb = {"versions": versions, "import": imp, "megatron_bytes": dir_bytes(meg)}
     for step in run["steps"]:
         if step["label"].startswith("import"):
             print(_ratio_line(step, imp), flush=True)
     if not a.no_export:
         hf2 = os.path.join(work, "mb_hf2")
         shutil.rmtree(hf2, ignore_errors=True)
-        exp = measure_mb("Megatron Bridge export_ckpt", a.mb_python,
+        exp = measure_mb(f"{name} export_ckpt", a.mb_python,
                          ["export", meg, hf2, "--hf", src, "--no-tokenizer"], a.drop_caches, floor)
         run["steps"].append(exp)
         mb["export"] = exp
@@ -260,7 +275,7 @@ def run_mb(a: Any, src: str, work: str, run: Dict[str, Any], floor: float) -> No
         if v.returncode not in (0, 2):
             raise RuntimeError(f"bench_mb_ckpt.py verify failed:\n{v.stdout}\n{v.stderr}")
         res = json.loads(v.stdout.strip().splitlines()[-1])
-        print(f"    Megatron Bridge round trip exact (torch.equal per tensor in the source dtype): {res['exact']}; "
+        print(f"    {name} round trip exact (torch.equal per tensor in the source dtype): {res['exact']}; "
               f"missing/extra {res['missing'][:4]}, differing {res['values'][:4]}; same values in another dtype: "
               f"{len(res['dtype_only'])} {res['dtype_only'][:4]}", flush=True)
         mb["roundtrip"] = res
