@@ -24,7 +24,9 @@ installed as datasets 5.2.0, megatron-energon 7.4.1, hydra-core 1.3.8 (which mov
 
 Each timed command then fsyncs every file and directory it wrote, and prints one JSON line: ``wall_s`` from the
 script's first line (before any import) to after the fsync, ``convert_s`` the same without the imports and shims
-(Megatron Bridge's call plus the fsync). The caller measures the process's own wall clock around it.
+(Megatron Bridge's call plus the fsync; the training checkpointing modules the call would import on first use are
+imported before it: 2.5 s in 0.3.1, where they pull in modelopt's plugins, 0.16 s in 0.6.2). The caller measures the
+process's own wall clock around it.
 
 Megatron Bridge 0.3.1 on megatron-core 0.16.1 (the newest megatron-core its ``megatron-core[dev,mlm]>=0.15.0a0,<0.17.0``
 allows), transformers 4.57.6 (it asks for ``transformers<5``), hydra-core 1.3.2 (``>1.3,<=1.3.2``); of its other
@@ -126,6 +128,10 @@ def _setup(no_tokenizer: bool) -> Any:
     from bench_reference import _import_megatron_bridge
 
     AutoBridge = _import_megatron_bridge()
+    # the training checkpointing import_ckpt / export_ckpt import on first use (0.3.1: 2.5 s, modelopt's plugins
+    # included; 0.6.2: 0.16 s, modelopt already in): imported here, so that convert_s holds no imports
+    import megatron.bridge.training.checkpointing  # noqa: F401
+    import megatron.bridge.training.model_load_save  # noqa: F401
     import torch
 
     # the training checkpointing stores the CUDA rng state next to the (CPU) torch one; there is none here
