@@ -25,6 +25,7 @@ Ratios: each command's time / (read + write) of the same run; the start-up-free 
     sudo python benchmarks/bench_stream.py --drop-caches                    # 1.1B Llama, 1 / 2 / 4 ranks
     sudo python benchmarks/bench_stream.py --drop-caches --model qwen3-235b-slice --layers 4 --no-via-model
     sudo python benchmarks/bench_stream.py --drop-caches --mb-python /work/venv-mb062/bin/python  # + Megatron Bridge
+    sudo python benchmarks/bench_stream.py --drop-caches --mb-python /work/venv-mb031/bin/python  # + its 0.3.1
 """
 
 from __future__ import annotations
