@@ -192,3 +192,63 @@ def test_file_digest_keeps_little_of_the_file_mapped(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     grown_kib = int(out.stdout.strip().splitlines()[-1])
     assert grown_kib < 48 * 1024, f"peak RSS grew by {grown_kib} KiB hashing a 192 MiB file"
+
+
+def test_digests_on_one_thread_read_the_files_side_by_side(tmp_path, monkeypatch):
+    """One thread hashes several files side by side, each next piece from the file least far along (a converter
+    reading a checkpoint in order reads its files in that proportion): every digest equals hashlib's of the file,
+    a missing name or a directory gives None, and at every step no file is more than one piece further along (by
+    fraction of its size) than any other."""
+    from megatron_bridge_ext.io.checksums import _CHUNK, digests
+
+    sizes = {"a": 5 * _CHUNK + 3, "b": 2 * _CHUNK, "c": 0, "d": 1, "e": 3 * _CHUNK - 7}
+    data = {n: os.urandom(k) for n, k in sizes.items()}
+    for n, b in data.items():
+        (tmp_path / n).write_bytes(b)
+    (tmp_path / "sub").mkdir()
+    done = {n: 0 for n in sizes}
+    steps = []
+    real = hashlib.sha256
+
+    class Recording:
+        def __init__(self) -> None:
+            self.h, self.name = real(), None
+
+        def update(self, piece) -> None:
+            if self.name is None:  # the file whose first piece this is
+                self.name = next(n for n in sizes if done[n] == 0 and sizes[n] and data[n][:len(piece)] == piece)
+            done[self.name] += len(piece)
+            steps.append({n: done[n] / sizes[n] for n in sizes if sizes[n]})
+            self.h.update(piece)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(checksums.hashlib, "sha256", Recording)
+    got = digests(str(tmp_path), ["a", "b", "c", "d", "e", "missing", "sub"], threads=1)
+    monkeypatch.undo()
+    assert got == {**{n: hashlib.sha256(b).hexdigest() for n, b in data.items()}, "missing": None, "sub": None}
+    piece = {n: min(1.0, _CHUNK / sizes[n]) for n in sizes if sizes[n]}
+    for fractions in steps:
+        for x in fractions:
+            for y in fractions:
+                assert fractions[x] - fractions[y] <= piece[x] + 1e-9, (x, y, fractions)
+
+
+def test_digests_on_one_thread_keep_little_mapped(tmp_path):
+    """Two 96 MiB files hashed side by side on one thread: the peak RSS grows by a few pieces, not the files."""
+    for name in ("x", "y"):
+        with open(tmp_path / name, "wb") as f:
+            for _ in range(12):
+                f.write(os.urandom(8 << 20))
+    code = (
+        "import resource, sys\n"
+        "from megatron_bridge_ext.io.checksums import digests\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "digests(sys.argv[1], ['x', 'y'], threads=1)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    grown_kib = int(out.stdout.strip().splitlines()[-1])
+    assert grown_kib < 48 * 1024, f"peak RSS grew by {grown_kib} KiB hashing two 96 MiB files"
