@@ -174,6 +174,21 @@ def test_file_digest_equals_hashlib(tmp_path):
         assert file_digest(str(path)) == hashlib.sha256(data).hexdigest(), size
 
 
+def _peak_rss_growth_kib(call: str, arg: str) -> int:
+    """How much a fresh process's peak RSS grows (KiB) while it runs ``call`` (``checksums``' names in scope,
+    ``sys.argv[1]`` = ``arg``)."""
+    code = (
+        "import resource, sys\n"
+        "from megatron_bridge_ext.io.checksums import digests, file_digest\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"{call}\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def test_file_digest_keeps_little_of_the_file_mapped(tmp_path):
     """Hashing a file larger than a few pieces raises the process's peak RSS by about one piece, not the file (the
     mapped pages count towards RSS until they are unmapped)."""
@@ -181,16 +196,7 @@ def test_file_digest_keeps_little_of_the_file_mapped(tmp_path):
     with open(path, "wb") as f:
         for _ in range(24):
             f.write(os.urandom(8 << 20))  # 192 MiB, in the page cache
-    code = (
-        "import resource, sys\n"
-        "from megatron_bridge_ext.io.checksums import file_digest\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "file_digest(sys.argv[1])\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    grown_kib = int(out.stdout.strip().splitlines()[-1])
+    grown_kib = _peak_rss_growth_kib("file_digest(sys.argv[1])", str(path))
     assert grown_kib < 48 * 1024, f"peak RSS grew by {grown_kib} KiB hashing a 192 MiB file"
 
 
@@ -241,14 +247,5 @@ def test_digests_on_one_thread_keep_little_mapped(tmp_path):
         with open(tmp_path / name, "wb") as f:
             for _ in range(12):
                 f.write(os.urandom(8 << 20))
-    code = (
-        "import resource, sys\n"
-        "from megatron_bridge_ext.io.checksums import digests\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "digests(sys.argv[1], ['x', 'y'], threads=1)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    grown_kib = int(out.stdout.strip().splitlines()[-1])
+    grown_kib = _peak_rss_growth_kib("digests(sys.argv[1], ['x', 'y'], threads=1)", str(tmp_path))
     assert grown_kib < 48 * 1024, f"peak RSS grew by {grown_kib} KiB hashing two 96 MiB files"
