@@ -981,9 +981,9 @@ class TorchDistCheckpoint:
         return t.view(raw.shape)
 
     def unmap(self, chunks: Sequence[ChunkEntry]) -> None:
-        """The caller is done with the views of these chunks (:meth:`read_chunk` with ``map_chunks``): their pages
-        are unmapped from this process (the page cache keeps them; a view touched again maps them again, as they are
-        in the file: private writes to them are dropped)."""
+        """The caller is done with the views of these chunks (:meth:`read_chunk` with ``map_chunks``): the whole pages
+        of their bytes are unmapped from this process (the page cache keeps them; a view touched again maps them
+        again, as they are in the file, private writes dropped; a page shared with a neighbouring chunk stays)."""
         cached = self._cached
         for chunk in chunks:
             if cached is not None and cached[0] == chunk:
