@@ -813,13 +813,9 @@ class TorchDistCheckpoint:
         return total
 
     def close(self) -> None:
-        """Close the files opened for reading (a map still viewed by a returned tensor goes with its last view)."""
+        """Close the files opened for reading. The maps are not closed here: a tensor returned as a view of one holds
+        a reference to it (``torch.frombuffer``), and a map goes with its last view."""
         self._cached = None
-        for m in self._maps.values():
-            try:
-                m.close()
-            except BufferError:
-                pass
         self._maps.clear()
         for f in self._files.values():
             f.close()
