@@ -25,7 +25,7 @@ import json
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 __all__ = [
     "MANIFEST_NAME",
@@ -54,38 +54,66 @@ class IntegrityError(ValueError):
         self.problems = list(problems)
 
 
-def file_digest(path: str) -> str:
-    """The SHA-256 hex digest of a file, hashed in 8 MiB pieces straight from the page cache (a read-only map: no
-    copy into this process, each piece unmapped once hashed; hashlib releases the GIL on each piece); read into a
-    buffer where it cannot be mapped."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        except (OSError, ValueError):
-            m = None
-        if m is not None:
+class _MappedHash:
+    """SHA-256 of one file, hashed in 8 MiB pieces straight from the page cache: a read-only map (no copy into this
+    process; its descriptor closed at once), each piece unmapped once hashed (RSS stays one piece); hashlib releases
+    the GIL on each piece. ``map`` is None for an empty file or one that cannot be mapped (then it is read instead).
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.hash = hashlib.sha256()
+        self.done = 0
+        with open(path, "rb", buffering=0) as f:
+            self.size = os.fstat(f.fileno()).st_size
+            self.map: Optional[mmap.mmap] = None
             try:
-                view = memoryview(m)
-                try:
-                    for at in range(0, size, _CHUNK):
-                        h.update(view[at:at + _CHUNK])
-                        if hasattr(m, "madvise"):  # unmapped again (the page cache keeps them): RSS stays one piece
-                            m.madvise(mmap.MADV_DONTNEED, at, min(_CHUNK, size - at))
-                finally:
-                    view.release()
-            finally:
-                m.close()
-            return h.hexdigest()
+                if self.size:
+                    self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                pass
+
+    def step(self) -> bool:
+        """Hash the next piece; False once the whole file is hashed."""
+        k = min(_CHUNK, self.size - self.done)
+        with memoryview(self.map) as view:
+            self.hash.update(view[self.done:self.done + k])
+        if hasattr(self.map, "madvise"):  # unmapped again (the page cache keeps them)
+            self.map.madvise(mmap.MADV_DONTNEED, self.done, k)
+        self.done += k
+        return self.done < self.size
+
+    def read(self) -> None:
+        """Hash the file through a buffer (it cannot be mapped)."""
         buf = bytearray(_CHUNK)
         view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
+        with open(self.path, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                self.hash.update(view[:n])
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+
+
+def file_digest(path: str) -> str:
+    """The SHA-256 hex digest of a file (:class:`_MappedHash`)."""
+    h = _MappedHash(path)
+    try:
+        if h.map is None:
+            h.read()
+        else:
+            while h.step():
+                pass
+    finally:
+        h.close()
+    return h.hash.hexdigest()
 
 
 def _interleaved(directory: str, names: List[str]) -> Dict[str, Optional[str]]:
@@ -93,42 +121,30 @@ def _interleaved(directory: str, names: List[str]) -> Dict[str, Optional[str]]:
     from the file least far along (by fraction of its size). A converter reading a checkpoint's tensors in order
     finds them spread over its files in the same proportion (megatron-core and this package write a rank's items over
     two files at once), so the bytes this reads are those the converter reads next: each is read from the disk once,
-    for both, instead of the converter and this competing for the disk at two places. Each file is mapped (its
-    descriptor closed at once: no limit on how many) and each piece unmapped once hashed."""
+    for both, instead of the converter and this competing for the disk at two places. The maps hold no descriptor:
+    no limit on how many files."""
     out: Dict[str, Optional[str]] = {}
-    files: List[List[Any]] = []  # [name, map, size, done, hash]
+    files: List[Tuple[str, _MappedHash]] = []
     try:
         for n in names:
             try:
-                with open(os.path.join(directory, n), "rb", buffering=0) as f:
-                    size = os.fstat(f.fileno()).st_size
-                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-            except (OSError, ValueError):
-                try:
-                    out[n] = file_digest(os.path.join(directory, n))  # unmappable: read (or None if unreadable)
-                except OSError:
-                    out[n] = None
+                h = _MappedHash(os.path.join(directory, n))
+                if h.map is None:
+                    h.read()
+            except OSError:
+                out[n] = None
                 continue
-            files.append([n, m, size, 0, hashlib.sha256()])
-        heap = [(0.0, i) for i, e in enumerate(files) if e[2]]  # (fraction done, file)
+            files.append((n, h))
+        heap = [(0.0, i) for i, (_, h) in enumerate(files) if h.map is not None]  # (fraction done, file)
         while heap:
             _, i = heapq.heappop(heap)
-            e = files[i]
-            m, size, at, h = e[1], e[2], e[3], e[4]
-            k = min(_CHUNK, size - at)
-            with memoryview(m) as view:
-                h.update(view[at:at + k])
-            if hasattr(m, "madvise"):
-                m.madvise(mmap.MADV_DONTNEED, at, k)
-            e[3] = at + k
-            if e[3] < size:
-                heapq.heappush(heap, (e[3] / size, i))
-        for e in files:
-            out[e[0]] = e[4].hexdigest()
+            h = files[i][1]
+            if h.step():
+                heapq.heappush(heap, (h.done / h.size, i))
+        out.update((n, h.hash.hexdigest()) for n, h in files)
     finally:
-        for e in files:
-            if e[1] is not None:
-                e[1].close()
+        for _, h in files:
+            h.close()
     return {n: out.get(n) for n in names}
 
 

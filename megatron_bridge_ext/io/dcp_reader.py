@@ -913,7 +913,7 @@ class TorchDistCheckpoint:
                 return self._mapped(chunk, f, start, raw, path, what)  # not kept: a view costs nothing to make
             direct = out is not None and out.dtype == raw.dtype and out.is_contiguous() and out.device.type == "cpu"
             t = out if direct else torch.empty(raw.shape, dtype=raw.dtype)
-            _read_into(f, chunk.offset + raw.data_offset, raw.nbytes, t, path, what)
+            _read_into(f, start, raw.nbytes, t, path, what)
         else:
             t = self._load_archive(_FileSlice(f, chunk.offset, chunk.length), path, what, TENSOR_GLOBALS)
             if not isinstance(t, torch.Tensor):
@@ -943,8 +943,8 @@ class TorchDistCheckpoint:
                 o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, entry.shape)):
             raise ValueError(f"{self.path}: slice at {list(offsets)} of size {list(sizes)} is outside {key}'s shape "
                              f"{list(entry.shape)}")
+        chunks = entry.overlapping(offsets, sizes)
         if out is None:
-            chunks = entry.overlapping(offsets, sizes)
             if self.map_chunks and len(chunks) == 1 and chunks[0].offsets == offsets and chunks[0].sizes == sizes:
                 return self.read_chunk(chunks[0])  # the whole chunk: a view of its map (see map_chunks)
             out = torch.empty(sizes, dtype=entry.dtype)
@@ -952,7 +952,7 @@ class TorchDistCheckpoint:
             raise ValueError(f"{self.path}: {key}: out has shape {list(out.shape)}, the slice {list(sizes)}")
         if math.prod(sizes) == 0:
             return out
-        for chunk in entry.overlapping(offsets, sizes):
+        for chunk in chunks:
             if chunk.offsets == offsets and chunk.sizes == sizes:
                 self.read_chunk(chunk, out=out)  # the whole chunk: straight into out
                 continue

@@ -179,7 +179,7 @@ class DirectWriter:
                what: str = "") -> None:
         """Write ``buf[:nbytes]`` (a buffer from :meth:`take`) at ``offset`` of ``f`` (aligned) on the thread, after
         ``digest.update`` with it; the buffer is free again afterwards."""
-        self._hash.put((f, buf, nbytes, offset, digest, what))
+        self._hash.put((f, memoryview(buf[0])[:nbytes], offset, digest, what, buf))
 
     def give_back(self, buf: Tuple[mmap.mmap, int]) -> None:
         """Return a buffer from :meth:`take` unused."""
@@ -216,7 +216,7 @@ class DirectWriter:
     def _small(self, f: _Direct, view: memoryview, offset: int, what: str) -> None:
         """Hand a copy of a few bytes (less than two blocks) to the writing thread, written through the page cache."""
         self.check()
-        self._hash.put((f, None, bytes(view), offset, None, what))
+        self._hash.put((f, memoryview(bytes(view)), offset, None, what, None))
 
     def _hash_run(self) -> None:
         """Hashes each buffer that has a digest, in order, then passes it on to the writing thread: hashing and
@@ -227,10 +227,10 @@ class DirectWriter:
                 if job is None:
                     self._work.put(None)
                     return
-                f, buf, nbytes, offset, digest, _ = job
+                digest, data = job[3], job[1]
                 if digest is not None and self._error is None:
                     try:
-                        digest.update(memoryview(buf[0])[:nbytes])
+                        digest.update(data)
                     except BaseException as e:  # noqa: BLE001  (raised by check / join)
                         self._error = self._error or e
                 self._work.put(job)
@@ -243,13 +243,14 @@ class DirectWriter:
             try:
                 if job is None:
                     return
-                f, buf, nbytes, offset, _, what = job
+                # the bytes, where they go, the staging buffer they are in (None: a copy of a partial block's bytes)
+                f, data, offset, _, what, buf = job
                 try:
                     if self._error is None:
-                        if buf is None:  # a few bytes of a partial block (``nbytes`` holds them)
-                            pwrite_all(f.fd, memoryview(nbytes), offset)
+                        if buf is None:
+                            pwrite_all(f.fd, data, offset)
                         else:
-                            f.write(memoryview(buf[0])[:nbytes], offset)
+                            f.write(data, offset)
                 except BaseException as e:  # noqa: BLE001  (raised by check / join)
                     if isinstance(e, OSError):
                         if e.filename is None:

@@ -384,9 +384,8 @@ class CheckpointParams:
 
     def unload(self, tensors: Sequence[torch.Tensor]) -> None:
         """The caller is done with the values :meth:`load` gave for these parameters: where they are views of the
-        checkpoint's maps (``map_chunks``), their pages are given back."""
-        if getattr(self.ckpt, "map_chunks", False):
-            self.ckpt.unmap([c for t in tensors for c in self._chunks.get(id(t), ())])
+        checkpoint's maps (``map_chunks``), their pages are given back (nothing to do otherwise)."""
+        self.ckpt.unmap([c for t in tensors for c in self._chunks.get(id(t), ())])
 
     def load(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """The stored values of these parameters, in the parameters' dtypes: fresh tensors, or (a checkpoint opened
